@@ -6,6 +6,7 @@
 //! a vCPU has must be representable here, so that save/restore is exact.
 
 pub mod bits;
+pub mod cpuid;
 pub mod fpu;
 pub mod msr;
 pub mod regs;

@@ -1,0 +1,172 @@
+//! CPUID tables: what a vCPU reports for each leaf/subleaf.
+
+use serde::{Deserialize, Serialize};
+
+/// One CPUID leaf (and subleaf, when `indexed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    /// Whether `index` (ECX on input) selects among several entries for `function`.
+    pub indexed: bool,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// A configurable CPUID table. Lookups of absent leaves return zeros, as AMD CPUs do for
+/// leaves beyond the reported maximum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidTable {
+    pub entries: Vec<CpuidEntry>,
+}
+
+fn regs_of(s: &[u8; 12]) -> (u32, u32, u32) {
+    let w = |i: usize| u32::from_le_bytes(s[i..i + 4].try_into().unwrap());
+    (w(0), w(4), w(8))
+}
+
+impl CpuidTable {
+    /// Look up (eax, ebx, ecx, edx) for `function`/`index`.
+    pub fn lookup(&self, function: u32, index: u32) -> [u32; 4] {
+        self.entries
+            .iter()
+            .find(|e| e.function == function && (!e.indexed || e.index == index))
+            .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+            .unwrap_or([0; 4])
+    }
+
+    /// Insert or replace an entry.
+    pub fn set(&mut self, entry: CpuidEntry) {
+        self.entries
+            .retain(|e| !(e.function == entry.function && (!e.indexed || e.index == entry.index)));
+        self.entries.push(entry);
+    }
+
+    /// The CPU esvm's software vCPU models: an "AuthenticAMD" x86-64 part with the integer ISA,
+    /// SSE/SSE2, FXSR, CX8/CX16, POPCNT, LZCNT, MOVBE, BMI1 (TZCNT), SYSCALL, NX, RDTSCP and
+    /// 1 GiB pages, and nothing it does not implement (no AVX, no XSAVE beyond XCR0 access).
+    pub fn esvm_default() -> Self {
+        let (b, d, c) = {
+            // Vendor string order is EBX, EDX, ECX.
+            let (x, y, z) = regs_of(b"AuthenticAMD");
+            (x, y, z)
+        };
+        let mut entries = vec![
+            entry(0, 0, false, 0xd, b, c, d),
+            // Family 0x17 (0xf + ext 0x8), model 1, stepping 0.
+            entry(
+                1,
+                0,
+                false,
+                0x0080_0f10,
+                0x0001_0800, // CLFLUSH line 8*8 = 64 bytes, 1 logical processor
+                ecx1(),
+                edx1(),
+            ),
+            entry(7, 0, true, 0, 1 << 3, 0, 0), // BMI1
+            entry(0xd, 0, true, 0x3, 512 + 64, 512 + 64, 0),
+            entry(0x8000_0000, 0, false, 0x8000_001f, b, c, d),
+            entry(
+                0x8000_0001,
+                0,
+                false,
+                0x0080_0f10,
+                0,
+                (1 << 0) | (1 << 5), // LAHF/SAHF in 64-bit, ABM (LZCNT); SSE4A (bit 6) off
+                (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29) | edx1_shared(),
+            ),
+            // Address sizes: 48 virtual, 48 physical.
+            entry(0x8000_0008, 0, false, 0x3030, 0, 0, 0),
+        ];
+        let brand = b"esvm software vCPU (emulated)\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+        for i in 0..3u32 {
+            let chunk = &brand[16 * i as usize..16 * i as usize + 16];
+            let w = |j: usize| u32::from_le_bytes(chunk[j..j + 4].try_into().unwrap());
+            entries.push(entry(0x8000_0002 + i, 0, false, w(0), w(4), w(8), w(12)));
+        }
+        CpuidTable { entries }
+    }
+}
+
+fn entry(
+    function: u32,
+    index: u32,
+    indexed: bool,
+    eax: u32,
+    ebx: u32,
+    ecx: u32,
+    edx: u32,
+) -> CpuidEntry {
+    CpuidEntry {
+        function,
+        index,
+        indexed,
+        eax,
+        ebx,
+        ecx,
+        edx,
+    }
+}
+
+/// Leaf 1 ECX: SSE3 off, CX16 (13), MOVBE (22), POPCNT (23), hypervisor present (31).
+fn ecx1() -> u32 {
+    (1 << 13) | (1 << 22) | (1 << 23) | (1 << 31)
+}
+
+/// Leaf 1 EDX: FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, APIC, SEP, MTRR off, PGE, CMOV, PAT,
+/// CLFSH, MMX, FXSR, SSE, SSE2.
+fn edx1() -> u32 {
+    (1 << 0)
+        | (1 << 2)
+        | (1 << 3)
+        | (1 << 4)
+        | (1 << 5)
+        | (1 << 6)
+        | (1 << 7)
+        | (1 << 8)
+        | (1 << 9)
+        | (1 << 11)
+        | (1 << 13)
+        | (1 << 15)
+        | (1 << 16)
+        | (1 << 19)
+        | (1 << 23)
+        | (1 << 24)
+        | (1 << 25)
+        | (1 << 26)
+}
+
+/// AMD repeats some leaf-1 EDX bits in 0x8000_0001 EDX.
+fn edx1_shared() -> u32 {
+    edx1() & 0x0183_f3ff
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vendor_and_long_mode() {
+        let t = CpuidTable::esvm_default();
+        let [_, b, c, d] = t.lookup(0, 0);
+        let mut v = Vec::new();
+        for r in [b, d, c] {
+            v.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(&v, b"AuthenticAMD");
+        let [_, _, _, edx] = t.lookup(0x8000_0001, 0);
+        assert_ne!(edx & (1 << 29), 0, "LM");
+        assert_ne!(edx & (1 << 20), 0, "NX");
+        assert_eq!(t.lookup(0x4000_0000, 0), [0; 4]);
+    }
+
+    #[test]
+    fn set_replaces() {
+        let mut t = CpuidTable::esvm_default();
+        t.set(entry(1, 0, false, 1, 2, 3, 4));
+        assert_eq!(t.lookup(1, 0), [1, 2, 3, 4]);
+        assert_eq!(t.entries.iter().filter(|e| e.function == 1).count(), 1);
+    }
+}

@@ -1,0 +1,38 @@
+//! The interface a VMM implements to be controlled through the API.
+
+use crate::protocol::{ApiError, MigrateRequest, SnapshotInfo, VmStatus};
+use std::path::Path;
+
+/// A running VM as the control API sees it.
+///
+/// The server calls these methods from its connection threads, possibly several at once
+/// (one per connected client), so implementations synchronise internally. Methods should
+/// return promptly: long work (a migration) runs in the background and reports progress
+/// through [`ControlTarget::status`]. Errors are [`ApiError`]s whose message is shown to the
+/// user as is; pick the code that says why (`invalid_state`, `unsupported`, `failed`, ...).
+/// A panic inside a method is caught and answered with an `internal` error.
+pub trait ControlTarget: Send + Sync {
+    /// The VM's current status (and the current or last migration's progress).
+    fn status(&self) -> VmStatus;
+
+    /// Stops running guest code. `invalid_state` if the VM is not running.
+    fn pause(&self) -> Result<(), ApiError>;
+
+    /// Continues running guest code. `invalid_state` if the VM is not paused.
+    fn resume(&self) -> Result<(), ApiError>;
+
+    /// Writes a snapshot into `dir` (an absolute path; the server rejects relative ones).
+    /// May take a while (the connection waits); the VMM decides whether it pauses the VM.
+    fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, ApiError>;
+
+    /// Starts a live migration in the background and returns once it has started.
+    /// `req` has already passed [`MigrateRequest::validate`]. Contract: once this returns
+    /// `Ok`, [`ControlTarget::status`] reports *this* migration in
+    /// [`VmStatus::migration`] (not an earlier one), until it ends and beyond.
+    /// `invalid_state` if a migration is already running or the VM cannot migrate now.
+    fn start_migration(&self, req: MigrateRequest) -> Result<(), ApiError>;
+
+    /// Asks the running migration to stop; it ends in phase `cancelled` (or, if it was
+    /// already past the point of no return, completes). `invalid_state` if none is running.
+    fn cancel_migration(&self) -> Result<(), ApiError>;
+}

@@ -1,0 +1,216 @@
+//! Lazy arithmetic flags.
+//!
+//! The common flag producers (ADD/ADC/SUB/SBB/CMP/NEG, logic ops, INC/DEC) only record their
+//! operands and result; flags are computed when something reads them. Everything else sets
+//! the six arithmetic flags eagerly through [`Cpu::set_arith`].
+//!
+//! Architecturally undefined flags are produced as follows (what AMD Zen parts do where it
+//! is known; the differential tests mask the rest, see `testutil::undefined_flags`):
+//! - logic ops (AND/OR/XOR/TEST): AF = 0;
+//! - shifts with count > 1: OF computed as for count 1 on the last step; AF = 1 (SHL/SHR/SAR,
+//!   as AMD Zen does);
+//! - MUL/IMUL: SF, ZF, AF, PF unchanged (AMD Zen);
+//! - DIV/IDIV: all six flags unchanged;
+//! - BSF/BSR/TZCNT/LZCNT/POPCNT: per the instruction, others cleared;
+//! - BT*: only CF defined, others unchanged.
+
+use crate::Cpu;
+use esvm_arch::bits::rflags::{AF, ARITH, CF, OF, PF, SF, ZF};
+
+pub(crate) const F_NONE: u8 = 0;
+pub(crate) const F_ADD: u8 = 1;
+pub(crate) const F_ADC: u8 = 2;
+pub(crate) const F_SUB: u8 = 3;
+pub(crate) const F_SBB: u8 = 4;
+pub(crate) const F_LOGIC: u8 = 5;
+pub(crate) const F_INC: u8 = 6;
+pub(crate) const F_DEC: u8 = 7;
+
+#[inline(always)]
+pub(crate) const fn mask(sz: u8) -> u64 {
+    match sz {
+        1 => 0xff,
+        2 => 0xffff,
+        4 => 0xffff_ffff,
+        _ => u64::MAX,
+    }
+}
+
+#[inline(always)]
+pub(crate) const fn sign(sz: u8) -> u64 {
+    1u64 << (sz as u32 * 8 - 1)
+}
+
+/// Sign-extend the low `sz` bytes of `v`.
+#[inline(always)]
+pub(crate) const fn sx(v: u64, sz: u8) -> u64 {
+    match sz {
+        1 => v as u8 as i8 as i64 as u64,
+        2 => v as u16 as i16 as i64 as u64,
+        4 => v as u32 as i32 as i64 as u64,
+        _ => v,
+    }
+}
+
+#[inline(always)]
+pub(crate) fn parity(v: u64) -> u64 {
+    if (v as u8).count_ones() & 1 == 0 {
+        PF
+    } else {
+        0
+    }
+}
+
+/// ZF, SF, PF of a result of size `sz`.
+#[inline(always)]
+pub(crate) fn szp(res: u64, sz: u8) -> u64 {
+    let r = res & mask(sz);
+    (if r == 0 { ZF } else { 0 }) | (if r & sign(sz) != 0 { SF } else { 0 }) | parity(r)
+}
+
+impl Cpu {
+    #[inline(always)]
+    pub(crate) fn lazy(&mut self, op: u8, sz: u8, a: u64, b: u64, res: u64) {
+        self.f_op = op;
+        self.f_sz = sz;
+        self.f_a = a;
+        self.f_b = b;
+        self.f_res = res;
+    }
+
+    /// Compute the arithmetic flags from the lazy record.
+    pub(crate) fn compute_arith(&self) -> u64 {
+        let sz = self.f_sz;
+        let m = mask(sz);
+        let s = sign(sz);
+        let (a, b, r) = (self.f_a & m, self.f_b & m, self.f_res & m);
+        let base = szp(r, sz);
+        match self.f_op {
+            F_ADD | F_ADC => {
+                let cf = if self.f_op == F_ADD {
+                    r < a
+                } else {
+                    r < a || (self.f_cin != 0 && r == a)
+                };
+                base | (cf as u64 * CF)
+                    | ((a ^ b ^ r) & 0x10)
+                    | (if (a ^ r) & (b ^ r) & s != 0 { OF } else { 0 })
+            }
+            F_SUB | F_SBB => {
+                let cf = if self.f_op == F_SUB {
+                    a < b
+                } else {
+                    a < b || (self.f_cin != 0 && a == b)
+                };
+                base | (cf as u64 * CF)
+                    | ((a ^ b ^ r) & 0x10)
+                    | (if (a ^ b) & (a ^ r) & s != 0 { OF } else { 0 })
+            }
+            F_LOGIC => base,
+            F_INC => base | (self.f_cin & CF) | ((a ^ r) & 0x10) | (if r == s { OF } else { 0 }),
+            F_DEC => {
+                base | (self.f_cin & CF) | ((a ^ r) & 0x10) | (if r == s - 1 { OF } else { 0 })
+            }
+            _ => self.rflags & ARITH,
+        }
+    }
+
+    /// Full RFLAGS.
+    #[inline]
+    pub(crate) fn get_rflags(&self) -> u64 {
+        if self.f_op == F_NONE {
+            self.rflags
+        } else {
+            (self.rflags & !ARITH) | self.compute_arith()
+        }
+    }
+
+    /// Materialise lazy flags into `rflags`.
+    #[inline]
+    pub(crate) fn flush_flags(&mut self) {
+        if self.f_op != F_NONE {
+            self.rflags = (self.rflags & !ARITH) | self.compute_arith();
+            self.f_op = F_NONE;
+        }
+    }
+
+    /// Store RFLAGS as given (reserved bits fixed).
+    pub(crate) fn set_rflags_raw(&mut self, v: u64) {
+        self.rflags = (v & 0x003f_7fd5) | esvm_arch::bits::rflags::FIXED;
+        self.f_op = F_NONE;
+    }
+
+    /// Set the six arithmetic flags.
+    #[inline(always)]
+    pub(crate) fn set_arith(&mut self, f: u64) {
+        self.rflags = (self.rflags & !ARITH) | (f & ARITH);
+        self.f_op = F_NONE;
+    }
+
+    /// Replace the arithmetic flags selected by `which` with those of `f`.
+    #[inline(always)]
+    pub(crate) fn set_some(&mut self, which: u64, f: u64) {
+        self.flush_flags();
+        self.rflags = (self.rflags & !which) | (f & which);
+    }
+
+    #[inline(always)]
+    pub(crate) fn cf(&self) -> bool {
+        match self.f_op {
+            F_NONE => self.rflags & CF != 0,
+            F_SUB => (self.f_a & mask(self.f_sz)) < (self.f_b & mask(self.f_sz)),
+            F_ADD => (self.f_res & mask(self.f_sz)) < (self.f_a & mask(self.f_sz)),
+            F_LOGIC => false,
+            F_INC | F_DEC => self.f_cin & CF != 0,
+            _ => self.compute_arith() & CF != 0,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn zf(&self) -> bool {
+        if self.f_op == F_NONE {
+            self.rflags & ZF != 0
+        } else {
+            self.f_res & mask(self.f_sz) == 0
+        }
+    }
+
+    /// Evaluate condition code `cc` (x86 encoding: O NO B AE E NE BE A S NS P NP L GE LE G).
+    #[inline(always)]
+    pub(crate) fn cond(&self, cc: u8) -> bool {
+        let r = if self.f_op == F_SUB || self.f_op == F_LOGIC {
+            let sz = self.f_sz;
+            let m = mask(sz);
+            let r = self.f_res & m;
+            match cc >> 1 {
+                2 => r == 0,
+                1 if self.f_op == F_SUB => (self.f_a & m) < (self.f_b & m),
+                3 if self.f_op == F_SUB => (self.f_a & m) <= (self.f_b & m),
+                6 if self.f_op == F_SUB => (sx(self.f_a, sz) as i64) < (sx(self.f_b, sz) as i64),
+                7 if self.f_op == F_SUB => (sx(self.f_a, sz) as i64) <= (sx(self.f_b, sz) as i64),
+                4 => r & sign(sz) != 0,
+                _ => self.cond_slow(cc >> 1),
+            }
+        } else {
+            self.cond_slow(cc >> 1)
+        };
+        r ^ (cc & 1 != 0)
+    }
+
+    fn cond_slow(&self, c: u8) -> bool {
+        let f = self.get_rflags();
+        match c {
+            0 => f & OF != 0,
+            1 => f & CF != 0,
+            2 => f & ZF != 0,
+            3 => f & (CF | ZF) != 0,
+            4 => f & SF != 0,
+            5 => f & PF != 0,
+            6 => (f & SF != 0) != (f & OF != 0),
+            _ => f & ZF != 0 || ((f & SF != 0) != (f & OF != 0)),
+        }
+    }
+}
+
+#[allow(dead_code)]
+pub(crate) const ALL: u64 = CF | PF | AF | ZF | SF | OF;

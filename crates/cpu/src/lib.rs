@@ -1,0 +1,929 @@
+//! esvm's software x86-64 vCPU: an interpreter on the iced-x86 decoder.
+//!
+//! A [`Cpu`] holds the full architectural state of one vCPU and runs guest code from a
+//! [`PhysMemory`] (guest RAM shared by all vCPUs of a VM; guest-physical addresses outside RAM
+//! are MMIO) until an [`Exit`].
+//!
+//! Execution model:
+//! - code is decoded once per guest-physical location into *blocks* of pre-decoded
+//!   instructions (each with a handler chosen at decode time); blocks end at control
+//!   transfers, system instructions and page ends. Writes to a page holding decoded code bump
+//!   the page's epoch in [`PhysMemory`] and the stale blocks are re-decoded; self-modifying
+//!   code takes effect from the next instruction;
+//! - linear addresses go through a software TLB (separate read/write/execute tags per 4 KiB
+//!   page, one set for CPL 0-2 and one for CPL 3) filled by a 4-level (or legacy 2/3-level)
+//!   page walk that sets A/D bits and checks P, R/W (with CR0.WP), U/S, NX and reserved bits;
+//! - arithmetic flags are computed lazily;
+//! - the retired-instruction count is the virtual clock: the guest TSC reads
+//!   `tsc_offset + retired * tsc_per_insn` ([`CpuConfig::tsc_per_insn`], default 1), so a run
+//!   is fully deterministic.
+//!
+//! Exits follow KVM's completion model: [`Exit::IoIn`], [`Exit::MmioRead`], [`Exit::Cpuid`],
+//! [`Exit::RdMsr`] and [`Exit::WrMsr`] leave the instruction unretired; supply the result with
+//! the matching `complete_*` call and the next [`Cpu::run`] re-executes and retires it.
+//! [`Exit::IoOut`] and [`Exit::MmioWrite`] are reported after the instruction retired.
+
+mod decode;
+mod exec;
+mod flags;
+mod intr;
+pub mod mem;
+mod mmu;
+mod seg;
+pub mod testutil;
+
+use esvm_arch::bits::{cr0, cr4, efer, rflags};
+use esvm_arch::cpuid::CpuidTable;
+use esvm_arch::{
+    DebugRegs, DescriptorTable, FpuState, MsrState, PendingEvents, PendingException, Regs, Segment,
+    SpecialRegs, VcpuSnapshot,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use thiserror::Error;
+
+pub use mem::{MemError, PhysMemory};
+
+use decode::CodeCache;
+use mmu::Tlb;
+
+/// Segment register numbers (iced/x86 order).
+pub(crate) const ES: usize = 0;
+pub(crate) const CS: usize = 1;
+pub(crate) const SS: usize = 2;
+pub(crate) const DS: usize = 3;
+pub(crate) const FS: usize = 4;
+pub(crate) const GS: usize = 5;
+
+/// How a vCPU is configured.
+#[derive(Debug, Clone)]
+pub struct CpuConfig {
+    /// What CPUID reports.
+    pub cpuid: CpuidTable,
+    /// CPUID functions (EAX on input) that exit with [`Exit::Cpuid`] instead.
+    pub cpuid_intercepts: Vec<u32>,
+    /// MSR indices whose RDMSR/WRMSR exit with [`Exit::RdMsr`]/[`Exit::WrMsr`]; every other
+    /// MSR the vCPU does not model raises #GP.
+    pub msr_intercepts: Vec<u32>,
+    /// Guest TSC ticks per retired instruction (the virtual clock's rate). Default 1.
+    pub tsc_per_insn: u64,
+    /// vCPU number (reported as the initial APIC ID in CPUID leaf 1 EBX[31:24]).
+    pub vcpu_id: u32,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig {
+            cpuid: CpuidTable::esvm_default(),
+            cpuid_intercepts: Vec::new(),
+            msr_intercepts: Vec::new(),
+            tsc_per_insn: 1,
+            vcpu_id: 0,
+        }
+    }
+}
+
+/// Why [`Cpu::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// IN from `port` of `size` bytes (1, 2, 4). Not retired: call [`Cpu::complete_io_in`].
+    IoIn { port: u16, size: u8 },
+    /// OUT of `size` bytes of `data` to `port`; retired.
+    IoOut { port: u16, size: u8, data: u32 },
+    /// Read of `size` bytes (1..=16) of MMIO at `gpa`. Not retired: call
+    /// [`Cpu::complete_mmio_read`].
+    MmioRead { gpa: u64, size: u8 },
+    /// Write of `size` bytes (`data[..size]`) to MMIO at `gpa`; retired.
+    MmioWrite { gpa: u64, size: u8, data: [u8; 16] },
+    /// HLT with nothing deliverable. The vCPU stays halted until an interrupt is queued
+    /// (and IF allows it) or the VMM clears `halted` through [`Cpu::set_events`].
+    Hlt,
+    /// Triple fault or another shutdown condition.
+    Shutdown { reason: String },
+    /// Intercepted CPUID. Not retired: call [`Cpu::complete_cpuid`].
+    Cpuid { function: u32, index: u32 },
+    /// Intercepted RDMSR. Not retired: call [`Cpu::complete_rdmsr`].
+    RdMsr { index: u32 },
+    /// Intercepted WRMSR. Not retired: call [`Cpu::complete_wrmsr`].
+    WrMsr { index: u32, value: u64 },
+    /// The instruction budget of this [`Cpu::run`] call is used up.
+    BudgetExhausted,
+    /// The kick flag ([`Cpu::kicker`]) was set.
+    Interrupted,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CpuError {
+    #[error("vCPU snapshot version {0} is not supported (expected {expected})", expected = VcpuSnapshot::VERSION)]
+    SnapshotVersion(u32),
+    #[error("MSR {0:#x} is not modelled by the software vCPU; intercept it or drop it")]
+    UnknownMsr(u32),
+    #[error("an interrupt (vector {0:#x}) is already queued; wait for the interrupt window")]
+    InterruptPending(u8),
+    #[error("invalid state: {0}")]
+    InvalidState(String),
+    #[error("no {0} exit is awaiting completion")]
+    NotAwaiting(&'static str),
+}
+
+/// An exception raised by an instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Exc {
+    pub vector: u8,
+    pub ec: Option<u32>,
+}
+
+impl Exc {
+    pub const fn new(vector: u8) -> Self {
+        Exc { vector, ec: None }
+    }
+    pub const fn ec(vector: u8, code: u32) -> Self {
+        Exc {
+            vector,
+            ec: Some(code),
+        }
+    }
+}
+
+/// Why an instruction handler did not complete normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// Fault: deliver the exception with RIP at the faulting instruction.
+    Exc(Exc),
+    /// Exit in `Cpu::exit`; the instruction is not retired.
+    Exit,
+    /// Exit in `Cpu::exit` after retiring the instruction.
+    ExitRetire,
+    /// The instruction retired; end the block (state the block relied on changed).
+    Retire,
+    /// The instruction has not completed (e.g. a REP string op did some iterations); return
+    /// to the run loop without retiring it.
+    Yield,
+}
+
+impl From<Exc> for Stop {
+    fn from(e: Exc) -> Self {
+        Stop::Exc(e)
+    }
+}
+
+pub(crate) type R<T = ()> = Result<T, Stop>;
+
+pub(crate) fn gp0<T>() -> R<T> {
+    Err(Stop::Exc(Exc::ec(esvm_arch::bits::vector::GP, 0)))
+}
+pub(crate) fn ud<T>() -> R<T> {
+    Err(Stop::Exc(Exc::new(esvm_arch::bits::vector::UD)))
+}
+
+/// Execution mode (decides decoding and address sizes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Real,
+    Prot16,
+    Prot32,
+    Compat16,
+    Compat32,
+    Long64,
+}
+
+impl Mode {
+    pub fn bits(self) -> u32 {
+        match self {
+            Mode::Real | Mode::Prot16 | Mode::Compat16 => 16,
+            Mode::Prot32 | Mode::Compat32 => 32,
+            Mode::Long64 => 64,
+        }
+    }
+}
+
+/// `pending` bits: reasons to leave the current block after this instruction.
+pub(crate) const P_SMC: u8 = 1;
+pub(crate) const P_MMIO: u8 = 2;
+pub(crate) const P_FLUSH: u8 = 4;
+
+/// MMIO accesses of the instruction being executed (restart-based completion).
+#[derive(Debug, Default)]
+pub(crate) struct MmioState {
+    /// Values supplied for reads, in access order.
+    pub reads: Vec<[u8; 16]>,
+    pub cursor: usize,
+    /// Writes waiting to be reported.
+    pub writes: std::collections::VecDeque<(u64, u8, [u8; 16])>,
+    /// A read exit is outstanding.
+    pub awaiting: bool,
+}
+
+/// Outstanding completions.
+#[derive(Debug, Default)]
+pub(crate) struct Completion {
+    pub io_in: Option<u32>,
+    pub io_awaiting: bool,
+    pub cpuid: Option<[u32; 4]>,
+    pub cpuid_awaiting: bool,
+    pub rdmsr: Option<Option<u64>>,
+    pub rdmsr_awaiting: bool,
+    pub wrmsr: Option<bool>,
+    pub wrmsr_awaiting: bool,
+}
+
+/// The software vCPU.
+pub struct Cpu {
+    // ---- hot state ----
+    pub(crate) gpr: [u64; 16],
+    pub(crate) rip: u64,
+    pub(crate) next_rip: u64,
+    /// RFLAGS; the arithmetic bits are valid only when `f_op == flags::F_NONE`.
+    pub(crate) rflags: u64,
+    pub(crate) f_op: u8,
+    pub(crate) f_sz: u8,
+    pub(crate) f_a: u64,
+    pub(crate) f_b: u64,
+    pub(crate) f_res: u64,
+    pub(crate) f_cin: u64,
+    /// Effective segment bases for address computation (0 for ES/CS/SS/DS in 64-bit mode).
+    pub(crate) seg_base: [u64; 6],
+    pub(crate) tlb: Box<Tlb>,
+    /// Offset of the active TLB set (0: CPL 0-2, TLB_SIZE: CPL 3).
+    pub(crate) tlb_off: usize,
+    pub(crate) ram: *mut u8,
+    pub(crate) ram_size: u64,
+    pub(crate) pending: u8,
+    pub(crate) retired: u64,
+    /// Not in 64-bit mode: segment limits apply and linear addresses wrap at 4 GiB.
+    pub(crate) legacy: bool,
+    pub(crate) mode: Mode,
+    pub(crate) cpl: u8,
+    pub(crate) xmm: [u128; 16],
+    pub(crate) mxcsr: u32,
+
+    // ---- system state ----
+    pub(crate) seg: [Segment; 6],
+    pub(crate) ldtr: Segment,
+    pub(crate) tr: Segment,
+    pub(crate) gdtr: DescriptorTable,
+    pub(crate) idtr: DescriptorTable,
+    pub(crate) cr0: u64,
+    pub(crate) cr2: u64,
+    pub(crate) cr3: u64,
+    pub(crate) cr4: u64,
+    pub(crate) cr8: u64,
+    pub(crate) efer: u64,
+    pub(crate) apic_base: u64,
+    pub(crate) xcr0: u64,
+    pub(crate) msrs: MsrState,
+    pub(crate) dr: DebugRegs,
+    /// x87 state (its `xmm`/`mxcsr` fields are unused: see `xmm`, `mxcsr`).
+    pub(crate) x87: FpuState,
+    pub(crate) tsc_offset: i64,
+
+    // ---- events ----
+    pub(crate) ev_exception: Option<PendingException>,
+    pub(crate) ev_interrupt: Option<u8>,
+    pub(crate) nmi_pending: bool,
+    pub(crate) nmi_masked: bool,
+    pub(crate) shadow: bool,
+    pub(crate) halted: bool,
+
+    // ---- machinery ----
+    pub(crate) cache: CodeCache,
+    pub(crate) mem: PhysMemory,
+    pub(crate) config: CpuConfig,
+    pub(crate) kick: Arc<AtomicBool>,
+    pub(crate) exit: Option<Exit>,
+    pub(crate) mmio: MmioState,
+    pub(crate) compl: Completion,
+    /// A shutdown condition recorded during exception delivery.
+    pub(crate) shutdown: Option<String>,
+}
+
+// SAFETY: `ram` points into the `PhysMemory` this `Cpu` holds (kept alive by `mem`), which is
+// `Send + Sync`; everything else is owned data. A `Cpu` is used by one thread at a time.
+unsafe impl Send for Cpu {}
+
+/// Handle to make a running [`Cpu`] return [`Exit::Interrupted`] at its next block boundary.
+#[derive(Debug, Clone)]
+pub struct Kicker(Arc<AtomicBool>);
+
+impl Kicker {
+    pub fn kick(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+impl Cpu {
+    /// A vCPU in the RESET state (real mode, CS:IP = F000:FFF0, CS base FFFF0000) over `mem`.
+    pub fn new(config: CpuConfig, mem: PhysMemory) -> Self {
+        let mut cpu = Cpu {
+            gpr: [0; 16],
+            rip: 0,
+            next_rip: 0,
+            rflags: rflags::FIXED,
+            f_op: flags::F_NONE,
+            f_sz: 8,
+            f_a: 0,
+            f_b: 0,
+            f_res: 0,
+            f_cin: 0,
+            seg_base: [0; 6],
+            tlb: Tlb::new_boxed(),
+            tlb_off: 0,
+            ram: mem.base(),
+            ram_size: mem.size(),
+            pending: 0,
+            retired: 0,
+            legacy: true,
+            mode: Mode::Real,
+            cpl: 0,
+            xmm: [0; 16],
+            mxcsr: 0x1f80,
+            seg: [Segment::default(); 6],
+            ldtr: Segment::default(),
+            tr: Segment::default(),
+            gdtr: DescriptorTable::default(),
+            idtr: DescriptorTable::default(),
+            cr0: 0,
+            cr2: 0,
+            cr3: 0,
+            cr4: 0,
+            cr8: 0,
+            efer: 0,
+            apic_base: 0,
+            xcr0: 1,
+            msrs: MsrState::default(),
+            dr: DebugRegs::default(),
+            x87: FpuState::default(),
+            tsc_offset: 0,
+            ev_exception: None,
+            ev_interrupt: None,
+            nmi_pending: false,
+            nmi_masked: false,
+            shadow: false,
+            halted: false,
+            cache: CodeCache::new(),
+            mem,
+            config,
+            kick: Arc::new(AtomicBool::new(false)),
+            exit: None,
+            mmio: MmioState::default(),
+            compl: Completion::default(),
+            shutdown: None,
+        };
+        let mut reset = VcpuSnapshot::reset();
+        reset.regs.gpr[2] = 0x0080_0f10; // EDX = family/model/stepping after RESET
+        cpu.restore(&reset)
+            .expect("the reset snapshot is valid by construction");
+        cpu
+    }
+
+    /// The guest memory this vCPU runs on.
+    pub fn memory(&self) -> &PhysMemory {
+        &self.mem
+    }
+
+    /// A handle that makes [`Cpu::run`] return [`Exit::Interrupted`] soon (from any thread).
+    pub fn kicker(&self) -> Kicker {
+        Kicker(self.kick.clone())
+    }
+
+    /// Instructions retired since creation (the virtual clock).
+    pub fn instructions_retired(&self) -> u64 {
+        self.retired
+    }
+
+    // ------------------------------------------------------------------ registers
+
+    pub fn regs(&self) -> Regs {
+        Regs {
+            gpr: self.gpr,
+            rip: self.rip,
+            rflags: self.get_rflags(),
+        }
+    }
+
+    pub fn set_regs(&mut self, r: &Regs) {
+        self.gpr = r.gpr;
+        self.rip = r.rip;
+        self.set_rflags_raw(r.rflags);
+    }
+
+    pub fn sregs(&self) -> SpecialRegs {
+        SpecialRegs {
+            es: self.seg[ES],
+            cs: self.seg[CS],
+            ss: self.seg[SS],
+            ds: self.seg[DS],
+            fs: self.seg[FS],
+            gs: self.seg[GS],
+            tr: self.tr,
+            ldt: self.ldtr,
+            gdt: self.gdtr,
+            idt: self.idtr,
+            cr0: self.cr0,
+            cr2: self.cr2,
+            cr3: self.cr3,
+            cr4: self.cr4,
+            cr8: self.cr8,
+            efer: self.efer,
+            apic_base: self.apic_base,
+        }
+    }
+
+    /// Load segment, descriptor-table and control registers as-is (like KVM_SET_SREGS: the
+    /// hidden segment parts are taken from `s`, not reloaded from the GDT).
+    pub fn set_sregs(&mut self, s: &SpecialRegs) -> Result<(), CpuError> {
+        if s.efer & efer::LME != 0 && s.cr0 & cr0::PG != 0 && s.cr4 & cr4::PAE == 0 {
+            return Err(CpuError::InvalidState(
+                "long mode paging (EFER.LME and CR0.PG) requires CR4.PAE".into(),
+            ));
+        }
+        self.seg = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs];
+        self.tr = s.tr;
+        self.ldtr = s.ldt;
+        self.gdtr = s.gdt;
+        self.idtr = s.idt;
+        self.cr0 = s.cr0 | cr0::ET;
+        self.cr2 = s.cr2;
+        self.cr3 = s.cr3;
+        self.cr4 = s.cr4;
+        self.cr8 = s.cr8 & 0xf;
+        self.efer = s.efer;
+        self.apic_base = s.apic_base;
+        self.mode_changed();
+        Ok(())
+    }
+
+    pub fn fpu(&self) -> FpuState {
+        let mut f = self.x87;
+        f.mxcsr = self.mxcsr;
+        f.mxcsr_mask = exec::sse::MXCSR_MASK;
+        for (i, x) in self.xmm.iter().enumerate() {
+            f.xmm[i] = x.to_le_bytes();
+        }
+        f
+    }
+
+    pub fn set_fpu(&mut self, f: &FpuState) {
+        self.x87 = *f;
+        self.mxcsr = f.mxcsr & exec::sse::MXCSR_MASK;
+        for (i, x) in f.xmm.iter().enumerate() {
+            self.xmm[i] = u128::from_le_bytes(*x);
+        }
+    }
+
+    pub fn xcr0(&self) -> u64 {
+        self.xcr0
+    }
+
+    pub fn set_xcr0(&mut self, v: u64) -> Result<(), CpuError> {
+        if v & 1 == 0 || v & !3 != 0 {
+            return Err(CpuError::InvalidState(format!(
+                "XCR0 {v:#x}: only x87 (bit 0, required) and SSE (bit 1) are supported"
+            )));
+        }
+        self.xcr0 = v;
+        Ok(())
+    }
+
+    pub fn msrs(&self) -> MsrState {
+        self.msrs
+    }
+
+    pub fn set_msrs(&mut self, m: &MsrState) {
+        self.msrs = *m;
+    }
+
+    /// Read one MSR the vCPU models (including EFER, APIC base, FS/GS base, TSC).
+    pub fn get_msr(&self, index: u32) -> Result<u64, CpuError> {
+        exec::system::msr_read(self, index).ok_or(CpuError::UnknownMsr(index))
+    }
+
+    /// Write one MSR the vCPU models, without the guest's #GP checks beyond validity.
+    pub fn set_msr(&mut self, index: u32, value: u64) -> Result<(), CpuError> {
+        match exec::system::msr_write(self, index, value) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(CpuError::UnknownMsr(index)),
+            Err(_) => Err(CpuError::InvalidState(format!(
+                "value {value:#x} is not valid for MSR {index:#x}"
+            ))),
+        }
+    }
+
+    pub fn debug_regs(&self) -> DebugRegs {
+        self.dr
+    }
+
+    pub fn set_debug_regs(&mut self, d: &DebugRegs) {
+        self.dr = *d;
+    }
+
+    pub fn events(&self) -> PendingEvents {
+        PendingEvents {
+            exception: self.ev_exception,
+            interrupt: self.ev_interrupt,
+            nmi_pending: self.nmi_pending,
+            nmi_masked: self.nmi_masked,
+            interrupt_shadow: self.shadow,
+            halted: self.halted,
+        }
+    }
+
+    pub fn set_events(&mut self, e: &PendingEvents) {
+        self.ev_exception = e.exception;
+        self.ev_interrupt = e.interrupt;
+        self.nmi_pending = e.nmi_pending;
+        self.nmi_masked = e.nmi_masked;
+        self.shadow = e.interrupt_shadow;
+        self.halted = e.halted;
+    }
+
+    /// Current guest TSC.
+    pub fn tsc(&self) -> u64 {
+        (self.tsc_offset as u64).wrapping_add(self.retired.wrapping_mul(self.config.tsc_per_insn))
+    }
+
+    pub fn set_tsc(&mut self, tsc: u64) {
+        self.tsc_offset =
+            tsc.wrapping_sub(self.retired.wrapping_mul(self.config.tsc_per_insn)) as i64;
+    }
+
+    /// Queue an exception for delivery before the next instruction. Whether it pushes the
+    /// error code is decided by the mode at delivery (none in real mode).
+    pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        self.ev_exception = Some(PendingException {
+            vector,
+            error_code,
+            cr2: None,
+        });
+    }
+
+    /// Queue an external interrupt; delivered once RFLAGS.IF=1 and no interrupt shadow.
+    pub fn queue_interrupt(&mut self, vector: u8) -> Result<(), CpuError> {
+        if let Some(v) = self.ev_interrupt {
+            return Err(CpuError::InterruptPending(v));
+        }
+        self.ev_interrupt = Some(vector);
+        Ok(())
+    }
+
+    /// Queue an NMI.
+    pub fn queue_nmi(&mut self) {
+        self.nmi_pending = true;
+    }
+
+    /// Whether an interrupt queued now would be delivered at the next instruction boundary.
+    pub fn interrupt_window_open(&self) -> bool {
+        self.rflags & rflags::IF != 0 && !self.shadow && self.ev_interrupt.is_none()
+    }
+
+    // ------------------------------------------------------------------ completions
+
+    /// Supply the value of an [`Exit::IoIn`].
+    pub fn complete_io_in(&mut self, value: u32) -> Result<(), CpuError> {
+        if !self.compl.io_awaiting {
+            return Err(CpuError::NotAwaiting("IoIn"));
+        }
+        self.compl.io_awaiting = false;
+        self.compl.io_in = Some(value);
+        Ok(())
+    }
+
+    /// Supply the bytes of an [`Exit::MmioRead`] (`data.len()` = the exit's size).
+    pub fn complete_mmio_read(&mut self, data: &[u8]) -> Result<(), CpuError> {
+        if !self.mmio.awaiting {
+            return Err(CpuError::NotAwaiting("MmioRead"));
+        }
+        self.mmio.awaiting = false;
+        let mut b = [0u8; 16];
+        let n = data.len().min(16);
+        b[..n].copy_from_slice(&data[..n]);
+        self.mmio.reads.push(b);
+        Ok(())
+    }
+
+    /// Supply the result of an [`Exit::Cpuid`] (eax, ebx, ecx, edx).
+    pub fn complete_cpuid(&mut self, result: [u32; 4]) -> Result<(), CpuError> {
+        if !self.compl.cpuid_awaiting {
+            return Err(CpuError::NotAwaiting("Cpuid"));
+        }
+        self.compl.cpuid_awaiting = false;
+        self.compl.cpuid = Some(result);
+        Ok(())
+    }
+
+    /// Supply the result of an [`Exit::RdMsr`]: `None` raises #GP in the guest.
+    pub fn complete_rdmsr(&mut self, value: Option<u64>) -> Result<(), CpuError> {
+        if !self.compl.rdmsr_awaiting {
+            return Err(CpuError::NotAwaiting("RdMsr"));
+        }
+        self.compl.rdmsr_awaiting = false;
+        self.compl.rdmsr = Some(value);
+        Ok(())
+    }
+
+    /// Complete an [`Exit::WrMsr`]: `ok == false` raises #GP in the guest.
+    pub fn complete_wrmsr(&mut self, ok: bool) -> Result<(), CpuError> {
+        if !self.compl.wrmsr_awaiting {
+            return Err(CpuError::NotAwaiting("WrMsr"));
+        }
+        self.compl.wrmsr_awaiting = false;
+        self.compl.wrmsr = Some(ok);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ snapshot
+
+    pub fn snapshot(&self) -> VcpuSnapshot {
+        VcpuSnapshot {
+            version: VcpuSnapshot::VERSION,
+            regs: self.regs(),
+            sregs: self.sregs(),
+            fpu: self.fpu(),
+            xcr0: self.xcr0,
+            msrs: self.msrs,
+            debug: self.dr,
+            events: self.events(),
+            tsc: self.tsc(),
+        }
+    }
+
+    pub fn restore(&mut self, s: &VcpuSnapshot) -> Result<(), CpuError> {
+        if s.version != VcpuSnapshot::VERSION {
+            return Err(CpuError::SnapshotVersion(s.version));
+        }
+        self.set_sregs(&s.sregs)?;
+        self.set_regs(&s.regs);
+        self.set_fpu(&s.fpu);
+        self.set_xcr0(s.xcr0)?;
+        self.msrs = s.msrs;
+        self.dr = s.debug;
+        self.set_events(&s.events);
+        self.set_tsc(s.tsc);
+        self.exit = None;
+        self.mmio = MmioState::default();
+        self.compl = Completion::default();
+        self.shutdown = None;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    /// Recompute everything derived from CR0/CR4/EFER/CS/SS: mode, CPL, segment bases,
+    /// TLB and decoded-block lookups.
+    pub(crate) fn mode_changed(&mut self) {
+        let long_active = self.efer & efer::LME != 0 && self.cr0 & cr0::PG != 0;
+        if long_active {
+            self.efer |= efer::LMA;
+        } else {
+            self.efer &= !efer::LMA;
+        }
+        let cs = self.seg[CS].attrib;
+        self.mode = if self.cr0 & cr0::PE == 0 {
+            Mode::Real
+        } else if self.efer & efer::LMA != 0 {
+            if cs.long() {
+                Mode::Long64
+            } else if cs.db() {
+                Mode::Compat32
+            } else {
+                Mode::Compat16
+            }
+        } else if cs.db() {
+            Mode::Prot32
+        } else {
+            Mode::Prot16
+        };
+        self.legacy = self.mode != Mode::Long64;
+        self.cpl = if self.mode == Mode::Real {
+            0
+        } else {
+            self.seg[SS].attrib.dpl()
+        };
+        if self.rflags & rflags::VM != 0 {
+            self.cpl = 3;
+        }
+        self.tlb_off = if self.cpl == 3 { mmu::TLB_SIZE } else { 0 };
+        self.update_seg_bases();
+        self.tlb.flush();
+        self.cache.flush_lookup();
+        self.pending |= P_FLUSH;
+    }
+
+    pub(crate) fn update_seg_bases(&mut self) {
+        for i in 0..6 {
+            self.seg_base[i] = if self.mode == Mode::Long64 && i < FS {
+                0
+            } else {
+                self.seg[i].base
+            };
+        }
+    }
+
+    /// Set CPL (after CS/SS loads in protected mode).
+    pub(crate) fn set_cpl(&mut self, cpl: u8) {
+        self.cpl = cpl;
+        self.tlb_off = if cpl == 3 { mmu::TLB_SIZE } else { 0 };
+    }
+
+    pub(crate) fn stack_mask(&self) -> u64 {
+        if self.mode == Mode::Long64 {
+            u64::MAX
+        } else if self.seg[SS].attrib.db() {
+            0xffff_ffff
+        } else {
+            0xffff
+        }
+    }
+
+    // ------------------------------------------------------------------ run loop
+
+    /// Run until an exit, retiring at most `budget` instructions.
+    pub fn run(&mut self, budget: u64) -> Exit {
+        // Queued MMIO writes of an earlier instruction come first.
+        if let Some((gpa, size, data)) = self.mmio.writes.pop_front() {
+            return Exit::MmioWrite { gpa, size, data };
+        }
+        if let Some(reason) = &self.shutdown {
+            return Exit::Shutdown {
+                reason: reason.clone(),
+            };
+        }
+        let limit = self.retired.saturating_add(budget);
+        loop {
+            if self.kick.load(Ordering::Relaxed) {
+                self.kick.store(false, Ordering::Relaxed);
+                return Exit::Interrupted;
+            }
+            // Events at an instruction boundary.
+            if let Some(e) = self.ev_exception.take() {
+                self.halted = false;
+                if let Some(cr2) = e.cr2 {
+                    self.cr2 = cr2;
+                }
+                let exc = Exc {
+                    vector: e.vector,
+                    ec: e.error_code,
+                };
+                if let Some(x) = self.raise(exc) {
+                    return x;
+                }
+                continue;
+            }
+            if !self.shadow {
+                if self.nmi_pending && !self.nmi_masked {
+                    self.nmi_pending = false;
+                    self.nmi_masked = true;
+                    self.halted = false;
+                    if let Some(x) = self.deliver_external(2) {
+                        return x;
+                    }
+                    continue;
+                }
+                if self.rflags & rflags::IF != 0 {
+                    if let Some(v) = self.ev_interrupt.take() {
+                        self.halted = false;
+                        if let Some(x) = self.deliver_external(v) {
+                            return x;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if self.halted {
+                return Exit::Hlt;
+            }
+            if self.retired >= limit {
+                return Exit::BudgetExhausted;
+            }
+            let max = if self.shadow { 1 } else { limit - self.retired };
+            self.shadow = false;
+            if let Some(x) = self.run_block(max) {
+                return x;
+            }
+        }
+    }
+
+    /// Execute (part of) the block at RIP. Returns an exit, or None to continue.
+    fn run_block(&mut self, max: u64) -> Option<Exit> {
+        let (ptr, len) = match self.lookup_block() {
+            Ok(b) => b,
+            Err(Stop::Exc(e)) => return self.raise(e),
+            Err(Stop::Exit) | Err(Stop::ExitRetire) => return self.exit.take(),
+            Err(_) => return None,
+        };
+        let n = (len as u64).min(max) as usize;
+        for i in 0..n {
+            // SAFETY: `ptr..ptr+len` is the instruction array of a block in `self.cache`;
+            // blocks are only freed or replaced by `lookup_block` (never while a block runs),
+            // so the array outlives this loop. Handlers never touch `self.cache` blocks.
+            let d = unsafe { &*ptr.add(i) };
+            self.next_rip = self.rip.wrapping_add(d.len as u64);
+            match (d.h)(self, d) {
+                Ok(()) => {
+                    self.rip = self.next_rip;
+                    self.retired += 1;
+                    if self.pending != 0 {
+                        return self.after_pending();
+                    }
+                }
+                Err(s) => return self.handle_stop(s),
+            }
+        }
+        None
+    }
+
+    #[cold]
+    fn after_pending(&mut self) -> Option<Exit> {
+        let p = self.pending;
+        self.pending = 0;
+        if p & P_MMIO != 0 {
+            self.mmio.reads.clear();
+            self.mmio.cursor = 0;
+            if let Some((gpa, size, data)) = self.mmio.writes.pop_front() {
+                return Some(Exit::MmioWrite { gpa, size, data });
+            }
+        }
+        None
+    }
+
+    #[cold]
+    fn handle_stop(&mut self, s: Stop) -> Option<Exit> {
+        match s {
+            Stop::Exc(e) => {
+                self.pending = 0;
+                self.mmio.reads.clear();
+                self.mmio.cursor = 0;
+                self.mmio.writes.clear();
+                self.raise(e)
+            }
+            Stop::Exit => {
+                self.mmio.cursor = 0;
+                self.pending &= !P_MMIO;
+                self.pending = 0;
+                self.exit.take()
+            }
+            Stop::ExitRetire => {
+                self.rip = self.next_rip;
+                self.retired += 1;
+                let x = self.exit.take();
+                if let Some(w) = self.after_pending() {
+                    // An MMIO write and another exit in one instruction: report the write
+                    // first, the other exit cannot be deferred, so keep it for later.
+                    self.mmio.writes.push_front(match w {
+                        Exit::MmioWrite { gpa, size, data } => (gpa, size, data),
+                        _ => unreachable!(),
+                    });
+                }
+                x
+            }
+            Stop::Retire => {
+                self.rip = self.next_rip;
+                self.retired += 1;
+                self.after_pending()
+            }
+            Stop::Yield => {
+                self.mmio.cursor = 0;
+                self.after_pending()
+            }
+        }
+    }
+
+    /// Raise an exception at the current instruction boundary (with double/triple fault
+    /// handling). Returns a shutdown exit on triple fault.
+    pub(crate) fn raise(&mut self, e: Exc) -> Option<Exit> {
+        self.halted = false;
+        match self.deliver_exception(e) {
+            Ok(()) => None,
+            Err(reason) => {
+                self.shutdown = Some(reason.clone());
+                Some(Exit::Shutdown { reason })
+            }
+        }
+    }
+
+    fn deliver_external(&mut self, vector: u8) -> Option<Exit> {
+        let ret = self.rip;
+        match self.deliver_event(vector, None, intr::Kind::External, ret) {
+            Ok(()) => None,
+            Err(Stop::Exc(e)) => self.raise_during_delivery(vector, e),
+            Err(_) => {
+                let reason = format!("interrupt {vector} could not be delivered");
+                self.shutdown = Some(reason.clone());
+                Some(Exit::Shutdown { reason })
+            }
+        }
+    }
+
+    fn raise_during_delivery(&mut self, first: u8, e: Exc) -> Option<Exit> {
+        match self.fault_during_delivery(first, e) {
+            Ok(()) => None,
+            Err(reason) => {
+                self.shutdown = Some(reason.clone());
+                Some(Exit::Shutdown { reason })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

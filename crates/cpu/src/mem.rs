@@ -1,0 +1,368 @@
+//! Guest-physical memory as the software vCPU sees it.
+//!
+//! Guest RAM is one contiguous host mapping at guest-physical 0 (`size` bytes); every
+//! guest-physical address at or above `size` is MMIO and exits to the VMM. Besides RAM the
+//! type holds:
+//! - the vm-memory [`AtomicBitmap`] dirty log, which the vCPU marks on every guest write
+//!   (store first, then a relaxed check of the bit and an atomic set only when it is clear);
+//! - a shared *code-page* bitmap plus a per-page *code epoch*: a vCPU that decodes code from a
+//!   page sets its bit; any write to such a page (by any vCPU sharing this object, or by the
+//!   VMM through [`PhysMemory::write`] / [`PhysMemory::invalidate_code`]) bumps the page's
+//!   epoch, which every cached block checks before it runs. That is how self-modifying and
+//!   cross-modifying code and VMM-loaded code stay coherent with the decoded-instruction
+//!   cache.
+//!
+//! `PhysMemory` is cheap to clone (an `Arc`); all vCPUs of a VM share one.
+
+use std::alloc::Layout;
+use std::any::Any;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use thiserror::Error;
+use vm_memory::bitmap::AtomicBitmap;
+
+pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SHIFT: u32 = 12;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum MemError {
+    #[error("guest RAM size {0:#x} is not a non-zero multiple of 4 KiB below 2^46")]
+    BadSize(u64),
+    #[error("guest-physical range {addr:#x}+{len:#x} is not inside guest RAM ({size:#x} bytes)")]
+    OutOfRange { addr: u64, len: u64, size: u64 },
+    #[error("the dirty bitmap covers {bitmap_pages} pages but RAM has {ram_pages}; pass the bitmap of this RAM region")]
+    BitmapSize { bitmap_pages: u64, ram_pages: u64 },
+    #[error("cannot allocate {0} bytes of guest RAM")]
+    Alloc(u64),
+}
+
+/// Memory this object allocated itself (tests, benchmarks).
+struct OwnedRam {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Drop for OwnedRam {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was returned by `alloc_zeroed(layout)` in `PhysMemory::new_owned` and
+        // is freed exactly once, here.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+enum Bitmap {
+    Borrowed(*const AtomicBitmap),
+    Owned(Box<AtomicBitmap>),
+}
+
+struct Inner {
+    base: *mut u8,
+    size: u64,
+    bitmap: Bitmap,
+    code: Box<[AtomicU64]>,
+    epoch: Box<[AtomicU32]>,
+    _owned: Option<OwnedRam>,
+    _keepalive: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+// SAFETY: the raw pointers refer to guest RAM and a dirty bitmap that, per the contract of
+// `PhysMemory::from_raw` (or by ownership in `new_owned`), stay valid for the lifetime of
+// `Inner`. Guest RAM is shared memory by design (like KVM's memslots): concurrent accesses
+// from several vCPU threads and the VMM are the guest's own business and only ever go through
+// raw-pointer reads/writes and atomics, never through Rust references to the bytes.
+unsafe impl Send for Inner {}
+// SAFETY: see `Send`; `AtomicBitmap`, the code bitmap and the epochs are atomics.
+unsafe impl Sync for Inner {}
+
+/// Guest-physical memory shared by the vCPUs of one VM. See the module documentation.
+#[derive(Clone)]
+pub struct PhysMemory {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PhysMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhysMemory")
+            .field("size", &self.inner.size)
+            .finish()
+    }
+}
+
+fn check_size(size: u64) -> Result<(), MemError> {
+    if size == 0 || size % PAGE_SIZE != 0 || size >= (1 << 46) {
+        return Err(MemError::BadSize(size));
+    }
+    Ok(())
+}
+
+impl PhysMemory {
+    fn build(
+        base: *mut u8,
+        size: u64,
+        bitmap: Bitmap,
+        owned: Option<OwnedRam>,
+        keepalive: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Self {
+        let pages = (size / PAGE_SIZE) as usize;
+        let code = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let epoch = (0..pages).map(|_| AtomicU32::new(0)).collect();
+        PhysMemory {
+            inner: Arc::new(Inner {
+                base,
+                size,
+                bitmap,
+                code,
+                epoch,
+                _owned: owned,
+                _keepalive: keepalive,
+            }),
+        }
+    }
+
+    /// Guest RAM owned by this object (zeroed), with its own dirty bitmap. For tests,
+    /// benchmarks and tools that do not go through the hypervisor layer.
+    pub fn new_owned(size: u64) -> Result<Self, MemError> {
+        check_size(size)?;
+        // 16-byte alignment keeps the allocation on the calloc path (fresh zero pages from the
+        // kernel for large sizes, no memset) while keeping 16-byte guest alignment intact.
+        let layout =
+            Layout::from_size_align(size as usize, 16).map_err(|_| MemError::Alloc(size))?;
+        // SAFETY: the layout has a non-zero size (checked above).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(MemError::Alloc(size));
+        }
+        let bitmap = AtomicBitmap::new(
+            size as usize,
+            NonZeroUsize::new(PAGE_SIZE as usize).unwrap(),
+        );
+        Ok(Self::build(
+            ptr,
+            size,
+            Bitmap::Owned(Box::new(bitmap)),
+            Some(OwnedRam { ptr, layout }),
+            None,
+        ))
+    }
+
+    /// Wrap guest RAM owned elsewhere (the hypervisor layer's `GuestMemory`).
+    ///
+    /// # Safety
+    /// - `base` must point to `size` bytes of readable and writable memory, and `bitmap` to
+    ///   the dirty bitmap of exactly that region (4 KiB pages, bit `i` = page `i`);
+    /// - both must stay valid (not unmapped, not freed, not moved) for as long as this
+    ///   `PhysMemory` or any clone of it (including the vCPUs holding one) exists. Pass the
+    ///   owner as `keepalive` to tie their lifetimes together;
+    /// - the memory may be read and written concurrently by other threads (other vCPUs, the
+    ///   VMM) but must never be accessed through Rust `&`/`&mut` references to its bytes
+    ///   while this object exists (use raw pointers, vm-memory's volatile accessors or atomics).
+    pub unsafe fn from_raw(
+        base: *mut u8,
+        size: u64,
+        bitmap: *const AtomicBitmap,
+        keepalive: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<Self, MemError> {
+        check_size(size)?;
+        // SAFETY: the caller guarantees `bitmap` is valid.
+        let bm = unsafe { &*bitmap };
+        let pages = size / PAGE_SIZE;
+        if (bm.len() as u64) < pages {
+            return Err(MemError::BitmapSize {
+                bitmap_pages: bm.len() as u64,
+                ram_pages: pages,
+            });
+        }
+        Ok(Self::build(
+            base,
+            size,
+            Bitmap::Borrowed(bitmap),
+            None,
+            keepalive,
+        ))
+    }
+
+    /// Size of guest RAM in bytes.
+    #[inline(always)]
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    #[inline(always)]
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.inner.base
+    }
+
+    /// The dirty bitmap.
+    #[inline(always)]
+    pub fn bitmap(&self) -> &AtomicBitmap {
+        match &self.inner.bitmap {
+            // SAFETY: valid per the `from_raw` contract.
+            Bitmap::Borrowed(p) => unsafe { &**p },
+            Bitmap::Owned(b) => b,
+        }
+    }
+
+    /// Take and clear the dirty bits (one bit per 4 KiB page, bit `i` of word `i / 64`).
+    pub fn take_dirty(&self) -> Vec<u64> {
+        self.bitmap().get_and_reset()
+    }
+
+    /// Whether `gpa` is backed by RAM.
+    #[inline(always)]
+    pub fn is_ram(&self, gpa: u64) -> bool {
+        gpa < self.inner.size
+    }
+
+    /// Record a write to RAM page `page` in the dirty log and invalidate decoded code on it.
+    /// Called after the bytes were stored.
+    #[inline(always)]
+    pub(crate) fn note_write(&self, page: u64) -> bool {
+        let bm = self.bitmap();
+        if !bm.is_bit_set(page as usize) {
+            bm.set_bit(page as usize);
+        }
+        self.note_code_write(page)
+    }
+
+    /// Returns true if `page` held decoded code (which is now invalid).
+    #[inline(always)]
+    pub(crate) fn note_code_write(&self, page: u64) -> bool {
+        let w = &self.inner.code[(page / 64) as usize];
+        let bit = 1u64 << (page % 64);
+        if w.load(Ordering::Relaxed) & bit != 0 {
+            self.invalidate_page(page);
+            true
+        } else {
+            false
+        }
+    }
+
+    #[cold]
+    fn invalidate_page(&self, page: u64) {
+        let bit = 1u64 << (page % 64);
+        self.inner.code[(page / 64) as usize].fetch_and(!bit, Ordering::SeqCst);
+        self.inner.epoch[page as usize].fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Mark `page` as holding decoded code and return its current epoch.
+    pub(crate) fn mark_code(&self, page: u64) -> u32 {
+        let bit = 1u64 << (page % 64);
+        self.inner.code[(page / 64) as usize].fetch_or(bit, Ordering::SeqCst);
+        self.inner.epoch[page as usize].load(Ordering::SeqCst)
+    }
+
+    #[inline(always)]
+    pub(crate) fn epoch(&self, page: u64) -> u32 {
+        self.inner.epoch[page as usize].load(Ordering::Relaxed)
+    }
+
+    /// Drop decoded code for every page of `[gpa, gpa+len)` in every vCPU sharing this
+    /// memory. The VMM must call this after writing guest code by other means than
+    /// [`PhysMemory::write`] (e.g. through vm-memory directly or device DMA).
+    pub fn invalidate_code(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / PAGE_SIZE;
+        let last = gpa.saturating_add(len - 1) / PAGE_SIZE;
+        let pages = self.inner.size / PAGE_SIZE;
+        for p in first..=last.min(pages.saturating_sub(1)) {
+            self.note_code_write(p);
+        }
+    }
+
+    fn check(&self, gpa: u64, len: usize) -> Result<(), MemError> {
+        if gpa
+            .checked_add(len as u64)
+            .is_none_or(|e| e > self.inner.size)
+        {
+            return Err(MemError::OutOfRange {
+                addr: gpa,
+                len: len as u64,
+                size: self.inner.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Read guest RAM.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.check(gpa, buf.len())?;
+        // SAFETY: range checked against RAM; raw copy from shared memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.inner.base.add(gpa as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Write guest RAM: marks the pages dirty and invalidates decoded code on them.
+    pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.check(gpa, buf.len())?;
+        // SAFETY: range checked against RAM; raw copy into shared memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                buf.as_ptr(),
+                self.inner.base.add(gpa as usize),
+                buf.len(),
+            )
+        };
+        if !buf.is_empty() {
+            let first = gpa / PAGE_SIZE;
+            let last = (gpa + buf.len() as u64 - 1) / PAGE_SIZE;
+            for p in first..=last {
+                self.note_write(p);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemError> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_rw_and_dirty() {
+        let m = PhysMemory::new_owned(16 * PAGE_SIZE).unwrap();
+        m.write(3 * PAGE_SIZE - 2, &[1, 2, 3, 4]).unwrap();
+        let mut b = [0u8; 4];
+        m.read(3 * PAGE_SIZE - 2, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        let d = m.take_dirty();
+        assert_eq!(d[0], 0b1100);
+        assert_eq!(m.take_dirty()[0], 0);
+        assert!(m.write(16 * PAGE_SIZE - 1, &[0, 0]).is_err());
+        assert!(PhysMemory::new_owned(100).is_err());
+    }
+
+    #[test]
+    fn code_epochs() {
+        let m = PhysMemory::new_owned(4 * PAGE_SIZE).unwrap();
+        let e = m.mark_code(1);
+        assert_eq!(m.epoch(1), e);
+        m.write(PAGE_SIZE + 5, &[0x90]).unwrap();
+        assert_ne!(m.epoch(1), e);
+        let e2 = m.mark_code(2);
+        m.invalidate_code(2 * PAGE_SIZE + 100, 1);
+        assert_ne!(m.epoch(2), e2);
+        // Not code any more: further writes leave the epoch alone.
+        let e3 = m.epoch(2);
+        m.write(2 * PAGE_SIZE, &[1]).unwrap();
+        assert_eq!(m.epoch(2), e3);
+    }
+}

@@ -1,0 +1,687 @@
+//! Address translation: segmentation, the page walk, the software TLB, and guest memory
+//! accesses (RAM fast paths, MMIO, page-crossing accesses, host atomics for LOCKed RMW).
+
+use crate::mem::{PAGE_SHIFT, PAGE_SIZE};
+use crate::{Cpu, Exc, Exit, Mode, Stop, P_MMIO, P_SMC, R, SS};
+use esvm_arch::bits::{cr0, cr4, efer, vector};
+
+pub(crate) const TLB_BITS: u32 = 9;
+pub(crate) const TLB_SIZE: usize = 1 << TLB_BITS;
+const TLB_MASK: usize = TLB_SIZE - 1;
+const INVALID: u64 = u64::MAX;
+
+/// One TLB entry: the virtual page number for which read/write/exec are allowed (INVALID if
+/// not), the host address of the page and its guest-physical page number.
+#[derive(Clone, Copy)]
+pub(crate) struct TlbEntry {
+    pub r: u64,
+    pub w: u64,
+    pub x: u64,
+    pub host: usize,
+    pub gpn: u64,
+}
+
+const EMPTY: TlbEntry = TlbEntry {
+    r: INVALID,
+    w: INVALID,
+    x: INVALID,
+    host: 0,
+    gpn: 0,
+};
+
+/// Two sets (supervisor, user) of TLB_SIZE direct-mapped entries.
+pub(crate) struct Tlb {
+    pub e: [TlbEntry; 2 * TLB_SIZE],
+}
+
+impl Tlb {
+    pub fn new_boxed() -> Box<Tlb> {
+        Box::new(Tlb {
+            e: [EMPTY; 2 * TLB_SIZE],
+        })
+    }
+    pub fn flush(&mut self) {
+        self.e.fill(EMPTY);
+    }
+    pub fn flush_page(&mut self, lin: u64) {
+        let vpn = lin >> PAGE_SHIFT;
+        let i = vpn as usize & TLB_MASK;
+        self.e[i] = EMPTY;
+        self.e[i + TLB_SIZE] = EMPTY;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Acc {
+    Read,
+    Write,
+    Exec,
+}
+
+/// Page-fault error code bits.
+const PF_P: u32 = 1;
+const PF_W: u32 = 2;
+const PF_U: u32 = 4;
+const PF_RSVD: u32 = 8;
+const PF_ID: u32 = 16;
+
+/// Physical address width (CPUID 0x8000_0008: 48 bits).
+const MAXPHY: u32 = 48;
+const PHYS_MASK: u64 = ((1u64 << MAXPHY) - 1) & !0xfff;
+
+/// Result of a successful walk.
+struct Walk {
+    gpa: u64,
+    /// Writable at this privilege (and D already set, or set by this walk).
+    w: bool,
+    x: bool,
+}
+
+#[inline(always)]
+fn rd_host<const S: usize>(p: *const u8) -> u64 {
+    // SAFETY: callers pass a pointer to at least S bytes of guest RAM (checked via the TLB
+    // entry or RAM bounds). Guest RAM is shared memory; unaligned reads are fine on x86.
+    unsafe {
+        match S {
+            1 => *p as u64,
+            2 => (p as *const u16).read_unaligned() as u64,
+            4 => (p as *const u32).read_unaligned() as u64,
+            _ => (p as *const u64).read_unaligned(),
+        }
+    }
+}
+
+#[inline(always)]
+fn wr_host<const S: usize>(p: *mut u8, v: u64) {
+    // SAFETY: as in `rd_host`, for writes.
+    unsafe {
+        match S {
+            1 => *p = v as u8,
+            2 => (p as *mut u16).write_unaligned(v as u16),
+            4 => (p as *mut u32).write_unaligned(v as u32),
+            _ => (p as *mut u64).write_unaligned(v),
+        }
+    }
+}
+
+fn canonical(lin: u64) -> bool {
+    ((lin as i64) << 16 >> 16) as u64 == lin
+}
+
+impl Cpu {
+    // ------------------------------------------------------------------ segmentation
+
+    /// Linear address of `seg:off` for an access of `size` bytes (segment limit checks in
+    /// legacy modes). `write` selects the write checks.
+    #[inline(always)]
+    pub(crate) fn lin(&self, seg: usize, off: u64, size: usize, write: bool) -> R<u64> {
+        if !self.legacy {
+            return Ok(self.seg_base[seg].wrapping_add(off));
+        }
+        self.lin_legacy(seg, off, size, write)
+    }
+
+    #[cold]
+    fn lin_legacy(&self, seg: usize, off: u64, size: usize, write: bool) -> R<u64> {
+        let s = &self.seg[seg];
+        if self.mode != Mode::Real && self.mode != Mode::Compat16 && self.mode != Mode::Compat32 {
+            // Protected mode: null/unusable segment, type and limit checks.
+            let a = s.attrib;
+            let fault = || {
+                if seg == SS {
+                    Stop::Exc(Exc::ec(vector::SS, 0))
+                } else {
+                    Stop::Exc(Exc::ec(vector::GP, 0))
+                }
+            };
+            if !a.present() {
+                return Err(fault());
+            }
+            if write && (a.is_code() || a.seg_type() & 2 == 0) {
+                return Err(fault());
+            }
+            let end = off.wrapping_add(size as u64 - 1);
+            if a.s() && !a.is_code() && a.seg_type() & 4 != 0 {
+                // Expand-down.
+                let upper = if a.db() { 0xffff_ffff } else { 0xffff };
+                if off <= s.limit as u64 || end > upper {
+                    return Err(fault());
+                }
+            } else if end > s.limit as u64 || end < off {
+                return Err(fault());
+            }
+        } else if self.mode == Mode::Real {
+            let end = off.wrapping_add(size as u64 - 1);
+            if end > s.limit as u64 {
+                return Err(if seg == SS {
+                    Stop::Exc(Exc::ec(vector::SS, 0))
+                } else {
+                    Stop::Exc(Exc::ec(vector::GP, 0))
+                });
+            }
+        }
+        Ok(s.base.wrapping_add(off) & 0xffff_ffff)
+    }
+
+    // ------------------------------------------------------------------ TLB fast paths
+
+    #[inline(always)]
+    fn tlb_idx(&self, vpn: u64) -> usize {
+        (self.tlb_off | (vpn as usize & TLB_MASK)) & (2 * TLB_SIZE - 1)
+    }
+
+    /// Read `S` bytes at linear address `lin`.
+    #[inline(always)]
+    pub(crate) fn rd_lin<const S: usize>(&mut self, lin: u64) -> R<u64> {
+        let vpn = lin >> PAGE_SHIFT;
+        let off = (lin & 0xfff) as usize;
+        let e = &self.tlb.e[self.tlb_idx(vpn)];
+        if e.r == vpn && off <= 4096 - S {
+            return Ok(rd_host::<S>((e.host + off) as *const u8));
+        }
+        self.rd_slow(lin, S, false).map(|v| v as u64)
+    }
+
+    /// Write `S` bytes at linear address `lin`.
+    #[inline(always)]
+    pub(crate) fn wr_lin<const S: usize>(&mut self, lin: u64, v: u64) -> R {
+        let vpn = lin >> PAGE_SHIFT;
+        let off = (lin & 0xfff) as usize;
+        let e = &self.tlb.e[self.tlb_idx(vpn)];
+        if e.w == vpn && off <= 4096 - S {
+            let gpn = e.gpn;
+            wr_host::<S>((e.host + off) as *mut u8, v);
+            if self.mem.note_write(gpn) {
+                self.pending |= P_SMC;
+            }
+            return Ok(());
+        }
+        self.wr_slow(lin, S, v as u128, false)
+    }
+
+    /// Read through a segment.
+    #[inline(always)]
+    pub(crate) fn rd<const S: usize>(&mut self, seg: usize, off: u64) -> R<u64> {
+        let l = self.lin(seg, off, S, false)?;
+        self.rd_lin::<S>(l)
+    }
+
+    #[inline(always)]
+    pub(crate) fn wr<const S: usize>(&mut self, seg: usize, off: u64, v: u64) -> R {
+        let l = self.lin(seg, off, S, true)?;
+        self.wr_lin::<S>(l, v)
+    }
+
+    /// Read with a run-time size (1, 2, 4, 8).
+    pub(crate) fn rd_sz(&mut self, seg: usize, off: u64, sz: u8) -> R<u64> {
+        match sz {
+            1 => self.rd::<1>(seg, off),
+            2 => self.rd::<2>(seg, off),
+            4 => self.rd::<4>(seg, off),
+            _ => self.rd::<8>(seg, off),
+        }
+    }
+
+    pub(crate) fn wr_sz(&mut self, seg: usize, off: u64, sz: u8, v: u64) -> R {
+        match sz {
+            1 => self.wr::<1>(seg, off, v),
+            2 => self.wr::<2>(seg, off, v),
+            4 => self.wr::<4>(seg, off, v),
+            _ => self.wr::<8>(seg, off, v),
+        }
+    }
+
+    /// 16-byte access (SSE).
+    pub(crate) fn rd128(&mut self, seg: usize, off: u64) -> R<u128> {
+        let l = self.lin(seg, off, 16, false)?;
+        self.rd_slow(l, 16, false)
+    }
+
+    pub(crate) fn wr128(&mut self, seg: usize, off: u64, v: u128) -> R {
+        let l = self.lin(seg, off, 16, true)?;
+        self.wr_slow(l, 16, v, false)
+    }
+
+    /// Check that `size` bytes at `lin` are writable (translating and setting D) without
+    /// writing, so a multi-part operation faults before changing anything.
+    pub(crate) fn probe_write(&mut self, lin: u64, size: usize) -> R {
+        let first = lin & !0xfff;
+        let last = lin.wrapping_add(size as u64 - 1) & !0xfff;
+        let user = self.cpl == 3;
+        self.translate(first | (lin & 0xfff), Acc::Write, user)?;
+        if last != first {
+            self.translate(last, Acc::Write, user)?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ slow paths
+
+    /// Read `size` (1..=16) bytes at `lin`; `sys` makes it a supervisor (implicit) access.
+    #[inline(never)]
+    pub(crate) fn rd_slow(&mut self, lin: u64, size: usize, sys: bool) -> R<u128> {
+        let user = self.cpl == 3 && !sys;
+        let off = (lin & 0xfff) as usize;
+        if off + size <= PAGE_SIZE as usize {
+            let gpa = self.translate(lin, Acc::Read, user)?;
+            return self.phys_read(gpa, size);
+        }
+        // Page-crossing: translate both pages first.
+        let n1 = PAGE_SIZE as usize - off;
+        let lin2 = self.wrap_lin(lin.wrapping_add(n1 as u64));
+        let g1 = self.translate(lin, Acc::Read, user)?;
+        let g2 = self.translate(lin2, Acc::Read, user)?;
+        let lo = self.phys_read(g1, n1)?;
+        let hi = self.phys_read(g2, size - n1)?;
+        Ok(lo | (hi << (8 * n1)))
+    }
+
+    #[inline(never)]
+    pub(crate) fn wr_slow(&mut self, lin: u64, size: usize, v: u128, sys: bool) -> R {
+        let user = self.cpl == 3 && !sys;
+        let off = (lin & 0xfff) as usize;
+        if off + size <= PAGE_SIZE as usize {
+            let gpa = self.translate(lin, Acc::Write, user)?;
+            return self.phys_write(gpa, size, v);
+        }
+        let n1 = PAGE_SIZE as usize - off;
+        let lin2 = self.wrap_lin(lin.wrapping_add(n1 as u64));
+        let g1 = self.translate(lin, Acc::Write, user)?;
+        let g2 = self.translate(lin2, Acc::Write, user)?;
+        self.phys_write(g1, n1, v)?;
+        self.phys_write(g2, size - n1, v >> (8 * n1))
+    }
+
+    fn wrap_lin(&self, lin: u64) -> u64 {
+        if self.mode == Mode::Long64 {
+            lin
+        } else {
+            lin & 0xffff_ffff
+        }
+    }
+
+    /// Supervisor-privilege (implicit) accesses: descriptor tables, TSS, IDT, delivery.
+    pub(crate) fn rd_sys(&mut self, lin: u64, size: usize) -> R<u64> {
+        self.rd_slow(lin, size, true).map(|v| v as u64)
+    }
+
+    pub(crate) fn wr_sys(&mut self, lin: u64, size: usize, v: u64) -> R {
+        self.wr_slow(lin, size, v as u128, true)
+    }
+
+    /// Read `size` bytes of guest-physical memory (RAM or MMIO); never crosses a page.
+    pub(crate) fn phys_read(&mut self, gpa: u64, size: usize) -> R<u128> {
+        if gpa + size as u64 <= self.ram_size {
+            let mut b = [0u8; 16];
+            // SAFETY: `gpa..gpa+size` is inside RAM (checked above); raw copy from shared
+            // guest memory.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.ram.add(gpa as usize), b.as_mut_ptr(), size)
+            };
+            return Ok(u128::from_le_bytes(b));
+        }
+        self.mmio_read(gpa, size)
+    }
+
+    pub(crate) fn phys_write(&mut self, gpa: u64, size: usize, v: u128) -> R {
+        if gpa + size as u64 <= self.ram_size {
+            let b = v.to_le_bytes();
+            // SAFETY: `gpa..gpa+size` is inside RAM (checked above).
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ram.add(gpa as usize), size) };
+            if self.mem.note_write(gpa >> PAGE_SHIFT) {
+                self.pending |= P_SMC;
+            }
+            return Ok(());
+        }
+        self.mmio_write(gpa, size, v);
+        Ok(())
+    }
+
+    fn mmio_read(&mut self, gpa: u64, size: usize) -> R<u128> {
+        self.pending |= P_MMIO;
+        if self.mmio.cursor < self.mmio.reads.len() {
+            let b = self.mmio.reads[self.mmio.cursor];
+            self.mmio.cursor += 1;
+            let mut v = u128::from_le_bytes(b);
+            if size < 16 {
+                v &= (1u128 << (8 * size)) - 1;
+            }
+            return Ok(v);
+        }
+        self.mmio.awaiting = true;
+        self.exit = Some(Exit::MmioRead {
+            gpa,
+            size: size as u8,
+        });
+        Err(Stop::Exit)
+    }
+
+    fn mmio_write(&mut self, gpa: u64, size: usize, v: u128) {
+        self.pending |= P_MMIO;
+        let mut data = [0u8; 16];
+        data[..size].copy_from_slice(&v.to_le_bytes()[..size]);
+        self.mmio.writes.push_back((gpa, size as u8, data));
+    }
+
+    // ------------------------------------------------------------------ translation
+
+    /// Translate `lin` for `acc` at user (`user`) or supervisor privilege; fills the TLB.
+    pub(crate) fn translate(&mut self, lin: u64, acc: Acc, user: bool) -> R<u64> {
+        let w = self.walk(lin, acc, user).map_err(Stop::Exc)?;
+        let vpn = lin >> PAGE_SHIFT;
+        let gpn = w.gpa >> PAGE_SHIFT;
+        if w.gpa < self.ram_size && user == (self.cpl == 3) {
+            let i = self.tlb_idx(vpn);
+            let host = self.ram as usize + (gpn << PAGE_SHIFT) as usize;
+            let e = &mut self.tlb.e[i];
+            if e.r != vpn || e.gpn != gpn {
+                *e = EMPTY;
+            }
+            e.r = vpn;
+            e.host = host;
+            e.gpn = gpn;
+            if w.w {
+                e.w = vpn;
+            }
+            if w.x {
+                e.x = vpn;
+            }
+        }
+        Ok(w.gpa | (lin & 0xfff))
+    }
+
+    fn pf(&mut self, lin: u64, code: u32) -> Exc {
+        self.cr2 = lin;
+        Exc::ec(vector::PF, code)
+    }
+
+    /// Walk the page tables (or not, without paging).
+    fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> Result<Walk, Exc> {
+        if self.cr0 & cr0::PG == 0 {
+            let lin = lin & 0xffff_ffff;
+            return Ok(Walk {
+                gpa: lin & !0xfff,
+                w: true,
+                x: true,
+            });
+        }
+        let long = self.efer & efer::LMA != 0;
+        if long && !canonical(lin) {
+            return Err(Exc::ec(vector::GP, 0));
+        }
+        let nxe = self.efer & efer::NXE != 0;
+        let wp = self.cr0 & cr0::WP != 0;
+        let mut code = 0;
+        if acc == Acc::Write {
+            code |= PF_W;
+        }
+        if user {
+            code |= PF_U;
+        }
+        if acc == Acc::Exec && nxe {
+            code |= PF_ID;
+        }
+        let pae = self.cr4 & cr4::PAE != 0;
+        // Levels: (shift, index bits, entry size).
+        let (levels, mut table): (u32, u64) = if long {
+            (4, self.cr3 & PHYS_MASK)
+        } else if pae {
+            (3, self.cr3 & 0xffff_ffe0)
+        } else {
+            (2, self.cr3 & 0xffff_f000)
+        };
+        let esz: u64 = if long || pae { 8 } else { 4 };
+        let mut user_ok = true;
+        let mut write_ok = true;
+        let mut nx = false;
+        // Entry addresses touched, to set A (and D) bits once the walk succeeded.
+        let mut touched: [(u64, bool); 4] = [(0, false); 4];
+        let mut ntouched = 0;
+        let mut level = levels;
+        loop {
+            let (shift, bits) = if esz == 8 {
+                (12 + 9 * (level - 1), 9)
+            } else {
+                (12 + 10 * (level - 1), 10)
+            };
+            let idx = if level == 3 && !long {
+                (lin >> 30) & 3
+            } else {
+                (lin >> shift) & ((1 << bits) - 1)
+            };
+            let ea = table + idx * esz;
+            let ent = self.pt_read(ea, esz as usize);
+            if ent & 1 == 0 {
+                return Err(self.pf(lin, code));
+            }
+            let pdpte_legacy = level == 3 && !long;
+            // Reserved bits.
+            let mut rsvd = false;
+            if esz == 8 {
+                if ent & !PHYS_MASK & 0x000f_ffff_ffff_f000 != 0 {
+                    rsvd = true;
+                }
+                if ent >> 63 != 0 && !nxe {
+                    rsvd = true;
+                }
+                if pdpte_legacy && ent & 0x1e6 != 0 {
+                    rsvd = true;
+                }
+                if long && level == 4 && ent & 0x80 != 0 {
+                    rsvd = true;
+                }
+            }
+            let is_leaf = level == 1
+                || (ent & 0x80 != 0
+                    && (level == 2 || (level == 3 && long))
+                    && (esz == 8 || self.cr4 & cr4::PSE != 0));
+            if is_leaf && level > 1 {
+                if esz == 8 {
+                    // Large page: bits 12..(shift-1) reserved except PAT (bit 12).
+                    let low = ent & ((1u64 << shift) - 1) & !0x1fff;
+                    if low != 0 {
+                        rsvd = true;
+                    }
+                } else if (ent >> 13) & 0x1ff != 0 && (ent >> 13) & 0x1ff != 0 {
+                    // PSE-36 high bits (20:13): we have no PSE-36, so they must be 0.
+                    rsvd = true;
+                }
+            }
+            if rsvd {
+                return Err(self.pf(lin, code | PF_P | PF_RSVD));
+            }
+            if !pdpte_legacy {
+                user_ok &= ent & 4 != 0;
+                write_ok &= ent & 2 != 0;
+                if esz == 8 && nxe {
+                    nx |= ent >> 63 != 0;
+                }
+                touched[ntouched] = (ea, is_leaf);
+                ntouched += 1;
+            }
+            if is_leaf {
+                let page = if level > 1 {
+                    let base = if esz == 8 {
+                        ent & PHYS_MASK & !((1u64 << shift) - 1)
+                    } else {
+                        ent & 0xffc0_0000
+                    };
+                    base | (lin & ((1u64 << shift) - 1) & !0xfff)
+                } else if esz == 8 {
+                    ent & PHYS_MASK
+                } else {
+                    ent & 0xffff_f000
+                };
+                // Permission checks.
+                if user && !user_ok {
+                    return Err(self.pf(lin, code | PF_P));
+                }
+                let may_write = if user { write_ok } else { write_ok || !wp };
+                if acc == Acc::Write && !may_write {
+                    return Err(self.pf(lin, code | PF_P));
+                }
+                if acc == Acc::Exec && nx {
+                    return Err(self.pf(lin, code | PF_P));
+                }
+                // Set accessed bits (and dirty on write) now that the access is allowed.
+                let mut dirty = ent & 0x40 != 0;
+                for &(a, leaf) in &touched[..ntouched] {
+                    let set = if leaf && acc == Acc::Write {
+                        0x60
+                    } else {
+                        0x20
+                    };
+                    let cur = if leaf {
+                        ent
+                    } else {
+                        self.pt_read(a, esz as usize)
+                    };
+                    if cur & set != set {
+                        self.pt_set_bits(a, esz as usize, set);
+                    }
+                }
+                if acc == Acc::Write {
+                    dirty = true;
+                }
+                return Ok(Walk {
+                    gpa: page,
+                    w: may_write && dirty,
+                    x: !nx,
+                });
+            }
+            table = if esz == 8 {
+                ent & PHYS_MASK
+            } else {
+                ent & 0xffff_f000
+            };
+            level -= 1;
+        }
+    }
+
+    fn pt_read(&self, gpa: u64, size: usize) -> u64 {
+        if gpa + size as u64 > self.ram_size {
+            // Page tables in MMIO read as all-ones... treat as not present.
+            return 0;
+        }
+        // SAFETY: in RAM, checked above.
+        unsafe {
+            let p = self.ram.add(gpa as usize);
+            if size == 8 {
+                (p as *const u64).read_unaligned()
+            } else {
+                (p as *const u32).read_unaligned() as u64
+            }
+        }
+    }
+
+    /// Atomically OR bits into a page-table entry (A/D updates) and log the write.
+    fn pt_set_bits(&mut self, gpa: u64, size: usize, bits: u64) {
+        if gpa + size as u64 > self.ram_size {
+            return;
+        }
+        // SAFETY: in RAM; page-table entries are naturally aligned (their addresses are
+        // table base + index * size with 4 KiB- or 32-byte-aligned tables), so the atomic
+        // types' alignment holds.
+        unsafe {
+            let p = self.ram.add(gpa as usize);
+            if size == 8 && (p as usize) % 8 == 0 {
+                std::sync::atomic::AtomicU64::from_ptr(p as *mut u64)
+                    .fetch_or(bits, std::sync::atomic::Ordering::SeqCst);
+            } else if (p as usize) % 4 == 0 {
+                std::sync::atomic::AtomicU32::from_ptr(p as *mut u32)
+                    .fetch_or(bits as u32, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        if self.mem.note_write(gpa >> PAGE_SHIFT) {
+            self.pending |= P_SMC;
+        }
+    }
+
+    /// Translate for instruction fetch: returns the guest-physical address of `lin`.
+    pub(crate) fn translate_exec(&mut self, lin: u64) -> R<u64> {
+        let vpn = lin >> PAGE_SHIFT;
+        let e = &self.tlb.e[self.tlb_idx(vpn)];
+        if e.x == vpn {
+            return Ok((e.gpn << PAGE_SHIFT) | (lin & 0xfff));
+        }
+        let user = self.cpl == 3;
+        self.translate(lin, Acc::Exec, user)
+    }
+
+    /// Host pointer for a RAM access of `size` bytes at `lin` with write permission, for
+    /// LOCKed read-modify-write (None if it crosses a page or is MMIO).
+    pub(crate) fn host_rmw_ptr(&mut self, lin: u64, size: usize) -> R<Option<(*mut u8, u64)>> {
+        if (lin & 0xfff) as usize + size > PAGE_SIZE as usize {
+            return Ok(None);
+        }
+        let user = self.cpl == 3;
+        let gpa = self.translate(lin, Acc::Write, user)?;
+        if gpa + size as u64 > self.ram_size {
+            return Ok(None);
+        }
+        // SAFETY: inside RAM (checked).
+        Ok(Some((
+            unsafe { self.ram.add(gpa as usize) },
+            gpa >> PAGE_SHIFT,
+        )))
+    }
+
+    pub(crate) fn note_rmw(&mut self, gpn: u64) {
+        if self.mem.note_write(gpn) {
+            self.pending |= P_SMC;
+        }
+    }
+}
+
+/// Atomic compare-exchange on guest RAM of any alignment: returns the value found.
+pub(crate) fn cmpxchg_host(p: *mut u8, size: usize, old: u64, new: u64) -> u64 {
+    let prev: u64;
+    // SAFETY: `p` points to `size` bytes of guest RAM (host_rmw_ptr); LOCK CMPXCHG works on
+    // any alignment on x86-64 (split locks are slow but atomic).
+    unsafe {
+        match size {
+            1 => {
+                let mut a = old as u8;
+                std::arch::asm!("lock cmpxchg byte ptr [{p}], {n}", p = in(reg) p, n = in(reg_byte) new as u8, inout("al") a);
+                prev = a as u64;
+            }
+            2 => {
+                let mut a = old as u16;
+                std::arch::asm!("lock cmpxchg word ptr [{p}], {n:x}", p = in(reg) p, n = in(reg) new as u16, inout("ax") a);
+                prev = a as u64;
+            }
+            4 => {
+                let mut a = old as u32;
+                std::arch::asm!("lock cmpxchg dword ptr [{p}], {n:e}", p = in(reg) p, n = in(reg) new as u32, inout("eax") a);
+                prev = a as u64;
+            }
+            _ => {
+                let mut a = old;
+                std::arch::asm!("lock cmpxchg qword ptr [{p}], {n}", p = in(reg) p, n = in(reg) new, inout("rax") a);
+                prev = a;
+            }
+        }
+    }
+    prev
+}
+
+/// Atomic 16-byte compare-exchange (guest checked 16-byte alignment).
+pub(crate) fn cmpxchg16_host(p: *mut u8, old: u128, new: u128) -> u128 {
+    let lo: u64;
+    let hi: u64;
+    // SAFETY: `p` is 16-byte aligned guest RAM (CMPXCHG16B raised #GP otherwise). rbx is
+    // reserved by LLVM, so it is swapped in and out around the instruction.
+    unsafe {
+        std::arch::asm!(
+            "xchg {nlo}, rbx",
+            "lock cmpxchg16b xmmword ptr [{p}]",
+            "mov rbx, {nlo}",
+            p = in(reg) p,
+            nlo = inout(reg) new as u64 => _,
+            in("rcx") (new >> 64) as u64,
+            inout("rax") old as u64 => lo,
+            inout("rdx") (old >> 64) as u64 => hi,
+        );
+    }
+    (lo as u128) | ((hi as u128) << 64)
+}

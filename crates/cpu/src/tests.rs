@@ -1,0 +1,910 @@
+//! Unit tests of the interpreter (programs assembled with iced's code_asm).
+
+use crate::testutil::*;
+use crate::Exit;
+use iced_x86::code_asm::*;
+
+fn asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(CODE).unwrap()
+}
+
+fn run64(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Harness {
+    let code = asm(|a| {
+        f(a)?;
+        a.hlt()
+    });
+    let mut h = Harness::new(16 << 20);
+    h.load(&code);
+    let x = h.run();
+    assert_eq!(x, Exit::Hlt, "run ended with {x:?}");
+    h
+}
+
+#[test]
+fn basic_alu() {
+    let h = run64(|a| {
+        a.mov(rax, 5u64)?;
+        a.mov(rbx, 7u64)?;
+        a.add(rax, rbx)?;
+        a.imul_3(rcx, rax, 3)?;
+        a.sub(rcx, 1)?;
+        Ok(())
+    });
+    assert!(h.exception().is_none(), "{:?}", h.exception());
+    let r = h.cpu.regs();
+    assert_eq!(r.gpr[0], 12);
+    assert_eq!(r.gpr[1], 35);
+}
+
+mod host;
+
+fn harness(code: &[u8]) -> Harness {
+    let mut h = Harness::new(16 << 20);
+    h.load(code);
+    h
+}
+
+fn expect_exc(h: &mut Harness, vector: u8, ec: Option<u32>) -> Caught {
+    let x = h.run();
+    assert_eq!(x, Exit::Hlt, "run ended with {x:?}");
+    let c = h
+        .exception()
+        .unwrap_or_else(|| panic!("no exception, rip {:#x}", h.cpu.regs().rip));
+    assert_eq!((c.vector, c.error_code), (vector, ec), "{c:x?}");
+    c
+}
+
+#[test]
+fn memory_ops_and_stack() {
+    let h = run64(|a| {
+        a.mov(rbx, DATA)?;
+        a.mov(qword_ptr(rbx + 8), 0x1234_5678)?;
+        a.mov(rax, qword_ptr(rbx + 8))?;
+        a.add(qword_ptr(rbx + 8), rax)?;
+        a.push(rax)?;
+        a.push(0x55)?;
+        a.pop(rcx)?;
+        a.pop(rdx)?;
+        a.lea(rsi, qword_ptr(rbx + rcx * 4 + 3))?;
+        a.movzx(edi, byte_ptr(rbx + 9))?;
+        a.mov(byte_ptr(rbx + 0x0fff), 0xaau32)?;
+        a.mov(dword_ptr(rbx + 0x0ffe), 0x1122_3344u32)?; // crosses a page
+        a.mov(r8d, dword_ptr(rbx + 0x0ffe))?;
+        Ok(())
+    });
+    assert!(h.exception().is_none());
+    let r = h.cpu.regs();
+    assert_eq!(r.gpr[0], 0x1234_5678);
+    assert_eq!(h.mem().read_u64(DATA + 8).unwrap(), 0x2468_acf0);
+    assert_eq!(r.gpr[1], 0x55);
+    assert_eq!(r.gpr[2], 0x1234_5678);
+    assert_eq!(r.gpr[6], DATA + 0x55 * 4 + 3);
+    assert_eq!(r.gpr[7], 0xac);
+    assert_eq!(r.gpr[8], 0x1122_3344);
+    assert_eq!(r.gpr[4], STACK_TOP);
+}
+
+#[test]
+fn calls_loops_and_branches() {
+    let h = run64(|a| {
+        let mut f = a.create_label();
+        let mut lp = a.create_label();
+        let mut done = a.create_label();
+        a.xor(eax, eax)?;
+        a.mov(ecx, 10)?;
+        a.set_label(&mut lp)?;
+        a.call(f)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.jmp(done)?;
+        a.set_label(&mut f)?;
+        a.add(eax, ecx)?;
+        a.ret()?;
+        a.set_label(&mut done)?;
+        a.mov(ecx, 100)?;
+        let mut l2 = a.create_label();
+        a.set_label(&mut l2)?;
+        a.loop_(l2)?;
+        Ok(())
+    });
+    assert!(h.exception().is_none());
+    assert_eq!(h.cpu.regs().gpr[0], 55);
+}
+
+#[test]
+fn string_ops() {
+    let h = run64(|a| {
+        a.mov(rdi, DATA)?;
+        a.mov(eax, 0x41)?;
+        a.mov(ecx, 100)?;
+        a.rep().stosb()?;
+        a.mov(rsi, DATA)?;
+        a.mov(rdi, DATA + 0x1000)?;
+        a.mov(ecx, 13)?;
+        a.rep().movsq()?;
+        a.mov(rdi, DATA)?;
+        a.mov(byte_ptr(rdi + 50), 0x42u32)?;
+        a.mov(ecx, 100)?;
+        a.mov(al, 0x42)?;
+        a.repne().scasb()?;
+        a.mov(r8, rcx)?;
+        a.mov(r9, rdi)?;
+        // Backwards copy with DF=1.
+        a.std()?;
+        a.mov(rsi, DATA + 7)?;
+        a.mov(rdi, DATA + 0x2007)?;
+        a.mov(ecx, 8)?;
+        a.rep().movsb()?;
+        a.cld()?;
+        a.mov(rsi, DATA)?;
+        a.mov(rdi, DATA + 0x2000)?;
+        a.mov(ecx, 8)?;
+        a.repe().cmpsb()?;
+        a.mov(r10, rcx)?;
+        a.mov(rsi, DATA + 48)?;
+        a.lodsd()?;
+        Ok(())
+    });
+    assert!(h.exception().is_none());
+    let r = h.cpu.regs();
+    let mut b = [0u8; 104];
+    h.mem().read(DATA + 0x1000, &mut b).unwrap();
+    assert!(b[..100].iter().all(|&x| x == 0x41) && b[100..].iter().all(|&x| x == 0));
+    assert_eq!(r.gpr[8], 49, "rcx after repne scasb");
+    assert_eq!(r.gpr[9], DATA + 51);
+    assert_eq!(r.gpr[10], 0, "all 8 bytes equal");
+    assert_eq!(r.gpr[0], 0x4142_4141);
+    assert_eq!(r.gpr[7], DATA + 0x2008);
+}
+
+#[test]
+fn divide_error_and_frame() {
+    let code = asm(|a| {
+        a.xor(ecx, ecx)?;
+        a.mov(eax, 1)?;
+        a.div(ecx)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    let c = expect_exc(&mut h, 0, None);
+    assert_eq!(c.rip, CODE + 7, "faulting instruction");
+    // IDIV overflow.
+    let code = asm(|a| {
+        a.mov(rax, 0x8000_0000_0000_0000u64)?;
+        a.cqo()?;
+        a.mov(rcx, -1i64)?;
+        a.idiv(rcx)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    expect_exc(&mut h, 0, None);
+}
+
+/// Build a user page mapping and return the harness with `code` at user address 0x4000_0000.
+fn user_harness(code: &[u8]) -> Harness {
+    let mut h = Harness::new(16 << 20);
+    let mut pool = 0x80_0000;
+    h.mem().write(0x40_0000, code).unwrap();
+    h.map_4k(0x4000_0000, 0x40_0000, 4, &mut pool); // user, read-only, executable
+    h.map_4k(0x4000_1000, 0x41_0000, 4 | 2 | (1 << 63), &mut pool); // user RW NX
+    h.map_4k(0x4000_2000, 0x42_0000, 4 | (1 << 63), &mut pool); // user RO NX
+    h.map_4k(0x4000_3000, 0x43_0000, 2, &mut pool); // supervisor RW
+    h.map_4k(0x4000_4000, 0x44_0000 | (1 << 51), 4 | 2, &mut pool); // reserved bit set
+    h.enter_user(0x4000_0000, 0x4000_2000, 0x202);
+    h
+}
+
+fn user_asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(0x4000_0000).unwrap()
+}
+
+#[test]
+fn page_fault_error_codes() {
+    // (code, expected error code, cr2)
+    let cases: Vec<(Vec<u8>, u32, u64)> = vec![
+        (
+            user_asm(|a| a.mov(rax, qword_ptr(0x5000_0000u64))),
+            0x4,
+            0x5000_0000,
+        ),
+        (
+            user_asm(|a| a.mov(qword_ptr(0x5000_0000u64), rax)),
+            0x6,
+            0x5000_0000,
+        ),
+        (
+            user_asm(|a| a.mov(qword_ptr(0x4000_2008u64), rax)),
+            0x7,
+            0x4000_2008,
+        ),
+        (
+            user_asm(|a| a.mov(rax, qword_ptr(0x4000_3000u64))),
+            0x5,
+            0x4000_3000,
+        ),
+        (
+            user_asm(|a| a.mov(rax, qword_ptr(0x4000_4010u64))),
+            0xd,
+            0x4000_4010,
+        ),
+        (
+            user_asm(|a| {
+                a.mov(rax, 0x4000_1000u64)?;
+                a.jmp(rax)
+            }),
+            0x15,
+            0x4000_1000,
+        ),
+        // Writing the read-only code page.
+        (
+            user_asm(|a| a.mov(byte_ptr(0x4000_0000u64), 1)),
+            0x7,
+            0x4000_0000,
+        ),
+    ];
+    for (code, ec, fault_addr) in cases {
+        let mut h = user_harness(&code);
+        let c = expect_exc(&mut h, 14, Some(ec));
+        assert_eq!(c.cr2, fault_addr);
+    }
+}
+
+#[test]
+fn accessed_dirty_bits_and_supervisor_wp() {
+    let code = user_asm(|a| {
+        a.mov(rax, qword_ptr(0x4000_2000u64))?;
+        a.mov(qword_ptr(0x4000_1000u64), rax)?;
+        a.int3()
+    });
+    let mut h = user_harness(&code);
+    let c = expect_exc(&mut h, 3, None);
+    assert_eq!(c.rip, 0x4000_0000 + code.len() as u64);
+    // Find the PTEs: walk from CR3.
+    let m = h.mem().clone();
+    let pte = |v: u64| {
+        let mut t = PML4;
+        for s in [39, 30, 21] {
+            t = m.read_u64(t + ((v >> s) & 511) * 8).unwrap() & 0xf_ffff_ffff_f000;
+        }
+        m.read_u64(t + ((v >> 12) & 511) * 8).unwrap()
+    };
+    assert_eq!(pte(0x4000_2000) & 0x60, 0x20, "read: A only");
+    assert_eq!(pte(0x4000_1000) & 0x60, 0x60, "write: A and D");
+    assert_eq!(pte(0x4000_3000) & 0x60, 0, "untouched");
+    // CR0.WP: a supervisor write to a read-only page faults only with WP set.
+    let code = asm(|a| {
+        a.mov(qword_ptr(0x4000_2000u64), rax)?;
+        a.hlt()
+    });
+    let mut h = user_harness(&[]);
+    let mut s = h.cpu.sregs();
+    s.cs = kernel_code64();
+    s.ss = kernel_data();
+    h.cpu.set_sregs(&s).unwrap();
+    h.load(&code);
+    let mut r = h.cpu.regs();
+    r.gpr[4] = STACK_TOP;
+    h.cpu.set_regs(&r);
+    expect_exc(&mut h, 14, Some(0x3));
+    let mut h = user_harness(&[]);
+    let mut s = h.cpu.sregs();
+    s.cs = kernel_code64();
+    s.ss = kernel_data();
+    s.cr0 &= !esvm_arch::bits::cr0::WP;
+    h.cpu.set_sregs(&s).unwrap();
+    h.load(&code);
+    let mut r = h.cpu.regs();
+    r.gpr[4] = STACK_TOP;
+    h.cpu.set_regs(&r);
+    assert_eq!(h.run(), Exit::Hlt);
+    assert!(h.exception().is_none());
+}
+
+#[test]
+fn double_and_triple_fault() {
+    // #GP handler gate not present -> #NP while delivering #GP -> #DF (error code 0).
+    let code = asm(|a| {
+        a.mov(rax, 0x8000_0000_0000_0000u64)?;
+        a.mov(rax, qword_ptr(rax))?; // non-canonical: #GP(0)
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    let gp = IDT + 16 * 13;
+    let lo = h.mem().read_u64(gp).unwrap();
+    h.mem().write_u64(gp, lo & !(1 << 47)).unwrap();
+    let c = expect_exc(&mut h, 8, Some(0));
+    assert_eq!(c.rip, CODE + 10);
+    // And with #DF not present either: triple fault -> shutdown.
+    let df = IDT + 16 * 8;
+    let lo = h.mem().read_u64(df).unwrap();
+    let mut h2 = harness(&code);
+    h2.mem().write_u64(gp, lo & !(1 << 47)).unwrap();
+    h2.mem().write_u64(df, lo & !(1 << 47)).unwrap();
+    match h2.run() {
+        Exit::Shutdown { .. } => {}
+        x => panic!("expected shutdown, got {x:?}"),
+    }
+    // A #PF during #PF delivery (stack unmapped) -> #DF on the IST... here: no IST, so the
+    // #DF push also faults -> triple fault.
+    let code = asm(|a| {
+        a.mov(rsp, 0x7fff_0000_0000u64)?;
+        a.push(rax)?;
+        a.hlt()
+    });
+    let mut h3 = harness(&code);
+    assert!(matches!(h3.run(), Exit::Shutdown { .. }));
+    // With an IST stack for #DF the double fault is handled.
+    let mut h4 = harness(&code);
+    let lo = h4.mem().read_u64(df).unwrap();
+    h4.mem().write_u64(df, lo | (1 << 32)).unwrap();
+    let c = expect_exc(&mut h4, 8, Some(0));
+    assert_eq!(c.rip, CODE + 10);
+    assert_eq!(h4.cpu.regs().gpr[4], IST1_TOP - 48);
+}
+
+#[test]
+fn io_exits_and_completion() {
+    let h = {
+        let code = asm(|a| {
+            a.mov(dx, 0x3f8)?;
+            a.mov(al, 0x41)?;
+            a.out(dx, al)?;
+            a.in_(eax, dx)?;
+            a.mov(ebx, eax)?;
+            a.in_(al, 0x60)?;
+            a.hlt()
+        });
+        let mut h = harness(&code);
+        assert_eq!(
+            h.run(),
+            Exit::IoOut {
+                port: 0x3f8,
+                size: 1,
+                data: 0x41
+            }
+        );
+        assert_eq!(
+            h.run(),
+            Exit::IoIn {
+                port: 0x3f8,
+                size: 4
+            }
+        );
+        let before = h.cpu.instructions_retired();
+        h.cpu.complete_io_in(0xdead_beef).unwrap();
+        assert_eq!(
+            h.run(),
+            Exit::IoIn {
+                port: 0x60,
+                size: 1
+            }
+        );
+        assert_eq!(h.cpu.instructions_retired(), before + 2);
+        h.cpu.complete_io_in(0x7f).unwrap();
+        assert_eq!(h.run(), Exit::Hlt);
+        h
+    };
+    let r = h.cpu.regs();
+    assert_eq!(r.gpr[3], 0xdead_beef);
+    assert_eq!(r.gpr[0] & 0xff, 0x7f);
+    // Ring 3 with IOPL 0: #GP.
+    let code = user_asm(|a| a.out(0x80, al));
+    let mut h = user_harness(&code);
+    expect_exc(&mut h, 13, Some(0));
+}
+
+#[test]
+fn mmio_exits_and_completion() {
+    // RAM is 16 MiB; 0xfee0_0000 is MMIO (identity-mapped via a 1 GiB-page... map it).
+    let code = asm(|a| {
+        a.mov(rbx, 0x4000_5000u64)?;
+        a.mov(dword_ptr(rbx + 0x10), 0x1234_5678u32)?;
+        a.mov(rax, qword_ptr(rbx + 0x20))?;
+        a.add(eax, 1)?;
+        a.mov(qword_ptr(rbx + 0x30), rax)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    let mut pool = 0x80_0000;
+    h.map_4k(0x4000_5000, 0xfee0_0000, 2, &mut pool);
+    match h.run() {
+        Exit::MmioWrite { gpa, size, data } => {
+            assert_eq!((gpa, size), (0xfee0_0010, 4));
+            assert_eq!(&data[..4], &0x1234_5678u32.to_le_bytes());
+        }
+        x => panic!("{x:?}"),
+    }
+    assert_eq!(
+        h.run(),
+        Exit::MmioRead {
+            gpa: 0xfee0_0020,
+            size: 8
+        }
+    );
+    h.cpu
+        .complete_mmio_read(&0x1_0000_00ffu64.to_le_bytes())
+        .unwrap();
+    match h.run() {
+        Exit::MmioWrite { gpa, size, data } => {
+            assert_eq!((gpa, size), (0xfee0_0030, 8));
+            assert_eq!(u64::from_le_bytes(data[..8].try_into().unwrap()), 0x100);
+        }
+        x => panic!("{x:?}"),
+    }
+    assert_eq!(h.run(), Exit::Hlt);
+}
+
+#[test]
+fn self_modifying_code() {
+    // Patch the immediate of a later instruction in the same block, then a loop body.
+    let code = asm(|a| {
+        let mut target = a.create_label();
+        a.lea(rbx, ptr(target))?;
+        a.mov(byte_ptr(rbx + 1), 0x42u32)?; // mov al, imm8 -> imm = 0x42
+        a.set_label(&mut target)?;
+        a.mov(al, 0x11)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    assert_eq!(h.run(), Exit::Hlt);
+    assert_eq!(h.cpu.regs().gpr[0] & 0xff, 0x42);
+    // Run code, rewrite it from the VMM, run again.
+    let code = asm(|a| {
+        a.mov(eax, 1)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    assert_eq!(h.run(), Exit::Hlt);
+    assert_eq!(h.cpu.regs().gpr[0], 1);
+    h.mem().write(CODE + 1, &[7]).unwrap();
+    h.restart(CODE);
+    assert_eq!(h.run(), Exit::Hlt);
+    assert_eq!(h.cpu.regs().gpr[0], 7);
+}
+
+#[test]
+fn dirty_bitmap_marks_guest_writes() {
+    let code = asm(|a| {
+        a.mov(rbx, DATA + 0x5000)?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.mov(rdi, DATA + 0x9000)?;
+        a.mov(ecx, 0x2000)?;
+        a.rep().stosb()?;
+        a.lock().add(qword_ptr(DATA + 0xc008), 1)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    h.mem().take_dirty();
+    assert_eq!(h.run(), Exit::Hlt);
+    let d = h.mem().take_dirty();
+    let set: Vec<u64> = (0..4096u64)
+        .filter(|p| d[(p / 64) as usize] >> (p % 64) & 1 != 0)
+        .collect();
+    let dp = DATA / 4096;
+    assert!(set.contains(&(dp + 5)));
+    assert!(set.contains(&(dp + 9)) && set.contains(&(dp + 10)));
+    assert!(set.contains(&(dp + 0xc)));
+    assert!(!set.contains(&(dp + 6)));
+    // Writes after a take are logged again (the bit was cleared concurrently).
+    h.restart(CODE);
+    assert_eq!(h.run(), Exit::Hlt);
+    let d = h.mem().take_dirty();
+    assert!(d[((dp + 5) / 64) as usize] >> ((dp + 5) % 64) & 1 != 0);
+}
+
+#[test]
+fn interrupts_sti_shadow_and_hlt() {
+    let code = asm(|a| {
+        a.sti()?;
+        a.mov(eax, 1)?; // shadow: the interrupt comes after this one
+        a.mov(eax, 2)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    h.cpu.queue_interrupt(0x30).unwrap();
+    let c = expect_exc(&mut h, 0x30, None);
+    assert_eq!(
+        c.rip,
+        CODE + 6,
+        "delivered after the instruction in the STI shadow"
+    );
+    assert_eq!(h.cpu.regs().gpr[0], 1);
+    // HLT with IF=1: exits Hlt, an interrupt wakes it.
+    let code = asm(|a| {
+        a.sti()?;
+        a.hlt()?;
+        a.mov(eax, 5)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    assert_eq!(h.run(), Exit::Hlt);
+    assert!(h.cpu.events().halted);
+    assert_eq!(h.run(), Exit::Hlt, "still halted");
+    h.cpu.queue_interrupt(0x31).unwrap();
+    let c = expect_exc(&mut h, 0x31, None);
+    assert_eq!(c.rip, CODE + 2, "return address is after HLT");
+    // Injected exception with error code.
+    let code = asm(|a| {
+        a.nop()?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    h.cpu.inject_exception(13, Some(0x18));
+    expect_exc(&mut h, 13, Some(0x18));
+}
+
+#[test]
+fn syscall_sysret_and_iretq() {
+    use esvm_arch::msr;
+    // Kernel: set up STAR/LSTAR, iretq to user code that does syscall.
+    let code = asm(|a| {
+        let mut user = a.create_label();
+        let mut entry = a.create_label();
+        a.mov(ecx, msr::IA32_STAR)?;
+        a.mov(edx, (KCODE as u32) | ((UCODE32 as u32 | 3) << 16))?;
+        a.xor(eax, eax)?;
+        a.wrmsr()?;
+        a.mov(ecx, msr::IA32_LSTAR)?;
+        a.lea(rax, ptr(entry))?;
+        a.mov(rdx, rax)?;
+        a.shr(rdx, 32)?;
+        a.wrmsr()?;
+        // iretq frame: SS, RSP, RFLAGS, CS, RIP
+        a.push((UDATA | 3) as i32)?;
+        a.push(0x4000_2000)?;
+        a.push(0x202)?;
+        a.push((UCODE64 | 3) as i32)?;
+        a.lea(rax, ptr(user))?;
+        a.push(rax)?;
+        a.iretq()?;
+        a.set_label(&mut user)?;
+        a.mov(r12, 77u64)?;
+        a.syscall()?;
+        a.mov(r13d, 88)?;
+        a.int3()?;
+        a.set_label(&mut entry)?;
+        a.mov(r14, rcx)?;
+        a.mov(r15, r11)?;
+        a.sysretq()?;
+        Ok(())
+    });
+    let mut h = harness(&code);
+    // The user code runs from the identity map: make CODE's 2 MiB page user-accessible.
+    let pd = PML4 + 0x2000;
+    let e = h.mem().read_u64(pd).unwrap();
+    h.mem().write_u64(pd, e | 4).unwrap();
+    let p = h.mem().read_u64(PML4).unwrap();
+    h.mem().write_u64(PML4, p | 4).unwrap();
+    let p = h.mem().read_u64(PML4 + 0x1000).unwrap();
+    h.mem().write_u64(PML4 + 0x1000, p | 4).unwrap();
+    let c = expect_exc(&mut h, 3, None);
+    let r = h.cpu.regs();
+    assert_eq!(r.gpr[12], 77);
+    assert_eq!(r.gpr[13], 88);
+    assert_eq!(r.gpr[15] & 0x200, 0x200, "r11 = user rflags");
+    assert_eq!(r.gpr[14], c.rip - 1 - 6, "rcx = return address");
+    assert_eq!(h.cpu.sregs().cs.selector, KCODE);
+    let frame_cs = h.mem().read_u64(r.gpr[4] + 8).unwrap();
+    assert_eq!(frame_cs, (UCODE64 | 3) as u64);
+}
+
+#[test]
+fn cpuid_msr_and_intercepts() {
+    let code = asm(|a| {
+        a.xor(eax, eax)?;
+        a.cpuid()?;
+        a.mov(r8d, ebx)?;
+        a.xor(ecx, ecx)?;
+        a.mov(eax, 0x4000_0000)?;
+        a.cpuid()?;
+        a.mov(r9d, eax)?;
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.rdmsr()?;
+        a.mov(r10d, eax)?;
+        a.mov(ecx, 0x1234)?;
+        a.rdmsr()?;
+        a.mov(r11, rax)?;
+        a.mov(ecx, 0x9999)?;
+        a.rdmsr()?; // not modelled, not intercepted: #GP
+        a.hlt()
+    });
+    let mut cfg = crate::CpuConfig::default();
+    cfg.cpuid_intercepts.push(0x4000_0000);
+    cfg.msr_intercepts.push(0x1234);
+    let mem = crate::PhysMemory::new_owned(16 << 20).unwrap();
+    let mut h = Harness::with_memory(mem, cfg);
+    h.load(&code);
+    assert_eq!(
+        h.run(),
+        Exit::Cpuid {
+            function: 0x4000_0000,
+            index: 0
+        }
+    );
+    h.cpu.complete_cpuid([0x4000_0001, 0, 0, 0]).unwrap();
+    assert_eq!(h.run(), Exit::RdMsr { index: 0x1234 });
+    h.cpu.complete_rdmsr(Some(0xabcd)).unwrap();
+    let c = expect_exc(&mut h, 13, Some(0));
+    assert_eq!(c.rip, CODE + code.len() as u64 - 3);
+    let r = h.cpu.regs();
+    assert_eq!(r.gpr[8] as u32, u32::from_le_bytes(*b"Auth"));
+    assert_eq!(r.gpr[9], 0x4000_0001);
+    assert_eq!(r.gpr[10] & 0xd01, 0xd01);
+    assert_eq!(r.gpr[11], 0xabcd);
+}
+
+#[test]
+fn locked_ops_are_atomic_across_threads() {
+    use std::sync::Arc;
+    let mem = crate::PhysMemory::new_owned(16 << 20).unwrap();
+    let code = asm(|a| {
+        let mut lp = a.create_label();
+        a.mov(ecx, 20000)?;
+        a.set_label(&mut lp)?;
+        a.lock().inc(qword_ptr(DATA))?;
+        a.mov(eax, 1)?;
+        a.lock().xadd(qword_ptr(DATA + 8), rax)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.hlt()
+    });
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let mem = mem.clone();
+            let code = code.clone();
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                let mut h = Harness::with_memory(mem, crate::CpuConfig::default());
+                b.wait();
+                h.load(&code);
+                assert_eq!(h.run(), Exit::Hlt);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(mem.read_u64(DATA).unwrap(), 40000);
+    assert_eq!(mem.read_u64(DATA + 8).unwrap(), 40000);
+}
+
+#[test]
+fn snapshot_roundtrip_and_budget() {
+    let code = asm(|a| {
+        let mut lp = a.create_label();
+        a.xor(eax, eax)?;
+        a.set_label(&mut lp)?;
+        a.add(rax, 3)?;
+        a.jmp(lp)
+    });
+    let mut h = harness(&code);
+    assert_eq!(h.cpu.run(1001), Exit::BudgetExhausted);
+    assert_eq!(h.cpu.instructions_retired(), 1001);
+    assert_eq!(h.cpu.regs().gpr[0], 3 * 500);
+    let snap = h.cpu.snapshot();
+    let mut h2 = harness(&code);
+    h2.cpu.restore(&snap).unwrap();
+    assert_eq!(h2.cpu.snapshot(), snap);
+    assert_eq!(h2.cpu.run(10), Exit::BudgetExhausted);
+    assert_eq!(h2.cpu.regs().gpr[0], 3 * 505);
+    let t0 = h2.cpu.tsc();
+    h2.cpu.run(100);
+    assert_eq!(h2.cpu.tsc(), t0 + 100, "TSC counts retired instructions");
+    // The kick flag.
+    h2.cpu.kicker().kick();
+    assert_eq!(h2.cpu.run(u64::MAX), Exit::Interrupted);
+}
+
+#[test]
+fn real_mode_to_long_mode() {
+    use esvm_arch::{DescriptorTable, SpecialRegs, VcpuSnapshot};
+    let mut h = Harness::new(16 << 20);
+    let m = h.mem().clone();
+    // GDT at 0x5000: null, 0x08 code64, 0x10 data, 0x18 code32.
+    let gdt = [
+        0u64,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_9b00_0000_ffff,
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        m.write_u64(0x5000 + 8 * i as u64, *d).unwrap();
+    }
+    m.write(0x5100, &[31, 0, 0x00, 0x50, 0, 0]).unwrap(); // gdt pointer (limit, base)
+                                                          // 32-bit IDT at 0x6000 with an interrupt gate for 0x40 -> 0x8800 (selector 0x18).
+    let gate = 0x8800u64 & 0xffff | (0x18u64 << 16) | (0x8eu64 << 40) | ((0x8800u64 >> 16) << 48);
+    m.write_u64(0x6000 + 8 * 0x40, gate).unwrap();
+    m.write(0x5110, &[0xff, 0x07, 0x00, 0x60, 0, 0]).unwrap();
+    // Real-mode IVT entry 0x20 -> 0000:7e00.
+    m.write(0x20 * 4, &[0x00, 0x7e, 0x00, 0x00]).unwrap();
+    let a16 = {
+        let mut a = CodeAssembler::new(16).unwrap();
+        a.cli().unwrap();
+        a.xor(ax, ax).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.mov(sp, 0x7000).unwrap();
+        a.int(0x20).unwrap();
+        a.lgdt(ptr(0x5100)).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(al, 1).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.jmp_far(0x18, 0x8000).unwrap();
+        a.assemble(0x7c00).unwrap()
+    };
+    let rm_handler = {
+        let mut a = CodeAssembler::new(16).unwrap();
+        a.mov(si, 0x1111).unwrap();
+        a.iret().unwrap();
+        a.assemble(0x7e00).unwrap()
+    };
+    let a32 = {
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.mov(ax, 0x10).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(es, ax).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.mov(esp, 0x7_0000).unwrap();
+        a.lidt(ptr(0x5110)).unwrap();
+        a.int(0x40).unwrap();
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, 0x20).unwrap();
+        a.mov(cr4, eax).unwrap();
+        a.mov(eax, PML4 as u32).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(ecx, 0xc000_0080u32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 0x100).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 0x8000_0000u32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.jmp_far(0x08, 0x9000).unwrap();
+        a.assemble(0x8000).unwrap()
+    };
+    let pm_handler = {
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.mov(ebx, 0xabcd).unwrap();
+        a.iretd().unwrap();
+        a.assemble(0x8800).unwrap()
+    };
+    let a64 = {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(rax, 0x1234_5678_9abc_def0u64).unwrap();
+        a.mov(qword_ptr(0x20_0000), rax).unwrap();
+        a.hlt().unwrap();
+        a.assemble(0x9000).unwrap()
+    };
+    for (addr, c) in [
+        (0x7c00, &a16),
+        (0x7e00, &rm_handler),
+        (0x8000, &a32),
+        (0x8800, &pm_handler),
+        (0x9000, &a64),
+    ] {
+        m.write(addr, c).unwrap();
+    }
+    // Start from the RESET state, moved to 0000:7C00 (as a boot loader would run).
+    let mut s = VcpuSnapshot::reset();
+    s.sregs.cs.selector = 0;
+    s.sregs.cs.base = 0;
+    s.regs.rip = 0x7c00;
+    s.sregs.idt = DescriptorTable {
+        base: 0,
+        limit: 0x3ff,
+    };
+    h.cpu.restore(&s).unwrap();
+    let _: SpecialRegs = h.cpu.sregs();
+    assert_eq!(h.run(), Exit::Hlt);
+    let r = h.cpu.regs();
+    assert_eq!(r.rip, 0x9000 + a64.len() as u64, "{:x?}", h.cpu.sregs());
+    assert_eq!(m.read_u64(0x20_0000).unwrap(), 0x1234_5678_9abc_def0);
+    assert_eq!(r.gpr[6] & 0xffff, 0x1111, "real-mode interrupt handler ran");
+    assert_eq!(r.gpr[3], 0xabcd, "protected-mode interrupt handler ran");
+    let s = h.cpu.sregs();
+    assert!(s.long_mode() && s.cs.attrib.long());
+}
+
+#[test]
+fn sse_memory_exceptions_and_fxsave() {
+    let h = run64(|a| {
+        a.mov(rbx, DATA)?;
+        a.mov(rax, 0x4000_0000_0000_0000u64)?; // 2.0
+        a.mov(qword_ptr(rbx), rax)?;
+        a.mov(qword_ptr(rbx + 8), rax)?;
+        a.movups(xmm1, xmmword_ptr(rbx))?;
+        a.movsd_2(xmm2, qword_ptr(rbx))?;
+        a.addsd(xmm2, qword_ptr(rbx + 8))?; // 4.0
+        a.movsd_2(qword_ptr(rbx + 0x20), xmm2)?;
+        a.movdqu(xmmword_ptr(rbx + 0x31), xmm1)?; // unaligned store is fine
+        a.fxsave(ptr(rbx + 0x100))?;
+        a.pxor(xmm1, xmm1)?;
+        a.fxrstor(ptr(rbx + 0x100))?;
+        a.stmxcsr(dword_ptr(rbx + 0x40))?;
+        Ok(())
+    });
+    assert!(h.exception().is_none(), "{:?}", h.exception());
+    assert_eq!(
+        h.mem().read_u64(DATA + 0x20).unwrap(),
+        0x4010_0000_0000_0000
+    );
+    assert_eq!(
+        h.mem().read_u64(DATA + 0x31).unwrap(),
+        0x4000_0000_0000_0000
+    );
+    assert_eq!(
+        h.cpu.fpu().xmm[1],
+        [0, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0x40]
+    );
+    assert_eq!(h.mem().read_u64(DATA + 0x40).unwrap() as u32, 0x1f80);
+    assert_eq!(
+        h.mem().read_u64(DATA + 0x100 + 24).unwrap() as u32,
+        0x1f80,
+        "FXSAVE MXCSR"
+    );
+
+    // MOVAPS from a misaligned address: #GP(0).
+    let code = asm(|a| {
+        a.movaps(xmm0, xmmword_ptr(DATA + 8))?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    expect_exc(&mut h, 13, Some(0));
+    // Unmasked divide-by-zero: #XM, destination unchanged, flag set.
+    let code = asm(|a| {
+        a.mov(dword_ptr(DATA), 0x1d80)?; // ZM unmasked
+        a.ldmxcsr(dword_ptr(DATA))?;
+        a.mov(rax, 0x3ff0_0000_0000_0000u64)?;
+        a.movq(xmm0, rax)?;
+        a.xorps(xmm1, xmm1)?;
+        a.divsd(xmm0, xmm1)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    expect_exc(&mut h, 19, None);
+    assert_eq!(h.cpu.fpu().mxcsr & 0x3f, 0x4);
+    assert_eq!(h.cpu.fpu().xmm[0][7], 0x3f);
+    // Reserved MXCSR bits: #GP.
+    let code = asm(|a| {
+        a.mov(dword_ptr(DATA), 0x1_0000)?;
+        a.ldmxcsr(dword_ptr(DATA))?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    expect_exc(&mut h, 13, Some(0));
+    // CR0.TS: #NM; CR4.OSFXSR clear: #UD.
+    let code = asm(|a| {
+        a.addps(xmm0, xmm1)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    let mut s = h.cpu.sregs();
+    s.cr0 |= esvm_arch::bits::cr0::TS;
+    h.cpu.set_sregs(&s).unwrap();
+    expect_exc(&mut h, 7, None);
+    let mut h = harness(&code);
+    let mut s = h.cpu.sregs();
+    s.cr4 &= !esvm_arch::bits::cr4::OSFXSR;
+    h.cpu.set_sregs(&s).unwrap();
+    expect_exc(&mut h, 6, None);
+}
+
+#[test]
+fn undefined_opcodes_raise_ud() {
+    for code in [
+        vec![0x0f, 0x0b],
+        vec![0xf0, 0x90],
+        vec![0x0f, 0xff],
+        vec![0xd9, 0xc0],
+        vec![0xc4, 0xe2, 0x7d, 0x18, 0x00],
+    ] {
+        let mut c = code.clone();
+        c.push(0xf4);
+        let mut h = harness(&c);
+        expect_exc(&mut h, 6, None);
+    }
+}

@@ -1,0 +1,278 @@
+//! The hypervisor layer of esvm, the analogue of KVM's ioctl interface.
+//!
+//! A [`Hypervisor`] backend creates [`Vm`]s; a VM owns guest memory and creates [`Vcpu`]s; a
+//! vCPU runs until a [`VmExit`] the VMM has to handle. Two backends implement the traits:
+//! `emu` (the software vCPU of `esvm-cpu`, deterministic, no privileges) and `kvm`
+//! (rust-vmm's `kvm-ioctls`, plain guests only).
+//!
+//! Exits borrow the vCPU like `kvm_run` does: for `IoIn`/`MmioRead` the VMM writes the value
+//! into `data` and the next [`Vcpu::run`] completes the instruction with it.
+
+pub mod emu;
+pub mod ghcb;
+pub mod kvm;
+pub mod memory;
+
+use esvm_arch::{DebugRegs, FpuState, PendingEvents, Regs, SpecialRegs, VcpuSnapshot};
+use std::sync::Arc;
+use thiserror::Error;
+
+pub use memory::{DirtyBitmap, GuestMemory, MemoryError};
+
+/// Which backend runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BackendKind {
+    Emu,
+    Kvm,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = HvError;
+    fn from_str(s: &str) -> std::result::Result<Self, HvError> {
+        match s {
+            "emu" => Ok(BackendKind::Emu),
+            "kvm" => Ok(BackendKind::Kvm),
+            other => Err(HvError::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Emu => "emu",
+            BackendKind::Kvm => "kvm",
+        })
+    }
+}
+
+/// VM types, as KVM's `KVM_X86_*_VM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VmType {
+    Plain,
+    SevEs,
+}
+
+/// What a VM is created with.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vm_type: VmType,
+    /// Guest RAM size in bytes; RAM is one slot at guest-physical 0.
+    pub mem_size: u64,
+    pub vcpus: u32,
+    pub cpuid: esvm_arch::cpuid::CpuidTable,
+    /// CPUID leaves that exit to the VMM instead of being answered from `cpuid`.
+    pub cpuid_intercepts: Vec<u32>,
+    /// MSR indices whose RDMSR/WRMSR exit to the VMM.
+    pub msr_intercepts: Vec<u32>,
+}
+
+impl VmConfig {
+    pub fn plain(mem_size: u64, vcpus: u32) -> Self {
+        VmConfig {
+            vm_type: VmType::Plain,
+            mem_size,
+            vcpus,
+            cpuid: esvm_arch::cpuid::CpuidTable::esvm_default(),
+            cpuid_intercepts: Vec::new(),
+            msr_intercepts: Vec::new(),
+        }
+    }
+}
+
+/// Why a vCPU stopped running.
+#[derive(Debug)]
+pub enum VmExit<'a> {
+    /// IN from `port`: fill `data` (1, 2 or 4 bytes) before the next run.
+    IoIn { port: u16, data: &'a mut [u8] },
+    /// OUT to `port`; the instruction has completed.
+    IoOut { port: u16, data: &'a [u8] },
+    /// Read of unbacked guest-physical memory: fill `data` before the next run.
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    /// Write to unbacked guest-physical memory; the instruction has completed.
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// HLT with interrupts disabled or nothing pending: the VMM decides when to resume.
+    Hlt,
+    /// Triple fault (or a shutdown-class failure); `reason` says what happened.
+    Shutdown { reason: String },
+    /// An intercepted CPUID leaf: fill `result` (eax, ebx, ecx, edx).
+    Cpuid {
+        function: u32,
+        index: u32,
+        result: &'a mut [u32; 4],
+    },
+    /// An intercepted RDMSR: fill `value`; set `fault` for a #GP.
+    RdMsr {
+        index: u32,
+        value: &'a mut u64,
+        fault: &'a mut bool,
+    },
+    /// An intercepted WRMSR (already retired unless `fault` is set).
+    WrMsr {
+        index: u32,
+        value: u64,
+        fault: &'a mut bool,
+    },
+    /// The instruction budget set by [`Vcpu::set_instruction_budget`] ran out.
+    BudgetExhausted,
+    /// [`Kicker::kick`] was called, or a signal interrupted the run.
+    Interrupted,
+}
+
+#[derive(Debug, Error)]
+pub enum HvError {
+    #[error("unknown backend {0:?}: use 'emu' (software vCPU, default) or 'kvm'")]
+    UnknownBackend(String),
+    #[error("the kvm backend is not available: {0}")]
+    KvmUnavailable(String),
+    #[error("{backend} backend does not support {what}")]
+    Unsupported { backend: BackendKind, what: String },
+    #[error(
+        "vCPU {vcpu}: its register state is protected (encrypted VMSA); {operation} is refused. \
+         Only the tracked registers (cr0, cr4, cr8, efer, apic_base) are visible via get_sregs"
+    )]
+    ProtectedState { vcpu: u32, operation: &'static str },
+    #[error("invalid vCPU state: {0}")]
+    InvalidState(String),
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("KVM ioctl {op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("internal error in the {backend} backend: {message}")]
+    Internal {
+        backend: BackendKind,
+        message: String,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, HvError>;
+
+/// Makes a running vCPU return [`VmExit::Interrupted`] soon; callable from any thread.
+pub trait Kicker: Send + Sync {
+    fn kick(&self);
+}
+
+/// A virtual CPU.
+pub trait Vcpu: Send {
+    fn id(&self) -> u32;
+    /// Run until the next exit.
+    fn run(&mut self) -> Result<VmExit<'_>>;
+
+    fn get_regs(&self) -> Result<Regs>;
+    fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    fn get_sregs(&self) -> Result<SpecialRegs>;
+    fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<()>;
+    fn get_fpu(&self) -> Result<FpuState>;
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<()>;
+    fn get_xcr0(&self) -> Result<u64>;
+    fn set_xcr0(&mut self, xcr0: u64) -> Result<()>;
+    /// Read MSRs by index; unknown indices are an error.
+    fn get_msrs(&self, indices: &[u32]) -> Result<Vec<u64>>;
+    fn set_msrs(&mut self, entries: &[(u32, u64)]) -> Result<()>;
+    fn get_debug_regs(&self) -> Result<DebugRegs>;
+    fn set_debug_regs(&mut self, regs: &DebugRegs) -> Result<()>;
+    fn get_events(&self) -> Result<PendingEvents>;
+    fn set_events(&mut self, events: &PendingEvents) -> Result<()>;
+    fn get_tsc(&self) -> Result<u64>;
+    fn set_tsc(&mut self, tsc: u64) -> Result<()>;
+
+    /// Queue an exception for delivery at the next entry. Whether it pushes `error_code` is
+    /// decided as the hardware would in the vCPU's current mode.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<()>;
+    /// Queue an external interrupt; it is delivered once RFLAGS.IF allows.
+    fn queue_interrupt(&mut self, vector: u8) -> Result<()>;
+    /// Whether an interrupt queued now would be delivered at the next instruction boundary.
+    fn interrupt_window_open(&self) -> Result<bool>;
+
+    /// Limit the next runs to `budget` retired instructions (emu only; None = unlimited).
+    fn set_instruction_budget(&mut self, budget: Option<u64>) -> Result<()>;
+    /// Instructions retired so far, if the backend counts them.
+    fn instructions_retired(&self) -> Option<u64>;
+    fn kicker(&self) -> Arc<dyn Kicker>;
+
+    /// Capture everything the vCPU is, for a snapshot or a cross-backend move.
+    fn snapshot(&self) -> Result<VcpuSnapshot> {
+        let msrs_idx = esvm_arch::MsrState::INDICES;
+        let values = self.get_msrs(&msrs_idx)?;
+        let mut msrs = esvm_arch::MsrState::default();
+        for (i, v) in msrs_idx.iter().zip(values) {
+            msrs.set(*i, v);
+        }
+        Ok(VcpuSnapshot {
+            version: VcpuSnapshot::VERSION,
+            regs: self.get_regs()?,
+            sregs: self.get_sregs()?,
+            fpu: self.get_fpu()?,
+            xcr0: self.get_xcr0()?,
+            msrs,
+            debug: self.get_debug_regs()?,
+            events: self.get_events()?,
+            tsc: self.get_tsc()?,
+        })
+    }
+
+    /// Restore a snapshot taken by [`Vcpu::snapshot`] on any backend.
+    fn restore(&mut self, s: &VcpuSnapshot) -> Result<()> {
+        if s.version != VcpuSnapshot::VERSION {
+            return Err(HvError::InvalidState(format!(
+                "vCPU snapshot version {} is not supported (expected {})",
+                s.version,
+                VcpuSnapshot::VERSION
+            )));
+        }
+        self.set_sregs(&s.sregs)?;
+        self.set_regs(&s.regs)?;
+        self.set_fpu(&s.fpu)?;
+        self.set_xcr0(s.xcr0)?;
+        let entries: Vec<(u32, u64)> = esvm_arch::MsrState::INDICES
+            .iter()
+            .map(|i| (*i, s.msrs.get(*i).unwrap_or(0)))
+            .collect();
+        self.set_msrs(&entries)?;
+        self.set_debug_regs(&s.debug)?;
+        self.set_tsc(s.tsc)?;
+        self.set_events(&s.events)
+    }
+}
+
+/// A virtual machine: guest memory plus vCPUs.
+pub trait Vm: Send + Sync {
+    fn backend(&self) -> BackendKind;
+    fn vm_type(&self) -> VmType;
+    /// Guest RAM. Writes through it (VMM-side writes, loading, DMA) are recorded in the dirty
+    /// log just like guest writes.
+    fn memory(&self) -> &GuestMemory;
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// Return the dirty pages of guest RAM since the last call (one bit per 4 KiB page, bit
+    /// `i` of word `i / 64`) and clear them. Guest writes and VMM writes are both included.
+    fn take_dirty_log(&self) -> Result<DirtyBitmap>;
+    /// Drive interrupt line `irq` (GSI) of the VM's interrupt controllers: `true` raises it,
+    /// `false` lowers it (an edge-triggered device raises and lowers). Only backends with
+    /// in-kernel interrupt controllers (kvm with its default irqchip) have lines; the others
+    /// return `Unsupported` and take interrupts through [`Vcpu::queue_interrupt`].
+    fn set_irq_line(&self, irq: u32, level: bool) -> Result<()> {
+        let _ = (irq, level);
+        Err(HvError::Unsupported {
+            backend: self.backend(),
+            what: "interrupt lines (deliver interrupts with Vcpu::queue_interrupt)".into(),
+        })
+    }
+}
+
+/// A backend.
+pub trait Hypervisor {
+    fn kind(&self) -> BackendKind;
+    fn create_vm(&self, config: &VmConfig) -> Result<Arc<dyn Vm>>;
+}
+
+/// Open a backend by kind.
+pub fn open(kind: BackendKind) -> Result<Box<dyn Hypervisor>> {
+    match kind {
+        BackendKind::Kvm => Ok(Box::new(kvm::KvmHypervisor::open()?)),
+        BackendKind::Emu => Ok(Box::new(emu::EmuHypervisor)),
+    }
+}

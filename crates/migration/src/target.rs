@@ -1,0 +1,80 @@
+//! What the receiver needs from the VM being migrated in.
+
+use crate::MigrationConfig;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TargetError {
+    /// The incoming configuration cannot be hosted here.
+    #[error("incompatible: {0}")]
+    Incompatible(String),
+    /// Incoming data or state was refused (e.g. a transport packet failed authentication).
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("the destination does not support {what}")]
+    Unsupported { what: &'static str },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The destination VM, as the [`Receiver`](crate::Receiver) drives it.
+///
+/// Call order: `accept_config`, (SEV-ES: `sev_receive_start`), any number of
+/// `pages_mut`/`receive_page_packet` and `pass_end`, then `apply_device_state` and
+/// `apply_vcpu_state` for every vCPU (any order), then `commit`. On any error before the
+/// commit — including the source aborting or the connection breaking — `abort` is called
+/// instead, and the target must discard everything it received.
+///
+/// Guest memory is expected to start zeroed: pages the source never sends stay zero.
+pub trait MigrationTarget {
+    /// Check the source's configuration (see
+    /// [`MigrationConfig::check_compatible`](crate::MigrationConfig::check_compatible)) and
+    /// prepare to receive. For SEV-ES return this platform's certificate chain (opaque; the
+    /// source's firmware wraps the transport keys for it); for plain guests return an empty
+    /// vector.
+    fn accept_config(&mut self, config: &MigrationConfig) -> Result<Vec<u8>, TargetError>;
+
+    /// SEV-ES: the source's session start blob (RECEIVE_START).
+    fn sev_receive_start(&mut self, session: &[u8]) -> Result<(), TargetError> {
+        let _ = session;
+        Err(TargetError::Unsupported {
+            what: "SEV-ES receive sessions",
+        })
+    }
+
+    /// Guest memory of pages `first_page..first_page + count` (exactly `count * 4096`
+    /// bytes) for the receiver to fill in place. The range was already checked against the
+    /// accepted memory size. Plain guests only.
+    fn pages_mut(&mut self, first_page: u64, count: u64) -> Result<&mut [u8], TargetError>;
+
+    /// SEV-ES: one page's transport packet; decrypt and authenticate it into guest memory
+    /// (RECEIVE_UPDATE_DATA), or refuse it.
+    fn receive_page_packet(&mut self, page: u64, packet: &[u8]) -> Result<(), TargetError> {
+        let _ = (page, packet);
+        Err(TargetError::Unsupported {
+            what: "SEV-ES page packets",
+        })
+    }
+
+    /// A memory pass ended (informational).
+    fn pass_end(&mut self, pass: u32, final_pass: bool) -> Result<(), TargetError> {
+        let _ = (pass, final_pass);
+        Ok(())
+    }
+
+    /// The device/VM state (opaque).
+    fn apply_device_state(&mut self, state: &[u8]) -> Result<(), TargetError>;
+
+    /// The state of one vCPU (opaque; for SEV-ES the encrypted VMSA packet plus the tracked
+    /// register extension, to be authenticated by RECEIVE_UPDATE_VMSA).
+    fn apply_vcpu_state(&mut self, vcpu: u32, state: &[u8]) -> Result<(), TargetError>;
+
+    /// Everything arrived: make the VM this host's (RECEIVE_FINISH for SEV-ES). This is the
+    /// point of no return; after it succeeds the destination owns the guest. If it fails,
+    /// `abort` follows.
+    fn commit(&mut self) -> Result<(), TargetError>;
+
+    /// Discard everything received so far. Called at most once, on any failure before the
+    /// commit.
+    fn abort(&mut self);
+}

@@ -1,0 +1,212 @@
+//! `esvm bench`: performance measurements whose figures go into BENCHMARKS.md.
+
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use esvm_guests::bench::BenchLoop;
+use esvm_hv::BackendKind;
+
+use crate::machine::{Machine, MachineConfig, Outcome};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Interpreter speed: the cpubench guest's three loops (register ALU, memory load/store,
+    /// call/branch) on the software vCPU, beside the same machine code run natively in this
+    /// process (ring 3) and, where /dev/kvm works, under KVM in guest ring 3 — one run.
+    Cpu(CpuBenchArgs),
+    /// Secure-processor throughput: LAUNCH_UPDATE_DATA and SEND/RECEIVE_UPDATE_DATA in GiB/s
+    /// beside the raw AES-128-CTR / HMAC-SHA256 / SHA-256 limits of the same crates on the
+    /// same buffers, on one and on several threads.
+    Psp(PspBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PspBenchArgs {
+    /// Guest memory moved per round, e.g. 256M.
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    pub buffer: u64,
+    /// Bytes per transport packet (one SEND_UPDATE_DATA call).
+    #[arg(long, default_value = "4K", value_parser = parse_bytes)]
+    pub packet: u64,
+    /// Worker threads for SEND/RECEIVE (also reported: 1 thread).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Rounds per measurement; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    crate::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+#[derive(Args, Debug)]
+pub struct CpuBenchArgs {
+    /// Loop iterations per measurement (each loop retires a few instructions per iteration).
+    #[arg(long, default_value_t = 20_000_000)]
+    pub iterations: u64,
+    /// Repetitions per loop and backend; the best (fastest) is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: u32,
+    /// Skip the KVM column.
+    #[arg(long)]
+    pub no_kvm: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Marker values the cpubench guest writes to port 0xF5 around its loop.
+const MARK_START: u32 = 0xE5B0_0001;
+const MARK_END: u32 = 0xE5B0_0002;
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Row {
+    loop_name: &'static str,
+    insns_per_iter: u64,
+    instructions: u64,
+    native_mips: f64,
+    emu_mips: f64,
+    /// Instructions the interpreter retired between the markers (exact, from virtual time).
+    emu_instructions: u64,
+    kvm_mips: Option<f64>,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
+    match cmd {
+        BenchCommand::Cpu(args) => bench_cpu(&args),
+        BenchCommand::Psp(args) => bench_psp(&args),
+    }
+}
+
+fn mips(instructions: u64, seconds: f64) -> f64 {
+    instructions as f64 / seconds / 1e6
+}
+
+/// Time the guest's loop between its two markers; returns (host seconds, virtual ns).
+fn guest_loop(
+    backend: BackendKind,
+    which: BenchLoop,
+    n: u64,
+    ring: u8,
+) -> Result<(f64, u64), Box<dyn std::error::Error>> {
+    let guest = esvm_guests::builtin("cpubench").ok_or("the cpubench guest is missing")?;
+    let config = MachineConfig {
+        backend,
+        mem_size: 64 << 20,
+        vcpus: 1,
+        max_instructions: None,
+    };
+    let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+    m.load(
+        guest.elf,
+        &format!("loop={} n={n} ring={ring}", which.name()),
+    )?;
+    match m.run()? {
+        Outcome::Exited(0) => {}
+        other => return Err(format!("cpubench guest on {backend} ended with {other:?}").into()),
+    }
+    let marks = m.devices().bench_marks();
+    let start = marks.iter().find(|k| k.value == MARK_START);
+    let end = marks.iter().find(|k| k.value == MARK_END);
+    match (start, end) {
+        (Some(s), Some(e)) => Ok((
+            e.host.duration_since(s.host).as_secs_f64(),
+            e.virtual_ns - s.virtual_ns,
+        )),
+        _ => Err("the cpubench guest did not write both benchmark markers".into()),
+    }
+}
+
+fn bench_cpu(args: &CpuBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let kvm_ok = if args.no_kvm {
+        Err("disabled with --no-kvm".to_string())
+    } else {
+        esvm_hv::open(BackendKind::Kvm)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let n = args.iterations;
+    let mut rows = Vec::new();
+    for which in BenchLoop::ALL {
+        let instructions = n * which.insns_per_iter();
+        let mut native = f64::MAX;
+        let mut emu = f64::MAX;
+        let mut emu_insns = 0;
+        let mut kvm: Option<f64> = None;
+        for _ in 0..args.repeat.max(1) {
+            let t = Instant::now();
+            std::hint::black_box(which.run_native(std::hint::black_box(n)));
+            native = native.min(t.elapsed().as_secs_f64());
+            let (secs, virt) = guest_loop(BackendKind::Emu, which, n, 0)?;
+            emu = emu.min(secs);
+            emu_insns = virt;
+            if kvm_ok.is_ok() {
+                let (secs, _) = guest_loop(BackendKind::Kvm, which, n, 3)?;
+                kvm = Some(kvm.map_or(secs, |k: f64| k.min(secs)));
+            }
+        }
+        rows.push(Row {
+            loop_name: which.name(),
+            insns_per_iter: which.insns_per_iter(),
+            instructions,
+            native_mips: mips(instructions, native),
+            emu_mips: mips(emu_insns, emu),
+            emu_instructions: emu_insns,
+            kvm_mips: kvm.map(|k| mips(instructions, k)),
+        });
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    println!(
+        "esvm bench cpu: {n} iterations per loop, best of {}",
+        args.repeat.max(1)
+    );
+    println!(
+        "{:<8} {:>10} {:>14} {:>14} {:>14} {:>16} {:>10}",
+        "loop",
+        "insns/iter",
+        "instructions",
+        "native MIPS",
+        "emu MIPS",
+        "kvm ring-3 MIPS",
+        "emu/native"
+    );
+    for r in &rows {
+        println!(
+            "{:<8} {:>10} {:>14} {:>14.0} {:>14.1} {:>16} {:>9.1}%",
+            r.loop_name,
+            r.insns_per_iter,
+            r.emu_instructions,
+            r.native_mips,
+            r.emu_mips,
+            r.kvm_mips
+                .map(|k| format!("{k:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            100.0 * r.emu_mips / r.native_mips
+        );
+    }
+    if let Err(reason) = kvm_ok {
+        println!("kvm: skipped: {reason}");
+    }
+    Ok(0)
+}
+
+fn bench_psp(args: &PspBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let mut threads = vec![1];
+    if args.threads > 1 {
+        threads.push(args.threads);
+    }
+    for t in threads {
+        let figures = esvm_psp::bench::run(esvm_psp::bench::BenchConfig {
+            buffer_bytes: args.buffer as usize,
+            packet_bytes: args.packet as usize,
+            threads: t,
+            rounds: args.rounds.max(1),
+        })?;
+        println!("{figures}");
+    }
+    Ok(0)
+}

@@ -1,0 +1,189 @@
+//! `esvm owner ...`: the guest owner's tools: make a launch session for a
+//! platform, verify the launch measurement, package a secret.
+
+use std::path::{Path, PathBuf};
+
+use esvm_owner::{
+    create_session, describe_chain, hex, package_secret, parse_digest, verify_measurement,
+    GuestMeasurer, SessionDir,
+};
+use esvm_psp::cert::CaCert;
+use esvm_psp::{Build, Measurement, Policy};
+
+/// Subcommands of `esvm owner`.
+#[derive(Debug, clap::Subcommand)]
+pub enum OwnerCommand {
+    /// Verify a platform's certificate chain and create a launch session for
+    /// it: the owner's DH certificate and the session blob (give `godh.cert`,
+    /// `session.bin` and `policy.txt` from OUT to the host), plus the
+    /// transport keys, which stay with you (0600).
+    Session {
+        /// The platform's chain (`esvm platform export`).
+        #[arg(long, value_name = "CHAIN")]
+        chain: PathBuf,
+        /// Guest policy: a number (0x5) or flags: nodbg,noks,es,nosend,domain,sev,api=MAJOR.MINOR.
+        #[arg(long, value_name = "POLICY")]
+        policy: String,
+        /// New session directory.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Only trust chains rooted in this ARK certificate (e.g. the
+        /// emulated CA's ark.cert). Without it the chain's own ARK is used,
+        /// which proves only internal consistency.
+        #[arg(long, value_name = "ARK_CERT")]
+        ark: Option<PathBuf>,
+    },
+    /// Verify the launch measurement (LAUNCH_MEASURE output) against the
+    /// expected launch digest, given directly or computed from the guest
+    /// image and its initial VMSAs. Records the verified measurement in the
+    /// session directory for `esvm owner secret`.
+    Verify {
+        /// Session directory (`esvm owner session --out`).
+        #[arg(long, value_name = "DIR")]
+        session: PathBuf,
+        /// Measurement file from the host (51 bytes, or 48 with --build).
+        #[arg(long, value_name = "FILE")]
+        measurement: PathBuf,
+        /// Expected launch digest, 64 hex digits.
+        #[arg(
+            long,
+            value_name = "HEX",
+            conflicts_with = "guest",
+            required_unless_present = "guest"
+        )]
+        digest: Option<String>,
+        /// Guest image: compute the expected digest as the esvm loader measures it.
+        #[arg(long, value_name = "IMAGE")]
+        guest: Option<PathBuf>,
+        /// Platform API version and build (MAJOR.MINOR.BUILD) for a 48-byte measurement.
+        #[arg(long, value_name = "VERSION")]
+        build: Option<String>,
+    },
+    /// Package a secret for LAUNCH_SECRET, bound to a measurement that
+    /// `esvm owner verify` accepted. The packet is the 52-byte header
+    /// (flags, IV, MAC) followed by the AES-128-CTR ciphertext.
+    Secret {
+        /// Session directory.
+        #[arg(long, value_name = "DIR")]
+        session: PathBuf,
+        /// The verified measurement file.
+        #[arg(long, value_name = "FILE")]
+        measurement: PathBuf,
+        /// File holding the secret (up to 64 KiB).
+        #[arg(long = "in", value_name = "SECRET")]
+        input: PathBuf,
+        /// Output packet file.
+        #[arg(long, value_name = "PACKET")]
+        out: PathBuf,
+        /// Platform API version and build (MAJOR.MINOR.BUILD) for a 48-byte measurement.
+        #[arg(long, value_name = "VERSION")]
+        build: Option<String>,
+    },
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+fn parse_build(s: &str) -> Result<Build, String> {
+    let parts: Vec<&str> = s.trim().split('.').collect();
+    let num = |x: &str| {
+        x.parse::<u8>()
+            .map_err(|_| format!("bad version {s:?}: use MAJOR.MINOR.BUILD, e.g. 0.24.21"))
+    };
+    match parts.as_slice() {
+        [a, b, c] => Ok(Build {
+            api_major: num(a)?,
+            api_minor: num(b)?,
+            build: num(c)?,
+        }),
+        _ => Err(format!(
+            "bad version {s:?}: use MAJOR.MINOR.BUILD, e.g. 0.24.21"
+        )),
+    }
+}
+
+fn load_measurement(path: &Path, build: Option<&str>) -> Result<Measurement, String> {
+    let b = build.map(parse_build).transpose()?;
+    Measurement::from_file_bytes(&read(path)?, b).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Runs an `esvm owner` subcommand. `measurer` computes what the esvm loader
+/// measures for `verify --guest IMAGE`; without it `--guest` is refused.
+pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Result<(), String> {
+    match cmd {
+        OwnerCommand::Session {
+            chain,
+            policy,
+            out,
+            ark,
+        } => {
+            let policy = Policy::parse(&policy)?;
+            let ark = match ark {
+                Some(p) => Some(
+                    CaCert::from_bytes(&read(&p)?).map_err(|e| format!("{}: {e}", p.display()))?,
+                ),
+                None => None,
+            };
+            let s =
+                create_session(&read(&chain)?, policy, ark.as_ref()).map_err(|e| e.to_string())?;
+            s.save(&out).map_err(|e| e.to_string())?;
+            println!("chain verified: {}", describe_chain(&s.chain));
+            if ark.is_none() {
+                println!("  note: no --ark given; the chain was checked against its own ARK only");
+            }
+            println!("session for policy {policy} written to {}", out.display());
+            println!(
+                "  give the host: godh.cert session.bin policy.txt; keep tek.key tik.key secret"
+            );
+            Ok(())
+        }
+        OwnerCommand::Verify {
+            session,
+            measurement,
+            digest,
+            guest,
+            build,
+        } => {
+            let s = SessionDir::load(&session).map_err(|e| e.to_string())?;
+            let m = load_measurement(&measurement, build.as_deref())?;
+            let digest = match (digest, guest) {
+                (Some(d), _) => parse_digest(&d)?,
+                (None, Some(image)) => {
+                    let measurer = measurer.ok_or(
+                        "--guest needs the esvm guest loader, which this build does not provide; pass --digest",
+                    )?;
+                    measurer.measured_launch(&image, s.policy)?.digest()
+                }
+                (None, None) => return Err("give --digest HEX or --guest IMAGE".into()),
+            };
+            verify_measurement(&s, &m, &digest).map_err(|e| e.to_string())?;
+            println!(
+                "measurement verified: launch digest {} on firmware {} with policy {}",
+                hex(&digest),
+                m.build,
+                s.policy
+            );
+            Ok(())
+        }
+        OwnerCommand::Secret {
+            session,
+            measurement,
+            input,
+            out,
+            build,
+        } => {
+            let s = SessionDir::load(&session).map_err(|e| e.to_string())?;
+            let m = load_measurement(&measurement, build.as_deref())?;
+            let secret = read(&input)?;
+            let pkt = package_secret(&s, &m, &secret).map_err(|e| e.to_string())?;
+            std::fs::write(&out, &pkt).map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "secret packet ({} bytes) written to {}",
+                pkt.len(),
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `esvm platform ...`: the secure processor's persistent identity (its NV
+//! storage): create, inspect, export the certificate chain, rotate the PDH.
+
+use std::path::{Path, PathBuf};
+
+use esvm_psp::cert::fingerprint;
+use esvm_psp::{EmulatedAmdCa, FirmwareVersion, Psp};
+
+/// Subcommands of `esvm platform`.
+#[derive(Debug, clap::Subcommand)]
+pub enum PlatformCommand {
+    /// Create a new platform identity (chip id, CEK, PEK, self-signed OCA, PDH)
+    /// in DIR, with key files readable only by you (0600). Refuses to
+    /// overwrite an existing identity.
+    ///
+    /// The CEK is signed by an EMULATED AMD signing key (ASK) under an
+    /// emulated AMD root key (ARK) in AMD's certificate layout: these are NOT
+    /// AMD's keys. Platforms that must verify each other's chains (for
+    /// migration with the SEV or DOMAIN policy bits) need the same emulated
+    /// CA: pass the same --amd-ca directory to each `init`.
+    Init {
+        /// Directory for the platform identity (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Emulated AMD CA directory to use; created there if it does not
+        /// exist yet. Default: a new CA in DIR/emulated-amd-ca.
+        #[arg(long, value_name = "CA_DIR")]
+        amd_ca: Option<PathBuf>,
+        /// RSA size of a newly generated emulated ARK/ASK: 4096 (AMD's Rome
+        /// and later layout, RSA-PSS SHA-384) or 2048 (Naples layout, SHA-256).
+        #[arg(long, default_value_t = 4096, value_parser = parse_ark_bits)]
+        ark_bits: u32,
+    },
+    /// Show the stored identity: API version, build, owner, certificate fingerprints.
+    Status {
+        /// Platform identity directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Write the certificate chain (PDH, PEK, OCA, CEK, ASK, ARK) to CHAIN in
+    /// the layout the virtee `sev` crate reads as its SEV chain; give it to
+    /// guest owners (`esvm owner session --chain CHAIN`).
+    Export {
+        /// Platform identity directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Output file.
+        #[arg(long, value_name = "CHAIN")]
+        out: PathBuf,
+    },
+    /// Generate a new PDH key (PDH_GEN) and store it. Sessions made for the
+    /// old PDH stop working; re-export the chain.
+    RotatePdh {
+        /// Platform identity directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+fn parse_ark_bits(s: &str) -> Result<u32, String> {
+    match s {
+        "2048" => Ok(2048),
+        "4096" => Ok(4096),
+        _ => Err(format!(
+            "{s}: the emulated ARK/ASK size must be 2048 or 4096"
+        )),
+    }
+}
+
+/// Runs an `esvm platform` subcommand; the error is a message for the user.
+pub fn run_platform(cmd: PlatformCommand) -> Result<(), String> {
+    match cmd {
+        PlatformCommand::Init {
+            dir,
+            amd_ca,
+            ark_bits,
+        } => init(&dir, amd_ca.as_deref(), ark_bits),
+        PlatformCommand::Status { dir } => status(&dir),
+        PlatformCommand::Export { dir, out } => export(&dir, &out),
+        PlatformCommand::RotatePdh { dir } => rotate_pdh(&dir),
+    }
+}
+
+fn init(dir: &Path, amd_ca: Option<&Path>, ark_bits: u32) -> Result<(), String> {
+    if Psp::storage_exists(dir) {
+        return Err(format!(
+            "{} already holds a platform identity; refusing to overwrite it",
+            dir.display()
+        ));
+    }
+    let (ca, ca_dir, new_ca) = match amd_ca {
+        Some(d) if EmulatedAmdCa::exists(d) => (
+            EmulatedAmdCa::load(d).map_err(|e| e.to_string())?,
+            d.to_path_buf(),
+            false,
+        ),
+        other => {
+            eprintln!("generating an emulated AMD ARK/ASK (RSA-{ark_bits}); this can take a few seconds...");
+            let ca = EmulatedAmdCa::generate(ark_bits).map_err(|e| e.to_string())?;
+            let d = other
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| dir.join("emulated-amd-ca"));
+            (ca, d, true)
+        }
+    };
+    let psp = Psp::create(dir, &ca, FirmwareVersion::default()).map_err(|e| e.to_string())?;
+    if new_ca {
+        ca.save(&ca_dir).map_err(|e| e.to_string())?;
+    }
+    let chain = psp.chain();
+    println!("platform identity created in {}", dir.display());
+    println!("  PDH {}", fingerprint(chain.pdh.as_bytes()));
+    println!(
+        "  emulated AMD CA (NOT AMD's keys): {} {}",
+        ca_dir.display(),
+        if new_ca { "(new)" } else { "(existing)" }
+    );
+    println!(
+        "  other platforms that must trust this one: esvm platform init --dir OTHER --amd-ca {}",
+        ca_dir.display()
+    );
+    Ok(())
+}
+
+fn status(dir: &Path) -> Result<(), String> {
+    let psp = Psp::open(dir).map_err(|e| e.to_string())?;
+    let st = psp.platform_status();
+    let chain = psp.chain();
+    let id = psp.get_id();
+    println!("platform {}", dir.display());
+    println!("  API version   {}.{}", st.api_major, st.api_minor);
+    println!("  build         {}", st.build);
+    println!(
+        "  owner         {}",
+        if st.owned_externally {
+            "external OCA (PEK_CERT_IMPORT)"
+        } else {
+            "self-owned"
+        }
+    );
+    println!(
+        "  SEV-ES        {}",
+        if st.es_capable { "yes" } else { "no" }
+    );
+    println!("  chip id       {}...", &esvm_owner::hex(&id)[..32]);
+    for (name, bytes) in [
+        ("PDH", chain.pdh.as_bytes().as_slice()),
+        ("PEK", chain.pek.as_bytes().as_slice()),
+        ("OCA", chain.oca.as_bytes().as_slice()),
+        ("CEK", chain.cek.as_bytes().as_slice()),
+        ("ASK", chain.ask.as_bytes()),
+        ("ARK", chain.ark.as_bytes()),
+    ] {
+        println!("  {name}           {}", fingerprint(bytes));
+    }
+    println!(
+        "  ARK/ASK are EMULATED (RSA-{}), not AMD's keys",
+        chain.ark.bits()
+    );
+    match chain.verify(None) {
+        Ok(()) => {
+            println!("  chain         verifies (ARK -> ASK -> CEK -> PEK <- OCA, PEK -> PDH)")
+        }
+        Err(e) => return Err(format!("the stored chain does not verify: {e}")),
+    }
+    Ok(())
+}
+
+fn export(dir: &Path, out: &Path) -> Result<(), String> {
+    let psp = Psp::open(dir).map_err(|e| e.to_string())?;
+    let chain = psp.chain();
+    std::fs::write(out, chain.to_bytes()).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!(
+        "wrote the certificate chain ({} bytes) to {}",
+        chain.to_bytes().len(),
+        out.display()
+    );
+    println!("  {}", esvm_owner::describe_chain(&chain));
+    Ok(())
+}
+
+fn rotate_pdh(dir: &Path) -> Result<(), String> {
+    let mut psp = Psp::open(dir).map_err(|e| e.to_string())?;
+    let old = psp.chain().pdh;
+    psp.init().map_err(|e| e.to_string())?;
+    psp.pdh_gen().map_err(|e| e.to_string())?;
+    psp.shutdown().map_err(|e| e.to_string())?;
+    println!(
+        "new PDH {} (was {}); export the chain again for guest owners",
+        fingerprint(psp.chain().pdh.as_bytes()),
+        fingerprint(old.as_bytes())
+    );
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! `esvm`: run, inspect and (later) migrate confidential VMs.
+
+mod bench;
+mod cli_ctl;
+mod cli_owner;
+mod cli_platform;
+mod cli_run;
+mod machine;
+mod size;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Exit status when esvm itself fails (bad arguments, unreadable guest, backend error).
+pub const EXIT_ESVM_ERROR: u8 = 125;
+/// Exit status when the guest shut down (triple fault) instead of exiting through the
+/// debug-exit port.
+pub const EXIT_GUEST_SHUTDOWN: u8 = 124;
+/// Exit status when `--max-instructions` ran out before the guest exited.
+pub const EXIT_INSTRUCTION_LIMIT: u8 = 123;
+
+#[derive(Parser)]
+#[command(
+    name = "esvm",
+    version,
+    about = "A hypervisor for encrypted-state (AMD SEV-ES style) confidential VMs",
+    long_about = "esvm runs x86-64 guests on its own software vCPU (backend 'emu', the default: \
+                  deterministic, no privileges needed) or on KVM (backend 'kvm'), models the AMD \
+                  Secure Processor for SEV-ES launch and attestation, and live-migrates guests.\n\n\
+                  Exit status of `esvm run`: the guest's own status (the value it wrote to the \
+                  debug-exit port 0xF4, & 0xff); 124 if the guest shut down (triple fault); \
+                  123 if --max-instructions ran out; 125 if esvm itself failed."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest: a built-in one (see `esvm guests`) or an ELF64 file.
+    Run(cli_run::RunArgs),
+    /// List the built-in guests.
+    Guests,
+    /// The secure processor's persistent identity: create, inspect, export, rotate the PDH.
+    #[command(subcommand)]
+    Platform(cli_platform::PlatformCommand),
+    /// Guest-owner tools: launch sessions, attestation verification, secret packaging.
+    #[command(subcommand)]
+    Owner(cli_owner::OwnerCommand),
+    /// Control a running VM through its API socket (see `esvm run --api-socket`).
+    Ctl(cli_ctl::CtlArgs),
+    /// Measure performance (figures for BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Diagnostics go to stderr (stdout is the guest's serial console); ESVM_LOG=debug etc.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ESVM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => cli_run::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Ctl(args) => cli_ctl::run(args),
+        Command::Platform(cmd) => cli_platform::run_platform(cmd)
+            .map(|()| 0)
+            .map_err(Into::into),
+        Command::Owner(cmd) => cli_owner::run_owner(cmd, None)
+            .map(|()| 0)
+            .map_err(Into::into),
+        Command::Guests => {
+            cli_run::list_guests();
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("esvm: error: {e}");
+            let mut source = std::error::Error::source(&*e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::from(EXIT_ESVM_ERROR)
+        }
+    }
+}

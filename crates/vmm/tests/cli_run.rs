@@ -1,0 +1,206 @@
+//! Scenario tests: the `esvm` binary runs real guests on the software vCPU.
+
+use std::process::{Command, Output};
+
+fn esvm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_esvm"))
+        .args(args)
+        .output()
+        .expect("failed to start esvm")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn checksum_line(out: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with("checksum="))
+        .unwrap_or_else(|| panic!("no checksum line in output:\n{out}"))
+        .to_string()
+}
+
+#[test]
+fn demo_runs_to_completion_with_ticks_and_checksum() {
+    let o = esvm(&["run", "--", "iterations=20000"]);
+    let out = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{out}\nstderr:\n{}",
+        stderr(&o)
+    );
+    assert!(out.contains("esvm demo guest"), "{out}");
+    assert!(out.lines().any(|l| l == "tick 1"), "{out}");
+    let sum = checksum_line(&out);
+    assert_eq!(sum.len(), "checksum=".len() + 16, "{sum}");
+    assert!(sum["checksum=".len()..]
+        .chars()
+        .all(|c| c.is_ascii_hexdigit()));
+}
+
+#[test]
+fn demo_is_deterministic_and_depends_on_its_arguments() {
+    let a = checksum_line(&stdout(&esvm(&[
+        "run",
+        "demo",
+        "--",
+        "iterations=5000",
+        "dirty-mib=1",
+    ])));
+    let b = checksum_line(&stdout(&esvm(&[
+        "run",
+        "demo",
+        "--",
+        "iterations=5000",
+        "dirty-mib=1",
+    ])));
+    let c = checksum_line(&stdout(&esvm(&[
+        "run",
+        "demo",
+        "--",
+        "iterations=5001",
+        "dirty-mib=1",
+    ])));
+    assert_eq!(a, b, "same arguments, same checksum");
+    assert_ne!(a, c, "the checksum must depend on the workload");
+}
+
+#[test]
+fn guest_exit_status_is_passed_through() {
+    let o = esvm(&["run", "hello", "--", "exit=7"]);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+}
+
+#[test]
+fn scenario_guests_pass() {
+    for guest in ["pagefault", "usermode", "timer"] {
+        let o = esvm(&["run", guest]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "guest {guest} failed:\nstdout:\n{}\nstderr:\n{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn triple_fault_is_a_shutdown() {
+    let o = esvm(&["run", "triplefault"]);
+    assert_eq!(o.status.code(), Some(124));
+    assert!(stderr(&o).contains("shut down"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("triple fault"), "{}", stderr(&o));
+}
+
+#[test]
+fn instruction_limit_stops_the_guest() {
+    let o = esvm(&["run", "--max-instructions", "10000", "demo"]);
+    assert_eq!(o.status.code(), Some(123));
+    assert!(stderr(&o).contains("10000 instructions"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_inputs_give_clear_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_elf = dir.path().join("not-elf.bin");
+    std::fs::write(&not_elf, b"hello, this is not an ELF file").unwrap();
+    let truncated = dir.path().join("truncated.elf");
+    let demo = esvm_guests_elf("demo");
+    std::fs::write(&truncated, &demo[..100]).unwrap();
+
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["run".into(), "/nonexistent/guest.elf".into()],
+            "cannot read guest image",
+        ),
+        (vec!["run".into(), "no-such-guest".into()], "unknown guest"),
+        (vec!["run".into(), not_elf.display().to_string()], "ELF"),
+        (vec!["run".into(), truncated.display().to_string()], "ELF"),
+        (
+            vec!["run".into(), "--mem".into(), "1M".into()],
+            "memory too small",
+        ),
+        (
+            vec!["run".into(), "--mem".into(), "lots".into()],
+            "invalid size",
+        ),
+        (
+            vec!["run".into(), "--backend".into(), "xen".into()],
+            "unknown backend",
+        ),
+    ];
+    for (args, expect) in cases {
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let o = esvm(&args);
+        let err = stderr(&o);
+        assert_ne!(o.status.code(), Some(0), "{args:?} must fail");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        assert!(
+            err.to_lowercase().contains(&expect.to_lowercase()),
+            "{args:?}: expected {expect:?} in: {err}"
+        );
+    }
+}
+
+/// A built-in guest image, from the same crate the binary embeds.
+fn esvm_guests_elf(name: &str) -> Vec<u8> {
+    esvm_guests::builtin(name)
+        .expect("built-in guest")
+        .elf
+        .to_vec()
+}
+
+#[test]
+fn guests_lists_the_builtins() {
+    let o = esvm(&["guests"]);
+    let out = stdout(&o);
+    for g in ["demo", "pagefault", "triplefault", "cpubench"] {
+        assert!(
+            out.lines().any(|l| l.starts_with(g)),
+            "{g} missing from:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn demo_checksum_matches_the_host_model() {
+    // The demo's workload is also compiled into the host crate: an independent computation.
+    for (iterations, dirty) in [(3000u64, 0u64), (2000, 1)] {
+        let out = stdout(&esvm(&[
+            "run",
+            "demo",
+            "--",
+            &format!("iterations={iterations}"),
+            &format!("dirty-mib={dirty}"),
+        ]));
+        let want = format!(
+            "checksum={:016x}",
+            esvm_guests::demo::expected_checksum(iterations, dirty)
+        );
+        assert_eq!(checksum_line(&out), want);
+    }
+}
+
+/// The same guest on the software vCPU and on KVM must agree (KVM is an independent x86
+/// implementation; on these machines ring-0 code under KVM is slow, so keep the run short).
+#[test]
+fn demo_checksum_is_the_same_on_kvm() {
+    if let Err(e) = esvm_hv::open(esvm_hv::BackendKind::Kvm) {
+        println!("skipped: kvm backend unavailable: {e}");
+        return;
+    }
+    let emu = esvm(&["run", "--backend", "emu", "demo", "--", "iterations=1500"]);
+    let kvm = esvm(&["run", "--backend", "kvm", "demo", "--", "iterations=1500"]);
+    assert_eq!(kvm.status.code(), Some(0), "{}", stderr(&kvm));
+    assert_eq!(
+        stdout(&emu),
+        stdout(&kvm),
+        "serial output differs between emu and kvm"
+    );
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the whole esvm test suite: formatting, lints, and every crate's tests.
+# Installs what it needs first (scripts/setup.sh). Tests that need /dev/kvm, root or
+# network namespaces print "skipped: <reason>" when those are absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked 2>&1 | tee target/test-output.txt
+# One summary line for the whole run, in the plain form CI tools read.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' \
+    target/test-output.txt
