@@ -9,12 +9,18 @@
 //!   protocol (four CPUID requests);
 //! - memory: CR3 has the C-bit; code, stack and data pages are private (C-bit set in the
 //!   leaf entry), the GHCB page shared (C-bit clear, 4 KiB page);
-//! - RDTSC through #VC does not go backwards.
+//! - RDTSC (through #VC where the CPU intercepts it) does not go backwards;
+//! - port I/O through #VC: IN from the UART's LSR (THRE set), REP INSB of 4 LSR bytes, REP
+//!   OUTSB of `sev-smoke: REP OUTSB through #VC ok` and, with DF=1, ` (DF=1 ok)` to COM1,
+//!   OUT of the newline (RSI/RDI/RCX checked afterwards; exactly 5 #VCs).
 //!
 //! Arguments: `reason-set=S` (default 0), `reason-code=C` (default 0): the termination
 //! reason; `term=msr|ghcb` (default msr): GHCB MSR protocol request 0x100, or a GHCB
 //! TERM_REQUEST (exit 0x8000_FFFE, SW_EXITINFO2 = 0x5e5); `gp-msr=N`: also RDMSR N and
-//! expect the hypervisor to answer #GP (raised by the #VC handler, caught here).
+//! expect the hypervisor to answer #GP (raised by the #VC handler, caught here), then again
+//! with a #GP handler that executes CPUID: a #VC nested inside the #VC handler; `extra=1`:
+//! also WBINVD, DR7 write/read/write (0x500, then back to 0x400), MONITOR + MWAIT, RDTSCP
+//! and VMMCALL (RAX = 0; the hypervisor's answer is printed, not checked), 8 #VCs.
 //!
 //! Output ends with
 //! `sev-smoke: all checks passed; requesting termination (msr protocol, reason set S, code C)`
@@ -23,11 +29,23 @@
 #![no_std]
 #![no_main]
 
+use core::arch::asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+use esvm_rt::idt::{self, InterruptFrame};
 use esvm_rt::sev::{self, SevMode};
 use esvm_rt::sevabi::{self, term};
 use esvm_rt::{arg, arg_u64_or_exit, check, check_eq, entry, println, x86, BootInfo, Dec, Hex};
 
 entry!(main, sev_es);
+
+static NESTED_CPUID: AtomicU64 = AtomicU64::new(0);
+
+/// #GP handler for the nesting test: CPUID (a nested #VC), then skip the 2-byte RDMSR.
+fn on_gp(f: &mut InterruptFrame) {
+    let (_, b, _, _) = x86::cpuid(0, 0);
+    NESTED_CPUID.store(u64::from(b) | (1 << 32), Ordering::SeqCst);
+    f.rip += 2;
+}
 
 fn main(bi: &'static BootInfo) -> u32 {
     let set = arg_u64_or_exit("reason-set", u64::from(term::SET_GENERAL));
@@ -169,7 +187,59 @@ fn main(bi: &'static BootInfo) -> u32 {
         Hex(t0),
         Hex(t1)
     );
-    println!("sev-smoke: RDTSC through #VC: {} then {}", Hex(t0), Hex(t1));
+    println!("sev-smoke: RDTSC: {} then {}", Hex(t0), Hex(t1));
+
+    // Port I/O through #VC: IN, REP INSB, REP OUTSB (forwards and with DF=1), OUT.
+    sev::flush();
+    let vcs = sev::vc_count();
+    let lsr = x86::inb(0x3FD);
+    check!(
+        lsr & 0x20 != 0,
+        "sev-smoke: UART LSR {} without THRE",
+        Hex(u64::from(lsr))
+    );
+    let mut lsrs = [0u8; 4];
+    let (rdi, rcx): (u64, u64);
+    // SAFETY: REP INSB writes the 4 bytes of `lsrs`.
+    unsafe {
+        asm!("rep insb", in("dx") 0x3FDu16, inout("rdi") lsrs.as_mut_ptr() as u64 => rdi,
+             inout("rcx") 4u64 => rcx, options(nostack))
+    };
+    check_eq!(rdi, lsrs.as_ptr() as u64 + 4, "RDI after REP INSB");
+    check_eq!(rcx, 0, "RCX after REP INSB");
+    check!(
+        lsrs.iter().all(|&b| b & 0x20 != 0),
+        "sev-smoke: REP INSB from the LSR read {:?}",
+        lsrs
+    );
+    let fwd = b"sev-smoke: REP OUTSB through #VC ok";
+    let back = b")ko 1=FD( ";
+    let (rsi1, rsi2): (u64, u64);
+    // SAFETY: REP OUTSB reads `fwd`, then (DF=1, from its last byte down) `back`; DF is
+    // cleared again before the block ends.
+    unsafe {
+        asm!("rep outsb", in("dx") 0x3F8u16, inout("rsi") fwd.as_ptr() as u64 => rsi1,
+             inout("rcx") fwd.len() as u64 => _, options(nostack));
+        asm!("std", "rep outsb", "cld", in("dx") 0x3F8u16,
+             inout("rsi") back.as_ptr() as u64 + back.len() as u64 - 1 => rsi2,
+             inout("rcx") back.len() as u64 => _, options(nostack));
+    }
+    x86::outb(0x3F8, b'\n');
+    check_eq!(
+        rsi1,
+        fwd.as_ptr() as u64 + fwd.len() as u64,
+        "RSI after REP OUTSB"
+    );
+    check_eq!(
+        rsi2,
+        back.as_ptr() as u64 - 1,
+        "RSI after REP OUTSB with DF=1"
+    );
+    check_eq!(
+        sev::vc_count() - vcs,
+        5,
+        "#VCs for IN, REP INSB, 2x REP OUTSB, OUT"
+    );
 
     // Optional: an MSR the hypervisor refuses with #GP.
     if let Some(v) = arg("gp-msr") {
@@ -192,6 +262,26 @@ fn main(bi: &'static BootInfo) -> u32 {
                 return 1;
             }
         }
+        // Again with a #GP handler that executes CPUID: a #VC nested in the handling of
+        // the first one (the #GP is raised from inside the #VC handler).
+        let (_, vendor, _, _) = x86::cpuid(0, 0);
+        idt::set_handler(idt::vector::GP, on_gp);
+        // SAFETY: RDMSR of the test MSR; the #GP handler skips it. No `nomem`: the handler
+        // writes NESTED_CPUID.
+        unsafe {
+            asm!("rdmsr", in("ecx") msr as u32, out("eax") _, out("edx") _, options(nostack))
+        };
+        idt::clear_handler(idt::vector::GP);
+        check_eq!(
+            NESTED_CPUID.load(Ordering::SeqCst),
+            u64::from(vendor) | (1 << 32),
+            "CPUID 0 EBX read by a #GP handler raised inside the #VC handler"
+        );
+        println!("sev-smoke: #VC nested inside the #VC handler's #GP ok");
+    }
+
+    if arg_u64_or_exit("extra", 0) != 0 {
+        extra_checks();
     }
 
     println!(
@@ -215,4 +305,43 @@ fn main(bi: &'static BootInfo) -> u32 {
         sev::flush();
         sev::msr_terminate(set as u8, code as u8)
     }
+}
+
+/// `extra=1`: the remaining #VC events, each checked only for completing (values printed).
+fn extra_checks() {
+    let vcs = sev::vc_count();
+    // SAFETY: WBINVD has no effect on a guest's correctness; DR7 gets only its reset value
+    // plus LE (no breakpoint enabled) and is restored; MONITOR/MWAIT on a local and a hint
+    // of 0 return at the latest at the next event (the hypervisor treats MWAIT as a NOP);
+    // RDTSCP and VMMCALL only return values in registers.
+    let (dr7, aux, tsc, hc): (u64, u64, u64, u64);
+    unsafe {
+        asm!("wbinvd", options(nomem, nostack));
+        asm!("mov dr7, {v}", "mov {r}, dr7", "mov dr7, {d}", v = in(reg) 0x500u64,
+             d = in(reg) 0x400u64, r = out(reg) dr7, options(nomem, nostack));
+        let word = 0u64;
+        asm!("monitor", "mwait", in("rax") core::ptr::addr_of!(word), in("ecx") 0u32,
+             in("edx") 0u32, options(nostack));
+        let (lo, hi, c): (u32, u32, u32);
+        asm!("rdtscp", out("eax") lo, out("edx") hi, out("ecx") c, options(nomem, nostack));
+        tsc = u64::from(lo) | (u64::from(hi) << 32);
+        aux = u64::from(c);
+        let rax: u64;
+        asm!("mov {t}, rbx", "vmmcall", "mov rbx, {t}", t = out(reg) _,
+             inout("rax") 0u64 => rax, out("rcx") _, out("rdx") _, options(nomem, nostack));
+        hc = rax;
+    }
+    check_eq!(dr7, 0x500, "DR7 read back through the GHCB");
+    check_eq!(
+        sev::vc_count() - vcs,
+        8,
+        "#VCs for WBINVD, 3x DR7, MONITOR, MWAIT, RDTSCP, VMMCALL"
+    );
+    println!(
+        "sev-smoke: extra: WBINVD, DR7={}, MONITOR/MWAIT, RDTSCP tsc={} aux={}, VMMCALL rax={} ok",
+        Hex(dr7),
+        Hex(tsc),
+        Hex(aux),
+        Hex(hc)
+    );
 }

@@ -24,12 +24,19 @@ pub(crate) struct Block {
     pub epoch2: u32,
 }
 
+/// Jump-cache entry: a linear RIP and, valid while `gen` matches the cache generation, the
+/// block's instruction array and the code pages (with epochs) it was decoded from.
 #[derive(Clone, Copy)]
 struct JcEntry {
     lin: u64,
     gen: u32,
     sel: u8,
-    block: u32,
+    epoch: u32,
+    epoch2: u32,
+    len: u32,
+    page: u64,
+    page2: u64,
+    ptr: *const Insn,
 }
 
 pub(crate) struct CodeCache {
@@ -50,7 +57,12 @@ impl CodeCache {
                     lin: u64::MAX,
                     gen: 0,
                     sel: 0,
-                    block: 0,
+                    epoch: 0,
+                    epoch2: 0,
+                    len: 0,
+                    page: 0,
+                    page2: NO_PAGE,
+                    ptr: std::ptr::null(),
                 };
                 JC_SIZE
             ]
@@ -111,14 +123,14 @@ impl Cpu {
         let lin = self.rip_lin();
         let sel = (self.tlb_off != 0) as u8;
         let j = (lin as usize ^ (lin >> 10) as usize) & JC_MASK;
-        let e = self.cache.jc[j];
-        if e.lin == lin && e.gen == self.cache.gen && e.sel == sel {
-            let b = &self.cache.blocks[e.block as usize];
-            if self.mem.epoch(b.page) == b.epoch
-                && (b.page2 == NO_PAGE || self.mem.epoch(b.page2) == b.epoch2)
-            {
-                return Ok((b.insns.as_ptr(), b.insns.len()));
-            }
+        let e = &self.cache.jc[j];
+        if e.lin == lin
+            && e.gen == self.cache.gen
+            && e.sel == sel
+            && self.code_epoch(e.page) == e.epoch
+            && (e.page2 == NO_PAGE || self.code_epoch(e.page2) == e.epoch2)
+        {
+            return Ok((e.ptr, e.len as usize));
         }
         self.lookup_slow(lin, sel, j)
     }
@@ -142,8 +154,8 @@ impl Cpu {
         let mut id = None;
         if let Some(&b) = self.cache.map.get(&key) {
             let blk = &self.cache.blocks[b as usize];
-            if self.mem.epoch(blk.page) == blk.epoch
-                && (blk.page2 == NO_PAGE || self.mem.epoch(blk.page2) == blk.epoch2)
+            if self.code_epoch(blk.page) == blk.epoch
+                && (blk.page2 == NO_PAGE || self.code_epoch(blk.page2) == blk.epoch2)
             {
                 id = Some(b);
             }
@@ -157,7 +169,9 @@ impl Cpu {
                 let blk = self.build_block(lin, gpa)?;
                 self.cache.total += blk.insns.len();
                 let id = if let Some(&old) = self.cache.map.get(&key) {
+                    // The old instruction array is freed: forget jump-cache entries to it.
                     self.cache.blocks[old as usize] = blk;
+                    self.cache.flush_lookup();
                     old
                 } else {
                     let id = self.cache.blocks.len() as u32;
@@ -168,14 +182,20 @@ impl Cpu {
                 id
             }
         };
+        let b = &self.cache.blocks[id as usize];
+        let (ptr, len) = (b.insns.as_ptr(), b.insns.len());
         self.cache.jc[j] = JcEntry {
             lin,
             gen: self.cache.gen,
             sel,
-            block: id,
+            epoch: b.epoch,
+            epoch2: b.epoch2,
+            len: len as u32,
+            page: b.page,
+            page2: b.page2,
+            ptr,
         };
-        let b = &self.cache.blocks[id as usize];
-        Ok((b.insns.as_ptr(), b.insns.len()))
+        Ok((ptr, len))
     }
 
     fn build_block(&mut self, lin: u64, gpa: u64) -> R<Block> {

@@ -248,6 +248,7 @@ pub struct Cpu {
     pub(crate) tlb_off: usize,
     pub(crate) ram: *mut u8,
     pub(crate) ram_size: u64,
+    pub(crate) raw: mem::RawMem,
     pub(crate) pending: u8,
     pub(crate) retired: u64,
     /// Not in 64-bit mode: segment limits apply and linear addresses wrap at 4 GiB.
@@ -330,6 +331,7 @@ impl Cpu {
             tlb_off: 0,
             ram: mem.base(),
             ram_size: mem.size(),
+            raw: mem.raw(),
             pending: 0,
             retired: 0,
             legacy: true,
@@ -725,6 +727,37 @@ impl Cpu {
         self.tlb_off = if cpl == 3 { mmu::TLB_SIZE } else { 0 };
     }
 
+    fn completion_pending(&self) -> bool {
+        self.compl.io_in.is_some()
+            || self.compl.cpuid.is_some()
+            || self.compl.rdmsr.is_some()
+            || self.compl.wrmsr.is_some()
+            || !self.mmio.reads.is_empty()
+    }
+
+    /// Log a guest write to RAM page `gpn` (< RAM pages): dirty bit (check, then set) and
+    /// decoded-code invalidation.
+    #[inline(always)]
+    pub(crate) fn note_write(&mut self, gpn: u64) {
+        // SAFETY: `raw` points into `self.mem`, which lives as long as `self`; callers pass
+        // a page number inside RAM, so the code-bitmap word index is in bounds.
+        let (bm, w) = unsafe { (&*self.raw.dirty, &*self.raw.code.add((gpn / 64) as usize)) };
+        if !bm.is_bit_set(gpn as usize) {
+            bm.set_bit(gpn as usize);
+        }
+        if w.load(Ordering::Relaxed) & (1 << (gpn % 64)) != 0 {
+            self.mem.invalidate_page(gpn);
+            self.pending |= P_SMC;
+        }
+    }
+
+    /// Current code epoch of RAM page `page`.
+    #[inline(always)]
+    pub(crate) fn code_epoch(&self, page: u64) -> u32 {
+        // SAFETY: `raw` is valid (see `note_write`); blocks are only built from RAM pages.
+        unsafe { (*self.raw.epoch.add(page as usize)).load(Ordering::Relaxed) }
+    }
+
     pub(crate) fn stack_mask(&self) -> u64 {
         if self.mode == Mode::Long64 {
             u64::MAX
@@ -753,6 +786,24 @@ impl Cpu {
             if self.kick.load(Ordering::Relaxed) {
                 self.kick.store(false, Ordering::Relaxed);
                 return Exit::Interrupted;
+            }
+            // An instruction whose exit was just completed runs first, before any event
+            // is delivered (its result must not be consumed by a handler instead).
+            if self.completion_pending() {
+                self.shadow = false;
+                if let Some(x) = self.run_block(1) {
+                    return x;
+                }
+                if self.completion_pending() {
+                    // The instruction faulted or was interrupted before using the value: drop it.
+                    self.compl = Completion::default();
+                    self.mmio.reads.clear();
+                    self.mmio.cursor = 0;
+                }
+                continue;
+            }
+            if self.retired >= limit {
+                return Exit::BudgetExhausted;
             }
             // Events at an instruction boundary.
             if let Some(e) = self.ev_exception.take() {
@@ -792,44 +843,72 @@ impl Cpu {
             if self.halted {
                 return Exit::Hlt;
             }
-            if self.retired >= limit {
-                return Exit::BudgetExhausted;
-            }
-            let max = if self.shadow { 1 } else { limit - self.retired };
+            // Single-stepping (RFLAGS.TF): one instruction, then a #DB trap.
+            let tf = self.rflags & rflags::TF != 0;
+            let max = if self.shadow || tf {
+                1
+            } else {
+                limit - self.retired
+            };
             self.shadow = false;
-            if let Some(x) = self.run_block(max) {
+            let before = self.retired;
+            let x = self.run_block(max);
+            if tf && self.retired > before && self.ev_exception.is_none() {
+                self.dr.dr6 |= 1 << 14;
+                self.ev_exception = Some(PendingException {
+                    vector: esvm_arch::bits::vector::DB,
+                    error_code: None,
+                    cr2: None,
+                });
+            }
+            if let Some(x) = x {
                 return x;
             }
         }
     }
 
     /// Execute (part of) the block at RIP. Returns an exit, or None to continue.
-    fn run_block(&mut self, max: u64) -> Option<Exit> {
-        let (ptr, len) = match self.lookup_block() {
-            Ok(b) => b,
-            Err(Stop::Exc(e)) => return self.raise(e),
-            Err(Stop::Exit) | Err(Stop::ExitRetire) => return self.exit.take(),
-            Err(_) => return None,
-        };
-        let n = (len as u64).min(max) as usize;
-        for i in 0..n {
-            // SAFETY: `ptr..ptr+len` is the instruction array of a block in `self.cache`;
-            // blocks are only freed or replaced by `lookup_block` (never while a block runs),
-            // so the array outlives this loop. Handlers never touch `self.cache` blocks.
-            let d = unsafe { &*ptr.add(i) };
-            self.next_rip = self.rip.wrapping_add(d.len as u64);
-            match (d.h)(self, d) {
-                Ok(()) => {
-                    self.rip = self.next_rip;
-                    self.retired += 1;
-                    if self.pending != 0 {
-                        return self.after_pending();
+    fn run_block(&mut self, mut max: u64) -> Option<Exit> {
+        loop {
+            let (ptr, len) = match self.lookup_block() {
+                Ok(b) => b,
+                Err(Stop::Exc(e)) => return self.raise(e),
+                Err(Stop::Exit) | Err(Stop::ExitRetire) => return self.exit.take(),
+                Err(_) => return None,
+            };
+            let n = (len as u64).min(max) as usize;
+            for i in 0..n {
+                // SAFETY: `ptr..ptr+len` is the instruction array of a block in
+                // `self.cache`; blocks are only freed or replaced by `lookup_block` (never
+                // while a block runs), so the array outlives this loop. Handlers never touch
+                // `self.cache` blocks.
+                let d = unsafe { &*ptr.add(i) };
+                self.next_rip = self.rip.wrapping_add(d.len as u64);
+                match (d.h)(self, d) {
+                    Ok(()) => {
+                        self.rip = self.next_rip;
+                        self.retired += 1;
+                        if self.pending != 0 {
+                            return self.after_pending();
+                        }
                     }
+                    Err(s) => return self.handle_stop(s),
                 }
-                Err(s) => return self.handle_stop(s),
+            }
+            max -= n as u64;
+            // Chain to the next block unless something needs the run loop's attention.
+            if max == 0
+                || self.ev_exception.is_some()
+                || (self.ev_interrupt.is_some() && self.rflags & rflags::IF != 0)
+                || self.nmi_pending
+                || self.shadow
+                || self.halted
+                || self.rflags & rflags::TF != 0
+                || self.kick.load(Ordering::Relaxed)
+            {
+                return None;
             }
         }
-        None
     }
 
     #[cold]
@@ -857,8 +936,10 @@ impl Cpu {
                 self.raise(e)
             }
             Stop::Exit => {
+                // Not retired: it will run again, so MMIO writes it queued are dropped and
+                // the MMIO reads it consumed will be replayed.
                 self.mmio.cursor = 0;
-                self.pending &= !P_MMIO;
+                self.mmio.writes.clear();
                 self.pending = 0;
                 self.exit.take()
             }

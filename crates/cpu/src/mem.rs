@@ -75,6 +75,14 @@ unsafe impl Send for Inner {}
 // SAFETY: see `Send`; `AtomicBitmap`, the code bitmap and the epochs are atomics.
 unsafe impl Sync for Inner {}
 
+/// Raw views of a [`PhysMemory`]'s dirty bitmap, code bitmap and code epochs.
+#[derive(Clone, Copy)]
+pub(crate) struct RawMem {
+    pub dirty: *const AtomicBitmap,
+    pub code: *const AtomicU64,
+    pub epoch: *const AtomicU32,
+}
+
 /// Guest-physical memory shared by the vCPUs of one VM. See the module documentation.
 #[derive(Clone)]
 pub struct PhysMemory {
@@ -90,7 +98,7 @@ impl std::fmt::Debug for PhysMemory {
 }
 
 fn check_size(size: u64) -> Result<(), MemError> {
-    if size == 0 || size % PAGE_SIZE != 0 || size >= (1 << 46) {
+    if size == 0 || !size.is_multiple_of(PAGE_SIZE) || size >= (1 << 46) {
         return Err(MemError::BadSize(size));
     }
     Ok(())
@@ -238,8 +246,18 @@ impl PhysMemory {
         }
     }
 
+    /// Raw pointers to the shared tracking structures, for the vCPU's hot paths. They stay
+    /// valid as long as this `PhysMemory` (or a clone) is alive.
+    pub(crate) fn raw(&self) -> RawMem {
+        RawMem {
+            dirty: self.bitmap() as *const AtomicBitmap,
+            code: self.inner.code.as_ptr(),
+            epoch: self.inner.epoch.as_ptr(),
+        }
+    }
+
     #[cold]
-    fn invalidate_page(&self, page: u64) {
+    pub(crate) fn invalidate_page(&self, page: u64) {
         let bit = 1u64 << (page % 64);
         self.inner.code[(page / 64) as usize].fetch_and(!bit, Ordering::SeqCst);
         self.inner.epoch[page as usize].fetch_add(1, Ordering::SeqCst);
@@ -252,7 +270,7 @@ impl PhysMemory {
         self.inner.epoch[page as usize].load(Ordering::SeqCst)
     }
 
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn epoch(&self, page: u64) -> u32 {
         self.inner.epoch[page as usize].load(Ordering::Relaxed)
     }

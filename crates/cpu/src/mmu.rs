@@ -2,7 +2,7 @@
 //! accesses (RAM fast paths, MMIO, page-crossing accesses, host atomics for LOCKed RMW).
 
 use crate::mem::{PAGE_SHIFT, PAGE_SIZE};
-use crate::{Cpu, Exc, Exit, Mode, Stop, P_MMIO, P_SMC, R, SS};
+use crate::{Cpu, Exc, Exit, Mode, Stop, P_MMIO, R, SS};
 use esvm_arch::bits::{cr0, cr4, efer, vector};
 
 pub(crate) const TLB_BITS: u32 = 9;
@@ -191,9 +191,7 @@ impl Cpu {
         if e.w == vpn && off <= 4096 - S {
             let gpn = e.gpn;
             wr_host::<S>((e.host + off) as *mut u8, v);
-            if self.mem.note_write(gpn) {
-                self.pending |= P_SMC;
-            }
+            self.note_write(gpn);
             return Ok(());
         }
         self.wr_slow(lin, S, v as u128, false)
@@ -229,17 +227,6 @@ impl Cpu {
             4 => self.wr::<4>(seg, off, v),
             _ => self.wr::<8>(seg, off, v),
         }
-    }
-
-    /// 16-byte access (SSE).
-    pub(crate) fn rd128(&mut self, seg: usize, off: u64) -> R<u128> {
-        let l = self.lin(seg, off, 16, false)?;
-        self.rd_slow(l, 16, false)
-    }
-
-    pub(crate) fn wr128(&mut self, seg: usize, off: u64, v: u128) -> R {
-        let l = self.lin(seg, off, 16, true)?;
-        self.wr_slow(l, 16, v, false)
     }
 
     /// Check that `size` bytes at `lin` are writable (translating and setting D) without
@@ -328,9 +315,7 @@ impl Cpu {
             let b = v.to_le_bytes();
             // SAFETY: `gpa..gpa+size` is inside RAM (checked above).
             unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ram.add(gpa as usize), size) };
-            if self.mem.note_write(gpa >> PAGE_SHIFT) {
-                self.pending |= P_SMC;
-            }
+            self.note_write(gpa >> PAGE_SHIFT);
             return Ok(());
         }
         self.mmio_write(gpa, size, v);
@@ -482,8 +467,8 @@ impl Cpu {
                     if low != 0 {
                         rsvd = true;
                     }
-                } else if (ent >> 13) & 0x1ff != 0 && (ent >> 13) & 0x1ff != 0 {
-                    // PSE-36 high bits (20:13): we have no PSE-36, so they must be 0.
+                } else if (ent >> 13) & 0x1ff != 0 {
+                    // Bits 21:13 of a 4 MiB PDE: no PSE-36, so they must be 0.
                     rsvd = true;
                 }
             }
@@ -584,17 +569,15 @@ impl Cpu {
         // types' alignment holds.
         unsafe {
             let p = self.ram.add(gpa as usize);
-            if size == 8 && (p as usize) % 8 == 0 {
+            if size == 8 && (p as usize).is_multiple_of(8) {
                 std::sync::atomic::AtomicU64::from_ptr(p as *mut u64)
                     .fetch_or(bits, std::sync::atomic::Ordering::SeqCst);
-            } else if (p as usize) % 4 == 0 {
+            } else if (p as usize).is_multiple_of(4) {
                 std::sync::atomic::AtomicU32::from_ptr(p as *mut u32)
                     .fetch_or(bits as u32, std::sync::atomic::Ordering::SeqCst);
             }
         }
-        if self.mem.note_write(gpa >> PAGE_SHIFT) {
-            self.pending |= P_SMC;
-        }
+        self.note_write(gpa >> PAGE_SHIFT);
     }
 
     /// Translate for instruction fetch: returns the guest-physical address of `lin`.
@@ -627,9 +610,7 @@ impl Cpu {
     }
 
     pub(crate) fn note_rmw(&mut self, gpn: u64) {
-        if self.mem.note_write(gpn) {
-            self.pending |= P_SMC;
-        }
+        self.note_write(gpn);
     }
 }
 

@@ -115,6 +115,9 @@ pub enum VmExit<'a> {
     },
     /// The instruction budget set by [`Vcpu::set_instruction_budget`] ran out.
     BudgetExhausted,
+    /// An SEV-ES guest asked to be terminated (GHCB termination request), reported an event
+    /// it cannot handle, or broke the GHCB protocol; `reason` says which and why.
+    Terminated { reason: String },
     /// [`Kicker::kick`] was called, or a signal interrupted the run.
     Interrupted,
 }
@@ -132,6 +135,8 @@ pub enum HvError {
          Only the tracked registers (cr0, cr4, cr8, efer, apic_base) are visible via get_sregs"
     )]
     ProtectedState { vcpu: u32, operation: &'static str },
+    #[error("secure processor: {0}")]
+    Sev(String),
     #[error("invalid vCPU state: {0}")]
     InvalidState(String),
     #[error("guest memory: {0}")]
@@ -151,6 +156,66 @@ pub enum HvError {
 
 pub type Result<T> = std::result::Result<T, HvError>;
 
+/// The special registers a hypervisor may see. For a vCPU whose state is protected (an
+/// encrypted VMSA) only the values the hypervisor tracks through write traps exist; every
+/// other field is unavailable by construction rather than silently zero (upstream KVM's
+/// `KVM_GET_SREGS` returns zeros there, and its `KVM_SET_SREGS` ignores writes silently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SregsView {
+    Full(SpecialRegs),
+    Tracked(TrackedSregs),
+}
+
+/// The tracked registers of a protected vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct TrackedSregs {
+    pub cr0: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+    pub apic_base: u64,
+}
+
+impl SregsView {
+    pub fn cr0(&self) -> u64 {
+        match self {
+            SregsView::Full(s) => s.cr0,
+            SregsView::Tracked(t) => t.cr0,
+        }
+    }
+    pub fn cr4(&self) -> u64 {
+        match self {
+            SregsView::Full(s) => s.cr4,
+            SregsView::Tracked(t) => t.cr4,
+        }
+    }
+    pub fn cr8(&self) -> u64 {
+        match self {
+            SregsView::Full(s) => s.cr8,
+            SregsView::Tracked(t) => t.cr8,
+        }
+    }
+    pub fn efer(&self) -> u64 {
+        match self {
+            SregsView::Full(s) => s.efer,
+            SregsView::Tracked(t) => t.efer,
+        }
+    }
+    pub fn apic_base(&self) -> u64 {
+        match self {
+            SregsView::Full(s) => s.apic_base,
+            SregsView::Tracked(t) => t.apic_base,
+        }
+    }
+    /// The full register set, if the vCPU is not protected.
+    pub fn full(self) -> Option<SpecialRegs> {
+        match self {
+            SregsView::Full(s) => Some(s),
+            SregsView::Tracked(_) => None,
+        }
+    }
+}
+
 /// Makes a running vCPU return [`VmExit::Interrupted`] soon; callable from any thread.
 pub trait Kicker: Send + Sync {
     fn kick(&self);
@@ -164,7 +229,37 @@ pub trait Vcpu: Send {
 
     fn get_regs(&self) -> Result<Regs>;
     fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    /// All special registers. Fails with [`HvError::ProtectedState`] for a protected vCPU:
+    /// use [`Vcpu::get_sregs_view`], which returns the tracked view there.
     fn get_sregs(&self) -> Result<SpecialRegs>;
+    /// The special registers the hypervisor may see: all of them for a plain vCPU, only the
+    /// tracked ones (cr0, cr4, cr8, efer, apic_base) for a protected one.
+    fn get_sregs_view(&self) -> Result<SregsView> {
+        self.get_sregs().map(SregsView::Full)
+    }
+    /// Whether the vCPU's register state is protected (its VMSA is encrypted).
+    fn is_protected(&self) -> bool {
+        false
+    }
+    /// SEV-ES LAUNCH_UPDATE_VMSA: the vCPU's current state becomes its initial VMSA, measured
+    /// and encrypted by the secure processor; from then on the vCPU is protected.
+    fn sev_launch_update_vmsa(&mut self) -> Result<()> {
+        Err(HvError::Sev(
+            "this backend has no SEV-ES support (use --backend emu)".into(),
+        ))
+    }
+    /// The vCPU's VMSA as the host sees it: ciphertext under the guest's memory key.
+    fn sev_encrypted_vmsa(&self) -> Result<Box<[u8; 4096]>> {
+        Err(HvError::Sev(
+            "this backend has no SEV-ES support (use --backend emu)".into(),
+        ))
+    }
+    /// The GHCB MSR (host-visible state of an SEV-ES vCPU).
+    fn ghcb_msr(&self) -> Result<u64> {
+        Err(HvError::Sev(
+            "this backend has no SEV-ES support (use --backend emu)".into(),
+        ))
+    }
     fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<()>;
     fn get_fpu(&self) -> Result<FpuState>;
     fn set_fpu(&mut self, fpu: &FpuState) -> Result<()>;

@@ -10,6 +10,10 @@
 //! Everything is validated before the first byte is written: a failed load leaves guest
 //! memory untouched.
 //!
+//! For SEV-ES guests, [`load_elf_with_c_bit`] sets the C-bit (the encryption bit, 47 in
+//! esvm) in every page-table entry and in CR3, so all memory starts private
+//! (`docs/sev-es-guest.md`).
+//!
 //! The boot-info layout is shared with the guest runtime: [`bootinfo`] is the very same
 //! source file the guests compile.
 

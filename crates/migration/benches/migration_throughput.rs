@@ -117,6 +117,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at start: {}", load().trim());
     println!("CRC32C: {:.1} GiB/s on one core", crc_gib_s());
     println!(
         "| guest | workload | first pass GiB/s (best / median) | passes | final-pass pages | \
@@ -166,4 +168,5 @@ fn main() {
             );
         }
     }
+    println!("load average at end: {}", load().trim());
 }

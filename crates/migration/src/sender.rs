@@ -279,7 +279,7 @@ impl Sender {
             on_progress: &mut self.on_progress,
             source,
             w: FrameWriter::new(writer),
-            r: PollReader::new(reader),
+            r: PollReader::responses(reader),
             guest: None,
             mem_pages: 0,
             to_send: PageSet::new(0),

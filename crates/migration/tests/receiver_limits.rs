@@ -105,7 +105,7 @@ impl Client {
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         Client {
-            r: PollReader::new(s.try_clone().unwrap()),
+            r: PollReader::responses(s.try_clone().unwrap()),
             w: FrameWriter::new(s),
         }
     }

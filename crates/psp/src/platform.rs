@@ -1215,6 +1215,15 @@ impl Psp {
         Ok(g)
     }
 
+    /// **Trusted CPU model only.** The guest's memory key as the memory
+    /// controller holds it: the CPU model uses it to convert pages between the
+    /// private (C-bit set) and shared views exactly as hardware would. The
+    /// hypervisor only passes this handle from the firmware to the CPU model;
+    /// it must never use it itself.
+    pub fn memory_controller_key(&self, handle: u32) -> PspResult<Arc<MemoryKey>> {
+        Ok(self.any_guest(handle)?.memkey.clone())
+    }
+
     /// **Trusted CPU model only.** Decrypts the host's copy of a VMSA so the
     /// CPU model can load it at VMRUN. The hypervisor (untrusted) must never
     /// call this: doing so would break the model's trust boundary.

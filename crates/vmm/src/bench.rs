@@ -93,6 +93,7 @@ fn guest_loop(
     let guest = esvm_guests::builtin("cpubench").ok_or("the cpubench guest is missing")?;
     let config = MachineConfig {
         backend,
+        vm_type: esvm_hv::VmType::Plain,
         mem_size: 64 << 20,
         vcpus: 1,
         max_instructions: None,

@@ -74,6 +74,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let (name, elf) = resolve_guest(&args.guest)?;
     let config = MachineConfig {
         backend: args.backend,
+        vm_type: esvm_hv::VmType::Plain,
         mem_size: args.mem,
         vcpus: args.vcpus,
         max_instructions: args.max_instructions,
@@ -88,6 +89,10 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         Outcome::Shutdown(reason) => {
             eprintln!("esvm: guest {name} shut down: {reason}");
             crate::EXIT_GUEST_SHUTDOWN
+        }
+        Outcome::Terminated(reason) => {
+            eprintln!("esvm: guest {name} terminated: {reason}");
+            crate::EXIT_GUEST_TERMINATED
         }
         Outcome::InstructionLimit(n) => {
             eprintln!("esvm: guest {name} stopped after {n} instructions (--max-instructions)");

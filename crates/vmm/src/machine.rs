@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use esvm_devices::{Devices, DevicesError};
-use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit};
+use esvm_hv::emu::EmuVm;
+use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
 use esvm_loader::{BootState, LoadError, LoadOptions};
 use thiserror::Error;
 
@@ -34,15 +35,25 @@ pub enum Outcome {
     Shutdown(String),
     /// The instruction limit ran out first.
     InstructionLimit(u64),
+    /// An SEV-ES guest asked to be terminated through the GHCB, or broke its protocol.
+    Terminated(String),
 }
 
 /// What a machine is made of.
 pub struct MachineConfig {
     pub backend: BackendKind,
+    /// Plain or SEV-ES (SEV-ES needs the emu backend).
+    pub vm_type: VmType,
     pub mem_size: u64,
     pub vcpus: u32,
     /// Stop after this many retired instructions (emu backend only).
     pub max_instructions: Option<u64>,
+}
+
+/// The byte range of the MMIO scratch window an access covers, if it lies inside it.
+fn scratch_range(addr: u64, len: usize) -> Option<std::ops::Range<usize>> {
+    let off = addr.checked_sub(MMIO_SCRATCH_BASE)? as usize;
+    (off.checked_add(len)? <= MMIO_SCRATCH_LEN).then(|| off..off + len)
 }
 
 /// Virtual time. On the emu backend it is the retired-instruction count (1 instruction =
@@ -52,8 +63,17 @@ enum Clock {
     Host { start: Instant },
 }
 
+/// A 4 KiB RAM-like MMIO window for guests that test MMIO paths (e.g. `sev-mmio`): reads
+/// return what was written. Outside it, MMIO reads return all-ones and writes are dropped.
+pub const MMIO_SCRATCH_BASE: u64 = 0xFEB0_0000;
+const MMIO_SCRATCH_LEN: usize = 4096;
+
 pub struct Machine {
     vm: Arc<dyn Vm>,
+    /// The same VM as `vm` when it runs on the emu backend (SEV-ES commands live there).
+    #[allow(dead_code)]
+    emu: Option<Arc<EmuVm>>,
+    mmio_scratch: Box<[u8; MMIO_SCRATCH_LEN]>,
     vcpus: Vec<Box<dyn Vcpu>>,
     devices: Devices,
     clock: Clock,
@@ -71,8 +91,16 @@ impl Machine {
         config: &MachineConfig,
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Self, MachineError> {
-        let hv = esvm_hv::open(config.backend)?;
-        let vm = hv.create_vm(&VmConfig::plain(config.mem_size, config.vcpus))?;
+        let mut vm_config = VmConfig::plain(config.mem_size, config.vcpus);
+        vm_config.vm_type = config.vm_type;
+        // The emu VM is kept concretely as well: its SEV-ES commands are emu-only.
+        let (vm, emu): (Arc<dyn Vm>, Option<Arc<EmuVm>>) = match config.backend {
+            BackendKind::Emu => {
+                let emu = Arc::new(EmuVm::new(&vm_config)?);
+                (emu.clone(), Some(emu))
+            }
+            BackendKind::Kvm => (esvm_hv::open(config.backend)?.create_vm(&vm_config)?, None),
+        };
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             vcpus.push(vm.create_vcpu(id)?);
@@ -91,11 +119,19 @@ impl Machine {
         }
         Ok(Machine {
             vm,
+            emu,
+            mmio_scratch: Box::new([0; MMIO_SCRATCH_LEN]),
             vcpus,
             devices: Devices::new(serial_out),
             clock,
             max_instructions: config.max_instructions,
         })
+    }
+
+    /// The emu VM behind this machine, if it runs on the emu backend.
+    #[allow(dead_code)] // the SEV-ES launch flow uses it (being wired in)
+    pub fn emu_vm(&self) -> Option<&Arc<EmuVm>> {
+        self.emu.as_ref()
     }
 
     pub fn devices(&self) -> &Devices {
@@ -181,6 +217,7 @@ impl Machine {
 
     fn run_once(&mut self) -> Result<Option<Outcome>, MachineError> {
         let devices = &mut self.devices;
+        let scratch = &mut self.mmio_scratch;
         let exit = self.vcpus[0].run()?;
         match exit {
             VmExit::IoIn { port, data } => devices.io_read(port, data)?,
@@ -190,14 +227,19 @@ impl Machine {
                     return Ok(Some(Outcome::Exited(code)));
                 }
             }
-            VmExit::MmioRead { addr, data } => {
-                tracing::debug!(addr, len = data.len(), "read of unbacked memory");
-                data.fill(0xff);
-            }
-            VmExit::MmioWrite { addr, data } => {
-                tracing::debug!(addr, len = data.len(), "write to unbacked memory ignored");
-            }
+            VmExit::MmioRead { addr, data } => match scratch_range(addr, data.len()) {
+                Some(r) => data.copy_from_slice(&scratch[r]),
+                None => {
+                    tracing::debug!(addr, len = data.len(), "read of unbacked memory");
+                    data.fill(0xff);
+                }
+            },
+            VmExit::MmioWrite { addr, data } => match scratch_range(addr, data.len()) {
+                Some(r) => scratch[r].copy_from_slice(data),
+                None => tracing::debug!(addr, len = data.len(), "write to unbacked memory ignored"),
+            },
             VmExit::Shutdown { reason } => return Ok(Some(Outcome::Shutdown(reason))),
+            VmExit::Terminated { reason } => return Ok(Some(Outcome::Terminated(reason))),
             VmExit::Cpuid { result, .. } => *result = [0; 4],
             VmExit::RdMsr { fault, .. } | VmExit::WrMsr { fault, .. } => *fault = true,
             VmExit::BudgetExhausted | VmExit::Interrupted => {}

@@ -16,6 +16,8 @@ pub const EXIT_ESVM_ERROR: u8 = 125;
 /// Exit status when the guest shut down (triple fault) instead of exiting through the
 /// debug-exit port.
 pub const EXIT_GUEST_SHUTDOWN: u8 = 124;
+/// Exit status when an SEV-ES guest terminated itself through the GHCB protocol.
+pub const EXIT_GUEST_TERMINATED: u8 = 122;
 /// Exit status when `--max-instructions` ran out before the guest exited.
 pub const EXIT_INSTRUCTION_LIMIT: u8 = 123;
 
@@ -29,7 +31,8 @@ pub const EXIT_INSTRUCTION_LIMIT: u8 = 123;
                   Secure Processor for SEV-ES launch and attestation, and live-migrates guests.\n\n\
                   Exit status of `esvm run`: the guest's own status (the value it wrote to the \
                   debug-exit port 0xF4, & 0xff); 124 if the guest shut down (triple fault); \
-                  123 if --max-instructions ran out; 125 if esvm itself failed."
+                  123 if --max-instructions ran out; 122 if an SEV-ES guest terminated itself through \
+                  the GHCB (the reason is printed); 125 if esvm itself failed."
 )]
 struct Cli {
     #[command(subcommand)]

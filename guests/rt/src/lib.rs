@@ -18,6 +18,9 @@
 //!
 //! Keep guest code integer-only: format numbers with [`Dec`]/[`Hex`]/[`Hex16`] (core's
 //! integer formatting uses SSE).
+//!
+//! SEV-ES (protected-state) guests opt in with `entry!(main, sev_es)`: see [`sev`] and
+//! `docs/sev-es-guest.md`.
 
 #![no_std]
 

@@ -253,7 +253,7 @@ fn popf(c: &mut Cpu, d: &Insn) -> R {
 fn enter(c: &mut Cpu, d: &Insn) -> R {
     let sz = d.sz as usize;
     let size = d.imm & 0xffff;
-    let level = (d.imm2 & 0x1f) as u64;
+    let level = d.imm2 & 0x1f;
     let sm = c.stack_mask();
     let saved_rsp = c.gpr[4];
     let saved_rbp = c.gpr[5];

@@ -181,9 +181,7 @@ fn swapgs(c: &mut Cpu, _d: &Insn) -> R {
         return ud();
     }
     need_cpl0(c)?;
-    let k = c.msrs.kernel_gs_base;
-    c.msrs.kernel_gs_base = c.seg[crate::GS].base;
-    c.seg[crate::GS].base = k;
+    std::mem::swap(&mut c.msrs.kernel_gs_base, &mut c.seg[crate::GS].base);
     c.update_seg_bases();
     Ok(())
 }
