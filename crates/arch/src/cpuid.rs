@@ -79,6 +79,11 @@ impl CpuidTable {
             ),
             // Address sizes: 48 virtual, 48 physical.
             entry(0x8000_0008, 0, false, 0x3030, 0, 0, 0),
+            // AMD memory encryption (SEV): nothing on a plain vCPU. For an SEV-ES guest the
+            // hypervisor answers this leaf (the guest's CPUID is a #VC event) with EAX bit 1
+            // (SEV) and bit 3 (SEV-ES), EBX[5:0] = the C-bit position and EBX[11:6] = the
+            // physical-address bits lost to it.
+            entry(0x8000_001f, 0, false, 0, 0, 0, 0),
         ];
         let brand = b"esvm software vCPU (emulated)\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
         for i in 0..3u32 {
@@ -160,6 +165,9 @@ mod tests {
         assert_ne!(edx & (1 << 29), 0, "LM");
         assert_ne!(edx & (1 << 20), 0, "NX");
         assert_eq!(t.lookup(0x4000_0000, 0), [0; 4]);
+        // The SEV leaf exists (within the reported range) for the hypervisor to fill.
+        assert!(t.lookup(0x8000_0000, 0)[0] >= 0x8000_001f);
+        assert!(t.entries.iter().any(|e| e.function == 0x8000_001f));
     }
 
     #[test]

@@ -141,6 +141,12 @@ impl Cpu {
             return crate::gp0();
         }
         let gpa = self.translate_exec(lin)?;
+        // SEV-ES: code is always fetched through the private view.
+        let gpa = if self.sev.is_some() {
+            self.sev_fetch(gpa)?
+        } else {
+            gpa
+        };
         if gpa >= self.ram_size {
             self.exit = Some(Exit::Shutdown {
                 reason: format!(
@@ -207,7 +213,11 @@ impl Cpu {
         // SAFETY: `gpa..gpa+avail` lies within one RAM page (gpa < ram_size, RAM is a whole
         // number of pages).
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ram.add(gpa as usize), buf.as_mut_ptr(), avail)
+            std::ptr::copy_nonoverlapping(
+                self.code_src().add(gpa as usize),
+                buf.as_mut_ptr(),
+                avail,
+            )
         };
         let bits = self.mode.bits();
         let mut insns = Vec::new();
@@ -228,6 +238,11 @@ impl Cpu {
                 // The first instruction crosses into the next page: fetch up to 15 more bytes.
                 let lin2 = (lin & !0xfff).wrapping_add(PAGE_SIZE) & cs_mask;
                 let g2 = self.translate_exec(lin2)?;
+                let g2 = if self.sev.is_some() {
+                    self.sev_fetch(g2)?
+                } else {
+                    g2
+                };
                 if g2 >= self.ram_size {
                     self.exit = Some(Exit::Shutdown {
                         reason: format!("instruction fetch from unbacked address {g2:#x}"),
@@ -240,7 +255,7 @@ impl Cpu {
                 // SAFETY: 16 bytes at the start of a RAM page.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        self.ram.add(g2 as usize),
+                        self.code_src().add(g2 as usize),
                         buf.as_mut_ptr().add(avail),
                         16,
                     )
@@ -260,6 +275,9 @@ impl Cpu {
             if end || pos >= avail || insns.len() >= MAX_BLOCK {
                 break;
             }
+        }
+        if self.sev.is_some() {
+            exec::system::sev_es::patch(&mut insns);
         }
         Ok(Block {
             insns,

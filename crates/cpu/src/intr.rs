@@ -28,6 +28,16 @@ enum Class {
     PageFault,
 }
 
+/// Fault-class exceptions push RFLAGS with RF set (so IRET back to the faulting
+/// instruction does not re-trigger an instruction breakpoint).
+fn pushes_rf(kind: Kind, v: u8) -> bool {
+    kind == Kind::Exception
+        && !matches!(
+            v,
+            vector::DB | vector::NMI | vector::BP | vector::OF | vector::DF | vector::MC
+        )
+}
+
 fn class(v: u8) -> Class {
     match v {
         vector::DE | vector::TS | vector::NP | vector::SS | vector::GP => Class::Contributory,
@@ -204,10 +214,11 @@ impl Cpu {
         }
         rsp &= !0xf;
         let fl = self.get_rflags();
+        let pushed_fl = if pushes_rf(kind, vector) { fl | RF } else { fl };
         let mut frame = [
             self.seg[SS].selector as u64,
             self.gpr[4],
-            fl,
+            pushed_fl,
             self.seg[CS].selector as u64,
             ret,
             0,
@@ -295,7 +306,7 @@ impl Cpu {
             frame.push(old_ss.selector as u64);
             frame.push(old_sp);
         }
-        frame.push(fl);
+        frame.push(if pushes_rf(kind, vector) { fl | RF } else { fl });
         frame.push(old_cs_sel as u64);
         frame.push(ret);
         if let Some(c) = ec {

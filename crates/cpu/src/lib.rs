@@ -22,6 +22,30 @@
 //! [`Exit::RdMsr`] and [`Exit::WrMsr`] leave the instruction unretired; supply the result with
 //! the matching `complete_*` call and the next [`Cpu::run`] re-executes and retires it.
 //! [`Exit::IoOut`] and [`Exit::MmioWrite`] are reported after the instruction retired.
+//! An instruction whose exit was completed runs before any event is delivered.
+//!
+//! Memory contract: see [`PhysMemory`]. Every guest write (including page-walk A/D updates,
+//! exception frames, descriptor accessed bits and LOCKed read-modify-writes, which are host
+//! atomics) stores first and then marks the vm-memory dirty bitmap (relaxed check, atomic
+//! set only when clear). A migration thread that takes the bitmap while vCPUs run should
+//! issue a process-wide memory barrier (e.g. `membarrier`) after `get_and_reset` and before
+//! copying pages, so that stores still in a vCPU's store buffer are not missed. Writes the
+//! VMM makes to guest code outside [`PhysMemory::write`] must be followed by
+//! [`PhysMemory::invalidate_code`].
+//!
+//! Not modelled (they raise #UD or #GP, never silently misbehave): x87 arithmetic (only
+//! FNINIT/FNCLEX/FNSTCW/FLDCW/FNSTSW/FWAIT and FXSAVE/FXRSTOR), MMX, AVX/XSAVE
+//! instructions (XGETBV/XSETBV work when CPUID advertises XSAVE), SYSENTER/SYSEXIT, task
+//! switches, call/task gates, virtual-8086 mode, the TSS I/O permission bitmap (I/O at
+//! CPL > IOPL is #GP), SMEP/SMAP/PCID/PKE/UMIP/FSGSBASE (their CR4 bits are refused),
+//! debug-register breakpoints (DR0-7 are stored; RFLAGS.TF single-step works), alignment
+//! checking (#AC), MONITOR/MWAIT, RDRAND. CR8 is stored but does not mask interrupts (the
+//! VMM's interrupt controller model applies the TPR). A non-canonical stack access raises
+//! #GP rather than #SS. Instruction fetch from MMIO (e.g. the RESET vector at 0xFFFFFFF0
+//! without RAM there) ends the run with [`Exit::Shutdown`].
+//!
+//! SEV-ES mode ([`CpuConfig::sev_es`]) models an encrypted-state guest: #VC instead of
+//! exits, VMGEXIT, write traps, C-bit page walks over encrypted memory, and the VMSA.
 
 mod decode;
 mod exec;
@@ -30,6 +54,7 @@ mod intr;
 pub mod mem;
 mod mmu;
 mod seg;
+mod sev;
 pub mod testutil;
 
 use esvm_arch::bits::{cr0, cr4, efer, rflags};
@@ -42,7 +67,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
-pub use mem::{MemError, PhysMemory};
+pub use mem::{MemError, PageCipher, PhysMemory};
+pub use sev::{exit_code, vmsa_layout, SevEsConfig, TrapReg, SEV_STATUS_VALUE};
 
 use decode::CodeCache;
 use mmu::Tlb;
@@ -67,8 +93,15 @@ pub struct CpuConfig {
     pub msr_intercepts: Vec<u32>,
     /// Guest TSC ticks per retired instruction (the virtual clock's rate). Default 1.
     pub tsc_per_insn: u64,
-    /// vCPU number (reported as the initial APIC ID in CPUID leaf 1 EBX[31:24]).
+    /// vCPU number (reported as the initial APIC ID in CPUID leaf 1, EBX bits 31:24).
     pub vcpu_id: u32,
+    /// SEV-ES mode (None: a plain vCPU). The guest's state is protected: non-automatic
+    /// events raise #VC in the guest instead of exiting (the intercept lists above do not
+    /// apply), VMGEXIT exits with [`Exit::Vmgexit`], CR0/CR4/CR8/EFER writes exit with
+    /// [`Exit::WriteTrap`] after they retired, memory is accessed through the C-bit's
+    /// private/shared views of an encrypted [`PhysMemory`], and [`Cpu::to_vmsa`] /
+    /// [`Cpu::load_vmsa`] save and load the VMSA. Details in `src/sev.rs`.
+    pub sev_es: Option<SevEsConfig>,
 }
 
 impl Default for CpuConfig {
@@ -79,6 +112,7 @@ impl Default for CpuConfig {
             msr_intercepts: Vec::new(),
             tsc_per_insn: 1,
             vcpu_id: 0,
+            sev_es: None,
         }
     }
 }
@@ -110,6 +144,14 @@ pub enum Exit {
     BudgetExhausted,
     /// The kick flag ([`Cpu::kicker`]) was set.
     Interrupted,
+    /// SEV-ES: VMGEXIT (`rep vmmcall`), retired. `ghcb_msr` is the GHCB MSR's value (an
+    /// MSR-protocol request or the GHCB's guest-physical address); answer through the
+    /// GHCB page or [`Cpu::set_ghcb_msr`], then run again.
+    Vmgexit { ghcb_msr: u64 },
+    /// SEV-ES: a write to CR0 (MOV, CLTS, LMSW), CR4, CR8 (MOV) or EFER (WRMSR) retired;
+    /// `value` is the register's new value and `efer` the EFER after the write (a CR0 write
+    /// can change EFER.LMA). Nothing to complete: run again.
+    WriteTrap { reg: TrapReg, value: u64, efer: u64 },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -296,6 +338,8 @@ pub struct Cpu {
     pub(crate) compl: Completion,
     /// A shutdown condition recorded during exception delivery.
     pub(crate) shutdown: Option<String>,
+    /// SEV-ES mode state (None: a plain vCPU).
+    pub(crate) sev: Option<Box<sev::SevCpu>>,
 }
 
 // SAFETY: `ram` points into the `PhysMemory` this `Cpu` holds (kept alive by `mem`), which is
@@ -363,6 +407,7 @@ impl Cpu {
             shadow: false,
             halted: false,
             cache: CodeCache::new(),
+            sev: sev::SevCpu::new(&config, &mem),
             mem,
             config,
             kick: Arc::new(AtomicBool::new(false)),
@@ -673,6 +718,15 @@ impl Cpu {
     /// Recompute everything derived from CR0/CR4/EFER/CS/SS: mode, CPL, segment bases,
     /// TLB and decoded-block lookups.
     pub(crate) fn mode_changed(&mut self) {
+        self.recompute_mode();
+        self.tlb.flush();
+        self.cache.flush_lookup();
+        self.pending |= P_FLUSH;
+    }
+
+    /// Recompute mode, CPL (from SS.DPL), TLB set and segment bases from the current
+    /// registers, without flushing anything.
+    pub(crate) fn recompute_mode(&mut self) {
         let long_active = self.efer & efer::LME != 0 && self.cr0 & cr0::PG != 0;
         if long_active {
             self.efer |= efer::LMA;
@@ -706,9 +760,6 @@ impl Cpu {
         }
         self.tlb_off = if self.cpl == 3 { mmu::TLB_SIZE } else { 0 };
         self.update_seg_bases();
-        self.tlb.flush();
-        self.cache.flush_lookup();
-        self.pending |= P_FLUSH;
     }
 
     pub(crate) fn update_seg_bases(&mut self) {
@@ -780,6 +831,11 @@ impl Cpu {
             return Exit::Shutdown {
                 reason: reason.clone(),
             };
+        }
+        if self.sev.is_some() {
+            if let Some(x) = self.sev_enter() {
+                return x;
+            }
         }
         let limit = self.retired.saturating_add(budget);
         loop {
@@ -896,6 +952,10 @@ impl Cpu {
                 }
             }
             max -= n as u64;
+            if self.sev.is_some() {
+                // SEV-ES: drop TLB entries made stale by page conversions elsewhere.
+                self.sev_poll();
+            }
             // Chain to the next block unless something needs the run loop's attention.
             if max == 0
                 || self.ev_exception.is_some()

@@ -22,6 +22,10 @@ use std::sync::Arc;
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 
+mod encrypt;
+pub use encrypt::PageCipher;
+pub(crate) use encrypt::View;
+
 pub const PAGE_SIZE: u64 = 4096;
 pub const PAGE_SHIFT: u32 = 12;
 
@@ -35,6 +39,10 @@ pub enum MemError {
     BitmapSize { bitmap_pages: u64, ram_pages: u64 },
     #[error("cannot allocate {0} bytes of guest RAM")]
     Alloc(u64),
+    #[error("guest memory encryption is not enabled; call PhysMemory::enable_encryption (LAUNCH_START) first")]
+    EncryptionOff,
+    #[error("guest memory encryption is already enabled for this memory (one key per guest)")]
+    EncryptionOn,
 }
 
 /// Memory this object allocated itself (tests, benchmarks).
@@ -64,6 +72,8 @@ struct Inner {
     epoch: Box<[AtomicU32]>,
     _owned: Option<OwnedRam>,
     _keepalive: Option<Arc<dyn Any + Send + Sync>>,
+    /// SEV memory encryption (inert until enabled): see `encrypt`.
+    sev: encrypt::SevMem,
 }
 
 // SAFETY: the raw pointers refer to guest RAM and a dirty bitmap that, per the contract of
@@ -124,6 +134,7 @@ impl PhysMemory {
                 epoch,
                 _owned: owned,
                 _keepalive: keepalive,
+                sev: encrypt::SevMem::new(),
             }),
         }
     }
@@ -282,6 +293,8 @@ impl PhysMemory {
         if len == 0 {
             return;
         }
+        // With SEV encryption on, a host write makes Private pages Shared (see `encrypt`).
+        self.host_wrote(gpa, len);
         let first = gpa / PAGE_SIZE;
         let last = gpa.saturating_add(len - 1) / PAGE_SIZE;
         let pages = self.inner.size / PAGE_SIZE;
@@ -304,8 +317,11 @@ impl PhysMemory {
         Ok(())
     }
 
-    /// Read guest RAM.
+    /// Read guest RAM (with SEV encryption on: as [`PhysMemory::read_host`]).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        if self.encryption_enabled() {
+            return self.read_host(gpa, buf);
+        }
         self.check(gpa, buf.len())?;
         // SAFETY: range checked against RAM; raw copy from shared memory.
         unsafe {
@@ -318,8 +334,12 @@ impl PhysMemory {
         Ok(())
     }
 
-    /// Write guest RAM: marks the pages dirty and invalidates decoded code on them.
+    /// Write guest RAM: marks the pages dirty and invalidates decoded code on them (with SEV
+    /// encryption on: as [`PhysMemory::write_host`]).
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+        if self.encryption_enabled() {
+            return self.write_host(gpa, buf);
+        }
         self.check(gpa, buf.len())?;
         // SAFETY: range checked against RAM; raw copy into shared memory.
         unsafe {

@@ -5,6 +5,8 @@ use crate::mem::{PAGE_SHIFT, PAGE_SIZE};
 use crate::{Cpu, Exc, Exit, Mode, Stop, P_MMIO, R, SS};
 use esvm_arch::bits::{cr0, cr4, efer, vector};
 
+mod sev_walk;
+
 pub(crate) const TLB_BITS: u32 = 9;
 pub(crate) const TLB_SIZE: usize = 1 << TLB_BITS;
 const TLB_MASK: usize = TLB_SIZE - 1;
@@ -307,6 +309,9 @@ impl Cpu {
             };
             return Ok(u128::from_le_bytes(b));
         }
+        if self.sev.is_some() {
+            return self.sev_phys_read(gpa, size);
+        }
         self.mmio_read(gpa, size)
     }
 
@@ -317,6 +322,9 @@ impl Cpu {
             unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ram.add(gpa as usize), size) };
             self.note_write(gpa >> PAGE_SHIFT);
             return Ok(());
+        }
+        if self.sev.is_some() {
+            return self.sev_phys_write(gpa, size, v);
         }
         self.mmio_write(gpa, size, v);
         Ok(())
@@ -352,6 +360,9 @@ impl Cpu {
 
     /// Translate `lin` for `acc` at user (`user`) or supervisor privilege; fills the TLB.
     pub(crate) fn translate(&mut self, lin: u64, acc: Acc, user: bool) -> R<u64> {
+        if self.sev.is_some() {
+            return self.translate_sev(lin, acc, user);
+        }
         let w = self.walk(lin, acc, user).map_err(Stop::Exc)?;
         let vpn = lin >> PAGE_SHIFT;
         let gpn = w.gpa >> PAGE_SHIFT;
@@ -599,6 +610,9 @@ impl Cpu {
         }
         let user = self.cpl == 3;
         let gpa = self.translate(lin, Acc::Write, user)?;
+        if self.sev.is_some() {
+            return self.sev_rmw_ptr(gpa, size);
+        }
         if gpa + size as u64 > self.ram_size {
             return Ok(None);
         }

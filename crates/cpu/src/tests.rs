@@ -1026,3 +1026,94 @@ fn completion_runs_before_interrupt_delivery() {
     assert_eq!(c.rip, CODE + 4, "the IN retired before the interrupt");
     assert_eq!(h.cpu.regs().gpr[0] & 0xff, 0x5a);
 }
+
+#[test]
+fn idiv_most_negative_by_minus_one_is_de() {
+    let code = asm(|a| {
+        a.xor(eax, eax)?;
+        a.mov(rdx, 0x8000_0000_0000_0000u64)?;
+        a.mov(rcx, -1i64)?;
+        a.idiv(rcx)?;
+        a.hlt()
+    });
+    let mut h = harness(&code);
+    expect_exc(&mut h, 0, None);
+}
+
+/// Random machine code (ring 3 and ring 0) must never panic the interpreter: every outcome is
+/// an exception, an exit or a shutdown.
+#[test]
+fn random_code_never_panics() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..400 {
+        let len = 8 + (next() % 40) as usize;
+        let mut code: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        // Bias towards interesting opcode space: two-byte opcodes and prefixes.
+        if round % 3 == 0 {
+            code[0] = 0x0f;
+        }
+        if round % 5 == 0 {
+            code[0] = [0x66, 0xf3, 0xf2, 0xf0, 0x48][(next() % 5) as usize];
+        }
+        if round % 2 == 0 {
+            let mut r = esvm_arch::Regs::default();
+            for g in r.gpr.iter_mut() {
+                *g = if next() & 1 == 0 {
+                    next()
+                } else {
+                    SNIPPET_SCRATCH + (next() & 0xfff)
+                };
+            }
+            let mut scratch = [0u8; 4096];
+            let _ = run_snippet(&code, &r, &mut scratch);
+        } else {
+            let mut h = harness(&code);
+            for _ in 0..8 {
+                match h.cpu.run(2000) {
+                    Exit::IoIn { .. } => h.cpu.complete_io_in(0).unwrap(),
+                    Exit::MmioRead { size, .. } => h
+                        .cpu
+                        .complete_mmio_read(&[0u8; 16][..size as usize])
+                        .unwrap(),
+                    Exit::Cpuid { .. } => h.cpu.complete_cpuid([0; 4]).unwrap(),
+                    Exit::RdMsr { .. } => h.cpu.complete_rdmsr(None).unwrap(),
+                    Exit::WrMsr { .. } => h.cpu.complete_wrmsr(false).unwrap(),
+                    Exit::Shutdown { .. } | Exit::BudgetExhausted => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lar_lsl_verr_verw() {
+    let h = run64(|a| {
+        a.mov(ecx, KDATA as u32)?;
+        a.lar(eax, ecx)?;
+        a.setz(r8b)?;
+        a.lsl(ebx, ecx)?;
+        a.mov(ecx, 0x1000)?; // beyond the GDT limit
+        a.lar(edx, ecx)?;
+        a.setz(r9b)?;
+        a.mov(ecx, KCODE as u32)?;
+        a.verw(cx)?;
+        a.setz(r10b)?;
+        a.verr(cx)?;
+        a.setz(r11b)?;
+        Ok(())
+    });
+    let r = h.cpu.regs();
+    assert_eq!(r.gpr[8] & 0xff, 1);
+    assert_eq!(r.gpr[0], 0x00cf_9300);
+    assert_eq!(r.gpr[3], 0xffff_ffff);
+    assert_eq!(r.gpr[9] & 0xff, 0);
+    assert_eq!(r.gpr[10] & 0xff, 0, "code is not writable");
+    assert_eq!(r.gpr[11] & 0xff, 1, "code is readable");
+}

@@ -3,16 +3,21 @@
 //! Deterministic (virtual time is the retired-instruction count), unprivileged, and the only
 //! backend that can run SEV-ES guests.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use esvm_arch::bits::cr0;
 use esvm_arch::{DebugRegs, FpuState, PendingEvents, Regs, SpecialRegs, VcpuSnapshot};
-use esvm_cpu::{Cpu, CpuConfig, CpuError, Exit, PhysMemory};
+use esvm_cpu::{Cpu, CpuConfig, CpuError, Exit, PhysMemory, SevEsConfig, TrapReg};
+use esvm_psp::{LaunchStart, Measurement, PacketHeader, Psp};
 
+use crate::ghcb::{GhcbOutcome, GuestResponse, MsrProtocolOutcome, VmgexitOutcome};
 use crate::memory::GuestMemory;
+use crate::sev::{
+    self, psp_err, Attempt, MemoryController, PrivateView, ReplayServices, SevVcpu, SevVm,
+    VmmAnswer, VmmIo,
+};
 use crate::{
-    BackendKind, DirtyBitmap, HvError, Hypervisor, Kicker, Result, Vcpu, Vm, VmConfig, VmExit,
-    VmType,
+    BackendKind, DirtyBitmap, HvError, Hypervisor, Kicker, Result, SregsView, TrackedSregs, Vcpu,
+    Vm, VmConfig, VmExit, VmType,
 };
 
 fn cpu_err(e: CpuError) -> HvError {
@@ -43,6 +48,8 @@ pub struct EmuVm {
     memory: Arc<GuestMemory>,
     phys: PhysMemory,
     created: Mutex<Vec<u32>>,
+    /// SEV-ES context, set by [`EmuVm::sev_launch_start`] / [`EmuVm::sev_receive_start`].
+    sev: Arc<OnceLock<Arc<SevVm>>>,
 }
 
 impl EmuVm {
@@ -78,7 +85,98 @@ impl EmuVm {
             memory,
             phys,
             created: Mutex::new(Vec::new()),
+            sev: Arc::new(OnceLock::new()),
         })
+    }
+
+    fn sev_vm(&self) -> Result<&Arc<SevVm>> {
+        self.sev
+            .get()
+            .ok_or_else(|| HvError::Sev("no SEV-ES guest context: run LAUNCH_START first".into()))
+    }
+
+    fn require_sev_type(&self) -> Result<()> {
+        if self.config.vm_type != VmType::SevEs {
+            return Err(HvError::Sev(
+                "this VM is a plain VM; SEV-ES commands need a VM created with VmType::SevEs"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// LAUNCH_START (+ ACTIVATE): create the guest context in the secure processor and wire
+    /// its memory key to the CPU model's memory controller.
+    pub fn sev_launch_start(&self, psp: Arc<Mutex<Psp>>, req: &LaunchStart) -> Result<u32> {
+        self.require_sev_type()?;
+        if self.sev.get().is_some() {
+            return Err(HvError::Sev(
+                "LAUNCH_START was already done for this VM".into(),
+            ));
+        }
+        let (handle, key) = {
+            let mut p = psp.lock().unwrap_or_else(|e| e.into_inner());
+            let handle = p.launch_start(req).map_err(psp_err)?;
+            p.activate(handle, 1).map_err(psp_err)?;
+            (handle, p.memory_controller_key(handle).map_err(psp_err)?)
+        };
+        self.phys
+            .enable_encryption(Arc::new(MemoryController(key)))
+            .map_err(|e| HvError::Sev(e.to_string()))?;
+        let _ = self.sev.set(Arc::new(SevVm {
+            psp,
+            handle,
+            ghcb_vm: Mutex::new(Default::default()),
+        }));
+        Ok(handle)
+    }
+
+    /// LAUNCH_UPDATE_DATA: encrypt `[gpa, gpa+len)` in place and measure it.
+    pub fn sev_launch_update_data(&self, gpa: u64, len: u64) -> Result<()> {
+        let sev = self.sev_vm()?;
+        self.phys
+            .encrypt_in_place(gpa, len)
+            .map_err(|e| HvError::Sev(e.to_string()))?;
+        let view = PrivateView(self.phys.clone());
+        sev.psp()
+            .launch_update_data(sev.handle, &view, gpa, len as usize)
+            .map_err(psp_err)
+    }
+
+    /// LAUNCH_MEASURE.
+    pub fn sev_launch_measure(&self) -> Result<Measurement> {
+        let sev = self.sev_vm()?;
+        sev.psp().launch_measure(sev.handle).map_err(psp_err)
+    }
+
+    /// LAUNCH_UPDATE_SECRET: inject an owner's secret packet at `gpa`.
+    pub fn sev_launch_secret(
+        &self,
+        gpa: u64,
+        header: &PacketHeader,
+        ciphertext: &[u8],
+    ) -> Result<()> {
+        let sev = self.sev_vm()?;
+        let view = PrivateView(self.phys.clone());
+        sev.psp()
+            .launch_secret(sev.handle, &view, gpa, header, ciphertext)
+            .map_err(psp_err)
+    }
+
+    /// LAUNCH_FINISH.
+    pub fn sev_launch_finish(&self) -> Result<()> {
+        let sev = self.sev_vm()?;
+        sev.psp().launch_finish(sev.handle).map_err(psp_err)
+    }
+
+    /// The guest's firmware handle, once launched.
+    pub fn sev_handle(&self) -> Option<u32> {
+        self.sev.get().map(|s| s.handle)
+    }
+
+    /// The secure processor this VM's guest context lives in.
+    pub fn sev_context(&self) -> Option<Arc<SevVm>> {
+        self.sev.get().cloned()
     }
 
     /// The interpreter's view of guest RAM.
@@ -112,19 +210,36 @@ impl Vm for EmuVm {
             return Err(HvError::InvalidState(format!("vCPU {id} already exists")));
         }
         created.push(id);
+        let sev_es = self.config.vm_type == VmType::SevEs;
         let cfg = CpuConfig {
             cpuid: self.config.cpuid.clone(),
             cpuid_intercepts: self.config.cpuid_intercepts.clone(),
             msr_intercepts: self.config.msr_intercepts.clone(),
             vcpu_id: id,
+            sev_es: sev_es.then_some(SevEsConfig { c_bit: sev::C_BIT }),
             ..CpuConfig::default()
         };
-        Ok(Box::new(EmuVcpu::new(id, Cpu::new(cfg, self.phys.clone()))))
+        let mut vcpu = EmuVcpu::new(id, Cpu::new(cfg, self.phys.clone()));
+        if sev_es {
+            vcpu.sev = Some(Box::new(SevVcpu::new()));
+            vcpu.sev_ctx = Some(self.sev.clone());
+            vcpu.cpuid = self.config.cpuid.clone();
+        }
+        Ok(Box::new(vcpu))
     }
 
     fn take_dirty_log(&self) -> Result<DirtyBitmap> {
         Ok(self.memory.take_dirty())
     }
+}
+
+/// What a protected vCPU's run produced, before it is shown to the VMM.
+enum SevStep {
+    Io(VmmIo),
+    Cpu(Exit),
+    Terminated(String),
+    Hlt,
+    Budget,
 }
 
 /// What the last exit left for the VMM to fill in.
@@ -153,9 +268,16 @@ pub struct EmuVcpu {
     budget: Option<u64>,
     awaiting: Awaiting,
     data: [u8; 16],
-    cpuid: [u32; 4],
+    cpuid_result: [u32; 4],
     msr_value: u64,
     msr_fault: bool,
+    /// SEV-ES: the hypervisor's per-vCPU state (None on plain VMs).
+    sev: Option<Box<SevVcpu>>,
+    sev_ctx: Option<Arc<OnceLock<Arc<SevVm>>>>,
+    /// CPUID table the hypervisor answers GHCB CPUID requests from.
+    cpuid: esvm_arch::cpuid::CpuidTable,
+    /// The VMM's answer to the GHCB request's blocking read (SEV-ES).
+    ghcb_read: Option<VmmIo>,
 }
 
 impl EmuVcpu {
@@ -166,9 +288,15 @@ impl EmuVcpu {
             budget: None,
             awaiting: Awaiting::Nothing,
             data: [0; 16],
-            cpuid: [0; 4],
+            cpuid_result: [0; 4],
             msr_value: 0,
             msr_fault: false,
+            sev: None,
+            sev_ctx: None,
+            cpuid: esvm_arch::cpuid::CpuidTable {
+                entries: Vec::new(),
+            },
+            ghcb_read: None,
         }
     }
 
@@ -183,7 +311,7 @@ impl EmuVcpu {
                 self.cpu.complete_io_in(u32::from_le_bytes(v))
             }
             Awaiting::MmioRead(n) => self.cpu.complete_mmio_read(&self.data[..n]),
-            Awaiting::Cpuid => self.cpu.complete_cpuid(self.cpuid),
+            Awaiting::Cpuid => self.cpu.complete_cpuid(self.cpuid_result),
             Awaiting::RdMsr => self
                 .cpu
                 .complete_rdmsr((!self.msr_fault).then_some(self.msr_value)),
@@ -213,14 +341,232 @@ impl EmuVcpu {
     }
 }
 
-impl Vcpu for EmuVcpu {
-    fn id(&self) -> u32 {
-        self.id
+impl EmuVcpu {
+    fn sev_context(&self) -> Result<Arc<SevVm>> {
+        self.sev_ctx
+            .as_ref()
+            .and_then(|c| c.get().cloned())
+            .ok_or_else(|| {
+                HvError::Sev("the VM has no SEV-ES guest context yet (LAUNCH_START)".into())
+            })
     }
 
-    fn run(&mut self) -> Result<VmExit<'_>> {
-        self.complete()?;
-        let exit = self.cpu.run(self.budget.unwrap_or(u64::MAX));
+    fn guard(&self, operation: &'static str) -> Result<()> {
+        if self.is_protected() {
+            return Err(HvError::ProtectedState {
+                vcpu: self.id,
+                operation,
+            });
+        }
+        Ok(())
+    }
+
+    /// Run a protected vCPU: write traps refresh the tracked registers, VMGEXITs are handled
+    /// here and turned into ordinary port/MMIO exits for the VMM.
+    fn run_sev(&mut self) -> Result<VmExit<'_>> {
+        let step = self.sev_step()?;
+        Ok(match step {
+            SevStep::Io(io) => self.vmm_io_exit(io),
+            SevStep::Cpu(exit) => return self.map_exit(exit),
+            SevStep::Terminated(reason) => VmExit::Terminated { reason },
+            SevStep::Hlt => VmExit::Hlt,
+            SevStep::Budget => VmExit::BudgetExhausted,
+        })
+    }
+
+    /// Advance a protected vCPU until something the VMM must see (all owned data, so the
+    /// borrow of the exit starts only in [`Self::run_sev`]).
+    fn sev_step(&mut self) -> Result<SevStep> {
+        let start = self.cpu.instructions_retired();
+        let budget = self.budget.unwrap_or(u64::MAX);
+        loop {
+            // Writes a completed VMGEXIT made to devices go to the VMM first, in order.
+            if let Some(io) = self.sev.as_mut().and_then(|s| s.outbox.pop_front()) {
+                return Ok(SevStep::Io(io));
+            }
+            if let Some(msr) = self.sev.as_ref().and_then(|s| s.in_flight) {
+                if let Some(step) = self.advance_vmgexit(msr)? {
+                    return Ok(step);
+                }
+                continue;
+            }
+            let used = self.cpu.instructions_retired() - start;
+            if used >= budget {
+                return Ok(SevStep::Budget);
+            }
+            self.complete()?;
+            match self.cpu.run(budget - used) {
+                Exit::WriteTrap { reg, value, efer } => {
+                    let s = self.sev.as_mut().expect("SEV-ES vCPU");
+                    match reg {
+                        TrapReg::Cr0 => {
+                            s.tracked.cr0 = value;
+                            s.tracked.efer = efer;
+                        }
+                        TrapReg::Cr4 => s.tracked.cr4 = value,
+                        TrapReg::Cr8 => s.tracked.cr8 = value,
+                        TrapReg::Efer => s.tracked.efer = value,
+                    }
+                }
+                Exit::Vmgexit { ghcb_msr } => {
+                    let s = self.sev.as_mut().expect("SEV-ES vCPU");
+                    s.in_flight = Some(ghcb_msr);
+                    s.answers.clear();
+                }
+                Exit::Shutdown { reason } => {
+                    return Ok(SevStep::Cpu(Exit::Shutdown {
+                        reason: format!(
+                            "{reason} (SEV-ES guest: CPUID, port I/O, MSR and MMIO accesses \
+                             raise #VC, vector 29; a guest without a working #VC handler, or \
+                             with a broken IDT, ends in this shutdown)"
+                        ),
+                    }))
+                }
+                other => return Ok(SevStep::Cpu(other)),
+            }
+        }
+    }
+
+    /// Show one VMM I/O of a GHCB request to the VMM as an ordinary exit.
+    fn vmm_io_exit(&mut self, io: VmmIo) -> VmExit<'_> {
+        match io {
+            VmmIo::IoOut { port, size, value } => {
+                self.data[..4].copy_from_slice(&value.to_le_bytes());
+                VmExit::IoOut {
+                    port,
+                    data: &self.data[..size],
+                }
+            }
+            VmmIo::IoIn { port, size } => {
+                self.data = [0; 16];
+                VmExit::IoIn {
+                    port,
+                    data: &mut self.data[..size],
+                }
+            }
+            VmmIo::MmioWrite { gpa, data } => {
+                let n = data.len().min(16);
+                self.data[..n].copy_from_slice(&data[..n]);
+                VmExit::MmioWrite {
+                    addr: gpa,
+                    data: &self.data[..n],
+                }
+            }
+            VmmIo::MmioRead { gpa, len } => {
+                self.data = [0; 16];
+                VmExit::MmioRead {
+                    addr: gpa,
+                    data: &mut self.data[..len.min(16)],
+                }
+            }
+        }
+    }
+
+    /// Try to finish the in-flight VMGEXIT. `Ok(Some(exit))` when the VMM must act first.
+    fn advance_vmgexit(&mut self, msr: u64) -> Result<Option<SevStep>> {
+        let ctx = self.sev_context()?;
+        let mut s = self.sev.take().expect("SEV-ES vCPU");
+        if let Some(req) = self.ghcb_read.take() {
+            s.answers.push(match req {
+                VmmIo::IoIn { size, .. } => {
+                    let mut v = [0u8; 4];
+                    v[..size].copy_from_slice(&self.data[..size]);
+                    VmmAnswer::Value(u32::from_le_bytes(v))
+                }
+                VmmIo::MmioRead { len, .. } => VmmAnswer::Bytes(self.data[..len.min(16)].to_vec()),
+                _ => VmmAnswer::Done,
+            });
+        }
+        let phys = self.cpu.memory().clone();
+        let tsc = self.cpu.tsc();
+        let result = {
+            let SevVcpu {
+                tracked,
+                ghcb,
+                answers,
+                ..
+            } = &mut *s;
+            let mut services = ReplayServices {
+                phys: &phys,
+                cpuid: &self.cpuid,
+                tsc,
+                vcpu_id: self.id,
+                tracked,
+                vm: &ctx,
+                answers,
+                next_answer: 0,
+                blocked_on: None,
+                writes: Vec::new(),
+                shared_writes: Vec::new(),
+            };
+            sev::attempt(msr, ghcb, &mut services)
+        };
+        let outcome = match result {
+            Attempt::Blocked(req) => {
+                self.sev = Some(s);
+                self.ghcb_read = Some(req.clone());
+                return Ok(Some(SevStep::Io(req)));
+            }
+            Attempt::Done(outcome, writes, shared_writes) => {
+                for (gpa, data) in shared_writes {
+                    phys.write_host(gpa, &data)
+                        .map_err(|e| HvError::Sev(format!("writing the GHCB back: {e}")))?;
+                }
+                s.in_flight = None;
+                s.answers.clear();
+                s.outbox.extend(writes);
+                outcome
+            }
+        };
+        self.sev = Some(s);
+        let terminated = |reason: String| Ok(Some(SevStep::Terminated(reason)));
+        match outcome {
+            VmgexitOutcome::Msr(MsrProtocolOutcome::Respond { msr }) => {
+                self.cpu.set_ghcb_msr(msr);
+                Ok(None)
+            }
+            VmgexitOutcome::Msr(MsrProtocolOutcome::ApResetHold { msr }) => {
+                self.cpu.set_ghcb_msr(msr);
+                Ok(Some(SevStep::Hlt))
+            }
+            VmgexitOutcome::Msr(MsrProtocolOutcome::Terminate {
+                reason_set,
+                reason_code,
+            }) => terminated(format!(
+                "the guest requested termination (GHCB MSR protocol): reason set {reason_set}, \
+                 reason code {reason_code:#x}"
+            )),
+            VmgexitOutcome::Msr(MsrProtocolOutcome::Error(e)) | VmgexitOutcome::Failed(e) => {
+                terminated(format!("GHCB protocol violation: {e}"))
+            }
+            VmgexitOutcome::Ghcb(GhcbOutcome::Resume(GuestResponse::Malformed {
+                code,
+                detail,
+            })) => {
+                tracing::debug!(vcpu = self.id, ?code, %detail, "malformed GHCB request answered with an error");
+                Ok(None)
+            }
+            VmgexitOutcome::Ghcb(GhcbOutcome::Resume(_))
+            | VmgexitOutcome::Ghcb(GhcbOutcome::NmiComplete) => Ok(None),
+            VmgexitOutcome::Ghcb(GhcbOutcome::ApResetHold) => Ok(Some(SevStep::Hlt)),
+            VmgexitOutcome::Ghcb(GhcbOutcome::Terminate {
+                reason_set,
+                reason_code,
+                info,
+            }) => terminated(format!(
+                "the guest requested termination (GHCB TERM_REQUEST): reason set {reason_set}, \
+                 reason code {reason_code:#x}, info {info:#x}"
+            )),
+            VmgexitOutcome::Ghcb(GhcbOutcome::UnsupportedEvent { info1, info2 }) => {
+                terminated(format!(
+                    "the guest reported an event it cannot handle (UNSUPPORTED_EVENT): info1 \
+                     {info1:#x}, info2 {info2:#x}"
+                ))
+            }
+        }
+    }
+
+    fn map_exit(&mut self, exit: Exit) -> Result<VmExit<'_>> {
         Ok(match exit {
             Exit::IoIn { port, size } => {
                 let n = size as usize;
@@ -259,11 +605,11 @@ impl Vcpu for EmuVcpu {
             Exit::Shutdown { reason } => VmExit::Shutdown { reason },
             Exit::Cpuid { function, index } => {
                 self.awaiting = Awaiting::Cpuid;
-                self.cpuid = [0; 4];
+                self.cpuid_result = [0; 4];
                 VmExit::Cpuid {
                     function,
                     index,
-                    result: &mut self.cpuid,
+                    result: &mut self.cpuid_result,
                 }
             }
             Exit::RdMsr { index } => {
@@ -287,51 +633,164 @@ impl Vcpu for EmuVcpu {
             }
             Exit::BudgetExhausted => VmExit::BudgetExhausted,
             Exit::Interrupted => VmExit::Interrupted,
+            Exit::Vmgexit { .. } | Exit::WriteTrap { .. } => {
+                return Err(HvError::Internal {
+                    backend: BackendKind::Emu,
+                    message: format!("SEV-ES exit {exit:?} on a vCPU without SEV-ES state"),
+                })
+            }
         })
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn run(&mut self) -> Result<VmExit<'_>> {
+        if self.sev.is_some() {
+            return self.run_sev();
+        }
+        self.complete()?;
+        let exit = self.cpu.run(self.budget.unwrap_or(u64::MAX));
+        self.map_exit(exit)
+    }
+
+    fn get_sregs_view(&self) -> Result<SregsView> {
+        match &self.sev {
+            Some(s) if s.protected => Ok(SregsView::Tracked(TrackedSregs {
+                cr0: s.tracked.cr0,
+                cr4: s.tracked.cr4,
+                cr8: s.tracked.cr8,
+                efer: s.tracked.efer,
+                apic_base: s.tracked.apic_base,
+            })),
+            _ => Ok(SregsView::Full(self.cpu.sregs())),
+        }
+    }
+
+    fn is_protected(&self) -> bool {
+        self.sev.as_ref().is_some_and(|s| s.protected)
+    }
+
+    fn sev_launch_update_vmsa(&mut self) -> Result<()> {
+        let ctx = self.sev_context()?;
+        if self.is_protected() {
+            return Err(HvError::Sev(format!(
+                "vCPU {} already went through LAUNCH_UPDATE_VMSA",
+                self.id
+            )));
+        }
+        // As KVM: the VMSA cannot be encrypted while guest debugging is active, since the
+        // hypervisor could no longer service the debug state.
+        if self.cpu.debug_regs().dr7 & 0xff != 0 {
+            return Err(HvError::Sev(format!(
+                "vCPU {}: DR7 enables breakpoints ({:#x}); clear guest debugging before \
+                 LAUNCH_UPDATE_VMSA",
+                self.id,
+                self.cpu.debug_regs().dr7
+            )));
+        }
+        let vmsa = self.cpu.to_vmsa();
+        let sregs = self.cpu.sregs();
+        ctx.psp()
+            .launch_update_vmsa(
+                ctx.handle(),
+                self.id,
+                sev::vmsa_gpa(self.id),
+                vmsa.as_bytes(),
+            )
+            .map_err(psp_err)?;
+        let s = self.sev.as_mut().expect("SEV-ES vCPU");
+        s.tracked = esvm_psp::TrackedRegisters {
+            cr0: sregs.cr0,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+            cr8: sregs.cr8,
+            apic_base: sregs.apic_base,
+        };
+        s.protected = true;
+        Ok(())
+    }
+
+    fn sev_encrypted_vmsa(&self) -> Result<Box<[u8; 4096]>> {
+        let ctx = self.sev_context()?;
+        if !self.is_protected() {
+            return Err(HvError::Sev(format!(
+                "vCPU {} has no encrypted VMSA yet",
+                self.id
+            )));
+        }
+        // The CPU model saves its state into the VMSA at VMEXIT; the host only ever holds
+        // the ciphertext.
+        let vmsa = self.cpu.to_vmsa();
+        let psp = ctx.psp();
+        psp.seal_vmsa(ctx.handle(), sev::vmsa_gpa(self.id), vmsa.as_bytes())
+            .map_err(psp_err)
+    }
+
+    fn ghcb_msr(&self) -> Result<u64> {
+        if self.sev.is_none() {
+            return Err(HvError::Sev("not an SEV-ES vCPU".into()));
+        }
+        Ok(self.cpu.ghcb_msr())
     }
 
     fn get_regs(&self) -> Result<Regs> {
+        self.guard("get_regs")?;
         Ok(self.cpu.regs())
     }
     fn set_regs(&mut self, regs: &Regs) -> Result<()> {
+        self.guard("set_regs")?;
         self.cpu.set_regs(regs);
         Ok(())
     }
     fn get_sregs(&self) -> Result<SpecialRegs> {
+        self.guard("get_sregs (use get_sregs_view for the tracked registers)")?;
         Ok(self.cpu.sregs())
     }
     fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<()> {
+        self.guard("set_sregs")?;
         self.cpu.set_sregs(sregs).map_err(cpu_err)
     }
     fn get_fpu(&self) -> Result<FpuState> {
+        self.guard("get_fpu")?;
         Ok(self.cpu.fpu())
     }
     fn set_fpu(&mut self, fpu: &FpuState) -> Result<()> {
+        self.guard("set_fpu")?;
         self.cpu.set_fpu(fpu);
         Ok(())
     }
     fn get_xcr0(&self) -> Result<u64> {
+        self.guard("get_xcr0")?;
         Ok(self.cpu.xcr0())
     }
     fn set_xcr0(&mut self, xcr0: u64) -> Result<()> {
+        self.guard("set_xcr0")?;
         self.cpu.set_xcr0(xcr0).map_err(cpu_err)
     }
     fn get_msrs(&self, indices: &[u32]) -> Result<Vec<u64>> {
+        self.guard("get_msrs")?;
         indices
             .iter()
             .map(|i| self.cpu.get_msr(*i).map_err(cpu_err))
             .collect()
     }
     fn set_msrs(&mut self, entries: &[(u32, u64)]) -> Result<()> {
+        self.guard("set_msrs")?;
         for (i, v) in entries {
             self.cpu.set_msr(*i, *v).map_err(cpu_err)?;
         }
         Ok(())
     }
     fn get_debug_regs(&self) -> Result<DebugRegs> {
+        self.guard("get_debug_regs")?;
         Ok(self.cpu.debug_regs())
     }
     fn set_debug_regs(&mut self, regs: &DebugRegs) -> Result<()> {
+        self.guard("set_debug_regs")?;
         self.cpu.set_debug_regs(regs);
         Ok(())
     }
@@ -351,13 +810,21 @@ impl Vcpu for EmuVcpu {
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<()> {
-        // As KVM: an exception carries its error code only in protected mode.
-        let protected = self.cpu.sregs().cr0 & cr0::PE != 0;
+        // As KVM: an exception carries its error code only in protected mode, judged from
+        // the CR0 the hypervisor knows (the tracked CR0 for a protected vCPU).
+        let known_cr0 = self.get_sregs_view()?.cr0();
         self.cpu
-            .inject_exception(vector, error_code.filter(|_| protected));
+            .inject_exception(vector, sev::injected_error_code(known_cr0, error_code));
         Ok(())
     }
     fn queue_interrupt(&mut self, vector: u8) -> Result<()> {
+        let known_cr8 = self.get_sregs_view()?.cr8();
+        if !sev::tpr_accepts(known_cr8, vector) {
+            return Err(HvError::InvalidState(format!(
+                "interrupt vector {vector:#x} is masked by the task priority (CR8 = {known_cr8}); \
+                 queue it once the guest lowers its TPR"
+            )));
+        }
         self.cpu.queue_interrupt(vector).map_err(cpu_err)
     }
     fn interrupt_window_open(&self) -> Result<bool> {
@@ -375,6 +842,7 @@ impl Vcpu for EmuVcpu {
     }
 
     fn snapshot(&self) -> Result<VcpuSnapshot> {
+        self.guard("snapshot (protected vCPUs move as sealed VMSAs)")?;
         if self.awaiting != Awaiting::Nothing {
             return Err(HvError::InvalidState(
                 "vCPU is in the middle of an exit; run it once more (or call settle) before \
@@ -385,6 +853,7 @@ impl Vcpu for EmuVcpu {
         Ok(self.cpu.snapshot())
     }
     fn restore(&mut self, s: &VcpuSnapshot) -> Result<()> {
+        self.guard("restore")?;
         self.awaiting = Awaiting::Nothing;
         self.cpu.restore(s).map_err(cpu_err)
     }

@@ -12,12 +12,14 @@ pub mod emu;
 pub mod ghcb;
 pub mod kvm;
 pub mod memory;
+pub mod sev;
 
 use esvm_arch::{DebugRegs, FpuState, PendingEvents, Regs, SpecialRegs, VcpuSnapshot};
 use std::sync::Arc;
 use thiserror::Error;
 
 pub use memory::{DirtyBitmap, GuestMemory, MemoryError};
+pub use sev::TrackedRegisters;
 
 /// Which backend runs a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

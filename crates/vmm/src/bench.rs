@@ -18,6 +18,10 @@ pub enum BenchCommand {
     /// beside the raw AES-128-CTR / HMAC-SHA256 / SHA-256 limits of the same crates on the
     /// same buffers, on one and on several threads.
     Psp(PspBenchArgs),
+    /// Live migration of real guests (the demo guest on the software vCPU) between a source
+    /// and a destination machine in this process over loopback TCP: throughput and downtime
+    /// for each guest size, idle and dirtying memory, plain guests.
+    Migrate(crate::bench_migrate::MigrateBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +80,7 @@ pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
     match cmd {
         BenchCommand::Cpu(args) => bench_cpu(&args),
         BenchCommand::Psp(args) => bench_psp(&args),
+        BenchCommand::Migrate(args) => crate::bench_migrate::run(&args),
     }
 }
 

@@ -6,14 +6,14 @@ use clap::Args;
 use esvm_hv::BackendKind;
 use thiserror::Error;
 
-use crate::machine::{Machine, MachineConfig, Outcome};
+use crate::machine::{Machine, MachineConfig};
 use crate::size::parse_size;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// A built-in guest name (see `esvm guests`) or the path of an ELF64 guest image.
-    #[arg(default_value = "demo")]
-    pub guest: String,
+    /// Default: `demo`, or `sevdemo` with --sev-es.
+    pub guest: Option<String>,
     /// Guest RAM size, e.g. 64M, 512M, 2G.
     #[arg(long, default_value = "64M", value_parser = parse_mem)]
     pub mem: u64,
@@ -26,6 +26,33 @@ pub struct RunArgs {
     /// Stop the guest after this many retired instructions (emu only); exit status 123.
     #[arg(long)]
     pub max_instructions: Option<u64>,
+    /// Serve the control API (`esvm ctl`: status, pause, resume, snapshot, migrate, cancel)
+    /// on this Unix socket while the guest runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Start with the guest paused until `esvm ctl resume` (needs --api-socket).
+    #[arg(long, requires = "api_socket")]
+    pub start_paused: bool,
+    /// Run the guest as an SEV-ES guest (encrypted memory and register state) on the
+    /// software secure processor in --platform: LAUNCH_START, LAUNCH_UPDATE_DATA over the
+    /// image, LAUNCH_UPDATE_VMSA per vCPU, LAUNCH_MEASURE (printed), optional secret,
+    /// LAUNCH_FINISH. Emu backend only.
+    #[arg(long, requires = "platform")]
+    pub sev_es: bool,
+    /// Platform directory (`esvm platform init --dir DIR`) of the secure processor.
+    #[arg(long, value_name = "DIR")]
+    pub platform: Option<PathBuf>,
+    /// The guest owner's session directory (`esvm owner session --out DIR`): policy, DH
+    /// certificate and session blob. Without it the launch has no owner (policy ES only).
+    #[arg(long, value_name = "DIR", requires = "sev_es")]
+    pub session: Option<PathBuf>,
+    /// Write the launch measurement (for `esvm owner verify`) to FILE.
+    #[arg(long, value_name = "FILE", requires = "sev_es")]
+    pub measurement_out: Option<PathBuf>,
+    /// Inject an owner's secret packet (`esvm owner secret`) before LAUNCH_FINISH; it lands
+    /// at guest-physical 0x4000.
+    #[arg(long, value_name = "PACKET", requires = "sev_es")]
+    pub secret: Option<PathBuf>,
     /// Arguments for the guest, passed in its boot-info block (e.g. iterations=1000).
     #[arg(last = true)]
     pub guest_args: Vec<String>,
@@ -71,34 +98,52 @@ pub fn resolve_guest(guest: &str) -> Result<(String, std::borrow::Cow<'static, [
 }
 
 pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    let (name, elf) = resolve_guest(&args.guest)?;
+    let default_guest = if args.sev_es { "sevdemo" } else { "demo" };
+    let (name, elf) = resolve_guest(args.guest.as_deref().unwrap_or(default_guest))?;
+    if args.sev_es && args.backend != BackendKind::Emu {
+        return Err("SEV-ES guests run only on the emu backend (drop --backend kvm)".into());
+    }
     let config = MachineConfig {
         backend: args.backend,
-        vm_type: esvm_hv::VmType::Plain,
+        vm_type: if args.sev_es {
+            esvm_hv::VmType::SevEs
+        } else {
+            esvm_hv::VmType::Plain
+        },
         mem_size: args.mem,
         vcpus: args.vcpus,
         max_instructions: args.max_instructions,
     };
     let mut machine = Machine::new(&config, Box::new(std::io::stdout())).map_err(RunError::from)?;
     let guest_args = args.guest_args.join(" ");
-    machine.load(&elf, &guest_args).map_err(RunError::from)?;
+    let boot = machine.load(&elf, &guest_args).map_err(RunError::from)?;
+    if args.sev_es {
+        let platform = args.platform.as_deref().expect("clap requires --platform");
+        let measurement = crate::sev_launch::launch(
+            &mut machine,
+            &boot,
+            &crate::sev_launch::SevLaunchArgs {
+                platform,
+                session: args.session.as_deref(),
+                measurement_out: args.measurement_out.as_deref(),
+                secret: args.secret.as_deref(),
+            },
+        )?;
+        eprintln!(
+            "esvm: SEV-ES launch measurement {} (mnonce {})",
+            crate::sev_launch::hex(&measurement.measure),
+            crate::sev_launch::hex(&measurement.mnonce)
+        );
+    }
     tracing::info!(guest = %name, backend = %args.backend, mem = args.mem, "starting");
-    let outcome = machine.run().map_err(RunError::from)?;
-    Ok(match outcome {
-        Outcome::Exited(code) => code,
-        Outcome::Shutdown(reason) => {
-            eprintln!("esvm: guest {name} shut down: {reason}");
-            crate::EXIT_GUEST_SHUTDOWN
-        }
-        Outcome::Terminated(reason) => {
-            eprintln!("esvm: guest {name} terminated: {reason}");
-            crate::EXIT_GUEST_TERMINATED
-        }
-        Outcome::InstructionLimit(n) => {
-            eprintln!("esvm: guest {name} stopped after {n} instructions (--max-instructions)");
-            crate::EXIT_INSTRUCTION_LIMIT
-        }
-    })
+    crate::session::run(
+        &name,
+        &mut machine,
+        &crate::session::RunOptions {
+            api_socket: args.api_socket.clone(),
+            start_paused: args.start_paused,
+        },
+    )
 }
 
 pub fn list_guests() {

@@ -1,14 +1,23 @@
 //! A VM assembled from a backend, guest memory, vCPUs and the legacy devices, and its run loop.
+//!
+//! The run loop is controllable from other threads through the machine's
+//! [`VmControl`](crate::runctl::VmControl) (pause, resume, jobs on the loop's thread, death
+//! after a migration); its state can be saved and restored ([`MachineState`] plus one
+//! [`VcpuSnapshot`] per vCPU) for snapshots and live migration.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-use esvm_devices::{Devices, DevicesError};
+use esvm_arch::VcpuSnapshot;
+use esvm_devices::{Devices, DevicesError, DevicesState};
 use esvm_hv::emu::EmuVm;
 use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
 use esvm_loader::{BootState, LoadError, LoadOptions};
 use thiserror::Error;
+
+use crate::dirty::DirtyTracker;
+use crate::runctl::{LoopEnd, VmControl};
 
 #[derive(Debug, Error)]
 pub enum MachineError {
@@ -24,6 +33,8 @@ pub enum MachineError {
          to port 0xf4"
     )]
     HaltedForever { vcpu: u32, rip: u64 },
+    #[error("invalid machine state: {0}")]
+    State(String),
 }
 
 /// How a run ended.
@@ -37,9 +48,13 @@ pub enum Outcome {
     InstructionLimit(u64),
     /// An SEV-ES guest asked to be terminated through the GHCB, or broke its protocol.
     Terminated(String),
+    /// The VM was live-migrated to the destination at this URL, which committed: the guest
+    /// runs there now and never runs here again.
+    Migrated(String),
 }
 
 /// What a machine is made of.
+#[derive(Debug, Clone)]
 pub struct MachineConfig {
     pub backend: BackendKind,
     /// Plain or SEV-ES (SEV-ES needs the emu backend).
@@ -58,9 +73,10 @@ fn scratch_range(addr: u64, len: usize) -> Option<std::ops::Range<usize>> {
 
 /// Virtual time. On the emu backend it is the retired-instruction count (1 instruction =
 /// 1 ns) plus the time skipped while halted, so runs are deterministic; on KVM it is host time.
+/// Both continue from the saved value after a restore or a migration.
 enum Clock {
     Virtual { idle_ns: u64 },
-    Host { start: Instant },
+    Host { start: Instant, offset_ns: u64 },
 }
 
 /// A 4 KiB RAM-like MMIO window for guests that test MMIO paths (e.g. `sev-mmio`): reads
@@ -68,16 +84,58 @@ enum Clock {
 pub const MMIO_SCRATCH_BASE: u64 = 0xFEB0_0000;
 const MMIO_SCRATCH_LEN: usize = 4096;
 
+/// Version of [`MachineState`]'s serialised form.
+pub const MACHINE_STATE_VERSION: u32 = 1;
+
+/// Everything of a machine that is not guest memory or vCPU state: the devices, the clock
+/// and the VMM-side MMIO window. Serialised (JSON) into snapshots and migration streams.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineState {
+    pub version: u32,
+    /// The backend the state was saved on (informational: plain state moves across).
+    pub backend: BackendKind,
+    pub devices: DevicesState,
+    /// Instructions retired by each vCPU over the VM's whole life (emu; 0 on KVM).
+    pub instructions: Vec<u64>,
+    /// Virtual time skipped while the guest was halted (emu).
+    pub idle_ns: u64,
+    /// The machine's clock (ns since the VM started), for host-time backends.
+    pub clock_ns: u64,
+    /// The MMIO scratch window's bytes.
+    pub mmio_scratch: Vec<u8>,
+    /// The `--max-instructions` limit, which stays with the VM.
+    pub max_instructions: Option<u64>,
+}
+
 pub struct Machine {
     vm: Arc<dyn Vm>,
     /// The same VM as `vm` when it runs on the emu backend (SEV-ES commands live there).
-    #[allow(dead_code)]
     emu: Option<Arc<EmuVm>>,
+    config: MachineConfig,
     mmio_scratch: Box<[u8; MMIO_SCRATCH_LEN]>,
     vcpus: Vec<Box<dyn Vcpu>>,
     devices: Devices,
     clock: Clock,
     max_instructions: Option<u64>,
+    /// Instructions each vCPU retired before this process took the VM over (restore or
+    /// migration); the backend's counters start at 0.
+    retired_base: Vec<u64>,
+    control: Arc<VmControl>,
+    tracker: Arc<DirtyTracker>,
+    /// The last exit waits for the VMM's answer to complete its instruction (IN, MMIO read,
+    /// CPUID, MSR): not a clean point for pausing or saving state.
+    mid_exit: bool,
+}
+
+/// What other threads hold of a machine: guest memory and dirty log (through the VM), and
+/// the run loop's control.
+#[derive(Clone)]
+pub struct MachineHandle {
+    pub vm: Arc<dyn Vm>,
+    pub control: Arc<VmControl>,
+    pub tracker: Arc<DirtyTracker>,
+    pub config: MachineConfig,
 }
 
 /// Slice of virtual time a vCPU runs at most before the loop looks at devices again, when no
@@ -109,6 +167,7 @@ impl Machine {
             BackendKind::Emu => Clock::Virtual { idle_ns: 0 },
             BackendKind::Kvm => Clock::Host {
                 start: Instant::now(),
+                offset_ns: 0,
             },
         };
         if config.max_instructions.is_some() && config.backend != BackendKind::Emu {
@@ -117,19 +176,25 @@ impl Machine {
                 what: "--max-instructions (KVM does not count instructions)".into(),
             }));
         }
+        let control = Arc::new(VmControl::new(vcpus[0].kicker()));
+        let tracker = Arc::new(DirtyTracker::new(vm.clone()));
         Ok(Machine {
             vm,
             emu,
+            config: config.clone(),
             mmio_scratch: Box::new([0; MMIO_SCRATCH_LEN]),
+            retired_base: vec![0; vcpus.len()],
             vcpus,
             devices: Devices::new(serial_out),
             clock,
             max_instructions: config.max_instructions,
+            control,
+            tracker,
+            mid_exit: false,
         })
     }
 
     /// The emu VM behind this machine, if it runs on the emu backend.
-    #[allow(dead_code)] // the SEV-ES launch flow uses it (being wired in)
     pub fn emu_vm(&self) -> Option<&Arc<EmuVm>> {
         self.emu.as_ref()
     }
@@ -138,16 +203,54 @@ impl Machine {
         &self.devices
     }
 
+    /// The VM (guest memory, dirty log).
+    pub fn vm(&self) -> &Arc<dyn Vm> {
+        &self.vm
+    }
+
+    /// What the machine was created with.
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// The run loop's control (pause, resume, jobs, death).
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// The dirty-log view used by migrations and snapshots.
+    pub fn tracker(&self) -> &Arc<DirtyTracker> {
+        &self.tracker
+    }
+
+    /// What other threads need to steer this machine and read its memory.
+    pub fn handle(&self) -> MachineHandle {
+        MachineHandle {
+            vm: self.vm.clone(),
+            control: self.control.clone(),
+            tracker: self.tracker.clone(),
+            config: self.config.clone(),
+        }
+    }
+
     /// Load an ELF64 guest and point the boot vCPU at it.
     pub fn load(&mut self, elf: &[u8], args: &str) -> Result<BootState, MachineError> {
-        let boot = esvm_loader::load_elf_with(
+        // SEV-ES guests get the protected-state boot flag and C-bit page tables (all memory
+        // private until the guest shares pages itself).
+        let sev_es = self.vm.vm_type() == VmType::SevEs;
+        let boot = esvm_loader::load_elf_with_c_bit(
             self.vm.memory().mmap(),
             elf,
             &LoadOptions {
                 args,
                 vcpus: self.vcpus.len() as u32,
-                flags: 0,
+                flags: if sev_es {
+                    esvm_loader::bootinfo::FLAG_PROTECTED_STATE
+                } else {
+                    0
+                },
             },
+            sev_es.then_some(esvm_hv::sev::C_BIT),
         )?;
         let bsp = &mut self.vcpus[0];
         bsp.set_sregs(&boot.sregs)?;
@@ -155,24 +258,70 @@ impl Machine {
         Ok(boot)
     }
 
+    /// SEV-ES LAUNCH_UPDATE_VMSA for every vCPU, in vCPU order.
+    pub fn launch_update_vmsas(&mut self) -> Result<(), MachineError> {
+        for vcpu in &mut self.vcpus {
+            vcpu.sev_launch_update_vmsa()?;
+        }
+        Ok(())
+    }
+
     fn now(&self) -> u64 {
         match &self.clock {
             Clock::Virtual { idle_ns } => {
-                self.vcpus[0].instructions_retired().unwrap_or(0) + idle_ns
+                self.retired_base[0] + self.vcpus[0].instructions_retired().unwrap_or(0) + idle_ns
             }
-            Clock::Host { start } => start.elapsed().as_nanos() as u64,
+            Clock::Host { start, offset_ns } => offset_ns + start.elapsed().as_nanos() as u64,
         }
     }
 
-    /// Instructions retired by all vCPUs (emu), if counted.
+    /// Instructions retired by all vCPUs (emu) over the VM's life, if counted.
     pub fn instructions(&self) -> Option<u64> {
-        self.vcpus.iter().map(|v| v.instructions_retired()).sum()
+        self.vcpus
+            .iter()
+            .zip(&self.retired_base)
+            .map(|(v, base)| v.instructions_retired().map(|n| n + base))
+            .sum()
     }
 
-    /// Run the boot vCPU until the guest exits, shuts down or the limit runs out.
+    /// Run the boot vCPU until the guest exits, shuts down, the limit runs out or the VM
+    /// migrates away. Other threads steer it through [`Machine::control`].
     pub fn run(&mut self) -> Result<Outcome, MachineError> {
+        let control = self.control.clone();
+        if let Some(url) = control.loop_started() {
+            // Dead: it migrated away and must never run again.
+            return Ok(Outcome::Migrated(url));
+        }
+        let result = self.run_loop(&control);
+        let end = match &result {
+            Ok(Outcome::Migrated(url)) => LoopEnd::Migrated(url.clone()),
+            Ok(o) => LoopEnd::Finished {
+                exit_status: crate::session::exit_status(o),
+                failed: crate::session::is_failure(o),
+                what: crate::session::describe(o),
+            },
+            Err(e) => LoopEnd::Finished {
+                exit_status: crate::EXIT_ESVM_ERROR,
+                failed: true,
+                what: format!("the VMM failed: {e}"),
+            },
+        };
+        control.publish_instructions(self.instructions().unwrap_or(0));
+        control.loop_ended(end);
+        result
+    }
+
+    fn run_loop(&mut self, control: &VmControl) -> Result<Outcome, MachineError> {
         let virtual_time = matches!(self.clock, Clock::Virtual { .. });
         loop {
+            if !self.mid_exit {
+                control.publish_instructions(self.instructions().unwrap_or(0));
+                if control.attention() {
+                    if let Some(outcome) = control.service(self) {
+                        return Ok(outcome);
+                    }
+                }
+            }
             let now = self.now();
             self.devices.advance_to(now);
             if virtual_time {
@@ -219,6 +368,14 @@ impl Machine {
         let devices = &mut self.devices;
         let scratch = &mut self.mmio_scratch;
         let exit = self.vcpus[0].run()?;
+        self.mid_exit = matches!(
+            exit,
+            VmExit::IoIn { .. }
+                | VmExit::MmioRead { .. }
+                | VmExit::Cpuid { .. }
+                | VmExit::RdMsr { .. }
+                | VmExit::WrMsr { .. }
+        );
         match exit {
             VmExit::IoIn { port, data } => devices.io_read(port, data)?,
             VmExit::IoOut { port, data } => {
@@ -273,5 +430,118 @@ impl Machine {
                 rip: bsp.get_regs()?.rip,
             }),
         }
+    }
+
+    // ---------------------------------------------------------------- state
+
+    /// Whether the vCPUs are at a clean point (no exit waiting for its completion), where
+    /// their state can be saved.
+    pub fn at_clean_point(&self) -> bool {
+        !self.mid_exit
+    }
+
+    /// The machine's non-memory, non-vCPU state. Call it at a clean point (from a job or
+    /// before/after the run loop).
+    pub fn save_state(&self) -> MachineState {
+        let (idle_ns, clock_ns) = match &self.clock {
+            Clock::Virtual { idle_ns } => (*idle_ns, 0),
+            Clock::Host { start, offset_ns } => (0, offset_ns + start.elapsed().as_nanos() as u64),
+        };
+        MachineState {
+            version: MACHINE_STATE_VERSION,
+            backend: self.config.backend,
+            devices: self.devices.save(),
+            instructions: self
+                .vcpus
+                .iter()
+                .zip(&self.retired_base)
+                .map(|(v, base)| base + v.instructions_retired().unwrap_or(0))
+                .collect(),
+            idle_ns,
+            clock_ns,
+            mmio_scratch: self.mmio_scratch.to_vec(),
+            max_instructions: self.max_instructions,
+        }
+    }
+
+    /// The state of vCPU `id`, at a clean point.
+    pub fn save_vcpu(&self, id: u32) -> Result<VcpuSnapshot, MachineError> {
+        if self.mid_exit {
+            return Err(MachineError::State(
+                "the vCPU is in the middle of an exit; its state can only be saved between exits"
+                    .into(),
+            ));
+        }
+        let v = self.vcpus.get(id as usize).ok_or_else(|| {
+            MachineError::State(format!(
+                "vCPU {id} does not exist (the VM has {})",
+                self.vcpus.len()
+            ))
+        })?;
+        Ok(v.snapshot()?)
+    }
+
+    /// Put vCPU `id` in a saved state (a fresh machine, before it runs).
+    pub fn restore_vcpu(&mut self, id: u32, s: &VcpuSnapshot) -> Result<(), MachineError> {
+        let n = self.vcpus.len();
+        let v = self.vcpus.get_mut(id as usize).ok_or_else(|| {
+            MachineError::State(format!("vCPU {id} does not exist (the VM has {n})"))
+        })?;
+        v.restore(s)?;
+        self.mid_exit = false;
+        Ok(())
+    }
+
+    /// Put the devices, clock and MMIO window in a saved state (a fresh machine, before it
+    /// runs). On error nothing is changed.
+    pub fn restore_state(&mut self, s: &MachineState) -> Result<(), MachineError> {
+        if s.version != MACHINE_STATE_VERSION {
+            return Err(MachineError::State(format!(
+                "machine state version {} is not supported (this esvm reads version \
+                 {MACHINE_STATE_VERSION})",
+                s.version
+            )));
+        }
+        if s.instructions.len() != self.vcpus.len() {
+            return Err(MachineError::State(format!(
+                "the state is of a VM with {} vCPUs, this machine has {}",
+                s.instructions.len(),
+                self.vcpus.len()
+            )));
+        }
+        if s.mmio_scratch.len() != MMIO_SCRATCH_LEN {
+            return Err(MachineError::State(format!(
+                "the MMIO window is {} bytes, expected {MMIO_SCRATCH_LEN}",
+                s.mmio_scratch.len()
+            )));
+        }
+        if s.max_instructions.is_some() && self.config.backend != BackendKind::Emu {
+            return Err(MachineError::Hv(HvError::Unsupported {
+                backend: self.config.backend,
+                what: "an instruction limit (KVM does not count instructions)".into(),
+            }));
+        }
+        self.devices.restore(&s.devices)?;
+        // The backend's counters restart at 0: the bases carry the VM's history so that
+        // virtual time (and the instruction limit) continue where the source left off.
+        self.retired_base = self
+            .vcpus
+            .iter()
+            .zip(&s.instructions)
+            .map(|(v, n)| n.saturating_sub(v.instructions_retired().unwrap_or(0)))
+            .collect();
+        self.clock = match self.config.backend {
+            BackendKind::Emu => Clock::Virtual { idle_ns: s.idle_ns },
+            BackendKind::Kvm => Clock::Host {
+                start: Instant::now(),
+                offset_ns: s.clock_ns.max(s.devices.now_ns),
+            },
+        };
+        self.mmio_scratch.copy_from_slice(&s.mmio_scratch);
+        self.max_instructions = s.max_instructions;
+        self.config.max_instructions = s.max_instructions;
+        self.control
+            .publish_instructions(self.instructions().unwrap_or(0));
+        Ok(())
     }
 }

@@ -1,12 +1,22 @@
 //! `esvm`: run, inspect and (later) migrate confidential VMs.
 
 mod bench;
+mod bench_migrate;
 mod cli_ctl;
 mod cli_owner;
 mod cli_platform;
+mod cli_receive;
+mod cli_restore;
 mod cli_run;
+mod control;
+mod dirty;
 mod machine;
+mod migrate;
+mod runctl;
+mod session;
+mod sev_launch;
 mod size;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -32,7 +42,9 @@ pub const EXIT_INSTRUCTION_LIMIT: u8 = 123;
                   Exit status of `esvm run`: the guest's own status (the value it wrote to the \
                   debug-exit port 0xF4, & 0xff); 124 if the guest shut down (triple fault); \
                   123 if --max-instructions ran out; 122 if an SEV-ES guest terminated itself through \
-                  the GHCB (the reason is printed); 125 if esvm itself failed."
+                  the GHCB (the reason is printed); 125 if esvm itself failed; 0 with a message when the VM \
+                  was live-migrated away (it runs at the destination now). `esvm receive` and \
+                  `esvm restore` exit the same way."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,6 +65,10 @@ enum Command {
     Owner(cli_owner::OwnerCommand),
     /// Control a running VM through its API socket (see `esvm run --api-socket`).
     Ctl(cli_ctl::CtlArgs),
+    /// Wait for one incoming live migration (`esvm ctl migrate`) and run the guest it brings.
+    Receive(cli_receive::ReceiveArgs),
+    /// Run a VM from a snapshot directory (`esvm ctl snapshot`).
+    Restore(cli_restore::RestoreArgs),
     /// Measure performance (figures for BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -72,6 +88,8 @@ fn main() -> ExitCode {
         Command::Run(args) => cli_run::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Ctl(args) => cli_ctl::run(args),
+        Command::Receive(args) => cli_receive::run(args),
+        Command::Restore(args) => cli_restore::run(args),
         Command::Platform(cmd) => cli_platform::run_platform(cmd)
             .map(|()| 0)
             .map_err(Into::into),

@@ -78,7 +78,7 @@ fn guest_exit_status_is_passed_through() {
 
 #[test]
 fn scenario_guests_pass() {
-    for guest in ["pagefault", "usermode", "timer"] {
+    for guest in ["pagefault", "usermode", "timer", "exceptions", "sse"] {
         let o = esvm(&["run", guest]);
         assert_eq!(
             o.status.code(),

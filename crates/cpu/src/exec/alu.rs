@@ -622,6 +622,114 @@ fn shift(c: &mut Cpu, d: &Insn) -> R {
     Ok(())
 }
 
+const K_SHL: u8 = 0;
+const K_SHR: u8 = 1;
+const K_SAR: u8 = 2;
+const K_ROL: u8 = 3;
+const K_ROR: u8 = 4;
+
+/// Fast path: SHL/SHR/SAR/ROL/ROR of a register by an immediate (same results and flags as
+/// `shift`).
+fn shift_ri<const K: u8, const S: usize>(c: &mut Cpu, d: &Insn) -> R {
+    let sz = S as u8;
+    let bits = S as u32 * 8;
+    let count = (d.imm & if S == 8 { 0x3f } else { 0x1f }) as u32;
+    let a = c.rr(d.r0, S);
+    if count == 0 {
+        c.rw(d.r0, S, a);
+        return Ok(());
+    }
+    let msk = mask(sz);
+    let sgn = sign(sz);
+    match K {
+        K_SHL => {
+            let r = if count >= 64 { 0 } else { (a << count) & msk };
+            let cf = if count <= bits {
+                (a >> (bits - count)) & 1
+            } else {
+                0
+            };
+            let of = ((r & sgn != 0) as u64) ^ cf;
+            c.rw(d.r0, S, r);
+            c.set_arith(szp(r, sz) | AF | cf | (of * OF));
+        }
+        K_SHR => {
+            let r = if count >= 64 { 0 } else { a >> count };
+            let cf = if count <= bits {
+                (a >> (count - 1)) & 1
+            } else {
+                0
+            };
+            let of = (count == 1 && a & sgn != 0) as u64;
+            c.rw(d.r0, S, r);
+            c.set_arith(szp(r, sz) | AF | cf | (of * OF));
+        }
+        K_SAR => {
+            let sa = sx(a, sz) as i64;
+            let r = (sa >> count.min(63)) as u64 & msk;
+            let cf = ((sa >> (count - 1).min(63)) & 1) as u64;
+            c.rw(d.r0, S, r);
+            c.set_arith(szp(r, sz) | AF | cf);
+        }
+        _ => {
+            let n = count % bits;
+            let r = if n == 0 {
+                a
+            } else if K == K_ROL {
+                ((a << n) | (a >> (bits - n))) & msk
+            } else {
+                ((a >> n) | (a << (bits - n))) & msk
+            };
+            let (cf, of) = if K == K_ROL {
+                let cf = r & 1;
+                (cf, ((r & sgn != 0) as u64) ^ cf)
+            } else {
+                let cf = (r & sgn != 0) as u64;
+                (cf, cf ^ ((r >> (bits - 2)) & 1))
+            };
+            c.rw(d.r0, S, r);
+            c.set_some(CF | OF, cf | (of * OF));
+        }
+    }
+    Ok(())
+}
+
+macro_rules! shift_ri_sel {
+    ($k:expr, $sz:expr) => {
+        match $sz {
+            1 => shift_ri::<$k, 1> as Handler,
+            2 => shift_ri::<$k, 2> as Handler,
+            4 => shift_ri::<$k, 4> as Handler,
+            _ => shift_ri::<$k, 8> as Handler,
+        }
+    };
+}
+
+/// IMUL r, r/m with register operands (fast path of `imul_n`).
+fn imul_rr<const S: usize>(c: &mut Cpu, d: &Insn) -> R {
+    let sz = S as u8;
+    let a = c.rr(d.r0, S);
+    let b = if d.k2 == KIMM {
+        let v = c.rr(d.r1, S);
+        let p = (sx(v, sz) as i64 as i128) * (sx(d.imm & mask(sz), sz) as i64 as i128);
+        return imul_finish::<S>(c, d, p);
+    } else {
+        c.rr(d.r1, S)
+    };
+    let p = (sx(a, sz) as i64 as i128) * (sx(b, sz) as i64 as i128);
+    imul_finish::<S>(c, d, p)
+}
+
+#[inline(always)]
+fn imul_finish<const S: usize>(c: &mut Cpu, d: &Insn, p: i128) -> R {
+    let sz = S as u8;
+    let lo = (p as u64) & mask(sz);
+    let ovf = sx(lo, sz) as i64 as i128 != p;
+    c.rw(d.r0, S, lo);
+    c.set_some(CF | OF, if ovf { CF | OF } else { 0 });
+    Ok(())
+}
+
 fn shxd(c: &mut Cpu, d: &Insn) -> R {
     let sz = d.sz;
     let bits = sz as u32 * 8;
@@ -766,8 +874,10 @@ fn div(c: &mut Cpu, d: &Insn) -> R {
         let sh = 128 - 2 * bits;
         let n = ((dividend << sh) as i128) >> sh;
         let dv = sx(src, sz) as i64 as i128;
-        let q = n / dv;
-        let r = n % dv;
+        // i128::MIN / -1 (possible for 64-bit operands) overflows: that is a #DE too.
+        let (Some(q), Some(r)) = (n.checked_div(dv), n.checked_rem(dv)) else {
+            return de;
+        };
         let min = -(1i128 << (bits - 1));
         let max = (1i128 << (bits - 1)) - 1;
         if q < min || q > max {
@@ -1089,12 +1199,27 @@ pub(crate) fn select(m: Mnemonic, i: &Instruction, d: &mut Insn) -> Option<Handl
         }
         M::Neg => neg,
         M::Not => not,
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror if d.k0 == KREG && d.k1 == KIMM => {
+            match m {
+                M::Shl | M::Sal => shift_ri_sel!(K_SHL, d.sz),
+                M::Shr => shift_ri_sel!(K_SHR, d.sz),
+                M::Sar => shift_ri_sel!(K_SAR, d.sz),
+                M::Rol => shift_ri_sel!(K_ROL, d.sz),
+                _ => shift_ri_sel!(K_ROR, d.sz),
+            }
+        }
         M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => shift,
         M::Shld | M::Shrd => shxd,
         M::Mul => mul1,
         M::Imul => {
             if i.op_count() == 1 {
                 mul1
+            } else if d.k1 == KREG {
+                match d.sz {
+                    2 => imul_rr::<2>,
+                    4 => imul_rr::<4>,
+                    _ => imul_rr::<8>,
+                }
             } else {
                 imul_n
             }

@@ -401,12 +401,20 @@ impl Cpu {
     }
 
     /// `mode_changed` but with `self.cpl` authoritative.
+    /// After CS (and CPL) changed through a far transfer, interrupt, SYSCALL/SYSRET: paging
+    /// state is unchanged, so the TLB stays; decoded-block lookups are dropped only if the
+    /// code size changed (jump-cache entries are per privilege already).
     pub(crate) fn mode_changed_keep_cpl(&mut self) {
         let cpl = self.cpl;
-        self.mode_changed();
+        let old = self.mode;
+        self.recompute_mode();
         if self.mode != Mode::Real {
             self.set_cpl(cpl);
         }
+        if self.mode != old {
+            self.cache.flush_lookup();
+        }
+        self.pending |= crate::P_FLUSH;
     }
 }
 
@@ -422,6 +430,9 @@ fn far_operand(c: &mut Cpu, d: &Insn) -> R<(u16, u64, usize)> {
     }
     // m16:16, m16:32 or m16:64.
     let total = i.memory_size().size();
+    if !matches!(total, 4 | 6 | 10) {
+        return crate::ud();
+    }
     let osz = total - 2;
     let ea = c.ea(d);
     let off = c.rd_sz(d.seg as usize, ea, osz as u8)?;

@@ -9,6 +9,8 @@ use esvm_arch::msr::*;
 use esvm_arch::{Segment, SegmentAttributes};
 use iced_x86::{Instruction, Mnemonic};
 
+pub(crate) mod sev_es;
+
 pub(crate) fn h_ud(_c: &mut Cpu, _d: &Insn) -> R {
     ud()
 }
@@ -633,6 +635,78 @@ fn priv_nop(c: &mut Cpu, _d: &Insn) -> R {
     Err(Stop::Retire)
 }
 
+/// LAR/LSL/VERR/VERW: descriptor checks that report through ZF.
+fn lar_lsl(c: &mut Cpu, d: &Insn) -> R {
+    if c.mode == Mode::Real {
+        return ud();
+    }
+    let m = d.i.mnemonic();
+    let src_op = if matches!(m, Mnemonic::Verr | Mnemonic::Verw) {
+        0
+    } else {
+        1
+    };
+    let sel = c.opr(d, src_op, 2)? as u16;
+    let long = c.efer & efer::LMA != 0;
+    // Out-of-table selectors clear ZF (no fault); memory faults reading the table do fault.
+    let idx_end = (sel & !7) as u64 + 7;
+    let limit = if sel & 4 != 0 {
+        if c.ldtr.selector & !3 == 0 {
+            0
+        } else {
+            c.ldtr.limit as u64
+        }
+    } else {
+        c.gdtr.limit as u64
+    };
+    let mut ok = false;
+    let mut desc = 0u64;
+    if sel & !3 != 0 && idx_end <= limit {
+        desc = c.read_descriptor(sel)?.0;
+        let a = esvm_arch::SegmentAttributes::from_descriptor(desc);
+        let rpl = (sel & 3) as u8;
+        let conforming = a.is_code() && a.seg_type() & 4 != 0;
+        let priv_ok = conforming || (a.dpl() >= c.cpl && a.dpl() >= rpl);
+        ok = if a.s() {
+            match m {
+                Mnemonic::Verr => priv_ok && (!a.is_code() || a.seg_type() & 2 != 0),
+                Mnemonic::Verw => priv_ok && !a.is_code() && a.seg_type() & 2 != 0,
+                _ => priv_ok,
+            }
+        } else {
+            let ty = a.seg_type();
+            let valid = match (m, long) {
+                (Mnemonic::Lar, false) => matches!(ty, 1 | 2 | 3 | 4 | 5 | 9 | 0xb | 0xc),
+                (Mnemonic::Lar, true) => matches!(ty, 2 | 9 | 0xb | 0xc),
+                (Mnemonic::Lsl, false) => matches!(ty, 1 | 2 | 3 | 9 | 0xb),
+                (Mnemonic::Lsl, true) => matches!(ty, 2 | 9 | 0xb),
+                _ => false,
+            };
+            valid && a.dpl() >= c.cpl && a.dpl() >= rpl
+        };
+    }
+    if ok {
+        let sz = d.sz.max(2) as usize;
+        match m {
+            Mnemonic::Lar => c.rw(d.r0, sz, (desc >> 32) & 0x00ff_ff00 & mask_for(sz)),
+            Mnemonic::Lsl => {
+                let s = esvm_arch::Segment::from_descriptor(sel, desc, None);
+                c.rw(d.r0, sz, s.limit as u64)
+            }
+            _ => {}
+        }
+    }
+    c.set_some(
+        esvm_arch::bits::rflags::ZF,
+        if ok { esvm_arch::bits::rflags::ZF } else { 0 },
+    );
+    Ok(())
+}
+
+fn mask_for(sz: usize) -> u64 {
+    crate::flags::mask(sz as u8)
+}
+
 fn ud2(_c: &mut Cpu, _d: &Insn) -> R {
     ud()
 }
@@ -688,6 +762,7 @@ pub(crate) fn select(m: Mnemonic, i: &Instruction, d: &mut Insn, _mode: Mode) ->
         M::Invlpg => invlpg,
         M::Wbinvd | M::Invd => priv_nop,
         M::Ud2 | M::Ud0 | M::Ud1 => ud2,
+        M::Lar | M::Lsl | M::Verr | M::Verw => lar_lsl,
         _ => return None,
     };
     Some(h)

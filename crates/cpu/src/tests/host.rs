@@ -521,7 +521,13 @@ fn sse_against_host() {
 }
 
 /// Like `native` but with RSI pointing into a 4 KiB buffer (at offset 0x800).
-fn native_mem(page: &Page, insn: &[u8], v: [u64; 3], flags: u64, buf: &mut [u8; 4096]) -> ([u64; 3], u64) {
+fn native_mem(
+    page: &Page,
+    insn: &[u8],
+    v: [u64; 3],
+    flags: u64,
+    buf: &mut [u8; 4096],
+) -> ([u64; 3], u64) {
     let mut code = vec![0x41, 0x50, 0x9d];
     code.extend_from_slice(insn);
     code.extend_from_slice(&[0x9c, 0x41, 0x58, 0xc3]);
@@ -550,7 +556,11 @@ fn check_mem(name: &str, f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>
     let insn = a.assemble(0).unwrap();
     let page = Page::new();
     let mut rng = Rng(0x5555_aaaa_1234_4321 ^ (name.len() as u64 * 31));
-    let undef = if host_is_amd() { 0 } else { undefined_flags(name) };
+    let undef = if host_is_amd() {
+        0
+    } else {
+        undefined_flags(name)
+    };
     let cmp = rflags::ARITH & !undef;
     let mut bad = Vec::new();
     for _ in 0..60 {
@@ -586,7 +596,11 @@ fn check_mem(name: &str, f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>
             ));
         }
     }
-    assert!(bad.is_empty(), "{name} {insn:02x?}:\n{}", bad[..bad.len().min(6)].join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{name} {insn:02x?}:\n{}",
+        bad[..bad.len().min(6)].join("\n")
+    );
 }
 
 #[test]
@@ -614,7 +628,11 @@ fn memory_forms() {
     check_mem("xchg", |a| a.xchg(dword_ptr(rsi + 2), edx), false);
     check_mem("cmpxchg", |a| a.lock().cmpxchg(qword_ptr(rsi), rdx), false);
     check_mem("cmpxchg", |a| a.cmpxchg(byte_ptr(rsi + 1), cl), false);
-    check_mem("cmpxchg8b", |a| a.lock().cmpxchg8b(qword_ptr(rsi + 8)), false);
+    check_mem(
+        "cmpxchg8b",
+        |a| a.lock().cmpxchg8b(qword_ptr(rsi + 8)),
+        false,
+    );
     check_mem("movzx", |a| a.movzx(eax, word_ptr(rsi + rcx * 1 + 3)), true);
     check_mem("movsx", |a| a.movsx(rdx, byte_ptr(rsi - 0x10)), false);
     check_mem("movbe", |a| a.movbe(rax, qword_ptr(rsi + 5)), false);

@@ -1,0 +1,422 @@
+//! SEV-ES on the emu backend: launch through the secure processor, the protected register
+//! API, the tracked registers, and the GHCB protocol between the guest and the VMM.
+//!
+//! Trust boundary: this module is host code. It holds the guest's memory-key handle only to
+//! pass it from the firmware to the CPU model (as hardware wires the PSP to the memory
+//! controller) and reads guest state only through what the "hardware" exposes to a
+//! hypervisor: exits, the GHCB MSR, shared pages, the encrypted VMSA, and write-trap values.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use esvm_arch::bits::{cr0, rflags};
+use esvm_arch::cpuid::CpuidTable;
+use esvm_cpu::{PageCipher, PhysMemory};
+use esvm_psp::{GuestMemoryAccess, MemoryAccessError, MemoryKey, Psp};
+
+use crate::ghcb::{
+    self, CpuidRequest, GhcbConfig, GhcbServices, GhcbState, GhcbVmState, IoSize, ServiceError,
+    VmmcallRegs,
+};
+use crate::HvError;
+
+pub use esvm_psp::TrackedRegisters;
+
+/// C-bit position of esvm's SEV-ES model (CPUID 0x8000_001F EBX[5:0]).
+pub const C_BIT: u8 = 47;
+
+/// Guest-physical identity of vCPU `n`'s VMSA page. VMSAs live outside guest RAM (as on
+/// hardware, where KVM allocates them from host memory); the address only serves as the
+/// encryption tweak and the firmware's bookkeeping key.
+pub fn vmsa_gpa(vcpu: u32) -> u64 {
+    0x7fff_0000_0000 + (vcpu as u64) * 4096
+}
+
+/// The error-code decision of exception injection, as KVM makes it: an exception delivers its
+/// error code only if the vCPU is in protected mode — judged from the CR0 the hypervisor
+/// *knows*. For a protected vCPU that is the tracked CR0, refreshed by CR0 write traps; a
+/// stale value (PE clear although the guest is in long mode) would drop the error code and
+/// corrupt the guest's exception frame.
+pub fn injected_error_code(known_cr0: u64, error_code: Option<u32>) -> Option<u32> {
+    error_code.filter(|_| known_cr0 & cr0::PE != 0)
+}
+
+/// Whether the local APIC would accept an interrupt of `vector` given the task priority
+/// (CR8 = TPR[7:4]): the vector's priority class must be above the TPR.
+pub fn tpr_accepts(known_cr8: u64, vector: u8) -> bool {
+    u64::from(vector >> 4) > (known_cr8 & 0xf)
+}
+
+/// The memory key as the CPU model's memory controller uses it.
+pub(crate) struct MemoryController(pub Arc<MemoryKey>);
+
+impl PageCipher for MemoryController {
+    fn encrypt_page(&self, gpa: u64, page: &mut [u8; 4096]) {
+        self.0.encrypt_in_place(gpa, page);
+    }
+    fn decrypt_page(&self, gpa: u64, page: &mut [u8; 4096]) {
+        self.0.decrypt_in_place(gpa, page);
+    }
+}
+
+/// The firmware's trusted path into guest memory: the private (plaintext) view.
+pub(crate) struct PrivateView(pub PhysMemory);
+
+impl GuestMemoryAccess for PrivateView {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), MemoryAccessError> {
+        self.0
+            .read_private(gpa, buf)
+            .map_err(|_| MemoryAccessError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+            })
+    }
+    fn write(&self, gpa: u64, buf: &[u8]) -> std::result::Result<(), MemoryAccessError> {
+        self.0
+            .write_private(gpa, buf)
+            .map_err(|_| MemoryAccessError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+            })
+    }
+}
+
+/// VM-wide SEV-ES state of an emu VM.
+pub struct SevVm {
+    pub(crate) psp: Arc<Mutex<Psp>>,
+    pub(crate) handle: u32,
+    pub(crate) ghcb_vm: Mutex<GhcbVmState>,
+}
+
+impl SevVm {
+    pub fn handle(&self) -> u32 {
+        self.handle
+    }
+    pub fn psp(&self) -> MutexGuard<'_, Psp> {
+        self.psp.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub(crate) fn psp_err(e: esvm_psp::PspError) -> HvError {
+    HvError::Sev(e.to_string())
+}
+
+/// One I/O the VMM must perform for a GHCB request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VmmIo {
+    IoIn { port: u16, size: usize },
+    IoOut { port: u16, size: usize, value: u32 },
+    MmioRead { gpa: u64, len: usize },
+    MmioWrite { gpa: u64, data: Vec<u8> },
+}
+
+/// The answer the VMM gave to a [`VmmIo`] read.
+#[derive(Debug, Clone)]
+pub(crate) enum VmmAnswer {
+    Value(u32),
+    Bytes(Vec<u8>),
+    Done,
+}
+
+/// Per-vCPU SEV-ES state kept by the hypervisor.
+pub(crate) struct SevVcpu {
+    pub protected: bool,
+    pub tracked: TrackedRegisters,
+    pub ghcb: GhcbState,
+    /// The GHCB MSR value of the VMGEXIT being handled, if its handling waits on the VMM.
+    pub in_flight: Option<u64>,
+    /// Answers the VMM gave so far for the in-flight VMGEXIT, in order.
+    pub answers: Vec<VmmAnswer>,
+    /// Writes (port/MMIO) of a completed VMGEXIT still to be shown to the VMM.
+    pub outbox: VecDeque<VmmIo>,
+}
+
+impl SevVcpu {
+    pub fn new() -> Self {
+        SevVcpu {
+            protected: false,
+            tracked: TrackedRegisters {
+                cr0: 0,
+                cr4: 0,
+                efer: 0,
+                cr8: 0,
+                apic_base: esvm_arch::msr::APIC_BASE_DEFAULT_BSP,
+            },
+            ghcb: GhcbState::new(GhcbConfig {
+                cbit_position: C_BIT,
+                ..GhcbConfig::default()
+            }),
+            in_flight: None,
+            answers: Vec::new(),
+            outbox: VecDeque::new(),
+        }
+    }
+}
+
+/// The hypervisor's services to one GHCB request: answered at once where the hypervisor
+/// itself knows the answer (CPUID, MSRs it emulates, TSC), and for device I/O by replay —
+/// the request is handled again from the start once the VMM has answered the read it was
+/// blocked on. Nothing is written to guest memory until an attempt completes.
+pub(crate) struct ReplayServices<'a> {
+    pub phys: &'a PhysMemory,
+    pub cpuid: &'a CpuidTable,
+    pub tsc: u64,
+    pub vcpu_id: u32,
+    pub tracked: &'a mut TrackedRegisters,
+    pub vm: &'a SevVm,
+    pub answers: &'a [VmmAnswer],
+    pub next_answer: usize,
+    pub blocked_on: Option<VmmIo>,
+    pub writes: Vec<VmmIo>,
+    pub shared_writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl ReplayServices<'_> {
+    fn blocked() -> ServiceError {
+        ServiceError::refused("waiting for the VMM (replayed once answered)")
+    }
+
+    fn take_answer(&mut self, req: VmmIo) -> std::result::Result<VmmAnswer, ServiceError> {
+        if let Some(a) = self.answers.get(self.next_answer) {
+            self.next_answer += 1;
+            return Ok(a.clone());
+        }
+        if self.blocked_on.is_none() {
+            self.blocked_on = Some(req);
+        }
+        Err(Self::blocked())
+    }
+
+    fn private(&self, gpa: u64, len: usize) -> bool {
+        let first = gpa / 4096;
+        let last = (gpa + len.max(1) as u64 - 1) / 4096;
+        (first..=last).any(|p| self.phys.is_private(p))
+    }
+}
+
+impl GhcbServices for ReplayServices<'_> {
+    fn cpuid(&mut self, r: CpuidRequest) -> std::result::Result<[u32; 4], ServiceError> {
+        let mut v = self.cpuid.lookup(r.function, r.index);
+        match r.function {
+            1 => {
+                v[1] = (v[1] & 0x00ff_ffff) | (self.vcpu_id << 24);
+                // OSXSAVE mirrors the guest's CR4 as the hypervisor tracks it.
+                if self.tracked.cr4 & esvm_arch::bits::cr4::OSXSAVE != 0 {
+                    v[2] |= 1 << 27;
+                }
+            }
+            0x8000_001f => {
+                // SEV (bit 1) and SEV-ES (bit 3); C-bit position; 1 physical-address bit lost.
+                v = [(1 << 1) | (1 << 3), u32::from(C_BIT) | (1 << 6), 1, 0];
+            }
+            _ => {}
+        }
+        Ok(v)
+    }
+    fn io_in(&mut self, port: u16, size: IoSize) -> std::result::Result<u32, ServiceError> {
+        match self.take_answer(VmmIo::IoIn {
+            port,
+            size: size.bytes(),
+        })? {
+            VmmAnswer::Value(v) => Ok(v & size.mask()),
+            _ => Err(ServiceError::refused(
+                "replay mismatch: expected a port value",
+            )),
+        }
+    }
+    fn io_out(
+        &mut self,
+        port: u16,
+        size: IoSize,
+        value: u32,
+    ) -> std::result::Result<(), ServiceError> {
+        self.writes.push(VmmIo::IoOut {
+            port,
+            size: size.bytes(),
+            value: value & size.mask(),
+        });
+        Ok(())
+    }
+    fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) -> std::result::Result<(), ServiceError> {
+        match self.take_answer(VmmIo::MmioRead {
+            gpa,
+            len: data.len(),
+        })? {
+            VmmAnswer::Bytes(b) if b.len() == data.len() => {
+                data.copy_from_slice(&b);
+                Ok(())
+            }
+            _ => Err(ServiceError::refused("replay mismatch: expected MMIO data")),
+        }
+    }
+    fn mmio_write(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), ServiceError> {
+        self.writes.push(VmmIo::MmioWrite {
+            gpa,
+            data: data.to_vec(),
+        });
+        Ok(())
+    }
+    fn rdmsr(&mut self, index: u32) -> std::result::Result<u64, ServiceError> {
+        match index {
+            esvm_arch::msr::IA32_APIC_BASE => Ok(self.tracked.apic_base),
+            esvm_arch::msr::IA32_TIME_STAMP_COUNTER => Ok(self.tsc),
+            _ => Err(ServiceError::GeneralProtection),
+        }
+    }
+    fn wrmsr(&mut self, index: u32, value: u64) -> std::result::Result<(), ServiceError> {
+        match index {
+            esvm_arch::msr::IA32_APIC_BASE => {
+                // Keep the base address and enable bits; x2APIC is not offered.
+                if value & (1 << 10) != 0 {
+                    return Err(ServiceError::GeneralProtection);
+                }
+                self.tracked.apic_base = value;
+                Ok(())
+            }
+            _ => Err(ServiceError::GeneralProtection),
+        }
+    }
+    fn vmmcall(&mut self, _regs: &mut VmmcallRegs) -> std::result::Result<(), ServiceError> {
+        // esvm offers no hypercalls.
+        Err(ServiceError::InvalidOpcode)
+    }
+    fn tsc(&mut self) -> std::result::Result<u64, ServiceError> {
+        Ok(self.tsc)
+    }
+    fn tsc_aux(&mut self) -> std::result::Result<u32, ServiceError> {
+        Ok(self.vcpu_id)
+    }
+    fn ap_jump_table(&mut self) -> std::result::Result<u64, ServiceError> {
+        Ok(self
+            .vm
+            .ghcb_vm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ap_jump_table)
+    }
+    fn set_ap_jump_table(&mut self, gpa: u64) -> std::result::Result<(), ServiceError> {
+        self.vm
+            .ghcb_vm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ap_jump_table = gpa;
+        Ok(())
+    }
+    fn read_shared(&mut self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), ServiceError> {
+        if self.private(gpa, buf.len()) {
+            return Err(ServiceError::refused(format!(
+                "guest memory at {gpa:#x} is private (C-bit set); the GHCB and scratch areas must be shared"
+            )));
+        }
+        self.phys
+            .read_host(gpa, buf)
+            .map_err(|e| ServiceError::refused(e.to_string()))?;
+        // A write of this attempt to the same bytes must be seen by later reads.
+        for (wgpa, data) in &self.shared_writes {
+            overlay(gpa, buf, *wgpa, data);
+        }
+        Ok(())
+    }
+    fn write_shared(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), ServiceError> {
+        if self.private(gpa, data.len()) {
+            return Err(ServiceError::refused(format!(
+                "guest memory at {gpa:#x} is private (C-bit set); refusing to write it"
+            )));
+        }
+        if gpa
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > self.phys.size())
+        {
+            return Err(ServiceError::refused(format!(
+                "shared range {gpa:#x}+{:#x} is outside guest RAM",
+                data.len()
+            )));
+        }
+        self.shared_writes.push((gpa, data.to_vec()));
+        Ok(())
+    }
+}
+
+/// Copy the part of `(wgpa, data)` that overlaps `[gpa, gpa+buf.len())` into `buf`.
+fn overlay(gpa: u64, buf: &mut [u8], wgpa: u64, data: &[u8]) {
+    let start = gpa.max(wgpa);
+    let end = (gpa + buf.len() as u64).min(wgpa + data.len() as u64);
+    if start < end {
+        let n = (end - start) as usize;
+        buf[(start - gpa) as usize..(start - gpa) as usize + n]
+            .copy_from_slice(&data[(start - wgpa) as usize..(start - wgpa) as usize + n]);
+    }
+}
+
+/// What one attempt at a VMGEXIT produced.
+pub(crate) enum Attempt {
+    /// Blocked on a VMM read; nothing was changed.
+    Blocked(VmmIo),
+    /// Completed: apply the outcome.
+    Done(ghcb::VmgexitOutcome, Vec<VmmIo>, Vec<(u64, Vec<u8>)>),
+}
+
+/// Handle the in-flight VMGEXIT once (from the start, replaying the VMM's answers).
+pub(crate) fn attempt(
+    ghcb_msr: u64,
+    state: &mut GhcbState,
+    services: &mut ReplayServices<'_>,
+) -> Attempt {
+    let saved = state.clone();
+    let outcome = ghcb::handle_vmgexit(ghcb_msr, services, state);
+    if let Some(req) = services.blocked_on.take() {
+        *state = saved;
+        return Attempt::Blocked(req);
+    }
+    Attempt::Done(
+        outcome,
+        std::mem::take(&mut services.writes),
+        std::mem::take(&mut services.shared_writes),
+    )
+}
+
+/// Whether interrupts are architecturally enabled according to an RFLAGS value.
+pub fn interrupts_enabled(rflags_value: u64) -> bool {
+    rflags_value & rflags::IF != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use esvm_arch::bits::{cr0, efer};
+
+    /// The bug class from the SEV-ES review thread: a #PF injected while the hypervisor's idea
+    /// of CR0 is stale (PE clear, as at reset) loses its error code, although the guest runs
+    /// in long mode; with CR0 refreshed by write traps it keeps it.
+    #[test]
+    fn stale_tracked_cr0_would_drop_the_error_code() {
+        let reset_cr0 = cr0::ET | cr0::CD | cr0::NW;
+        let long_mode_cr0 = cr0::PE | cr0::PG | cr0::ET | cr0::NE | cr0::WP;
+        assert_eq!(injected_error_code(reset_cr0, Some(6)), None);
+        assert_eq!(injected_error_code(long_mode_cr0, Some(6)), Some(6));
+        assert_eq!(injected_error_code(long_mode_cr0, None), None);
+        let _ = efer::LMA;
+    }
+
+    #[test]
+    fn tpr_masks_lower_priority_classes() {
+        assert!(tpr_accepts(0, 0x20));
+        assert!(!tpr_accepts(2, 0x20));
+        assert!(!tpr_accepts(2, 0x2f));
+        assert!(tpr_accepts(2, 0x30));
+        assert!(!tpr_accepts(15, 0xff));
+    }
+
+    #[test]
+    fn overlay_merges_pending_writes() {
+        let mut buf = [0u8; 8];
+        overlay(100, &mut buf, 104, &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(buf, [0, 0, 0, 0, 1, 2, 3, 4]);
+        let mut buf = [0u8; 4];
+        overlay(100, &mut buf, 90, &[9; 12]);
+        assert_eq!(buf, [9, 9, 0, 0]);
+        let mut buf = [7u8; 4];
+        overlay(100, &mut buf, 200, &[1]);
+        assert_eq!(buf, [7; 4]);
+    }
+}

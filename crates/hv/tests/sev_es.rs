@@ -1,0 +1,292 @@
+//! SEV-ES scenario tests on the emu backend, mirroring the KVM selftests
+//! (sev_smoke_test.c and friends): real guests from `guests/`, launched through the
+//! software secure processor, talking to the hypervisor only through the GHCB.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use esvm_guests::bootinfo::FLAG_PROTECTED_STATE;
+use esvm_guests::sevabi::checkpoint::{self, Checkpoint};
+use esvm_guests::sevabi::cr_steps;
+use esvm_hv::emu::EmuVm;
+use esvm_hv::{HvError, SregsView, Vcpu, Vm, VmConfig, VmExit, VmType};
+use esvm_loader::LoadOptions;
+use esvm_psp::{EmulatedAmdCa, LaunchStart, Policy, Psp};
+
+fn ca() -> &'static EmulatedAmdCa {
+    static CA: OnceLock<EmulatedAmdCa> = OnceLock::new();
+    CA.get_or_init(|| EmulatedAmdCa::generate(2048).expect("emulated CA"))
+}
+
+struct SevGuest {
+    vm: Arc<EmuVm>,
+    vcpu: Box<dyn Vcpu>,
+    serial: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq)]
+enum End {
+    Exit(u8),
+    Terminated(String),
+    Shutdown(String),
+}
+
+/// Load `name` as an SEV-ES guest and run the whole launch sequence; `before_launch` may
+/// change the vCPU's initial state (it is synced into the VMSA by LAUNCH_UPDATE_VMSA).
+fn launch(name: &str, args: &str, before_launch: impl FnOnce(&mut dyn Vcpu)) -> SevGuest {
+    let mut cfg = VmConfig::plain(64 << 20, 1);
+    cfg.vm_type = VmType::SevEs;
+    let vm = Arc::new(EmuVm::new(&cfg).unwrap());
+    let guest = esvm_guests::builtin(name).unwrap_or_else(|| panic!("guest {name}"));
+    let boot = esvm_loader::load_elf_with_c_bit(
+        vm.memory().mmap(),
+        guest.elf,
+        &LoadOptions {
+            args,
+            vcpus: 1,
+            flags: FLAG_PROTECTED_STATE,
+        },
+        Some(esvm_hv::sev::C_BIT),
+    )
+    .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.set_sregs(&boot.sregs).unwrap();
+    vcpu.set_regs(&boot.regs).unwrap();
+    before_launch(vcpu.as_mut());
+    let mut psp = Psp::ephemeral(ca(), Default::default()).unwrap();
+    psp.init().unwrap();
+    let psp = Arc::new(Mutex::new(psp));
+    vm.sev_launch_start(
+        psp,
+        &LaunchStart {
+            policy: Policy(Policy::ES),
+            owner: None,
+            share_key_with: None,
+        },
+    )
+    .unwrap();
+    let start = boot.boot_info.image_start & !0xfff;
+    let end = (boot.boot_info.image_end + 0xfff) & !0xfff;
+    vm.sev_launch_update_data(0, 0x10_0000).unwrap();
+    vm.sev_launch_update_data(start, end - start).unwrap();
+    vcpu.sev_launch_update_vmsa().unwrap();
+    vm.sev_launch_measure().unwrap();
+    vm.sev_launch_finish().unwrap();
+    SevGuest {
+        vm,
+        vcpu,
+        serial: Vec::new(),
+    }
+}
+
+impl SevGuest {
+    /// Run until the guest ends; `on_checkpoint` sees each checkpoint write, `on_halt` each
+    /// HLT exit (returns false to stop with an error).
+    fn run(
+        &mut self,
+        mut on_checkpoint: impl FnMut(&mut dyn Vcpu, u32),
+        mut on_halt: impl FnMut(&mut dyn Vcpu) -> bool,
+    ) -> End {
+        for _ in 0..1_000_000 {
+            self.vcpu.set_instruction_budget(Some(50_000_000)).unwrap();
+            let mut checkpoint_value = None;
+            let mut halted = false;
+            match self.vcpu.run().unwrap() {
+                VmExit::IoOut { port: 0x3f8, data } => self.serial.push(data[0]),
+                VmExit::IoOut { port: 0xf4, data } => return End::Exit(data[0]),
+                VmExit::IoOut { port, data } if port == checkpoint::PORT => {
+                    let mut v = [0u8; 4];
+                    v[..data.len()].copy_from_slice(data);
+                    checkpoint_value = Some(u32::from_le_bytes(v));
+                }
+                VmExit::IoOut { .. } => {}
+                // 16550 line status: transmitter empty.
+                VmExit::IoIn { port: 0x3fd, data } => data[0] = 0x60,
+                VmExit::IoIn { data, .. } => data.fill(0xff),
+                VmExit::MmioRead { data, .. } => data.fill(0xff),
+                VmExit::MmioWrite { .. } => {}
+                VmExit::Hlt => halted = true,
+                VmExit::Terminated { reason } => return End::Terminated(reason),
+                VmExit::Shutdown { reason } => return End::Shutdown(reason),
+                VmExit::BudgetExhausted | VmExit::Interrupted => {}
+                other => panic!("unexpected exit {other:?}"),
+            }
+            if let Some(v) = checkpoint_value {
+                on_checkpoint(self.vcpu.as_mut(), v);
+            }
+            if halted && !on_halt(self.vcpu.as_mut()) {
+                return End::Shutdown(format!("halted: {}", self.serial_text()));
+            }
+        }
+        panic!("guest did not finish: {}", self.serial_text());
+    }
+
+    fn run_simple(&mut self) -> End {
+        self.run(|_, _| {}, |_| false)
+    }
+
+    fn serial_text(&self) -> String {
+        String::from_utf8_lossy(&self.serial).into_owned()
+    }
+}
+
+#[test]
+fn smoke_guest_ends_with_a_ghcb_termination_request() {
+    let mut g = launch("sev-smoke", "", |_| {});
+    let end = g.run_simple();
+    match end {
+        End::Terminated(reason) => {
+            assert!(reason.contains("reason set 0"), "{reason}");
+            assert!(reason.contains("reason code 0x0"), "{reason}");
+        }
+        other => panic!(
+            "expected a termination request, got {other:?}\n{}",
+            g.serial_text()
+        ),
+    }
+    assert!(
+        !g.serial.is_empty(),
+        "the smoke guest prints through the GHCB"
+    );
+}
+
+#[test]
+fn clobbered_idt_then_ud2_is_a_shutdown() {
+    let mut g = launch("sev-idt", "", |_| {});
+    match g.run_simple() {
+        End::Shutdown(_) => {}
+        other => panic!("expected shutdown, got {other:?}\n{}", g.serial_text()),
+    }
+}
+
+#[test]
+fn fpu_state_set_before_launch_is_byte_identical_in_the_guest() {
+    let image = esvm_guests::fpu_pattern::fxsave_image();
+    let mut g = launch("sev-fpu", "", |v| {
+        v.set_fpu(&esvm_arch::FpuState::from_fxsave(&image))
+            .unwrap()
+    });
+    assert_eq!(g.run_simple(), End::Exit(0), "{}", g.serial_text());
+}
+
+#[test]
+fn every_register_call_on_a_protected_vcpu_fails() {
+    let mut g = launch("sev-smoke", "", |_| {});
+    let v = g.vcpu.as_mut();
+    assert!(v.is_protected());
+    let protected = |r: Result<(), HvError>, what: &str| match r {
+        Err(HvError::ProtectedState { .. }) => {}
+        other => panic!("{what}: expected ProtectedState, got {other:?}"),
+    };
+    protected(v.get_regs().map(|_| ()), "get_regs");
+    protected(v.set_regs(&Default::default()), "set_regs");
+    protected(v.get_sregs().map(|_| ()), "get_sregs");
+    protected(v.set_sregs(&Default::default()), "set_sregs");
+    protected(v.get_fpu().map(|_| ()), "get_fpu");
+    protected(v.set_fpu(&Default::default()), "set_fpu");
+    protected(v.get_xcr0().map(|_| ()), "get_xcr0");
+    protected(v.set_xcr0(1), "set_xcr0");
+    protected(
+        v.get_msrs(&[esvm_arch::msr::IA32_LSTAR]).map(|_| ()),
+        "get_msrs",
+    );
+    protected(v.set_msrs(&[(esvm_arch::msr::IA32_LSTAR, 0)]), "set_msrs");
+    protected(v.get_debug_regs().map(|_| ()), "get_debug_regs");
+    protected(v.set_debug_regs(&Default::default()), "set_debug_regs");
+    protected(v.snapshot().map(|_| ()), "snapshot");
+    match v.get_sregs_view().unwrap() {
+        SregsView::Tracked(t) => {
+            assert_ne!(t.cr0 & 1, 0, "tracked CR0.PE of a long-mode guest");
+            assert_ne!(t.efer & (1 << 10), 0, "tracked EFER.LMA");
+        }
+        SregsView::Full(_) => panic!("a protected vCPU must only show its tracked registers"),
+    }
+    // The host's copy of the VMSA is ciphertext.
+    let enc = v.sev_encrypted_vmsa().unwrap();
+    assert_ne!(&enc[0x178..0x180], &[0u8; 8], "RIP slot");
+    let _ = g.vm.memory();
+}
+
+#[test]
+fn tracked_view_follows_the_guests_own_cr_writes() {
+    let mut initial = None;
+    let mut seen = 0;
+    let mut g = launch("sev-cr", "", |_| {});
+    let end = g.run(
+        |v, value| {
+            if let Some(Checkpoint::CrStep(n)) = checkpoint::decode(value) {
+                let view = v.get_sregs_view().unwrap();
+                let SregsView::Tracked(t) = view else {
+                    panic!("protected vCPU showed full registers")
+                };
+                let now = cr_steps::CrState {
+                    cr0: t.cr0,
+                    cr4: t.cr4,
+                    cr8: t.cr8,
+                    efer: t.efer,
+                };
+                let init = *initial.get_or_insert(now);
+                assert_eq!(now, cr_steps::expected(init, n as usize), "after step {n}");
+                seen += 1;
+            }
+        },
+        |_| false,
+    );
+    assert_eq!(end, End::Exit(0), "{}", g.serial_text());
+    assert_eq!(
+        seen,
+        cr_steps::STEPS.len() + 1,
+        "one checkpoint per step plus the initial state"
+    );
+}
+
+#[test]
+fn injected_page_fault_carries_its_error_code() {
+    let ready = std::cell::Cell::new(false);
+    let mut injected = false;
+    let mut g = launch("sev-pf", "ec=6", |_| {});
+    let end = g.run(
+        |_, value| {
+            if checkpoint::decode(value) == Some(Checkpoint::PfReady) {
+                ready.set(true);
+            }
+        },
+        |v| {
+            if !ready.get() || injected {
+                return false;
+            }
+            // Error-code delivery is decided from the tracked CR0.PE (set: long mode).
+            v.inject_exception(14, Some(6)).unwrap();
+            let mut ev = v.get_events().unwrap();
+            ev.halted = false;
+            v.set_events(&ev).unwrap();
+            injected = true;
+            true
+        },
+    );
+    assert!(
+        injected,
+        "the guest never became ready: {}",
+        g.serial_text()
+    );
+    assert_eq!(end, End::Exit(0), "{}", g.serial_text());
+}
+
+#[test]
+fn sevdemo_matches_the_plain_demo_checksum() {
+    let mut g = launch("sevdemo", "iterations=3000", |_| {});
+    assert_eq!(g.run_simple(), End::Exit(0), "{}", g.serial_text());
+    let want = format!(
+        "checksum={:016x}",
+        esvm_guests::demo::expected_checksum(3000, 0)
+    );
+    assert!(g.serial_text().contains(&want), "{}", g.serial_text());
+}
+
+#[test]
+fn guest_without_vc_handler_shuts_down() {
+    let mut g = launch("sev-novc", "", |_| {});
+    match g.run_simple() {
+        End::Shutdown(_) => {}
+        other => panic!("expected shutdown, got {other:?}\n{}", g.serial_text()),
+    }
+}

@@ -1,0 +1,328 @@
+//! `esvm bench migrate`: live migration of the demo guest between two machines of this
+//! process over loopback TCP, through the same code as `esvm ctl migrate` / `esvm receive`
+//! (`MachineSource`, `MachineTarget`, the protocol's sender and receiver).
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use esvm_hv::{BackendKind, VmType};
+use esvm_migration::{Receiver, ReceiverConfig, SendOutcome, Sender, SenderConfig};
+
+use crate::machine::{Machine, MachineConfig, MachineHandle, Outcome};
+use crate::migrate::{MachineSource, MachineTarget};
+
+#[derive(Args, Debug)]
+pub struct MigrateBenchArgs {
+    /// Guest memory sizes, comma-separated.
+    #[arg(long, default_value = "256M,1G", value_delimiter = ',', value_parser = parse_bytes)]
+    pub sizes: Vec<u64>,
+    /// The dirtying workload's buffer: the demo guest rewrites one word in each of 16 pages
+    /// of it per iteration, cycling through the whole buffer.
+    #[arg(long, default_value_t = 32)]
+    pub dirty_mib: u64,
+    /// Downtime limit of the pre-copy engine, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// How long the guest runs before the migration starts, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub warmup_ms: u64,
+    /// Keep the guest stopped during the migration (a baseline for the transport alone:
+    /// the guest's vCPU then does not compete for the host's cores).
+    #[arg(long)]
+    pub stopped_guest: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    crate::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Row {
+    mem_mib: u64,
+    workload: String,
+    /// Every page was written (pseudo-random bytes) before boot, so all memory travels.
+    populated: bool,
+    /// The destination preallocated its guest memory at setup (`esvm receive --prealloc`).
+    prealloc: bool,
+    passes: u32,
+    pages_sent: u64,
+    bytes_sent: u64,
+    first_pass_gib_s: f64,
+    overall_gib_s: f64,
+    total_ms: f64,
+    final_pass_pages: u64,
+    estimated_downtime_ms: Option<f64>,
+    downtime_ms: f64,
+    /// Guest instructions per second on the source before the migration (the guest is a
+    /// busy CPU loop in every workload).
+    source_mips: f64,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Fill all of guest memory with pseudo-random bytes (a VMM-side write: logged).
+fn populate(m: &Machine, seed: u64) -> Result<(), Box<dyn std::error::Error>> {
+    let mem = m.vm().memory();
+    let mut x = seed | 1;
+    let mut chunk = vec![0u8; 4 << 20];
+    let mut addr = 0;
+    while addr < mem.size() {
+        for w in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = (mem.size() - addr).min(chunk.len() as u64) as usize;
+        mem.write(addr, &chunk[..n])?;
+        addr += n as u64;
+    }
+    Ok(())
+}
+
+type SourceResult = Result<(Outcome, Machine), String>;
+
+/// Start the demo guest on a source machine in its own thread.
+fn start_source(
+    mem: u64,
+    dirty_mib: u64,
+    fill: bool,
+) -> Result<(MachineHandle, std::thread::JoinHandle<SourceResult>), Box<dyn std::error::Error>> {
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || -> SourceResult {
+        let setup = || -> Result<Machine, Box<dyn std::error::Error>> {
+            let config = MachineConfig {
+                backend: BackendKind::Emu,
+                vm_type: VmType::Plain,
+                mem_size: mem,
+                vcpus: 1,
+                max_instructions: None,
+            };
+            let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+            if fill {
+                populate(&m, mem ^ dirty_mib)?;
+            }
+            let guest = esvm_guests::builtin("demo").ok_or("the demo guest is missing")?;
+            m.load(
+                guest.elf,
+                &format!("iterations=1000000000000000 dirty-mib={dirty_mib}"),
+            )?;
+            Ok(m)
+        };
+        let mut m = match setup() {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return Err(e.to_string());
+            }
+        };
+        let _ = tx.send(Ok(m.handle()));
+        let outcome = m.run().map_err(|e| e.to_string())?;
+        Ok((outcome, m))
+    });
+    let h = rx.recv()??;
+    Ok((h, t))
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    dirty_mib: u64,
+    populated: bool,
+    prealloc: bool,
+}
+
+fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn std::error::Error>> {
+    let Scenario {
+        dirty_mib,
+        populated: fill,
+        prealloc,
+    } = sc;
+    let (h, source) = start_source(mem, dirty_mib, fill)?;
+    let i0 = h.control.instructions();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(args.warmup_ms));
+    let source_mips = (h.control.instructions() - i0) as f64 / t0.elapsed().as_secs_f64() / 1e6;
+
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let dest = std::thread::spawn(move || -> Result<Machine, String> {
+        let (s, _) = listener.accept().map_err(|e| e.to_string())?;
+        let mut target = MachineTarget::new(
+            BackendKind::Emu,
+            Box::new(|| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>),
+        )
+        .with_prealloc(prealloc);
+        Receiver::new(ReceiverConfig::default())
+            .run_tcp(&mut target, s)
+            .map_err(|e| e.to_string())?;
+        target
+            .into_machine()
+            .ok_or_else(|| "no machine after the commit".to_string())
+    });
+    let url = format!("tcp://{addr}");
+    if args.stopped_guest {
+        h.control.hold()?;
+        h.control.wait_stopped(crate::runctl::PARK_TIMEOUT)?;
+    }
+    let mut src = MachineSource::new(h.clone(), url);
+    let out: SendOutcome = Sender::new(SenderConfig {
+        downtime_limit: Duration::from_millis(args.downtime_ms),
+        ..SenderConfig::default()
+    })
+    .run_tcp(&mut src, TcpStream::connect(addr)?)?;
+    let received = dest
+        .join()
+        .map_err(|_| "the destination thread panicked")??;
+    let (outcome, source_machine) = source.join().map_err(|_| "the source thread panicked")??;
+    if !matches!(outcome, Outcome::Migrated(_)) {
+        return Err(format!("the source ended with {outcome:?} instead of migrating").into());
+    }
+    // The source is frozen where it stopped: the destination must hold the same memory.
+    let (a, b) = (source_machine.vm().memory(), received.vm().memory());
+    let mut x = vec![0u8; 4 << 20];
+    let mut y = vec![0u8; 4 << 20];
+    let mut addr = 0;
+    while addr < mem {
+        let n = (mem - addr).min(x.len() as u64) as usize;
+        a.read(addr, &mut x[..n])?;
+        b.read(addr, &mut y[..n])?;
+        if x[..n] != y[..n] {
+            return Err(format!("destination memory differs near {addr:#x}").into());
+        }
+        addr += n as u64;
+    }
+    Ok(Row {
+        mem_mib: mem >> 20,
+        workload: if dirty_mib == 0 {
+            "idle".into()
+        } else {
+            format!("dirty-mib={dirty_mib}")
+        },
+        populated: fill,
+        prealloc,
+        passes: out.passes,
+        pages_sent: out.pages_sent,
+        bytes_sent: out.bytes_sent,
+        first_pass_gib_s: out.first_pass_bandwidth / GIB,
+        overall_gib_s: out.bytes_sent as f64 / out.total_time.as_secs_f64() / GIB,
+        total_ms: out.total_time.as_secs_f64() * 1e3,
+        final_pass_pages: out.final_pass_pages,
+        estimated_downtime_ms: out.estimated_downtime.map(|d| d.as_secs_f64() * 1e3),
+        downtime_ms: out.downtime.as_secs_f64() * 1e3,
+        source_mips,
+    })
+}
+
+/// How fast this machine hands out fresh memory: fault in 256 MiB of new anonymous
+/// memory (GiB/s). A cold migration destination cannot take pages in faster.
+fn fault_in_rate() -> Result<f64, Box<dyn std::error::Error>> {
+    let mem = esvm_hv::GuestMemory::new(256 << 20)?;
+    let t = Instant::now();
+    let mut addr = 0;
+    while addr < mem.size() {
+        // One byte per page: the kernel allocates and zeroes the page.
+        mem.write(addr, &[1])?;
+        addr += 4096;
+    }
+    Ok(0.25 / t.elapsed().as_secs_f64())
+}
+
+pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let fault_in = fault_in_rate()?;
+    let scenarios = [
+        Scenario {
+            dirty_mib: 0,
+            populated: true,
+            prealloc: true,
+        },
+        Scenario {
+            dirty_mib: args.dirty_mib,
+            populated: true,
+            prealloc: true,
+        },
+        Scenario {
+            dirty_mib: 0,
+            populated: true,
+            prealloc: false,
+        },
+        Scenario {
+            dirty_mib: 0,
+            populated: false,
+            prealloc: false,
+        },
+    ];
+    let mut rows = Vec::new();
+    for &mem in &args.sizes {
+        for sc in scenarios {
+            let row = one(args, mem, sc)?;
+            if !args.json {
+                eprintln!(
+                    "{} MiB {} ({}, {} destination): {:.2} GiB/s, downtime {:.2} ms",
+                    row.mem_mib,
+                    row.workload,
+                    if sc.populated { "populated" } else { "fresh" },
+                    if sc.prealloc { "preallocated" } else { "cold" },
+                    row.first_pass_gib_s,
+                    row.downtime_ms
+                );
+            }
+            rows.push(row);
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "fault_in_gib_s": fault_in,
+                "rows": rows,
+            }))?
+        );
+        return Ok(0);
+    }
+    println!(
+        "esvm bench migrate: demo guest on the emu backend, loopback TCP, downtime limit {} \
+         ms{}; fresh memory faults in at {fault_in:.2} GiB/s on this machine",
+        args.downtime_ms,
+        if args.stopped_guest {
+            ", guest stopped during the migration"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "| guest | workload | source memory | destination | sent | passes | first pass GiB/s | \
+         overall GiB/s | final-pass pages | downtime ms (estimate) | total ms | guest MIPS |"
+    );
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} MiB | {} | {} | {} | {:.1} MiB | {} | {:.2} | {:.2} | {} | {:.2} ({}) | {:.0} | {:.0} |",
+            r.mem_mib,
+            r.workload,
+            if r.populated {
+                "populated"
+            } else {
+                "fresh"
+            },
+            if r.prealloc { "preallocated" } else { "cold" },
+            r.bytes_sent as f64 / (1u64 << 20) as f64,
+            r.passes,
+            r.first_pass_gib_s,
+            r.overall_gib_s,
+            r.final_pass_pages,
+            r.downtime_ms,
+            r.estimated_downtime_ms
+                .map(|e| format!("{e:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            r.total_ms,
+            r.source_mips
+        );
+    }
+    Ok(0)
+}

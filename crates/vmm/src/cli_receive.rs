@@ -1,0 +1,148 @@
+//! `esvm receive`: wait for one incoming live migration and run the guest it brings.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use clap::Args;
+use esvm_hv::BackendKind;
+use esvm_migration::{Receiver, ReceiverConfig};
+use thiserror::Error;
+
+use crate::migrate::{parse_tcp_url, MachineTarget};
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Prints `esvm: listening on HOST:PORT` on stderr once it listens (with port 0 \
+                  the port the system chose). An incoming migration that fails (cut \
+                  connection, corrupt frame, incompatible VM, cancel) is discarded and esvm \
+                  keeps listening for another, unless --once is given. Once a migration \
+                  commits, the guest runs here: its serial console continues on stdout and \
+                  the exit status is the guest's, as for `esvm run`."
+)]
+pub struct ReceiveArgs {
+    /// Where to listen: tcp:HOST:PORT (or tcp://HOST:PORT), e.g. tcp:0.0.0.0:7000.
+    #[arg(long, value_name = "URL")]
+    pub listen: String,
+    /// The secure processor's platform directory (`esvm platform init`), needed for SEV-ES
+    /// guests (whose migration is not wired yet).
+    #[arg(long, value_name = "DIR")]
+    pub platform: Option<PathBuf>,
+    /// Serve the control API on this Unix socket once the guest runs here.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Backend for the received guest: 'emu' (default) or 'kvm'.
+    #[arg(long, default_value = "emu", value_parser = parse_backend)]
+    pub backend: BackendKind,
+    /// Allocate all of the guest's memory as soon as the migration's configuration arrives
+    /// (before any page), instead of as pages arrive: faster transfer, but the whole memory
+    /// size is in use at once.
+    #[arg(long)]
+    pub prealloc: bool,
+    /// Give up (exit status 125) if the first incoming migration fails, instead of waiting
+    /// for another.
+    #[arg(long)]
+    pub once: bool,
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse().map_err(|e: esvm_hv::HvError| e.to_string())
+}
+
+#[derive(Debug, Error)]
+pub enum ReceiveCliError {
+    #[error(transparent)]
+    Url(#[from] crate::migrate::UrlError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("accepting a connection on {addr} failed: {source}")]
+    Accept {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the incoming migration from {peer} failed: {source}")]
+    Failed {
+        peer: String,
+        #[source]
+        source: esvm_migration::ReceiveError,
+    },
+    #[error("the platform directory {0} does not exist (create it with `esvm platform init`)")]
+    Platform(PathBuf),
+}
+
+pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let addr = parse_tcp_url(&args.listen)?;
+    if let Some(p) = &args.platform {
+        if !p.is_dir() {
+            return Err(ReceiveCliError::Platform(p.clone()).into());
+        }
+    }
+    let listener = TcpListener::bind(&addr).map_err(|source| ReceiveCliError::Listen {
+        addr: addr.clone(),
+        source,
+    })?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| addr.clone());
+    eprintln!("esvm: listening on {local} for an incoming VM");
+    let (mut machine, peer) = loop {
+        let (stream, peer) = listener
+            .accept()
+            .map_err(|source| ReceiveCliError::Accept {
+                addr: local.clone(),
+                source,
+            })?;
+        let mut target = MachineTarget::new(
+            args.backend,
+            Box::new(|| Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>),
+        )
+        .with_prealloc(args.prealloc);
+        let mut receiver = Receiver::new(ReceiverConfig::default());
+        match receiver.run_tcp(&mut target, stream) {
+            Ok(o) => {
+                let Some(machine) = target.into_machine() else {
+                    return Err("the migration committed but left no machine (an esvm bug)".into());
+                };
+                tracing::info!(
+                    %peer,
+                    passes = o.passes,
+                    pages = o.pages,
+                    bytes = o.bytes,
+                    "migration received"
+                );
+                eprintln!(
+                    "esvm: received the VM from {peer}: {} pages in {} passes; running it",
+                    o.pages, o.passes
+                );
+                break (machine, peer);
+            }
+            Err(source) => {
+                if args.once {
+                    return Err(ReceiveCliError::Failed {
+                        peer: peer.to_string(),
+                        source,
+                    }
+                    .into());
+                }
+                eprintln!(
+                    "esvm: the incoming migration from {peer} failed: {source}; everything \
+                     received was discarded; waiting for another"
+                );
+            }
+        }
+    };
+    drop(listener);
+    crate::session::run(
+        &format!("from {peer}"),
+        &mut machine,
+        &crate::session::RunOptions {
+            api_socket: args.api_socket.clone(),
+            start_paused: false,
+        },
+    )
+}

@@ -1,0 +1,49 @@
+//! `esvm restore`: run a VM from a snapshot written by `esvm ctl snapshot`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use esvm_hv::BackendKind;
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "The snapshot is checked completely before the guest runs; a corrupt or \
+                  truncated snapshot is refused (exit status 125) with a message naming the \
+                  file and the problem. The guest continues where it was snapshotted: its \
+                  serial console on stdout, its exit status as for `esvm run`."
+)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The secure processor's platform directory, needed for SEV-ES snapshots (not
+    /// supported yet).
+    #[arg(long, value_name = "DIR")]
+    pub platform: Option<PathBuf>,
+    /// Serve the control API on this Unix socket while the guest runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Start with the guest paused until `esvm ctl resume` (needs --api-socket).
+    #[arg(long, requires = "api_socket")]
+    pub start_paused: bool,
+    /// Backend: 'emu' (default) or 'kvm'.
+    #[arg(long, default_value = "emu", value_parser = parse_backend)]
+    pub backend: BackendKind,
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse().map_err(|e: esvm_hv::HvError| e.to_string())
+}
+
+pub fn run(args: RestoreArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let mut machine =
+        crate::snapshot::restore(&args.dir, args.backend, Box::new(std::io::stdout()))?;
+    crate::session::run(
+        &format!("restored from {}", args.dir.display()),
+        &mut machine,
+        &crate::session::RunOptions {
+            api_socket: args.api_socket.clone(),
+            start_paused: args.start_paused,
+        },
+    )
+}

@@ -1,0 +1,476 @@
+//! Live migration of a [`Machine`]: the source side ([`MachineSource`], driven by
+//! `esvm_migration::Sender` on a migration thread while the guest runs) and the destination
+//! side ([`MachineTarget`], driven by `esvm_migration::Receiver` into a fresh machine).
+//!
+//! What travels (see `docs/migration-protocol.md` for the frames):
+//! * `Config`: memory size, vCPU count, VM type, no feature bits, and as extra compatibility
+//!   data [`COMPAT_EXTRA`], the names of this VMM's state formats: a destination that
+//!   serialises differently refuses before any memory moves.
+//! * pages: the first pass carries every page ever written (the destination starts zeroed;
+//!   see [`crate::dirty`]), later passes the dirty log.
+//! * `DeviceState`: the [`MachineState`] as JSON (devices, virtual clock, instruction
+//!   counts, MMIO window, instruction limit), so the guest's time continues exactly.
+//! * `VcpuState`: each vCPU's [`VcpuSnapshot`](esvm_arch::VcpuSnapshot) as JSON.
+//!
+//! SEV-ES guests are refused on both sides for now ("not wired yet"): their pages and VMSAs
+//! must travel as firmware transport packets through the `sev_*` hooks.
+
+use std::io::Write;
+
+use esvm_hv::{BackendKind, VmType};
+use esvm_migration::{
+    GuestType, MigrationConfig, MigrationSource, MigrationTarget, PageSet, SourceError,
+    TargetError, PAGE_SIZE,
+};
+use thiserror::Error;
+
+use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState};
+use crate::runctl::PARK_TIMEOUT;
+
+/// The VMM-specific compatibility data of the `Config` frame: the formats of the state this
+/// VMM sends. Both sides must agree exactly.
+pub const COMPAT_EXTRA: &[u8] = b"esvm machine-state/1 vcpu-snapshot/1 json";
+
+/// Why SEV-ES guests cannot migrate yet (both sides say so).
+pub const SEV_ES_NOT_WIRED: &str = "SEV-ES migration is not wired yet: the guest's pages and \
+     VMSAs must travel as SEV transport packets (SEND_*/RECEIVE_*), which this esvm does not \
+     do yet; only plain guests can migrate";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum UrlError {
+    #[error(
+        "unsupported migration URL {0:?}: use tcp://HOST:PORT (or tcp:HOST:PORT), e.g. \
+         tcp://127.0.0.1:7000 or tcp://[::1]:7000"
+    )]
+    Unsupported(String),
+}
+
+/// `tcp://HOST:PORT` or `tcp:HOST:PORT` → `HOST:PORT` (what `TcpStream::connect` and
+/// `TcpListener::bind` take).
+pub fn parse_tcp_url(url: &str) -> Result<String, UrlError> {
+    let rest = url
+        .strip_prefix("tcp://")
+        .or_else(|| url.strip_prefix("tcp:"))
+        .ok_or_else(|| UrlError::Unsupported(url.to_string()))?;
+    let bad = || UrlError::Unsupported(url.to_string());
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() || rest.contains('/') {
+        return Err(bad());
+    }
+    if host.starts_with('[') != host.ends_with(']') {
+        return Err(bad());
+    }
+    Ok(rest.to_string())
+}
+
+/// The migration configuration a machine sends.
+pub fn migration_config(c: &MachineConfig) -> MigrationConfig {
+    MigrationConfig {
+        mem_size: c.mem_size,
+        vcpus: c.vcpus,
+        vm_type: match c.vm_type {
+            VmType::Plain => GuestType::Plain,
+            VmType::SevEs => GuestType::SevEs,
+        },
+        features: 0,
+        extra: COMPAT_EXTRA.to_vec(),
+    }
+}
+
+fn source_err(what: &str, e: impl std::fmt::Display) -> SourceError {
+    SourceError::failed(format!("{what}: {e}"))
+}
+
+/// The source VM as the migration sender drives it (on the migration thread, while the run
+/// loop keeps running the guest until [`MigrationSource::pause`]).
+pub struct MachineSource {
+    h: MachineHandle,
+    url: String,
+    /// We hold the guest stopped (stop-and-copy).
+    held: bool,
+    /// The run loop is known to be parked under our hold.
+    stopped: bool,
+}
+
+impl MachineSource {
+    pub fn new(h: MachineHandle, url: impl Into<String>) -> Self {
+        MachineSource {
+            h,
+            url: url.into(),
+            held: false,
+            stopped: false,
+        }
+    }
+
+    /// Whether the sender left the guest stopped (an in-doubt outcome): the hold is then
+    /// still taken and must be released by whoever resolves the doubt.
+    pub fn still_held(&self) -> bool {
+        self.held
+    }
+}
+
+impl MigrationSource for MachineSource {
+    fn config(&self) -> MigrationConfig {
+        migration_config(&self.h.config)
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), SourceError> {
+        // The log is always on; start a fresh interval (what it held so far is folded into
+        // the written set, which the first pass sends in full).
+        self.h
+            .tracker
+            .take()
+            .map(|_| ())
+            .map_err(|e| source_err("reading the dirty log", e))
+    }
+
+    fn written_pages(&mut self) -> Result<Option<PageSet>, SourceError> {
+        self.h
+            .tracker
+            .ever_written()
+            .map(Some)
+            .map_err(|e| source_err("reading the dirty log", e))
+    }
+
+    fn take_dirty_log(&mut self) -> Result<PageSet, SourceError> {
+        self.h
+            .tracker
+            .take()
+            .map_err(|e| source_err("reading the dirty log", e))
+    }
+
+    fn restore_dirty_log(&mut self, pages: &PageSet) -> Result<(), SourceError> {
+        self.h.tracker.give_back(pages);
+        Ok(())
+    }
+
+    fn read_pages(&mut self, first_page: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.h
+            .vm
+            .memory()
+            .read(first_page * PAGE_SIZE, buf)
+            .map_err(|e| source_err("reading guest memory", e))
+    }
+
+    fn paused_pages(&self, first_page: u64, count: u64) -> Option<&[u8]> {
+        if !self.stopped {
+            return None;
+        }
+        let mem = self.h.vm.memory();
+        let start = first_page.checked_mul(PAGE_SIZE)?;
+        let len = count.checked_mul(PAGE_SIZE)?;
+        if start.checked_add(len)? > mem.size() {
+            return None;
+        }
+        // SAFETY: guest RAM is one mapping of `mem.size()` bytes at `host_base()` that lives
+        // as long as the VM, which `self.h.vm` keeps alive for the borrow of `self`; the range
+        // was checked against it. Nothing writes guest memory while we hold the guest
+        // stopped: the run loop (the only writer: vCPU and devices) is parked under our hold,
+        // and snapshots are refused while a migration runs. The hold is released only by
+        // `resume(&mut self)`, which cannot run while this shared borrow lives.
+        Some(unsafe {
+            std::slice::from_raw_parts(mem.host_base().add(start as usize), len as usize)
+        })
+    }
+
+    fn sev_send_start(&mut self, _target_certs: &[u8]) -> Result<Vec<u8>, SourceError> {
+        Err(SourceError::failed(SEV_ES_NOT_WIRED))
+    }
+
+    fn sev_page_packet(&mut self, _page: u64, _out: &mut Vec<u8>) -> Result<(), SourceError> {
+        Err(SourceError::failed(SEV_ES_NOT_WIRED))
+    }
+
+    fn pause(&mut self) -> Result<(), SourceError> {
+        if !self.held {
+            self.h
+                .control
+                .hold()
+                .map_err(|e| source_err("pausing the guest", e))?;
+            self.held = true;
+        }
+        self.h
+            .control
+            .wait_stopped(PARK_TIMEOUT)
+            .map_err(|e| source_err("pausing the guest", e))?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), SourceError> {
+        self.stopped = false;
+        if self.held {
+            self.h.control.release();
+            self.held = false;
+        }
+        Ok(())
+    }
+
+    fn device_state(&mut self) -> Result<Vec<u8>, SourceError> {
+        let state = self
+            .h
+            .control
+            .run_job(|m| m.save_state())
+            .map_err(|e| source_err("saving the device state", e))?;
+        serde_json::to_vec(&state).map_err(|e| source_err("encoding the device state", e))
+    }
+
+    fn vcpu_state(&mut self, vcpu: u32) -> Result<Vec<u8>, SourceError> {
+        let snap = self
+            .h
+            .control
+            .run_job(move |m| m.save_vcpu(vcpu))
+            .map_err(|e| source_err("saving the vCPU state", e))?
+            .map_err(|e| source_err("saving the vCPU state", e))?;
+        serde_json::to_vec(&snap).map_err(|e| source_err("encoding the vCPU state", e))
+    }
+
+    fn mark_dead(&mut self) {
+        self.stopped = false;
+        self.h.control.mark_dead(&self.url);
+    }
+}
+
+/// Fault in all of guest memory without changing it (`MADV_POPULATE_WRITE`); a kernel
+/// without it (before Linux 5.14) just leaves memory to be faulted in on first touch.
+fn prealloc(mem: &esvm_hv::GuestMemory) {
+    // SAFETY: the range is exactly guest RAM's single anonymous mapping (host_base, size),
+    // which lives as long as the VM; MADV_POPULATE_WRITE allocates its pages without
+    // reading or writing their contents.
+    let r = unsafe {
+        libc::madvise(
+            mem.host_base().cast::<libc::c_void>(),
+            mem.size() as libc::size_t,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+    if r != 0 {
+        tracing::warn!(
+            "cannot preallocate guest memory (madvise MADV_POPULATE_WRITE): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Makes the serial output writer of a received machine.
+pub type SerialFactory = Box<dyn FnMut() -> Box<dyn Write + Send> + Send>;
+
+/// The destination: a fresh machine built from the incoming configuration, filled by the
+/// receiver, and handed over by [`MachineTarget::into_machine`] once committed.
+pub struct MachineTarget {
+    backend: BackendKind,
+    prealloc: bool,
+    serial: SerialFactory,
+    machine: Option<Machine>,
+    received: Option<PageSet>,
+    state: Option<MachineState>,
+    committed: bool,
+}
+
+fn refused(what: &str, e: impl std::fmt::Display) -> TargetError {
+    TargetError::Refused(format!("{what}: {e}"))
+}
+
+impl MachineTarget {
+    /// A destination that builds its machine on `backend`, with COM1 writing to what
+    /// `serial` makes.
+    pub fn new(backend: BackendKind, serial: SerialFactory) -> Self {
+        MachineTarget {
+            backend,
+            prealloc: false,
+            serial,
+            machine: None,
+            received: None,
+            state: None,
+            committed: false,
+        }
+    }
+
+    /// Allocate (fault in) all of the destination's guest memory when the configuration
+    /// is accepted, before any page arrives, as a VMM with preallocated guest RAM has it.
+    /// The cost moves from the transfer to the setup, and the destination then uses its
+    /// whole memory size at once (instead of only the pages that arrive).
+    pub fn with_prealloc(mut self, on: bool) -> Self {
+        self.prealloc = on;
+        self
+    }
+
+    /// The received machine, once committed.
+    pub fn into_machine(self) -> Option<Machine> {
+        if self.committed {
+            self.machine
+        } else {
+            None
+        }
+    }
+
+    fn machine_mut(&mut self) -> Result<&mut Machine, TargetError> {
+        self.machine.as_mut().ok_or_else(|| {
+            TargetError::Failed("no machine: the configuration was not accepted".into())
+        })
+    }
+}
+
+impl MigrationTarget for MachineTarget {
+    fn accept_config(&mut self, config: &MigrationConfig) -> Result<Vec<u8>, TargetError> {
+        if config.vm_type == GuestType::SevEs {
+            return Err(TargetError::Incompatible(SEV_ES_NOT_WIRED.into()));
+        }
+        if config.extra != COMPAT_EXTRA {
+            return Err(TargetError::Incompatible(format!(
+                "the source's state formats are {:?}, this destination reads {:?}; run the \
+                 same esvm version on both hosts",
+                String::from_utf8_lossy(&config.extra),
+                String::from_utf8_lossy(COMPAT_EXTRA)
+            )));
+        }
+        if config.features != 0 {
+            return Err(TargetError::Incompatible(format!(
+                "the source uses guest features {:#x} that this destination does not know",
+                config.features
+            )));
+        }
+        let mc = MachineConfig {
+            backend: self.backend,
+            vm_type: VmType::Plain,
+            mem_size: config.mem_size,
+            vcpus: config.vcpus,
+            max_instructions: None,
+        };
+        let machine = Machine::new(&mc, (self.serial)()).map_err(|e| {
+            TargetError::Incompatible(format!(
+                "cannot create a VM with {} bytes of memory and {} vCPUs on the {} backend \
+                 here: {e}",
+                config.mem_size, config.vcpus, self.backend
+            ))
+        })?;
+        if self.prealloc {
+            prealloc(machine.vm().memory());
+        }
+        self.received = Some(PageSet::new(config.pages()));
+        self.machine = Some(machine);
+        Ok(Vec::new())
+    }
+
+    fn pages_mut(&mut self, first_page: u64, count: u64) -> Result<&mut [u8], TargetError> {
+        if let Some(r) = self.received.as_mut() {
+            r.set_range(first_page, count);
+        }
+        let m = self.machine_mut()?;
+        let mem = m.vm().memory();
+        let start = first_page * PAGE_SIZE;
+        let len = count * PAGE_SIZE;
+        if start.checked_add(len).is_none_or(|end| end > mem.size()) {
+            return Err(TargetError::Failed(format!(
+                "pages {first_page}+{count} lie outside guest memory"
+            )));
+        }
+        // SAFETY: the range lies inside guest RAM's single mapping (checked above), which
+        // lives as long as the machine, and the machine is borrowed mutably for the slice's
+        // lifetime. The machine has never run: no vCPU, device or other thread touches its
+        // memory, so this is the only access. The writes bypass the dirty log; `received`
+        // records them for the machine's written-page set at commit.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(mem.host_base().add(start as usize), len as usize)
+        })
+    }
+
+    fn apply_device_state(&mut self, state: &[u8]) -> Result<(), TargetError> {
+        let s: MachineState =
+            serde_json::from_slice(state).map_err(|e| refused("the device state", e))?;
+        let vcpus = self.machine_mut()?.config().vcpus as usize;
+        if s.instructions.len() != vcpus {
+            return Err(refused(
+                "the device state",
+                format!(
+                    "it describes {} vCPUs, the VM has {vcpus}",
+                    s.instructions.len()
+                ),
+            ));
+        }
+        self.state = Some(s);
+        Ok(())
+    }
+
+    fn apply_vcpu_state(&mut self, vcpu: u32, state: &[u8]) -> Result<(), TargetError> {
+        let snap: esvm_arch::VcpuSnapshot =
+            serde_json::from_slice(state).map_err(|e| refused("the vCPU state", e))?;
+        self.machine_mut()?
+            .restore_vcpu(vcpu, &snap)
+            .map_err(|e| refused(&format!("the state of vCPU {vcpu}"), e))
+    }
+
+    fn commit(&mut self) -> Result<(), TargetError> {
+        let state = self
+            .state
+            .take()
+            .ok_or_else(|| TargetError::Failed("no device state arrived".into()))?;
+        let received = self.received.take();
+        let m = self.machine_mut()?;
+        m.restore_state(&state)
+            .map_err(|e| refused("the device state", e))?;
+        if let Some(r) = received {
+            m.tracker().mark_written(&r);
+        }
+        self.committed = true;
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        self.machine = None;
+        self.received = None;
+        self.state = None;
+        self.committed = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_tcp_url("tcp://127.0.0.1:7000").unwrap(),
+            "127.0.0.1:7000"
+        );
+        assert_eq!(parse_tcp_url("tcp:localhost:1").unwrap(), "localhost:1");
+        assert_eq!(parse_tcp_url("tcp://[::1]:9").unwrap(), "[::1]:9");
+        for bad in [
+            "udp://h:1",
+            "tcp://h",
+            "tcp://:1",
+            "tcp://h:99999",
+            "tcp://h:1/x",
+            "h:1",
+            "tcp://[::1:9",
+        ] {
+            assert!(parse_tcp_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn target_refuses_sev_es_and_foreign_formats() {
+        let mut t = MachineTarget::new(BackendKind::Emu, Box::new(|| Box::new(std::io::sink())));
+        let mut c = migration_config(&MachineConfig {
+            backend: BackendKind::Emu,
+            vm_type: VmType::SevEs,
+            mem_size: 4 << 20,
+            vcpus: 1,
+            max_instructions: None,
+        });
+        let e = t.accept_config(&c).unwrap_err();
+        assert!(e.to_string().contains("not wired yet"), "{e}");
+        c.vm_type = GuestType::Plain;
+        c.extra = b"other".to_vec();
+        let e = t.accept_config(&c).unwrap_err();
+        assert!(e.to_string().contains("same esvm version"), "{e}");
+        c.extra = COMPAT_EXTRA.to_vec();
+        assert_eq!(t.accept_config(&c).unwrap(), Vec::<u8>::new());
+        assert!(t.apply_device_state(b"{not json").is_err());
+        assert!(t.apply_vcpu_state(0, b"[]").is_err());
+        assert!(t.commit().is_err(), "no device state yet");
+        t.abort();
+        assert!(t.into_machine().is_none());
+    }
+}

@@ -1,0 +1,146 @@
+//! `esvm run --sev-es`: launch a guest as SEV-ES through the secure processor.
+//!
+//! LAUNCH_START (with the owner's session, if given), LAUNCH_UPDATE_DATA over the loaded
+//! image and the loader's boot structures, LAUNCH_UPDATE_VMSA for each vCPU (its initial state
+//! synced in, FPU/SSE included), LAUNCH_MEASURE (printed, optionally written to a file), an
+//! optional LAUNCH_UPDATE_SECRET, LAUNCH_FINISH. From then on the host sees only ciphertext.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use esvm_loader::bootinfo::layout;
+use esvm_loader::BootState;
+use esvm_psp::{LaunchStart, Measurement, Policy, Psp};
+use thiserror::Error;
+
+use crate::machine::Machine;
+
+/// Where LAUNCH_UPDATE_SECRET places an owner's secret (one page; see docs/sev-es-guest.md).
+pub const SECRET_GPA: u64 = 0x4000;
+
+/// The launch policy used without `--session`: ES, nothing else.
+pub const DEFAULT_POLICY: u32 = Policy::ES;
+
+#[derive(Debug, Error)]
+pub enum SevLaunchError {
+    #[error("cannot open the platform in {dir}: {reason}. Create one with `esvm platform init --dir {dir}`")]
+    Platform { dir: PathBuf, reason: String },
+    #[error("cannot read the owner's session in {dir}: {reason}")]
+    Session { dir: PathBuf, reason: String },
+    #[error("the owner's policy {0:#x} lacks the ES bit: SEV-ES guests need policy bit 2")]
+    NotEs(u32),
+    #[error("cannot read the secret packet {path}: {reason}")]
+    Secret { path: PathBuf, reason: String },
+    #[error("cannot write the measurement to {path}: {source}")]
+    MeasurementOut {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("SEV-ES launch failed: {0}")]
+    Launch(String),
+}
+
+/// What `esvm run --sev-es` was asked for.
+pub struct SevLaunchArgs<'a> {
+    pub platform: &'a Path,
+    pub session: Option<&'a Path>,
+    pub measurement_out: Option<&'a Path>,
+    pub secret: Option<&'a Path>,
+}
+
+/// The regions LAUNCH_UPDATE_DATA measures for a loaded guest, in order: the loader's low
+/// memory (GDT, boot info, arguments, page tables and the boot stack) and the image.
+/// Memory outside them starts unmeasured: a guest that uses it privately must initialise it
+/// first (as on hardware, where such pages read as the decryption of whatever DRAM held).
+pub fn measured_regions(boot: &BootState) -> Vec<(u64, u64)> {
+    let start = boot.boot_info.image_start & !0xfff;
+    let end = (boot.boot_info.image_end + 0xfff) & !0xfff;
+    vec![(0, layout::STACK_TOP), (start, end - start)]
+}
+
+/// Open (and INIT) the platform firmware from its NV storage.
+pub fn open_platform(dir: &Path) -> Result<Arc<Mutex<Psp>>, SevLaunchError> {
+    let mut psp = Psp::open(dir).map_err(|e| SevLaunchError::Platform {
+        dir: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if psp.state() == esvm_psp::PlatformState::Uninit {
+        psp.init().map_err(|e| SevLaunchError::Platform {
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(Mutex::new(psp)))
+}
+
+/// Run the launch sequence on a machine whose guest is loaded (with the C-bit page tables).
+pub fn launch(
+    machine: &mut Machine,
+    boot: &BootState,
+    args: &SevLaunchArgs<'_>,
+) -> Result<Measurement, SevLaunchError> {
+    let psp = open_platform(args.platform)?;
+    let req = match args.session {
+        Some(dir) => {
+            let (policy, owner) =
+                esvm_owner::launch_request(dir).map_err(|e| SevLaunchError::Session {
+                    dir: dir.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+            if !policy.es() {
+                return Err(SevLaunchError::NotEs(policy.0));
+            }
+            LaunchStart {
+                policy,
+                owner: Some(owner),
+                share_key_with: None,
+            }
+        }
+        None => LaunchStart {
+            policy: Policy(DEFAULT_POLICY),
+            owner: None,
+            share_key_with: None,
+        },
+    };
+    let l = |e: esvm_hv::HvError| SevLaunchError::Launch(e.to_string());
+    let emu = machine
+        .emu_vm()
+        .cloned()
+        .ok_or_else(|| SevLaunchError::Launch("SEV-ES guests need the emu backend".into()))?;
+    emu.sev_launch_start(psp, &req).map_err(l)?;
+    for (gpa, len) in measured_regions(boot) {
+        emu.sev_launch_update_data(gpa, len).map_err(l)?;
+    }
+    machine
+        .launch_update_vmsas()
+        .map_err(|e| SevLaunchError::Launch(e.to_string()))?;
+    let measurement = emu.sev_launch_measure().map_err(l)?;
+    if let Some(path) = args.measurement_out {
+        std::fs::write(path, measurement.to_file_bytes()).map_err(|source| {
+            SevLaunchError::MeasurementOut {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+    }
+    if let Some(path) = args.secret {
+        let bytes = std::fs::read(path).map_err(|e| SevLaunchError::Secret {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let (header, ct) =
+            esvm_owner::parse_secret_packet(&bytes).ok_or_else(|| SevLaunchError::Secret {
+                path: path.to_path_buf(),
+                reason: "not a secret packet (header + ciphertext) from `esvm owner secret`".into(),
+            })?;
+        emu.sev_launch_secret(SECRET_GPA, &header, &ct).map_err(l)?;
+    }
+    emu.sev_launch_finish().map_err(l)?;
+    Ok(measurement)
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

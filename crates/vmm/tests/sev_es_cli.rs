@@ -1,0 +1,122 @@
+//! `esvm run --sev-es` end to end: a platform made by `esvm platform init`, the SEV-ES demo,
+//! the launch measurement, and a plain guest that has no #VC handler.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn esvm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_esvm"))
+        .args(args)
+        .output()
+        .expect("failed to start esvm")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn platform(dir: &Path) -> String {
+    let p = dir.join("platform");
+    let o = esvm(&[
+        "platform",
+        "init",
+        "--dir",
+        p.to_str().unwrap(),
+        "--ark-bits",
+        "2048",
+    ]);
+    assert!(o.status.success(), "platform init: {}", text(&o.stderr));
+    p.display().to_string()
+}
+
+#[test]
+fn sev_es_demo_runs_like_the_plain_demo_and_prints_its_measurement() {
+    let dir = tempfile::tempdir().unwrap();
+    let plat = platform(dir.path());
+    let mfile = dir.path().join("measurement.bin");
+    let o = esvm(&[
+        "run",
+        "--sev-es",
+        "--platform",
+        &plat,
+        "--measurement-out",
+        mfile.to_str().unwrap(),
+        "--",
+        "iterations=4000",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert!(text(&o.stderr).contains("SEV-ES launch measurement"));
+    assert_eq!(std::fs::read(&mfile).unwrap().len(), 51, "measurement file");
+    let plain = esvm(&["run", "demo", "--", "iterations=4000"]);
+    let sum = |o: &Output| {
+        text(&o.stdout)
+            .lines()
+            .find(|l| l.starts_with("checksum="))
+            .map(str::to_string)
+    };
+    assert!(sum(&o).is_some(), "{}", text(&o.stdout));
+    assert_eq!(sum(&o), sum(&plain), "SEV-ES and plain demo checksums");
+    let ticks = |o: &Output| {
+        text(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with("tick "))
+            .count()
+    };
+    assert_eq!(ticks(&o), ticks(&plain));
+}
+
+#[test]
+fn plain_guest_without_vc_handler_gives_a_clear_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let plat = platform(dir.path());
+    let o = esvm(&["run", "--sev-es", "--platform", &plat, "hello"]);
+    assert_eq!(o.status.code(), Some(124), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("shut down") && err.contains("#VC"), "{err}");
+}
+
+#[test]
+fn smoke_guest_termination_request_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let plat = platform(dir.path());
+    let o = esvm(&["run", "--sev-es", "--platform", &plat, "sev-smoke"]);
+    assert_eq!(o.status.code(), Some(122), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("requested termination"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn sev_es_usage_errors_are_clear() {
+    let o = esvm(&["run", "--sev-es"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        text(&o.stderr).contains("--platform"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = esvm(&["run", "--sev-es", "--platform", "/nonexistent/plat"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        text(&o.stderr).contains("esvm platform init"),
+        "{}",
+        text(&o.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plat = platform(dir.path());
+    let o = esvm(&["run", "--sev-es", "--platform", &plat, "--backend", "kvm"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        text(&o.stderr).contains("emu backend"),
+        "{}",
+        text(&o.stderr)
+    );
+}
