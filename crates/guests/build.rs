@@ -52,6 +52,10 @@ const GUESTS: &[(&str, &str)] = &[
         "benchmark loop=alu|mem|branch for n=N iterations (ring=0|3) between markers on port 0xF5",
     ),
     (
+        "iobench",
+        "port-I/O round trips: n=N writes to the null port 0x80 between markers on 0xF5; plain OUT exits, or GHCB IOIO VMGEXITs when run with --sev-es",
+    ),
+    (
         "sevdemo",
         "SEV-ES demo: the demo workload (iterations=N, dirty-mib=M, same checksum) with all I/O through the GHCB",
     ),

@@ -714,6 +714,14 @@ impl Vcpu for EmuVcpu {
         Ok(())
     }
 
+    fn sev_initial_vmsa(&self) -> Result<Box<[u8; 4096]>> {
+        if self.sev.is_none() {
+            return Err(HvError::Sev("not an SEV-ES vCPU".into()));
+        }
+        self.guard("sev_initial_vmsa (the VMSA is already encrypted)")?;
+        Ok(Box::new(self.cpu.to_vmsa().to_bytes()))
+    }
+
     fn sev_encrypted_vmsa(&self) -> Result<Box<[u8; 4096]>> {
         let ctx = self.sev_context()?;
         if !self.is_protected() {

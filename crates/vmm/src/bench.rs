@@ -22,6 +22,22 @@ pub enum BenchCommand {
     /// and a destination machine in this process over loopback TCP: throughput and downtime
     /// for each guest size, idle and dirtying memory, plain guests.
     Migrate(crate::bench_migrate::MigrateBenchArgs),
+    /// Exit round trips: the iobench guest's writes to a null port as plain OUT exits and as
+    /// SEV-ES GHCB IOIO requests (one VMGEXIT each), on the software vCPU, in one run.
+    Io(IoBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct IoBenchArgs {
+    /// Port writes per measurement.
+    #[arg(long, default_value_t = 200_000)]
+    pub writes: u64,
+    /// Repetitions; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: u32,
+    /// Platform directory for the SEV-ES run (default: a temporary one).
+    #[arg(long, value_name = "DIR")]
+    pub platform: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +96,7 @@ pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
     match cmd {
         BenchCommand::Cpu(args) => bench_cpu(&args),
         BenchCommand::Psp(args) => bench_psp(&args),
+        BenchCommand::Io(args) => bench_io(&args),
         BenchCommand::Migrate(args) => crate::bench_migrate::run(&args),
     }
 }
@@ -213,6 +230,92 @@ fn bench_psp(args: &PspBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             rounds: args.rounds.max(1),
         })?;
         println!("{figures}");
+    }
+    Ok(0)
+}
+
+const IO_MARK_START: u32 = 0xE5B0_0011;
+const IO_MARK_END: u32 = 0xE5B0_0012;
+
+/// Seconds between the iobench guest's markers, plain or SEV-ES.
+fn io_round_trips(
+    n: u64,
+    sev_platform: Option<&std::path::Path>,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let guest = esvm_guests::builtin("iobench").ok_or("the iobench guest is missing")?;
+    let config = MachineConfig {
+        backend: BackendKind::Emu,
+        vm_type: if sev_platform.is_some() {
+            esvm_hv::VmType::SevEs
+        } else {
+            esvm_hv::VmType::Plain
+        },
+        mem_size: 64 << 20,
+        vcpus: 1,
+        max_instructions: None,
+    };
+    let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+    let boot = m.load(guest.elf, &format!("n={n}"))?;
+    if let Some(platform) = sev_platform {
+        crate::sev_launch::launch(
+            &mut m,
+            &boot,
+            &crate::sev_launch::SevLaunchArgs {
+                platform,
+                session: None,
+                measurement_out: None,
+                secret: None,
+            },
+        )?;
+    }
+    match m.run()? {
+        Outcome::Exited(0) => {}
+        other => return Err(format!("iobench guest ended with {other:?}").into()),
+    }
+    let marks = m.devices().bench_marks();
+    let start = marks.iter().find(|k| k.value == IO_MARK_START);
+    let end = marks.iter().find(|k| k.value == IO_MARK_END);
+    match (start, end) {
+        (Some(s), Some(e)) => Ok(e.host.duration_since(s.host).as_secs_f64()),
+        _ => Err("the iobench guest did not write both benchmark markers".into()),
+    }
+}
+
+fn bench_io(args: &IoBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let tmp;
+    let platform = match &args.platform {
+        Some(p) => p.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!("esvm-bench-io-{}", std::process::id()));
+            let ca = esvm_psp::EmulatedAmdCa::generate(2048)?;
+            esvm_psp::Psp::create(&tmp, &ca, Default::default())?;
+            tmp.clone()
+        }
+    };
+    let n = args.writes;
+    let mut plain = f64::MAX;
+    let mut sev = f64::MAX;
+    for _ in 0..args.repeat.max(1) {
+        plain = plain.min(io_round_trips(n, None)?);
+        sev = sev.min(io_round_trips(n, Some(&platform))?);
+    }
+    if args.platform.is_none() {
+        let _ = std::fs::remove_dir_all(&platform);
+    }
+    println!(
+        "esvm bench io: {n} writes to a null port, best of {}",
+        args.repeat.max(1)
+    );
+    println!("{:<34} {:>14} {:>12}", "path", "round trips/s", "us each");
+    for (name, secs) in [
+        ("plain OUT exit (emu)", plain),
+        ("SEV-ES GHCB IOIO VMGEXIT (emu)", sev),
+    ] {
+        println!(
+            "{name:<34} {:>14.0} {:>12.3}",
+            n as f64 / secs,
+            secs * 1e6 / n as f64
+        );
     }
     Ok(0)
 }

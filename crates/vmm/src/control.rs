@@ -21,7 +21,8 @@ use esvm_control::{
     SnapshotInfo, VmState, VmStatus, VmType,
 };
 use esvm_migration::{
-    CancelToken, LimitPolicy, Phase, Progress, SendError, Sender, SenderConfig, TerminalProgress,
+    CancelToken, LimitPolicy, Phase, Progress, ProtocolError, SendError, Sender, SenderConfig,
+    TerminalProgress,
 };
 
 use crate::machine::MachineHandle;
@@ -52,8 +53,6 @@ pub struct VmHandle {
     mig: Arc<Mutex<MigState>>,
     /// A status reporting the VM as migrated (with the migration's final phase) was served.
     final_status_served: AtomicBool,
-    /// Draw migration progress on this process's terminal (stderr), if it is one.
-    terminal_progress: bool,
 }
 
 fn api_err(what: &str, e: ControlError) -> ApiError {
@@ -75,7 +74,11 @@ fn phase_of(p: Phase) -> MigrationPhase {
 }
 
 fn apply_progress(s: &mut MigrationStatus, p: &Progress) {
-    s.phase = phase_of(p.phase);
+    // The terminal phases are set by the migration thread together with the outcome
+    // (error, downtime), so that a client never sees a terminal phase without them.
+    if !phase_of(p.phase).is_terminal() {
+        s.phase = phase_of(p.phase);
+    }
     s.pass = p.pass;
     s.bytes_sent = p.bytes_sent;
     s.pages_sent = p.pages_sent;
@@ -109,7 +112,7 @@ fn connect(addr: &str, cancel: &CancelToken) -> Result<TcpStream, String> {
         }
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
             Ok(s) => return Ok(s),
-            Err(e) => last = format!("cannot connect to {a}: {e}"),
+            Err(e) => last = format!("{a}: {e}"),
         }
     }
     Err(last)
@@ -121,19 +124,7 @@ impl VmHandle {
             h,
             mig: Arc::new(Mutex::new(MigState::default())),
             final_status_served: AtomicBool::new(false),
-            terminal_progress: true,
         }
-    }
-
-    /// Do not draw migration progress on this process's stderr.
-    pub fn without_terminal_progress(mut self) -> Self {
-        self.terminal_progress = false;
-        self
-    }
-
-    /// The current or last migration's status.
-    pub fn migration_status(&self) -> Option<MigrationStatus> {
-        lock(&self.mig).status.clone()
     }
 
     /// Wait for the migration thread (if any) to end. If the guest ended while a migration
@@ -381,14 +372,13 @@ impl ControlTarget for VmHandle {
         m.cancel = Some(cancel.clone());
 
         let shared = self.mig.clone();
-        let bar = self.terminal_progress.then(TerminalProgress::new);
+        // Progress on this process's terminal too (drawn only if stderr is one).
+        let bar = TerminalProgress::new();
         {
             let shared = shared.clone();
             let bar = bar.clone();
             sender.on_progress(move |p| {
-                if let Some(bar) = &bar {
-                    bar.update(p);
-                }
+                bar.update(p);
                 if let Some(s) = lock(&shared).status.as_mut() {
                     apply_progress(s, p);
                 }
@@ -399,21 +389,28 @@ impl ControlTarget for VmHandle {
         let thread = std::thread::Builder::new()
             .name("esvm-migrate".into())
             .spawn(move || {
-                let started = Instant::now();
                 let (result, held) = match connect(&addr, &cancel) {
                     Ok(stream) => {
                         let mut source = MachineSource::new(h, url.clone());
                         let r = sender.run_tcp(&mut source, stream);
-                        (Ok(r), source.still_held())
+                        (r, source.still_held())
                     }
-                    Err(e) => (Err(e), false),
+                    Err(e) => (
+                        Err(SendError::Protocol(ProtocolError::Io(
+                            std::io::Error::other(format!(
+                                "cannot connect to the destination {url}: {e}"
+                            )),
+                        ))),
+                        false,
+                    ),
                 };
+                bar.finish(&result);
                 let mut m = lock(&shared);
                 let s = m
                     .status
                     .get_or_insert_with(|| MigrationStatus::new(&url, 0));
                 match &result {
-                    Ok(Ok(o)) => {
+                    Ok(o) => {
                         s.phase = MigrationPhase::Completed;
                         s.pass = o.passes;
                         s.bytes_sent = o.bytes_sent;
@@ -422,20 +419,9 @@ impl ControlTarget for VmHandle {
                         s.downtime_ms = Some(o.downtime.as_secs_f64() * 1e3);
                         s.elapsed_ms = o.total_time.as_millis() as u64;
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         s.phase = failure_phase(e);
                         s.error = Some(e.to_string());
-                    }
-                    Err(e) => {
-                        s.phase = MigrationPhase::Failed;
-                        s.error = Some(format!("cannot connect to the destination {url}: {e}"));
-                        s.elapsed_ms = started.elapsed().as_millis() as u64;
-                    }
-                }
-                if let Some(bar) = &bar {
-                    match result {
-                        Ok(r) => bar.finish(&r),
-                        Err(_) => bar.finish(&Err(SendError::Cancelled)),
                     }
                 }
                 m.in_doubt_hold = held;

@@ -49,11 +49,6 @@ impl DirtyTracker {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Guest memory size in pages.
-    pub fn pages(&self) -> u64 {
-        self.pages
-    }
-
     /// Fold the backend's log into `ever` and `carry` (nothing is lost: the bits stay
     /// pending in `carry` for the next [`DirtyTracker::take`]).
     fn fold(&self, s: &mut Sets) -> Result<(), HvError> {

@@ -258,6 +258,14 @@ impl Machine {
         Ok(boot)
     }
 
+    /// The plaintext VMSAs LAUNCH_UPDATE_VMSA would take in now, in vCPU order.
+    pub fn initial_vmsas(&self) -> Result<Vec<[u8; 4096]>, MachineError> {
+        self.vcpus
+            .iter()
+            .map(|v| Ok(*v.sev_initial_vmsa()?))
+            .collect()
+    }
+
     /// SEV-ES LAUNCH_UPDATE_VMSA for every vCPU, in vCPU order.
     pub fn launch_update_vmsas(&mut self) -> Result<(), MachineError> {
         for vcpu in &mut self.vcpus {
@@ -433,12 +441,6 @@ impl Machine {
     }
 
     // ---------------------------------------------------------------- state
-
-    /// Whether the vCPUs are at a clean point (no exit waiting for its completion), where
-    /// their state can be saved.
-    pub fn at_clean_point(&self) -> bool {
-        !self.mid_exit
-    }
 
     /// The machine's non-memory, non-vCPU state. Call it at a clean point (from a job or
     /// before/after the run loop).

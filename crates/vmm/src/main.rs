@@ -93,7 +93,7 @@ fn main() -> ExitCode {
         Command::Platform(cmd) => cli_platform::run_platform(cmd)
             .map(|()| 0)
             .map_err(Into::into),
-        Command::Owner(cmd) => cli_owner::run_owner(cmd, None)
+        Command::Owner(cmd) => cli_owner::run_owner(cmd, Some(&sev_launch::LaunchPredictor))
             .map(|()| 0)
             .map_err(Into::into),
         Command::Guests => {

@@ -80,6 +80,13 @@ pub fn run(
     opts: &RunOptions,
 ) -> Result<u8, Box<dyn std::error::Error>> {
     let handle = Arc::new(VmHandle::new(machine.handle()));
+    if opts.start_paused {
+        if opts.api_socket.is_none() {
+            return Err("--start-paused needs --api-socket (to resume the guest)".into());
+        }
+        // Before the socket exists: a client can never see the VM unpaused.
+        machine.control().set_user_paused(true)?;
+    }
     let mut server = match &opts.api_socket {
         Some(path) => Some(ApiServer::spawn(
             path,
@@ -87,12 +94,6 @@ pub fn run(
         )?),
         None => None,
     };
-    if opts.start_paused {
-        if opts.api_socket.is_none() {
-            return Err("--start-paused needs --api-socket (to resume the guest)".into());
-        }
-        machine.control().set_user_paused(true)?;
-    }
     let outcome = machine.run();
     // A migration still running when the guest ended is cancelled; one that committed has
     // finished its bookkeeping (status `completed`) once the thread is joined.

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use esvm_hv::Vm;
 use esvm_loader::bootinfo::layout;
 use esvm_loader::BootState;
 use esvm_psp::{LaunchStart, Measurement, Policy, Psp};
@@ -143,4 +144,41 @@ pub fn launch(
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Predicts an esvm SEV-ES launch for the guest owner (`esvm owner verify --guest IMAGE`):
+/// loads the image exactly as `esvm run --sev-es IMAGE` does with its defaults (64 MiB,
+/// one vCPU, no guest arguments: all three are part of the measured boot data) and returns
+/// the measured regions and the initial VMSA, without any secure processor.
+pub struct LaunchPredictor;
+
+impl esvm_owner::GuestMeasurer for LaunchPredictor {
+    fn measured_launch(
+        &self,
+        image: &Path,
+        _policy: Policy,
+    ) -> Result<esvm_owner::MeasuredLaunch, String> {
+        let elf = std::fs::read(image).map_err(|e| format!("{}: {e}", image.display()))?;
+        let config = crate::machine::MachineConfig {
+            backend: esvm_hv::BackendKind::Emu,
+            vm_type: esvm_hv::VmType::SevEs,
+            mem_size: 64 << 20,
+            vcpus: 1,
+            max_instructions: None,
+        };
+        let mut m = Machine::new(&config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;
+        let boot = m.load(&elf, "").map_err(|e| e.to_string())?;
+        let mut regions = Vec::new();
+        for (gpa, len) in measured_regions(&boot) {
+            let mut data = vec![0u8; len as usize];
+            m.emu_vm()
+                .ok_or("no emu VM")?
+                .memory()
+                .read(gpa, &mut data)
+                .map_err(|e| e.to_string())?;
+            regions.push((gpa, data));
+        }
+        let vmsas = m.initial_vmsas().map_err(|e| e.to_string())?;
+        Ok(esvm_owner::MeasuredLaunch { regions, vmsas })
+    }
 }

@@ -120,3 +120,65 @@ fn sev_es_usage_errors_are_clear() {
         text(&o.stderr)
     );
 }
+
+/// The whole owner flow: export the chain, make a session, launch with it, and verify the
+/// measurement against a digest the owner computes from the guest image alone.
+#[test]
+fn owner_verifies_the_launch_from_the_guest_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let plat = platform(dir.path());
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let o = esvm(&[
+        "platform",
+        "export",
+        "--dir",
+        &plat,
+        "--out",
+        &d("chain.bin"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = esvm(&[
+        "owner",
+        "session",
+        "--chain",
+        &d("chain.bin"),
+        "--policy",
+        "0x4",
+        "--out",
+        &d("owner"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = esvm(&[
+        "run",
+        "--sev-es",
+        "--platform",
+        &plat,
+        "--session",
+        &d("owner"),
+        "--measurement-out",
+        &d("m.bin"),
+        "sev-smoke",
+    ]);
+    assert_eq!(o.status.code(), Some(122), "{}", text(&o.stderr));
+    for (name, expect_ok) in [("sev-smoke", true), ("sevdemo", false)] {
+        let image = dir.path().join(name);
+        std::fs::write(&image, esvm_guests::builtin(name).unwrap().elf).unwrap();
+        let o = esvm(&[
+            "owner",
+            "verify",
+            "--session",
+            &d("owner"),
+            "--measurement",
+            &d("m.bin"),
+            "--guest",
+            image.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            o.status.success(),
+            expect_ok,
+            "{name}: {}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
+    }
+}

@@ -48,7 +48,7 @@ fn patch_one(d: &mut Insn) {
         M::Mov => {
             // As `select` chooses `mov_cr` / `mov_dr` (by operands, not by comparing
             // handler addresses, which optimisation may merge or duplicate).
-            let reg = |k: u8, r: iced_x86::Register| if k == KREG { r } else { Register::None };
+            let reg = |k: u8, r: Register| if k == KREG { r } else { Register::None };
             let r0 = reg(d.k0, d.i.op0_register());
             let r1 = reg(d.k1, d.i.op1_register());
             if r0.is_cr() || r1.is_cr() {

@@ -1,0 +1,1059 @@
+//! Scenario tests of live migration, snapshots and the control API with real processes:
+//! `esvm run --api-socket`, `esvm receive`, `esvm restore`, driven by `esvm ctl` (and, where
+//! many quick round trips are needed, by the same API through `esvm_control::ApiClient`).
+//!
+//! The guest is the demo, whose complete serial output is predicted on the host
+//! (`esvm_guests::demo::expected_output`): a run that migrated any number of times must
+//! print exactly that, split across the processes it ran in. Random choices (migration
+//! points, cut and tamper offsets) come from a seed printed at the start of each test;
+//! set `ESVM_TEST_SEED` to replay one.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use esvm_control::{ApiClient, MigrateRequest, MigrationPhase, Request, VmState, VmStatus};
+
+const ESVM: &str = env!("CARGO_BIN_EXE_esvm");
+const MEM: &str = "32M";
+const MEM_BYTES: u64 = 32 << 20;
+const DIRTY_MIB: u64 = 2;
+
+// ---------------------------------------------------------------------------------- helpers
+
+/// A small deterministic RNG (xorshift64*), seeded per test.
+struct Rng(u64);
+
+impl Rng {
+    fn new(test: &str) -> Rng {
+        let seed = std::env::var("ESVM_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        eprintln!("{test}: seed {seed} (set ESVM_TEST_SEED={seed} to replay)");
+        Rng(seed | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A running esvm process whose stdout and stderr are collected in the background.
+struct Proc {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut line = Vec::new();
+        while let Ok(n) = r.read_until(b'\n', &mut line) {
+            if n == 0 {
+                break;
+            }
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&line));
+            line.clear();
+        }
+    })
+}
+
+impl Proc {
+    fn spawn(netns: Option<&str>, args: &[&str]) -> Proc {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, ESVM]);
+                c
+            }
+            None => Command::new(ESVM),
+        };
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start esvm");
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), out.clone()),
+            collect(child.stderr.take().unwrap(), err.clone()),
+        ];
+        Proc {
+            child,
+            out,
+            err,
+            readers,
+        }
+    }
+
+    fn stdout(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Wait for the process to exit (at most `timeout`), then for its output.
+    fn wait(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "esvm did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        status.code().unwrap_or(-1)
+    }
+
+    /// Wait until stderr contains `what`; returns the stderr so far.
+    fn wait_stderr(&mut self, what: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let e = self.stderr();
+            if e.contains(what) {
+                return e;
+            }
+            if Instant::now() > deadline || !self.alive() {
+                std::thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "no {what:?} on esvm's stderr\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `esvm receive --listen tcp:HOST:0` (in `netns`, if given); returns it and its port.
+fn receive(netns: Option<&str>, host: &str, extra: &[&str]) -> (Proc, u16) {
+    let listen = format!("tcp:{host}:0");
+    let mut args = vec!["receive", "--listen", &listen];
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(netns, &args);
+    let err = p.wait_stderr("listening on ", Duration::from_secs(30));
+    let line = err
+        .lines()
+        .find(|l| l.contains("listening on "))
+        .unwrap()
+        .to_string();
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+    (p, port)
+}
+
+/// `esvm run --api-socket SOCK --start-paused --mem 32M demo -- ARGS`.
+fn source(netns: Option<&str>, sock: &Path, guest_args: &str) -> Proc {
+    let mut args = vec![
+        "run",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--start-paused",
+        "--mem",
+        MEM,
+        "demo",
+        "--",
+    ];
+    args.extend(guest_args.split(' '));
+    let mut p = Proc::spawn(netns, &args);
+    wait_socket(&mut p, sock);
+    p
+}
+
+fn wait_socket(p: &mut Proc, sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            p.alive() && Instant::now() < deadline,
+            "the API socket {} did not appear\nstderr:\n{}",
+            sock.display(),
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> Output {
+    Command::new(ESVM)
+        .args(["ctl", "--api-socket", sock.to_str().unwrap()])
+        .args(args)
+        .output()
+        .expect("cannot run esvm ctl")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ctl_ok(sock: &Path, args: &[&str]) -> String {
+    let o = ctl(sock, args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "esvm ctl {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+fn status(sock: &Path) -> serde_json::Value {
+    serde_json::from_str(&ctl_ok(sock, &["status"])).expect("status is JSON")
+}
+
+fn demo_args(iterations: u64) -> String {
+    format!("iterations={iterations} dirty-mib={DIRTY_MIB}")
+}
+
+fn expected_output(iterations: u64) -> String {
+    esvm_guests::demo::expected_output(MEM_BYTES, 1, &demo_args(iterations), iterations, DIRTY_MIB)
+}
+
+fn checksum_of(out: &str) -> Option<&str> {
+    out.lines().find(|l| l.starts_with("checksum="))
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temporary directory")
+}
+
+/// Demo iterations that keep the guest busy for roughly `secs` seconds here (measured:
+/// the guest's instruction rate on this build and machine, from a short run).
+fn iterations_for(secs: f64) -> u64 {
+    static RATE: AtomicU64 = AtomicU64::new(0);
+    let mut rate = RATE.load(Ordering::Relaxed);
+    if rate == 0 {
+        let n = 100_000u64;
+        let t = Instant::now();
+        let o = Command::new(ESVM)
+            .args(["run", "--mem", MEM, "demo", "--", &demo_args(n)])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        rate = (n as f64 / t.elapsed().as_secs_f64()) as u64;
+        RATE.store(rate, Ordering::Relaxed);
+    }
+    ((rate as f64 * secs) as u64).clamp(50_000, 50_000_000)
+}
+
+// ---------------------------------------------------------------------------------- proxy
+
+/// A TCP proxy for one migration at a time. The source → destination stream is parsed
+/// frame by frame (32-byte headers: type at byte 6, payload length at byte 12) as it is
+/// forwarded, so that it can be cut at a byte offset — never after the last byte of the
+/// `Complete` frame, so the destination cannot commit — or have one byte flipped, at a
+/// stream offset or inside a chosen frame.
+struct Proxy {
+    port: u16,
+    mode: Arc<Mutex<Mode>>,
+    /// Source → destination bytes forwarded in the last connection, and the offset where
+    /// its `Complete` frame ends (0 if none was seen).
+    seen: Arc<Mutex<(u64, u64)>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Pass,
+    /// Close both connections after this many source bytes.
+    Cut(u64),
+    /// Flip (invert) the source byte at this offset.
+    Flip(u64),
+    /// Flip the byte `at` bytes into the `nth` (0-based) frame of type `frame`.
+    FlipFrame {
+        frame: u16,
+        nth: u32,
+        at: u64,
+    },
+}
+
+const HEADER: usize = 32;
+const HELLO: u16 = 0x0001;
+const CONFIG: u16 = 0x0002;
+const PAGES: u16 = 0x0004;
+const PASS_END: u16 = 0x0006;
+const DEVICE_STATE: u16 = 0x0007;
+const VCPU_STATE: u16 = 0x0008;
+const COMPLETE: u16 = 0x0009;
+
+/// Read until `buf` is full or the stream ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    n
+}
+
+impl Proxy {
+    fn start(dest_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(Mutex::new(Mode::Pass));
+        let seen = Arc::new(Mutex::new((0, 0)));
+        let (m, s) = (mode.clone(), seen.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", dest_port)) else {
+                    continue;
+                };
+                let mode = *m.lock().unwrap();
+                *s.lock().unwrap() = (0, 0);
+                serve(client, server, mode, &s);
+            }
+        });
+        Proxy { port, mode, seen }
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    fn seen(&self) -> (u64, u64) {
+        *self.seen.lock().unwrap()
+    }
+}
+
+/// Forward one connection, both directions, until it ends or is cut.
+fn serve(client: TcpStream, server: TcpStream, mode: Mode, seen: &Arc<Mutex<(u64, u64)>>) {
+    let (mut c_r, mut s_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let (mut s_r, mut c_w) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+    let down = std::thread::spawn(move || {
+        let mut buf = [0u8; 64 << 10];
+        loop {
+            match s_r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if c_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = c_w.shutdown(Shutdown::Write);
+    });
+    if pump(&mut c_r, &mut s_w, mode, seen) {
+        let _ = client.shutdown(Shutdown::Both);
+        let _ = server.shutdown(Shutdown::Both);
+    } else {
+        let _ = s_w.shutdown(Shutdown::Write);
+    }
+    let _ = down.join();
+}
+
+/// Source → destination, frame by frame. Returns true if it cut the connection.
+fn pump(r: &mut TcpStream, w: &mut TcpStream, mode: Mode, seen: &Arc<Mutex<(u64, u64)>>) -> bool {
+    let mut counts = std::collections::HashMap::<u16, u32>::new();
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let mut h = [0u8; HEADER];
+        let got = read_full(r, &mut h);
+        let ty = u16::from_le_bytes([h[6], h[7]]);
+        let len = u64::from(u32::from_le_bytes([h[12], h[13], h[14], h[15]]));
+        let nth = {
+            let c = counts.entry(ty).or_insert(0);
+            *c += 1;
+            *c - 1
+        };
+        let start = pos;
+        let end = start + HEADER as u64 + len;
+        if ty == COMPLETE && got == HEADER {
+            seen.lock().unwrap().1 = end;
+        }
+        let cut_at = match mode {
+            Mode::Cut(at) if ty == COMPLETE => Some(at.min(end - 1)),
+            Mode::Cut(at) => Some(at),
+            _ => None,
+        };
+        // Forward `data` (stream offsets pos..), flipping and cutting as the mode says.
+        let mut forward = |data: &mut [u8], pos: &mut u64| -> Option<bool> {
+            for (i, b) in data.iter_mut().enumerate() {
+                let p = *pos + i as u64;
+                let flip = match mode {
+                    Mode::Flip(at) => p == at,
+                    Mode::FlipFrame { frame, nth: n, at } => {
+                        ty == frame && nth == n && p == start + at
+                    }
+                    _ => false,
+                };
+                if flip {
+                    *b ^= 0xff;
+                }
+            }
+            let n = data.len() as u64;
+            if let Some(c) = cut_at.filter(|c| *c < *pos + n) {
+                let keep = c.saturating_sub(*pos) as usize;
+                let _ = w.write_all(&data[..keep]);
+                return Some(true);
+            }
+            if w.write_all(data).is_err() {
+                return Some(false);
+            }
+            *pos += n;
+            seen.lock().unwrap().0 = *pos;
+            None
+        };
+        if let Some(cut) = forward(&mut h[..got], &mut pos) {
+            return cut;
+        }
+        if got < HEADER {
+            return false;
+        }
+        let mut left = len;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = match r.read(&mut buf[..want]) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            if let Some(cut) = forward(&mut buf[..n], &mut pos) {
+                return cut;
+            }
+            left -= n as u64;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------- tests
+/// Start a migration through the API and follow it until it ends; returns its last status.
+fn migrate_via(client: &mut ApiClient, url: &str) -> esvm_control::MigrationStatus {
+    client
+        .call(&Request::Migrate(MigrateRequest::new(url)))
+        .unwrap_or_else(|e| panic!("migrate to {url} was refused: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st: VmStatus = client.status().expect("status");
+        let m = st.migration.expect("a started migration is in the status");
+        if m.phase.is_terminal() {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration did not end: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A source guest for the failure tests, with an API client; restarted if it finishes.
+struct Source {
+    dir: tempfile::TempDir,
+    iterations: u64,
+    proc: Proc,
+    sock: PathBuf,
+    client: ApiClient,
+    runs: u32,
+    finished: u32,
+}
+
+impl Source {
+    fn start(iterations: u64) -> Source {
+        let dir = tempdir();
+        let sock = dir.path().join("src0.sock");
+        let proc = source(None, &sock, &demo_args(iterations));
+        let mut client = ApiClient::connect(&sock).unwrap();
+        client.call(&Request::Resume).unwrap();
+        Source {
+            dir,
+            iterations,
+            proc,
+            sock,
+            client,
+            runs: 1,
+            finished: 0,
+        }
+    }
+
+    /// If the guest has finished, check its whole output and start a new one.
+    fn ensure_running(&mut self) {
+        if self.proc.alive() {
+            return;
+        }
+        self.check_finished();
+        self.sock = self.dir.path().join(format!("src{}.sock", self.runs));
+        self.runs += 1;
+        self.proc = source(None, &self.sock, &demo_args(self.iterations));
+        self.client = ApiClient::connect(&self.sock).unwrap();
+        self.client.call(&Request::Resume).unwrap();
+    }
+
+    /// Wait for the guest to finish here and check its output: exactly the demo's.
+    fn check_finished(&mut self) {
+        let code = self.proc.wait(Duration::from_secs(120));
+        assert_eq!(code, 0, "stderr:\n{}", self.proc.stderr());
+        assert_eq!(
+            self.proc.stdout(),
+            expected_output(self.iterations),
+            "the source's output differs from the demo's"
+        );
+        self.finished += 1;
+    }
+
+    /// After a failed migration: the VM is running here (or finished meanwhile), never
+    /// migrated. An in-doubt failure (the cut came after the commit request) is resolved
+    /// as an operator would: the destination did not commit, so resume.
+    fn check_intact(&mut self, m: &esvm_control::MigrationStatus, what: &str) {
+        assert!(
+            matches!(
+                m.phase,
+                MigrationPhase::Failed | MigrationPhase::Cancelled | MigrationPhase::InDoubt
+            ),
+            "{what}: the migration must fail, got {m:?}"
+        );
+        let Ok(st) = self.client.status() else {
+            // The guest finished right after the failure and the process exited.
+            assert!(
+                !self.proc.alive() || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    !self.proc.alive()
+                }
+            );
+            return;
+        };
+        match st.state {
+            VmState::Running | VmState::Exited => {
+                assert_ne!(m.phase, MigrationPhase::InDoubt, "{what}: {st:?}")
+            }
+            VmState::Paused => {
+                assert_eq!(m.phase, MigrationPhase::InDoubt, "{what}: {st:?}");
+                self.client.call(&Request::Resume).unwrap();
+                let st = self.client.status().unwrap();
+                assert!(
+                    matches!(st.state, VmState::Running | VmState::Exited),
+                    "{what}: after resume: {st:?}"
+                );
+            }
+            other => panic!("{what}: the source is {other} after a failed migration: {st:?}"),
+        }
+    }
+}
+
+fn failures_logged(r: &Proc) -> usize {
+    r.stderr().matches("failed:").count()
+}
+
+#[test]
+fn migration_chain_over_loopback_keeps_the_guest_exact() {
+    let mut rng = Rng::new("chain");
+    let iters = iterations_for(4.0);
+    let dir = tempdir();
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut a = source(None, &sa, &demo_args(iters));
+    let args = demo_args(iters);
+    let mut plain = Proc::spawn(None, &["run", "--mem", MEM, "demo", "--", &args]);
+    let (mut b, pb) = receive(None, "127.0.0.1", &["--api-socket", sb.to_str().unwrap()]);
+    let (mut c, pc) = receive(None, "127.0.0.1", &[]);
+
+    let st = status(&sa);
+    assert_eq!(st["state"], "paused", "{st}");
+    assert_eq!(st["memory_bytes"], MEM_BYTES, "{st}");
+    assert!(st["migration"].is_null(), "{st}");
+
+    // Refusals and a failed attempt first: the VM is unaffected.
+    let o = ctl(&sa, &["migrate", "udp://127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("unsupported migration URL"),
+        "{}",
+        text(&o.stderr)
+    );
+    ctl_ok(&sa, &["resume"]);
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_end = format!("tcp://{}", unused.local_addr().unwrap());
+    drop(unused);
+    let o = ctl(&sa, &["migrate", &dead_end]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("keeps running"),
+        "{}",
+        text(&o.stderr)
+    );
+    let st = status(&sa);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["migration"]["phase"], "failed", "{st}");
+    assert!(st["instructions"].as_u64().unwrap() > 0, "{st}");
+
+    // A -> B at a random point.
+    std::thread::sleep(Duration::from_millis(50 + rng.below(1000)));
+    let url_b = format!("tcp://127.0.0.1:{pb}");
+    let out = ctl_ok(&sa, &["migrate", &url_b, "--detach"]);
+    assert!(out.contains("started"), "{out}");
+    // The source refuses to run once the destination committed, and says why.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = ctl(&sa, &["resume"]);
+        let e = text(&o.stderr);
+        assert_ne!(
+            o.status.code(),
+            Some(0),
+            "resume during/after a migration must be refused"
+        );
+        if e.contains("migrated to") {
+            assert!(e.contains("never run here again"), "{e}");
+            break;
+        }
+        assert!(
+            e.contains("migration is in progress") || e.contains("not paused"),
+            "{e}"
+        );
+        assert!(Instant::now() < deadline, "the migration did not complete");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = status(&sa);
+    assert_eq!(st["state"], "migrated", "{st}");
+    assert_eq!(st["migration"]["phase"], "completed", "{st}");
+    assert!(st["migration"]["downtime_ms"].as_f64().is_some(), "{st}");
+    assert!(st["migration"]["bytes_sent"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(a.wait(Duration::from_secs(30)), 0, "{}", a.stderr());
+    assert!(
+        a.stderr().contains(&format!("migrated to {url_b}")),
+        "{}",
+        a.stderr()
+    );
+
+    // B -> C at another random point, with `esvm ctl migrate` following it to the end.
+    wait_socket(&mut b, &sb);
+    assert!(b.stderr().contains("received the VM"), "{}", b.stderr());
+    std::thread::sleep(Duration::from_millis(50 + rng.below(1000)));
+    let out = ctl_ok(&sb, &["migrate", &format!("tcp://127.0.0.1:{pc}")]);
+    assert!(out.contains("completed"), "{out}");
+    assert_eq!(b.wait(Duration::from_secs(30)), 0, "{}", b.stderr());
+    assert_eq!(c.wait(Duration::from_secs(120)), 0, "{}", c.stderr());
+
+    // One guest, three processes: together exactly the demo's output, and the same
+    // checksum as the run that never moved.
+    let all = a.stdout() + &b.stdout() + &c.stdout();
+    assert_eq!(
+        all,
+        expected_output(iters),
+        "a:\n{}\nb:\n{}\nc:\n{}",
+        a.stdout(),
+        b.stdout(),
+        c.stdout()
+    );
+    assert_eq!(plain.wait(Duration::from_secs(120)), 0);
+    assert_eq!(checksum_of(&plain.stdout()), checksum_of(&all));
+}
+
+#[test]
+fn cut_connections_leave_the_source_intact() {
+    let mut rng = Rng::new("cuts");
+    let mut src = Source::start(iterations_for(6.0));
+    let (mut r, port) = receive(None, "127.0.0.1", &[]);
+    let proxy = Proxy::start(port);
+
+    // A cut right before the end of the commit request: in doubt (the source cannot know
+    // whether the destination committed, so it stays paused until resumed).
+    proxy.set(Mode::Cut(u64::MAX));
+    let m = migrate_via(&mut src.client, &proxy.url());
+    assert_eq!(m.phase, MigrationPhase::InDoubt, "{m:?}");
+    assert_eq!(src.client.status().unwrap().state, VmState::Paused);
+    let o = ctl(&src.sock, &["migrate", &proxy.url()]);
+    assert!(text(&o.stderr).contains("in doubt"), "{}", text(&o.stderr));
+    src.check_intact(&m, "cut before the end of Complete");
+    let (_, stream_len) = proxy.seen();
+    assert!(stream_len > 4096, "the proxy saw no Complete frame");
+
+    let mut attempts = 1;
+    for i in 0..50 {
+        src.ensure_running();
+        let at = rng.below(stream_len);
+        proxy.set(Mode::Cut(at));
+        let m = migrate_via(&mut src.client, &proxy.url());
+        src.check_intact(&m, &format!("cut #{i} at byte {at} of {stream_len}"));
+        attempts += 1;
+        assert!(
+            r.alive(),
+            "the destination must keep listening: {}",
+            r.stderr()
+        );
+    }
+    // Every attempt was discarded by the destination.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failures_logged(&r) < attempts && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(failures_logged(&r), attempts, "{}", r.stderr());
+    assert!(!r.stderr().contains("received the VM"));
+    // The source finishes on its own, exactly as if nothing had happened.
+    src.check_finished();
+}
+
+#[test]
+fn tampered_frames_are_refused_while_the_source_runs_on() {
+    let mut rng = Rng::new("tamper");
+    let mut src = Source::start(iterations_for(4.0));
+    let (mut r, port) = receive(None, "127.0.0.1", &[]);
+    let proxy = Proxy::start(port);
+    let h = HEADER as u64;
+    let targets = [
+        (
+            "Hello magic",
+            Mode::FlipFrame {
+                frame: HELLO,
+                nth: 0,
+                at: rng.below(4),
+            },
+        ),
+        (
+            "Hello payload",
+            Mode::FlipFrame {
+                frame: HELLO,
+                nth: 0,
+                at: h + rng.below(16),
+            },
+        ),
+        (
+            "Config header",
+            Mode::FlipFrame {
+                frame: CONFIG,
+                nth: 0,
+                at: 4 + rng.below(28),
+            },
+        ),
+        (
+            "Config payload",
+            Mode::FlipFrame {
+                frame: CONFIG,
+                nth: 0,
+                at: h + rng.below(32),
+            },
+        ),
+        (
+            "Pages header",
+            Mode::FlipFrame {
+                frame: PAGES,
+                nth: 0,
+                at: rng.below(h),
+            },
+        ),
+        (
+            "Pages table",
+            Mode::FlipFrame {
+                frame: PAGES,
+                nth: 0,
+                at: h + rng.below(24),
+            },
+        ),
+        (
+            "page data",
+            Mode::FlipFrame {
+                frame: PAGES,
+                nth: 0,
+                at: h + 24 + rng.below(4096),
+            },
+        ),
+        (
+            "PassEnd",
+            Mode::FlipFrame {
+                frame: PASS_END,
+                nth: 0,
+                at: rng.below(h + 16),
+            },
+        ),
+        (
+            "last pass",
+            Mode::FlipFrame {
+                frame: PASS_END,
+                nth: 1,
+                at: h + rng.below(16),
+            },
+        ),
+        (
+            "DeviceState",
+            Mode::FlipFrame {
+                frame: DEVICE_STATE,
+                nth: 0,
+                at: h + rng.below(256),
+            },
+        ),
+        (
+            "VcpuState",
+            Mode::FlipFrame {
+                frame: VCPU_STATE,
+                nth: 0,
+                at: rng.below(h + 256),
+            },
+        ),
+        (
+            "Complete",
+            Mode::FlipFrame {
+                frame: COMPLETE,
+                nth: 0,
+                at: rng.below(h),
+            },
+        ),
+        ("random byte", Mode::Flip(rng.below(1 << 20))),
+    ];
+    for (what, mode) in targets {
+        src.ensure_running();
+        proxy.set(mode);
+        let m = migrate_via(&mut src.client, &proxy.url());
+        assert_eq!(m.phase, MigrationPhase::Failed, "{what} ({mode:?}): {m:?}");
+        let err = m.error.clone().unwrap_or_default();
+        assert!(err.contains("refused"), "{what} ({mode:?}): {err}");
+        src.check_intact(&m, what);
+        assert!(r.alive(), "{}", r.stderr());
+    }
+    assert!(!r.stderr().contains("received the VM"));
+    assert!(failures_logged(&r) >= targets.len() - 1, "{}", r.stderr());
+    src.check_finished();
+}
+
+#[test]
+fn snapshot_restores_exactly_and_damage_is_refused() {
+    let mut rng = Rng::new("snapshot");
+    let iters = iterations_for(2.0);
+    let dir = tempdir();
+    let sock = dir.path().join("vm.sock");
+    let snap = dir.path().join("snap");
+    let mut a = source(None, &sock, &demo_args(iters));
+    ctl_ok(&sock, &["resume"]);
+    std::thread::sleep(Duration::from_millis(20 + rng.below(500)));
+    let out = ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert!(out.contains("snapshot written"), "{out}");
+    // The guest continues after the snapshot and finishes normally.
+    assert_eq!(a.wait(Duration::from_secs(120)), 0, "{}", a.stderr());
+    let expected = expected_output(iters);
+    assert_eq!(a.stdout(), expected);
+
+    // The memory file is sparse: far fewer blocks than the guest's memory size.
+    let mem = snap.join("memory.img");
+    let meta = std::fs::metadata(&mem).unwrap();
+    assert_eq!(meta.len(), MEM_BYTES);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < MEM_BYTES / 2,
+        "{} blocks",
+        meta.blocks()
+    );
+
+    // Restored, it continues from where it was snapshotted.
+    let o = Command::new(ESVM)
+        .args(["restore", snap.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let restored = text(&o.stdout);
+    assert!(
+        expected.ends_with(&restored),
+        "not a continuation:\n{restored}"
+    );
+    assert!(checksum_of(&restored).is_some(), "{restored}");
+
+    // Damaged copies are refused with a clear message.
+    let copy = |name: &str| -> PathBuf {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for f in ["vm.state", "memory.img"] {
+            std::fs::copy(snap.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let state = std::fs::read(snap.join("vm.state")).unwrap();
+    let nl = state.iter().position(|&b| b == b'\n').unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&state[nl + 1..]).unwrap();
+    let runs = manifest["memory"].as_array().unwrap();
+    let run = &runs[rng.below(runs.len() as u64) as usize];
+    let page = run["first"].as_u64().unwrap() + rng.below(run["count"].as_u64().unwrap());
+    let flip_at = page * 4096 + rng.below(4096);
+
+    let d = copy("flipped-memory");
+    let mut m = std::fs::read(d.join("memory.img")).unwrap();
+    m[flip_at as usize] ^= 0x5a;
+    std::fs::write(d.join("memory.img"), m).unwrap();
+    let d2 = copy("short-memory");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d2.join("memory.img"))
+        .unwrap()
+        .set_len(MEM_BYTES - 4096)
+        .unwrap();
+    let d3 = copy("short-state");
+    std::fs::write(
+        d3.join("vm.state"),
+        &state[..nl + 1 + rng.below((state.len() - nl - 1) as u64) as usize],
+    )
+    .unwrap();
+    let d4 = copy("flipped-state");
+    let mut s = state.clone();
+    let at = nl + 1 + rng.below((s.len() - nl - 1) as u64) as usize;
+    s[at] ^= 0x01;
+    std::fs::write(d4.join("vm.state"), s).unwrap();
+    let d5 = dir.path().join("empty");
+    std::fs::create_dir(&d5).unwrap();
+    for (d, expect) in [
+        (&d, "memory.img is corrupt"),
+        (&d2, "memory.img is truncated"),
+        (&d3, "vm.state is truncated"),
+        (&d4, "vm.state is corrupt"),
+        (&d5, "not an esvm snapshot"),
+    ] {
+        let o = Command::new(ESVM)
+            .args(["restore", d.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let e = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{}: {e}", d.display());
+        assert!(
+            e.contains(expect),
+            "{}: expected {expect:?} in {e}",
+            d.display()
+        );
+        assert!(!e.contains("panicked"), "{e}");
+        assert!(o.stdout.is_empty(), "a refused snapshot must not run");
+    }
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct Netns {
+    names: [String; 2],
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let id = std::process::id() % 10_000;
+        let names = [format!("esvmt{id}a"), format!("esvmt{id}b")];
+        let me = Netns { names };
+        let [a, b] = &me.names;
+        let (va, vb) = (format!("{a}v"), format!("{b}v"));
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let o = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(format!("ip {}: {}", args.join(" "), text(&o.stderr).trim()))
+            }
+        };
+        ip(&["netns", "add", a])?;
+        ip(&["netns", "add", b])?;
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        ip(&["link", "set", &va, "netns", a])?;
+        ip(&["link", "set", &vb, "netns", b])?;
+        ip(&["-n", a, "addr", "add", "192.168.231.1/24", "dev", &va])?;
+        ip(&["-n", b, "addr", "add", "192.168.231.2/24", "dev", &vb])?;
+        for (ns, v) in [(a, &va), (b, &vb)] {
+            ip(&["-n", ns, "link", "set", v, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth end inside it, and with it the pair.
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+#[test]
+fn migration_between_network_namespaces() {
+    // SAFETY-free check for root: only root can create network namespaces here.
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| text(&o.stdout).trim() == "0");
+    if root.ok() != Some(true) {
+        eprintln!("skipped: not running as root (network namespaces need it)");
+        return;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("skipped: the `ip` command (iproute2) is not installed");
+        return;
+    }
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(e) => {
+            eprintln!("skipped: cannot create network namespaces: {e}");
+            return;
+        }
+    };
+    let mut rng = Rng::new("netns");
+    let iters = iterations_for(2.0);
+    let dir = tempdir();
+    let sock = dir.path().join("a.sock");
+    // The API socket is a file: reachable from outside the namespaces.
+    let mut a = source(Some(&ns.names[0]), &sock, &demo_args(iters));
+    let (mut b, port) = receive(Some(&ns.names[1]), "192.168.231.2", &[]);
+    ctl_ok(&sock, &["resume"]);
+    std::thread::sleep(Duration::from_millis(20 + rng.below(500)));
+    let out = ctl_ok(&sock, &["migrate", &format!("tcp://192.168.231.2:{port}")]);
+    assert!(out.contains("completed"), "{out}");
+    assert_eq!(a.wait(Duration::from_secs(30)), 0, "{}", a.stderr());
+    assert_eq!(b.wait(Duration::from_secs(120)), 0, "{}", b.stderr());
+    assert!(
+        b.stderr().contains("received the VM from 192.168.231.1"),
+        "{}",
+        b.stderr()
+    );
+    assert_eq!(a.stdout() + &b.stdout(), expected_output(iters));
+}
