@@ -254,7 +254,9 @@ pub trait Vcpu: Send {
     /// protected — the hypervisor set this state itself). Guest owners use it to predict the
     /// launch digest.
     fn sev_initial_vmsa(&self) -> Result<Box<[u8; 4096]>> {
-        Err(HvError::Sev("this backend has no SEV-ES support (use --backend emu)".into()))
+        Err(HvError::Sev(
+            "this backend has no SEV-ES support (use --backend emu)".into(),
+        ))
     }
     /// The vCPU's VMSA as the host sees it: ciphertext under the guest's memory key.
     fn sev_encrypted_vmsa(&self) -> Result<Box<[u8; 4096]>> {

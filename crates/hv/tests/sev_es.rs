@@ -290,3 +290,47 @@ fn guest_without_vc_handler_shuts_down() {
         other => panic!("expected shutdown, got {other:?}\n{}", g.serial_text()),
     }
 }
+
+#[test]
+fn launch_update_vmsa_is_refused_while_dr7_enables_breakpoints() {
+    let mut cfg = VmConfig::plain(16 << 20, 1);
+    cfg.vm_type = VmType::SevEs;
+    let vm = Arc::new(EmuVm::new(&cfg).unwrap());
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut psp = Psp::ephemeral(ca(), Default::default()).unwrap();
+    psp.init().unwrap();
+    vm.sev_launch_start(
+        Arc::new(Mutex::new(psp)),
+        &LaunchStart {
+            policy: Policy(Policy::ES),
+            owner: None,
+            share_key_with: None,
+        },
+    )
+    .unwrap();
+    let mut dr = vcpu.get_debug_regs().unwrap();
+    dr.dr7 |= 1; // L0: breakpoint 0 enabled
+    vcpu.set_debug_regs(&dr).unwrap();
+    let err = vcpu.sev_launch_update_vmsa().unwrap_err().to_string();
+    assert!(err.contains("DR7"), "{err}");
+    assert!(!vcpu.is_protected());
+    dr.dr7 &= !1;
+    vcpu.set_debug_regs(&dr).unwrap();
+    vcpu.sev_launch_update_vmsa().unwrap();
+    assert!(vcpu.is_protected());
+    // A second LAUNCH_UPDATE_VMSA for the same vCPU is refused.
+    assert!(vcpu.sev_launch_update_vmsa().is_err());
+}
+
+#[test]
+fn interrupts_below_the_tracked_task_priority_are_refused() {
+    let mut g = launch("sev-smoke", "", |v| {
+        let mut s = v.get_sregs().unwrap();
+        s.cr8 = 5;
+        v.set_sregs(&s).unwrap();
+    });
+    let v = g.vcpu.as_mut();
+    assert_eq!(v.get_sregs_view().unwrap().cr8(), 5);
+    assert!(v.queue_interrupt(0x40).is_err(), "class 4 <= TPR 5");
+    v.queue_interrupt(0x60).unwrap();
+}
