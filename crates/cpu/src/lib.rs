@@ -63,7 +63,7 @@ use esvm_arch::{
     DebugRegs, DescriptorTable, FpuState, MsrState, PendingEvents, PendingException, Regs, Segment,
     SpecialRegs, VcpuSnapshot,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -332,7 +332,9 @@ pub struct Cpu {
     pub(crate) cache: CodeCache,
     pub(crate) mem: PhysMemory,
     pub(crate) config: CpuConfig,
-    pub(crate) kick: Arc<AtomicBool>,
+    /// Attention flags checked at block boundaries: [`KICK_STOP`] (the [`Kicker`]) and
+    /// [`KICK_SEV`] (SEV-ES: another party converted a page; flush the TLB and go on).
+    pub(crate) kick: Arc<AtomicU8>,
     pub(crate) exit: Option<Exit>,
     pub(crate) mmio: MmioState,
     pub(crate) compl: Completion,
@@ -346,13 +348,17 @@ pub struct Cpu {
 // `Send + Sync`; everything else is owned data. A `Cpu` is used by one thread at a time.
 unsafe impl Send for Cpu {}
 
+/// `Cpu::kick` bits: stop with [`Exit::Interrupted`]; SEV-ES page conversion elsewhere.
+pub(crate) const KICK_STOP: u8 = 1;
+pub(crate) const KICK_SEV: u8 = 2;
+
 /// Handle to make a running [`Cpu`] return [`Exit::Interrupted`] at its next block boundary.
 #[derive(Debug, Clone)]
-pub struct Kicker(Arc<AtomicBool>);
+pub struct Kicker(Arc<AtomicU8>);
 
 impl Kicker {
     pub fn kick(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.fetch_or(KICK_STOP, Ordering::Release);
     }
 }
 
@@ -410,7 +416,7 @@ impl Cpu {
             sev: sev::SevCpu::new(&config, &mem),
             mem,
             config,
-            kick: Arc::new(AtomicBool::new(false)),
+            kick: Arc::new(AtomicU8::new(0)),
             exit: None,
             mmio: MmioState::default(),
             compl: Completion::default(),
@@ -839,9 +845,14 @@ impl Cpu {
         }
         let limit = self.retired.saturating_add(budget);
         loop {
-            if self.kick.load(Ordering::Relaxed) {
-                self.kick.store(false, Ordering::Relaxed);
-                return Exit::Interrupted;
+            if self.kick.load(Ordering::Relaxed) != 0 {
+                let k = self.kick.swap(0, Ordering::Acquire);
+                if k & KICK_SEV != 0 {
+                    self.sev_poll();
+                }
+                if k & KICK_STOP != 0 {
+                    return Exit::Interrupted;
+                }
             }
             // An instruction whose exit was just completed runs first, before any event
             // is delivered (its result must not be consumed by a handler instead).
@@ -952,10 +963,6 @@ impl Cpu {
                 }
             }
             max -= n as u64;
-            if self.sev.is_some() {
-                // SEV-ES: drop TLB entries made stale by page conversions elsewhere.
-                self.sev_poll();
-            }
             // Chain to the next block unless something needs the run loop's attention.
             if max == 0
                 || self.ev_exception.is_some()
@@ -964,7 +971,7 @@ impl Cpu {
                 || self.shadow
                 || self.halted
                 || self.rflags & rflags::TF != 0
-                || self.kick.load(Ordering::Relaxed)
+                || self.kick.load(Ordering::Relaxed) != 0
             {
                 return None;
             }

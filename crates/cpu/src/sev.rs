@@ -120,6 +120,8 @@ pub(crate) struct SevCpu {
     private: *mut u8,
     /// Why the configuration is unusable (reported as a shutdown at the first run).
     config_error: Option<String>,
+    /// The vCPU's attention flags are registered for conversion notices.
+    watching: bool,
 }
 
 impl SevCpu {
@@ -149,6 +151,7 @@ impl SevCpu {
             seen_gen: unsafe { (*gen).load(Ordering::Acquire) },
             private: std::ptr::null_mut(),
             config_error,
+            watching: false,
         }))
     }
 }
@@ -329,19 +332,22 @@ impl Cpu {
     /// bring the TLB up to date with page conversions.
     #[cold]
     pub(crate) fn sev_enter(&mut self) -> Option<Exit> {
-        let s = self.sev.as_ref()?;
+        let s = self.sev.as_mut()?;
         if let Some(reason) = &s.config_error {
+            let reason = reason.clone();
             self.shutdown = Some(reason.clone());
-            return Some(Exit::Shutdown {
-                reason: reason.clone(),
-            });
+            return Some(Exit::Shutdown { reason });
+        }
+        if !s.watching {
+            s.watching = true;
+            self.mem.watch_conversions(&self.kick);
         }
         self.sev_poll();
         None
     }
 
-    /// At block boundaries (SEV-ES only): flush the TLB if pages changed view since it was
-    /// last flushed.
+    /// After a conversion notice ([`crate::KICK_SEV`], seen at a block boundary) and at each
+    /// [`Cpu::run`]: flush the TLB if pages changed view since it was last flushed.
     #[inline]
     pub(crate) fn sev_poll(&mut self) {
         if let Some(s) = &mut self.sev {

@@ -276,9 +276,10 @@ impl GhcbServices for ReplayServices<'_> {
             _ => Err(ServiceError::GeneralProtection),
         }
     }
-    fn vmmcall(&mut self, _regs: &mut VmmcallRegs) -> std::result::Result<(), ServiceError> {
-        // esvm offers no hypercalls.
-        Err(ServiceError::InvalidOpcode)
+    fn vmmcall(&mut self, regs: &mut VmmcallRegs) -> std::result::Result<(), ServiceError> {
+        // esvm offers no hypercalls; answer like KVM does for an unknown one (-KVM_ENOSYS).
+        regs.rax = (-1000i64) as u64;
+        Ok(())
     }
     fn tsc(&mut self) -> std::result::Result<u64, ServiceError> {
         Ok(self.tsc)

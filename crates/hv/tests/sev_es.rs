@@ -131,7 +131,8 @@ impl SevGuest {
 
 #[test]
 fn smoke_guest_ends_with_a_ghcb_termination_request() {
-    let mut g = launch("sev-smoke", "", |_| {});
+    // extra=1 also exercises VMMCALL, RDTSC(P), WBINVD, MSR and DR7 accesses through #VC.
+    let mut g = launch("sev-smoke", "extra=1", |_| {});
     let end = g.run_simple();
     match end {
         End::Terminated(reason) => {

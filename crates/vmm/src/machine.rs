@@ -533,7 +533,14 @@ impl Machine {
             .map(|(v, n)| n.saturating_sub(v.instructions_retired().unwrap_or(0)))
             .collect();
         self.clock = match self.config.backend {
-            BackendKind::Emu => Clock::Virtual { idle_ns: s.idle_ns },
+            BackendKind::Emu => {
+                // From a host-time backend (KVM) the instruction counts are 0: start virtual
+                // time at the devices' time so that timers go on from where they were.
+                let base = self.retired_base[0] + self.vcpus[0].instructions_retired().unwrap_or(0);
+                Clock::Virtual {
+                    idle_ns: s.idle_ns.max(s.devices.now_ns.saturating_sub(base)),
+                }
+            }
             BackendKind::Kvm => Clock::Host {
                 start: Instant::now(),
                 offset_ns: s.clock_ns.max(s.devices.now_ns),

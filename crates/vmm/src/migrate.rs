@@ -427,6 +427,92 @@ impl MigrationTarget for MachineTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::machine::Outcome;
+    use esvm_migration::{Receiver, ReceiverConfig, Sender, SenderConfig};
+    use std::sync::{Arc, Mutex};
+
+    /// Serial output collected in memory.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Buf {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    /// A whole migration in one process: the demo guest moves mid-run from one machine to
+    /// another and finishes there with exactly the output of a run that never moved.
+    #[test]
+    fn a_running_guest_moves_and_finishes_exactly() {
+        let (iterations, dirty) = (300_000u64, 1u64);
+        let args = format!("iterations={iterations} dirty-mib={dirty}");
+        let mem = 16u64 << 20;
+        let src_out = Buf::default();
+        let mut src = Machine::new(
+            &MachineConfig {
+                backend: BackendKind::Emu,
+                vm_type: VmType::Plain,
+                mem_size: mem,
+                vcpus: 1,
+                max_instructions: None,
+            },
+            Box::new(src_out.clone()),
+        )
+        .unwrap();
+        src.load(esvm_guests::builtin("demo").unwrap().elf, &args)
+            .unwrap();
+        let h = src.handle();
+        // Paused until pre-copy starts (so the guest cannot end before the migration),
+        // then running while its memory is copied.
+        h.control.set_user_paused(true).unwrap();
+        let src_thread = std::thread::spawn(move || src.run().map(|o| (o, src)));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dst_out = Buf::default();
+        let out2 = dst_out.clone();
+        let dst_thread = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut t = MachineTarget::new(
+                BackendKind::Emu,
+                Box::new(move || Box::new(out2.clone()) as Box<dyn Write + Send>),
+            );
+            Receiver::new(ReceiverConfig::default())
+                .run_tcp(&mut t, s)
+                .unwrap();
+            t.into_machine().unwrap()
+        });
+        let mut source = MachineSource::new(h.clone(), "tcp://test");
+        let mut sender = Sender::new(SenderConfig::default());
+        let ctl = h.control.clone();
+        sender.on_progress(move |p| {
+            if p.phase == esvm_migration::Phase::PreCopy {
+                let _ = ctl.set_user_paused(false);
+            }
+        });
+        let o = sender
+            .run_tcp(&mut source, std::net::TcpStream::connect(addr).unwrap())
+            .unwrap();
+        assert!(o.passes >= 2, "{o:?}");
+        let (outcome, _) = src_thread.join().unwrap().unwrap();
+        assert_eq!(outcome, Outcome::Migrated("tcp://test".into()));
+        let mut dst = dst_thread.join().unwrap();
+        assert_eq!(dst.run().unwrap(), Outcome::Exited(0));
+        let expected = esvm_guests::demo::expected_output(mem, 1, &args, iterations, dirty);
+        assert_eq!(src_out.text() + &dst_out.text(), expected);
+        // The dead source refuses to run again.
+        assert!(h.control.hold().is_err());
+    }
 
     #[test]
     fn urls() {

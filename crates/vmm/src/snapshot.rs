@@ -219,7 +219,9 @@ fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
         why,
     };
     let Some(nl) = data.iter().take(128).position(|&b| b == b'\n') else {
-        return Err(if data.len() < 128 && data.starts_with(MAGIC.as_bytes()) {
+        let magic = MAGIC.as_bytes();
+        let prefix = data.starts_with(magic) || magic.starts_with(data);
+        return Err(if data.len() < 128 && prefix {
             SnapshotError::Truncated {
                 path: path.to_path_buf(),
                 why: "its header line is incomplete".into(),

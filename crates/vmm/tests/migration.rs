@@ -215,9 +215,10 @@ fn source(netns: Option<&str>, sock: &Path, guest_args: &str) -> Proc {
     p
 }
 
+/// Wait until the VM's API answers on `sock`.
 fn wait_socket(p: &mut Proc, sock: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
+    while ApiClient::connect(sock).is_err() {
         assert!(
             p.alive() && Instant::now() < deadline,
             "the API socket {} did not appear\nstderr:\n{}",
@@ -478,23 +479,39 @@ fn pump(r: &mut TcpStream, w: &mut TcpStream, mode: Mode, seen: &Arc<Mutex<(u64,
 }
 
 // ---------------------------------------------------------------------------------- tests
-/// Start a migration through the API and follow it until it ends; returns its last status.
-fn migrate_via(client: &mut ApiClient, url: &str) -> esvm_control::MigrationStatus {
-    client
-        .call(&Request::Migrate(MigrateRequest::new(url)))
-        .unwrap_or_else(|e| panic!("migrate to {url} was refused: {e}"));
+/// Start a migration through the API and follow it until it ends; returns its last
+/// status, or the client error if the VM refused or stopped answering (its guest
+/// finished and the process exited).
+fn migrate_via(
+    client: &mut ApiClient,
+    url: &str,
+) -> Result<esvm_control::MigrationStatus, esvm_control::ClientError> {
+    client.call(&Request::Migrate(MigrateRequest::new(url)))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let st: VmStatus = client.status().expect("status");
+        let st: VmStatus = client.status()?;
         let m = st.migration.expect("a started migration is in the status");
         if m.phase.is_terminal() {
-            return m;
+            return Ok(m);
         }
         assert!(
             Instant::now() < deadline,
             "the migration did not end: {m:?}"
         );
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Connect to a VM's API, retrying briefly (the socket file appears just before the
+/// server listens on it).
+fn connect(sock: &Path) -> ApiClient {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ApiClient::connect(sock) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("cannot connect to {sock:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 
@@ -514,7 +531,7 @@ impl Source {
         let dir = tempdir();
         let sock = dir.path().join("src0.sock");
         let proc = source(None, &sock, &demo_args(iterations));
-        let mut client = ApiClient::connect(&sock).unwrap();
+        let mut client = connect(&sock);
         client.call(&Request::Resume).unwrap();
         Source {
             dir,
@@ -536,7 +553,7 @@ impl Source {
         self.sock = self.dir.path().join(format!("src{}.sock", self.runs));
         self.runs += 1;
         self.proc = source(None, &self.sock, &demo_args(self.iterations));
-        self.client = ApiClient::connect(&self.sock).unwrap();
+        self.client = connect(&self.sock);
         self.client.call(&Request::Resume).unwrap();
     }
 
@@ -552,6 +569,28 @@ impl Source {
         self.finished += 1;
     }
 
+    /// One migration attempt to `url`, restarting the guest first if it has finished.
+    /// `None` if the guest finished during the attempt (the attempt does not count).
+    fn attempt(&mut self, url: &str) -> Option<esvm_control::MigrationStatus> {
+        self.ensure_running();
+        match migrate_via(&mut self.client, url) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                // Only acceptable if the guest finished meanwhile.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while self.proc.alive() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                assert!(
+                    !self.proc.alive(),
+                    "the VM failed to answer ({e}) but still runs\n{}",
+                    self.proc.stderr()
+                );
+                None
+            }
+        }
+    }
+
     /// After a failed migration: the VM is running here (or finished meanwhile), never
     /// migrated. An in-doubt failure (the cut came after the commit request) is resolved
     /// as an operator would: the destination did not commit, so resume.
@@ -565,11 +604,11 @@ impl Source {
         );
         let Ok(st) = self.client.status() else {
             // The guest finished right after the failure and the process exited.
+            std::thread::sleep(Duration::from_millis(200));
             assert!(
-                !self.proc.alive() || {
-                    std::thread::sleep(Duration::from_millis(200));
-                    !self.proc.alive()
-                }
+                !self.proc.alive(),
+                "the VM stopped answering\n{}",
+                self.proc.stderr()
             );
             return;
         };
@@ -708,7 +747,7 @@ fn cut_connections_leave_the_source_intact() {
     // A cut right before the end of the commit request: in doubt (the source cannot know
     // whether the destination committed, so it stays paused until resumed).
     proxy.set(Mode::Cut(u64::MAX));
-    let m = migrate_via(&mut src.client, &proxy.url());
+    let m = migrate_via(&mut src.client, &proxy.url()).expect("the guest is still running");
     assert_eq!(m.phase, MigrationPhase::InDoubt, "{m:?}");
     assert_eq!(src.client.status().unwrap().state, VmState::Paused);
     let o = ctl(&src.sock, &["migrate", &proxy.url()]);
@@ -717,27 +756,28 @@ fn cut_connections_leave_the_source_intact() {
     let (_, stream_len) = proxy.seen();
     assert!(stream_len > 4096, "the proxy saw no Complete frame");
 
-    let mut attempts = 1;
-    for i in 0..50 {
-        src.ensure_running();
+    let mut cuts = 0;
+    while cuts < 50 {
         let at = rng.below(stream_len);
         proxy.set(Mode::Cut(at));
-        let m = migrate_via(&mut src.client, &proxy.url());
-        src.check_intact(&m, &format!("cut #{i} at byte {at} of {stream_len}"));
-        attempts += 1;
+        let Some(m) = src.attempt(&proxy.url()) else {
+            continue; // the guest finished first; a new one runs now
+        };
+        src.check_intact(&m, &format!("cut #{cuts} at byte {at} of {stream_len}"));
+        cuts += 1;
         assert!(
             r.alive(),
             "the destination must keep listening: {}",
             r.stderr()
         );
     }
-    // Every attempt was discarded by the destination.
+    // Every attempt that reached the destination was discarded there.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while failures_logged(&r) < attempts && Instant::now() < deadline {
+    while failures_logged(&r) < cuts + 1 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(failures_logged(&r), attempts, "{}", r.stderr());
-    assert!(!r.stderr().contains("received the VM"));
+    assert!(failures_logged(&r) > cuts, "{}", r.stderr());
+    assert!(!r.stderr().contains("received the VM"), "{}", r.stderr());
     // The source finishes on its own, exactly as if nothing had happened.
     src.check_finished();
 }
@@ -849,9 +889,12 @@ fn tampered_frames_are_refused_while_the_source_runs_on() {
         ("random byte", Mode::Flip(rng.below(1 << 20))),
     ];
     for (what, mode) in targets {
-        src.ensure_running();
         proxy.set(mode);
-        let m = migrate_via(&mut src.client, &proxy.url());
+        let m = loop {
+            if let Some(m) = src.attempt(&proxy.url()) {
+                break m;
+            }
+        };
         assert_eq!(m.phase, MigrationPhase::Failed, "{what} ({mode:?}): {m:?}");
         let err = m.error.clone().unwrap_or_default();
         assert!(err.contains("refused"), "{what} ({mode:?}): {err}");
@@ -1056,4 +1099,59 @@ fn migration_between_network_namespaces() {
         b.stderr()
     );
     assert_eq!(a.stdout() + &b.stdout(), expected_output(iters));
+}
+
+#[test]
+fn sev_es_guests_are_refused_clearly() {
+    let dir = tempdir();
+    let platform = dir.path().join("platform");
+    let o = Command::new(ESVM)
+        .args(["platform", "init", "--dir", platform.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let sock = dir.path().join("sev.sock");
+    let mut vm = Proc::spawn(
+        None,
+        &[
+            "run",
+            "--sev-es",
+            "--platform",
+            platform.to_str().unwrap(),
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--start-paused",
+            "--mem",
+            MEM,
+            "--",
+            "iterations=20000",
+        ],
+    );
+    wait_socket(&mut vm, &sock);
+    let st = status(&sock);
+    assert_eq!(st["vm_type"], "sev_es", "{st}");
+    let (mut r, port) = receive(None, "127.0.0.1", &[]);
+    let o = ctl(&sock, &["migrate", &format!("tcp://127.0.0.1:{port}")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("SEV-ES migration is not wired yet"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = ctl(
+        &sock,
+        &["snapshot", dir.path().join("snap").to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("not supported yet"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!dir.path().join("snap").exists());
+    // Nothing reached the destination, and the guest runs to its end.
+    assert!(!r.stderr().contains("incoming migration"), "{}", r.stderr());
+    ctl_ok(&sock, &["resume"]);
+    assert_eq!(vm.wait(Duration::from_secs(60)), 0, "{}", vm.stderr());
+    assert!(checksum_of(&vm.stdout()).is_some(), "{}", vm.stdout());
 }

@@ -182,3 +182,17 @@ fn owner_verifies_the_launch_from_the_guest_image() {
         );
     }
 }
+
+#[test]
+fn sev_es_mmio_goes_through_the_ghcb_to_the_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let plat = platform(dir.path());
+    let o = esvm(&["run", "--sev-es", "--platform", &plat, "sev-mmio"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+}

@@ -14,9 +14,11 @@
 //! decrypt-on-read of those DRAM bytes yields; an access through a C-bit-clear mapping to a
 //! Private page turns it Shared with RAM = `encrypt(gpa, plaintext)` — the DRAM bytes hardware
 //! would hold. So both views behave as on hardware, where one DRAM page is read with or
-//! without the memory key. Each conversion bumps a VM-wide *conversion generation* (every
-//! vCPU flushes its TLB when it sees a new one, at its next block boundary; the converting
-//! vCPU flushes at once), drops decoded code on the page and marks it dirty.
+//! without the memory key. Each conversion bumps a VM-wide *conversion generation* and flags
+//! every SEV-ES vCPU on the memory (through the attention flags its block chaining already
+//! polls, so plain vCPUs pay nothing); a vCPU flushes its TLB when it sees a new generation,
+//! at its next block boundary (the converting vCPU at once). A conversion also drops decoded
+//! code on the page and marks it dirty.
 //!
 //! Who may call what:
 //! - **host (untrusted) API** — [`PhysMemory::read_host`], [`PhysMemory::write_host`],
@@ -34,8 +36,8 @@
 
 use super::{MemError, OwnedRam, PhysMemory, PAGE_SIZE};
 use std::alloc::Layout;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 /// The guest's memory key as the memory controller applies it: a per-page cipher tweaked by
 /// the guest-physical address (the secure processor's XTS-AES key in esvm).
@@ -56,6 +58,9 @@ pub(crate) struct SevMem {
     /// Conversion generation: bumped by every Shared <-> Private conversion.
     gen: AtomicU64,
     enc: OnceLock<Encryption>,
+    /// The attention flags of the SEV-ES vCPUs on this memory: a conversion sets
+    /// `KICK_SEV` in each, so they stop chaining blocks and compare generations.
+    watchers: Mutex<Vec<Weak<AtomicU8>>>,
 }
 
 impl SevMem {
@@ -63,7 +68,12 @@ impl SevMem {
         SevMem {
             gen: AtomicU64::new(0),
             enc: OnceLock::new(),
+            watchers: Mutex::new(Vec::new()),
         }
+    }
+
+    fn watchers(&self) -> MutexGuard<'_, Vec<Weak<AtomicU8>>> {
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -240,6 +250,13 @@ impl PhysMemory {
     /// decoded code on the page dropped, page dirty.
     fn converted(&self, page: u64) {
         self.inner.sev.gen.fetch_add(1, Ordering::AcqRel);
+        self.inner.sev.watchers().retain(|w| match w.upgrade() {
+            Some(k) => {
+                k.fetch_or(crate::KICK_SEV, Ordering::Release);
+                true
+            }
+            None => false,
+        });
         self.invalidate_page(page);
         let bm = self.bitmap();
         if !bm.is_bit_set(page as usize) {
@@ -266,6 +283,11 @@ impl PhysMemory {
     /// The conversion generation counter.
     pub(crate) fn conversion_gen(&self) -> *const AtomicU64 {
         &self.inner.sev.gen
+    }
+
+    /// Have conversions set `KICK_SEV` in a vCPU's attention flags.
+    pub(crate) fn watch_conversions(&self, kick: &Arc<AtomicU8>) {
+        self.inner.sev.watchers().push(Arc::downgrade(kick));
     }
 
     /// LAUNCH_UPDATE_DATA's effect on `[gpa, gpa+len)` (trusted API): the bytes now in RAM

@@ -406,6 +406,35 @@ fn conversions_flush_other_vcpus_tlbs() {
     );
 }
 
+/// A running vCPU notices a conversion made by another thread (here the host writing the
+/// page) at its next block boundary: the loop below only ends once the guest's C-bit read
+/// sees the decrypted host bytes instead of its stale plaintext.
+#[test]
+fn running_vcpu_sees_conversions_by_other_threads() {
+    // loop: mov rax, [PRIV]; cmp rax, 5; je loop; hlt
+    let mut code = load_rax(PRIV);
+    code.extend_from_slice(&[0x48, 0x83, 0xf8, 0x05, 0x74, 0xf2]);
+    let mut h = sev_harness(&prog(&[&code]));
+    let m = h.mem().clone();
+    m.write_private(PRIV, &5u64.to_le_bytes()).unwrap();
+    let before = page_of(&m, PRIV, true);
+    let runner = std::thread::spawn(move || {
+        let x = h.cpu.run(500_000_000);
+        (x, h.cpu.regs().gpr[0], h.cpu.regs().rip)
+    });
+    // Let the guest spin for a moment (if the write lands first, the guest simply never
+    // loops; the outcome is the same).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    m.write_host(PRIV + 2, &[0xaa]).unwrap();
+    let (x, rax, rip) = runner.join().unwrap();
+    assert_eq!(x, Exit::Hlt, "the guest kept reading its stale plaintext");
+    assert_eq!(rip, CODE + 15, "ended on the program's HLT");
+    let mut dram = encrypt(PRIV, before);
+    dram[2] = 0xaa;
+    let seen = decrypt(PRIV, dram);
+    assert_eq!(rax, u64::from_le_bytes(seen[..8].try_into().unwrap()));
+}
+
 #[test]
 fn fetch_is_private_even_through_a_shared_mapping() {
     let mut h = sev_harness(&[]);
