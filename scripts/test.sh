@@ -10,7 +10,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --workspace --locked 2>&1 | tee target/test-output.txt
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt
 # One summary line for the whole run, in the plain form CI tools read.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' \
     target/test-output.txt

@@ -96,37 +96,39 @@ fn start_source(
     fill: bool,
 ) -> Result<(MachineHandle, std::thread::JoinHandle<SourceResult>), Box<dyn std::error::Error>> {
     let (tx, rx) = mpsc::channel();
-    let t = std::thread::spawn(move || -> SourceResult {
-        let setup = || -> Result<Machine, Box<dyn std::error::Error>> {
-            let config = MachineConfig {
-                backend: BackendKind::Emu,
-                vm_type: VmType::Plain,
-                mem_size: mem,
-                vcpus: 1,
-                max_instructions: None,
+    let t = std::thread::Builder::new()
+        .name("bench-vcpu".into())
+        .spawn(move || -> SourceResult {
+            let setup = || -> Result<Machine, Box<dyn std::error::Error>> {
+                let config = MachineConfig {
+                    backend: BackendKind::Emu,
+                    vm_type: VmType::Plain,
+                    mem_size: mem,
+                    vcpus: 1,
+                    max_instructions: None,
+                };
+                let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+                if fill {
+                    populate(&m, mem ^ dirty_mib)?;
+                }
+                let guest = esvm_guests::builtin("demo").ok_or("the demo guest is missing")?;
+                m.load(
+                    guest.elf,
+                    &format!("iterations=1000000000000000 dirty-mib={dirty_mib}"),
+                )?;
+                Ok(m)
             };
-            let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
-            if fill {
-                populate(&m, mem ^ dirty_mib)?;
-            }
-            let guest = esvm_guests::builtin("demo").ok_or("the demo guest is missing")?;
-            m.load(
-                guest.elf,
-                &format!("iterations=1000000000000000 dirty-mib={dirty_mib}"),
-            )?;
-            Ok(m)
-        };
-        let mut m = match setup() {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = tx.send(Err(e.to_string()));
-                return Err(e.to_string());
-            }
-        };
-        let _ = tx.send(Ok(m.handle()));
-        let outcome = m.run().map_err(|e| e.to_string())?;
-        Ok((outcome, m))
-    });
+            let mut m = match setup() {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return Err(e.to_string());
+                }
+            };
+            let _ = tx.send(Ok(m.handle()));
+            let outcome = m.run().map_err(|e| e.to_string())?;
+            Ok((outcome, m))
+        })?;
     let h = rx.recv()??;
     Ok((h, t))
 }
@@ -155,20 +157,22 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let dest = std::thread::spawn(move || -> Result<Machine, String> {
-        let (s, _) = listener.accept().map_err(|e| e.to_string())?;
-        let mut target = MachineTarget::new(
-            BackendKind::Emu,
-            Box::new(|| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>),
-        )
-        .with_prealloc(prealloc);
-        Receiver::new(ReceiverConfig::default())
-            .run_tcp(&mut target, s)
-            .map_err(|e| e.to_string())?;
-        target
-            .into_machine()
-            .ok_or_else(|| "no machine after the commit".to_string())
-    });
+    let dest = std::thread::Builder::new()
+        .name("bench-receive".into())
+        .spawn(move || -> Result<Machine, String> {
+            let (s, _) = listener.accept().map_err(|e| e.to_string())?;
+            let mut target = MachineTarget::new(
+                BackendKind::Emu,
+                Box::new(|| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>),
+            )
+            .with_prealloc(prealloc);
+            Receiver::new(ReceiverConfig::default())
+                .run_tcp(&mut target, s)
+                .map_err(|e| e.to_string())?;
+            target
+                .into_machine()
+                .ok_or_else(|| "no machine after the commit".to_string())
+        })?;
     let url = format!("tcp://{addr}");
     if stopped {
         h.control.hold()?;
@@ -201,6 +205,10 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
         }
         addr += n as u64;
     }
+    // Every thread using them is joined: give both guests' memory back now, so that
+    // repeated runs do not accumulate it.
+    crate::migrate::release_guest_memory(&source_machine);
+    crate::migrate::release_guest_memory(&received);
     Ok(Row {
         mem_mib: mem >> 20,
         workload: if dirty_mib == 0 {

@@ -258,7 +258,11 @@ fn status(sock: &Path) -> serde_json::Value {
 }
 
 fn demo_args(iterations: u64) -> String {
-    format!("iterations={iterations} dirty-mib={DIRTY_MIB}")
+    demo_args_dirty(iterations, DIRTY_MIB)
+}
+
+fn demo_args_dirty(iterations: u64, dirty_mib: u64) -> String {
+    format!("iterations={iterations} dirty-mib={dirty_mib}")
 }
 
 fn expected_output(iterations: u64) -> String {
@@ -312,6 +316,9 @@ enum Mode {
     Pass,
     /// Close both connections after this many source bytes.
     Cut(u64),
+    /// From the first frame boundary at or after this offset, forward nothing more (the
+    /// source's bytes are read and dropped; the destination waits).
+    Stall(u64),
     /// Flip (invert) the source byte at this offset.
     Flip(u64),
     /// Flip the byte `at` bytes into the `nth` (0-based) frame of type `frame`.
@@ -410,6 +417,10 @@ fn pump(r: &mut TcpStream, w: &mut TcpStream, mode: Mode, seen: &Arc<Mutex<(u64,
     let mut pos = 0u64;
     let mut buf = vec![0u8; 64 << 10];
     loop {
+        if matches!(mode, Mode::Stall(at) if pos >= at) {
+            while read_full(r, &mut buf) > 0 {}
+            return false;
+        }
         let mut h = [0u8; HEADER];
         let got = read_full(r, &mut h);
         let ty = u16::from_le_bytes([h[6], h[7]]);
@@ -676,7 +687,7 @@ fn migration_chain_over_loopback_keeps_the_guest_exact() {
     assert!(st["instructions"].as_u64().unwrap() > 0, "{st}");
 
     // A -> B at a random point.
-    std::thread::sleep(Duration::from_millis(50 + rng.below(1000)));
+    std::thread::sleep(Duration::from_millis(20 + rng.below(300)));
     let url_b = format!("tcp://127.0.0.1:{pb}");
     let out = ctl_ok(&sa, &["migrate", &url_b, "--detach"]);
     assert!(out.contains("started"), "{out}");
@@ -716,7 +727,7 @@ fn migration_chain_over_loopback_keeps_the_guest_exact() {
     // B -> C at another random point, with `esvm ctl migrate` following it to the end.
     wait_socket(&mut b, &sb);
     assert!(b.stderr().contains("received the VM"), "{}", b.stderr());
-    std::thread::sleep(Duration::from_millis(50 + rng.below(1000)));
+    std::thread::sleep(Duration::from_millis(20 + rng.below(300)));
     let out = ctl_ok(&sb, &["migrate", &format!("tcp://127.0.0.1:{pc}")]);
     assert!(out.contains("completed"), "{out}");
     assert_eq!(b.wait(Duration::from_secs(30)), 0, "{}", b.stderr());
@@ -915,7 +926,7 @@ fn snapshot_restores_exactly_and_damage_is_refused() {
     let snap = dir.path().join("snap");
     let mut a = source(None, &sock, &demo_args(iters));
     ctl_ok(&sock, &["resume"]);
-    std::thread::sleep(Duration::from_millis(20 + rng.below(500)));
+    std::thread::sleep(Duration::from_millis(10 + rng.below(300)));
     let out = ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
     assert!(out.contains("snapshot written"), "{out}");
     // The guest continues after the snapshot and finishes normally.
@@ -1088,7 +1099,7 @@ fn migration_between_network_namespaces() {
     let mut a = source(Some(&ns.names[0]), &sock, &demo_args(iters));
     let (mut b, port) = receive(Some(&ns.names[1]), "192.168.231.2", &[]);
     ctl_ok(&sock, &["resume"]);
-    std::thread::sleep(Duration::from_millis(20 + rng.below(500)));
+    std::thread::sleep(Duration::from_millis(10 + rng.below(300)));
     let out = ctl_ok(&sock, &["migrate", &format!("tcp://192.168.231.2:{port}")]);
     assert!(out.contains("completed"), "{out}");
     assert_eq!(a.wait(Duration::from_secs(30)), 0, "{}", a.stderr());
@@ -1130,7 +1141,7 @@ fn sev_es_guests_are_refused_clearly() {
     wait_socket(&mut vm, &sock);
     let st = status(&sock);
     assert_eq!(st["vm_type"], "sev_es", "{st}");
-    let (mut r, port) = receive(None, "127.0.0.1", &[]);
+    let (r, port) = receive(None, "127.0.0.1", &[]);
     let o = ctl(&sock, &["migrate", &format!("tcp://127.0.0.1:{port}")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -1154,4 +1165,92 @@ fn sev_es_guests_are_refused_clearly() {
     ctl_ok(&sock, &["resume"]);
     assert_eq!(vm.wait(Duration::from_secs(60)), 0, "{}", vm.stderr());
     assert!(checksum_of(&vm.stdout()).is_some(), "{}", vm.stdout());
+}
+
+#[test]
+fn cancel_non_convergence_and_force() {
+    // A guest that rewrites a 16 MiB buffer continuously: no pass can make its dirty set
+    // small enough for a 1 ms downtime.
+    let dirty = 16;
+    let iters = iterations_for(4.0);
+    let args = demo_args_dirty(iters, dirty);
+    let dir = tempdir();
+    let sock = dir.path().join("vm.sock");
+    let mut vm = source(None, &sock, &args);
+    let (mut r, port) = receive(None, "127.0.0.1", &[]);
+    let proxy = Proxy::start(port);
+    ctl_ok(&sock, &["resume"]);
+
+    // Cancel: the destination stops answering mid-pass; `esvm ctl cancel` ends it.
+    proxy.set(Mode::Stall(256 << 10));
+    ctl_ok(&sock, &["migrate", &proxy.url(), "--detach"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&sock)["migration"]["phase"] != "pre_copy" {
+        assert!(Instant::now() < deadline, "no pre-copy: {}", status(&sock));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = ctl_ok(&sock, &["cancel"]);
+    assert!(out.contains("cancel requested"), "{out}");
+    let st = loop {
+        let st = status(&sock);
+        if st["migration"]["phase"] != "pre_copy" {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the cancel did not end it: {st}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(st["migration"]["phase"], "cancelled", "{st}");
+    assert_eq!(st["state"], "running", "{st}");
+    let o = ctl(&sock, &["cancel"]);
+    assert!(
+        text(&o.stderr).contains("no migration"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // The pass cap without convergence cancels (the default policy).
+    proxy.set(Mode::Pass);
+    let o = ctl(
+        &sock,
+        &[
+            "migrate",
+            &proxy.url(),
+            "--downtime-ms",
+            "1",
+            "--max-passes",
+            "3",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("did not converge"),
+        "{}",
+        text(&o.stderr)
+    );
+    let st = status(&sock);
+    assert_eq!(st["migration"]["phase"], "cancelled", "{st}");
+    assert_eq!(st["migration"]["pass"], 3, "{st}");
+    assert_eq!(st["state"], "running", "{st}");
+
+    // Forced at the cap: stop-and-copy anyway; the guest finishes at the destination.
+    let o = ctl(
+        &sock,
+        &[
+            "migrate",
+            &proxy.url(),
+            "--downtime-ms",
+            "1",
+            "--max-passes",
+            "2",
+            "--force-on-timeout",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(vm.wait(Duration::from_secs(30)), 0, "{}", vm.stderr());
+    assert_eq!(r.wait(Duration::from_secs(120)), 0, "{}", r.stderr());
+    assert_eq!(failures_logged(&r), 2, "{}", r.stderr());
+    assert_eq!(
+        vm.stdout() + &r.stdout(),
+        esvm_guests::demo::expected_output(MEM_BYTES, 1, &args, iters, dirty)
+    );
 }
