@@ -48,8 +48,19 @@ pub struct EmuVm {
     memory: Arc<GuestMemory>,
     phys: PhysMemory,
     created: Mutex<Vec<u32>>,
-    /// SEV-ES context, set by [`EmuVm::sev_launch_start`] / [`EmuVm::sev_receive_start`].
+    /// SEV-ES context, set by [`EmuVm::sev_launch_start`].
     sev: Arc<OnceLock<Arc<SevVm>>>,
+    /// The PhysMemory the guest-memory write hook uses; emptied on drop (see `new`).
+    hook_slot: Arc<Mutex<Option<PhysMemory>>>,
+}
+
+impl Drop for EmuVm {
+    fn drop(&mut self) {
+        self.hook_slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
 }
 
 impl EmuVm {
@@ -75,10 +86,18 @@ impl EmuVm {
             backend: BackendKind::Emu,
             message: e.to_string(),
         })?;
+        // VMM-side writes through GuestMemory::write must drop decoded code. The hook reaches
+        // the PhysMemory through a slot the VM empties when it is dropped: PhysMemory keeps
+        // the GuestMemory alive, so holding it directly would be a reference cycle (a leak of
+        // all guest RAM per VM).
+        let hook_slot = Arc::new(Mutex::new(Some(phys.clone())));
         {
-            // VMM-side writes through GuestMemory::write must drop decoded code.
-            let phys = phys.clone();
-            memory.set_write_hook(Box::new(move |gpa, len| phys.invalidate_code(gpa, len)));
+            let slot = hook_slot.clone();
+            memory.set_write_hook(Box::new(move |gpa, len| {
+                if let Some(p) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    p.invalidate_code(gpa, len);
+                }
+            }));
         }
         Ok(EmuVm {
             config: config.clone(),
@@ -86,6 +105,7 @@ impl EmuVm {
             phys,
             created: Mutex::new(Vec::new()),
             sev: Arc::new(OnceLock::new()),
+            hook_slot,
         })
     }
 
@@ -871,5 +891,23 @@ impl EmuVcpu {
     /// Complete any answered exit and retire its instruction (see [`Vcpu::snapshot`]).
     pub fn settle_exit(&mut self) -> Result<()> {
         self.settle()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guest RAM is freed when the VM and its vCPUs are gone (no Arc cycle through the
+    /// code-invalidation hook).
+    #[test]
+    fn guest_memory_is_freed_with_the_vm() {
+        let vm = EmuVm::new(&VmConfig::plain(16 << 20, 1)).unwrap();
+        let weak = Arc::downgrade(&vm.memory);
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vm.memory().write(0x1000, &[1, 2, 3]).unwrap();
+        drop(vcpu);
+        drop(vm);
+        assert!(weak.upgrade().is_none(), "guest memory leaked");
     }
 }
