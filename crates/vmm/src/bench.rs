@@ -129,15 +129,25 @@ fn guest_loop(
         Outcome::Exited(0) => {}
         other => return Err(format!("cpubench guest on {backend} ended with {other:?}").into()),
     }
+    marker_interval(&m, "cpubench", MARK_START, MARK_END)
+}
+
+/// Host seconds and virtual nanoseconds between a guest's two benchmark markers (port 0xF5).
+fn marker_interval(
+    m: &Machine,
+    guest: &str,
+    start: u32,
+    end: u32,
+) -> Result<(f64, u64), Box<dyn std::error::Error>> {
     let marks = m.devices().bench_marks();
-    let start = marks.iter().find(|k| k.value == MARK_START);
-    let end = marks.iter().find(|k| k.value == MARK_END);
-    match (start, end) {
+    let s = marks.iter().find(|k| k.value == start);
+    let e = marks.iter().find(|k| k.value == end);
+    match (s, e) {
         (Some(s), Some(e)) => Ok((
             e.host.duration_since(s.host).as_secs_f64(),
             e.virtual_ns - s.virtual_ns,
         )),
-        _ => Err("the cpubench guest did not write both benchmark markers".into()),
+        _ => Err(format!("the {guest} guest did not write both benchmark markers").into()),
     }
 }
 
@@ -272,13 +282,7 @@ fn io_round_trips(
         Outcome::Exited(0) => {}
         other => return Err(format!("iobench guest ended with {other:?}").into()),
     }
-    let marks = m.devices().bench_marks();
-    let start = marks.iter().find(|k| k.value == IO_MARK_START);
-    let end = marks.iter().find(|k| k.value == IO_MARK_END);
-    match (start, end) {
-        (Some(s), Some(e)) => Ok(e.host.duration_since(s.host).as_secs_f64()),
-        _ => Err("the iobench guest did not write both benchmark markers".into()),
-    }
+    Ok(marker_interval(&m, "iobench", IO_MARK_START, IO_MARK_END)?.0)
 }
 
 fn bench_io(args: &IoBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
