@@ -266,6 +266,12 @@ fn toy_mac(key: u64, page: u64, iv: u64, ciphertext: &[u8]) -> u64 {
     splitmix64(&mut h)
 }
 
+/// The toy SEND_FINISH tag over (packet count, XOR of packet MACs).
+fn toy_finish_tag(key: u64, (count, xor): (u64, u64)) -> u64 {
+    let mut h = key ^ count.rotate_left(13) ^ xor;
+    splitmix64(&mut h)
+}
+
 /// Mock packet layout: `iv u64, mac u64, ciphertext[4096]`.
 pub const MOCK_PACKET_LEN: usize = 16 + PAGE_SIZE as usize;
 const CERT_MAGIC: &[u8; 8] = b"MOCK-PDH";
@@ -288,6 +294,8 @@ pub struct MockSource {
     /// SEV-ES: damage the packet of this page after computing its MAC.
     pub corrupt_packet_for: Option<u64>,
     sev_key: Option<u64>,
+    /// Toy transcript of the packets made: (count, XOR of MACs).
+    sev_transcript: (u64, u64),
     iv_counter: u64,
     pub pauses: u32,
     pub resumes: u32,
@@ -316,6 +324,7 @@ impl MockSource {
             dirty_cursor: 0,
             corrupt_packet_for: None,
             sev_key: None,
+            sev_transcript: (0, 0),
             iv_counter: 1,
             pauses: 0,
             resumes: 0,
@@ -433,6 +442,7 @@ impl MigrationSource for MockSource {
         let pdh = crate::protocol::le64(&target_certs[8..16]);
         let nonce = 0x5eed_0000 + u64::from(self.pauses) + u64::from(self.send_cancels);
         self.sev_key = Some(pdh.rotate_left(7) ^ nonce.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        self.sev_transcript = (0, 0);
         let mut blob = SESSION_MAGIC.to_vec();
         blob.extend_from_slice(&nonce.to_le_bytes());
         Ok(blob)
@@ -452,6 +462,8 @@ impl MigrationSource for MockSource {
         self.iv_counter += 1;
         toy_keystream_xor(key, page, iv, &mut data);
         let mac = toy_mac(key, page, iv, &data);
+        self.sev_transcript.0 += 1;
+        self.sev_transcript.1 ^= mac;
         if self.corrupt_packet_for == Some(page) {
             data[100] ^= 0x01;
         }
@@ -459,6 +471,13 @@ impl MigrationSource for MockSource {
         out.extend_from_slice(&mac.to_le_bytes());
         out.extend_from_slice(&data);
         Ok(())
+    }
+
+    fn sev_finish_blob(&mut self) -> Result<Vec<u8>, SourceError> {
+        let key = self
+            .sev_key
+            .ok_or_else(|| SourceError::failed("no SEV send session"))?;
+        Ok(toy_finish_tag(key, self.sev_transcript).to_le_bytes().to_vec())
     }
 
     fn sev_send_cancel(&mut self) -> Result<(), SourceError> {
@@ -506,6 +525,8 @@ pub struct MockTarget {
     mem: Vec<u8>,
     pub pdh: u64,
     sev_key: Option<u64>,
+    /// Toy transcript of the packets accepted: (count, XOR of MACs).
+    sev_transcript: (u64, u64),
     pub device_state: Option<Vec<u8>>,
     pub vcpu_states: Vec<Option<Vec<u8>>>,
     pub passes: Vec<(u32, bool)>,
@@ -526,6 +547,7 @@ impl MockTarget {
             mem: vec![0u8; bytes],
             pdh: 0x0123_4567_89ab_cdef,
             sev_key: None,
+            sev_transcript: (0, 0),
             device_state: None,
             vcpu_states: vec![None; vcpus],
             passes: Vec::new(),
@@ -577,6 +599,7 @@ impl MigrationTarget for MockTarget {
         }
         let nonce = crate::protocol::le64(&session[8..16]);
         self.sev_key = Some(self.pdh.rotate_left(7) ^ nonce.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        self.sev_transcript = (0, 0);
         Ok(())
     }
 
@@ -608,6 +631,8 @@ impl MigrationTarget for MockTarget {
                 "transport MAC mismatch for page {page}"
             )));
         }
+        self.sev_transcript.0 += 1;
+        self.sev_transcript.1 ^= mac;
         let dst = self.pages_mut(page, 1)?;
         dst.copy_from_slice(&packet[16..]);
         toy_keystream_xor(key, page, iv, dst);
@@ -630,6 +655,18 @@ impl MigrationTarget for MockTarget {
             .get_mut(vcpu as usize)
             .ok_or_else(|| TargetError::Refused(format!("no vCPU {vcpu} here")))?;
         *slot = Some(state.to_vec());
+        Ok(())
+    }
+
+    fn sev_receive_finish(&mut self, blob: &[u8]) -> Result<(), TargetError> {
+        let key = self
+            .sev_key
+            .ok_or_else(|| TargetError::Refused("no receive session".into()))?;
+        if blob != toy_finish_tag(key, self.sev_transcript).to_le_bytes() {
+            return Err(TargetError::Refused(
+                "the finish tag does not match the packets received".into(),
+            ));
+        }
         Ok(())
     }
 

@@ -47,6 +47,8 @@ pub const MAX_BLOB_LEN: u32 = 64 * 1024;
 pub const MAX_DEVICE_STATE_LEN: u32 = 64 << 20;
 /// Largest state of one vCPU.
 pub const MAX_VCPU_STATE_LEN: u32 = 1 << 20;
+/// Largest finish blob of a `Complete` frame (SEV-ES: the send transcript tag).
+pub const MAX_FINISH_LEN: u32 = 256;
 /// Largest abort reason or error message.
 pub const MAX_TEXT_LEN: u32 = 4096;
 /// Most vCPUs a Config may announce.
@@ -218,7 +220,7 @@ impl FrameType {
             FrameType::PassEnd => (16, 16),
             FrameType::DeviceState => (0, MAX_DEVICE_STATE_LEN),
             FrameType::VcpuState => (8, 8 + MAX_VCPU_STATE_LEN),
-            FrameType::Complete => (0, 0),
+            FrameType::Complete => (0, MAX_FINISH_LEN),
             FrameType::Abort => (0, MAX_TEXT_LEN),
             FrameType::ConfigAck => (0, MAX_BLOB_LEN),
             FrameType::Ack | FrameType::Committed => (8, 8),

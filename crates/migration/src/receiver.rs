@@ -421,7 +421,7 @@ impl Receiver {
                     ack(w, &h)?;
                 }
                 FrameType::Complete => {
-                    r.read_payload(&h)?;
+                    let finish = r.read_payload(&h)?;
                     if !ctx.device_state {
                         return Err(ReceiveError::Invalid(
                             "Complete before the device state".into(),
@@ -433,6 +433,20 @@ impl Receiver {
                         )));
                     }
                     let config = ctx.config.clone().ok_or_else(no_config)?;
+                    match (config.vm_type, finish.is_empty()) {
+                        (GuestType::SevEs, true) => {
+                            return Err(ReceiveError::Invalid(
+                                "Complete without the SEV-ES finish blob".into(),
+                            ))
+                        }
+                        (GuestType::SevEs, false) => target.sev_receive_finish(&finish)?,
+                        (GuestType::Plain, false) => {
+                            return Err(ReceiveError::Invalid(
+                                "Complete with a finish blob for a plain guest".into(),
+                            ))
+                        }
+                        (GuestType::Plain, true) => {}
+                    }
                     target.commit()?;
                     // Point of no return: the guest is ours now, whatever happens to the
                     // acknowledgement.

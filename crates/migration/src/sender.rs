@@ -506,9 +506,13 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
 
         // Commit.
         self.set_phase(Phase::Committing);
-        let complete_seq = self.w.send(FrameType::Complete, &[])?;
+        let finish = match self.vm_type() {
+            GuestType::SevEs => self.source.sev_finish_blob()?,
+            GuestType::Plain => Vec::new(),
+        };
+        let complete_seq = self.w.send(FrameType::Complete, &[&finish])?;
         self.complete_sent = true;
-        self.track(complete_seq, HEADER_LEN as u64, Vec::new());
+        self.track(complete_seq, (HEADER_LEN + finish.len()) as u64, Vec::new());
         self.w.flush()?;
         loop {
             let f = self.wait_frame(false)?;

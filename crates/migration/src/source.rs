@@ -21,7 +21,8 @@ impl SourceError {
 ///
 /// Call order: `config`, (SEV-ES: `sev_send_start`), `start_dirty_log`, `written_pages`,
 /// then per pass `read_pages`/`sev_page_packet` and `take_dirty_log`; for stop-and-copy
-/// `pause`, `take_dirty_log`, pages, `device_state`, `vcpu_state` for each vCPU; then either
+/// `pause`, `take_dirty_log`, pages, `device_state`, `vcpu_state` for each vCPU, (SEV-ES:
+/// `sev_finish_blob`); then either
 /// `mark_dead` (the destination committed) or, on failure, `restore_dirty_log`,
 /// `sev_send_cancel` and `resume` (if it was paused).
 ///
@@ -81,6 +82,17 @@ pub trait MigrationSource {
         let _ = (page, out);
         Err(SourceError::Unsupported {
             what: "SEV-ES page packets",
+        })
+    }
+
+    /// SEV-ES: the finish blob (opaque, at most
+    /// [`MAX_FINISH_LEN`](crate::protocol::MAX_FINISH_LEN) bytes) for the destination's
+    /// RECEIVE_FINISH — the transcript tag of every packet sent — taken after the last vCPU
+    /// state. The send session stays open: a failure after this still ends in
+    /// `sev_send_cancel`; only `mark_dead` ends it for good (SEND_FINISH).
+    fn sev_finish_blob(&mut self) -> Result<Vec<u8>, SourceError> {
+        Err(SourceError::Unsupported {
+            what: "SEV-ES finish blobs",
         })
     }
 

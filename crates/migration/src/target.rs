@@ -21,7 +21,8 @@ pub enum TargetError {
 ///
 /// Call order: `accept_config`, (SEV-ES: `sev_receive_start`), any number of
 /// `pages_mut`/`receive_page_packet` and `pass_end`, then `apply_device_state` and
-/// `apply_vcpu_state` for every vCPU (any order), then `commit`. On any error before the
+/// `apply_vcpu_state` for every vCPU (any order), then (SEV-ES: `sev_receive_finish`)
+/// `commit`. On any error before the
 /// commit — including the source aborting or the connection breaking — `abort` is called
 /// instead, and the target must discard everything it received.
 ///
@@ -68,6 +69,16 @@ pub trait MigrationTarget {
     /// The state of one vCPU (opaque; for SEV-ES the encrypted VMSA packet plus the tracked
     /// register extension, to be authenticated by RECEIVE_UPDATE_VMSA).
     fn apply_vcpu_state(&mut self, vcpu: u32, state: &[u8]) -> Result<(), TargetError>;
+
+    /// SEV-ES: the source's finish blob from the `Complete` frame (RECEIVE_FINISH: the
+    /// firmware checks it against every packet it accepted). Called right before `commit`;
+    /// an error aborts the migration.
+    fn sev_receive_finish(&mut self, blob: &[u8]) -> Result<(), TargetError> {
+        let _ = blob;
+        Err(TargetError::Unsupported {
+            what: "SEV-ES finish blobs",
+        })
+    }
 
     /// Everything arrived: make the VM this host's (RECEIVE_FINISH for SEV-ES). This is the
     /// point of no return; after it succeeds the destination owns the guest. If it fails,

@@ -928,6 +928,23 @@ impl Psp {
             .send_update_vmsa(vcpu, vmsa_gpa, encrypted_vmsa, ext)
     }
 
+    /// The transcript tag of the packets made so far (an esvm extension, like the
+    /// tag itself): the value SEND_FINISH would return now, without leaving SUPDATE.
+    ///
+    /// Why: a live migration must hand the tag to the target's RECEIVE_FINISH
+    /// *before* the target commits, yet the source may only give up its guest
+    /// (SEND_FINISH) *after* that commit — until then any failure must leave the
+    /// source running (SEND_CANCEL). Sealed snapshots likewise keep the guest
+    /// running. This is no weaker than the SEV API, where RECEIVE_FINISH needs
+    /// nothing from the source at all.
+    pub fn send_transcript_tag(&self, handle: u32) -> PspResult<[u8; 32]> {
+        let g = self.check_state(Command::SendFinish, handle)?;
+        g.send
+            .as_ref()
+            .map(|s| s.finish_tag())
+            .ok_or_else(|| PspError::InvalidParam("no send context".into()))
+    }
+
     /// SEND_FINISH: SUPDATE -> SENT; returns the transcript tag the target's
     /// RECEIVE_FINISH checks. The guest must not run again here.
     pub fn send_finish(&mut self, handle: u32) -> PspResult<[u8; 32]> {

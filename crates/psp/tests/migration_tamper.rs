@@ -449,3 +449,45 @@ fn host_view_is_ciphertext_and_launch_digest_matches() {
     assert_eq!(c, psp.host_view_page(h, 0x4000, &page).unwrap());
     assert_ne!(c, page);
 }
+
+/// The transcript tag taken before SEND_FINISH is what SEND_FINISH returns for the same
+/// packets, so a target can finish while the source still may cancel; after SEND_CANCEL the
+/// source guest runs on and a new session starts afresh.
+#[test]
+fn transcript_tag_before_finish_equals_the_finish_tag() {
+    let mut m = start_migration(Policy::ES);
+    let (h1, c1) = m.src.send_update_data(m.hs, &m.src_mem, 0, 4096).unwrap();
+    m.dst
+        .receive_update_data(m.hd, &m.dst_mem, 0, &h1, &c1)
+        .unwrap();
+    let early = m.src.send_transcript_tag(m.hs).unwrap();
+    for (vcpu, gpa, _, enc) in &m.vmsas {
+        let (h, ct) = m
+            .src
+            .send_update_vmsa(m.hs, *vcpu, *gpa, enc, &ext(*vcpu))
+            .unwrap();
+        m.dst
+            .receive_update_vmsa(m.hd, *vcpu, *gpa, &h, &ct)
+            .unwrap();
+    }
+    let tag = m.src.send_transcript_tag(m.hs).unwrap();
+    assert_ne!(early, tag, "every packet changes the tag");
+    assert_eq!(
+        m.src.guest_status(m.hs).unwrap().state,
+        GuestState::Supdate,
+        "taking the tag leaves the session open"
+    );
+    // A tag over fewer packets than the target received is refused.
+    assert_eq!(
+        m.dst.receive_finish(m.hd, &early).unwrap_err().status(),
+        SevStatus::BadMeasurement
+    );
+    m.dst.receive_finish(m.hd, &tag).unwrap();
+    assert_eq!(m.src.send_finish(m.hs).unwrap(), tag);
+    // In any other state there is no transcript.
+    assert!(m.src.send_transcript_tag(m.hs).is_err());
+    let mut m = start_migration(Policy::ES);
+    m.src.send_cancel(m.hs).unwrap();
+    assert_eq!(m.src.guest_status(m.hs).unwrap().state, GuestState::Running);
+    assert!(m.src.send_transcript_tag(m.hs).is_err());
+}
