@@ -9,6 +9,12 @@ use esvm_arch::{DebugRegs, FpuState, PendingEvents, Regs, SpecialRegs, VcpuSnaps
 use esvm_cpu::{Cpu, CpuConfig, CpuError, Exit, PhysMemory, SevEsConfig, TrapReg};
 use esvm_psp::{LaunchStart, Measurement, PacketHeader, Psp};
 
+mod transfer;
+pub use transfer::{
+    ghcb_gpa_of, PagePacket, SevHostVcpuState, SevHostVmState, SevSessionStart, SevVcpuTransfer,
+    PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
+};
+
 use crate::ghcb::{GhcbOutcome, GuestResponse, MsrProtocolOutcome, VmgexitOutcome};
 use crate::memory::GuestMemory;
 use crate::sev::{
@@ -143,11 +149,7 @@ impl EmuVm {
         self.phys
             .enable_encryption(Arc::new(MemoryController(key)))
             .map_err(|e| HvError::Sev(e.to_string()))?;
-        let _ = self.sev.set(Arc::new(SevVm {
-            psp,
-            handle,
-            ghcb_vm: Mutex::new(Default::default()),
-        }));
+        let _ = self.sev.set(Arc::new(SevVm::new(psp, handle)));
         Ok(handle)
     }
 
@@ -756,6 +758,14 @@ impl Vcpu for EmuVcpu {
         let psp = ctx.psp();
         psp.seal_vmsa(ctx.handle(), sev::vmsa_gpa(self.id), vmsa.as_bytes())
             .map_err(psp_err)
+    }
+
+    fn sev_send_state(&self) -> Result<SevVcpuTransfer> {
+        self.sev_send_state_impl()
+    }
+
+    fn sev_receive_state(&mut self, t: &SevVcpuTransfer) -> Result<()> {
+        self.sev_receive_state_impl(t)
     }
 
     fn ghcb_msr(&self) -> Result<u64> {

@@ -264,6 +264,22 @@ pub trait Vcpu: Send {
             "this backend has no SEV-ES support (use --backend emu)".into(),
         ))
     }
+    /// SEV-ES SEND_UPDATE_VMSA: this protected vCPU as a transport packet plus the
+    /// hypervisor's own state (see [`emu::SevVcpuTransfer`]), at a clean point. The VM must
+    /// be in a send session.
+    fn sev_send_state(&self) -> Result<emu::SevVcpuTransfer> {
+        Err(HvError::Sev(
+            "this backend has no SEV-ES support (use --backend emu)".into(),
+        ))
+    }
+    /// SEV-ES RECEIVE_UPDATE_VMSA: make this fresh vCPU of a receiving VM the one in `t`;
+    /// its tracked registers come from what the firmware authenticated.
+    fn sev_receive_state(&mut self, t: &emu::SevVcpuTransfer) -> Result<()> {
+        let _ = t;
+        Err(HvError::Sev(
+            "this backend has no SEV-ES support (use --backend emu)".into(),
+        ))
+    }
     /// The GHCB MSR (host-visible state of an SEV-ES vCPU).
     fn ghcb_msr(&self) -> Result<u64> {
         Err(HvError::Sev(

@@ -86,6 +86,10 @@ pub struct SevVm {
     pub(crate) psp: Arc<Mutex<Psp>>,
     pub(crate) handle: u32,
     pub(crate) ghcb_vm: Mutex<GhcbVmState>,
+    /// The send session's packet maker, between SEND_START and SEND_FINISH/CANCEL.
+    pub(crate) send_worker: Mutex<Option<esvm_psp::SendWorker>>,
+    /// The receive session's packet checker, between RECEIVE_START and RECEIVE_FINISH.
+    pub(crate) recv_worker: Mutex<Option<esvm_psp::ReceiveWorker>>,
 }
 
 impl SevVm {

@@ -335,3 +335,156 @@ fn interrupts_below_the_tracked_task_priority_are_refused() {
     assert!(v.queue_interrupt(0x40).is_err(), "class 4 <= TPR 5");
     v.queue_interrupt(0x60).unwrap();
 }
+
+/// A second platform under the same emulated AMD root (a destination host).
+fn platform() -> Arc<Mutex<Psp>> {
+    let mut psp = Psp::ephemeral(ca(), Default::default()).unwrap();
+    psp.init().unwrap();
+    Arc::new(Mutex::new(psp))
+}
+
+/// Move `src` (at a clean point) into a fresh SEV-ES VM on `dst_psp` through SEND_* and
+/// RECEIVE_*; `tamper` may change the vCPU transfer on the way.
+fn migrate(
+    src: &mut SevGuest,
+    dst_psp: Arc<Mutex<Psp>>,
+    tamper: impl FnOnce(&mut esvm_hv::emu::SevVcpuTransfer),
+) -> Result<SevGuest, HvError> {
+    let chain = dst_psp
+        .lock()
+        .unwrap()
+        .pdh_cert_export()
+        .unwrap()
+        .to_bytes();
+    let start = src.vm.sev_send_start(&chain)?;
+    let mut cfg = VmConfig::plain(src.vm.memory().size(), 1);
+    cfg.vm_type = VmType::SevEs;
+    let vm = Arc::new(EmuVm::new(&cfg).unwrap());
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vm.sev_receive_start(dst_psp, &start)?;
+    let mut packet = Vec::new();
+    let (mut private, mut shared) = (0, 0);
+    for page in 0..src.vm.memory().size() / 4096 {
+        packet.clear();
+        src.vm.sev_send_page(page, &mut packet)?;
+        match esvm_hv::emu::PagePacket::decode(&packet)? {
+            esvm_hv::emu::PagePacket::Private { .. } => private += 1,
+            esvm_hv::emu::PagePacket::Shared(_) => shared += 1,
+        }
+        vm.sev_receive_page(page, &packet)?;
+    }
+    assert!(
+        private > 0 && shared > 0,
+        "{private} private, {shared} shared"
+    );
+    let mut t = src.vcpu.sev_send_state()?;
+    tamper(&mut t);
+    vcpu.sev_receive_state(&t)?;
+    vm.sev_set_host_state(&src.vm.sev_host_state()?)?;
+    vm.sev_receive_finish(&src.vm.sev_send_transcript_tag()?)?;
+    src.vm.sev_send_finish()?;
+    Ok(SevGuest {
+        vm,
+        vcpu,
+        serial: std::mem::take(&mut src.serial),
+    })
+}
+
+/// Run sev-pf until it waits (halted) for the injected #PF.
+fn pf_guest_waiting() -> SevGuest {
+    let ready = std::cell::Cell::new(false);
+    let mut g = launch("sev-pf", "ec=6", |_| {});
+    let end = g.run(
+        |_, value| {
+            if checkpoint::decode(value) == Some(Checkpoint::PfReady) {
+                ready.set(true);
+            }
+        },
+        |_| false,
+    );
+    assert!(ready.get(), "{end:?}: {}", g.serial_text());
+    g
+}
+
+/// Issue 4 item 5: after SEND/RECEIVE the destination's tracked view is what the firmware
+/// decrypted (equal to the source's), registers stay sealed, and a #PF injected there still
+/// carries its error code (decided from the migrated tracked CR0.PE).
+#[test]
+fn migrated_vcpu_keeps_its_tracked_view_and_error_code_delivery() {
+    let mut src = pf_guest_waiting();
+    let SregsView::Tracked(before) = src.vcpu.get_sregs_view().unwrap() else {
+        panic!("protected")
+    };
+    assert!(before.cr0 & 1 != 0, "long mode guest: {before:?}");
+    let mut dst = migrate(&mut src, platform(), |_| {}).unwrap();
+    assert!(dst.vcpu.is_protected());
+    assert_eq!(
+        dst.vcpu.get_sregs_view().unwrap(),
+        SregsView::Tracked(before)
+    );
+    assert!(dst.vcpu.get_regs().is_err() && dst.vcpu.set_sregs(&Default::default()).is_err());
+    // The source's firmware context is SENT: its packets and its guest are gone.
+    assert!(src.vm.sev_send_page(0, &mut Vec::new()).is_err());
+    let mut injected = false;
+    let end = dst.run(
+        |_, _| {},
+        |v| {
+            if injected {
+                return false;
+            }
+            v.inject_exception(14, Some(6)).unwrap();
+            let mut ev = v.get_events().unwrap();
+            ev.halted = false;
+            v.set_events(&ev).unwrap();
+            injected = true;
+            true
+        },
+    );
+    assert_eq!(end, End::Exit(0), "{}", dst.serial_text());
+}
+
+/// A changed VMSA packet, or hypervisor state that contradicts the authenticated extension,
+/// is refused and leaves the destination vCPU unprotected and empty; the source can cancel
+/// and run on.
+#[test]
+fn tampered_vcpu_transfers_are_refused() {
+    let cases: [(&str, fn(&mut esvm_hv::emu::SevVcpuTransfer)); 4] = [
+        ("ciphertext", |t| t.vmsa_ciphertext[0x158] ^= 1),
+        ("extension", |t| {
+            let n = t.vmsa_ciphertext.len();
+            t.vmsa_ciphertext[n - 20] ^= 0x80
+        }),
+        ("header", |t| t.vmsa_header[30] ^= 1),
+        ("ghcb msr", |t| t.host.ghcb_msr = 0x7000),
+    ];
+    for (what, tamper) in cases {
+        let mut src = pf_guest_waiting();
+        let e = match migrate(&mut src, platform(), tamper) {
+            Err(e) => e,
+            Ok(_) => panic!("{what}: accepted"),
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("MAC") || msg.contains("does not match"),
+            "{what}: {msg}"
+        );
+        src.vm.sev_send_cancel().unwrap();
+        // The source runs on: inject the #PF there and the guest completes.
+        let mut injected = false;
+        let end = src.run(
+            |_, _| {},
+            |v| {
+                if injected {
+                    return false;
+                }
+                v.inject_exception(14, Some(6)).unwrap();
+                let mut ev = v.get_events().unwrap();
+                ev.halted = false;
+                v.set_events(&ev).unwrap();
+                injected = true;
+                true
+            },
+        );
+        assert_eq!(end, End::Exit(0), "{what}: {}", src.serial_text());
+    }
+}

@@ -477,7 +477,9 @@ impl MigrationSource for MockSource {
         let key = self
             .sev_key
             .ok_or_else(|| SourceError::failed("no SEV send session"))?;
-        Ok(toy_finish_tag(key, self.sev_transcript).to_le_bytes().to_vec())
+        Ok(toy_finish_tag(key, self.sev_transcript)
+            .to_le_bytes()
+            .to_vec())
     }
 
     fn sev_send_cancel(&mut self) -> Result<(), SourceError> {
