@@ -448,7 +448,8 @@ fn migrated_vcpu_keeps_its_tracked_view_and_error_code_delivery() {
 /// and run on.
 #[test]
 fn tampered_vcpu_transfers_are_refused() {
-    let cases: [(&str, fn(&mut esvm_hv::emu::SevVcpuTransfer)); 4] = [
+    type Tamper = fn(&mut esvm_hv::emu::SevVcpuTransfer);
+    let cases: [(&str, Tamper); 4] = [
         ("ciphertext", |t| t.vmsa_ciphertext[0x158] ^= 1),
         ("extension", |t| {
             let n = t.vmsa_ciphertext.len();
