@@ -99,6 +99,11 @@ pub struct MigrateRequest {
     /// What to do at the timeout or the pass cap.
     #[serde(default)]
     pub on_timeout: OnTimeout,
+    /// SEV-ES: a file (on the VMM's host) with the root the destination platform's
+    /// certificate chain must verify against — a chain as `esvm platform export` writes it,
+    /// or a bare ARK certificate. Absent: the root the VM's own platform trusts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<PathBuf>,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -118,6 +123,7 @@ impl MigrateRequest {
             timeout_s: DEFAULT_TIMEOUT_S,
             max_passes: None,
             on_timeout: OnTimeout::Cancel,
+            trust: None,
         }
     }
 
@@ -615,6 +621,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
             "timeout_s",
             "max_passes",
             "on_timeout",
+            "trust",
         ],
         other => {
             return Err(ApiError::new(
@@ -723,6 +730,7 @@ mod tests {
                 timeout_s: 9,
                 max_passes: Some(4),
                 on_timeout: OnTimeout::Force,
+                trust: Some("/etc/esvm/ark.cert".into()),
             }),
             Request::Migrate(MigrateRequest::new("tcp://h:2")),
             Request::Cancel,

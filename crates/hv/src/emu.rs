@@ -696,6 +696,14 @@ impl Vcpu for EmuVcpu {
         self.sev.as_ref().is_some_and(|s| s.protected)
     }
 
+    fn exit_pending(&self) -> bool {
+        self.ghcb_read.is_some()
+            || self
+                .sev
+                .as_ref()
+                .is_some_and(|s| s.in_flight.is_some() || !s.outbox.is_empty())
+    }
+
     fn sev_launch_update_vmsa(&mut self) -> Result<()> {
         let ctx = self.sev_context()?;
         if self.is_protected() {

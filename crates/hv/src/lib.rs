@@ -243,6 +243,12 @@ pub trait Vcpu: Send {
     fn is_protected(&self) -> bool {
         false
     }
+    /// Whether the last instruction still has work in the hypervisor before the vCPU is at a
+    /// clean point for saving its state (SEV-ES: a GHCB request whose device I/O is not all
+    /// shown to the VMM yet). Run the vCPU on until this is false.
+    fn exit_pending(&self) -> bool {
+        false
+    }
     /// SEV-ES LAUNCH_UPDATE_VMSA: the vCPU's current state becomes its initial VMSA, measured
     /// and encrypted by the secure processor; from then on the vCPU is protected.
     fn sev_launch_update_vmsa(&mut self) -> Result<()> {

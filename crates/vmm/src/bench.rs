@@ -275,6 +275,7 @@ fn io_round_trips(
                 session: None,
                 measurement_out: None,
                 secret: None,
+                policy: None,
             },
         )?;
     }

@@ -95,6 +95,12 @@ pub struct MigrateArgs {
     /// Start the migration and return at once; follow it with `esvm ctl status`.
     #[arg(long)]
     pub detach: bool,
+    /// SEV-ES guests: the root of trust for the destination's platform certificate chain —
+    /// a chain file (`esvm platform export`) or an ARK certificate. The migration is refused
+    /// unless the destination's chain verifies against it. Default: the root the VM's own
+    /// platform trusts.
+    #[arg(long, value_name = "CHAIN")]
+    pub trust: Option<PathBuf>,
 }
 
 /// What went wrong talking to the VM (as opposed to the VM refusing a request).
@@ -105,6 +111,11 @@ pub enum CtlError {
     #[error("cannot resolve the snapshot directory {dir:?}: {source}")]
     SnapshotDir {
         dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot resolve the trusted root {path:?}: {source}")]
+    TrustPath {
+        path: PathBuf,
         source: std::io::Error,
     },
     #[error(
@@ -146,7 +157,15 @@ fn run_with(args: CtlArgs, poll: Duration) -> Result<u8, CtlError> {
         }
         CtlCommand::Migrate(m) => {
             let detach = m.detach;
+            let trust = match m.trust {
+                Some(t) => Some(
+                    std::path::absolute(&t)
+                        .map_err(|source| CtlError::TrustPath { path: t, source })?,
+                ),
+                None => None,
+            };
             let req = MigrateRequest {
+                trust,
                 url: m.url,
                 downtime_ms: m.downtime_ms,
                 timeout_s: m.timeout_s,

@@ -23,8 +23,10 @@ pub struct ReceiveArgs {
     /// Where to listen: tcp:HOST:PORT (or tcp://HOST:PORT), e.g. tcp:0.0.0.0:7000.
     #[arg(long, value_name = "URL")]
     pub listen: String,
-    /// The secure processor's platform directory (`esvm platform init`), needed for SEV-ES
-    /// guests (whose migration is not wired yet).
+    /// The secure processor's platform directory (`esvm platform init`), needed to receive
+    /// SEV-ES guests: its certificate chain goes to the source, which checks it against the
+    /// root it trusts, and the guest's pages and VMSAs go through this platform's
+    /// RECEIVE_* commands. Without it SEV-ES guests are refused.
     #[arg(long, value_name = "DIR")]
     pub platform: Option<PathBuf>,
     /// Serve the control API on this Unix socket once the guest runs here.
@@ -76,11 +78,11 @@ pub enum ReceiveCliError {
 
 pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let addr = parse_tcp_url(&args.listen)?;
-    if let Some(p) = &args.platform {
-        if !p.is_dir() {
-            return Err(ReceiveCliError::Platform(p.clone()).into());
-        }
-    }
+    let platform = match &args.platform {
+        Some(p) if !p.is_dir() => return Err(ReceiveCliError::Platform(p.clone()).into()),
+        Some(p) => Some(crate::sev_launch::open_platform(p)?),
+        None => None,
+    };
     let listener = TcpListener::bind(&addr).map_err(|source| ReceiveCliError::Listen {
         addr: addr.clone(),
         source,
@@ -101,7 +103,8 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
             args.backend,
             Box::new(|| Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>),
         )
-        .with_prealloc(args.prealloc);
+        .with_prealloc(args.prealloc)
+        .with_platform(platform.clone());
         let mut receiver = Receiver::new(ReceiverConfig::default());
         match receiver.run_tcp(&mut target, stream) {
             Ok(o) => {

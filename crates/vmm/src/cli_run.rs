@@ -46,6 +46,12 @@ pub struct RunArgs {
     /// certificate and session blob. Without it the launch has no owner (policy ES only).
     #[arg(long, value_name = "DIR", requires = "sev_es")]
     pub session: Option<PathBuf>,
+    /// Guest policy of a launch without --session, e.g. 0x5 (ES + NODBG); bits: 0 NODBG,
+    /// 1 NOKS, 2 ES (required), 3 NOSEND, 4 DOMAIN, 5 SEV, 16..31 minimum firmware API.
+    /// Default 0x4 (ES only).
+    #[arg(long, value_name = "BITS", requires = "sev_es", conflicts_with = "session",
+          value_parser = parse_policy)]
+    pub policy: Option<u32>,
     /// Write the launch measurement (for `esvm owner verify`) to FILE.
     #[arg(long, value_name = "FILE", requires = "sev_es")]
     pub measurement_out: Option<PathBuf>,
@@ -127,6 +133,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
                 session: args.session.as_deref(),
                 measurement_out: args.measurement_out.as_deref(),
                 secret: args.secret.as_deref(),
+                policy: args.policy,
             },
         )?;
         eprintln!(
@@ -150,4 +157,12 @@ pub fn list_guests() {
     for g in esvm_guests::list() {
         println!("{:<12} {}", g.name, g.description);
     }
+}
+
+fn parse_policy(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("not a 32-bit policy value ({e}); e.g. 0x4 or 4"))
 }

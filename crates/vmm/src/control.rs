@@ -26,7 +26,7 @@ use esvm_migration::{
 };
 
 use crate::machine::MachineHandle;
-use crate::migrate::{parse_tcp_url, MachineSource, SEV_ES_NOT_WIRED};
+use crate::migrate::{parse_tcp_url, read_trusted_root, MachineSource};
 use crate::runctl::{ControlError, LoopEnd, PARK_TIMEOUT};
 
 /// How long connecting to a migration destination may take.
@@ -270,6 +270,16 @@ impl ControlTarget for VmHandle {
         }
         if m.in_doubt_hold {
             // The operator resolved the doubt: the destination did not commit.
+            if self.h.config.vm_type == esvm_hv::VmType::SevEs {
+                // The send session is still open (SEND_FINISH comes only after a commit).
+                if let Some(emu) = &self.h.emu {
+                    emu.sev_send_cancel().map_err(|e| {
+                        ApiError::failed(format!(
+                            "cannot resume: SEND_CANCEL of the open send session failed: {e}"
+                        ))
+                    })?;
+                }
+            }
             m.in_doubt_hold = false;
             self.h.control.release();
             if let Some(s) = &mut m.status {
@@ -329,9 +339,12 @@ impl ControlTarget for VmHandle {
     fn start_migration(&self, req: MigrateRequest) -> Result<(), ApiError> {
         let addr =
             parse_tcp_url(&req.url).map_err(|e| ApiError::invalid_argument(e.to_string()))?;
-        if self.h.config.vm_type == esvm_hv::VmType::SevEs {
-            return Err(ApiError::unsupported(SEV_ES_NOT_WIRED));
-        }
+        let trust = match &req.trust {
+            Some(path) => Some(
+                read_trusted_root(path).map_err(|e| ApiError::invalid_argument(e.to_string()))?,
+            ),
+            None => None,
+        };
         self.check_alive("migrate")?;
         let mut m = lock(&self.mig);
         if m.active {
@@ -391,7 +404,7 @@ impl ControlTarget for VmHandle {
             .spawn(move || {
                 let (result, held) = match connect(&addr, &cancel) {
                     Ok(stream) => {
-                        let mut source = MachineSource::new(h, url.clone());
+                        let mut source = MachineSource::new(h, url.clone()).with_trust(trust);
                         let r = sender.run_tcp(&mut source, stream);
                         (r, source.still_held())
                     }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use esvm_arch::VcpuSnapshot;
 use esvm_devices::{Devices, DevicesError, DevicesState};
-use esvm_hv::emu::EmuVm;
+use esvm_hv::emu::{EmuVm, SevHostVmState, SevVcpuTransfer};
 use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
 use esvm_loader::{BootState, LoadError, LoadOptions};
 use thiserror::Error;
@@ -106,6 +106,9 @@ pub struct MachineState {
     pub mmio_scratch: Vec<u8>,
     /// The `--max-instructions` limit, which stays with the VM.
     pub max_instructions: Option<u64>,
+    /// SEV-ES: the hypervisor's VM-wide GHCB state (absent for plain guests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sev: Option<SevHostVmState>,
 }
 
 pub struct Machine {
@@ -133,6 +136,8 @@ pub struct Machine {
 #[derive(Clone)]
 pub struct MachineHandle {
     pub vm: Arc<dyn Vm>,
+    /// The same VM when it runs on the emu backend (its SEV-ES commands live there).
+    pub emu: Option<Arc<EmuVm>>,
     pub control: Arc<VmControl>,
     pub tracker: Arc<DirtyTracker>,
     pub config: MachineConfig,
@@ -227,6 +232,7 @@ impl Machine {
     pub fn handle(&self) -> MachineHandle {
         MachineHandle {
             vm: self.vm.clone(),
+            emu: self.emu.clone(),
             control: self.control.clone(),
             tracker: self.tracker.clone(),
             config: self.config.clone(),
@@ -376,7 +382,7 @@ impl Machine {
         let devices = &mut self.devices;
         let scratch = &mut self.mmio_scratch;
         let exit = self.vcpus[0].run()?;
-        self.mid_exit = matches!(
+        let answer_needed = matches!(
             exit,
             VmExit::IoIn { .. }
                 | VmExit::MmioRead { .. }
@@ -410,6 +416,7 @@ impl Machine {
             VmExit::BudgetExhausted | VmExit::Interrupted => {}
             VmExit::Hlt => self.on_halt()?,
         }
+        self.mid_exit = answer_needed || self.vcpus[0].exit_pending();
         Ok(None)
     }
 
@@ -463,7 +470,44 @@ impl Machine {
             clock_ns,
             mmio_scratch: self.mmio_scratch.to_vec(),
             max_instructions: self.max_instructions,
+            sev: self
+                .emu
+                .as_ref()
+                .filter(|e| e.sev_handle().is_some())
+                .and_then(|e| e.sev_host_state().ok()),
         }
+    }
+
+    fn vcpu_mut(&mut self, id: u32) -> Result<&mut Box<dyn Vcpu>, MachineError> {
+        let n = self.vcpus.len();
+        self.vcpus.get_mut(id as usize).ok_or_else(|| {
+            MachineError::State(format!("vCPU {id} does not exist (the VM has {n})"))
+        })
+    }
+
+    /// SEV-ES: vCPU `id` as a VMSA transport packet (SEND_UPDATE_VMSA), at a clean point,
+    /// during a send session.
+    pub fn send_vcpu_sev(&self, id: u32) -> Result<SevVcpuTransfer, MachineError> {
+        if self.mid_exit {
+            return Err(MachineError::State(
+                "the vCPU is in the middle of an exit; its state can only be sent between exits"
+                    .into(),
+            ));
+        }
+        let v = self.vcpus.get(id as usize).ok_or_else(|| {
+            MachineError::State(format!(
+                "vCPU {id} does not exist (the VM has {})",
+                self.vcpus.len()
+            ))
+        })?;
+        Ok(v.sev_send_state()?)
+    }
+
+    /// SEV-ES: make vCPU `id` of a receiving machine the incoming one (RECEIVE_UPDATE_VMSA).
+    pub fn receive_vcpu_sev(&mut self, id: u32, t: &SevVcpuTransfer) -> Result<(), MachineError> {
+        self.vcpu_mut(id)?.sev_receive_state(t)?;
+        self.mid_exit = false;
+        Ok(())
     }
 
     /// The state of vCPU `id`, at a clean point.
@@ -522,6 +566,25 @@ impl Machine {
                 backend: self.config.backend,
                 what: "an instruction limit (KVM does not count instructions)".into(),
             }));
+        }
+        match (&s.sev, self.config.vm_type) {
+            (Some(sev), VmType::SevEs) => {
+                let emu = self.emu.as_ref().ok_or_else(|| {
+                    MachineError::State("SEV-ES state for a machine without the emu backend".into())
+                })?;
+                emu.sev_set_host_state(sev)?;
+            }
+            (None, VmType::Plain) => {}
+            (Some(_), VmType::Plain) => {
+                return Err(MachineError::State(
+                    "the state is of an SEV-ES VM, this machine is plain".into(),
+                ))
+            }
+            (None, VmType::SevEs) => {
+                return Err(MachineError::State(
+                    "the state is of a plain VM, this machine is SEV-ES".into(),
+                ))
+            }
         }
         self.devices.restore(&s.devices)?;
         // The backend's counters restart at 0: the bases carry the VM's history so that

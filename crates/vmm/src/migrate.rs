@@ -12,16 +12,28 @@
 //!   counts, MMIO window, instruction limit), so the guest's time continues exactly.
 //! * `VcpuState`: each vCPU's [`VcpuSnapshot`](esvm_arch::VcpuSnapshot) as JSON.
 //!
-//! SEV-ES guests are refused on both sides for now ("not wired yet"): their pages and VMSAs
-//! must travel as firmware transport packets through the `sev_*` hooks.
+//! SEV-ES guests travel through the secure processors of both hosts: the destination
+//! answers `Config` with its platform's certificate chain; the source checks it against the
+//! root the operator trusts (`esvm ctl migrate --trust CHAIN`; by default the root its own
+//! platform trusts) and runs SEND_START (the firmware enforces NOSEND, DOMAIN, ES and the
+//! minimum API version). Pages go as [`esvm_hv::emu::PagePacket`]s (private pages as
+//! SEND_UPDATE_DATA packets), each vCPU as a [`SevVcpuTransfer`] (SEND_UPDATE_VMSA with the
+//! tracked extension), and `Complete` carries the send transcript tag for RECEIVE_FINISH.
+//! The source's SEND_FINISH happens only after the destination committed; any failure
+//! before that ends in SEND_CANCEL, and the guest runs on at the source.
 
 use std::io::Write;
 
+use std::sync::{Arc, Mutex};
+
+use esvm_hv::emu::{EmuVm, SevSessionStart, SevVcpuTransfer};
 use esvm_hv::{BackendKind, VmType};
 use esvm_migration::{
     GuestType, MigrationConfig, MigrationSource, MigrationTarget, PageSet, SourceError,
     TargetError, PAGE_SIZE,
 };
+use esvm_psp::cert::{CaCert, CertChain};
+use esvm_psp::Psp;
 use thiserror::Error;
 
 use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState};
@@ -29,12 +41,46 @@ use crate::runctl::PARK_TIMEOUT;
 
 /// The VMM-specific compatibility data of the `Config` frame: the formats of the state this
 /// VMM sends. Both sides must agree exactly.
-pub const COMPAT_EXTRA: &[u8] = b"esvm machine-state/1 vcpu-snapshot/1 json";
+pub const COMPAT_EXTRA: &[u8] = b"esvm machine-state/1 vcpu-snapshot/1 sev-transfer/1 json";
 
-/// Why SEV-ES guests cannot migrate yet (both sides say so).
-pub const SEV_ES_NOT_WIRED: &str = "SEV-ES migration is not wired yet: the guest's pages and \
-     VMSAs must travel as SEV transport packets (SEND_*/RECEIVE_*), which this esvm does not \
-     do yet; only plain guests can migrate";
+#[derive(Debug, Error)]
+pub enum TrustError {
+    #[error("cannot read the trusted root {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is neither a platform certificate chain (as `esvm platform export` writes it) \
+         nor an ARK certificate: {reason}"
+    )]
+    Parse {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+/// The root key (ARK) an operator trusts, from a chain file (`esvm platform export`) or a
+/// bare ARK certificate.
+pub fn trusted_root(bytes: &[u8]) -> Result<CaCert, String> {
+    match CertChain::from_bytes(bytes) {
+        Ok(chain) => Ok(chain.ark),
+        Err(chain_err) => CaCert::from_bytes(bytes)
+            .map_err(|ark_err| format!("as a chain: {chain_err}; as an ARK: {ark_err}")),
+    }
+}
+
+/// [`trusted_root`] of a file.
+pub fn read_trusted_root(path: &std::path::Path) -> Result<CaCert, TrustError> {
+    let bytes = std::fs::read(path).map_err(|source| TrustError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    trusted_root(&bytes).map_err(|reason| TrustError::Parse {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum UrlError {
@@ -86,6 +132,8 @@ fn source_err(what: &str, e: impl std::fmt::Display) -> SourceError {
 pub struct MachineSource {
     h: MachineHandle,
     url: String,
+    /// The root the destination's platform chain must verify against (SEV-ES).
+    trust: Option<CaCert>,
     /// We hold the guest stopped (stop-and-copy).
     held: bool,
     /// The run loop is known to be parked under our hold.
@@ -97,9 +145,24 @@ impl MachineSource {
         MachineSource {
             h,
             url: url.into(),
+            trust: None,
             held: false,
             stopped: false,
         }
+    }
+
+    /// Check an SEV-ES destination's platform chain against `ark` (the operator's trusted
+    /// root) instead of the root this host's platform trusts.
+    pub fn with_trust(mut self, ark: Option<CaCert>) -> Self {
+        self.trust = ark;
+        self
+    }
+
+    fn emu(&self) -> Result<&Arc<EmuVm>, SourceError> {
+        self.h
+            .emu
+            .as_ref()
+            .ok_or_else(|| SourceError::failed("SEV-ES guests run only on the emu backend"))
     }
 
     /// Whether the sender left the guest stopped (an in-doubt outcome): the hold is then
@@ -173,12 +236,58 @@ impl MigrationSource for MachineSource {
         })
     }
 
-    fn sev_send_start(&mut self, _target_certs: &[u8]) -> Result<Vec<u8>, SourceError> {
-        Err(SourceError::failed(SEV_ES_NOT_WIRED))
+    fn sev_send_start(&mut self, target_certs: &[u8]) -> Result<Vec<u8>, SourceError> {
+        let chain = CertChain::from_bytes(target_certs).map_err(|e| {
+            source_err(
+                "the destination's platform certificate chain is malformed",
+                e,
+            )
+        })?;
+        let emu = self.emu()?.clone();
+        let root = match &self.trust {
+            Some(ark) => ark.clone(),
+            None => {
+                let ctx = emu
+                    .sev_context()
+                    .ok_or_else(|| SourceError::failed("the VM has no SEV-ES guest context"))?;
+                let ark = ctx.psp().trusted_ark().clone();
+                ark
+            }
+        };
+        chain.verify(Some(&root)).map_err(|e| {
+            SourceError::failed(format!(
+                "the destination's platform certificate chain does not verify against the \
+                 trusted root ({}): {e}; refusing to send the guest there",
+                if self.trust.is_some() {
+                    "given with --trust"
+                } else {
+                    "this platform's; pass the right one with --trust CHAIN"
+                }
+            ))
+        })?;
+        let start = emu
+            .sev_send_start(target_certs)
+            .map_err(|e| source_err("SEND_START refused", e))?;
+        serde_json::to_vec(&start).map_err(|e| source_err("encoding the session start", e))
     }
 
-    fn sev_page_packet(&mut self, _page: u64, _out: &mut Vec<u8>) -> Result<(), SourceError> {
-        Err(SourceError::failed(SEV_ES_NOT_WIRED))
+    fn sev_page_packet(&mut self, page: u64, out: &mut Vec<u8>) -> Result<(), SourceError> {
+        self.emu()?
+            .sev_send_page(page, out)
+            .map_err(|e| source_err("SEND_UPDATE_DATA", e))
+    }
+
+    fn sev_finish_blob(&mut self) -> Result<Vec<u8>, SourceError> {
+        self.emu()?
+            .sev_send_transcript_tag()
+            .map(|t| t.to_vec())
+            .map_err(|e| source_err("reading the send transcript tag", e))
+    }
+
+    fn sev_send_cancel(&mut self) -> Result<(), SourceError> {
+        self.emu()?
+            .sev_send_cancel()
+            .map_err(|e| source_err("SEND_CANCEL", e))
     }
 
     fn pause(&mut self) -> Result<(), SourceError> {
@@ -216,6 +325,15 @@ impl MigrationSource for MachineSource {
     }
 
     fn vcpu_state(&mut self, vcpu: u32) -> Result<Vec<u8>, SourceError> {
+        if self.h.config.vm_type == VmType::SevEs {
+            let t = self
+                .h
+                .control
+                .run_job(move |m| m.send_vcpu_sev(vcpu))
+                .map_err(|e| source_err("sending the vCPU state", e))?
+                .map_err(|e| source_err("SEND_UPDATE_VMSA", e))?;
+            return serde_json::to_vec(&t).map_err(|e| source_err("encoding the vCPU state", e));
+        }
         let snap = self
             .h
             .control
@@ -228,6 +346,14 @@ impl MigrationSource for MachineSource {
     fn mark_dead(&mut self) {
         self.stopped = false;
         self.h.control.mark_dead(&self.url);
+        if self.h.config.vm_type == VmType::SevEs {
+            // The destination committed: the guest left this platform for good.
+            if let Some(emu) = &self.h.emu {
+                if let Err(e) = emu.sev_send_finish() {
+                    tracing::warn!("SEND_FINISH after the destination committed: {e}");
+                }
+            }
+        }
     }
 }
 
@@ -283,6 +409,9 @@ pub type SerialFactory = Box<dyn FnMut() -> Box<dyn Write + Send> + Send>;
 /// receiver, and handed over by [`MachineTarget::into_machine`] once committed.
 pub struct MachineTarget {
     backend: BackendKind,
+    /// This host's secure processor (SEV-ES guests need one).
+    platform: Option<Arc<Mutex<Psp>>>,
+    sev_es: bool,
     prealloc: bool,
     serial: SerialFactory,
     machine: Option<Machine>,
@@ -301,6 +430,8 @@ impl MachineTarget {
     pub fn new(backend: BackendKind, serial: SerialFactory) -> Self {
         MachineTarget {
             backend,
+            platform: None,
+            sev_es: false,
             prealloc: false,
             serial,
             machine: None,
@@ -317,6 +448,19 @@ impl MachineTarget {
     pub fn with_prealloc(mut self, on: bool) -> Self {
         self.prealloc = on;
         self
+    }
+
+    /// Receive SEV-ES guests into this platform (RECEIVE_*); without one they are refused.
+    pub fn with_platform(mut self, psp: Option<Arc<Mutex<Psp>>>) -> Self {
+        self.platform = psp;
+        self
+    }
+
+    fn emu(&mut self) -> Result<Arc<EmuVm>, TargetError> {
+        self.machine_mut()?
+            .emu_vm()
+            .cloned()
+            .ok_or_else(|| TargetError::Failed("SEV-ES guests need the emu backend".into()))
     }
 
     /// The received machine, once committed.
@@ -337,9 +481,35 @@ impl MachineTarget {
 
 impl MigrationTarget for MachineTarget {
     fn accept_config(&mut self, config: &MigrationConfig) -> Result<Vec<u8>, TargetError> {
-        if config.vm_type == GuestType::SevEs {
-            return Err(TargetError::Incompatible(SEV_ES_NOT_WIRED.into()));
-        }
+        let certs = match config.vm_type {
+            GuestType::Plain => Vec::new(),
+            GuestType::SevEs => {
+                if self.backend != BackendKind::Emu {
+                    return Err(TargetError::Incompatible(format!(
+                        "SEV-ES guests run only on the emu backend; this destination uses {}",
+                        self.backend
+                    )));
+                }
+                let psp = self.platform.as_ref().ok_or_else(|| {
+                    TargetError::Incompatible(
+                        "this destination has no SEV platform, so it cannot run SEV-ES guests; \
+                         start `esvm receive` with --platform DIR"
+                            .into(),
+                    )
+                })?;
+                let chain = psp
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pdh_cert_export();
+                chain
+                    .map_err(|e| {
+                        TargetError::Incompatible(format!(
+                            "this destination's platform cannot export its certificate chain: {e}"
+                        ))
+                    })?
+                    .to_bytes()
+            }
+        };
         if config.extra != COMPAT_EXTRA {
             return Err(TargetError::Incompatible(format!(
                 "the source's state formats are {:?}, this destination reads {:?}; run the \
@@ -354,9 +524,14 @@ impl MigrationTarget for MachineTarget {
                 config.features
             )));
         }
+        self.sev_es = config.vm_type == GuestType::SevEs;
         let mc = MachineConfig {
             backend: self.backend,
-            vm_type: VmType::Plain,
+            vm_type: if self.sev_es {
+                VmType::SevEs
+            } else {
+                VmType::Plain
+            },
             mem_size: config.mem_size,
             vcpus: config.vcpus,
             max_instructions: None,
@@ -373,7 +548,42 @@ impl MigrationTarget for MachineTarget {
         }
         self.received = Some(PageSet::new(config.pages()));
         self.machine = Some(machine);
-        Ok(Vec::new())
+        Ok(certs)
+    }
+
+    fn sev_receive_start(&mut self, session: &[u8]) -> Result<(), TargetError> {
+        let start: SevSessionStart =
+            serde_json::from_slice(session).map_err(|e| refused("the session start", e))?;
+        let psp = self
+            .platform
+            .clone()
+            .ok_or_else(|| TargetError::Failed("no SEV platform".into()))?;
+        self.emu()?
+            .sev_receive_start(psp, &start)
+            .map(|_| ())
+            .map_err(|e| refused("RECEIVE_START", e))
+    }
+
+    fn receive_page_packet(&mut self, page: u64, packet: &[u8]) -> Result<(), TargetError> {
+        self.emu()?
+            .sev_receive_page(page, packet)
+            .map_err(|e| refused(&format!("page {page}"), e))?;
+        if let Some(r) = self.received.as_mut() {
+            r.set(page);
+        }
+        Ok(())
+    }
+
+    fn sev_receive_finish(&mut self, blob: &[u8]) -> Result<(), TargetError> {
+        let tag: [u8; 32] = blob.try_into().map_err(|_| {
+            TargetError::Refused(format!(
+                "the finish blob is {} bytes, a transcript tag has 32",
+                blob.len()
+            ))
+        })?;
+        self.emu()?
+            .sev_receive_finish(&tag)
+            .map_err(|e| refused("RECEIVE_FINISH", e))
     }
 
     fn pages_mut(&mut self, first_page: u64, count: u64) -> Result<&mut [u8], TargetError> {
@@ -417,6 +627,14 @@ impl MigrationTarget for MachineTarget {
     }
 
     fn apply_vcpu_state(&mut self, vcpu: u32, state: &[u8]) -> Result<(), TargetError> {
+        if self.sev_es {
+            let t: SevVcpuTransfer =
+                serde_json::from_slice(state).map_err(|e| refused("the vCPU state", e))?;
+            return self
+                .machine_mut()?
+                .receive_vcpu_sev(vcpu, &t)
+                .map_err(|e| refused(&format!("the state of vCPU {vcpu}"), e));
+        }
         let snap: esvm_arch::VcpuSnapshot =
             serde_json::from_slice(state).map_err(|e| refused("the vCPU state", e))?;
         self.machine_mut()?
@@ -443,6 +661,11 @@ impl MigrationTarget for MachineTarget {
     fn abort(&mut self) {
         // The machine never ran and nobody else holds it: free what it received at once.
         if let Some(m) = self.machine.take() {
+            if let Some(emu) = m.emu_vm().filter(|e| e.sev_handle().is_some()) {
+                if let Err(e) = emu.sev_decommission() {
+                    tracing::warn!("DECOMMISSION of the aborted incoming guest: {e}");
+                }
+            }
             release_guest_memory(&m);
         }
         self.received = None;
@@ -541,6 +764,153 @@ mod tests {
         assert!(h.control.hold().is_err());
     }
 
+    fn emulated_ca(n: usize) -> &'static esvm_psp::EmulatedAmdCa {
+        static CAS: [std::sync::OnceLock<esvm_psp::EmulatedAmdCa>; 2] =
+            [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+        CAS[n].get_or_init(|| esvm_psp::EmulatedAmdCa::generate(2048).unwrap())
+    }
+
+    /// A platform under emulated AMD root `ca` (0 or 1).
+    fn platform(ca: usize) -> Arc<Mutex<Psp>> {
+        let mut psp = Psp::ephemeral(emulated_ca(ca), Default::default()).unwrap();
+        psp.init().unwrap();
+        Arc::new(Mutex::new(psp))
+    }
+
+    /// An SEV-ES machine running `sevdemo` with `args`, launched on `psp` with `policy`,
+    /// paused before its first instruction.
+    fn sev_source(
+        psp: Arc<Mutex<Psp>>,
+        policy: u32,
+        args: &str,
+        out: Buf,
+    ) -> (Machine, MachineHandle) {
+        let mut m = Machine::new(
+            &MachineConfig {
+                backend: BackendKind::Emu,
+                vm_type: VmType::SevEs,
+                mem_size: 16 << 20,
+                vcpus: 1,
+                max_instructions: None,
+            },
+            Box::new(out),
+        )
+        .unwrap();
+        let boot = m
+            .load(esvm_guests::builtin("sevdemo").unwrap().elf, args)
+            .unwrap();
+        crate::sev_launch::launch_on(
+            &mut m,
+            &boot,
+            psp,
+            &crate::sev_launch::SevLaunchArgs {
+                platform: std::path::Path::new("-"),
+                session: None,
+                measurement_out: None,
+                secret: None,
+                policy: Some(policy),
+            },
+        )
+        .unwrap();
+        let h = m.handle();
+        h.control.set_user_paused(true).unwrap();
+        (m, h)
+    }
+
+    /// Migrate the SEV-ES machine behind `h` (running in `src_thread`) to a destination on
+    /// `dst_platform`; the guest is let run once pre-copy starts.
+    fn migrate_sev(
+        h: &MachineHandle,
+        dst_platform: Option<Arc<Mutex<Psp>>>,
+        trust: Option<CaCert>,
+        dst_out: Buf,
+    ) -> (
+        Result<esvm_migration::SendOutcome, esvm_migration::SendError>,
+        Result<Machine, esvm_migration::ReceiveError>,
+    ) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dst_thread = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut t = MachineTarget::new(
+                BackendKind::Emu,
+                Box::new(move || Box::new(dst_out.clone()) as Box<dyn Write + Send>),
+            )
+            .with_platform(dst_platform);
+            Receiver::new(ReceiverConfig::default())
+                .run_tcp(&mut t, s)
+                .map(|_| t.into_machine().unwrap())
+        });
+        let mut source = MachineSource::new(h.clone(), "tcp://test").with_trust(trust);
+        let mut sender = Sender::new(SenderConfig::default());
+        let ctl = h.control.clone();
+        sender.on_progress(move |p| {
+            if p.phase == esvm_migration::Phase::PreCopy {
+                let _ = ctl.set_user_paused(false);
+            }
+        });
+        let sent = sender.run_tcp(&mut source, std::net::TcpStream::connect(addr).unwrap());
+        // A refusal before pre-copy leaves the guest paused by the test: let it run.
+        let _ = h.control.set_user_paused(false);
+        (sent, dst_thread.join().unwrap())
+    }
+
+    /// Issue 4 item 5: an SEV-ES guest moves mid-run between two platforms through SEND_* /
+    /// RECEIVE_* and finishes exactly as a run that never moved; the source is dead.
+    #[test]
+    fn an_sev_es_guest_moves_between_platforms_and_finishes_exactly() {
+        let (iterations, dirty) = (300_000u64, 1u64);
+        let args = format!("iterations={iterations} dirty-mib={dirty}");
+        let src_out = Buf::default();
+        let (mut src, h) = sev_source(platform(0), 0x4, &args, src_out.clone());
+        let src_thread = std::thread::spawn(move || src.run().map(|o| (o, src)));
+        let dst_out = Buf::default();
+        let (sent, received) = migrate_sev(&h, Some(platform(0)), None, dst_out.clone());
+        let o = sent.unwrap();
+        assert!(o.passes >= 2, "{o:?}");
+        let (outcome, _) = src_thread.join().unwrap().unwrap();
+        assert_eq!(outcome, Outcome::Migrated("tcp://test".into()));
+        let mut dst = received.unwrap();
+        assert_eq!(dst.run().unwrap(), Outcome::Exited(0));
+        let expected =
+            esvm_guests::demo::expected_output_sev(16 << 20, 1, &args, iterations, dirty);
+        assert_eq!(src_out.text() + &dst_out.text(), expected);
+        assert!(h.control.hold().is_err(), "the source is dead");
+    }
+
+    /// Refusals before anything secret moves — no SEV platform at the destination, NOSEND,
+    /// DOMAIN with another owner, a chain that does not verify against the trusted root —
+    /// leave the source running; it finishes with the right output.
+    #[test]
+    fn sev_es_refusals_leave_the_source_running() {
+        let args = "iterations=20000";
+        let expected = esvm_guests::demo::expected_output_sev(16 << 20, 1, args, 20_000, 0);
+        let other_root = platform(1).lock().unwrap().trusted_ark().clone();
+        let cases: [(&str, u32, Option<Arc<Mutex<Psp>>>, Option<CaCert>, &str); 4] = [
+            ("no platform", 0x4, None, None, "no SEV platform"),
+            ("NOSEND", 0x4 | 0x8, Some(platform(0)), None, "NOSEND"),
+            ("DOMAIN", 0x4 | 0x10, Some(platform(0)), None, "DOMAIN"),
+            (
+                "trust",
+                0x4,
+                Some(platform(0)),
+                Some(other_root),
+                "trusted root",
+            ),
+        ];
+        for (what, policy, dst, trust, needle) in cases {
+            let out = Buf::default();
+            let (mut src, h) = sev_source(platform(0), policy, args, out.clone());
+            let src_thread = std::thread::spawn(move || src.run());
+            let (sent, received) = migrate_sev(&h, dst, trust, Buf::default());
+            let e = sent.unwrap_err().to_string();
+            assert!(e.contains(needle), "{what}: {e}");
+            assert!(received.is_err(), "{what}");
+            assert_eq!(src_thread.join().unwrap().unwrap(), Outcome::Exited(0));
+            assert_eq!(out.text(), expected, "{what}");
+        }
+    }
+
     #[test]
     fn urls() {
         assert_eq!(
@@ -563,7 +933,7 @@ mod tests {
     }
 
     #[test]
-    fn target_refuses_sev_es_and_foreign_formats() {
+    fn target_refuses_sev_es_without_a_platform_and_foreign_formats() {
         let mut t = MachineTarget::new(BackendKind::Emu, Box::new(|| Box::new(std::io::sink())));
         let mut c = migration_config(&MachineConfig {
             backend: BackendKind::Emu,
@@ -573,7 +943,7 @@ mod tests {
             max_instructions: None,
         });
         let e = t.accept_config(&c).unwrap_err();
-        assert!(e.to_string().contains("not wired yet"), "{e}");
+        assert!(e.to_string().contains("--platform"), "{e}");
         c.vm_type = GuestType::Plain;
         c.extra = b"other".to_vec();
         let e = t.accept_config(&c).unwrap_err();

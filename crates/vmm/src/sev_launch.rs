@@ -28,7 +28,7 @@ pub enum SevLaunchError {
     Platform { dir: PathBuf, reason: String },
     #[error("cannot read the owner's session in {dir}: {reason}")]
     Session { dir: PathBuf, reason: String },
-    #[error("the owner's policy {0:#x} lacks the ES bit: SEV-ES guests need policy bit 2")]
+    #[error("the policy {0:#x} lacks the ES bit: SEV-ES guests need policy bit 2 (0x4)")]
     NotEs(u32),
     #[error("cannot read the secret packet {path}: {reason}")]
     Secret { path: PathBuf, reason: String },
@@ -48,6 +48,9 @@ pub struct SevLaunchArgs<'a> {
     pub session: Option<&'a Path>,
     pub measurement_out: Option<&'a Path>,
     pub secret: Option<&'a Path>,
+    /// The policy of a launch without an owner's session (default [`DEFAULT_POLICY`]); a
+    /// session brings its own.
+    pub policy: Option<u32>,
 }
 
 /// The regions LAUNCH_UPDATE_DATA measures for a loaded guest, in order: the loader's low
@@ -82,6 +85,16 @@ pub fn launch(
     args: &SevLaunchArgs<'_>,
 ) -> Result<Measurement, SevLaunchError> {
     let psp = open_platform(args.platform)?;
+    launch_on(machine, boot, psp, args)
+}
+
+/// [`launch`] on an open platform (`args.platform` is not read).
+pub fn launch_on(
+    machine: &mut Machine,
+    boot: &BootState,
+    psp: Arc<Mutex<Psp>>,
+    args: &SevLaunchArgs<'_>,
+) -> Result<Measurement, SevLaunchError> {
     let req = match args.session {
         Some(dir) => {
             let (policy, owner) =
@@ -98,11 +111,17 @@ pub fn launch(
                 share_key_with: None,
             }
         }
-        None => LaunchStart {
-            policy: Policy(DEFAULT_POLICY),
-            owner: None,
-            share_key_with: None,
-        },
+        None => {
+            let policy = Policy(args.policy.unwrap_or(DEFAULT_POLICY));
+            if !policy.es() {
+                return Err(SevLaunchError::NotEs(policy.0));
+            }
+            LaunchStart {
+                policy,
+                owner: None,
+                share_key_with: None,
+            }
+        }
     };
     let l = |e: esvm_hv::HvError| SevLaunchError::Launch(e.to_string());
     let emu = machine
