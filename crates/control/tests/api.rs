@@ -111,6 +111,7 @@ fn every_request_round_trips() {
         timeout_s: 7,
         max_passes: Some(3),
         on_timeout: OnTimeout::Force,
+        trust: None,
     };
     assert_eq!(
         c.call(&Request::Migrate(req.clone())).unwrap(),
