@@ -886,7 +886,14 @@ mod tests {
         let args = "iterations=20000";
         let expected = esvm_guests::demo::expected_output_sev(16 << 20, 1, args, 20_000, 0);
         let other_root = platform(1).lock().unwrap().trusted_ark().clone();
-        let cases: [(&str, u32, Option<Arc<Mutex<Psp>>>, Option<CaCert>, &str); 4] = [
+        type Case = (
+            &'static str,
+            u32,
+            Option<Arc<Mutex<Psp>>>,
+            Option<CaCert>,
+            &'static str,
+        );
+        let cases: [Case; 4] = [
             ("no platform", 0x4, None, None, "no SEV platform"),
             ("NOSEND", 0x4 | 0x8, Some(platform(0)), None, "NOSEND"),
             ("DOMAIN", 0x4 | 0x10, Some(platform(0)), None, "DOMAIN"),
