@@ -143,7 +143,10 @@ impl EmuVm {
         let (handle, key) = {
             let mut p = psp.lock().unwrap_or_else(|e| e.into_inner());
             let handle = p.launch_start(req).map_err(psp_err)?;
-            p.activate(handle, 1).map_err(psp_err)?;
+            if let Err(e) = sev::activate_free_asid(&mut p, handle) {
+                let _ = p.decommission(handle);
+                return Err(e);
+            }
             (handle, p.memory_controller_key(handle).map_err(psp_err)?)
         };
         self.phys

@@ -101,6 +101,36 @@ impl SevVm {
     }
 }
 
+impl Drop for SevVm {
+    /// The VM is gone: free its ASID and guest context in the firmware (as KVM does when an
+    /// SEV VM is destroyed), so that a long-lived platform does not run out of either.
+    fn drop(&mut self) {
+        let mut p = self.psp();
+        let _ = p.deactivate(self.handle);
+        let _ = p.decommission(self.handle);
+    }
+}
+
+/// ACTIVATE a new guest context with the lowest ASID no other guest of the platform uses
+/// (KVM allocates ASIDs from its pool the same way).
+pub(crate) fn activate_free_asid(p: &mut Psp, handle: u32) -> std::result::Result<u32, HvError> {
+    let used: Vec<u32> = p
+        .guest_handles()
+        .into_iter()
+        .filter_map(|h| p.guest_status(h).ok().map(|s| s.asid))
+        .collect();
+    let asid = (1..=esvm_psp::MAX_ASID)
+        .find(|a| !used.contains(a))
+        .ok_or_else(|| {
+            HvError::Sev(format!(
+                "all {} ASIDs of the platform are in use; stop another SEV-ES guest first",
+                esvm_psp::MAX_ASID
+            ))
+        })?;
+    p.activate(handle, asid).map_err(psp_err)?;
+    Ok(asid)
+}
+
 pub(crate) fn psp_err(e: esvm_psp::PspError) -> HvError {
     HvError::Sev(e.to_string())
 }

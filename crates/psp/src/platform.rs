@@ -866,6 +866,7 @@ impl Psp {
         let z = shared_secret(&self.id.pdh_key, &peer);
         let session = wrap_session(&z[..], &keys, policy);
         let own_pdh = self.id.pdh.clone();
+        let start = crate::transport::session_start_digest(own_pdh.as_bytes(), &session.to_bytes());
         let g = self.guest_mut(Command::SendStart, handle)?;
         let state = SendState::new(
             handle,
@@ -874,6 +875,7 @@ impl Psp {
             g.vmsas.clone(),
             g.asid.is_some(),
             policy.es(),
+            start,
         );
         g.send = Some(Arc::new(state));
         g.state = GuestState::Supdate;
@@ -986,7 +988,8 @@ impl Psp {
         let group = self.next_key_group;
         self.next_key_group += 1;
         let handle = self.new_handle()?;
-        let recv = RecvState::new(handle, &keys, memkey.clone(), false, policy.es());
+        let start = crate::transport::session_start_digest(source_pdh, session);
+        let recv = RecvState::new(handle, &keys, memkey.clone(), false, policy.es(), start);
         let mut g = Self::new_guest(GuestState::Rupdate, policy, keys, memkey, group);
         g.recv = Some(Arc::new(recv));
         self.guests.insert(handle, g);

@@ -108,14 +108,19 @@ struct Channel {
     tik: TikMac,
     shards: Box<[Shard]>,
     open: AtomicBool,
+    /// SHA-256 of the session start as this side saw it (the source platform's PDH
+    /// certificate and the session blob), folded into the transcript tag: bytes of it that
+    /// no MAC covers (unused certificate fields) cannot be changed unnoticed either.
+    start: [u8; 32],
     /// Guest state after the channel was closed (for error messages).
     closed_state: std::sync::atomic::AtomicU8,
     active: AtomicBool,
 }
 
 impl Channel {
-    fn new(keys: &TransportKeys, active: bool) -> Channel {
+    fn new(keys: &TransportKeys, active: bool, start: [u8; 32]) -> Channel {
         Channel {
+            start,
             tek: Aes128::new(keys.tek.as_bytes().into()),
             tik: TikMac::new(keys.tik.as_bytes()),
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
@@ -150,6 +155,7 @@ impl Channel {
         }
         let mut m = self.tik.start();
         m.update(&[TAG_FINISH]);
+        m.update(&self.start);
         m.update(&count.to_le_bytes());
         for x in xor {
             m.update(&x.to_le_bytes());
@@ -270,10 +276,11 @@ impl SendState {
         vmsas: BTreeMap<u32, u64>,
         active: bool,
         es: bool,
+        start: [u8; 32],
     ) -> SendState {
         SendState {
             handle,
-            ch: Channel::new(keys, active),
+            ch: Channel::new(keys, active, start),
             memkey,
             vmsas,
             es,
@@ -432,10 +439,11 @@ impl RecvState {
         memkey: Arc<MemoryKey>,
         active: bool,
         es: bool,
+        start: [u8; 32],
     ) -> RecvState {
         RecvState {
             handle,
-            ch: Channel::new(keys, active),
+            ch: Channel::new(keys, active, start),
             seen: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
             memkey,
             vmsas: Mutex::new(BTreeMap::new()),
@@ -590,4 +598,14 @@ impl ReceiveWorker {
             extension,
         })
     }
+}
+
+/// What both sides fold into the transcript tag: SHA-256 of the source platform's PDH
+/// certificate and the session blob, as SEND_START produced them and RECEIVE_START took them.
+pub(crate) fn session_start_digest(pdh: &[u8], session: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(pdh);
+    h.update(session);
+    h.finalize().into()
 }

@@ -491,3 +491,35 @@ fn transcript_tag_before_finish_equals_the_finish_tag() {
     assert_eq!(m.src.guest_status(m.hs).unwrap().state, GuestState::Running);
     assert!(m.src.send_transcript_tag(m.hs).is_err());
 }
+
+/// A change to bytes of the session start that no MAC covers (an unused signature slot of
+/// the source's PDH certificate) still fails RECEIVE_FINISH: both sides fold the session
+/// start into the transcript tag.
+#[test]
+fn unauthenticated_bytes_of_the_session_start_fail_receive_finish() {
+    let mut src = platform();
+    let mut dst = platform();
+    let src_mem = memory();
+    let owner = owner_session(&src, Policy(0));
+    let hs = launch(&mut src, &owner, 1);
+    src.launch_update_data(hs, &src_mem, 0, 4096).unwrap();
+    src.launch_measure(hs).unwrap();
+    src.launch_finish(hs).unwrap();
+    let out = src
+        .send_start(hs, &dst.pdh_cert_export().unwrap().to_bytes())
+        .unwrap();
+    let mut pdh = out.pdh.as_bytes().to_vec();
+    pdh[0x700] ^= 0x5a; // inside the unused second signature slot
+    let hd = dst
+        .receive_start(out.policy, &pdh, &out.session.to_bytes())
+        .expect("the key and the session MAC are unchanged");
+    dst.activate(hd, 3).unwrap();
+    let dst_mem = FlatMemory::new(1 << 20);
+    let (h, c) = src.send_update_data(hs, &src_mem, 0, 4096).unwrap();
+    dst.receive_update_data(hd, &dst_mem, 0, &h, &c).unwrap();
+    let tag = src.send_transcript_tag(hs).unwrap();
+    assert_eq!(
+        dst.receive_finish(hd, &tag).unwrap_err().status(),
+        SevStatus::BadMeasurement
+    );
+}

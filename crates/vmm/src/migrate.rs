@@ -268,7 +268,7 @@ impl MigrationSource for MachineSource {
         let start = emu
             .sev_send_start(target_certs)
             .map_err(|e| source_err("SEND_START refused", e))?;
-        serde_json::to_vec(&start).map_err(|e| source_err("encoding the session start", e))
+        Ok(start.to_bytes())
     }
 
     fn sev_page_packet(&mut self, page: u64, out: &mut Vec<u8>) -> Result<(), SourceError> {
@@ -332,7 +332,7 @@ impl MigrationSource for MachineSource {
                 .run_job(move |m| m.send_vcpu_sev(vcpu))
                 .map_err(|e| source_err("sending the vCPU state", e))?
                 .map_err(|e| source_err("SEND_UPDATE_VMSA", e))?;
-            return serde_json::to_vec(&t).map_err(|e| source_err("encoding the vCPU state", e));
+            return Ok(t.to_bytes());
         }
         let snap = self
             .h
@@ -552,8 +552,8 @@ impl MigrationTarget for MachineTarget {
     }
 
     fn sev_receive_start(&mut self, session: &[u8]) -> Result<(), TargetError> {
-        let start: SevSessionStart =
-            serde_json::from_slice(session).map_err(|e| refused("the session start", e))?;
+        let start =
+            SevSessionStart::from_bytes(session).map_err(|e| refused("the session start", e))?;
         let psp = self
             .platform
             .clone()
@@ -628,8 +628,7 @@ impl MigrationTarget for MachineTarget {
 
     fn apply_vcpu_state(&mut self, vcpu: u32, state: &[u8]) -> Result<(), TargetError> {
         if self.sev_es {
-            let t: SevVcpuTransfer =
-                serde_json::from_slice(state).map_err(|e| refused("the vCPU state", e))?;
+            let t = SevVcpuTransfer::from_bytes(state).map_err(|e| refused("the vCPU state", e))?;
             return self
                 .machine_mut()?
                 .receive_vcpu_sev(vcpu, &t)

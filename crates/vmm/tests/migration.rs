@@ -199,6 +199,12 @@ fn receive(netns: Option<&str>, host: &str, extra: &[&str]) -> (Proc, u16) {
 
 /// `esvm run --api-socket SOCK --start-paused --mem 32M demo -- ARGS`.
 fn source(netns: Option<&str>, sock: &Path, guest_args: &str) -> Proc {
+    source_on(netns, sock, guest_args, None)
+}
+
+/// [`source`], or with `sev = Some(PLATFORM)` the SEV-ES demo:
+/// `esvm run --sev-es --platform PLATFORM ... sevdemo -- ARGS`.
+fn source_on(netns: Option<&str>, sock: &Path, guest_args: &str, sev: Option<&Path>) -> Proc {
     let mut args = vec![
         "run",
         "--api-socket",
@@ -206,9 +212,13 @@ fn source(netns: Option<&str>, sock: &Path, guest_args: &str) -> Proc {
         "--start-paused",
         "--mem",
         MEM,
-        "demo",
-        "--",
     ];
+    if let Some(p) = sev {
+        args.extend(["--sev-es", "--platform", p.to_str().unwrap(), "sevdemo"]);
+    } else {
+        args.push("demo");
+    }
+    args.push("--");
     args.extend(guest_args.split(' '));
     let mut p = Proc::spawn(netns, &args);
     wait_socket(&mut p, sock);
@@ -269,6 +279,37 @@ fn expected_output(iterations: u64) -> String {
     esvm_guests::demo::expected_output(MEM_BYTES, 1, &demo_args(iterations), iterations, DIRTY_MIB)
 }
 
+fn expected_output_sev(iterations: u64) -> String {
+    esvm_guests::demo::expected_output_sev(
+        MEM_BYTES,
+        1,
+        &demo_args(iterations),
+        iterations,
+        DIRTY_MIB,
+    )
+}
+
+/// `esvm platform init --dir DIR --amd-ca CA`: platforms made with the same CA directory
+/// share the emulated AMD root, so they can verify each other's chains.
+fn platform_init(dir: &Path, ca: &Path) {
+    let o = Command::new(ESVM)
+        .args(["platform", "init", "--dir", dir.to_str().unwrap()])
+        .args(["--amd-ca", ca.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+}
+
+/// `esvm platform export --dir DIR --out FILE`.
+fn platform_export(dir: &Path, out: &Path) {
+    let o = Command::new(ESVM)
+        .args(["platform", "export", "--dir", dir.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+}
+
 fn checksum_of(out: &str) -> Option<&str> {
     out.lines().find(|l| l.starts_with("checksum="))
 }
@@ -327,6 +368,19 @@ enum Mode {
         nth: u32,
         at: u64,
     },
+    /// Flip the byte `at` bytes into the payload of the `nth` frame of type `frame` and
+    /// recompute the frame's checksums, as an attacker on the path can: only authentication
+    /// (the SEV transport MACs) can catch it.
+    ForgeFrame {
+        frame: u16,
+        nth: u32,
+        at: u64,
+    },
+    /// [`Mode::ForgeFrame`] at byte `at` of the first packet of the first `SevPages` frame
+    /// (past its table).
+    ForgePacket {
+        at: u64,
+    },
 }
 
 const HEADER: usize = 32;
@@ -337,6 +391,8 @@ const PASS_END: u16 = 0x0006;
 const DEVICE_STATE: u16 = 0x0007;
 const VCPU_STATE: u16 = 0x0008;
 const COMPLETE: u16 = 0x0009;
+const SEV_SESSION: u16 = 0x0003;
+const SEV_PAGES: u16 = 0x0005;
 
 /// Read until `buf` is full or the stream ends; returns the bytes read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
@@ -468,6 +524,35 @@ fn pump(r: &mut TcpStream, w: &mut TcpStream, mode: Mode, seen: &Arc<Mutex<(u64,
             seen.lock().unwrap().0 = *pos;
             None
         };
+        let forge = match mode {
+            Mode::ForgeFrame { frame, nth: n, at } => (ty == frame && nth == n).then_some(at),
+            Mode::ForgePacket { at } => (ty == SEV_PAGES && nth == 0).then_some(at),
+            _ => None,
+        };
+        if let Some(mut at) = forge {
+            if got == HEADER && at < len {
+                // Take the whole frame, change it and make its checksums match again.
+                let mut payload = vec![0u8; len as usize];
+                if read_full(r, &mut payload) < payload.len() {
+                    return false;
+                }
+                if matches!(mode, Mode::ForgePacket { .. }) {
+                    let entries = u32::from_le_bytes(payload[4..8].try_into().unwrap());
+                    at += 8 + 16 * u64::from(entries);
+                }
+                payload[at.min(len - 1) as usize] ^= 0xff;
+                h[24..28].copy_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+                let header_crc = crc32c::crc32c(&h[..28]);
+                h[28..32].copy_from_slice(&header_crc.to_le_bytes());
+                if let Some(cut) = forward(&mut h[..], &mut pos) {
+                    return cut;
+                }
+                if let Some(cut) = forward(&mut payload[..], &mut pos) {
+                    return cut;
+                }
+                continue;
+            }
+        }
         if let Some(cut) = forward(&mut h[..got], &mut pos) {
             return cut;
         }
@@ -529,6 +614,8 @@ fn connect(sock: &Path) -> ApiClient {
 /// A source guest for the failure tests, with an API client; restarted if it finishes.
 struct Source {
     dir: tempfile::TempDir,
+    /// SEV-ES: the source's platform directory.
+    sev: Option<PathBuf>,
     iterations: u64,
     proc: Proc,
     sock: PathBuf,
@@ -539,13 +626,18 @@ struct Source {
 
 impl Source {
     fn start(iterations: u64) -> Source {
+        Source::start_on(iterations, None)
+    }
+
+    fn start_on(iterations: u64, sev: Option<PathBuf>) -> Source {
         let dir = tempdir();
         let sock = dir.path().join("src0.sock");
-        let proc = source(None, &sock, &demo_args(iterations));
+        let proc = source_on(None, &sock, &demo_args(iterations), sev.as_deref());
         let mut client = connect(&sock);
         client.call(&Request::Resume).unwrap();
         Source {
             dir,
+            sev,
             iterations,
             proc,
             sock,
@@ -563,7 +655,12 @@ impl Source {
         self.check_finished();
         self.sock = self.dir.path().join(format!("src{}.sock", self.runs));
         self.runs += 1;
-        self.proc = source(None, &self.sock, &demo_args(self.iterations));
+        self.proc = source_on(
+            None,
+            &self.sock,
+            &demo_args(self.iterations),
+            self.sev.as_deref(),
+        );
         self.client = connect(&self.sock);
         self.client.call(&Request::Resume).unwrap();
     }
@@ -572,9 +669,13 @@ impl Source {
     fn check_finished(&mut self) {
         let code = self.proc.wait(Duration::from_secs(120));
         assert_eq!(code, 0, "stderr:\n{}", self.proc.stderr());
+        let expected = match self.sev {
+            Some(_) => expected_output_sev(self.iterations),
+            None => expected_output(self.iterations),
+        };
         assert_eq!(
             self.proc.stdout(),
-            expected_output(self.iterations),
+            expected,
             "the source's output differs from the demo's"
         );
         self.finished += 1;
@@ -1112,59 +1213,219 @@ fn migration_between_network_namespaces() {
     assert_eq!(a.stdout() + &b.stdout(), expected_output(iters));
 }
 
+/// Three platforms under one emulated AMD root, and a foreign one under another.
+struct SevHosts {
+    dir: tempfile::TempDir,
+}
+
+impl SevHosts {
+    fn new() -> SevHosts {
+        let dir = tempdir();
+        let ca = dir.path().join("ca");
+        for p in ["p1", "p2", "p3"] {
+            platform_init(&dir.path().join(p), &ca);
+        }
+        platform_init(&dir.path().join("foreign"), &dir.path().join("foreign-ca"));
+        SevHosts { dir }
+    }
+    fn platform(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// The exported chain of platform `name`.
+    fn chain(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("{name}.chain"));
+        if !out.exists() {
+            platform_export(&self.platform(name), &out);
+        }
+        out
+    }
+}
+
+/// Issue 4 item 5/8: an SEV-ES guest moves A -> B -> C through three platforms at random
+/// points and prints exactly the demo's output; destinations that cannot take it (no SEV
+/// platform, a chain outside the trusted root) are refused first, the guest unaffected.
 #[test]
-fn sev_es_guests_are_refused_clearly() {
+fn sev_es_migration_chain_keeps_the_guest_exact() {
+    let mut rng = Rng::new("sev chain");
+    let hosts = SevHosts::new();
+    let iters = iterations_for(3.0);
     let dir = tempdir();
-    let platform = dir.path().join("platform");
-    let o = Command::new(ESVM)
-        .args(["platform", "init", "--dir", platform.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let sock = dir.path().join("sev.sock");
-    let mut vm = Proc::spawn(
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let p1 = hosts.platform("p1");
+    let mut a = source_on(None, &sa, &demo_args(iters), Some(&p1));
+    let st = status(&sa);
+    assert_eq!(st["vm_type"], "sev_es", "{st}");
+    let (mut nosev, pn) = receive(None, "127.0.0.1", &[]);
+    let p2 = hosts.platform("p2");
+    let (mut b, pb) = receive(
         None,
+        "127.0.0.1",
         &[
-            "run",
-            "--sev-es",
             "--platform",
-            platform.to_str().unwrap(),
+            p2.to_str().unwrap(),
             "--api-socket",
-            sock.to_str().unwrap(),
-            "--start-paused",
-            "--mem",
-            MEM,
-            "--",
-            "iterations=20000",
+            sb.to_str().unwrap(),
         ],
     );
-    wait_socket(&mut vm, &sock);
-    let st = status(&sock);
-    assert_eq!(st["vm_type"], "sev_es", "{st}");
-    let (r, port) = receive(None, "127.0.0.1", &[]);
-    let o = ctl(&sock, &["migrate", &format!("tcp://127.0.0.1:{port}")]);
-    assert_eq!(o.status.code(), Some(1));
+    let p3 = hosts.platform("p3");
+    let (mut c, pc) = receive(None, "127.0.0.1", &["--platform", p3.to_str().unwrap()]);
+    ctl_ok(&sa, &["resume"]);
+
+    // A destination without an SEV platform cannot take the guest.
+    let o = ctl(&sa, &["migrate", &format!("tcp://127.0.0.1:{pn}")]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
     assert!(
-        text(&o.stderr).contains("SEV-ES migration is not wired yet"),
+        text(&o.stderr).contains("no SEV platform"),
         "{}",
         text(&o.stderr)
     );
+    // A chain that does not verify against the root the operator trusts is refused.
+    let url_b = format!("tcp://127.0.0.1:{pb}");
+    let foreign = hosts.chain("foreign");
     let o = ctl(
-        &sock,
-        &["snapshot", dir.path().join("snap").to_str().unwrap()],
+        &sa,
+        &["migrate", &url_b, "--trust", foreign.to_str().unwrap()],
     );
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
     assert!(
-        text(&o.stderr).contains("not supported yet"),
+        text(&o.stderr).contains("trusted root"),
         "{}",
         text(&o.stderr)
     );
-    assert!(!dir.path().join("snap").exists());
-    // Nothing reached the destination, and the guest runs to its end.
-    assert!(!r.stderr().contains("incoming migration"), "{}", r.stderr());
-    ctl_ok(&sock, &["resume"]);
-    assert_eq!(vm.wait(Duration::from_secs(60)), 0, "{}", vm.stderr());
-    assert!(checksum_of(&vm.stdout()).is_some(), "{}", vm.stdout());
+    assert_eq!(status(&sa)["state"], "running");
+
+    // A -> B at a random point, trusting the root of the platforms' own CA.
+    std::thread::sleep(Duration::from_millis(20 + rng.below(300)));
+    let trust = hosts.chain("p1");
+    let out = ctl_ok(
+        &sa,
+        &["migrate", &url_b, "--trust", trust.to_str().unwrap()],
+    );
+    assert!(out.contains("completed"), "{out}");
+    assert_eq!(a.wait(Duration::from_secs(30)), 0, "{}", a.stderr());
+    assert!(a.stderr().contains("migrated to"), "{}", a.stderr());
+
+    // B -> C at another random point.
+    wait_socket(&mut b, &sb);
+    let st = status(&sb);
+    assert_eq!(st["vm_type"], "sev_es", "{st}");
+    std::thread::sleep(Duration::from_millis(20 + rng.below(300)));
+    let out = ctl_ok(&sb, &["migrate", &format!("tcp://127.0.0.1:{pc}")]);
+    assert!(out.contains("completed"), "{out}");
+    assert_eq!(b.wait(Duration::from_secs(30)), 0, "{}", b.stderr());
+    assert_eq!(c.wait(Duration::from_secs(120)), 0, "{}", c.stderr());
+    let all = a.stdout() + &b.stdout() + &c.stdout();
+    assert_eq!(
+        all,
+        expected_output_sev(iters),
+        "a:\n{}\nb:\n{}\nc:\n{}",
+        a.stdout(),
+        b.stdout(),
+        c.stdout()
+    );
+    // The same checksum as the plain demo that never moved.
+    let plain = expected_output(iters);
+    assert_eq!(checksum_of(&plain), checksum_of(&all));
+    assert!(nosev.alive() && !nosev.stderr().contains("received the VM"));
+}
+
+/// Issue 4 item 8 for SEV-ES: 50 cuts at random byte offsets of the stream; each time the
+/// source runs on (SEND_CANCEL) and the guest finishes with the right output.
+#[test]
+fn sev_es_cut_connections_leave_the_source_intact() {
+    let mut rng = Rng::new("sev cuts");
+    let hosts = SevHosts::new();
+    let mut src = Source::start_on(iterations_for(6.0), Some(hosts.platform("p1")));
+    let p2 = hosts.platform("p2");
+    let (mut r, port) = receive(None, "127.0.0.1", &["--platform", p2.to_str().unwrap()]);
+    let proxy = Proxy::start(port);
+    // In doubt first: cut inside the Complete frame; resume sends SEND_CANCEL.
+    proxy.set(Mode::Cut(u64::MAX));
+    let m = migrate_via(&mut src.client, &proxy.url()).expect("the guest is still running");
+    assert_eq!(m.phase, MigrationPhase::InDoubt, "{m:?}");
+    src.check_intact(&m, "cut before the end of Complete");
+    let (_, stream_len) = proxy.seen();
+    assert!(stream_len > 4096, "the proxy saw no Complete frame");
+    let mut cuts = 0;
+    while cuts < 50 {
+        let at = rng.below(stream_len);
+        proxy.set(Mode::Cut(at));
+        let Some(m) = src.attempt(&proxy.url()) else {
+            continue;
+        };
+        src.check_intact(&m, &format!("cut #{cuts} at byte {at} of {stream_len}"));
+        cuts += 1;
+        assert!(r.alive(), "{}", r.stderr());
+    }
+    assert!(!r.stderr().contains("received the VM"), "{}", r.stderr());
+    src.check_finished();
+}
+
+/// Issue 4 item 8 for SEV-ES: a byte flipped in any migrated frame — also with the frame's
+/// checksums forged to match, so that only the firmware's transport MACs can notice — is
+/// refused by the destination while the source runs on.
+#[test]
+fn sev_es_tampered_frames_are_refused_while_the_source_runs_on() {
+    let mut rng = Rng::new("sev tamper");
+    let hosts = SevHosts::new();
+    let mut src = Source::start_on(iterations_for(4.0), Some(hosts.platform("p1")));
+    let p2 = hosts.platform("p2");
+    let (mut r, port) = receive(None, "127.0.0.1", &["--platform", p2.to_str().unwrap()]);
+    let proxy = Proxy::start(port);
+    let h = HEADER as u64;
+    let forge = |frame, nth, at| Mode::ForgeFrame { frame, nth, at };
+    let targets = [
+        // Past the policy and the PDH certificate's length: the certificate or the blob.
+        ("session start", forge(SEV_SESSION, 0, 8 + rng.below(2000))),
+        ("session policy", forge(SEV_SESSION, 0, rng.below(4))),
+        ("page table", forge(SEV_PAGES, 0, 8 + rng.below(8))),
+        // Page 0 is private (measured at launch): kind, firmware header, ciphertext.
+        (
+            "private page packet",
+            Mode::ForgePacket {
+                at: rng.below(1 + 52 + 4096),
+            },
+        ),
+        (
+            "page data (checksummed)",
+            Mode::FlipFrame {
+                frame: SEV_PAGES,
+                nth: 1,
+                at: h + 100 + rng.below(4000),
+            },
+        ),
+        // vCPU prefix (8), header length (4), header (52), length (4), ciphertext.
+        (
+            "VMSA packet header",
+            forge(VCPU_STATE, 0, 8 + 4 + rng.below(52)),
+        ),
+        (
+            "VMSA packet",
+            forge(VCPU_STATE, 0, 8 + 4 + 52 + 4 + rng.below(4096 + 32)),
+        ),
+        ("finish tag", forge(COMPLETE, 0, rng.below(32))),
+        ("device state", forge(DEVICE_STATE, 0, rng.below(64))),
+        ("random byte", Mode::Flip(rng.below(1 << 20))),
+    ];
+    for (what, mode) in targets {
+        proxy.set(mode);
+        let m = loop {
+            if let Some(m) = src.attempt(&proxy.url()) {
+                break m;
+            }
+        };
+        assert!(
+            matches!(m.phase, MigrationPhase::Failed),
+            "{what} ({mode:?}): {m:?}"
+        );
+        let err = m.error.clone().unwrap_or_default();
+        eprintln!("{what}: {err}");
+        assert!(err.contains("refused"), "{what} ({mode:?}): {err}");
+        src.check_intact(&m, what);
+        assert!(r.alive(), "{}", r.stderr());
+    }
+    assert!(!r.stderr().contains("received the VM"), "{}", r.stderr());
+    src.check_finished();
 }
 
 #[test]

@@ -109,6 +109,74 @@ pub struct SevSessionStart {
     pub session: Vec<u8>,
 }
 
+/// Read a `u32` length-prefixed field at `*at`, advancing it.
+fn take_field<'a>(b: &'a [u8], at: &mut usize, what: &str) -> Result<&'a [u8]> {
+    let bad = || sev(format!("truncated {what}"));
+    let len_bytes = b.get(*at..*at + 4).ok_or_else(bad)?;
+    let len = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
+    let field = b.get(*at + 4..*at + 4 + len).ok_or_else(bad)?;
+    *at += 4 + len;
+    Ok(field)
+}
+
+fn put_field(out: &mut Vec<u8>, field: &[u8]) {
+    out.extend_from_slice(&(field.len() as u32).to_le_bytes());
+    out.extend_from_slice(field);
+}
+
+impl SevSessionStart {
+    /// Wire form: `policy u32, pdh (u32 length + bytes), session (u32 length + bytes)`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.policy.to_le_bytes().to_vec();
+        put_field(&mut out, &self.pdh);
+        put_field(&mut out, &self.session);
+        out
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<SevSessionStart> {
+        let policy = b
+            .get(..4)
+            .map(|p| u32::from_le_bytes(p.try_into().expect("4 bytes")))
+            .ok_or_else(|| sev("truncated session start"))?;
+        let mut at = 4;
+        let pdh = take_field(b, &mut at, "session start (PDH)")?.to_vec();
+        let session = take_field(b, &mut at, "session start (session blob)")?.to_vec();
+        if at != b.len() {
+            return Err(sev("trailing bytes after the session start"));
+        }
+        Ok(SevSessionStart {
+            policy,
+            pdh,
+            session,
+        })
+    }
+}
+
+impl SevVcpuTransfer {
+    /// Wire form: `VMSA packet header (u32 length + bytes), VMSA ciphertext (u32 length +
+    /// bytes), the hypervisor's state as JSON (the rest)`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.vmsa_ciphertext.len() + 512);
+        put_field(&mut out, &self.vmsa_header);
+        put_field(&mut out, &self.vmsa_ciphertext);
+        out.extend_from_slice(&serde_json::to_vec(&self.host).expect("plain integers serialise"));
+        out
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<SevVcpuTransfer> {
+        let mut at = 0;
+        let vmsa_header = take_field(b, &mut at, "vCPU state (VMSA header)")?.to_vec();
+        let vmsa_ciphertext = take_field(b, &mut at, "vCPU state (VMSA packet)")?.to_vec();
+        let host = serde_json::from_slice(&b[at..])
+            .map_err(|e| sev(format!("the hypervisor's vCPU state: {e}")))?;
+        Ok(SevVcpuTransfer {
+            vmsa_header,
+            vmsa_ciphertext,
+            host,
+        })
+    }
+}
+
 impl From<&SendStartOut> for SevSessionStart {
     fn from(o: &SendStartOut) -> Self {
         SevSessionStart {
@@ -231,14 +299,14 @@ impl EmuVm {
             let handle = p
                 .receive_start(Policy(start.policy), &start.pdh, &start.session)
                 .map_err(psp_err)?;
-            let activated = p
-                .activate(handle, 1)
-                .and_then(|_| p.memory_controller_key(handle));
+            let activated = sev::activate_free_asid(&mut p, handle)
+                .and_then(|_| p.memory_controller_key(handle).map_err(psp_err));
             match activated {
                 Ok(key) => (handle, key),
                 Err(e) => {
+                    let _ = p.deactivate(handle);
                     let _ = p.decommission(handle);
-                    return Err(psp_err(e));
+                    return Err(e);
                 }
             }
         };
@@ -291,11 +359,13 @@ impl EmuVm {
         r
     }
 
-    /// Give up an incoming guest that will never run (DECOMMISSION).
+    /// Give up an incoming guest that will never run (DEACTIVATE + DECOMMISSION).
     pub fn sev_decommission(&self) -> Result<()> {
         let ctx = self.sev_vm()?;
         lock(&ctx.recv_worker).take();
-        let r = ctx.psp().decommission(ctx.handle).map_err(psp_err);
+        let mut p = ctx.psp();
+        p.deactivate(ctx.handle).map_err(psp_err)?;
+        let r = p.decommission(ctx.handle).map_err(psp_err);
         r
     }
 }
