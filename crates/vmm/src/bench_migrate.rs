@@ -2,13 +2,16 @@
 //! process over loopback TCP, through the same code as `esvm ctl migrate` / `esvm receive`
 //! (`MachineSource`, `MachineTarget`, the protocol's sender and receiver).
 
+use std::error::Error;
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use esvm_hv::{BackendKind, VmType};
 use esvm_migration::{Receiver, ReceiverConfig, SendOutcome, Sender, SenderConfig};
+use esvm_psp::{LaunchStart, Policy, Psp};
 
 use crate::machine::{Machine, MachineConfig, MachineHandle, Outcome};
 use crate::migrate::{MachineSource, MachineTarget};
@@ -43,6 +46,8 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 
 #[derive(Debug, Clone, serde::Serialize)]
 struct Row {
+    /// An SEV-ES guest: pages and VMSAs through SEND_*/RECEIVE_* of two platforms.
+    sev_es: bool,
     mem_mib: u64,
     workload: String,
     /// Every page was written (pseudo-random bytes) before boot, so all memory travels.
@@ -89,11 +94,50 @@ fn populate(m: &Machine, seed: u64) -> Result<(), Box<dyn std::error::Error>> {
 
 type SourceResult = Result<(Outcome, Machine), String>;
 
-/// Start the demo guest on a source machine in its own thread.
+/// LAUNCH_* for a benchmark source with all of guest memory measured (so that a
+/// populated memory is all private and every page travels as a SEND_UPDATE_DATA packet).
+fn launch_whole_memory(m: &mut Machine, psp: Arc<Mutex<Psp>>) -> Result<(), Box<dyn Error>> {
+    let emu = m.emu_vm().cloned().ok_or("SEV-ES needs the emu backend")?;
+    emu.sev_launch_start(
+        psp,
+        &LaunchStart {
+            policy: Policy(Policy::ES),
+            owner: None,
+            share_key_with: None,
+        },
+    )?;
+    emu.sev_launch_update_data(0, m.config().mem_size)?;
+    m.launch_update_vmsas()?;
+    emu.sev_launch_measure()?;
+    emu.sev_launch_finish()?;
+    Ok(())
+}
+
+/// Two platforms under one emulated AMD root (created once per benchmark run).
+fn platforms() -> Result<(Arc<Mutex<Psp>>, Arc<Mutex<Psp>>), Box<dyn Error>> {
+    static CA: std::sync::OnceLock<esvm_psp::EmulatedAmdCa> = std::sync::OnceLock::new();
+    let ca = match CA.get() {
+        Some(ca) => ca,
+        None => {
+            let ca = esvm_psp::EmulatedAmdCa::generate(2048)?;
+            CA.get_or_init(|| ca)
+        }
+    };
+    let make = || -> Result<Arc<Mutex<Psp>>, Box<dyn Error>> {
+        let mut p = Psp::ephemeral(ca, Default::default())?;
+        p.init()?;
+        Ok(Arc::new(Mutex::new(p)))
+    };
+    Ok((make()?, make()?))
+}
+
+/// Start the demo guest (SEV-ES: `sevdemo` launched on `sev`) on a source machine in its
+/// own thread.
 fn start_source(
     mem: u64,
     dirty_mib: u64,
     fill: bool,
+    sev: Option<Arc<Mutex<Psp>>>,
 ) -> Result<(MachineHandle, std::thread::JoinHandle<SourceResult>), Box<dyn std::error::Error>> {
     let (tx, rx) = mpsc::channel();
     let t = std::thread::Builder::new()
@@ -102,7 +146,11 @@ fn start_source(
             let setup = || -> Result<Machine, Box<dyn std::error::Error>> {
                 let config = MachineConfig {
                     backend: BackendKind::Emu,
-                    vm_type: VmType::Plain,
+                    vm_type: if sev.is_some() {
+                        VmType::SevEs
+                    } else {
+                        VmType::Plain
+                    },
                     mem_size: mem,
                     vcpus: 1,
                     max_instructions: None,
@@ -111,11 +159,15 @@ fn start_source(
                 if fill {
                     populate(&m, mem ^ dirty_mib)?;
                 }
-                let guest = esvm_guests::builtin("demo").ok_or("the demo guest is missing")?;
+                let name = if sev.is_some() { "sevdemo" } else { "demo" };
+                let guest = esvm_guests::builtin(name).ok_or("the demo guest is missing")?;
                 m.load(
                     guest.elf,
                     &format!("iterations=1000000000000000 dirty-mib={dirty_mib}"),
                 )?;
+                if let Some(psp) = sev {
+                    launch_whole_memory(&mut m, psp)?;
+                }
                 Ok(m)
             };
             let mut m = match setup() {
@@ -136,6 +188,7 @@ fn start_source(
 /// One row of the table.
 #[derive(Debug, Clone, Copy)]
 struct Scenario {
+    sev: bool,
     dirty_mib: u64,
     populated: bool,
     prealloc: bool,
@@ -144,12 +197,19 @@ struct Scenario {
 
 fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn std::error::Error>> {
     let Scenario {
+        sev,
         dirty_mib,
         populated: fill,
         prealloc,
         stopped,
     } = sc;
-    let (h, source) = start_source(mem, dirty_mib, fill)?;
+    let (src_platform, dst_platform) = if sev {
+        let (a, b) = platforms()?;
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
+    let (h, source) = start_source(mem, dirty_mib, fill, src_platform)?;
     let i0 = h.control.instructions();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_millis(args.warmup_ms));
@@ -165,7 +225,8 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
                 BackendKind::Emu,
                 Box::new(|| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>),
             )
-            .with_prealloc(prealloc);
+            .with_prealloc(prealloc)
+            .with_platform(dst_platform);
             Receiver::new(ReceiverConfig::default())
                 .run_tcp(&mut target, s)
                 .map_err(|e| e.to_string())?;
@@ -191,12 +252,15 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
     if !matches!(outcome, Outcome::Migrated(_)) {
         return Err(format!("the source ended with {outcome:?} instead of migrating").into());
     }
-    // The source is frozen where it stopped: the destination must hold the same memory.
+    // The source is frozen where it stopped: the destination must hold the same memory
+    // (plain guests; an SEV-ES guest's memory is ciphertext under different keys on the two
+    // hosts — the tests check that the guest continues exactly).
     let (a, b) = (source_machine.vm().memory(), received.vm().memory());
+    let compare_to = if sev { 0 } else { mem };
     let mut x = vec![0u8; 4 << 20];
     let mut y = vec![0u8; 4 << 20];
     let mut addr = 0;
-    while addr < mem {
+    while addr < compare_to {
         let n = (mem - addr).min(x.len() as u64) as usize;
         a.read(addr, &mut x[..n])?;
         b.read(addr, &mut y[..n])?;
@@ -210,6 +274,7 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
     crate::migrate::release_guest_memory(&source_machine);
     crate::migrate::release_guest_memory(&received);
     Ok(Row {
+        sev_es: sev,
         mem_mib: mem >> 20,
         workload: if dirty_mib == 0 {
             "idle".into()
@@ -249,6 +314,7 @@ fn fault_in_rate() -> Result<f64, Box<dyn std::error::Error>> {
 pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let fault_in = fault_in_rate()?;
     let sc = |dirty_mib, populated, prealloc, stopped| Scenario {
+        sev: false,
         dirty_mib,
         populated,
         prealloc,
@@ -260,6 +326,14 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
         sc(0, true, false, false),
         sc(0, false, false, false),
         sc(0, true, true, true),
+        Scenario {
+            sev: true,
+            ..sc(0, true, true, false)
+        },
+        Scenario {
+            sev: true,
+            ..sc(args.dirty_mib, true, true, false)
+        },
     ];
     let mut rows = Vec::new();
     for &mem in &args.sizes {
@@ -272,7 +346,8 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             let row = runs.swap_remove(runs.len() / 2);
             if !args.json {
                 eprintln!(
-                    "{} MiB {}{} ({}, {} destination): {:.2} GiB/s, downtime {:.2} ms",
+                    "{}{} MiB {}{} ({}, {} destination): {:.2} GiB/s, downtime {:.2} ms",
+                    if sc.sev { "SEV-ES " } else { "" },
                     row.mem_mib,
                     row.workload,
                     if sc.stopped { ", guest stopped" } else { "" },
@@ -308,7 +383,8 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
     println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} MiB | {} | {} | {} | {:.1} MiB | {} | {:.2} | {:.2} | {} | {:.2} ({}) | {:.0} | {:.0} |",
+            "| {}{} MiB | {} | {} | {} | {:.1} MiB | {} | {:.2} | {:.2} | {} | {:.2} ({}) | {:.0} | {:.0} |",
+            if r.sev_es { "SEV-ES " } else { "" },
             r.mem_mib,
             if r.stopped {
                 format!("{} (guest stopped)", r.workload)

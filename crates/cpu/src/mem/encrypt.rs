@@ -350,11 +350,21 @@ impl PhysMemory {
         self.check(gpa, buf.len())?;
         let _g = e.lock();
         for (page, off, at, n) in Self::pieces(gpa, buf.len()) {
-            self.convert_locked(e, page, View::Private);
+            let whole_shared_page = n == PAGE_SIZE as usize && !e.is_private(page);
+            if !whole_shared_page {
+                self.convert_locked(e, page, View::Private);
+            }
             // SAFETY: `off + n <= PAGE_SIZE` inside a page of the private backing.
             unsafe {
                 std::ptr::copy_nonoverlapping(buf[at..].as_ptr(), e.private_page(page).add(off), n)
             };
+            if whole_shared_page {
+                // The whole page is replaced: converting it first would decrypt bytes that
+                // are overwritten at once (RECEIVE_UPDATE_DATA takes pages whole). The new
+                // content is in place before the page turns Private.
+                e.set_state(page, View::Private);
+                self.converted(page);
+            }
             self.note_write(page);
         }
         Ok(())
