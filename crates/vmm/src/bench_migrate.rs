@@ -35,6 +35,9 @@ pub struct MigrateBenchArgs {
     /// throughput.
     #[arg(long, default_value_t = 1)]
     pub repeat: u32,
+    /// Which guests to migrate: `plain`, `sev-es` or both (comma-separated).
+    #[arg(long, default_value = "plain,sev-es", value_delimiter = ',', value_parser = ["plain", "sev-es"])]
+    pub guests: Vec<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -113,8 +116,10 @@ fn launch_whole_memory(m: &mut Machine, psp: Arc<Mutex<Psp>>) -> Result<(), Box<
     Ok(())
 }
 
+type Platform = Arc<Mutex<Psp>>;
+
 /// Two platforms under one emulated AMD root (created once per benchmark run).
-fn platforms() -> Result<(Arc<Mutex<Psp>>, Arc<Mutex<Psp>>), Box<dyn Error>> {
+fn platforms() -> Result<(Platform, Platform), Box<dyn Error>> {
     static CA: std::sync::OnceLock<esvm_psp::EmulatedAmdCa> = std::sync::OnceLock::new();
     let ca = match CA.get() {
         Some(ca) => ca,
@@ -335,9 +340,14 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             ..sc(args.dirty_mib, true, true, false)
         },
     ];
+    let wanted = |sc: &Scenario| {
+        args.guests
+            .iter()
+            .any(|g| (g == "sev-es") == sc.sev)
+    };
     let mut rows = Vec::new();
     for &mem in &args.sizes {
-        for sc in scenarios {
+        for sc in scenarios.into_iter().filter(wanted) {
             let mut runs = Vec::new();
             for _ in 0..args.repeat.max(1) {
                 runs.push(one(args, mem, sc)?);

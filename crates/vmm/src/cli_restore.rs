@@ -10,14 +10,20 @@ use esvm_hv::BackendKind;
     after_help = "The snapshot is checked completely before the guest runs; a corrupt or \
                   truncated snapshot is refused (exit status 125) with a message naming the \
                   file and the problem. The guest continues where it was snapshotted: its \
-                  serial console on stdout, its exit status as for `esvm run`."
+                  serial console on stdout, its exit status as for `esvm run`.\n\n\
+                  A snapshot of an SEV-ES guest is sealed to the platform the guest ran on: \
+                  its pages and vCPUs are the secure processor's transport packets, keyed for \
+                  that platform's PDH. Restore it with --platform naming that platform; any \
+                  other platform (or the same one after `esvm platform rotate-pdh`) cannot open \
+                  it, and the firmware refuses any altered page or vCPU."
 )]
 pub struct RestoreArgs {
     /// The snapshot directory.
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
-    /// The secure processor's platform directory, needed for SEV-ES snapshots (not
-    /// supported yet).
+    /// The secure processor's platform directory (`esvm platform init`) that an SEV-ES
+    /// snapshot is sealed to: the platform the guest ran on. Needed for SEV-ES snapshots,
+    /// ignored for plain ones.
     #[arg(long, value_name = "DIR")]
     pub platform: Option<PathBuf>,
     /// Serve the control API on this Unix socket while the guest runs.
@@ -36,8 +42,12 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
 }
 
 pub fn run(args: RestoreArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    let mut machine =
-        crate::snapshot::restore(&args.dir, args.backend, Box::new(std::io::stdout()))?;
+    let mut machine = crate::snapshot::restore(
+        &args.dir,
+        args.backend,
+        args.platform.as_deref(),
+        Box::new(std::io::stdout()),
+    )?;
     crate::session::run(
         &format!("restored from {}", args.dir.display()),
         &mut machine,

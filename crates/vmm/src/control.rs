@@ -303,15 +303,17 @@ impl ControlTarget for VmHandle {
     }
 
     fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, ApiError> {
-        if self.h.config.vm_type == esvm_hv::VmType::SevEs {
-            return Err(ApiError::unsupported(
-                "snapshots of SEV-ES guests are not supported yet: their memory and VMSAs \
-                 must be exported through the secure processor",
-            ));
-        }
         self.check_alive("snapshot")?;
         {
             let mut m = lock(&self.mig);
+            if m.in_doubt_hold && self.h.config.vm_type == esvm_hv::VmType::SevEs {
+                // Its send session is still open: a sealed snapshot needs one of its own.
+                return Err(ApiError::invalid_state(
+                    "cannot snapshot: the last migration's outcome is in doubt and its send \
+                     session is still open; if the destination does not run the VM, `esvm ctl \
+                     resume` first",
+                ));
+            }
             if m.active {
                 return Err(ApiError::invalid_state(
                     "cannot snapshot: a migration is in progress",

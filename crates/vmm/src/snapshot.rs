@@ -1,4 +1,6 @@
-//! Snapshots of plain guests: `esvm ctl snapshot DIR` writes one, `esvm restore DIR` runs it.
+//! Snapshots: `esvm ctl snapshot DIR` writes one, `esvm restore DIR` runs it.
+//!
+//! # Plain guests (format version 1)
 //!
 //! A snapshot directory holds two files:
 //!
@@ -11,21 +13,57 @@
 //!   [`VcpuSnapshot`], and the index of the stored memory: runs of at most 1024 pages, each
 //!   with the CRC32C of its bytes.
 //!
+//! # SEV-ES guests: sealed to their platform (format version 2)
+//!
+//! The host can read neither an SEV-ES guest's private memory nor its vCPUs, so a snapshot
+//! of one is a live migration to its **own** platform that never finishes: SEND_START
+//! towards the platform's own certificate chain (the firmware enforces the guest's policy:
+//! a NOSEND guest cannot be snapshotted), SEND_UPDATE_DATA for every page ever written,
+//! SEND_UPDATE_VMSA for every vCPU, the send transcript tag, and then always SEND_CANCEL,
+//! so the guest runs on. The transport keys are wrapped for the platform's own PDH: only
+//! that platform, with that PDH, can open the snapshot (`esvm restore DIR --platform DIR`:
+//! RECEIVE_START, RECEIVE_UPDATE_DATA / _VMSA, RECEIVE_FINISH into a fresh VM). The
+//! directory holds:
+//!
+//! * `memory.sev` — the page packets back to back, in ascending page order, exactly as live
+//!   migration sends them ([`esvm_hv::emu::PagePacket`]): a private page as its firmware
+//!   transport packet ([`PRIVATE_PACKET_LEN`] bytes: kind, header with IV and MAC,
+//!   ciphertext), a shared page (one the guest shares with the host, e.g. its GHCB) as its
+//!   host-visible bytes ([`SHARED_PACKET_LEN`] bytes: kind, page).
+//! * `vm.state` — the same header and checksum as above with version 2; its JSON has no
+//!   vCPU snapshots and no memory runs but a `sev` section ([`SealedState`]): the
+//!   SEND_START output, each vCPU's VMSA packet with the hypervisor's own vCPU state, the
+//!   transcript tag, and the index of `memory.sev`: runs of at most 1024 consecutive pages
+//!   of one kind, each with the CRC32C of its packets (a run starts where the one before it
+//!   ends). The [`MachineState`] carries the hypervisor's VM-wide GHCB state.
+//!
+//! Plain snapshots keep version 1, byte for byte as before.
+//!
+//! # Writing and restoring
+//!
 //! The guest is paused (an internal hold) while the snapshot is taken and resumes
-//! afterwards. `memory.img` is written first and `vm.state` last, each under a temporary
+//! afterwards. The memory file is written first and `vm.state` last, each under a temporary
 //! name renamed into place after an fsync, so a crash leaves no half-written state file.
-//! Restoring checks everything before the guest runs: the header, the state's checksum and
-//! length (truncation), the JSON, the index (ascending, in range), the memory file's size and
-//! every run's checksum. A corrupt or truncated snapshot is refused with a message naming
-//! the file and what is wrong.
+//! Restoring checks everything it can before the guest runs: the header, the state's
+//! checksum and length (truncation), the JSON, the index (ascending, in range), the memory
+//! file's size and every run's checksum (and, sealed, every packet's kind). A corrupt or
+//! truncated snapshot is refused with a message naming the file and what is wrong. A
+//! sealed snapshot is then checked by the secure processor: RECEIVE_START fails on another
+//! platform (or after the PDH was regenerated), every private page and vCPU packet must
+//! pass its MAC (bound to its address or vCPU), and RECEIVE_FINISH checks the transcript
+//! tag (no packet dropped or added). Whatever is refused is decommissioned and never runs.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use esvm_arch::VcpuSnapshot;
-use esvm_hv::{BackendKind, VmType};
+use esvm_hv::emu::{
+    EmuVm, PagePacket, SevSessionStart, SevVcpuTransfer, PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
+};
+use esvm_hv::{BackendKind, HvError, VmType};
+use esvm_migration::PageSet;
 use thiserror::Error;
 
 use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState};
@@ -33,14 +71,18 @@ use crate::runctl::{ControlError, PARK_TIMEOUT};
 
 /// Name of the state file in a snapshot directory.
 pub const STATE_FILE: &str = "vm.state";
-/// Name of the memory file in a snapshot directory.
+/// Name of the memory file of a plain snapshot.
 pub const MEMORY_FILE: &str = "memory.img";
-/// Snapshot format version.
+/// Name of the memory file of a sealed SEV-ES snapshot.
+pub const SEALED_MEMORY_FILE: &str = "memory.sev";
+/// Format version of plain snapshots.
 pub const SNAPSHOT_VERSION: u32 = 1;
+/// Format version of sealed SEV-ES snapshots.
+pub const SEALED_SNAPSHOT_VERSION: u32 = 2;
 const MAGIC: &str = "ESVM-SNAPSHOT";
 /// Largest state file accepted (the JSON of devices and vCPUs is far smaller).
 const MAX_STATE_LEN: u64 = 256 << 20;
-/// Most pages per stored run (4 MiB).
+/// Most pages per stored run (4 MiB of plain memory).
 pub const MAX_RUN_PAGES: u64 = 1024;
 const PAGE: u64 = 4096;
 
@@ -61,7 +103,8 @@ pub enum SnapshotError {
     #[error("{path} is truncated: {why}; the snapshot cannot be restored")]
     Truncated { path: PathBuf, why: String },
     #[error(
-        "snapshot format version {0} is not supported (this esvm reads version {SNAPSHOT_VERSION})"
+        "snapshot format version {0} is not supported (this esvm reads version \
+         {SNAPSHOT_VERSION}, plain guests, and {SEALED_SNAPSHOT_VERSION}, sealed SEV-ES guests)"
     )]
     Version(u32),
     #[error("{0}")]
@@ -70,6 +113,32 @@ pub enum SnapshotError {
     Save(String),
     #[error("restoring the VM: {0}")]
     Restore(#[from] crate::machine::MachineError),
+    #[error("cannot snapshot this SEV-ES guest: {0}")]
+    SealedSave(String),
+    #[error(
+        "this snapshot is of an SEV-ES guest sealed to its platform; give that platform with \
+         --platform DIR"
+    )]
+    PlatformNeeded,
+    #[error("the platform directory {0} does not exist (give the directory of the platform the guest ran on)")]
+    NoPlatformDir(PathBuf),
+    #[error(transparent)]
+    Platform(#[from] crate::sev_launch::SevLaunchError),
+    #[error(
+        "the snapshot in {dir} is sealed to another platform (or its PDH was regenerated \
+         since): the platform in {platform} cannot open it{detail}. Restore it with --platform \
+         naming the platform the guest ran on"
+    )]
+    OtherPlatform {
+        dir: PathBuf,
+        platform: PathBuf,
+        detail: String,
+    },
+    #[error(
+        "{path}: the secure processor refused the sealed guest: {why}. The snapshot was \
+         damaged or altered; the guest was discarded and never ran"
+    )]
+    SealedRefused { path: PathBuf, why: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -88,6 +157,72 @@ pub struct Run {
     pub crc32c: u32,
 }
 
+/// The kind of a page packet in `memory.sev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PacketKind {
+    /// A private page: its firmware transport packet (SEND_UPDATE_DATA).
+    Private,
+    /// A page the guest shares with the host: its bytes.
+    Shared,
+}
+
+impl PacketKind {
+    /// The length of one encoded packet of this kind.
+    pub fn packet_len(self) -> usize {
+        match self {
+            PacketKind::Private => PRIVATE_PACKET_LEN,
+            PacketKind::Shared => SHARED_PACKET_LEN,
+        }
+    }
+
+    /// The kind of an encoded packet (checking its length).
+    fn of(packet: &[u8]) -> Result<PacketKind, HvError> {
+        Ok(match PagePacket::decode(packet)? {
+            PagePacket::Private { .. } => PacketKind::Private,
+            PagePacket::Shared(_) => PacketKind::Shared,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            PacketKind::Private => "private",
+            PacketKind::Shared => "shared",
+        }
+    }
+}
+
+/// A run of consecutive pages of one kind in `memory.sev`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedRun {
+    pub first: u64,
+    pub count: u64,
+    pub kind: PacketKind,
+    /// CRC32C of the run's `count` packets as stored.
+    pub crc32c: u32,
+}
+
+impl SealedRun {
+    fn len(&self) -> usize {
+        self.count as usize * self.kind.packet_len()
+    }
+}
+
+/// The sealed part of an SEV-ES snapshot's `vm.state`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedState {
+    /// SEND_START's output: policy, the platform's PDH, the transport keys wrapped for it.
+    pub session: SevSessionStart,
+    /// Every vCPU's VMSA packet and the hypervisor's state of it, in vCPU order.
+    pub vcpus: Vec<SevVcpuTransfer>,
+    /// The send transcript tag of every packet, for RECEIVE_FINISH.
+    pub transcript_tag: [u8; 32],
+    /// The index of `memory.sev`.
+    pub memory: Vec<SealedRun>,
+}
+
 /// The JSON part of `vm.state`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,22 +233,25 @@ pub struct Manifest {
     pub mem_size: u64,
     pub vcpus: u32,
     pub machine: MachineState,
+    /// Plain: every vCPU's state (empty when sealed).
     pub vcpu_states: Vec<VcpuSnapshot>,
+    /// Plain: the index of `memory.img` (empty when sealed).
     pub memory: Vec<Run>,
+    /// SEV-ES (version 2): the sealed guest. Absent from plain snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sev: Option<SealedState>,
 }
 
 /// Write a snapshot of the machine behind `h` into `dir` (created if missing). The guest is
 /// held stopped meanwhile. Returns the bytes written.
 pub fn save(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
-    if h.config.vm_type != VmType::Plain {
-        return Err(SnapshotError::Unsupported(
-            "snapshots of SEV-ES guests are not supported yet".into(),
-        ));
-    }
     h.control.hold()?;
     let result = (|| {
         h.control.wait_stopped(PARK_TIMEOUT)?;
-        save_stopped(h, dir)
+        match h.config.vm_type {
+            VmType::Plain => save_stopped(h, dir),
+            VmType::SevEs => save_sealed(h, dir),
+        }
     })();
     h.control.release();
     result
@@ -170,11 +308,18 @@ fn save_stopped(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
         machine,
         vcpu_states,
         memory: runs,
+        sev: None,
     };
-    let json = serde_json::to_vec(&manifest)
+    Ok(bytes + write_state(dir, SNAPSHOT_VERSION, &manifest)?)
+}
+
+/// Write `vm.state` (header and JSON) under a temporary name, fsync, rename it into place.
+/// Returns the bytes written.
+fn write_state(dir: &Path, version: u32, manifest: &Manifest) -> Result<u64, SnapshotError> {
+    let json = serde_json::to_vec(manifest)
         .map_err(|e| SnapshotError::Save(format!("encoding the state: {e}")))?;
     let header = format!(
-        "{MAGIC} {SNAPSHOT_VERSION} crc32c={:08x} len={}\n",
+        "{MAGIC} {version} crc32c={:08x} len={}\n",
         crc32c::crc32c(&json),
         json.len()
     );
@@ -190,7 +335,141 @@ fn save_stopped(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(bytes + (header.len() + json.len()) as u64)
+    Ok((header.len() + json.len()) as u64)
+}
+
+/// SEV-ES: send the stopped guest to its own platform and store what was sent; the send
+/// session is always cancelled afterwards, so the guest runs on.
+fn save_sealed(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
+    let fail = |s: String| SnapshotError::SealedSave(s);
+    let emu = h
+        .emu
+        .as_ref()
+        .ok_or_else(|| fail("SEV-ES guests run only on the emu backend".into()))?;
+    let (ctx, handle) = emu
+        .sev_context()
+        .zip(emu.sev_handle())
+        .ok_or_else(|| fail("the VM has no SEV-ES guest context".into()))?;
+    // The platform's own chain: the snapshot is sealed to this platform's PDH.
+    let (chain, nosend) = {
+        let psp = ctx.psp();
+        let chain = psp.pdh_cert_export().map_err(|e| {
+            fail(format!(
+                "the platform cannot export its certificate chain: {e}"
+            ))
+        })?;
+        let nosend = psp.guest_status(handle).is_ok_and(|s| s.policy.nosend());
+        (chain.to_bytes(), nosend)
+    };
+    // The firmware enforces the guest's policy here.
+    let start = emu.sev_send_start(&chain).map_err(|e| {
+        fail(if nosend {
+            format!(
+                "its policy has NOSEND: the guest may never leave its secure processor, and a \
+                 sealed snapshot is a send to this same platform (SEND_START refused: {e}); \
+                 the guest runs on"
+            )
+        } else {
+            format!("the secure processor refused SEND_START: {e}; the guest runs on")
+        })
+    })?;
+    let written = write_sealed(h, emu, start, dir);
+    let cancelled = emu.sev_send_cancel();
+    match (written, cancelled) {
+        (Ok(n), Ok(())) => Ok(n),
+        (Ok(_), Err(e)) => Err(fail(format!(
+            "the snapshot was written to {}, but SEND_CANCEL failed afterwards: {e}",
+            dir.display()
+        ))),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(c)) => {
+            tracing::warn!("SEND_CANCEL after a failed snapshot: {c}");
+            Err(e)
+        }
+    }
+}
+
+/// Within a send session: every written page's packet to `memory.sev`, then every vCPU's
+/// VMSA packet, the machine state and the transcript tag to `vm.state`.
+fn write_sealed(
+    h: &MachineHandle,
+    emu: &EmuVm,
+    session: SevSessionStart,
+    dir: &Path,
+) -> Result<u64, SnapshotError> {
+    let fail = |s: String| SnapshotError::SealedSave(s);
+    let written = h
+        .tracker
+        .ever_written()
+        .map_err(|e| fail(format!("reading the dirty log: {e}")))?;
+
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let mem_path = dir.join(SEALED_MEMORY_FILE);
+    let mem_tmp = dir.join(format!("{SEALED_MEMORY_FILE}.tmp"));
+    let mut runs: Vec<SealedRun> = Vec::new();
+    let mut bytes = 0u64;
+    {
+        let f = File::create(&mem_tmp).map_err(io(&mem_tmp))?;
+        let mut w = BufWriter::with_capacity(1 << 20, &f);
+        let mut packet = Vec::with_capacity(PRIVATE_PACKET_LEN);
+        for page in written.iter() {
+            packet.clear();
+            emu.sev_send_page(page, &mut packet)
+                .map_err(|e| fail(format!("SEND_UPDATE_DATA of guest page {page:#x}: {e}")))?;
+            let kind = PacketKind::of(&packet)
+                .map_err(|e| fail(format!("the packet of guest page {page:#x}: {e}")))?;
+            match runs.last_mut() {
+                Some(r)
+                    if r.kind == kind && r.first + r.count == page && r.count < MAX_RUN_PAGES =>
+                {
+                    r.count += 1;
+                    r.crc32c = crc32c::crc32c_append(r.crc32c, &packet);
+                }
+                _ => runs.push(SealedRun {
+                    first: page,
+                    count: 1,
+                    kind,
+                    crc32c: crc32c::crc32c(&packet),
+                }),
+            }
+            w.write_all(&packet).map_err(io(&mem_tmp))?;
+            bytes += packet.len() as u64;
+        }
+        w.flush().map_err(io(&mem_tmp))?;
+        drop(w);
+        f.sync_all().map_err(io(&mem_tmp))?;
+    }
+    fs::rename(&mem_tmp, &mem_path).map_err(io(&mem_path))?;
+
+    let (machine, vcpus) = h
+        .control
+        .run_job(|m| {
+            let state = m.save_state();
+            let vcpus: Result<Vec<_>, _> =
+                (0..m.config().vcpus).map(|i| m.send_vcpu_sev(i)).collect();
+            vcpus.map(|v| (state, v)).map_err(|e| e.to_string())
+        })?
+        .map_err(|e| fail(format!("SEND_UPDATE_VMSA: {e}")))?;
+    // After every packet: the tag covers them all.
+    let transcript_tag = emu
+        .sev_send_transcript_tag()
+        .map_err(|e| fail(format!("reading the send transcript tag: {e}")))?;
+    let manifest = Manifest {
+        vm_type: VmType::SevEs,
+        backend: h.config.backend,
+        mem_size: h.config.mem_size,
+        vcpus: h.config.vcpus,
+        machine,
+        vcpu_states: Vec::new(),
+        memory: Vec::new(),
+        sev: Some(SealedState {
+            session,
+            vcpus,
+            transcript_tag,
+            memory: runs,
+        }),
+    };
+    Ok(bytes + write_state(dir, SEALED_SNAPSHOT_VERSION, &manifest)?)
 }
 
 /// Read and check `dir/vm.state`.
@@ -245,7 +524,7 @@ fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
     let version: u32 = version
         .parse()
         .map_err(|_| corrupt(format!("bad version in header {header:?}")))?;
-    if version != SNAPSHOT_VERSION {
+    if version != SNAPSHOT_VERSION && version != SEALED_SNAPSHOT_VERSION {
         return Err(SnapshotError::Version(version));
     }
     let crc = crc
@@ -276,23 +555,19 @@ fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
     }
     let m: Manifest = serde_json::from_slice(body)
         .map_err(|e| corrupt(format!("the state cannot be decoded: {e}")))?;
-    check_manifest(&m).map_err(corrupt)?;
+    check_manifest(&m, version).map_err(corrupt)?;
     Ok(m)
 }
 
-fn check_manifest(m: &Manifest) -> Result<(), String> {
+fn check_manifest(m: &Manifest, version: u32) -> Result<(), String> {
     if m.mem_size == 0 || !m.mem_size.is_multiple_of(PAGE) {
         return Err(format!(
             "memory size {:#x} is not a multiple of 4 KiB",
             m.mem_size
         ));
     }
-    if m.vcpus == 0 || m.vcpu_states.len() != m.vcpus as usize {
-        return Err(format!(
-            "{} vCPUs, but {} vCPU states",
-            m.vcpus,
-            m.vcpu_states.len()
-        ));
+    if m.vcpus == 0 {
+        return Err("the VM has no vCPUs".into());
     }
     if m.machine.instructions.len() != m.vcpus as usize {
         return Err(format!(
@@ -302,37 +577,74 @@ fn check_manifest(m: &Manifest) -> Result<(), String> {
         ));
     }
     let pages = m.mem_size / PAGE;
-    let mut next = 0u64;
-    for r in &m.memory {
-        if r.count == 0 || r.count > MAX_RUN_PAGES || r.first < next {
-            return Err(format!(
-                "memory run {}+{} is empty, too long or out of order",
-                r.first, r.count
-            ));
+    let check_runs = |runs: &mut dyn Iterator<Item = (u64, u64)>| {
+        let mut next = 0u64;
+        for (first, count) in runs {
+            if count == 0 || count > MAX_RUN_PAGES || first < next {
+                return Err(format!(
+                    "memory run {first}+{count} is empty, too long or out of order"
+                ));
+            }
+            if first.checked_add(count).is_none_or(|end| end > pages) {
+                return Err(format!(
+                    "memory run {first}+{count} lies outside the {pages} pages of guest memory"
+                ));
+            }
+            next = first + count;
         }
-        if r.first.checked_add(r.count).is_none_or(|end| end > pages) {
-            return Err(format!(
-                "memory run {}+{} lies outside the {pages} pages of guest memory",
-                r.first, r.count
-            ));
+        Ok(())
+    };
+    match (version, m.vm_type, &m.sev) {
+        (SNAPSHOT_VERSION, VmType::Plain, None) => {
+            if m.vcpu_states.len() != m.vcpus as usize {
+                return Err(format!(
+                    "{} vCPUs, but {} vCPU states",
+                    m.vcpus,
+                    m.vcpu_states.len()
+                ));
+            }
+            check_runs(&mut m.memory.iter().map(|r| (r.first, r.count)))
         }
-        next = r.first + r.count;
+        (SEALED_SNAPSHOT_VERSION, VmType::SevEs, Some(s)) => {
+            if s.vcpus.len() != m.vcpus as usize {
+                return Err(format!(
+                    "{} vCPUs, but {} sealed vCPU states",
+                    m.vcpus,
+                    s.vcpus.len()
+                ));
+            }
+            if !m.vcpu_states.is_empty() || !m.memory.is_empty() {
+                return Err("a sealed snapshot with plain vCPU states or memory".into());
+            }
+            if m.machine.sev.is_none() {
+                return Err("a sealed snapshot without the hypervisor's SEV-ES state".into());
+            }
+            check_runs(&mut s.memory.iter().map(|r| (r.first, r.count)))
+        }
+        _ => Err(format!(
+            "a version {version} snapshot of {} guest {} a sealed section is inconsistent",
+            match m.vm_type {
+                VmType::Plain => "a plain",
+                VmType::SevEs => "an SEV-ES",
+            },
+            if m.sev.is_some() { "with" } else { "without" }
+        )),
     }
-    Ok(())
 }
 
 /// Build a machine from the snapshot in `dir` on `backend`, with COM1 writing to
-/// `serial_out`: memory, vCPUs and devices restored, ready to run.
+/// `serial_out`: memory, vCPUs and devices restored, ready to run. A sealed SEV-ES snapshot
+/// needs the directory of the platform it was sealed to (`platform`, ignored for plain
+/// snapshots).
 pub fn restore(
     dir: &Path,
     backend: BackendKind,
+    platform: Option<&Path>,
     serial_out: Box<dyn Write + Send>,
 ) -> Result<Machine, SnapshotError> {
     let m = read_manifest(dir)?;
-    if m.vm_type != VmType::Plain {
-        return Err(SnapshotError::Unsupported(
-            "this snapshot is of an SEV-ES guest, which esvm cannot restore yet".into(),
-        ));
+    if m.sev.is_some() {
+        return restore_sealed(dir, m, backend, platform, serial_out);
     }
     let mem_path = dir.join(MEMORY_FILE);
     let f = File::open(&mem_path).map_err(io(&mem_path))?;
@@ -391,6 +703,186 @@ pub fn restore(
     Ok(machine)
 }
 
+/// Check `memory.sev` against the index: its exact size, then every run's checksum and
+/// every packet's kind and length.
+fn check_sealed_memory(f: &File, path: &Path, runs: &[SealedRun]) -> Result<(), SnapshotError> {
+    let expected: u128 = runs.iter().map(|r| r.len() as u128).sum();
+    let size = f.metadata().map_err(io(path))?.len();
+    if u128::from(size) < expected {
+        return Err(SnapshotError::Truncated {
+            path: path.to_path_buf(),
+            why: format!("it is {size} bytes, its index describes {expected}"),
+        });
+    }
+    if u128::from(size) > expected {
+        return Err(SnapshotError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("it is {size} bytes, its index describes only {expected}"),
+        });
+    }
+    let mut buf = Vec::new();
+    let mut offset = 0u64;
+    for r in runs {
+        read_sealed_run(f, path, offset, r, &mut buf)?;
+        offset += r.len() as u64;
+    }
+    Ok(())
+}
+
+/// Read run `r` (at `offset` in `memory.sev`) into `buf` and check its checksum and the
+/// kind and length of each of its packets.
+fn read_sealed_run<'a>(
+    f: &File,
+    path: &Path,
+    offset: u64,
+    r: &SealedRun,
+    buf: &'a mut Vec<u8>,
+) -> Result<&'a [u8], SnapshotError> {
+    let corrupt = |why: String| SnapshotError::Corrupt {
+        path: path.to_path_buf(),
+        why,
+    };
+    buf.resize(r.len(), 0);
+    f.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            SnapshotError::Truncated {
+                path: path.to_path_buf(),
+                why: format!("it ends inside the packets of guest pages {:#x}..", r.first),
+            }
+        } else {
+            io(path)(e)
+        }
+    })?;
+    if crc32c::crc32c(buf) != r.crc32c {
+        return Err(corrupt(format!(
+            "the packets of guest pages {:#x}..{:#x} fail their checksum",
+            r.first,
+            r.first + r.count
+        )));
+    }
+    for (i, packet) in buf.chunks_exact(r.kind.packet_len()).enumerate() {
+        if PacketKind::of(packet).ok() != Some(r.kind) {
+            return Err(corrupt(format!(
+                "the packet of guest page {:#x} is not a {} page packet",
+                r.first + i as u64,
+                r.kind.name()
+            )));
+        }
+    }
+    Ok(buf.as_slice())
+}
+
+/// Restore a sealed SEV-ES snapshot (checked by [`read_manifest`]) on the platform in
+/// `platform`.
+fn restore_sealed(
+    dir: &Path,
+    mut m: Manifest,
+    backend: BackendKind,
+    platform: Option<&Path>,
+    serial_out: Box<dyn Write + Send>,
+) -> Result<Machine, SnapshotError> {
+    let sealed = m.sev.take().ok_or_else(|| SnapshotError::Corrupt {
+        path: dir.join(STATE_FILE),
+        why: "the sealed section is missing".into(),
+    })?;
+    let platform = platform.ok_or(SnapshotError::PlatformNeeded)?;
+    if backend != BackendKind::Emu {
+        return Err(SnapshotError::Unsupported(format!(
+            "SEV-ES guests run only on the emu backend; restore without --backend {backend}"
+        )));
+    }
+    let mem_path = dir.join(SEALED_MEMORY_FILE);
+    let f = File::open(&mem_path).map_err(io(&mem_path))?;
+    check_sealed_memory(&f, &mem_path, &sealed.memory)?;
+
+    if !platform.is_dir() {
+        return Err(SnapshotError::NoPlatformDir(platform.to_path_buf()));
+    }
+    let psp = crate::sev_launch::open_platform(platform)?;
+    let other_platform = |detail: String| SnapshotError::OtherPlatform {
+        dir: dir.to_path_buf(),
+        platform: platform.to_path_buf(),
+        detail,
+    };
+    let own_pdh = psp
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .chain()
+        .pdh
+        .as_bytes()
+        .to_vec();
+    if own_pdh != sealed.session.pdh {
+        return Err(other_platform(String::new()));
+    }
+    let config = MachineConfig {
+        backend,
+        vm_type: VmType::SevEs,
+        mem_size: m.mem_size,
+        vcpus: m.vcpus,
+        max_instructions: None,
+    };
+    let mut machine = Machine::new(&config, serial_out)?;
+    let emu = machine
+        .emu_vm()
+        .cloned()
+        .ok_or_else(|| SnapshotError::Unsupported("SEV-ES guests need the emu backend".into()))?;
+    // The firmware unwraps the transport keys with this platform's PDH.
+    emu.sev_receive_start(psp, &sealed.session)
+        .map_err(|e| other_platform(format!(" (RECEIVE_START: {e})")))?;
+    match receive_sealed(dir, &mut machine, &emu, &f, &sealed, &m.machine) {
+        Ok(()) => Ok(machine),
+        Err(e) => {
+            if let Err(d) = emu.sev_decommission() {
+                tracing::warn!("DECOMMISSION of the refused sealed guest: {d}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Within a receive session: every page, every vCPU, RECEIVE_FINISH, the machine state.
+fn receive_sealed(
+    dir: &Path,
+    machine: &mut Machine,
+    emu: &EmuVm,
+    f: &File,
+    sealed: &SealedState,
+    state: &MachineState,
+) -> Result<(), SnapshotError> {
+    let mem_path = dir.join(SEALED_MEMORY_FILE);
+    let state_path = dir.join(STATE_FILE);
+    let refused = |path: &Path, why: String| SnapshotError::SealedRefused {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut received = PageSet::new(machine.config().mem_size / PAGE);
+    let mut buf = Vec::new();
+    let mut offset = 0u64;
+    for r in &sealed.memory {
+        // Checked again as read: the file may have changed since it was checked.
+        let data = read_sealed_run(f, &mem_path, offset, r, &mut buf)?;
+        for (i, packet) in data.chunks_exact(r.kind.packet_len()).enumerate() {
+            let page = r.first + i as u64;
+            emu.sev_receive_page(page, packet)
+                .map_err(|e| refused(&mem_path, format!("guest page {page:#x}: {e}")))?;
+            received.set(page);
+        }
+        offset += r.len() as u64;
+    }
+    for (i, t) in sealed.vcpus.iter().enumerate() {
+        machine
+            .receive_vcpu_sev(i as u32, t)
+            .map_err(|e| refused(&state_path, format!("vCPU {i}: {e}")))?;
+    }
+    emu.sev_receive_finish(&sealed.transcript_tag)
+        .map_err(|e| refused(dir, format!("RECEIVE_FINISH: {e}")))?;
+    machine.restore_state(state)?;
+    // A later snapshot or migration of the restored guest must carry every received page
+    // (whether or not the backend logged the writes).
+    machine.tracker().mark_written(&received);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,5 +911,134 @@ mod tests {
         );
         let e = parse_state(p, &[h.as_bytes(), body].concat()).unwrap_err();
         assert!(e.to_string().contains("cannot be decoded"), "{e}");
+    }
+
+    fn plain_manifest() -> Manifest {
+        let config = MachineConfig {
+            backend: BackendKind::Emu,
+            vm_type: VmType::Plain,
+            mem_size: 64 * PAGE,
+            vcpus: 1,
+            max_instructions: None,
+        };
+        let m = Machine::new(&config, Box::new(std::io::sink())).unwrap();
+        Manifest {
+            vm_type: VmType::Plain,
+            backend: BackendKind::Emu,
+            mem_size: config.mem_size,
+            vcpus: 1,
+            machine: m.save_state(),
+            vcpu_states: vec![m.save_vcpu(0).unwrap()],
+            memory: vec![Run {
+                first: 2,
+                count: 3,
+                crc32c: 0,
+            }],
+            sev: None,
+        }
+    }
+
+    fn state_file(version: u32, m: &Manifest) -> Vec<u8> {
+        let json = serde_json::to_vec(m).unwrap();
+        let h = format!(
+            "ESVM-SNAPSHOT {version} crc32c={:08x} len={}\n",
+            crc32c::crc32c(&json),
+            json.len()
+        );
+        [h.as_bytes(), &json].concat()
+    }
+
+    /// Plain snapshots keep their version-1 form (no sealed section in the JSON); the
+    /// version, the VM type and the sealed section must agree.
+    #[test]
+    fn versions_and_sealed_sections_must_agree() {
+        let p = Path::new("/x/vm.state");
+        let plain = plain_manifest();
+        let bytes = state_file(SNAPSHOT_VERSION, &plain);
+        assert!(!String::from_utf8_lossy(&bytes).contains("\"sev\""));
+        assert_eq!(parse_state(p, &bytes).unwrap(), plain);
+        // A plain manifest under the sealed version, and an SEV-ES one without its section.
+        let e = parse_state(p, &state_file(SEALED_SNAPSHOT_VERSION, &plain)).unwrap_err();
+        assert!(e.to_string().contains("inconsistent"), "{e}");
+        let mut sev = plain.clone();
+        sev.vm_type = VmType::SevEs;
+        for v in [SNAPSHOT_VERSION, SEALED_SNAPSHOT_VERSION] {
+            let e = parse_state(p, &state_file(v, &sev)).unwrap_err();
+            assert!(e.to_string().contains("inconsistent"), "{e}");
+        }
+        // A sealed section with the wrong number of vCPUs.
+        sev.vcpu_states.clear();
+        sev.memory.clear();
+        sev.sev = Some(SealedState {
+            session: SevSessionStart {
+                policy: 4,
+                pdh: vec![],
+                session: vec![],
+            },
+            vcpus: vec![],
+            transcript_tag: [0; 32],
+            memory: vec![],
+        });
+        let e = parse_state(p, &state_file(SEALED_SNAPSHOT_VERSION, &sev)).unwrap_err();
+        assert!(e.to_string().contains("sealed vCPU states"), "{e}");
+        // Runs out of order.
+        let mut bad = plain.clone();
+        bad.memory.push(Run {
+            first: 1,
+            count: 1,
+            crc32c: 0,
+        });
+        let e = parse_state(p, &state_file(SNAPSHOT_VERSION, &bad)).unwrap_err();
+        assert!(e.to_string().contains("out of order"), "{e}");
+    }
+
+    /// A shared-page packet as `sev_send_page` encodes it: kind 2, the page.
+    fn shared_packet(fill: u8) -> Vec<u8> {
+        let mut p = vec![fill; SHARED_PACKET_LEN];
+        p[0] = 2;
+        assert_eq!(PacketKind::of(&p).unwrap(), PacketKind::Shared);
+        p
+    }
+
+    #[test]
+    fn sealed_memory_file_is_checked_against_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SEALED_MEMORY_FILE);
+        let packets: Vec<Vec<u8>> = (0..3).map(shared_packet).collect();
+        let runs = vec![
+            SealedRun {
+                first: 4,
+                count: 2,
+                kind: PacketKind::Shared,
+                crc32c: crc32c::crc32c(&[&packets[0][..], &packets[1]].concat()),
+            },
+            SealedRun {
+                first: 9,
+                count: 1,
+                kind: PacketKind::Shared,
+                crc32c: crc32c::crc32c(&packets[2]),
+            },
+        ];
+        let good = packets.concat();
+        let check = |bytes: &[u8], runs: &[SealedRun]| {
+            fs::write(&path, bytes).unwrap();
+            check_sealed_memory(&File::open(&path).unwrap(), &path, runs)
+        };
+        check(&good, &runs).unwrap();
+        let e = check(&good[..good.len() - 1], &runs).unwrap_err();
+        assert!(e.to_string().contains("memory.sev is truncated"), "{e}");
+        let e = check(&[&good[..], &[0]].concat(), &runs).unwrap_err();
+        assert!(e.to_string().contains("memory.sev is corrupt"), "{e}");
+        let mut flipped = good.clone();
+        flipped[SHARED_PACKET_LEN + 77] ^= 1;
+        let e = check(&flipped, &runs).unwrap_err();
+        assert!(e.to_string().contains("fail their checksum"), "{e}");
+        // A record of the wrong kind, even with a matching checksum.
+        let mut wrong = good.clone();
+        wrong[2 * SHARED_PACKET_LEN] = 1;
+        let mut runs2 = runs.clone();
+        runs2[1].crc32c = crc32c::crc32c(&wrong[2 * SHARED_PACKET_LEN..]);
+        let e = check(&wrong, &runs2).unwrap_err();
+        assert!(e.to_string().contains("not a shared page packet"), "{e}");
     }
 }

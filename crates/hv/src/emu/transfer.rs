@@ -365,8 +365,7 @@ impl EmuVm {
         lock(&ctx.recv_worker).take();
         let mut p = ctx.psp();
         p.deactivate(ctx.handle).map_err(psp_err)?;
-        let r = p.decommission(ctx.handle).map_err(psp_err);
-        r
+        p.decommission(ctx.handle).map_err(psp_err)
     }
 }
 
