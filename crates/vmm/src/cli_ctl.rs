@@ -54,7 +54,10 @@ pub enum CtlCommand {
     /// Resume a paused guest.
     Resume,
     /// Write a snapshot of the VM into DIR (created if missing; a relative DIR is taken
-    /// relative to this command's working directory).
+    /// relative to this command's working directory). The guest pauses meanwhile and then
+    /// runs on. An SEV-ES guest's snapshot is sealed to its platform (SEND_* to the
+    /// platform's own PDH): only that platform can restore it (`esvm restore DIR --platform
+    /// DIR`), and a guest whose policy has NOSEND cannot be snapshotted.
     Snapshot {
         /// Directory to write the snapshot to.
         #[arg(value_name = "DIR")]
