@@ -339,6 +339,10 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             sev: true,
             ..sc(args.dirty_mib, true, true, false)
         },
+        Scenario {
+            sev: true,
+            ..sc(0, true, true, true)
+        },
     ];
     let wanted = |sc: &Scenario| {
         args.guests
