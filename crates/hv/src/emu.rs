@@ -9,6 +9,7 @@ use esvm_arch::{DebugRegs, FpuState, PendingEvents, Regs, SpecialRegs, VcpuSnaps
 use esvm_cpu::{Cpu, CpuConfig, CpuError, Exit, PhysMemory, SevEsConfig, TrapReg};
 use esvm_psp::{LaunchStart, Measurement, PacketHeader, Psp};
 
+mod move_context;
 mod transfer;
 pub use transfer::{
     ghcb_gpa_of, PagePacket, SevHostVcpuState, SevHostVmState, SevSessionStart, SevVcpuTransfer,
@@ -58,10 +59,16 @@ pub struct EmuVm {
     sev: Arc<OnceLock<Arc<SevVm>>>,
     /// The PhysMemory the guest-memory write hook uses; emptied on drop (see `new`).
     hook_slot: Arc<Mutex<Option<PhysMemory>>>,
+    /// Same-host moves of the guest (see `move_context`).
+    moves: move_context::VmMoves,
 }
 
 impl Drop for EmuVm {
     fn drop(&mut self) {
+        // VMs sharing this memory (move_context) share the slot: the last one empties it.
+        if !self.moves.release_memory() {
+            return;
+        }
         self.hook_slot
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -112,10 +119,12 @@ impl EmuVm {
             created: Mutex::new(Vec::new()),
             sev: Arc::new(OnceLock::new()),
             hook_slot,
+            moves: move_context::VmMoves::new(),
         })
     }
 
     fn sev_vm(&self) -> Result<&Arc<SevVm>> {
+        self.moves.check_sev()?;
         self.sev
             .get()
             .ok_or_else(|| HvError::Sev("no SEV-ES guest context: run LAUNCH_START first".into()))
@@ -135,24 +144,28 @@ impl EmuVm {
     /// its memory key to the CPU model's memory controller.
     pub fn sev_launch_start(&self, psp: Arc<Mutex<Psp>>, req: &LaunchStart) -> Result<u32> {
         self.require_sev_type()?;
+        self.moves.check_launch()?;
         if self.sev.get().is_some() {
             return Err(HvError::Sev(
                 "LAUNCH_START was already done for this VM".into(),
             ));
         }
-        let (handle, key) = {
+        let handle = {
             let mut p = psp.lock().unwrap_or_else(|e| e.into_inner());
             let handle = p.launch_start(req).map_err(psp_err)?;
             if let Err(e) = sev::activate_free_asid(&mut p, handle) {
                 let _ = p.decommission(handle);
                 return Err(e);
             }
-            (handle, p.memory_controller_key(handle).map_err(psp_err)?)
+            handle
         };
+        // From here on the context frees itself (SevVm's Drop) if anything fails.
+        let ctx = SevVm::new(psp, handle);
+        let key = ctx.psp().memory_controller_key(handle).map_err(psp_err)?;
         self.phys
             .enable_encryption(Arc::new(MemoryController(key)))
             .map_err(|e| HvError::Sev(e.to_string()))?;
-        let _ = self.sev.set(Arc::new(SevVm::new(psp, handle)));
+        let _ = self.sev.set(Arc::new(ctx));
         Ok(handle)
     }
 
@@ -196,12 +209,13 @@ impl EmuVm {
 
     /// The guest's firmware handle, once launched.
     pub fn sev_handle(&self) -> Option<u32> {
-        self.sev.get().map(|s| s.handle)
+        self.sev_context().map(|s| s.handle)
     }
 
     /// The secure processor this VM's guest context lives in.
     pub fn sev_context(&self) -> Option<Arc<SevVm>> {
-        self.sev.get().cloned()
+        // A dead VM's context belongs to the VM it was moved to.
+        self.sev.get().filter(|_| !self.moves.is_dead()).cloned()
     }
 
     /// The interpreter's view of guest RAM.
@@ -245,6 +259,7 @@ impl Vm for EmuVm {
             ..CpuConfig::default()
         };
         let mut vcpu = EmuVcpu::new(id, Cpu::new(cfg, self.phys.clone()));
+        vcpu.moves = Some(self.moves.flags());
         if sev_es {
             vcpu.sev = Some(Box::new(SevVcpu::new()));
             vcpu.sev_ctx = Some(self.sev.clone());
@@ -254,6 +269,7 @@ impl Vm for EmuVm {
     }
 
     fn take_dirty_log(&self) -> Result<DirtyBitmap> {
+        self.moves.check_dirty_log()?;
         Ok(self.memory.take_dirty())
     }
 }
@@ -303,6 +319,8 @@ pub struct EmuVcpu {
     cpuid: esvm_arch::cpuid::CpuidTable,
     /// The VMM's answer to the GHCB request's blocking read (SEV-ES).
     ghcb_read: Option<VmmIo>,
+    /// The VM's move state (see `move_context`).
+    moves: Option<Arc<move_context::MoveFlags>>,
 }
 
 impl EmuVcpu {
@@ -322,6 +340,7 @@ impl EmuVcpu {
                 entries: Vec::new(),
             },
             ghcb_read: None,
+            moves: None,
         }
     }
 
@@ -368,6 +387,7 @@ impl EmuVcpu {
 
 impl EmuVcpu {
     fn sev_context(&self) -> Result<Arc<SevVm>> {
+        self.check_sev_alive()?;
         self.sev_ctx
             .as_ref()
             .and_then(|c| c.get().cloned())
@@ -674,6 +694,7 @@ impl Vcpu for EmuVcpu {
     }
 
     fn run(&mut self) -> Result<VmExit<'_>> {
+        self.check_runnable()?;
         if self.sev.is_some() {
             return self.run_sev();
         }
@@ -777,6 +798,10 @@ impl Vcpu for EmuVcpu {
 
     fn sev_receive_state(&mut self, t: &SevVcpuTransfer) -> Result<()> {
         self.sev_receive_state_impl(t)
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 
     fn ghcb_msr(&self) -> Result<u64> {

@@ -286,6 +286,11 @@ pub trait Vcpu: Send {
             "this backend has no SEV-ES support (use --backend emu)".into(),
         ))
     }
+    /// The backend's own vCPU type behind this trait object, for backend-specific
+    /// operations (e.g. [`emu::EmuVm::sev_move_enc_context_from`]); None by default.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
     /// The GHCB MSR (host-visible state of an SEV-ES vCPU).
     fn ghcb_msr(&self) -> Result<u64> {
         Err(HvError::Sev(

@@ -2,20 +2,17 @@
 //! (sev_smoke_test.c and friends): real guests from `guests/`, launched through the
 //! software secure processor, talking to the hypervisor only through the GHCB.
 
-use std::sync::{Arc, Mutex, OnceLock};
+mod common;
 
-use esvm_guests::bootinfo::FLAG_PROTECTED_STATE;
+use std::sync::{Arc, Mutex};
+
+use common::{ca, launch_sev, platform};
+
 use esvm_guests::sevabi::checkpoint::{self, Checkpoint};
 use esvm_guests::sevabi::cr_steps;
 use esvm_hv::emu::EmuVm;
 use esvm_hv::{HvError, SregsView, Vcpu, Vm, VmConfig, VmExit, VmType};
-use esvm_loader::LoadOptions;
-use esvm_psp::{EmulatedAmdCa, LaunchStart, Policy, Psp};
-
-fn ca() -> &'static EmulatedAmdCa {
-    static CA: OnceLock<EmulatedAmdCa> = OnceLock::new();
-    CA.get_or_init(|| EmulatedAmdCa::generate(2048).expect("emulated CA"))
-}
+use esvm_psp::{LaunchStart, Policy, Psp};
 
 struct SevGuest {
     vm: Arc<EmuVm>,
@@ -30,47 +27,11 @@ enum End {
     Shutdown(String),
 }
 
-/// Load `name` as an SEV-ES guest and run the whole launch sequence; `before_launch` may
-/// change the vCPU's initial state (it is synced into the VMSA by LAUNCH_UPDATE_VMSA).
+/// Load `name` as an SEV-ES guest and run the whole launch sequence;
+/// `before_launch` may change the vCPU's initial state (it is synced into the VMSA by
+/// LAUNCH_UPDATE_VMSA).
 fn launch(name: &str, args: &str, before_launch: impl FnOnce(&mut dyn Vcpu)) -> SevGuest {
-    let mut cfg = VmConfig::plain(64 << 20, 1);
-    cfg.vm_type = VmType::SevEs;
-    let vm = Arc::new(EmuVm::new(&cfg).unwrap());
-    let guest = esvm_guests::builtin(name).unwrap_or_else(|| panic!("guest {name}"));
-    let boot = esvm_loader::load_elf_with_c_bit(
-        vm.memory().mmap(),
-        guest.elf,
-        &LoadOptions {
-            args,
-            vcpus: 1,
-            flags: FLAG_PROTECTED_STATE,
-        },
-        Some(esvm_hv::sev::C_BIT),
-    )
-    .unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.set_sregs(&boot.sregs).unwrap();
-    vcpu.set_regs(&boot.regs).unwrap();
-    before_launch(vcpu.as_mut());
-    let mut psp = Psp::ephemeral(ca(), Default::default()).unwrap();
-    psp.init().unwrap();
-    let psp = Arc::new(Mutex::new(psp));
-    vm.sev_launch_start(
-        psp,
-        &LaunchStart {
-            policy: Policy(Policy::ES),
-            owner: None,
-            share_key_with: None,
-        },
-    )
-    .unwrap();
-    let start = boot.boot_info.image_start & !0xfff;
-    let end = (boot.boot_info.image_end + 0xfff) & !0xfff;
-    vm.sev_launch_update_data(0, 0x10_0000).unwrap();
-    vm.sev_launch_update_data(start, end - start).unwrap();
-    vcpu.sev_launch_update_vmsa().unwrap();
-    vm.sev_launch_measure().unwrap();
-    vm.sev_launch_finish().unwrap();
+    let (vm, vcpu) = launch_sev(name, args, 64 << 20, platform(), before_launch);
     SevGuest {
         vm,
         vcpu,
@@ -336,13 +297,6 @@ fn interrupts_below_the_tracked_task_priority_are_refused() {
     v.queue_interrupt(0x60).unwrap();
 }
 
-/// A second platform under the same emulated AMD root (a destination host).
-fn platform() -> Arc<Mutex<Psp>> {
-    let mut psp = Psp::ephemeral(ca(), Default::default()).unwrap();
-    psp.init().unwrap();
-    Arc::new(Mutex::new(psp))
-}
-
 /// Move `src` (at a clean point) into a fresh SEV-ES VM on `dst_psp` through SEND_* and
 /// RECEIVE_*; `tamper` may change the vCPU transfer on the way.
 fn migrate(
@@ -406,6 +360,25 @@ fn pf_guest_waiting() -> SevGuest {
     g
 }
 
+/// Inject the #PF (error code 6) sev-pf waits for, once, and run it to its end.
+fn finish_pf_guest(g: &mut SevGuest) -> End {
+    let mut injected = false;
+    g.run(
+        |_, _| {},
+        |v| {
+            if injected {
+                return false;
+            }
+            v.inject_exception(14, Some(6)).unwrap();
+            let mut ev = v.get_events().unwrap();
+            ev.halted = false;
+            v.set_events(&ev).unwrap();
+            injected = true;
+            true
+        },
+    )
+}
+
 /// Issue 4 item 5: after SEND/RECEIVE the destination's tracked view is what the firmware
 /// decrypted (equal to the source's), registers stay sealed, and a #PF injected there still
 /// carries its error code (decided from the migrated tracked CR0.PE).
@@ -425,21 +398,7 @@ fn migrated_vcpu_keeps_its_tracked_view_and_error_code_delivery() {
     assert!(dst.vcpu.get_regs().is_err() && dst.vcpu.set_sregs(&Default::default()).is_err());
     // The source's firmware context is SENT: its packets and its guest are gone.
     assert!(src.vm.sev_send_page(0, &mut Vec::new()).is_err());
-    let mut injected = false;
-    let end = dst.run(
-        |_, _| {},
-        |v| {
-            if injected {
-                return false;
-            }
-            v.inject_exception(14, Some(6)).unwrap();
-            let mut ev = v.get_events().unwrap();
-            ev.halted = false;
-            v.set_events(&ev).unwrap();
-            injected = true;
-            true
-        },
-    );
+    let end = finish_pf_guest(&mut dst);
     assert_eq!(end, End::Exit(0), "{}", dst.serial_text());
 }
 
@@ -471,21 +430,7 @@ fn tampered_vcpu_transfers_are_refused() {
         );
         src.vm.sev_send_cancel().unwrap();
         // The source runs on: inject the #PF there and the guest completes.
-        let mut injected = false;
-        let end = src.run(
-            |_, _| {},
-            |v| {
-                if injected {
-                    return false;
-                }
-                v.inject_exception(14, Some(6)).unwrap();
-                let mut ev = v.get_events().unwrap();
-                ev.halted = false;
-                v.set_events(&ev).unwrap();
-                injected = true;
-                true
-            },
-        );
+        let end = finish_pf_guest(&mut src);
         assert_eq!(end, End::Exit(0), "{what}: {}", src.serial_text());
     }
 }

@@ -485,22 +485,29 @@ impl Machine {
         })
     }
 
-    /// SEV-ES: vCPU `id` as a VMSA transport packet (SEND_UPDATE_VMSA), at a clean point,
-    /// during a send session.
-    pub fn send_vcpu_sev(&self, id: u32) -> Result<SevVcpuTransfer, MachineError> {
+    /// vCPU `id` at a clean point (between exits), for saving or sending its state.
+    fn clean_vcpu(&self, id: u32) -> Result<&dyn Vcpu, MachineError> {
         if self.mid_exit {
             return Err(MachineError::State(
-                "the vCPU is in the middle of an exit; its state can only be sent between exits"
+                "the vCPU is in the middle of an exit; its state can only be saved between exits"
                     .into(),
             ));
         }
-        let v = self.vcpus.get(id as usize).ok_or_else(|| {
-            MachineError::State(format!(
-                "vCPU {id} does not exist (the VM has {})",
-                self.vcpus.len()
-            ))
-        })?;
-        Ok(v.sev_send_state()?)
+        self.vcpus
+            .get(id as usize)
+            .map(|v| v.as_ref())
+            .ok_or_else(|| {
+                MachineError::State(format!(
+                    "vCPU {id} does not exist (the VM has {})",
+                    self.vcpus.len()
+                ))
+            })
+    }
+
+    /// SEV-ES: vCPU `id` as a VMSA transport packet (SEND_UPDATE_VMSA), at a clean point,
+    /// during a send session.
+    pub fn send_vcpu_sev(&self, id: u32) -> Result<SevVcpuTransfer, MachineError> {
+        Ok(self.clean_vcpu(id)?.sev_send_state()?)
     }
 
     /// SEV-ES: make vCPU `id` of a receiving machine the incoming one (RECEIVE_UPDATE_VMSA).
@@ -512,28 +519,12 @@ impl Machine {
 
     /// The state of vCPU `id`, at a clean point.
     pub fn save_vcpu(&self, id: u32) -> Result<VcpuSnapshot, MachineError> {
-        if self.mid_exit {
-            return Err(MachineError::State(
-                "the vCPU is in the middle of an exit; its state can only be saved between exits"
-                    .into(),
-            ));
-        }
-        let v = self.vcpus.get(id as usize).ok_or_else(|| {
-            MachineError::State(format!(
-                "vCPU {id} does not exist (the VM has {})",
-                self.vcpus.len()
-            ))
-        })?;
-        Ok(v.snapshot()?)
+        Ok(self.clean_vcpu(id)?.snapshot()?)
     }
 
     /// Put vCPU `id` in a saved state (a fresh machine, before it runs).
     pub fn restore_vcpu(&mut self, id: u32, s: &VcpuSnapshot) -> Result<(), MachineError> {
-        let n = self.vcpus.len();
-        let v = self.vcpus.get_mut(id as usize).ok_or_else(|| {
-            MachineError::State(format!("vCPU {id} does not exist (the VM has {n})"))
-        })?;
-        v.restore(s)?;
+        self.vcpu_mut(id)?.restore(s)?;
         self.mid_exit = false;
         Ok(())
     }

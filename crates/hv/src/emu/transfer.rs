@@ -291,6 +291,7 @@ impl EmuVm {
                 "RECEIVE_START needs a VM created as SEV-ES (VmType::SevEs)",
             ));
         }
+        self.moves.check_launch()?;
         if self.sev.get().is_some() {
             return Err(sev("this VM already has an SEV-ES guest context"));
         }
@@ -310,15 +311,12 @@ impl EmuVm {
                 }
             }
         };
-        let worker = psp
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .receive_worker(handle)
-            .map_err(psp_err)?;
+        // From here on the context frees itself (SevVm's Drop) if anything fails.
+        let ctx = SevVm::new(psp, handle);
+        let worker = ctx.psp().receive_worker(handle).map_err(psp_err)?;
         self.phys
             .enable_encryption(std::sync::Arc::new(MemoryController(key)))
             .map_err(|e| sev(e.to_string()))?;
-        let ctx = SevVm::new(psp, handle);
         *lock(&ctx.recv_worker) = Some(worker);
         let _ = self.sev.set(std::sync::Arc::new(ctx));
         Ok(handle)
