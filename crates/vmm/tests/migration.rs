@@ -8,18 +8,20 @@
 //! points, cut and tamper offsets) come from a seed printed at the start of each test;
 //! set `ESVM_TEST_SEED` to replay one.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use esvm_control::{ApiClient, MigrateRequest, MigrationPhase, Request, VmState, VmStatus};
 
-const ESVM: &str = env!("CARGO_BIN_EXE_esvm");
+use common::{ctl, ctl_ok, text, wait_socket, Proc, ESVM};
+
 const MEM: &str = "32M";
 const MEM_BYTES: u64 = 32 << 20;
 const DIRTY_MIB: u64 = 2;
@@ -51,126 +53,6 @@ impl Rng {
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
-    }
-}
-
-/// A running esvm process whose stdout and stderr are collected in the background.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(r);
-        let mut line = Vec::new();
-        while let Ok(n) = r.read_until(b'\n', &mut line) {
-            if n == 0 {
-                break;
-            }
-            into.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&line));
-            line.clear();
-        }
-    })
-}
-
-impl Proc {
-    fn spawn(netns: Option<&str>, args: &[&str]) -> Proc {
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, ESVM]);
-                c
-            }
-            None => Command::new(ESVM),
-        };
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start esvm");
-        let out = Arc::new(Mutex::new(String::new()));
-        let err = Arc::new(Mutex::new(String::new()));
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), out.clone()),
-            collect(child.stderr.take().unwrap(), err.clone()),
-        ];
-        Proc {
-            child,
-            out,
-            err,
-            readers,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap().clone()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// Wait for the process to exit (at most `timeout`), then for its output.
-    fn wait(&mut self, timeout: Duration) -> i32 {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "esvm did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        status.code().unwrap_or(-1)
-    }
-
-    /// Wait until stderr contains `what`; returns the stderr so far.
-    fn wait_stderr(&mut self, what: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let e = self.stderr();
-            if e.contains(what) {
-                return e;
-            }
-            if Instant::now() > deadline || !self.alive() {
-                std::thread::sleep(Duration::from_millis(50));
-                panic!(
-                    "no {what:?} on esvm's stderr\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.alive() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -223,44 +105,6 @@ fn source_on(netns: Option<&str>, sock: &Path, guest_args: &str, sev: Option<&Pa
     let mut p = Proc::spawn(netns, &args);
     wait_socket(&mut p, sock);
     p
-}
-
-/// Wait until the VM's API answers on `sock`.
-fn wait_socket(p: &mut Proc, sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ApiClient::connect(sock).is_err() {
-        assert!(
-            p.alive() && Instant::now() < deadline,
-            "the API socket {} did not appear\nstderr:\n{}",
-            sock.display(),
-            p.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn ctl(sock: &Path, args: &[&str]) -> Output {
-    Command::new(ESVM)
-        .args(["ctl", "--api-socket", sock.to_str().unwrap()])
-        .args(args)
-        .output()
-        .expect("cannot run esvm ctl")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ctl_ok(sock: &Path, args: &[&str]) -> String {
-    let o = ctl(sock, args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "esvm ctl {args:?} failed\nstdout:\n{}\nstderr:\n{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    text(&o.stdout)
 }
 
 fn status(sock: &Path) -> serde_json::Value {
@@ -894,6 +738,26 @@ fn cut_connections_leave_the_source_intact() {
     src.check_finished();
 }
 
+/// Attempt a migration through `proxy` in each mode (restarting the guest when it ends
+/// first): the destination refuses each one, the source stays intact and `r` listens on.
+fn expect_refused(src: &mut Source, r: &mut Proc, proxy: &Proxy, targets: &[(&str, Mode)]) {
+    for &(what, mode) in targets {
+        proxy.set(mode);
+        let m = loop {
+            if let Some(m) = src.attempt(&proxy.url()) {
+                break m;
+            }
+        };
+        assert_eq!(m.phase, MigrationPhase::Failed, "{what} ({mode:?}): {m:?}");
+        let err = m.error.clone().unwrap_or_default();
+        eprintln!("{what}: {err}");
+        assert!(err.contains("refused"), "{what} ({mode:?}): {err}");
+        src.check_intact(&m, what);
+        assert!(r.alive(), "{}", r.stderr());
+    }
+    assert!(!r.stderr().contains("received the VM"), "{}", r.stderr());
+}
+
 #[test]
 fn tampered_frames_are_refused_while_the_source_runs_on() {
     let mut rng = Rng::new("tamper");
@@ -1000,20 +864,7 @@ fn tampered_frames_are_refused_while_the_source_runs_on() {
         ),
         ("random byte", Mode::Flip(rng.below(1 << 20))),
     ];
-    for (what, mode) in targets {
-        proxy.set(mode);
-        let m = loop {
-            if let Some(m) = src.attempt(&proxy.url()) {
-                break m;
-            }
-        };
-        assert_eq!(m.phase, MigrationPhase::Failed, "{what} ({mode:?}): {m:?}");
-        let err = m.error.clone().unwrap_or_default();
-        assert!(err.contains("refused"), "{what} ({mode:?}): {err}");
-        src.check_intact(&m, what);
-        assert!(r.alive(), "{}", r.stderr());
-    }
-    assert!(!r.stderr().contains("received the VM"));
+    expect_refused(&mut src, &mut r, &proxy, &targets);
     assert!(failures_logged(&r) >= targets.len() - 1, "{}", r.stderr());
     src.check_finished();
 }
@@ -1407,24 +1258,7 @@ fn sev_es_tampered_frames_are_refused_while_the_source_runs_on() {
         ("device state", forge(DEVICE_STATE, 0, rng.below(64))),
         ("random byte", Mode::Flip(rng.below(1 << 20))),
     ];
-    for (what, mode) in targets {
-        proxy.set(mode);
-        let m = loop {
-            if let Some(m) = src.attempt(&proxy.url()) {
-                break m;
-            }
-        };
-        assert!(
-            matches!(m.phase, MigrationPhase::Failed),
-            "{what} ({mode:?}): {m:?}"
-        );
-        let err = m.error.clone().unwrap_or_default();
-        eprintln!("{what}: {err}");
-        assert!(err.contains("refused"), "{what} ({mode:?}): {err}");
-        src.check_intact(&m, what);
-        assert!(r.alive(), "{}", r.stderr());
-    }
-    assert!(!r.stderr().contains("received the VM"), "{}", r.stderr());
+    expect_refused(&mut src, &mut r, &proxy, &targets);
     src.check_finished();
 }
 

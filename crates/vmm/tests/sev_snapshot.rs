@@ -7,131 +7,21 @@
 //! the guest ran on can open its snapshot; damaged or altered snapshots are refused, by the
 //! checksums or, for a consistently rewritten snapshot, by the secure processor.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+mod common;
 
-use esvm_control::ApiClient;
+use common::{ctl, ctl_ok, text, wait_socket, Proc, ESVM};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
 use esvm_hv::emu::{PRIVATE_PACKET_LEN, SHARED_PACKET_LEN};
 
-const ESVM: &str = env!("CARGO_BIN_EXE_esvm");
 const MEM: &str = "16M";
 const MEM_BYTES: u64 = 16 << 20;
 const DIRTY_MIB: u64 = 1;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------------- helpers
-
-/// A running esvm process whose stdout and stderr are collected in the background.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(r);
-        let mut line = Vec::new();
-        while let Ok(n) = r.read_until(b'\n', &mut line) {
-            if n == 0 {
-                break;
-            }
-            into.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&line));
-            line.clear();
-        }
-    })
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(ESVM)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start esvm");
-        let out = Arc::new(Mutex::new(String::new()));
-        let err = Arc::new(Mutex::new(String::new()));
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), out.clone()),
-            collect(child.stderr.take().unwrap(), err.clone()),
-        ];
-        Proc {
-            child,
-            out,
-            err,
-            readers,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap().clone()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// Wait for the process to exit, then for its output.
-    fn wait(&mut self) -> i32 {
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "esvm did not exit within {TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        status.code().unwrap_or(-1)
-    }
-
-    /// Wait until stdout contains `what`.
-    fn wait_stdout(&mut self, what: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !self.stdout().contains(what) {
-            if Instant::now() > deadline || !self.alive() {
-                std::thread::sleep(Duration::from_millis(50));
-                panic!(
-                    "no {what:?} on esvm's stdout\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.alive() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn esvm(args: &[&str]) -> Output {
     Command::new(ESVM)
@@ -140,46 +30,8 @@ fn esvm(args: &[&str]) -> Output {
         .expect("cannot run esvm")
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Wait until the VM's API answers on `sock`.
-fn wait_socket(p: &mut Proc, sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ApiClient::connect(sock).is_err() {
-        assert!(
-            p.alive() && Instant::now() < deadline,
-            "the API socket {} did not appear\nstderr:\n{}",
-            sock.display(),
-            p.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn ctl(sock: &Path, args: &[&str]) -> Output {
-    Command::new(ESVM)
-        .args(["ctl", "--api-socket", s(sock)])
-        .args(args)
-        .output()
-        .expect("cannot run esvm ctl")
-}
-
-fn ctl_ok(sock: &Path, args: &[&str]) -> String {
-    let o = ctl(sock, args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "esvm ctl {args:?} failed\nstdout:\n{}\nstderr:\n{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    text(&o.stdout)
 }
 
 fn snapshot(sock: &Path, dir: &Path) {
@@ -235,7 +87,7 @@ fn sev_vm(plat: &Path, sock: &Path, iterations: u64, extra: &[&str]) -> Proc {
     a.extend_from_slice(extra);
     a.extend(["sevdemo", "--"]);
     a.extend(args.split(' '));
-    let mut p = Proc::spawn(&a);
+    let mut p = Proc::spawn(None, &a);
     wait_socket(&mut p, sock);
     p
 }
@@ -371,7 +223,7 @@ fn snapshot_at_start(dir: &Path, plat: &Path, iterations: u64) -> PathBuf {
     let mut vm = sev_vm(plat, &sock, iterations, &[]);
     snapshot(&sock, &snap);
     ctl_ok(&sock, &["resume"]);
-    assert_eq!(vm.wait(), 0, "{}", vm.stderr());
+    assert_eq!(vm.wait(TIMEOUT), 0, "{}", vm.stderr());
     assert_eq!(vm.stdout(), expected(iterations));
     snap
 }
@@ -397,7 +249,7 @@ fn sealed_snapshots_restore_exactly_on_their_platform() {
     let mut a = sev_vm(&plat, &sock_a, iters, &[]);
     snapshot(&sock_a, &s0);
     ctl_ok(&sock_a, &["resume"]);
-    a.wait_stdout("tick 2\n");
+    a.wait_stdout("tick 2\n", TIMEOUT);
     ctl_ok(&sock_a, &["pause"]);
     std::thread::sleep(Duration::from_millis(100));
     let a_before = a.stdout();
@@ -406,38 +258,41 @@ fn sealed_snapshots_restore_exactly_on_their_platform() {
     ctl_ok(&sock_a, &["resume"]);
     // And once while it runs (the snapshot holds it meanwhile).
     let s3 = dir.path().join("s3");
-    a.wait_stdout("tick 4\n");
+    a.wait_stdout("tick 4\n", TIMEOUT);
     snapshot(&sock_a, &s3);
 
     // The snapshot taken at the start, restored with the API: snapshotted again mid-run.
     let sock_b = dir.path().join("b.sock");
-    let mut b = Proc::spawn(&[
-        "restore",
-        s(&s0),
-        "--platform",
-        s(&plat),
-        "--api-socket",
-        s(&sock_b),
-        "--start-paused",
-    ]);
+    let mut b = Proc::spawn(
+        None,
+        &[
+            "restore",
+            s(&s0),
+            "--platform",
+            s(&plat),
+            "--api-socket",
+            s(&sock_b),
+            "--start-paused",
+        ],
+    );
     wait_socket(&mut b, &sock_b);
     let st = ctl_ok(&sock_b, &["status"]);
     assert!(st.contains("sev_es"), "{st}");
     ctl_ok(&sock_b, &["resume"]);
-    b.wait_stdout("tick 5\n");
+    b.wait_stdout("tick 5\n", TIMEOUT);
     ctl_ok(&sock_b, &["pause"]);
     std::thread::sleep(Duration::from_millis(100));
     let b_before = b.stdout();
     snapshot(&sock_b, &s2);
     ctl_ok(&sock_b, &["resume"]);
 
-    assert_eq!(a.wait(), 0, "{}", a.stderr());
+    assert_eq!(a.wait(TIMEOUT), 0, "{}", a.stderr());
     assert_eq!(
         a.stdout(),
         expected,
         "the source runs on after its snapshots"
     );
-    assert_eq!(b.wait(), 0, "{}", b.stderr());
+    assert_eq!(b.wait(TIMEOUT), 0, "{}", b.stderr());
     assert_eq!(
         b.stdout(),
         expected,
@@ -679,6 +534,6 @@ fn nosend_guests_cannot_be_snapshotted() {
     let st = ctl_ok(&sock, &["status"]);
     assert!(st.contains("paused"), "{st}");
     ctl_ok(&sock, &["resume"]);
-    assert_eq!(vm.wait(), 0, "{}", vm.stderr());
+    assert_eq!(vm.wait(TIMEOUT), 0, "{}", vm.stderr());
     assert_eq!(vm.stdout(), expected(iters));
 }

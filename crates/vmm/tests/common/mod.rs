@@ -1,0 +1,188 @@
+//! Helpers shared by the scenario tests that drive real `esvm` processes.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use esvm_control::ApiClient;
+
+pub const ESVM: &str = env!("CARGO_BIN_EXE_esvm");
+
+/// A running esvm process whose stdout and stderr are collected in the background.
+pub struct Proc {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+pub fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut line = Vec::new();
+        while let Ok(n) = r.read_until(b'\n', &mut line) {
+            if n == 0 {
+                break;
+            }
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&line));
+            line.clear();
+        }
+    })
+}
+
+impl Proc {
+    pub fn spawn(netns: Option<&str>, args: &[&str]) -> Proc {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, ESVM]);
+                c
+            }
+            None => Command::new(ESVM),
+        };
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start esvm");
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), out.clone()),
+            collect(child.stderr.take().unwrap(), err.clone()),
+        ];
+        Proc {
+            child,
+            out,
+            err,
+            readers,
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Wait for the process to exit (at most `timeout`), then for its output.
+    pub fn wait(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "esvm did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        status.code().unwrap_or(-1)
+    }
+
+    /// Wait until stdout contains `what`.
+    pub fn wait_stdout(&mut self, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stdout().contains(what) {
+            if Instant::now() > deadline || !self.alive() {
+                std::thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "no {what:?} on esvm's stdout\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Wait until stderr contains `what`; returns the stderr so far.
+    pub fn wait_stderr(&mut self, what: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let e = self.stderr();
+            if e.contains(what) {
+                return e;
+            }
+            if Instant::now() > deadline || !self.alive() {
+                std::thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "no {what:?} on esvm's stderr\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Wait until the VM's API answers on `sock`.
+pub fn wait_socket(p: &mut Proc, sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ApiClient::connect(sock).is_err() {
+        assert!(
+            p.alive() && Instant::now() < deadline,
+            "the API socket {} did not appear\nstderr:\n{}",
+            sock.display(),
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn ctl(sock: &Path, args: &[&str]) -> Output {
+    Command::new(ESVM)
+        .args(["ctl", "--api-socket", sock.to_str().unwrap()])
+        .args(args)
+        .output()
+        .expect("cannot run esvm ctl")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn ctl_ok(sock: &Path, args: &[&str]) -> String {
+    let o = ctl(sock, args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "esvm ctl {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
