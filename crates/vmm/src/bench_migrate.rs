@@ -344,11 +344,7 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             ..sc(0, true, true, true)
         },
     ];
-    let wanted = |sc: &Scenario| {
-        args.guests
-            .iter()
-            .any(|g| (g == "sev-es") == sc.sev)
-    };
+    let wanted = |sc: &Scenario| args.guests.iter().any(|g| (g == "sev-es") == sc.sev);
     let mut rows = Vec::new();
     for &mem in &args.sizes {
         for sc in scenarios.into_iter().filter(wanted) {
