@@ -781,6 +781,7 @@ mod tests {
     fn sev_source(
         psp: Arc<Mutex<Psp>>,
         policy: u32,
+        vcpus: u32,
         args: &str,
         out: Buf,
     ) -> (Machine, MachineHandle) {
@@ -789,7 +790,7 @@ mod tests {
                 backend: BackendKind::Emu,
                 vm_type: VmType::SevEs,
                 mem_size: 16 << 20,
-                vcpus: 1,
+                vcpus,
                 max_instructions: None,
             },
             Box::new(out),
@@ -861,7 +862,8 @@ mod tests {
         let (iterations, dirty) = (300_000u64, 1u64);
         let args = format!("iterations={iterations} dirty-mib={dirty}");
         let src_out = Buf::default();
-        let (mut src, h) = sev_source(platform(0), 0x4, &args, src_out.clone());
+        // Two vCPUs: the parked AP's VMSA travels too.
+        let (mut src, h) = sev_source(platform(0), 0x4, 2, &args, src_out.clone());
         let src_thread = std::thread::spawn(move || src.run().map(|o| (o, src)));
         let dst_out = Buf::default();
         let (sent, received) = migrate_sev(&h, Some(platform(0)), None, dst_out.clone());
@@ -872,7 +874,7 @@ mod tests {
         let mut dst = received.unwrap();
         assert_eq!(dst.run().unwrap(), Outcome::Exited(0));
         let expected =
-            esvm_guests::demo::expected_output_sev(16 << 20, 1, &args, iterations, dirty);
+            esvm_guests::demo::expected_output_sev(16 << 20, 2, &args, iterations, dirty);
         assert_eq!(src_out.text() + &dst_out.text(), expected);
         assert!(h.control.hold().is_err(), "the source is dead");
     }
@@ -906,7 +908,7 @@ mod tests {
         ];
         for (what, policy, dst, trust, needle) in cases {
             let out = Buf::default();
-            let (mut src, h) = sev_source(platform(0), policy, args, out.clone());
+            let (mut src, h) = sev_source(platform(0), policy, 1, args, out.clone());
             let src_thread = std::thread::spawn(move || src.run());
             let (sent, received) = migrate_sev(&h, dst, trust, Buf::default());
             let e = sent.unwrap_err().to_string();
