@@ -558,10 +558,15 @@ impl MigrationTarget for MachineTarget {
             .platform
             .clone()
             .ok_or_else(|| TargetError::Failed("no SEV platform".into()))?;
-        self.emu()?
-            .sev_receive_start(psp, &start)
-            .map(|_| ())
-            .map_err(|e| refused("RECEIVE_START", e))
+        let emu = self.emu()?;
+        emu.sev_receive_start(psp, &start)
+            .map_err(|e| refused("RECEIVE_START", e))?;
+        if self.prealloc {
+            // The guest's private pages live in the encrypted view's own backing: fault it
+            // in too, before the pages arrive.
+            emu.phys().prefault_private();
+        }
+        Ok(())
     }
 
     fn receive_page_packet(&mut self, page: u64, packet: &[u8]) -> Result<(), TargetError> {
