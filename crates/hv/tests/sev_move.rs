@@ -8,23 +8,12 @@ mod common;
 
 use std::sync::{Arc, Barrier, Mutex};
 
-use common::{launch_sev, platform, sev_config};
+use common::{launch_sev, launch_start, platform, sev_config};
 
 use esvm_guests::sevabi::checkpoint::{self, Checkpoint};
 use esvm_hv::emu::EmuVm;
 use esvm_hv::{HvError, SregsView, Vcpu, Vm, VmConfig, VmExit, VmType};
-use esvm_psp::{LaunchStart, Policy, Psp};
-
-fn launch_start(vm: &EmuVm, psp: Arc<Mutex<Psp>>) -> Result<u32, HvError> {
-    vm.sev_launch_start(
-        psp,
-        &LaunchStart {
-            policy: Policy(Policy::ES),
-            owner: None,
-            share_key_with: None,
-        },
-    )
-}
+use esvm_psp::Psp;
 
 const MEM: u64 = 64 << 20;
 

@@ -20,41 +20,13 @@ use std::time::{Duration, Instant};
 
 use esvm_control::{ApiClient, MigrateRequest, MigrationPhase, Request, VmState, VmStatus};
 
-use common::{ctl, ctl_ok, text, wait_socket, Proc, ESVM};
+use common::{ctl, ctl_ok, text, wait_socket, Proc, Rng, ESVM};
 
 const MEM: &str = "32M";
 const MEM_BYTES: u64 = 32 << 20;
 const DIRTY_MIB: u64 = 2;
 
 // ---------------------------------------------------------------------------------- helpers
-
-/// A small deterministic RNG (xorshift64*), seeded per test.
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = std::env::var("ESVM_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
-        eprintln!("{test}: seed {seed} (set ESVM_TEST_SEED={seed} to replay)");
-        Rng(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// `esvm receive --listen tcp:HOST:0` (in `netns`, if given); returns it and its port.
 fn receive(netns: Option<&str>, host: &str, extra: &[&str]) -> (Proc, u16) {

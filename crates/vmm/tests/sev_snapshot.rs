@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{ctl, ctl_ok, text, wait_socket, Proc, ESVM};
+use common::{ctl, ctl_ok, text, wait_socket, Proc, Rng, ESVM};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -188,31 +188,6 @@ fn forge(snap: &Path, json: &mut serde_json::Value, mem: &[u8]) {
     }
     std::fs::write(snap.join("memory.sev"), mem).unwrap();
     write_state(snap, json);
-}
-
-/// A small deterministic choice from the test's seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = std::env::var("ESVM_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
-        eprintln!("{test}: seed {seed} (set ESVM_TEST_SEED={seed} to replay)");
-        Rng(seed | 1)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
-    }
 }
 
 /// A sealed snapshot of a sevdemo guest of `iterations`, taken before its first

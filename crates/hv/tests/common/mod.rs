@@ -29,6 +29,18 @@ pub fn sev_config(mem_size: u64, vcpus: u32) -> VmConfig {
     cfg
 }
 
+/// LAUNCH_START (policy ES, no owner) on `psp`.
+pub fn launch_start(vm: &EmuVm, psp: Arc<Mutex<Psp>>) -> Result<u32, esvm_hv::HvError> {
+    vm.sev_launch_start(
+        psp,
+        &LaunchStart {
+            policy: Policy(Policy::ES),
+            owner: None,
+            share_key_with: None,
+        },
+    )
+}
+
 /// Load `name` into a one-vCPU SEV-ES VM of `mem_size` bytes and run the whole launch
 /// sequence on `psp` (policy ES); `before_launch` may change the vCPU's initial state (it is
 /// synced into the VMSA by LAUNCH_UPDATE_VMSA).
@@ -56,15 +68,7 @@ pub fn launch_sev(
     vcpu.set_sregs(&boot.sregs).unwrap();
     vcpu.set_regs(&boot.regs).unwrap();
     before_launch(vcpu.as_mut());
-    vm.sev_launch_start(
-        psp,
-        &LaunchStart {
-            policy: Policy(Policy::ES),
-            owner: None,
-            share_key_with: None,
-        },
-    )
-    .unwrap();
+    launch_start(&vm, psp).unwrap();
     let start = boot.boot_info.image_start & !0xfff;
     let end = (boot.boot_info.image_end + 0xfff) & !0xfff;
     vm.sev_launch_update_data(0, 0x10_0000).unwrap();
