@@ -695,7 +695,15 @@ impl Vcpu for EmuVcpu {
 
     fn run(&mut self) -> Result<VmExit<'_>> {
         self.check_runnable()?;
-        if self.sev.is_some() {
+        if let Some(s) = &self.sev {
+            if !s.protected {
+                // On hardware VMRUN of an SEV-ES guest needs the vCPU's encrypted VMSA (else
+                // VMEXIT_INVALID); KVM refuses to run such a vCPU.
+                return Err(HvError::Sev(format!(
+                    "vCPU {} of an SEV-ES VM has no encrypted VMSA yet: run                      LAUNCH_UPDATE_VMSA (or receive it with RECEIVE_UPDATE_VMSA) before                      running it",
+                    self.id
+                )));
+            }
             return self.run_sev();
         }
         self.complete()?;

@@ -434,3 +434,20 @@ fn tampered_vcpu_transfers_are_refused() {
         assert_eq!(end, End::Exit(0), "{what}: {}", src.serial_text());
     }
 }
+
+/// As on hardware (VMRUN needs the encrypted VMSA) and KVM: an SEV-ES vCPU that has not
+/// been through LAUNCH_UPDATE_VMSA refuses to run, before and after LAUNCH_START; after it
+/// the same vCPU runs.
+#[test]
+fn vcpu_without_an_encrypted_vmsa_refuses_to_run() {
+    let vm = Arc::new(EmuVm::new(&common::sev_config(16 << 20, 1)).unwrap());
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let e = vcpu.run().unwrap_err().to_string();
+    assert!(e.contains("no encrypted VMSA"), "{e}");
+    common::launch_start(&vm, platform()).unwrap();
+    let e = vcpu.run().unwrap_err().to_string();
+    assert!(e.contains("LAUNCH_UPDATE_VMSA"), "{e}");
+    vcpu.sev_launch_update_vmsa().unwrap();
+    vcpu.set_instruction_budget(Some(10)).unwrap();
+    assert!(vcpu.run().is_ok());
+}
