@@ -218,6 +218,19 @@ impl EmuVm {
         self.sev.get().filter(|_| !self.moves.is_dead()).cloned()
     }
 
+    /// The interpreter configuration of this VM's vCPU `id`.
+    fn cpu_config(&self, id: u32) -> CpuConfig {
+        CpuConfig {
+            cpuid: self.config.cpuid.clone(),
+            cpuid_intercepts: self.config.cpuid_intercepts.clone(),
+            msr_intercepts: self.config.msr_intercepts.clone(),
+            vcpu_id: id,
+            sev_es: (self.config.vm_type == VmType::SevEs)
+                .then_some(SevEsConfig { c_bit: sev::C_BIT }),
+            ..CpuConfig::default()
+        }
+    }
+
     /// The interpreter's view of guest RAM.
     pub fn phys(&self) -> &PhysMemory {
         &self.phys
@@ -250,15 +263,7 @@ impl Vm for EmuVm {
         }
         created.push(id);
         let sev_es = self.config.vm_type == VmType::SevEs;
-        let cfg = CpuConfig {
-            cpuid: self.config.cpuid.clone(),
-            cpuid_intercepts: self.config.cpuid_intercepts.clone(),
-            msr_intercepts: self.config.msr_intercepts.clone(),
-            vcpu_id: id,
-            sev_es: sev_es.then_some(SevEsConfig { c_bit: sev::C_BIT }),
-            ..CpuConfig::default()
-        };
-        let mut vcpu = EmuVcpu::new(id, Cpu::new(cfg, self.phys.clone()));
+        let mut vcpu = EmuVcpu::new(id, Cpu::new(self.cpu_config(id), self.phys.clone()));
         vcpu.moves = Some(self.moves.flags());
         if sev_es {
             vcpu.sev = Some(Box::new(SevVcpu::new()));

@@ -50,10 +50,9 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use esvm_cpu::{Cpu, CpuConfig, SevEsConfig};
+use esvm_cpu::Cpu;
 
 use super::{Awaiting, EmuVcpu, EmuVm};
-use crate::sev;
 use crate::{BackendKind, HvError, Result, Vcpu, VmConfig, VmType};
 
 /// Per-VM move state, shared with the VM's vCPUs.
@@ -261,15 +260,7 @@ fn vcpus_of<'a>(
 
 /// A CPU in the RESET state for vCPU `id` of `vm` (as `create_vcpu` makes it).
 fn fresh_cpu(vm: &EmuVm, id: u32) -> Cpu {
-    let cfg = CpuConfig {
-        cpuid: vm.config.cpuid.clone(),
-        cpuid_intercepts: vm.config.cpuid_intercepts.clone(),
-        msr_intercepts: vm.config.msr_intercepts.clone(),
-        vcpu_id: id,
-        sev_es: (vm.config.vm_type == VmType::SevEs).then_some(SevEsConfig { c_bit: sev::C_BIT }),
-        ..CpuConfig::default()
-    };
-    Cpu::new(cfg, vm.phys.clone())
+    Cpu::new(vm.cpu_config(id), vm.phys.clone())
 }
 
 impl EmuVm {
