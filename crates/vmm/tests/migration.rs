@@ -562,6 +562,35 @@ fn failures_logged(r: &Proc) -> usize {
     r.stderr().matches("failed:").count()
 }
 
+/// The last hop of a chain A -> B -> C: once B (API socket `sb`) runs the guest, migrate it
+/// to C (listening on port `pc`) at a random point; both end with status 0 and the three
+/// processes' output together is `expected`, which is returned.
+fn hop_and_finish(
+    rng: &mut Rng,
+    a: &Proc,
+    (b, sb): (&mut Proc, &Path),
+    (c, pc): (&mut Proc, u16),
+    expected: &str,
+) -> String {
+    wait_socket(b, sb);
+    assert!(b.stderr().contains("received the VM"), "{}", b.stderr());
+    std::thread::sleep(Duration::from_millis(20 + rng.below(300)));
+    let out = ctl_ok(sb, &["migrate", &format!("tcp://127.0.0.1:{pc}")]);
+    assert!(out.contains("completed"), "{out}");
+    assert_eq!(b.wait(Duration::from_secs(30)), 0, "{}", b.stderr());
+    assert_eq!(c.wait(Duration::from_secs(120)), 0, "{}", c.stderr());
+    let all = a.stdout() + &b.stdout() + &c.stdout();
+    assert_eq!(
+        all,
+        expected,
+        "a:\n{}\nb:\n{}\nc:\n{}",
+        a.stdout(),
+        b.stdout(),
+        c.stdout()
+    );
+    all
+}
+
 #[test]
 fn migration_chain_over_loopback_keeps_the_guest_exact() {
     let mut rng = Rng::new("chain");
@@ -642,24 +671,14 @@ fn migration_chain_over_loopback_keeps_the_guest_exact() {
     );
 
     // B -> C at another random point, with `esvm ctl migrate` following it to the end.
-    wait_socket(&mut b, &sb);
-    assert!(b.stderr().contains("received the VM"), "{}", b.stderr());
-    std::thread::sleep(Duration::from_millis(20 + rng.below(300)));
-    let out = ctl_ok(&sb, &["migrate", &format!("tcp://127.0.0.1:{pc}")]);
-    assert!(out.contains("completed"), "{out}");
-    assert_eq!(b.wait(Duration::from_secs(30)), 0, "{}", b.stderr());
-    assert_eq!(c.wait(Duration::from_secs(120)), 0, "{}", c.stderr());
-
     // One guest, three processes: together exactly the demo's output, and the same
     // checksum as the run that never moved.
-    let all = a.stdout() + &b.stdout() + &c.stdout();
-    assert_eq!(
-        all,
-        expected_output(iters),
-        "a:\n{}\nb:\n{}\nc:\n{}",
-        a.stdout(),
-        b.stdout(),
-        c.stdout()
+    let all = hop_and_finish(
+        &mut rng,
+        &a,
+        (&mut b, &sb),
+        (&mut c, pc),
+        &expected_output(iters),
     );
     assert_eq!(plain.wait(Duration::from_secs(120)), 0);
     assert_eq!(checksum_of(&plain.stdout()), checksum_of(&all));
@@ -1132,19 +1151,12 @@ fn sev_es_migration_chain_keeps_the_guest_exact() {
     wait_socket(&mut b, &sb);
     let st = status(&sb);
     assert_eq!(st["vm_type"], "sev_es", "{st}");
-    std::thread::sleep(Duration::from_millis(20 + rng.below(300)));
-    let out = ctl_ok(&sb, &["migrate", &format!("tcp://127.0.0.1:{pc}")]);
-    assert!(out.contains("completed"), "{out}");
-    assert_eq!(b.wait(Duration::from_secs(30)), 0, "{}", b.stderr());
-    assert_eq!(c.wait(Duration::from_secs(120)), 0, "{}", c.stderr());
-    let all = a.stdout() + &b.stdout() + &c.stdout();
-    assert_eq!(
-        all,
-        expected_output_sev(iters),
-        "a:\n{}\nb:\n{}\nc:\n{}",
-        a.stdout(),
-        b.stdout(),
-        c.stdout()
+    let all = hop_and_finish(
+        &mut rng,
+        &a,
+        (&mut b, &sb),
+        (&mut c, pc),
+        &expected_output_sev(iters),
     );
     // The same checksum as the plain demo that never moved.
     let plain = expected_output(iters);
