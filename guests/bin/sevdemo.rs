@@ -21,10 +21,13 @@
 #![no_std]
 #![no_main]
 
-use esvm_rt::{arg_u64_or_exit, entry, println, BootInfo, Dec, Hex16};
+use esvm_rt::{entry, println, BootInfo};
 
 #[path = "../demo/workload.rs"]
 mod workload;
+
+#[path = "../demo/main.rs"]
+mod demo_main;
 
 entry!(main, sev_es);
 
@@ -33,51 +36,5 @@ fn main(bi: &'static BootInfo) -> u32 {
         println!("error: sevdemo is an SEV-ES guest; run it with FLAG_PROTECTED_STATE (esvm run --sev-es)");
         return 2;
     }
-    println!("esvm sevdemo guest (SEV-ES)");
-    println!(
-        "sevdemo: memory {} MiB, {} vCPU(s), args \"{}\"",
-        Dec(bi.mem_size >> 20),
-        Dec(u64::from(bi.vcpus)),
-        esvm_rt::args::all()
-    );
-    let iterations = arg_u64_or_exit("iterations", workload::DEFAULT_ITERATIONS);
-    let dirty_mib = arg_u64_or_exit("dirty-mib", 0);
-    println!(
-        "sevdemo: iterations={} dirty-mib={}",
-        Dec(iterations),
-        Dec(dirty_mib)
-    );
-
-    let bytes = match dirty_mib.checked_mul(1 << 20) {
-        Some(b) if b <= esvm_rt::mem::free_bytes() => b,
-        _ => {
-            println!(
-                "error: dirty-mib={} does not fit in the {} MiB of free guest memory",
-                Dec(dirty_mib),
-                Dec(esvm_rt::mem::free_bytes() >> 20)
-            );
-            return 2;
-        }
-    };
-    let buf: &mut [u64] = if bytes == 0 {
-        &mut []
-    } else {
-        match esvm_rt::mem::alloc_aligned(bytes, 4096) {
-            // SAFETY: freshly allocated, zeroed, identity-mapped (private) memory owned by
-            // us only.
-            Some(addr) => unsafe {
-                core::slice::from_raw_parts_mut(addr as *mut u64, (bytes / 8) as usize)
-            },
-            None => {
-                println!(
-                    "error: cannot allocate {} MiB for the dirty buffer",
-                    Dec(dirty_mib)
-                );
-                return 2;
-            }
-        }
-    };
-    let sum = workload::run(iterations, buf, |k| println!("tick {}", Dec(k)));
-    println!("checksum={}", Hex16(sum));
-    0
+    demo_main::run("esvm sevdemo guest (SEV-ES)", "sevdemo", bi)
 }
