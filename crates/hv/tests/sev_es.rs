@@ -203,33 +203,9 @@ fn tracked_view_follows_the_guests_own_cr_writes() {
 
 #[test]
 fn injected_page_fault_carries_its_error_code() {
-    let ready = std::cell::Cell::new(false);
-    let mut injected = false;
-    let mut g = launch("sev-pf", "ec=6", |_| {});
-    let end = g.run(
-        |_, value| {
-            if checkpoint::decode(value) == Some(Checkpoint::PfReady) {
-                ready.set(true);
-            }
-        },
-        |v| {
-            if !ready.get() || injected {
-                return false;
-            }
-            // Error-code delivery is decided from the tracked CR0.PE (set: long mode).
-            v.inject_exception(14, Some(6)).unwrap();
-            let mut ev = v.get_events().unwrap();
-            ev.halted = false;
-            v.set_events(&ev).unwrap();
-            injected = true;
-            true
-        },
-    );
-    assert!(
-        injected,
-        "the guest never became ready: {}",
-        g.serial_text()
-    );
+    // Error-code delivery is decided from the tracked CR0.PE (set: long mode).
+    let mut g = pf_guest_waiting();
+    let end = finish_pf_guest(&mut g);
     assert_eq!(end, End::Exit(0), "{}", g.serial_text());
 }
 
