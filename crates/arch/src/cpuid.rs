@@ -44,6 +44,11 @@ impl CpuidTable {
         self.entries.push(entry);
     }
 
+    /// Vendor and family/model/stepping this table reports.
+    pub fn signature(&self) -> CpuSignature {
+        CpuSignature::from_leaves(self.lookup(0, 0), self.lookup(1, 0)[0])
+    }
+
     /// The CPU esvm's software vCPU models: an "AuthenticAMD" x86-64 part with the integer ISA,
     /// SSE/SSE2, FXSR, CX8/CX16, POPCNT, LZCNT, MOVBE, BMI1 (TZCNT), SYSCALL, NX, RDTSCP and
     /// 1 GiB pages, and nothing it does not implement (no AVX, no XSAVE beyond XCR0 access).
@@ -92,6 +97,79 @@ impl CpuidTable {
             entries.push(entry(0x8000_0002 + i, 0, false, w(0), w(4), w(8), w(12)));
         }
         CpuidTable { entries }
+    }
+}
+
+/// Vendor and family/model/stepping as CPUID leaves 0 and 1 report them (AMD APM vol. 3,
+/// "CPUID Fn0000_0001_EAX"; Intel SDM vol. 2, CPUID leaf 1): the displayed family adds the
+/// extended family only when the base family is 0xF; the displayed model takes the extended
+/// model when the base family is 0xF (both vendors) or 6 (Intel's family 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuSignature {
+    /// The 12-byte vendor string ("AuthenticAMD", "GenuineIntel", ...).
+    pub vendor: [u8; 12],
+    pub family: u32,
+    pub model: u32,
+    pub stepping: u32,
+}
+
+impl CpuSignature {
+    /// Decode leaf 0 (EBX, EDX, ECX: the vendor) and leaf 1 EAX (the signature).
+    pub fn from_leaves(leaf0: [u32; 4], leaf1_eax: u32) -> Self {
+        let mut vendor = [0u8; 12];
+        for (i, r) in [leaf0[1], leaf0[3], leaf0[2]].iter().enumerate() {
+            vendor[4 * i..4 * i + 4].copy_from_slice(&r.to_le_bytes());
+        }
+        let base_family = (leaf1_eax >> 8) & 0xf;
+        let base_model = (leaf1_eax >> 4) & 0xf;
+        let family = if base_family == 0xf {
+            base_family + ((leaf1_eax >> 20) & 0xff)
+        } else {
+            base_family
+        };
+        let model = if base_family == 0xf || base_family == 6 {
+            base_model | (((leaf1_eax >> 16) & 0xf) << 4)
+        } else {
+            base_model
+        };
+        CpuSignature {
+            vendor,
+            family,
+            model,
+            stepping: leaf1_eax & 0xf,
+        }
+    }
+
+    /// The signature of the CPU this process runs on.
+    #[cfg(target_arch = "x86_64")]
+    pub fn host() -> Self {
+        use core::arch::x86_64::__cpuid;
+        let l0 = __cpuid(0);
+        let l1 = __cpuid(1);
+        Self::from_leaves([l0.eax, l0.ebx, l0.ecx, l0.edx], l1.eax)
+    }
+
+    /// The vendor string, lossily as text.
+    pub fn vendor_str(&self) -> String {
+        String::from_utf8_lossy(&self.vendor).into_owned()
+    }
+
+    /// Same vendor and family (the unit whose undefined results esvm models).
+    pub fn same_family(&self, other: &CpuSignature) -> bool {
+        self.vendor == other.vendor && self.family == other.family
+    }
+}
+
+impl std::fmt::Display for CpuSignature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} family {:#x} model {:#x} stepping {}",
+            self.vendor_str(),
+            self.family,
+            self.model,
+            self.stepping
+        )
     }
 }
 
@@ -168,6 +246,31 @@ mod tests {
         // The SEV leaf exists (within the reported range) for the hypervisor to fill.
         assert!(t.lookup(0x8000_0000, 0)[0] >= 0x8000_001f);
         assert!(t.entries.iter().any(|e| e.function == 0x8000_001f));
+    }
+
+    #[test]
+    fn the_default_table_is_an_amd_family_17h_part() {
+        let s = CpuidTable::esvm_default().signature();
+        assert_eq!(&s.vendor, b"AuthenticAMD");
+        assert_eq!((s.family, s.model, s.stepping), (0x17, 1, 0));
+        assert_eq!(
+            s.to_string(),
+            "AuthenticAMD family 0x17 model 0x1 stepping 0"
+        );
+    }
+
+    #[test]
+    fn signatures_decode_extended_family_only_for_base_family_f() {
+        let amd = [0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65];
+        // Zen 3 (EPYC 7003): family 0x19, model 0x01.
+        let z3 = CpuSignature::from_leaves(amd, 0x00a0_0f11);
+        assert_eq!((z3.family, z3.model, z3.stepping), (0x19, 0x01, 1));
+        // An Intel family-6 part (Sapphire Rapids, model 0x8f): the extended model counts.
+        let intel =
+            CpuSignature::from_leaves([0x1b, 0x756e_6547, 0x6c65_746e, 0x4965_6e69], 0x0008_06f8);
+        assert_eq!(&intel.vendor, b"GenuineIntel");
+        assert_eq!((intel.family, intel.model), (6, 0x8f));
+        assert!(!intel.same_family(&z3));
     }
 
     #[test]

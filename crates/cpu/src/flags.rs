@@ -4,15 +4,8 @@
 //! operands and result; flags are computed when something reads them. Everything else sets
 //! the six arithmetic flags eagerly through [`Cpu::set_arith`].
 //!
-//! Architecturally undefined flags are produced as follows (what AMD Zen parts do where it
-//! is known; the differential tests mask the rest, see `testutil::undefined_flags`):
-//! - logic ops (AND/OR/XOR/TEST): AF = 0;
-//! - shifts with count > 1: OF computed as for count 1 on the last step; AF = 1 (SHL/SHR/SAR,
-//!   as AMD Zen does);
-//! - MUL/IMUL: SF, ZF, AF, PF unchanged (AMD Zen);
-//! - DIV/IDIV: all six flags unchanged;
-//! - BSF/BSR/TZCNT/LZCNT/POPCNT: per the instruction, others cleared;
-//! - BT*: only CF defined, others unchanged.
+//! Architecturally undefined flags follow the modelled CPU (AMD family 17h); the table of
+//! what each instruction produces is in [`crate::model`].
 
 use crate::Cpu;
 use esvm_arch::bits::rflags::{AF, ARITH, CF, OF, PF, SF, ZF};

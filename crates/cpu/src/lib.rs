@@ -53,6 +53,7 @@ mod flags;
 mod intr;
 pub mod mem;
 mod mmu;
+pub mod model;
 mod seg;
 mod sev;
 pub mod testutil;

@@ -426,23 +426,3 @@ pub fn run_snippet_with(
         },
     }
 }
-
-/// RFLAGS bits that are architecturally undefined after the instruction with this iced
-/// mnemonic name (lowercase, e.g. "mul"); differential tests should mask them. The vCPU's
-/// values for these are documented in the `flags` module.
-pub fn undefined_flags(mnemonic: &str) -> u64 {
-    use rflags::{AF, CF, OF, PF, SF, ZF};
-    match mnemonic {
-        "and" | "or" | "xor" | "test" => AF,
-        "shl" | "sal" | "shr" | "sar" => AF | OF,
-        "rol" | "ror" | "rcl" | "rcr" => OF,
-        "shld" | "shrd" => AF | OF | CF,
-        "mul" | "imul" => SF | ZF | AF | PF,
-        "div" | "idiv" => CF | OF | SF | ZF | AF | PF,
-        "bt" | "bts" | "btr" | "btc" => OF | SF | AF | PF,
-        "bsf" | "bsr" => CF | OF | SF | AF | PF,
-        "tzcnt" | "lzcnt" => OF | SF | AF | PF,
-        "andn" | "bextr" | "blsi" | "blsmsk" | "blsr" => AF | PF,
-        _ => 0,
-    }
-}

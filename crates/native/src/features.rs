@@ -1,5 +1,9 @@
 //! Which optional integer instructions the host CPU executes, so the generator only emits what
-//! the native side can run (an unsupported TZCNT/LZCNT would silently execute as BSF/BSR).
+//! the native side can run (an unsupported TZCNT/LZCNT would silently execute as BSF/BSR), and
+//! whether the host is the CPU family the interpreter models, so the generator only emits
+//! vendor-specific cases where host and interpreter are meant to agree.
+
+use esvm_arch::cpuid::{CpuSignature, CpuidTable};
 
 /// Optional instruction-set extensions relevant to the generator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +20,11 @@ pub struct HostFeatures {
     pub lahf_lm: bool,
     /// CMPXCHG16B (CPUID 1 ECX bit 13).
     pub cx16: bool,
+    /// The host is the vendor and family the interpreter models (its default CPUID; see
+    /// `esvm_cpu::model`): cases whose outcome differs between vendors or families (e.g. a
+    /// REP string instruction with a 32-bit address size and ECX = 0, which Intel ends by
+    /// zero-extending ECX, ESI and EDI and AMD leaves alone) are generated only then.
+    pub modelled_family: bool,
 }
 
 impl HostFeatures {
@@ -34,6 +43,8 @@ impl HostFeatures {
             movbe: std::arch::is_x86_feature_detected!("movbe"),
             lahf_lm: ext1_ecx & 1 != 0,
             cx16: std::arch::is_x86_feature_detected!("cmpxchg16b"),
+            modelled_family: CpuSignature::host()
+                .same_family(&CpuidTable::esvm_default().signature()),
         }
     }
 
@@ -46,6 +57,7 @@ impl HostFeatures {
             movbe: false,
             lahf_lm: false,
             cx16: false,
+            modelled_family: false,
         }
     }
 }

@@ -2098,6 +2098,11 @@ impl Builder {
         let pick_addr =
             |e: &mut Entropy| SCRATCH_ADDR + margin + e.below(DATA_SIZE as u64 - 2 * margin);
         let (si, di) = (pick_addr(e), pick_addr(e));
+        // With a 32-bit address size the registers are ECX/ESI/EDI; upper bits in them with a
+        // REP prefix and ECX = 0 meet a vendor difference (see
+        // `HostFeatures::modelled_family`): Intel zero-extends all three, AMD leaves them.
+        let vendor_specific = rep != RepPrefixKind::None && n == 0;
+        let high_ok = self.features.modelled_family || !vendor_specific;
         let hi = |e: &mut Entropy| {
             if addr32 && e.chance(2) {
                 e.next() << 32
@@ -2106,6 +2111,7 @@ impl Builder {
             }
         };
         let (h1, h2, h3) = (hi(e), hi(e), hi(e));
+        let (h1, h2, h3) = if high_ok { (h1, h2, h3) } else { (0, 0, 0) };
         if matches!(op, "movs" | "lods" | "cmps") {
             self.set64(e, I_RSI, h1 | si)?;
         }
@@ -2452,6 +2458,7 @@ mod tests {
             movbe: true,
             lahf_lm: true,
             cx16: true,
+            modelled_family: true,
         }
     }
 
