@@ -82,8 +82,10 @@ impl CpuidTable {
                 (1 << 0) | (1 << 5), // LAHF/SAHF in 64-bit, ABM (LZCNT); SSE4A (bit 6) off
                 (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29) | edx1_shared(),
             ),
-            // Address sizes: 48 virtual, 48 physical.
-            entry(0x8000_0008, 0, false, 0x3030, 0, 0, 0),
+            // Address sizes: 48 virtual, 48 physical. EBX bit 2 (XSaveErPtr, as on every Zen
+            // part): FXSAVE always stores the x87 error pointers; without it Linux works around
+            // the "FXSAVE leak" with `fnclex; emms; fild` on every FPU restore.
+            entry(0x8000_0008, 0, false, 0x3030, 1 << 2, 0, 0),
             // AMD memory encryption (SEV): nothing on a plain vCPU. For an SEV-ES guest the
             // hypervisor answers this leaf (the guest's CPUID is a #VC event) with EAX bit 1
             // (SEV) and bit 3 (SEV-ES), EBX[5:0] = the C-bit position and EBX[11:6] = the
@@ -198,8 +200,9 @@ fn ecx1() -> u32 {
     (1 << 13) | (1 << 22) | (1 << 23) | (1 << 31)
 }
 
-/// Leaf 1 EDX: FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, APIC, SEP, MTRR off, PGE, CMOV, PAT,
-/// CLFSH, MMX, FXSR, SSE, SSE2.
+/// Leaf 1 EDX: FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, SEP, MTRR off, PGE, CMOV, PAT, CLFSH,
+/// MMX, FXSR, SSE, SSE2. No APIC (bit 9): the vCPU has no local APIC, so a guest keeps the 8259
+/// (Linux: "APIC: Keep in PIC mode(8259)") instead of programming one that is not there.
 fn edx1() -> u32 {
     (1 << 0)
         | (1 << 2)
@@ -209,7 +212,6 @@ fn edx1() -> u32 {
         | (1 << 6)
         | (1 << 7)
         | (1 << 8)
-        | (1 << 9)
         | (1 << 11)
         | (1 << 13)
         | (1 << 15)
@@ -246,6 +248,9 @@ mod tests {
         // The SEV leaf exists (within the reported range) for the hypervisor to fill.
         assert!(t.lookup(0x8000_0000, 0)[0] >= 0x8000_001f);
         assert!(t.entries.iter().any(|e| e.function == 0x8000_001f));
+        // No local APIC is modelled: neither leaf advertises one.
+        assert_eq!(t.lookup(1, 0)[3] & (1 << 9), 0);
+        assert_eq!(t.lookup(0x8000_0001, 0)[3] & (1 << 9), 0);
     }
 
     #[test]
