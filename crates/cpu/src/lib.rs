@@ -33,16 +33,19 @@
 //! VMM makes to guest code outside [`PhysMemory::write`] must be followed by
 //! [`PhysMemory::invalidate_code`].
 //!
-//! Not modelled (they raise #UD or #GP, never silently misbehave): x87 arithmetic (only
-//! FNINIT/FNCLEX/FNSTCW/FLDCW/FNSTSW/FWAIT and FXSAVE/FXRSTOR), MMX, AVX/XSAVE
-//! instructions (XGETBV/XSETBV work when CPUID advertises XSAVE), SYSENTER/SYSEXIT, task
-//! switches, call/task gates, virtual-8086 mode, the TSS I/O permission bitmap (I/O at
-//! CPL > IOPL is #GP), SMEP/SMAP/PCID/PKE/UMIP/FSGSBASE (their CR4 bits are refused),
-//! debug-register breakpoints (DR0-7 are stored; RFLAGS.TF single-step works), alignment
-//! checking (#AC), MONITOR/MWAIT, RDRAND. CR8 is stored but does not mask interrupts (the
-//! VMM's interrupt controller model applies the TPR). A non-canonical stack access raises
-//! #GP rather than #SS. Instruction fetch from MMIO (e.g. the RESET vector at 0xFFFFFFF0
-//! without RAM there) ends the run with [`Exit::Shutdown`].
+//! Floating point: SSE/SSE2 (`exec/sse.rs`) and the whole x87 FPU (`exec/x87.rs`) compute
+//! on the host FPU, so their results are exactly the host's (including the
+//! implementation-specific last bits of the x87 transcendentals).
+//!
+//! Not modelled (they raise #UD or #GP, never silently misbehave): MMX arithmetic (EMMS
+//! works), AVX/XSAVE instructions (XGETBV/XSETBV work when CPUID advertises XSAVE),
+//! SYSENTER/SYSEXIT, task switches, call/task gates, virtual-8086 mode, the TSS I/O
+//! permission bitmap (I/O at CPL > IOPL is #GP), SMEP/SMAP/PCID/PKE/UMIP/FSGSBASE (their CR4
+//! bits are refused), debug-register breakpoints (DR0-7 are stored; RFLAGS.TF single-step
+//! works), alignment checking (#AC), MONITOR/MWAIT, RDRAND. CR8 is stored but does not mask
+//! interrupts (the VMM's interrupt controller model applies the TPR). A non-canonical stack
+//! access raises #GP rather than #SS. Instruction fetch from MMIO (e.g. the RESET vector at
+//! 0xFFFFFFF0 without RAM there) ends the run with [`Exit::Shutdown`].
 //!
 //! SEV-ES mode ([`CpuConfig::sev_es`]) models an encrypted-state guest: #VC instead of
 //! exits, VMGEXIT, write traps, C-bit page walks over encrypted memory, and the VMSA.
@@ -316,8 +319,8 @@ pub struct Cpu {
     pub(crate) xcr0: u64,
     pub(crate) msrs: MsrState,
     pub(crate) dr: DebugRegs,
-    /// x87 state (its `xmm`/`mxcsr` fields are unused: see `xmm`, `mxcsr`).
-    pub(crate) x87: FpuState,
+    /// x87 state.
+    pub(crate) x87: exec::x87::X87,
     pub(crate) tsc_offset: i64,
 
     // ---- events ----
@@ -404,7 +407,7 @@ impl Cpu {
             xcr0: 1,
             msrs: MsrState::default(),
             dr: DebugRegs::default(),
-            x87: FpuState::default(),
+            x87: exec::x87::X87::default(),
             tsc_offset: 0,
             ev_exception: None,
             ev_interrupt: None,
@@ -507,7 +510,8 @@ impl Cpu {
     }
 
     pub fn fpu(&self) -> FpuState {
-        let mut f = self.x87;
+        let mut f = FpuState::default();
+        self.x87.write_fpu(&mut f);
         f.mxcsr = self.mxcsr;
         f.mxcsr_mask = exec::sse::MXCSR_MASK;
         for (i, x) in self.xmm.iter().enumerate() {
@@ -517,7 +521,7 @@ impl Cpu {
     }
 
     pub fn set_fpu(&mut self, f: &FpuState) {
-        self.x87 = *f;
+        self.x87 = exec::x87::X87::from_fpu(f);
         self.mxcsr = f.mxcsr & exec::sse::MXCSR_MASK;
         for (i, x) in f.xmm.iter().enumerate() {
             self.xmm[i] = u128::from_le_bytes(*x);
