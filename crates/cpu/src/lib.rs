@@ -35,14 +35,15 @@
 //!
 //! Floating point: SSE/SSE2 (`exec/sse.rs`) and the whole x87 FPU (`exec/x87.rs`) compute
 //! on the host FPU, so their results are exactly the host's (including the
-//! implementation-specific last bits of the x87 transcendentals).
+//! implementation-specific last bits of the x87 transcendentals). RDRAND/RDSEED return a
+//! deterministic per-vCPU stream ([`CpuConfig::rdrand_seed`]).
 //!
 //! Not modelled (they raise #UD or #GP, never silently misbehave): MMX arithmetic (EMMS
 //! works), AVX/XSAVE instructions (XGETBV/XSETBV work when CPUID advertises XSAVE),
 //! SYSENTER/SYSEXIT, task switches, call/task gates, virtual-8086 mode, the TSS I/O
 //! permission bitmap (I/O at CPL > IOPL is #GP), SMEP/SMAP/PCID/PKE/UMIP/FSGSBASE (their CR4
 //! bits are refused), debug-register breakpoints (DR0-7 are stored; RFLAGS.TF single-step
-//! works), alignment checking (#AC), MONITOR/MWAIT, RDRAND. CR8 is stored but does not mask
+//! works), alignment checking (#AC), MONITOR/MWAIT. CR8 is stored but does not mask
 //! interrupts (the VMM's interrupt controller model applies the TPR). A non-canonical stack
 //! access raises #GP rather than #SS. Instruction fetch from MMIO (e.g. the RESET vector at
 //! 0xFFFFFFF0 without RAM there) ends the run with [`Exit::Shutdown`].
@@ -105,6 +106,9 @@ pub struct CpuConfig {
     /// private/shared views of an encrypted [`PhysMemory`], and [`Cpu::to_vmsa`] /
     /// [`Cpu::load_vmsa`] save and load the VMSA. Details in `src/sev.rs`.
     pub sev_es: Option<SevEsConfig>,
+    /// Seed of the vCPU's RDRAND/RDSEED generator (a deterministic SplitMix64 stream per
+    /// vCPU, mixed with `vcpu_id`; its state travels in [`VcpuSnapshot::rdrand`]). Default 0.
+    pub rdrand_seed: u64,
 }
 
 impl Default for CpuConfig {
@@ -116,6 +120,7 @@ impl Default for CpuConfig {
             tsc_per_insn: 1,
             vcpu_id: 0,
             sev_es: None,
+            rdrand_seed: 0,
         }
     }
 }
@@ -322,6 +327,8 @@ pub struct Cpu {
     /// x87 state.
     pub(crate) x87: exec::x87::X87,
     pub(crate) tsc_offset: i64,
+    /// RDRAND/RDSEED generator state.
+    pub(crate) rng: u64,
 
     // ---- events ----
     pub(crate) ev_exception: Option<PendingException>,
@@ -409,6 +416,7 @@ impl Cpu {
             dr: DebugRegs::default(),
             x87: exec::x87::X87::default(),
             tsc_offset: 0,
+            rng: exec::misc::rng_init(config.rdrand_seed, config.vcpu_id),
             ev_exception: None,
             ev_interrupt: None,
             nmi_pending: false,
@@ -701,6 +709,7 @@ impl Cpu {
             debug: self.dr,
             events: self.events(),
             tsc: self.tsc(),
+            rdrand: Some(self.rng),
         }
     }
 
@@ -716,6 +725,9 @@ impl Cpu {
         self.dr = s.debug;
         self.set_events(&s.events);
         self.set_tsc(s.tsc);
+        if let Some(r) = s.rdrand {
+            self.rng = r;
+        }
         self.exit = None;
         self.mmio = MmioState::default();
         self.compl = Completion::default();

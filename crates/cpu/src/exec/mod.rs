@@ -2,6 +2,7 @@
 
 pub(crate) mod alu;
 pub(crate) mod ctrl;
+pub(crate) mod misc;
 pub(crate) mod sse;
 pub(crate) mod string;
 pub(crate) mod system;
@@ -364,6 +365,9 @@ fn select(i: &Instruction, d: &mut Insn, mode: Mode, bytes: &[u8]) -> Handler {
         if !lockable || d.k0 != KMEM {
             return system::h_ud;
         }
+    }
+    if let Some(h) = misc::select(m, i, d, bytes, mode) {
+        return h;
     }
     if let Some(h) = x87::select(m, i, d, bytes, mode) {
         return h;
