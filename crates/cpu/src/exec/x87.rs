@@ -30,7 +30,8 @@
 //!
 //! The Rust side models what is not arithmetic: the state ([`X87`]: physical registers,
 //! TOP in FSW, the abridged tag word of FXSAVE with full tags computed from the contents as
-//! the hardware does), the instructions that only move state (FNINIT, FNCLEX, FLDCW, FNSTCW,
+//! the hardware does; the reserved control-word bits as the host stores them), the
+//! instructions that only move state (FNINIT, FNCLEX, FLDCW, FNSTCW,
 //! FNSTSW, FNSTENV/FLDENV and FNSAVE/FRSTOR in their 16/32-bit real/protected layouts,
 //! FXSAVE/FXRSTOR, FNOP, FWAIT, EMMS), the memory accesses (faults are taken before
 //! any state changes; a store suppressed by an unmasked exception writes nothing), and
@@ -40,8 +41,8 @@
 //! - an unmasked exception sets ES and B (they always equal "some flag set whose mask bit
 //!   is clear", recomputed after FLDCW/FLDENV/FRSTOR/FXRSTOR, as hardware does) and is
 //!   reported as #MF (vector 16) by the next *waiting* instruction — every x87 instruction
-//!   except FNINIT, FNCLEX, FNSTCW, FNSTSW, FNSTENV, FNSAVE, FXSAVE and FXRSTOR, and EMMS —
-//!   before it does anything, when CR0.NE is set. With CR0.NE clear (legacy FERR#
+//!   except FNINIT, FNCLEX, FNSTCW, FNSTSW, FNSTENV, FNSAVE, FXSAVE and FXRSTOR, plus
+//!   EMMS — before it does anything, when CR0.NE is set. With CR0.NE clear (legacy FERR#
 //!   reporting through an external interrupt, never used by a 64-bit OS) the pending
 //!   exception is ignored as with IGNNE# asserted.
 //!
@@ -56,6 +57,10 @@
 //! when not stored, the fields are written as zero. FCS/FDS are not part of the
 //! backend-neutral snapshot ([`FpuState`] follows the 64-bit FXSAVE image) and read as 0
 //! after a restore.
+//!
+//! Not modelled: FSTP1 (D9 D8+i), an undocumented alias that Intel runs as an FSTP
+//! without the stack-underflow check and whose AMD behaviour is not known, raises #UD.
+//! FNENI/FNDISI/FNSETPM (8087/287 control) are no-ops, as on every processor since the 387.
 //!
 //! MMX register aliasing: MMn is the significand of physical register Rn; FXSAVE stores
 //! ST(0)..ST(7), which are MM0..MM7 whenever TOP = 0 (after any MMX instruction). EMMS marks
@@ -82,9 +87,8 @@ const FSW_ES: u16 = 0x80;
 const FSW_B: u16 = 0x8000;
 /// The bits that stay set until FNCLEX/FNINIT: the exception flags and SF.
 const FSW_STICKY: u16 = FSW_FLAGS | FSW_SF;
-/// FCW bits that can be loaded (masks, PC, RC, the 287's IC); bit 6 reads as 1.
-const FCW_LOADABLE: u16 = 0x1f3f;
-const FCW_ONE: u16 = 0x40;
+/// FCW exception mask bits.
+const FCW_MASKS: u16 = 0x3f;
 /// Exceptions whose unmasked occurrence suppresses a store to memory (all but PE).
 const STORE_SUPPRESSING: u16 = 0x1f;
 
@@ -223,8 +227,10 @@ impl X87 {
         }
     }
 
+    /// Load a control word; its reserved bits end up as the host FPU's do.
     fn set_fcw(&mut self, v: u16) {
-        self.fcw = (v & FCW_LOADABLE) | FCW_ONE;
+        let (keep, ones) = host::fcw_rule();
+        self.fcw = (v & keep) | ones;
         self.fix_es();
     }
 
@@ -537,7 +543,7 @@ fn h_fnstenv(c: &mut Cpu, d: &Insn) -> R {
     let ea = c.ea(d);
     let lin = c.lin(d.seg as usize, ea, img.len(), true)?;
     c.fpu_write_lin(lin, &img)?;
-    c.x87.fcw |= FSW_FLAGS;
+    c.x87.fcw |= FCW_MASKS;
     c.x87.fix_es();
     Ok(())
 }

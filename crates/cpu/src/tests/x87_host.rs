@@ -284,8 +284,9 @@ impl Rng {
             S::Int64 => m[..8].copy_from_slice(&self.int(8).to_le_bytes()),
             S::Bcd => m[..10].copy_from_slice(&self.bcd()),
             S::FpuEnv28 | S::FpuState108 => {
-                // Plausible control, status and tag words, random registers.
-                let fcw = (self.next() & 0x1f3f) as u16 | 0x40;
+                // Random control, status and tag words (reserved bits too), random
+                // registers.
+                let fcw = self.next() as u16;
                 m[0..2].copy_from_slice(&fcw.to_le_bytes());
                 m[4..6].copy_from_slice(&(self.next() as u16).to_le_bytes());
                 m[8..10].copy_from_slice(&(self.next() as u16).to_le_bytes());

@@ -16,6 +16,7 @@
 //! [`KERNELS`] are ever executed, and all of them are defined on every x86-64 CPU.
 
 use std::arch::asm;
+use std::sync::OnceLock;
 
 /// A kernel: (state image in/out, memory operand in/out, guest RFLAGS bits CF/PF/ZF) ->
 /// the host RFLAGS after the instruction.
@@ -121,4 +122,40 @@ kernels! {
 /// The index in [`KERNELS`] of (escape byte, ModRM).
 pub(crate) fn find(esc: u8, modrm: u8) -> Option<usize> {
     KERNELS.iter().position(|&(e, m, _)| e == esc && m == modrm)
+}
+
+/// The control word the host FPU holds after loading `v` (FLDCW then FNSTCW).
+fn host_fldcw(v: u16) -> u16 {
+    let mut saved: u16 = 0;
+    let mut out: u16 = 0;
+    // SAFETY: reads `v` and writes `saved`/`out` (valid locals) only. The exception flags
+    // are cleared first (FNCLEX; the x87 status word is not preserved across calls by the
+    // ABI anyway), so loading a control word that unmasks exceptions leaves none pending
+    // and the final FLDCW, a waiting instruction, cannot trap; the host control word is
+    // restored.
+    unsafe {
+        asm!(
+            "fnstcw word ptr [{saved}]",
+            "fnclex",
+            "fldcw word ptr [{v}]",
+            "fnstcw word ptr [{out}]",
+            "fldcw word ptr [{saved}]",
+            saved = in(reg) &mut saved as *mut u16,
+            v = in(reg) &v as *const u16,
+            out = in(reg) &mut out as *mut u16,
+            options(nostack),
+        );
+    }
+    out
+}
+
+/// How the host stores a loaded control word: (bits kept as loaded, bits that read as 1).
+/// Reserved bits read as the host's do (Intel: 15:13 and 7 as 0, 6 as 1), so FLDCW,
+/// FLDENV, FRSTOR and FXRSTOR agree with the FPU that computes.
+pub(crate) fn fcw_rule() -> (u16, u16) {
+    static RULE: OnceLock<(u16, u16)> = OnceLock::new();
+    *RULE.get_or_init(|| {
+        let (ones, zeros) = (host_fldcw(0xffff), host_fldcw(0));
+        (ones & !zeros, zeros)
+    })
 }

@@ -656,3 +656,34 @@ fn x87_in_compatibility_and_legacy_fxsave_extent() {
     assert!(b[..288].iter().any(|&x| x != 0xa5));
     assert!(b[288..].iter().all(|&x| x == 0xa5));
 }
+
+#[test]
+fn memory_faults_come_before_any_state_change() {
+    let unmapped = 0x4000_0000u64; // beyond the harness's identity map
+    for (insn, ec) in [
+        (vec![0xdd, 0x1b], 2u32),    // fstp qword [rbx]: write fault, no pop
+        (vec![0xdd, 0x03], 0),       // fld qword [rbx]: read fault, no push
+        (vec![0xdf, 0x33], 2),       // fbstp [rbx]
+        (vec![0xdd, 0x33], 2),       // fnsave [rbx]: no re-initialisation
+        (vec![0xdd, 0x23], 0),       // frstor [rbx]
+        (vec![0x0f, 0xae, 0x03], 2), // fxsave [rbx]
+    ] {
+        let mut code = vec![0xd9, 0xe8, 0xd9, 0xeb]; // fld1; fldpi
+        code.extend_from_slice(&[0x48, 0xbb]);
+        code.extend_from_slice(&unmapped.to_le_bytes());
+        code.extend_from_slice(&insn);
+        code.push(0xf4);
+        let (h, e) = run(&code);
+        let e = e.expect("#PF");
+        assert_eq!(
+            (e.vector, e.error_code, e.cr2),
+            (vector::PF, Some(ec), unmapped),
+            "{insn:02x?}"
+        );
+        let f = h.cpu.fpu();
+        assert_eq!((f.fsw >> 11) & 7, 6, "{insn:02x?}: TOP");
+        assert_eq!(f.ftw, 0xc0, "{insn:02x?}: tags");
+        assert_eq!(f.fcw, 0x037f);
+        assert_eq!(f.fop, 0x1eb, "{insn:02x?}: FOP of FLDPI");
+    }
+}
