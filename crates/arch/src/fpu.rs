@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 pub const FXSAVE_SIZE: usize = 512;
 
 /// x87 and SSE state. Field meanings follow the 64-bit FXSAVE image (Intel SDM vol. 1 10.5.1,
-/// AMD APM vol. 2 11.4.4), so conversion to and from FXSAVE bytes is lossless.
+/// AMD APM vol. 2 11.4.4), so conversion to and from FXSAVE bytes is lossless: `st` in stack
+/// order (ST(0) first, TOP in `fsw` bits 13:11), `ftw` abridged per *physical* register
+/// (bit p = Rp not empty), `fip`/`fdp` 64-bit offsets (the FCS/FDS selectors of the 32-bit
+/// image are not represented).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FpuState {
     pub fcw: u16,

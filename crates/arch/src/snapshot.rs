@@ -149,6 +149,11 @@ pub struct VcpuSnapshot {
     pub events: PendingEvents,
     /// Guest time-stamp counter.
     pub tsc: u64,
+    /// State of the vCPU's RDRAND/RDSEED generator, for backends that have one (the software
+    /// vCPU's is deterministic); None from others (KVM uses the host's hardware generator).
+    /// Restoring None keeps the target vCPU's current state. Absent in older snapshots.
+    #[serde(default)]
+    pub rdrand: Option<u64>,
 }
 
 impl VcpuSnapshot {
@@ -169,6 +174,7 @@ impl VcpuSnapshot {
             debug: DebugRegs::default(),
             events: PendingEvents::default(),
             tsc: 0,
+            rdrand: None,
         }
     }
 }
@@ -196,8 +202,17 @@ mod tests {
             error_code: Some(2),
             cr2: Some(0x1000),
         });
+        s.rdrand = Some(0x1234_5678_9abc_def0);
         let j = serde_json::to_string(&s).unwrap();
         let back: VcpuSnapshot = serde_json::from_str(&j).unwrap();
         assert_eq!(s, back);
+    }
+
+    #[test]
+    fn snapshot_without_rdrand_state_parses() {
+        let mut j = serde_json::to_value(VcpuSnapshot::reset()).unwrap();
+        j.as_object_mut().unwrap().remove("rdrand");
+        let back: VcpuSnapshot = serde_json::from_value(j).unwrap();
+        assert_eq!(back.rdrand, None);
     }
 }

@@ -33,16 +33,20 @@
 //! VMM makes to guest code outside [`PhysMemory::write`] must be followed by
 //! [`PhysMemory::invalidate_code`].
 //!
-//! Not modelled (they raise #UD or #GP, never silently misbehave): x87 arithmetic (only
-//! FNINIT/FNCLEX/FNSTCW/FLDCW/FNSTSW/FWAIT and FXSAVE/FXRSTOR), MMX, AVX/XSAVE
-//! instructions (XGETBV/XSETBV work when CPUID advertises XSAVE), SYSENTER/SYSEXIT, task
-//! switches, call/task gates, virtual-8086 mode, the TSS I/O permission bitmap (I/O at
-//! CPL > IOPL is #GP), SMEP/SMAP/PCID/PKE/UMIP/FSGSBASE (their CR4 bits are refused),
-//! debug-register breakpoints (DR0-7 are stored; RFLAGS.TF single-step works), alignment
-//! checking (#AC), MONITOR/MWAIT, RDRAND. CR8 is stored but does not mask interrupts (the
-//! VMM's interrupt controller model applies the TPR). A non-canonical stack access raises
-//! #GP rather than #SS. Instruction fetch from MMIO (e.g. the RESET vector at 0xFFFFFFF0
-//! without RAM there) ends the run with [`Exit::Shutdown`].
+//! Floating point: SSE/SSE2 (`exec/sse.rs`) and the whole x87 FPU (`exec/x87.rs`) compute
+//! on the host FPU, so their results are exactly the host's (including the
+//! implementation-specific last bits of the x87 transcendentals). RDRAND/RDSEED return a
+//! deterministic per-vCPU stream ([`CpuConfig::rdrand_seed`]).
+//!
+//! Not modelled (they raise #UD or #GP, never silently misbehave): MMX arithmetic (EMMS
+//! works), AVX/XSAVE instructions (XGETBV/XSETBV work when CPUID advertises XSAVE),
+//! SYSENTER/SYSEXIT, task switches, call/task gates, virtual-8086 mode, the TSS I/O
+//! permission bitmap (I/O at CPL > IOPL is #GP), SMEP/SMAP/PCID/PKE/UMIP/FSGSBASE (their CR4
+//! bits are refused), debug-register breakpoints (DR0-7 are stored; RFLAGS.TF single-step
+//! works), alignment checking (#AC), MONITOR/MWAIT. CR8 is stored but does not mask
+//! interrupts (the VMM's interrupt controller model applies the TPR). A non-canonical stack
+//! access raises #GP rather than #SS. Instruction fetch from MMIO (e.g. the RESET vector at
+//! 0xFFFFFFF0 without RAM there) ends the run with [`Exit::Shutdown`].
 //!
 //! SEV-ES mode ([`CpuConfig::sev_es`]) models an encrypted-state guest: #VC instead of
 //! exits, VMGEXIT, write traps, C-bit page walks over encrypted memory, and the VMSA.
@@ -103,6 +107,9 @@ pub struct CpuConfig {
     /// private/shared views of an encrypted [`PhysMemory`], and [`Cpu::to_vmsa`] /
     /// [`Cpu::load_vmsa`] save and load the VMSA. Details in `src/sev.rs`.
     pub sev_es: Option<SevEsConfig>,
+    /// Seed of the vCPU's RDRAND/RDSEED generator (a deterministic SplitMix64 stream per
+    /// vCPU, mixed with `vcpu_id`; its state travels in [`VcpuSnapshot::rdrand`]). Default 0.
+    pub rdrand_seed: u64,
 }
 
 impl Default for CpuConfig {
@@ -114,6 +121,7 @@ impl Default for CpuConfig {
             tsc_per_insn: 1,
             vcpu_id: 0,
             sev_es: None,
+            rdrand_seed: 0,
         }
     }
 }
@@ -317,9 +325,11 @@ pub struct Cpu {
     pub(crate) xcr0: u64,
     pub(crate) msrs: MsrState,
     pub(crate) dr: DebugRegs,
-    /// x87 state (its `xmm`/`mxcsr` fields are unused: see `xmm`, `mxcsr`).
-    pub(crate) x87: FpuState,
+    /// x87 state.
+    pub(crate) x87: exec::x87::X87,
     pub(crate) tsc_offset: i64,
+    /// RDRAND/RDSEED generator state.
+    pub(crate) rng: u64,
 
     // ---- events ----
     pub(crate) ev_exception: Option<PendingException>,
@@ -405,8 +415,9 @@ impl Cpu {
             xcr0: 1,
             msrs: MsrState::default(),
             dr: DebugRegs::default(),
-            x87: FpuState::default(),
+            x87: exec::x87::X87::default(),
             tsc_offset: 0,
+            rng: exec::misc::rng_init(config.rdrand_seed, config.vcpu_id),
             ev_exception: None,
             ev_interrupt: None,
             nmi_pending: false,
@@ -508,7 +519,8 @@ impl Cpu {
     }
 
     pub fn fpu(&self) -> FpuState {
-        let mut f = self.x87;
+        let mut f = FpuState::default();
+        self.x87.write_fpu(&mut f);
         f.mxcsr = self.mxcsr;
         f.mxcsr_mask = exec::sse::MXCSR_MASK;
         for (i, x) in self.xmm.iter().enumerate() {
@@ -518,7 +530,7 @@ impl Cpu {
     }
 
     pub fn set_fpu(&mut self, f: &FpuState) {
-        self.x87 = *f;
+        self.x87 = exec::x87::X87::from_fpu(f);
         self.mxcsr = f.mxcsr & exec::sse::MXCSR_MASK;
         for (i, x) in f.xmm.iter().enumerate() {
             self.xmm[i] = u128::from_le_bytes(*x);
@@ -698,6 +710,7 @@ impl Cpu {
             debug: self.dr,
             events: self.events(),
             tsc: self.tsc(),
+            rdrand: Some(self.rng),
         }
     }
 
@@ -713,6 +726,9 @@ impl Cpu {
         self.dr = s.debug;
         self.set_events(&s.events);
         self.set_tsc(s.tsc);
+        if let Some(r) = s.rdrand {
+            self.rng = r;
+        }
         self.exit = None;
         self.mmio = MmioState::default();
         self.compl = Completion::default();

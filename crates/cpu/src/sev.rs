@@ -318,6 +318,8 @@ impl Cpu {
                 halted: run & RUN_HALTED != 0,
             },
             tsc: self.tsc(),
+            // Not in the VMSA: the generator goes on from this vCPU's state.
+            rdrand: None,
         };
         self.restore(&snap)?;
         if self.mode != Mode::Real {

@@ -39,6 +39,7 @@ fn basic_alu() {
 }
 
 mod host;
+mod x87_host;
 
 fn harness(code: &[u8]) -> Harness {
     let mut h = Harness::new(16 << 20);
@@ -936,7 +937,10 @@ fn undefined_opcodes_raise_ud() {
         vec![0x0f, 0x0b],
         vec![0xf0, 0x90],
         vec![0x0f, 0xff],
-        vec![0xd9, 0xc0],
+        vec![0xd9, 0xd1],       // reserved x87 encoding
+        vec![0xd9, 0xd8],       // FSTP1: not modelled
+        vec![0x0f, 0x0e],       // FEMMS: no 3DNow! on family 17h
+        vec![0x0f, 0x0d, 0xc0], // PREFETCH with a register operand
         vec![0xc4, 0xe2, 0x7d, 0x18, 0x00],
     ] {
         let mut c = code.clone();

@@ -344,6 +344,7 @@ pub trait Vcpu: Send {
             debug: self.get_debug_regs()?,
             events: self.get_events()?,
             tsc: self.get_tsc()?,
+            rdrand: None,
         })
     }
 

@@ -488,6 +488,7 @@ fn sample_state(base: SpecialRegs, mxcsr_mask: u32) -> esvm_arch::VcpuSnapshot {
             halted: false,
         },
         tsc: 1 << 40,
+        rdrand: None,
     }
 }
 

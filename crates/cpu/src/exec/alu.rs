@@ -1265,17 +1265,6 @@ pub(crate) fn select(m: Mnemonic, i: &Instruction, d: &mut Insn) -> Option<Handl
         M::Nop => nop,
         M::Xlatb => xlat,
         M::Andn | M::Bextr | M::Blsi | M::Blsmsk | M::Blsr => bmi,
-        M::Lfence
-        | M::Mfence
-        | M::Sfence
-        | M::Clflush
-        | M::Clflushopt
-        | M::Prefetchnta
-        | M::Prefetcht0
-        | M::Prefetcht1
-        | M::Prefetcht2
-        | M::Prefetchw
-        | M::Prefetch => nop,
         _ => return None,
     };
     Some(h)

@@ -2,9 +2,11 @@
 
 pub(crate) mod alu;
 pub(crate) mod ctrl;
+pub(crate) mod misc;
 pub(crate) mod sse;
 pub(crate) mod string;
 pub(crate) mod system;
+pub(crate) mod x87;
 
 use crate::{Cpu, Mode, R};
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
@@ -98,6 +100,19 @@ fn address_size(mode: Mode, bytes: &[u8]) -> u8 {
         (_, false) => 2,
         (_, true) => 4,
     }
+}
+
+/// Index of the opcode byte in `bytes` (after the legacy prefixes and, in 64-bit mode, REX).
+pub(crate) fn opcode_index(mode: Mode, bytes: &[u8]) -> usize {
+    let mut k = 0;
+    while let Some(&b) = bytes.get(k) {
+        match b {
+            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3 => k += 1,
+            0x40..=0x4f if mode == Mode::Long64 => k += 1,
+            _ => break,
+        }
+    }
+    k
 }
 
 fn amask(asz: u8) -> u64 {
@@ -239,7 +254,7 @@ pub(crate) fn make(i: &Instruction, mode: Mode, bytes: &[u8]) -> Insn {
     }
     // Operand size: of operand 0, else of operand 1.
     d.sz = op_size(i, 0).or_else(|| op_size(i, 1)).unwrap_or(0);
-    d.h = select(i, &mut d, mode);
+    d.h = select(i, &mut d, mode, bytes);
     d
 }
 
@@ -320,7 +335,7 @@ pub(crate) fn is_system(i: &Instruction) -> bool {
 }
 
 /// Choose the handler.
-fn select(i: &Instruction, d: &mut Insn, mode: Mode) -> Handler {
+fn select(i: &Instruction, d: &mut Insn, mode: Mode, bytes: &[u8]) -> Handler {
     use Mnemonic as M;
     let m = i.mnemonic();
     // Instructions invalid in 64-bit mode are already INVALID in iced's 64-bit decoder.
@@ -350,6 +365,12 @@ fn select(i: &Instruction, d: &mut Insn, mode: Mode) -> Handler {
         if !lockable || d.k0 != KMEM {
             return system::h_ud;
         }
+    }
+    if let Some(h) = misc::select(m, i, d, bytes, mode) {
+        return h;
+    }
+    if let Some(h) = x87::select(m, i, d, bytes, mode) {
+        return h;
     }
     if let Some(h) = alu::select(m, i, d) {
         return h;

@@ -1,4 +1,4 @@
-//! SSE/SSE2, MXCSR, FXSAVE/FXRSTOR and the x87 control instructions.
+//! SSE/SSE2 and MXCSR (FXSAVE/FXRSTOR and the x87 are in `x87.rs`).
 //!
 //! Floating-point and packed-integer arithmetic is executed by the *host* CPU (the only
 //! supported host is x86-64, which has SSE2): the operands are loaded into host XMM
@@ -8,10 +8,10 @@
 //! CR4.OSXMMEXCPT is clear) without writing the destination. Results — including rounding
 //! modes, denormals, NaN propagation and RCPPS/RSQRTPS approximations — are therefore exactly
 //! those of the host. Data movement, shuffles and conversions between integer registers are
-//! done in Rust. MMX forms (MMn registers) and x87 arithmetic raise #UD.
+//! done in Rust. MMX forms (MMn registers) raise #UD.
 
 use super::{Handler, Insn, KIMM, KMEM, KREG};
-use crate::{Cpu, Exc, Mode, Stop, R};
+use crate::{Cpu, Exc, Stop, R};
 use esvm_arch::bits::rflags::{AF, CF, OF, PF, SF, ZF};
 use esvm_arch::bits::{cr0, cr4, vector};
 use iced_x86::{Instruction, Mnemonic, OpKind};
@@ -631,7 +631,7 @@ fn h_cmp_imm(c: &mut Cpu, d: &Insn) -> R {
     Ok(())
 }
 
-// ---------------------------------------------------------------------- MXCSR, FXSAVE, x87
+// ---------------------------------------------------------------------- MXCSR
 
 fn h_ldmxcsr(c: &mut Cpu, d: &Insn) -> R {
     c.sse_check()?;
@@ -649,112 +649,6 @@ fn h_stmxcsr(c: &mut Cpu, d: &Insn) -> R {
     let ea = c.ea(d);
     let v = c.mxcsr as u64;
     c.wr::<4>(d.seg as usize, ea, v)
-}
-
-fn fx_check(c: &Cpu) -> R {
-    if c.cr0 & cr0::EM != 0 {
-        return crate::ud();
-    }
-    if c.cr0 & cr0::TS != 0 {
-        return Err(Stop::Exc(Exc::new(vector::NM)));
-    }
-    Ok(())
-}
-
-fn h_fxsave(c: &mut Cpu, d: &Insn) -> R {
-    fx_check(c)?;
-    let lin = c.mlin(d, 512, true)?;
-    if lin & 15 != 0 {
-        return crate::gp0();
-    }
-    let img = c.fpu().to_fxsave();
-    // Check the whole area first, then write it.
-    c.probe_write(lin, 512)?;
-    for k in 0..32 {
-        let v = u128::from_le_bytes(img[16 * k..16 * k + 16].try_into().unwrap());
-        c.wr_slow(c.wrap16(lin + 16 * k as u64), 16, v, false)?;
-    }
-    Ok(())
-}
-
-fn h_fxrstor(c: &mut Cpu, d: &Insn) -> R {
-    fx_check(c)?;
-    let lin = c.mlin(d, 512, false)?;
-    if lin & 15 != 0 {
-        return crate::gp0();
-    }
-    let mut img = [0u8; 512];
-    for k in 0..32 {
-        let v = c.rd_slow(c.wrap16(lin + 16 * k as u64), 16, false)?;
-        img[16 * k..16 * k + 16].copy_from_slice(&v.to_le_bytes());
-    }
-    let f = esvm_arch::FpuState::from_fxsave(&img);
-    if f.mxcsr & !MXCSR_MASK != 0 {
-        return crate::gp0();
-    }
-    let wide = d.i.mnemonic() == Mnemonic::Fxrstor64;
-    let mut f = f;
-    if !wide {
-        // 32-bit format: FIP/FDP hold offset + selector; keep them as stored.
-    }
-    f.mxcsr_mask = MXCSR_MASK;
-    if c.cr4 & cr4::OSFXSR == 0 {
-        // Without OSFXSR the XMM state is not restored.
-        f.xmm = c.fpu().xmm;
-        f.mxcsr = c.mxcsr;
-    }
-    c.set_fpu(&f);
-    Err(Stop::Retire)
-}
-
-impl Cpu {
-    fn wrap16(&self, lin: u64) -> u64 {
-        if self.mode == Mode::Long64 {
-            lin
-        } else {
-            lin & 0xffff_ffff
-        }
-    }
-}
-
-fn h_x87ctl(c: &mut Cpu, d: &Insn) -> R {
-    fx_check(c)?;
-    match d.i.mnemonic() {
-        Mnemonic::Fninit => {
-            c.x87.fcw = 0x037f;
-            c.x87.fsw = 0;
-            c.x87.ftw = 0;
-            c.x87.fop = 0;
-            c.x87.fip = 0;
-            c.x87.fdp = 0;
-        }
-        Mnemonic::Fnclex => c.x87.fsw &= 0x7f00,
-        Mnemonic::Fnstcw => {
-            let v = c.x87.fcw as u64;
-            c.opw(d, 0, 2, v)?;
-        }
-        Mnemonic::Fldcw => {
-            let v = c.opr(d, 0, 2)?;
-            c.x87.fcw = v as u16 | 0x40;
-        }
-        Mnemonic::Fnstsw => {
-            let v = c.x87.fsw as u64;
-            if d.k0 == KREG {
-                c.rw(0, 2, v);
-            } else {
-                c.opw(d, 0, 2, v)?;
-            }
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-fn h_wait(c: &mut Cpu, _d: &Insn) -> R {
-    if c.cr0 & (cr0::TS | cr0::MP) == (cr0::TS | cr0::MP) {
-        return Err(Stop::Exc(Exc::new(vector::NM)));
-    }
-    Ok(())
 }
 
 fn h_movnti(c: &mut Cpu, d: &Insn) -> R {
@@ -937,10 +831,6 @@ pub(crate) fn select(m: Mnemonic, i: &Instruction, d: &mut Insn) -> Option<Handl
         M::Cmpsd if !i.is_string_instruction() => h_cmp_imm,
         M::Ldmxcsr => h_ldmxcsr,
         M::Stmxcsr => h_stmxcsr,
-        M::Fxsave | M::Fxsave64 => h_fxsave,
-        M::Fxrstor | M::Fxrstor64 => h_fxrstor,
-        M::Fninit | M::Fnclex | M::Fnstcw | M::Fldcw | M::Fnstsw => h_x87ctl,
-        M::Wait => h_wait,
         M::Movnti => h_movnti,
         _ => return None,
     };
