@@ -17,6 +17,7 @@ use esvm_loader::{BootState, LoadError, LoadOptions};
 use thiserror::Error;
 
 use crate::dirty::DirtyTracker;
+use crate::outcome::{Outcome, EXIT_ESVM_ERROR};
 use crate::runctl::{LoopEnd, VmControl};
 
 #[derive(Debug, Error)]
@@ -35,22 +36,6 @@ pub enum MachineError {
     HaltedForever { vcpu: u32, rip: u64 },
     #[error("invalid machine state: {0}")]
     State(String),
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The guest wrote its exit status to the debug-exit port.
-    Exited(u8),
-    /// The guest shut down (triple fault or equivalent).
-    Shutdown(String),
-    /// The instruction limit ran out first.
-    InstructionLimit(u64),
-    /// An SEV-ES guest asked to be terminated through the GHCB, or broke its protocol.
-    Terminated(String),
-    /// The VM was live-migrated to the destination at this URL, which committed: the guest
-    /// runs there now and never runs here again.
-    Migrated(String),
 }
 
 /// What a machine is made of.
@@ -310,12 +295,12 @@ impl Machine {
         let end = match &result {
             Ok(Outcome::Migrated(url)) => LoopEnd::Migrated(url.clone()),
             Ok(o) => LoopEnd::Finished {
-                exit_status: crate::session::exit_status(o),
-                failed: crate::session::is_failure(o),
-                what: crate::session::describe(o),
+                exit_status: o.exit_status(),
+                failed: o.is_failure(),
+                what: o.describe(),
             },
             Err(e) => LoopEnd::Finished {
-                exit_status: crate::EXIT_ESVM_ERROR,
+                exit_status: EXIT_ESVM_ERROR,
                 failed: true,
                 what: format!("the VMM failed: {e}"),
             },

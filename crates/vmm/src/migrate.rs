@@ -382,7 +382,7 @@ fn prealloc(mem: &esvm_hv::GuestMemory) {
 /// or not its mapping is unmapped when the machine is dropped. For machines nobody else uses
 /// (an aborted incoming migration, a benchmark's machines once their threads are joined):
 /// the memory reads as zero afterwards.
-pub(crate) fn release_guest_memory(m: &Machine) {
+pub fn release_guest_memory(m: &Machine) {
     let mem = m.vm().memory();
     // SAFETY: the range is exactly guest RAM's single private anonymous mapping, alive as
     // long as `m`; MADV_DONTNEED only drops its pages (later reads see zeroes), and the
@@ -681,7 +681,7 @@ impl MigrationTarget for MachineTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::Outcome;
+    use crate::outcome::Outcome;
     use esvm_migration::{Receiver, ReceiverConfig, Sender, SenderConfig};
     use std::sync::{Arc, Mutex};
 

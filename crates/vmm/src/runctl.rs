@@ -12,7 +12,7 @@
 //!   with `&mut Machine`, between two exits, whether the guest is running or parked. That is
 //!   how state is read (vCPU snapshots, device state) without sharing the vCPUs.
 //! * **Death.** [`VmControl::mark_dead`] (the migration's destination committed) makes the
-//!   run loop return [`Outcome::Migrated`](crate::machine::Outcome::Migrated) and refuse to
+//!   run loop return [`Outcome::Migrated`](crate::outcome::Outcome::Migrated) and refuse to
 //!   run again.
 //!
 //! The loop looks at the control state only at *clean points*: between exits that need no
@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use esvm_hv::Kicker;
 use thiserror::Error;
 
-use crate::machine::{Machine, Outcome};
+use crate::machine::Machine;
+use crate::outcome::Outcome;
 
 /// Work done on the run loop's thread.
 pub type Job = Box<dyn FnOnce(&mut Machine) + Send>;

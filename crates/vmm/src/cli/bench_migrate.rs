@@ -13,8 +13,9 @@ use esvm_hv::{BackendKind, VmType};
 use esvm_migration::{Receiver, ReceiverConfig, SendOutcome, Sender, SenderConfig};
 use esvm_psp::{LaunchStart, Policy, Psp};
 
-use crate::machine::{Machine, MachineConfig, MachineHandle, Outcome};
-use crate::migrate::{MachineSource, MachineTarget};
+use esvm::machine::{Machine, MachineConfig, MachineHandle};
+use esvm::migrate::{MachineSource, MachineTarget};
+use esvm::outcome::Outcome;
 
 #[derive(Args, Debug)]
 pub struct MigrateBenchArgs {
@@ -44,7 +45,7 @@ pub struct MigrateBenchArgs {
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    crate::size::parse_size(s).map_err(|e| e.to_string())
+    esvm::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -242,7 +243,7 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
     let url = format!("tcp://{addr}");
     if stopped {
         h.control.hold()?;
-        h.control.wait_stopped(crate::runctl::PARK_TIMEOUT)?;
+        h.control.wait_stopped(esvm::runctl::PARK_TIMEOUT)?;
     }
     let mut src = MachineSource::new(h.clone(), url);
     let out: SendOutcome = Sender::new(SenderConfig {
@@ -276,8 +277,8 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
     }
     // Every thread using them is joined: give both guests' memory back now, so that
     // repeated runs do not accumulate it.
-    crate::migrate::release_guest_memory(&source_machine);
-    crate::migrate::release_guest_memory(&received);
+    esvm::migrate::release_guest_memory(&source_machine);
+    esvm::migrate::release_guest_memory(&received);
     Ok(Row {
         sev_es: sev,
         mem_mib: mem >> 20,
