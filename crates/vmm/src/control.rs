@@ -1,6 +1,6 @@
 //! The control API of a running machine: [`VmHandle`] implements
 //! [`esvm_control::ControlTarget`] (status, pause, resume, snapshot, migrate, cancel) on top
-//! of the machine's [`VmControl`](crate::runctl::VmControl), and runs live migrations on a
+//! of the machine's [`VmControl`](crate::machine::VmControl), and runs live migrations on a
 //! background thread.
 //!
 //! States as `status` reports them: `starting` (the run loop has not started), `running`,

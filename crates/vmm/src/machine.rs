@@ -1,7 +1,7 @@
 //! A VM assembled from a backend, guest memory, vCPUs and the legacy devices, and its run loop.
 //!
 //! The run loop is controllable from other threads through the machine's
-//! [`VmControl`](crate::runctl::VmControl) (pause, resume, jobs on the loop's thread, death
+//! [`VmControl`] (pause, resume, jobs on the loop's thread, death
 //! after a migration); its state can be saved and restored ([`MachineState`] plus one
 //! [`VcpuSnapshot`] per vCPU) for snapshots and live migration.
 
@@ -18,7 +18,10 @@ use thiserror::Error;
 
 use crate::dirty::DirtyTracker;
 use crate::outcome::{Outcome, EXIT_ESVM_ERROR};
-use crate::runctl::{LoopEnd, VmControl};
+use crate::runctl::{LoopEnd, RunControl};
+
+/// The control of a machine's run loop: its jobs run on the [`Machine`].
+pub type VmControl = RunControl<Machine>;
 
 #[derive(Debug, Error)]
 pub enum MachineError {

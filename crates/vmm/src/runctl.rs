@@ -1,17 +1,19 @@
 //! Control of a machine's run loop from other threads.
 //!
-//! The run loop ([`Machine::run`](crate::machine::Machine::run)) owns the vCPUs and the
-//! devices and runs on one thread. Other threads (the control API, a migration, a snapshot)
-//! steer it through a shared [`VmControl`]:
+//! A run loop (the machine's, [`Machine::run`](crate::machine::Machine::run)) owns the vCPUs
+//! and the devices and runs on one thread. Other threads (the control API, a migration, a
+//! snapshot) steer it through a shared [`RunControl`]. The control state does not know the
+//! machine: it is generic over the target `M` its jobs run on (the machine module uses
+//! `RunControl<Machine>`), so this module sits below the machine.
 //!
 //! * **Pauses.** A user pause (`esvm ctl pause`) and any number of internal *holds*
 //!   (stop-and-copy, snapshot) stop the guest; it runs again only when the user pause is
 //!   lifted and every hold released, so a failed migration's `resume` never undoes a user's
 //!   pause.
-//! * **Jobs.** A closure posted with [`VmControl::run_job`] runs on the run loop's thread
-//!   with `&mut Machine`, between two exits, whether the guest is running or parked. That is
+//! * **Jobs.** A closure posted with [`RunControl::run_job`] runs on the run loop's thread
+//!   with `&mut M`, between two exits, whether the guest is running or parked. That is
 //!   how state is read (vCPU snapshots, device state) without sharing the vCPUs.
-//! * **Death.** [`VmControl::mark_dead`] (the migration's destination committed) makes the
+//! * **Death.** [`RunControl::mark_dead`] (the migration's destination committed) makes the
 //!   run loop return [`Outcome::Migrated`](crate::outcome::Outcome::Migrated) and refuse to
 //!   run again.
 //!
@@ -29,11 +31,10 @@ use std::time::{Duration, Instant};
 use esvm_hv::Kicker;
 use thiserror::Error;
 
-use crate::machine::Machine;
 use crate::outcome::Outcome;
 
-/// Work done on the run loop's thread.
-pub type Job = Box<dyn FnOnce(&mut Machine) + Send>;
+/// Work done on the run loop's thread, on its target (the machine).
+pub type Job<M> = Box<dyn FnOnce(&mut M) + Send>;
 
 /// How long to wait for the vCPU to reach a clean point after a kick.
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,16 +74,16 @@ enum LoopState {
     Ended(LoopEnd),
 }
 
-struct Inner {
+struct Inner<M> {
     user_paused: bool,
     holds: u32,
     parked: bool,
     loop_state: LoopState,
     dead: Option<String>,
-    jobs: VecDeque<Job>,
+    jobs: VecDeque<Job<M>>,
 }
 
-impl Inner {
+impl<M> Inner<M> {
     fn wants_attention(&self) -> bool {
         self.user_paused || self.holds > 0 || !self.jobs.is_empty() || self.dead.is_some()
     }
@@ -100,9 +101,10 @@ pub struct ControlView {
     pub dead: Option<String>,
 }
 
-/// The shared control state of one machine; see the module documentation.
-pub struct VmControl {
-    inner: Mutex<Inner>,
+/// The shared control state of one run loop whose jobs run on an `M`; see the module
+/// documentation.
+pub struct RunControl<M> {
+    inner: Mutex<Inner<M>>,
     cond: Condvar,
     attention: AtomicBool,
     kicker: Arc<dyn Kicker>,
@@ -110,10 +112,10 @@ pub struct VmControl {
     created: Instant,
 }
 
-impl VmControl {
-    /// Control for a machine whose running vCPU is stopped by `kicker`.
+impl<M> RunControl<M> {
+    /// Control for a run loop whose running vCPU is stopped by `kicker`.
     pub fn new(kicker: Arc<dyn Kicker>) -> Self {
-        VmControl {
+        RunControl {
             inner: Mutex::new(Inner {
                 user_paused: false,
                 holds: 0,
@@ -130,22 +132,22 @@ impl VmControl {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<M>> {
         // The state stays consistent under panics (every update is a single assignment).
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Publish a change: recompute the attention flag, wake waiters and (from threads other
     /// than the run loop's) kick the vCPU so that it reaches a clean point soon.
-    fn changed(&self, g: &Inner) {
+    fn changed(&self, g: &Inner<M>) {
         if self.publish(g) && g.loop_state == LoopState::Running && !g.parked {
             self.kicker.kick();
         }
     }
 
-    /// [`VmControl::changed`] without the kick (for the run loop itself); returns whether
+    /// [`RunControl::changed`] without the kick (for the run loop itself); returns whether
     /// the loop has something to do.
-    fn publish(&self, g: &Inner) -> bool {
+    fn publish(&self, g: &Inner<M>) -> bool {
         let want = g.wants_attention();
         self.attention.store(want, Ordering::SeqCst);
         self.cond.notify_all();
@@ -187,7 +189,7 @@ impl VmControl {
         }
     }
 
-    fn usable(g: &Inner) -> Result<(), ControlError> {
+    fn usable(g: &Inner<M>) -> Result<(), ControlError> {
         if let Some(url) = &g.dead {
             return Err(ControlError::Migrated(url.clone()));
         }
@@ -200,7 +202,7 @@ impl VmControl {
         }
     }
 
-    /// Set or lift the user's pause. Does not wait; see [`VmControl::wait_stopped`].
+    /// Set or lift the user's pause. Does not wait; see [`RunControl::wait_stopped`].
     pub fn set_user_paused(&self, paused: bool) -> Result<(), ControlError> {
         let mut g = self.lock();
         Self::usable(&g)?;
@@ -218,7 +220,7 @@ impl VmControl {
         Ok(())
     }
 
-    /// Release a hold taken with [`VmControl::hold`].
+    /// Release a hold taken with [`RunControl::hold`].
     pub fn release(&self) {
         let mut g = self.lock();
         g.holds = g.holds.saturating_sub(1);
@@ -250,13 +252,13 @@ impl VmControl {
     /// Run `f` on the run loop's thread (between two exits) and return its result.
     pub fn run_job<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Machine) -> R + Send + 'static,
+        f: impl FnOnce(&mut M) -> R + Send + 'static,
     ) -> Result<R, ControlError> {
         let (tx, rx) = mpsc::channel();
         {
             let mut g = self.lock();
             Self::usable(&g)?;
-            g.jobs.push_back(Box::new(move |m: &mut Machine| {
+            g.jobs.push_back(Box::new(move |m: &mut M| {
                 let _ = tx.send(f(m));
             }));
             self.changed(&g);
@@ -314,7 +316,7 @@ impl VmControl {
 
     /// Serve the control state at a clean point: run jobs, park while paused. Returns
     /// `Some(Outcome::Migrated)` if the VM died.
-    pub(crate) fn service(&self, m: &mut Machine) -> Option<Outcome> {
+    pub(crate) fn service(&self, m: &mut M) -> Option<Outcome> {
         let mut g = self.lock();
         loop {
             if let Some(url) = &g.dead {
@@ -353,7 +355,7 @@ mod tests {
 
     #[test]
     fn holds_and_user_pause_combine() {
-        let c = VmControl::new(Arc::new(NoKick));
+        let c = RunControl::<()>::new(Arc::new(NoKick));
         assert!(!c.attention());
         c.set_user_paused(true).unwrap();
         c.hold().unwrap();
@@ -369,7 +371,7 @@ mod tests {
 
     #[test]
     fn dead_vm_refuses_everything() {
-        let c = VmControl::new(Arc::new(NoKick));
+        let c = RunControl::<()>::new(Arc::new(NoKick));
         c.mark_dead("tcp://h:1");
         assert!(matches!(c.hold(), Err(ControlError::Migrated(_))));
         assert!(matches!(
@@ -382,7 +384,7 @@ mod tests {
 
     #[test]
     fn ended_loop_drops_jobs_with_an_error() {
-        let c = Arc::new(VmControl::new(Arc::new(NoKick)));
+        let c = Arc::new(RunControl::<()>::new(Arc::new(NoKick)));
         assert_eq!(c.loop_started(), None);
         let c2 = c.clone();
         let t = std::thread::spawn(move || c2.run_job(|_| 1));
