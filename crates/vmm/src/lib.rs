@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod dirty;
+pub mod lifecycle;
 pub mod machine;
 pub mod migrate;
 pub mod outcome;

@@ -17,11 +17,18 @@ use esvm_loader::{BootState, LoadError, LoadOptions};
 use thiserror::Error;
 
 use crate::dirty::DirtyTracker;
+use crate::lifecycle::{Ending, LifecycleError, LoopEnd};
 use crate::outcome::{Outcome, EXIT_ESVM_ERROR};
-use crate::runctl::{LoopEnd, RunControl};
+use crate::runctl::RunControl;
 
 /// The control of a machine's run loop: its jobs run on the [`Machine`].
 pub type VmControl = RunControl<Machine>;
+/// A hold on a machine whose run loop is parked: no vCPU runs while it lives.
+pub type StoppedGuard = crate::runctl::StoppedGuard<Machine>;
+/// A live migration of a machine, registered in its lifecycle.
+pub type MigrationTicket = crate::runctl::MigrationTicket<Machine>;
+/// A snapshot of a machine, registered in its lifecycle.
+pub type SnapshotTicket = crate::runctl::SnapshotTicket<Machine>;
 
 #[derive(Debug, Error)]
 pub enum MachineError {
@@ -39,6 +46,8 @@ pub enum MachineError {
     HaltedForever { vcpu: u32, rip: u64 },
     #[error("invalid machine state: {0}")]
     State(String),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
 }
 
 /// What a machine is made of.
@@ -290,23 +299,25 @@ impl Machine {
     /// migrates away. Other threads steer it through [`Machine::control`].
     pub fn run(&mut self) -> Result<Outcome, MachineError> {
         let control = self.control.clone();
-        if let Some(url) = control.loop_started() {
+        match control.loop_started() {
+            Ok(()) => {}
             // Dead: it migrated away and must never run again.
-            return Ok(Outcome::Migrated(url));
+            Err(LifecycleError::Migrated { url }) => return Ok(Outcome::Migrated(url)),
+            Err(e) => return Err(e.into()),
         }
         let result = self.run_loop(&control);
         let end = match &result {
             Ok(Outcome::Migrated(url)) => LoopEnd::Migrated(url.clone()),
-            Ok(o) => LoopEnd::Finished {
+            Ok(o) => LoopEnd::Finished(Ending {
                 exit_status: o.exit_status(),
                 failed: o.is_failure(),
                 what: o.describe(),
-            },
-            Err(e) => LoopEnd::Finished {
+            }),
+            Err(e) => LoopEnd::Finished(Ending {
                 exit_status: EXIT_ESVM_ERROR,
                 failed: true,
                 what: format!("the VMM failed: {e}"),
-            },
+            }),
         };
         control.publish_instructions(self.instructions().unwrap_or(0));
         control.loop_ended(end);

@@ -36,7 +36,10 @@ use esvm_psp::cert::{CaCert, CertChain};
 use esvm_psp::Psp;
 use thiserror::Error;
 
-use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState};
+use crate::lifecycle::LifecycleError;
+use crate::machine::{
+    Machine, MachineConfig, MachineHandle, MachineState, MigrationTicket, StoppedGuard,
+};
 use crate::runctl::PARK_TIMEOUT;
 
 /// The VMM-specific compatibility data of the `Config` frame: the formats of the state this
@@ -129,26 +132,36 @@ fn source_err(what: &str, e: impl std::fmt::Display) -> SourceError {
 
 /// The source VM as the migration sender drives it (on the migration thread, while the run
 /// loop keeps running the guest until [`MigrationSource::pause`]).
+///
+/// The migration is registered in the VM's lifecycle from [`MachineSource::new`] until the
+/// source is dropped ([`MachineSource::finish`]): committed (the VM is dead here), failed or
+/// cancelled (the guest runs on), or — if the source still holds the guest stopped, because
+/// the sender could not learn whether the destination committed — in doubt: the guest stays
+/// stopped until the operator resumes it.
 pub struct MachineSource {
     h: MachineHandle,
     url: String,
     /// The root the destination's platform chain must verify against (SEV-ES).
     trust: Option<CaCert>,
-    /// We hold the guest stopped (stop-and-copy).
-    held: bool,
-    /// The run loop is known to be parked under our hold.
-    stopped: bool,
+    /// The migration in the lifecycle; `None` once committed.
+    ticket: Option<MigrationTicket>,
+    /// Stop-and-copy: the guest is held stopped, its run loop parked.
+    stopped: Option<StoppedGuard>,
 }
 
 impl MachineSource {
-    pub fn new(h: MachineHandle, url: impl Into<String>) -> Self {
-        MachineSource {
+    /// A migration of the machine behind `h` to `url` (for messages and status). Refused if
+    /// the lifecycle does not allow a migration now (one is running, a snapshot is being
+    /// written, the last one is in doubt, the VM ended or migrated away).
+    pub fn new(h: MachineHandle, url: impl Into<String>) -> Result<Self, LifecycleError> {
+        let ticket = h.control.begin_migration()?;
+        Ok(MachineSource {
             h,
             url: url.into(),
             trust: None,
-            held: false,
-            stopped: false,
-        }
+            ticket: Some(ticket),
+            stopped: None,
+        })
     }
 
     /// Check an SEV-ES destination's platform chain against `ark` (the operator's trusted
@@ -165,10 +178,23 @@ impl MachineSource {
             .ok_or_else(|| SourceError::failed("SEV-ES guests run only on the emu backend"))
     }
 
-    /// Whether the sender left the guest stopped (an in-doubt outcome): the hold is then
-    /// still taken and must be released by whoever resolves the doubt.
-    pub fn still_held(&self) -> bool {
-        self.held
+    /// End the migration in the lifecycle (what dropping the source does; see the type's
+    /// documentation).
+    pub fn finish(self) {}
+}
+
+impl Drop for MachineSource {
+    fn drop(&mut self) {
+        match (self.ticket.take(), self.stopped.take()) {
+            // The sender left the guest stopped: it cannot know whether the destination
+            // committed, so the guest must not run here until the operator says so.
+            (Some(ticket), Some(stopped)) => ticket.in_doubt(stopped),
+            // Failed or cancelled (the guest was resumed), or committed.
+            (ticket, stopped) => {
+                drop(stopped);
+                drop(ticket);
+            }
+        }
     }
 }
 
@@ -216,9 +242,7 @@ impl MigrationSource for MachineSource {
     }
 
     fn paused_pages(&self, first_page: u64, count: u64) -> Option<&[u8]> {
-        if !self.stopped {
-            return None;
-        }
+        self.stopped.as_ref()?;
         let mem = self.h.vm.memory();
         let start = first_page.checked_mul(PAGE_SIZE)?;
         let len = count.checked_mul(PAGE_SIZE)?;
@@ -291,27 +315,19 @@ impl MigrationSource for MachineSource {
     }
 
     fn pause(&mut self) -> Result<(), SourceError> {
-        if !self.held {
-            self.h
+        if self.stopped.is_none() {
+            let stopped = self
+                .h
                 .control
-                .hold()
+                .stop(PARK_TIMEOUT)
                 .map_err(|e| source_err("pausing the guest", e))?;
-            self.held = true;
+            self.stopped = Some(stopped);
         }
-        self.h
-            .control
-            .wait_stopped(PARK_TIMEOUT)
-            .map_err(|e| source_err("pausing the guest", e))?;
-        self.stopped = true;
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), SourceError> {
-        self.stopped = false;
-        if self.held {
-            self.h.control.release();
-            self.held = false;
-        }
+        self.stopped = None;
         Ok(())
     }
 
@@ -344,8 +360,11 @@ impl MigrationSource for MachineSource {
     }
 
     fn mark_dead(&mut self) {
-        self.stopped = false;
-        self.h.control.mark_dead(&self.url);
+        // Dead first, then the hold goes: the guest never runs here again.
+        if let Some(ticket) = self.ticket.take() {
+            ticket.commit(&self.url);
+        }
+        self.stopped = None;
         if self.h.config.vm_type == VmType::SevEs {
             // The destination committed: the guest left this platform for good.
             if let Some(emu) = &self.h.emu {
@@ -682,6 +701,7 @@ impl MigrationTarget for MachineTarget {
 mod tests {
     use super::*;
     use crate::outcome::Outcome;
+    use crate::runctl::Hold;
     use esvm_migration::{Receiver, ReceiverConfig, Sender, SenderConfig};
     use std::sync::{Arc, Mutex};
 
@@ -727,9 +747,9 @@ mod tests {
         src.load(esvm_guests::builtin("demo").unwrap().elf, &args)
             .unwrap();
         let h = src.handle();
-        // Paused until pre-copy starts (so the guest cannot end before the migration),
-        // then running while its memory is copied.
-        h.control.set_user_paused(true).unwrap();
+        // Held until pre-copy starts (so the guest cannot end before the migration), then
+        // running while its memory is copied.
+        let mut hold = Some(h.control.hold().unwrap());
         let src_thread = std::thread::spawn(move || src.run().map(|o| (o, src)));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -746,12 +766,11 @@ mod tests {
                 .unwrap();
             t.into_machine().unwrap()
         });
-        let mut source = MachineSource::new(h.clone(), "tcp://test");
+        let mut source = MachineSource::new(h.clone(), "tcp://test").unwrap();
         let mut sender = Sender::new(SenderConfig::default());
-        let ctl = h.control.clone();
         sender.on_progress(move |p| {
             if p.phase == esvm_migration::Phase::PreCopy {
-                let _ = ctl.set_user_paused(false);
+                drop(hold.take());
             }
         });
         let o = sender
@@ -782,14 +801,14 @@ mod tests {
     }
 
     /// An SEV-ES machine running `sevdemo` with `args`, launched on `psp` with `policy`,
-    /// paused before its first instruction.
+    /// held before its first instruction.
     fn sev_source(
         psp: Arc<Mutex<Psp>>,
         policy: u32,
         vcpus: u32,
         args: &str,
         out: Buf,
-    ) -> (Machine, MachineHandle) {
+    ) -> (Machine, MachineHandle, Hold<Machine>) {
         let mut m = Machine::new(
             &MachineConfig {
                 backend: BackendKind::Emu,
@@ -818,14 +837,15 @@ mod tests {
         )
         .unwrap();
         let h = m.handle();
-        h.control.set_user_paused(true).unwrap();
-        (m, h)
+        let hold = h.control.hold().unwrap();
+        (m, h, hold)
     }
 
     /// Migrate the SEV-ES machine behind `h` (running in `src_thread`) to a destination on
-    /// `dst_platform`; the guest is let run once pre-copy starts.
+    /// `dst_platform`; the guest is let run (`hold` released) once pre-copy starts.
     fn migrate_sev(
         h: &MachineHandle,
+        hold: Hold<Machine>,
         dst_platform: Option<Arc<Mutex<Psp>>>,
         trust: Option<CaCert>,
         dst_out: Buf,
@@ -846,17 +866,20 @@ mod tests {
                 .run_tcp(&mut t, s)
                 .map(|_| t.into_machine().unwrap())
         });
-        let mut source = MachineSource::new(h.clone(), "tcp://test").with_trust(trust);
+        let mut source = MachineSource::new(h.clone(), "tcp://test")
+            .unwrap()
+            .with_trust(trust);
         let mut sender = Sender::new(SenderConfig::default());
-        let ctl = h.control.clone();
+        let mut hold = Some(hold);
         sender.on_progress(move |p| {
             if p.phase == esvm_migration::Phase::PreCopy {
-                let _ = ctl.set_user_paused(false);
+                drop(hold.take());
             }
         });
         let sent = sender.run_tcp(&mut source, std::net::TcpStream::connect(addr).unwrap());
-        // A refusal before pre-copy leaves the guest paused by the test: let it run.
-        let _ = h.control.set_user_paused(false);
+        // A refusal before pre-copy leaves the guest held by the test: let it run.
+        drop(sender);
+        source.finish();
         (sent, dst_thread.join().unwrap())
     }
 
@@ -868,10 +891,10 @@ mod tests {
         let args = format!("iterations={iterations} dirty-mib={dirty}");
         let src_out = Buf::default();
         // Two vCPUs: the parked AP's VMSA travels too.
-        let (mut src, h) = sev_source(platform(0), 0x4, 2, &args, src_out.clone());
+        let (mut src, h, hold) = sev_source(platform(0), 0x4, 2, &args, src_out.clone());
         let src_thread = std::thread::spawn(move || src.run().map(|o| (o, src)));
         let dst_out = Buf::default();
-        let (sent, received) = migrate_sev(&h, Some(platform(0)), None, dst_out.clone());
+        let (sent, received) = migrate_sev(&h, hold, Some(platform(0)), None, dst_out.clone());
         let o = sent.unwrap();
         assert!(o.passes >= 2, "{o:?}");
         let (outcome, _) = src_thread.join().unwrap().unwrap();
@@ -913,9 +936,9 @@ mod tests {
         ];
         for (what, policy, dst, trust, needle) in cases {
             let out = Buf::default();
-            let (mut src, h) = sev_source(platform(0), policy, 1, args, out.clone());
+            let (mut src, h, hold) = sev_source(platform(0), policy, 1, args, out.clone());
             let src_thread = std::thread::spawn(move || src.run());
-            let (sent, received) = migrate_sev(&h, dst, trust, Buf::default());
+            let (sent, received) = migrate_sev(&h, hold, dst, trust, Buf::default());
             let e = sent.unwrap_err().to_string();
             assert!(e.contains(needle), "{what}: {e}");
             assert!(received.is_err(), "{what}");

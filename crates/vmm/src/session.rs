@@ -11,9 +11,9 @@ use esvm_control::{ApiServer, ControlTarget, ServerError};
 use thiserror::Error;
 
 use crate::control::VmHandle;
+use crate::lifecycle::LifecycleError;
 use crate::machine::{Machine, MachineError};
 use crate::outcome::Outcome;
-use crate::runctl::ControlError;
 
 /// How long a source whose VM migrated away keeps its API socket open so that a client
 /// following the migration (`esvm ctl migrate`) can read the final status.
@@ -34,7 +34,7 @@ pub enum SessionError {
     #[error("--start-paused needs --api-socket (to resume the guest)")]
     StartPausedWithoutSocket,
     #[error("cannot start the guest paused: {0}")]
-    StartPaused(#[source] ControlError),
+    StartPaused(#[source] LifecycleError),
     #[error(transparent)]
     Api(#[from] ServerError),
     #[error(transparent)]
@@ -51,7 +51,7 @@ pub fn run(machine: &mut Machine, opts: &RunOptions) -> Result<Outcome, SessionE
         // Before the socket exists: a client can never see the VM unpaused.
         machine
             .control()
-            .set_user_paused(true)
+            .pause()
             .map_err(SessionError::StartPaused)?;
     }
     let mut server = match &opts.api_socket {

@@ -66,7 +66,7 @@ use esvm_hv::{BackendKind, HvError, VmType};
 use esvm_migration::PageSet;
 use thiserror::Error;
 
-use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState};
+use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState, StoppedGuard};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
 
 /// Name of the state file in a snapshot directory.
@@ -242,22 +242,26 @@ pub struct Manifest {
     pub sev: Option<SealedState>,
 }
 
-/// Write a snapshot of the machine behind `h` into `dir` (created if missing). The guest is
-/// held stopped meanwhile. Returns the bytes written.
+/// Write a snapshot of the machine behind `h` into `dir` (created if missing). The snapshot
+/// is registered in the VM's lifecycle (which refuses it while another snapshot or a
+/// migration runs) and the guest is held stopped meanwhile. Returns the bytes written.
 pub fn save(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
-    h.control.hold()?;
-    let result = (|| {
-        h.control.wait_stopped(PARK_TIMEOUT)?;
-        match h.config.vm_type {
-            VmType::Plain => save_stopped(h, dir),
-            VmType::SevEs => save_sealed(h, dir),
-        }
-    })();
-    h.control.release();
-    result
+    let _snapshot = h
+        .control
+        .begin_snapshot(h.config.vm_type == VmType::SevEs)
+        .map_err(ControlError::from)?;
+    let stopped = h.control.stop(PARK_TIMEOUT)?;
+    match h.config.vm_type {
+        VmType::Plain => save_stopped(h, &stopped, dir),
+        VmType::SevEs => save_sealed(h, &stopped, dir),
+    }
 }
 
-fn save_stopped(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
+fn save_stopped(
+    h: &MachineHandle,
+    _stopped: &StoppedGuard,
+    dir: &Path,
+) -> Result<u64, SnapshotError> {
     let (machine, vcpu_states) = h
         .control
         .run_job(|m| {
@@ -338,9 +342,14 @@ fn write_state(dir: &Path, version: u32, manifest: &Manifest) -> Result<u64, Sna
     Ok((header.len() + json.len()) as u64)
 }
 
-/// SEV-ES: send the stopped guest to its own platform and store what was sent; the send
+/// SEV-ES: send the guest `_stopped` keeps stopped (so that its pages, VMSAs and device
+/// state are one consistent moment) to its own platform and store what was sent; the send
 /// session is always cancelled afterwards, so the guest runs on.
-fn save_sealed(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
+fn save_sealed(
+    h: &MachineHandle,
+    _stopped: &StoppedGuard,
+    dir: &Path,
+) -> Result<u64, SnapshotError> {
     let fail = |s: String| SnapshotError::SealedSave(s);
     let emu = h
         .emu

@@ -241,11 +241,13 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
                 .ok_or_else(|| "no machine after the commit".to_string())
         })?;
     let url = format!("tcp://{addr}");
-    if stopped {
-        h.control.hold()?;
-        h.control.wait_stopped(esvm::runctl::PARK_TIMEOUT)?;
-    }
-    let mut src = MachineSource::new(h.clone(), url);
+    // The guest stays stopped for the whole migration (the transport alone is measured).
+    let held = if stopped {
+        Some(h.control.stop(esvm::runctl::PARK_TIMEOUT)?)
+    } else {
+        None
+    };
+    let mut src = MachineSource::new(h.clone(), url)?;
     let out: SendOutcome = Sender::new(SenderConfig {
         downtime_limit: Duration::from_millis(args.downtime_ms),
         ..SenderConfig::default()
@@ -255,6 +257,7 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
         .join()
         .map_err(|_| "the destination thread panicked")??;
     let (outcome, source_machine) = source.join().map_err(|_| "the source thread panicked")??;
+    drop((src, held, h));
     if !matches!(outcome, Outcome::Migrated(_)) {
         return Err(format!("the source ended with {outcome:?} instead of migrating").into());
     }
