@@ -8,6 +8,7 @@ pub mod lifecycle;
 pub mod machine;
 pub mod migrate;
 pub mod outcome;
+pub mod ram;
 pub mod runctl;
 pub mod session;
 pub mod sev_launch;

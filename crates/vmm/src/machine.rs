@@ -19,6 +19,7 @@ use thiserror::Error;
 use crate::dirty::DirtyTracker;
 use crate::lifecycle::{Ending, LifecycleError, LoopEnd};
 use crate::outcome::{Outcome, EXIT_ESVM_ERROR};
+use crate::ram::RamError;
 use crate::runctl::RunControl;
 
 /// The control of a machine's run loop: its jobs run on the [`Machine`].
@@ -48,6 +49,8 @@ pub enum MachineError {
     State(String),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Ram(#[from] RamError),
 }
 
 /// What a machine is made of.
@@ -126,6 +129,9 @@ pub struct Machine {
     /// The last exit waits for the VMM's answer to complete its instruction (IN, MMIO read,
     /// CPUID, MSR): not a clean point for pausing or saving state.
     mid_exit: bool,
+    /// References to the VM when nobody but the machine holds it (its own, the emu view's,
+    /// the dirty tracker's, the backend's): more means a handle or a clone exists.
+    own_vm_refs: usize,
 }
 
 /// What other threads hold of a machine: guest memory and dirty log (through the VM), and
@@ -145,6 +151,62 @@ pub struct MachineHandle {
 const MAX_SLICE_NS: u64 = 10_000_000;
 /// Slice while an interrupt waits for the guest to open its interrupt window.
 const WINDOW_POLL_NS: u64 = 64;
+
+impl MachineHandle {
+    /// Guest pages `first_page..first_page + count` in place, read-only, for as long as
+    /// `stopped` keeps this machine's vCPUs stopped (e.g. stop-and-copy, a snapshot).
+    pub fn stopped_ram<'a>(
+        &'a self,
+        stopped: &'a StoppedGuard,
+        first_page: u64,
+        count: u64,
+    ) -> Result<&'a [u8], RamError> {
+        if !stopped.stops(&self.control) {
+            return Err(RamError::OtherVm);
+        }
+        // SAFETY: while `stopped` is borrowed its hold keeps this machine's run loop parked
+        // (or not started): the run loop leaves `RunControl::service` only when every hold
+        // is released, or returns for good when the VM migrated away, so no vCPU runs and
+        // the devices (which do no DMA) write nothing. The other writers of guest memory are
+        // excluded too: the loader and SEV launch refuse a shared machine
+        // (`ensure_exclusive`, which a live guard fails), `ExclusiveRam` (in-place writes,
+        // discarding) needs an unshared machine, and the library writes guest memory through
+        // a handle nowhere (snapshots and migrations only read it). The slice borrows
+        // `self`, whose VM keeps the mapping alive.
+        unsafe { crate::ram::pages(self.vm.memory(), first_page, count) }
+    }
+}
+
+/// Guest RAM of a machine nobody else holds ([`Machine::exclusive_ram`]): no vCPU runs (the
+/// run loop needs `&mut Machine`, which this borrows) and no other thread can reach the
+/// memory, so it may be written in place or discarded.
+pub struct ExclusiveRam<'m> {
+    mem: &'m esvm_hv::GuestMemory,
+}
+
+impl<'m> ExclusiveRam<'m> {
+    /// Guest pages `first_page..first_page + count` in place, writable. The writes bypass the
+    /// dirty log: record them with [`DirtyTracker::mark_written`].
+    pub fn pages_mut(self, first_page: u64, count: u64) -> Result<&'m mut [u8], RamError> {
+        // SAFETY: the machine is borrowed mutably for 'm, so its run loop cannot run and no
+        // other slice of it exists on this thread (this consumes the only `ExclusiveRam`),
+        // and `exclusive_ram` checked that no handle, guard or VM clone lets another thread
+        // reach the memory.
+        unsafe { crate::ram::pages_mut(self.mem, first_page, count) }
+    }
+
+    /// Give the memory back to the system; it reads as zero afterwards.
+    pub fn discard(self) {
+        // SAFETY: as for `pages_mut`: nothing else holds or uses the memory, and no slice of
+        // it is alive (this consumes the only `ExclusiveRam`).
+        unsafe { crate::ram::discard(self.mem) }
+    }
+
+    /// Fault in all of the memory (`MADV_POPULATE_WRITE`) without changing it.
+    pub fn prealloc(&self) {
+        crate::ram::prealloc(self.mem);
+    }
+}
 
 impl Machine {
     pub fn new(
@@ -180,6 +242,7 @@ impl Machine {
         }
         let control = Arc::new(VmControl::new(vcpus[0].kicker()));
         let tracker = Arc::new(DirtyTracker::new(vm.clone()));
+        let own_vm_refs = Arc::strong_count(&vm);
         Ok(Machine {
             vm,
             emu,
@@ -193,6 +256,32 @@ impl Machine {
             control,
             tracker,
             mid_exit: false,
+            own_vm_refs,
+        })
+    }
+
+    /// `Ok` if nobody but this machine (borrowed mutably by the caller) can reach its guest
+    /// memory: no [`MachineHandle`], no guard or ticket of its control, no clone of its VM.
+    pub fn ensure_exclusive(&self) -> Result<(), RamError> {
+        let controls = Arc::strong_count(&self.control) - 1;
+        let vms = Arc::strong_count(&self.vm).saturating_sub(self.own_vm_refs);
+        if controls == 0 && vms == 0 {
+            return Ok(());
+        }
+        Err(RamError::Shared {
+            what: format!(
+                "{controls} handles or guards of its control, {vms} other references to its VM"
+            ),
+        })
+    }
+
+    /// Guest RAM to write or discard in place, for a machine nobody else holds (checked:
+    /// see [`ExclusiveRam`]). For filling a machine that has not run (an incoming
+    /// migration) and for giving back the memory of one that is done.
+    pub fn exclusive_ram(&mut self) -> Result<ExclusiveRam<'_>, RamError> {
+        self.ensure_exclusive()?;
+        Ok(ExclusiveRam {
+            mem: self.vm.memory(),
         })
     }
 
@@ -236,8 +325,10 @@ impl Machine {
         }
     }
 
-    /// Load an ELF64 guest and point the boot vCPU at it.
+    /// Load an ELF64 guest and point the boot vCPU at it. The machine must not be shared yet
+    /// (the loader writes guest memory, which a [`StoppedGuard`] holder may be reading).
     pub fn load(&mut self, elf: &[u8], args: &str) -> Result<BootState, MachineError> {
+        self.ensure_exclusive()?;
         // SEV-ES guests get the protected-state boot flag and C-bit page tables (all memory
         // private until the guest shares pages itself).
         let sev_es = self.vm.vm_type() == VmType::SevEs;
@@ -605,5 +696,64 @@ impl Machine {
         self.control
             .publish_instructions(self.instructions().unwrap_or(0));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runctl::PARK_TIMEOUT;
+
+    fn machine() -> Machine {
+        let config = MachineConfig {
+            backend: BackendKind::Emu,
+            vm_type: VmType::Plain,
+            mem_size: 16 * 4096,
+            vcpus: 1,
+            max_instructions: None,
+        };
+        Machine::new(&config, Box::new(std::io::sink())).unwrap()
+    }
+
+    /// Guest RAM is seen in place only with the proof the precondition holds: a guard that
+    /// stops this very machine, or a machine nobody else holds.
+    #[test]
+    fn in_place_ram_needs_its_guard() {
+        let mut m = machine();
+        m.vm().memory().write(2 * 4096 + 5, &[0x5a]).unwrap();
+        let h = m.handle();
+        let other = machine().handle();
+        let stopped = h.control.stop(PARK_TIMEOUT).unwrap();
+        assert_eq!(h.stopped_ram(&stopped, 2, 1).unwrap()[5], 0x5a);
+        assert_eq!(other.stopped_ram(&stopped, 2, 1), Err(RamError::OtherVm));
+        assert!(matches!(
+            h.stopped_ram(&stopped, 15, 2),
+            Err(RamError::OutOfRange { .. })
+        ));
+        // While the guard (or any handle) lives, nothing may write the memory in place.
+        assert!(matches!(m.exclusive_ram(), Err(RamError::Shared { .. })));
+        assert!(matches!(
+            m.load(&[], ""),
+            Err(MachineError::Ram(RamError::Shared { .. }))
+        ));
+        drop(stopped);
+        assert!(
+            m.exclusive_ram().is_err(),
+            "the handle still shares the machine"
+        );
+        drop(h);
+        let vm = m.vm().clone();
+        assert!(
+            m.exclusive_ram().is_err(),
+            "a clone of the VM shares it too"
+        );
+        drop(vm);
+        m.exclusive_ram().unwrap().pages_mut(3, 1).unwrap()[0] = 7;
+        let mut b = [0];
+        m.vm().memory().read(3 * 4096, &mut b).unwrap();
+        assert_eq!(b, [7]);
+        m.exclusive_ram().unwrap().discard();
+        m.vm().memory().read(3 * 4096, &mut b).unwrap();
+        assert_eq!(b, [0]);
     }
 }

@@ -40,6 +40,7 @@ use crate::lifecycle::LifecycleError;
 use crate::machine::{
     Machine, MachineConfig, MachineHandle, MachineState, MigrationTicket, StoppedGuard,
 };
+use crate::ram::RamError;
 use crate::runctl::PARK_TIMEOUT;
 
 /// The VMM-specific compatibility data of the `Config` frame: the formats of the state this
@@ -242,22 +243,10 @@ impl MigrationSource for MachineSource {
     }
 
     fn paused_pages(&self, first_page: u64, count: u64) -> Option<&[u8]> {
-        self.stopped.as_ref()?;
-        let mem = self.h.vm.memory();
-        let start = first_page.checked_mul(PAGE_SIZE)?;
-        let len = count.checked_mul(PAGE_SIZE)?;
-        if start.checked_add(len)? > mem.size() {
-            return None;
-        }
-        // SAFETY: guest RAM is one mapping of `mem.size()` bytes at `host_base()` that lives
-        // as long as the VM, which `self.h.vm` keeps alive for the borrow of `self`; the range
-        // was checked against it. Nothing writes guest memory while we hold the guest
-        // stopped: the run loop (the only writer: vCPU and devices) is parked under our hold,
-        // and snapshots are refused while a migration runs. The hold is released only by
-        // `resume(&mut self)`, which cannot run while this shared borrow lives.
-        Some(unsafe {
-            std::slice::from_raw_parts(mem.host_base().add(start as usize), len as usize)
-        })
+        // Only during stop-and-copy: the guard lives in `self`, so it outlives the slice (it
+        // is dropped only by `resume(&mut self)` or `mark_dead(&mut self)`).
+        let stopped = self.stopped.as_ref()?;
+        self.h.stopped_ram(stopped, first_page, count).ok()
     }
 
     fn sev_send_start(&mut self, target_certs: &[u8]) -> Result<Vec<u8>, SourceError> {
@@ -376,49 +365,14 @@ impl MigrationSource for MachineSource {
     }
 }
 
-/// Fault in all of guest memory without changing it (`MADV_POPULATE_WRITE`); a kernel
-/// without it (before Linux 5.14) just leaves memory to be faulted in on first touch.
-fn prealloc(mem: &esvm_hv::GuestMemory) {
-    // SAFETY: the range is exactly guest RAM's single anonymous mapping (host_base, size),
-    // which lives as long as the VM; MADV_POPULATE_WRITE allocates its pages without
-    // reading or writing their contents.
-    let r = unsafe {
-        libc::madvise(
-            mem.host_base().cast::<libc::c_void>(),
-            mem.size() as libc::size_t,
-            libc::MADV_POPULATE_WRITE,
-        )
-    };
-    if r != 0 {
-        tracing::warn!(
-            "cannot preallocate guest memory (madvise MADV_POPULATE_WRITE): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Give a discarded machine's guest memory back to the system (`MADV_DONTNEED`), whether
-/// or not its mapping is unmapped when the machine is dropped. For machines nobody else uses
-/// (an aborted incoming migration, a benchmark's machines once their threads are joined):
-/// the memory reads as zero afterwards.
-pub fn release_guest_memory(m: &Machine) {
-    let mem = m.vm().memory();
-    // SAFETY: the range is exactly guest RAM's single private anonymous mapping, alive as
-    // long as `m`; MADV_DONTNEED only drops its pages (later reads see zeroes), and the
-    // callers guarantee that no vCPU or other thread uses this memory any more.
-    let r = unsafe {
-        libc::madvise(
-            mem.host_base().cast::<libc::c_void>(),
-            mem.size() as libc::size_t,
-            libc::MADV_DONTNEED,
-        )
-    };
-    if r != 0 {
-        tracing::debug!(
-            "madvise(MADV_DONTNEED) on discarded guest memory failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+/// or not its mapping is unmapped when the machine is dropped: for machines nobody else
+/// holds any more (an aborted incoming migration, a benchmark's machines once their threads
+/// are joined and their handles dropped); it reads as zero afterwards. Refused (and nothing
+/// happens) while the machine is shared.
+pub fn release_guest_memory(m: &mut Machine) -> Result<(), RamError> {
+    m.exclusive_ram()?.discard();
+    Ok(())
 }
 
 /// Makes the serial output writer of a received machine.
@@ -563,7 +517,7 @@ impl MigrationTarget for MachineTarget {
             ))
         })?;
         if self.prealloc {
-            prealloc(machine.vm().memory());
+            crate::ram::prealloc(machine.vm().memory());
         }
         self.received = Some(PageSet::new(config.pages()));
         self.machine = Some(machine);
@@ -614,23 +568,13 @@ impl MigrationTarget for MachineTarget {
         if let Some(r) = self.received.as_mut() {
             r.set_range(first_page, count);
         }
-        let m = self.machine_mut()?;
-        let mem = m.vm().memory();
-        let start = first_page * PAGE_SIZE;
-        let len = count * PAGE_SIZE;
-        if start.checked_add(len).is_none_or(|end| end > mem.size()) {
-            return Err(TargetError::Failed(format!(
-                "pages {first_page}+{count} lie outside guest memory"
-            )));
-        }
-        // SAFETY: the range lies inside guest RAM's single mapping (checked above), which
-        // lives as long as the machine, and the machine is borrowed mutably for the slice's
-        // lifetime. The machine has never run: no vCPU, device or other thread touches its
-        // memory, so this is the only access. The writes bypass the dirty log; `received`
-        // records them for the machine's written-page set at commit.
-        Ok(unsafe {
-            std::slice::from_raw_parts_mut(mem.host_base().add(start as usize), len as usize)
-        })
+        // The machine has never run and nobody else holds it (checked): the receiver writes
+        // the pages in place. The writes bypass the dirty log; `received` records them for
+        // the machine's written-page set at commit.
+        self.machine_mut()?
+            .exclusive_ram()
+            .and_then(|ram| ram.pages_mut(first_page, count))
+            .map_err(|e| TargetError::Failed(e.to_string()))
     }
 
     fn apply_device_state(&mut self, state: &[u8]) -> Result<(), TargetError> {
@@ -683,13 +627,15 @@ impl MigrationTarget for MachineTarget {
 
     fn abort(&mut self) {
         // The machine never ran and nobody else holds it: free what it received at once.
-        if let Some(m) = self.machine.take() {
+        if let Some(mut m) = self.machine.take() {
             if let Some(emu) = m.emu_vm().filter(|e| e.sev_handle().is_some()) {
                 if let Err(e) = emu.sev_decommission() {
                     tracing::warn!("DECOMMISSION of the aborted incoming guest: {e}");
                 }
             }
-            release_guest_memory(&m);
+            if let Err(e) = release_guest_memory(&mut m) {
+                tracing::warn!("cannot give the aborted incoming guest's memory back: {e}");
+            }
         }
         self.received = None;
         self.state = None;

@@ -29,7 +29,9 @@
 //! # Stopped guests
 //!
 //! A [`StoppedGuard`] is a hold taken when the lifecycle allows it, returned only once the
-//! run loop is parked (or has not started): while it lives, no vCPU of the VM runs.
+//! run loop is parked (or has not started): while it lives, no vCPU of the VM runs. It is
+//! the proof the functions that see guest memory in place need (see
+//! [`MachineHandle::stopped_ram`](crate::machine::MachineHandle::stopped_ram)).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

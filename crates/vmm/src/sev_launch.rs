@@ -40,6 +40,8 @@ pub enum SevLaunchError {
     },
     #[error("SEV-ES launch failed: {0}")]
     Launch(String),
+    #[error("cannot launch a machine that is already shared: {0}")]
+    Shared(#[source] crate::ram::RamError),
 }
 
 /// What `esvm run --sev-es` was asked for.
@@ -123,6 +125,8 @@ pub fn launch_on(
             }
         }
     };
+    // LAUNCH_UPDATE_DATA encrypts guest memory in place: nobody else may see it meanwhile.
+    machine.ensure_exclusive().map_err(SevLaunchError::Shared)?;
     let l = |e: esvm_hv::HvError| SevLaunchError::Launch(e.to_string());
     let emu = machine
         .emu_vm()

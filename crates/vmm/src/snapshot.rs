@@ -257,9 +257,11 @@ pub fn save(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
     }
 }
 
+/// A plain snapshot of the guest `stopped` keeps stopped: its memory goes to the file straight
+/// from guest RAM (no vCPU can change it meanwhile).
 fn save_stopped(
     h: &MachineHandle,
-    _stopped: &StoppedGuard,
+    stopped: &StoppedGuard,
     dir: &Path,
 ) -> Result<u64, SnapshotError> {
     let (machine, vcpu_states) = h
@@ -283,13 +285,11 @@ fn save_stopped(
     {
         let f = File::create(&mem_tmp).map_err(io(&mem_tmp))?;
         f.set_len(h.config.mem_size).map_err(io(&mem_tmp))?;
-        let mut buf = vec![0u8; (MAX_RUN_PAGES * PAGE) as usize];
         let mut cursor = 0;
         while let Some(first) = written.next_set(cursor) {
             let count = written.run_len(first, MAX_RUN_PAGES);
-            let data = &mut buf[..(count * PAGE) as usize];
-            h.vm.memory()
-                .read(first * PAGE, data)
+            let data = h
+                .stopped_ram(stopped, first, count)
                 .map_err(|e| SnapshotError::Save(format!("reading guest memory: {e}")))?;
             f.write_all_at(data, first * PAGE).map_err(io(&mem_tmp))?;
             runs.push(Run {

@@ -253,10 +253,11 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
         ..SenderConfig::default()
     })
     .run_tcp(&mut src, TcpStream::connect(addr)?)?;
-    let received = dest
+    let mut received = dest
         .join()
         .map_err(|_| "the destination thread panicked")??;
-    let (outcome, source_machine) = source.join().map_err(|_| "the source thread panicked")??;
+    let (outcome, mut source_machine) =
+        source.join().map_err(|_| "the source thread panicked")??;
     drop((src, held, h));
     if !matches!(outcome, Outcome::Migrated(_)) {
         return Err(format!("the source ended with {outcome:?} instead of migrating").into());
@@ -280,8 +281,8 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
     }
     // Every thread using them is joined: give both guests' memory back now, so that
     // repeated runs do not accumulate it.
-    esvm::migrate::release_guest_memory(&source_machine);
-    esvm::migrate::release_guest_memory(&received);
+    esvm::migrate::release_guest_memory(&mut source_machine)?;
+    esvm::migrate::release_guest_memory(&mut received)?;
     Ok(Row {
         sev_es: sev,
         mem_mib: mem >> 20,
