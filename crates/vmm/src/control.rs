@@ -127,6 +127,7 @@ fn connect(addr: &str, cancel: &CancelToken) -> Result<TcpStream, String> {
 }
 
 impl VmHandle {
+    /// The control API target of the machine behind `h`.
     pub fn new(h: MachineHandle) -> Self {
         VmHandle {
             h,

@@ -79,17 +79,33 @@ pub enum State {
     Running,
     /// A snapshot is being written (it holds the guest stopped). `in_doubt`: the VM was in
     /// doubt when it started (plain guests only) and returns there.
-    Snapshotting { started: bool, in_doubt: bool },
+    Snapshotting {
+        /// The run loop has started.
+        started: bool,
+        /// The snapshot is of a VM in doubt.
+        in_doubt: bool,
+    },
     /// A live migration is under way (the guest runs during pre-copy, held during
     /// stop-and-copy).
-    Migrating { started: bool },
+    Migrating {
+        /// The run loop has started.
+        started: bool,
+    },
     /// The last migration's outcome is in doubt (the connection broke after the commit
     /// request): the state keeps a hold until the operator resumes the VM, having checked
     /// that the destination did not commit.
-    InDoubt { started: bool },
+    InDoubt {
+        /// The run loop has started.
+        started: bool,
+    },
     /// The destination committed: the guest runs there and never again here.
     /// `loop_running`: the run loop has not noticed yet.
-    Migrated { url: String, loop_running: bool },
+    Migrated {
+        /// Where the VM runs now.
+        url: String,
+        /// The run loop still runs (it returns at its next clean point).
+        loop_running: bool,
+    },
     /// The run loop ended without migrating.
     Ended(Ending),
 }
@@ -112,7 +128,10 @@ pub enum Event {
     /// An internal hold is released.
     Release,
     /// A snapshot starts.
-    SnapshotStarted { sev_es: bool },
+    SnapshotStarted {
+        /// The VM is an SEV-ES guest (its snapshot is a send session of its own).
+        sev_es: bool,
+    },
     /// The snapshot ended (written or failed).
     SnapshotEnded,
     /// A migration starts.
@@ -122,11 +141,15 @@ pub enum Event {
     /// The migration ended in doubt; its hold (taken for stop-and-copy) passes to the state.
     MigrationInDoubt,
     /// The destination committed.
-    MigrationCommitted { url: String },
+    MigrationCommitted {
+        /// Where the VM runs now.
+        url: String,
+    },
 }
 
-/// An event the lifecycle refuses in its current state. The messages complete "cannot
-/// <do it>: ..." and say what to do.
+/// An event the lifecycle refuses in its current state. The messages complete a phrase such
+/// as "cannot pause: ..." and say what to do.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum LifecycleError {
     #[error("the VM migrated to {url}; it runs there now and can never run here again")]

@@ -31,6 +31,8 @@ pub type MigrationTicket = crate::runctl::MigrationTicket<Machine>;
 /// A snapshot of a machine, registered in its lifecycle.
 pub type SnapshotTicket = crate::runctl::SnapshotTicket<Machine>;
 
+/// Why a machine could not be built, loaded, run, saved or restored.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum MachineError {
     #[error(transparent)]
@@ -56,10 +58,13 @@ pub enum MachineError {
 /// What a machine is made of.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
+    /// The hypervisor backend (emu or KVM).
     pub backend: BackendKind,
     /// Plain or SEV-ES (SEV-ES needs the emu backend).
     pub vm_type: VmType,
+    /// Guest RAM in bytes (a multiple of 4 KiB).
     pub mem_size: u64,
+    /// vCPUs; the boot vCPU (0) runs the guest, the others are created and parked.
     pub vcpus: u32,
     /// Stop after this many retired instructions (emu backend only).
     pub max_instructions: Option<u64>,
@@ -92,9 +97,11 @@ pub const MACHINE_STATE_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineState {
+    /// [`MACHINE_STATE_VERSION`] of the format.
     pub version: u32,
     /// The backend the state was saved on (informational: plain state moves across).
     pub backend: BackendKind,
+    /// The legacy devices (UART, PIT, PICs, debug-exit port) and their virtual time.
     pub devices: DevicesState,
     /// Instructions retired by each vCPU over the VM's whole life (emu; 0 on KVM).
     pub instructions: Vec<u64>,
@@ -111,6 +118,9 @@ pub struct MachineState {
     pub sev: Option<SevHostVmState>,
 }
 
+/// A VM assembled from a backend, guest memory, vCPUs and the legacy devices; see the
+/// module documentation. Its run loop ([`Machine::run`]) owns it; other threads hold a
+/// [`MachineHandle`].
 pub struct Machine {
     vm: Arc<dyn Vm>,
     /// The same VM as `vm` when it runs on the emu backend (SEV-ES commands live there).
@@ -138,11 +148,16 @@ pub struct Machine {
 /// the run loop's control.
 #[derive(Clone)]
 pub struct MachineHandle {
+    /// The VM: guest memory (read it; writing it in place needs a guard, see
+    /// [`MachineHandle::stopped_ram`] and [`Machine::exclusive_ram`]) and the dirty log.
     pub vm: Arc<dyn Vm>,
     /// The same VM when it runs on the emu backend (its SEV-ES commands live there).
     pub emu: Option<Arc<EmuVm>>,
+    /// The run loop's control and the VM's lifecycle.
     pub control: Arc<VmControl>,
+    /// The dirty-log view used by migrations and snapshots.
     pub tracker: Arc<DirtyTracker>,
+    /// What the machine was created with.
     pub config: MachineConfig,
 }
 
@@ -209,6 +224,8 @@ impl<'m> ExclusiveRam<'m> {
 }
 
 impl Machine {
+    /// A machine of `config` with all of its vCPUs, its devices and zeroed RAM, its serial
+    /// port (COM1) writing to `serial_out`. Nothing is loaded; the run loop has not started.
     pub fn new(
         config: &MachineConfig,
         serial_out: Box<dyn Write + Send>,
@@ -290,6 +307,7 @@ impl Machine {
         self.emu.as_ref()
     }
 
+    /// The legacy devices.
     pub fn devices(&self) -> &Devices {
         &self.devices
     }

@@ -47,6 +47,8 @@ use crate::runctl::PARK_TIMEOUT;
 /// VMM sends. Both sides must agree exactly.
 pub const COMPAT_EXTRA: &[u8] = b"esvm machine-state/1 vcpu-snapshot/1 sev-transfer/1 json";
 
+/// Why the trusted root for an SEV-ES destination could not be read.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum TrustError {
     #[error("cannot read the trusted root {path}: {source}")]
@@ -86,7 +88,9 @@ pub fn read_trusted_root(path: &std::path::Path) -> Result<CaCert, TrustError> {
     })
 }
 
+/// A migration URL this VMM cannot use.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 pub enum UrlError {
     #[error(
         "unsupported migration URL {0:?}: use tcp://HOST:PORT (or tcp:HOST:PORT), e.g. \

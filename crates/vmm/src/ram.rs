@@ -17,6 +17,7 @@ use thiserror::Error;
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Why guest RAM cannot be seen in place.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum RamError {
     #[error("guest pages {first_page:#x}+{count} lie outside the guest's {pages} pages of memory")]

@@ -18,7 +18,7 @@
 //!   with `&mut M`, between two exits, whether the guest is running or parked. That is how
 //!   state is read (vCPU snapshots, device state) without sharing the vCPUs.
 //! * **Death.** Once a migration's destination committed ([`MigrationTicket::commit`]), the
-//!   run loop returns [`Outcome::Migrated`](crate::outcome::Outcome::Migrated) and refuses to
+//!   run loop returns [`Outcome::Migrated`] and refuses to
 //!   run again.
 //!
 //! The loop looks at the control state only at *clean points*: between exits that need no
@@ -54,6 +54,7 @@ pub const PARK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why the run loop could not be steered.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ControlError {
     /// The lifecycle does not allow it now.

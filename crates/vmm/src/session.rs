@@ -29,6 +29,7 @@ pub struct RunOptions {
 }
 
 /// Why a machine could not be run as a process.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum SessionError {
     #[error("--start-paused needs --api-socket (to resume the guest)")]

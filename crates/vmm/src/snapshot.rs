@@ -86,6 +86,8 @@ const MAX_STATE_LEN: u64 = 256 << 20;
 pub const MAX_RUN_PAGES: u64 = 1024;
 const PAGE: u64 = 4096;
 
+/// Why a snapshot could not be written or restored.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error(transparent)]
@@ -152,8 +154,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Run {
+    /// The first guest page of the run.
     pub first: u64,
+    /// Pages in the run (at most [`MAX_RUN_PAGES`]).
     pub count: u64,
+    /// CRC32C of the run's bytes.
     pub crc32c: u32,
 }
 
@@ -196,8 +201,11 @@ impl PacketKind {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealedRun {
+    /// The first guest page of the run.
     pub first: u64,
+    /// Pages in the run (at most [`MAX_RUN_PAGES`]).
     pub count: u64,
+    /// Private or shared: the kind of every packet of the run.
     pub kind: PacketKind,
     /// CRC32C of the run's `count` packets as stored.
     pub crc32c: u32,
@@ -227,11 +235,15 @@ pub struct SealedState {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// Plain or SEV-ES.
     pub vm_type: VmType,
     /// The backend the snapshot was taken on (plain state restores on either).
     pub backend: BackendKind,
+    /// Guest RAM in bytes.
     pub mem_size: u64,
+    /// vCPUs.
     pub vcpus: u32,
+    /// Devices, virtual clock, instruction counts (and, sealed, the host's GHCB state).
     pub machine: MachineState,
     /// Plain: every vCPU's state (empty when sealed).
     pub vcpu_states: Vec<VcpuSnapshot>,
