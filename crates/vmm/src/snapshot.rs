@@ -113,6 +113,8 @@ pub enum SnapshotError {
     Unsupported(String),
     #[error("saving the VM state: {0}")]
     Save(String),
+    #[error("reading guest memory: {0}")]
+    ReadMemory(#[source] crate::ram::RamError),
     #[error("restoring the VM: {0}")]
     Restore(#[from] crate::machine::MachineError),
     #[error("cannot snapshot this SEV-ES guest: {0}")]
@@ -302,7 +304,7 @@ fn save_stopped(
             let count = written.run_len(first, MAX_RUN_PAGES);
             let data = h
                 .stopped_ram(stopped, first, count)
-                .map_err(|e| SnapshotError::Save(format!("reading guest memory: {e}")))?;
+                .map_err(SnapshotError::ReadMemory)?;
             f.write_all_at(data, first * PAGE).map_err(io(&mem_tmp))?;
             runs.push(Run {
                 first,
