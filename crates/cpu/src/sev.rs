@@ -4,10 +4,10 @@
 //!
 //! - **Memory** (see `mem/encrypt.rs` for the page model): the C-bit ([`SevEsConfig::c_bit`])
 //!   is not an address bit. It is stripped from CR3 and from every page-table entry (it never
-//!   raises a reserved-bit fault); a table is read (and its A/D bits set) through the private
-//!   view if the C-bit of the entry pointing to it (CR3 for the PML4) is set, else through the
-//!   shared view; the leaf's C-bit selects the view of the data access. With paging off every
-//!   access is private. Instruction fetches always use the private view. An access with the
+//!   raises a reserved-bit fault); page tables are always read (and their A/D bits set)
+//!   through the private view, whatever the C-bit of the entry (or CR3) pointing to them, as
+//!   AMD specifies; the leaf's C-bit selects the view of the data access. With paging off
+//!   every access is private. Instruction fetches always use the private view. An access with the
 //!   C-bit set to a guest-physical address outside RAM is fatal (shutdown, nothing delivered to
 //!   the guest); with the C-bit clear it is MMIO and raises #VC with error code 0x400 (NPF)
 //!   instead of an MMIO exit. A private access while [`PhysMemory::enable_encryption`] has not

@@ -3,8 +3,10 @@
 //!
 //! `walk_sev` mirrors the plain `walk` (same permission, reserved-bit and A/D rules; the
 //! differential test `sev::tests::walk_matches_plain_walk` keeps them in step) and adds the
-//! C-bit: stripped from CR3 and every entry (never reserved), choosing the view a table is
-//! read through (the referencing entry's C-bit) and the view of the data (the leaf's).
+//! C-bit: stripped from CR3 and every entry (never reserved), choosing the view of the data
+//! (the leaf's). Page tables are always read and updated through the private view, whatever
+//! the C-bit of the entry (or CR3) that points to them (AMD APM vol. 2, "Secure Encrypted
+//! Virtualization": guest page-table accesses are private).
 //!
 //! A translated guest-physical address carries the C-bit as a *tag* (`gpa | cmask`) when the
 //! access goes to the private view; plain addresses at or above the RAM size then never take
@@ -73,12 +75,12 @@ impl Cpu {
         Ok(gpa | (lin & 0xfff) | if private { cmask } else { 0 })
     }
 
-    /// Read a page-table entry through `private`'s view (0 = not present outside RAM).
-    fn sev_pt_read(&mut self, gpa: u64, size: usize, private: bool) -> R<u64> {
+    /// Read a page-table entry through the private view (0 = not present outside RAM).
+    fn sev_pt_read(&mut self, gpa: u64, size: usize) -> R<u64> {
         if gpa + size as u64 > self.ram_size {
             return Ok(0);
         }
-        let base = self.sev_view(gpa >> PAGE_SHIFT, view_of(private))?;
+        let base = self.sev_view(gpa >> PAGE_SHIFT, View::Private)?;
         // SAFETY: in RAM (checked above); `base` is RAM or the private backing, both of RAM's
         // size.
         unsafe {
@@ -91,12 +93,12 @@ impl Cpu {
         }
     }
 
-    /// Atomically OR bits into a page-table entry through `private`'s view.
-    fn sev_pt_set_bits(&mut self, gpa: u64, size: usize, bits: u64, private: bool) -> R {
+    /// Atomically OR bits into a page-table entry through the private view.
+    fn sev_pt_set_bits(&mut self, gpa: u64, size: usize, bits: u64) -> R {
         if gpa + size as u64 > self.ram_size {
             return Ok(());
         }
-        let base = self.sev_view(gpa >> PAGE_SHIFT, view_of(private))?;
+        let base = self.sev_view(gpa >> PAGE_SHIFT, View::Private)?;
         // SAFETY: in RAM; entries are naturally aligned (see `pt_set_bits`) and both backings
         // are 16-byte aligned.
         unsafe {
@@ -146,20 +148,20 @@ impl Cpu {
         }
         let pae = self.cr4 & cr4::PAE != 0;
         let pmask = PHYS_MASK & !cmask;
-        // The table being read, and whether it is read through the private view.
-        let (levels, mut table, mut tpriv): (u32, u64, bool) = if long {
-            (4, self.cr3 & pmask, self.cr3 & cmask != 0)
+        // The first table (CR3's C-bit is stripped; tables are private whatever it says).
+        let (levels, mut table): (u32, u64) = if long {
+            (4, self.cr3 & pmask)
         } else if pae {
-            (3, self.cr3 & 0xffff_ffe0, false)
+            (3, self.cr3 & 0xffff_ffe0)
         } else {
-            (2, self.cr3 & 0xffff_f000, false)
+            (2, self.cr3 & 0xffff_f000)
         };
         let esz: u64 = if long || pae { 8 } else { 4 };
         let mut user_ok = true;
         let mut write_ok = true;
         let mut nx = false;
-        // Entries touched (address, leaf, view), to set A (and D) bits once allowed.
-        let mut touched: [(u64, bool, bool); 4] = [(0, false, false); 4];
+        // Entries touched (address, leaf), to set A (and D) bits once allowed.
+        let mut touched: [(u64, bool); 4] = [(0, false); 4];
         let mut ntouched = 0;
         let mut level = levels;
         loop {
@@ -174,7 +176,7 @@ impl Cpu {
                 (lin >> shift) & ((1 << bits) - 1)
             };
             let ea = table + idx * esz;
-            let ent = self.sev_pt_read(ea, esz as usize, tpriv)?;
+            let ent = self.sev_pt_read(ea, esz as usize)?;
             if ent & 1 == 0 {
                 return Err(Stop::Exc(self.pf(lin, code)));
             }
@@ -217,11 +219,9 @@ impl Cpu {
                 if esz == 8 && nxe {
                     nx |= ent >> 63 != 0;
                 }
-                touched[ntouched] = (ea, is_leaf, tpriv);
+                touched[ntouched] = (ea, is_leaf);
                 ntouched += 1;
             }
-            // The C-bit of this entry: the view of what it points to.
-            let cbit = esz == 8 && ent & cmask != 0;
             if is_leaf {
                 let page = if level > 1 {
                     let base = if esz == 8 {
@@ -246,7 +246,7 @@ impl Cpu {
                     return Err(Stop::Exc(self.pf(lin, code | PF_P)));
                 }
                 let mut dirty = ent & 0x40 != 0;
-                for &(a, leaf, priv_) in &touched[..ntouched] {
+                for &(a, leaf) in &touched[..ntouched] {
                     let set = if leaf && acc == Acc::Write {
                         0x60
                     } else {
@@ -255,10 +255,10 @@ impl Cpu {
                     let cur = if leaf {
                         ent
                     } else {
-                        self.sev_pt_read(a, esz as usize, priv_)?
+                        self.sev_pt_read(a, esz as usize)?
                     };
                     if cur & set != set {
-                        self.sev_pt_set_bits(a, esz as usize, set, priv_)?;
+                        self.sev_pt_set_bits(a, esz as usize, set)?;
                     }
                 }
                 if acc == Acc::Write {
@@ -270,7 +270,8 @@ impl Cpu {
                         w: may_write && dirty,
                         x: !nx,
                     },
-                    private: cbit,
+                    // The leaf's C-bit: the view of the data.
+                    private: esz == 8 && ent & cmask != 0,
                 });
             }
             table = if esz == 8 {
@@ -278,7 +279,6 @@ impl Cpu {
             } else {
                 ent & 0xffff_f000
             };
-            tpriv = cbit;
             level -= 1;
         }
     }
