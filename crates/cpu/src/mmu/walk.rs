@@ -4,7 +4,8 @@
 //! - [`Plain`] (zero-sized): no encryption. Its methods are constants and plain RAM accesses,
 //!   so `walk::<Plain>` compiles to the walk without any encryption logic.
 //! - [`SevCbit`]: an SEV(-ES) guest. The C-bit is stripped from CR3 and from every address
-//!   taken from an entry and is never a reserved bit; page tables are always read and updated
+//!   taken from an entry and is never a reserved bit, while the other bits above the
+//!   physical-address width reduced by [`SEV_PHYS_ADDR_REDUCTION`] are; page tables are always read and updated
 //!   (A/D bits) as *private* memory, whatever the C-bit of the entry (or CR3) that points to
 //!   them (AMD APM vol. 2, "Secure Encrypted Virtualization": guest page-table accesses are
 //!   private); the C-bit of the leaf entry selects the view of the data access; with paging
@@ -15,6 +16,7 @@
 
 use super::Acc;
 use crate::mem::{View, PAGE_SHIFT};
+use crate::sev::SEV_PHYS_ADDR_REDUCTION;
 use crate::{Cpu, Exc, Stop, R};
 use esvm_arch::bits::{cr0, cr4, efer, vector};
 
@@ -29,6 +31,9 @@ const PF_ID: u32 = 16;
 const MAXPHY: u32 = 48;
 /// The address bits of an 8-byte entry (bits 12..MAXPHY).
 const PHYS_MASK: u64 = ((1u64 << MAXPHY) - 1) & !0xfff;
+/// The address bits of an 8-byte entry of an SEV guest (bits 12..47; [`SevCbit`] also takes
+/// out the C-bit, should it be below bit 47).
+const SEV_PHYS_MASK: u64 = ((1u64 << (MAXPHY - SEV_PHYS_ADDR_REDUCTION)) - 1) & !0xfff;
 /// Bits 12..51 of an 8-byte entry: address bits, or reserved where above MAXPHYADDR.
 const ENTRY_ADDR_BITS: u64 = 0x000f_ffff_ffff_f000;
 
@@ -101,7 +106,7 @@ impl EncPolicy for SevCbit {
     }
     #[inline(always)]
     fn addr_mask(self) -> u64 {
-        PHYS_MASK & !self.cmask
+        SEV_PHYS_MASK & !self.cmask
     }
     #[inline(always)]
     fn unpaged_private(self) -> bool {

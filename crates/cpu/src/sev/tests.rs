@@ -544,6 +544,43 @@ fn c_bit_is_not_an_address_bit_nor_reserved() {
     assert_eq!(gpa, C | 0x20_0000);
 }
 
+/// Entry bits 47..51 above the physical-address width reduced by CPUID 0x8000_001F
+/// EBX[11:6] are reserved, except the C-bit; bits below it are address bits even with the
+/// C-bit elsewhere (here also at 40: small RAM allows it).
+#[test]
+fn reserved_bits_follow_the_physical_address_reduction() {
+    assert_eq!(crate::SEV_PHYS_ADDR_REDUCTION, 1);
+    let rsvd = Err(crate::Stop::Exc(crate::Exc::ec(vector::PF, 9)));
+    for c_bit in [47u8, 40] {
+        let mem = PhysMemory::new_owned(MEM).unwrap();
+        let cfg = CpuConfig {
+            sev_es: Some(SevEsConfig { c_bit }),
+            ..CpuConfig::default()
+        };
+        let mut h = Harness::with_memory(mem.clone(), cfg);
+        mem.enable_encryption(cipher()).unwrap();
+        mem.encrypt_in_place(PML4, 3 * PAGE_SIZE).unwrap();
+        let pd = PML4 + 0x2000;
+        let c = 1u64 << c_bit;
+        let pde = |i: u64, hi: u64| wr_private_u64(&mem, pd + 8 * i, (i << 21) | 0x83 | hi);
+        pde(1, 1 << 46);
+        pde(2, 1 << 47);
+        pde(3, c);
+        pde(4, 1 << 48);
+        pde(5, 1 << 51);
+        let mut walk = |i: u64| h.cpu.test_walk(i << 21, false, false, false);
+        assert_eq!(walk(1), Ok(((1 << 46) | 1 << 21, false, true, false)));
+        if c_bit == 47 {
+            assert_eq!(walk(2), Ok((2 << 21, false, true, true)));
+        } else {
+            assert_eq!(walk(2), rsvd, "bit 47 with the C-bit at {c_bit}");
+            assert_eq!(walk(3), Ok((3 << 21, false, true, true)));
+        }
+        assert_eq!(walk(4), rsvd);
+        assert_eq!(walk(5), rsvd);
+    }
+}
+
 #[test]
 fn paging_off_accesses_are_private() {
     let mut h = sev_harness(&[]);
