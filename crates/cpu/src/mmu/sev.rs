@@ -24,7 +24,10 @@ fn view_of(private: bool) -> View {
 impl Cpu {
     /// Translate `lin` in SEV-ES mode (see `translate`): fills the TLB with the data view's
     /// backing and returns the guest-physical address, tagged with the C-bit for a private
-    /// access. Fetches are private whatever the leaf says.
+    /// access. Fetches are private whatever the leaf says. Kept out of line, so that the
+    /// SEV-ES instance of the walk does not share `translate`'s body (and registers) with the
+    /// plain one.
+    #[inline(never)]
     pub(crate) fn translate_sev(&mut self, lin: u64, acc: Acc, user: bool) -> R<u64> {
         let cmask = self.sev_cmask();
         let w = self.walk(SevCbit::new(cmask), lin, acc, user)?;
