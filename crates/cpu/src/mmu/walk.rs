@@ -5,11 +5,11 @@
 //!   so `walk::<Plain>` compiles to the walk without any encryption logic.
 //! - [`SevCbit`]: an SEV(-ES) guest. The C-bit is stripped from CR3 and from every address
 //!   taken from an entry and is never a reserved bit, while the other bits above the
-//!   physical-address width reduced by [`SEV_PHYS_ADDR_REDUCTION`] are; page tables are always read and updated
-//!   (A/D bits) as *private* memory, whatever the C-bit of the entry (or CR3) that points to
-//!   them (AMD APM vol. 2, "Secure Encrypted Virtualization": guest page-table accesses are
-//!   private); the C-bit of the leaf entry selects the view of the data access; with paging
-//!   off every access is private.
+//!   physical-address width reduced by [`SEV_PHYS_ADDR_REDUCTION`] are; page tables are
+//!   always read and updated (A/D bits) as *private* memory, whatever the C-bit of the entry
+//!   (or CR3) that points to them (AMD APM vol. 2, "Secure Encrypted Virtualization": guest
+//!   page-table accesses are private); the C-bit of the leaf entry selects the view of the
+//!   data access; with paging off every access is private.
 //!
 //! The differential tests `sev::tests::walk_matches_plain_walk` and
 //! `table_c_bits_do_not_change_the_walk` compare the two instances.

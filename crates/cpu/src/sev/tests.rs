@@ -545,7 +545,7 @@ fn c_bit_is_not_an_address_bit_nor_reserved() {
 }
 
 /// Entry bits 47..51 above the physical-address width reduced by CPUID 0x8000_001F
-/// EBX[11:6] are reserved, except the C-bit; bits below it are address bits even with the
+/// `EBX[11:6]` are reserved, except the C-bit; bits below it are address bits even with the
 /// C-bit elsewhere (here also at 40: small RAM allows it).
 #[test]
 fn reserved_bits_follow_the_physical_address_reduction() {
