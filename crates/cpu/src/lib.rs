@@ -73,7 +73,9 @@ use std::sync::Arc;
 use thiserror::Error;
 
 pub use mem::{MemError, PageCipher, PhysMemory};
-pub use sev::{exit_code, vmsa_layout, SevEsConfig, TrapReg, SEV_STATUS_VALUE};
+pub use sev::{
+    exit_code, vmsa_layout, SevEsConfig, TrapReg, SEV_PHYS_ADDR_REDUCTION, SEV_STATUS_VALUE,
+};
 
 use decode::CodeCache;
 use mmu::Tlb;

@@ -3,9 +3,12 @@
 
 use crate::mem::{PAGE_SHIFT, PAGE_SIZE};
 use crate::{Cpu, Exc, Exit, Mode, Stop, P_MMIO, R, SS};
-use esvm_arch::bits::{cr0, cr4, efer, vector};
+use esvm_arch::bits::vector;
 
-mod sev_walk;
+mod sev;
+mod walk;
+
+use walk::Plain;
 
 pub(crate) const TLB_BITS: u32 = 9;
 pub(crate) const TLB_SIZE: usize = 1 << TLB_BITS;
@@ -60,25 +63,6 @@ pub(crate) enum Acc {
     Exec,
 }
 
-/// Page-fault error code bits.
-const PF_P: u32 = 1;
-const PF_W: u32 = 2;
-const PF_U: u32 = 4;
-const PF_RSVD: u32 = 8;
-const PF_ID: u32 = 16;
-
-/// Physical address width (CPUID 0x8000_0008: 48 bits).
-const MAXPHY: u32 = 48;
-const PHYS_MASK: u64 = ((1u64 << MAXPHY) - 1) & !0xfff;
-
-/// Result of a successful walk.
-struct Walk {
-    gpa: u64,
-    /// Writable at this privilege (and D already set, or set by this walk).
-    w: bool,
-    x: bool,
-}
-
 #[inline(always)]
 fn rd_host<const S: usize>(p: *const u8) -> u64 {
     // SAFETY: callers pass a pointer to at least S bytes of guest RAM (checked via the TLB
@@ -104,10 +88,6 @@ fn wr_host<const S: usize>(p: *mut u8, v: u64) {
             _ => (p as *mut u64).write_unaligned(v),
         }
     }
-}
-
-fn canonical(lin: u64) -> bool {
-    ((lin as i64) << 16 >> 16) as u64 == lin
 }
 
 impl Cpu {
@@ -363,7 +343,7 @@ impl Cpu {
         if self.sev.is_some() {
             return self.translate_sev(lin, acc, user);
         }
-        let w = self.walk(lin, acc, user).map_err(Stop::Exc)?;
+        let w = self.walk(Plain, lin, acc, user)?;
         let vpn = lin >> PAGE_SHIFT;
         let gpn = w.gpa >> PAGE_SHIFT;
         if w.gpa < self.ram_size && user == (self.cpl == 3) {
@@ -384,211 +364,6 @@ impl Cpu {
             }
         }
         Ok(w.gpa | (lin & 0xfff))
-    }
-
-    fn pf(&mut self, lin: u64, code: u32) -> Exc {
-        self.cr2 = lin;
-        Exc::ec(vector::PF, code)
-    }
-
-    /// Walk the page tables (or not, without paging).
-    fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> Result<Walk, Exc> {
-        if self.cr0 & cr0::PG == 0 {
-            let lin = lin & 0xffff_ffff;
-            return Ok(Walk {
-                gpa: lin & !0xfff,
-                w: true,
-                x: true,
-            });
-        }
-        let long = self.efer & efer::LMA != 0;
-        if long && !canonical(lin) {
-            return Err(Exc::ec(vector::GP, 0));
-        }
-        let nxe = self.efer & efer::NXE != 0;
-        let wp = self.cr0 & cr0::WP != 0;
-        let mut code = 0;
-        if acc == Acc::Write {
-            code |= PF_W;
-        }
-        if user {
-            code |= PF_U;
-        }
-        if acc == Acc::Exec && nxe {
-            code |= PF_ID;
-        }
-        let pae = self.cr4 & cr4::PAE != 0;
-        // Levels: (shift, index bits, entry size).
-        let (levels, mut table): (u32, u64) = if long {
-            (4, self.cr3 & PHYS_MASK)
-        } else if pae {
-            (3, self.cr3 & 0xffff_ffe0)
-        } else {
-            (2, self.cr3 & 0xffff_f000)
-        };
-        let esz: u64 = if long || pae { 8 } else { 4 };
-        let mut user_ok = true;
-        let mut write_ok = true;
-        let mut nx = false;
-        // Entry addresses touched, to set A (and D) bits once the walk succeeded.
-        let mut touched: [(u64, bool); 4] = [(0, false); 4];
-        let mut ntouched = 0;
-        let mut level = levels;
-        loop {
-            let (shift, bits) = if esz == 8 {
-                (12 + 9 * (level - 1), 9)
-            } else {
-                (12 + 10 * (level - 1), 10)
-            };
-            let idx = if level == 3 && !long {
-                (lin >> 30) & 3
-            } else {
-                (lin >> shift) & ((1 << bits) - 1)
-            };
-            let ea = table + idx * esz;
-            let ent = self.pt_read(ea, esz as usize);
-            if ent & 1 == 0 {
-                return Err(self.pf(lin, code));
-            }
-            let pdpte_legacy = level == 3 && !long;
-            // Reserved bits.
-            let mut rsvd = false;
-            if esz == 8 {
-                if ent & !PHYS_MASK & 0x000f_ffff_ffff_f000 != 0 {
-                    rsvd = true;
-                }
-                if ent >> 63 != 0 && !nxe {
-                    rsvd = true;
-                }
-                if pdpte_legacy && ent & 0x1e6 != 0 {
-                    rsvd = true;
-                }
-                if long && level == 4 && ent & 0x80 != 0 {
-                    rsvd = true;
-                }
-            }
-            let is_leaf = level == 1
-                || (ent & 0x80 != 0
-                    && (level == 2 || (level == 3 && long))
-                    && (esz == 8 || self.cr4 & cr4::PSE != 0));
-            if is_leaf && level > 1 {
-                if esz == 8 {
-                    // Large page: bits 12..(shift-1) reserved except PAT (bit 12).
-                    let low = ent & ((1u64 << shift) - 1) & !0x1fff;
-                    if low != 0 {
-                        rsvd = true;
-                    }
-                } else if (ent >> 13) & 0x1ff != 0 {
-                    // Bits 21:13 of a 4 MiB PDE: no PSE-36, so they must be 0.
-                    rsvd = true;
-                }
-            }
-            if rsvd {
-                return Err(self.pf(lin, code | PF_P | PF_RSVD));
-            }
-            if !pdpte_legacy {
-                user_ok &= ent & 4 != 0;
-                write_ok &= ent & 2 != 0;
-                if esz == 8 && nxe {
-                    nx |= ent >> 63 != 0;
-                }
-                touched[ntouched] = (ea, is_leaf);
-                ntouched += 1;
-            }
-            if is_leaf {
-                let page = if level > 1 {
-                    let base = if esz == 8 {
-                        ent & PHYS_MASK & !((1u64 << shift) - 1)
-                    } else {
-                        ent & 0xffc0_0000
-                    };
-                    base | (lin & ((1u64 << shift) - 1) & !0xfff)
-                } else if esz == 8 {
-                    ent & PHYS_MASK
-                } else {
-                    ent & 0xffff_f000
-                };
-                // Permission checks.
-                if user && !user_ok {
-                    return Err(self.pf(lin, code | PF_P));
-                }
-                let may_write = if user { write_ok } else { write_ok || !wp };
-                if acc == Acc::Write && !may_write {
-                    return Err(self.pf(lin, code | PF_P));
-                }
-                if acc == Acc::Exec && nx {
-                    return Err(self.pf(lin, code | PF_P));
-                }
-                // Set accessed bits (and dirty on write) now that the access is allowed.
-                let mut dirty = ent & 0x40 != 0;
-                for &(a, leaf) in &touched[..ntouched] {
-                    let set = if leaf && acc == Acc::Write {
-                        0x60
-                    } else {
-                        0x20
-                    };
-                    let cur = if leaf {
-                        ent
-                    } else {
-                        self.pt_read(a, esz as usize)
-                    };
-                    if cur & set != set {
-                        self.pt_set_bits(a, esz as usize, set);
-                    }
-                }
-                if acc == Acc::Write {
-                    dirty = true;
-                }
-                return Ok(Walk {
-                    gpa: page,
-                    w: may_write && dirty,
-                    x: !nx,
-                });
-            }
-            table = if esz == 8 {
-                ent & PHYS_MASK
-            } else {
-                ent & 0xffff_f000
-            };
-            level -= 1;
-        }
-    }
-
-    fn pt_read(&self, gpa: u64, size: usize) -> u64 {
-        if gpa + size as u64 > self.ram_size {
-            // Page tables in MMIO read as all-ones... treat as not present.
-            return 0;
-        }
-        // SAFETY: in RAM, checked above.
-        unsafe {
-            let p = self.ram.add(gpa as usize);
-            if size == 8 {
-                (p as *const u64).read_unaligned()
-            } else {
-                (p as *const u32).read_unaligned() as u64
-            }
-        }
-    }
-
-    /// Atomically OR bits into a page-table entry (A/D updates) and log the write.
-    fn pt_set_bits(&mut self, gpa: u64, size: usize, bits: u64) {
-        if gpa + size as u64 > self.ram_size {
-            return;
-        }
-        // SAFETY: in RAM; page-table entries are naturally aligned (their addresses are
-        // table base + index * size with 4 KiB- or 32-byte-aligned tables), so the atomic
-        // types' alignment holds.
-        unsafe {
-            let p = self.ram.add(gpa as usize);
-            if size == 8 && (p as usize).is_multiple_of(8) {
-                std::sync::atomic::AtomicU64::from_ptr(p as *mut u64)
-                    .fetch_or(bits, std::sync::atomic::Ordering::SeqCst);
-            } else if (p as usize).is_multiple_of(4) {
-                std::sync::atomic::AtomicU32::from_ptr(p as *mut u32)
-                    .fetch_or(bits as u32, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        self.note_write(gpa >> PAGE_SHIFT);
     }
 
     /// Translate for instruction fetch: returns the guest-physical address of `lin`.

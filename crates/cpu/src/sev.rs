@@ -4,14 +4,16 @@
 //!
 //! - **Memory** (see `mem/encrypt.rs` for the page model): the C-bit ([`SevEsConfig::c_bit`])
 //!   is not an address bit. It is stripped from CR3 and from every page-table entry (it never
-//!   raises a reserved-bit fault); a table is read (and its A/D bits set) through the private
-//!   view if the C-bit of the entry pointing to it (CR3 for the PML4) is set, else through the
-//!   shared view; the leaf's C-bit selects the view of the data access. With paging off every
-//!   access is private. Instruction fetches always use the private view. An access with the
-//!   C-bit set to a guest-physical address outside RAM is fatal (shutdown, nothing delivered to
-//!   the guest); with the C-bit clear it is MMIO and raises #VC with error code 0x400 (NPF)
-//!   instead of an MMIO exit. A private access while [`PhysMemory::enable_encryption`] has not
-//!   run is fatal too (SEV-ES needs the guest's memory key).
+//!   raises a reserved-bit fault; the other bits above the reduced physical-address width,
+//!   [`SEV_PHYS_ADDR_REDUCTION`], do); page tables are always read (and their A/D bits set)
+//!   through the private view, whatever the C-bit of the entry (or CR3) pointing to them, as
+//!   AMD specifies; the leaf's C-bit selects the view of the data access. With paging off
+//!   every access is private. Instruction fetches always use the private view. An access
+//!   with the C-bit set to a guest-physical address outside RAM is fatal (shutdown, nothing
+//!   delivered to the guest); with the C-bit clear it is MMIO and raises #VC with error code
+//!   0x400 (NPF) instead of an MMIO exit. A private access while
+//!   [`PhysMemory::enable_encryption`] has not run is fatal too (SEV-ES needs the guest's
+//!   memory key).
 //! - **#VC** (vector 29, a fault: RIP stays at the instruction, the error code is the SVM exit
 //!   code) instead of an exit for: CPUID 0x72; IN/OUT/INS/OUTS 0x7B (after the IOPL check);
 //!   RDMSR/WRMSR 0x7C for every MSR whose state is not in the VMSA (APIC base, TSC, anything
@@ -83,6 +85,13 @@ pub mod exit_code {
 
 /// SEV_STATUS as an SEV-ES guest reads it: bit 0 SEV, bit 1 SEV-ES.
 pub const SEV_STATUS_VALUE: u64 = 0b11;
+
+/// How many physical-address bits an SEV-ES guest loses to memory encryption (CPUID
+/// 0x8000_001F `EBX[11:6]`, which the hypervisor reports): with the 48-bit physical addresses
+/// of CPUID 0x8000_0008, a guest-physical address has 47 bits, and bits 47..51 of a
+/// page-table entry other than the C-bit are reserved (AMD APM vol. 2, "Secure Encrypted
+/// Virtualization": the reduced bits are treated as reserved).
+pub const SEV_PHYS_ADDR_REDUCTION: u32 = 1;
 
 /// esvm's use of VMSA fields beyond the architectural registers (the pending-event state
 /// [`Cpu::to_vmsa`] must carry to resume exactly).

@@ -240,8 +240,14 @@ impl GhcbServices for ReplayServices<'_> {
                 }
             }
             0x8000_001f => {
-                // SEV (bit 1) and SEV-ES (bit 3); C-bit position; 1 physical-address bit lost.
-                v = [(1 << 1) | (1 << 3), u32::from(C_BIT) | (1 << 6), 1, 0];
+                // SEV (bit 1) and SEV-ES (bit 3); C-bit position; physical-address bits lost
+                // (the CPU model's reserved-bit checks follow it).
+                v = [
+                    (1 << 1) | (1 << 3),
+                    u32::from(C_BIT) | (esvm_cpu::SEV_PHYS_ADDR_REDUCTION << 6),
+                    1,
+                    0,
+                ];
             }
             _ => {}
         }

@@ -1,9 +1,11 @@
 //! The control API of a running machine: [`VmHandle`] implements
 //! [`esvm_control::ControlTarget`] (status, pause, resume, snapshot, migrate, cancel) on top
-//! of the machine's [`VmControl`](crate::runctl::VmControl), and runs live migrations on a
+//! of the machine's [`VmControl`](crate::machine::VmControl), and runs live migrations on a
 //! background thread.
 //!
-//! States as `status` reports them: `starting` (the run loop has not started), `running`,
+//! Whether a request is possible now is the lifecycle's decision ([`crate::lifecycle`]): a
+//! refused transition is answered `invalid_state` with the lifecycle's reason. States as
+//! `status` reports them ([`Status`]): `starting` (the run loop has not started), `running`,
 //! `paused` (a user pause, a snapshot being written, or a migration left in doubt),
 //! `migrating` (a migration is under way: the guest runs during pre-copy and is stopped
 //! during stop-and-copy), `migrated` (the destination committed: dead here), `exited`, and
@@ -25,22 +27,23 @@ use esvm_migration::{
     TerminalProgress,
 };
 
+use crate::lifecycle::{LifecycleError, State, Status};
 use crate::machine::MachineHandle;
 use crate::migrate::{parse_tcp_url, read_trusted_root, MachineSource};
-use crate::runctl::{ControlError, LoopEnd, PARK_TIMEOUT};
+use crate::runctl::{ControlError, PARK_TIMEOUT};
 
 /// How long connecting to a migration destination may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The bookkeeping of the current or last migration (its place in the VM's lifecycle is the
+/// lifecycle's). Its lock also orders the migration thread's end against `status` and
+/// `resume`, so that they see the lifecycle and the migration's phase agree.
 #[derive(Default)]
 struct MigState {
     status: Option<MigrationStatus>,
-    active: bool,
+    /// Present while the migration thread runs.
     cancel: Option<CancelToken>,
     thread: Option<JoinHandle<()>>,
-    /// The last migration ended in doubt and left the guest stopped under its hold.
-    in_doubt_hold: bool,
-    snapshot_running: bool,
 }
 
 fn lock(m: &Mutex<MigState>) -> MutexGuard<'_, MigState> {
@@ -60,6 +63,11 @@ fn api_err(what: &str, e: ControlError) -> ApiError {
         ControlError::Timeout(_) => ApiError::failed(format!("{what}: {e}")),
         _ => ApiError::invalid_state(format!("cannot {what}: {e}")),
     }
+}
+
+/// A request the lifecycle refused.
+fn refused(what: &str, e: LifecycleError) -> ApiError {
+    ApiError::invalid_state(format!("cannot {what}: {e}"))
 }
 
 fn phase_of(p: Phase) -> MigrationPhase {
@@ -119,6 +127,7 @@ fn connect(addr: &str, cancel: &CancelToken) -> Result<TcpStream, String> {
 }
 
 impl VmHandle {
+    /// The control API target of the machine behind `h`.
     pub fn new(h: MachineHandle) -> Self {
         VmHandle {
             h,
@@ -133,7 +142,7 @@ impl VmHandle {
         let thread = {
             let mut m = lock(&self.mig);
             if let Some(c) = &m.cancel {
-                if m.active && self.h.control.view().dead.is_none() {
+                if self.h.control.lifecycle().migrated_to().is_none() {
                     c.cancel();
                 }
             }
@@ -159,55 +168,24 @@ impl VmHandle {
             esvm_hv::VmType::SevEs => VmType::SevEs,
         }
     }
-
-    /// Refuse if the VM cannot be operated any more (dead or ended).
-    fn check_alive(&self, what: &str) -> Result<(), ApiError> {
-        let v = self.h.control.view();
-        if let Some(url) = v.dead.or(match &v.ended {
-            Some(LoopEnd::Migrated(u)) => Some(u.clone()),
-            _ => None,
-        }) {
-            return Err(ApiError::invalid_state(format!(
-                "cannot {what}: the VM migrated to {url}; it runs there now and can never run \
-                 here again"
-            )));
-        }
-        if let Some(LoopEnd::Finished { what: how, .. }) = v.ended {
-            return Err(ApiError::invalid_state(format!(
-                "cannot {what}: the VM is not running any more ({how})"
-            )));
-        }
-        Ok(())
-    }
 }
 
 impl ControlTarget for VmHandle {
     fn status(&self) -> VmStatus {
-        let v = self.h.control.view();
         let m = lock(&self.mig);
-        let mut exit_status = None;
-        let state = if v.dead.is_some() || matches!(v.ended, Some(LoopEnd::Migrated(_))) {
-            VmState::Migrated
-        } else if let Some(LoopEnd::Finished {
-            exit_status: code,
-            failed,
-            ..
-        }) = &v.ended
-        {
-            exit_status = Some(i32::from(*code));
-            if *failed {
-                VmState::Failed
-            } else {
-                VmState::Exited
-            }
-        } else if m.active {
-            VmState::Migrating
-        } else if v.user_paused || v.holds > 0 {
-            VmState::Paused
-        } else if !v.started {
-            VmState::Starting
-        } else {
-            VmState::Running
+        let life = self.h.control.lifecycle();
+        let exit_status = match life.state() {
+            State::Ended(e) => Some(i32::from(e.exit_status)),
+            _ => None,
+        };
+        let state = match life.status() {
+            Status::Starting => VmState::Starting,
+            Status::Running => VmState::Running,
+            Status::Paused => VmState::Paused,
+            Status::Migrating => VmState::Migrating,
+            Status::Migrated => VmState::Migrated,
+            Status::Exited => VmState::Exited,
+            Status::Failed => VmState::Failed,
         };
         let migration = m.status.clone();
         if state == VmState::Migrated && migration.as_ref().is_some_and(|s| s.phase.is_terminal()) {
@@ -230,29 +208,7 @@ impl ControlTarget for VmHandle {
     }
 
     fn pause(&self) -> Result<(), ApiError> {
-        self.check_alive("pause")?;
-        {
-            let m = lock(&self.mig);
-            if m.active {
-                return Err(ApiError::invalid_state(
-                    "cannot pause: a migration is in progress (it pauses the guest itself for \
-                     stop-and-copy); cancel it first with `esvm ctl cancel`",
-                ));
-            }
-            if m.in_doubt_hold {
-                return Err(ApiError::invalid_state(
-                    "cannot pause: the VM is paused (left stopped by a migration whose outcome \
-                     is in doubt)",
-                ));
-            }
-            if self.h.control.view().user_paused {
-                return Err(ApiError::invalid_state("cannot pause: the VM is paused"));
-            }
-            self.h
-                .control
-                .set_user_paused(true)
-                .map_err(|e| api_err("pause", e))?;
-        }
+        self.h.control.pause().map_err(|e| refused("pause", e))?;
         self.h
             .control
             .wait_stopped(PARK_TIMEOUT)
@@ -260,15 +216,10 @@ impl ControlTarget for VmHandle {
     }
 
     fn resume(&self) -> Result<(), ApiError> {
-        self.check_alive("resume")?;
+        // Under the migration lock: the migration thread cannot end meanwhile, and two
+        // resumes of a VM in doubt do not both cancel its send session.
         let mut m = lock(&self.mig);
-        if m.active {
-            return Err(ApiError::invalid_state(
-                "cannot resume: a migration is in progress; it resumes the guest itself if it \
-                 fails",
-            ));
-        }
-        if m.in_doubt_hold {
+        if self.h.control.lifecycle().in_doubt() {
             // The operator resolved the doubt: the destination did not commit.
             if self.h.config.vm_type == esvm_hv::VmType::SevEs {
                 // The send session is still open (SEND_FINISH comes only after a commit).
@@ -280,8 +231,7 @@ impl ControlTarget for VmHandle {
                     })?;
                 }
             }
-            m.in_doubt_hold = false;
-            self.h.control.release();
+            self.h.control.resume().map_err(|e| refused("resume", e))?;
             if let Some(s) = &mut m.status {
                 let note = "resumed by the operator after an in-doubt migration";
                 s.error = Some(match s.error.take() {
@@ -291,44 +241,14 @@ impl ControlTarget for VmHandle {
             }
             return Ok(());
         }
-        if m.snapshot_running || !self.h.control.view().user_paused {
-            return Err(ApiError::invalid_state(
-                "cannot resume: the VM is not paused",
-            ));
-        }
-        self.h
-            .control
-            .set_user_paused(false)
-            .map_err(|e| api_err("resume", e))
+        self.h.control.resume().map_err(|e| refused("resume", e))
     }
 
     fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, ApiError> {
-        self.check_alive("snapshot")?;
-        {
-            let mut m = lock(&self.mig);
-            if m.in_doubt_hold && self.h.config.vm_type == esvm_hv::VmType::SevEs {
-                // Its send session is still open: a sealed snapshot needs one of its own.
-                return Err(ApiError::invalid_state(
-                    "cannot snapshot: the last migration's outcome is in doubt and its send \
-                     session is still open; if the destination does not run the VM, `esvm ctl \
-                     resume` first",
-                ));
-            }
-            if m.active {
-                return Err(ApiError::invalid_state(
-                    "cannot snapshot: a migration is in progress",
-                ));
-            }
-            if m.snapshot_running {
-                return Err(ApiError::invalid_state(
-                    "cannot snapshot: another snapshot is being written",
-                ));
-            }
-            m.snapshot_running = true;
-        }
-        let result = crate::snapshot::save(&self.h, dir);
-        lock(&self.mig).snapshot_running = false;
-        match result {
+        // The lifecycle refuses a snapshot while another one or a migration runs, and of an
+        // SEV-ES VM in doubt (its send session is still open; a sealed snapshot needs one of
+        // its own).
+        match crate::snapshot::save(&self.h, dir) {
             Ok(bytes) => Ok(SnapshotInfo {
                 dir: dir.to_path_buf(),
                 bytes_written: Some(bytes),
@@ -347,24 +267,11 @@ impl ControlTarget for VmHandle {
             ),
             None => None,
         };
-        self.check_alive("migrate")?;
         let mut m = lock(&self.mig);
-        if m.active {
-            return Err(ApiError::invalid_state(
-                "cannot migrate: a migration is already in progress",
-            ));
-        }
-        if m.in_doubt_hold {
-            return Err(ApiError::invalid_state(
-                "cannot migrate: the last migration's outcome is in doubt and the VM stays \
-                 paused; if the destination does not run the VM, `esvm ctl resume` first",
-            ));
-        }
-        if m.snapshot_running {
-            return Err(ApiError::invalid_state(
-                "cannot migrate: a snapshot is being written",
-            ));
-        }
+        // Registers the migration in the lifecycle, or says why it cannot start now.
+        let mut source = MachineSource::new(self.h.clone(), req.url.clone())
+            .map_err(|e| refused("migrate", e))?
+            .with_trust(trust);
         if let Some(t) = m.thread.take() {
             // The previous migration thread has finished (not active); reap it.
             let _ = t.join();
@@ -383,7 +290,6 @@ impl ControlTarget for VmHandle {
         let mut status = MigrationStatus::new(&req.url, req.downtime_ms);
         status.total_pages = self.h.config.mem_size / esvm_migration::PAGE_SIZE;
         m.status = Some(status);
-        m.active = true;
         m.cancel = Some(cancel.clone());
 
         let shared = self.mig.clone();
@@ -399,25 +305,19 @@ impl ControlTarget for VmHandle {
                 }
             });
         }
-        let h = self.h.clone();
         let url = req.url.clone();
+        // The source moves to the thread (if the thread cannot start, it is dropped with the
+        // closure, which ends the migration in the lifecycle).
         let thread = std::thread::Builder::new()
             .name("esvm-migrate".into())
             .spawn(move || {
-                let (result, held) = match connect(&addr, &cancel) {
-                    Ok(stream) => {
-                        let mut source = MachineSource::new(h, url.clone()).with_trust(trust);
-                        let r = sender.run_tcp(&mut source, stream);
-                        (r, source.still_held())
-                    }
-                    Err(e) => (
-                        Err(SendError::Protocol(ProtocolError::Io(
-                            std::io::Error::other(format!(
-                                "cannot connect to the destination {url}: {e}"
-                            )),
-                        ))),
-                        false,
-                    ),
+                let result = match connect(&addr, &cancel) {
+                    Ok(stream) => sender.run_tcp(&mut source, stream),
+                    Err(e) => Err(SendError::Protocol(ProtocolError::Io(
+                        std::io::Error::other(format!(
+                            "cannot connect to the destination {url}: {e}"
+                        )),
+                    ))),
                 };
                 bar.finish(&result);
                 let mut m = lock(&shared);
@@ -439,8 +339,10 @@ impl ControlTarget for VmHandle {
                         s.error = Some(e.to_string());
                     }
                 }
-                m.in_doubt_hold = held;
-                m.active = false;
+                // Ends the migration in the lifecycle together with its final status: a
+                // failed one lets the guest run on; one that left the guest stopped stays in
+                // doubt (committed ones ended at the commit).
+                source.finish();
                 m.cancel = None;
             });
         match thread {
@@ -449,7 +351,6 @@ impl ControlTarget for VmHandle {
                 Ok(())
             }
             Err(e) => {
-                m.active = false;
                 m.cancel = None;
                 if let Some(s) = m.status.as_mut() {
                     s.phase = MigrationPhase::Failed;
@@ -464,7 +365,7 @@ impl ControlTarget for VmHandle {
 
     fn cancel_migration(&self) -> Result<(), ApiError> {
         let m = lock(&self.mig);
-        if !m.active {
+        if m.cancel.is_none() {
             return Err(ApiError::invalid_state(
                 "cannot cancel: no migration is in progress",
             ));

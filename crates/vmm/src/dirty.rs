@@ -33,6 +33,7 @@ struct Sets {
 }
 
 impl DirtyTracker {
+    /// The tracker of `vm`'s dirty log, with empty carry and written sets.
     pub fn new(vm: Arc<dyn Vm>) -> Self {
         let pages = vm.memory().pages();
         DirtyTracker {

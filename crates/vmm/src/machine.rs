@@ -1,7 +1,7 @@
 //! A VM assembled from a backend, guest memory, vCPUs and the legacy devices, and its run loop.
 //!
 //! The run loop is controllable from other threads through the machine's
-//! [`VmControl`](crate::runctl::VmControl) (pause, resume, jobs on the loop's thread, death
+//! [`VmControl`] (pause, resume, jobs on the loop's thread, death
 //! after a migration); its state can be saved and restored ([`MachineState`] plus one
 //! [`VcpuSnapshot`] per vCPU) for snapshots and live migration.
 
@@ -17,8 +17,22 @@ use esvm_loader::{BootState, LoadError, LoadOptions};
 use thiserror::Error;
 
 use crate::dirty::DirtyTracker;
-use crate::runctl::{LoopEnd, VmControl};
+use crate::lifecycle::{Ending, LifecycleError, LoopEnd};
+use crate::outcome::{Outcome, EXIT_ESVM_ERROR};
+use crate::ram::RamError;
+use crate::runctl::RunControl;
 
+/// The control of a machine's run loop: its jobs run on the [`Machine`].
+pub type VmControl = RunControl<Machine>;
+/// A hold on a machine whose run loop is parked: no vCPU runs while it lives.
+pub type StoppedGuard = crate::runctl::StoppedGuard<Machine>;
+/// A live migration of a machine, registered in its lifecycle.
+pub type MigrationTicket = crate::runctl::MigrationTicket<Machine>;
+/// A snapshot of a machine, registered in its lifecycle.
+pub type SnapshotTicket = crate::runctl::SnapshotTicket<Machine>;
+
+/// Why a machine could not be built, loaded, run, saved or restored.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum MachineError {
     #[error(transparent)]
@@ -35,31 +49,22 @@ pub enum MachineError {
     HaltedForever { vcpu: u32, rip: u64 },
     #[error("invalid machine state: {0}")]
     State(String),
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The guest wrote its exit status to the debug-exit port.
-    Exited(u8),
-    /// The guest shut down (triple fault or equivalent).
-    Shutdown(String),
-    /// The instruction limit ran out first.
-    InstructionLimit(u64),
-    /// An SEV-ES guest asked to be terminated through the GHCB, or broke its protocol.
-    Terminated(String),
-    /// The VM was live-migrated to the destination at this URL, which committed: the guest
-    /// runs there now and never runs here again.
-    Migrated(String),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Ram(#[from] RamError),
 }
 
 /// What a machine is made of.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
+    /// The hypervisor backend (emu or KVM).
     pub backend: BackendKind,
     /// Plain or SEV-ES (SEV-ES needs the emu backend).
     pub vm_type: VmType,
+    /// Guest RAM in bytes (a multiple of 4 KiB).
     pub mem_size: u64,
+    /// vCPUs; the boot vCPU (0) runs the guest, the others are created and parked.
     pub vcpus: u32,
     /// Stop after this many retired instructions (emu backend only).
     pub max_instructions: Option<u64>,
@@ -92,9 +97,11 @@ pub const MACHINE_STATE_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineState {
+    /// [`MACHINE_STATE_VERSION`] of the format.
     pub version: u32,
     /// The backend the state was saved on (informational: plain state moves across).
     pub backend: BackendKind,
+    /// The legacy devices (UART, PIT, PICs, debug-exit port) and their virtual time.
     pub devices: DevicesState,
     /// Instructions retired by each vCPU over the VM's whole life (emu; 0 on KVM).
     pub instructions: Vec<u64>,
@@ -111,6 +118,9 @@ pub struct MachineState {
     pub sev: Option<SevHostVmState>,
 }
 
+/// A VM assembled from a backend, guest memory, vCPUs and the legacy devices; see the
+/// module documentation. Its run loop ([`Machine::run`]) owns it; other threads hold a
+/// [`MachineHandle`].
 pub struct Machine {
     vm: Arc<dyn Vm>,
     /// The same VM as `vm` when it runs on the emu backend (SEV-ES commands live there).
@@ -129,17 +139,25 @@ pub struct Machine {
     /// The last exit waits for the VMM's answer to complete its instruction (IN, MMIO read,
     /// CPUID, MSR): not a clean point for pausing or saving state.
     mid_exit: bool,
+    /// References to the VM when nobody but the machine holds it (its own, the emu view's,
+    /// the dirty tracker's, the backend's): more means a handle or a clone exists.
+    own_vm_refs: usize,
 }
 
 /// What other threads hold of a machine: guest memory and dirty log (through the VM), and
 /// the run loop's control.
 #[derive(Clone)]
 pub struct MachineHandle {
+    /// The VM: guest memory (read it; writing it in place needs a guard, see
+    /// [`MachineHandle::stopped_ram`] and [`Machine::exclusive_ram`]) and the dirty log.
     pub vm: Arc<dyn Vm>,
     /// The same VM when it runs on the emu backend (its SEV-ES commands live there).
     pub emu: Option<Arc<EmuVm>>,
+    /// The run loop's control and the VM's lifecycle.
     pub control: Arc<VmControl>,
+    /// The dirty-log view used by migrations and snapshots.
     pub tracker: Arc<DirtyTracker>,
+    /// What the machine was created with.
     pub config: MachineConfig,
 }
 
@@ -149,7 +167,65 @@ const MAX_SLICE_NS: u64 = 10_000_000;
 /// Slice while an interrupt waits for the guest to open its interrupt window.
 const WINDOW_POLL_NS: u64 = 64;
 
+impl MachineHandle {
+    /// Guest pages `first_page..first_page + count` in place, read-only, for as long as
+    /// `stopped` keeps this machine's vCPUs stopped (e.g. stop-and-copy, a snapshot).
+    pub fn stopped_ram<'a>(
+        &'a self,
+        stopped: &'a StoppedGuard,
+        first_page: u64,
+        count: u64,
+    ) -> Result<&'a [u8], RamError> {
+        if !stopped.stops(&self.control) {
+            return Err(RamError::OtherVm);
+        }
+        // SAFETY: while `stopped` is borrowed its hold keeps this machine's run loop parked
+        // (or not started): the run loop leaves `RunControl::service` only when every hold
+        // is released, or returns for good when the VM migrated away, so no vCPU runs and
+        // the devices (which do no DMA) write nothing. The other writers of guest memory are
+        // excluded too: the loader and SEV launch refuse a shared machine
+        // (`ensure_exclusive`, which a live guard fails), `ExclusiveRam` (in-place writes,
+        // discarding) needs an unshared machine, and the library writes guest memory through
+        // a handle nowhere (snapshots and migrations only read it). The slice borrows
+        // `self`, whose VM keeps the mapping alive.
+        unsafe { crate::ram::pages(self.vm.memory(), first_page, count) }
+    }
+}
+
+/// Guest RAM of a machine nobody else holds ([`Machine::exclusive_ram`]): no vCPU runs (the
+/// run loop needs `&mut Machine`, which this borrows) and no other thread can reach the
+/// memory, so it may be written in place or discarded.
+pub struct ExclusiveRam<'m> {
+    mem: &'m esvm_hv::GuestMemory,
+}
+
+impl<'m> ExclusiveRam<'m> {
+    /// Guest pages `first_page..first_page + count` in place, writable. The writes bypass the
+    /// dirty log: record them with [`DirtyTracker::mark_written`].
+    pub fn pages_mut(self, first_page: u64, count: u64) -> Result<&'m mut [u8], RamError> {
+        // SAFETY: the machine is borrowed mutably for 'm, so its run loop cannot run and no
+        // other slice of it exists on this thread (this consumes the only `ExclusiveRam`),
+        // and `exclusive_ram` checked that no handle, guard or VM clone lets another thread
+        // reach the memory.
+        unsafe { crate::ram::pages_mut(self.mem, first_page, count) }
+    }
+
+    /// Give the memory back to the system; it reads as zero afterwards.
+    pub fn discard(self) {
+        // SAFETY: as for `pages_mut`: nothing else holds or uses the memory, and no slice of
+        // it is alive (this consumes the only `ExclusiveRam`).
+        unsafe { crate::ram::discard(self.mem) }
+    }
+
+    /// Fault in all of the memory (`MADV_POPULATE_WRITE`) without changing it.
+    pub fn prealloc(&self) {
+        crate::ram::prealloc(self.mem);
+    }
+}
+
 impl Machine {
+    /// A machine of `config` with all of its vCPUs, its devices and zeroed RAM, its serial
+    /// port (COM1) writing to `serial_out`. Nothing is loaded; the run loop has not started.
     pub fn new(
         config: &MachineConfig,
         serial_out: Box<dyn Write + Send>,
@@ -183,6 +259,7 @@ impl Machine {
         }
         let control = Arc::new(VmControl::new(vcpus[0].kicker()));
         let tracker = Arc::new(DirtyTracker::new(vm.clone()));
+        let own_vm_refs = Arc::strong_count(&vm);
         Ok(Machine {
             vm,
             emu,
@@ -196,6 +273,32 @@ impl Machine {
             control,
             tracker,
             mid_exit: false,
+            own_vm_refs,
+        })
+    }
+
+    /// `Ok` if nobody but this machine (borrowed mutably by the caller) can reach its guest
+    /// memory: no [`MachineHandle`], no guard or ticket of its control, no clone of its VM.
+    pub fn ensure_exclusive(&self) -> Result<(), RamError> {
+        let controls = Arc::strong_count(&self.control) - 1;
+        let vms = Arc::strong_count(&self.vm).saturating_sub(self.own_vm_refs);
+        if controls == 0 && vms == 0 {
+            return Ok(());
+        }
+        Err(RamError::Shared {
+            what: format!(
+                "{controls} handles or guards of its control, {vms} other references to its VM"
+            ),
+        })
+    }
+
+    /// Guest RAM to write or discard in place, for a machine nobody else holds (checked:
+    /// see [`ExclusiveRam`]). For filling a machine that has not run (an incoming
+    /// migration) and for giving back the memory of one that is done.
+    pub fn exclusive_ram(&mut self) -> Result<ExclusiveRam<'_>, RamError> {
+        self.ensure_exclusive()?;
+        Ok(ExclusiveRam {
+            mem: self.vm.memory(),
         })
     }
 
@@ -204,6 +307,7 @@ impl Machine {
         self.emu.as_ref()
     }
 
+    /// The legacy devices.
     pub fn devices(&self) -> &Devices {
         &self.devices
     }
@@ -239,8 +343,10 @@ impl Machine {
         }
     }
 
-    /// Load an ELF64 guest and point the boot vCPU at it.
+    /// Load an ELF64 guest and point the boot vCPU at it. The machine must not be shared yet
+    /// (the loader writes guest memory, which a [`StoppedGuard`] holder may be reading).
     pub fn load(&mut self, elf: &[u8], args: &str) -> Result<BootState, MachineError> {
+        self.ensure_exclusive()?;
         // SEV-ES guests get the protected-state boot flag and C-bit page tables (all memory
         // private until the guest shares pages itself).
         let sev_es = self.vm.vm_type() == VmType::SevEs;
@@ -302,23 +408,25 @@ impl Machine {
     /// migrates away. Other threads steer it through [`Machine::control`].
     pub fn run(&mut self) -> Result<Outcome, MachineError> {
         let control = self.control.clone();
-        if let Some(url) = control.loop_started() {
+        match control.loop_started() {
+            Ok(()) => {}
             // Dead: it migrated away and must never run again.
-            return Ok(Outcome::Migrated(url));
+            Err(LifecycleError::Migrated { url }) => return Ok(Outcome::Migrated(url)),
+            Err(e) => return Err(e.into()),
         }
         let result = self.run_loop(&control);
         let end = match &result {
             Ok(Outcome::Migrated(url)) => LoopEnd::Migrated(url.clone()),
-            Ok(o) => LoopEnd::Finished {
-                exit_status: crate::session::exit_status(o),
-                failed: crate::session::is_failure(o),
-                what: crate::session::describe(o),
-            },
-            Err(e) => LoopEnd::Finished {
-                exit_status: crate::EXIT_ESVM_ERROR,
+            Ok(o) => LoopEnd::Finished(Ending {
+                exit_status: o.exit_status(),
+                failed: o.is_failure(),
+                what: o.describe(),
+            }),
+            Err(e) => LoopEnd::Finished(Ending {
+                exit_status: EXIT_ESVM_ERROR,
                 failed: true,
                 what: format!("the VMM failed: {e}"),
-            },
+            }),
         };
         control.publish_instructions(self.instructions().unwrap_or(0));
         control.loop_ended(end);
@@ -606,5 +714,64 @@ impl Machine {
         self.control
             .publish_instructions(self.instructions().unwrap_or(0));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runctl::PARK_TIMEOUT;
+
+    fn machine() -> Machine {
+        let config = MachineConfig {
+            backend: BackendKind::Emu,
+            vm_type: VmType::Plain,
+            mem_size: 16 * 4096,
+            vcpus: 1,
+            max_instructions: None,
+        };
+        Machine::new(&config, Box::new(std::io::sink())).unwrap()
+    }
+
+    /// Guest RAM is seen in place only with the proof the precondition holds: a guard that
+    /// stops this very machine, or a machine nobody else holds.
+    #[test]
+    fn in_place_ram_needs_its_guard() {
+        let mut m = machine();
+        m.vm().memory().write(2 * 4096 + 5, &[0x5a]).unwrap();
+        let h = m.handle();
+        let other = machine().handle();
+        let stopped = h.control.stop(PARK_TIMEOUT).unwrap();
+        assert_eq!(h.stopped_ram(&stopped, 2, 1).unwrap()[5], 0x5a);
+        assert_eq!(other.stopped_ram(&stopped, 2, 1), Err(RamError::OtherVm));
+        assert!(matches!(
+            h.stopped_ram(&stopped, 15, 2),
+            Err(RamError::OutOfRange { .. })
+        ));
+        // While the guard (or any handle) lives, nothing may write the memory in place.
+        assert!(matches!(m.exclusive_ram(), Err(RamError::Shared { .. })));
+        assert!(matches!(
+            m.load(&[], ""),
+            Err(MachineError::Ram(RamError::Shared { .. }))
+        ));
+        drop(stopped);
+        assert!(
+            m.exclusive_ram().is_err(),
+            "the handle still shares the machine"
+        );
+        drop(h);
+        let vm = m.vm().clone();
+        assert!(
+            m.exclusive_ram().is_err(),
+            "a clone of the VM shares it too"
+        );
+        drop(vm);
+        m.exclusive_ram().unwrap().pages_mut(3, 1).unwrap()[0] = 7;
+        let mut b = [0];
+        m.vm().memory().read(3 * 4096, &mut b).unwrap();
+        assert_eq!(b, [7]);
+        m.exclusive_ram().unwrap().discard();
+        m.vm().memory().read(3 * 4096, &mut b).unwrap();
+        assert_eq!(b, [0]);
     }
 }

@@ -1,35 +1,15 @@
-//! `esvm`: run, inspect and (later) migrate confidential VMs.
+//! `esvm`: run, inspect, snapshot and live-migrate confidential VMs.
+//!
+//! The binary is the command line only ([`cli`]): it parses the arguments, calls the `esvm`
+//! library and maps how things ended to the process's exit status.
 
-mod bench;
-mod bench_migrate;
-mod cli_ctl;
-mod cli_owner;
-mod cli_platform;
-mod cli_receive;
-mod cli_restore;
-mod cli_run;
-mod control;
-mod dirty;
-mod machine;
-mod migrate;
-mod runctl;
-mod session;
-mod sev_launch;
-mod size;
-mod snapshot;
+mod cli;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-/// Exit status when esvm itself fails (bad arguments, unreadable guest, backend error).
-pub const EXIT_ESVM_ERROR: u8 = 125;
-/// Exit status when the guest shut down (triple fault) instead of exiting through the
-/// debug-exit port.
-pub const EXIT_GUEST_SHUTDOWN: u8 = 124;
-/// Exit status when an SEV-ES guest terminated itself through the GHCB protocol.
-pub const EXIT_GUEST_TERMINATED: u8 = 122;
-/// Exit status when `--max-instructions` ran out before the guest exited.
-pub const EXIT_INSTRUCTION_LIMIT: u8 = 123;
+use cli::{bench, ctl, owner, platform, receive, restore, run};
+use esvm::outcome::EXIT_ESVM_ERROR;
 
 #[derive(Parser)]
 #[command(
@@ -54,21 +34,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a guest: a built-in one (see `esvm guests`) or an ELF64 file.
-    Run(cli_run::RunArgs),
+    Run(run::RunArgs),
     /// List the built-in guests.
     Guests,
     /// The secure processor's persistent identity: create, inspect, export, rotate the PDH.
     #[command(subcommand)]
-    Platform(cli_platform::PlatformCommand),
+    Platform(platform::PlatformCommand),
     /// Guest-owner tools: launch sessions, attestation verification, secret packaging.
     #[command(subcommand)]
-    Owner(cli_owner::OwnerCommand),
+    Owner(owner::OwnerCommand),
     /// Control a running VM through its API socket (see `esvm run --api-socket`).
-    Ctl(cli_ctl::CtlArgs),
+    Ctl(ctl::CtlArgs),
     /// Wait for one incoming live migration (`esvm ctl migrate`) and run the guest it brings.
-    Receive(cli_receive::ReceiveArgs),
+    Receive(receive::ReceiveArgs),
     /// Run a VM from a snapshot directory (`esvm ctl snapshot`).
-    Restore(cli_restore::RestoreArgs),
+    Restore(restore::RestoreArgs),
     /// Measure performance (figures for BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -85,19 +65,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Run(args) => cli_run::run(args),
+        Command::Run(args) => run::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Ctl(args) => cli_ctl::run(args),
-        Command::Receive(args) => cli_receive::run(args),
-        Command::Restore(args) => cli_restore::run(args),
-        Command::Platform(cmd) => cli_platform::run_platform(cmd)
-            .map(|()| 0)
-            .map_err(Into::into),
-        Command::Owner(cmd) => cli_owner::run_owner(cmd, Some(&sev_launch::LaunchPredictor))
+        Command::Ctl(args) => ctl::run(args),
+        Command::Receive(args) => receive::run(args),
+        Command::Restore(args) => restore::run(args),
+        Command::Platform(cmd) => platform::run_platform(cmd).map(|()| 0).map_err(Into::into),
+        Command::Owner(cmd) => owner::run_owner(cmd, Some(&esvm::sev_launch::LaunchPredictor))
             .map(|()| 0)
             .map_err(Into::into),
         Command::Guests => {
-            cli_run::list_guests();
+            run::list_guests();
             Ok(0)
         }
     };

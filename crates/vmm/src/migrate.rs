@@ -36,13 +36,19 @@ use esvm_psp::cert::{CaCert, CertChain};
 use esvm_psp::Psp;
 use thiserror::Error;
 
-use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState};
+use crate::lifecycle::LifecycleError;
+use crate::machine::{
+    Machine, MachineConfig, MachineHandle, MachineState, MigrationTicket, StoppedGuard,
+};
+use crate::ram::RamError;
 use crate::runctl::PARK_TIMEOUT;
 
 /// The VMM-specific compatibility data of the `Config` frame: the formats of the state this
 /// VMM sends. Both sides must agree exactly.
 pub const COMPAT_EXTRA: &[u8] = b"esvm machine-state/1 vcpu-snapshot/1 sev-transfer/1 json";
 
+/// Why the trusted root for an SEV-ES destination could not be read.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum TrustError {
     #[error("cannot read the trusted root {path}: {source}")]
@@ -82,7 +88,9 @@ pub fn read_trusted_root(path: &std::path::Path) -> Result<CaCert, TrustError> {
     })
 }
 
+/// A migration URL this VMM cannot use.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 pub enum UrlError {
     #[error(
         "unsupported migration URL {0:?}: use tcp://HOST:PORT (or tcp:HOST:PORT), e.g. \
@@ -129,26 +137,36 @@ fn source_err(what: &str, e: impl std::fmt::Display) -> SourceError {
 
 /// The source VM as the migration sender drives it (on the migration thread, while the run
 /// loop keeps running the guest until [`MigrationSource::pause`]).
+///
+/// The migration is registered in the VM's lifecycle from [`MachineSource::new`] until the
+/// source is dropped ([`MachineSource::finish`]): committed (the VM is dead here), failed or
+/// cancelled (the guest runs on), or — if the source still holds the guest stopped, because
+/// the sender could not learn whether the destination committed — in doubt: the guest stays
+/// stopped until the operator resumes it.
 pub struct MachineSource {
     h: MachineHandle,
     url: String,
     /// The root the destination's platform chain must verify against (SEV-ES).
     trust: Option<CaCert>,
-    /// We hold the guest stopped (stop-and-copy).
-    held: bool,
-    /// The run loop is known to be parked under our hold.
-    stopped: bool,
+    /// The migration in the lifecycle; `None` once committed.
+    ticket: Option<MigrationTicket>,
+    /// Stop-and-copy: the guest is held stopped, its run loop parked.
+    stopped: Option<StoppedGuard>,
 }
 
 impl MachineSource {
-    pub fn new(h: MachineHandle, url: impl Into<String>) -> Self {
-        MachineSource {
+    /// A migration of the machine behind `h` to `url` (for messages and status). Refused if
+    /// the lifecycle does not allow a migration now (one is running, a snapshot is being
+    /// written, the last one is in doubt, the VM ended or migrated away).
+    pub fn new(h: MachineHandle, url: impl Into<String>) -> Result<Self, LifecycleError> {
+        let ticket = h.control.begin_migration()?;
+        Ok(MachineSource {
             h,
             url: url.into(),
             trust: None,
-            held: false,
-            stopped: false,
-        }
+            ticket: Some(ticket),
+            stopped: None,
+        })
     }
 
     /// Check an SEV-ES destination's platform chain against `ark` (the operator's trusted
@@ -165,10 +183,23 @@ impl MachineSource {
             .ok_or_else(|| SourceError::failed("SEV-ES guests run only on the emu backend"))
     }
 
-    /// Whether the sender left the guest stopped (an in-doubt outcome): the hold is then
-    /// still taken and must be released by whoever resolves the doubt.
-    pub fn still_held(&self) -> bool {
-        self.held
+    /// End the migration in the lifecycle (what dropping the source does; see the type's
+    /// documentation).
+    pub fn finish(self) {}
+}
+
+impl Drop for MachineSource {
+    fn drop(&mut self) {
+        match (self.ticket.take(), self.stopped.take()) {
+            // The sender left the guest stopped: it cannot know whether the destination
+            // committed, so the guest must not run here until the operator says so.
+            (Some(ticket), Some(stopped)) => ticket.in_doubt(stopped),
+            // Failed or cancelled (the guest was resumed), or committed.
+            (ticket, stopped) => {
+                drop(stopped);
+                drop(ticket);
+            }
+        }
     }
 }
 
@@ -216,24 +247,10 @@ impl MigrationSource for MachineSource {
     }
 
     fn paused_pages(&self, first_page: u64, count: u64) -> Option<&[u8]> {
-        if !self.stopped {
-            return None;
-        }
-        let mem = self.h.vm.memory();
-        let start = first_page.checked_mul(PAGE_SIZE)?;
-        let len = count.checked_mul(PAGE_SIZE)?;
-        if start.checked_add(len)? > mem.size() {
-            return None;
-        }
-        // SAFETY: guest RAM is one mapping of `mem.size()` bytes at `host_base()` that lives
-        // as long as the VM, which `self.h.vm` keeps alive for the borrow of `self`; the range
-        // was checked against it. Nothing writes guest memory while we hold the guest
-        // stopped: the run loop (the only writer: vCPU and devices) is parked under our hold,
-        // and snapshots are refused while a migration runs. The hold is released only by
-        // `resume(&mut self)`, which cannot run while this shared borrow lives.
-        Some(unsafe {
-            std::slice::from_raw_parts(mem.host_base().add(start as usize), len as usize)
-        })
+        // Only during stop-and-copy: the guard lives in `self`, so it outlives the slice (it
+        // is dropped only by `resume(&mut self)` or `mark_dead(&mut self)`).
+        let stopped = self.stopped.as_ref()?;
+        self.h.stopped_ram(stopped, first_page, count).ok()
     }
 
     fn sev_send_start(&mut self, target_certs: &[u8]) -> Result<Vec<u8>, SourceError> {
@@ -291,27 +308,19 @@ impl MigrationSource for MachineSource {
     }
 
     fn pause(&mut self) -> Result<(), SourceError> {
-        if !self.held {
-            self.h
+        if self.stopped.is_none() {
+            let stopped = self
+                .h
                 .control
-                .hold()
+                .stop(PARK_TIMEOUT)
                 .map_err(|e| source_err("pausing the guest", e))?;
-            self.held = true;
+            self.stopped = Some(stopped);
         }
-        self.h
-            .control
-            .wait_stopped(PARK_TIMEOUT)
-            .map_err(|e| source_err("pausing the guest", e))?;
-        self.stopped = true;
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), SourceError> {
-        self.stopped = false;
-        if self.held {
-            self.h.control.release();
-            self.held = false;
-        }
+        self.stopped = None;
         Ok(())
     }
 
@@ -344,8 +353,11 @@ impl MigrationSource for MachineSource {
     }
 
     fn mark_dead(&mut self) {
-        self.stopped = false;
-        self.h.control.mark_dead(&self.url);
+        // Dead first, then the hold goes: the guest never runs here again.
+        if let Some(ticket) = self.ticket.take() {
+            ticket.commit(&self.url);
+        }
+        self.stopped = None;
         if self.h.config.vm_type == VmType::SevEs {
             // The destination committed: the guest left this platform for good.
             if let Some(emu) = &self.h.emu {
@@ -357,49 +369,14 @@ impl MigrationSource for MachineSource {
     }
 }
 
-/// Fault in all of guest memory without changing it (`MADV_POPULATE_WRITE`); a kernel
-/// without it (before Linux 5.14) just leaves memory to be faulted in on first touch.
-fn prealloc(mem: &esvm_hv::GuestMemory) {
-    // SAFETY: the range is exactly guest RAM's single anonymous mapping (host_base, size),
-    // which lives as long as the VM; MADV_POPULATE_WRITE allocates its pages without
-    // reading or writing their contents.
-    let r = unsafe {
-        libc::madvise(
-            mem.host_base().cast::<libc::c_void>(),
-            mem.size() as libc::size_t,
-            libc::MADV_POPULATE_WRITE,
-        )
-    };
-    if r != 0 {
-        tracing::warn!(
-            "cannot preallocate guest memory (madvise MADV_POPULATE_WRITE): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Give a discarded machine's guest memory back to the system (`MADV_DONTNEED`), whether
-/// or not its mapping is unmapped when the machine is dropped. For machines nobody else uses
-/// (an aborted incoming migration, a benchmark's machines once their threads are joined):
-/// the memory reads as zero afterwards.
-pub(crate) fn release_guest_memory(m: &Machine) {
-    let mem = m.vm().memory();
-    // SAFETY: the range is exactly guest RAM's single private anonymous mapping, alive as
-    // long as `m`; MADV_DONTNEED only drops its pages (later reads see zeroes), and the
-    // callers guarantee that no vCPU or other thread uses this memory any more.
-    let r = unsafe {
-        libc::madvise(
-            mem.host_base().cast::<libc::c_void>(),
-            mem.size() as libc::size_t,
-            libc::MADV_DONTNEED,
-        )
-    };
-    if r != 0 {
-        tracing::debug!(
-            "madvise(MADV_DONTNEED) on discarded guest memory failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+/// or not its mapping is unmapped when the machine is dropped: for machines nobody else
+/// holds any more (an aborted incoming migration, a benchmark's machines once their threads
+/// are joined and their handles dropped); it reads as zero afterwards. Refused (and nothing
+/// happens) while the machine is shared.
+pub fn release_guest_memory(m: &mut Machine) -> Result<(), RamError> {
+    m.exclusive_ram()?.discard();
+    Ok(())
 }
 
 /// Makes the serial output writer of a received machine.
@@ -544,7 +521,7 @@ impl MigrationTarget for MachineTarget {
             ))
         })?;
         if self.prealloc {
-            prealloc(machine.vm().memory());
+            crate::ram::prealloc(machine.vm().memory());
         }
         self.received = Some(PageSet::new(config.pages()));
         self.machine = Some(machine);
@@ -595,23 +572,13 @@ impl MigrationTarget for MachineTarget {
         if let Some(r) = self.received.as_mut() {
             r.set_range(first_page, count);
         }
-        let m = self.machine_mut()?;
-        let mem = m.vm().memory();
-        let start = first_page * PAGE_SIZE;
-        let len = count * PAGE_SIZE;
-        if start.checked_add(len).is_none_or(|end| end > mem.size()) {
-            return Err(TargetError::Failed(format!(
-                "pages {first_page}+{count} lie outside guest memory"
-            )));
-        }
-        // SAFETY: the range lies inside guest RAM's single mapping (checked above), which
-        // lives as long as the machine, and the machine is borrowed mutably for the slice's
-        // lifetime. The machine has never run: no vCPU, device or other thread touches its
-        // memory, so this is the only access. The writes bypass the dirty log; `received`
-        // records them for the machine's written-page set at commit.
-        Ok(unsafe {
-            std::slice::from_raw_parts_mut(mem.host_base().add(start as usize), len as usize)
-        })
+        // The machine has never run and nobody else holds it (checked): the receiver writes
+        // the pages in place. The writes bypass the dirty log; `received` records them for
+        // the machine's written-page set at commit.
+        self.machine_mut()?
+            .exclusive_ram()
+            .and_then(|ram| ram.pages_mut(first_page, count))
+            .map_err(|e| TargetError::Failed(e.to_string()))
     }
 
     fn apply_device_state(&mut self, state: &[u8]) -> Result<(), TargetError> {
@@ -664,13 +631,15 @@ impl MigrationTarget for MachineTarget {
 
     fn abort(&mut self) {
         // The machine never ran and nobody else holds it: free what it received at once.
-        if let Some(m) = self.machine.take() {
+        if let Some(mut m) = self.machine.take() {
             if let Some(emu) = m.emu_vm().filter(|e| e.sev_handle().is_some()) {
                 if let Err(e) = emu.sev_decommission() {
                     tracing::warn!("DECOMMISSION of the aborted incoming guest: {e}");
                 }
             }
-            release_guest_memory(&m);
+            if let Err(e) = release_guest_memory(&mut m) {
+                tracing::warn!("cannot give the aborted incoming guest's memory back: {e}");
+            }
         }
         self.received = None;
         self.state = None;
@@ -681,7 +650,8 @@ impl MigrationTarget for MachineTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::Outcome;
+    use crate::outcome::Outcome;
+    use crate::runctl::Hold;
     use esvm_migration::{Receiver, ReceiverConfig, Sender, SenderConfig};
     use std::sync::{Arc, Mutex};
 
@@ -727,9 +697,9 @@ mod tests {
         src.load(esvm_guests::builtin("demo").unwrap().elf, &args)
             .unwrap();
         let h = src.handle();
-        // Paused until pre-copy starts (so the guest cannot end before the migration),
-        // then running while its memory is copied.
-        h.control.set_user_paused(true).unwrap();
+        // Held until pre-copy starts (so the guest cannot end before the migration), then
+        // running while its memory is copied.
+        let mut hold = Some(h.control.hold().unwrap());
         let src_thread = std::thread::spawn(move || src.run().map(|o| (o, src)));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -746,12 +716,11 @@ mod tests {
                 .unwrap();
             t.into_machine().unwrap()
         });
-        let mut source = MachineSource::new(h.clone(), "tcp://test");
+        let mut source = MachineSource::new(h.clone(), "tcp://test").unwrap();
         let mut sender = Sender::new(SenderConfig::default());
-        let ctl = h.control.clone();
         sender.on_progress(move |p| {
             if p.phase == esvm_migration::Phase::PreCopy {
-                let _ = ctl.set_user_paused(false);
+                drop(hold.take());
             }
         });
         let o = sender
@@ -782,14 +751,14 @@ mod tests {
     }
 
     /// An SEV-ES machine running `sevdemo` with `args`, launched on `psp` with `policy`,
-    /// paused before its first instruction.
+    /// held before its first instruction.
     fn sev_source(
         psp: Arc<Mutex<Psp>>,
         policy: u32,
         vcpus: u32,
         args: &str,
         out: Buf,
-    ) -> (Machine, MachineHandle) {
+    ) -> (Machine, MachineHandle, Hold<Machine>) {
         let mut m = Machine::new(
             &MachineConfig {
                 backend: BackendKind::Emu,
@@ -818,14 +787,15 @@ mod tests {
         )
         .unwrap();
         let h = m.handle();
-        h.control.set_user_paused(true).unwrap();
-        (m, h)
+        let hold = h.control.hold().unwrap();
+        (m, h, hold)
     }
 
     /// Migrate the SEV-ES machine behind `h` (running in `src_thread`) to a destination on
-    /// `dst_platform`; the guest is let run once pre-copy starts.
+    /// `dst_platform`; the guest is let run (`hold` released) once pre-copy starts.
     fn migrate_sev(
         h: &MachineHandle,
+        hold: Hold<Machine>,
         dst_platform: Option<Arc<Mutex<Psp>>>,
         trust: Option<CaCert>,
         dst_out: Buf,
@@ -846,17 +816,20 @@ mod tests {
                 .run_tcp(&mut t, s)
                 .map(|_| t.into_machine().unwrap())
         });
-        let mut source = MachineSource::new(h.clone(), "tcp://test").with_trust(trust);
+        let mut source = MachineSource::new(h.clone(), "tcp://test")
+            .unwrap()
+            .with_trust(trust);
         let mut sender = Sender::new(SenderConfig::default());
-        let ctl = h.control.clone();
+        let mut hold = Some(hold);
         sender.on_progress(move |p| {
             if p.phase == esvm_migration::Phase::PreCopy {
-                let _ = ctl.set_user_paused(false);
+                drop(hold.take());
             }
         });
         let sent = sender.run_tcp(&mut source, std::net::TcpStream::connect(addr).unwrap());
-        // A refusal before pre-copy leaves the guest paused by the test: let it run.
-        let _ = h.control.set_user_paused(false);
+        // A refusal before pre-copy leaves the guest held by the test: let it run.
+        drop(sender);
+        source.finish();
         (sent, dst_thread.join().unwrap())
     }
 
@@ -868,10 +841,10 @@ mod tests {
         let args = format!("iterations={iterations} dirty-mib={dirty}");
         let src_out = Buf::default();
         // Two vCPUs: the parked AP's VMSA travels too.
-        let (mut src, h) = sev_source(platform(0), 0x4, 2, &args, src_out.clone());
+        let (mut src, h, hold) = sev_source(platform(0), 0x4, 2, &args, src_out.clone());
         let src_thread = std::thread::spawn(move || src.run().map(|o| (o, src)));
         let dst_out = Buf::default();
-        let (sent, received) = migrate_sev(&h, Some(platform(0)), None, dst_out.clone());
+        let (sent, received) = migrate_sev(&h, hold, Some(platform(0)), None, dst_out.clone());
         let o = sent.unwrap();
         assert!(o.passes >= 2, "{o:?}");
         let (outcome, _) = src_thread.join().unwrap().unwrap();
@@ -913,9 +886,9 @@ mod tests {
         ];
         for (what, policy, dst, trust, needle) in cases {
             let out = Buf::default();
-            let (mut src, h) = sev_source(platform(0), policy, 1, args, out.clone());
+            let (mut src, h, hold) = sev_source(platform(0), policy, 1, args, out.clone());
             let src_thread = std::thread::spawn(move || src.run());
-            let (sent, received) = migrate_sev(&h, dst, trust, Buf::default());
+            let (sent, received) = migrate_sev(&h, hold, dst, trust, Buf::default());
             let e = sent.unwrap_err().to_string();
             assert!(e.contains(needle), "{what}: {e}");
             assert!(received.is_err(), "{what}");

@@ -1,24 +1,37 @@
-//! Control of a machine's run loop from other threads.
+//! Control of a run loop from other threads.
 //!
-//! The run loop ([`Machine::run`](crate::machine::Machine::run)) owns the vCPUs and the
-//! devices and runs on one thread. Other threads (the control API, a migration, a snapshot)
-//! steer it through a shared [`VmControl`]:
+//! A run loop (the machine's, [`Machine::run`](crate::machine::Machine::run)) owns the vCPUs
+//! and the devices and runs on one thread. Other threads (the control API, a migration, a
+//! snapshot) steer it through a shared [`RunControl`], which owns the VM's one
+//! [`Lifecycle`] and applies every event to it under its lock. The control state does not
+//! know the machine: it is generic over the target `M` its jobs run on (the machine module
+//! uses `RunControl<Machine>`), so this module sits below the machine.
 //!
-//! * **Pauses.** A user pause (`esvm ctl pause`) and any number of internal *holds*
-//!   (stop-and-copy, snapshot) stop the guest; it runs again only when the user pause is
-//!   lifted and every hold released, so a failed migration's `resume` never undoes a user's
-//!   pause.
-//! * **Jobs.** A closure posted with [`VmControl::run_job`] runs on the run loop's thread
-//!   with `&mut Machine`, between two exits, whether the guest is running or parked. That is
-//!   how state is read (vCPU snapshots, device state) without sharing the vCPUs.
-//! * **Death.** [`VmControl::mark_dead`] (the migration's destination committed) makes the
-//!   run loop return [`Outcome::Migrated`](crate::machine::Outcome::Migrated) and refuse to
+//! * **Pauses.** A user pause ([`RunControl::pause`]) and any number of internal holds
+//!   ([`Hold`], [`StoppedGuard`]) stop the guest; it runs again only when the user pause is
+//!   lifted and every hold released, so a failed migration releasing its hold never undoes a
+//!   user's pause.
+//! * **Operations.** A snapshot ([`SnapshotTicket`]) or a migration ([`MigrationTicket`])
+//!   is registered in the lifecycle for as long as it runs; the ticket ends it when dropped
+//!   (or commits / leaves it in doubt).
+//! * **Jobs.** A closure posted with [`RunControl::run_job`] runs on the run loop's thread
+//!   with `&mut M`, between two exits, whether the guest is running or parked. That is how
+//!   state is read (vCPU snapshots, device state) without sharing the vCPUs.
+//! * **Death.** Once a migration's destination committed ([`MigrationTicket::commit`]), the
+//!   run loop returns [`Outcome::Migrated`] and refuses to
 //!   run again.
 //!
 //! The loop looks at the control state only at *clean points*: between exits that need no
 //! completion from the VMM (not after an `IN`, MMIO read, CPUID or MSR exit, whose
 //! instruction is still half done). A cheap atomic flag says whether there is anything to do,
 //! and the boot vCPU is kicked so that it reaches the next clean point promptly.
+//!
+//! # Stopped guests
+//!
+//! A [`StoppedGuard`] is a hold taken when the lifecycle allows it, returned only once the
+//! run loop is parked (or has not started): while it lives, no vCPU of the VM runs. It is
+//! the proof the functions that see guest memory in place need (see
+//! [`MachineHandle::stopped_ram`](crate::machine::MachineHandle::stopped_ram)).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,79 +42,50 @@ use std::time::{Duration, Instant};
 use esvm_hv::Kicker;
 use thiserror::Error;
 
-use crate::machine::{Machine, Outcome};
+use crate::lifecycle::{Event, Lifecycle, LifecycleError, LoopEnd};
+use crate::outcome::Outcome;
 
-/// Work done on the run loop's thread.
-pub type Job = Box<dyn FnOnce(&mut Machine) + Send>;
+/// Work done on the run loop's thread, on its target (the machine).
+pub type Job<M> = Box<dyn FnOnce(&mut M) + Send>;
 
 /// How long to wait for the vCPU to reach a clean point after a kick.
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for a job (e.g. reading the vCPU state) to be done.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Why the run loop could not be steered.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ControlError {
-    #[error("the VM is not running any more: {0}")]
-    Stopped(String),
-    #[error("the VM migrated to {0}: it runs there now and can never run here again")]
-    Migrated(String),
+    /// The lifecycle does not allow it now.
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
     #[error(
         "the vCPU did not stop within {0:?}; the VMM may be stuck in a long device operation, \
          try again"
     )]
     Timeout(Duration),
+    #[error("the run loop ended before it ran the request; the VM is not running any more")]
+    LoopGone,
 }
 
-/// How the run loop ended, for status reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LoopEnd {
-    /// The guest ended (or the run loop failed); `exit_status` is what `esvm` exits with.
-    Finished {
-        exit_status: u8,
-        failed: bool,
-        what: String,
-    },
-    /// The VM migrated away.
-    Migrated(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum LoopState {
-    NotStarted,
-    Running,
-    Ended(LoopEnd),
-}
-
-struct Inner {
-    user_paused: bool,
-    holds: u32,
+struct Inner<M> {
+    life: Lifecycle,
+    /// The run loop waits at a clean point (the guest is stopped).
     parked: bool,
-    loop_state: LoopState,
-    dead: Option<String>,
-    jobs: VecDeque<Job>,
+    jobs: VecDeque<Job<M>>,
 }
 
-impl Inner {
+impl<M> Inner<M> {
     fn wants_attention(&self) -> bool {
-        self.user_paused || self.holds > 0 || !self.jobs.is_empty() || self.dead.is_some()
+        self.life.pauses().any() || !self.jobs.is_empty() || self.life.migrated_to().is_some()
     }
 }
 
-/// What the control state looks like from outside (for status reports).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlView {
-    pub user_paused: bool,
-    pub holds: u32,
-    /// The guest is stopped: the loop is parked, has not started, or has ended.
-    pub stopped: bool,
-    pub started: bool,
-    pub ended: Option<LoopEnd>,
-    pub dead: Option<String>,
-}
-
-/// The shared control state of one machine; see the module documentation.
-pub struct VmControl {
-    inner: Mutex<Inner>,
+/// The shared control state of one run loop whose jobs run on an `M`; see the module
+/// documentation.
+pub struct RunControl<M> {
+    inner: Mutex<Inner<M>>,
     cond: Condvar,
     attention: AtomicBool,
     kicker: Arc<dyn Kicker>,
@@ -109,16 +93,13 @@ pub struct VmControl {
     created: Instant,
 }
 
-impl VmControl {
-    /// Control for a machine whose running vCPU is stopped by `kicker`.
+impl<M> RunControl<M> {
+    /// Control for a run loop whose running vCPU is stopped by `kicker`.
     pub fn new(kicker: Arc<dyn Kicker>) -> Self {
-        VmControl {
+        RunControl {
             inner: Mutex::new(Inner {
-                user_paused: false,
-                holds: 0,
+                life: Lifecycle::new(),
                 parked: false,
-                loop_state: LoopState::NotStarted,
-                dead: None,
                 jobs: VecDeque::new(),
             }),
             cond: Condvar::new(),
@@ -129,26 +110,34 @@ impl VmControl {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<M>> {
         // The state stays consistent under panics (every update is a single assignment).
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Publish a change: recompute the attention flag, wake waiters and (from threads other
     /// than the run loop's) kick the vCPU so that it reaches a clean point soon.
-    fn changed(&self, g: &Inner) {
-        if self.publish(g) && g.loop_state == LoopState::Running && !g.parked {
+    fn changed(&self, g: &Inner<M>) {
+        if self.publish(g) && g.life.loop_running() && !g.parked {
             self.kicker.kick();
         }
     }
 
-    /// [`VmControl::changed`] without the kick (for the run loop itself); returns whether
+    /// [`RunControl::changed`] without the kick (for the run loop itself); returns whether
     /// the loop has something to do.
-    fn publish(&self, g: &Inner) -> bool {
+    fn publish(&self, g: &Inner<M>) -> bool {
         let want = g.wants_attention();
         self.attention.store(want, Ordering::SeqCst);
         self.cond.notify_all();
         want
+    }
+
+    /// Apply `event` to the lifecycle and publish the change.
+    fn apply(&self, event: Event) -> Result<(), LifecycleError> {
+        let mut g = self.lock();
+        g.life.apply(event)?;
+        self.changed(&g);
+        Ok(())
     }
 
     /// Whether the run loop has something to do at its next clean point.
@@ -171,67 +160,46 @@ impl VmControl {
         self.instructions.store(n, Ordering::Relaxed);
     }
 
-    pub fn view(&self) -> ControlView {
-        let g = self.lock();
-        ControlView {
-            user_paused: g.user_paused,
-            holds: g.holds,
-            stopped: g.parked || !matches!(g.loop_state, LoopState::Running),
-            started: g.loop_state != LoopState::NotStarted,
-            ended: match &g.loop_state {
-                LoopState::Ended(e) => Some(e.clone()),
-                _ => None,
-            },
-            dead: g.dead.clone(),
-        }
+    /// The VM's lifecycle now (a copy).
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lock().life.clone()
     }
 
-    fn usable(g: &Inner) -> Result<(), ControlError> {
-        if let Some(url) = &g.dead {
-            return Err(ControlError::Migrated(url.clone()));
-        }
-        match &g.loop_state {
-            LoopState::Ended(LoopEnd::Migrated(url)) => Err(ControlError::Migrated(url.clone())),
-            LoopState::Ended(LoopEnd::Finished { what, .. }) => {
-                Err(ControlError::Stopped(what.clone()))
-            }
-            _ => Ok(()),
-        }
+    /// The user pauses the guest. Does not wait; see [`RunControl::wait_stopped`].
+    pub fn pause(&self) -> Result<(), LifecycleError> {
+        self.apply(Event::Pause)
     }
 
-    /// Set or lift the user's pause. Does not wait; see [`VmControl::wait_stopped`].
-    pub fn set_user_paused(&self, paused: bool) -> Result<(), ControlError> {
-        let mut g = self.lock();
-        Self::usable(&g)?;
-        g.user_paused = paused;
-        self.changed(&g);
-        Ok(())
+    /// The user resumes the guest (on a VM in doubt: the operator decided that the
+    /// destination did not commit; the doubt's hold is released).
+    pub fn resume(&self) -> Result<(), LifecycleError> {
+        self.apply(Event::Resume)
     }
 
-    /// Take an internal hold (the guest stops until every hold is released).
-    pub fn hold(&self) -> Result<(), ControlError> {
-        let mut g = self.lock();
-        Self::usable(&g)?;
-        g.holds += 1;
-        self.changed(&g);
-        Ok(())
+    /// Take an internal hold: the guest stops (soon) until the hold is dropped.
+    pub fn hold(self: &Arc<Self>) -> Result<Hold<M>, LifecycleError> {
+        self.apply(Event::Hold)?;
+        Ok(Hold {
+            control: Some(self.clone()),
+        })
     }
 
-    /// Release a hold taken with [`VmControl::hold`].
-    pub fn release(&self) {
-        let mut g = self.lock();
-        g.holds = g.holds.saturating_sub(1);
-        self.changed(&g);
+    /// Take a hold and wait until the run loop is parked (or has not started): the returned
+    /// guard proves that no vCPU runs while it lives. On failure the hold is released.
+    pub fn stop(self: &Arc<Self>, timeout: Duration) -> Result<StoppedGuard<M>, ControlError> {
+        let hold = self.hold()?;
+        self.wait_stopped(timeout)?;
+        Ok(StoppedGuard { hold })
     }
 
-    /// Wait until the guest is stopped (the run loop parked, not started yet, or ended).
-    /// Fails if the loop ended or the VM died meanwhile.
+    /// Wait until the guest is stopped (the run loop parked or not started yet). Fails if
+    /// the loop ended or the VM migrated away meanwhile.
     pub fn wait_stopped(&self, timeout: Duration) -> Result<(), ControlError> {
         let deadline = Instant::now() + timeout;
         let mut g = self.lock();
         loop {
-            Self::usable(&g)?;
-            if g.parked || g.loop_state == LoopState::NotStarted {
+            g.life.alive()?;
+            if g.parked || !g.life.started() {
                 return Ok(());
             }
             let now = Instant::now();
@@ -246,16 +214,35 @@ impl VmControl {
         }
     }
 
+    /// Register a snapshot in the lifecycle; it ends when the ticket is dropped.
+    pub fn begin_snapshot(
+        self: &Arc<Self>,
+        sev_es: bool,
+    ) -> Result<SnapshotTicket<M>, LifecycleError> {
+        self.apply(Event::SnapshotStarted { sev_es })?;
+        Ok(SnapshotTicket {
+            control: self.clone(),
+        })
+    }
+
+    /// Register a live migration in the lifecycle; see [`MigrationTicket`] for how it ends.
+    pub fn begin_migration(self: &Arc<Self>) -> Result<MigrationTicket<M>, LifecycleError> {
+        self.apply(Event::MigrationStarted)?;
+        Ok(MigrationTicket {
+            control: Some(self.clone()),
+        })
+    }
+
     /// Run `f` on the run loop's thread (between two exits) and return its result.
     pub fn run_job<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Machine) -> R + Send + 'static,
+        f: impl FnOnce(&mut M) -> R + Send + 'static,
     ) -> Result<R, ControlError> {
         let (tx, rx) = mpsc::channel();
         {
             let mut g = self.lock();
-            Self::usable(&g)?;
-            g.jobs.push_back(Box::new(move |m: &mut Machine| {
+            g.life.alive()?;
+            g.jobs.push_back(Box::new(move |m: &mut M| {
                 let _ = tx.send(f(m));
             }));
             self.changed(&g);
@@ -265,44 +252,31 @@ impl VmControl {
             Err(mpsc::RecvTimeoutError::Timeout) => Err(ControlError::Timeout(JOB_TIMEOUT)),
             // The loop ended and dropped the job.
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let g = self.lock();
-                Self::usable(&g)?;
-                Err(ControlError::Stopped("the run loop ended".into()))
+                self.lock().life.alive()?;
+                Err(ControlError::LoopGone)
             }
         }
     }
 
-    /// The destination committed: the VM must never run here again.
-    pub fn mark_dead(&self, url: &str) {
-        let mut g = self.lock();
-        if g.dead.is_none() {
-            g.dead = Some(url.to_string());
-        }
-        self.changed(&g);
-    }
-
     // ---------------------------------------------------------------- run-loop side
 
-    /// The run loop starts. Returns the death URL if the VM already migrated away.
-    pub(crate) fn loop_started(&self) -> Option<String> {
+    /// The run loop starts. Refused if the VM migrated away (it must never run here again)
+    /// or already ended.
+    pub(crate) fn loop_started(&self) -> Result<(), LifecycleError> {
         let mut g = self.lock();
-        if let Some(url) = &g.dead {
-            return Some(url.clone());
-        }
-        if let LoopState::Ended(LoopEnd::Migrated(url)) = &g.loop_state {
-            return Some(url.clone());
-        }
-        g.loop_state = LoopState::Running;
+        g.life.apply(Event::LoopStarted)?;
         g.parked = false;
         self.publish(&g);
-        None
+        Ok(())
     }
 
     /// The run loop ended; pending jobs are dropped (their callers get an error).
     pub(crate) fn loop_ended(&self, end: LoopEnd) {
         let jobs = {
             let mut g = self.lock();
-            g.loop_state = LoopState::Ended(end);
+            if let Err(e) = g.life.apply(Event::LoopEnded(end)) {
+                tracing::warn!("the run loop ended in an unexpected state: {e}");
+            }
             g.parked = false;
             let jobs = std::mem::take(&mut g.jobs);
             self.publish(&g);
@@ -312,12 +286,12 @@ impl VmControl {
     }
 
     /// Serve the control state at a clean point: run jobs, park while paused. Returns
-    /// `Some(Outcome::Migrated)` if the VM died.
-    pub(crate) fn service(&self, m: &mut Machine) -> Option<Outcome> {
+    /// `Some(Outcome::Migrated)` if the VM migrated away.
+    pub(crate) fn service(&self, m: &mut M) -> Option<Outcome> {
         let mut g = self.lock();
         loop {
-            if let Some(url) = &g.dead {
-                return Some(Outcome::Migrated(url.clone()));
+            if let Some(url) = g.life.migrated_to() {
+                return Some(Outcome::Migrated(url.to_string()));
             }
             if let Some(job) = g.jobs.pop_front() {
                 self.publish(&g);
@@ -326,7 +300,7 @@ impl VmControl {
                 g = self.lock();
                 continue;
             }
-            if g.user_paused || g.holds > 0 {
+            if g.life.pauses().any() {
                 if !g.parked {
                     g.parked = true;
                     self.cond.notify_all();
@@ -341,61 +315,232 @@ impl VmControl {
     }
 }
 
+/// An internal hold on the guest ([`RunControl::hold`]): it does not run while any hold
+/// lives. Dropping it releases the hold.
+pub struct Hold<M> {
+    /// `None` once the hold passed to the lifecycle (an in-doubt migration).
+    control: Option<Arc<RunControl<M>>>,
+}
+
+impl<M> Hold<M> {
+    /// The hold is now the lifecycle's (it keeps the VM in doubt): do not release it.
+    fn hand_over(mut self) {
+        self.control = None;
+    }
+}
+
+impl<M> Drop for Hold<M> {
+    fn drop(&mut self) {
+        if let Some(c) = self.control.take() {
+            if let Err(e) = c.apply(Event::Release) {
+                tracing::warn!("releasing a hold: {e}");
+            }
+        }
+    }
+}
+
+/// A hold on a guest whose run loop is parked or not started ([`RunControl::stop`]): no
+/// vCPU of the VM runs while it lives. Dropping it releases the hold.
+pub struct StoppedGuard<M> {
+    hold: Hold<M>,
+}
+
+impl<M> StoppedGuard<M> {
+    /// Whether this guard stops the run loop of `control`.
+    pub fn stops(&self, control: &Arc<RunControl<M>>) -> bool {
+        self.hold
+            .control
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, control))
+    }
+}
+
+/// A snapshot registered in the lifecycle ([`RunControl::begin_snapshot`]); dropping it
+/// ends the snapshot (written or not).
+pub struct SnapshotTicket<M> {
+    control: Arc<RunControl<M>>,
+}
+
+impl<M> Drop for SnapshotTicket<M> {
+    fn drop(&mut self) {
+        if let Err(e) = self.control.apply(Event::SnapshotEnded) {
+            tracing::warn!("ending a snapshot: {e}");
+        }
+    }
+}
+
+/// A live migration registered in the lifecycle ([`RunControl::begin_migration`]). It ends
+/// in one of three ways: [`MigrationTicket::commit`] (the destination committed: the VM is
+/// dead here), [`MigrationTicket::in_doubt`] (the outcome is unknown: the guest stays
+/// stopped until the operator resumes it), or dropping the ticket (the migration failed or
+/// was cancelled: the guest runs on, unless paused otherwise).
+pub struct MigrationTicket<M> {
+    control: Option<Arc<RunControl<M>>>,
+}
+
+impl<M> MigrationTicket<M> {
+    /// The destination committed: the VM must never run here again.
+    pub fn commit(mut self, url: &str) {
+        if let Some(c) = self.control.take() {
+            if let Err(e) = c.apply(Event::MigrationCommitted {
+                url: url.to_string(),
+            }) {
+                tracing::warn!("committing a migration: {e}");
+            }
+        }
+    }
+
+    /// The outcome is in doubt: the hold of `stopped` passes to the lifecycle, which keeps
+    /// the guest stopped until the operator resumes it. `stopped` must stop this ticket's VM
+    /// (otherwise it is released and the VM stays in doubt without a hold of its own).
+    pub fn in_doubt(mut self, stopped: StoppedGuard<M>) {
+        let Some(c) = self.control.take() else {
+            return;
+        };
+        if !stopped.stops(&c) {
+            tracing::error!("an in-doubt migration handed over the hold of another VM");
+        }
+        let handed_over = {
+            let mut g = c.lock();
+            let r = g.life.apply(Event::MigrationInDoubt);
+            c.changed(&g);
+            match r {
+                Ok(()) => g.life.in_doubt(),
+                Err(e) => {
+                    tracing::warn!("leaving a migration in doubt: {e}");
+                    false
+                }
+            }
+        };
+        if handed_over {
+            // The state owns the hold now; Resume releases it.
+            stopped.hold.hand_over();
+        }
+        // Otherwise (absorbed: the VM ended meanwhile) the guard releases its hold as usual.
+    }
+}
+
+impl<M> Drop for MigrationTicket<M> {
+    fn drop(&mut self) {
+        if let Some(c) = self.control.take() {
+            if let Err(e) = c.apply(Event::MigrationEnded) {
+                tracing::warn!("ending a migration: {e}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::{Ending, State, Status};
 
     struct NoKick;
     impl Kicker for NoKick {
         fn kick(&self) {}
     }
 
+    fn control() -> Arc<RunControl<()>> {
+        Arc::new(RunControl::new(Arc::new(NoKick)))
+    }
+
     #[test]
     fn holds_and_user_pause_combine() {
-        let c = VmControl::new(Arc::new(NoKick));
+        let c = control();
         assert!(!c.attention());
-        c.set_user_paused(true).unwrap();
-        c.hold().unwrap();
+        c.pause().unwrap();
+        let hold = c.hold().unwrap();
         assert!(c.attention());
-        c.release();
+        drop(hold);
         assert!(c.attention(), "the user's pause still holds");
-        c.set_user_paused(false).unwrap();
+        c.resume().unwrap();
         assert!(!c.attention());
-        let v = c.view();
-        assert!(v.stopped && !v.started, "not started counts as stopped");
+        let l = c.lifecycle();
+        assert!(!l.started() && l.status() == Status::Starting);
+        // Not started counts as stopped.
         c.wait_stopped(Duration::from_millis(1)).unwrap();
+        let g = c.stop(Duration::from_millis(1)).unwrap();
+        assert!(g.stops(&c) && !g.stops(&control()));
+        assert_eq!(c.lifecycle().pauses().holds, 1);
+        drop(g);
+        assert_eq!(c.lifecycle().pauses().holds, 0);
     }
 
     #[test]
     fn dead_vm_refuses_everything() {
-        let c = VmControl::new(Arc::new(NoKick));
-        c.mark_dead("tcp://h:1");
-        assert!(matches!(c.hold(), Err(ControlError::Migrated(_))));
+        let c = control();
+        c.begin_migration().unwrap().commit("tcp://h:1");
+        assert!(matches!(c.hold(), Err(LifecycleError::Migrated { .. })));
+        assert!(matches!(c.pause(), Err(LifecycleError::Migrated { .. })));
         assert!(matches!(
-            c.set_user_paused(true),
-            Err(ControlError::Migrated(_))
+            c.loop_started(),
+            Err(LifecycleError::Migrated { url }) if url == "tcp://h:1"
         ));
-        assert_eq!(c.loop_started(), Some("tcp://h:1".into()));
-        assert!(matches!(c.run_job(|_| ()), Err(ControlError::Migrated(_))));
+        assert!(matches!(
+            c.run_job(|_| ()),
+            Err(ControlError::Lifecycle(LifecycleError::Migrated { .. }))
+        ));
     }
 
     #[test]
     fn ended_loop_drops_jobs_with_an_error() {
-        let c = Arc::new(VmControl::new(Arc::new(NoKick)));
-        assert_eq!(c.loop_started(), None);
+        let c = control();
+        c.loop_started().unwrap();
         let c2 = c.clone();
         let t = std::thread::spawn(move || c2.run_job(|_| 1));
         // Wait until the job is queued, then end the loop without serving it.
         while !c.attention() {
             std::thread::yield_now();
         }
-        c.loop_ended(LoopEnd::Finished {
+        c.loop_ended(LoopEnd::Finished(Ending {
             exit_status: 0,
             failed: false,
             what: "the guest exited with status 0".into(),
-        });
+        }));
         let r = t.join().unwrap();
-        assert!(matches!(r, Err(ControlError::Stopped(_))), "{r:?}");
-        assert!(c.view().ended.is_some());
+        assert!(
+            matches!(
+                r,
+                Err(ControlError::Lifecycle(LifecycleError::Ended { .. }))
+            ),
+            "{r:?}"
+        );
+        assert_eq!(c.lifecycle().status(), Status::Exited);
+    }
+
+    #[test]
+    fn migrations_end_three_ways() {
+        let c = control();
+        c.loop_started().unwrap();
+        // Failed: the guest runs on.
+        let t = c.begin_migration().unwrap();
+        let stopped = c.stop(Duration::from_millis(1));
+        assert!(
+            matches!(stopped, Err(ControlError::Timeout(_))),
+            "not parked"
+        );
+        assert_eq!(
+            c.lifecycle().pauses().holds,
+            0,
+            "a failed stop releases its hold"
+        );
+        drop(t);
+        assert_eq!(c.lifecycle().state(), &State::Running);
+        // In doubt: the state keeps the hold until the operator resumes.
+        let t = c.begin_migration().unwrap();
+        let h = c.hold().unwrap();
+        t.in_doubt(StoppedGuard { hold: h });
+        let l = c.lifecycle();
+        assert!(l.in_doubt() && l.pauses().holds == 1 && l.status() == Status::Paused);
+        assert!(matches!(
+            c.begin_migration(),
+            Err(LifecycleError::MigrateInDoubt)
+        ));
+        c.resume().unwrap();
+        assert_eq!(c.lifecycle().state(), &State::Running);
+        assert_eq!(c.lifecycle().pauses().holds, 0);
+        // Committed: dead for good.
+        c.begin_migration().unwrap().commit("tcp://h:2");
+        assert_eq!(c.lifecycle().migrated_to(), Some("tcp://h:2"));
     }
 }

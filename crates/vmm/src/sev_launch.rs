@@ -22,6 +22,8 @@ pub const SECRET_GPA: u64 = 0x4000;
 /// The launch policy used without `--session`: ES, nothing else.
 pub const DEFAULT_POLICY: u32 = Policy::ES;
 
+/// Why an SEV-ES launch failed.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum SevLaunchError {
     #[error("cannot open the platform in {dir}: {reason}. Create one with `esvm platform init --dir {dir}`")]
@@ -40,13 +42,19 @@ pub enum SevLaunchError {
     },
     #[error("SEV-ES launch failed: {0}")]
     Launch(String),
+    #[error("cannot launch a machine that is already shared: {0}")]
+    Shared(#[source] crate::ram::RamError),
 }
 
 /// What `esvm run --sev-es` was asked for.
 pub struct SevLaunchArgs<'a> {
+    /// The platform directory of the secure processor (`esvm platform init`).
     pub platform: &'a Path,
+    /// The guest owner's session directory (`esvm owner session`), if any.
     pub session: Option<&'a Path>,
+    /// Where to write the launch measurement, if anywhere.
     pub measurement_out: Option<&'a Path>,
+    /// An owner's secret packet to inject (`esvm owner secret`), if any.
     pub secret: Option<&'a Path>,
     /// The policy of a launch without an owner's session (default [`DEFAULT_POLICY`]); a
     /// session brings its own.
@@ -123,6 +131,8 @@ pub fn launch_on(
             }
         }
     };
+    // LAUNCH_UPDATE_DATA encrypts guest memory in place: nobody else may see it meanwhile.
+    machine.ensure_exclusive().map_err(SevLaunchError::Shared)?;
     let l = |e: esvm_hv::HvError| SevLaunchError::Launch(e.to_string());
     let emu = machine
         .emu_vm()

@@ -2,6 +2,8 @@
 
 use thiserror::Error;
 
+/// Why a size could not be parsed.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SizeError {
     #[error("empty size: give a number with an optional unit, e.g. 512M or 2G")]

@@ -66,7 +66,7 @@ use esvm_hv::{BackendKind, HvError, VmType};
 use esvm_migration::PageSet;
 use thiserror::Error;
 
-use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState};
+use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState, StoppedGuard};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
 
 /// Name of the state file in a snapshot directory.
@@ -86,6 +86,8 @@ const MAX_STATE_LEN: u64 = 256 << 20;
 pub const MAX_RUN_PAGES: u64 = 1024;
 const PAGE: u64 = 4096;
 
+/// Why a snapshot could not be written or restored.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error(transparent)]
@@ -111,6 +113,8 @@ pub enum SnapshotError {
     Unsupported(String),
     #[error("saving the VM state: {0}")]
     Save(String),
+    #[error("reading guest memory: {0}")]
+    ReadMemory(#[source] crate::ram::RamError),
     #[error("restoring the VM: {0}")]
     Restore(#[from] crate::machine::MachineError),
     #[error("cannot snapshot this SEV-ES guest: {0}")]
@@ -152,8 +156,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Run {
+    /// The first guest page of the run.
     pub first: u64,
+    /// Pages in the run (at most [`MAX_RUN_PAGES`]).
     pub count: u64,
+    /// CRC32C of the run's bytes.
     pub crc32c: u32,
 }
 
@@ -196,8 +203,11 @@ impl PacketKind {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealedRun {
+    /// The first guest page of the run.
     pub first: u64,
+    /// Pages in the run (at most [`MAX_RUN_PAGES`]).
     pub count: u64,
+    /// Private or shared: the kind of every packet of the run.
     pub kind: PacketKind,
     /// CRC32C of the run's `count` packets as stored.
     pub crc32c: u32,
@@ -227,11 +237,15 @@ pub struct SealedState {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// Plain or SEV-ES.
     pub vm_type: VmType,
     /// The backend the snapshot was taken on (plain state restores on either).
     pub backend: BackendKind,
+    /// Guest RAM in bytes.
     pub mem_size: u64,
+    /// vCPUs.
     pub vcpus: u32,
+    /// Devices, virtual clock, instruction counts (and, sealed, the host's GHCB state).
     pub machine: MachineState,
     /// Plain: every vCPU's state (empty when sealed).
     pub vcpu_states: Vec<VcpuSnapshot>,
@@ -242,22 +256,28 @@ pub struct Manifest {
     pub sev: Option<SealedState>,
 }
 
-/// Write a snapshot of the machine behind `h` into `dir` (created if missing). The guest is
-/// held stopped meanwhile. Returns the bytes written.
+/// Write a snapshot of the machine behind `h` into `dir` (created if missing). The snapshot
+/// is registered in the VM's lifecycle (which refuses it while another snapshot or a
+/// migration runs) and the guest is held stopped meanwhile. Returns the bytes written.
 pub fn save(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
-    h.control.hold()?;
-    let result = (|| {
-        h.control.wait_stopped(PARK_TIMEOUT)?;
-        match h.config.vm_type {
-            VmType::Plain => save_stopped(h, dir),
-            VmType::SevEs => save_sealed(h, dir),
-        }
-    })();
-    h.control.release();
-    result
+    let _snapshot = h
+        .control
+        .begin_snapshot(h.config.vm_type == VmType::SevEs)
+        .map_err(ControlError::from)?;
+    let stopped = h.control.stop(PARK_TIMEOUT)?;
+    match h.config.vm_type {
+        VmType::Plain => save_stopped(h, &stopped, dir),
+        VmType::SevEs => save_sealed(h, &stopped, dir),
+    }
 }
 
-fn save_stopped(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
+/// A plain snapshot of the guest `stopped` keeps stopped: its memory goes to the file straight
+/// from guest RAM (no vCPU can change it meanwhile).
+fn save_stopped(
+    h: &MachineHandle,
+    stopped: &StoppedGuard,
+    dir: &Path,
+) -> Result<u64, SnapshotError> {
     let (machine, vcpu_states) = h
         .control
         .run_job(|m| {
@@ -279,14 +299,12 @@ fn save_stopped(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
     {
         let f = File::create(&mem_tmp).map_err(io(&mem_tmp))?;
         f.set_len(h.config.mem_size).map_err(io(&mem_tmp))?;
-        let mut buf = vec![0u8; (MAX_RUN_PAGES * PAGE) as usize];
         let mut cursor = 0;
         while let Some(first) = written.next_set(cursor) {
             let count = written.run_len(first, MAX_RUN_PAGES);
-            let data = &mut buf[..(count * PAGE) as usize];
-            h.vm.memory()
-                .read(first * PAGE, data)
-                .map_err(|e| SnapshotError::Save(format!("reading guest memory: {e}")))?;
+            let data = h
+                .stopped_ram(stopped, first, count)
+                .map_err(SnapshotError::ReadMemory)?;
             f.write_all_at(data, first * PAGE).map_err(io(&mem_tmp))?;
             runs.push(Run {
                 first,
@@ -338,9 +356,14 @@ fn write_state(dir: &Path, version: u32, manifest: &Manifest) -> Result<u64, Sna
     Ok((header.len() + json.len()) as u64)
 }
 
-/// SEV-ES: send the stopped guest to its own platform and store what was sent; the send
+/// SEV-ES: send the guest `_stopped` keeps stopped (so that its pages, VMSAs and device
+/// state are one consistent moment) to its own platform and store what was sent; the send
 /// session is always cancelled afterwards, so the guest runs on.
-fn save_sealed(h: &MachineHandle, dir: &Path) -> Result<u64, SnapshotError> {
+fn save_sealed(
+    h: &MachineHandle,
+    _stopped: &StoppedGuard,
+    dir: &Path,
+) -> Result<u64, SnapshotError> {
     let fail = |s: String| SnapshotError::SealedSave(s);
     let emu = h
         .emu

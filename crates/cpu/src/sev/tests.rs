@@ -544,6 +544,43 @@ fn c_bit_is_not_an_address_bit_nor_reserved() {
     assert_eq!(gpa, C | 0x20_0000);
 }
 
+/// Entry bits 47..51 above the physical-address width reduced by CPUID 0x8000_001F
+/// `EBX[11:6]` are reserved, except the C-bit; bits below it are address bits even with the
+/// C-bit elsewhere (here also at 40: small RAM allows it).
+#[test]
+fn reserved_bits_follow_the_physical_address_reduction() {
+    assert_eq!(crate::SEV_PHYS_ADDR_REDUCTION, 1);
+    let rsvd = Err(crate::Stop::Exc(crate::Exc::ec(vector::PF, 9)));
+    for c_bit in [47u8, 40] {
+        let mem = PhysMemory::new_owned(MEM).unwrap();
+        let cfg = CpuConfig {
+            sev_es: Some(SevEsConfig { c_bit }),
+            ..CpuConfig::default()
+        };
+        let mut h = Harness::with_memory(mem.clone(), cfg);
+        mem.enable_encryption(cipher()).unwrap();
+        mem.encrypt_in_place(PML4, 3 * PAGE_SIZE).unwrap();
+        let pd = PML4 + 0x2000;
+        let c = 1u64 << c_bit;
+        let pde = |i: u64, hi: u64| wr_private_u64(&mem, pd + 8 * i, (i << 21) | 0x83 | hi);
+        pde(1, 1 << 46);
+        pde(2, 1 << 47);
+        pde(3, c);
+        pde(4, 1 << 48);
+        pde(5, 1 << 51);
+        let mut walk = |i: u64| h.cpu.test_walk(i << 21, false, false, false);
+        assert_eq!(walk(1), Ok(((1 << 46) | 1 << 21, false, true, false)));
+        if c_bit == 47 {
+            assert_eq!(walk(2), Ok((2 << 21, false, true, true)));
+        } else {
+            assert_eq!(walk(2), rsvd, "bit 47 with the C-bit at {c_bit}");
+            assert_eq!(walk(3), Ok((3 << 21, false, true, true)));
+        }
+        assert_eq!(walk(4), rsvd);
+        assert_eq!(walk(5), rsvd);
+    }
+}
+
 #[test]
 fn paging_off_accesses_are_private() {
     let mut h = sev_harness(&[]);
@@ -556,6 +593,116 @@ fn paging_off_accesses_are_private() {
         h.cpu.test_walk(0x1234, false, false, false).unwrap(),
         (0x1000, true, true, true)
     );
+}
+
+/// A 4 KiB page table for the linear 2 MiB region at `PT_REGION`, in private memory.
+const PT: u64 = PML4 + 0x3000;
+const PT_REGION: u64 = 0x160_0000;
+
+fn wr_private_u64(mem: &PhysMemory, gpa: u64, v: u64) {
+    mem.write_private(gpa, &v.to_le_bytes()).unwrap();
+}
+
+/// Rebuild the harness's path to `PT_REGION` with the C-bit clear in CR3 and in every
+/// non-leaf entry (A/D bits clear): PML4[0] -> PDPT -> PD[11] -> `PT`, whose entry 0 maps
+/// `PRIV` (C-bit set) and entry 1 maps `SHARED` (C-bit clear), both writable. The tables
+/// stay in private memory, as an SEV guest's page tables always are.
+fn tables_behind_c_bit_clear_entries(h: &mut Harness) {
+    let m = h.mem().clone();
+    let (pdpt, pd) = (PML4 + 0x1000, PML4 + 0x2000);
+    wr_private_u64(&m, PML4, pdpt | 7);
+    wr_private_u64(&m, pdpt, pd | 7);
+    wr_private_u64(&m, pd + 8 * (PT_REGION >> 21), PT | 7);
+    m.write_private(PT, &[0u8; 4096]).unwrap();
+    wr_private_u64(&m, PT, PRIV | 3 | C);
+    wr_private_u64(&m, PT + 8, SHARED | 3);
+    let mut s = h.cpu.sregs();
+    s.cr3 = PML4;
+    h.cpu.set_sregs(&s).unwrap();
+}
+
+/// The page-table pages of the harness (PML4, PDPT, PD, `PT`).
+const TABLES: [u64; 4] = [PML4, PML4 + 0x1000, PML4 + 0x2000, PT];
+
+/// The tables are still private and the host sees only their ciphertext.
+fn assert_tables_private(m: &PhysMemory) {
+    for t in TABLES {
+        assert!(m.is_private(t >> 12), "table {t:#x} turned shared");
+        assert_eq!(
+            page_of(m, t, false),
+            encrypt(t, page_of(m, t, true)),
+            "the host's view of table {t:#x} is not the ciphertext of its private content"
+        );
+    }
+}
+
+/// AMD: an SEV guest's page tables are always accessed as private memory, whatever the
+/// C-bit of the entry (or CR3) that points to them; the leaf's C-bit still selects the view
+/// of the data. The walk through C-bit-clear CR3 and non-leaf entries reads the tables'
+/// plaintext and sets their A/D bits in the private view.
+#[test]
+fn page_tables_are_private_whatever_the_parent_c_bit() {
+    let mut h = sev_harness(&[]);
+    let m = h.mem().clone();
+    tables_behind_c_bit_clear_entries(&mut h);
+    let (pdpt, pd) = (PML4 + 0x1000, PML4 + 0x2000);
+    let pde = pd + 8 * (PT_REGION >> 21);
+    // A write through the C-bit leaf: private data.
+    assert_eq!(
+        h.cpu
+            .test_walk(PT_REGION + 0x10, true, false, false)
+            .unwrap(),
+        (PRIV, true, true, true)
+    );
+    // A read through the C-bit-clear leaf: shared data (not writable yet: D is clear).
+    assert_eq!(
+        h.cpu
+            .test_walk(PT_REGION + 0x1008, false, false, false)
+            .unwrap(),
+        (SHARED, false, true, false)
+    );
+    // A/D updates landed in the private view.
+    assert_eq!(rd_private_u64(&m, PML4), pdpt | 7 | 0x20);
+    assert_eq!(rd_private_u64(&m, pdpt), pd | 7 | 0x20);
+    assert_eq!(rd_private_u64(&m, pde), PT | 7 | 0x20);
+    assert_eq!(rd_private_u64(&m, PT), PRIV | 3 | C | 0x60);
+    assert_eq!(rd_private_u64(&m, PT + 8), SHARED | 3 | 0x20);
+    assert_tables_private(&m);
+    // The host's bytes of a table are not its entries.
+    assert_ne!(m.read_u64(PT).unwrap(), PRIV | 3 | C | 0x60);
+}
+
+/// The same tables used by a running guest: its C-bit leaf writes private data, its
+/// C-bit-clear leaf writes data the host reads as plaintext, and the tables stay private.
+#[test]
+fn guest_runs_on_tables_behind_c_bit_clear_entries() {
+    let v = 0x1122_3344_5566_7788u64;
+    let w = 0x0102_0304_0506_0708u64;
+    let code = prog(&[
+        &mov_rax(v),
+        &store_rax(PT_REGION + 8),
+        &mov_rax(w),
+        &store_rax(PT_REGION + 0x1010),
+        &load_rax(PT_REGION + 0x1018),
+        &[0x48, 0x89, 0xc3], // mov rbx, rax
+        &load_rax(PT_REGION + 8),
+    ]);
+    let mut h = sev_harness(&code);
+    let m = h.mem().clone();
+    tables_behind_c_bit_clear_entries(&mut h);
+    m.write_host(SHARED + 0x18, &0xabcdu64.to_le_bytes())
+        .unwrap();
+    assert_eq!(h.run(), Exit::Hlt);
+    assert_eq!(caught(&h), None);
+    let r = h.cpu.regs();
+    assert_eq!(r.gpr[3], 0xabcd, "shared read sees the host's bytes");
+    assert_eq!(r.gpr[0], v, "private read sees the plaintext");
+    assert_eq!(rd_private_u64(&m, PRIV + 8), v);
+    assert_ne!(m.read_u64(PRIV + 8).unwrap(), v);
+    assert_eq!(m.read_u64(SHARED + 0x10).unwrap(), w);
+    assert_eq!(rd_private_u64(&m, PT) & 0x60, 0x60);
+    assert_eq!(rd_private_u64(&m, PT + 8) & 0x60, 0x60);
+    assert_tables_private(&m);
 }
 
 /// Deterministic page-table contents for the differential walk test: mostly present
@@ -597,11 +744,98 @@ fn fill_tables(mem: &PhysMemory, seed: u64, legacy32: bool) {
     }
 }
 
+/// `Cpu::test_walk`'s result.
+type WalkResult = Result<(u64, bool, bool, bool), crate::Stop>;
+
+/// One differential walk case: build the tables of `seed`, run one walk, and return its
+/// result, CR2 and the memory afterwards (the private view for SEV-ES, whose page tables are
+/// private memory: launched encrypted). With `cbits`, the C-bit is added at random to CR3
+/// (long mode) and to the 8-byte entries after filling; the memory returned then has it
+/// stripped again.
+#[allow(clippy::too_many_arguments)]
+fn walk_case(
+    sev: bool,
+    cbits: bool,
+    seed: u64,
+    lin: u64,
+    mode: u8,
+    acc: u8,
+    user: bool,
+    wp: bool,
+    nxe: bool,
+    pse: bool,
+    cr3_page: u64,
+) -> (WalkResult, u64, Vec<u8>) {
+    let size = 32 * PAGE_SIZE;
+    let mem = PhysMemory::new_owned(size).unwrap();
+    fill_tables(&mem, seed, mode == 2);
+    let esz = if mode == 2 { 4 } else { 8 };
+    if cbits && esz == 8 {
+        for a in (PAGE_SIZE..7 * PAGE_SIZE).step_by(8) {
+            if mix(seed ^ a) & 1 != 0 {
+                mem.write_u64(a, mem.read_u64(a).unwrap() | C).unwrap();
+            }
+        }
+    }
+    if sev {
+        mem.enable_encryption(cipher()).unwrap();
+        mem.encrypt_in_place(0, size).unwrap();
+    }
+    let cfg = if sev {
+        sev_config()
+    } else {
+        CpuConfig::default()
+    };
+    let mut cpu = Cpu::new(cfg, mem.clone());
+    let mut s = cpu.sregs();
+    s.cr0 = cr0::PE | cr0::PG | cr0::ET | if wp { cr0::WP } else { 0 };
+    s.cr3 = cr3_page * PAGE_SIZE + if mode == 1 { 0x20 } else { 0 };
+    if cbits && mode == 0 && mix(seed) & 2 != 0 {
+        s.cr3 |= C;
+    }
+    s.cr4 = match mode {
+        0 | 1 => cr4::PAE,
+        _ => {
+            if pse {
+                cr4::PSE
+            } else {
+                0
+            }
+        }
+    };
+    s.efer = if nxe { efer::NXE } else { 0 } | if mode == 0 { efer::LME } else { 0 };
+    cpu.set_sregs(&s).unwrap();
+    // Mostly canonical addresses in long mode.
+    let l = match mode {
+        0 if !lin.is_multiple_of(8) => ((lin << 16) as i64 >> 16) as u64,
+        0 => lin,
+        _ => lin & 0xffff_ffff,
+    };
+    let r = cpu.test_walk(l, acc == 1, acc == 2, user);
+    let mut bytes = vec![0u8; size as usize];
+    if sev {
+        mem.read_private(0, &mut bytes).unwrap();
+        for p in 0..size / PAGE_SIZE {
+            assert!(mem.is_private(p), "page {p} turned shared");
+        }
+    } else {
+        mem.read(0, &mut bytes).unwrap();
+    }
+    if cbits && esz == 8 {
+        for q in bytes.chunks_exact_mut(8) {
+            let e = u64::from_le_bytes(q.try_into().unwrap()) & !C;
+            q.copy_from_slice(&e.to_le_bytes());
+        }
+    }
+    (r, cpu.sregs().cr2, bytes)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
-    /// The SEV-ES walk without C-bits gives exactly the plain walk's results (addresses,
-    /// permissions, faults, CR2 and A/D updates) in every paging mode.
+    /// The SEV-ES walk without C-bits (over page tables in private memory) gives exactly the
+    /// plain walk's results (addresses, permissions, faults, CR2 and A/D updates) in every
+    /// paging mode.
     #[test]
     fn walk_matches_plain_walk(
         seed in any::<u64>(),
@@ -616,33 +850,37 @@ proptest! {
     ) {
         let mut results = Vec::new();
         for sev in [false, true] {
-            let mem = PhysMemory::new_owned(32 * PAGE_SIZE).unwrap();
-            fill_tables(&mem, seed, mode == 2);
-            let cfg = if sev { sev_config() } else { CpuConfig::default() };
-            let mut cpu = Cpu::new(cfg, mem.clone());
-            let mut s = cpu.sregs();
-            s.cr0 = cr0::PE | cr0::PG | cr0::ET | if wp { cr0::WP } else { 0 };
-            s.cr3 = cr3_page * PAGE_SIZE + if mode == 1 { 0x20 } else { 0 };
-            s.cr4 = match mode {
-                0 | 1 => cr4::PAE,
-                _ => if pse { cr4::PSE } else { 0 },
-            };
-            s.efer = if nxe { efer::NXE } else { 0 } | if mode == 0 { efer::LME } else { 0 };
-            cpu.set_sregs(&s).unwrap();
-            // Mostly canonical addresses in long mode.
-            let l = match mode {
-                0 if lin % 8 != 0 => ((lin << 16) as i64 >> 16) as u64,
-                0 => lin,
-                _ => lin & 0xffff_ffff,
-            };
-            let r = cpu.test_walk(l, acc == 1, acc == 2, user);
-            let mut bytes = vec![0u8; 32 * PAGE_SIZE as usize];
-            mem.read(0, &mut bytes).unwrap();
-            results.push((r, cpu.sregs().cr2, bytes));
+            results.push(walk_case(
+                sev, false, seed, lin, mode, acc, user, wp, nxe, pse, cr3_page,
+            ));
         }
         let plain = &results[0];
         let sev = &results[1];
         prop_assert_eq!(&plain.0, &sev.0);
+        prop_assert_eq!(plain.1, sev.1);
+        prop_assert!(plain.2 == sev.2, "A/D updates differ");
+    }
+
+    /// C-bits in CR3 and in the non-leaf entries change nothing in an SEV-ES walk (tables
+    /// are private whatever they say): the walk gives the plain walk's results over the
+    /// same tables without C-bits, and a leaf's C-bit only selects the data view.
+    #[test]
+    fn table_c_bits_do_not_change_the_walk(
+        seed in any::<u64>(),
+        lin in any::<u64>(),
+        mode in 0u8..2,
+        acc in 0u8..3,
+        user: bool,
+        wp: bool,
+        nxe: bool,
+        cr3_page in 1u64..4,
+    ) {
+        let plain = walk_case(false, false, seed, lin, mode, acc, user, wp, nxe, false, cr3_page);
+        let sev = walk_case(true, true, seed, lin, mode, acc, user, wp, nxe, false, cr3_page);
+        let strip = |r: WalkResult| {
+            r.map(|(g, w, x, _)| (g, w, x))
+        };
+        prop_assert_eq!(strip(plain.0), strip(sev.0));
         prop_assert_eq!(plain.1, sev.1);
         prop_assert!(plain.2 == sev.2, "A/D updates differ");
     }

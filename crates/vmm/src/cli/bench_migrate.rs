@@ -13,8 +13,9 @@ use esvm_hv::{BackendKind, VmType};
 use esvm_migration::{Receiver, ReceiverConfig, SendOutcome, Sender, SenderConfig};
 use esvm_psp::{LaunchStart, Policy, Psp};
 
-use crate::machine::{Machine, MachineConfig, MachineHandle, Outcome};
-use crate::migrate::{MachineSource, MachineTarget};
+use esvm::machine::{Machine, MachineConfig, MachineHandle};
+use esvm::migrate::{MachineSource, MachineTarget};
+use esvm::outcome::Outcome;
 
 #[derive(Args, Debug)]
 pub struct MigrateBenchArgs {
@@ -44,7 +45,7 @@ pub struct MigrateBenchArgs {
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    crate::size::parse_size(s).map_err(|e| e.to_string())
+    esvm::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -240,20 +241,24 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
                 .ok_or_else(|| "no machine after the commit".to_string())
         })?;
     let url = format!("tcp://{addr}");
-    if stopped {
-        h.control.hold()?;
-        h.control.wait_stopped(crate::runctl::PARK_TIMEOUT)?;
-    }
-    let mut src = MachineSource::new(h.clone(), url);
+    // The guest stays stopped for the whole migration (the transport alone is measured).
+    let held = if stopped {
+        Some(h.control.stop(esvm::runctl::PARK_TIMEOUT)?)
+    } else {
+        None
+    };
+    let mut src = MachineSource::new(h.clone(), url)?;
     let out: SendOutcome = Sender::new(SenderConfig {
         downtime_limit: Duration::from_millis(args.downtime_ms),
         ..SenderConfig::default()
     })
     .run_tcp(&mut src, TcpStream::connect(addr)?)?;
-    let received = dest
+    let mut received = dest
         .join()
         .map_err(|_| "the destination thread panicked")??;
-    let (outcome, source_machine) = source.join().map_err(|_| "the source thread panicked")??;
+    let (outcome, mut source_machine) =
+        source.join().map_err(|_| "the source thread panicked")??;
+    drop((src, held, h));
     if !matches!(outcome, Outcome::Migrated(_)) {
         return Err(format!("the source ended with {outcome:?} instead of migrating").into());
     }
@@ -276,8 +281,8 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
     }
     // Every thread using them is joined: give both guests' memory back now, so that
     // repeated runs do not accumulate it.
-    crate::migrate::release_guest_memory(&source_machine);
-    crate::migrate::release_guest_memory(&received);
+    esvm::migrate::release_guest_memory(&mut source_machine)?;
+    esvm::migrate::release_guest_memory(&mut received)?;
     Ok(Row {
         sev_es: sev,
         mem_mib: mem >> 20,

@@ -42,16 +42,16 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
 }
 
 pub fn run(args: RestoreArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    let mut machine = crate::snapshot::restore(
+    let mut machine = esvm::snapshot::restore(
         &args.dir,
         args.backend,
         args.platform.as_deref(),
         Box::new(std::io::stdout()),
     )?;
-    crate::session::run(
+    crate::cli::run_session(
         &format!("restored from {}", args.dir.display()),
         &mut machine,
-        &crate::session::RunOptions {
+        &esvm::session::RunOptions {
             api_socket: args.api_socket.clone(),
             start_paused: args.start_paused,
         },

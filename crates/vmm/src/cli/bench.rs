@@ -6,7 +6,8 @@ use clap::{Args, Subcommand};
 use esvm_guests::bench::BenchLoop;
 use esvm_hv::BackendKind;
 
-use crate::machine::{Machine, MachineConfig, Outcome};
+use esvm::machine::{Machine, MachineConfig};
+use esvm::outcome::Outcome;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -21,7 +22,7 @@ pub enum BenchCommand {
     /// Live migration of real guests (the demo guest on the software vCPU) between a source
     /// and a destination machine in this process over loopback TCP: throughput and downtime
     /// for each guest size, idle and dirtying memory, plain guests.
-    Migrate(crate::bench_migrate::MigrateBenchArgs),
+    Migrate(super::bench_migrate::MigrateBenchArgs),
     /// Exit round trips: the iobench guest's writes to a null port as plain OUT exits and as
     /// SEV-ES GHCB IOIO requests (one VMGEXIT each), on the software vCPU, in one run.
     Io(IoBenchArgs),
@@ -57,7 +58,7 @@ pub struct PspBenchArgs {
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    crate::size::parse_size(s).map_err(|e| e.to_string())
+    esvm::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args, Debug)]
@@ -97,7 +98,7 @@ pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
         BenchCommand::Cpu(args) => bench_cpu(&args),
         BenchCommand::Psp(args) => bench_psp(&args),
         BenchCommand::Io(args) => bench_io(&args),
-        BenchCommand::Migrate(args) => crate::bench_migrate::run(&args),
+        BenchCommand::Migrate(args) => super::bench_migrate::run(&args),
     }
 }
 
@@ -267,10 +268,10 @@ fn io_round_trips(
     let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
     let boot = m.load(guest.elf, &format!("n={n}"))?;
     if let Some(platform) = sev_platform {
-        crate::sev_launch::launch(
+        esvm::sev_launch::launch(
             &mut m,
             &boot,
-            &crate::sev_launch::SevLaunchArgs {
+            &esvm::sev_launch::SevLaunchArgs {
                 platform,
                 session: None,
                 measurement_out: None,

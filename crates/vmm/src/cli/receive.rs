@@ -8,7 +8,7 @@ use esvm_hv::BackendKind;
 use esvm_migration::{Receiver, ReceiverConfig};
 use thiserror::Error;
 
-use crate::migrate::{parse_tcp_url, MachineTarget};
+use esvm::migrate::{parse_tcp_url, MachineTarget};
 
 #[derive(Args, Debug)]
 #[command(
@@ -53,7 +53,7 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
 #[derive(Debug, Error)]
 pub enum ReceiveCliError {
     #[error(transparent)]
-    Url(#[from] crate::migrate::UrlError),
+    Url(#[from] esvm::migrate::UrlError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -80,7 +80,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let addr = parse_tcp_url(&args.listen)?;
     let platform = match &args.platform {
         Some(p) if !p.is_dir() => return Err(ReceiveCliError::Platform(p.clone()).into()),
-        Some(p) => Some(crate::sev_launch::open_platform(p)?),
+        Some(p) => Some(esvm::sev_launch::open_platform(p)?),
         None => None,
     };
     let listener = TcpListener::bind(&addr).map_err(|source| ReceiveCliError::Listen {
@@ -140,10 +140,10 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
     };
     drop(listener);
-    crate::session::run(
+    crate::cli::run_session(
         &format!("from {peer}"),
         &mut machine,
-        &crate::session::RunOptions {
+        &esvm::session::RunOptions {
             api_socket: args.api_socket.clone(),
             start_paused: false,
         },

@@ -6,8 +6,8 @@ use clap::Args;
 use esvm_hv::BackendKind;
 use thiserror::Error;
 
-use crate::machine::{Machine, MachineConfig};
-use crate::size::parse_size;
+use esvm::machine::{Machine, MachineConfig};
+use esvm::size::parse_size;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -83,7 +83,7 @@ pub enum RunError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Machine(#[from] crate::machine::MachineError),
+    Machine(#[from] esvm::machine::MachineError),
 }
 
 /// Find the guest image: a built-in name, or a path.
@@ -125,10 +125,10 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let boot = machine.load(&elf, &guest_args).map_err(RunError::from)?;
     if args.sev_es {
         let platform = args.platform.as_deref().expect("clap requires --platform");
-        let measurement = crate::sev_launch::launch(
+        let measurement = esvm::sev_launch::launch(
             &mut machine,
             &boot,
-            &crate::sev_launch::SevLaunchArgs {
+            &esvm::sev_launch::SevLaunchArgs {
                 platform,
                 session: args.session.as_deref(),
                 measurement_out: args.measurement_out.as_deref(),
@@ -138,15 +138,15 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         )?;
         eprintln!(
             "esvm: SEV-ES launch measurement {} (mnonce {})",
-            crate::sev_launch::hex(&measurement.measure),
-            crate::sev_launch::hex(&measurement.mnonce)
+            esvm::sev_launch::hex(&measurement.measure),
+            esvm::sev_launch::hex(&measurement.mnonce)
         );
     }
     tracing::info!(guest = %name, backend = %args.backend, mem = args.mem, "starting");
-    crate::session::run(
+    crate::cli::run_session(
         &name,
         &mut machine,
-        &crate::session::RunOptions {
+        &esvm::session::RunOptions {
             api_socket: args.api_socket.clone(),
             start_paused: args.start_paused,
         },
