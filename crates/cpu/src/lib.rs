@@ -827,6 +827,14 @@ impl Cpu {
         }
     }
 
+    /// Whether RAM page `gpn` holds decoded code.
+    #[inline(always)]
+    pub(crate) fn is_code_page(&self, gpn: u64) -> bool {
+        // SAFETY: as in `note_write`.
+        let w = unsafe { &*self.raw.code.add((gpn / 64) as usize) };
+        w.load(Ordering::Relaxed) & (1 << (gpn % 64)) != 0
+    }
+
     /// Current code epoch of RAM page `page`.
     #[inline(always)]
     pub(crate) fn code_epoch(&self, page: u64) -> u32 {

@@ -224,6 +224,29 @@ impl Cpu {
         Ok(())
     }
 
+    /// Host address of the start of the RAM page holding `lin` with read (or, with `write`,
+    /// write) permission at the current privilege, and its guest-physical page number: from
+    /// the TLB, or by translating (faults as an access would, and fills the TLB). None if the
+    /// page is MMIO or the vCPU is an SEV guest (the callers then take the per-access path).
+    #[inline]
+    pub(crate) fn host_page(&mut self, lin: u64, write: bool) -> R<Option<(usize, u64)>> {
+        if self.sev.is_some() {
+            return Ok(None);
+        }
+        let vpn = lin >> PAGE_SHIFT;
+        let e = &self.tlb.e[self.tlb_idx(vpn)];
+        if (if write { e.w } else { e.r }) == vpn {
+            return Ok(Some((e.host, e.gpn)));
+        }
+        let acc = if write { Acc::Write } else { Acc::Read };
+        let gpa = self.translate(lin, acc, self.cpl == 3)?;
+        if gpa >= self.ram_size {
+            return Ok(None);
+        }
+        let page = gpa & !(PAGE_SIZE - 1);
+        Ok(Some((self.ram as usize + page as usize, gpa >> PAGE_SHIFT)))
+    }
+
     // ------------------------------------------------------------------ slow paths
 
     /// Read `size` (1..=16) bytes at `lin`; `sys` makes it a supervisor (implicit) access.

@@ -160,6 +160,138 @@ fn string_ops() {
     assert_eq!(r.gpr[7], DATA + 0x2008);
 }
 
+/// REP MOVS/STOS against an element-by-element reference model: every element size,
+/// both directions, overlapping and disjoint runs, runs crossing pages that are not
+/// physically contiguous, and a run ending in a page fault (registers and memory as left
+/// by the last element before the fault).
+#[test]
+fn rep_string_runs_match_element_model() {
+    const V: u64 = 0x4000_0000;
+    // Four virtually contiguous pages on scattered physical pages; the fifth is unmapped.
+    const PHYS: [u64; 4] = [DATA + 0x3000, DATA + 0x1000, DATA + 0x7000, DATA + 0x5000];
+    let phys = |v: u64| PHYS[((v - V) >> 12) as usize] + (v & 0xfff);
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for case in 0..400 {
+        let movs = case % 2 == 0;
+        let sz = 1u64 << (rnd() % 4);
+        let back = rnd() % 3 == 0;
+        let fault = case % 16 == 1;
+        // Start addresses near page boundaries or anywhere; the source sometimes a few
+        // bytes away from the destination (overlap).
+        let pick = |r: u64| {
+            let page = r % 4;
+            let off = match (r >> 8) % 3 {
+                0 => 0x1000 - ((r >> 16) % 24),
+                1 => (r >> 16) % 24,
+                _ => (r >> 16) % 0x1000,
+            };
+            V + page * 0x1000 + (off & 0xfff)
+        };
+        let mut dst0 = pick(rnd());
+        let mut src0 = if rnd() % 2 == 0 {
+            dst0.wrapping_add((rnd() % 33).wrapping_sub(16))
+        } else {
+            pick(rnd())
+        };
+        let (lo, hi) = (V, V + 0x4000);
+        src0 = src0.clamp(lo, hi - 8);
+        dst0 = dst0.clamp(lo, hi - 8);
+        // Elements that stay inside the mapped pages for both pointers.
+        let room = |a: u64| {
+            if back {
+                (a - lo) / sz + 1
+            } else {
+                (hi - a) / sz
+            }
+        };
+        let max = room(dst0).min(if movs { room(src0) } else { u64::MAX });
+        let count = if fault { max + 3 } else { 1 + rnd() % max };
+        let fill = rnd();
+        let code = asm(|a| {
+            a.mov(rsi, src0)?;
+            a.mov(rdi, dst0)?;
+            a.mov(rcx, count)?;
+            a.mov(rax, fill)?;
+            if back {
+                a.std()?;
+            }
+            match (movs, sz) {
+                (true, 1) => a.rep().movsb()?,
+                (true, 2) => a.rep().movsw()?,
+                (true, 4) => a.rep().movsd()?,
+                (true, _) => a.rep().movsq()?,
+                (false, 1) => a.rep().stosb()?,
+                (false, 2) => a.rep().stosw()?,
+                (false, 4) => a.rep().stosd()?,
+                (false, _) => a.rep().stosq()?,
+            }
+            a.cld()?;
+            a.hlt()
+        });
+        let mut h = harness(&code);
+        let mut pool = 0x80_0000;
+        for (k, p) in PHYS.iter().enumerate() {
+            h.map_4k(V + k as u64 * 0x1000, *p, 2, &mut pool);
+        }
+        // Random contents, mirrored in the model (physical pages DATA..DATA+0x8000).
+        let mut model = vec![0u8; 0x8000];
+        for b in model.iter_mut() {
+            *b = rnd() as u8;
+        }
+        h.mem().write(DATA, &model).unwrap();
+        let (mut rsi_m, mut rdi_m, mut rcx_m) = (src0, dst0, count);
+        let step = if back { sz.wrapping_neg() } else { sz };
+        let in_map = |a: u64| a >= lo && a + sz <= hi;
+        let mut faulted = false;
+        while rcx_m != 0 {
+            if movs && !in_map(rsi_m) || !in_map(rdi_m) {
+                faulted = true;
+                break;
+            }
+            let v: Vec<u8> = if movs {
+                (0..sz)
+                    .map(|k| model[(phys(rsi_m + k) - DATA) as usize])
+                    .collect()
+            } else {
+                fill.to_le_bytes()[..sz as usize].to_vec()
+            };
+            for k in 0..sz {
+                model[(phys(rdi_m + k) - DATA) as usize] = v[k as usize];
+            }
+            rsi_m = rsi_m.wrapping_add(step);
+            rdi_m = rdi_m.wrapping_add(step);
+            rcx_m -= 1;
+        }
+        let x = h.run();
+        assert_eq!(x, Exit::Hlt, "case {case}");
+        assert_eq!(faulted, fault, "case {case}: model");
+        let ctx = format!(
+            "case {case}: movs={movs} sz={sz} back={back} si={src0:#x} di={dst0:#x} count={count}"
+        );
+        if fault {
+            let c = h.exception().unwrap_or_else(|| panic!("{ctx}: no fault"));
+            assert_eq!(c.vector, 14, "{ctx}");
+        } else {
+            assert!(h.exception().is_none(), "{ctx}: {:?}", h.exception());
+        }
+        let r = h.cpu.regs();
+        assert_eq!(r.gpr[1], rcx_m, "{ctx}: rcx");
+        assert_eq!(r.gpr[7], rdi_m, "{ctx}: rdi");
+        if movs {
+            assert_eq!(r.gpr[6], rsi_m, "{ctx}: rsi");
+        }
+        let mut got = vec![0u8; 0x8000];
+        h.mem().read(DATA, &mut got).unwrap();
+        assert!(got == model, "{ctx}: memory differs");
+    }
+}
+
 #[test]
 fn divide_error_and_frame() {
     let code = asm(|a| {
@@ -624,9 +756,16 @@ fn amd_model_specific_msrs_linux_touches() {
     let c = expect_exc(&mut h, 13, Some(0));
     assert_eq!(c.rip, CODE + code.len() as u64 - 3);
     let r = h.cpu.regs();
-    assert_eq!(r.gpr[8], crate::exec::system::MICROCODE_PATCH_LEVEL & 0xffff_ffff);
+    assert_eq!(
+        r.gpr[8],
+        crate::exec::system::MICROCODE_PATCH_LEVEL & 0xffff_ffff
+    );
     assert_eq!(r.gpr[9], 2, "DE_CFG reads LFENCE-serialising");
-    assert_eq!((r.gpr[10], r.gpr[11]), (0, 0), "NB_CFG reads 0 (writes ignored, as KVM)");
+    assert_eq!(
+        (r.gpr[10], r.gpr[11]),
+        (0, 0),
+        "NB_CFG reads 0 (writes ignored, as KVM)"
+    );
 }
 
 #[test]

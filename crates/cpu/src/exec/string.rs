@@ -61,10 +61,26 @@ fn string<const OP: u8>(c: &mut Cpu, d: &Insn) -> R {
     if matches!(op, Op::Ins | Op::Outs) {
         super::system::io_allowed(c)?;
     }
+    // REP MOVS/STOS with 64-bit addresses in 64-bit mode go through host pointers a page
+    // run at a time (`bulk`); anything it declines takes the per-element path below.
+    let fast = rep != 0 && matches!(op, Op::Movs | Op::Stos) && !c.legacy && asz == 8;
     let mut n = 0u32;
     loop {
         if rep != 0 && idx_get(c, 1, asz) == 0 {
             return Ok(());
+        }
+        if fast {
+            let back = c.rflags & DF != 0;
+            if let Some(k) = bulk(c, op == Op::Movs, sz, src_seg, (CHUNK - n) as u64, back)? {
+                n += k as u32;
+                if c.gpr[1] == 0 {
+                    return Ok(());
+                }
+                if n >= CHUNK || c.pending & P_SMC != 0 {
+                    return Err(Stop::Yield);
+                }
+                continue;
+            }
         }
         let si = idx_get(c, 6, asz);
         let di = idx_get(c, 7, asz);
@@ -168,6 +184,123 @@ fn string<const OP: u8>(c: &mut Cpu, d: &Insn) -> R {
             return Err(Stop::Yield);
         }
     }
+}
+
+/// Elements of `sz` bytes from `lin` on (downwards with `back`) that lie inside the page of
+/// `lin`; 0 if the first one crosses into the next page.
+#[inline(always)]
+fn run_len(lin: u64, sz: usize, back: bool) -> u64 {
+    let off = lin & 0xfff;
+    if off + sz as u64 > 0x1000 {
+        0
+    } else if back {
+        off / sz as u64 + 1
+    } else {
+        (0x1000 - off) / sz as u64
+    }
+}
+
+/// Up to `max` iterations of REP MOVS (`movs`) or REP STOS with 64-bit addresses in 64-bit
+/// mode, all inside one source and one destination RAM page, through host pointers: the
+/// pages are translated once (faulting, setting A/D bits and filling the TLB exactly as the
+/// first element's accesses would, source first), the elements are moved in the order the
+/// per-element loop would move them (a block copy when source and destination do not
+/// overlap), then RCX/RSI/RDI are advanced and the destination page is logged. Returns the
+/// number of iterations done, or None when the next element needs the per-element path (it
+/// crosses a page, either page is MMIO, the destination page holds decoded code, or the vCPU
+/// is an SEV guest).
+fn bulk(
+    c: &mut Cpu,
+    movs: bool,
+    sz: usize,
+    src_seg: usize,
+    max: u64,
+    back: bool,
+) -> R<Option<u64>> {
+    let dlin = c.seg_base[ES].wrapping_add(c.gpr[7]);
+    let mut n = c.gpr[1].min(max).min(run_len(dlin, sz, back));
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut src = 0usize;
+    if movs {
+        let slin = c.seg_base[src_seg].wrapping_add(c.gpr[6]);
+        n = n.min(run_len(slin, sz, back));
+        if n == 0 {
+            return Ok(None);
+        }
+        let Some((sp, _)) = c.host_page(slin, false)? else {
+            return Ok(None);
+        };
+        src = sp + (slin & 0xfff) as usize;
+    }
+    let Some((dp, dgpn)) = c.host_page(dlin, true)? else {
+        return Ok(None);
+    };
+    if c.is_code_page(dgpn) {
+        return Ok(None);
+    }
+    let dst = dp + (dlin & 0xfff) as usize;
+    let bytes = n as usize * sz;
+    // Lowest address of each run (runs go down from the first element with DF=1).
+    let low = |a: usize| if back { a + sz - bytes } else { a };
+    if movs {
+        let (s0, d0) = (low(src), low(dst));
+        if d0 + bytes <= s0 || s0 + bytes <= d0 {
+            // SAFETY: both runs lie inside RAM pages (host_page, run_len) and do not overlap;
+            // guest RAM is only accessed through raw pointers.
+            unsafe { std::ptr::copy_nonoverlapping(s0 as *const u8, d0 as *mut u8, bytes) };
+        } else {
+            // Overlapping runs: element by element in guest order (the result can depend on
+            // it, e.g. a pattern fill with RDI = RSI + 1).
+            for k in 0..n as usize {
+                let off = if back {
+                    (k * sz).wrapping_neg()
+                } else {
+                    k * sz
+                };
+                let (s, d) = (src.wrapping_add(off), dst.wrapping_add(off));
+                // SAFETY: element k of each run lies inside its RAM page (see above).
+                unsafe {
+                    match sz {
+                        1 => *(d as *mut u8) = *(s as *const u8),
+                        2 => (d as *mut u16).write_unaligned((s as *const u16).read_unaligned()),
+                        4 => (d as *mut u32).write_unaligned((s as *const u32).read_unaligned()),
+                        _ => (d as *mut u64).write_unaligned((s as *const u64).read_unaligned()),
+                    }
+                }
+            }
+        }
+    } else {
+        let v = c.gpr[0];
+        let d0 = low(dst);
+        // SAFETY: the run lies inside a RAM page (host_page, run_len).
+        unsafe {
+            match sz {
+                1 => std::ptr::write_bytes(d0 as *mut u8, v as u8, bytes),
+                2 => {
+                    (0..n as usize).for_each(|k| (d0 as *mut u16).add(k).write_unaligned(v as u16))
+                }
+                4 => {
+                    (0..n as usize).for_each(|k| (d0 as *mut u32).add(k).write_unaligned(v as u32))
+                }
+                _ => (0..n as usize).for_each(|k| (d0 as *mut u64).add(k).write_unaligned(v)),
+            }
+        }
+    }
+    let step = if back {
+        (sz as u64).wrapping_neg()
+    } else {
+        sz as u64
+    };
+    let adv = step.wrapping_mul(n);
+    c.gpr[1] -= n;
+    c.gpr[7] = c.gpr[7].wrapping_add(adv);
+    if movs {
+        c.gpr[6] = c.gpr[6].wrapping_add(adv);
+    }
+    c.note_write(dgpn);
+    Ok(Some(n))
 }
 
 pub(crate) fn select(m: Mnemonic, i: &Instruction, d: &mut Insn) -> Option<Handler> {
