@@ -169,23 +169,32 @@ impl Cpu {
     }
 
     /// Evaluate condition code `cc` (x86 encoding: O NO B AE E NE BE A S NS P NP L GE LE G).
+    /// ZF and SF come from the lazy result of every producer; CF, OF and the compound
+    /// conditions directly from the operands of SUB/CMP and logic ops (CF = OF = 0) and
+    /// ADD's CF; everything else from the materialised flags.
     #[inline(always)]
     pub(crate) fn cond(&self, cc: u8) -> bool {
-        let r = if self.f_op == F_SUB || self.f_op == F_LOGIC {
+        let op = self.f_op;
+        let r = if op == F_NONE {
+            self.cond_slow(cc >> 1)
+        } else {
             let sz = self.f_sz;
             let m = mask(sz);
             let r = self.f_res & m;
             match cc >> 1 {
                 2 => r == 0,
-                1 if self.f_op == F_SUB => (self.f_a & m) < (self.f_b & m),
-                3 if self.f_op == F_SUB => (self.f_a & m) <= (self.f_b & m),
-                6 if self.f_op == F_SUB => (sx(self.f_a, sz) as i64) < (sx(self.f_b, sz) as i64),
-                7 if self.f_op == F_SUB => (sx(self.f_a, sz) as i64) <= (sx(self.f_b, sz) as i64),
                 4 => r & sign(sz) != 0,
+                1 if op == F_SUB => (self.f_a & m) < (self.f_b & m),
+                3 if op == F_SUB => (self.f_a & m) <= (self.f_b & m),
+                6 if op == F_SUB => (sx(self.f_a, sz) as i64) < (sx(self.f_b, sz) as i64),
+                7 if op == F_SUB => (sx(self.f_a, sz) as i64) <= (sx(self.f_b, sz) as i64),
+                0 | 1 if op == F_LOGIC => false,
+                3 if op == F_LOGIC => r == 0,
+                6 if op == F_LOGIC => r & sign(sz) != 0,
+                7 if op == F_LOGIC => r == 0 || r & sign(sz) != 0,
+                1 if op == F_ADD => r < (self.f_a & m),
                 _ => self.cond_slow(cc >> 1),
             }
-        } else {
-            self.cond_slow(cc >> 1)
         };
         r ^ (cc & 1 != 0)
     }
@@ -207,3 +216,83 @@ impl Cpu {
 
 #[allow(dead_code)]
 pub(crate) const ALL: u64 = CF | PF | AF | ZF | SF | OF;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::Harness;
+
+    /// The lazy shortcuts of `cond` agree with the materialised flags for every producer,
+    /// size and condition.
+    #[test]
+    fn cond_matches_materialised_flags() {
+        let mut h = Harness::new(4 << 20);
+        let c = &mut h.cpu;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let special = [
+            0u64,
+            1,
+            0x7f,
+            0x80,
+            0xff,
+            0x7fff,
+            0x8000,
+            0xffff_ffff,
+            u64::MAX,
+        ];
+        for _ in 0..20_000 {
+            let sz = [1u8, 2, 4, 8][(rnd() % 4) as usize];
+            let m = mask(sz);
+            let mut pick = || {
+                let r = rnd();
+                if r % 3 == 0 {
+                    special[(r >> 8) as usize % special.len()] & m
+                } else {
+                    (r >> 4) & m
+                }
+            };
+            let (a, b) = (pick(), pick());
+            let cin = rnd() & 1;
+            let op = [F_ADD, F_ADC, F_SUB, F_SBB, F_LOGIC, F_INC, F_DEC][(rnd() % 7) as usize];
+            let r = match op {
+                F_ADD => a.wrapping_add(b),
+                F_ADC => a.wrapping_add(b).wrapping_add(cin),
+                F_SUB => a.wrapping_sub(b),
+                F_SBB => a.wrapping_sub(b).wrapping_sub(cin),
+                F_LOGIC => a & b,
+                F_INC => a.wrapping_add(1),
+                _ => a.wrapping_sub(1),
+            } & m;
+            c.lazy(op, sz, a, if op == F_INC || op == F_DEC { 1 } else { b }, r);
+            c.f_cin = if op == F_INC || op == F_DEC {
+                cin * CF
+            } else {
+                cin
+            };
+            let f = c.get_rflags();
+            for cc in 0..16u8 {
+                let want = match cc >> 1 {
+                    0 => f & OF != 0,
+                    1 => f & CF != 0,
+                    2 => f & ZF != 0,
+                    3 => f & (CF | ZF) != 0,
+                    4 => f & SF != 0,
+                    5 => f & PF != 0,
+                    6 => (f & SF != 0) != (f & OF != 0),
+                    _ => f & ZF != 0 || ((f & SF != 0) != (f & OF != 0)),
+                } ^ (cc & 1 != 0);
+                assert_eq!(
+                    c.cond(cc),
+                    want,
+                    "op {op} sz {sz} a {a:#x} b {b:#x} cc {cc}"
+                );
+            }
+        }
+    }
+}
