@@ -7,6 +7,7 @@ use crate::mem::{PAGE_SHIFT, PAGE_SIZE};
 use crate::{Cpu, Exit, Mode, Stop, CS, R};
 use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 const JC_SIZE: usize = 4096;
 const JC_MASK: usize = JC_SIZE - 1;
@@ -15,6 +16,32 @@ const MAX_BLOCK: usize = 64;
 /// Total decoded instructions after which the whole cache is dropped.
 const MAX_CACHED: usize = 1 << 18;
 const NO_PAGE: u64 = u64::MAX;
+
+/// Hasher of the block map's keys (guest-physical address | mode): one folded multiply
+/// instead of SipHash (the keys are not attacker-chosen in a way that matters: a guest can
+/// only slow down its own lookups).
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        let p = ((self.0 ^ v) as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = (p as u64) ^ ((p >> 64) as u64);
+    }
+}
+
+type BlockMap = HashMap<u64, u32, BuildHasherDefault<KeyHasher>>;
 
 pub(crate) struct Block {
     pub insns: Vec<Insn>,
@@ -41,7 +68,7 @@ struct JcEntry {
 
 pub(crate) struct CodeCache {
     blocks: Vec<Block>,
-    map: HashMap<u64, u32>,
+    map: BlockMap,
     jc: Box<[JcEntry]>,
     gen: u32,
     total: usize,
@@ -51,7 +78,7 @@ impl CodeCache {
     pub fn new() -> Self {
         CodeCache {
             blocks: Vec::new(),
-            map: HashMap::new(),
+            map: BlockMap::default(),
             jc: vec![
                 JcEntry {
                     lin: u64::MAX,
