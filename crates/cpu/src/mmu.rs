@@ -292,12 +292,39 @@ impl Cpu {
         }
     }
 
-    /// Supervisor-privilege (implicit) accesses: descriptor tables, TSS, IDT, delivery.
+    /// Supervisor-privilege (implicit) accesses of 1, 2, 4 or 8 bytes: descriptor tables,
+    /// TSS, IDT, delivery. They hit in the supervisor TLB set whatever the CPL.
     pub(crate) fn rd_sys(&mut self, lin: u64, size: usize) -> R<u64> {
+        let vpn = lin >> PAGE_SHIFT;
+        let off = (lin & 0xfff) as usize;
+        let e = &self.tlb.e[vpn as usize & TLB_MASK];
+        if e.r == vpn && off + size <= PAGE_SIZE as usize {
+            let p = (e.host + off) as *const u8;
+            return Ok(match size {
+                1 => rd_host::<1>(p),
+                2 => rd_host::<2>(p),
+                4 => rd_host::<4>(p),
+                _ => rd_host::<8>(p),
+            });
+        }
         self.rd_slow(lin, size, true).map(|v| v as u64)
     }
 
     pub(crate) fn wr_sys(&mut self, lin: u64, size: usize, v: u64) -> R {
+        let vpn = lin >> PAGE_SHIFT;
+        let off = (lin & 0xfff) as usize;
+        let e = &self.tlb.e[vpn as usize & TLB_MASK];
+        if e.w == vpn && off + size <= PAGE_SIZE as usize {
+            let (p, gpn) = ((e.host + off) as *mut u8, e.gpn);
+            match size {
+                1 => wr_host::<1>(p, v),
+                2 => wr_host::<2>(p, v),
+                4 => wr_host::<4>(p, v),
+                _ => wr_host::<8>(p, v),
+            }
+            self.note_write(gpn);
+            return Ok(());
+        }
         self.wr_slow(lin, size, v as u128, true)
     }
 
@@ -369,8 +396,10 @@ impl Cpu {
         let w = self.walk(Plain, lin, acc, user)?;
         let vpn = lin >> PAGE_SHIFT;
         let gpn = w.gpa >> PAGE_SHIFT;
-        if w.gpa < self.ram_size && user == (self.cpl == 3) {
-            let i = self.tlb_idx(vpn);
+        // Fill the set of the access's privilege (user: only ever at CPL 3; supervisor: the
+        // CPL 0-2 set, also for implicit supervisor accesses at CPL 3).
+        if w.gpa < self.ram_size {
+            let i = (vpn as usize & TLB_MASK) | if user { TLB_SIZE } else { 0 };
             let host = self.ram as usize + (gpn << PAGE_SHIFT) as usize;
             let e = &mut self.tlb.e[i];
             if e.r != vpn || e.gpn != gpn {
