@@ -236,33 +236,30 @@ impl Cpu {
         let epoch = self.mem.mark_code(page);
         let off = (gpa & 0xfff) as usize;
         let avail = PAGE_SIZE as usize - off;
-        let mut buf = [0u8; 4096 + 16];
-        // SAFETY: `gpa..gpa+avail` lies within one RAM page (gpa < ram_size, RAM is a whole
-        // number of pages).
+        // A block is at most MAX_BLOCK instructions of at most 15 bytes: copy no more.
+        let len = avail.min(MAX_BLOCK * 15);
+        let mut buf = [0u8; MAX_BLOCK * 15];
+        // SAFETY: `gpa..gpa+len` lies within one RAM page (gpa < ram_size, RAM is a whole
+        // number of pages, len <= avail).
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.code_src().add(gpa as usize),
-                buf.as_mut_ptr(),
-                avail,
-            )
+            std::ptr::copy_nonoverlapping(self.code_src().add(gpa as usize), buf.as_mut_ptr(), len)
         };
         let bits = self.mode.bits();
         let mut insns = Vec::new();
         let mut page2 = NO_PAGE;
         let mut epoch2 = 0;
-        let mut ip = self.rip;
-        let mut pos = 0usize;
-        let cs_mask = if bits == 64 { u64::MAX } else { 0xffff_ffff };
+        let mut dec = Decoder::with_ip(bits, &buf[..len], self.rip, DecoderOptions::AMD);
         loop {
-            let mut dec = Decoder::with_ip(bits, &buf[pos..avail], ip, DecoderOptions::AMD);
+            let pos = dec.position();
             let ins = dec.decode();
-            let crosses =
-                ins.code() == Code::INVALID && dec.last_error() == DecoderError::NoMoreBytes;
-            if crosses {
+            if ins.code() == Code::INVALID && dec.last_error() == DecoderError::NoMoreBytes {
+                // Only possible when `len == avail`: the instruction crosses into the next
+                // page.
                 if !insns.is_empty() {
                     break;
                 }
-                // The first instruction crosses into the next page: fetch up to 15 more bytes.
+                // The first instruction crosses: fetch up to 15 more bytes.
+                let cs_mask = if bits == 64 { u64::MAX } else { 0xffff_ffff };
                 let lin2 = (lin & !0xfff).wrapping_add(PAGE_SIZE) & cs_mask;
                 let g2 = self.translate_exec(lin2)?;
                 let g2 = if self.sev.is_some() {
@@ -279,27 +276,28 @@ impl Cpu {
                 let p2 = g2 >> PAGE_SHIFT;
                 epoch2 = self.mem.mark_code(p2);
                 page2 = p2;
+                // `avail` < 15 here: the rest of this page, then 16 bytes of the next.
+                let mut b2 = [0u8; 32];
+                b2[..avail].copy_from_slice(&buf[..avail]);
                 // SAFETY: 16 bytes at the start of a RAM page.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         self.code_src().add(g2 as usize),
-                        buf.as_mut_ptr().add(avail),
+                        b2.as_mut_ptr().add(avail),
                         16,
                     )
                 };
-                let mut dec = Decoder::with_ip(bits, &buf[..avail + 16], ip, DecoderOptions::AMD);
+                let mut dec =
+                    Decoder::with_ip(bits, &b2[..avail + 16], self.rip, DecoderOptions::AMD);
                 let ins = dec.decode();
-                let bytes = &buf[..ins.len().max(1)];
+                let bytes = &b2[..ins.len().max(1)];
                 insns.push(exec::make(&ins, self.mode, bytes));
                 break;
             }
             let n = ins.len().max(1);
-            let bytes = &buf[pos..pos + n];
             let end = ins.code() == Code::INVALID || ends_block(&ins);
-            insns.push(exec::make(&ins, self.mode, bytes));
-            pos += n;
-            ip = ip.wrapping_add(n as u64);
-            if end || pos >= avail || insns.len() >= MAX_BLOCK {
+            insns.push(exec::make(&ins, self.mode, &buf[pos..pos + n]));
+            if end || pos + n >= len || insns.len() >= MAX_BLOCK {
                 break;
             }
         }

@@ -599,6 +599,70 @@ fn self_modifying_code() {
     assert_eq!(h.cpu.regs().gpr[0], 7);
 }
 
+/// Decoding at page ends: an instruction straddling two virtually contiguous pages that are
+/// not physically contiguous (and a write to its second half invalidating it), a block
+/// running up to the end of a page, and blocks longer than the longest decoded block.
+#[test]
+fn code_across_pages_and_long_blocks() {
+    const V: u64 = 0x4000_0000;
+    let (p0, p1) = (DATA + 0x5000, DATA + 0x2000);
+    // mov rax, imm64 (10 bytes) at V + 0xffa: 6 bytes on the first page, 4 on the second.
+    let mut first = vec![0x90u8; 0x1000];
+    let tail = [0x48, 0xb8, 1, 2, 3, 4, 5, 6, 7, 8];
+    first[0xffa..].copy_from_slice(&tail[..6]);
+    // Then (second page) add rax, 1; hlt.
+    let mut second = tail[6..].to_vec();
+    second.extend_from_slice(&[0x48, 0x83, 0xc0, 0x01, 0xf4]);
+    let mut h = harness(&[0xf4]);
+    let mut pool = 0x80_0000;
+    h.map_4k(V, p0, 2, &mut pool);
+    h.map_4k(V + 0x1000, p1, 2, &mut pool);
+    h.mem().write(p0, &first).unwrap();
+    h.mem().write(p1, &second).unwrap();
+    for start in [V + 0xffa, V + 0xff0, V + 0xe00, V] {
+        h.restart(start);
+        assert_eq!(h.run(), Exit::Hlt);
+        assert!(h.exception().is_none(), "{:?}", h.exception());
+        assert_eq!(
+            h.cpu.regs().gpr[0],
+            0x0807_0605_0403_0202,
+            "from {start:#x}"
+        );
+        assert_eq!(h.cpu.regs().rip, V + 0x1000 + 9);
+    }
+    // Rewrite the part of the immediate on the second page.
+    h.mem().write(p1, &[0x17, 0x18]).unwrap();
+    h.restart(V + 0xffa);
+    assert_eq!(h.run(), Exit::Hlt);
+    assert_eq!(h.cpu.regs().gpr[0], 0x0807_1817_0403_0202);
+    // The guest rewrites it itself, from the first page.
+    let code = asm(|a| {
+        a.mov(rbx, V + 0x1000)?;
+        a.mov(byte_ptr(rbx), 0x27u32)?;
+        a.mov(rax, V + 0xffa)?;
+        a.jmp(rax)
+    });
+    h.load(&code);
+    assert_eq!(h.run(), Exit::Hlt);
+    assert_eq!(h.cpu.regs().gpr[0], 0x0807_1827_0403_0202);
+    // 300 instructions without a branch (several maximal blocks), each 15 bytes long.
+    let code = asm(|a| {
+        a.xor(eax, eax)?;
+        for _ in 0..300 {
+            // 11 operand-size prefixes, CS, add ax, 1 (83 c0 01): 15 bytes.
+            a.db(&[
+                0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x2e,
+            ])?;
+            a.add(eax, 1)?;
+        }
+        a.hlt()
+    });
+    h.load(&code);
+    assert_eq!(h.run(), Exit::Hlt);
+    assert!(h.exception().is_none(), "{:?}", h.exception());
+    assert_eq!(h.cpu.regs().gpr[0], 300);
+}
+
 #[test]
 fn dirty_bitmap_marks_guest_writes() {
     let code = asm(|a| {
