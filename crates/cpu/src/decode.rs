@@ -51,8 +51,9 @@ pub(crate) struct Block {
     pub epoch2: u32,
 }
 
-/// Jump-cache entry: a linear RIP and, valid while `gen` matches the cache generation, the
-/// block's instruction array and the code pages (with epochs) it was decoded from.
+/// Jump-cache entry: a linear RIP and, valid while `gen` is the cache's current generation
+/// (or its current global generation), for the privilege `sel`, the block's instruction
+/// array and the code pages (with epochs) it was decoded from.
 #[derive(Clone, Copy)]
 struct JcEntry {
     lin: u64,
@@ -70,7 +71,14 @@ pub(crate) struct CodeCache {
     blocks: Vec<Block>,
     map: BlockMap,
     jc: Box<[JcEntry]>,
+    /// Generation of entries whose code pages have non-global translations: bumped by
+    /// every lookup flush, including MOV to CR3.
     gen: u32,
+    /// Generation of entries whose code pages all have global translations (CR4.PGE): kept
+    /// across MOV to CR3, like the TLB entries of those pages.
+    ggen: u32,
+    /// Last generation number handed out (`gen` and `ggen` never take a value twice).
+    last: u32,
     total: usize,
 }
 
@@ -95,19 +103,35 @@ impl CodeCache {
             ]
             .into_boxed_slice(),
             gen: 1,
+            ggen: 1,
+            last: 1,
             total: 0,
         }
     }
 
-    /// Forget linear-address lookups (after TLB flushes and mode changes). Blocks stay.
+    /// Forget linear-address lookups (after TLB flushes and mode changes, and when
+    /// instruction arrays are freed). Blocks stay.
     pub fn flush_lookup(&mut self) {
-        self.gen = self.gen.wrapping_add(1);
-        if self.gen == 0 {
-            self.gen = 1;
+        self.bump();
+        self.ggen = self.gen;
+    }
+
+    /// Forget the lookups of code on pages with non-global translations (MOV to CR3 with
+    /// CR4.PGE set).
+    pub fn flush_lookup_nonglobal(&mut self) {
+        self.bump();
+    }
+
+    fn bump(&mut self) {
+        self.last = self.last.wrapping_add(1);
+        if self.last == 0 {
+            self.last = 1;
+            self.ggen = 1;
             for e in self.jc.iter_mut() {
                 e.lin = u64::MAX;
             }
         }
+        self.gen = self.last;
     }
 
     fn clear(&mut self) {
@@ -152,7 +176,7 @@ impl Cpu {
         let j = (lin as usize ^ (lin >> 10) as usize) & JC_MASK;
         let e = &self.cache.jc[j];
         if e.lin == lin
-            && e.gen == self.cache.gen
+            && (e.gen == self.cache.gen || e.gen == self.cache.ggen)
             && e.sel == sel
             && self.code_epoch(e.page) == e.epoch
             && (e.page2 == NO_PAGE || self.code_epoch(e.page2) == e.epoch2)
@@ -160,6 +184,13 @@ impl Cpu {
             return Ok((e.ptr, e.len as usize));
         }
         self.lookup_slow(lin, sel, j)
+    }
+
+    /// Linear address of the page after the one of `lin` (wrapping at 4 GiB outside
+    /// 64-bit mode).
+    fn next_page_lin(&self, lin: u64) -> u64 {
+        let cs_mask = if self.legacy { 0xffff_ffff } else { u64::MAX };
+        (lin & !0xfff).wrapping_add(PAGE_SIZE) & cs_mask
     }
 
     #[inline(never)]
@@ -187,8 +218,11 @@ impl Cpu {
         let mut id = None;
         if let Some(&b) = self.cache.map.get(&key) {
             let blk = &self.cache.blocks[b as usize];
+            let (page2, epoch2) = (blk.page2, blk.epoch2);
             if self.code_epoch(blk.page) == blk.epoch
-                && (blk.page2 == NO_PAGE || self.code_epoch(blk.page2) == blk.epoch2)
+                && (page2 == NO_PAGE
+                    || (self.code_epoch(page2) == epoch2
+                        && self.fetch_page(self.next_page_lin(lin))? == Some(page2)))
             {
                 id = Some(b);
             }
@@ -217,9 +251,21 @@ impl Cpu {
         };
         let b = &self.cache.blocks[id as usize];
         let (ptr, len) = (b.insns.as_ptr(), b.insns.len());
+        // Global translations (of both pages) make the entry survive MOV to CR3.
+        let global = self
+            .tlb
+            .exec_global(self.tlb_idx(lin >> PAGE_SHIFT), lin >> PAGE_SHIFT)
+            && (b.page2 == NO_PAGE || {
+                let vpn2 = self.next_page_lin(lin) >> PAGE_SHIFT;
+                self.tlb.exec_global(self.tlb_idx(vpn2), vpn2)
+            });
         self.cache.jc[j] = JcEntry {
             lin,
-            gen: self.cache.gen,
+            gen: if global {
+                self.cache.ggen
+            } else {
+                self.cache.gen
+            },
             sel,
             epoch: b.epoch,
             epoch2: b.epoch2,
@@ -229,6 +275,18 @@ impl Cpu {
             ptr,
         };
         Ok((ptr, len))
+    }
+
+    /// The RAM page instruction fetch at `lin` reads (None: not RAM).
+    fn fetch_page(&mut self, lin: u64) -> R<Option<u64>> {
+        let g = self.translate_exec(lin)?;
+        // SEV-ES: code is always fetched through the private view.
+        let g = if self.sev.is_some() {
+            self.sev_fetch(g)?
+        } else {
+            g
+        };
+        Ok((g < self.ram_size).then_some(g >> PAGE_SHIFT))
     }
 
     fn build_block(&mut self, lin: u64, gpa: u64) -> R<Block> {
@@ -259,21 +317,14 @@ impl Cpu {
                     break;
                 }
                 // The first instruction crosses: fetch up to 15 more bytes.
-                let cs_mask = if bits == 64 { u64::MAX } else { 0xffff_ffff };
-                let lin2 = (lin & !0xfff).wrapping_add(PAGE_SIZE) & cs_mask;
-                let g2 = self.translate_exec(lin2)?;
-                let g2 = if self.sev.is_some() {
-                    self.sev_fetch(g2)?
-                } else {
-                    g2
-                };
-                if g2 >= self.ram_size {
+                let lin2 = self.next_page_lin(lin);
+                let Some(p2) = self.fetch_page(lin2)? else {
                     self.exit = Some(Exit::Shutdown {
-                        reason: format!("instruction fetch from unbacked address {g2:#x}"),
+                        reason: format!("instruction fetch from unbacked linear address {lin2:#x}"),
                     });
                     return Err(Stop::Exit);
-                }
-                let p2 = g2 >> PAGE_SHIFT;
+                };
+                let g2 = p2 << PAGE_SHIFT;
                 epoch2 = self.mem.mark_code(p2);
                 page2 = p2;
                 // `avail` < 15 here: the rest of this page, then 16 bytes of the next.

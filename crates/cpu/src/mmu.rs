@@ -10,49 +10,165 @@ mod walk;
 
 use walk::Plain;
 
-pub(crate) const TLB_BITS: u32 = 9;
+pub(crate) const TLB_BITS: u32 = 10;
 pub(crate) const TLB_SIZE: usize = 1 << TLB_BITS;
-const TLB_MASK: usize = TLB_SIZE - 1;
+pub(crate) const TLB_MASK: usize = TLB_SIZE - 1;
 const INVALID: u64 = u64::MAX;
+/// Non-global fills remembered for [`Tlb::flush_nonglobal`]; beyond that it scans.
+const NG_LOG: usize = 128;
+/// Marks an instruction-TLB index in the non-global log.
+const NG_ITLB: u16 = 0x8000;
 
-/// One TLB entry: the virtual page number for which read/write/exec are allowed (INVALID if
-/// not), the host address of the page and its guest-physical page number.
+/// One data TLB entry: the virtual page number for which reads/writes are allowed (INVALID
+/// if not), the host address of the page and its guest-physical page number.
 #[derive(Clone, Copy)]
 pub(crate) struct TlbEntry {
     pub r: u64,
     pub w: u64,
-    pub x: u64,
     pub host: usize,
     pub gpn: u64,
 }
 
-const EMPTY: TlbEntry = TlbEntry {
+pub(crate) const EMPTY: TlbEntry = TlbEntry {
     r: INVALID,
     w: INVALID,
-    x: INVALID,
     host: 0,
     gpn: 0,
 };
 
-/// Two sets (supervisor, user) of TLB_SIZE direct-mapped entries.
+/// One instruction TLB entry: a virtual page number allowed for instruction fetch and its
+/// guest-physical page number. Decoded blocks found through the jump cache are checked
+/// against it, so dropping a translation also stops its blocks from being reached.
+#[derive(Clone, Copy)]
+pub(crate) struct ItlbEntry {
+    pub vpn: u64,
+    pub gpn: u64,
+}
+
+const IEMPTY: ItlbEntry = ItlbEntry {
+    vpn: INVALID,
+    gpn: 0,
+};
+
+/// Two sets (supervisor, user) of TLB_SIZE direct-mapped data entries and as many
+/// instruction entries, with the global (PTE.G with CR4.PGE) flag of each entry, which
+/// keeps it across CR3 writes.
 pub(crate) struct Tlb {
     pub e: [TlbEntry; 2 * TLB_SIZE],
+    pub i: [ItlbEntry; 2 * TLB_SIZE],
+    ge: [bool; 2 * TLB_SIZE],
+    gi: [bool; 2 * TLB_SIZE],
+    /// Entries filled with non-global translations since the last flush (NG_ITLB marks
+    /// instruction entries), unless `ng_full`.
+    ng: Vec<u16>,
+    ng_full: bool,
 }
 
 impl Tlb {
     pub fn new_boxed() -> Box<Tlb> {
         Box::new(Tlb {
             e: [EMPTY; 2 * TLB_SIZE],
+            i: [IEMPTY; 2 * TLB_SIZE],
+            ge: [false; 2 * TLB_SIZE],
+            gi: [false; 2 * TLB_SIZE],
+            ng: Vec::with_capacity(NG_LOG),
+            ng_full: false,
         })
     }
+
+    /// Drop every entry.
     pub fn flush(&mut self) {
         self.e.fill(EMPTY);
+        self.i.fill(IEMPTY);
+        self.ge.fill(false);
+        self.gi.fill(false);
+        self.ng.clear();
+        self.ng_full = false;
     }
+
+    /// Drop the entries of non-global translations (MOV to CR3 with CR4.PGE set).
+    pub fn flush_nonglobal(&mut self) {
+        if self.ng_full {
+            for k in 0..2 * TLB_SIZE {
+                if !self.ge[k] {
+                    self.e[k] = EMPTY;
+                }
+                if !self.gi[k] {
+                    self.i[k] = IEMPTY;
+                }
+            }
+        } else {
+            for &k in &self.ng {
+                let idx = (k & !NG_ITLB) as usize & (2 * TLB_SIZE - 1);
+                if k & NG_ITLB != 0 {
+                    if !self.gi[idx] {
+                        self.i[idx] = IEMPTY;
+                    }
+                } else if !self.ge[idx] {
+                    self.e[idx] = EMPTY;
+                }
+            }
+        }
+        self.ng.clear();
+        self.ng_full = false;
+    }
+
+    /// Drop the translations of the page of `lin` (both privilege sets, global or not).
     pub fn flush_page(&mut self, lin: u64) {
         let vpn = lin >> PAGE_SHIFT;
         let i = vpn as usize & TLB_MASK;
-        self.e[i] = EMPTY;
-        self.e[i + TLB_SIZE] = EMPTY;
+        for k in [i, i + TLB_SIZE] {
+            self.e[k] = EMPTY;
+            self.i[k] = IEMPTY;
+        }
+    }
+
+    #[inline]
+    fn log_nonglobal(&mut self, k: u16) {
+        if self.ng.len() < NG_LOG {
+            self.ng.push(k);
+        } else {
+            self.ng_full = true;
+        }
+    }
+
+    /// Fill data entry `k` (index with set) for `vpn` -> `gpn` at host address `host`:
+    /// readable, and writable if `w`.
+    #[inline]
+    pub fn fill_data(&mut self, k: usize, vpn: u64, host: usize, gpn: u64, w: bool, g: bool) {
+        let k = k & (2 * TLB_SIZE - 1);
+        let e = &mut self.e[k];
+        if e.r != vpn || e.gpn != gpn {
+            *e = EMPTY;
+        }
+        e.r = vpn;
+        e.host = host;
+        e.gpn = gpn;
+        if w {
+            e.w = vpn;
+        }
+        self.ge[k] = g;
+        if !g {
+            self.log_nonglobal(k as u16);
+        }
+    }
+
+    /// Whether instruction entry `k` (index with set) holds a global translation of `vpn`.
+    #[inline]
+    pub fn exec_global(&self, k: usize, vpn: u64) -> bool {
+        let k = k & (2 * TLB_SIZE - 1);
+        self.i[k].vpn == vpn && self.gi[k]
+    }
+
+    /// Fill instruction entry `k` (index with set) for `vpn` -> `gpn`.
+    #[inline]
+    pub fn fill_exec(&mut self, k: usize, vpn: u64, gpn: u64, g: bool) {
+        let k = k & (2 * TLB_SIZE - 1);
+        self.i[k] = ItlbEntry { vpn, gpn };
+        self.gi[k] = g;
+        if !g {
+            self.log_nonglobal(k as u16 | NG_ITLB);
+        }
     }
 }
 
@@ -148,7 +264,7 @@ impl Cpu {
     // ------------------------------------------------------------------ TLB fast paths
 
     #[inline(always)]
-    fn tlb_idx(&self, vpn: u64) -> usize {
+    pub(crate) fn tlb_idx(&self, vpn: u64) -> usize {
         (self.tlb_off | (vpn as usize & TLB_MASK)) & (2 * TLB_SIZE - 1)
     }
 
@@ -397,22 +513,17 @@ impl Cpu {
         let vpn = lin >> PAGE_SHIFT;
         let gpn = w.gpa >> PAGE_SHIFT;
         // Fill the set of the access's privilege (user: only ever at CPL 3; supervisor: the
-        // CPL 0-2 set, also for implicit supervisor accesses at CPL 3).
+        // CPL 0-2 set, also for implicit supervisor accesses at CPL 3). Fetches fill the
+        // instruction TLB only, data accesses the data TLB only.
         if w.gpa < self.ram_size {
-            let i = (vpn as usize & TLB_MASK) | if user { TLB_SIZE } else { 0 };
-            let host = self.ram as usize + (gpn << PAGE_SHIFT) as usize;
-            let e = &mut self.tlb.e[i];
-            if e.r != vpn || e.gpn != gpn {
-                *e = EMPTY;
-            }
-            e.r = vpn;
-            e.host = host;
-            e.gpn = gpn;
-            if w.w {
-                e.w = vpn;
-            }
-            if w.x {
-                e.x = vpn;
+            let k = (vpn as usize & TLB_MASK) | if user { TLB_SIZE } else { 0 };
+            if acc == Acc::Exec {
+                if w.x {
+                    self.tlb.fill_exec(k, vpn, gpn, w.global);
+                }
+            } else {
+                let host = self.ram as usize + (gpn << PAGE_SHIFT) as usize;
+                self.tlb.fill_data(k, vpn, host, gpn, w.w, w.global);
             }
         }
         Ok(w.gpa | (lin & 0xfff))
@@ -421,8 +532,8 @@ impl Cpu {
     /// Translate for instruction fetch: returns the guest-physical address of `lin`.
     pub(crate) fn translate_exec(&mut self, lin: u64) -> R<u64> {
         let vpn = lin >> PAGE_SHIFT;
-        let e = &self.tlb.e[self.tlb_idx(vpn)];
-        if e.x == vpn {
+        let e = &self.tlb.i[self.tlb_idx(vpn)];
+        if e.vpn == vpn {
             return Ok((e.gpn << PAGE_SHIFT) | (lin & 0xfff));
         }
         let user = self.cpl == 3;

@@ -663,6 +663,75 @@ fn code_across_pages_and_long_blocks() {
     assert_eq!(h.cpu.regs().gpr[0], 300);
 }
 
+/// MOV to CR3 drops non-global translations (code and data) and, with CR4.PGE, keeps
+/// global ones; INVLPG drops global ones too. Two roots map V to different pages A and B,
+/// each holding `mov eax, [V + 8]; ret` and a different dword at offset 8.
+#[test]
+fn cr3_switch_global_pages_and_invlpg() {
+    const V: u64 = 0x4000_0000;
+    for global in [false, true] {
+        let mut h = harness(&[0xf4]);
+        let m = h.mem().clone();
+        let (a, b) = (DATA, DATA + 0x1000);
+        // Roots: copies of the harness PML4 and PDPT whose PDPT[1] (1 GiB..2 GiB) leads to
+        // a PD and PT mapping V to A or B.
+        let mut pml4 = [0u8; 4096];
+        let mut pdpt = [0u8; 4096];
+        m.read(PML4, &mut pml4).unwrap();
+        m.read(PML4 + 0x1000, &mut pdpt).unwrap();
+        let mut roots = [0u64; 2];
+        for (k, page) in [a, b].into_iter().enumerate() {
+            let t = 0x80_0000 + k as u64 * 0x4000; // root, pdpt, pd, pt
+            m.write(t, &pml4).unwrap();
+            m.write(t + 0x1000, &pdpt).unwrap();
+            m.write(t + 0x2000, &[0u8; 4096]).unwrap();
+            m.write(t + 0x3000, &[0u8; 4096]).unwrap();
+            m.write_u64(t, (t + 0x1000) | 3).unwrap();
+            m.write_u64(t + 0x1000 + 8, (t + 0x2000) | 3).unwrap();
+            m.write_u64(t + 0x2000, (t + 0x3000) | 3).unwrap();
+            let g = if global { 0x100 } else { 0 };
+            m.write_u64(t + 0x3000, page | 3 | g).unwrap();
+            roots[k] = t;
+            // mov eax, [V + 8]; ret; then the data.
+            let mut code = vec![0x8b, 0x04, 0x25];
+            code.extend_from_slice(&((V + 8) as u32).to_le_bytes());
+            code.push(0xc3);
+            code.extend_from_slice(&(0x11 * (k as u32 + 1)).to_le_bytes());
+            m.write(page, &code).unwrap();
+        }
+        let mut sr = h.cpu.sregs();
+        sr.cr4 |= esvm_arch::bits::cr4::PGE;
+        h.cpu.set_sregs(&sr).unwrap();
+        let code = asm(|x| {
+            x.mov(rax, roots[0])?;
+            x.mov(cr3, rax)?;
+            x.mov(rbx, V)?;
+            x.call(rbx)?;
+            x.mov(r8, rax)?;
+            x.mov(rax, roots[1])?;
+            x.mov(cr3, rax)?;
+            x.call(rbx)?;
+            x.mov(r9, rax)?;
+            x.invlpg(byte_ptr(rbx))?;
+            x.call(rbx)?;
+            x.mov(r10, rax)?;
+            x.hlt()
+        });
+        h.load(&code);
+        assert_eq!(h.run(), Exit::Hlt);
+        assert!(h.exception().is_none(), "{:?}", h.exception());
+        let r = h.cpu.regs();
+        assert_eq!(r.gpr[8], 0x11, "global {global}");
+        // A global translation of V (code and data) survives the CR3 switch.
+        assert_eq!(
+            r.gpr[9],
+            if global { 0x11 } else { 0x22 },
+            "global {global}"
+        );
+        assert_eq!(r.gpr[10], 0x22, "global {global}");
+    }
+}
+
 #[test]
 fn dirty_bitmap_marks_guest_writes() {
     let code = asm(|a| {

@@ -426,8 +426,13 @@ fn mov_cr(c: &mut Cpu, d: &Insn) -> R {
                     return gp0();
                 }
                 c.cr3 = v;
-                c.tlb.flush();
-                c.cache.flush_lookup();
+                if c.cr4 & cr4::PGE != 0 {
+                    c.tlb.flush_nonglobal();
+                    c.cache.flush_lookup_nonglobal();
+                } else {
+                    c.tlb.flush();
+                    c.cache.flush_lookup();
+                }
             }
             4 => write_cr4(c, v)?,
             8 => {

@@ -8,7 +8,7 @@
 //! [`Cpu::sev_phys_write`].
 
 use super::walk::SevCbit;
-use super::{Acc, EMPTY};
+use super::Acc;
 use crate::mem::{View, PAGE_SHIFT};
 use crate::sev::exit_code;
 use crate::{Cpu, R};
@@ -37,29 +37,16 @@ impl Cpu {
             let vpn = lin >> PAGE_SHIFT;
             let gpn = gpa >> PAGE_SHIFT;
             let base = self.sev_view(gpn, view_of(private))?;
-            if user == (self.cpl == 3) {
-                let i = self.tlb_idx(vpn);
-                let e = &mut self.tlb.e[i];
-                if private != w.private {
-                    // A fetch through a C-bit-clear mapping: the page is private now, so
-                    // the entry must not serve data accesses (they need the shared view).
-                    *e = EMPTY;
-                    e.gpn = gpn;
-                    e.x = vpn;
-                } else {
-                    if e.r != vpn || e.gpn != gpn {
-                        *e = EMPTY;
-                    }
-                    e.r = vpn;
-                    e.host = base as usize + (gpn << PAGE_SHIFT) as usize;
-                    e.gpn = gpn;
-                    if w.w {
-                        e.w = vpn;
-                    }
-                    if w.x {
-                        e.x = vpn;
-                    }
+            let k = (vpn as usize & super::TLB_MASK) | if user { super::TLB_SIZE } else { 0 };
+            if acc == Acc::Exec {
+                // Fetches are private whatever the leaf's C-bit; the data TLB is not filled
+                // (a C-bit-clear mapping's data accesses need the shared view).
+                if w.x {
+                    self.tlb.fill_exec(k, vpn, gpn, w.global);
                 }
+            } else {
+                let host = base as usize + (gpn << PAGE_SHIFT) as usize;
+                self.tlb.fill_data(k, vpn, host, gpn, w.w, w.global);
             }
         }
         Ok(gpa | (lin & 0xfff) | if private { cmask } else { 0 })

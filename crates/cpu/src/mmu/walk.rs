@@ -44,6 +44,8 @@ pub(super) struct Walk {
     /// Writable at this privilege (and D already set, or set by this walk).
     pub w: bool,
     pub x: bool,
+    /// A global translation (leaf G bit with CR4.PGE): MOV to CR3 keeps it.
+    pub global: bool,
     /// The data access goes to the private view (the leaf's C-bit; never under [`Plain`]).
     pub private: bool,
 }
@@ -137,6 +139,7 @@ impl Cpu {
                 gpa: lin & !0xfff,
                 w: true,
                 x: true,
+                global: false,
                 private: p.unpaged_private(),
             });
         }
@@ -287,6 +290,7 @@ impl Cpu {
                     gpa: page,
                     w: may_write && dirty,
                     x: !nx,
+                    global: ent & 0x100 != 0 && self.cr4 & cr4::PGE != 0,
                     // The leaf's C-bit selects the data view (4-byte entries have none).
                     private: esz == 8 && ent & cmask != 0,
                 });
