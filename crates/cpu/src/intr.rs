@@ -55,7 +55,7 @@ impl Cpu {
             let ec = if self.mode == Mode::Real {
                 None
             } else {
-                cur.ec
+                cur.error_code()
             };
             let ret = self.rip;
             match self.deliver_event(cur.vector, ec, Kind::Exception, ret) {
@@ -299,7 +299,7 @@ impl Cpu {
             let sp = self.tss_read(4 + 8 * new_cpl as u64, 4)?;
             let ss = self.tss_read(8 + 8 * new_cpl as u64, 2)? as u16;
             self.load_ss_for(ss, new_cpl).map_err(|e| match e {
-                Stop::Exc(x) => Stop::Exc(Exc::ec(vector::TS, x.ec.unwrap_or(0))),
+                Stop::Exc(x) => Stop::Exc(Exc::ec(vector::TS, x.error_code().unwrap_or(0))),
                 o => o,
             })?;
             self.gpr[4] = sp;

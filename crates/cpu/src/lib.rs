@@ -179,21 +179,46 @@ pub enum CpuError {
     NotAwaiting(&'static str),
 }
 
-/// An exception raised by an instruction.
+/// An exception raised by an instruction. Eight bytes (the error code and a flag instead
+/// of an `Option<u32>`), so that [`R`], which every instruction handler returns, fits in a
+/// register.
+/// `has_ec` comes first: its unused values are where `Stop` and `R` keep their variants, so
+/// checking a handler's result for `Ok` is one compare of the low byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
 pub(crate) struct Exc {
+    has_ec: bool,
     pub vector: u8,
-    pub ec: Option<u32>,
+    code: u32,
 }
 
 impl Exc {
     pub const fn new(vector: u8) -> Self {
-        Exc { vector, ec: None }
+        Exc {
+            vector,
+            has_ec: false,
+            code: 0,
+        }
     }
     pub const fn ec(vector: u8, code: u32) -> Self {
         Exc {
             vector,
-            ec: Some(code),
+            has_ec: true,
+            code,
+        }
+    }
+    pub const fn with(vector: u8, ec: Option<u32>) -> Self {
+        match ec {
+            Some(c) => Exc::ec(vector, c),
+            None => Exc::new(vector),
+        }
+    }
+    /// The error code pushed with the exception, if any.
+    pub const fn error_code(self) -> Option<u32> {
+        if self.has_ec {
+            Some(self.code)
+        } else {
+            None
         }
     }
 }
@@ -221,6 +246,8 @@ impl From<Exc> for Stop {
 }
 
 pub(crate) type R<T = ()> = Result<T, Stop>;
+
+const _: () = assert!(std::mem::size_of::<R>() == 8, "R must fit in a register");
 
 pub(crate) fn gp0<T>() -> R<T> {
     Err(Stop::Exc(Exc::ec(esvm_arch::bits::vector::GP, 0)))
@@ -905,10 +932,7 @@ impl Cpu {
                 if let Some(cr2) = e.cr2 {
                     self.cr2 = cr2;
                 }
-                let exc = Exc {
-                    vector: e.vector,
-                    ec: e.error_code,
-                };
+                let exc = Exc::with(e.vector, e.error_code);
                 if let Some(x) = self.raise(exc) {
                     return x;
                 }
