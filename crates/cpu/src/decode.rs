@@ -150,11 +150,17 @@ fn mode_key(m: Mode) -> u64 {
     }
 }
 
-/// Mnemonics after which a block ends (control transfers and anything that may change the
-/// mode, paging, privilege, interrupt flag or that exits).
+/// Instructions after which a block ends: control transfers and anything that may change
+/// the mode, paging, privilege, interrupt flag or that exits. Conditional near jumps (Jcc)
+/// do not end blocks: the rest of the block is their fall-through path, and a taken Jcc
+/// leaves the block with [`Stop::Branch`].
 fn ends_block(i: &Instruction) -> bool {
     use iced_x86::FlowControl;
-    !matches!(i.flow_control(), FlowControl::Next) || exec::is_system(i)
+    match i.flow_control() {
+        FlowControl::Next => exec::is_system(i),
+        FlowControl::ConditionalBranch => !i.is_jcc_short_or_near(),
+        _ => true,
+    }
 }
 
 impl Cpu {

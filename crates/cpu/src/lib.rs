@@ -237,6 +237,9 @@ pub(crate) enum Stop {
     /// The instruction has not completed (e.g. a REP string op did some iterations); return
     /// to the run loop without retiring it.
     Yield,
+    /// A conditional branch inside a block was taken: the instruction retired; continue at
+    /// the target (the rest of the block is the fall-through path).
+    Branch,
 }
 
 impl From<Exc> for Stop {
@@ -995,6 +998,7 @@ impl Cpu {
                 Err(_) => return None,
             };
             let n = (len as u64).min(max) as usize;
+            let mut done = n;
             for i in 0..n {
                 // SAFETY: `ptr..ptr+len` is the instruction array of a block in
                 // `self.cache`; blocks are only freed or replaced by `lookup_block` (never
@@ -1010,10 +1014,16 @@ impl Cpu {
                             return self.after_pending();
                         }
                     }
+                    Err(Stop::Branch) => {
+                        self.rip = self.next_rip;
+                        self.retired += 1;
+                        done = i + 1;
+                        break;
+                    }
                     Err(s) => return self.handle_stop(s),
                 }
             }
-            max -= n as u64;
+            max -= done as u64;
             // Chain to the next block unless something needs the run loop's attention.
             if max == 0
                 || self.ev_exception.is_some()
@@ -1075,7 +1085,7 @@ impl Cpu {
                 }
                 x
             }
-            Stop::Retire => {
+            Stop::Retire | Stop::Branch => {
                 self.rip = self.next_rip;
                 self.retired += 1;
                 self.after_pending()

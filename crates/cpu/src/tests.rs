@@ -114,6 +114,49 @@ fn calls_loops_and_branches() {
     assert_eq!(h.cpu.regs().gpr[0], 55);
 }
 
+/// Conditional branches inside blocks: taken ones leave the block, fall-through continues
+/// it; the result, RIP at a fault and the retired count are the same when the code runs
+/// one instruction per `run` call.
+#[test]
+fn jcc_inside_blocks() {
+    let code = asm(|a| {
+        let mut lp = a.create_label();
+        let mut skip = a.create_label();
+        a.xor(eax, eax)?;
+        a.mov(ecx, 10)?;
+        a.set_label(&mut lp)?;
+        a.add(eax, 1)?;
+        a.cmp(ecx, 5)?;
+        a.je(skip)?;
+        a.add(eax, 100)?;
+        a.set_label(&mut skip)?;
+        a.dec(ecx)?;
+        a.jnz(lp)?;
+        a.cmp(eax, 910)?;
+        a.jne(skip)?; // not taken
+        a.mov(rbx, 0x8000_0000_0000u64)?;
+        a.mov(rdx, qword_ptr(rbx))?; // #GP: non-canonical
+        a.hlt()
+    });
+    let mut free = harness(&code);
+    let c = expect_exc(&mut free, 13, Some(0));
+    let mut stepped = harness(&code);
+    let mut steps = 0;
+    while stepped.cpu.run(1) == Exit::BudgetExhausted {
+        steps += 1;
+        assert!(steps < 1000);
+    }
+    let c2 = stepped.exception().expect("the #GP");
+    assert_eq!(c, c2);
+    assert_eq!(c.rip, CODE + code.len() as u64 - 4, "the faulting MOV");
+    assert_eq!(free.cpu.regs().gpr[0], 910);
+    assert_eq!(stepped.cpu.regs().gpr[0], 910);
+    assert_eq!(
+        free.cpu.instructions_retired(),
+        stepped.cpu.instructions_retired()
+    );
+}
+
 #[test]
 fn string_ops() {
     let h = run64(|a| {

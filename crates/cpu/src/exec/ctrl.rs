@@ -108,10 +108,12 @@ fn jmp_rel(c: &mut Cpu, d: &Insn) -> R {
     c.branch(t)
 }
 
+/// Jcc: a taken branch leaves the block ([`Stop::Branch`]); Jcc does not end blocks.
 fn jcc<const CC: u8>(c: &mut Cpu, d: &Insn) -> R {
     if c.cond(CC) {
         let t = c.next_rip.wrapping_add(d.disp) & d.imm2;
-        return c.branch(t);
+        c.branch(t)?;
+        return Err(Stop::Branch);
     }
     Ok(())
 }
