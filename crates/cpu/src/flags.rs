@@ -61,22 +61,33 @@ pub(crate) fn szp(res: u64, sz: u8) -> u64 {
     (if r == 0 { ZF } else { 0 }) | (if r & sign(sz) != 0 { SF } else { 0 }) | parity(r)
 }
 
+/// Left shift that puts the sign bit of a `sz`-byte value at bit 63 (sizes other than 1, 2
+/// and 4 count as 8, as in `mask`).
+#[inline(always)]
+const fn top_shift(sz: u8) -> u32 {
+    (64 - 8 * sz as u32) & 63
+}
+
 impl Cpu {
+    /// Record a lazy flag producer: operation `op` of size `sz` on `a` and `b` giving `res`.
+    /// The three values are kept shifted left so that their bit `8 * sz - 1` is bit 63:
+    /// comparisons of the record are then plain 64-bit (signed or unsigned) comparisons.
     #[inline(always)]
     pub(crate) fn lazy(&mut self, op: u8, sz: u8, a: u64, b: u64, res: u64) {
+        let sh = top_shift(sz);
         self.f_op = op;
         self.f_sz = sz;
-        self.f_a = a;
-        self.f_b = b;
-        self.f_res = res;
+        self.f_a = a << sh;
+        self.f_b = b << sh;
+        self.f_res = res << sh;
     }
 
     /// Compute the arithmetic flags from the lazy record.
     pub(crate) fn compute_arith(&self) -> u64 {
         let sz = self.f_sz;
-        let m = mask(sz);
+        let sh = top_shift(sz);
         let s = sign(sz);
-        let (a, b, r) = (self.f_a & m, self.f_b & m, self.f_res & m);
+        let (a, b, r) = (self.f_a >> sh, self.f_b >> sh, self.f_res >> sh);
         let base = szp(r, sz);
         match self.f_op {
             F_ADD | F_ADC => {
@@ -151,8 +162,8 @@ impl Cpu {
     pub(crate) fn cf(&self) -> bool {
         match self.f_op {
             F_NONE => self.rflags & CF != 0,
-            F_SUB => (self.f_a & mask(self.f_sz)) < (self.f_b & mask(self.f_sz)),
-            F_ADD => (self.f_res & mask(self.f_sz)) < (self.f_a & mask(self.f_sz)),
+            F_SUB => self.f_a < self.f_b,
+            F_ADD => self.f_res < self.f_a,
             F_LOGIC => false,
             F_INC | F_DEC => self.f_cin & CF != 0,
             _ => self.compute_arith() & CF != 0,
@@ -164,35 +175,36 @@ impl Cpu {
         if self.f_op == F_NONE {
             self.rflags & ZF != 0
         } else {
-            self.f_res & mask(self.f_sz) == 0
+            self.f_res == 0
         }
     }
 
     /// Evaluate condition code `cc` (x86 encoding: O NO B AE E NE BE A S NS P NP L GE LE G).
     /// ZF and SF come from the lazy result of every producer; CF, OF and the compound
     /// conditions directly from the operands of SUB/CMP and logic ops (CF = OF = 0) and
-    /// ADD's CF; everything else from the materialised flags.
+    /// ADD's CF; everything else from the materialised flags. The record's values are
+    /// shifted to the top of the word (see `lazy`), so no masking or sign extension is
+    /// needed here.
     #[inline(always)]
     pub(crate) fn cond(&self, cc: u8) -> bool {
         let op = self.f_op;
         let r = if op == F_NONE {
             self.cond_slow(cc >> 1)
         } else {
-            let sz = self.f_sz;
-            let m = mask(sz);
-            let r = self.f_res & m;
+            let (a, b, r) = (self.f_a, self.f_b, self.f_res);
             match cc >> 1 {
                 2 => r == 0,
-                4 => r & sign(sz) != 0,
-                1 if op == F_SUB => (self.f_a & m) < (self.f_b & m),
-                3 if op == F_SUB => (self.f_a & m) <= (self.f_b & m),
-                6 if op == F_SUB => (sx(self.f_a, sz) as i64) < (sx(self.f_b, sz) as i64),
-                7 if op == F_SUB => (sx(self.f_a, sz) as i64) <= (sx(self.f_b, sz) as i64),
+                4 => (r as i64) < 0,
+                0 if op == F_SUB => (((a ^ b) & (a ^ r)) as i64) < 0,
+                1 if op == F_SUB => a < b,
+                3 if op == F_SUB => a <= b,
+                6 if op == F_SUB => (a as i64) < (b as i64),
+                7 if op == F_SUB => (a as i64) <= (b as i64),
                 0 | 1 if op == F_LOGIC => false,
                 3 if op == F_LOGIC => r == 0,
-                6 if op == F_LOGIC => r & sign(sz) != 0,
-                7 if op == F_LOGIC => r == 0 || r & sign(sz) != 0,
-                1 if op == F_ADD => r < (self.f_a & m),
+                6 if op == F_LOGIC => (r as i64) < 0,
+                7 if op == F_LOGIC => (r as i64) <= 0,
+                1 if op == F_ADD => r < a,
                 _ => self.cond_slow(cc >> 1),
             }
         };
