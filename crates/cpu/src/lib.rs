@@ -997,32 +997,65 @@ impl Cpu {
                 Err(Stop::Exit) | Err(Stop::ExitRetire) => return self.exit.take(),
                 Err(_) => return None,
             };
+            // n >= 1: blocks are never empty and run_block is never called with max == 0.
             let n = (len as u64).min(max) as usize;
-            let mut done = n;
-            for i in 0..n {
+            // All instructions but the last: `self.rip` and `self.retired` are committed
+            // only when leaving the loop (no handler of an instruction that does not end its
+            // block reads them; they see `next_rip`). `cur` is the RIP of instruction `i`.
+            let mut cur = self.rip;
+            let mut i = 0;
+            let mut branched = false;
+            while i + 1 < n {
                 // SAFETY: `ptr..ptr+len` is the instruction array of a block in
                 // `self.cache`; blocks are only freed or replaced by `lookup_block` (never
                 // while a block runs), so the array outlives this loop. Handlers never touch
                 // `self.cache` blocks.
                 let d = unsafe { &*ptr.add(i) };
-                self.next_rip = self.rip.wrapping_add(d.len as u64);
+                let next = cur.wrapping_add(d.len as u64);
+                self.next_rip = next;
                 match (d.h)(self, d) {
                     Ok(()) => {
+                        cur = next;
+                        if self.pending != 0 {
+                            self.rip = cur;
+                            self.retired += i as u64 + 1;
+                            return self.after_pending();
+                        }
+                    }
+                    Err(Stop::Branch) => {
+                        self.rip = self.next_rip;
+                        self.retired += i as u64 + 1;
+                        branched = true;
+                        break;
+                    }
+                    Err(s) => {
+                        self.rip = cur;
+                        self.retired += i as u64;
+                        return self.handle_stop(s);
+                    }
+                }
+                i += 1;
+            }
+            if !branched {
+                // The last one runs with RIP and the retired count committed (RDTSC, RDMSR
+                // and other block-ending instructions read them).
+                self.rip = cur;
+                self.retired += i as u64;
+                // SAFETY: as above (i < n <= len).
+                let d = unsafe { &*ptr.add(i) };
+                self.next_rip = cur.wrapping_add(d.len as u64);
+                match (d.h)(self, d) {
+                    Ok(()) | Err(Stop::Branch) => {
                         self.rip = self.next_rip;
                         self.retired += 1;
                         if self.pending != 0 {
                             return self.after_pending();
                         }
                     }
-                    Err(Stop::Branch) => {
-                        self.rip = self.next_rip;
-                        self.retired += 1;
-                        done = i + 1;
-                        break;
-                    }
                     Err(s) => return self.handle_stop(s),
                 }
             }
+            let done = i + 1;
             max -= done as u64;
             // Chain to the next block unless something needs the run loop's attention.
             if max == 0

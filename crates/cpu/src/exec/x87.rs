@@ -394,7 +394,8 @@ impl Cpu {
     /// Record FOP, FIP and (with a memory operand) FDP for a non-control instruction.
     fn fpu_pointers(&mut self, d: &Insn, mem: bool) {
         self.x87.fop = (d.imm & 0x7ff) as u16;
-        self.x87.fip = self.rip;
+        // `self.rip` is not kept up to date inside blocks; `next_rip` is.
+        self.x87.fip = self.next_rip.wrapping_sub(d.len as u64);
         self.x87.fcs = self.seg[CS].selector;
         if mem {
             self.x87.fdp = self.ea(d);

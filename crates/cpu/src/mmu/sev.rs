@@ -85,8 +85,8 @@ impl Cpu {
         if g + size as u64 > self.ram_size {
             return Err(self.sev_fatal(format!(
                 "SEV-ES guest accessed guest-physical address {g:#x} (outside RAM, {:#x} bytes) \
-                 through a mapping with the C-bit set (rip {:#x})",
-                self.ram_size, self.rip
+                 through a mapping with the C-bit set (in the instruction before {:#x})",
+                self.ram_size, self.next_rip
             )));
         }
         Ok(g)
