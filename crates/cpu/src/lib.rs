@@ -990,6 +990,16 @@ impl Cpu {
 
     /// Execute (part of) the block at RIP. Returns an exit, or None to continue.
     fn run_block(&mut self, mut max: u64) -> Option<Exit> {
+        // Whether the run loop has events to look at before more blocks run. Evaluated once:
+        // instructions that can make it true (STI, POPF, IRET, MOV/POP SS, HLT, INT n and
+        // other event delivery) leave run_block, CLI only clears IF, and the other inputs
+        // change only between runs.
+        let events = self.ev_exception.is_some()
+            || (self.ev_interrupt.is_some() && self.rflags & rflags::IF != 0)
+            || self.nmi_pending
+            || self.shadow
+            || self.halted
+            || self.rflags & rflags::TF != 0;
         loop {
             let (ptr, len) = match self.lookup_block() {
                 Ok(b) => b,
@@ -1058,15 +1068,7 @@ impl Cpu {
             let done = i + 1;
             max -= done as u64;
             // Chain to the next block unless something needs the run loop's attention.
-            if max == 0
-                || self.ev_exception.is_some()
-                || (self.ev_interrupt.is_some() && self.rflags & rflags::IF != 0)
-                || self.nmi_pending
-                || self.shadow
-                || self.halted
-                || self.rflags & rflags::TF != 0
-                || self.kick.load(Ordering::Relaxed) != 0
-            {
+            if max == 0 || events || self.kick.load(Ordering::Relaxed) != 0 {
                 return None;
             }
         }
