@@ -459,6 +459,22 @@ fn incdec_r<const DEC: bool, const S: usize>(c: &mut Cpu, d: &Insn) -> R {
     Ok(())
 }
 
+/// INC/DEC of a memory operand without LOCK.
+fn incdec_m<const DEC: bool, const S: usize>(c: &mut Cpu, d: &Insn) -> R {
+    let lin = c.mlin(d, S, true)?;
+    let a = c.rd_lin::<S>(lin)?;
+    let r = if DEC {
+        a.wrapping_sub(1)
+    } else {
+        a.wrapping_add(1)
+    } & mask(S as u8);
+    c.wr_lin::<S>(lin, r)?;
+    let cf = c.cf() as u64;
+    c.lazy(if DEC { F_DEC } else { F_INC }, S as u8, a, 1, r);
+    c.f_cin = cf;
+    Ok(())
+}
+
 fn incdec(c: &mut Cpu, d: &Insn) -> R {
     let dec = d.i.mnemonic() == Mnemonic::Dec;
     let sz = d.sz as usize;
@@ -1193,8 +1209,20 @@ pub(crate) fn select(m: Mnemonic, i: &Instruction, d: &mut Insn) -> Option<Handl
                     (true, 4) => incdec_r::<true, 4>,
                     (true, _) => incdec_r::<true, 8>,
                 }
-            } else {
+            } else if d.lock {
                 incdec
+            } else {
+                let dec = m == M::Dec;
+                match (dec, d.sz) {
+                    (false, 1) => incdec_m::<false, 1>,
+                    (false, 2) => incdec_m::<false, 2>,
+                    (false, 4) => incdec_m::<false, 4>,
+                    (false, _) => incdec_m::<false, 8>,
+                    (true, 1) => incdec_m::<true, 1>,
+                    (true, 2) => incdec_m::<true, 2>,
+                    (true, 4) => incdec_m::<true, 4>,
+                    (true, _) => incdec_m::<true, 8>,
+                }
             }
         }
         M::Neg => neg,

@@ -549,8 +549,10 @@ fn hlt(c: &mut Cpu, _d: &Insn) -> R {
     Err(Stop::Retire)
 }
 
+/// PAUSE: a NOP that ends its block (so spin-wait loops see kicks at every iteration) but
+/// not the run of blocks.
 fn pause(_c: &mut Cpu, _d: &Insn) -> R {
-    Err(Stop::Retire)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------- I/O
