@@ -53,24 +53,24 @@ pub(crate) struct Block {
 
 /// Jump-cache entry: a linear RIP and, valid while `gen` is the cache's current generation
 /// (or its current global generation), for the privilege `sel`, the block's instruction
-/// array and the code pages (with epochs) it was decoded from.
+/// array and the code page (with its epoch) it was decoded from. Blocks decoded from two
+/// pages (their only instruction crosses a page) are never entered: they are found through
+/// the block map, which checks the second page's translation.
 #[derive(Clone, Copy)]
 struct JcEntry {
     lin: u64,
-    gen: u32,
-    sel: u8,
-    epoch: u32,
-    epoch2: u32,
-    len: u32,
     page: u64,
-    page2: u64,
     ptr: *const Insn,
+    gen: u32,
+    epoch: u32,
+    len: u32,
+    sel: u8,
 }
 
 pub(crate) struct CodeCache {
     blocks: Vec<Block>,
     map: BlockMap,
-    jc: Box<[JcEntry]>,
+    jc: Box<[JcEntry; JC_SIZE]>,
     /// Generation of entries whose code pages have non-global translations: bumped by
     /// every lookup flush, including MOV to CR3.
     gen: u32,
@@ -90,18 +90,18 @@ impl CodeCache {
             jc: vec![
                 JcEntry {
                     lin: u64::MAX,
-                    gen: 0,
-                    sel: 0,
-                    epoch: 0,
-                    epoch2: 0,
-                    len: 0,
                     page: 0,
-                    page2: NO_PAGE,
                     ptr: std::ptr::null(),
+                    gen: 0,
+                    epoch: 0,
+                    len: 0,
+                    sel: 0,
                 };
                 JC_SIZE
             ]
-            .into_boxed_slice(),
+            .into_boxed_slice()
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("JC_SIZE entries")),
             gen: 1,
             ggen: 1,
             last: 1,
@@ -185,7 +185,6 @@ impl Cpu {
             && (e.gen == self.cache.gen || e.gen == self.cache.ggen)
             && e.sel == sel
             && self.code_epoch(e.page) == e.epoch
-            && (e.page2 == NO_PAGE || self.code_epoch(e.page2) == e.epoch2)
         {
             return Ok((e.ptr, e.len as usize));
         }
@@ -257,28 +256,25 @@ impl Cpu {
         };
         let b = &self.cache.blocks[id as usize];
         let (ptr, len) = (b.insns.as_ptr(), b.insns.len());
-        // Global translations (of both pages) make the entry survive MOV to CR3.
-        let global = self
-            .tlb
-            .exec_global(self.tlb_idx(lin >> PAGE_SHIFT), lin >> PAGE_SHIFT)
-            && (b.page2 == NO_PAGE || {
-                let vpn2 = self.next_page_lin(lin) >> PAGE_SHIFT;
-                self.tlb.exec_global(self.tlb_idx(vpn2), vpn2)
-            });
+        if b.page2 != NO_PAGE {
+            // Found through the block map every time (see JcEntry).
+            return Ok((ptr, len));
+        }
+        // A global translation makes the entry survive MOV to CR3.
+        let vpn = lin >> PAGE_SHIFT;
+        let global = self.tlb.exec_global(self.tlb_idx(vpn), vpn);
         self.cache.jc[j] = JcEntry {
             lin,
+            page: b.page,
+            ptr,
             gen: if global {
                 self.cache.ggen
             } else {
                 self.cache.gen
             },
-            sel,
             epoch: b.epoch,
-            epoch2: b.epoch2,
             len: len as u32,
-            page: b.page,
-            page2: b.page2,
-            ptr,
+            sel,
         };
         Ok((ptr, len))
     }
