@@ -357,6 +357,9 @@ impl Cpu {
         if self.sev.is_some() {
             exec::system::sev_es::patch(&mut insns);
         }
+        if self.mode == Mode::Long64 {
+            exec::alu::fuse_cmp_jcc(&mut insns);
+        }
         Ok(Block {
             insns,
             page,

@@ -240,6 +240,11 @@ pub(crate) enum Stop {
     /// A conditional branch inside a block was taken: the instruction retired; continue at
     /// the target (the rest of the block is the fall-through path).
     Branch,
+    /// A fused CMP/TEST + Jcc pair (see `exec::alu::fuse_cmp_jcc`) retired both
+    /// instructions; the Jcc was not taken: continue after it.
+    FusedNext,
+    /// A fused CMP/TEST + Jcc pair retired both instructions and the Jcc was taken.
+    FusedBranch,
 }
 
 impl From<Exc> for Stop {
@@ -1013,48 +1018,77 @@ impl Cpu {
             // only when leaving the loop (no handler of an instruction that does not end its
             // block reads them; they see `next_rip`). `cur` is the RIP of instruction `i`.
             let mut cur = self.rip;
-            let mut i = 0;
-            let mut branched = false;
-            while i + 1 < n {
+            let mut done = 0;
+            // `p` walks the array; `last` is instruction n - 1.
+            let mut p = ptr;
+            // SAFETY: n - 1 < len.
+            let last = unsafe { ptr.add(n - 1) };
+            while p < last {
                 // SAFETY: `ptr..ptr+len` is the instruction array of a block in
                 // `self.cache`; blocks are only freed or replaced by `lookup_block` (never
                 // while a block runs), so the array outlives this loop. Handlers never touch
-                // `self.cache` blocks.
-                let d = unsafe { &*ptr.add(i) };
+                // `self.cache` blocks. p < last < ptr + len.
+                let d = unsafe { &*p };
                 let next = cur.wrapping_add(d.len as u64);
                 self.next_rip = next;
                 match (d.h)(self, d) {
                     Ok(()) => {
                         cur = next;
+                        // SAFETY: p < last, so p + 1 <= last.
+                        p = unsafe { p.add(1) };
                         if self.pending != 0 {
                             self.rip = cur;
-                            self.retired += i as u64 + 1;
+                            // SAFETY: both in the array.
+                            self.retired += unsafe { p.offset_from(ptr) } as u64;
                             return self.after_pending();
                         }
                     }
                     Err(Stop::Branch) => {
                         self.rip = self.next_rip;
-                        self.retired += i as u64 + 1;
-                        branched = true;
+                        // SAFETY: both in the array.
+                        done = unsafe { p.offset_from(ptr) } as usize + 1;
+                        break;
+                    }
+                    // A fused pair (only installed where the Jcc, at p + 1, is in the block;
+                    // p < last, so it is within the budget too).
+                    Err(Stop::FusedNext) => {
+                        cur = self.next_rip;
+                        // SAFETY: p + 1 <= last, so p + 2 <= last + 1 (one past at most).
+                        p = unsafe { p.add(2) };
+                    }
+                    Err(Stop::FusedBranch) => {
+                        self.rip = self.next_rip;
+                        // SAFETY: both in the array.
+                        done = unsafe { p.offset_from(ptr) } as usize + 2;
                         break;
                     }
                     Err(s) => {
                         self.rip = cur;
-                        self.retired += i as u64;
+                        // SAFETY: both in the array.
+                        self.retired += unsafe { p.offset_from(ptr) } as u64;
                         return self.handle_stop(s);
                     }
                 }
-                i += 1;
             }
-            if !branched {
-                // The last one runs with RIP and the retired count committed (RDTSC, RDMSR
-                // and other block-ending instructions read them).
+            // SAFETY: p is at most one past `last`, inside or one past the array.
+            let i = unsafe { p.offset_from(ptr) } as usize;
+            if done != 0 {
+                self.retired += done as u64;
+            } else if i == n {
+                // A fused pair ended the run.
+                self.rip = cur;
+                self.retired += n as u64;
+                done = n;
+            } else {
+                // The last one runs alone (`h1`: a fused pair must not run past the budget)
+                // with RIP and the retired count committed (RDTSC, RDMSR and other
+                // block-ending instructions read them).
                 self.rip = cur;
                 self.retired += i as u64;
                 // SAFETY: as above (i < n <= len).
                 let d = unsafe { &*ptr.add(i) };
                 self.next_rip = cur.wrapping_add(d.len as u64);
-                match (d.h)(self, d) {
+                match (d.h1)(self, d) {
                     Ok(()) | Err(Stop::Branch) => {
                         self.rip = self.next_rip;
                         self.retired += 1;
@@ -1064,8 +1098,8 @@ impl Cpu {
                     }
                     Err(s) => return self.handle_stop(s),
                 }
+                done = n;
             }
-            let done = i + 1;
             max -= done as u64;
             // Chain to the next block unless something needs the run loop's attention.
             if max == 0 || events || self.kick.load(Ordering::Relaxed) != 0 {
@@ -1123,6 +1157,11 @@ impl Cpu {
             Stop::Retire | Stop::Branch => {
                 self.rip = self.next_rip;
                 self.retired += 1;
+                self.after_pending()
+            }
+            Stop::FusedNext | Stop::FusedBranch => {
+                self.rip = self.next_rip;
+                self.retired += 2;
                 self.after_pending()
             }
             Stop::Yield => {

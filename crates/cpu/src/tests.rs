@@ -157,6 +157,52 @@ fn jcc_inside_blocks() {
     );
 }
 
+/// A CMP + Jcc pair (fused into one dispatch in 64-bit mode) whose taken branch leaves the
+/// canonical range: #GP at the Jcc, with the CMP retired; and the same pair run one
+/// instruction per `run` call.
+#[test]
+fn fused_cmp_jcc_to_non_canonical_target() {
+    const V: u64 = 0x7fff_ffff_f000;
+    // At V + 0xff0: cmp eax, eax (39 c0); je rel32 +0x100 (0f 84 ..) -> non-canonical.
+    let mut page = vec![0x90u8; 0x1000];
+    page[0xff0..0xff8].copy_from_slice(&[0x39, 0xc0, 0x0f, 0x84, 0x00, 0x01, 0x00, 0x00]);
+    let mut retired = Vec::new();
+    for step in [false, true] {
+        let mut h = harness(&[0xf4]);
+        let mut pool = 0x80_0000;
+        h.map_4k(V, DATA, 2, &mut pool);
+        h.mem().write(DATA, &page).unwrap();
+        h.restart(V + 0xff0);
+        if step {
+            assert_eq!(h.cpu.run(1), Exit::BudgetExhausted);
+            assert_eq!(h.cpu.regs().rip, V + 0xff2);
+        }
+        let c = expect_exc(&mut h, 13, Some(0));
+        assert_eq!(c.rip, V + 0xff2, "the Jcc faults (step {step})");
+        retired.push(h.cpu.instructions_retired());
+    }
+    // The CMP and the stub's HLT.
+    assert_eq!(retired, [2, 2]);
+    // Not taken, then taken within range: the pair still works as two instructions.
+    let h = run64(|a| {
+        let mut l = a.create_label();
+        let mut out = a.create_label();
+        a.xor(ecx, ecx)?;
+        a.mov(eax, 3)?;
+        a.set_label(&mut l)?;
+        a.inc(ecx)?;
+        a.cmp(ecx, eax)?;
+        a.jne(l)?;
+        a.test(ecx, 4)?;
+        a.jnz(out)?;
+        a.mov(edx, 7)?;
+        a.set_label(&mut out)?;
+        Ok(())
+    });
+    assert_eq!(h.cpu.regs().gpr[1], 3);
+    assert_eq!(h.cpu.regs().gpr[2], 7);
+}
+
 #[test]
 fn string_ops() {
     let h = run64(|a| {

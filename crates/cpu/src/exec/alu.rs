@@ -186,6 +186,110 @@ macro_rules! by_size_f {
     };
 }
 
+/// CMP/TEST of a register with a register or an immediate, fused with the Jcc that follows
+/// it in the block (64-bit mode): both retire in one dispatch. Installed only by
+/// [`fuse_cmp_jcc`] on an entry whose next entry is that Jcc; the entry's `h1` is the plain
+/// CMP/TEST. A taken branch to a non-canonical target runs the CMP/TEST alone (Ok), so the
+/// Jcc's own entry raises the #GP.
+fn cmp_jcc<const OP: u8, const S: usize, const F: u8, const CC: u8>(c: &mut Cpu, d: &Insn) -> R {
+    let sz = S as u8;
+    let a = c.rr(d.r0, S);
+    let b = if F == FRR {
+        c.rr(d.r1, S)
+    } else {
+        d.imm & mask(sz)
+    };
+    let r = calc(OP, sz, a, b, 0);
+    setf(c, OP, sz, a, b, r, 0);
+    // SAFETY: `fuse_cmp_jcc` installs this handler only on an entry followed by the Jcc in
+    // the same instruction array.
+    let j = unsafe { &*(d as *const Insn).add(1) };
+    let after = c.next_rip.wrapping_add(j.len as u64);
+    if c.cond(CC) {
+        let t = after.wrapping_add(j.disp) & j.imm2;
+        if ((t as i64) << 16 >> 16) as u64 != t {
+            return Ok(());
+        }
+        c.next_rip = t;
+        return Err(crate::Stop::FusedBranch);
+    }
+    c.next_rip = after;
+    Err(crate::Stop::FusedNext)
+}
+
+macro_rules! cmp_jcc_cc {
+    ($op:expr, $s:expr, $f:expr, $cc:expr) => {
+        match $cc {
+            0 => cmp_jcc::<$op, $s, $f, 0> as Handler,
+            1 => cmp_jcc::<$op, $s, $f, 1>,
+            2 => cmp_jcc::<$op, $s, $f, 2>,
+            3 => cmp_jcc::<$op, $s, $f, 3>,
+            4 => cmp_jcc::<$op, $s, $f, 4>,
+            5 => cmp_jcc::<$op, $s, $f, 5>,
+            6 => cmp_jcc::<$op, $s, $f, 6>,
+            7 => cmp_jcc::<$op, $s, $f, 7>,
+            8 => cmp_jcc::<$op, $s, $f, 8>,
+            9 => cmp_jcc::<$op, $s, $f, 9>,
+            10 => cmp_jcc::<$op, $s, $f, 10>,
+            11 => cmp_jcc::<$op, $s, $f, 11>,
+            12 => cmp_jcc::<$op, $s, $f, 12>,
+            13 => cmp_jcc::<$op, $s, $f, 13>,
+            14 => cmp_jcc::<$op, $s, $f, 14>,
+            _ => cmp_jcc::<$op, $s, $f, 15>,
+        }
+    };
+}
+
+macro_rules! cmp_jcc_f {
+    ($op:expr, $s:expr, $rr:expr, $cc:expr) => {
+        if $rr {
+            cmp_jcc_cc!($op, $s, FRR, $cc)
+        } else {
+            cmp_jcc_cc!($op, $s, FRI, $cc)
+        }
+    };
+}
+
+macro_rules! cmp_jcc_s {
+    ($op:expr, $sz:expr, $rr:expr, $cc:expr) => {
+        match $sz {
+            1 => cmp_jcc_f!($op, 1, $rr, $cc),
+            2 => cmp_jcc_f!($op, 2, $rr, $cc),
+            4 => cmp_jcc_f!($op, 4, $rr, $cc),
+            _ => cmp_jcc_f!($op, 8, $rr, $cc),
+        }
+    };
+}
+
+fn cmp_jcc_sel(cmp: bool, rr: bool, sz: u8, cc: u8) -> Handler {
+    if cmp {
+        cmp_jcc_s!(CMP, sz, rr, cc)
+    } else {
+        cmp_jcc_s!(TEST, sz, rr, cc)
+    }
+}
+
+/// Fuse register CMP/TEST + Jcc pairs of a 64-bit-mode block (see [`cmp_jcc`]).
+pub(crate) fn fuse_cmp_jcc(insns: &mut [Insn]) {
+    for k in 0..insns.len().saturating_sub(1) {
+        let (d, j) = (&insns[k], &insns[k + 1]);
+        let m = d.i.mnemonic();
+        if !matches!(m, Mnemonic::Cmp | Mnemonic::Test)
+            || d.lock
+            || d.k0 != KREG
+            || !(d.k1 == KREG || d.k1 == KIMM)
+            || d.r0 >= 16
+            || (d.k1 == KREG && d.r1 >= 16)
+            || !j.i.is_jcc_short_or_near()
+            || !std::ptr::fn_addr_eq(d.h, d.h1)
+        {
+            continue;
+        }
+        let h = cmp_jcc_sel(m == Mnemonic::Cmp, d.k1 == KREG, d.sz, j.cc);
+        insns[k].h = h;
+    }
+}
+
 fn form(d: &Insn) -> Option<u8> {
     Some(match (d.k0, d.k1) {
         (KREG, KREG) => FRR,

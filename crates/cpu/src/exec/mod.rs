@@ -27,6 +27,9 @@ pub(crate) const B_RIP: u8 = 0x10;
 #[derive(Clone)]
 pub(crate) struct Insn {
     pub h: Handler,
+    /// The handler that runs exactly this instruction: `h`, except where `h` runs a fused
+    /// pair (see `alu::fuse_cmp_jcc`).
+    pub h1: Handler,
     /// Memory displacement, or for near branches the offset from the next instruction.
     pub disp: u64,
     pub imm: u64,
@@ -151,6 +154,7 @@ pub(crate) fn make(i: &Instruction, mode: Mode, bytes: &[u8]) -> Insn {
     let asz = address_size(mode, bytes);
     let mut d = Insn {
         h: system::h_ud,
+        h1: system::h_ud,
         disp: 0,
         imm: 0,
         imm2: 0,
@@ -255,6 +259,7 @@ pub(crate) fn make(i: &Instruction, mode: Mode, bytes: &[u8]) -> Insn {
     // Operand size: of operand 0, else of operand 1.
     d.sz = op_size(i, 0).or_else(|| op_size(i, 1)).unwrap_or(0);
     d.h = select(i, &mut d, mode, bytes);
+    d.h1 = d.h;
     d
 }
 
