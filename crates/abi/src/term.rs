@@ -3,6 +3,17 @@
 //! request (`[15:12]` set, `[23:16]` code). Set 0 is the GHCB specification's; set 1 is the
 //! esvm guest runtime's (`docs/sev-es-guest.md`).
 
+/// SW_EXITINFO1 of a GHCB TERM_REQUEST: `[3:0]` reason set, `[11:4]` reason code. (The
+/// MSR-protocol request is [`crate::msr_protocol::term_request`].)
+pub const fn ghcb_exit_info1(reason_set: u8, reason_code: u8) -> u64 {
+    ((reason_set & 0xF) as u64) | ((reason_code as u64) << 4)
+}
+
+/// Decodes the SW_EXITINFO1 of a GHCB TERM_REQUEST into (reason set, reason code).
+pub const fn decode_ghcb_exit_info1(info1: u64) -> (u8, u8) {
+    ((info1 & 0xF) as u8, ((info1 >> 4) & 0xFF) as u8)
+}
+
 /// Reason set 0: the GHCB specification's general reasons.
 pub const SET_GENERAL: u8 = 0;
 /// Set 0, code 0: general termination request (what `sev-smoke` sends at its end).
@@ -65,5 +76,22 @@ pub const fn describe(set: u8, code: u8) -> &'static str {
         (SET_ESVM, MMIO_UNSUPPORTED) => "unsupported MMIO access",
         (SET_ESVM, GUEST_REQUEST) => "guest request",
         _ => "unknown reason",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ghcb_exit_info1_round_trips() {
+        assert_eq!(ghcb_exit_info1(SET_ESVM, VC_DECODE), 0x81);
+        assert_eq!(ghcb_exit_info1(0x1F, 0xFF), 0xFFF);
+        for (set, code) in [(0, 0), (1, 14), (15, 255)] {
+            assert_eq!(
+                decode_ghcb_exit_info1(ghcb_exit_info1(set, code)),
+                (set, code)
+            );
+        }
     }
 }

@@ -251,7 +251,7 @@ impl Machine {
                 args,
                 vcpus: self.vcpus.len() as u32,
                 flags: if sev_es {
-                    esvm_loader::bootinfo::FLAG_PROTECTED_STATE
+                    esvm_abi::boot::FLAG_PROTECTED_STATE
                 } else {
                     0
                 },
