@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use esvm_abi::sev::{CPUID_SEV_EAX_SEV, CPUID_SEV_EAX_SEV_ES, CPUID_SEV_LEAF};
 use esvm_arch::bits::{cr0, rflags};
 use esvm_arch::cpuid::CpuidTable;
 use esvm_cpu::{PageCipher, PhysMemory};
@@ -239,9 +240,14 @@ impl GhcbServices for ReplayServices<'_> {
                     v[2] |= 1 << 27;
                 }
             }
-            0x8000_001f => {
-                // SEV (bit 1) and SEV-ES (bit 3); C-bit position; 1 physical-address bit lost.
-                v = [(1 << 1) | (1 << 3), u32::from(C_BIT) | (1 << 6), 1, 0];
+            CPUID_SEV_LEAF => {
+                // SEV and SEV-ES; C-bit position; 1 physical-address bit lost (EBX[11:6]).
+                v = [
+                    CPUID_SEV_EAX_SEV | CPUID_SEV_EAX_SEV_ES,
+                    u32::from(C_BIT) | (1 << 6),
+                    1,
+                    0,
+                ];
             }
             _ => {}
         }
