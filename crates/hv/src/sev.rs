@@ -23,15 +23,8 @@ use crate::HvError;
 
 pub use esvm_psp::TrackedRegisters;
 
-/// C-bit position of esvm's SEV-ES model (CPUID 0x8000_001F EBX[5:0]).
-pub const C_BIT: u8 = 47;
-
-/// Guest-physical identity of vCPU `n`'s VMSA page. VMSAs live outside guest RAM (as on
-/// hardware, where KVM allocates them from host memory); the address only serves as the
-/// encryption tweak and the firmware's bookkeeping key.
-pub fn vmsa_gpa(vcpu: u32) -> u64 {
-    0x7fff_0000_0000 + (vcpu as u64) * 4096
-}
+/// C-bit position of esvm's SEV-ES model (CPUID 0x8000_001F EBX[5:0]), the guest ABI's.
+pub const C_BIT: u8 = esvm_abi::sev::C_BIT_POSITION;
 
 /// The error-code decision of exception injection, as KVM makes it: an exception delivers its
 /// error code only if the vCPU is in protected mode — judged from the CR0 the hypervisor
