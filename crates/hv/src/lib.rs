@@ -139,6 +139,8 @@ pub enum HvError {
     ProtectedState { vcpu: u32, operation: &'static str },
     #[error("secure processor: {0}")]
     Sev(String),
+    #[error("secure processor: {0}")]
+    Psp(#[from] esvm_psp::PspError),
     #[error("invalid vCPU state: {0}")]
     InvalidState(String),
     #[error("guest memory: {0}")]

@@ -132,7 +132,7 @@ pub(crate) fn activate_free_asid(p: &mut Psp, handle: u32) -> std::result::Resul
 }
 
 pub(crate) fn psp_err(e: esvm_psp::PspError) -> HvError {
-    HvError::Sev(e.to_string())
+    HvError::Psp(e)
 }
 
 /// One I/O the VMM must perform for a GHCB request.
