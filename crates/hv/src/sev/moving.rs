@@ -7,7 +7,7 @@
 //! each vCPU's encrypted VMSA and GHCB bookkeeping. Nothing is re-encrypted and the firmware
 //! is not involved (no SEND/RECEIVE, no new key). The source VM is dead afterwards.
 //!
-//! Here the destination VM's extension drives the move ([`move_enc_context`]); it reaches the
+//! Here the destination VM's extension drives the move (`move_enc_context`); it reaches the
 //! source VM and every vCPU only through the extension traits' move hooks, whose types
 //! ([`MoveEndpoint`], [`MoveProbe`], [`SevVcpuMove`], [`SevVcpuUndo`]) only esvm-hv can make
 //! or read, and which only esvm-hv can call (they take a [`MoveToken`]):
