@@ -16,7 +16,7 @@
 //! answers `Config` with its platform's certificate chain; the source checks it against the
 //! root the operator trusts (`esvm ctl migrate --trust CHAIN`; by default the root its own
 //! platform trusts) and runs SEND_START (the firmware enforces NOSEND, DOMAIN, ES and the
-//! minimum API version). Pages go as [`esvm_hv::emu::PagePacket`]s (private pages as
+//! minimum API version). Pages go as [`esvm_hv::sev::PagePacket`]s (private pages as
 //! SEND_UPDATE_DATA packets), each vCPU as a [`SevVcpuTransfer`] (SEND_UPDATE_VMSA with the
 //! tracked extension), and `Complete` carries the send transcript tag for RECEIVE_FINISH.
 //! The source's SEND_FINISH happens only after the destination committed; any failure
@@ -26,8 +26,8 @@ use std::io::Write;
 
 use std::sync::{Arc, Mutex};
 
-use esvm_hv::emu::{EmuVm, SevSessionStart, SevVcpuTransfer};
-use esvm_hv::{BackendKind, VmType};
+use esvm_hv::sev::{SevSessionStart, SevVcpuTransfer, SevVm};
+use esvm_hv::{BackendKind, Vm, VmType};
 use esvm_migration::{
     GuestType, MigrationConfig, MigrationSource, MigrationTarget, PageSet, SourceError,
     TargetError, PAGE_SIZE,
@@ -176,10 +176,10 @@ impl MachineSource {
         self
     }
 
-    fn emu(&self) -> Result<&Arc<EmuVm>, SourceError> {
+    fn sev(&self) -> Result<&dyn SevVm, SourceError> {
         self.h
-            .emu
-            .as_ref()
+            .vm
+            .sev()
             .ok_or_else(|| SourceError::failed("SEV-ES guests run only on the emu backend"))
     }
 
@@ -260,14 +260,18 @@ impl MigrationSource for MachineSource {
                 e,
             )
         })?;
-        let emu = self.emu()?.clone();
+        let sev = self.sev()?;
         let root = match &self.trust {
             Some(ark) => ark.clone(),
             None => {
-                let ctx = emu
-                    .sev_context()
+                let psp = sev
+                    .platform()
                     .ok_or_else(|| SourceError::failed("the VM has no SEV-ES guest context"))?;
-                let ark = ctx.psp().trusted_ark().clone();
+                let ark = psp
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .trusted_ark()
+                    .clone();
                 ark
             }
         };
@@ -282,28 +286,28 @@ impl MigrationSource for MachineSource {
                 }
             ))
         })?;
-        let start = emu
-            .sev_send_start(target_certs)
+        let start = sev
+            .send_start(target_certs)
             .map_err(|e| source_err("SEND_START refused", e))?;
         Ok(start.to_bytes())
     }
 
     fn sev_page_packet(&mut self, page: u64, out: &mut Vec<u8>) -> Result<(), SourceError> {
-        self.emu()?
-            .sev_send_page(page, out)
+        self.sev()?
+            .send_page(page, out)
             .map_err(|e| source_err("SEND_UPDATE_DATA", e))
     }
 
     fn sev_finish_blob(&mut self) -> Result<Vec<u8>, SourceError> {
-        self.emu()?
-            .sev_send_transcript_tag()
+        self.sev()?
+            .send_transcript_tag()
             .map(|t| t.to_vec())
             .map_err(|e| source_err("reading the send transcript tag", e))
     }
 
     fn sev_send_cancel(&mut self) -> Result<(), SourceError> {
-        self.emu()?
-            .sev_send_cancel()
+        self.sev()?
+            .send_cancel()
             .map_err(|e| source_err("SEND_CANCEL", e))
     }
 
@@ -360,8 +364,8 @@ impl MigrationSource for MachineSource {
         self.stopped = None;
         if self.h.config.vm_type == VmType::SevEs {
             // The destination committed: the guest left this platform for good.
-            if let Some(emu) = &self.h.emu {
-                if let Err(e) = emu.sev_send_finish() {
+            if let Some(sev) = self.h.vm.sev() {
+                if let Err(e) = sev.send_finish() {
                     tracing::warn!("SEND_FINISH after the destination committed: {e}");
                 }
             }
@@ -433,11 +437,9 @@ impl MachineTarget {
         self
     }
 
-    fn emu(&mut self) -> Result<Arc<EmuVm>, TargetError> {
-        self.machine_mut()?
-            .emu_vm()
-            .cloned()
-            .ok_or_else(|| TargetError::Failed("SEV-ES guests need the emu backend".into()))
+    /// The incoming VM, for its SEV-ES extension ([`sev_of`]).
+    fn vm(&mut self) -> Result<Arc<dyn Vm>, TargetError> {
+        Ok(self.machine_mut()?.vm().clone())
     }
 
     /// The received machine, once committed.
@@ -454,6 +456,12 @@ impl MachineTarget {
             TargetError::Failed("no machine: the configuration was not accepted".into())
         })
     }
+}
+
+/// `vm`'s SEV-ES extension (RECEIVE_*), or the refusal of a destination without one.
+fn sev_of(vm: &dyn Vm) -> Result<&dyn SevVm, TargetError> {
+    vm.sev()
+        .ok_or_else(|| TargetError::Failed("SEV-ES guests need the emu backend".into()))
 }
 
 impl MigrationTarget for MachineTarget {
@@ -535,20 +543,22 @@ impl MigrationTarget for MachineTarget {
             .platform
             .clone()
             .ok_or_else(|| TargetError::Failed("no SEV platform".into()))?;
-        let emu = self.emu()?;
-        emu.sev_receive_start(psp, &start)
+        let vm = self.vm()?;
+        let sev = sev_of(vm.as_ref())?;
+        sev.receive_start(psp, &start)
             .map_err(|e| refused("RECEIVE_START", e))?;
         if self.prealloc {
             // The guest's private pages live in the encrypted view's own backing: fault it
             // in too, before the pages arrive.
-            emu.phys().prefault_private();
+            sev.prealloc_private();
         }
         Ok(())
     }
 
     fn receive_page_packet(&mut self, page: u64, packet: &[u8]) -> Result<(), TargetError> {
-        self.emu()?
-            .sev_receive_page(page, packet)
+        let vm = self.vm()?;
+        sev_of(vm.as_ref())?
+            .receive_page(page, packet)
             .map_err(|e| refused(&format!("page {page}"), e))?;
         if let Some(r) = self.received.as_mut() {
             r.set(page);
@@ -563,8 +573,9 @@ impl MigrationTarget for MachineTarget {
                 blob.len()
             ))
         })?;
-        self.emu()?
-            .sev_receive_finish(&tag)
+        let vm = self.vm()?;
+        sev_of(vm.as_ref())?
+            .receive_finish(&tag)
             .map_err(|e| refused("RECEIVE_FINISH", e))
     }
 
@@ -632,8 +643,8 @@ impl MigrationTarget for MachineTarget {
     fn abort(&mut self) {
         // The machine never ran and nobody else holds it: free what it received at once.
         if let Some(mut m) = self.machine.take() {
-            if let Some(emu) = m.emu_vm().filter(|e| e.sev_handle().is_some()) {
-                if let Err(e) = emu.sev_decommission() {
+            if let Some(sev) = m.vm().sev().filter(|s| s.handle().is_some()) {
+                if let Err(e) = sev.decommission() {
                     tracing::warn!("DECOMMISSION of the aborted incoming guest: {e}");
                 }
             }

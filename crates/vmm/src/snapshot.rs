@@ -26,7 +26,7 @@
 //! directory holds:
 //!
 //! * `memory.sev` — the page packets back to back, in ascending page order, exactly as live
-//!   migration sends them ([`esvm_hv::emu::PagePacket`]): a private page as its firmware
+//!   migration sends them ([`esvm_hv::sev::PagePacket`]): a private page as its firmware
 //!   transport packet ([`PRIVATE_PACKET_LEN`] bytes: kind, header with IV and MAC,
 //!   ciphertext), a shared page (one the guest shares with the host, e.g. its GHCB) as its
 //!   host-visible bytes ([`SHARED_PACKET_LEN`] bytes: kind, page).
@@ -59,8 +59,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use esvm_arch::VcpuSnapshot;
-use esvm_hv::emu::{
-    EmuVm, PagePacket, SevSessionStart, SevVcpuTransfer, PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
+use esvm_hv::sev::{
+    PagePacket, SevSessionStart, SevVcpuTransfer, SevVm, PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
 };
 use esvm_hv::{BackendKind, HvError, VmType};
 use esvm_migration::PageSet;
@@ -365,17 +365,16 @@ fn save_sealed(
     dir: &Path,
 ) -> Result<u64, SnapshotError> {
     let fail = |s: String| SnapshotError::SealedSave(s);
-    let emu = h
-        .emu
-        .as_ref()
-        .ok_or_else(|| fail("SEV-ES guests run only on the emu backend".into()))?;
-    let (ctx, handle) = emu
-        .sev_context()
-        .zip(emu.sev_handle())
+    let sev =
+        h.vm.sev()
+            .ok_or_else(|| fail("SEV-ES guests run only on the emu backend".into()))?;
+    let (platform, handle) = sev
+        .platform()
+        .zip(sev.handle())
         .ok_or_else(|| fail("the VM has no SEV-ES guest context".into()))?;
     // The platform's own chain: the snapshot is sealed to this platform's PDH.
     let (chain, nosend) = {
-        let psp = ctx.psp();
+        let psp = platform.lock().unwrap_or_else(|e| e.into_inner());
         let chain = psp.pdh_cert_export().map_err(|e| {
             fail(format!(
                 "the platform cannot export its certificate chain: {e}"
@@ -385,7 +384,7 @@ fn save_sealed(
         (chain.to_bytes(), nosend)
     };
     // The firmware enforces the guest's policy here.
-    let start = emu.sev_send_start(&chain).map_err(|e| {
+    let start = sev.send_start(&chain).map_err(|e| {
         fail(if nosend {
             format!(
                 "its policy has NOSEND: the guest may never leave its secure processor, and a \
@@ -396,8 +395,8 @@ fn save_sealed(
             format!("the secure processor refused SEND_START: {e}; the guest runs on")
         })
     })?;
-    let written = write_sealed(h, emu, start, dir);
-    let cancelled = emu.sev_send_cancel();
+    let written = write_sealed(h, sev, start, dir);
+    let cancelled = sev.send_cancel();
     match (written, cancelled) {
         (Ok(n), Ok(())) => Ok(n),
         (Ok(_), Err(e)) => Err(fail(format!(
@@ -416,7 +415,7 @@ fn save_sealed(
 /// VMSA packet, the machine state and the transcript tag to `vm.state`.
 fn write_sealed(
     h: &MachineHandle,
-    emu: &EmuVm,
+    sev: &dyn SevVm,
     session: SevSessionStart,
     dir: &Path,
 ) -> Result<u64, SnapshotError> {
@@ -437,7 +436,7 @@ fn write_sealed(
         let mut packet = Vec::with_capacity(PRIVATE_PACKET_LEN);
         for page in written.iter() {
             packet.clear();
-            emu.sev_send_page(page, &mut packet)
+            sev.send_page(page, &mut packet)
                 .map_err(|e| fail(format!("SEND_UPDATE_DATA of guest page {page:#x}: {e}")))?;
             let kind = PacketKind::of(&packet)
                 .map_err(|e| fail(format!("the packet of guest page {page:#x}: {e}")))?;
@@ -474,8 +473,8 @@ fn write_sealed(
         })?
         .map_err(|e| fail(format!("SEND_UPDATE_VMSA: {e}")))?;
     // After every packet: the tag covers them all.
-    let transcript_tag = emu
-        .sev_send_transcript_tag()
+    let transcript_tag = sev
+        .send_transcript_tag()
         .map_err(|e| fail(format!("reading the send transcript tag: {e}")))?;
     let manifest = Manifest {
         vm_type: VmType::SevEs,
@@ -845,17 +844,17 @@ fn restore_sealed(
         max_instructions: None,
     };
     let mut machine = Machine::new(&config, serial_out)?;
-    let emu = machine
-        .emu_vm()
-        .cloned()
+    let vm = machine.vm().clone();
+    let sev = vm
+        .sev()
         .ok_or_else(|| SnapshotError::Unsupported("SEV-ES guests need the emu backend".into()))?;
     // The firmware unwraps the transport keys with this platform's PDH.
-    emu.sev_receive_start(psp, &sealed.session)
+    sev.receive_start(psp, &sealed.session)
         .map_err(|e| other_platform(format!(" (RECEIVE_START: {e})")))?;
-    match receive_sealed(dir, &mut machine, &emu, &f, &sealed, &m.machine) {
+    match receive_sealed(dir, &mut machine, sev, &f, &sealed, &m.machine) {
         Ok(()) => Ok(machine),
         Err(e) => {
-            if let Err(d) = emu.sev_decommission() {
+            if let Err(d) = sev.decommission() {
                 tracing::warn!("DECOMMISSION of the refused sealed guest: {d}");
             }
             Err(e)
@@ -867,7 +866,7 @@ fn restore_sealed(
 fn receive_sealed(
     dir: &Path,
     machine: &mut Machine,
-    emu: &EmuVm,
+    sev: &dyn SevVm,
     f: &File,
     sealed: &SealedState,
     state: &MachineState,
@@ -886,7 +885,7 @@ fn receive_sealed(
         let data = read_sealed_run(f, &mem_path, offset, r, &mut buf)?;
         for (i, packet) in data.chunks_exact(r.kind.packet_len()).enumerate() {
             let page = r.first + i as u64;
-            emu.sev_receive_page(page, packet)
+            sev.receive_page(page, packet)
                 .map_err(|e| refused(&mem_path, format!("guest page {page:#x}: {e}")))?;
             received.set(page);
         }
@@ -897,7 +896,7 @@ fn receive_sealed(
             .receive_vcpu_sev(i as u32, t)
             .map_err(|e| refused(&state_path, format!("vCPU {i}: {e}")))?;
     }
-    emu.sev_receive_finish(&sealed.transcript_tag)
+    sev.receive_finish(&sealed.transcript_tag)
         .map_err(|e| refused(dir, format!("RECEIVE_FINISH: {e}")))?;
     machine.restore_state(state)?;
     // A later snapshot or migration of the restored guest must carry every received page

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use esvm_hv::emu::{PRIVATE_PACKET_LEN, SHARED_PACKET_LEN};
+use esvm_hv::sev::{PRIVATE_PACKET_LEN, SHARED_PACKET_LEN};
 
 const MEM: &str = "16M";
 const MEM_BYTES: u64 = 16 << 20;
