@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::bus::PortIoDevice;
+use crate::device::{Access, Device, DeviceContext, Persist, PortRegion};
 
 /// Input clock of the PIT in Hz.
 pub const PIT_FREQUENCY_HZ: u64 = 1_193_182;
@@ -33,6 +34,8 @@ pub const PIT_PORTS: u16 = 4;
 pub const PORT_61: u16 = 0x61;
 /// ISA IRQ of channel 0.
 pub const PIT_IRQ: u8 = 0;
+/// Registry id of the PIT.
+pub const PIT_ID: &str = "pit";
 /// Half-period of the DRAM refresh toggle visible in port 0x61 bit 4, in ns.
 const REFRESH_HALF_PERIOD_NS: u64 = 15_085;
 
@@ -789,6 +792,85 @@ impl PortIoDevice for Pit {
                 self.write_reg(reg as u8, *b);
             }
         }
+    }
+}
+
+impl Persist for Pit {
+    type State = PitState;
+    type Error = PitError;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> PitState {
+        self.state()
+    }
+
+    fn restore(&mut self, state: &PitState) -> Result<(), PitError> {
+        *self = Self::from_state(state)?;
+        Ok(())
+    }
+}
+
+/// The PIT on the platform: ports 0x40-0x43 and 0x61; channel 0's OUT drives IRQ 0 as a
+/// level, and every rising edge since the last report is latched even if OUT is low again.
+impl Device for Pit {
+    fn id(&self) -> &str {
+        PIT_ID
+    }
+
+    fn port_regions(&self) -> Vec<PortRegion> {
+        vec![
+            PortRegion::bytewise(PIT_BASE, u32::from(PIT_PORTS)),
+            PortRegion::bytewise(PORT_61, 1),
+        ]
+    }
+
+    fn io_read(
+        &mut self,
+        base: u16,
+        offset: u16,
+        data: &mut [u8],
+        cx: &mut DeviceContext<'_>,
+    ) -> Access {
+        if base == PORT_61 {
+            data.fill(self.read_port61());
+        } else {
+            PortIoDevice::read(self, offset, data);
+        }
+        cx.set_irq(PIT_IRQ, self.irq0_level());
+        Access::Handled
+    }
+
+    fn io_write(
+        &mut self,
+        base: u16,
+        offset: u16,
+        data: &[u8],
+        cx: &mut DeviceContext<'_>,
+    ) -> Access {
+        if base == PORT_61 {
+            if let Some(v) = data.first() {
+                self.write_port61(*v);
+            }
+        } else {
+            PortIoDevice::write(self, offset, data);
+        }
+        // A control word can move OUT0 at once (mode 0 drops it, mode 2 raises it).
+        cx.set_irq(PIT_IRQ, self.irq0_level());
+        Access::Handled
+    }
+
+    fn advance_to(&mut self, now_ns: u64, cx: &mut DeviceContext<'_>) {
+        if Pit::advance_to(self, now_ns) > 0 {
+            // At least one rising edge of OUT0 since the last report: latch it even if OUT0
+            // is low again by now; the final level follows.
+            cx.set_irq(PIT_IRQ, false);
+            cx.set_irq(PIT_IRQ, true);
+        }
+        cx.set_irq(PIT_IRQ, self.irq0_level());
+    }
+
+    fn next_deadline_ns(&self) -> Option<u64> {
+        Pit::next_deadline_ns(self)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Scenario tests: the devices driven the way a guest kernel and the VMM drive them.
 
 use esvm_devices::pit::{ns_to_ticks, ticks_to_ns};
-use esvm_devices::{Devices, DevicesState, SharedBuffer, PIT_FREQUENCY_HZ};
+use esvm_devices::{Devices, DevicesState, Pic, Serial, SharedBuffer, PIT_FREQUENCY_HZ};
 
 fn outb(d: &mut Devices, port: u16, v: u8) {
     d.io_write(port, &[v]).unwrap();
@@ -177,8 +177,8 @@ fn snapshot_mid_activity_continues_identically() {
     for i in 0..200 {
         guest_step(&mut probe, i);
         let st = probe.save();
-        let uart_pending = st.serial.interrupt_identification & 1 == 0;
-        let in_service = st.pic.master.isr != 0;
+        let uart_pending = st.get::<Serial>("com1").unwrap().interrupt_identification & 1 == 0;
+        let in_service = st.get::<Pic>("pic").unwrap().master.isr != 0;
         let counting = probe.next_deadline_ns().is_some();
         if uart_pending && in_service && counting {
             cut = Some(i + 1);
@@ -230,5 +230,12 @@ fn state_serialises_with_version() {
     boot_workload(&mut d);
     let json = serde_json::to_value(d.save()).unwrap();
     assert_eq!(json["version"], esvm_devices::DEVICES_STATE_VERSION);
-    assert!(json["pit"]["channels"].as_array().unwrap().len() == 3);
+    assert_eq!(json["devices"]["pit"]["version"], 1);
+    assert!(
+        json["devices"]["pit"]["state"]["channels"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 3
+    );
 }
