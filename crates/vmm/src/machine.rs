@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use esvm_arch::VcpuSnapshot;
-use esvm_devices::{Devices, DevicesError, DevicesState};
+use esvm_devices::{Devices, DevicesError, DevicesState, DEVICES_STATE_VERSION};
 use esvm_hv::emu::{EmuVm, SevHostVmState, SevVcpuTransfer};
 use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
 use esvm_loader::{BootState, LoadError, LoadOptions};
@@ -84,8 +84,12 @@ enum Clock {
 pub const MMIO_SCRATCH_BASE: u64 = 0xFEB0_0000;
 const MMIO_SCRATCH_LEN: usize = 4096;
 
-/// Version of [`MachineState`]'s serialised form.
-pub const MACHINE_STATE_VERSION: u32 = 1;
+/// Generation of [`MachineState`]'s own fields; bump it when they change.
+const MACHINE_STATE_FIELDS_VERSION: u32 = 1;
+/// Version of [`MachineState`]'s serialised form, derived: it goes up whenever its own fields
+/// or the devices' state format ([`DEVICES_STATE_VERSION`]) do. Both generations start at 1,
+/// so the first format is version 1 and every later change of either gives a new number.
+pub const MACHINE_STATE_VERSION: u32 = MACHINE_STATE_FIELDS_VERSION + DEVICES_STATE_VERSION - 1;
 
 /// Everything of a machine that is not guest memory or vCPU state: the devices, the clock
 /// and the VMM-side MMIO window. Serialised (JSON) into snapshots and migration streams.
