@@ -15,7 +15,7 @@
 //!   port table is in the [`registry`] module.
 //! - The built-in devices, listed at the bottom of this file: [`Serial`] (COM1 16550A on
 //!   vm-superio, IRQ 4), [`Pit`] (8254 on virtual nanoseconds, IRQ 0), [`DebugExit`]
-//!   (port 0xf4) and [`BenchMarker`] (port 0xf5).
+//!   (port 0xf4), [`BenchMarker`] (port 0xf5) and [`Rtc`] (MC146818 with CMOS RAM, IRQ 8).
 //!
 //! # Driving it from the VMM
 //! ```
@@ -85,6 +85,7 @@ pub use pit::{Pit, PitError, PitState, PIT_FREQUENCY_HZ};
 pub use registry::{
     state_format, Devices, DevicesConfig, DevicesError, DevicesState, DEVICES_STATE_VERSION,
 };
+pub use rtc::{Rtc, RtcError, RtcState, RtcTime};
 pub use serial::{Serial, SerialDeviceState, SerialError, SharedBuffer};
 
 /// The former name of [`BenchError`].
@@ -109,4 +110,5 @@ builtin_devices! { config;
     serial => serial::Serial::com1(config.serial_out);
     debug => debug::DebugExit::new();
     bench => bench::BenchMarker::new();
+    rtc => rtc::Rtc::new(config.rtc_start);
 }

@@ -6,6 +6,7 @@
 //! | 0x20-0x21     | `pic`          | master 8259A PIC            |           |
 //! | 0x40-0x43     | `pit`          | 8254 PIT                    | IRQ 0     |
 //! | 0x61          | `pit`          | PIT gate 2 / OUT2 / refresh |           |
+//! | 0x70-0x71     | `rtc`          | MC146818 RTC + CMOS RAM     | IRQ 8     |
 //! | 0xa0-0xa1     | `pic`          | slave 8259A PIC (on IR2)    |           |
 //! | 0xf4          | `debug-exit`   | debug exit (any width)      |           |
 //! | 0xf5          | `bench-marker` | benchmark marker            |           |
@@ -40,6 +41,7 @@ use crate::device::{
 };
 use crate::pic::{Pic, PicError, PIC_ID, PIC_MASTER_CMD, PIC_SLAVE_CMD};
 use crate::pit::{Pit, PIT_ID};
+use crate::rtc::RtcTime;
 use crate::serial::{Serial, COM1_ID};
 
 /// Version of the [`DevicesState`] container: the map of per-device states. Each device
@@ -155,18 +157,25 @@ impl DevicesState {
 pub struct DevicesConfig {
     /// Where COM1's output goes.
     pub serial_out: Box<dyn Write + Send>,
+    /// What the RTC shows at virtual time 0 (default 2026-01-01T00:00:00 UTC).
+    pub rtc_start: RtcTime,
 }
 
 impl DevicesConfig {
     /// The default platform, COM1 writing to `serial_out`.
     pub fn new(serial_out: Box<dyn Write + Send>) -> Self {
-        Self { serial_out }
+        Self {
+            serial_out,
+            rtc_start: RtcTime::default(),
+        }
     }
 }
 
 impl fmt::Debug for DevicesConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DevicesConfig").finish_non_exhaustive()
+        f.debug_struct("DevicesConfig")
+            .field("rtc_start", &self.rtc_start)
+            .finish_non_exhaustive()
     }
 }
 
@@ -718,6 +727,7 @@ mod tests {
                 "0x0020-0x0021",
                 "0x0040-0x0043",
                 "0x0061-0x0061",
+                "0x0070-0x0071",
                 "0x00a0-0x00a1",
                 "0x00f4-0x00f4",
                 "0x00f5-0x00f5",

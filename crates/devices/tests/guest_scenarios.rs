@@ -120,6 +120,63 @@ fn linux_style_pit_calibration_on_channel_2() {
     assert_eq!(d.next_deadline_ns(), None);
 }
 
+/// Linux's rtc-cmos with a 1024 Hz periodic interrupt (`hpet_rtc`-less x86): IRQ 8 arrives
+/// through the slave PIC, and each handler reads register C to rearm it.
+#[test]
+fn rtc_periodic_interrupt_through_the_cascade() {
+    let mut d = Devices::new(Box::new(std::io::sink()));
+    init_pics(&mut d);
+    outb(&mut d, 0x21, 0xfb); // the cascade only
+    outb(&mut d, 0xa1, 0xfe); // IRQ 8
+                              // Wall clock as mc146818_get_time reads it: UIP clear, then the time registers.
+    outb(&mut d, 0x70, 0x0a);
+    assert_eq!(
+        inb(&mut d, 0x71) & 0x80,
+        0,
+        "no update in progress at time 0"
+    );
+    let read = |d: &mut Devices, reg: u8| {
+        outb(d, 0x70, reg);
+        inb(d, 0x71)
+    };
+    let date: Vec<u8> = [9, 8, 7, 4, 2, 0]
+        .iter()
+        .map(|r| read(&mut d, *r))
+        .collect();
+    assert_eq!(
+        date,
+        [0x26, 0x01, 0x01, 0x00, 0x00, 0x00],
+        "2026-01-01 00:00:00"
+    );
+    // cmos_do_probe: 1024 Hz; then PIE on.
+    outb(&mut d, 0x70, 0x0a);
+    outb(&mut d, 0x71, 0x26);
+    outb(&mut d, 0x70, 0x0b);
+    outb(&mut d, 0x71, 0x42);
+    let mut ticks = 0u64;
+    while let Some(deadline) = d.next_deadline_ns() {
+        if deadline > 1_000_000_000 {
+            break;
+        }
+        d.advance_to(deadline);
+        assert_eq!(d.acknowledge_interrupt(), 0x28, "IRQ 8 on the slave's base");
+        assert_ne!(read(&mut d, 0x0c) & 0xc0, 0, "IRQF | PF");
+        outb(&mut d, 0xa0, 0x20);
+        outb(&mut d, 0x20, 0x20);
+        ticks += 1;
+    }
+    assert_eq!(ticks, 1024);
+    assert_eq!(read(&mut d, 0), 0x01, "one second later");
+    // Without reading C, no second interrupt: the line stays high.
+    d.advance_to(1_100_000_000);
+    assert_eq!(d.acknowledge_interrupt(), 0x28);
+    outb(&mut d, 0xa0, 0x20);
+    outb(&mut d, 0x20, 0x20);
+    d.advance_to(1_200_000_000);
+    assert_eq!(d.pending_interrupt(), None);
+    assert_eq!(d.next_deadline_ns(), None);
+}
+
 /// A deterministic guest workload: timer at ~1.7 kHz, serial THRE interrupts, delayed EOIs,
 /// counter reads. Returns everything the guest observed in this step.
 fn guest_step(d: &mut Devices, i: u64) -> Vec<u64> {
