@@ -5,6 +5,7 @@
 //! |---------------|----------------|-----------------------------|-----------|
 //! | 0x20-0x21     | `pic`          | master 8259A PIC            |           |
 //! | 0x40-0x43     | `pit`          | 8254 PIT                    | IRQ 0     |
+//! | 0x60, 0x64    | `i8042`        | i8042 keyboard controller   | IRQ 1     |
 //! | 0x61          | `pit`          | PIT gate 2 / OUT2 / refresh |           |
 //! | 0x70-0x71     | `rtc`          | MC146818 RTC + CMOS RAM     | IRQ 8     |
 //! | 0xa0-0xa1     | `pic`          | slave 8259A PIC (on IR2)    |           |
@@ -576,7 +577,8 @@ impl Devices {
         self.devices.iter_mut().find_map(|d| d.take_exit_request())
     }
 
-    /// Whether the guest asked for a CPU reset since the last call (clears the requests).
+    /// Whether the guest asked for a CPU reset (the i8042's reset line) since the last call
+    /// (clears the requests).
     pub fn take_reset_request(&mut self) -> bool {
         self.devices
             .iter_mut()
@@ -726,7 +728,9 @@ mod tests {
             [
                 "0x0020-0x0021",
                 "0x0040-0x0043",
+                "0x0060-0x0060",
                 "0x0061-0x0061",
+                "0x0064-0x0064",
                 "0x0070-0x0071",
                 "0x00a0-0x00a1",
                 "0x00f4-0x00f4",
