@@ -401,18 +401,38 @@ impl Machine {
                 if let Some(code) = devices.take_exit_request() {
                     return Ok(Some(Outcome::Exited(code)));
                 }
-            }
-            VmExit::MmioRead { addr, data } => match scratch_range(addr, data.len()) {
-                Some(r) => data.copy_from_slice(&scratch[r]),
-                None => {
-                    tracing::debug!(addr, len = data.len(), "read of unbacked memory");
-                    data.fill(0xff);
+                if devices.take_reset_request() {
+                    return Ok(Some(Outcome::Shutdown(
+                        "it asked for a CPU reset through the i8042 keyboard controller \
+                         (esvm does not reboot guests)"
+                            .into(),
+                    )));
                 }
-            },
-            VmExit::MmioWrite { addr, data } => match scratch_range(addr, data.len()) {
-                Some(r) => scratch[r].copy_from_slice(data),
-                None => tracing::debug!(addr, len = data.len(), "write to unbacked memory ignored"),
-            },
+            }
+            // MMIO goes to the devices first, then to the scratch window.
+            VmExit::MmioRead { addr, data } => {
+                if !devices.mmio_read(addr, data) {
+                    match scratch_range(addr, data.len()) {
+                        Some(r) => data.copy_from_slice(&scratch[r]),
+                        None => {
+                            tracing::debug!(addr, len = data.len(), "read of unbacked memory");
+                            data.fill(0xff);
+                        }
+                    }
+                }
+            }
+            VmExit::MmioWrite { addr, data } => {
+                if !devices.mmio_write(addr, data) {
+                    match scratch_range(addr, data.len()) {
+                        Some(r) => scratch[r].copy_from_slice(data),
+                        None => tracing::debug!(
+                            addr,
+                            len = data.len(),
+                            "write to unbacked memory ignored"
+                        ),
+                    }
+                }
+            }
             VmExit::Shutdown { reason } => return Ok(Some(Outcome::Shutdown(reason))),
             VmExit::Terminated { reason } => return Ok(Some(Outcome::Terminated(reason))),
             VmExit::Cpuid { result, .. } => *result = [0; 4],
