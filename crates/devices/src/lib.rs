@@ -15,8 +15,9 @@
 //!   port table is in the [`registry`] module.
 //! - The built-in devices, listed at the bottom of this file: [`Serial`] (COM1 16550A on
 //!   vm-superio, IRQ 4), [`Pit`] (8254 on virtual nanoseconds, IRQ 0), [`DebugExit`]
-//!   (port 0xf4), [`BenchMarker`] (port 0xf5), [`Rtc`] (MC146818 with CMOS RAM, IRQ 8) and
-//!   [`I8042`] (keyboard controller, IRQ 1, the CPU reset line).
+//!   (port 0xf4), [`BenchMarker`] (port 0xf5), [`Rtc`] (MC146818 with CMOS RAM, IRQ 8),
+//!   [`I8042`] (keyboard controller, IRQ 1, the CPU reset line) and [`PostCode`] (port
+//!   0x80).
 //!
 //! # Driving it from the VMM
 //! ```
@@ -84,6 +85,7 @@ pub use i8042::{I8042Error, I8042State, I8042};
 pub use irq::IrqLine;
 pub use pic::{Pic, PicError, PicState};
 pub use pit::{Pit, PitError, PitState, PIT_FREQUENCY_HZ};
+pub use post::{PostCode, PostCodeState};
 pub use registry::{
     state_format, Devices, DevicesConfig, DevicesError, DevicesState, DEVICES_STATE_VERSION,
 };
@@ -114,4 +116,5 @@ builtin_devices! { config;
     bench => bench::BenchMarker::new();
     rtc => rtc::Rtc::new(config.rtc_start);
     i8042 => i8042::I8042::new();
+    post => post::PostCode::new();
 }

@@ -8,6 +8,7 @@
 //! | 0x60, 0x64    | `i8042`        | i8042 keyboard controller   | IRQ 1     |
 //! | 0x61          | `pit`          | PIT gate 2 / OUT2 / refresh |           |
 //! | 0x70-0x71     | `rtc`          | MC146818 RTC + CMOS RAM     | IRQ 8     |
+//! | 0x80          | `post`         | POST-code / delay port      |           |
 //! | 0xa0-0xa1     | `pic`          | slave 8259A PIC (on IR2)    |           |
 //! | 0xf4          | `debug-exit`   | debug exit (any width)      |           |
 //! | 0xf5          | `bench-marker` | benchmark marker            |           |
@@ -732,6 +733,7 @@ mod tests {
                 "0x0061-0x0061",
                 "0x0064-0x0064",
                 "0x0070-0x0071",
+                "0x0080-0x0080",
                 "0x00a0-0x00a1",
                 "0x00f4-0x00f4",
                 "0x00f5-0x00f5",
@@ -816,10 +818,10 @@ mod tests {
         let mut b = [0u8; 2];
         d.io_read(0x2f8, &mut b).unwrap(); // COM2 absent
         assert_eq!(b, [0xff, 0xff]);
-        d.io_write(0x80, &[0x55]).unwrap(); // POST port
+        d.io_write(0x84, &[0x55]).unwrap(); // a DMA page register: absent
         let s = d.bus_stats();
         assert_eq!((s.unclaimed_reads, s.unclaimed_writes), (1, 1));
-        assert_eq!(s.last_unclaimed_write, Some((0x80, 0x55)));
+        assert_eq!(s.last_unclaimed_write, Some((0x84, 0x55)));
         assert!(matches!(
             d.io_write(0x3f8, &[1, 2, 3]),
             Err(DevicesError::Bus(BusError::BadAccessSize { .. }))
