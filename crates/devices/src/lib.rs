@@ -16,8 +16,8 @@
 //! - The built-in devices, listed at the bottom of this file: [`Serial`] (COM1 16550A on
 //!   vm-superio, IRQ 4), [`Pit`] (8254 on virtual nanoseconds, IRQ 0), [`DebugExit`]
 //!   (port 0xf4), [`BenchMarker`] (port 0xf5), [`Rtc`] (MC146818 with CMOS RAM, IRQ 8),
-//!   [`I8042`] (keyboard controller, IRQ 1, the CPU reset line) and [`PostCode`] (port
-//!   0x80).
+//!   [`I8042`] (keyboard controller, IRQ 1, the CPU reset line), [`PostCode`] (port 0x80)
+//!   and [`PciConfig`] (PCI configuration mechanism #1 on an empty bus).
 //!
 //! # Driving it from the VMM
 //! ```
@@ -83,6 +83,7 @@ pub use device::{
 };
 pub use i8042::{I8042Error, I8042State, I8042};
 pub use irq::IrqLine;
+pub use pci::{PciConfig, PciConfigState};
 pub use pic::{Pic, PicError, PicState};
 pub use pit::{Pit, PitError, PitState, PIT_FREQUENCY_HZ};
 pub use post::{PostCode, PostCodeState};
@@ -117,4 +118,5 @@ builtin_devices! { config;
     rtc => rtc::Rtc::new(config.rtc_start);
     i8042 => i8042::I8042::new();
     post => post::PostCode::new();
+    pci => pci::PciConfig::new();
 }

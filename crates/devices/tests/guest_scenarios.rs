@@ -177,6 +177,47 @@ fn rtc_periodic_interrupt_through_the_cascade() {
     assert_eq!(d.next_deadline_ns(), None);
 }
 
+/// Linux 6.1's `pci_direct_probe` on esvm's empty bus (arch/x86/pci/direct.c): the type 1
+/// address register works, `pci_sanity_check` (no DMI) finds neither a host bridge nor a
+/// known vendor on bus 0, the type 2 registers are absent. Nothing panics or hangs.
+#[test]
+fn linux_pci_probe_finds_an_empty_bus() {
+    let mut d = Devices::new(Box::new(std::io::sink()));
+    let outl = |d: &mut Devices, port: u16, v: u32| d.io_write(port, &v.to_le_bytes()).unwrap();
+    let inl = |d: &mut Devices, port: u16| {
+        let mut b = [0u8; 4];
+        d.io_read(port, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+    let inw = |d: &mut Devices, port: u16| {
+        let mut b = [0u8; 2];
+        d.io_read(port, &mut b).unwrap();
+        u16::from_le_bytes(b)
+    };
+    // pci_check_type1.
+    outb(&mut d, 0xcfb, 0x01);
+    let saved = inl(&mut d, 0xcf8);
+    outl(&mut d, 0xcf8, 0x8000_0000);
+    assert_eq!(inl(&mut d, 0xcf8), 0x8000_0000, "type 1 address register");
+    // pci_sanity_check: class (reg 0x0a) and vendor (reg 0x00) of every devfn on bus 0.
+    for devfn in 0..0x100u32 {
+        outl(&mut d, 0xcf8, 0x8000_0000 | devfn << 8 | 0x08);
+        assert_eq!(inw(&mut d, 0xcfc + 2), 0xffff, "class of 00:{devfn:02x}");
+        outl(&mut d, 0xcf8, 0x8000_0000 | devfn << 8);
+        assert_eq!(inw(&mut d, 0xcfc), 0xffff, "vendor of 00:{devfn:02x}");
+    }
+    outl(&mut d, 0xcf8, saved);
+    assert_eq!(inl(&mut d, 0xcf8), 0);
+    // pci_check_type2: the byte registers at 0xcf8 and 0xcfa read back 0xff, not 0.
+    outb(&mut d, 0xcfb, 0x00);
+    outb(&mut d, 0xcf8, 0x00);
+    outb(&mut d, 0xcfa, 0x00);
+    assert_eq!((inb(&mut d, 0xcf8), inb(&mut d, 0xcfa)), (0xff, 0xff));
+    // The byte accesses were ordinary I/O that nobody answered.
+    let s = d.bus_stats();
+    assert_eq!((s.unclaimed_reads, s.unclaimed_writes), (2, 4));
+}
+
 /// A deterministic guest workload: timer at ~1.7 kHz, serial THRE interrupts, delayed EOIs,
 /// counter reads. Returns everything the guest observed in this step.
 fn guest_step(d: &mut Devices, i: u64) -> Vec<u64> {
