@@ -13,7 +13,7 @@
 //! | 0xf4          | `debug-exit`   | debug exit (any width)      |           |
 //! | 0xf5          | `bench-marker` | benchmark marker            |           |
 //! | 0x3f8-0x3ff   | `com1`         | COM1 16550A UART            | IRQ 4     |
-//! | 0xcf8-0xcff   | `pci-conf1`    | PCI config mechanism #1, no devices |   |
+//! | 0xcf8-0xcff   | `pci-conf1`    | PCI config #1, no devices   |           |
 //!
 //! Every other port is unclaimed (reads all-ones, writes dropped and counted), and so is
 //! every MMIO address no device claims (the VMM answers those itself). More devices join
