@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use crate::bus::PortIoDevice;
 use crate::debug::le_value;
-use crate::device::{Access, Device, DeviceContext, Persist, PortRegion};
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 
 /// Port of the benchmark marker.
 pub const BENCH_MARKER_PORT: u16 = 0xf5;
@@ -121,6 +121,10 @@ impl Device for BenchMarker {
 
     fn port_regions(&self) -> Vec<PortRegion> {
         vec![PortRegion::whole(BENCH_MARKER_PORT, 1)]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks::NONE
     }
 
     fn io_read(&mut self, _: u16, _: u16, data: &mut [u8], _: &mut DeviceContext<'_>) -> Access {

@@ -324,7 +324,8 @@ impl<T> IoBus<T> {
         let mut first_claimed = true;
         for (i, byte) in data.iter_mut().enumerate() {
             let p = port.wrapping_add(i as u16);
-            let claimed = match self.find(p) {
+            let found = if i == 0 { Some(first) } else { self.find(p) };
+            let claimed = match found {
                 Some(idx) => {
                     let e = &mut self.entries[idx];
                     let base = e.range.base;
@@ -358,11 +359,12 @@ impl<T> IoBus<T> {
                 let base = e.range.base;
                 f(&mut e.target, base, port - base, data)
             }
-            Some(_) => {
+            Some(first) => {
                 let mut first_claimed = true;
                 for (i, byte) in data.iter().enumerate() {
                     let p = port.wrapping_add(i as u16);
-                    if let Some(idx) = self.find(p) {
+                    let found = if i == 0 { Some(first) } else { self.find(p) };
+                    if let Some(idx) = found {
                         let e = &mut self.entries[idx];
                         let base = e.range.base;
                         let took = f(&mut e.target, base, p - base, std::slice::from_ref(byte));

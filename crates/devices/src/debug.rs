@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::PortIoDevice;
-use crate::device::{Access, Device, DeviceContext, Persist, PortRegion};
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 
 /// Port of the debug-exit device.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -105,6 +105,10 @@ impl Device for DebugExit {
 
     fn port_regions(&self) -> Vec<PortRegion> {
         vec![PortRegion::whole(DEBUG_EXIT_PORT, 1)]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks::REQUESTS
     }
 
     fn io_read(&mut self, _: u16, off: u16, data: &mut [u8], _: &mut DeviceContext<'_>) -> Access {

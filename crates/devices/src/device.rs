@@ -110,6 +110,41 @@ pub struct MmioRegion {
     pub len: u64,
 }
 
+/// Which of the registry's run-loop calls a device needs. The VMM's loop makes them on every
+/// exit, so a device that has no use for one says so and is left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hooks {
+    /// [`Device::advance_to`] and [`Device::next_deadline_ns`]: the device has timers, or
+    /// interrupt requests raised outside its own accesses.
+    pub clock: bool,
+    /// [`Device::take_exit_request`] and [`Device::take_reset_request`]: the device can ask
+    /// the VMM to stop or reset the machine.
+    pub requests: bool,
+}
+
+impl Hooks {
+    /// Every call (the default: right for any device).
+    pub const ALL: Hooks = Hooks {
+        clock: true,
+        requests: true,
+    };
+    /// No call: a device that only answers its accesses.
+    pub const NONE: Hooks = Hooks {
+        clock: false,
+        requests: false,
+    };
+    /// The clock calls only.
+    pub const CLOCK: Hooks = Hooks {
+        clock: true,
+        requests: false,
+    };
+    /// The request calls only.
+    pub const REQUESTS: Hooks = Hooks {
+        clock: false,
+        requests: true,
+    };
+}
+
 /// A device of the platform. Every method but [`Device::id`] has a default, so a device
 /// implements what it uses: a port-only device never sees MMIO, a device without timers
 /// never sets a deadline.
@@ -130,6 +165,12 @@ pub trait Device: AsAny + PersistDyn + Send {
     /// The MMIO ranges the device claims (read once, at registration).
     fn mmio_regions(&self) -> Vec<MmioRegion> {
         Vec::new()
+    }
+
+    /// Which run-loop calls the device needs (read once, at registration). The default is
+    /// all of them; a device turns off what it does not use, for speed.
+    fn hooks(&self) -> Hooks {
+        Hooks::ALL
     }
 
     /// Guest `IN` at `offset` in the range starting at port `base`: fill `data` (1 byte for
@@ -195,6 +236,8 @@ pub trait Device: AsAny + PersistDyn + Send {
     }
 
     /// An exit status the guest asked the VMM to stop with, if any (clears the request).
+    /// Requests are latched during calls into the device (an access, `advance_to`); the
+    /// registry asks after such calls, if [`Hooks::requests`] is set.
     fn take_exit_request(&mut self) -> Option<u8> {
         None
     }

@@ -51,7 +51,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::device::{Access, Device, DeviceContext, Persist, PortRegion};
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 
 /// Data port.
 pub const I8042_DATA_PORT: u16 = 0x60;
@@ -427,6 +427,11 @@ impl Device for I8042 {
         ]
     }
 
+    fn hooks(&self) -> Hooks {
+        // IRQ 1 moves only on its own accesses: no clock.
+        Hooks::REQUESTS
+    }
+
     fn io_read(
         &mut self,
         base: u16,
@@ -463,10 +468,6 @@ impl Device for I8042 {
         }
         cx.set_irq(I8042_KBD_IRQ, self.irq_level());
         Access::Handled
-    }
-
-    fn advance_to(&mut self, _now_ns: u64, cx: &mut DeviceContext<'_>) {
-        cx.set_irq(I8042_KBD_IRQ, self.irq_level());
     }
 
     fn take_reset_request(&mut self) -> bool {

@@ -55,7 +55,8 @@
 //! 1. Write `src/<name>.rs` with the device: a type implementing [`Device`] (its
 //!    [`Device::id`], [`Device::port_regions`] / [`Device::mmio_regions`], the handlers it
 //!    needs; interrupts through [`DeviceContext::set_irq`] / [`DeviceContext::pulse_irq`];
-//!    [`Device::advance_to`] and [`Device::next_deadline_ns`] if it has timers) and
+//!    [`Device::advance_to`] and [`Device::next_deadline_ns`] if it has timers;
+//!    [`Device::hooks`] to leave the run-loop calls it does not need) and
 //!    [`Persist`] (a serde `State`, `STATE_VERSION = 1`, `save`, `restore`), with unit tests
 //!    beside it. Document its ports and IRQ in the [`registry`] port table.
 //! 2. Add one line `<name> => <name>::Type::new(...);` to the `builtin_devices!` list at the
@@ -78,8 +79,8 @@ pub use bench::{BenchError, BenchMark, BenchMarker};
 pub use bus::{AccessMode, BusError, BusStats, IoBus, MmioBus, MmioRange, PortIoDevice, PortRange};
 pub use debug::{DebugExit, DebugExitState};
 pub use device::{
-    Access, AsAny, Device, DeviceContext, IrqSink, MmioRegion, Persist, PersistDyn, PortRegion,
-    SavedDevice, StateError,
+    Access, AsAny, Device, DeviceContext, Hooks, IrqSink, MmioRegion, Persist, PersistDyn,
+    PortRegion, SavedDevice, StateError,
 };
 pub use i8042::{I8042Error, I8042State, I8042};
 pub use irq::IrqLine;

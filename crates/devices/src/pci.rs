@@ -26,7 +26,7 @@ use std::convert::Infallible;
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::{Access, Device, DeviceContext, Persist, PortRegion};
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 
 /// The configuration address register.
 pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
@@ -94,6 +94,10 @@ impl Device for PciConfig {
 
     fn port_regions(&self) -> Vec<PortRegion> {
         vec![PortRegion::whole(PCI_CONFIG_ADDRESS, 8)]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks::NONE
     }
 
     fn io_read(

@@ -378,6 +378,16 @@ impl Pic {
 
     /// Drive input `irq` (0-15) to `level`.
     pub fn set_irq(&mut self, irq: u8, level: bool) -> Result<(), PicError> {
+        // Devices report their levels on every call: a line that keeps its level changes
+        // nothing (in level mode IRR already follows the line), so skip the cascade update.
+        let (lines, bit) = match irq {
+            0..=7 => (self.master.lines, 1u8 << irq),
+            8..=15 => (self.slave.lines, 1u8 << (irq - 8)),
+            _ => return Err(PicError::NoSuchIrq(irq)),
+        };
+        if (lines & bit != 0) == level {
+            return Ok(());
+        }
         match irq {
             0..=7 => self.master.set_line(irq, level),
             8..=15 => {

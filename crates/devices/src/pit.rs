@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::bus::PortIoDevice;
-use crate::device::{Access, Device, DeviceContext, Persist, PortRegion};
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 
 /// Input clock of the PIT in Hz.
 pub const PIT_FREQUENCY_HZ: u64 = 1_193_182;
@@ -585,10 +585,22 @@ pub struct PitState {
 }
 
 /// The 8254 PIT. See the module documentation for the time model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Pit {
     state: PitState,
+    /// The IRQ 0 level last reported to the interrupt controller (host-side: `None` until
+    /// the first report, and after a restore).
+    reported: Option<bool>,
 }
+
+/// Two PITs are equal when their guest-visible state is.
+impl PartialEq for Pit {
+    fn eq(&self, other: &Self) -> bool {
+        self.state == other.state
+    }
+}
+
+impl Eq for Pit {}
 
 impl Default for Pit {
     fn default() -> Self {
@@ -611,6 +623,7 @@ impl Pit {
                 ],
                 port61: 0,
             },
+            reported: None,
         }
     }
 
@@ -621,6 +634,7 @@ impl Pit {
         }
         Ok(Self {
             state: state.clone(),
+            reported: None,
         })
     }
 
@@ -795,6 +809,18 @@ impl PortIoDevice for Pit {
     }
 }
 
+impl Pit {
+    /// Drive IRQ 0 to OUT0, telling the controller only of changes (the run loop calls
+    /// `advance_to` on every exit).
+    fn report_irq0(&mut self, cx: &mut DeviceContext<'_>) {
+        let level = self.irq0_level();
+        if self.reported != Some(level) {
+            self.reported = Some(level);
+            cx.set_irq(PIT_IRQ, level);
+        }
+    }
+}
+
 impl Persist for Pit {
     type State = PitState;
     type Error = PitError;
@@ -824,6 +850,10 @@ impl Device for Pit {
         ]
     }
 
+    fn hooks(&self) -> Hooks {
+        Hooks::CLOCK
+    }
+
     fn io_read(
         &mut self,
         base: u16,
@@ -836,7 +866,7 @@ impl Device for Pit {
         } else {
             PortIoDevice::read(self, offset, data);
         }
-        cx.set_irq(PIT_IRQ, self.irq0_level());
+        self.report_irq0(cx);
         Access::Handled
     }
 
@@ -855,7 +885,7 @@ impl Device for Pit {
             PortIoDevice::write(self, offset, data);
         }
         // A control word can move OUT0 at once (mode 0 drops it, mode 2 raises it).
-        cx.set_irq(PIT_IRQ, self.irq0_level());
+        self.report_irq0(cx);
         Access::Handled
     }
 
@@ -865,8 +895,9 @@ impl Device for Pit {
             // is low again by now; the final level follows.
             cx.set_irq(PIT_IRQ, false);
             cx.set_irq(PIT_IRQ, true);
+            self.reported = Some(true);
         }
-        cx.set_irq(PIT_IRQ, self.irq0_level());
+        self.report_irq0(cx);
     }
 
     fn next_deadline_ns(&self) -> Option<u64> {

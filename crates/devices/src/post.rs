@@ -7,7 +7,7 @@ use std::convert::Infallible;
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::{Access, Device, DeviceContext, Persist, PortRegion};
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 
 /// The POST-code port.
 pub const POST_PORT: u16 = 0x80;
@@ -54,15 +54,18 @@ impl Persist for PostCode {
     }
 }
 
-/// Port 0x80 on the platform (byte-wide: a wider access also reaches 0x81.., which are not
-/// claimed).
+/// Port 0x80 on the platform, taking accesses whole (a wider write keeps its low byte).
 impl Device for PostCode {
     fn id(&self) -> &str {
         POST_ID
     }
 
     fn port_regions(&self) -> Vec<PortRegion> {
-        vec![PortRegion::bytewise(POST_PORT, 1)]
+        vec![PortRegion::whole(POST_PORT, 1)]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks::NONE
     }
 
     fn io_read(&mut self, _: u16, _: u16, data: &mut [u8], _: &mut DeviceContext<'_>) -> Access {

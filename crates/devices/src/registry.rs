@@ -198,6 +198,17 @@ pub struct Devices {
     bus: IoBus<Slot>,
     mmio: MmioBus<usize>,
     devices: Vec<Box<dyn Device>>,
+    /// Indices of the devices with [`Hooks::clock`](crate::Hooks).
+    clocked: Vec<usize>,
+    /// Indices of the devices with [`Hooks::requests`](crate::Hooks).
+    requesters: Vec<usize>,
+    /// Per device: whether it has [`Hooks::requests`](crate::Hooks).
+    is_requester: Vec<bool>,
+    /// A requester was called since the last [`Devices::take_exit_request`] found nothing:
+    /// requests only arise in calls into a device, so there is nothing to poll otherwise.
+    poll_exit: bool,
+    /// The same for [`Devices::take_reset_request`].
+    poll_reset: bool,
     /// The interrupt controller: every device's interrupt lines end here.
     pic: Pic,
     now_ns: u64,
@@ -263,6 +274,11 @@ impl Devices {
             bus: controller_bus().expect("the PIC's port ranges are valid and disjoint"),
             mmio: MmioBus::new(),
             devices: Vec::new(),
+            clocked: Vec::new(),
+            requesters: Vec::new(),
+            is_requester: Vec::new(),
+            poll_exit: false,
+            poll_reset: false,
             pic: Pic::new(),
             now_ns: 0,
         };
@@ -325,6 +341,16 @@ impl Devices {
         for (irq, level) in levels.levels {
             self.pic.preset_line(irq, level);
         }
+        let hooks = device.hooks();
+        if hooks.clock {
+            self.clocked.push(index);
+        }
+        if hooks.requests {
+            self.requesters.push(index);
+            self.poll_exit = true;
+            self.poll_reset = true;
+        }
+        self.is_requester.push(hooks.requests);
         self.devices.push(device);
         Ok(())
     }
@@ -419,6 +445,9 @@ impl Devices {
             }
         }
         self.now_ns = state.now_ns;
+        // The restored devices may hold requests.
+        self.poll_exit = true;
+        self.poll_reset = true;
         Ok(())
     }
 
@@ -456,9 +485,20 @@ impl Devices {
     pub fn advance_to(&mut self, now_ns: u64) {
         self.now_ns = self.now_ns.max(now_ns);
         let now = self.now_ns;
-        let Self { devices, pic, .. } = self;
-        for d in devices.iter_mut() {
-            d.advance_to(now, &mut DeviceContext::new(now, pic));
+        let Self {
+            devices,
+            clocked,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
+        } = self;
+        for &i in clocked.iter() {
+            devices[i].advance_to(now, &mut DeviceContext::new(now, pic));
+            if is_requester[i] {
+                (*poll_exit, *poll_reset) = (true, true);
+            }
         }
     }
 
@@ -466,9 +506,9 @@ impl Devices {
     /// scheduled: run the vCPU no further than this before calling [`Devices::advance_to`]
     /// again.
     pub fn next_deadline_ns(&self) -> Option<u64> {
-        self.devices
+        self.clocked
             .iter()
-            .filter_map(|d| d.next_deadline_ns())
+            .filter_map(|&i| self.devices[i].next_deadline_ns())
             .min()
     }
 
@@ -476,7 +516,13 @@ impl Devices {
     pub fn io_read(&mut self, port: u16, data: &mut [u8]) -> Result<(), DevicesError> {
         let now = self.now_ns;
         let Self {
-            bus, devices, pic, ..
+            bus,
+            devices,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
         } = self;
         bus.read_with(port, data, |slot, base, offset, bytes| match slot {
             Slot::Pic => {
@@ -484,6 +530,9 @@ impl Devices {
                 true
             }
             Slot::Device(i) => {
+                if is_requester[*i] {
+                    (*poll_exit, *poll_reset) = (true, true);
+                }
                 let mut cx = DeviceContext::new(now, pic);
                 devices[*i].io_read(base, offset, bytes, &mut cx) == Access::Handled
             }
@@ -500,7 +549,13 @@ impl Devices {
     pub fn io_write(&mut self, port: u16, data: &[u8]) -> Result<(), DevicesError> {
         let now = self.now_ns;
         let Self {
-            bus, devices, pic, ..
+            bus,
+            devices,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
         } = self;
         bus.write_with(port, data, |slot, base, offset, bytes| match slot {
             Slot::Pic => {
@@ -510,6 +565,9 @@ impl Devices {
                 true
             }
             Slot::Device(i) => {
+                if is_requester[*i] {
+                    (*poll_exit, *poll_reset) = (true, true);
+                }
                 let mut cx = DeviceContext::new(now, pic);
                 devices[*i].io_write(base, offset, bytes, &mut cx) == Access::Handled
             }
@@ -527,11 +585,20 @@ impl Devices {
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
         let now = self.now_ns;
         let Self {
-            mmio, devices, pic, ..
+            mmio,
+            devices,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
         } = self;
         let Some((range, i)) = mmio.target_mut(addr, data.len()) else {
             return false;
         };
+        if is_requester[*i] {
+            (*poll_exit, *poll_reset) = (true, true);
+        }
         let mut cx = DeviceContext::new(now, pic);
         devices[*i].mmio_read(range.base(), addr - range.base(), data, &mut cx) == Access::Handled
     }
@@ -541,11 +608,20 @@ impl Devices {
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
         let now = self.now_ns;
         let Self {
-            mmio, devices, pic, ..
+            mmio,
+            devices,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
         } = self;
         let Some((range, i)) = mmio.target_mut(addr, data.len()) else {
             return false;
         };
+        if is_requester[*i] {
+            (*poll_exit, *poll_reset) = (true, true);
+        }
         let mut cx = DeviceContext::new(now, pic);
         devices[*i].mmio_write(range.base(), addr - range.base(), data, &mut cx) == Access::Handled
     }
@@ -576,15 +652,36 @@ impl Devices {
 
     /// Exit status the guest requested (through port 0xf4), if any (clears the request).
     pub fn take_exit_request(&mut self) -> Option<u8> {
-        self.devices.iter_mut().find_map(|d| d.take_exit_request())
+        if !self.poll_exit {
+            return None;
+        }
+        let Self {
+            devices,
+            requesters,
+            ..
+        } = self;
+        let request = requesters
+            .iter()
+            .find_map(|&i| devices[i].take_exit_request());
+        // Another device may hold one too: look again next time until none is found.
+        self.poll_exit = request.is_some();
+        request
     }
 
     /// Whether the guest asked for a CPU reset (the i8042's reset line) since the last call
     /// (clears the requests).
     pub fn take_reset_request(&mut self) -> bool {
-        self.devices
-            .iter_mut()
-            .fold(false, |any, d| d.take_reset_request() | any)
+        if !std::mem::take(&mut self.poll_reset) {
+            return false;
+        }
+        let Self {
+            devices,
+            requesters,
+            ..
+        } = self;
+        requesters
+            .iter()
+            .fold(false, |any, &i| devices[i].take_reset_request() | any)
     }
 
     /// Queue host input for COM1; returns how many bytes fit in its FIFO.

@@ -45,7 +45,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::device::{Access, Device, DeviceContext, Persist, PortRegion};
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 
 /// Index port.
 pub const RTC_INDEX_PORT: u16 = 0x70;
@@ -119,13 +119,25 @@ pub enum RtcError {
     InvalidState(String),
 }
 
+/// 32768 / 1e9 reduced: ticks = ns * 64 / 1_953_125.
+const NS_PER_TICK_NUM: u64 = 1_953_125;
+const NS_PER_TICK_DEN: u64 = 64;
+
 /// Tick of the 32.768 kHz time base at virtual time `ns`.
 pub fn ns_to_ticks(ns: u64) -> u64 {
+    // The run loop asks on every exit: stay in u64 (a multiply by a constant) for the first
+    // nine years of virtual time.
+    if ns < 1 << 57 {
+        return ns * NS_PER_TICK_DEN / NS_PER_TICK_NUM;
+    }
     (u128::from(ns) * u128::from(RTC_TICK_HZ) / NS_PER_SEC) as u64
 }
 
 /// First virtual nanosecond at which tick `tick` has happened, if it fits in a u64.
 pub fn checked_ticks_to_ns(tick: u64) -> Option<u64> {
+    if tick < 1 << 40 {
+        return Some((tick * NS_PER_TICK_NUM).div_ceil(NS_PER_TICK_DEN));
+    }
     let ns = (u128::from(tick) * NS_PER_SEC).div_ceil(u128::from(RTC_TICK_HZ));
     u64::try_from(ns).ok()
 }
@@ -408,13 +420,28 @@ pub struct RtcState {
 }
 
 /// The MC146818 RTC. See the module documentation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Rtc {
     cmos: [u8; CMOS_SIZE],
     index: u8,
     now_ns: u64,
     divider_phase: u64,
+    /// The tick of `now_ns` (derived, kept to convert once per advance).
+    tick: u64,
+    /// The IRQ 8 level last reported to the interrupt controller (host-side: `None` until
+    /// the first report, and after a restore).
+    reported: Option<bool>,
 }
+
+/// Two RTCs are equal when their guest-visible state is.
+impl PartialEq for Rtc {
+    fn eq(&self, other: &Self) -> bool {
+        (self.cmos, self.index, self.now_ns, self.divider_phase)
+            == (other.cmos, other.index, other.now_ns, other.divider_phase)
+    }
+}
+
+impl Eq for Rtc {}
 
 impl Default for Rtc {
     fn default() -> Self {
@@ -453,6 +480,8 @@ impl Rtc {
             now_ns: 0,
             // Updates at whole seconds of virtual time.
             divider_phase: HALF_SEC_TICKS,
+            tick: 0,
+            reported: None,
         }
     }
 
@@ -486,7 +515,7 @@ impl Rtc {
     }
 
     fn tick(&self) -> u64 {
-        ns_to_ticks(self.now_ns)
+        self.tick
     }
 
     fn running(&self) -> bool {
@@ -666,9 +695,10 @@ impl Rtc {
         if now_ns <= self.now_ns {
             return;
         }
-        let t0 = self.tick();
+        let t0 = self.tick;
         self.now_ns = now_ns;
-        let t1 = self.tick();
+        self.tick = ns_to_ticks(now_ns);
+        let t1 = self.tick;
         if t1 == t0 || !self.running() {
             return;
         }
@@ -691,11 +721,11 @@ impl Rtc {
     /// one is scheduled (none while IRQF is already set: the line is high until register C
     /// is read).
     pub fn next_deadline_ns(&self) -> Option<u64> {
-        if self.irq_level() || !self.running() {
+        let b = self.cmos[REG_B];
+        if self.irq_level() || !self.running() || b & (B_PIE | B_UIE | B_AIE) == 0 {
             return None;
         }
         let t = self.tick();
-        let b = self.cmos[REG_B];
         let periodic = self
             .periodic_ticks()
             .filter(|_| b & B_PIE != 0)
@@ -789,14 +819,22 @@ impl Persist for Rtc {
             index: state.index,
             now_ns: state.now_ns,
             divider_phase: state.divider_phase,
+            tick: ns_to_ticks(state.now_ns),
+            reported: None,
         };
         Ok(())
     }
 }
 
 impl Rtc {
-    fn report_irq(&self, cx: &mut DeviceContext<'_>) {
-        cx.set_irq(RTC_IRQ, self.irq_level());
+    /// Drive IRQ 8 to IRQF, telling the controller only of changes (the run loop calls
+    /// `advance_to` on every exit).
+    fn report_irq(&mut self, cx: &mut DeviceContext<'_>) {
+        let level = self.irq_level();
+        if self.reported != Some(level) {
+            self.reported = Some(level);
+            cx.set_irq(RTC_IRQ, level);
+        }
     }
 }
 
@@ -808,6 +846,10 @@ impl Device for Rtc {
 
     fn port_regions(&self) -> Vec<PortRegion> {
         vec![PortRegion::bytewise(RTC_INDEX_PORT, 2)]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks::CLOCK
     }
 
     fn io_read(
@@ -947,6 +989,22 @@ mod tests {
 
     fn at(tick: u64) -> u64 {
         checked_ticks_to_ns(tick).unwrap()
+    }
+
+    #[test]
+    fn tick_conversions_agree_on_both_paths() {
+        let slow_ticks = |ns: u64| (u128::from(ns) * 32_768 / 1_000_000_000) as u64;
+        let slow_ns = |t: u64| (u128::from(t) * 1_000_000_000).div_ceil(32_768) as u64;
+        for ns in [0, 1, 30_517, 30_518, 1_000_000_000, (1 << 57) - 1, 1 << 57, u64::MAX] {
+            assert_eq!(ns_to_ticks(ns), slow_ticks(ns), "{ns} ns");
+        }
+        for t in [0, 1, 32_767, 32_768, (1 << 40) - 1, 1 << 40, 1 << 45] {
+            assert_eq!(checked_ticks_to_ns(t), Some(slow_ns(t)), "tick {t}");
+            let ns = checked_ticks_to_ns(t).unwrap();
+            assert_eq!(ns_to_ticks(ns), t);
+            assert_eq!(ns_to_ticks(ns - u64::from(t > 0)), t.saturating_sub(1));
+        }
+        assert_eq!(checked_ticks_to_ns(u64::MAX), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use vm_superio::serial::{Error as UartError, NoEvents};
 use vm_superio::{Serial as Uart, SerialState};
 
 use crate::bus::PortIoDevice;
-use crate::device::{Access, Device, DeviceContext, Persist, PortRegion};
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 use crate::irq::IrqLine;
 
 /// First port of COM1.
@@ -281,7 +281,7 @@ impl Persist for Serial {
 impl Serial {
     /// Deliver a raised interrupt request as an edge on IRQ 4.
     fn report_irq(&self, cx: &mut DeviceContext<'_>) {
-        if self.irq.take() {
+        if self.irq.is_raised() && self.irq.take() {
             cx.pulse_irq(COM1_IRQ);
         }
     }
@@ -295,6 +295,11 @@ impl Device for Serial {
 
     fn port_regions(&self) -> Vec<PortRegion> {
         vec![PortRegion::bytewise(COM1_BASE, u32::from(UART_PORTS))]
+    }
+
+    fn hooks(&self) -> Hooks {
+        // advance_to delivers requests raised outside an access (host input, a restore).
+        Hooks::CLOCK
     }
 
     fn io_read(
