@@ -588,6 +588,10 @@ pub struct PitState {
 #[derive(Debug, Clone)]
 pub struct Pit {
     state: PitState,
+    /// The input-clock tick of `state.now_ns` and the first ns of the next one (derived:
+    /// the run loop advances the PIT on every exit, mostly within one tick).
+    tick: u64,
+    next_tick_ns: u64,
     /// The IRQ 0 level last reported to the interrupt controller (host-side: `None` until
     /// the first report, and after a restore).
     reported: Option<bool>,
@@ -623,6 +627,8 @@ impl Pit {
                 ],
                 port61: 0,
             },
+            tick: 0,
+            next_tick_ns: ticks_to_ns(1),
             reported: None,
         }
     }
@@ -632,8 +638,11 @@ impl Pit {
         for (i, ch) in state.channels.iter().enumerate() {
             ch.validate(i)?;
         }
+        let tick = ns_to_ticks(state.now_ns);
         Ok(Self {
             state: state.clone(),
+            tick,
+            next_tick_ns: ticks_to_ns(tick + 1),
             reported: None,
         })
     }
@@ -649,7 +658,7 @@ impl Pit {
     }
 
     fn now_tick(&self) -> u64 {
-        ns_to_ticks(self.state.now_ns)
+        self.tick
     }
 
     /// Move virtual time forward to `now_ns` (earlier times are ignored: time never goes
@@ -658,7 +667,14 @@ impl Pit {
         if now_ns > self.state.now_ns {
             self.state.now_ns = now_ns;
         }
-        let t = self.now_tick();
+        if self.state.now_ns < self.next_tick_ns {
+            // Still in the tick of the last sync: nothing can have changed (accesses sync
+            // the channels themselves).
+            return 0;
+        }
+        self.tick = ns_to_ticks(self.state.now_ns);
+        self.next_tick_ns = ticks_to_ns(self.tick + 1);
+        let t = self.tick;
         let mut irq0_edges = 0;
         for (i, ch) in self.state.channels.iter_mut().enumerate() {
             let e = ch.sync(t);

@@ -426,8 +426,10 @@ pub struct Rtc {
     index: u8,
     now_ns: u64,
     divider_phase: u64,
-    /// The tick of `now_ns` (derived, kept to convert once per advance).
+    /// The tick of `now_ns` and the first ns of the next one (derived: the run loop
+    /// advances the RTC on every exit, nearly always within one 30.5 us tick).
     tick: u64,
+    next_tick_ns: u64,
     /// The IRQ 8 level last reported to the interrupt controller (host-side: `None` until
     /// the first report, and after a restore).
     reported: Option<bool>,
@@ -481,6 +483,7 @@ impl Rtc {
             // Updates at whole seconds of virtual time.
             divider_phase: HALF_SEC_TICKS,
             tick: 0,
+            next_tick_ns: checked_ticks_to_ns(1).unwrap_or(u64::MAX),
             reported: None,
         }
     }
@@ -695,9 +698,13 @@ impl Rtc {
         if now_ns <= self.now_ns {
             return;
         }
-        let t0 = self.tick;
         self.now_ns = now_ns;
+        if now_ns < self.next_tick_ns {
+            return; // the same tick: no flag, update or UIP change
+        }
+        let t0 = self.tick;
         self.tick = ns_to_ticks(now_ns);
+        self.next_tick_ns = checked_ticks_to_ns(self.tick + 1).unwrap_or(u64::MAX);
         let t1 = self.tick;
         if t1 == t0 || !self.running() {
             return;
@@ -814,12 +821,14 @@ impl Persist for Rtc {
                 state.divider_phase
             )));
         }
+        let tick = ns_to_ticks(state.now_ns);
         *self = Self {
             cmos,
             index: state.index,
             now_ns: state.now_ns,
             divider_phase: state.divider_phase,
-            tick: ns_to_ticks(state.now_ns),
+            tick,
+            next_tick_ns: checked_ticks_to_ns(tick + 1).unwrap_or(u64::MAX),
             reported: None,
         };
         Ok(())
