@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use esvm_arch::{layout, VcpuSnapshot};
-use esvm_devices::{Devices, DevicesError, DevicesState};
+use esvm_devices::{Devices, DevicesError, DevicesState, DEVICES_STATE_VERSION};
 use esvm_hv::sev::{Launcher, SevHostVmState, SevVcpu, SevVcpuTransfer, SevVm, Started};
 use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
 use esvm_loader::{BootState, LoadError, LoadOptions};
@@ -90,8 +90,12 @@ enum Clock {
 pub const MMIO_SCRATCH_BASE: u64 = layout::MMIO_SCRATCH_ADDR;
 const MMIO_SCRATCH_LEN: usize = layout::MMIO_SCRATCH_SIZE as usize;
 
-/// Version of [`MachineState`]'s serialised form.
-pub const MACHINE_STATE_VERSION: u32 = 1;
+/// Generation of [`MachineState`]'s own fields; bump it when they change.
+const MACHINE_STATE_FIELDS_VERSION: u32 = 1;
+/// Version of [`MachineState`]'s serialised form, derived: it goes up whenever its own fields
+/// or the devices' state format ([`DEVICES_STATE_VERSION`]) do. Both generations start at 1,
+/// so the first format is version 1 and every later change of either gives a new number.
+pub const MACHINE_STATE_VERSION: u32 = MACHINE_STATE_FIELDS_VERSION + DEVICES_STATE_VERSION - 1;
 
 /// Everything of a machine that is not guest memory or vCPU state: the devices, the clock
 /// and the VMM-side MMIO window. Serialised (JSON) into snapshots and migration streams.
@@ -525,18 +529,38 @@ impl Machine {
                 if let Some(code) = devices.take_exit_request() {
                     return Ok(Some(Outcome::Exited(code)));
                 }
-            }
-            VmExit::MmioRead { addr, data } => match scratch_range(addr, data.len()) {
-                Some(r) => data.copy_from_slice(&scratch[r]),
-                None => {
-                    tracing::debug!(addr, len = data.len(), "read of unbacked memory");
-                    data.fill(0xff);
+                if devices.take_reset_request() {
+                    return Ok(Some(Outcome::Shutdown(
+                        "it asked for a CPU reset through the i8042 keyboard controller \
+                         (esvm does not reboot guests)"
+                            .into(),
+                    )));
                 }
-            },
-            VmExit::MmioWrite { addr, data } => match scratch_range(addr, data.len()) {
-                Some(r) => scratch[r].copy_from_slice(data),
-                None => tracing::debug!(addr, len = data.len(), "write to unbacked memory ignored"),
-            },
+            }
+            // MMIO goes to the devices first, then to the scratch window.
+            VmExit::MmioRead { addr, data } => {
+                if !devices.mmio_read(addr, data) {
+                    match scratch_range(addr, data.len()) {
+                        Some(r) => data.copy_from_slice(&scratch[r]),
+                        None => {
+                            tracing::debug!(addr, len = data.len(), "read of unbacked memory");
+                            data.fill(0xff);
+                        }
+                    }
+                }
+            }
+            VmExit::MmioWrite { addr, data } => {
+                if !devices.mmio_write(addr, data) {
+                    match scratch_range(addr, data.len()) {
+                        Some(r) => scratch[r].copy_from_slice(data),
+                        None => tracing::debug!(
+                            addr,
+                            len = data.len(),
+                            "write to unbacked memory ignored"
+                        ),
+                    }
+                }
+            }
             VmExit::Shutdown { reason } => return Ok(Some(Outcome::Shutdown(reason))),
             VmExit::Terminated { reason } => return Ok(Some(Outcome::Terminated(reason))),
             VmExit::Cpuid { result, .. } => *result = [0; 4],

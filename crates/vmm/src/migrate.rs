@@ -4,8 +4,9 @@
 //!
 //! What travels (see `docs/migration-protocol.md` for the frames):
 //! * `Config`: memory size, vCPU count, VM type, no feature bits, and as extra compatibility
-//!   data [`COMPAT_EXTRA`], the names of this VMM's state formats: a destination that
-//!   serialises differently refuses before any memory moves.
+//!   data [`compat_extra`], the names and versions of this VMM's state formats (derived from
+//!   their version constants, every device's included): a destination that serialises
+//!   differently refuses before any memory moves.
 //! * pages: the first pass carries every page ever written (the destination starts zeroed;
 //!   see [`crate::dirty`]), later passes the dirty log.
 //! * `DeviceState`: the [`MachineState`] as JSON (devices, virtual clock, instruction
@@ -24,7 +25,7 @@
 
 use std::io::Write;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use esvm_hv::sev::{SevSessionStart, SevVcpuTransfer, SevVm};
 use esvm_hv::{BackendKind, Vm, VmType};
@@ -39,13 +40,27 @@ use thiserror::Error;
 use crate::lifecycle::LifecycleError;
 use crate::machine::{
     Machine, MachineConfig, MachineHandle, MachineState, MigrationTicket, StoppedGuard,
+    MACHINE_STATE_VERSION,
 };
 use crate::ram::RamError;
 use crate::runctl::PARK_TIMEOUT;
 
 /// The VMM-specific compatibility data of the `Config` frame: the formats of the state this
-/// VMM sends. Both sides must agree exactly.
-pub const COMPAT_EXTRA: &[u8] = b"esvm machine-state/1 vcpu-snapshot/1 sev-transfer/1 json";
+/// VMM sends, derived from their version constants — the machine state
+/// ([`MACHINE_STATE_VERSION`], which follows the devices' state format) and every device's
+/// id and state version ([`esvm_devices::state_format`]). Both sides must agree exactly, e.g.
+/// `esvm machine-state/2 devices/2 bench-marker/1 com1/1 ... vcpu-snapshot/1 sev-transfer/1
+/// json`.
+pub fn compat_extra() -> &'static [u8] {
+    static EXTRA: OnceLock<Vec<u8>> = OnceLock::new();
+    EXTRA.get_or_init(|| {
+        format!(
+            "esvm machine-state/{MACHINE_STATE_VERSION} {} vcpu-snapshot/1 sev-transfer/1 json",
+            esvm_devices::state_format()
+        )
+        .into_bytes()
+    })
+}
 
 /// Why the trusted root for an SEV-ES destination could not be read.
 #[allow(missing_docs)] // Each variant is documented by its #[error] message.
@@ -127,7 +142,7 @@ pub fn migration_config(c: &MachineConfig) -> MigrationConfig {
             VmType::SevEs => GuestType::SevEs,
         },
         features: 0,
-        extra: COMPAT_EXTRA.to_vec(),
+        extra: compat_extra().to_vec(),
     }
 }
 
@@ -495,12 +510,12 @@ impl MigrationTarget for MachineTarget {
                     .to_bytes()
             }
         };
-        if config.extra != COMPAT_EXTRA {
+        if config.extra != compat_extra() {
             return Err(TargetError::Incompatible(format!(
                 "the source's state formats are {:?}, this destination reads {:?}; run the \
                  same esvm version on both hosts",
                 String::from_utf8_lossy(&config.extra),
-                String::from_utf8_lossy(COMPAT_EXTRA)
+                String::from_utf8_lossy(compat_extra())
             )));
         }
         if config.features != 0 {
@@ -945,7 +960,21 @@ mod tests {
         c.extra = b"other".to_vec();
         let e = t.accept_config(&c).unwrap_err();
         assert!(e.to_string().contains("same esvm version"), "{e}");
-        c.extra = COMPAT_EXTRA.to_vec();
+        // A source from before the device registry (machine state 1, fixed device fields).
+        c.extra = b"esvm machine-state/1 vcpu-snapshot/1 sev-transfer/1 json".to_vec();
+        let e = t.accept_config(&c).unwrap_err().to_string();
+        assert!(e.contains("machine-state/1 vcpu-snapshot/1"), "{e}");
+        assert!(e.contains("same esvm version"), "{e}");
+        let ours = String::from_utf8(compat_extra().to_vec()).unwrap();
+        assert!(
+            ours.starts_with("esvm machine-state/2 devices/2 "),
+            "{ours}"
+        );
+        assert!(
+            ours.contains(" com1/1 ") && ours.contains(" pic/1 "),
+            "{ours}"
+        );
+        c.extra = compat_extra().to_vec();
         assert_eq!(t.accept_config(&c).unwrap(), Vec::<u8>::new());
         assert!(t.apply_device_state(b"{not json").is_err());
         assert!(t.apply_vcpu_state(0, b"[]").is_err());

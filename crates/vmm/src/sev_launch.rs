@@ -13,9 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use esvm_arch::layout;
 use esvm_hv::sev::{Launched, Launcher, Measured, Started};
 use esvm_hv::HvError;
-use esvm_arch::layout;
 use esvm_loader::BootState;
 use esvm_psp::{LaunchStart, Measurement, Policy, Psp};
 use thiserror::Error;

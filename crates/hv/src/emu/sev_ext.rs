@@ -342,8 +342,12 @@ impl SevVcpu for EmuVcpu {
         // the ciphertext.
         let vmsa = self.cpu.to_vmsa();
         let psp = ctx.psp();
-        psp.seal_vmsa(ctx.handle(), esvm_arch::layout::vmsa_addr(self.id), vmsa.as_bytes())
-            .map_err(psp_err)
+        psp.seal_vmsa(
+            ctx.handle(),
+            esvm_arch::layout::vmsa_addr(self.id),
+            vmsa.as_bytes(),
+        )
+        .map_err(psp_err)
     }
 
     fn send_state(&self) -> Result<SevVcpuTransfer> {
