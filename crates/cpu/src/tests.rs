@@ -39,6 +39,7 @@ fn basic_alu() {
 }
 
 mod host;
+mod mmx_host;
 mod x87_host;
 
 fn harness(code: &[u8]) -> Harness {
