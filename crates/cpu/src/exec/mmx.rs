@@ -59,6 +59,9 @@ use crate::{Cpu, Exc, Stop, R};
 use esvm_arch::bits::{cr0, vector};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
+#[cfg(test)]
+mod tests;
+
 /// FSW.TOP.
 const FSW_TOP: u16 = 7 << 11;
 /// The low quadword of an XMM register.
