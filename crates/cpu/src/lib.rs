@@ -35,12 +35,14 @@
 //!
 //! Floating point: SSE/SSE2 (`exec/sse.rs`) and the whole x87 FPU (`exec/x87.rs`) compute
 //! on the host FPU, so their results are exactly the host's (including the
-//! implementation-specific last bits of the x87 transcendentals). RDRAND/RDSEED return a
-//! deterministic per-vCPU stream ([`CpuConfig::rdrand_seed`]).
+//! implementation-specific last bits of the x87 transcendentals). MMX (`exec/mmx.rs`, on the
+//! x87 registers) runs its packed arithmetic through the same host SSE2 operations.
+//! RDRAND/RDSEED return a deterministic per-vCPU stream ([`CpuConfig::rdrand_seed`]).
 //!
-//! Not modelled (they raise #UD or #GP, never silently misbehave): MMX arithmetic (EMMS
-//! works), AVX/XSAVE instructions (XGETBV/XSETBV work when CPUID advertises XSAVE),
-//! SYSENTER/SYSEXIT, task switches, call/task gates, virtual-8086 mode, the TSS I/O
+//! Not modelled (they raise #UD or #GP, never silently misbehave): SSSE3 and 3DNow! (not
+//! advertised; their MMX forms included), AVX/XSAVE instructions (XGETBV/XSETBV work when
+//! CPUID advertises XSAVE), SYSENTER/SYSEXIT, task switches, call/task gates, virtual-8086
+//! mode, the TSS I/O
 //! permission bitmap (I/O at CPL > IOPL is #GP), SMEP/SMAP/PCID/PKE/UMIP/FSGSBASE (their CR4
 //! bits are refused), debug-register breakpoints (DR0-7 are stored; RFLAGS.TF single-step
 //! works), alignment checking (#AC), MONITOR/MWAIT. CR8 is stored but does not mask

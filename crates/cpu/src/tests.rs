@@ -902,10 +902,12 @@ fn undefined_opcodes_raise_ud() {
         vec![0x0f, 0x0b],
         vec![0xf0, 0x90],
         vec![0x0f, 0xff],
-        vec![0xd9, 0xd1],       // reserved x87 encoding
-        vec![0xd9, 0xd8],       // FSTP1: not modelled
-        vec![0x0f, 0x0e],       // FEMMS: no 3DNow! on family 17h
-        vec![0x0f, 0x0d, 0xc0], // PREFETCH with a register operand
+        vec![0xd9, 0xd1],             // reserved x87 encoding
+        vec![0xd9, 0xd8],             // FSTP1: not modelled
+        vec![0x0f, 0x0e],             // FEMMS: no 3DNow! on family 17h
+        vec![0x0f, 0x0f, 0xc1, 0xb4], // PFMUL mm0, mm1 (3DNow!)
+        vec![0x0f, 0x38, 0x00, 0xc1], // PSHUFB mm0, mm1: SSSE3 is not advertised
+        vec![0x0f, 0x0d, 0xc0],       // PREFETCH with a register operand
         vec![0xc4, 0xe2, 0x7d, 0x18, 0x00],
     ] {
         let mut c = code.clone();
