@@ -259,14 +259,13 @@ fn h_mov_to_mm(c: &mut Cpu, d: &Insn) -> R {
     Ok(())
 }
 
-/// MOVD/MOVQ r/m32/64, mm, MOVQ mm/m64, mm and MOVNTQ m64, mm (`d.cc` = 1: the
-/// destination is an MMX register). A 32-bit GPR destination is zero-extended.
+/// MOVD/MOVQ r/m32/64, mm, MOVQ m64, mm and MOVNTQ m64, mm (MOVQ mm, mm is
+/// `h_mov_to_mm`). A 32-bit GPR destination is zero-extended.
 fn h_mov_from_mm(c: &mut Cpu, d: &Insn) -> R {
     c.mmx_check()?;
     let sz = d.imm2 as usize;
     let v = c.mm(d.r1);
     match d.k0 {
-        KREG if d.cc == 1 => c.set_mm(d.r0, v),
         KREG => c.rw(d.r0, sz, v),
         _ => {
             let ea = c.ea(d);
@@ -523,7 +522,6 @@ pub(crate) fn select(m: Mnemonic, i: &Instruction, d: &mut Insn) -> Option<Handl
                 d.cc = u8::from(is_mm(1));
                 h_mov_to_mm
             } else if is_mm(1) {
-                d.cc = 0;
                 h_mov_from_mm
             } else {
                 return None;
@@ -531,7 +529,6 @@ pub(crate) fn select(m: Mnemonic, i: &Instruction, d: &mut Insn) -> Option<Handl
         }
         M::Movntq if d.k0 == KMEM && is_mm(1) => {
             d.imm2 = 8;
-            d.cc = 0;
             h_mov_from_mm
         }
         M::Pshufw if mm0 && src_ok => h_pshufw,

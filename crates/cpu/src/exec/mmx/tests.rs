@@ -297,7 +297,7 @@ fn unmasked_simd_exception_of_a_conversion_transitions_but_does_not_write() {
 }
 
 #[test]
-fn maskmovq_writes_the_selected_bytes_through_the_segment() {
+fn maskmovq_writes_the_selected_bytes_through_the_segment_and_address_size() {
     let code = asm(|a| {
         a.mov(rax, 0x1111_2222_3333_4444u64)?;
         a.movq(mm0, rax)?;
@@ -305,6 +305,9 @@ fn maskmovq_writes_the_selected_bytes_through_the_segment() {
         a.movq(mm1, rax)?;
         a.mov(rdi, 0x40u64)?;
         a.db(&[0x64, 0x0f, 0xf7, 0xc1])?; // fs maskmovq mm0, mm1
+                                          // Address size 32: EDI.
+        a.mov(rdi, 0xffff_ffff_0000_0000 | (DATA + 0x80))?;
+        a.db(&[0x67, 0x0f, 0xf7, 0xc1])?; // addr32 maskmovq mm0, mm1
                                           // An all-zero mask accesses nothing, even at an unmapped address.
         a.pxor(mm1, mm1)?;
         a.mov(rdi, 0x4000_0000u64)?;
@@ -312,6 +315,7 @@ fn maskmovq_writes_the_selected_bytes_through_the_segment() {
     });
     let (h, e) = run_with(&code, |h| {
         h.mem().write(DATA + 0x40, &[0x5a; 8]).unwrap();
+        h.mem().write(DATA + 0x80, &[0; 8]).unwrap();
         let mut s = h.cpu.sregs();
         s.fs.base = DATA;
         h.cpu.set_sregs(&s).unwrap();
@@ -319,6 +323,10 @@ fn maskmovq_writes_the_selected_bytes_through_the_segment() {
     assert_eq!(e, None);
     let v = h.mem().read_u64(DATA + 0x40).unwrap();
     assert_eq!(v, 0x115a_5a22_5a33_445a);
+    assert_eq!(
+        h.mem().read_u64(DATA + 0x80).unwrap(),
+        0x1100_0022_0033_4400
+    );
     assert_eq!(top(&h), 0);
 }
 
@@ -357,4 +365,25 @@ fn snapshot_carries_the_mmx_registers() {
     h2.load(&code);
     assert_eq!(h2.run(), Exit::Hlt);
     assert_eq!(h2.cpu.regs().gpr[0], 0x0102_0304_0506_0708);
+}
+
+#[test]
+fn mmx_at_cpl3() {
+    use crate::testutil::{run_snippet, SnippetEnd, SNIPPET_SCRATCH};
+    let code = {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(rbx, SNIPPET_SCRATCH).unwrap();
+        a.movq(mm0, qword_ptr(rbx)).unwrap();
+        a.paddusb(mm0, qword_ptr(rbx + 8)).unwrap();
+        a.movntq(qword_ptr(rbx + 16), mm0).unwrap();
+        a.emms().unwrap();
+        a.assemble(0).unwrap()
+    };
+    let mut mem = [0u8; 4096];
+    mem[..8].copy_from_slice(&0x80ff_7f01_0000_00f0u64.to_le_bytes());
+    mem[8..16].copy_from_slice(&0x8001_0101_0000_0020u64.to_le_bytes());
+    let o = run_snippet(&code, &esvm_arch::Regs::default(), &mut mem);
+    assert_eq!(o.end, SnippetEnd::Completed);
+    let r = u64::from_le_bytes(mem[16..24].try_into().unwrap());
+    assert_eq!(r, 0xffff_8002_0000_00ff);
 }
