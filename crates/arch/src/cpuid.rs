@@ -73,7 +73,15 @@ impl CpuidTable {
                 edx1(),
             ),
             // BMI1 (3), RDSEED (18), CLFLUSHOPT (23), CLWB (24).
-            entry(7, 0, true, 0, (1 << 3) | (1 << 18) | (1 << 23) | (1 << 24), 0, 0),
+            entry(
+                7,
+                0,
+                true,
+                0,
+                (1 << 3) | (1 << 18) | (1 << 23) | (1 << 24),
+                0,
+                0,
+            ),
             entry(0xd, 0, true, 0x3, 512 + 64, 512 + 64, 0),
             entry(0x8000_0000, 0, false, 0x8000_0021, b, c, d),
             entry(

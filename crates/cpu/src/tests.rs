@@ -624,9 +624,16 @@ fn amd_model_specific_msrs_linux_touches() {
     let c = expect_exc(&mut h, 13, Some(0));
     assert_eq!(c.rip, CODE + code.len() as u64 - 3);
     let r = h.cpu.regs();
-    assert_eq!(r.gpr[8], crate::exec::system::MICROCODE_PATCH_LEVEL & 0xffff_ffff);
+    assert_eq!(
+        r.gpr[8],
+        crate::exec::system::MICROCODE_PATCH_LEVEL & 0xffff_ffff
+    );
     assert_eq!(r.gpr[9], 2, "DE_CFG reads LFENCE-serialising");
-    assert_eq!((r.gpr[10], r.gpr[11]), (0, 0), "NB_CFG reads 0 (writes ignored, as KVM)");
+    assert_eq!(
+        (r.gpr[10], r.gpr[11]),
+        (0, 0),
+        "NB_CFG reads 0 (writes ignored, as KVM)"
+    );
 }
 
 #[test]
