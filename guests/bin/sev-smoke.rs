@@ -31,9 +31,10 @@
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
+use esvm_abi::sev as sevabi;
+use esvm_abi::term;
 use esvm_rt::idt::{self, InterruptFrame};
 use esvm_rt::sev::{self, SevMode};
-use esvm_rt::sevabi::{self, term};
 use esvm_rt::{arg, arg_u64_or_exit, check, check_eq, entry, println, x86, BootInfo, Dec, Hex};
 
 entry!(main, sev_es);

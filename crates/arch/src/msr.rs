@@ -26,14 +26,15 @@ pub const AMD_DE_CFG: u32 = 0xc001_1029;
 /// DE_CFG bit 1: LFENCE is dispatch-serialising.
 pub const AMD_DE_CFG_LFENCE_SERIALIZE: u64 = 1 << 1;
 /// SEV-ES: the GHCB MSR (MSR protocol values or the GHCB's guest-physical address).
-pub const SEV_GHCB: u32 = 0xc001_0130;
+pub const SEV_GHCB: u32 = esvm_abi::sev::MSR_GHCB;
 /// Reads report which SEV features are active (bit 0 SEV, bit 1 SEV-ES).
-pub const SEV_STATUS: u32 = 0xc001_0131;
+pub const SEV_STATUS: u32 = esvm_abi::sev::MSR_SEV_STATUS;
 
 /// Power-on value of IA32_PAT.
 pub const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
-/// Power-on value of IA32_APIC_BASE for the bootstrap processor (xAPIC enabled, BSP flag).
-pub const APIC_BASE_DEFAULT_BSP: u64 = 0xfee0_0000 | (1 << 11) | (1 << 8);
+/// Power-on value of IA32_APIC_BASE for the bootstrap processor: the local APIC at its
+/// place in the memory map, xAPIC enabled (bit 11), BSP flag (bit 8).
+pub const APIC_BASE_DEFAULT_BSP: u64 = crate::layout::LAPIC_ADDR | (1 << 11) | (1 << 8);
 
 /// MSRs outside [`crate::SpecialRegs`] (EFER, APIC base, FS/GS base live there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,5 +134,12 @@ mod tests {
         }
         assert_eq!(m.get(IA32_EFER), None);
         assert!(!m.set(0x1234, 1));
+    }
+
+    #[test]
+    fn sev_msrs_and_apic_base_keep_their_values() {
+        assert_eq!(SEV_GHCB, 0xc001_0130);
+        assert_eq!(SEV_STATUS, 0xc001_0131);
+        assert_eq!(APIC_BASE_DEFAULT_BSP, 0xfee0_0900);
     }
 }

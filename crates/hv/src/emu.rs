@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use esvm_arch::layout;
 use esvm_arch::{DebugRegs, FpuState, PendingEvents, Regs, SpecialRegs, VcpuSnapshot};
 use esvm_cpu::{Cpu, CpuConfig, CpuError, Exit, PhysMemory, SevEsConfig, TrapReg};
 use esvm_psp::{LaunchStart, Measurement, PacketHeader, Psp};
@@ -765,7 +766,7 @@ impl Vcpu for EmuVcpu {
             .launch_update_vmsa(
                 ctx.handle(),
                 self.id,
-                sev::vmsa_gpa(self.id),
+                layout::vmsa_addr(self.id),
                 vmsa.as_bytes(),
             )
             .map_err(psp_err)?;
@@ -801,7 +802,7 @@ impl Vcpu for EmuVcpu {
         // the ciphertext.
         let vmsa = self.cpu.to_vmsa();
         let psp = ctx.psp();
-        psp.seal_vmsa(ctx.handle(), sev::vmsa_gpa(self.id), vmsa.as_bytes())
+        psp.seal_vmsa(ctx.handle(), layout::vmsa_addr(self.id), vmsa.as_bytes())
             .map_err(psp_err)
     }
 

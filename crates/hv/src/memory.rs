@@ -1,5 +1,6 @@
 //! Guest RAM (through `vm-memory`) and the dirty-page log.
 
+use esvm_arch::layout::MAX_RAM_SIZE;
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -34,15 +35,12 @@ pub struct GuestMemory {
 
 type WriteHook = Box<dyn Fn(u64, u64) + Send + Sync>;
 
-/// Largest RAM size accepted: RAM stays below the 4 GiB MMIO window (LAPIC at 0xfee00000).
-pub const MAX_MEM_SIZE: u64 = 0xc000_0000;
-
 impl GuestMemory {
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || size > MAX_MEM_SIZE {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || size > MAX_RAM_SIZE {
             return Err(MemoryError::BadSize {
                 size,
-                max: MAX_MEM_SIZE,
+                max: MAX_RAM_SIZE,
             });
         }
         let mmap =

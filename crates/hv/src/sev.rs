@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use esvm_abi::sev::{CPUID_SEV_EAX_SEV, CPUID_SEV_EAX_SEV_ES, CPUID_SEV_LEAF};
 use esvm_arch::bits::{cr0, rflags};
 use esvm_arch::cpuid::CpuidTable;
 use esvm_cpu::{PageCipher, PhysMemory};
@@ -22,15 +23,8 @@ use crate::HvError;
 
 pub use esvm_psp::TrackedRegisters;
 
-/// C-bit position of esvm's SEV-ES model (CPUID 0x8000_001F EBX[5:0]).
-pub const C_BIT: u8 = 47;
-
-/// Guest-physical identity of vCPU `n`'s VMSA page. VMSAs live outside guest RAM (as on
-/// hardware, where KVM allocates them from host memory); the address only serves as the
-/// encryption tweak and the firmware's bookkeeping key.
-pub fn vmsa_gpa(vcpu: u32) -> u64 {
-    0x7fff_0000_0000 + (vcpu as u64) * 4096
-}
+/// C-bit position of esvm's SEV-ES model (CPUID 0x8000_001F EBX[5:0]), the guest ABI's.
+pub const C_BIT: u8 = esvm_abi::sev::C_BIT_POSITION;
 
 /// The error-code decision of exception injection, as KVM makes it: an exception delivers its
 /// error code only if the vCPU is in protected mode — judged from the CR0 the hypervisor
@@ -239,11 +233,11 @@ impl GhcbServices for ReplayServices<'_> {
                     v[2] |= 1 << 27;
                 }
             }
-            0x8000_001f => {
-                // SEV (bit 1) and SEV-ES (bit 3); C-bit position; physical-address bits lost
-                // (the CPU model's reserved-bit checks follow it).
+            CPUID_SEV_LEAF => {
+                // SEV and SEV-ES; C-bit position; physical-address bits lost (EBX[11:6]; the
+                // CPU model's reserved-bit checks follow it).
                 v = [
-                    (1 << 1) | (1 << 3),
+                    CPUID_SEV_EAX_SEV | CPUID_SEV_EAX_SEV_ES,
                     u32::from(C_BIT) | (esvm_cpu::SEV_PHYS_ADDR_REDUCTION << 6),
                     1,
                     0,

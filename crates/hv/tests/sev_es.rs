@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use common::{ca, launch_sev, platform};
 
-use esvm_guests::sevabi::checkpoint::{self, Checkpoint};
-use esvm_guests::sevabi::cr_steps;
+use esvm_abi::testing::checkpoint::{self, Checkpoint};
+use esvm_abi::testing::cr_steps;
 use esvm_hv::emu::EmuVm;
 use esvm_hv::{HvError, SregsView, Vcpu, Vm, VmConfig, VmExit, VmType};
 use esvm_psp::{LaunchStart, Policy, Psp};
@@ -122,7 +122,7 @@ fn clobbered_idt_then_ud2_is_a_shutdown() {
 
 #[test]
 fn fpu_state_set_before_launch_is_byte_identical_in_the_guest() {
-    let image = esvm_guests::fpu_pattern::fxsave_image();
+    let image = esvm_abi::testing::fpu_pattern::fxsave_image();
     let mut g = launch("sev-fpu", "", |v| {
         v.set_fpu(&esvm_arch::FpuState::from_fxsave(&image))
             .unwrap()

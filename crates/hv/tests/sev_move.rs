@@ -10,7 +10,7 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use common::{launch_sev, launch_start, platform, sev_config};
 
-use esvm_guests::sevabi::checkpoint::{self, Checkpoint};
+use esvm_abi::testing::checkpoint::{self, Checkpoint};
 use esvm_hv::emu::EmuVm;
 use esvm_hv::{HvError, SregsView, Vcpu, Vm, VmConfig, VmExit, VmType};
 use esvm_psp::Psp;
@@ -22,13 +22,13 @@ struct SevGuest {
     vcpus: Vec<Box<dyn Vcpu>>,
     psp: Arc<Mutex<Psp>>,
     serial: Vec<u8>,
-    /// A RAM-like MMIO device (the page at `MMIO_TEST_DEFAULT_ADDR`, for sev-mmio).
+    /// A RAM-like MMIO device (the page at `MMIO_SCRATCH_ADDR`, for sev-mmio).
     mmio: Vec<u8>,
     /// Reads the device answered.
     mmio_reads: usize,
 }
 
-const MMIO_PAGE: u64 = esvm_guests::sevabi::MMIO_TEST_DEFAULT_ADDR & !0xfff;
+const MMIO_PAGE: u64 = esvm_abi::layout::MMIO_SCRATCH_ADDR & !0xfff;
 
 /// The offset of `[addr, addr+len)` in the MMIO device's page, if it lies inside.
 fn mmio_offset(addr: u64, len: usize) -> Option<usize> {

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-use esvm_arch::VcpuSnapshot;
+use esvm_arch::{layout, VcpuSnapshot};
 use esvm_devices::{Devices, DevicesError, DevicesState};
 use esvm_hv::emu::{EmuVm, SevHostVmState, SevVcpuTransfer};
 use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
@@ -86,8 +86,9 @@ enum Clock {
 
 /// A 4 KiB RAM-like MMIO window for guests that test MMIO paths (e.g. `sev-mmio`): reads
 /// return what was written. Outside it, MMIO reads return all-ones and writes are dropped.
-pub const MMIO_SCRATCH_BASE: u64 = 0xFEB0_0000;
-const MMIO_SCRATCH_LEN: usize = 4096;
+/// Its place in the memory map: `esvm_arch::layout::MMIO_SCRATCH_ADDR`.
+pub const MMIO_SCRATCH_BASE: u64 = layout::MMIO_SCRATCH_ADDR;
+const MMIO_SCRATCH_LEN: usize = layout::MMIO_SCRATCH_SIZE as usize;
 
 /// Version of [`MachineState`]'s serialised form.
 pub const MACHINE_STATE_VERSION: u32 = 1;
@@ -357,7 +358,7 @@ impl Machine {
                 args,
                 vcpus: self.vcpus.len() as u32,
                 flags: if sev_es {
-                    esvm_loader::bootinfo::FLAG_PROTECTED_STATE
+                    esvm_abi::boot::FLAG_PROTECTED_STATE
                 } else {
                     0
                 },

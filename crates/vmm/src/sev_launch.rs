@@ -8,16 +8,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use esvm_arch::layout;
 use esvm_hv::Vm;
-use esvm_loader::bootinfo::layout;
 use esvm_loader::BootState;
 use esvm_psp::{LaunchStart, Measurement, Policy, Psp};
 use thiserror::Error;
 
 use crate::machine::Machine;
 
-/// Where LAUNCH_UPDATE_SECRET places an owner's secret (one page; see docs/sev-es-guest.md).
-pub const SECRET_GPA: u64 = 0x4000;
+/// Where LAUNCH_UPDATE_SECRET places an owner's secret (one page; see docs/sev-es-guest.md
+/// and the memory map, `esvm_arch::layout::SECRET_ADDR`).
+pub const SECRET_GPA: u64 = layout::SECRET_ADDR;
 
 /// The launch policy used without `--session`: ES, nothing else.
 pub const DEFAULT_POLICY: u32 = Policy::ES;

@@ -1,5 +1,5 @@
 //! esvm guest runtime: everything a small bare-metal x86-64 test guest needs on top of
-//! the esvm boot protocol (see `bootinfo.rs` and `docs/boot-protocol.md`).
+//! the esvm boot protocol (see `esvm_abi::boot` and `docs/boot-protocol.md`).
 //!
 //! A guest is a `#![no_std]`, `#![no_main]` binary that names its main function with
 //! [`entry!`]:
@@ -25,7 +25,6 @@
 #![no_std]
 
 pub mod args;
-pub mod bootinfo;
 pub mod checksum;
 pub mod gdt;
 pub mod idt;
@@ -37,15 +36,13 @@ pub mod trap;
 pub mod user;
 pub mod x86;
 
-pub mod fpu_pattern;
 mod ghcb;
 pub mod sev;
-pub mod sevabi;
 mod vc;
 pub mod vcdecode;
 
 pub use args::{arg, arg_u64, arg_u64_or_exit};
-pub use bootinfo::{layout, BootInfo};
+pub use esvm_abi::boot::BootInfo;
 pub use serial::{Dec, Hex, Hex16, SDec};
 
 use core::cell::UnsafeCell;
@@ -173,7 +170,7 @@ extern "C" fn esvm_rt_start(bi: *const BootInfo) -> ! {
 pub fn exit(code: u32) -> ! {
     // SEV-ES with a GHCB: flush serial output and write the port through the GHCB.
     sev::exit_hook(code);
-    x86::outb(layout::DEBUG_EXIT_PORT, code as u8);
+    x86::outb(esvm_abi::boot::DEBUG_EXIT_PORT, code as u8);
     // The VMM should have stopped us; if not, stay quiet forever.
     loop {
         x86::cli();

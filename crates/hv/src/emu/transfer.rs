@@ -15,6 +15,7 @@
 //!
 //! The packet and state formats here are esvm's; they are opaque to the migration protocol.
 
+use esvm_arch::layout;
 use esvm_arch::vmsa::Vmsa;
 use esvm_psp::session::PACKET_HEADER_LEN;
 use esvm_psp::{PacketHeader, Policy, SendStartOut, TrackedExtension, TrackedRegisters};
@@ -405,7 +406,7 @@ impl EmuVcpu {
             apic_base: s.tracked.apic_base,
             ghcb_gpa: ghcb_gpa_of(ghcb_msr),
         };
-        let gpa = sev::vmsa_gpa(self.id);
+        let gpa = layout::vmsa_addr(self.id);
         let vmsa = self.cpu.to_vmsa();
         let psp = ctx.psp();
         // The CPU model saves its state into the VMSA (host copy: ciphertext); the firmware
@@ -444,7 +445,7 @@ impl EmuVcpu {
         }
         let header = PacketHeader::from_bytes(&t.vmsa_header)
             .ok_or_else(|| sev("bad VMSA packet header"))?;
-        let gpa = sev::vmsa_gpa(self.id);
+        let gpa = layout::vmsa_addr(self.id);
         let (received, plain) = {
             let psp = ctx.psp();
             let r = psp

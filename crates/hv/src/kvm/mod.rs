@@ -48,6 +48,7 @@ pub use vcpu::KvmVcpu;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use esvm_arch::layout;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION,
     KVM_CAP_EXCEPTION_PAYLOAD, KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES,
@@ -58,13 +59,6 @@ use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRang
 use crate::{
     BackendKind, DirtyBitmap, GuestMemory, HvError, Hypervisor, Result, Vcpu, Vm, VmConfig, VmType,
 };
-
-/// Guest-physical address of the three pages KVM needs for its real-mode TSS (Intel hosts).
-/// Just below the 4 GiB BIOS area, well above guest RAM (which ends below 3 GiB).
-pub const TSS_ADDRESS: u64 = 0xfffb_d000;
-/// Guest-physical address of KVM's identity-map page table page (Intel hosts, EPT without
-/// unrestricted guest), the page below the TSS.
-pub const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// The slot guest RAM occupies.
 const RAM_SLOT: u32 = 0;
@@ -223,9 +217,9 @@ impl KvmHypervisor {
         }
         let memory = GuestMemory::new(config.mem_size)?;
         let fd = self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.set_tss_address(TSS_ADDRESS as usize)
+        fd.set_tss_address(layout::KVM_TSS_ADDR as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         if self.options.irqchip {
             fd.create_irq_chip()

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use esvm_guests::bootinfo::FLAG_PROTECTED_STATE;
+use esvm_abi::boot::FLAG_PROTECTED_STATE;
 use esvm_hv::emu::EmuVm;
 use esvm_hv::{Vcpu, Vm, VmConfig, VmType};
 use esvm_loader::LoadOptions;
