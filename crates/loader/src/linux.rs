@@ -20,26 +20,18 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::{build_page_tables_at, identity_map_size, ram_below_first_hole};
 
-/// Where the pieces of a Linux boot go in guest-physical memory.
+/// Where the pieces of a Linux boot go: the Linux slots of the one memory map
+/// (`esvm_arch::layout`), shared with the esvm boot convention where both need the same thing.
 pub mod layout {
-    /// The GDT with `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18).
-    pub const GDT_ADDR: u64 = 0x500;
-    /// The zero page (`struct boot_params`), as Cloud Hypervisor and Firecracker place it.
-    pub const ZERO_PAGE_ADDR: u64 = 0x7000;
-    /// Identity-map page tables (PML4, PDPT, one PD per GiB).
-    pub const PAGE_TABLES_ADDR: u64 = 0x9000;
-    /// Most the page tables may take: up to 0x20000.
-    pub const PAGE_TABLES_MAX: u64 = 0x20000 - PAGE_TABLES_ADDR;
-    /// The kernel command line (NUL-terminated).
-    pub const CMDLINE_ADDR: u64 = 0x20000;
-    /// Longest command line esvm places (the kernel's own limit, `cmdline_size`, applies too).
-    pub const CMDLINE_MAX: usize = 0x10000 - 1;
-    /// End of conventional memory the kernel may use: the EBDA starts here.
-    pub const EBDA_START: u64 = 0x9_fc00;
-    /// The legacy BIOS area reported reserved.
+    pub use esvm_arch::layout::{
+        CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_ADDR, LEGACY_HOLE_ADDR, LOW_RAM_END, PAGE_TABLES_ADDR,
+        PAGE_TABLES_END, ZERO_PAGE_ADDR,
+    };
+    /// Longest command line esvm places (its slot, NUL included; the kernel's own limit,
+    /// `cmdline_size`, applies too).
+    pub const CMDLINE_MAX: usize = esvm_arch::layout::CMDLINE_SIZE as usize - 1;
+    /// The legacy BIOS area, reported reserved (option ROMs and the ACPI tables below it).
     pub const BIOS_START: u64 = 0xf_0000;
-    /// Where the protected-mode kernel of a bzImage is loaded (its `code32_start`).
-    pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 }
 
 /// `__BOOT_CS` / `__BOOT_DS` of the 64-bit boot protocol.
@@ -163,10 +155,10 @@ fn bzimage_header(b: &[u8]) -> Option<setup_header> {
 pub fn e820_map(ram_end: u64) -> Vec<(u64, u64, u32)> {
     use layout::*;
     vec![
-        (0, EBDA_START, E820_RAM),
-        (EBDA_START, 0xa_0000 - EBDA_START, E820_RESERVED),
-        (BIOS_START, HIGH_MEMORY_START - BIOS_START, E820_RESERVED),
-        (HIGH_MEMORY_START, ram_end - HIGH_MEMORY_START, E820_RAM),
+        (0, LOW_RAM_END, E820_RAM),
+        (LOW_RAM_END, LEGACY_HOLE_ADDR - LOW_RAM_END, E820_RESERVED),
+        (BIOS_START, HIGH_MEMORY_ADDR - BIOS_START, E820_RESERVED),
+        (HIGH_MEMORY_ADDR, ram_end - HIGH_MEMORY_ADDR, E820_RAM),
     ]
 }
 
@@ -291,7 +283,7 @@ pub fn load_linux<M: GuestMemoryBackend>(
                 mem,
                 None,
                 &mut cursor,
-                Some(GuestAddress(layout::HIGH_MEMORY_START)),
+                Some(GuestAddress(layout::HIGH_MEMORY_ADDR)),
             )?;
             let hdr = r.setup_header.unwrap_or_default();
             // The 64-bit entry of a bzImage: load address + 0x200 (boot.rst).
@@ -306,7 +298,7 @@ pub fn load_linux<M: GuestMemoryBackend>(
                 mem,
                 None,
                 &mut cursor,
-                Some(GuestAddress(layout::HIGH_MEMORY_START)),
+                Some(GuestAddress(layout::HIGH_MEMORY_ADDR)),
             )?;
             // A vmlinux carries no setup header: give the fields the kernel reads.
             let hdr = setup_header {
@@ -354,7 +346,7 @@ pub fn load_linux<M: GuestMemoryBackend>(
     write(layout::GDT_ADDR, &gdt)?;
     let map_size = identity_map_size(ram_end);
     let tables = build_page_tables_at(layout::PAGE_TABLES_ADDR, map_size, None);
-    debug_assert!(tables.len() as u64 <= layout::PAGE_TABLES_MAX);
+    debug_assert!(tables.len() as u64 <= layout::PAGE_TABLES_END - layout::PAGE_TABLES_ADDR);
     write(layout::PAGE_TABLES_ADDR, &tables)?;
 
     let mut regs = Regs {
