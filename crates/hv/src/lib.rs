@@ -5,6 +5,10 @@
 //! `emu` (the software vCPU of `esvm-cpu`, deterministic, no privileges) and `kvm`
 //! (rust-vmm's `kvm-ioctls`, plain guests only).
 //!
+//! SEV-ES is an extension of these traits: [`Vm::sev`] and [`Vcpu::sev_mut`] give a backend's
+//! [`SevVm`] / [`SevVcpu`] (the emu backend has them, kvm does not); the launch goes through
+//! the type-state [`sev::Launcher`].
+//!
 //! Exits borrow the vCPU like `kvm_run` does: for `IoIn`/`MmioRead` the VMM writes the value
 //! into `data` and the next [`Vcpu::run`] completes the instruction with it.
 
@@ -19,7 +23,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 pub use memory::{DirtyBitmap, GuestMemory, MemoryError};
-pub use sev::TrackedRegisters;
+pub use sev::{SevVcpu, SevVm, TrackedRegisters};
 
 /// Which backend runs a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -139,6 +143,10 @@ pub enum HvError {
     ProtectedState { vcpu: u32, operation: &'static str },
     #[error("secure processor: {0}")]
     Sev(String),
+    #[error("secure processor: {0}")]
+    Psp(#[from] esvm_psp::PspError),
+    #[error("the {backend} backend has no SEV-ES support (use --backend emu)")]
+    NoSevSupport { backend: BackendKind },
     #[error("invalid vCPU state: {0}")]
     InvalidState(String),
     #[error("guest memory: {0}")]
@@ -249,53 +257,14 @@ pub trait Vcpu: Send {
     fn exit_pending(&self) -> bool {
         false
     }
-    /// SEV-ES LAUNCH_UPDATE_VMSA: the vCPU's current state becomes its initial VMSA, measured
-    /// and encrypted by the secure processor; from then on the vCPU is protected.
-    fn sev_launch_update_vmsa(&mut self) -> Result<()> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// The VMSA LAUNCH_UPDATE_VMSA would take in now (plaintext; only before the vCPU is
-    /// protected — the hypervisor set this state itself). Guest owners use it to predict the
-    /// launch digest.
-    fn sev_initial_vmsa(&self) -> Result<Box<[u8; 4096]>> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// The vCPU's VMSA as the host sees it: ciphertext under the guest's memory key.
-    fn sev_encrypted_vmsa(&self) -> Result<Box<[u8; 4096]>> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// SEV-ES SEND_UPDATE_VMSA: this protected vCPU as a transport packet plus the
-    /// hypervisor's own state (see [`emu::SevVcpuTransfer`]), at a clean point. The VM must
-    /// be in a send session.
-    fn sev_send_state(&self) -> Result<emu::SevVcpuTransfer> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// SEV-ES RECEIVE_UPDATE_VMSA: make this fresh vCPU of a receiving VM the one in `t`;
-    /// its tracked registers come from what the firmware authenticated.
-    fn sev_receive_state(&mut self, t: &emu::SevVcpuTransfer) -> Result<()> {
-        let _ = t;
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// The backend's own vCPU type behind this trait object, for backend-specific
-    /// operations (e.g. [`emu::EmuVm::sev_move_enc_context_from`]); None by default.
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+    /// The vCPU's SEV-ES extension, if its backend can run SEV-ES guests (emu); None
+    /// otherwise (kvm). Its commands refuse a vCPU of a plain VM.
+    fn sev(&self) -> Option<&dyn SevVcpu> {
         None
     }
-    /// The GHCB MSR (host-visible state of an SEV-ES vCPU).
-    fn ghcb_msr(&self) -> Result<u64> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
+    /// [`Vcpu::sev`], for the commands that change the vCPU.
+    fn sev_mut(&mut self) -> Option<&mut dyn SevVcpu> {
+        None
     }
     fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<()>;
     fn get_fpu(&self) -> Result<FpuState>;
@@ -383,6 +352,11 @@ pub trait Vm: Send + Sync {
     /// Return the dirty pages of guest RAM since the last call (one bit per 4 KiB page, bit
     /// `i` of word `i / 64`) and clear them. Guest writes and VMM writes are both included.
     fn take_dirty_log(&self) -> Result<DirtyBitmap>;
+    /// The VM's SEV-ES extension (launch, send, receive, same-host move), if its backend can
+    /// run SEV-ES guests (emu); None otherwise (kvm). Its commands refuse a plain VM.
+    fn sev(&self) -> Option<&dyn SevVm> {
+        None
+    }
     /// Drive interrupt line `irq` (GSI) of the VM's interrupt controllers: `true` raises it,
     /// `false` lowers it (an edge-triggered device raises and lowers). Only backends with
     /// in-kernel interrupt controllers (kvm with its default irqchip) have lines; the others

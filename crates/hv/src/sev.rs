@@ -1,10 +1,32 @@
-//! SEV-ES on the emu backend: launch through the secure processor, the protected register
-//! API, the tracked registers, and the GHCB protocol between the guest and the VMM.
+//! SEV-ES in the hypervisor layer.
+//!
+//! - [`SevVm`] and [`SevVcpu`]: SEV-ES as an extension of the generic [`Vm`](crate::Vm) and
+//!   [`Vcpu`](crate::Vcpu) traits, reached through [`Vm::sev`](crate::Vm::sev) and
+//!   [`Vcpu::sev_mut`](crate::Vcpu::sev_mut) (`ext`);
+//! - [`Launcher`]: the launch as a type-state sequence (`launch`);
+//! - the types a guest travels as: [`SevSessionStart`], [`PagePacket`], [`SevVcpuTransfer`],
+//!   [`SevHostVcpuState`], [`SevHostVmState`] (`transfer`);
+//! - the same-host move of the encryption context (`moving`);
+//! - below, the hypervisor's SEV-ES state and services the emu backend runs them on: the
+//!   guest context, the tracked registers, and the GHCB protocol between the guest and the
+//!   VMM.
 //!
 //! Trust boundary: this module is host code. It holds the guest's memory-key handle only to
 //! pass it from the firmware to the CPU model (as hardware wires the PSP to the memory
 //! controller) and reads guest state only through what the "hardware" exposes to a
 //! hypervisor: exits, the GHCB MSR, shared pages, the encrypted VMSA, and write-trap values.
+
+mod ext;
+mod launch;
+pub mod moving;
+pub mod transfer;
+
+pub use ext::{LaunchToken, SevVcpu, SevVm};
+pub use launch::{Launched, Launcher, Measured, New, Started};
+pub use transfer::{
+    ghcb_gpa_of, PagePacket, SevHostVcpuState, SevHostVmState, SevSessionStart, SevVcpuTransfer,
+    PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
+};
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -75,8 +97,9 @@ impl GuestMemoryAccess for PrivateView {
     }
 }
 
-/// VM-wide SEV-ES state of an emu VM.
-pub struct SevVm {
+/// The VM-wide SEV-ES state of a VM: its guest context in the secure processor (shared by
+/// the VMs a same-host move passed it through) and the hypervisor's GHCB bookkeeping.
+pub struct SevGuestContext {
     pub(crate) psp: Arc<Mutex<Psp>>,
     pub(crate) handle: u32,
     pub(crate) ghcb_vm: Mutex<GhcbVmState>,
@@ -86,7 +109,17 @@ pub struct SevVm {
     pub(crate) recv_worker: Mutex<Option<esvm_psp::ReceiveWorker>>,
 }
 
-impl SevVm {
+impl SevGuestContext {
+    pub(crate) fn new(psp: Arc<Mutex<Psp>>, handle: u32) -> Self {
+        SevGuestContext {
+            psp,
+            handle,
+            ghcb_vm: Default::default(),
+            send_worker: Default::default(),
+            recv_worker: Default::default(),
+        }
+    }
+
     pub fn handle(&self) -> u32 {
         self.handle
     }
@@ -95,7 +128,7 @@ impl SevVm {
     }
 }
 
-impl Drop for SevVm {
+impl Drop for SevGuestContext {
     /// The VM is gone: free its ASID and guest context in the firmware (as KVM does when an
     /// SEV VM is destroyed), so that a long-lived platform does not run out of either.
     fn drop(&mut self) {
@@ -126,7 +159,7 @@ pub(crate) fn activate_free_asid(p: &mut Psp, handle: u32) -> std::result::Resul
 }
 
 pub(crate) fn psp_err(e: esvm_psp::PspError) -> HvError {
-    HvError::Sev(e.to_string())
+    HvError::Psp(e)
 }
 
 /// One I/O the VMM must perform for a GHCB request.
@@ -147,7 +180,8 @@ pub(crate) enum VmmAnswer {
 }
 
 /// Per-vCPU SEV-ES state kept by the hypervisor.
-pub(crate) struct SevVcpu {
+#[derive(Clone)]
+pub(crate) struct SevVcpuState {
     pub protected: bool,
     pub tracked: TrackedRegisters,
     pub ghcb: GhcbState,
@@ -159,9 +193,9 @@ pub(crate) struct SevVcpu {
     pub outbox: VecDeque<VmmIo>,
 }
 
-impl SevVcpu {
+impl SevVcpuState {
     pub fn new() -> Self {
-        SevVcpu {
+        SevVcpuState {
             protected: false,
             tracked: TrackedRegisters {
                 cr0: 0,
@@ -191,7 +225,7 @@ pub(crate) struct ReplayServices<'a> {
     pub tsc: u64,
     pub vcpu_id: u32,
     pub tracked: &'a mut TrackedRegisters,
-    pub vm: &'a SevVm,
+    pub vm: &'a SevGuestContext,
     pub answers: &'a [VmmAnswer],
     pub next_answer: usize,
     pub blocked_on: Option<VmmIo>,

@@ -15,7 +15,8 @@
 //!              migrate, cancel), the migration thread
 //!  snapshot    snapshots: write (plain / sealed SEV-ES) and restore
 //!  migrate     MachineSource / MachineTarget: the migration protocol's VMM side
-//!  sev_launch  SEV-ES launch through the secure processor; the owner's launch predictor
+//!  sev_launch  SEV-ES launch through the secure processor (on the hypervisor's type-state
+//!              Launcher); the owner's launch predictor
 //!  machine     Machine (vCPUs, devices, clock, run loop, state save/restore),
 //!              MachineHandle, in-place guest RAM behind guards
 //!  runctl      RunControl<M>: pauses, holds, jobs, stopped guards, tickets (generic over

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use esvm_arch::{layout, VcpuSnapshot};
-use esvm_devices::{Devices, DevicesError, DevicesState};
-use esvm_hv::emu::{EmuVm, SevHostVmState, SevVcpuTransfer};
+use esvm_devices::{Devices, DevicesError, DevicesState, DEVICES_STATE_VERSION};
+use esvm_hv::sev::{Launcher, SevHostVmState, SevVcpu, SevVcpuTransfer, SevVm, Started};
 use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
 use esvm_loader::{BootState, LoadError, LoadOptions};
 use thiserror::Error;
@@ -90,8 +90,12 @@ enum Clock {
 pub const MMIO_SCRATCH_BASE: u64 = layout::MMIO_SCRATCH_ADDR;
 const MMIO_SCRATCH_LEN: usize = layout::MMIO_SCRATCH_SIZE as usize;
 
-/// Version of [`MachineState`]'s serialised form.
-pub const MACHINE_STATE_VERSION: u32 = 1;
+/// Generation of [`MachineState`]'s own fields; bump it when they change.
+const MACHINE_STATE_FIELDS_VERSION: u32 = 1;
+/// Version of [`MachineState`]'s serialised form, derived: it goes up whenever its own fields
+/// or the devices' state format ([`DEVICES_STATE_VERSION`]) do. Both generations start at 1,
+/// so the first format is version 1 and every later change of either gives a new number.
+pub const MACHINE_STATE_VERSION: u32 = MACHINE_STATE_FIELDS_VERSION + DEVICES_STATE_VERSION - 1;
 
 /// Everything of a machine that is not guest memory or vCPU state: the devices, the clock
 /// and the VMM-side MMIO window. Serialised (JSON) into snapshots and migration streams.
@@ -124,8 +128,6 @@ pub struct MachineState {
 /// [`MachineHandle`].
 pub struct Machine {
     vm: Arc<dyn Vm>,
-    /// The same VM as `vm` when it runs on the emu backend (SEV-ES commands live there).
-    emu: Option<Arc<EmuVm>>,
     config: MachineConfig,
     mmio_scratch: Box<[u8; MMIO_SCRATCH_LEN]>,
     vcpus: Vec<Box<dyn Vcpu>>,
@@ -140,8 +142,8 @@ pub struct Machine {
     /// The last exit waits for the VMM's answer to complete its instruction (IN, MMIO read,
     /// CPUID, MSR): not a clean point for pausing or saving state.
     mid_exit: bool,
-    /// References to the VM when nobody but the machine holds it (its own, the emu view's,
-    /// the dirty tracker's, the backend's): more means a handle or a clone exists.
+    /// References to the VM when nobody but the machine holds it (its own, the dirty
+    /// tracker's, the backend's): more means a handle or a clone exists.
     own_vm_refs: usize,
 }
 
@@ -152,14 +154,27 @@ pub struct MachineHandle {
     /// The VM: guest memory (read it; writing it in place needs a guard, see
     /// [`MachineHandle::stopped_ram`] and [`Machine::exclusive_ram`]) and the dirty log.
     pub vm: Arc<dyn Vm>,
-    /// The same VM when it runs on the emu backend (its SEV-ES commands live there).
-    pub emu: Option<Arc<EmuVm>>,
     /// The run loop's control and the VM's lifecycle.
     pub control: Arc<VmControl>,
     /// The dirty-log view used by migrations and snapshots.
     pub tracker: Arc<DirtyTracker>,
     /// What the machine was created with.
     pub config: MachineConfig,
+}
+
+/// `vm`'s SEV-ES extension, or an error if its backend has none.
+fn sev_of(vm: &dyn Vm) -> Result<&dyn SevVm, MachineError> {
+    vm.sev().ok_or_else(|| {
+        MachineError::Hv(HvError::NoSevSupport {
+            backend: vm.backend(),
+        })
+    })
+}
+
+/// `vcpu`'s SEV-ES extension, or an error if its backend (`backend`) has none.
+fn vcpu_sev(vcpu: &dyn Vcpu, backend: BackendKind) -> Result<&dyn SevVcpu, MachineError> {
+    vcpu.sev()
+        .ok_or(MachineError::Hv(HvError::NoSevSupport { backend }))
 }
 
 /// Slice of virtual time a vCPU runs at most before the loop looks at devices again, when no
@@ -169,6 +184,11 @@ const MAX_SLICE_NS: u64 = 10_000_000;
 const WINDOW_POLL_NS: u64 = 64;
 
 impl MachineHandle {
+    /// The VM's SEV-ES extension (send, receive), or an error if its backend has none.
+    pub fn sev(&self) -> Result<&dyn SevVm, MachineError> {
+        sev_of(self.vm.as_ref())
+    }
+
     /// Guest pages `first_page..first_page + count` in place, read-only, for as long as
     /// `stopped` keeps this machine's vCPUs stopped (e.g. stop-and-copy, a snapshot).
     pub fn stopped_ram<'a>(
@@ -233,14 +253,7 @@ impl Machine {
     ) -> Result<Self, MachineError> {
         let mut vm_config = VmConfig::plain(config.mem_size, config.vcpus);
         vm_config.vm_type = config.vm_type;
-        // The emu VM is kept concretely as well: its SEV-ES commands are emu-only.
-        let (vm, emu): (Arc<dyn Vm>, Option<Arc<EmuVm>>) = match config.backend {
-            BackendKind::Emu => {
-                let emu = Arc::new(EmuVm::new(&vm_config)?);
-                (emu.clone(), Some(emu))
-            }
-            BackendKind::Kvm => (esvm_hv::open(config.backend)?.create_vm(&vm_config)?, None),
-        };
+        let vm = esvm_hv::open(config.backend)?.create_vm(&vm_config)?;
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             vcpus.push(vm.create_vcpu(id)?);
@@ -263,7 +276,6 @@ impl Machine {
         let own_vm_refs = Arc::strong_count(&vm);
         Ok(Machine {
             vm,
-            emu,
             config: config.clone(),
             mmio_scratch: Box::new([0; MMIO_SCRATCH_LEN]),
             retired_base: vec![0; vcpus.len()],
@@ -303,9 +315,10 @@ impl Machine {
         })
     }
 
-    /// The emu VM behind this machine, if it runs on the emu backend.
-    pub fn emu_vm(&self) -> Option<&Arc<EmuVm>> {
-        self.emu.as_ref()
+    /// The VM's SEV-ES extension (launch, send, receive), or an error if its backend has
+    /// none.
+    pub fn sev(&self) -> Result<&dyn SevVm, MachineError> {
+        sev_of(self.vm.as_ref())
     }
 
     /// The legacy devices.
@@ -337,7 +350,6 @@ impl Machine {
     pub fn handle(&self) -> MachineHandle {
         MachineHandle {
             vm: self.vm.clone(),
-            emu: self.emu.clone(),
             control: self.control.clone(),
             tracker: self.tracker.clone(),
             config: self.config.clone(),
@@ -373,16 +385,27 @@ impl Machine {
 
     /// The plaintext VMSAs LAUNCH_UPDATE_VMSA would take in now, in vCPU order.
     pub fn initial_vmsas(&self) -> Result<Vec<[u8; 4096]>, MachineError> {
+        let backend = self.config.backend;
         self.vcpus
             .iter()
-            .map(|v| Ok(*v.sev_initial_vmsa()?))
+            .map(|v| Ok(*vcpu_sev(v.as_ref(), backend)?.initial_vmsa()?))
             .collect()
     }
 
-    /// SEV-ES LAUNCH_UPDATE_VMSA for every vCPU, in vCPU order.
-    pub fn launch_update_vmsas(&mut self) -> Result<(), MachineError> {
+    /// SEV-ES LAUNCH_UPDATE_VMSA of `launcher` (this machine's launch) for every vCPU, in
+    /// vCPU order.
+    pub fn launch_update_vmsas(
+        &mut self,
+        launcher: &mut Launcher<Started>,
+    ) -> Result<(), MachineError> {
+        if !Arc::ptr_eq(launcher.vm(), &self.vm) {
+            return Err(MachineError::State(
+                "the launch is of another VM; launch this machine's vCPUs with a launcher of                  its own VM (Launcher::new(machine.vm().clone()))"
+                    .into(),
+            ));
+        }
         for vcpu in &mut self.vcpus {
-            vcpu.sev_launch_update_vmsa()?;
+            launcher.update_vmsa(vcpu.as_mut())?;
         }
         Ok(())
     }
@@ -506,18 +529,38 @@ impl Machine {
                 if let Some(code) = devices.take_exit_request() {
                     return Ok(Some(Outcome::Exited(code)));
                 }
-            }
-            VmExit::MmioRead { addr, data } => match scratch_range(addr, data.len()) {
-                Some(r) => data.copy_from_slice(&scratch[r]),
-                None => {
-                    tracing::debug!(addr, len = data.len(), "read of unbacked memory");
-                    data.fill(0xff);
+                if devices.take_reset_request() {
+                    return Ok(Some(Outcome::Shutdown(
+                        "it asked for a CPU reset through the i8042 keyboard controller \
+                         (esvm does not reboot guests)"
+                            .into(),
+                    )));
                 }
-            },
-            VmExit::MmioWrite { addr, data } => match scratch_range(addr, data.len()) {
-                Some(r) => scratch[r].copy_from_slice(data),
-                None => tracing::debug!(addr, len = data.len(), "write to unbacked memory ignored"),
-            },
+            }
+            // MMIO goes to the devices first, then to the scratch window.
+            VmExit::MmioRead { addr, data } => {
+                if !devices.mmio_read(addr, data) {
+                    match scratch_range(addr, data.len()) {
+                        Some(r) => data.copy_from_slice(&scratch[r]),
+                        None => {
+                            tracing::debug!(addr, len = data.len(), "read of unbacked memory");
+                            data.fill(0xff);
+                        }
+                    }
+                }
+            }
+            VmExit::MmioWrite { addr, data } => {
+                if !devices.mmio_write(addr, data) {
+                    match scratch_range(addr, data.len()) {
+                        Some(r) => scratch[r].copy_from_slice(data),
+                        None => tracing::debug!(
+                            addr,
+                            len = data.len(),
+                            "write to unbacked memory ignored"
+                        ),
+                    }
+                }
+            }
             VmExit::Shutdown { reason } => return Ok(Some(Outcome::Shutdown(reason))),
             VmExit::Terminated { reason } => return Ok(Some(Outcome::Terminated(reason))),
             VmExit::Cpuid { result, .. } => *result = [0; 4],
@@ -580,10 +623,10 @@ impl Machine {
             mmio_scratch: self.mmio_scratch.to_vec(),
             max_instructions: self.max_instructions,
             sev: self
-                .emu
-                .as_ref()
-                .filter(|e| e.sev_handle().is_some())
-                .and_then(|e| e.sev_host_state().ok()),
+                .vm
+                .sev()
+                .filter(|s| s.handle().is_some())
+                .and_then(|s| s.host_state().ok()),
         }
     }
 
@@ -616,12 +659,17 @@ impl Machine {
     /// SEV-ES: vCPU `id` as a VMSA transport packet (SEND_UPDATE_VMSA), at a clean point,
     /// during a send session.
     pub fn send_vcpu_sev(&self, id: u32) -> Result<SevVcpuTransfer, MachineError> {
-        Ok(self.clean_vcpu(id)?.sev_send_state()?)
+        let backend = self.config.backend;
+        Ok(vcpu_sev(self.clean_vcpu(id)?, backend)?.send_state()?)
     }
 
     /// SEV-ES: make vCPU `id` of a receiving machine the incoming one (RECEIVE_UPDATE_VMSA).
     pub fn receive_vcpu_sev(&mut self, id: u32, t: &SevVcpuTransfer) -> Result<(), MachineError> {
-        self.vcpu_mut(id)?.sev_receive_state(t)?;
+        let backend = self.config.backend;
+        self.vcpu_mut(id)?
+            .sev_mut()
+            .ok_or(HvError::NoSevSupport { backend })?
+            .receive_state(t)?;
         self.mid_exit = false;
         Ok(())
     }
@@ -668,12 +716,7 @@ impl Machine {
             }));
         }
         match (&s.sev, self.config.vm_type) {
-            (Some(sev), VmType::SevEs) => {
-                let emu = self.emu.as_ref().ok_or_else(|| {
-                    MachineError::State("SEV-ES state for a machine without the emu backend".into())
-                })?;
-                emu.sev_set_host_state(sev)?;
-            }
+            (Some(sev), VmType::SevEs) => self.sev()?.set_host_state(sev)?,
             (None, VmType::Plain) => {}
             (Some(_), VmType::Plain) => {
                 return Err(MachineError::State(

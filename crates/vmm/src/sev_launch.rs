@@ -4,12 +4,18 @@
 //! image and the loader's boot structures, LAUNCH_UPDATE_VMSA for each vCPU (its initial state
 //! synced in, FPU/SSE included), LAUNCH_MEASURE (printed, optionally written to a file), an
 //! optional LAUNCH_UPDATE_SECRET, LAUNCH_FINISH. From then on the host sees only ciphertext.
+//!
+//! The sequence runs on the hypervisor's type-state [`Launcher`] (`New` → `Started` →
+//! `Measured` → finished), so its order is checked by the compiler: [`start`] gives the
+//! `Launcher<Started>`, [`measure`] the `Launcher<Measured>` (which a caller may keep, e.g.
+//! to wait for the owner's secret), [`finish`] injects the secret, if any, and ends it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use esvm_arch::layout;
-use esvm_hv::Vm;
+use esvm_hv::sev::{Launched, Launcher, Measured, Started};
+use esvm_hv::HvError;
 use esvm_loader::BootState;
 use esvm_psp::{LaunchStart, Measurement, Policy, Psp};
 use thiserror::Error;
@@ -42,7 +48,9 @@ pub enum SevLaunchError {
         source: std::io::Error,
     },
     #[error("SEV-ES launch failed: {0}")]
-    Launch(String),
+    Launch(#[source] HvError),
+    #[error("SEV-ES launch failed: {0}")]
+    Machine(#[source] crate::machine::MachineError),
     #[error("cannot launch a machine that is already shared: {0}")]
     Shared(#[source] crate::ram::RamError),
 }
@@ -104,57 +112,84 @@ pub fn launch_on(
     psp: Arc<Mutex<Psp>>,
     args: &SevLaunchArgs<'_>,
 ) -> Result<Measurement, SevLaunchError> {
-    let req = match args.session {
+    let started = start(machine, boot, psp, args)?;
+    let measured = measure(started, args)?;
+    Ok(finish(measured, args)?.measurement)
+}
+
+/// The LAUNCH_START request `args` ask for: the owner's session (and its policy) or a
+/// policy of their own.
+fn launch_request(args: &SevLaunchArgs<'_>) -> Result<LaunchStart, SevLaunchError> {
+    let (policy, owner) = match args.session {
         Some(dir) => {
             let (policy, owner) =
                 esvm_owner::launch_request(dir).map_err(|e| SevLaunchError::Session {
                     dir: dir.to_path_buf(),
                     reason: e.to_string(),
                 })?;
-            if !policy.es() {
-                return Err(SevLaunchError::NotEs(policy.0));
-            }
-            LaunchStart {
-                policy,
-                owner: Some(owner),
-                share_key_with: None,
-            }
+            (policy, Some(owner))
         }
-        None => {
-            let policy = Policy(args.policy.unwrap_or(DEFAULT_POLICY));
-            if !policy.es() {
-                return Err(SevLaunchError::NotEs(policy.0));
-            }
-            LaunchStart {
-                policy,
-                owner: None,
-                share_key_with: None,
-            }
-        }
+        None => (Policy(args.policy.unwrap_or(DEFAULT_POLICY)), None),
     };
+    if !policy.es() {
+        return Err(SevLaunchError::NotEs(policy.0));
+    }
+    Ok(LaunchStart {
+        policy,
+        owner,
+        share_key_with: None,
+    })
+}
+
+/// LAUNCH_START on `psp`, LAUNCH_UPDATE_DATA of the regions [`measured_regions`] names for
+/// `boot`, LAUNCH_UPDATE_VMSA of every vCPU: the launch of `machine` (loaded, not shared),
+/// ready to be measured.
+pub fn start(
+    machine: &mut Machine,
+    boot: &BootState,
+    psp: Arc<Mutex<Psp>>,
+    args: &SevLaunchArgs<'_>,
+) -> Result<Launcher<Started>, SevLaunchError> {
+    let req = launch_request(args)?;
     // LAUNCH_UPDATE_DATA encrypts guest memory in place: nobody else may see it meanwhile.
     machine.ensure_exclusive().map_err(SevLaunchError::Shared)?;
-    let l = |e: esvm_hv::HvError| SevLaunchError::Launch(e.to_string());
-    let emu = machine
-        .emu_vm()
-        .cloned()
-        .ok_or_else(|| SevLaunchError::Launch("SEV-ES guests need the emu backend".into()))?;
-    emu.sev_launch_start(psp, &req).map_err(l)?;
+    let mut launcher = Launcher::new(machine.vm().clone())
+        .and_then(|l| l.start(psp, &req))
+        .map_err(SevLaunchError::Launch)?;
     for (gpa, len) in measured_regions(boot) {
-        emu.sev_launch_update_data(gpa, len).map_err(l)?;
+        launcher
+            .update_data(gpa, len)
+            .map_err(SevLaunchError::Launch)?;
     }
     machine
-        .launch_update_vmsas()
-        .map_err(|e| SevLaunchError::Launch(e.to_string()))?;
-    let measurement = emu.sev_launch_measure().map_err(l)?;
+        .launch_update_vmsas(&mut launcher)
+        .map_err(SevLaunchError::Machine)?;
+    Ok(launcher)
+}
+
+/// LAUNCH_MEASURE; the measurement is written to `args.measurement_out`, if given.
+pub fn measure(
+    started: Launcher<Started>,
+    args: &SevLaunchArgs<'_>,
+) -> Result<Launcher<Measured>, SevLaunchError> {
+    let measured = started.measure().map_err(SevLaunchError::Launch)?;
     if let Some(path) = args.measurement_out {
-        std::fs::write(path, measurement.to_file_bytes()).map_err(|source| {
+        std::fs::write(path, measured.measurement().to_file_bytes()).map_err(|source| {
             SevLaunchError::MeasurementOut {
                 path: path.to_path_buf(),
                 source,
             }
         })?;
     }
+    Ok(measured)
+}
+
+/// LAUNCH_SECRET of the owner's packet in `args.secret` (at [`SECRET_GPA`]), if given, and
+/// LAUNCH_FINISH: the guest may run.
+pub fn finish(
+    mut measured: Launcher<Measured>,
+    args: &SevLaunchArgs<'_>,
+) -> Result<Launched, SevLaunchError> {
     if let Some(path) = args.secret {
         let bytes = std::fs::read(path).map_err(|e| SevLaunchError::Secret {
             path: path.to_path_buf(),
@@ -165,10 +200,11 @@ pub fn launch_on(
                 path: path.to_path_buf(),
                 reason: "not a secret packet (header + ciphertext) from `esvm owner secret`".into(),
             })?;
-        emu.sev_launch_secret(SECRET_GPA, &header, &ct).map_err(l)?;
+        measured
+            .inject_secret(SECRET_GPA, &header, &ct)
+            .map_err(SevLaunchError::Launch)?;
     }
-    emu.sev_launch_finish().map_err(l)?;
-    Ok(measurement)
+    measured.finish().map_err(SevLaunchError::Launch)
 }
 
 /// Lower-case hex.
@@ -201,8 +237,7 @@ impl esvm_owner::GuestMeasurer for LaunchPredictor {
         let mut regions = Vec::new();
         for (gpa, len) in measured_regions(&boot) {
             let mut data = vec![0u8; len as usize];
-            m.emu_vm()
-                .ok_or("no emu VM")?
+            m.vm()
                 .memory()
                 .read(gpa, &mut data)
                 .map_err(|e| e.to_string())?;

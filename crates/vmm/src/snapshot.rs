@@ -1,6 +1,6 @@
 //! Snapshots: `esvm ctl snapshot DIR` writes one, `esvm restore DIR` runs it.
 //!
-//! # Plain guests (format version 1)
+//! # Plain guests (format version 3)
 //!
 //! A snapshot directory holds two files:
 //!
@@ -13,7 +13,7 @@
 //!   [`VcpuSnapshot`], and the index of the stored memory: runs of at most 1024 pages, each
 //!   with the CRC32C of its bytes.
 //!
-//! # SEV-ES guests: sealed to their platform (format version 2)
+//! # SEV-ES guests: sealed to their platform (format version 4)
 //!
 //! The host can read neither an SEV-ES guest's private memory nor its vCPUs, so a snapshot
 //! of one is a live migration to its **own** platform that never finishes: SEND_START
@@ -26,18 +26,25 @@
 //! directory holds:
 //!
 //! * `memory.sev` — the page packets back to back, in ascending page order, exactly as live
-//!   migration sends them ([`esvm_hv::emu::PagePacket`]): a private page as its firmware
+//!   migration sends them ([`esvm_hv::sev::PagePacket`]): a private page as its firmware
 //!   transport packet ([`PRIVATE_PACKET_LEN`] bytes: kind, header with IV and MAC,
 //!   ciphertext), a shared page (one the guest shares with the host, e.g. its GHCB) as its
 //!   host-visible bytes ([`SHARED_PACKET_LEN`] bytes: kind, page).
-//! * `vm.state` — the same header and checksum as above with version 2; its JSON has no
+//! * `vm.state` — the same header and checksum as above with version 4; its JSON has no
 //!   vCPU snapshots and no memory runs but a `sev` section ([`SealedState`]): the
 //!   SEND_START output, each vCPU's VMSA packet with the hypervisor's own vCPU state, the
 //!   transcript tag, and the index of `memory.sev`: runs of at most 1024 consecutive pages
 //!   of one kind, each with the CRC32C of its packets (a run starts where the one before it
 //!   ends). The [`MachineState`] carries the hypervisor's VM-wide GHCB state.
 //!
-//! Plain snapshots keep version 1, byte for byte as before.
+//! # Versions
+//! The format versions are derived ([`SNAPSHOT_VERSION`], [`SEALED_SNAPSHOT_VERSION`]): a
+//! generation that goes up with the files' own layout and with the machine state they hold
+//! ([`MACHINE_STATE_VERSION`](crate::machine::MACHINE_STATE_VERSION), which follows the
+//! devices' state format); plain snapshots are odd (2 x generation - 1), sealed ones even.
+//! Generation 1 (versions 1 and 2) kept the devices in fixed fields; generation 2 keeps them
+//! by id (`esvm_devices::DevicesState`). A snapshot of an older generation is refused before
+//! anything is read beyond its header, with a message saying so.
 //!
 //! # Writing and restoring
 //!
@@ -59,14 +66,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use esvm_arch::VcpuSnapshot;
-use esvm_hv::emu::{
-    EmuVm, PagePacket, SevSessionStart, SevVcpuTransfer, PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
+use esvm_hv::sev::{
+    PagePacket, SevSessionStart, SevVcpuTransfer, SevVm, PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
 };
 use esvm_hv::{BackendKind, HvError, VmType};
 use esvm_migration::PageSet;
 use thiserror::Error;
 
-use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState, StoppedGuard};
+use crate::machine::{
+    Machine, MachineConfig, MachineHandle, MachineState, StoppedGuard, MACHINE_STATE_VERSION,
+};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
 
 /// Name of the state file in a snapshot directory.
@@ -75,10 +84,16 @@ pub const STATE_FILE: &str = "vm.state";
 pub const MEMORY_FILE: &str = "memory.img";
 /// Name of the memory file of a sealed SEV-ES snapshot.
 pub const SEALED_MEMORY_FILE: &str = "memory.sev";
-/// Format version of plain snapshots.
-pub const SNAPSHOT_VERSION: u32 = 1;
-/// Format version of sealed SEV-ES snapshots.
-pub const SEALED_SNAPSHOT_VERSION: u32 = 2;
+/// Generation of the snapshot files' own layout (header, manifest, memory index); bump it
+/// when they change.
+const SNAPSHOT_LAYOUT_VERSION: u32 = 1;
+/// Generation of the snapshot format: it goes up with the files' layout and with the
+/// machine state they hold (and so with the devices' state format).
+const SNAPSHOT_GENERATION: u32 = SNAPSHOT_LAYOUT_VERSION + MACHINE_STATE_VERSION - 1;
+/// Format version of plain snapshots (odd).
+pub const SNAPSHOT_VERSION: u32 = 2 * SNAPSHOT_GENERATION - 1;
+/// Format version of sealed SEV-ES snapshots (even).
+pub const SEALED_SNAPSHOT_VERSION: u32 = 2 * SNAPSHOT_GENERATION;
 const MAGIC: &str = "ESVM-SNAPSHOT";
 /// Largest state file accepted (the JSON of devices and vCPUs is far smaller).
 const MAX_STATE_LEN: u64 = 256 << 20;
@@ -106,9 +121,17 @@ pub enum SnapshotError {
     Truncated { path: PathBuf, why: String },
     #[error(
         "snapshot format version {0} is not supported (this esvm reads version \
-         {SNAPSHOT_VERSION}, plain guests, and {SEALED_SNAPSHOT_VERSION}, sealed SEV-ES guests)"
+         {SNAPSHOT_VERSION}, plain guests, and {SEALED_SNAPSHOT_VERSION}, sealed SEV-ES guests); \
+         restore it with the esvm version that wrote it"
     )]
     Version(u32),
+    #[error(
+        "snapshot format version {0} was written by an older esvm, whose machine and device \
+         state this esvm no longer reads (it reads version {SNAPSHOT_VERSION}, plain guests, \
+         and {SEALED_SNAPSHOT_VERSION}, sealed SEV-ES guests); restore it with the esvm \
+         version that wrote it"
+    )]
+    OldVersion(u32),
     #[error("{0}")]
     Unsupported(String),
     #[error("saving the VM state: {0}")]
@@ -365,17 +388,16 @@ fn save_sealed(
     dir: &Path,
 ) -> Result<u64, SnapshotError> {
     let fail = |s: String| SnapshotError::SealedSave(s);
-    let emu = h
-        .emu
-        .as_ref()
-        .ok_or_else(|| fail("SEV-ES guests run only on the emu backend".into()))?;
-    let (ctx, handle) = emu
-        .sev_context()
-        .zip(emu.sev_handle())
+    let sev =
+        h.vm.sev()
+            .ok_or_else(|| fail("SEV-ES guests run only on the emu backend".into()))?;
+    let (platform, handle) = sev
+        .platform()
+        .zip(sev.handle())
         .ok_or_else(|| fail("the VM has no SEV-ES guest context".into()))?;
     // The platform's own chain: the snapshot is sealed to this platform's PDH.
     let (chain, nosend) = {
-        let psp = ctx.psp();
+        let psp = platform.lock().unwrap_or_else(|e| e.into_inner());
         let chain = psp.pdh_cert_export().map_err(|e| {
             fail(format!(
                 "the platform cannot export its certificate chain: {e}"
@@ -385,7 +407,7 @@ fn save_sealed(
         (chain.to_bytes(), nosend)
     };
     // The firmware enforces the guest's policy here.
-    let start = emu.sev_send_start(&chain).map_err(|e| {
+    let start = sev.send_start(&chain).map_err(|e| {
         fail(if nosend {
             format!(
                 "its policy has NOSEND: the guest may never leave its secure processor, and a \
@@ -396,8 +418,8 @@ fn save_sealed(
             format!("the secure processor refused SEND_START: {e}; the guest runs on")
         })
     })?;
-    let written = write_sealed(h, emu, start, dir);
-    let cancelled = emu.sev_send_cancel();
+    let written = write_sealed(h, sev, start, dir);
+    let cancelled = sev.send_cancel();
     match (written, cancelled) {
         (Ok(n), Ok(())) => Ok(n),
         (Ok(_), Err(e)) => Err(fail(format!(
@@ -416,7 +438,7 @@ fn save_sealed(
 /// VMSA packet, the machine state and the transcript tag to `vm.state`.
 fn write_sealed(
     h: &MachineHandle,
-    emu: &EmuVm,
+    sev: &dyn SevVm,
     session: SevSessionStart,
     dir: &Path,
 ) -> Result<u64, SnapshotError> {
@@ -437,7 +459,7 @@ fn write_sealed(
         let mut packet = Vec::with_capacity(PRIVATE_PACKET_LEN);
         for page in written.iter() {
             packet.clear();
-            emu.sev_send_page(page, &mut packet)
+            sev.send_page(page, &mut packet)
                 .map_err(|e| fail(format!("SEND_UPDATE_DATA of guest page {page:#x}: {e}")))?;
             let kind = PacketKind::of(&packet)
                 .map_err(|e| fail(format!("the packet of guest page {page:#x}: {e}")))?;
@@ -474,8 +496,8 @@ fn write_sealed(
         })?
         .map_err(|e| fail(format!("SEND_UPDATE_VMSA: {e}")))?;
     // After every packet: the tag covers them all.
-    let transcript_tag = emu
-        .sev_send_transcript_tag()
+    let transcript_tag = sev
+        .send_transcript_tag()
         .map_err(|e| fail(format!("reading the send transcript tag: {e}")))?;
     let manifest = Manifest {
         vm_type: VmType::SevEs,
@@ -547,6 +569,9 @@ fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
     let version: u32 = version
         .parse()
         .map_err(|_| corrupt(format!("bad version in header {header:?}")))?;
+    if version < SNAPSHOT_VERSION {
+        return Err(SnapshotError::OldVersion(version));
+    }
     if version != SNAPSHOT_VERSION && version != SEALED_SNAPSHOT_VERSION {
         return Err(SnapshotError::Version(version));
     }
@@ -845,17 +870,17 @@ fn restore_sealed(
         max_instructions: None,
     };
     let mut machine = Machine::new(&config, serial_out)?;
-    let emu = machine
-        .emu_vm()
-        .cloned()
+    let vm = machine.vm().clone();
+    let sev = vm
+        .sev()
         .ok_or_else(|| SnapshotError::Unsupported("SEV-ES guests need the emu backend".into()))?;
     // The firmware unwraps the transport keys with this platform's PDH.
-    emu.sev_receive_start(psp, &sealed.session)
+    sev.receive_start(psp, &sealed.session)
         .map_err(|e| other_platform(format!(" (RECEIVE_START: {e})")))?;
-    match receive_sealed(dir, &mut machine, &emu, &f, &sealed, &m.machine) {
+    match receive_sealed(dir, &mut machine, sev, &f, &sealed, &m.machine) {
         Ok(()) => Ok(machine),
         Err(e) => {
-            if let Err(d) = emu.sev_decommission() {
+            if let Err(d) = sev.decommission() {
                 tracing::warn!("DECOMMISSION of the refused sealed guest: {d}");
             }
             Err(e)
@@ -867,7 +892,7 @@ fn restore_sealed(
 fn receive_sealed(
     dir: &Path,
     machine: &mut Machine,
-    emu: &EmuVm,
+    sev: &dyn SevVm,
     f: &File,
     sealed: &SealedState,
     state: &MachineState,
@@ -886,7 +911,7 @@ fn receive_sealed(
         let data = read_sealed_run(f, &mem_path, offset, r, &mut buf)?;
         for (i, packet) in data.chunks_exact(r.kind.packet_len()).enumerate() {
             let page = r.first + i as u64;
-            emu.sev_receive_page(page, packet)
+            sev.receive_page(page, packet)
                 .map_err(|e| refused(&mem_path, format!("guest page {page:#x}: {e}")))?;
             received.set(page);
         }
@@ -897,7 +922,7 @@ fn receive_sealed(
             .receive_vcpu_sev(i as u32, t)
             .map_err(|e| refused(&state_path, format!("vCPU {i}: {e}")))?;
     }
-    emu.sev_receive_finish(&sealed.transcript_tag)
+    sev.receive_finish(&sealed.transcript_tag)
         .map_err(|e| refused(dir, format!("RECEIVE_FINISH: {e}")))?;
     machine.restore_state(state)?;
     // A later snapshot or migration of the restored guest must carry every received page
@@ -919,17 +944,18 @@ mod tests {
         assert!(e.to_string().contains("truncated"), "{e}");
         let e = parse_state(p, b"ESVM-SNAPSHOT 9 crc32c=0 len=0\n").unwrap_err();
         assert!(e.to_string().contains("version 9"), "{e}");
-        let e = parse_state(p, b"ESVM-SNAPSHOT 1 crc32c=00000000 len=10\n{}").unwrap_err();
+        let h = format!("ESVM-SNAPSHOT {SNAPSHOT_VERSION} crc32c=00000000 len=10\n{{}}");
+        let e = parse_state(p, h.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
         let body = b"{}";
         let h = format!(
-            "ESVM-SNAPSHOT 1 crc32c={:08x} len=2\n",
+            "ESVM-SNAPSHOT {SNAPSHOT_VERSION} crc32c={:08x} len=2\n",
             crc32c::crc32c(body) ^ 1
         );
         let e = parse_state(p, &[h.as_bytes(), body].concat()).unwrap_err();
         assert!(e.to_string().contains("checksum"), "{e}");
         let h = format!(
-            "ESVM-SNAPSHOT 1 crc32c={:08x} len=2\n",
+            "ESVM-SNAPSHOT {SNAPSHOT_VERSION} crc32c={:08x} len=2\n",
             crc32c::crc32c(body)
         );
         let e = parse_state(p, &[h.as_bytes(), body].concat()).unwrap_err();
@@ -971,8 +997,8 @@ mod tests {
         [h.as_bytes(), &json].concat()
     }
 
-    /// Plain snapshots keep their version-1 form (no sealed section in the JSON); the
-    /// version, the VM type and the sealed section must agree.
+    /// Plain snapshots have no sealed section in the JSON; the version, the VM type and the
+    /// sealed section must agree.
     #[test]
     fn versions_and_sealed_sections_must_agree() {
         let p = Path::new("/x/vm.state");
@@ -1013,6 +1039,72 @@ mod tests {
         });
         let e = parse_state(p, &state_file(SNAPSHOT_VERSION, &bad)).unwrap_err();
         assert!(e.to_string().contains("out of order"), "{e}");
+    }
+
+    /// A plain snapshot directory as esvm wrote it before the device registry (generation
+    /// 1): a version-1 header, machine state version 1 with the devices in fixed fields.
+    fn write_generation_1_snapshot(dir: &Path) {
+        let m = plain_manifest();
+        let mut v = serde_json::to_value(&m).unwrap();
+        let devices = v["machine"]["devices"].take();
+        let state = |id: &str| devices["devices"][id]["state"].clone();
+        v["machine"]["version"] = 1.into();
+        v["machine"]["devices"] = serde_json::json!({
+            "version": 1,
+            "now_ns": devices["now_ns"],
+            "serial": state("com1"),
+            "pit": state("pit"),
+            "pic": state("pic"),
+            "debug_exit": state("debug-exit"),
+        });
+        v["memory"] = serde_json::json!([]);
+        let json = serde_json::to_vec(&v).unwrap();
+        let h = format!(
+            "ESVM-SNAPSHOT 1 crc32c={:08x} len={}\n",
+            crc32c::crc32c(&json),
+            json.len()
+        );
+        fs::write(dir.join(STATE_FILE), [h.as_bytes(), &json].concat()).unwrap();
+        File::create(dir.join(MEMORY_FILE))
+            .unwrap()
+            .set_len(m.mem_size)
+            .unwrap();
+    }
+
+    /// Snapshots written before the device state was kept by id are refused, plain and
+    /// sealed, with a message that says why and what to do.
+    #[test]
+    fn older_snapshot_formats_are_refused_with_a_clear_message() {
+        assert_eq!((SNAPSHOT_VERSION, SEALED_SNAPSHOT_VERSION), (3, 4));
+        let dir = tempfile::tempdir().unwrap();
+        write_generation_1_snapshot(dir.path());
+        let refused =
+            |dir: &Path| match restore(dir, BackendKind::Emu, None, Box::new(std::io::sink())) {
+                Ok(_) => panic!("an old snapshot was restored"),
+                Err(e) => e,
+            };
+        let e = refused(dir.path());
+        assert!(matches!(e, SnapshotError::OldVersion(1)), "{e}");
+        let msg = e.to_string();
+        for needle in [
+            "snapshot format version 1 was written by an older esvm",
+            "it reads version 3, plain guests, and 4, sealed SEV-ES guests",
+            "restore it with the esvm version that wrote it",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} not in {msg}");
+        }
+        // A sealed snapshot of that generation (version 2): the same.
+        let state = fs::read(dir.path().join(STATE_FILE)).unwrap();
+        let mut sealed = b"ESVM-SNAPSHOT 2".to_vec();
+        sealed.extend_from_slice(&state[b"ESVM-SNAPSHOT 1".len()..]);
+        fs::write(dir.path().join(STATE_FILE), sealed).unwrap();
+        assert!(matches!(refused(dir.path()), SnapshotError::OldVersion(2)));
+        // A newer one is refused as well, differently.
+        let e = parse_state(
+            Path::new("/x/vm.state"),
+            b"ESVM-SNAPSHOT 5 crc32c=0 len=0\n",
+        );
+        assert!(matches!(e, Err(SnapshotError::Version(5))));
     }
 
     /// A shared-page packet as `sev_send_page` encodes it: kind 2, the page.
