@@ -27,6 +27,9 @@ pub fn report(name: &str, o: &Outcome) -> u8 {
             "esvm: guest {name} migrated to {url}; it runs there now and will not run here \
              again"
         ),
+        Outcome::Reset(_) | Outcome::PowerOff | Outcome::Stopped(_) => {
+            eprintln!("esvm: guest {name}: {}", o.describe())
+        }
     }
     o.exit_status()
 }
