@@ -193,7 +193,7 @@ pub enum ConsoleSource {
     None,
 }
 
-fn parse_console(s: &str) -> Result<ConsoleSource, String> {
+pub fn parse_console(s: &str) -> Result<ConsoleSource, String> {
     match s {
         "stdin" => Ok(ConsoleSource::Stdin),
         "none" => Ok(ConsoleSource::None),
