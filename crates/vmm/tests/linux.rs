@@ -240,3 +240,123 @@ fn an_interactive_shell_answers_over_a_pipe() {
     assert_eq!(status, 0, "{}", p.stderr());
     assert!(p.stderr().contains("powered off"), "{}", p.stderr());
 }
+
+/// Scale of the workload the moving tests interrupt: several seconds of guest work, so a
+/// snapshot or migration taken right after userland starts lands in the middle of it.
+const MOVE_SCALE: u32 = 8;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("esvm-linux-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A Linux source with an API socket, running the workload and then a shell.
+fn linux_source(sock: &Path) -> Proc {
+    let a = assets();
+    let cl = cmdline(&format!(
+        "esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"
+    ));
+    Proc::spawn(
+        None,
+        &[
+            "run",
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cl,
+            "--console",
+            "none",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    )
+}
+
+/// The moved guest finishes the workload with the native digest, then its shell answers.
+fn check_moved_guest(
+    before: &str,
+    dest: &mut Proc,
+    stdin: &mut std::process::ChildStdin,
+    expected: &[String],
+) {
+    dest.wait_stdout("workload digest=", BOOT_TIMEOUT);
+    let all = format!("{before}{}", dest.stdout());
+    assert_eq!(
+        workload_lines(&all),
+        expected,
+        "the moved guest's workload differs from the native run\nbefore:\n{}\nafter:\n{}",
+        tail(before),
+        tail(&dest.stdout())
+    );
+    dest.wait_stdout("esvm-init: workload exited with status 0", BOOT_TIMEOUT);
+    // The shell that follows the workload still answers.
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"echo moved-$((2+3))\n").unwrap();
+    dest.wait_stdout("moved-5", Duration::from_secs(60));
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    assert_eq!(dest.wait(Duration::from_secs(60)), 0, "{}", dest.stderr());
+}
+
+#[test]
+fn a_snapshot_taken_mid_workload_restores_and_finishes_it() {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("snap");
+    let sock = dir.join("api.sock");
+    let mut src = linux_source(&sock);
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    let snap = dir.join("snapshot");
+    common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let at_snapshot = src.stdout();
+    assert!(
+        !at_snapshot.contains("workload digest="),
+        "the snapshot was not taken mid-workload; raise MOVE_SCALE"
+    );
+    // The source runs on after a snapshot: it finishes the same workload too.
+    src.wait_stdout("workload digest=", BOOT_TIMEOUT);
+    assert_eq!(workload_lines(&src.stdout()), expected);
+    src.kill();
+    let (mut dest, mut stdin) =
+        Proc::spawn_with_stdin(&["restore", snap.to_str().unwrap(), "--console", "stdin"]);
+    check_moved_guest(&at_snapshot, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_live_migration_mid_workload_keeps_the_digest_and_the_shell() {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("migrate");
+    let sock = dir.join("api.sock");
+    let (mut dest, mut stdin) = Proc::spawn_with_stdin(&[
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--console",
+        "stdin",
+    ]);
+    let err = dest.wait_stderr("listening on ", Duration::from_secs(30));
+    let port: u16 = err
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {err}"));
+    let mut src = linux_source(&sock);
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    let url = format!("tcp:127.0.0.1:{port}");
+    common::ctl_ok(&sock, &["migrate", &url]);
+    assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
+    let before = src.stdout();
+    assert!(
+        !before.contains("workload digest="),
+        "the migration was not mid-workload; raise MOVE_SCALE"
+    );
+    check_moved_guest(&before, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}

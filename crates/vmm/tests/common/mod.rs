@@ -167,6 +167,16 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Kill the process (if it still runs) and reap it.
+    pub fn kill(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         if self.alive() {
