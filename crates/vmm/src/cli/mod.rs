@@ -1,6 +1,7 @@
 //! The `esvm` command line: one module per subcommand, on top of the `esvm` library.
 
 pub mod bench;
+pub mod bench_linux;
 pub mod bench_migrate;
 pub mod ctl;
 pub mod owner;
