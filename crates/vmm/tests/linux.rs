@@ -235,6 +235,20 @@ fn an_interactive_shell_answers_over_a_pipe() {
     // The typed line is echoed too: wait for what only the command's output contains.
     stdin.write_all(b"echo kernel=$(uname -r)\n").unwrap();
     p.wait_stdout("kernel=6.1.", Duration::from_secs(60));
+    // The 8250 driver runs interrupt-driven on IRQ 4. (The marker is split in the command so
+    // that only the output contains it.)
+    stdin
+        .write_all(b"awk '/ttyS0/ { print \"serial\" \"-irqs=\" $2 \";\" }' /proc/interrupts\n")
+        .unwrap();
+    p.wait_stdout("serial-irqs=", Duration::from_secs(60));
+    let out = p.stdout();
+    let irqs: u64 = out
+        .rsplit("serial-irqs=")
+        .next()
+        .and_then(|s| s.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no IRQ count: {}", tail(&out)));
+    assert!(irqs > 0, "COM1 raised no interrupt: {}", tail(&out));
     stdin.write_all(b"poweroff -f\n").unwrap();
     let status = p.wait(Duration::from_secs(60));
     assert_eq!(status, 0, "{}", p.stderr());
