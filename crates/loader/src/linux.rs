@@ -123,6 +123,41 @@ pub struct LinuxBoot {
     pub initrd: Option<(u64, u64)>,
     /// The e820 map handed to the kernel: (address, size, type).
     pub e820: Vec<(u64, u64, u32)>,
+    /// Guest-physical range of the boot page tables.
+    pub tables: (u64, u64),
+    /// Guest-physical range of the command line (NUL included).
+    pub cmdline: (u64, u64),
+}
+
+impl LinuxBoot {
+    /// Every page range the load wrote, page-aligned and merged, in address order: what an
+    /// SEV-ES launch encrypts and measures (LAUNCH_UPDATE_DATA) — the GDT, the zero page,
+    /// the command line, the page tables, the kernel and the initrd.
+    pub fn written_pages(&self) -> Vec<(u64, u64)> {
+        let page = |a: u64| a & !0xfff;
+        let page_end = |a: u64| (a + 0xfff) & !0xfff;
+        let mut ranges = vec![
+            (layout::GDT_ADDR, layout::GDT_ADDR + 0x1000),
+            (layout::ZERO_PAGE_ADDR, layout::ZERO_PAGE_ADDR + 0x1000),
+            self.cmdline,
+            self.tables,
+            self.kernel,
+        ];
+        ranges.extend(self.initrd);
+        let mut ranges: Vec<(u64, u64)> = ranges
+            .into_iter()
+            .map(|(s, e)| (page(s), page_end(e)))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged.into_iter().map(|(s, e)| (s, e - s)).collect()
+    }
 }
 
 /// What to boot.
@@ -171,6 +206,17 @@ fn mib(b: u64) -> u64 {
 pub fn load_linux<M: GuestMemoryBackend>(
     mem: &M,
     image: &LinuxImage<'_>,
+) -> Result<LinuxBoot, LinuxLoadError> {
+    load_linux_with_c_bit(mem, image, None)
+}
+
+/// [`load_linux`] for an SEV-ES guest when `c_bit` is given: the boot page tables set the
+/// encryption bit in every entry and in CR3 (all memory private), as the kernel's SEV-ES
+/// entry expects. Check the position with [`crate::check_c_bit`] first.
+pub fn load_linux_with_c_bit<M: GuestMemoryBackend>(
+    mem: &M,
+    image: &LinuxImage<'_>,
+    c_bit: Option<u8>,
 ) -> Result<LinuxBoot, LinuxLoadError> {
     let ram_end = ram_below_first_hole(mem);
     let path = image.name.to_string();
@@ -345,7 +391,7 @@ pub fn load_linux<M: GuestMemoryBackend>(
     let gdt: Vec<u8> = GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
     write(layout::GDT_ADDR, &gdt)?;
     let map_size = identity_map_size(ram_end);
-    let tables = build_page_tables_at(layout::PAGE_TABLES_ADDR, map_size, None);
+    let tables = build_page_tables_at(layout::PAGE_TABLES_ADDR, map_size, c_bit);
     debug_assert!(tables.len() as u64 <= layout::PAGE_TABLES_END - layout::PAGE_TABLES_ADDR);
     write(layout::PAGE_TABLES_ADDR, &tables)?;
 
@@ -355,9 +401,20 @@ pub fn load_linux<M: GuestMemoryBackend>(
         ..Regs::default()
     };
     regs.set(Gpr::Rsi, layout::ZERO_PAGE_ADDR);
+    let mut sregs = boot_sregs();
+    sregs.cr3 |= crate::c_bit_mask(c_bit);
+    let tables_len = tables.len() as u64;
     Ok(LinuxBoot {
         regs,
-        sregs: boot_sregs(),
+        sregs,
+        tables: (
+            layout::PAGE_TABLES_ADDR,
+            layout::PAGE_TABLES_ADDR + tables_len,
+        ),
+        cmdline: (
+            layout::CMDLINE_ADDR,
+            layout::CMDLINE_ADDR + cmdline.len() as u64,
+        ),
         format,
         protocol,
         kernel: kernel_range,

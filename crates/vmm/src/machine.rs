@@ -47,9 +47,10 @@ pub enum MachineError {
     Devices(#[from] DevicesError),
     #[error(
         "the guest halted waiting for an interrupt, but no device has a timer armed and no \
-         console input can come (vCPU {vcpu} at rip {rip:#x}); it can never make progress"
+         console input can come (vCPU {vcpu}{}); it can never make progress",
+        rip.map(|r| format!(" at rip {r:#x}")).unwrap_or_default()
     )]
-    HaltedForever { vcpu: u32, rip: u64 },
+    HaltedForever { vcpu: u32, rip: Option<u64> },
     #[error("invalid machine state: {0}")]
     State(String),
     #[error(transparent)]
@@ -393,17 +394,15 @@ impl Machine {
     }
 
     /// Load a Linux kernel (bzImage or vmlinux), its initrd and command line by the Linux
-    /// 64-bit boot protocol and point the boot vCPU at its entry.
+    /// 64-bit boot protocol and point the boot vCPU at its entry. For an SEV-ES machine the
+    /// boot page tables carry the C-bit; launch it afterwards with the pages the load wrote
+    /// (`LinuxBoot::written_pages`).
     pub fn load_linux(&mut self, image: &LinuxImage<'_>) -> Result<LinuxBoot, MachineError> {
         self.ensure_exclusive()?;
-        if self.vm.vm_type() == VmType::SevEs {
-            return Err(MachineError::State(
-                "booting a Linux kernel as an SEV-ES guest is not supported yet; run it plain \
-                 (without --sev-es)"
-                    .into(),
-            ));
-        }
-        let boot = esvm_loader::linux::load_linux(self.vm.memory().mmap(), image)?;
+        // SEV-ES: C-bit page tables, all memory private until the kernel shares pages.
+        let c_bit = (self.vm.vm_type() == VmType::SevEs).then_some(esvm_hv::sev::C_BIT);
+        let boot =
+            esvm_loader::linux::load_linux_with_c_bit(self.vm.memory().mmap(), image, c_bit)?;
         let bsp = &mut self.vcpus[0];
         bsp.set_sregs(&boot.sregs)?;
         bsp.set_regs(&boot.regs)?;
@@ -610,8 +609,9 @@ impl Machine {
     /// so an idle interactive guest neither spins nor misses a key.
     fn on_halt(&mut self) -> Result<Option<Outcome>, MachineError> {
         let bsp = &self.vcpus[0];
-        let rflags = bsp.get_regs()?.rflags;
-        if rflags & esvm_arch::bits::rflags::IF == 0 {
+        // From the interrupt-mask bit the hardware exposes: a protected (SEV-ES) vCPU's
+        // registers are not readable.
+        if !bsp.interrupts_enabled()? {
             return Ok(Some(Outcome::PowerOff));
         }
         let now = self.now();
@@ -646,7 +646,7 @@ impl Machine {
             }
             (Clock::Virtual { .. }, None) => Err(MachineError::HaltedForever {
                 vcpu: 0,
-                rip: bsp.get_regs()?.rip,
+                rip: bsp.get_regs().ok().map(|r| r.rip),
             }),
         }
     }

@@ -276,7 +276,7 @@ fn io_round_trips(
     if let Some(platform) = sev_platform {
         esvm::sev_launch::launch(
             &mut m,
-            &boot,
+            &esvm::sev_launch::measured_regions(&boot),
             &esvm::sev_launch::SevLaunchArgs {
                 platform,
                 session: None,

@@ -160,7 +160,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         let platform = args.platform.as_deref().expect("clap requires --platform");
         let measurement = esvm::sev_launch::launch(
             &mut machine,
-            &boot,
+            &esvm::sev_launch::measured_regions(&boot),
             &esvm::sev_launch::SevLaunchArgs {
                 platform,
                 session: args.session.as_deref(),
@@ -253,12 +253,6 @@ fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     if !args.guest_args.is_empty() {
         return Err(LinuxRunError::GuestArgs.into());
     }
-    if args.sev_es {
-        return Err(LinuxRunError::Unsupported(
-            "--sev-es with --kernel is not supported yet: Linux boots as a plain guest for now",
-        )
-        .into());
-    }
     if args.backend != BackendKind::Emu {
         return Err(LinuxRunError::Unsupported(
             "--kernel runs on the emu backend only for now (drop --backend kvm)",
@@ -280,7 +274,11 @@ fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     };
     let config = MachineConfig {
         backend: args.backend,
-        vm_type: esvm_hv::VmType::Plain,
+        vm_type: if args.sev_es {
+            esvm_hv::VmType::SevEs
+        } else {
+            esvm_hv::VmType::Plain
+        },
         mem_size: args.mem.unwrap_or(DEFAULT_LINUX_MEM),
         vcpus: args.vcpus,
         max_instructions: args.max_instructions,
@@ -297,6 +295,25 @@ fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         .map_err(RunError::from)?;
     tracing::info!(kernel = %name, format = ?boot.format, protocol = boot.protocol,
                    mem = config.mem_size, "booting Linux");
+    if args.sev_es {
+        let platform = args.platform.as_deref().expect("clap requires --platform");
+        let measurement = esvm::sev_launch::launch(
+            &mut machine,
+            &boot.written_pages(),
+            &esvm::sev_launch::SevLaunchArgs {
+                platform,
+                session: args.session.as_deref(),
+                measurement_out: args.measurement_out.as_deref(),
+                secret: args.secret.as_deref(),
+                policy: args.policy,
+            },
+        )?;
+        eprintln!(
+            "esvm: SEV-ES launch measurement {} (mnonce {})",
+            esvm::sev_launch::hex(&measurement.measure),
+            esvm::sev_launch::hex(&measurement.mnonce)
+        );
+    }
     let _raw = attach_console(&mut machine, args.console.unwrap_or(ConsoleSource::Stdin));
     crate::cli::run_session(
         &name,
