@@ -13,7 +13,8 @@
 # init or workload.c is newer than it.
 #
 # Prints, on stdout, lines a caller can `eval` or parse:
-#   ESVM_LINUX_KERNEL=<bzImage>  ESVM_LINUX_INITRD=<cpio>  ESVM_LINUX_WORKLOAD=<static ELF>
+#   ESVM_LINUX_KERNEL=<bzImage>  ESVM_LINUX_VMLINUX=<the ELF inside it>
+#   ESVM_LINUX_INITRD=<cpio>     ESVM_LINUX_WORKLOAD=<static ELF>
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -64,6 +65,21 @@ if [ ! -s "$kernel" ]; then
     log "kernel: $image_pkg"
 fi
 
+# The vmlinux ELF inside the bzImage (for the ELF boot path): Debian's payload is LZ4
+# (legacy frame, magic 02 21 4c 18); lz4 stops at the end of the frame.
+vmlinux=$cache/vmlinux
+if [ ! -s "$vmlinux" ] || [ "$kernel" -nt "$vmlinux" ]; then
+    command -v lz4 >/dev/null || {
+        log "installing lz4"
+        sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends lz4 >/dev/null
+    }
+    offset=$(grep -obUaP '\x02\x21\x4c\x18' "$kernel" | head -n 1 | cut -d: -f1)
+    [ -n "$offset" ] || { log "no LZ4 payload found in $kernel"; exit 1; }
+    tail -c +$((offset + 1)) "$kernel" | lz4 -dc >"$vmlinux.tmp" 2>/dev/null || true
+    head -c 4 "$vmlinux.tmp" | grep -q ELF || { log "extracting vmlinux from $kernel failed"; exit 1; }
+    mv "$vmlinux.tmp" "$vmlinux"
+fi
+
 busybox=$cache/busybox
 if [ ! -x "$busybox" ]; then
     fetch_deb busybox-static
@@ -102,5 +118,6 @@ if [ ! -s "$initrd" ] || [ "$init" -nt "$initrd" ] || [ "$workload" -nt "$initrd
 fi
 
 echo "ESVM_LINUX_KERNEL=$kernel"
+echo "ESVM_LINUX_VMLINUX=$vmlinux"
 echo "ESVM_LINUX_INITRD=$initrd"
 echo "ESVM_LINUX_WORKLOAD=$workload"

@@ -49,9 +49,11 @@ impl CpuidTable {
         CpuSignature::from_leaves(self.lookup(0, 0), self.lookup(1, 0)[0])
     }
 
-    /// The CPU esvm's software vCPU models: an "AuthenticAMD" x86-64 part with the integer ISA,
-    /// SSE/SSE2, FXSR, CX8/CX16, POPCNT, LZCNT, MOVBE, BMI1 (TZCNT), SYSCALL, NX, RDTSCP and
-    /// 1 GiB pages, and nothing it does not implement (no AVX, no XSAVE beyond XCR0 access).
+    /// The CPU esvm's software vCPU models: an "AuthenticAMD" family 17h x86-64 part with the
+    /// integer ISA, x87, SSE/SSE2, FXSR (+FFXSR), CX8/CX16, POPCNT, LZCNT, MOVBE, BMI1
+    /// (TZCNT), RDRAND/RDSEED, CLFLUSHOPT/CLWB, PREFETCHW, SYSCALL, NX, RDTSCP and 1 GiB
+    /// pages, and nothing it does not implement (no local APIC, no AVX, no XSAVE beyond XCR0
+    /// access).
     pub fn esvm_default() -> Self {
         let (b, d, c) = {
             // Vendor string order is EBX, EDX, ECX.
@@ -70,25 +72,49 @@ impl CpuidTable {
                 ecx1(),
                 edx1(),
             ),
-            entry(7, 0, true, 0, 1 << 3, 0, 0), // BMI1
+            // BMI1 (3), RDSEED (18), CLFLUSHOPT (23), CLWB (24).
+            entry(
+                7,
+                0,
+                true,
+                0,
+                (1 << 3) | (1 << 18) | (1 << 23) | (1 << 24),
+                0,
+                0,
+            ),
             entry(0xd, 0, true, 0x3, 512 + 64, 512 + 64, 0),
-            entry(0x8000_0000, 0, false, 0x8000_001f, b, c, d),
+            entry(0x8000_0000, 0, false, 0x8000_0021, b, c, d),
             entry(
                 0x8000_0001,
                 0,
                 false,
                 0x0080_0f10,
                 0,
-                (1 << 0) | (1 << 5), // LAHF/SAHF in 64-bit, ABM (LZCNT); SSE4A (bit 6) off
-                (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29) | edx1_shared(),
+                // LAHF/SAHF in 64-bit, ABM (LZCNT), PREFETCH/PREFETCHW (8); SSE4A (6) off.
+                (1 << 0) | (1 << 5) | (1 << 8),
+                // SYSCALL, NX, FFXSR (25), 1 GiB pages, RDTSCP, LM.
+                (1 << 11)
+                    | (1 << 20)
+                    | (1 << 25)
+                    | (1 << 26)
+                    | (1 << 27)
+                    | (1 << 29)
+                    | edx1_shared(),
             ),
-            // Address sizes: 48 virtual, 48 physical.
-            entry(0x8000_0008, 0, false, 0x3030, 0, 0, 0),
+            // Address sizes: 48 virtual, 48 physical. EBX bit 2 (XSaveErPtr, as on every Zen
+            // part): FXSAVE always stores the x87 error pointers; without it Linux works around
+            // the "FXSAVE leak" with `fnclex; emms; fild` on every FPU restore. EBX bit 26
+            // (SSB_NO): an interpreter has no speculative store bypass.
+            entry(0x8000_0008, 0, false, 0x3030, (1 << 2) | (1 << 26), 0, 0),
             // AMD memory encryption (SEV): nothing on a plain vCPU. For an SEV-ES guest the
             // hypervisor answers this leaf (the guest's CPUID is a #VC event) with EAX bit 1
             // (SEV) and bit 3 (SEV-ES), EBX[5:0] = the C-bit position and EBX[11:6] = the
             // physical-address bits lost to it.
             entry(0x8000_001f, 0, false, 0, 0, 0, 0),
+            // Extended feature 2: SRSO_NO (EAX bit 29). An interpreter does not speculate, so
+            // no speculative-return-stack attack applies (KVM reports the bit the same way on
+            // unaffected hosts); without it Linux warns about missing microcode.
+            entry(0x8000_0021, 0, false, 1 << 29, 0, 0, 0),
         ];
         let brand = b"esvm software vCPU (emulated)\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
         for i in 0..3u32 {
@@ -193,13 +219,15 @@ fn entry(
     }
 }
 
-/// Leaf 1 ECX: SSE3 off, CX16 (13), MOVBE (22), POPCNT (23), hypervisor present (31).
+/// Leaf 1 ECX: SSE3 off, CX16 (13), MOVBE (22), POPCNT (23), RDRAND (30), hypervisor
+/// present (31).
 fn ecx1() -> u32 {
-    (1 << 13) | (1 << 22) | (1 << 23) | (1 << 31)
+    (1 << 13) | (1 << 22) | (1 << 23) | (1 << 30) | (1 << 31)
 }
 
-/// Leaf 1 EDX: FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, APIC, SEP, MTRR off, PGE, CMOV, PAT,
-/// CLFSH, MMX, FXSR, SSE, SSE2.
+/// Leaf 1 EDX: FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, SEP, MTRR off, PGE, CMOV, PAT, CLFSH,
+/// MMX, FXSR, SSE, SSE2. No APIC (bit 9): the vCPU has no local APIC, so a guest keeps the 8259
+/// (Linux: "APIC: Keep in PIC mode(8259)") instead of programming one that is not there.
 fn edx1() -> u32 {
     (1 << 0)
         | (1 << 2)
@@ -209,7 +237,6 @@ fn edx1() -> u32 {
         | (1 << 6)
         | (1 << 7)
         | (1 << 8)
-        | (1 << 9)
         | (1 << 11)
         | (1 << 13)
         | (1 << 15)
@@ -246,6 +273,9 @@ mod tests {
         // The SEV leaf exists (within the reported range) for the hypervisor to fill.
         assert!(t.lookup(0x8000_0000, 0)[0] >= 0x8000_001f);
         assert!(t.entries.iter().any(|e| e.function == 0x8000_001f));
+        // No local APIC is modelled: neither leaf advertises one.
+        assert_eq!(t.lookup(1, 0)[3] & (1 << 9), 0);
+        assert_eq!(t.lookup(0x8000_0001, 0)[3] & (1 << 9), 0);
     }
 
     #[test]

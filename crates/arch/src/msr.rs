@@ -17,6 +17,14 @@ pub const IA32_FS_BASE: u32 = 0xc000_0100;
 pub const IA32_GS_BASE: u32 = 0xc000_0101;
 pub const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const IA32_TSC_AUX: u32 = 0xc000_0103;
+/// AMD microcode patch level (read-only).
+pub const AMD_PATCH_LEVEL: u32 = 0x8b;
+/// AMD northbridge configuration (family 10h-17h; Linux sets EnableCf8ExtCfg through it).
+pub const AMD_NB_CFG: u32 = 0xc001_001f;
+/// AMD decode configuration; bit 1 makes LFENCE dispatch-serialising.
+pub const AMD_DE_CFG: u32 = 0xc001_1029;
+/// DE_CFG bit 1: LFENCE is dispatch-serialising.
+pub const AMD_DE_CFG_LFENCE_SERIALIZE: u64 = 1 << 1;
 /// SEV-ES: the GHCB MSR (MSR protocol values or the GHCB's guest-physical address).
 pub const SEV_GHCB: u32 = esvm_abi::sev::MSR_GHCB;
 /// Reads report which SEV features are active (bit 0 SEV, bit 1 SEV-ES).

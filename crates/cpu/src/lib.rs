@@ -642,6 +642,13 @@ impl Cpu {
     }
 
     /// Whether an interrupt queued now would be delivered at the next instruction boundary.
+    /// RFLAGS.IF: whether the guest accepts maskable interrupts. Hardware shows the
+    /// hypervisor this bit even for an SEV-ES guest (the VMCB's GUEST_INTERRUPT_MASK), whose
+    /// registers it cannot otherwise read.
+    pub fn interrupts_enabled(&self) -> bool {
+        self.rflags & rflags::IF != 0
+    }
+
     pub fn interrupt_window_open(&self) -> bool {
         self.rflags & rflags::IF != 0 && !self.shadow && self.ev_interrupt.is_none()
     }

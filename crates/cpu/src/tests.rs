@@ -594,6 +594,49 @@ fn syscall_sysret_and_iretq() {
     assert_eq!(frame_cs, (UCODE64 | 3) as u64);
 }
 
+/// The AMD model-specific MSRs Linux 6.1 reads with its unchecked accessors on a family 17h
+/// part exist (no "unchecked MSR access" warning): patch level, DE_CFG, NB_CFG.
+#[test]
+fn amd_model_specific_msrs_linux_touches() {
+    let code = asm(|a| {
+        a.mov(ecx, 0x8bu32)?;
+        a.rdmsr()?;
+        a.mov(r8, rax)?;
+        a.mov(ecx, 0xc001_1029u32)?;
+        a.rdmsr()?;
+        a.mov(r9, rax)?;
+        // Setting LFENCE-serialising again is accepted; NB_CFG takes any write.
+        a.wrmsr()?;
+        a.mov(ecx, 0xc001_001fu32)?;
+        a.mov(edx, 0x4000u32)?;
+        a.xor(eax, eax)?;
+        a.wrmsr()?;
+        a.rdmsr()?;
+        a.mov(r10, rax)?;
+        a.mov(r11, rdx)?;
+        // DE_CFG bits other than LFENCE-serialising: #GP.
+        a.mov(ecx, 0xc001_1029u32)?;
+        a.mov(eax, 1u32)?;
+        a.wrmsr()?;
+        a.hlt()
+    });
+    let mut h = Harness::new(16 << 20);
+    h.load(&code);
+    let c = expect_exc(&mut h, 13, Some(0));
+    assert_eq!(c.rip, CODE + code.len() as u64 - 3);
+    let r = h.cpu.regs();
+    assert_eq!(
+        r.gpr[8],
+        crate::exec::system::MICROCODE_PATCH_LEVEL & 0xffff_ffff
+    );
+    assert_eq!(r.gpr[9], 2, "DE_CFG reads LFENCE-serialising");
+    assert_eq!(
+        (r.gpr[10], r.gpr[11]),
+        (0, 0),
+        "NB_CFG reads 0 (writes ignored, as KVM)"
+    );
+}
+
 #[test]
 fn cpuid_msr_and_intercepts() {
     let code = asm(|a| {

@@ -776,6 +776,9 @@ impl Vcpu for EmuVcpu {
     fn interrupt_window_open(&self) -> Result<bool> {
         Ok(self.cpu.interrupt_window_open())
     }
+    fn interrupts_enabled(&self) -> Result<bool> {
+        Ok(self.cpu.interrupts_enabled())
+    }
     fn set_instruction_budget(&mut self, budget: Option<u64>) -> Result<()> {
         self.budget = budget;
         Ok(())

@@ -288,6 +288,11 @@ pub trait Vcpu: Send {
     fn queue_interrupt(&mut self, vector: u8) -> Result<()>;
     /// Whether an interrupt queued now would be delivered at the next instruction boundary.
     fn interrupt_window_open(&self) -> Result<bool>;
+    /// RFLAGS.IF as the hardware shows it to the hypervisor — also for a protected vCPU,
+    /// whose registers are otherwise hidden (AMD: the VMCB's GUEST_INTERRUPT_MASK bit; KVM:
+    /// `kvm_run.if_flag`). A VMM decides what a HLT means from it: with interrupts disabled
+    /// nothing but an NMI or INIT can wake the vCPU.
+    fn interrupts_enabled(&self) -> Result<bool>;
 
     /// Limit the next runs to `budget` retired instructions (emu only; None = unlimited).
     fn set_instruction_budget(&mut self, budget: Option<u64>) -> Result<()>;

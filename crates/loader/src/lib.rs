@@ -19,6 +19,7 @@
 //! compiles too.
 
 pub mod elf;
+pub mod linux;
 
 use elf::{ElfError, ElfImage};
 use esvm_abi::boot::{KERNEL_CS, KERNEL_DS};
@@ -149,9 +150,14 @@ pub fn build_page_tables(map_size: u64) -> Vec<u8> {
 /// every level has bit `c_bit` set (the encryption bit), so all memory is private. Check
 /// the position with [`check_c_bit`] first.
 pub fn build_page_tables_with_c_bit(map_size: u64, c_bit: Option<u8>) -> Vec<u8> {
+    build_page_tables_at(layout::PAGE_TABLES_ADDR, map_size, c_bit)
+}
+
+/// The identity map of [`build_page_tables_with_c_bit`], linked to lie at guest-physical
+/// `pml4` (the PML4, then the PDPT, then one PD per GiB).
+pub fn build_page_tables_at(pml4: u64, map_size: u64, c_bit: Option<u8>) -> Vec<u8> {
     let c = c_bit_mask(c_bit);
     let pds = map_size.div_ceil(GIB);
-    let pml4 = layout::PAGE_TABLES_ADDR;
     let pdpt = pml4 + PAGE;
     let pd0 = pdpt + PAGE;
     let mut entries = vec![0u64; (2 + pds as usize) * 512];

@@ -24,6 +24,7 @@
 //!  lifecycle   the VM lifecycle state machine and its transitions
 //!  dirty       the dirty-log view: carry and ever-written page sets
 //!  ram         unsafe in-place views of guest RAM (only reached through guards)
+//!  console     the host end of the serial console: stdin into COM1, raw terminal, escape
 //!  outcome     how a run ended, and the exit status for each ending
 //!  size        human-readable sizes
 //! ```
@@ -39,6 +40,7 @@
 //! is parked under its hold; [`machine::Machine::exclusive_ram`] (writing or discarding RAM
 //! in place) needs a machine that nobody else holds.
 
+pub mod console;
 pub mod control;
 pub mod dirty;
 pub mod lifecycle;

@@ -7,15 +7,17 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use esvm_arch::{layout, VcpuSnapshot};
 use esvm_devices::{Devices, DevicesError, DevicesState, DEVICES_STATE_VERSION};
 use esvm_hv::sev::{Launcher, SevHostVmState, SevVcpu, SevVcpuTransfer, SevVm, Started};
 use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
+use esvm_loader::linux::{LinuxBoot, LinuxImage, LinuxLoadError};
 use esvm_loader::{BootState, LoadError, LoadOptions};
 use thiserror::Error;
 
+use crate::console::ConsoleInput;
 use crate::dirty::DirtyTracker;
 use crate::lifecycle::{Ending, LifecycleError, LoopEnd};
 use crate::outcome::{Outcome, EXIT_ESVM_ERROR};
@@ -39,14 +41,16 @@ pub enum MachineError {
     Hv(#[from] HvError),
     #[error("cannot load the guest: {0}")]
     Load(#[from] LoadError),
+    #[error("cannot boot the kernel: {0}")]
+    LoadLinux(#[from] LinuxLoadError),
     #[error("device error: {0}")]
     Devices(#[from] DevicesError),
     #[error(
-        "the guest halted with interrupts disabled and no interrupt can arrive (vCPU {vcpu} at \
-         rip {rip:#x}); it can never make progress. A guest must end by writing its exit status \
-         to port 0xf4"
+        "the guest halted waiting for an interrupt, but no device has a timer armed and no \
+         console input can come (vCPU {vcpu}{}); it can never make progress",
+        rip.map(|r| format!(" at rip {r:#x}")).unwrap_or_default()
     )]
-    HaltedForever { vcpu: u32, rip: u64 },
+    HaltedForever { vcpu: u32, rip: Option<u64> },
     #[error("invalid machine state: {0}")]
     State(String),
     #[error(transparent)]
@@ -142,6 +146,8 @@ pub struct Machine {
     /// The last exit waits for the VMM's answer to complete its instruction (IN, MMIO read,
     /// CPUID, MSR): not a clean point for pausing or saving state.
     mid_exit: bool,
+    /// Where COM1's input comes from (esvm's stdin), if anywhere.
+    console: Option<ConsoleInput>,
     /// References to the VM when nobody but the machine holds it (its own, the dirty
     /// tracker's, the backend's): more means a handle or a clone exists.
     own_vm_refs: usize,
@@ -180,6 +186,9 @@ fn vcpu_sev(vcpu: &dyn Vcpu, backend: BackendKind) -> Result<&dyn SevVcpu, Machi
 /// Slice of virtual time a vCPU runs at most before the loop looks at devices again, when no
 /// device deadline is nearer (keeps limits and kicks responsive).
 const MAX_SLICE_NS: u64 = 10_000_000;
+/// Longest real-time wait for console input while the guest idles in HLT (then virtual
+/// time moves on to the next timer, or the wait repeats when there is none).
+const CONSOLE_IDLE_WAIT_NS: u64 = 20_000_000;
 /// Slice while an interrupt waits for the guest to open its interrupt window.
 const WINDOW_POLL_NS: u64 = 64;
 
@@ -286,6 +295,7 @@ impl Machine {
             control,
             tracker,
             mid_exit: false,
+            console: None,
             own_vm_refs,
         })
     }
@@ -383,6 +393,22 @@ impl Machine {
         Ok(boot)
     }
 
+    /// Load a Linux kernel (bzImage or vmlinux), its initrd and command line by the Linux
+    /// 64-bit boot protocol and point the boot vCPU at its entry. For an SEV-ES machine the
+    /// boot page tables carry the C-bit; launch it afterwards with the pages the load wrote
+    /// (`LinuxBoot::written_pages`).
+    pub fn load_linux(&mut self, image: &LinuxImage<'_>) -> Result<LinuxBoot, MachineError> {
+        self.ensure_exclusive()?;
+        // SEV-ES: C-bit page tables, all memory private until the kernel shares pages.
+        let c_bit = (self.vm.vm_type() == VmType::SevEs).then_some(esvm_hv::sev::C_BIT);
+        let boot =
+            esvm_loader::linux::load_linux_with_c_bit(self.vm.memory().mmap(), image, c_bit)?;
+        let bsp = &mut self.vcpus[0];
+        bsp.set_sregs(&boot.sregs)?;
+        bsp.set_regs(&boot.regs)?;
+        Ok(boot)
+    }
+
     /// The plaintext VMSAs LAUNCH_UPDATE_VMSA would take in now, in vCPU order.
     pub fn initial_vmsas(&self) -> Result<Vec<[u8; 4096]>, MachineError> {
         let backend = self.config.backend;
@@ -461,6 +487,9 @@ impl Machine {
         let virtual_time = matches!(self.clock, Clock::Virtual { .. });
         loop {
             if !self.mid_exit {
+                if let Some(outcome) = self.pump_console() {
+                    return Ok(outcome);
+                }
                 control.publish_instructions(self.instructions().unwrap_or(0));
                 if control.attention() {
                     if let Some(outcome) = control.service(self) {
@@ -530,10 +559,8 @@ impl Machine {
                     return Ok(Some(Outcome::Exited(code)));
                 }
                 if devices.take_reset_request() {
-                    return Ok(Some(Outcome::Shutdown(
-                        "it asked for a CPU reset through the i8042 keyboard controller \
-                         (esvm does not reboot guests)"
-                            .into(),
+                    return Ok(Some(Outcome::Reset(
+                        "through the i8042 keyboard controller's reset line".into(),
                     )));
                 }
             }
@@ -566,37 +593,77 @@ impl Machine {
             VmExit::Cpuid { result, .. } => *result = [0; 4],
             VmExit::RdMsr { fault, .. } | VmExit::WrMsr { fault, .. } => *fault = true,
             VmExit::BudgetExhausted | VmExit::Interrupted => {}
-            VmExit::Hlt => self.on_halt()?,
+            VmExit::Hlt => {
+                if let Some(outcome) = self.on_halt()? {
+                    return Ok(Some(outcome));
+                }
+            }
         }
         self.mid_exit = answer_needed || self.vcpus[0].exit_pending();
         Ok(None)
     }
 
-    /// HLT: skip virtual time to the next device deadline, or fail if none can wake the guest.
-    fn on_halt(&mut self) -> Result<(), MachineError> {
+    /// HLT. With interrupts disabled nothing can wake the guest: it powered off. Otherwise
+    /// virtual time skips to the next device deadline; while a console can still bring input,
+    /// the loop first waits for it in real time (at most until that deadline, and briefly),
+    /// so an idle interactive guest neither spins nor misses a key.
+    fn on_halt(&mut self) -> Result<Option<Outcome>, MachineError> {
         let bsp = &self.vcpus[0];
-        let rflags = bsp.get_regs()?.rflags;
-        let interrupts_on = rflags & esvm_arch::bits::rflags::IF != 0;
+        // From the interrupt-mask bit the hardware exposes: a protected (SEV-ES) vCPU's
+        // registers are not readable.
+        if !bsp.interrupts_enabled()? {
+            return Ok(Some(Outcome::PowerOff));
+        }
         let now = self.now();
-        match (&mut self.clock, self.devices.next_deadline_ns()) {
-            (Clock::Virtual { idle_ns }, Some(deadline)) if interrupts_on => {
+        let deadline = self.devices.next_deadline_ns();
+        if let Some(console) = self.console.as_mut().filter(|c| c.open()) {
+            let wait_ns = deadline.map_or(CONSOLE_IDLE_WAIT_NS, |d| {
+                d.saturating_sub(now).min(CONSOLE_IDLE_WAIT_NS)
+            });
+            if console.wait(Duration::from_nanos(wait_ns)) {
+                // Input arrived: the run loop hands it to the UART, whose interrupt wakes
+                // the guest; virtual time stays where it is.
+                return Ok(None);
+            }
+        }
+        match (&mut self.clock, deadline) {
+            (Clock::Virtual { idle_ns }, Some(deadline)) => {
                 let skip = deadline.saturating_sub(now);
                 *idle_ns += skip;
                 let tsc = bsp.get_tsc()?;
                 self.vcpus[0].set_tsc(tsc + skip)?;
-                Ok(())
+                Ok(None)
             }
-            (Clock::Host { .. }, _) if interrupts_on => {
+            (Clock::Host { .. }, _) => {
                 // KVM handles HLT in the kernel with its irqchip; a HLT exit here means no
                 // in-kernel device will wake it, but the serial line might; wait briefly.
-                std::thread::sleep(std::time::Duration::from_millis(1));
-                Ok(())
+                std::thread::sleep(Duration::from_millis(1));
+                Ok(None)
             }
-            _ => Err(MachineError::HaltedForever {
+            // Only the console could still wake it.
+            (Clock::Virtual { .. }, None) if self.console.as_ref().is_some_and(|c| c.open()) => {
+                Ok(None)
+            }
+            (Clock::Virtual { .. }, None) => Err(MachineError::HaltedForever {
                 vcpu: 0,
-                rip: bsp.get_regs()?.rip,
+                rip: bsp.get_regs().ok().map(|r| r.rip),
             }),
         }
+    }
+
+    /// Hand console input to COM1 as its FIFO has room; the user's Ctrl-A x ends the run.
+    fn pump_console(&mut self) -> Option<Outcome> {
+        let console = self.console.as_mut()?;
+        let devices = &mut self.devices;
+        console.pump(|bytes| devices.enqueue_serial_input(bytes));
+        console
+            .quit_requested()
+            .then(|| Outcome::Stopped("from the console (Ctrl-A x)".into()))
+    }
+
+    /// Feed COM1 from `console` (e.g. esvm's stdin) while the machine runs.
+    pub fn attach_console(&mut self, console: ConsoleInput) {
+        self.console = Some(console);
     }
 
     // ---------------------------------------------------------------- state

@@ -801,7 +801,7 @@ mod tests {
             .unwrap();
         crate::sev_launch::launch_on(
             &mut m,
-            &boot,
+            &crate::sev_launch::measured_regions(&boot),
             psp,
             &crate::sev_launch::SevLaunchArgs {
                 platform: std::path::Path::new("-"),

@@ -95,24 +95,27 @@ pub fn open_platform(dir: &Path) -> Result<Arc<Mutex<Psp>>, SevLaunchError> {
     Ok(Arc::new(Mutex::new(psp)))
 }
 
-/// Run the launch sequence on a machine whose guest is loaded (with the C-bit page tables).
+/// Run the launch sequence on a machine whose guest is loaded (with the C-bit page tables);
+/// `regions` (guest-physical start, length) are what LAUNCH_UPDATE_DATA encrypts and
+/// measures, in order: [`measured_regions`] for esvm's own guests,
+/// `LinuxBoot::written_pages` for a Linux kernel.
 pub fn launch(
     machine: &mut Machine,
-    boot: &BootState,
+    regions: &[(u64, u64)],
     args: &SevLaunchArgs<'_>,
 ) -> Result<Measurement, SevLaunchError> {
     let psp = open_platform(args.platform)?;
-    launch_on(machine, boot, psp, args)
+    launch_on(machine, regions, psp, args)
 }
 
 /// [`launch`] on an open platform (`args.platform` is not read).
 pub fn launch_on(
     machine: &mut Machine,
-    boot: &BootState,
+    regions: &[(u64, u64)],
     psp: Arc<Mutex<Psp>>,
     args: &SevLaunchArgs<'_>,
 ) -> Result<Measurement, SevLaunchError> {
-    let started = start(machine, boot, psp, args)?;
+    let started = start(machine, regions, psp, args)?;
     let measured = measure(started, args)?;
     Ok(finish(measured, args)?.measurement)
 }
@@ -141,12 +144,11 @@ fn launch_request(args: &SevLaunchArgs<'_>) -> Result<LaunchStart, SevLaunchErro
     })
 }
 
-/// LAUNCH_START on `psp`, LAUNCH_UPDATE_DATA of the regions [`measured_regions`] names for
-/// `boot`, LAUNCH_UPDATE_VMSA of every vCPU: the launch of `machine` (loaded, not shared),
-/// ready to be measured.
+/// LAUNCH_START on `psp`, LAUNCH_UPDATE_DATA of `regions` in order, LAUNCH_UPDATE_VMSA of
+/// every vCPU: the launch of `machine` (loaded, not shared), ready to be measured.
 pub fn start(
     machine: &mut Machine,
-    boot: &BootState,
+    regions: &[(u64, u64)],
     psp: Arc<Mutex<Psp>>,
     args: &SevLaunchArgs<'_>,
 ) -> Result<Launcher<Started>, SevLaunchError> {
@@ -156,7 +158,7 @@ pub fn start(
     let mut launcher = Launcher::new(machine.vm().clone())
         .and_then(|l| l.start(psp, &req))
         .map_err(SevLaunchError::Launch)?;
-    for (gpa, len) in measured_regions(boot) {
+    for &(gpa, len) in regions {
         launcher
             .update_data(gpa, len)
             .map_err(SevLaunchError::Launch)?;

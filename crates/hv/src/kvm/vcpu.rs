@@ -894,6 +894,13 @@ impl Vcpu for KvmVcpu {
         Ok(())
     }
 
+    fn interrupts_enabled(&self) -> Result<bool> {
+        self.settle()?;
+        let fd = self.fd.borrow();
+        let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        Ok(regs.rflags & rflags::IF != 0)
+    }
+
     fn interrupt_window_open(&self) -> Result<bool> {
         self.settle()?;
         Ok(self.pending_irq.is_none() && self.window_open_raw()?)
