@@ -312,6 +312,8 @@ impl Vmsa {
             sysenter_eip: self.u64_at(offset::SYSENTER_EIP),
             pat: self.u64_at(offset::G_PAT),
             tsc_aux: self.u32_at(offset::TSC_AUX) as u64,
+            // Not in the VMSA: the hypervisor emulates the MTRRs of an SEV-ES guest.
+            mtrr: Default::default(),
         }
     }
     pub fn set_msrs(&mut self, m: &MsrState) {

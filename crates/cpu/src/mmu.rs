@@ -6,7 +6,7 @@ use crate::{Cpu, Exc, Exit, Mode, Stop, P_MMIO, R, SS};
 use esvm_arch::bits::vector;
 
 mod sev;
-mod walk;
+pub(crate) mod walk;
 
 use walk::Plain;
 

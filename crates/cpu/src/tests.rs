@@ -627,13 +627,47 @@ fn amd_model_specific_msrs_linux_touches() {
     let r = h.cpu.regs();
     assert_eq!(
         r.gpr[8],
-        crate::exec::system::MICROCODE_PATCH_LEVEL & 0xffff_ffff
+        esvm_arch::msr::MICROCODE_PATCH_LEVEL & 0xffff_ffff
     );
     assert_eq!(r.gpr[9], 2, "DE_CFG reads LFENCE-serialising");
     assert_eq!(
         (r.gpr[10], r.gpr[11]),
         (0, 0),
         "NB_CFG reads 0 (writes ignored, as KVM)"
+    );
+}
+
+/// The MTRRs Linux programs (it enables PAT only with MTRRs on): writes kept, reserved
+/// memory types and address bits above MAXPHYADDR a #GP, and kept in the vCPU's MSR state.
+#[test]
+fn mtrrs_hold_what_the_guest_writes() {
+    let code = asm(|a| {
+        a.mov(ecx, 0xfeu32)?;
+        a.rdmsr()?;
+        a.mov(r8, rax)?;
+        a.mov(ecx, 0x2ffu32)?;
+        a.mov(eax, 0x806u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0x201u32)?;
+        a.mov(eax, 0xf000_0800u32)?;
+        a.mov(edx, 0xffu32)?;
+        a.wrmsr()?;
+        // A mask bit above MAXPHYADDR (48): #GP.
+        a.mov(edx, 0x1_0000u32)?;
+        a.wrmsr()?;
+        a.hlt()
+    });
+    let mut h = Harness::new(16 << 20);
+    h.load(&code);
+    let c = expect_exc(&mut h, 13, Some(0));
+    assert_eq!(c.rip, CODE + code.len() as u64 - 3);
+    assert_eq!(h.cpu.regs().gpr[8], 0x508, "MTRRCAP");
+    let mtrr = h.cpu.msrs().mtrr;
+    assert_eq!(mtrr.def_type, 0x806);
+    assert_eq!(
+        mtrr.var[0].1, 0xff_f000_0800,
+        "the refused write left the mask"
     );
 }
 

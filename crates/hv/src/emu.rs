@@ -466,6 +466,7 @@ impl EmuVcpu {
         let result = {
             let SevVcpuState {
                 tracked,
+                mtrr,
                 ghcb,
                 answers,
                 ..
@@ -476,6 +477,7 @@ impl EmuVcpu {
                 tsc,
                 vcpu_id: self.id,
                 tracked,
+                mtrr,
                 vm: &ctx,
                 answers,
                 next_answer: 0,

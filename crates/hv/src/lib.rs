@@ -302,7 +302,7 @@ pub trait Vcpu: Send {
 
     /// Capture everything the vCPU is, for a snapshot or a cross-backend move.
     fn snapshot(&self) -> Result<VcpuSnapshot> {
-        let msrs_idx = esvm_arch::MsrState::INDICES;
+        let msrs_idx = esvm_arch::MsrState::indices();
         let values = self.get_msrs(&msrs_idx)?;
         let mut msrs = esvm_arch::MsrState::default();
         for (i, v) in msrs_idx.iter().zip(values) {
@@ -335,7 +335,7 @@ pub trait Vcpu: Send {
         self.set_regs(&s.regs)?;
         self.set_fpu(&s.fpu)?;
         self.set_xcr0(s.xcr0)?;
-        let entries: Vec<(u32, u64)> = esvm_arch::MsrState::INDICES
+        let entries: Vec<(u32, u64)> = esvm_arch::MsrState::indices()
             .iter()
             .map(|i| (*i, s.msrs.get(*i).unwrap_or(0)))
             .collect();

@@ -25,7 +25,7 @@ pub use ext::{LaunchToken, SevVcpu, SevVm};
 pub use launch::{Launched, Launcher, Measured, New, Started};
 pub use transfer::{
     ghcb_gpa_of, PagePacket, SevHostVcpuState, SevHostVmState, SevSessionStart, SevVcpuTransfer,
-    PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
+    PRIVATE_PACKET_LEN, SEV_TRANSFER_VERSION, SHARED_PACKET_LEN,
 };
 
 use std::collections::VecDeque;
@@ -184,6 +184,8 @@ pub(crate) enum VmmAnswer {
 pub(crate) struct SevVcpuState {
     pub protected: bool,
     pub tracked: TrackedRegisters,
+    /// The MTRRs the hypervisor emulates (not in the VMSA; guest accesses are #VC events).
+    pub mtrr: esvm_arch::msr::MtrrState,
     pub ghcb: GhcbState,
     /// The GHCB MSR value of the VMGEXIT being handled, if its handling waits on the VMM.
     pub in_flight: Option<u64>,
@@ -197,6 +199,7 @@ impl SevVcpuState {
     pub fn new() -> Self {
         SevVcpuState {
             protected: false,
+            mtrr: Default::default(),
             tracked: TrackedRegisters {
                 cr0: 0,
                 cr4: 0,
@@ -225,6 +228,7 @@ pub(crate) struct ReplayServices<'a> {
     pub tsc: u64,
     pub vcpu_id: u32,
     pub tracked: &'a mut TrackedRegisters,
+    pub mtrr: &'a mut esvm_arch::msr::MtrrState,
     pub vm: &'a SevGuestContext,
     pub answers: &'a [VmmAnswer],
     pub next_answer: usize,
@@ -324,7 +328,13 @@ impl GhcbServices for ReplayServices<'_> {
         });
         Ok(())
     }
+    /// The MSRs outside the VMSA, emulated as KVM emulates them for an SEV-ES guest: APIC
+    /// base, TSC, the MTRRs, and the stateless AMD ones ([`esvm_arch::msr::kvm_style_read`]);
+    /// any other MSR is a #GP, which the guest's #VC handler forwards.
     fn rdmsr(&mut self, index: u32) -> std::result::Result<u64, ServiceError> {
+        if let Some(v) = esvm_arch::msr::kvm_style_read(index).or_else(|| self.mtrr.get(index)) {
+            return Ok(v);
+        }
         match index {
             esvm_arch::msr::IA32_APIC_BASE => Ok(self.tracked.apic_base),
             esvm_arch::msr::IA32_TIME_STAMP_COUNTER => Ok(self.tsc),
@@ -332,6 +342,18 @@ impl GhcbServices for ReplayServices<'_> {
         }
     }
     fn wrmsr(&mut self, index: u32, value: u64) -> std::result::Result<(), ServiceError> {
+        match esvm_arch::msr::kvm_style_write(index, value) {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(ServiceError::GeneralProtection),
+            None => {}
+        }
+        // Physical addresses of an SEV guest lose the C-bit's bits (CPUID 0x8000001F).
+        let phys_bits = 48 - esvm_cpu::SEV_PHYS_ADDR_REDUCTION;
+        match self.mtrr.set(index, value, phys_bits) {
+            Ok(true) => return Ok(()),
+            Err(()) => return Err(ServiceError::GeneralProtection),
+            Ok(false) => {}
+        }
         match index {
             esvm_arch::msr::IA32_APIC_BASE => {
                 // Keep the base address and enable bits; x2APIC is not offered.

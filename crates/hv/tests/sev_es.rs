@@ -112,6 +112,27 @@ fn smoke_guest_ends_with_a_ghcb_termination_request() {
     );
 }
 
+/// MSRs outside the VMSA that the hypervisor emulates with state of its own (the MTRRs, as
+/// KVM keeps them): what the VMM set before the launch is what the guest reads through #VC,
+/// writes are kept, invalid values are a #GP the guest's #VC handler raises.
+#[test]
+fn mtrrs_set_before_the_launch_are_the_guests_through_vc() {
+    let def_type = esvm_arch::msr::MTRR_DEF_TYPE_FIRMWARE;
+    let mut g = launch("sev-smoke", &format!("mtrr={def_type:#x}"), |v| {
+        v.set_msrs(&[(esvm_arch::msr::IA32_MTRR_DEF_TYPE, def_type)])
+            .unwrap()
+    });
+    match g.run_simple() {
+        End::Terminated(_) => {}
+        other => panic!("{other:?}\n{}", g.serial_text()),
+    }
+    assert!(
+        g.serial_text().contains("MTRRs through #VC ok"),
+        "{}",
+        g.serial_text()
+    );
+}
+
 #[test]
 fn clobbered_idt_then_ud2_is_a_shutdown() {
     let mut g = launch("sev-idt", "", |_| {});

@@ -403,6 +403,14 @@ impl Machine {
         let c_bit = (self.vm.vm_type() == VmType::SevEs).then_some(esvm_hv::sev::C_BIT);
         let boot =
             esvm_loader::linux::load_linux_with_c_bit(self.vm.memory().mmap(), image, c_bit)?;
+        // What firmware leaves for an OS: MTRRs enabled, all memory write-back (Linux 6.1
+        // turns PAT off without enabled MTRRs, and an SEV-ES kernel needs PAT).
+        for vcpu in &mut self.vcpus {
+            vcpu.set_msrs(&[(
+                esvm_arch::msr::IA32_MTRR_DEF_TYPE,
+                esvm_arch::msr::MTRR_DEF_TYPE_FIRMWARE,
+            )])?;
+        }
         let bsp = &mut self.vcpus[0];
         bsp.set_sregs(&boot.sregs)?;
         bsp.set_regs(&boot.regs)?;

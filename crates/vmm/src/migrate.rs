@@ -55,8 +55,10 @@ pub fn compat_extra() -> &'static [u8] {
     static EXTRA: OnceLock<Vec<u8>> = OnceLock::new();
     EXTRA.get_or_init(|| {
         format!(
-            "esvm machine-state/{MACHINE_STATE_VERSION} {} vcpu-snapshot/1 sev-transfer/1 json",
-            esvm_devices::state_format()
+            "esvm machine-state/{MACHINE_STATE_VERSION} {} vcpu-snapshot/{} sev-transfer/{} json",
+            esvm_devices::state_format(),
+            esvm_arch::VcpuSnapshot::VERSION,
+            esvm_hv::sev::SEV_TRANSFER_VERSION,
         )
         .into_bytes()
     })

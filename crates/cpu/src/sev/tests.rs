@@ -1445,6 +1445,7 @@ proptest! {
             sysenter_eip: msrs[7],
             pat: msrs[8],
             tsc_aux: msrs[9] & 0xffff_ffff,
+            mtrr: Default::default(),
         };
         cpu.set_msrs(&m);
         cpu.set_debug_regs(&esvm_arch::DebugRegs {

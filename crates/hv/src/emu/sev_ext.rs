@@ -321,6 +321,8 @@ impl SevVcpu for EmuVcpu {
             cr8: sregs.cr8,
             apic_base: sregs.apic_base,
         };
+        // The MTRRs the VMM (as firmware) set before the launch become the hypervisor's.
+        state.mtrr = self.cpu.msrs().mtrr;
         state.protected = true;
         Ok(())
     }
@@ -402,6 +404,7 @@ impl SevVcpu for EmuVcpu {
                 ghcb_registered_gpa: s.ghcb.registered_gpa,
                 ap_reset_hold: s.ghcb.ap_reset_hold,
                 dr7: s.ghcb.dr7,
+                mtrr: s.mtrr,
             },
         })
     }
@@ -474,6 +477,7 @@ impl SevVcpu for EmuVcpu {
         s.ghcb.registered_gpa = t.host.ghcb_registered_gpa;
         s.ghcb.ap_reset_hold = t.host.ap_reset_hold;
         s.ghcb.dr7 = t.host.dr7;
+        s.mtrr = t.host.mtrr;
         s.protected = true;
         self.awaiting = Awaiting::Nothing;
         Ok(())

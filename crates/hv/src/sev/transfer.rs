@@ -78,7 +78,14 @@ pub struct SevHostVcpuState {
     pub ghcb_registered_gpa: Option<u64>,
     pub ap_reset_hold: Option<ApResetHold>,
     pub dr7: u64,
+    /// The MTRRs the hypervisor emulates for the guest (they are not in the VMSA).
+    #[serde(default)]
+    pub mtrr: esvm_arch::msr::MtrrState,
 }
+
+/// Version of the hypervisor's SEV-ES transfer state ([`SevHostVcpuState`] and friends), for
+/// the migration stream's compatibility check. 2: the MTRRs travel too.
+pub const SEV_TRANSFER_VERSION: u32 = 2;
 
 /// One protected vCPU in transit: its VMSA packet (firmware header + ciphertext of the VMSA
 /// and the tracked extension) and the hypervisor's state.
@@ -226,6 +233,7 @@ mod tests {
                 ghcb_registered_gpa: None,
                 ap_reset_hold: None,
                 dr7: 0x400,
+                mtrr: Default::default(),
             },
         };
         assert_eq!(SevVcpuTransfer::from_bytes(&t.to_bytes()).unwrap(), t);

@@ -18,6 +18,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 cryptomgr.not
 /// needs its decompression area, the initrd and room to boot).
 pub const DEFAULT_MEM: u64 = 64 << 20;
 pub const DEFAULT_LINUX_MEM: u64 = 256 << 20;
+/// The least RAM an SEV-ES Linux guest is started with: its kernel bounces all device I/O
+/// through a shared (unencrypted) software-IOTLB buffer of 6% of RAM but at least 64 MiB
+/// (Linux 6.1 `sev_setup_arch`), which a smaller guest cannot spare and still boot.
+pub const MIN_SEV_LINUX_MEM: u64 = 256 << 20;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -242,6 +246,12 @@ pub enum LinuxRunError {
     GuestArgs,
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error(
+        "--mem {} MiB is too small for an SEV-ES Linux guest: its kernel reserves at least 64 MiB \
+         of shared memory as a bounce buffer for device I/O; give --mem {}M or more",
+        mem >> 20, MIN_SEV_LINUX_MEM >> 20
+    )]
+    SevMemTooSmall { mem: u64 },
 }
 
 /// `esvm run --kernel`: boot a Linux kernel.
@@ -272,6 +282,10 @@ fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         ),
         None => None,
     };
+    let mem_size = args.mem.unwrap_or(DEFAULT_LINUX_MEM);
+    if args.sev_es && mem_size < MIN_SEV_LINUX_MEM {
+        return Err(LinuxRunError::SevMemTooSmall { mem: mem_size }.into());
+    }
     let config = MachineConfig {
         backend: args.backend,
         vm_type: if args.sev_es {
@@ -279,7 +293,7 @@ fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         } else {
             esvm_hv::VmType::Plain
         },
-        mem_size: args.mem.unwrap_or(DEFAULT_LINUX_MEM),
+        mem_size,
         vcpus: args.vcpus,
         max_instructions: args.max_instructions,
     };
