@@ -76,9 +76,13 @@ pub struct KickState {
 }
 
 impl KickState {
-    /// `immediate_exit` must point into the vCPU's `kvm_run` mapping, which must stay mapped
-    /// until [`KickState::detach`] is called.
-    pub fn new(immediate_exit: *mut u8) -> Self {
+    /// The kick state of the vCPU whose `kvm_run.immediate_exit` byte is at `immediate_exit`.
+    ///
+    /// # Safety
+    /// `immediate_exit` must point at the `immediate_exit` byte of the vCPU's `kvm_run`
+    /// mapping, which must stay mapped until [`KickState::detach`] is called; the byte is
+    /// only ever accessed atomically (by KVM with READ_ONCE, by kickers through this state).
+    pub unsafe fn new(immediate_exit: *mut u8) -> Self {
         KickState {
             target: Mutex::new(Target {
                 immediate_exit: Some(immediate_exit as usize),

@@ -243,11 +243,15 @@ impl KvmVcpu {
         // SAFETY: `run` points at the vCPU's kvm_run mapping (valid while `fd` lives); we
         // only take the address of one field, without creating a reference.
         let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
+        // SAFETY: `immediate_exit` is that byte of the kvm_run mapping, which the VcpuFd
+        // moved into this vCPU keeps mapped until the vCPU is dropped, and `Drop for
+        // KvmVcpu` detaches the kick state first.
+        let kick = Arc::new(unsafe { KickState::new(immediate_exit) });
         Ok(KvmVcpu {
             id,
             fd: RefCell::new(fd),
             vm,
-            kick: Arc::new(KickState::new(immediate_exit)),
+            kick,
             mxcsr_mask,
             xsave,
             incomplete: Cell::new(false),
