@@ -33,14 +33,34 @@ pub const DEFAULT_POLICY: u32 = Policy::ES;
 #[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum SevLaunchError {
-    #[error("cannot open the platform in {dir}: {reason}. Create one with `esvm platform init --dir {dir}`")]
-    Platform { dir: PathBuf, reason: String },
-    #[error("cannot read the owner's session in {dir}: {reason}")]
-    Session { dir: PathBuf, reason: String },
+    #[error("cannot open the platform in {dir}: {source}. Create one with `esvm platform init --dir {dir}`")]
+    Platform {
+        dir: PathBuf,
+        #[source]
+        source: esvm_psp::StorageError,
+    },
+    #[error("cannot open the platform in {dir}: {source}. Create one with `esvm platform init --dir {dir}`")]
+    PlatformInit {
+        dir: PathBuf,
+        #[source]
+        source: esvm_psp::PspError,
+    },
+    #[error("cannot read the owner's session in {dir}: {source}")]
+    Session {
+        dir: PathBuf,
+        #[source]
+        source: esvm_owner::OwnerError,
+    },
     #[error("the policy {0:#x} lacks the ES bit: SEV-ES guests need policy bit 2 (0x4)")]
     NotEs(u32),
     #[error("cannot read the secret packet {path}: {reason}")]
     Secret { path: PathBuf, reason: String },
+    #[error("cannot read the secret packet {path}: {source}")]
+    SecretRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write the measurement to {path}: {source}")]
     MeasurementOut {
         path: PathBuf,
@@ -82,14 +102,14 @@ pub fn measured_regions(boot: &BootState) -> Vec<(u64, u64)> {
 
 /// Open (and INIT) the platform firmware from its NV storage.
 pub fn open_platform(dir: &Path) -> Result<Arc<Mutex<Psp>>, SevLaunchError> {
-    let mut psp = Psp::open(dir).map_err(|e| SevLaunchError::Platform {
+    let mut psp = Psp::open(dir).map_err(|source| SevLaunchError::Platform {
         dir: dir.to_path_buf(),
-        reason: e.to_string(),
+        source,
     })?;
     if psp.state() == esvm_psp::PlatformState::Uninit {
-        psp.init().map_err(|e| SevLaunchError::Platform {
+        psp.init().map_err(|source| SevLaunchError::PlatformInit {
             dir: dir.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
     }
     Ok(Arc::new(Mutex::new(psp)))
@@ -123,9 +143,9 @@ fn launch_request(args: &SevLaunchArgs<'_>) -> Result<LaunchStart, SevLaunchErro
     let (policy, owner) = match args.session {
         Some(dir) => {
             let (policy, owner) =
-                esvm_owner::launch_request(dir).map_err(|e| SevLaunchError::Session {
+                esvm_owner::launch_request(dir).map_err(|source| SevLaunchError::Session {
                     dir: dir.to_path_buf(),
-                    reason: e.to_string(),
+                    source,
                 })?;
             (policy, Some(owner))
         }
@@ -191,9 +211,9 @@ pub fn finish(
     args: &SevLaunchArgs<'_>,
 ) -> Result<Launched, SevLaunchError> {
     if let Some(path) = args.secret {
-        let bytes = std::fs::read(path).map_err(|e| SevLaunchError::Secret {
+        let bytes = std::fs::read(path).map_err(|source| SevLaunchError::SecretRead {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
         let (header, ct) =
             esvm_owner::parse_secret_packet(&bytes).ok_or_else(|| SevLaunchError::Secret {
