@@ -298,7 +298,11 @@ impl MeasuredLaunch {
 /// Computes what the loader measures for an image (implemented by the vmm).
 pub trait GuestMeasurer {
     /// The measured regions and initial VMSAs of `image` launched with `policy`.
-    fn measured_launch(&self, image: &Path, policy: Policy) -> Result<MeasuredLaunch, String>;
+    fn measured_launch(
+        &self,
+        image: &Path,
+        policy: Policy,
+    ) -> Result<MeasuredLaunch, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// Checks a LAUNCH_MEASURE result against the expected launch digest and

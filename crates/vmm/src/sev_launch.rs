@@ -238,13 +238,39 @@ pub fn hex(bytes: &[u8]) -> String {
 /// the measured regions and the initial VMSA, without any secure processor.
 pub struct LaunchPredictor;
 
+/// Why [`LaunchPredictor`] could not predict a launch.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
+#[derive(Debug, Error)]
+pub enum PredictError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Machine(#[from] crate::machine::MachineError),
+    #[error("{0}")]
+    Memory(#[from] esvm_hv::MemoryError),
+}
+
 impl esvm_owner::GuestMeasurer for LaunchPredictor {
     fn measured_launch(
         &self,
         image: &Path,
         _policy: Policy,
-    ) -> Result<esvm_owner::MeasuredLaunch, String> {
-        let elf = std::fs::read(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    ) -> Result<esvm_owner::MeasuredLaunch, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.predict(image)?)
+    }
+}
+
+impl LaunchPredictor {
+    /// [`esvm_owner::GuestMeasurer::measured_launch`], with its error type.
+    pub fn predict(&self, image: &Path) -> Result<esvm_owner::MeasuredLaunch, PredictError> {
+        let elf = std::fs::read(image).map_err(|source| PredictError::Read {
+            path: image.to_path_buf(),
+            source,
+        })?;
         let config = crate::machine::MachineConfig {
             backend: esvm_hv::BackendKind::Emu,
             vm_type: esvm_hv::VmType::SevEs,
@@ -252,18 +278,15 @@ impl esvm_owner::GuestMeasurer for LaunchPredictor {
             vcpus: 1,
             max_instructions: None,
         };
-        let mut m = Machine::new(&config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;
-        let boot = m.load(&elf, "").map_err(|e| e.to_string())?;
+        let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+        let boot = m.load(&elf, "")?;
         let mut regions = Vec::new();
         for (gpa, len) in measured_regions(&boot) {
             let mut data = vec![0u8; len as usize];
-            m.vm()
-                .memory()
-                .read(gpa, &mut data)
-                .map_err(|e| e.to_string())?;
+            m.vm().memory().read(gpa, &mut data)?;
             regions.push((gpa, data));
         }
-        let vmsas = m.initial_vmsas().map_err(|e| e.to_string())?;
+        let vmsas = m.initial_vmsas()?;
         Ok(esvm_owner::MeasuredLaunch { regions, vmsas })
     }
 }
