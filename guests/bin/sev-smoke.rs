@@ -349,11 +349,11 @@ fn mtrr_checks(def_type: u64) -> bool {
 /// `extra=1`: the remaining #VC events, each checked only for completing (values printed).
 fn extra_checks() {
     let vcs = sev::vc_count();
+    let (dr7, aux, tsc, hc): (u64, u64, u64, u64);
     // SAFETY: WBINVD has no effect on a guest's correctness; DR7 gets only its reset value
     // plus LE (no breakpoint enabled) and is restored; MONITOR/MWAIT on a local and a hint
     // of 0 return at the latest at the next event (the hypervisor treats MWAIT as a NOP);
     // RDTSCP and VMMCALL only return values in registers.
-    let (dr7, aux, tsc, hc): (u64, u64, u64, u64);
     unsafe {
         asm!("wbinvd", options(nomem, nostack));
         asm!("mov dr7, {v}", "mov {r}, dr7", "mov dr7, {d}", v = in(reg) 0x500u64,

@@ -127,8 +127,13 @@ impl Cpu {
         if e.lin == lin
             && e.gen == self.cache.gen
             && e.sel == sel
-            && self.code_epoch(e.page) == e.epoch
-            && (e.page2 == NO_PAGE || self.code_epoch(e.page2) == e.epoch2)
+            // SAFETY: jump-cache entries copy `page`/`page2` from blocks, which are only
+            // built from RAM pages, or are the initial entries (page 0, which every RAM
+            // has); `page2` is NO_PAGE (tested first) or a RAM page.
+            && unsafe {
+                self.code_epoch(e.page) == e.epoch
+                    && (e.page2 == NO_PAGE || self.code_epoch(e.page2) == e.epoch2)
+            }
         {
             return Ok((e.ptr, e.len as usize));
         }
@@ -160,9 +165,13 @@ impl Cpu {
         let mut id = None;
         if let Some(&b) = self.cache.map.get(&key) {
             let blk = &self.cache.blocks[b as usize];
-            if self.code_epoch(blk.page) == blk.epoch
-                && (blk.page2 == NO_PAGE || self.code_epoch(blk.page2) == blk.epoch2)
-            {
+            // SAFETY: blocks are only built from RAM pages (`build_block`); `page2` is
+            // NO_PAGE (tested first) or a RAM page.
+            let fresh = unsafe {
+                self.code_epoch(blk.page) == blk.epoch
+                    && (blk.page2 == NO_PAGE || self.code_epoch(blk.page2) == blk.epoch2)
+            };
+            if fresh {
                 id = Some(b);
             }
         }
@@ -172,7 +181,8 @@ impl Cpu {
                 if self.cache.total > MAX_CACHED {
                     self.cache.clear();
                 }
-                let blk = self.build_block(lin, gpa)?;
+                // SAFETY: `gpa < ram_size` (checked above).
+                let blk = unsafe { self.build_block(lin, gpa) }?;
                 self.cache.total += blk.insns.len();
                 let id = if let Some(&old) = self.cache.map.get(&key) {
                     // The old instruction array is freed: forget jump-cache entries to it.
@@ -204,14 +214,19 @@ impl Cpu {
         Ok((ptr, len))
     }
 
-    fn build_block(&mut self, lin: u64, gpa: u64) -> R<Block> {
+    /// Decodes the block at `lin` (guest-physical `gpa`), up to the end of its page.
+    ///
+    /// # Safety
+    /// `gpa` must be inside guest RAM (`gpa < ram_size`): the code bytes are copied from
+    /// its page unchecked.
+    unsafe fn build_block(&mut self, lin: u64, gpa: u64) -> R<Block> {
         let page = gpa >> PAGE_SHIFT;
         let epoch = self.mem.mark_code(page);
         let off = (gpa & 0xfff) as usize;
         let avail = PAGE_SIZE as usize - off;
         let mut buf = [0u8; 4096 + 16];
-        // SAFETY: `gpa..gpa+avail` lies within one RAM page (gpa < ram_size, RAM is a whole
-        // number of pages).
+        // SAFETY: `gpa..gpa+avail` lies within one RAM page (gpa < ram_size by the caller's
+        // contract, RAM is a whole number of pages).
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.code_src().add(gpa as usize),

@@ -822,10 +822,14 @@ impl Cpu {
 
     /// Log a guest write to RAM page `gpn` (< RAM pages): dirty bit (check, then set) and
     /// decoded-code invalidation.
+    ///
+    /// # Safety
+    /// `gpn` must be a page of guest RAM (`gpn < ram_size / PAGE_SIZE`): it indexes the code
+    /// bitmap unchecked.
     #[inline(always)]
-    pub(crate) fn note_write(&mut self, gpn: u64) {
-        // SAFETY: `raw` points into `self.mem`, which lives as long as `self`; callers pass
-        // a page number inside RAM, so the code-bitmap word index is in bounds.
+    pub(crate) unsafe fn note_write(&mut self, gpn: u64) {
+        // SAFETY: `raw` points into `self.mem`, which lives as long as `self`; the caller
+        // passes a page number inside RAM, so the code-bitmap word index is in bounds.
         let (bm, w) = unsafe { (&*self.raw.dirty, &*self.raw.code.add((gpn / 64) as usize)) };
         if !bm.is_bit_set(gpn as usize) {
             bm.set_bit(gpn as usize);
@@ -837,9 +841,12 @@ impl Cpu {
     }
 
     /// Current code epoch of RAM page `page`.
+    ///
+    /// # Safety
+    /// `page` must be a page of guest RAM: it indexes the epoch array unchecked.
     #[inline(always)]
-    pub(crate) fn code_epoch(&self, page: u64) -> u32 {
-        // SAFETY: `raw` is valid (see `note_write`); blocks are only built from RAM pages.
+    pub(crate) unsafe fn code_epoch(&self, page: u64) -> u32 {
+        // SAFETY: `raw` is valid (see `note_write`) and the caller passes a RAM page.
         unsafe { (*self.raw.epoch.add(page as usize)).load(Ordering::Relaxed) }
     }
 

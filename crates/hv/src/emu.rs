@@ -18,8 +18,8 @@ use crate::sev::{
     self, Attempt, ReplayServices, SevGuestContext, SevVcpu, SevVcpuState, SevVm, VmmAnswer, VmmIo,
 };
 use crate::{
-    BackendKind, DirtyBitmap, HvError, Hypervisor, Kicker, Result, SregsView, TrackedSregs, Vcpu,
-    Vm, VmConfig, VmExit, VmType,
+    BackendKind, DirtyBitmap, HvError, Hypervisor, Kicker, Result, SevMemoryOp, SregsView,
+    TrackedSregs, Vcpu, Vm, VmConfig, VmExit, VmType,
 };
 
 fn cpu_err(e: CpuError) -> HvError {
@@ -27,7 +27,7 @@ fn cpu_err(e: CpuError) -> HvError {
         CpuError::UnknownMsr(i) => {
             HvError::InvalidState(format!("MSR {i:#x} is not modelled by the software vCPU"))
         }
-        other => HvError::InvalidState(other.to_string()),
+        other => HvError::Cpu(other),
     }
 }
 
@@ -90,10 +90,7 @@ impl EmuVm {
                 Some(keepalive),
             )
         }
-        .map_err(|e| HvError::Internal {
-            backend: BackendKind::Emu,
-            message: e.to_string(),
-        })?;
+        .map_err(HvError::EmuMemory)?;
         // VMM-side writes through GuestMemory::write must drop decoded code. The hook reaches
         // the PhysMemory through a slot the VM empties when it is dropped: PhysMemory keeps
         // the GuestMemory alive, so holding it directly would be a reference cycle (a leak of
@@ -496,7 +493,10 @@ impl EmuVcpu {
             Attempt::Done(outcome, writes, shared_writes) => {
                 for (gpa, data) in shared_writes {
                     phys.write_host(gpa, &data)
-                        .map_err(|e| HvError::Sev(format!("writing the GHCB back: {e}")))?;
+                        .map_err(|source| HvError::SevMemory {
+                            op: SevMemoryOp::WriteGhcb,
+                            source,
+                        })?;
                 }
                 s.in_flight = None;
                 s.answers.clear();

@@ -162,6 +162,64 @@ pub enum HvError {
         backend: BackendKind,
         message: String,
     },
+    /// The software vCPU refused a state change.
+    #[error("invalid vCPU state: {0}")]
+    Cpu(#[source] esvm_cpu::CpuError),
+    /// The software vCPU refused the VMSA an SEV-ES move brought in.
+    #[error(
+        "internal error in the emu backend: move encryption context: loading vCPU {vcpu}'s \
+         VMSA: {source}"
+    )]
+    MoveVmsa {
+        vcpu: u32,
+        #[source]
+        source: esvm_cpu::CpuError,
+    },
+    /// The software vCPU's guest memory could not be set up over the VM's RAM.
+    #[error("internal error in the emu backend: {0}")]
+    EmuMemory(#[source] esvm_cpu::MemError),
+    /// The software vCPU's guest-memory model failed an SEV-ES memory operation.
+    #[error("secure processor: {}{source}", .op.prefix())]
+    SevMemory {
+        op: SevMemoryOp,
+        #[source]
+        source: esvm_cpu::MemError,
+    },
+    /// A decrypted VMSA is not a VMSA page.
+    #[error("secure processor: {0}")]
+    BadVmsa(#[source] esvm_arch::vmsa::VmsaError),
+    /// The hypervisor's part of an SEV-ES vCPU transfer does not decode.
+    #[error("secure processor: the hypervisor's vCPU state: {0}")]
+    SevTransferState(#[source] serde_json::Error),
+    /// The KVM backend failed to set up or drive a vCPU (see [`kvm::KvmError`]).
+    #[error(transparent)]
+    KvmSetup(#[from] kvm::KvmError),
+}
+
+/// What the SEV-ES guest-memory model was doing when it failed ([`HvError::SevMemory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SevMemoryOp {
+    /// Turning on memory encryption (LAUNCH_START, RECEIVE_START) or encrypting a range in
+    /// place (LAUNCH_UPDATE_DATA).
+    Encryption,
+    /// Reading guest page `n` (shared) for a send.
+    ReadSharedPage(u64),
+    /// Writing guest page `n` (shared) on receive.
+    WriteSharedPage(u64),
+    /// Writing the GHCB page back after a VMGEXIT.
+    WriteGhcb,
+}
+
+impl SevMemoryOp {
+    /// How [`HvError::SevMemory`] names the operation before the memory error.
+    fn prefix(self) -> String {
+        match self {
+            SevMemoryOp::Encryption => String::new(),
+            SevMemoryOp::ReadSharedPage(page) => format!("reading shared page {page}: "),
+            SevMemoryOp::WriteSharedPage(page) => format!("writing shared page {page}: "),
+            SevMemoryOp::WriteGhcb => "writing the GHCB back: ".to_string(),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, HvError>;

@@ -18,8 +18,12 @@ pub enum MemoryError {
          and at most {max} bytes"
     )]
     BadSize { size: u64, max: u64 },
-    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
-    Alloc { size: u64, reason: String },
+    #[error("cannot allocate {size} bytes of guest memory: {source}")]
+    Alloc {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
     #[error("guest-physical range {addr:#x}+{len:#x} is outside guest RAM ({size:#x} bytes)")]
     OutOfRange { addr: u64, len: u64, size: u64 },
 }
@@ -43,13 +47,8 @@ impl GuestMemory {
                 max: MAX_RAM_SIZE,
             });
         }
-        let mmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).map_err(|e| {
-                MemoryError::Alloc {
-                    size,
-                    reason: e.to_string(),
-                }
-            })?;
+        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|source| MemoryError::Alloc { size, source })?;
         Ok(GuestMemory {
             mmap,
             size,

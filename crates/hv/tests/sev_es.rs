@@ -10,10 +10,12 @@ use common::{ca, launch_sev, platform};
 
 use esvm_abi::testing::checkpoint::{self, Checkpoint};
 use esvm_abi::testing::cr_steps;
+use esvm_cpu::MemError;
 use esvm_hv::emu::EmuVm;
 use esvm_hv::sev::{Launcher, SevVcpuTransfer, SevVm};
 use esvm_hv::{HvError, SregsView, Vcpu, Vm, VmConfig, VmExit, VmType};
-use esvm_psp::{LaunchStart, Policy, Psp};
+use esvm_psp::session::{SessionError, SESSION_LEN};
+use esvm_psp::{LaunchStart, OwnerSession, Policy, Psp, PspError};
 
 struct SevGuest {
     vm: Arc<EmuVm>,
@@ -282,6 +284,59 @@ fn launch_update_vmsa_is_refused_while_dr7_enables_breakpoints() {
     assert!(vcpu.is_protected());
     // A second LAUNCH_UPDATE_VMSA for the same vCPU is refused.
     assert!(launcher.update_vmsa(vcpu.as_mut()).is_err());
+}
+
+#[test]
+fn a_refused_launch_keeps_the_firmware_reason_as_the_error_source() {
+    let mut cfg = VmConfig::plain(16 << 20, 1);
+    cfg.vm_type = VmType::SevEs;
+    let vm = Arc::new(EmuVm::new(&cfg).unwrap());
+    let psp = platform();
+    // The platform's own PDH as the owner's DH key, with a session blob the owner never
+    // wrapped: its transport keys fail their MAC.
+    let dh_cert = psp.lock().unwrap().pdh_cert_export().unwrap().pdh;
+    let req = LaunchStart {
+        policy: Policy(Policy::ES),
+        owner: Some(OwnerSession {
+            dh_cert: dh_cert.as_bytes().to_vec(),
+            session: vec![0; SESSION_LEN],
+        }),
+        share_key_with: None,
+    };
+    let err = Launcher::new(vm).unwrap().start(psp, &req).err().unwrap();
+    // The chain crosses two layers: HvError -> PspError -> SessionError.
+    assert!(matches!(err, HvError::Psp(_)), "{err}");
+    let psp_err = std::error::Error::source(&err).expect("the PSP error");
+    assert!(psp_err.is::<PspError>(), "{psp_err}");
+    let why = psp_err
+        .source()
+        .and_then(|e| e.downcast_ref::<SessionError>());
+    assert_eq!(why, Some(&SessionError::WrapMac), "{err}");
+}
+
+#[test]
+fn launch_update_data_outside_ram_keeps_the_memory_error_as_its_source() {
+    let mut cfg = VmConfig::plain(16 << 20, 1);
+    cfg.vm_type = VmType::SevEs;
+    let vm = Arc::new(EmuVm::new(&cfg).unwrap());
+    let mut launcher = Launcher::new(vm)
+        .unwrap()
+        .start(
+            platform(),
+            &LaunchStart {
+                policy: Policy(Policy::ES),
+                owner: None,
+                share_key_with: None,
+            },
+        )
+        .unwrap();
+    let err = launcher.update_data(16 << 20, 4096).unwrap_err();
+    assert!(matches!(err, HvError::SevMemory { .. }), "{err}");
+    let why = std::error::Error::source(&err).and_then(|e| e.downcast_ref::<MemError>());
+    assert!(
+        matches!(why, Some(MemError::OutOfRange { addr, .. }) if *addr == 16 << 20),
+        "{err}"
+    );
 }
 
 #[test]

@@ -73,10 +73,10 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl::run(args),
         Command::Receive(args) => receive::run(args),
         Command::Restore(args) => restore::run(args),
-        Command::Platform(cmd) => platform::run_platform(cmd).map(|()| 0).map_err(Into::into),
-        Command::Owner(cmd) => owner::run_owner(cmd, Some(&esvm::sev_launch::LaunchPredictor))
-            .map(|()| 0)
-            .map_err(Into::into),
+        Command::Platform(cmd) => platform::run_platform(cmd).map(|()| 0),
+        Command::Owner(cmd) => {
+            owner::run_owner(cmd, Some(&esvm::sev_launch::LaunchPredictor)).map(|()| 0)
+        }
         Command::Guests => {
             run::list_guests();
             Ok(0)

@@ -148,8 +148,9 @@ pub fn migration_config(c: &MachineConfig) -> MigrationConfig {
     }
 }
 
-fn source_err(what: &str, e: impl std::fmt::Display) -> SourceError {
-    SourceError::failed(format!("{what}: {e}"))
+/// `what` failed with `e` (kept as the error's source); the message is `"{what}: {e}"`.
+fn source_err(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SourceError {
+    SourceError::failed_by(what, e)
 }
 
 /// The source VM as the migration sender drives it (on the migration thread, while the run
@@ -418,8 +419,10 @@ pub struct MachineTarget {
     committed: bool,
 }
 
-fn refused(what: &str, e: impl std::fmt::Display) -> TargetError {
-    TargetError::Refused(format!("{what}: {e}"))
+/// `what` was refused because of `e` (kept as the error's source); the message is
+/// `"refused: {what}: {e}"`.
+fn refused(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> TargetError {
+    TargetError::refused_by(what, e)
 }
 
 impl MachineTarget {
@@ -606,7 +609,7 @@ impl MigrationTarget for MachineTarget {
         self.machine_mut()?
             .exclusive_ram()
             .and_then(|ram| ram.pages_mut(first_page, count))
-            .map_err(|e| TargetError::Failed(e.to_string()))
+            .map_err(TargetError::failed_by)
     }
 
     fn apply_device_state(&mut self, state: &[u8]) -> Result<(), TargetError> {
@@ -614,13 +617,10 @@ impl MigrationTarget for MachineTarget {
             serde_json::from_slice(state).map_err(|e| refused("the device state", e))?;
         let vcpus = self.machine_mut()?.config().vcpus as usize;
         if s.instructions.len() != vcpus {
-            return Err(refused(
-                "the device state",
-                format!(
-                    "it describes {} vCPUs, the VM has {vcpus}",
-                    s.instructions.len()
-                ),
-            ));
+            return Err(TargetError::Refused(format!(
+                "the device state: it describes {} vCPUs, the VM has {vcpus}",
+                s.instructions.len()
+            )));
         }
         self.state = Some(s);
         Ok(())

@@ -33,14 +33,34 @@ pub const DEFAULT_POLICY: u32 = Policy::ES;
 #[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum SevLaunchError {
-    #[error("cannot open the platform in {dir}: {reason}. Create one with `esvm platform init --dir {dir}`")]
-    Platform { dir: PathBuf, reason: String },
-    #[error("cannot read the owner's session in {dir}: {reason}")]
-    Session { dir: PathBuf, reason: String },
+    #[error("cannot open the platform in {dir}: {source}. Create one with `esvm platform init --dir {dir}`")]
+    Platform {
+        dir: PathBuf,
+        #[source]
+        source: esvm_psp::StorageError,
+    },
+    #[error("cannot open the platform in {dir}: {source}. Create one with `esvm platform init --dir {dir}`")]
+    PlatformInit {
+        dir: PathBuf,
+        #[source]
+        source: esvm_psp::PspError,
+    },
+    #[error("cannot read the owner's session in {dir}: {source}")]
+    Session {
+        dir: PathBuf,
+        #[source]
+        source: esvm_owner::OwnerError,
+    },
     #[error("the policy {0:#x} lacks the ES bit: SEV-ES guests need policy bit 2 (0x4)")]
     NotEs(u32),
     #[error("cannot read the secret packet {path}: {reason}")]
     Secret { path: PathBuf, reason: String },
+    #[error("cannot read the secret packet {path}: {source}")]
+    SecretRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write the measurement to {path}: {source}")]
     MeasurementOut {
         path: PathBuf,
@@ -82,14 +102,14 @@ pub fn measured_regions(boot: &BootState) -> Vec<(u64, u64)> {
 
 /// Open (and INIT) the platform firmware from its NV storage.
 pub fn open_platform(dir: &Path) -> Result<Arc<Mutex<Psp>>, SevLaunchError> {
-    let mut psp = Psp::open(dir).map_err(|e| SevLaunchError::Platform {
+    let mut psp = Psp::open(dir).map_err(|source| SevLaunchError::Platform {
         dir: dir.to_path_buf(),
-        reason: e.to_string(),
+        source,
     })?;
     if psp.state() == esvm_psp::PlatformState::Uninit {
-        psp.init().map_err(|e| SevLaunchError::Platform {
+        psp.init().map_err(|source| SevLaunchError::PlatformInit {
             dir: dir.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
     }
     Ok(Arc::new(Mutex::new(psp)))
@@ -126,9 +146,9 @@ fn launch_request(args: &SevLaunchArgs<'_>) -> Result<LaunchStart, SevLaunchErro
     let (policy, owner) = match args.session {
         Some(dir) => {
             let (policy, owner) =
-                esvm_owner::launch_request(dir).map_err(|e| SevLaunchError::Session {
+                esvm_owner::launch_request(dir).map_err(|source| SevLaunchError::Session {
                     dir: dir.to_path_buf(),
-                    reason: e.to_string(),
+                    source,
                 })?;
             (policy, Some(owner))
         }
@@ -193,9 +213,9 @@ pub fn finish(
     args: &SevLaunchArgs<'_>,
 ) -> Result<Launched, SevLaunchError> {
     if let Some(path) = args.secret {
-        let bytes = std::fs::read(path).map_err(|e| SevLaunchError::Secret {
+        let bytes = std::fs::read(path).map_err(|source| SevLaunchError::SecretRead {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
         let (header, ct) =
             esvm_owner::parse_secret_packet(&bytes).ok_or_else(|| SevLaunchError::Secret {
@@ -220,13 +240,39 @@ pub fn hex(bytes: &[u8]) -> String {
 /// the measured regions and the initial VMSA, without any secure processor.
 pub struct LaunchPredictor;
 
+/// Why [`LaunchPredictor`] could not predict a launch.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
+#[derive(Debug, Error)]
+pub enum PredictError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Machine(#[from] crate::machine::MachineError),
+    #[error("{0}")]
+    Memory(#[from] esvm_hv::MemoryError),
+}
+
 impl esvm_owner::GuestMeasurer for LaunchPredictor {
     fn measured_launch(
         &self,
         image: &Path,
         _policy: Policy,
-    ) -> Result<esvm_owner::MeasuredLaunch, String> {
-        let elf = std::fs::read(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    ) -> Result<esvm_owner::MeasuredLaunch, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.predict(image)?)
+    }
+}
+
+impl LaunchPredictor {
+    /// [`esvm_owner::GuestMeasurer::measured_launch`], with its error type.
+    pub fn predict(&self, image: &Path) -> Result<esvm_owner::MeasuredLaunch, PredictError> {
+        let elf = std::fs::read(image).map_err(|source| PredictError::Read {
+            path: image.to_path_buf(),
+            source,
+        })?;
         let config = crate::machine::MachineConfig {
             backend: esvm_hv::BackendKind::Emu,
             vm_type: esvm_hv::VmType::SevEs,
@@ -234,18 +280,15 @@ impl esvm_owner::GuestMeasurer for LaunchPredictor {
             vcpus: 1,
             max_instructions: None,
         };
-        let mut m = Machine::new(&config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;
-        let boot = m.load(&elf, "").map_err(|e| e.to_string())?;
+        let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+        let boot = m.load(&elf, "")?;
         let mut regions = Vec::new();
         for (gpa, len) in measured_regions(&boot) {
             let mut data = vec![0u8; len as usize];
-            m.vm()
-                .memory()
-                .read(gpa, &mut data)
-                .map_err(|e| e.to_string())?;
+            m.vm().memory().read(gpa, &mut data)?;
             regions.push((gpa, data));
         }
-        let vmsas = m.initial_vmsas().map_err(|e| e.to_string())?;
+        let vmsas = m.initial_vmsas()?;
         Ok(esvm_owner::MeasuredLaunch { regions, vmsas })
     }
 }

@@ -117,6 +117,13 @@ pub enum SnapshotError {
     NotASnapshot(PathBuf),
     #[error("{path} is corrupt: {why}; the snapshot cannot be restored")]
     Corrupt { path: PathBuf, why: String },
+    #[error("{path} is corrupt: {what}: {source}; the snapshot cannot be restored")]
+    CorruptBy {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
     #[error("{path} is truncated: {why}; the snapshot cannot be restored")]
     Truncated { path: PathBuf, why: String },
     #[error(
@@ -135,13 +142,25 @@ pub enum SnapshotError {
     #[error("{0}")]
     Unsupported(String),
     #[error("saving the VM state: {0}")]
-    Save(String),
+    SaveVcpu(#[source] crate::machine::MachineError),
+    #[error("saving the VM state: {what}: {source}")]
+    Save {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
     #[error("reading guest memory: {0}")]
     ReadMemory(#[source] crate::ram::RamError),
     #[error("restoring the VM: {0}")]
     Restore(#[from] crate::machine::MachineError),
     #[error("cannot snapshot this SEV-ES guest: {0}")]
     SealedSave(String),
+    #[error("cannot snapshot this SEV-ES guest: {what}: {source}")]
+    SealedSaveBy {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
     #[error(
         "this snapshot is of an SEV-ES guest sealed to its platform; give that platform with \
          --platform DIR"
@@ -162,10 +181,26 @@ pub enum SnapshotError {
         detail: String,
     },
     #[error(
-        "{path}: the secure processor refused the sealed guest: {why}. The snapshot was \
-         damaged or altered; the guest was discarded and never ran"
+        "{path}: the secure processor refused the sealed guest: {what}: {source}. The snapshot \
+         was damaged or altered; the guest was discarded and never ran"
     )]
-    SealedRefused { path: PathBuf, why: String },
+    SealedRefused {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// The error of another layer that a [`SnapshotError`] keeps as its source.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `what` failed while sealing the guest, because of `source`.
+fn sealed_save_by(what: String, source: impl Into<BoxError>) -> SnapshotError {
+    SnapshotError::SealedSaveBy {
+        what,
+        source: source.into(),
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -306,13 +341,13 @@ fn save_stopped(
         .run_job(|m| {
             let state = m.save_state();
             let vcpus: Result<Vec<_>, _> = (0..m.config().vcpus).map(|i| m.save_vcpu(i)).collect();
-            vcpus.map(|v| (state, v)).map_err(|e| e.to_string())
+            vcpus.map(|v| (state, v))
         })?
-        .map_err(SnapshotError::Save)?;
-    let written = h
-        .tracker
-        .ever_written()
-        .map_err(|e| SnapshotError::Save(format!("reading the dirty log: {e}")))?;
+        .map_err(SnapshotError::SaveVcpu)?;
+    let written = h.tracker.ever_written().map_err(|e| SnapshotError::Save {
+        what: "reading the dirty log",
+        source: e.into(),
+    })?;
 
     fs::create_dir_all(dir).map_err(io(dir))?;
     let mem_path = dir.join(MEMORY_FILE);
@@ -357,8 +392,10 @@ fn save_stopped(
 /// Write `vm.state` (header and JSON) under a temporary name, fsync, rename it into place.
 /// Returns the bytes written.
 fn write_state(dir: &Path, version: u32, manifest: &Manifest) -> Result<u64, SnapshotError> {
-    let json = serde_json::to_vec(manifest)
-        .map_err(|e| SnapshotError::Save(format!("encoding the state: {e}")))?;
+    let json = serde_json::to_vec(manifest).map_err(|e| SnapshotError::Save {
+        what: "encoding the state",
+        source: e.into(),
+    })?;
     let header = format!(
         "{MAGIC} {version} crc32c={:08x} len={}\n",
         crc32c::crc32c(&json),
@@ -399,9 +436,7 @@ fn save_sealed(
     let (chain, nosend) = {
         let psp = platform.lock().unwrap_or_else(|e| e.into_inner());
         let chain = psp.pdh_cert_export().map_err(|e| {
-            fail(format!(
-                "the platform cannot export its certificate chain: {e}"
-            ))
+            sealed_save_by("the platform cannot export its certificate chain".into(), e)
         })?;
         let nosend = psp.guest_status(handle).is_ok_and(|s| s.policy.nosend());
         (chain.to_bytes(), nosend)
@@ -422,10 +457,13 @@ fn save_sealed(
     let cancelled = sev.send_cancel();
     match (written, cancelled) {
         (Ok(n), Ok(())) => Ok(n),
-        (Ok(_), Err(e)) => Err(fail(format!(
-            "the snapshot was written to {}, but SEND_CANCEL failed afterwards: {e}",
-            dir.display()
-        ))),
+        (Ok(_), Err(e)) => Err(sealed_save_by(
+            format!(
+                "the snapshot was written to {}, but SEND_CANCEL failed afterwards",
+                dir.display()
+            ),
+            e,
+        )),
         (Err(e), Ok(())) => Err(e),
         (Err(e), Err(c)) => {
             tracing::warn!("SEND_CANCEL after a failed snapshot: {c}");
@@ -442,11 +480,10 @@ fn write_sealed(
     session: SevSessionStart,
     dir: &Path,
 ) -> Result<u64, SnapshotError> {
-    let fail = |s: String| SnapshotError::SealedSave(s);
     let written = h
         .tracker
         .ever_written()
-        .map_err(|e| fail(format!("reading the dirty log: {e}")))?;
+        .map_err(|e| sealed_save_by("reading the dirty log".into(), e))?;
 
     fs::create_dir_all(dir).map_err(io(dir))?;
     let mem_path = dir.join(SEALED_MEMORY_FILE);
@@ -459,10 +496,11 @@ fn write_sealed(
         let mut packet = Vec::with_capacity(PRIVATE_PACKET_LEN);
         for page in written.iter() {
             packet.clear();
-            sev.send_page(page, &mut packet)
-                .map_err(|e| fail(format!("SEND_UPDATE_DATA of guest page {page:#x}: {e}")))?;
+            sev.send_page(page, &mut packet).map_err(|e| {
+                sealed_save_by(format!("SEND_UPDATE_DATA of guest page {page:#x}"), e)
+            })?;
             let kind = PacketKind::of(&packet)
-                .map_err(|e| fail(format!("the packet of guest page {page:#x}: {e}")))?;
+                .map_err(|e| sealed_save_by(format!("the packet of guest page {page:#x}"), e))?;
             match runs.last_mut() {
                 Some(r)
                     if r.kind == kind && r.first + r.count == page && r.count < MAX_RUN_PAGES =>
@@ -492,13 +530,13 @@ fn write_sealed(
             let state = m.save_state();
             let vcpus: Result<Vec<_>, _> =
                 (0..m.config().vcpus).map(|i| m.send_vcpu_sev(i)).collect();
-            vcpus.map(|v| (state, v)).map_err(|e| e.to_string())
+            vcpus.map(|v| (state, v))
         })?
-        .map_err(|e| fail(format!("SEND_UPDATE_VMSA: {e}")))?;
+        .map_err(|e| sealed_save_by("SEND_UPDATE_VMSA".into(), e))?;
     // After every packet: the tag covers them all.
     let transcript_tag = sev
         .send_transcript_tag()
-        .map_err(|e| fail(format!("reading the send transcript tag: {e}")))?;
+        .map_err(|e| sealed_save_by("reading the send transcript tag".into(), e))?;
     let manifest = Manifest {
         vm_type: VmType::SevEs,
         backend: h.config.backend,
@@ -601,8 +639,11 @@ fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
     if crc32c::crc32c(body) != crc {
         return Err(corrupt("the state fails its checksum".into()));
     }
-    let m: Manifest = serde_json::from_slice(body)
-        .map_err(|e| corrupt(format!("the state cannot be decoded: {e}")))?;
+    let m: Manifest = serde_json::from_slice(body).map_err(|e| SnapshotError::CorruptBy {
+        path: path.to_path_buf(),
+        what: "the state cannot be decoded",
+        source: e.into(),
+    })?;
     check_manifest(&m, version).map_err(corrupt)?;
     Ok(m)
 }
@@ -742,7 +783,10 @@ pub fn restore(
             .vm()
             .memory()
             .write(r.first * PAGE, data)
-            .map_err(|e| SnapshotError::Save(format!("writing guest memory: {e}")))?;
+            .map_err(|e| SnapshotError::Save {
+                what: "writing guest memory",
+                source: e.into(),
+            })?;
     }
     for (i, s) in m.vcpu_states.iter().enumerate() {
         machine.restore_vcpu(i as u32, s)?;
@@ -899,9 +943,10 @@ fn receive_sealed(
 ) -> Result<(), SnapshotError> {
     let mem_path = dir.join(SEALED_MEMORY_FILE);
     let state_path = dir.join(STATE_FILE);
-    let refused = |path: &Path, why: String| SnapshotError::SealedRefused {
+    let refused = |path: &Path, what: String, e: BoxError| SnapshotError::SealedRefused {
         path: path.to_path_buf(),
-        why,
+        what,
+        source: e,
     };
     let mut received = PageSet::new(machine.config().mem_size / PAGE);
     let mut buf = Vec::new();
@@ -912,7 +957,7 @@ fn receive_sealed(
         for (i, packet) in data.chunks_exact(r.kind.packet_len()).enumerate() {
             let page = r.first + i as u64;
             sev.receive_page(page, packet)
-                .map_err(|e| refused(&mem_path, format!("guest page {page:#x}: {e}")))?;
+                .map_err(|e| refused(&mem_path, format!("guest page {page:#x}"), e.into()))?;
             received.set(page);
         }
         offset += r.len() as u64;
@@ -920,10 +965,10 @@ fn receive_sealed(
     for (i, t) in sealed.vcpus.iter().enumerate() {
         machine
             .receive_vcpu_sev(i as u32, t)
-            .map_err(|e| refused(&state_path, format!("vCPU {i}: {e}")))?;
+            .map_err(|e| refused(&state_path, format!("vCPU {i}"), e.into()))?;
     }
     sev.receive_finish(&sealed.transcript_tag)
-        .map_err(|e| refused(dir, format!("RECEIVE_FINISH: {e}")))?;
+        .map_err(|e| refused(dir, "RECEIVE_FINISH".into(), e.into()))?;
     machine.restore_state(state)?;
     // A later snapshot or migration of the restored guest must carry every received page
     // (whether or not the backend logged the writes).

@@ -136,13 +136,19 @@ pub fn boot_info() -> &'static BootInfo {
     unsafe { &*p }
 }
 
+/// The Rust entry point, called once by `_start` with the loader's RDI.
+///
+/// # Safety
+/// `bi` is null, misaligned, or points to a readable `BootInfo` that stays valid and
+/// unmodified for the guest's lifetime, as the esvm boot protocol promises for RDI.
 #[no_mangle]
-extern "C" fn esvm_rt_start(bi: *const BootInfo) -> ! {
+unsafe extern "C" fn esvm_rt_start(bi: *const BootInfo) -> ! {
     if bi.is_null() || !(bi as usize).is_multiple_of(8) {
         println!("FAIL: boot: RDI does not point at a boot-info block");
         exit(3);
     }
-    // SAFETY: the boot protocol puts a valid, aligned block at RDI; checked below.
+    // SAFETY: non-null and aligned (checked above), so by the function's contract a live
+    // boot-info block; its magic and version are checked below.
     let info: &'static BootInfo = unsafe { &*bi };
     if !info.is_valid() {
         println!(

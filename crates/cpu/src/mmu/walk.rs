@@ -343,7 +343,8 @@ impl Cpu {
                     .fetch_or(bits as u32, std::sync::atomic::Ordering::SeqCst);
             }
         }
-        self.note_write(gpa >> PAGE_SHIFT);
+        // SAFETY: `gpa` is inside RAM (checked above).
+        unsafe { self.note_write(gpa >> PAGE_SHIFT) };
         Ok(())
     }
 }

@@ -93,19 +93,25 @@ impl EmuVcpu {
         self.cpu.set_tsc(m.tsc);
         self.cpu.set_ghcb_msr(m.ghcb_msr);
         let problem = match loaded {
-            Err(e) => Some(format!("loading vCPU {}'s VMSA: {e}", self.id)),
+            Err(source) => Some(HvError::MoveVmsa {
+                vcpu: self.id,
+                source,
+            }),
             Ok(()) if self.cpu.to_vmsa().as_bytes() != m.vmsa.as_bytes() => {
-                Some(format!("vCPU {}'s VMSA did not load unchanged", self.id))
+                Some(HvError::Internal {
+                    backend: BackendKind::Emu,
+                    message: format!(
+                        "move encryption context: vCPU {}'s VMSA did not load unchanged",
+                        self.id
+                    ),
+                })
             }
             Ok(()) => None,
         };
-        if let Some(message) = problem {
+        if let Some(e) = problem {
             let _ = self.cpu.restore(&before);
             self.cpu.set_ghcb_msr(0);
-            return Err(HvError::Internal {
-                backend: BackendKind::Emu,
-                message: format!("move encryption context: {message}"),
-            });
+            return Err(e);
         }
         let state = self.sev.replace(m.state);
         self.ghcb_read = m.ghcb_read;

@@ -19,10 +19,17 @@ use crate::sev::{
     SevGuestContext, SevHostVcpuState, SevHostVmState, SevSessionStart, SevVcpu, SevVcpuTransfer,
     SevVm, PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
 };
-use crate::{HvError, Result, Vcpu, VmType};
+use crate::{HvError, Result, SevMemoryOp, Vcpu, VmType};
 
 fn sev(msg: impl Into<String>) -> HvError {
     HvError::Sev(msg.into())
+}
+
+fn encryption_err(source: esvm_cpu::MemError) -> HvError {
+    HvError::SevMemory {
+        op: SevMemoryOp::Encryption,
+        source,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -64,7 +71,7 @@ impl SevVm for EmuVm {
         let key = ctx.psp().memory_controller_key(handle).map_err(psp_err)?;
         self.phys
             .enable_encryption(Arc::new(MemoryController(key)))
-            .map_err(|e| sev(e.to_string()))?;
+            .map_err(encryption_err)?;
         let _ = self.sev.set(Arc::new(ctx));
         Ok(handle)
     }
@@ -73,7 +80,7 @@ impl SevVm for EmuVm {
         let ctx = self.sev_vm()?;
         self.phys
             .encrypt_in_place(gpa, len)
-            .map_err(|e| sev(e.to_string()))?;
+            .map_err(encryption_err)?;
         let view = PrivateView(self.phys.clone());
         ctx.psp()
             .launch_update_data(ctx.handle, &view, gpa, len as usize)
@@ -151,7 +158,10 @@ impl SevVm for EmuVm {
             out[at] = KIND_SHARED;
             if let Err(e) = self.phys.read_host(gpa, &mut out[at + 1..]) {
                 out.truncate(at);
-                return Err(sev(format!("reading shared page {page}: {e}")));
+                return Err(HvError::SevMemory {
+                    op: SevMemoryOp::ReadSharedPage(page),
+                    source: e,
+                });
             }
         }
         Ok(())
@@ -208,7 +218,7 @@ impl SevVm for EmuVm {
         let worker = ctx.psp().receive_worker(handle).map_err(psp_err)?;
         self.phys
             .enable_encryption(Arc::new(MemoryController(key)))
-            .map_err(|e| sev(e.to_string()))?;
+            .map_err(encryption_err)?;
         *lock(&ctx.recv_worker) = Some(worker);
         let _ = self.sev.set(Arc::new(ctx));
         Ok(handle)
@@ -227,10 +237,14 @@ impl SevVm for EmuVm {
                     .receive_update_data(&view, gpa, &header, ciphertext)
                     .map_err(psp_err)
             }
-            PagePacket::Shared(bytes) => self
-                .phys
-                .write_host(gpa, bytes)
-                .map_err(|e| sev(format!("writing shared page {page}: {e}"))),
+            PagePacket::Shared(bytes) => {
+                self.phys
+                    .write_host(gpa, bytes)
+                    .map_err(|source| HvError::SevMemory {
+                        op: SevMemoryOp::WriteSharedPage(page),
+                        source,
+                    })
+            }
         }
     }
 
@@ -435,7 +449,7 @@ impl SevVcpu for EmuVcpu {
             (r, plain)
         };
         let ext = received.extension;
-        let vmsa = Vmsa::from_bytes(&plain[..]).map_err(|e| sev(e.to_string()))?;
+        let vmsa = Vmsa::from_bytes(&plain[..]).map_err(HvError::BadVmsa)?;
         let refuse = |what: String| {
             Err(sev(format!(
                 "vCPU {}: the hypervisor state does not match the authenticated VMSA: {what}",

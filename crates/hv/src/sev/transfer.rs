@@ -177,8 +177,7 @@ impl SevVcpuTransfer {
         let mut at = 0;
         let vmsa_header = take_field(b, &mut at, "vCPU state (VMSA header)")?.to_vec();
         let vmsa_ciphertext = take_field(b, &mut at, "vCPU state (VMSA packet)")?.to_vec();
-        let host = serde_json::from_slice(&b[at..])
-            .map_err(|e| sev(format!("the hypervisor's vCPU state: {e}")))?;
+        let host = serde_json::from_slice(&b[at..]).map_err(HvError::SevTransferState)?;
         Ok(SevVcpuTransfer {
             vmsa_header,
             vmsa_ciphertext,
