@@ -85,10 +85,16 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("esvm: error: {e}");
+            // Each cause once: many messages already end with their source's text.
+            let mut printed = e.to_string();
+            eprintln!("esvm: error: {printed}");
             let mut source = std::error::Error::source(&*e);
             while let Some(s) = source {
-                eprintln!("  caused by: {s}");
+                let text = s.to_string();
+                if !printed.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                    printed.push_str(&text);
+                }
                 source = s.source();
             }
             ExitCode::from(EXIT_ESVM_ERROR)
