@@ -9,6 +9,12 @@ PACKAGES=(
     # used by the cross-check tests against an independent SEV implementation).
     libssl-dev
     pkg-config
+    # The Linux test guest (scripts/linux-assets.sh): the initramfs archive, the vmlinux
+    # inside Debian's LZ4 bzImage, and the static workload (gcc with glibc's static libc).
+    cpio
+    lz4
+    gcc
+    libc6-dev
 )
 
 missing=()

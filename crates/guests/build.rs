@@ -1,8 +1,10 @@
 //! Builds every guest in `guests/` (at the repository root) as a bare-metal ELF64
 //! executable by invoking `$RUSTC` directly (a nested `cargo` would deadlock on the build
-//! directory lock): first the runtime `guests/rt` as an rlib, then each `guests/bin/*.rs`
-//! against it, linked with `guests/link.ld` at 0x200000. The ELFs land in
-//! `$OUT_DIR/guests/` and `src/lib.rs` embeds them with `include_bytes!`.
+//! directory lock): first the guest ABI `crates/abi` (`esvm-abi`, the same source the host
+//! crates use) and the runtime `guests/rt` as rlibs, then each `guests/bin/*.rs` against
+//! them, linked with `guests/link.ld` at 0x200000. The ELFs land in `$OUT_DIR/guests/` and
+//! `src/lib.rs` embeds them with `include_bytes!`. Cargo reruns this script when anything
+//! under `guests/` or `crates/abi/src` changes.
 //!
 //! Guests use the host target (x86_64-unknown-linux-gnu, whose `core` is installed) with
 //! `#![no_std]`, `panic=abort`, no red zone (interrupt handlers run on the interrupted
@@ -69,7 +71,7 @@ const GUESTS: &[(&str, &str)] = &[
     ),
     (
         "sev-fpu",
-        "SEV-ES guest comparing the x87/SSE state of its first instruction with guests/rt/src/fpu_pattern.rs",
+        "SEV-ES guest comparing the x87/SSE state of its first instruction with esvm_abi::testing::fpu_pattern",
     ),
     (
         "sev-cr",
@@ -139,17 +141,31 @@ fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let root = manifest.join("../../guests");
     let root = root.canonicalize().unwrap_or(root);
+    let abi = manifest.join("../abi");
+    let abi = abi.canonicalize().unwrap_or(abi);
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join("guests");
     std::fs::create_dir_all(&out).expect("create $OUT_DIR/guests");
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
 
     println!("cargo:rerun-if-changed={}", root.display());
+    println!("cargo:rerun-if-changed={}", abi.join("src").display());
     println!("cargo:rerun-if-changed=build.rs");
 
-    // 1. The runtime.
+    // 1. The guest ABI (the same source the host crates use), then the runtime.
+    let abi_rlib = out.join("libesvm_abi.rlib");
+    let mut cmd = Command::new(&rustc);
+    cmd.args(common_flags())
+        .args(["--crate-type=rlib", "--crate-name=esvm_abi"])
+        .arg("--out-dir")
+        .arg(&out)
+        .arg(abi.join("src/lib.rs"));
+    run(cmd, "guest ABI crates/abi");
+
     let mut cmd = Command::new(&rustc);
     cmd.args(common_flags())
         .args(["--crate-type=rlib", "--crate-name=esvm_rt"])
+        .arg("--extern")
+        .arg(format!("esvm_abi={}", abi_rlib.display()))
         .arg("--out-dir")
         .arg(&out)
         .arg(root.join("rt/src/lib.rs"));
@@ -165,6 +181,8 @@ fn main() {
             .arg(format!("--crate-name={}", name.replace('-', "_")))
             .arg("--extern")
             .arg(format!("esvm_rt={}", rlib.display()))
+            .arg("--extern")
+            .arg(format!("esvm_abi={}", abi_rlib.display()))
             .arg("-L")
             .arg(format!("dependency={}", out.display()))
             .args([

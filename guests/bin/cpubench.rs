@@ -19,7 +19,7 @@
 #![no_std]
 #![no_main]
 
-use esvm_rt::bootinfo::layout::{BENCH_MARKER_END, BENCH_MARKER_PORT, BENCH_MARKER_START};
+use esvm_abi::boot::{BENCH_MARKER_END, BENCH_MARKER_PORT, BENCH_MARKER_START};
 use esvm_rt::{arg, arg_u64_or_exit, entry, println, user, x86, BootInfo, Dec, Hex16, Racy};
 
 #[path = "../bench/loops.rs"]

@@ -143,8 +143,8 @@ fn test_not_present(p: u64) {
     arm(p + 0x28, pf::WRITE, KERNEL_CS, paging::PRESENT, 0);
     probe_write(p + 0x28, 0xabcd);
     ok("not-present write", pf::WRITE);
-    // SAFETY: as above.
     check_eq!(
+        // SAFETY: `p` is this test's page, present again after the fault handler's fix-up.
         unsafe { ((p + 0x28) as *const u64).read_volatile() },
         0xabcd,
         "value written after the fix-up"
@@ -201,8 +201,8 @@ fn test_read_only(p: u64) {
     // SAFETY: restores the previous CR0.
     unsafe { x86::write_cr0(cr0) };
     check_eq!(hits(), 0, "faults for a read-only write with CR0.WP=0");
-    // SAFETY: our page.
     check_eq!(
+        // SAFETY: `p` is this test's page, mapped (read-only, which a read does not mind).
         unsafe { ((p + 0x48) as *const u64).read_volatile() },
         2,
         "write with CR0.WP=0"
@@ -239,8 +239,9 @@ fn test_user(p: u64) {
         "ring-3 write to a supervisor page",
         pf::PRESENT | pf::USER | pf::WRITE,
     );
-    // SAFETY: our page.
     check_eq!(
+        // SAFETY: `p` is this test's page and present; SMAP is off, so ring 0 may read it
+        // whatever its U/S bit.
         unsafe { ((p + 0x88) as *const u64).read_volatile() },
         0x7777,
         "value written from ring 3"

@@ -2,7 +2,7 @@
 //! host can compare the hypervisor's tracked CR0/CR4/CR8/EFER (refreshed by the write
 //! traps) with what the guest wrote.
 //!
-//! Steps (`esvm_rt::sevabi::cr_steps::STEPS`): 1 CR0 |= AM, 2 CR0 &= !MP, 3 CR0 |= MP &
+//! Steps (`esvm_abi::testing::cr_steps::STEPS`): 1 CR0 |= AM, 2 CR0 &= !MP, 3 CR0 |= MP &
 //! &= !AM, 4 CR4 |= PGE, 5 CR4 &= !OSXMMEXCPT, 6 CR4 |= OSXMMEXCPT & &= !PGE, 7 CR8 = 5,
 //! 8 CR8 = 15, 9 CR8 = 0, 10 EFER &= !SCE, 11 EFER |= SCE. CR0/CR4/CR8 are written with
 //! MOV, EFER with WRMSR, read back with MOV and RDMSR.
@@ -20,8 +20,8 @@
 #![no_std]
 #![no_main]
 
-use esvm_rt::sevabi::checkpoint;
-use esvm_rt::sevabi::cr_steps::{self, CrReg, CrState, STEPS};
+use esvm_abi::testing::checkpoint;
+use esvm_abi::testing::cr_steps::{self, CrReg, CrState, STEPS};
 use esvm_rt::x86::{self, MSR_EFER};
 use esvm_rt::{entry, println, BootInfo, Dec, Hex};
 
@@ -72,7 +72,7 @@ fn main(_bi: &'static BootInfo) -> u32 {
         let n = i + 1;
         let want = cr_steps::expected(initial, n);
         let vc0 = esvm_rt::sev::vc_count();
-        // SAFETY: each step toggles bits that are harmless here (see sevabi::cr_steps):
+        // SAFETY: each step toggles bits that are harmless here (see esvm_abi::testing::cr_steps):
         // paging, protected mode and long mode stay as they are.
         unsafe {
             match step.reg {

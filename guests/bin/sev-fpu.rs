@@ -3,8 +3,8 @@
 //!
 //! `_start` saves the state with FXSAVE64 before any other instruction could touch it
 //! (`esvm_rt::sev::entry_fxsave`, protected boots only); this guest compares that image
-//! with the pattern of `guests/rt/src/fpu_pattern.rs`, which the host loads from the same
-//! file (`esvm_guests::fpu_pattern::fxsave_image()`). Compared, byte for byte: FCW, FSW,
+//! with the pattern of `esvm_abi::testing::fpu_pattern`, which the host loads from the same
+//! definition (`fpu_pattern::fxsave_image()`). Compared, byte for byte: FCW, FSW,
 //! abridged FTW, MXCSR, the 80-bit values of ST0-ST7 and XMM0-XMM15 (28 fields).
 //!
 //! Output:
@@ -17,7 +17,7 @@
 #![no_std]
 #![no_main]
 
-use esvm_rt::fpu_pattern::{self, COMPARED};
+use esvm_abi::testing::fpu_pattern::{self, COMPARED};
 use esvm_rt::{entry, println, BootInfo, Dec, Hex};
 
 entry!(main, sev_es);

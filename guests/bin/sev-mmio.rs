@@ -2,7 +2,8 @@
 //! (MMIO_READ/MMIO_WRITE): exercises every move form the #VC handler decodes.
 //!
 //! Needs a RAM-like MMIO device (reads return what was written, byte granular, little
-//! endian) of at least 0x40 bytes at `addr=<gpa>` (default 0xFEB0_0000), outside RAM and
+//! endian) of at least 0x40 bytes at `addr=<gpa>` (default 0xFEB0_0000, the VMM's MMIO scratch window
+//! `esvm_abi::layout::MMIO_SCRATCH_ADDR`), outside RAM and
 //! inside one 4 KiB page. The guest clears the C-bit of that page (MMIO must be accessed
 //! shared) and runs these cases, each a write and a read-back through MMIO:
 //! `mov32` (89/8B), `mov64` (REX.W 89/8B), `mov16` (66 89/8B, merge), `mov8` (88/8A with
@@ -19,13 +20,14 @@
 #![no_main]
 
 use core::arch::asm;
-use esvm_rt::sevabi::{MMIO_TEST_DEFAULT_ADDR, MMIO_TEST_WINDOW};
+use esvm_abi::layout::MMIO_SCRATCH_ADDR;
+use esvm_abi::testing::MMIO_TEST_WINDOW;
 use esvm_rt::{arg_u64_or_exit, check_eq, entry, println, BootInfo, Dec, Hex};
 
 entry!(main, sev_es);
 
 fn main(bi: &'static BootInfo) -> u32 {
-    let addr = arg_u64_or_exit("addr", MMIO_TEST_DEFAULT_ADDR);
+    let addr = arg_u64_or_exit("addr", MMIO_SCRATCH_ADDR);
     let unsupported = arg_u64_or_exit("unsupported", 0) != 0;
     if esvm_rt::sev::info().is_none() {
         println!("FAIL: sev-mmio: not an SEV-ES boot; run it with --sev-es");

@@ -22,8 +22,8 @@
 #![no_main]
 
 use core::sync::atomic::{AtomicU64, Ordering};
+use esvm_abi::testing::{checkpoint, PF_DEFAULT_ERROR_CODE};
 use esvm_rt::idt::{self, vector, InterruptFrame};
-use esvm_rt::sevabi::{checkpoint, PF_DEFAULT_ERROR_CODE};
 use esvm_rt::x86::RFLAGS_IF;
 use esvm_rt::{arg_u64_or_exit, check, check_eq, entry, println, BootInfo, Hex};
 

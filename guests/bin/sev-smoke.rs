@@ -20,7 +20,10 @@
 //! expect the hypervisor to answer #GP (raised by the #VC handler, caught here), then again
 //! with a #GP handler that executes CPUID: a #VC nested inside the #VC handler; `extra=1`:
 //! also WBINVD, DR7 write/read/write (0x500, then back to 0x400), MONITOR + MWAIT, RDTSCP
-//! and VMMCALL (RAX = 0; the hypervisor's answer is printed, not checked), 8 #VCs.
+//! and VMMCALL (RAX = 0; the hypervisor's answer is printed, not checked), 8 #VCs;
+//! `mtrr=V`: the MTRRs through #VC: MTRR_DEF_TYPE reads V (what the VMM set before the
+//! launch), MTRRCAP reads 0x508, PHYSBASE0 keeps a write, and a write of an invalid memory
+//! type raises #GP.
 //!
 //! Output ends with
 //! `sev-smoke: all checks passed; requesting termination (msr protocol, reason set S, code C)`
@@ -31,9 +34,10 @@
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
+use esvm_abi::sev as sevabi;
+use esvm_abi::term;
 use esvm_rt::idt::{self, InterruptFrame};
 use esvm_rt::sev::{self, SevMode};
-use esvm_rt::sevabi::{self, term};
 use esvm_rt::{arg, arg_u64_or_exit, check, check_eq, entry, println, x86, BootInfo, Dec, Hex};
 
 entry!(main, sev_es);
@@ -283,6 +287,15 @@ fn main(bi: &'static BootInfo) -> u32 {
     if arg_u64_or_exit("extra", 0) != 0 {
         extra_checks();
     }
+    if let Some(v) = arg("mtrr") {
+        let Some(def_type) = esvm_rt::args::parse_u64(v) else {
+            println!("error: mtrr={} is not a number", v);
+            return 2;
+        };
+        if !mtrr_checks(def_type) {
+            return 1;
+        }
+    }
 
     println!(
         "sev-smoke: {} #VCs, {} VMGEXITs so far",
@@ -307,14 +320,40 @@ fn main(bi: &'static BootInfo) -> u32 {
     }
 }
 
+/// `mtrr=V`: MSRs outside the VMSA that the hypervisor emulates with state of its own.
+fn mtrr_checks(def_type: u64) -> bool {
+    const MTRRCAP: u32 = 0xfe;
+    const DEF_TYPE: u32 = 0x2ff;
+    const PHYSBASE0: u32 = 0x200;
+    check_eq!(x86::rdmsr(DEF_TYPE), def_type, "MTRR_DEF_TYPE set before the launch");
+    check_eq!(x86::rdmsr(MTRRCAP), 0x508, "MTRRCAP: 8 ranges, fixed, WC");
+    // SAFETY: MTRRs change no behaviour of the modelled machine (it has no caches).
+    unsafe { x86::wrmsr(PHYSBASE0, 0x8000_0006) };
+    check_eq!(x86::rdmsr(PHYSBASE0), 0x8000_0006, "PHYSBASE0 after a write");
+    // Memory type 2 is reserved: #GP, raised by the #VC handler from the hypervisor's answer.
+    match esvm_rt::trap::catch(|| {
+        // SAFETY: as above; the write is refused.
+        unsafe { x86::wrmsr(PHYSBASE0, 0x8000_0002) };
+    }) {
+        Err(f) => check_eq!(f.vector, 13, "exception for a reserved MTRR type"),
+        Ok(()) => {
+            println!("FAIL: sev-smoke: a reserved MTRR type was accepted");
+            return false;
+        }
+    }
+    check_eq!(x86::rdmsr(PHYSBASE0), 0x8000_0006, "PHYSBASE0 after a refused write");
+    println!("sev-smoke: MTRRs through #VC ok");
+    true
+}
+
 /// `extra=1`: the remaining #VC events, each checked only for completing (values printed).
 fn extra_checks() {
     let vcs = sev::vc_count();
+    let (dr7, aux, tsc, hc): (u64, u64, u64, u64);
     // SAFETY: WBINVD has no effect on a guest's correctness; DR7 gets only its reset value
     // plus LE (no breakpoint enabled) and is restored; MONITOR/MWAIT on a local and a hint
     // of 0 return at the latest at the next event (the hypervisor treats MWAIT as a NOP);
     // RDTSCP and VMMCALL only return values in registers.
-    let (dr7, aux, tsc, hc): (u64, u64, u64, u64);
     unsafe {
         asm!("wbinvd", options(nomem, nostack));
         asm!("mov dr7, {v}", "mov {r}, dr7", "mov dr7, {d}", v = in(reg) 0x500u64,

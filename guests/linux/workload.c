@@ -128,7 +128,9 @@ static uint64_t long_doubles(int scale) {
 
 static uint64_t files(int scale) {
     uint64_t h = FNV0;
-    const char *path = "/tmp/esvm-workload.dat";
+    /* Per process: native oracle runs may go on side by side. */
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/esvm-workload.%ld.dat", (long)getpid());
     static unsigned char block[8192];
     for (int round = 0; round < 4 * scale; round++) {
         int fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0600);

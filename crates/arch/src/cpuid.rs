@@ -73,7 +73,15 @@ impl CpuidTable {
                 edx1(),
             ),
             // BMI1 (3), RDSEED (18), CLFLUSHOPT (23), CLWB (24).
-            entry(7, 0, true, 0, (1 << 3) | (1 << 18) | (1 << 23) | (1 << 24), 0, 0),
+            entry(
+                7,
+                0,
+                true,
+                0,
+                (1 << 3) | (1 << 18) | (1 << 23) | (1 << 24),
+                0,
+                0,
+            ),
             entry(0xd, 0, true, 0x3, 512 + 64, 512 + 64, 0),
             entry(0x8000_0000, 0, false, 0x8000_0021, b, c, d),
             entry(
@@ -217,9 +225,11 @@ fn ecx1() -> u32 {
     (1 << 13) | (1 << 22) | (1 << 23) | (1 << 30) | (1 << 31)
 }
 
-/// Leaf 1 EDX: FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, SEP, MTRR off, PGE, CMOV, PAT, CLFSH,
+/// Leaf 1 EDX: FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, SEP, MTRR, PGE, CMOV, PAT, CLFSH,
 /// MMX, FXSR, SSE, SSE2. No APIC (bit 9): the vCPU has no local APIC, so a guest keeps the 8259
-/// (Linux: "APIC: Keep in PIC mode(8259)") instead of programming one that is not there.
+/// (Linux: "APIC: Keep in PIC mode(8259)") instead of programming one that is not there. The
+/// MTRRs (bit 12) hold what the guest writes (no caches, no effect); Linux 6.1 sets up PAT
+/// only with MTRRs enabled, and an SEV guest needs PAT's write-protect type.
 fn edx1() -> u32 {
     (1 << 0)
         | (1 << 2)
@@ -230,6 +240,7 @@ fn edx1() -> u32 {
         | (1 << 7)
         | (1 << 8)
         | (1 << 11)
+        | (1 << 12)
         | (1 << 13)
         | (1 << 15)
         | (1 << 16)

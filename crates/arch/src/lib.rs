@@ -4,6 +4,9 @@
 //! backend converts to and from `kvm_bindings`, the secure processor serialises them into the
 //! SEV-ES save area ([`vmsa::Vmsa`]), and snapshots/migration carry [`VcpuSnapshot`]. All state
 //! a vCPU has must be representable here, so that save/restore is exact.
+//!
+//! [`layout`] is the guest-physical memory map, defined in the guest ABI crate `esvm-abi`
+//! (the bare-metal guests need part of it) and re-exported here for the host crates.
 
 pub mod bits;
 pub mod cpuid;
@@ -13,6 +16,8 @@ pub mod regs;
 pub mod segment;
 pub mod snapshot;
 pub mod vmsa;
+
+pub use esvm_abi::layout;
 
 pub use fpu::FpuState;
 pub use msr::MsrState;

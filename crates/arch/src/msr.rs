@@ -25,15 +25,162 @@ pub const AMD_NB_CFG: u32 = 0xc001_001f;
 pub const AMD_DE_CFG: u32 = 0xc001_1029;
 /// DE_CFG bit 1: LFENCE is dispatch-serialising.
 pub const AMD_DE_CFG_LFENCE_SERIALIZE: u64 = 1 << 1;
+/// AMD system configuration (memory encryption enables); KVM reads it as 0 to guests.
+pub const AMD_SYSCFG: u32 = 0xc001_0010;
+
+/// The AMD model-specific MSRs the vCPU presents as KVM presents them to an AMD guest:
+/// stateless, so snapshots need nothing for them. Reads: the patch level (a fixed family 17h
+/// value, read-only), DE_CFG (LFENCE serialising), NB_CFG and SYSCFG (0). Used by the CPU
+/// model for plain vCPUs and by the hypervisor's MSR emulation for SEV-ES vCPUs (whose
+/// accesses to MSRs outside the VMSA are #VC events).
+pub fn kvm_style_read(index: u32) -> Option<u64> {
+    Some(match index {
+        AMD_PATCH_LEVEL => MICROCODE_PATCH_LEVEL,
+        AMD_DE_CFG => AMD_DE_CFG_LFENCE_SERIALIZE,
+        AMD_NB_CFG | AMD_SYSCFG => 0,
+        _ => return None,
+    })
+}
+
+/// A write to one of [`kvm_style_read`]'s MSRs: `Some(true)` accepted (and ignored, as KVM
+/// does), `Some(false)` refused (#GP: the patch level is read-only; DE_CFG takes no bit but
+/// LFENCE-serialising), `None` not one of them.
+pub fn kvm_style_write(index: u32, value: u64) -> Option<bool> {
+    Some(match index {
+        AMD_PATCH_LEVEL => false,
+        AMD_DE_CFG => value & !AMD_DE_CFG_LFENCE_SERIALIZE == 0,
+        AMD_NB_CFG | AMD_SYSCFG => true,
+        _ => return None,
+    })
+}
+
+/// The microcode patch level the vCPU reports in MSR 0x8B (a family 17h value; the model has
+/// no microcode, the number only has to be stable).
+pub const MICROCODE_PATCH_LEVEL: u64 = 0x0800_1250;
+
+/// MTRR capabilities (read-only).
+pub const IA32_MTRRCAP: u32 = 0xfe;
+/// MTRR default type and enables.
+pub const IA32_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// First variable-range MTRR (base/mask pairs from here).
+pub const IA32_MTRR_PHYSBASE0: u32 = 0x200;
+/// The fixed-range MTRRs, in address order.
+pub const IA32_MTRR_FIXED: [u32; 11] = [
+    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
+];
+/// Variable-range MTRRs the vCPU offers.
+pub const MTRR_VAR_RANGES: usize = 8;
+/// MTRRCAP: VCNT = 8, fixed ranges (bit 8), write-combining (bit 10).
+pub const MTRRCAP_VALUE: u64 = MTRR_VAR_RANGES as u64 | (1 << 8) | (1 << 10);
+/// MTRR_DEF_TYPE: MTRRs enabled (bit 11), default type write-back (6). What firmware leaves
+/// for an OS (the reset value, 0, means "MTRRs disabled", and Linux 6.1 then also turns PAT
+/// off, which an SEV guest cannot live without).
+pub const MTRR_DEF_TYPE_FIRMWARE: u64 = (1 << 11) | 6;
+
+/// The memory-type range registers. An interpreter has no caches, so the types change no
+/// behaviour; the registers hold what the guest wrote and refuse what hardware refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MtrrState {
+    pub def_type: u64,
+    pub fixed: [u64; 11],
+    /// (PHYSBASEn, PHYSMASKn).
+    pub var: [(u64, u64); MTRR_VAR_RANGES],
+}
+
+fn valid_type(t: u64) -> bool {
+    matches!(t, 0 | 1 | 4 | 5 | 6)
+}
+
+impl MtrrState {
+    /// Whether `index` is one of the MTRR MSRs.
+    pub fn holds(index: u32) -> bool {
+        index == IA32_MTRRCAP
+            || index == IA32_MTRR_DEF_TYPE
+            || IA32_MTRR_FIXED.contains(&index)
+            || (IA32_MTRR_PHYSBASE0..IA32_MTRR_PHYSBASE0 + 2 * MTRR_VAR_RANGES as u32)
+                .contains(&index)
+    }
+
+    /// Every MTRR MSR but the read-only MTRRCAP (for saving and restoring them).
+    pub fn writable_indices() -> impl Iterator<Item = u32> {
+        std::iter::once(IA32_MTRR_DEF_TYPE)
+            .chain(IA32_MTRR_FIXED)
+            .chain(IA32_MTRR_PHYSBASE0..IA32_MTRR_PHYSBASE0 + 2 * MTRR_VAR_RANGES as u32)
+    }
+
+    pub fn get(&self, index: u32) -> Option<u64> {
+        if index == IA32_MTRRCAP {
+            return Some(MTRRCAP_VALUE);
+        }
+        if index == IA32_MTRR_DEF_TYPE {
+            return Some(self.def_type);
+        }
+        if let Some(i) = IA32_MTRR_FIXED.iter().position(|&f| f == index) {
+            return Some(self.fixed[i]);
+        }
+        let n = index.checked_sub(IA32_MTRR_PHYSBASE0)? as usize;
+        let pair = self.var.get(n / 2)?;
+        Some(if n.is_multiple_of(2) { pair.0 } else { pair.1 })
+    }
+
+    /// Store `value`: `Ok(true)` done, `Ok(false)` not an MTRR MSR, `Err(())` a value
+    /// hardware refuses with #GP (a reserved bit, an invalid memory type, a write to
+    /// MTRRCAP). `phys_bits` is MAXPHYADDR: base and mask bits above it are reserved.
+    #[allow(clippy::result_unit_err)]
+    pub fn set(&mut self, index: u32, value: u64, phys_bits: u32) -> Result<bool, ()> {
+        let addr_mask = ((1u64 << phys_bits) - 1) & !0xfff;
+        if index == IA32_MTRRCAP {
+            return Err(());
+        }
+        if index == IA32_MTRR_DEF_TYPE {
+            if value & !0xcff != 0 || !valid_type(value & 0xff) {
+                return Err(());
+            }
+            self.def_type = value;
+            return Ok(true);
+        }
+        if let Some(i) = IA32_MTRR_FIXED.iter().position(|&f| f == index) {
+            if !value
+                .to_le_bytes()
+                .iter()
+                .all(|&b| valid_type(u64::from(b)))
+            {
+                return Err(());
+            }
+            self.fixed[i] = value;
+            return Ok(true);
+        }
+        let Some(n) = index.checked_sub(IA32_MTRR_PHYSBASE0).map(|n| n as usize) else {
+            return Ok(false);
+        };
+        let Some(pair) = self.var.get_mut(n / 2) else {
+            return Ok(false);
+        };
+        if n.is_multiple_of(2) {
+            if value & !(addr_mask | 0xff) != 0 || !valid_type(value & 0xff) {
+                return Err(());
+            }
+            pair.0 = value;
+        } else {
+            if value & !(addr_mask | (1 << 11)) != 0 {
+                return Err(());
+            }
+            pair.1 = value;
+        }
+        Ok(true)
+    }
+}
+
 /// SEV-ES: the GHCB MSR (MSR protocol values or the GHCB's guest-physical address).
-pub const SEV_GHCB: u32 = 0xc001_0130;
+pub const SEV_GHCB: u32 = esvm_abi::sev::MSR_GHCB;
 /// Reads report which SEV features are active (bit 0 SEV, bit 1 SEV-ES).
-pub const SEV_STATUS: u32 = 0xc001_0131;
+pub const SEV_STATUS: u32 = esvm_abi::sev::MSR_SEV_STATUS;
 
 /// Power-on value of IA32_PAT.
 pub const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
-/// Power-on value of IA32_APIC_BASE for the bootstrap processor (xAPIC enabled, BSP flag).
-pub const APIC_BASE_DEFAULT_BSP: u64 = 0xfee0_0000 | (1 << 11) | (1 << 8);
+/// Power-on value of IA32_APIC_BASE for the bootstrap processor: the local APIC at its
+/// place in the memory map, xAPIC enabled (bit 11), BSP flag (bit 8).
+pub const APIC_BASE_DEFAULT_BSP: u64 = crate::layout::LAPIC_ADDR | (1 << 11) | (1 << 8);
 
 /// MSRs outside [`crate::SpecialRegs`] (EFER, APIC base, FS/GS base live there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +195,9 @@ pub struct MsrState {
     pub sysenter_eip: u64,
     pub pat: u64,
     pub tsc_aux: u64,
+    /// The MTRRs (absent in snapshots of esvm versions before them: disabled).
+    #[serde(default)]
+    pub mtrr: MtrrState,
 }
 
 impl Default for MsrState {
@@ -63,12 +213,23 @@ impl Default for MsrState {
             sysenter_eip: 0,
             pat: PAT_DEFAULT,
             tsc_aux: 0,
+            mtrr: MtrrState::default(),
         }
     }
 }
 
 impl MsrState {
-    /// The MSRs this struct holds, for enumerating them (e.g. KVM get/set lists).
+    /// The MSRs this struct holds, for enumerating them (e.g. KVM get/set lists): the
+    /// architectural ones below, then the writable MTRRs ([`MtrrState::writable_indices`]).
+    pub fn indices() -> Vec<u32> {
+        Self::INDICES
+            .iter()
+            .copied()
+            .chain(MtrrState::writable_indices())
+            .collect()
+    }
+
+    /// The architectural MSRs this struct holds besides the MTRRs.
     pub const INDICES: [u32; 10] = [
         IA32_STAR,
         IA32_LSTAR,
@@ -94,7 +255,7 @@ impl MsrState {
             IA32_SYSENTER_EIP => self.sysenter_eip,
             IA32_PAT => self.pat,
             IA32_TSC_AUX => self.tsc_aux,
-            _ => return None,
+            _ => return self.mtrr.get(index),
         })
     }
 
@@ -111,7 +272,8 @@ impl MsrState {
             IA32_SYSENTER_EIP => &mut self.sysenter_eip,
             IA32_PAT => &mut self.pat,
             IA32_TSC_AUX => &mut self.tsc_aux,
-            _ => return false,
+            // Unchecked (a restore of saved state): any 52-bit physical address is kept.
+            _ => return self.mtrr.set(index, value, 52).unwrap_or(false),
         };
         *slot = value;
         true
@@ -133,5 +295,104 @@ mod tests {
         }
         assert_eq!(m.get(IA32_EFER), None);
         assert!(!m.set(0x1234, 1));
+        for idx in MsrState::indices()
+            .into_iter()
+            .skip(MsrState::INDICES.len())
+        {
+            let v = match idx {
+                IA32_MTRR_DEF_TYPE => MTRR_DEF_TYPE_FIRMWARE,
+                i if IA32_MTRR_FIXED.contains(&i) => 0x0606_0606_0606_0606,
+                i if (i - IA32_MTRR_PHYSBASE0).is_multiple_of(2) => 0x1000_0006,
+                _ => 0xff_f000_0800,
+            };
+            assert!(m.set(idx, v), "{idx:#x}");
+            assert_eq!(m.get(idx), Some(v));
+        }
+    }
+
+    #[test]
+    fn mtrrs_refuse_what_hardware_refuses() {
+        let mut m = MtrrState::default();
+        assert_eq!(m.get(IA32_MTRRCAP), Some(MTRRCAP_VALUE));
+        assert_eq!(m.set(IA32_MTRRCAP, 0, 48), Err(()));
+        assert_eq!(
+            m.set(IA32_MTRR_DEF_TYPE, MTRR_DEF_TYPE_FIRMWARE, 48),
+            Ok(true)
+        );
+        assert_eq!(m.get(IA32_MTRR_DEF_TYPE), Some(0x806));
+        assert_eq!(
+            m.set(IA32_MTRR_DEF_TYPE, 0x802, 48),
+            Err(()),
+            "type 2 is reserved"
+        );
+        assert_eq!(
+            m.set(IA32_MTRR_DEF_TYPE, 0x1806, 48),
+            Err(()),
+            "reserved bit 12"
+        );
+        assert_eq!(m.set(0x250, 0x0606_0606_0606_0606, 48), Ok(true));
+        assert_eq!(m.set(0x26f, 0x0606_0606_0606_0603, 48), Err(()));
+        // Variable range 3: base at 0x207-1=0x206, mask 0x207.
+        assert_eq!(m.set(0x206, 0x8000_0006, 48), Ok(true));
+        assert_eq!(m.set(0x207, 0xffff_8000_0800, 48), Ok(true));
+        assert_eq!(
+            m.set(0x207, 0x1_0000_0000_0800, 48),
+            Err(()),
+            "above MAXPHYADDR"
+        );
+        assert_eq!(m.set(0x206, 0x8000_0106, 48), Err(()), "reserved base bits");
+        assert_eq!(m.get(0x206), Some(0x8000_0006));
+        assert_eq!(m.set(0x210, 0, 48), Ok(false), "only 8 ranges");
+        assert!(MtrrState::holds(0x20f) && !MtrrState::holds(0x210));
+        assert_eq!(kvm_style_read(AMD_SYSCFG), Some(0));
+        assert_eq!(kvm_style_write(AMD_PATCH_LEVEL, 0), Some(false));
+        assert_eq!(kvm_style_write(AMD_DE_CFG, 2), Some(true));
+        assert_eq!(kvm_style_write(0x1234, 0), None);
+    }
+
+    #[test]
+    fn sev_msrs_and_apic_base_keep_their_values() {
+        assert_eq!(SEV_GHCB, 0xc001_0130);
+        assert_eq!(SEV_STATUS, 0xc001_0131);
+        assert_eq!(APIC_BASE_DEFAULT_BSP, 0xfee0_0900);
+    }
+
+    #[test]
+    fn mtrrs_keep_valid_writes_and_refuse_what_hardware_refuses() {
+        let mut m = MtrrState::default();
+        assert_eq!(m.get(IA32_MTRRCAP), Some(0x508));
+        assert_eq!(m.set(IA32_MTRRCAP, 0, 48), Err(()), "MTRRCAP is read-only");
+        assert_eq!(
+            m.set(IA32_MTRR_DEF_TYPE, MTRR_DEF_TYPE_FIRMWARE, 48),
+            Ok(true)
+        );
+        assert_eq!(m.get(IA32_MTRR_DEF_TYPE), Some(0x806));
+        assert_eq!(
+            m.set(IA32_MTRR_DEF_TYPE, 0x802, 48),
+            Err(()),
+            "type 2 is reserved"
+        );
+        assert_eq!(
+            m.set(IA32_MTRR_DEF_TYPE, 0x1806, 48),
+            Err(()),
+            "bit 12 is reserved"
+        );
+        // Fixed ranges: every byte a valid type.
+        assert_eq!(m.set(0x250, 0x0606_0606_0606_0606, 48), Ok(true));
+        assert_eq!(m.set(0x258, 0x0606_0606_0606_0607, 48), Err(()));
+        // Variable ranges: base/mask bits above MAXPHYADDR are reserved.
+        assert_eq!(m.set(0x200, 0x8000_0006, 43), Ok(true));
+        assert_eq!(m.set(0x201, 0x7ff_ffff_f800, 43), Ok(true));
+        assert_eq!(m.set(0x201, 0xfff_ffff_f800, 43), Err(()));
+        assert_eq!(m.set(0x200, 0x1000_0000_0006, 43), Err(()));
+        assert_eq!(
+            (m.get(0x200), m.get(0x201)),
+            (Some(0x8000_0006), Some(0x7ff_ffff_f800))
+        );
+        assert_eq!(m.set(0x20f, 0, 43), Ok(true), "the last of eight pairs");
+        assert_eq!(m.set(0x210, 0, 43), Ok(false), "not an MTRR");
+        assert_eq!(m.get(0x210), None);
+        assert!(MtrrState::writable_indices().all(MtrrState::holds));
+        assert_eq!(MtrrState::writable_indices().count(), 1 + 11 + 16);
     }
 }

@@ -312,6 +312,8 @@ impl Vmsa {
             sysenter_eip: self.u64_at(offset::SYSENTER_EIP),
             pat: self.u64_at(offset::G_PAT),
             tsc_aux: self.u32_at(offset::TSC_AUX) as u64,
+            // Not in the VMSA: the hypervisor emulates the MTRRs of an SEV-ES guest.
+            mtrr: Default::default(),
         }
     }
     pub fn set_msrs(&mut self, m: &MsrState) {
@@ -402,6 +404,26 @@ impl Vmsa {
 mod tests {
     use super::*;
     use crate::VcpuSnapshot;
+
+    /// The GHCB mirrors the save area for the registers it exchanges (GHCB specification:
+    /// "the GHCB save area has the same layout as the VMSA").
+    #[test]
+    fn ghcb_register_offsets_are_the_vmsa_ones() {
+        use esvm_abi::ghcb::save_area as g;
+        for (ghcb, vmsa) in [
+            (g::CPL, offset::CPL),
+            (g::XSS, offset::XSS),
+            (g::DR7, offset::DR7),
+            (g::RAX, offset::RAX),
+            (g::RCX, offset::RCX),
+            (g::RDX, offset::RDX),
+            (g::RBX, offset::RBX),
+            (g::RSI, offset::RSI),
+            (g::XCR0, offset::XCR0),
+        ] {
+            assert_eq!(ghcb, vmsa);
+        }
+    }
 
     /// Offsets as listed in ../shared/REFERENCE.md ("VMSA — selected offsets").
     #[test]

@@ -2,8 +2,8 @@
 
 use crate::framing::{read_line_capped, LineRead};
 use crate::protocol::{
-    decode_response, encode_request, ApiError, DecodeResponseError, Reply, Request, Response,
-    VmStatus,
+    decode_response, encode_request, ApiError, DecodeResponseError, MalformedResponse, Reply,
+    Request, Response, VmStatus,
 };
 use std::fs;
 use std::io::{self, BufReader, Write};
@@ -57,7 +57,7 @@ pub enum ClientError {
     )]
     VersionMismatch { ours: u32, theirs: u64 },
     #[error("the VM sent a malformed response: {0}")]
-    BadResponse(String),
+    BadResponse(#[source] MalformedResponse),
     #[error("the VM refused the request: {0}")]
     Api(#[source] ApiError),
     #[error("the VM answered `{command}` with an unexpected reply: {got}")]
@@ -190,9 +190,9 @@ impl ApiClient {
             Ok(LineRead::Line) => {}
             Ok(LineRead::Eof) => return Err(ClientError::Closed),
             Ok(LineRead::TooLong { .. }) => {
-                return Err(ClientError::BadResponse(format!(
+                return Err(ClientError::BadResponse(MalformedResponse::new(format!(
                     "the response is longer than {MAX_RESPONSE_BYTES} bytes"
-                )))
+                ))))
             }
             Err(e) => {
                 return Err(match e.kind() {

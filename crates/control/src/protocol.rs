@@ -669,25 +669,55 @@ pub enum DecodeResponseError {
     )]
     VersionMismatch { ours: u32, theirs: u64 },
     #[error("the VM sent a malformed response: {0}")]
-    Malformed(String),
+    Malformed(#[source] MalformedResponse),
+}
+
+/// What is wrong with a response line, and the JSON error behind it if there is one.
+#[derive(Debug, Error)]
+#[error("{what}")]
+pub struct MalformedResponse {
+    what: String,
+    #[source]
+    json: Option<serde_json::Error>,
+}
+
+impl MalformedResponse {
+    /// A malformed response with no underlying error.
+    pub fn new(what: impl Into<String>) -> Self {
+        MalformedResponse {
+            what: what.into(),
+            json: None,
+        }
+    }
+
+    /// A response that JSON refused: `what` already names the error.
+    fn json(what: String, json: serde_json::Error) -> Self {
+        MalformedResponse {
+            what,
+            json: Some(json),
+        }
+    }
 }
 
 /// Decodes one response line as the client sees it.
 pub fn decode_response(line: &[u8]) -> Result<Response, DecodeResponseError> {
-    let value: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|e| DecodeResponseError::Malformed(format!("not valid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+        DecodeResponseError::Malformed(MalformedResponse::json(format!("not valid JSON: {e}"), e))
+    })?;
     let version = value
         .get("version")
         .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| DecodeResponseError::Malformed("no numeric \"version\" field".into()))?;
+        .ok_or_else(|| {
+            DecodeResponseError::Malformed(MalformedResponse::new("no numeric \"version\" field"))
+        })?;
     if version != u64::from(PROTOCOL_VERSION) {
         return Err(DecodeResponseError::VersionMismatch {
             ours: PROTOCOL_VERSION,
             theirs: version,
         });
     }
-    let env: ResponseEnvelope =
-        serde_json::from_value(value).map_err(|e| DecodeResponseError::Malformed(e.to_string()))?;
+    let env: ResponseEnvelope = serde_json::from_value(value)
+        .map_err(|e| DecodeResponseError::Malformed(MalformedResponse::json(e.to_string(), e)))?;
     Ok(env.response)
 }
 
@@ -913,6 +943,19 @@ mod tests {
             decode_response(br#"{"version":1,"ok":{"kind":"teleported"}}"#),
             Err(DecodeResponseError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn malformed_responses_keep_the_json_error_as_their_source() {
+        use std::error::Error as _;
+        let err = decode_response(br#"{"version":1,"ok":{"kind":"teleported"}}"#).unwrap_err();
+        let json = err
+            .source()
+            .and_then(|m| m.source())
+            .and_then(|j| j.downcast_ref::<serde_json::Error>());
+        assert!(json.is_some(), "{err}");
+        let err = decode_response(br#"{"ok":{"kind":"paused"}}"#).unwrap_err();
+        assert!(err.source().unwrap().source().is_none(), "{err}");
     }
 
     #[test]

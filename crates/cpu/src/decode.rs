@@ -184,7 +184,9 @@ impl Cpu {
         if e.lin == lin
             && (e.gen == self.cache.gen || e.gen == self.cache.ggen)
             && e.sel == sel
-            && self.code_epoch(e.page) == e.epoch
+            // SAFETY: jump-cache entries copy `page` from blocks, which are only built from
+            // RAM pages, or are the initial entries (page 0, which every RAM has).
+            && unsafe { self.code_epoch(e.page) == e.epoch }
         {
             return Ok((e.ptr, e.len as usize));
         }
@@ -224,10 +226,14 @@ impl Cpu {
         if let Some(&b) = self.cache.map.get(&key) {
             let blk = &self.cache.blocks[b as usize];
             let (page2, epoch2) = (blk.page2, blk.epoch2);
-            if self.code_epoch(blk.page) == blk.epoch
-                && (page2 == NO_PAGE
-                    || (self.code_epoch(page2) == epoch2
-                        && self.fetch_page(self.next_page_lin(lin))? == Some(page2)))
+            // SAFETY: blocks are only built from RAM pages (`build_block`); `page2` is
+            // NO_PAGE (tested first) or a RAM page.
+            let fresh = unsafe {
+                self.code_epoch(blk.page) == blk.epoch
+                    && (page2 == NO_PAGE || self.code_epoch(page2) == epoch2)
+            };
+            if fresh
+                && (page2 == NO_PAGE || self.fetch_page(self.next_page_lin(lin))? == Some(page2))
             {
                 id = Some(b);
             }
@@ -238,7 +244,8 @@ impl Cpu {
                 if self.cache.total > MAX_CACHED {
                     self.cache.clear();
                 }
-                let blk = self.build_block(lin, gpa)?;
+                // SAFETY: `gpa < ram_size` (checked above).
+                let blk = unsafe { self.build_block(lin, gpa) }?;
                 self.cache.total += blk.insns.len();
                 let id = if let Some(&old) = self.cache.map.get(&key) {
                     // The old instruction array is freed: forget jump-cache entries to it.
@@ -291,7 +298,12 @@ impl Cpu {
         Ok((g < self.ram_size).then_some(g >> PAGE_SHIFT))
     }
 
-    fn build_block(&mut self, lin: u64, gpa: u64) -> R<Block> {
+    /// Decodes the block at `lin` (guest-physical `gpa`), up to the end of its page.
+    ///
+    /// # Safety
+    /// `gpa` must be inside guest RAM (`gpa < ram_size`): the code bytes are copied from
+    /// its page unchecked.
+    unsafe fn build_block(&mut self, lin: u64, gpa: u64) -> R<Block> {
         let page = gpa >> PAGE_SHIFT;
         let epoch = self.mem.mark_code(page);
         let off = (gpa & 0xfff) as usize;

@@ -35,12 +35,14 @@
 //!
 //! Floating point: SSE/SSE2 (`exec/sse.rs`) and the whole x87 FPU (`exec/x87.rs`) compute
 //! on the host FPU, so their results are exactly the host's (including the
-//! implementation-specific last bits of the x87 transcendentals). RDRAND/RDSEED return a
-//! deterministic per-vCPU stream ([`CpuConfig::rdrand_seed`]).
+//! implementation-specific last bits of the x87 transcendentals). MMX (`exec/mmx.rs`, on the
+//! x87 registers) runs its packed arithmetic through the same host SSE2 operations.
+//! RDRAND/RDSEED return a deterministic per-vCPU stream ([`CpuConfig::rdrand_seed`]).
 //!
-//! Not modelled (they raise #UD or #GP, never silently misbehave): MMX arithmetic (EMMS
-//! works), AVX/XSAVE instructions (XGETBV/XSETBV work when CPUID advertises XSAVE),
-//! SYSENTER/SYSEXIT, task switches, call/task gates, virtual-8086 mode, the TSS I/O
+//! Not modelled (they raise #UD or #GP, never silently misbehave): SSSE3 and 3DNow! (not
+//! advertised; their MMX forms included), AVX/XSAVE instructions (XGETBV/XSETBV work when
+//! CPUID advertises XSAVE), SYSENTER/SYSEXIT, task switches, call/task gates, virtual-8086
+//! mode, the TSS I/O
 //! permission bitmap (I/O at CPL > IOPL is #GP), SMEP/SMAP/PCID/PKE/UMIP/FSGSBASE (their CR4
 //! bits are refused), debug-register breakpoints (DR0-7 are stored; RFLAGS.TF single-step
 //! works), alignment checking (#AC), MONITOR/MWAIT. CR8 is stored but does not mask
@@ -675,6 +677,13 @@ impl Cpu {
     }
 
     /// Whether an interrupt queued now would be delivered at the next instruction boundary.
+    /// RFLAGS.IF: whether the guest accepts maskable interrupts. Hardware shows the
+    /// hypervisor this bit even for an SEV-ES guest (the VMCB's GUEST_INTERRUPT_MASK), whose
+    /// registers it cannot otherwise read.
+    pub fn interrupts_enabled(&self) -> bool {
+        self.rflags & rflags::IF != 0
+    }
+
     pub fn interrupt_window_open(&self) -> bool {
         self.rflags & rflags::IF != 0 && !self.shadow && self.ev_interrupt.is_none()
     }
@@ -848,10 +857,14 @@ impl Cpu {
 
     /// Log a guest write to RAM page `gpn` (< RAM pages): dirty bit (check, then set) and
     /// decoded-code invalidation.
+    ///
+    /// # Safety
+    /// `gpn` must be a page of guest RAM (`gpn < ram_size / PAGE_SIZE`): it indexes the code
+    /// bitmap unchecked.
     #[inline(always)]
-    pub(crate) fn note_write(&mut self, gpn: u64) {
-        // SAFETY: `raw` points into `self.mem`, which lives as long as `self`; callers pass
-        // a page number inside RAM, so the code-bitmap word index is in bounds.
+    pub(crate) unsafe fn note_write(&mut self, gpn: u64) {
+        // SAFETY: `raw` points into `self.mem`, which lives as long as `self`; the caller
+        // passes a page number inside RAM, so the code-bitmap word index is in bounds.
         let (bm, w) = unsafe { (&*self.raw.dirty, &*self.raw.code.add((gpn / 64) as usize)) };
         if !bm.is_bit_set(gpn as usize) {
             bm.set_bit(gpn as usize);
@@ -871,9 +884,12 @@ impl Cpu {
     }
 
     /// Current code epoch of RAM page `page`.
+    ///
+    /// # Safety
+    /// `page` must be a page of guest RAM: it indexes the epoch array unchecked.
     #[inline(always)]
-    pub(crate) fn code_epoch(&self, page: u64) -> u32 {
-        // SAFETY: `raw` is valid (see `note_write`); blocks are only built from RAM pages.
+    pub(crate) unsafe fn code_epoch(&self, page: u64) -> u32 {
+        // SAFETY: `raw` is valid (see `note_write`) and the caller passes a RAM page.
         unsafe { (*self.raw.epoch.add(page as usize)).load(Ordering::Relaxed) }
     }
 

@@ -6,7 +6,7 @@ use crate::{Cpu, Exc, Exit, Mode, Stop, P_MMIO, R, SS};
 use esvm_arch::bits::vector;
 
 mod sev;
-mod walk;
+pub(crate) mod walk;
 
 use walk::Plain;
 
@@ -179,10 +179,15 @@ pub(crate) enum Acc {
     Exec,
 }
 
+/// Reads `S` (1, 2, 4 or 8) bytes at `p`, little-endian, any alignment.
+///
+/// # Safety
+/// `p..p + S` must be readable host memory: a range inside guest RAM or the private backing,
+/// which the vCPU's `PhysMemory` keeps mapped. (Guest memory is shared with other threads,
+/// so it is read with a raw copy, never through a reference.)
 #[inline(always)]
-fn rd_host<const S: usize>(p: *const u8) -> u64 {
-    // SAFETY: callers pass a pointer to at least S bytes of guest RAM (checked via the TLB
-    // entry or RAM bounds). Guest RAM is shared memory; unaligned reads are fine on x86.
+unsafe fn rd_host<const S: usize>(p: *const u8) -> u64 {
+    // SAFETY: the caller guarantees `S` readable bytes at `p`; unaligned reads are fine.
     unsafe {
         match S {
             1 => *p as u64,
@@ -193,9 +198,14 @@ fn rd_host<const S: usize>(p: *const u8) -> u64 {
     }
 }
 
+/// Writes the low `S` (1, 2, 4 or 8) bytes of `v` at `p`, little-endian, any alignment.
+///
+/// # Safety
+/// `p..p + S` must be writable host memory inside guest RAM or the private backing (see
+/// [`rd_host`]).
 #[inline(always)]
-fn wr_host<const S: usize>(p: *mut u8, v: u64) {
-    // SAFETY: as in `rd_host`, for writes.
+unsafe fn wr_host<const S: usize>(p: *mut u8, v: u64) {
+    // SAFETY: the caller guarantees `S` writable bytes at `p`; unaligned writes are fine.
     unsafe {
         match S {
             1 => *p = v as u8,
@@ -275,7 +285,10 @@ impl Cpu {
         let off = (lin & 0xfff) as usize;
         let e = &self.tlb.e[self.tlb_idx(vpn)];
         if e.r == vpn && off <= 4096 - S {
-            return Ok(rd_host::<S>((e.host + off) as *const u8));
+            // SAFETY: a TLB entry matching `vpn` holds the host address of a whole 4 KiB
+            // page of guest RAM or the private backing (entries are flushed whenever a page
+            // changes backing), and `off + S` stays inside that page.
+            return Ok(unsafe { rd_host::<S>((e.host + off) as *const u8) });
         }
         self.rd_slow(lin, S, false).map(|v| v as u64)
     }
@@ -288,8 +301,12 @@ impl Cpu {
         let e = &self.tlb.e[self.tlb_idx(vpn)];
         if e.w == vpn && off <= 4096 - S {
             let gpn = e.gpn;
-            wr_host::<S>((e.host + off) as *mut u8, v);
-            self.note_write(gpn);
+            // SAFETY: as in `rd_lin`: a page of RAM or the private backing, whose number
+            // `gpn` the writable entry also holds (so it is a RAM page).
+            unsafe {
+                wr_host::<S>((e.host + off) as *mut u8, v);
+                self.note_write(gpn);
+            }
             return Ok(());
         }
         self.wr_slow(lin, S, v as u128, false)
@@ -416,11 +433,15 @@ impl Cpu {
         let e = &self.tlb.e[vpn as usize & TLB_MASK];
         if e.r == vpn && off + size <= PAGE_SIZE as usize {
             let p = (e.host + off) as *const u8;
-            return Ok(match size {
-                1 => rd_host::<1>(p),
-                2 => rd_host::<2>(p),
-                4 => rd_host::<4>(p),
-                _ => rd_host::<8>(p),
+            // SAFETY: as in `rd_lin`: the entry holds a whole page of RAM or the private
+            // backing, and `off + size` stays inside it.
+            return Ok(unsafe {
+                match size {
+                    1 => rd_host::<1>(p),
+                    2 => rd_host::<2>(p),
+                    4 => rd_host::<4>(p),
+                    _ => rd_host::<8>(p),
+                }
             });
         }
         self.rd_slow(lin, size, true).map(|v| v as u64)
@@ -432,13 +453,17 @@ impl Cpu {
         let e = &self.tlb.e[vpn as usize & TLB_MASK];
         if e.w == vpn && off + size <= PAGE_SIZE as usize {
             let (p, gpn) = ((e.host + off) as *mut u8, e.gpn);
-            match size {
-                1 => wr_host::<1>(p, v),
-                2 => wr_host::<2>(p, v),
-                4 => wr_host::<4>(p, v),
-                _ => wr_host::<8>(p, v),
+            // SAFETY: as in `wr_lin`: a page of RAM or the private backing, whose number
+            // `gpn` the writable entry also holds (so it is a RAM page).
+            unsafe {
+                match size {
+                    1 => wr_host::<1>(p, v),
+                    2 => wr_host::<2>(p, v),
+                    4 => wr_host::<4>(p, v),
+                    _ => wr_host::<8>(p, v),
+                }
+                self.note_write(gpn);
             }
-            self.note_write(gpn);
             return Ok(());
         }
         self.wr_slow(lin, size, v as u128, true)
@@ -464,9 +489,11 @@ impl Cpu {
     pub(crate) fn phys_write(&mut self, gpa: u64, size: usize, v: u128) -> R {
         if gpa + size as u64 <= self.ram_size {
             let b = v.to_le_bytes();
-            // SAFETY: `gpa..gpa+size` is inside RAM (checked above).
-            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ram.add(gpa as usize), size) };
-            self.note_write(gpa >> PAGE_SHIFT);
+            // SAFETY: `gpa..gpa+size` is inside RAM (checked above), so is its page.
+            unsafe {
+                std::ptr::copy_nonoverlapping(b.as_ptr(), self.ram.add(gpa as usize), size);
+                self.note_write(gpa >> PAGE_SHIFT);
+            }
             return Ok(());
         }
         if self.sev.is_some() {
@@ -561,16 +588,25 @@ impl Cpu {
         )))
     }
 
-    pub(crate) fn note_rmw(&mut self, gpn: u64) {
-        self.note_write(gpn);
+    /// Logs a LOCKed read-modify-write through [`Cpu::host_rmw_ptr`]'s pointer.
+    ///
+    /// # Safety
+    /// `gpn` is the page number `host_rmw_ptr` returned with the pointer (a RAM page).
+    pub(crate) unsafe fn note_rmw(&mut self, gpn: u64) {
+        // SAFETY: `gpn` is a RAM page (the caller's contract).
+        unsafe { self.note_write(gpn) };
     }
 }
 
 /// Atomic compare-exchange on guest RAM of any alignment: returns the value found.
-pub(crate) fn cmpxchg_host(p: *mut u8, size: usize, old: u64, new: u64) -> u64 {
+///
+/// # Safety
+/// `p..p + size` (`size` 1, 2, 4 or 8) must be writable host memory inside guest RAM or the
+/// private backing, as [`Cpu::host_rmw_ptr`] returns it.
+pub(crate) unsafe fn cmpxchg_host(p: *mut u8, size: usize, old: u64, new: u64) -> u64 {
     let prev: u64;
-    // SAFETY: `p` points to `size` bytes of guest RAM (host_rmw_ptr); LOCK CMPXCHG works on
-    // any alignment on x86-64 (split locks are slow but atomic).
+    // SAFETY: `p` points to `size` writable bytes of guest memory (the caller's contract);
+    // LOCK CMPXCHG works on any alignment on x86-64 (split locks are slow but atomic).
     unsafe {
         match size {
             1 => {
@@ -599,11 +635,16 @@ pub(crate) fn cmpxchg_host(p: *mut u8, size: usize, old: u64, new: u64) -> u64 {
 }
 
 /// Atomic 16-byte compare-exchange (guest checked 16-byte alignment).
-pub(crate) fn cmpxchg16_host(p: *mut u8, old: u128, new: u128) -> u128 {
+///
+/// # Safety
+/// `p..p + 16` must be writable host memory inside guest RAM or the private backing, as
+/// [`Cpu::host_rmw_ptr`] returns it, and `p` must be 16-byte aligned.
+pub(crate) unsafe fn cmpxchg16_host(p: *mut u8, old: u128, new: u128) -> u128 {
     let lo: u64;
     let hi: u64;
-    // SAFETY: `p` is 16-byte aligned guest RAM (CMPXCHG16B raised #GP otherwise). rbx is
-    // reserved by LLVM, so it is swapped in and out around the instruction.
+    // SAFETY: `p` is 16 writable, 16-byte aligned bytes of guest memory (the caller's
+    // contract; CMPXCHG16B raised #GP otherwise). rbx is reserved by LLVM, so it is swapped
+    // in and out around the instruction.
     unsafe {
         std::arch::asm!(
             "xchg {nlo}, rbx",

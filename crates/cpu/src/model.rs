@@ -26,6 +26,8 @@
 //! | TZCNT, LZCNT | OF, SF, AF, PF | OF unchanged; SF, AF, PF = 0 |
 //! | ANDN, BLSI, BLSMSK, BLSR, BEXTR | AF, PF | PF from the result, AF = 0; BEXTR: AF = 1, SF = 0 |
 //! | REP string ops, 32-bit address size, ECX = 0 | (vendor-specific) | RCX, RSI, RDI untouched (Intel zero-extends ECX, ESI, EDI into them) |
+//! | EMMS | TOP (AMD's APM is silent; Intel's SDM, table 9-3: 0) | TOP = 0, as measured on Intel; the MMX host tests compare it only on Intel hosts |
+//! | CVTPI2PS, CVTPI2PD from memory | whether the x87 state switches to MMX mode (AMD silent) | it does not (Intel SDM); the MMX host tests start these in MMX mode |
 //! | DAA, DAS, AAA, AAS, AAM, AAD | several flags | not implemented: #UD in every mode (they are #UD in 64-bit mode anyway) |
 //!
 //! The table is the interpreter's contract; [`undefined_flags`] lists the masked flags per

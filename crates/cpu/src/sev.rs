@@ -65,26 +65,11 @@ pub enum TrapReg {
     Efer,
 }
 
-/// SVM exit codes used as #VC error codes.
-pub mod exit_code {
-    pub const DR7_READ: u32 = 0x27;
-    pub const DR7_WRITE: u32 = 0x37;
-    pub const RDTSC: u32 = 0x6e;
-    pub const RDPMC: u32 = 0x6f;
-    pub const CPUID: u32 = 0x72;
-    pub const INVD: u32 = 0x76;
-    pub const IOIO: u32 = 0x7b;
-    pub const MSR: u32 = 0x7c;
-    pub const VMMCALL: u32 = 0x81;
-    pub const RDTSCP: u32 = 0x87;
-    pub const WBINVD: u32 = 0x89;
-    pub const MONITOR: u32 = 0x8a;
-    pub const MWAIT: u32 = 0x8b;
-    pub const NPF: u32 = 0x400;
-}
+/// SVM exit codes, used as #VC error codes: the guest ABI's definition.
+pub use esvm_abi::exit_code;
 
 /// SEV_STATUS as an SEV-ES guest reads it: bit 0 SEV, bit 1 SEV-ES.
-pub const SEV_STATUS_VALUE: u64 = 0b11;
+pub const SEV_STATUS_VALUE: u64 = esvm_abi::sev::SEV_STATUS_SEV | esvm_abi::sev::SEV_STATUS_SEV_ES;
 
 /// How many physical-address bits an SEV-ES guest loses to memory encryption (CPUID
 /// 0x8000_001F `EBX[11:6]`, which the hypervisor reports): with the 48-bit physical addresses
@@ -447,10 +432,12 @@ impl Cpu {
         }
     }
 
-    /// #VC with `code`.
+    /// #VC with exit code `code` ([`exit_code`]) as its error code. Every exit code the
+    /// CPU raises fits the 32-bit error code (`esvm_abi::exit_code` tests it).
     #[inline]
-    pub(crate) fn vc<T>(code: u32) -> R<T> {
-        Err(Stop::Exc(Exc::ec(vector::VC, code)))
+    pub(crate) fn vc<T>(code: u64) -> R<T> {
+        debug_assert!(code <= u64::from(u32::MAX), "#VC exit code {code:#x}");
+        Err(Stop::Exc(Exc::ec(vector::VC, code as u32)))
     }
 }
 

@@ -39,6 +39,7 @@ fn basic_alu() {
 }
 
 mod host;
+mod mmx_host;
 mod x87_host;
 
 fn harness(code: &[u8]) -> Harness {
@@ -980,13 +981,47 @@ fn amd_model_specific_msrs_linux_touches() {
     let r = h.cpu.regs();
     assert_eq!(
         r.gpr[8],
-        crate::exec::system::MICROCODE_PATCH_LEVEL & 0xffff_ffff
+        esvm_arch::msr::MICROCODE_PATCH_LEVEL & 0xffff_ffff
     );
     assert_eq!(r.gpr[9], 2, "DE_CFG reads LFENCE-serialising");
     assert_eq!(
         (r.gpr[10], r.gpr[11]),
         (0, 0),
         "NB_CFG reads 0 (writes ignored, as KVM)"
+    );
+}
+
+/// The MTRRs Linux programs (it enables PAT only with MTRRs on): writes kept, reserved
+/// memory types and address bits above MAXPHYADDR a #GP, and kept in the vCPU's MSR state.
+#[test]
+fn mtrrs_hold_what_the_guest_writes() {
+    let code = asm(|a| {
+        a.mov(ecx, 0xfeu32)?;
+        a.rdmsr()?;
+        a.mov(r8, rax)?;
+        a.mov(ecx, 0x2ffu32)?;
+        a.mov(eax, 0x806u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0x201u32)?;
+        a.mov(eax, 0xf000_0800u32)?;
+        a.mov(edx, 0xffu32)?;
+        a.wrmsr()?;
+        // A mask bit above MAXPHYADDR (48): #GP.
+        a.mov(edx, 0x1_0000u32)?;
+        a.wrmsr()?;
+        a.hlt()
+    });
+    let mut h = Harness::new(16 << 20);
+    h.load(&code);
+    let c = expect_exc(&mut h, 13, Some(0));
+    assert_eq!(c.rip, CODE + code.len() as u64 - 3);
+    assert_eq!(h.cpu.regs().gpr[8], 0x508, "MTRRCAP");
+    let mtrr = h.cpu.msrs().mtrr;
+    assert_eq!(mtrr.def_type, 0x806);
+    assert_eq!(
+        mtrr.var[0].1, 0xff_f000_0800,
+        "the refused write left the mask"
     );
 }
 
@@ -1298,10 +1333,12 @@ fn undefined_opcodes_raise_ud() {
         vec![0x0f, 0x0b],
         vec![0xf0, 0x90],
         vec![0x0f, 0xff],
-        vec![0xd9, 0xd1],       // reserved x87 encoding
-        vec![0xd9, 0xd8],       // FSTP1: not modelled
-        vec![0x0f, 0x0e],       // FEMMS: no 3DNow! on family 17h
-        vec![0x0f, 0x0d, 0xc0], // PREFETCH with a register operand
+        vec![0xd9, 0xd1],             // reserved x87 encoding
+        vec![0xd9, 0xd8],             // FSTP1: not modelled
+        vec![0x0f, 0x0e],             // FEMMS: no 3DNow! on family 17h
+        vec![0x0f, 0x0f, 0xc1, 0xb4], // PFMUL mm0, mm1 (3DNow!)
+        vec![0x0f, 0x38, 0x00, 0xc1], // PSHUFB mm0, mm1: SSSE3 is not advertised
+        vec![0x0f, 0x0d, 0xc0],       // PREFETCH with a register operand
         vec![0xc4, 0xe2, 0x7d, 0x18, 0x00],
     ] {
         let mut c = code.clone();

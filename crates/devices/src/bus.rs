@@ -3,18 +3,21 @@
 //!
 //! The bus is generic over what it stores per port range (`T`). Stand-alone users store boxed
 //! [`PortIoDevice`]s and call [`IoBus::read`]/[`IoBus::write`]; the [`crate::Devices`]
-//! aggregate stores a small routing key and dispatches itself through [`IoBus::read_with`] /
-//! [`IoBus::write_with`], so that it keeps typed access to its devices.
+//! registry stores a small routing key and dispatches itself through [`IoBus::read_with`] /
+//! [`IoBus::write_with`], whose handler also says whether the device took the access.
 //!
 //! Routing rules:
-//! - An access is routed by its first port. If no range claims that port the access is
-//!   *unclaimed*: reads return all-ones, writes are dropped, and both are counted in
-//!   [`BusStats`].
+//! - An access is routed by its first port. If no range claims that port, or the device
+//!   answers "not mine", the access is *unclaimed*: reads return all-ones, writes are
+//!   dropped, and both are counted in [`BusStats`].
 //! - A range registered with [`AccessMode::Whole`] receives the whole access (offset of the
 //!   first port, 1/2/4 data bytes), e.g. the debug-exit port that takes a value of any width.
 //! - A range registered with [`AccessMode::Bytewise`] models a byte-wide ISA device: the access
 //!   is split into single-byte accesses at consecutive ports, each routed on its own (a byte
 //!   that lands on no device reads as 0xff / is dropped).
+//!
+//! [`MmioBus`] is the same map for guest-physical MMIO ranges: an access is routed whole to
+//! the range that contains all of it.
 
 use std::fmt;
 
@@ -44,6 +47,28 @@ pub enum BusError {
         new: PortRange,
         /// The range already on the bus.
         existing: PortRange,
+    },
+    /// An MMIO range of zero bytes was given.
+    #[error("MMIO range starting at {base:#x} is empty; give it a length of at least one byte")]
+    EmptyMmioRange {
+        /// First address of the rejected range.
+        base: u64,
+    },
+    /// The MMIO range runs past the end of the address space.
+    #[error("MMIO range {base:#x}+{len:#x} runs past the end of the address space")]
+    MmioRangeOverflow {
+        /// First address of the rejected range.
+        base: u64,
+        /// Requested length.
+        len: u64,
+    },
+    /// The MMIO range overlaps a range that is already registered.
+    #[error("MMIO range {new} overlaps the registered range {existing}; pick a free range")]
+    MmioOverlap {
+        /// The rejected range.
+        new: MmioRange,
+        /// The range already on the bus.
+        existing: MmioRange,
     },
     /// An access that is not 1, 2 or 4 bytes wide.
     #[error("port access of {len} bytes at port {port:#06x} is not 1, 2 or 4 bytes wide; split it into such accesses")]
@@ -274,11 +299,12 @@ impl<T> IoBus<T> {
         })
     }
 
-    /// Route a read of `data.len()` bytes at `port`, calling `f(target, offset, bytes)` for
-    /// each claimed piece. Unclaimed bytes read as 0xff.
+    /// Route a read of `data.len()` bytes at `port`, calling `f(target, range base, offset,
+    /// bytes)` for each claimed piece; `f` returns whether the device took it. Unclaimed
+    /// bytes read as 0xff; the access counts as unclaimed when its first piece is.
     pub fn read_with<F>(&mut self, port: u16, data: &mut [u8], mut f: F) -> Result<(), BusError>
     where
-        F: FnMut(&mut T, u16, &mut [u8]),
+        F: FnMut(&mut T, u16, u16, &mut [u8]) -> bool,
     {
         check_len(port, data.len())?;
         let Some(first) = self.find(port) else {
@@ -288,45 +314,69 @@ impl<T> IoBus<T> {
         };
         if self.entries[first].mode == AccessMode::Whole {
             let e = &mut self.entries[first];
-            f(&mut e.target, port - e.range.base, data);
+            let base = e.range.base;
+            if !f(&mut e.target, base, port - base, data) {
+                data.fill(0xff);
+                self.stats.unclaimed_reads += 1;
+            }
             return Ok(());
         }
+        let mut first_claimed = true;
         for (i, byte) in data.iter_mut().enumerate() {
             let p = port.wrapping_add(i as u16);
-            match self.find(p) {
+            let found = if i == 0 { Some(first) } else { self.find(p) };
+            let claimed = match found {
                 Some(idx) => {
                     let e = &mut self.entries[idx];
-                    f(&mut e.target, p - e.range.base, std::slice::from_mut(byte));
+                    let base = e.range.base;
+                    f(&mut e.target, base, p - base, std::slice::from_mut(byte))
                 }
-                None => *byte = 0xff,
+                None => false,
+            };
+            if !claimed {
+                *byte = 0xff;
+                first_claimed &= i != 0;
             }
+        }
+        if !first_claimed {
+            self.stats.unclaimed_reads += 1;
         }
         Ok(())
     }
 
-    /// Route a write of `data` (little-endian) at `port`, calling `f(target, offset, bytes)`
-    /// for each claimed piece. Unclaimed bytes are dropped.
+    /// Route a write of `data` (little-endian) at `port`, calling `f(target, range base,
+    /// offset, bytes)` for each claimed piece; `f` returns whether the device took it.
+    /// Unclaimed bytes are dropped; the access counts as unclaimed when its first piece is.
     pub fn write_with<F>(&mut self, port: u16, data: &[u8], mut f: F) -> Result<(), BusError>
     where
-        F: FnMut(&mut T, u16, &[u8]),
+        F: FnMut(&mut T, u16, u16, &[u8]) -> bool,
     {
         check_len(port, data.len())?;
-        let Some(first) = self.find(port) else {
+        let claimed = match self.find(port) {
+            None => false,
+            Some(first) if self.entries[first].mode == AccessMode::Whole => {
+                let e = &mut self.entries[first];
+                let base = e.range.base;
+                f(&mut e.target, base, port - base, data)
+            }
+            Some(first) => {
+                let mut first_claimed = true;
+                for (i, byte) in data.iter().enumerate() {
+                    let p = port.wrapping_add(i as u16);
+                    let found = if i == 0 { Some(first) } else { self.find(p) };
+                    if let Some(idx) = found {
+                        let e = &mut self.entries[idx];
+                        let base = e.range.base;
+                        let took = f(&mut e.target, base, p - base, std::slice::from_ref(byte));
+                        first_claimed &= took || i != 0;
+                    }
+                }
+                first_claimed
+            }
+        };
+        if !claimed {
             self.stats.unclaimed_writes += 1;
             self.stats.last_unclaimed_write = Some((port, le_value(data)));
-            return Ok(());
-        };
-        if self.entries[first].mode == AccessMode::Whole {
-            let e = &mut self.entries[first];
-            f(&mut e.target, port - e.range.base, data);
-            return Ok(());
-        }
-        for (i, byte) in data.iter().enumerate() {
-            let p = port.wrapping_add(i as u16);
-            if let Some(idx) = self.find(p) {
-                let e = &mut self.entries[idx];
-                f(&mut e.target, p - e.range.base, std::slice::from_ref(byte));
-            }
         }
         Ok(())
     }
@@ -335,12 +385,135 @@ impl<T> IoBus<T> {
 impl<T: PortIoDevice> IoBus<T> {
     /// Read `data.len()` (1, 2 or 4) bytes from `port`.
     pub fn read(&mut self, port: u16, data: &mut [u8]) -> Result<(), BusError> {
-        self.read_with(port, data, |d, off, bytes| d.read(off, bytes))
+        self.read_with(port, data, |d, _base, off, bytes| {
+            d.read(off, bytes);
+            true
+        })
     }
 
     /// Write `data` (1, 2 or 4 bytes, little-endian) to `port`.
     pub fn write(&mut self, port: u16, data: &[u8]) -> Result<(), BusError> {
-        self.write_with(port, data, |d, off, bytes| d.write(off, bytes))
+        self.write_with(port, data, |d, _base, off, bytes| {
+            d.write(off, bytes);
+            true
+        })
+    }
+}
+
+/// A contiguous range of guest-physical addresses, `base ..= base + len - 1`, never empty and
+/// never wrapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MmioRange {
+    base: u64,
+    /// `last - base`.
+    span: u64,
+}
+
+impl MmioRange {
+    /// A range of `len` bytes starting at `base`.
+    pub fn new(base: u64, len: u64) -> Result<Self, BusError> {
+        if len == 0 {
+            return Err(BusError::EmptyMmioRange { base });
+        }
+        if base.checked_add(len - 1).is_none() {
+            return Err(BusError::MmioRangeOverflow { base, len });
+        }
+        Ok(Self {
+            base,
+            span: len - 1,
+        })
+    }
+
+    /// First address.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Last address (inclusive).
+    pub fn last(&self) -> u64 {
+        self.base + self.span
+    }
+
+    /// Whether `[addr, addr + len)` lies entirely in the range (`len` of 0 never does).
+    pub fn contains_access(&self, addr: u64, len: usize) -> bool {
+        let Some(end) = (len as u64)
+            .checked_sub(1)
+            .and_then(|l| addr.checked_add(l))
+        else {
+            return false;
+        };
+        addr >= self.base && end <= self.last()
+    }
+
+    fn overlaps(&self, other: &MmioRange) -> bool {
+        self.base <= other.last() && other.base <= self.last()
+    }
+}
+
+impl fmt::Display for MmioRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}-{:#x}", self.base, self.last())
+    }
+}
+
+/// MMIO dispatcher: non-overlapping address ranges, each with a `T`. An access is routed to
+/// the range that contains all of its bytes; anything else is the caller's (unclaimed).
+pub struct MmioBus<T> {
+    /// Sorted by base address, non-overlapping.
+    entries: Vec<(MmioRange, T)>,
+}
+
+impl<T> Default for MmioBus<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> fmt::Debug for MmioBus<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|(r, _)| r))
+            .finish()
+    }
+}
+
+impl<T> MmioBus<T> {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self {
+            entries: Vec::new(),
+        }
+    }
+
+    /// Claim `range` for `target`.
+    pub fn insert(&mut self, range: MmioRange, target: T) -> Result<(), BusError> {
+        if let Some((existing, _)) = self.entries.iter().find(|(r, _)| r.overlaps(&range)) {
+            return Err(BusError::MmioOverlap {
+                new: range,
+                existing: *existing,
+            });
+        }
+        let at = self.entries.partition_point(|(r, _)| r.base < range.base);
+        self.entries.insert(at, (range, target));
+        Ok(())
+    }
+
+    /// Remove the range starting exactly at `base`, returning what was stored there.
+    pub fn remove(&mut self, base: u64) -> Option<T> {
+        let idx = self.entries.iter().position(|(r, _)| r.base == base)?;
+        Some(self.entries.remove(idx).1)
+    }
+
+    /// The registered ranges, in address order.
+    pub fn ranges(&self) -> impl Iterator<Item = MmioRange> + '_ {
+        self.entries.iter().map(|(r, _)| *r)
+    }
+
+    /// The range containing the whole access `[addr, addr + len)` and what it holds.
+    pub fn target_mut(&mut self, addr: u64, len: usize) -> Option<(MmioRange, &mut T)> {
+        let idx = self.entries.partition_point(|(r, _)| r.base <= addr);
+        let (range, target) = self.entries.get_mut(idx.checked_sub(1)?)?;
+        range.contains_access(addr, len).then_some((*range, target))
     }
 }
 
@@ -512,5 +685,76 @@ mod tests {
         let mut d = [0u8; 4];
         bus.read(0xffff, &mut d).unwrap();
         assert_eq!(d, [0, 0, 0xff, 0xff]);
+    }
+    #[test]
+    fn handlers_that_decline_count_as_unclaimed() {
+        let mut bus: IoBus<u8> = IoBus::new();
+        bus.insert(PortRange::new(0x70, 2).unwrap(), AccessMode::Bytewise, 1)
+            .unwrap();
+        bus.insert(PortRange::new(0xcf8, 8).unwrap(), AccessMode::Whole, 2)
+            .unwrap();
+        // The bytewise device takes only its first port; the whole one only dword accesses.
+        let mut seen = Vec::new();
+        let mut d = [0u8; 2];
+        bus.read_with(0x70, &mut d, |t, base, off, b| {
+            seen.push((*t, base, off));
+            b[0] = 0x11;
+            off == 0
+        })
+        .unwrap();
+        assert_eq!(d, [0x11, 0xff]);
+        assert_eq!(seen, [(1, 0x70, 0), (1, 0x70, 1)]);
+        assert_eq!(bus.stats().unclaimed_reads, 0, "first byte was taken");
+        let mut b = [0u8; 1];
+        bus.read_with(0xcfb, &mut b, |_, _, _, b| b.len() == 4)
+            .unwrap();
+        assert_eq!(b, [0xff]);
+        bus.write_with(0xcf9, &[1], |_, base, off, b| {
+            assert_eq!((base, off), (0xcf8, 1));
+            b.len() == 4
+        })
+        .unwrap();
+        bus.write_with(0xcf8, &[0, 0, 0, 0x80], |_, _, _, b| b.len() == 4)
+            .unwrap();
+        let s = bus.stats();
+        assert_eq!((s.unclaimed_reads, s.unclaimed_writes), (1, 1));
+        assert_eq!(s.last_unclaimed_write, Some((0xcf9, 1)));
+    }
+
+    #[test]
+    fn mmio_ranges_route_whole_accesses() {
+        assert_eq!(
+            MmioRange::new(0x1000, 0),
+            Err(BusError::EmptyMmioRange { base: 0x1000 })
+        );
+        assert!(matches!(
+            MmioRange::new(u64::MAX, 2),
+            Err(BusError::MmioRangeOverflow { .. })
+        ));
+        let top = MmioRange::new(u64::MAX - 0xfff, 0x1000).unwrap();
+        assert_eq!(top.last(), u64::MAX);
+        assert!(top.contains_access(u64::MAX - 7, 8));
+        assert!(!top.contains_access(u64::MAX - 6, 8), "runs past the end");
+        assert!(!top.contains_access(u64::MAX - 7, 0));
+
+        let mut bus: MmioBus<&str> = MmioBus::new();
+        bus.insert(MmioRange::new(0xfec0_0000, 0x1000).unwrap(), "ioapic")
+            .unwrap();
+        bus.insert(MmioRange::new(0xfee0_0000, 0x1000).unwrap(), "lapic")
+            .unwrap();
+        assert!(matches!(
+            bus.insert(MmioRange::new(0xfec0_0ff0, 0x20).unwrap(), "x"),
+            Err(BusError::MmioOverlap { .. })
+        ));
+        let (r, t) = bus.target_mut(0xfee0_0020, 4).unwrap();
+        assert_eq!((r.base(), *t), (0xfee0_0000, "lapic"));
+        assert!(
+            bus.target_mut(0xfec0_0ffe, 4).is_none(),
+            "straddles the end"
+        );
+        assert!(bus.target_mut(0xfeb0_0000, 4).is_none());
+        assert_eq!(bus.ranges().count(), 2);
+        assert_eq!(bus.remove(0xfec0_0000), Some("ioapic"));
+        assert!(bus.target_mut(0xfec0_0000, 4).is_none());
     }
 }

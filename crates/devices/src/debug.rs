@@ -1,28 +1,18 @@
-//! Guest-to-host signalling ports: the debug-exit port (0xf4) and the benchmark marker (0xf5).
+//! The debug-exit port (0xf4): the guest asks the VMM to stop the VM with an exit status.
 
-use std::time::Instant;
+use std::convert::Infallible;
 
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 use crate::bus::PortIoDevice;
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 
 /// Port of the debug-exit device.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
-/// Port of the benchmark marker.
-pub const BENCH_MARKER_PORT: u16 = 0xf5;
-/// At most this many benchmark marks are kept before further ones are dropped (and counted).
-pub const MAX_BENCH_MARKS: usize = 1 << 16;
+/// Registry id of the debug-exit port.
+pub const DEBUG_EXIT_ID: &str = "debug-exit";
 
-/// Errors of the debug ports.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum DebugError {
-    /// The benchmark log is full; reading it with `take_marks` empties it.
-    #[error("benchmark marker log is full ({MAX_BENCH_MARKS} marks); call take_marks to drain it")]
-    MarkLogFull,
-}
-
-fn le_value(data: &[u8]) -> u32 {
+pub(crate) fn le_value(data: &[u8]) -> u32 {
     data.iter()
         .take(4)
         .enumerate()
@@ -92,77 +82,47 @@ impl PortIoDevice for DebugExit {
     }
 }
 
-/// One benchmark mark: the value the guest wrote, the virtual time of the write, and the host
-/// time at which the VMM handled it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BenchMark {
-    /// Value written (zero-extended).
-    pub value: u32,
-    /// Virtual time in nanoseconds.
-    pub virtual_ns: u64,
-    /// Host time.
-    pub host: Instant,
-}
+impl Persist for DebugExit {
+    type State = DebugExitState;
+    type Error = Infallible;
+    const STATE_VERSION: u32 = 1;
 
-/// Port 0xf5: records `(value, virtual time, host Instant)` for each guest write, for
-/// benchmarks. Marks are host-side diagnostics, not guest-visible state: they are not part of
-/// snapshots. Reads return all-ones.
-#[derive(Debug, Clone, Default)]
-pub struct BenchMarker {
-    now_ns: u64,
-    marks: Vec<BenchMark>,
-    dropped: u64,
-}
-
-impl BenchMarker {
-    /// An empty log.
-    pub fn new() -> Self {
-        Self::default()
+    fn save(&self) -> DebugExitState {
+        self.state()
     }
 
-    /// Set the virtual time used for marks recorded through the port interface.
-    pub fn advance_to(&mut self, now_ns: u64) {
-        self.now_ns = self.now_ns.max(now_ns);
-    }
-
-    /// Record a mark of `value` at virtual time `virtual_ns`.
-    pub fn mark(&mut self, value: u32, virtual_ns: u64) -> Result<(), DebugError> {
-        if self.marks.len() >= MAX_BENCH_MARKS {
-            self.dropped += 1;
-            return Err(DebugError::MarkLogFull);
-        }
-        self.marks.push(BenchMark {
-            value,
-            virtual_ns,
-            host: Instant::now(),
-        });
+    fn restore(&mut self, state: &DebugExitState) -> Result<(), Infallible> {
+        *self = Self::from_state(state);
         Ok(())
     }
-
-    /// Marks recorded so far.
-    pub fn marks(&self) -> &[BenchMark] {
-        &self.marks
-    }
-
-    /// Drain the marks.
-    pub fn take_marks(&mut self) -> Vec<BenchMark> {
-        std::mem::take(&mut self.marks)
-    }
-
-    /// Marks dropped because the log was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped
-    }
 }
 
-impl PortIoDevice for BenchMarker {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
-        data.fill(0xff);
+/// Port 0xf4 on the platform, taking 1-, 2- and 4-byte writes whole.
+impl Device for DebugExit {
+    fn id(&self) -> &str {
+        DEBUG_EXIT_ID
     }
 
-    fn write(&mut self, _offset: u16, data: &[u8]) {
-        // A full log is counted in `dropped`; the guest is not disturbed.
-        let _ = self.mark(le_value(data), self.now_ns);
+    fn port_regions(&self) -> Vec<PortRegion> {
+        vec![PortRegion::whole(DEBUG_EXIT_PORT, 1)]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks::REQUESTS
+    }
+
+    fn io_read(&mut self, _: u16, off: u16, data: &mut [u8], _: &mut DeviceContext<'_>) -> Access {
+        PortIoDevice::read(self, off, data);
+        Access::Handled
+    }
+
+    fn io_write(&mut self, _: u16, off: u16, data: &[u8], _: &mut DeviceContext<'_>) -> Access {
+        PortIoDevice::write(self, off, data);
+        Access::Handled
+    }
+
+    fn take_exit_request(&mut self) -> Option<u8> {
+        DebugExit::take_exit_request(self)
     }
 }
 
@@ -199,34 +159,5 @@ mod tests {
         let mut b = [0u8; 2];
         d.read(0, &mut b);
         assert_eq!(b, [0xff, 0xff]);
-    }
-
-    #[test]
-    fn bench_marks_record_virtual_time_in_order() {
-        let mut m = BenchMarker::new();
-        m.advance_to(1_000);
-        m.write(0, &[1]);
-        m.advance_to(500); // time never goes back
-        m.advance_to(2_500);
-        m.write(0, &[0x02, 0x01, 0, 0]);
-        let marks = m.take_marks();
-        assert_eq!(marks.len(), 2);
-        assert_eq!((marks[0].value, marks[0].virtual_ns), (1, 1_000));
-        assert_eq!((marks[1].value, marks[1].virtual_ns), (0x102, 2_500));
-        assert!(marks[1].host >= marks[0].host);
-        assert!(m.marks().is_empty());
-    }
-
-    #[test]
-    fn bench_log_is_bounded() {
-        let mut m = BenchMarker::new();
-        for i in 0..MAX_BENCH_MARKS {
-            m.mark(i as u32, 0).unwrap();
-        }
-        assert_eq!(m.mark(0, 0), Err(DebugError::MarkLogFull));
-        m.write(0, &[1]);
-        assert_eq!(m.dropped(), 2);
-        assert_eq!(m.take_marks().len(), MAX_BENCH_MARKS);
-        assert!(m.mark(0, 0).is_ok());
     }
 }

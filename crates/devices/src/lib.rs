@@ -1,4 +1,4 @@
-//! Legacy PC devices for esvm guests, on a virtual clock and fully snapshot-able.
+//! The devices of an esvm guest, on a virtual clock, registered in one place and saved by id.
 //!
 //! esvm's default backend is a deterministic software vCPU whose virtual time is derived from
 //! its retired-instruction count, so nothing here reads the host clock (except the host
@@ -7,13 +7,17 @@
 //! then on exactly like the device that was saved.
 //!
 //! The pieces:
-//! - [`IoBus`]: port-I/O dispatch (1/2/4-byte accesses, all-ones for unclaimed reads).
-//! - [`Serial`]: COM1 16550A on vm-superio, interrupts through an [`IrqLine`].
-//! - [`Pit`]: 8254 timer on virtual nanoseconds, with [`Pit::next_deadline_ns`].
-//! - [`Pic`]: the cascaded 8259A pair with INTA ([`Pic::acknowledge`]).
-//! - [`DebugExit`] (port 0xf4) and [`BenchMarker`] (port 0xf5).
-//! - [`Devices`]: all of the above wired together (PIT to IRQ 0, COM1 to IRQ 4), with
-//!   [`Devices::save`] / [`Devices::restore`].
+//! - [`Device`] and [`Persist`]: what a device implements (port and MMIO handlers, a
+//!   virtual-time hook, interrupt lines through a [`DeviceContext`], its saved state).
+//! - [`Devices`]: the registry — every device on one port bus ([`IoBus`]) and one MMIO bus
+//!   ([`MmioBus`]), wired to the interrupt controller ([`Pic`], the cascaded 8259A pair),
+//!   with [`Devices::save`] / [`Devices::restore`] keeping each device's state by id. The
+//!   port table is in the [`registry`] module.
+//! - The built-in devices, listed at the bottom of this file: [`Serial`] (COM1 16550A on
+//!   vm-superio, IRQ 4), [`Pit`] (8254 on virtual nanoseconds, IRQ 0), [`DebugExit`]
+//!   (port 0xf4), [`BenchMarker`] (port 0xf5), [`Rtc`] (MC146818 with CMOS RAM, IRQ 8),
+//!   [`I8042`] (keyboard controller, IRQ 1, the CPU reset line), [`PostCode`] (port 0x80)
+//!   and [`PciConfig`] (PCI configuration mechanism #1 on an empty bus).
 //!
 //! # Driving it from the VMM
 //! ```
@@ -28,11 +32,15 @@
 //!     if dev.pending_interrupt().is_some() {
 //!         let _vector = dev.acknowledge_interrupt(); // inject this vector
 //!     }
-//!     // 3. Run the vCPU no further than the next timer deadline.
+//!     // 3. Run the vCPU no further than the next device deadline.
 //!     let _budget_ns = dev.next_deadline_ns().map(|d| d - now_ns);
-//!     // 4. On a port exit: advance_to(exit time) then io_read / io_write.
+//!     // 4. On a port or MMIO exit: advance_to(exit time), then the access.
 //!     dev.advance_to(now_ns + 10);
 //!     dev.io_write(0x3f8, b"x").unwrap();
+//!     let mut word = [0u8; 4];
+//!     if !dev.mmio_read(0xfeb0_0000, &mut word) {
+//!         word = [0xff; 4]; // no device there: the VMM's to answer
+//!     }
 //!     // 5. A guest write to port 0xf4 asks to stop the VM.
 //!     if let Some(_status) = dev.take_exit_request() { break; }
 //!     now_ns += 1_000_000;
@@ -40,19 +48,76 @@
 //! let snapshot = dev.save(); // serde; restore with Devices::from_state / restore
 //! # let _ = snapshot;
 //! ```
+//!
+//! # Adding a device
+//! One new file and one registration line:
+//!
+//! 1. Write `src/<name>.rs` with the device: a type implementing [`Device`] (its
+//!    [`Device::id`], [`Device::port_regions`] / [`Device::mmio_regions`], the handlers it
+//!    needs; interrupts through [`DeviceContext::set_irq`] / [`DeviceContext::pulse_irq`];
+//!    [`Device::advance_to`] and [`Device::next_deadline_ns`] if it has timers;
+//!    [`Device::hooks`] to leave the run-loop calls it does not need) and
+//!    [`Persist`] (a serde `State`, `STATE_VERSION = 1`, `save`, `restore`), with unit tests
+//!    beside it. Document its ports and IRQ in the [`registry`] port table.
+//! 2. Add one line `<name> => <name>::Type::new(...);` to the `builtin_devices!` list at the
+//!    bottom of this file. The line declares the module and registers the device.
+//!
+//! Nothing else changes: the registry routes its ranges, clocks it, wires its interrupt
+//! lines, and saves its state under its id; [`DevicesState`] has no per-device fields, and
+//! the VMM's state-format markers are derived ([`Devices::state_format`] names every id and
+//! state version). A device the VMM adds at run time is one call to [`Devices::register`].
+//! When a device's state changes later, bump its `STATE_VERSION`: older saved states are
+//! then refused with a message naming the device.
 
 pub mod bus;
-pub mod debug;
+pub mod device;
 pub mod irq;
-pub mod legacy;
 pub mod pic;
-pub mod pit;
-pub mod serial;
+pub mod registry;
 
-pub use bus::{AccessMode, BusError, BusStats, IoBus, PortIoDevice, PortRange};
-pub use debug::{BenchMark, BenchMarker, DebugError, DebugExit, DebugExitState};
+pub use bench::{BenchError, BenchMark, BenchMarker};
+pub use bus::{AccessMode, BusError, BusStats, IoBus, MmioBus, MmioRange, PortIoDevice, PortRange};
+pub use debug::{DebugExit, DebugExitState};
+pub use device::{
+    Access, AsAny, Device, DeviceContext, Hooks, IrqSink, MmioRegion, Persist, PersistDyn,
+    PortRegion, SavedDevice, StateError,
+};
+pub use i8042::{I8042Error, I8042State, I8042};
 pub use irq::IrqLine;
-pub use legacy::{Devices, DevicesError, DevicesState, DEVICES_STATE_VERSION};
+pub use pci::{PciConfig, PciConfigState};
 pub use pic::{Pic, PicError, PicState};
 pub use pit::{Pit, PitError, PitState, PIT_FREQUENCY_HZ};
+pub use post::{PostCode, PostCodeState};
+pub use registry::{
+    state_format, Devices, DevicesConfig, DevicesError, DevicesState, DEVICES_STATE_VERSION,
+};
+pub use rtc::{Rtc, RtcError, RtcState, RtcTime};
 pub use serial::{Serial, SerialDeviceState, SerialError, SharedBuffer};
+
+/// The former name of [`BenchError`].
+pub type DebugError = BenchError;
+
+/// Declares each built-in device's module and registers the device: one line per device,
+/// `module => constructor;`, in registration order. `$cfg` is the [`DevicesConfig`] the
+/// constructors may take host-side resources and settings from.
+macro_rules! builtin_devices {
+    ($cfg:ident; $($module:ident => $device:expr;)*) => {
+        $(pub mod $module;)*
+
+        /// The built-in devices of [`Devices::with_config`], in registration order.
+        pub(crate) fn builtin_devices($cfg: DevicesConfig) -> Vec<Box<dyn Device>> {
+            vec![$(Box::new($device)),*]
+        }
+    };
+}
+
+builtin_devices! { config;
+    pit => pit::Pit::new();
+    serial => serial::Serial::com1(config.serial_out);
+    debug => debug::DebugExit::new();
+    bench => bench::BenchMarker::new();
+    rtc => rtc::Rtc::new(config.rtc_start);
+    i8042 => i8042::I8042::new();
+    post => post::PostCode::new();
+    pci => pci::PciConfig::new();
+}

@@ -18,6 +18,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::device::{IrqSink, Persist};
+
 /// Master command port.
 pub const PIC_MASTER_CMD: u16 = 0x20;
 /// Master data (mask) port.
@@ -28,6 +30,8 @@ pub const PIC_SLAVE_CMD: u16 = 0xa0;
 pub const PIC_SLAVE_DATA: u16 = 0xa1;
 /// Master IR line the slave is cascaded on.
 pub const CASCADE_IRQ: u8 = 2;
+/// Id of the PIC pair's state in saved device state.
+pub const PIC_ID: &str = "pic";
 
 /// Errors of the PIC.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -316,6 +320,21 @@ impl Pic {
         pic
     }
 
+    /// Set input `irq` (0-15) to `level` without latching a request: the power-on level of
+    /// a newly connected device's output. Other IRQ numbers are ignored.
+    pub(crate) fn preset_line(&mut self, irq: u8, level: bool) {
+        let (chip, bit) = match irq {
+            0..=7 => (&mut self.master, 1u8 << irq),
+            8..=15 => (&mut self.slave, 1u8 << (irq - 8)),
+            _ => return,
+        };
+        if level {
+            chip.lines |= bit;
+        } else {
+            chip.lines &= !bit;
+        }
+    }
+
     /// Rebuild from saved state.
     pub fn from_state(state: &PicState) -> Result<Self, PicError> {
         state.master.validate("master")?;
@@ -359,6 +378,16 @@ impl Pic {
 
     /// Drive input `irq` (0-15) to `level`.
     pub fn set_irq(&mut self, irq: u8, level: bool) -> Result<(), PicError> {
+        // Devices report their levels on every call: a line that keeps its level changes
+        // nothing (in level mode IRR already follows the line), so skip the cascade update.
+        let (lines, bit) = match irq {
+            0..=7 => (self.master.lines, 1u8 << irq),
+            8..=15 => (self.slave.lines, 1u8 << (irq - 8)),
+            _ => return Err(PicError::NoSuchIrq(irq)),
+        };
+        if (lines & bit != 0) == level {
+            return Ok(());
+        }
         match irq {
             0..=7 => self.master.set_line(irq, level),
             8..=15 => {
@@ -473,6 +502,28 @@ impl Pic {
             self.update_cascade();
         }
         Ok(())
+    }
+}
+
+impl Persist for Pic {
+    type State = PicState;
+    type Error = PicError;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> PicState {
+        self.state()
+    }
+
+    fn restore(&mut self, state: &PicState) -> Result<(), PicError> {
+        *self = Self::from_state(state)?;
+        Ok(())
+    }
+}
+
+/// Devices' interrupt lines end at the PIC pair; lines above 15 do not exist and are ignored.
+impl IrqSink for Pic {
+    fn set_level(&mut self, irq: u8, level: bool) {
+        let _ = self.set_irq(irq, level);
     }
 }
 

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::bus::PortIoDevice;
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 
 /// Input clock of the PIT in Hz.
 pub const PIT_FREQUENCY_HZ: u64 = 1_193_182;
@@ -33,6 +34,8 @@ pub const PIT_PORTS: u16 = 4;
 pub const PORT_61: u16 = 0x61;
 /// ISA IRQ of channel 0.
 pub const PIT_IRQ: u8 = 0;
+/// Registry id of the PIT.
+pub const PIT_ID: &str = "pit";
 /// Half-period of the DRAM refresh toggle visible in port 0x61 bit 4, in ns.
 const REFRESH_HALF_PERIOD_NS: u64 = 15_085;
 
@@ -582,10 +585,26 @@ pub struct PitState {
 }
 
 /// The 8254 PIT. See the module documentation for the time model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Pit {
     state: PitState,
+    /// The input-clock tick of `state.now_ns` and the first ns of the next one (derived:
+    /// the run loop advances the PIT on every exit, mostly within one tick).
+    tick: u64,
+    next_tick_ns: u64,
+    /// The IRQ 0 level last reported to the interrupt controller (host-side: `None` until
+    /// the first report, and after a restore).
+    reported: Option<bool>,
 }
+
+/// Two PITs are equal when their guest-visible state is.
+impl PartialEq for Pit {
+    fn eq(&self, other: &Self) -> bool {
+        self.state == other.state
+    }
+}
+
+impl Eq for Pit {}
 
 impl Default for Pit {
     fn default() -> Self {
@@ -608,6 +627,9 @@ impl Pit {
                 ],
                 port61: 0,
             },
+            tick: 0,
+            next_tick_ns: ticks_to_ns(1),
+            reported: None,
         }
     }
 
@@ -616,8 +638,12 @@ impl Pit {
         for (i, ch) in state.channels.iter().enumerate() {
             ch.validate(i)?;
         }
+        let tick = ns_to_ticks(state.now_ns);
         Ok(Self {
             state: state.clone(),
+            tick,
+            next_tick_ns: ticks_to_ns(tick + 1),
+            reported: None,
         })
     }
 
@@ -632,7 +658,7 @@ impl Pit {
     }
 
     fn now_tick(&self) -> u64 {
-        ns_to_ticks(self.state.now_ns)
+        self.tick
     }
 
     /// Move virtual time forward to `now_ns` (earlier times are ignored: time never goes
@@ -641,7 +667,14 @@ impl Pit {
         if now_ns > self.state.now_ns {
             self.state.now_ns = now_ns;
         }
-        let t = self.now_tick();
+        if self.state.now_ns < self.next_tick_ns {
+            // Still in the tick of the last sync: nothing can have changed (accesses sync
+            // the channels themselves).
+            return 0;
+        }
+        self.tick = ns_to_ticks(self.state.now_ns);
+        self.next_tick_ns = ticks_to_ns(self.tick + 1);
+        let t = self.tick;
         let mut irq0_edges = 0;
         for (i, ch) in self.state.channels.iter_mut().enumerate() {
             let e = ch.sync(t);
@@ -789,6 +822,102 @@ impl PortIoDevice for Pit {
                 self.write_reg(reg as u8, *b);
             }
         }
+    }
+}
+
+impl Pit {
+    /// Drive IRQ 0 to OUT0, telling the controller only of changes (the run loop calls
+    /// `advance_to` on every exit).
+    fn report_irq0(&mut self, cx: &mut DeviceContext<'_>) {
+        let level = self.irq0_level();
+        if self.reported != Some(level) {
+            self.reported = Some(level);
+            cx.set_irq(PIT_IRQ, level);
+        }
+    }
+}
+
+impl Persist for Pit {
+    type State = PitState;
+    type Error = PitError;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> PitState {
+        self.state()
+    }
+
+    fn restore(&mut self, state: &PitState) -> Result<(), PitError> {
+        *self = Self::from_state(state)?;
+        Ok(())
+    }
+}
+
+/// The PIT on the platform: ports 0x40-0x43 and 0x61; channel 0's OUT drives IRQ 0 as a
+/// level, and every rising edge since the last report is latched even if OUT is low again.
+impl Device for Pit {
+    fn id(&self) -> &str {
+        PIT_ID
+    }
+
+    fn port_regions(&self) -> Vec<PortRegion> {
+        vec![
+            PortRegion::bytewise(PIT_BASE, u32::from(PIT_PORTS)),
+            PortRegion::bytewise(PORT_61, 1),
+        ]
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks::CLOCK
+    }
+
+    fn io_read(
+        &mut self,
+        base: u16,
+        offset: u16,
+        data: &mut [u8],
+        cx: &mut DeviceContext<'_>,
+    ) -> Access {
+        if base == PORT_61 {
+            data.fill(self.read_port61());
+        } else {
+            PortIoDevice::read(self, offset, data);
+        }
+        self.report_irq0(cx);
+        Access::Handled
+    }
+
+    fn io_write(
+        &mut self,
+        base: u16,
+        offset: u16,
+        data: &[u8],
+        cx: &mut DeviceContext<'_>,
+    ) -> Access {
+        if base == PORT_61 {
+            if let Some(v) = data.first() {
+                self.write_port61(*v);
+            }
+        } else {
+            PortIoDevice::write(self, offset, data);
+        }
+        // A control word can move OUT0 at once (mode 0 drops it, mode 2 raises it).
+        self.report_irq0(cx);
+        Access::Handled
+    }
+
+    fn advance_to(&mut self, now_ns: u64, cx: &mut DeviceContext<'_>) {
+        if Pit::advance_to(self, now_ns) > 0 {
+            // At least one rising edge of OUT0 since the last report: latch it even if OUT0
+            // is low again by now; the final level follows.
+            cx.set_irq(PIT_IRQ, false);
+            cx.set_irq(PIT_IRQ, true);
+            self.reported = Some(true);
+        }
+        self.report_irq0(cx);
+    }
+
+    fn next_deadline_ns(&self) -> Option<u64> {
+        Pit::next_deadline_ns(self)
     }
 }
 

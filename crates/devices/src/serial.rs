@@ -15,6 +15,7 @@ use vm_superio::serial::{Error as UartError, NoEvents};
 use vm_superio::{Serial as Uart, SerialState};
 
 use crate::bus::PortIoDevice;
+use crate::device::{Access, Device, DeviceContext, Hooks, Persist, PortRegion};
 use crate::irq::IrqLine;
 
 /// First port of COM1.
@@ -23,6 +24,8 @@ pub const COM1_BASE: u16 = 0x3f8;
 pub const UART_PORTS: u16 = 8;
 /// ISA IRQ of COM1.
 pub const COM1_IRQ: u8 = 4;
+/// Registry id of COM1.
+pub const COM1_ID: &str = "com1";
 /// Receive FIFO depth of the emulated 16550A.
 pub const RX_FIFO_SIZE: usize = 64;
 
@@ -130,6 +133,12 @@ impl Serial {
             irq,
             lost_tx_bytes: 0,
         }
+    }
+
+    /// COM1 in its reset state writing to `out`, with its own interrupt line (which the
+    /// registry turns into edges on IRQ 4).
+    pub fn com1(out: Writer) -> Self {
+        Self::new(out, IrqLine::new())
     }
 
     /// Rebuild a UART from saved state, writing to `out` and raising `irq`. The interrupt line
@@ -252,6 +261,74 @@ impl PortIoDevice for Serial {
                 self.write_reg(reg as u8, *b);
             }
         }
+    }
+}
+
+impl Persist for Serial {
+    type State = SerialDeviceState;
+    type Error = SerialError;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> SerialDeviceState {
+        self.state()
+    }
+
+    fn restore(&mut self, state: &SerialDeviceState) -> Result<(), SerialError> {
+        Serial::restore(self, state)
+    }
+}
+
+impl Serial {
+    /// Deliver a raised interrupt request as an edge on IRQ 4.
+    fn report_irq(&self, cx: &mut DeviceContext<'_>) {
+        if self.irq.is_raised() && self.irq.take() {
+            cx.pulse_irq(COM1_IRQ);
+        }
+    }
+}
+
+/// COM1 on the platform: ports 0x3f8-0x3ff; an interrupt request is an edge on IRQ 4.
+impl Device for Serial {
+    fn id(&self) -> &str {
+        COM1_ID
+    }
+
+    fn port_regions(&self) -> Vec<PortRegion> {
+        vec![PortRegion::bytewise(COM1_BASE, u32::from(UART_PORTS))]
+    }
+
+    fn hooks(&self) -> Hooks {
+        // advance_to delivers requests raised outside an access (host input, a restore).
+        Hooks::CLOCK
+    }
+
+    fn io_read(
+        &mut self,
+        _base: u16,
+        offset: u16,
+        data: &mut [u8],
+        cx: &mut DeviceContext<'_>,
+    ) -> Access {
+        PortIoDevice::read(self, offset, data);
+        self.report_irq(cx);
+        Access::Handled
+    }
+
+    fn io_write(
+        &mut self,
+        _base: u16,
+        offset: u16,
+        data: &[u8],
+        cx: &mut DeviceContext<'_>,
+    ) -> Access {
+        PortIoDevice::write(self, offset, data);
+        self.report_irq(cx);
+        Access::Handled
+    }
+
+    fn advance_to(&mut self, _now_ns: u64, cx: &mut DeviceContext<'_>) {
+        // Requests raised outside an access (host input, a restored pending request).
+        self.report_irq(cx);
     }
 }
 

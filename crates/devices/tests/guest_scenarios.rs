@@ -1,7 +1,7 @@
 //! Scenario tests: the devices driven the way a guest kernel and the VMM drive them.
 
 use esvm_devices::pit::{ns_to_ticks, ticks_to_ns};
-use esvm_devices::{Devices, DevicesState, SharedBuffer, PIT_FREQUENCY_HZ};
+use esvm_devices::{Devices, DevicesState, Pic, Serial, SharedBuffer, PIT_FREQUENCY_HZ};
 
 fn outb(d: &mut Devices, port: u16, v: u8) {
     d.io_write(port, &[v]).unwrap();
@@ -120,6 +120,104 @@ fn linux_style_pit_calibration_on_channel_2() {
     assert_eq!(d.next_deadline_ns(), None);
 }
 
+/// Linux's rtc-cmos with a 1024 Hz periodic interrupt (`hpet_rtc`-less x86): IRQ 8 arrives
+/// through the slave PIC, and each handler reads register C to rearm it.
+#[test]
+fn rtc_periodic_interrupt_through_the_cascade() {
+    let mut d = Devices::new(Box::new(std::io::sink()));
+    init_pics(&mut d);
+    outb(&mut d, 0x21, 0xfb); // the cascade only
+    outb(&mut d, 0xa1, 0xfe); // IRQ 8
+                              // Wall clock as mc146818_get_time reads it: UIP clear, then the time registers.
+    outb(&mut d, 0x70, 0x0a);
+    assert_eq!(
+        inb(&mut d, 0x71) & 0x80,
+        0,
+        "no update in progress at time 0"
+    );
+    let read = |d: &mut Devices, reg: u8| {
+        outb(d, 0x70, reg);
+        inb(d, 0x71)
+    };
+    let date: Vec<u8> = [9, 8, 7, 4, 2, 0]
+        .iter()
+        .map(|r| read(&mut d, *r))
+        .collect();
+    assert_eq!(
+        date,
+        [0x26, 0x01, 0x01, 0x00, 0x00, 0x00],
+        "2026-01-01 00:00:00"
+    );
+    // cmos_do_probe: 1024 Hz; then PIE on.
+    outb(&mut d, 0x70, 0x0a);
+    outb(&mut d, 0x71, 0x26);
+    outb(&mut d, 0x70, 0x0b);
+    outb(&mut d, 0x71, 0x42);
+    let mut ticks = 0u64;
+    while let Some(deadline) = d.next_deadline_ns() {
+        if deadline > 1_000_000_000 {
+            break;
+        }
+        d.advance_to(deadline);
+        assert_eq!(d.acknowledge_interrupt(), 0x28, "IRQ 8 on the slave's base");
+        assert_ne!(read(&mut d, 0x0c) & 0xc0, 0, "IRQF | PF");
+        outb(&mut d, 0xa0, 0x20);
+        outb(&mut d, 0x20, 0x20);
+        ticks += 1;
+    }
+    assert_eq!(ticks, 1024);
+    assert_eq!(read(&mut d, 0), 0x01, "one second later");
+    // Without reading C, no second interrupt: the line stays high.
+    d.advance_to(1_100_000_000);
+    assert_eq!(d.acknowledge_interrupt(), 0x28);
+    outb(&mut d, 0xa0, 0x20);
+    outb(&mut d, 0x20, 0x20);
+    d.advance_to(1_200_000_000);
+    assert_eq!(d.pending_interrupt(), None);
+    assert_eq!(d.next_deadline_ns(), None);
+}
+
+/// Linux 6.1's `pci_direct_probe` on esvm's empty bus (arch/x86/pci/direct.c): the type 1
+/// address register works, `pci_sanity_check` (no DMI) finds neither a host bridge nor a
+/// known vendor on bus 0, the type 2 registers are absent. Nothing panics or hangs.
+#[test]
+fn linux_pci_probe_finds_an_empty_bus() {
+    let mut d = Devices::new(Box::new(std::io::sink()));
+    let outl = |d: &mut Devices, port: u16, v: u32| d.io_write(port, &v.to_le_bytes()).unwrap();
+    let inl = |d: &mut Devices, port: u16| {
+        let mut b = [0u8; 4];
+        d.io_read(port, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+    let inw = |d: &mut Devices, port: u16| {
+        let mut b = [0u8; 2];
+        d.io_read(port, &mut b).unwrap();
+        u16::from_le_bytes(b)
+    };
+    // pci_check_type1.
+    outb(&mut d, 0xcfb, 0x01);
+    let saved = inl(&mut d, 0xcf8);
+    outl(&mut d, 0xcf8, 0x8000_0000);
+    assert_eq!(inl(&mut d, 0xcf8), 0x8000_0000, "type 1 address register");
+    // pci_sanity_check: class (reg 0x0a) and vendor (reg 0x00) of every devfn on bus 0.
+    for devfn in 0..0x100u32 {
+        outl(&mut d, 0xcf8, 0x8000_0000 | devfn << 8 | 0x08);
+        assert_eq!(inw(&mut d, 0xcfc + 2), 0xffff, "class of 00:{devfn:02x}");
+        outl(&mut d, 0xcf8, 0x8000_0000 | devfn << 8);
+        assert_eq!(inw(&mut d, 0xcfc), 0xffff, "vendor of 00:{devfn:02x}");
+    }
+    outl(&mut d, 0xcf8, saved);
+    assert_eq!(inl(&mut d, 0xcf8), 0);
+    // pci_check_type2: the byte registers at 0xcf8 and 0xcfa read back 0xff, not 0.
+    outb(&mut d, 0xcfb, 0x00);
+    outb(&mut d, 0xcf8, 0x00);
+    outb(&mut d, 0xcfa, 0x00);
+    assert_eq!((inb(&mut d, 0xcf8), inb(&mut d, 0xcfa)), (0xff, 0xff));
+    // The byte accesses were ordinary I/O that nobody answered.
+    let s = d.bus_stats();
+    assert_eq!((s.unclaimed_reads, s.unclaimed_writes), (2, 4));
+}
+
 /// A deterministic guest workload: timer at ~1.7 kHz, serial THRE interrupts, delayed EOIs,
 /// counter reads. Returns everything the guest observed in this step.
 fn guest_step(d: &mut Devices, i: u64) -> Vec<u64> {
@@ -177,8 +275,8 @@ fn snapshot_mid_activity_continues_identically() {
     for i in 0..200 {
         guest_step(&mut probe, i);
         let st = probe.save();
-        let uart_pending = st.serial.interrupt_identification & 1 == 0;
-        let in_service = st.pic.master.isr != 0;
+        let uart_pending = st.get::<Serial>("com1").unwrap().interrupt_identification & 1 == 0;
+        let in_service = st.get::<Pic>("pic").unwrap().master.isr != 0;
         let counting = probe.next_deadline_ns().is_some();
         if uart_pending && in_service && counting {
             cut = Some(i + 1);
@@ -230,5 +328,12 @@ fn state_serialises_with_version() {
     boot_workload(&mut d);
     let json = serde_json::to_value(d.save()).unwrap();
     assert_eq!(json["version"], esvm_devices::DEVICES_STATE_VERSION);
-    assert!(json["pit"]["channels"].as_array().unwrap().len() == 3);
+    assert_eq!(json["devices"]["pit"]["version"], 1);
+    assert!(
+        json["devices"]["pit"]["state"]["channels"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 3
+    );
 }

@@ -16,7 +16,7 @@ enum Op {
 
 const INTERESTING: &[u16] = &[
     0x20, 0x21, 0xa0, 0xa1, 0x40, 0x41, 0x42, 0x43, 0x61, 0xf4, 0xf5, 0x3f8, 0x3f9, 0x3fa, 0x3fb,
-    0x3fc, 0x3fd, 0x3fe, 0x3ff,
+    0x3fc, 0x3fd, 0x3fe, 0x3ff, 0x70, 0x71, 0x60, 0x64, 0x80, 0xcf8, 0xcfb, 0xcfc, 0xcfe,
 ];
 
 fn port() -> impl Strategy<Value = u16> {
@@ -72,6 +72,7 @@ fn apply(d: &mut Devices, op: &Op) -> Vec<u64> {
     obs.push(d.next_deadline_ns().unwrap_or(u64::MAX));
     obs.push(d.pending_interrupt().map_or(999, u64::from));
     obs.push(d.take_exit_request().map_or(999, u64::from));
+    obs.push(u64::from(d.take_reset_request()));
     obs
 }
 

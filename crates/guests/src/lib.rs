@@ -2,25 +2,13 @@
 //! `guests/` at the repository root by this crate's build script (see `build.rs`) and
 //! embedded here as ELF64 images for the loader (`esvm-loader`).
 //!
+//! What the guests share with the host (the boot protocol, the SEV-ES ABI, the `sev-fpu`
+//! pattern, the checkpoint port) is the crate `esvm-abi`, which the guests link too.
+//!
 //! Also exports:
-//! - [`bootinfo`]: the boot-protocol definitions (the same source file the guests use);
-//! - [`sevabi`] and [`fpu_pattern`]: what the SEV-ES test guests share with the host
-//!   (`docs/sev-es-guest.md`);
+//! - [`demo`]: the demo guest's workload compiled for the host, to predict its output;
 //! - [`bench`]: native copies of the `cpubench` loops — the same assembly, so a benchmark
 //!   can compare the identical machine code in a guest and in a host process.
-
-#[path = "../../../guests/rt/src/bootinfo.rs"]
-pub mod bootinfo;
-
-/// The SEV-ES guest ABI (checkpoint port, `sev-cr` steps, termination reasons, GHCB
-/// constants): the same source file the guest runtime uses.
-#[path = "../../../guests/rt/src/sevabi.rs"]
-pub mod sevabi;
-
-/// The x87/SSE pattern of the `sev-fpu` test: load [`fpu_pattern::fxsave_image`] into the
-/// vCPU before LAUNCH_UPDATE_VMSA; the guest compares it with its first FXSAVE.
-#[path = "../../../guests/rt/src/fpu_pattern.rs"]
-pub mod fpu_pattern;
 
 /// The #VC handler's instruction decoder, compiled here for its tests against iced-x86.
 #[cfg(test)]

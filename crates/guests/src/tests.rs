@@ -2,7 +2,7 @@
 //! out as the boot protocol requires.
 
 use super::*;
-use crate::bootinfo::layout;
+use esvm_abi::layout;
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes(b[o..o + 2].try_into().unwrap())

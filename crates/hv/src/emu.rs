@@ -7,24 +7,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use esvm_arch::{DebugRegs, FpuState, PendingEvents, Regs, SpecialRegs, VcpuSnapshot};
 use esvm_cpu::{Cpu, CpuConfig, CpuError, Exit, PhysMemory, SevEsConfig, TrapReg};
-use esvm_psp::{LaunchStart, Measurement, PacketHeader, Psp};
 
 mod move_context;
-mod transfer;
-pub use transfer::{
-    ghcb_gpa_of, PagePacket, SevHostVcpuState, SevHostVmState, SevSessionStart, SevVcpuTransfer,
-    PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
-};
+mod sev_ext;
 
 use crate::ghcb::{GhcbOutcome, GuestResponse, MsrProtocolOutcome, VmgexitOutcome};
 use crate::memory::GuestMemory;
+use crate::sev::moving::{MoveFlags, VmMoves};
 use crate::sev::{
-    self, psp_err, Attempt, MemoryController, PrivateView, ReplayServices, SevVcpu, SevVm,
-    VmmAnswer, VmmIo,
+    self, Attempt, ReplayServices, SevGuestContext, SevVcpu, SevVcpuState, SevVm, VmmAnswer, VmmIo,
 };
 use crate::{
-    BackendKind, DirtyBitmap, HvError, Hypervisor, Kicker, Result, SregsView, TrackedSregs, Vcpu,
-    Vm, VmConfig, VmExit, VmType,
+    BackendKind, DirtyBitmap, HvError, Hypervisor, Kicker, Result, SevMemoryOp, SregsView,
+    TrackedSregs, Vcpu, Vm, VmConfig, VmExit, VmType,
 };
 
 fn cpu_err(e: CpuError) -> HvError {
@@ -32,7 +27,7 @@ fn cpu_err(e: CpuError) -> HvError {
         CpuError::UnknownMsr(i) => {
             HvError::InvalidState(format!("MSR {i:#x} is not modelled by the software vCPU"))
         }
-        other => HvError::InvalidState(other.to_string()),
+        other => HvError::Cpu(other),
     }
 }
 
@@ -55,12 +50,12 @@ pub struct EmuVm {
     memory: Arc<GuestMemory>,
     phys: PhysMemory,
     created: Mutex<Vec<u32>>,
-    /// SEV-ES context, set by [`EmuVm::sev_launch_start`].
-    sev: Arc<OnceLock<Arc<SevVm>>>,
+    /// SEV-ES guest context, set by LAUNCH_START, RECEIVE_START or a same-host move.
+    sev: Arc<OnceLock<Arc<SevGuestContext>>>,
     /// The PhysMemory the guest-memory write hook uses; emptied on drop (see `new`).
     hook_slot: Arc<Mutex<Option<PhysMemory>>>,
-    /// Same-host moves of the guest (see `move_context`).
-    moves: move_context::VmMoves,
+    /// Same-host moves of the guest (see `crate::sev::moving`).
+    moves: VmMoves,
 }
 
 impl Drop for EmuVm {
@@ -95,10 +90,7 @@ impl EmuVm {
                 Some(keepalive),
             )
         }
-        .map_err(|e| HvError::Internal {
-            backend: BackendKind::Emu,
-            message: e.to_string(),
-        })?;
+        .map_err(HvError::EmuMemory)?;
         // VMM-side writes through GuestMemory::write must drop decoded code. The hook reaches
         // the PhysMemory through a slot the VM empties when it is dropped: PhysMemory keeps
         // the GuestMemory alive, so holding it directly would be a reference cycle (a leak of
@@ -119,11 +111,11 @@ impl EmuVm {
             created: Mutex::new(Vec::new()),
             sev: Arc::new(OnceLock::new()),
             hook_slot,
-            moves: move_context::VmMoves::new(),
+            moves: VmMoves::new(),
         })
     }
 
-    fn sev_vm(&self) -> Result<&Arc<SevVm>> {
+    fn sev_vm(&self) -> Result<&Arc<SevGuestContext>> {
         self.moves.check_sev()?;
         self.sev
             .get()
@@ -140,80 +132,9 @@ impl EmuVm {
         Ok(())
     }
 
-    /// LAUNCH_START (+ ACTIVATE): create the guest context in the secure processor and wire
-    /// its memory key to the CPU model's memory controller.
-    pub fn sev_launch_start(&self, psp: Arc<Mutex<Psp>>, req: &LaunchStart) -> Result<u32> {
-        self.require_sev_type()?;
-        self.moves.check_launch()?;
-        if self.sev.get().is_some() {
-            return Err(HvError::Sev(
-                "LAUNCH_START was already done for this VM".into(),
-            ));
-        }
-        let handle = {
-            let mut p = psp.lock().unwrap_or_else(|e| e.into_inner());
-            let handle = p.launch_start(req).map_err(psp_err)?;
-            if let Err(e) = sev::activate_free_asid(&mut p, handle) {
-                let _ = p.decommission(handle);
-                return Err(e);
-            }
-            handle
-        };
-        // From here on the context frees itself (SevVm's Drop) if anything fails.
-        let ctx = SevVm::new(psp, handle);
-        let key = ctx.psp().memory_controller_key(handle).map_err(psp_err)?;
-        self.phys
-            .enable_encryption(Arc::new(MemoryController(key)))
-            .map_err(|e| HvError::Sev(e.to_string()))?;
-        let _ = self.sev.set(Arc::new(ctx));
-        Ok(handle)
-    }
-
-    /// LAUNCH_UPDATE_DATA: encrypt `[gpa, gpa+len)` in place and measure it.
-    pub fn sev_launch_update_data(&self, gpa: u64, len: u64) -> Result<()> {
-        let sev = self.sev_vm()?;
-        self.phys
-            .encrypt_in_place(gpa, len)
-            .map_err(|e| HvError::Sev(e.to_string()))?;
-        let view = PrivateView(self.phys.clone());
-        sev.psp()
-            .launch_update_data(sev.handle, &view, gpa, len as usize)
-            .map_err(psp_err)
-    }
-
-    /// LAUNCH_MEASURE.
-    pub fn sev_launch_measure(&self) -> Result<Measurement> {
-        let sev = self.sev_vm()?;
-        sev.psp().launch_measure(sev.handle).map_err(psp_err)
-    }
-
-    /// LAUNCH_UPDATE_SECRET: inject an owner's secret packet at `gpa`.
-    pub fn sev_launch_secret(
-        &self,
-        gpa: u64,
-        header: &PacketHeader,
-        ciphertext: &[u8],
-    ) -> Result<()> {
-        let sev = self.sev_vm()?;
-        let view = PrivateView(self.phys.clone());
-        sev.psp()
-            .launch_secret(sev.handle, &view, gpa, header, ciphertext)
-            .map_err(psp_err)
-    }
-
-    /// LAUNCH_FINISH.
-    pub fn sev_launch_finish(&self) -> Result<()> {
-        let sev = self.sev_vm()?;
-        sev.psp().launch_finish(sev.handle).map_err(psp_err)
-    }
-
-    /// The guest's firmware handle, once launched.
-    pub fn sev_handle(&self) -> Option<u32> {
-        self.sev_context().map(|s| s.handle)
-    }
-
-    /// The secure processor this VM's guest context lives in.
-    pub fn sev_context(&self) -> Option<Arc<SevVm>> {
+    /// The guest context this VM holds (the firmware handle and the secure processor it
+    /// lives in), once launched, received or moved in; None once it moved away.
+    pub fn sev_context(&self) -> Option<Arc<SevGuestContext>> {
         // A dead VM's context belongs to the VM it was moved to.
         self.sev.get().filter(|_| !self.moves.is_dead()).cloned()
     }
@@ -263,10 +184,11 @@ impl Vm for EmuVm {
         }
         created.push(id);
         let sev_es = self.config.vm_type == VmType::SevEs;
-        let mut vcpu = EmuVcpu::new(id, Cpu::new(self.cpu_config(id), self.phys.clone()));
+        let config = self.cpu_config(id);
+        let mut vcpu = EmuVcpu::new(id, Cpu::new(config.clone(), self.phys.clone()), config);
         vcpu.moves = Some(self.moves.flags());
         if sev_es {
-            vcpu.sev = Some(Box::new(SevVcpu::new()));
+            vcpu.sev = Some(Box::new(SevVcpuState::new()));
             vcpu.sev_ctx = Some(self.sev.clone());
             vcpu.cpuid = self.config.cpuid.clone();
         }
@@ -276,6 +198,12 @@ impl Vm for EmuVm {
     fn take_dirty_log(&self) -> Result<DirtyBitmap> {
         self.moves.check_dirty_log()?;
         Ok(self.memory.take_dirty())
+    }
+
+    /// The emu backend models SEV-ES hardware: every VM has the extension; its commands
+    /// refuse a plain VM.
+    fn sev(&self) -> Option<&dyn SevVm> {
+        Some(self)
     }
 }
 
@@ -317,22 +245,25 @@ pub struct EmuVcpu {
     cpuid_result: [u32; 4],
     msr_value: u64,
     msr_fault: bool,
+    /// What the CPU was created with (a same-host move resets the CPU of a source vCPU).
+    cpu_config: CpuConfig,
     /// SEV-ES: the hypervisor's per-vCPU state (None on plain VMs).
-    sev: Option<Box<SevVcpu>>,
-    sev_ctx: Option<Arc<OnceLock<Arc<SevVm>>>>,
+    sev: Option<Box<SevVcpuState>>,
+    sev_ctx: Option<Arc<OnceLock<Arc<SevGuestContext>>>>,
     /// CPUID table the hypervisor answers GHCB CPUID requests from.
     cpuid: esvm_arch::cpuid::CpuidTable,
     /// The VMM's answer to the GHCB request's blocking read (SEV-ES).
     ghcb_read: Option<VmmIo>,
-    /// The VM's move state (see `move_context`).
-    moves: Option<Arc<move_context::MoveFlags>>,
+    /// The VM's move state (see `crate::sev::moving`).
+    moves: Option<Arc<MoveFlags>>,
 }
 
 impl EmuVcpu {
-    fn new(id: u32, cpu: Cpu) -> Self {
+    fn new(id: u32, cpu: Cpu, cpu_config: CpuConfig) -> Self {
         EmuVcpu {
             id,
             cpu,
+            cpu_config,
             budget: None,
             awaiting: Awaiting::Nothing,
             data: [0; 16],
@@ -391,7 +322,7 @@ impl EmuVcpu {
 }
 
 impl EmuVcpu {
-    fn sev_context(&self) -> Result<Arc<SevVm>> {
+    fn sev_context(&self) -> Result<Arc<SevGuestContext>> {
         self.check_sev_alive()?;
         self.sev_ctx
             .as_ref()
@@ -530,8 +461,9 @@ impl EmuVcpu {
         let phys = self.cpu.memory().clone();
         let tsc = self.cpu.tsc();
         let result = {
-            let SevVcpu {
+            let SevVcpuState {
                 tracked,
+                mtrr,
                 ghcb,
                 answers,
                 ..
@@ -542,6 +474,7 @@ impl EmuVcpu {
                 tsc,
                 vcpu_id: self.id,
                 tracked,
+                mtrr,
                 vm: &ctx,
                 answers,
                 next_answer: 0,
@@ -560,7 +493,10 @@ impl EmuVcpu {
             Attempt::Done(outcome, writes, shared_writes) => {
                 for (gpa, data) in shared_writes {
                     phys.write_host(gpa, &data)
-                        .map_err(|e| HvError::Sev(format!("writing the GHCB back: {e}")))?;
+                        .map_err(|source| HvError::SevMemory {
+                            op: SevMemoryOp::WriteGhcb,
+                            source,
+                        })?;
                 }
                 s.in_flight = None;
                 s.answers.clear();
@@ -741,87 +677,12 @@ impl Vcpu for EmuVcpu {
                 .is_some_and(|s| s.in_flight.is_some() || !s.outbox.is_empty())
     }
 
-    fn sev_launch_update_vmsa(&mut self) -> Result<()> {
-        let ctx = self.sev_context()?;
-        if self.is_protected() {
-            return Err(HvError::Sev(format!(
-                "vCPU {} already went through LAUNCH_UPDATE_VMSA",
-                self.id
-            )));
-        }
-        // As KVM: the VMSA cannot be encrypted while guest debugging is active, since the
-        // hypervisor could no longer service the debug state.
-        if self.cpu.debug_regs().dr7 & 0xff != 0 {
-            return Err(HvError::Sev(format!(
-                "vCPU {}: DR7 enables breakpoints ({:#x}); clear guest debugging before \
-                 LAUNCH_UPDATE_VMSA",
-                self.id,
-                self.cpu.debug_regs().dr7
-            )));
-        }
-        let vmsa = self.cpu.to_vmsa();
-        let sregs = self.cpu.sregs();
-        ctx.psp()
-            .launch_update_vmsa(
-                ctx.handle(),
-                self.id,
-                sev::vmsa_gpa(self.id),
-                vmsa.as_bytes(),
-            )
-            .map_err(psp_err)?;
-        let s = self.sev.as_mut().expect("SEV-ES vCPU");
-        s.tracked = esvm_psp::TrackedRegisters {
-            cr0: sregs.cr0,
-            cr4: sregs.cr4,
-            efer: sregs.efer,
-            cr8: sregs.cr8,
-            apic_base: sregs.apic_base,
-        };
-        s.protected = true;
-        Ok(())
-    }
-
-    fn sev_initial_vmsa(&self) -> Result<Box<[u8; 4096]>> {
-        if self.sev.is_none() {
-            return Err(HvError::Sev("not an SEV-ES vCPU".into()));
-        }
-        self.guard("sev_initial_vmsa (the VMSA is already encrypted)")?;
-        Ok(Box::new(self.cpu.to_vmsa().to_bytes()))
-    }
-
-    fn sev_encrypted_vmsa(&self) -> Result<Box<[u8; 4096]>> {
-        let ctx = self.sev_context()?;
-        if !self.is_protected() {
-            return Err(HvError::Sev(format!(
-                "vCPU {} has no encrypted VMSA yet",
-                self.id
-            )));
-        }
-        // The CPU model saves its state into the VMSA at VMEXIT; the host only ever holds
-        // the ciphertext.
-        let vmsa = self.cpu.to_vmsa();
-        let psp = ctx.psp();
-        psp.seal_vmsa(ctx.handle(), sev::vmsa_gpa(self.id), vmsa.as_bytes())
-            .map_err(psp_err)
-    }
-
-    fn sev_send_state(&self) -> Result<SevVcpuTransfer> {
-        self.sev_send_state_impl()
-    }
-
-    fn sev_receive_state(&mut self, t: &SevVcpuTransfer) -> Result<()> {
-        self.sev_receive_state_impl(t)
-    }
-
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+    fn sev(&self) -> Option<&dyn SevVcpu> {
         Some(self)
     }
 
-    fn ghcb_msr(&self) -> Result<u64> {
-        if self.sev.is_none() {
-            return Err(HvError::Sev("not an SEV-ES vCPU".into()));
-        }
-        Ok(self.cpu.ghcb_msr())
+    fn sev_mut(&mut self) -> Option<&mut dyn SevVcpu> {
+        Some(self)
     }
 
     fn get_regs(&self) -> Result<Regs> {
@@ -916,6 +777,9 @@ impl Vcpu for EmuVcpu {
     }
     fn interrupt_window_open(&self) -> Result<bool> {
         Ok(self.cpu.interrupt_window_open())
+    }
+    fn interrupts_enabled(&self) -> Result<bool> {
+        Ok(self.cpu.interrupts_enabled())
     }
     fn set_instruction_budget(&mut self, budget: Option<u64>) -> Result<()> {
         self.budget = budget;

@@ -5,6 +5,10 @@
 //! `emu` (the software vCPU of `esvm-cpu`, deterministic, no privileges) and `kvm`
 //! (rust-vmm's `kvm-ioctls`, plain guests only).
 //!
+//! SEV-ES is an extension of these traits: [`Vm::sev`] and [`Vcpu::sev_mut`] give a backend's
+//! [`SevVm`] / [`SevVcpu`] (the emu backend has them, kvm does not); the launch goes through
+//! the type-state [`sev::Launcher`].
+//!
 //! Exits borrow the vCPU like `kvm_run` does: for `IoIn`/`MmioRead` the VMM writes the value
 //! into `data` and the next [`Vcpu::run`] completes the instruction with it.
 
@@ -19,7 +23,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 pub use memory::{DirtyBitmap, GuestMemory, MemoryError};
-pub use sev::TrackedRegisters;
+pub use sev::{SevVcpu, SevVm, TrackedRegisters};
 
 /// Which backend runs a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -139,6 +143,10 @@ pub enum HvError {
     ProtectedState { vcpu: u32, operation: &'static str },
     #[error("secure processor: {0}")]
     Sev(String),
+    #[error("secure processor: {0}")]
+    Psp(#[from] esvm_psp::PspError),
+    #[error("the {backend} backend has no SEV-ES support (use --backend emu)")]
+    NoSevSupport { backend: BackendKind },
     #[error("invalid vCPU state: {0}")]
     InvalidState(String),
     #[error("guest memory: {0}")]
@@ -154,6 +162,64 @@ pub enum HvError {
         backend: BackendKind,
         message: String,
     },
+    /// The software vCPU refused a state change.
+    #[error("invalid vCPU state: {0}")]
+    Cpu(#[source] esvm_cpu::CpuError),
+    /// The software vCPU refused the VMSA an SEV-ES move brought in.
+    #[error(
+        "internal error in the emu backend: move encryption context: loading vCPU {vcpu}'s \
+         VMSA: {source}"
+    )]
+    MoveVmsa {
+        vcpu: u32,
+        #[source]
+        source: esvm_cpu::CpuError,
+    },
+    /// The software vCPU's guest memory could not be set up over the VM's RAM.
+    #[error("internal error in the emu backend: {0}")]
+    EmuMemory(#[source] esvm_cpu::MemError),
+    /// The software vCPU's guest-memory model failed an SEV-ES memory operation.
+    #[error("secure processor: {}{source}", .op.prefix())]
+    SevMemory {
+        op: SevMemoryOp,
+        #[source]
+        source: esvm_cpu::MemError,
+    },
+    /// A decrypted VMSA is not a VMSA page.
+    #[error("secure processor: {0}")]
+    BadVmsa(#[source] esvm_arch::vmsa::VmsaError),
+    /// The hypervisor's part of an SEV-ES vCPU transfer does not decode.
+    #[error("secure processor: the hypervisor's vCPU state: {0}")]
+    SevTransferState(#[source] serde_json::Error),
+    /// The KVM backend failed to set up or drive a vCPU (see [`kvm::KvmError`]).
+    #[error(transparent)]
+    KvmSetup(#[from] kvm::KvmError),
+}
+
+/// What the SEV-ES guest-memory model was doing when it failed ([`HvError::SevMemory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SevMemoryOp {
+    /// Turning on memory encryption (LAUNCH_START, RECEIVE_START) or encrypting a range in
+    /// place (LAUNCH_UPDATE_DATA).
+    Encryption,
+    /// Reading guest page `n` (shared) for a send.
+    ReadSharedPage(u64),
+    /// Writing guest page `n` (shared) on receive.
+    WriteSharedPage(u64),
+    /// Writing the GHCB page back after a VMGEXIT.
+    WriteGhcb,
+}
+
+impl SevMemoryOp {
+    /// How [`HvError::SevMemory`] names the operation before the memory error.
+    fn prefix(self) -> String {
+        match self {
+            SevMemoryOp::Encryption => String::new(),
+            SevMemoryOp::ReadSharedPage(page) => format!("reading shared page {page}: "),
+            SevMemoryOp::WriteSharedPage(page) => format!("writing shared page {page}: "),
+            SevMemoryOp::WriteGhcb => "writing the GHCB back: ".to_string(),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, HvError>;
@@ -249,53 +315,14 @@ pub trait Vcpu: Send {
     fn exit_pending(&self) -> bool {
         false
     }
-    /// SEV-ES LAUNCH_UPDATE_VMSA: the vCPU's current state becomes its initial VMSA, measured
-    /// and encrypted by the secure processor; from then on the vCPU is protected.
-    fn sev_launch_update_vmsa(&mut self) -> Result<()> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// The VMSA LAUNCH_UPDATE_VMSA would take in now (plaintext; only before the vCPU is
-    /// protected — the hypervisor set this state itself). Guest owners use it to predict the
-    /// launch digest.
-    fn sev_initial_vmsa(&self) -> Result<Box<[u8; 4096]>> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// The vCPU's VMSA as the host sees it: ciphertext under the guest's memory key.
-    fn sev_encrypted_vmsa(&self) -> Result<Box<[u8; 4096]>> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// SEV-ES SEND_UPDATE_VMSA: this protected vCPU as a transport packet plus the
-    /// hypervisor's own state (see [`emu::SevVcpuTransfer`]), at a clean point. The VM must
-    /// be in a send session.
-    fn sev_send_state(&self) -> Result<emu::SevVcpuTransfer> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// SEV-ES RECEIVE_UPDATE_VMSA: make this fresh vCPU of a receiving VM the one in `t`;
-    /// its tracked registers come from what the firmware authenticated.
-    fn sev_receive_state(&mut self, t: &emu::SevVcpuTransfer) -> Result<()> {
-        let _ = t;
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
-    }
-    /// The backend's own vCPU type behind this trait object, for backend-specific
-    /// operations (e.g. [`emu::EmuVm::sev_move_enc_context_from`]); None by default.
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+    /// The vCPU's SEV-ES extension, if its backend can run SEV-ES guests (emu); None
+    /// otherwise (kvm). Its commands refuse a vCPU of a plain VM.
+    fn sev(&self) -> Option<&dyn SevVcpu> {
         None
     }
-    /// The GHCB MSR (host-visible state of an SEV-ES vCPU).
-    fn ghcb_msr(&self) -> Result<u64> {
-        Err(HvError::Sev(
-            "this backend has no SEV-ES support (use --backend emu)".into(),
-        ))
+    /// [`Vcpu::sev`], for the commands that change the vCPU.
+    fn sev_mut(&mut self) -> Option<&mut dyn SevVcpu> {
+        None
     }
     fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<()>;
     fn get_fpu(&self) -> Result<FpuState>;
@@ -319,6 +346,11 @@ pub trait Vcpu: Send {
     fn queue_interrupt(&mut self, vector: u8) -> Result<()>;
     /// Whether an interrupt queued now would be delivered at the next instruction boundary.
     fn interrupt_window_open(&self) -> Result<bool>;
+    /// RFLAGS.IF as the hardware shows it to the hypervisor — also for a protected vCPU,
+    /// whose registers are otherwise hidden (AMD: the VMCB's GUEST_INTERRUPT_MASK bit; KVM:
+    /// `kvm_run.if_flag`). A VMM decides what a HLT means from it: with interrupts disabled
+    /// nothing but an NMI or INIT can wake the vCPU.
+    fn interrupts_enabled(&self) -> Result<bool>;
 
     /// Limit the next runs to `budget` retired instructions (emu only; None = unlimited).
     fn set_instruction_budget(&mut self, budget: Option<u64>) -> Result<()>;
@@ -328,7 +360,7 @@ pub trait Vcpu: Send {
 
     /// Capture everything the vCPU is, for a snapshot or a cross-backend move.
     fn snapshot(&self) -> Result<VcpuSnapshot> {
-        let msrs_idx = esvm_arch::MsrState::INDICES;
+        let msrs_idx = esvm_arch::MsrState::indices();
         let values = self.get_msrs(&msrs_idx)?;
         let mut msrs = esvm_arch::MsrState::default();
         for (i, v) in msrs_idx.iter().zip(values) {
@@ -361,7 +393,7 @@ pub trait Vcpu: Send {
         self.set_regs(&s.regs)?;
         self.set_fpu(&s.fpu)?;
         self.set_xcr0(s.xcr0)?;
-        let entries: Vec<(u32, u64)> = esvm_arch::MsrState::INDICES
+        let entries: Vec<(u32, u64)> = esvm_arch::MsrState::indices()
             .iter()
             .map(|i| (*i, s.msrs.get(*i).unwrap_or(0)))
             .collect();
@@ -383,6 +415,11 @@ pub trait Vm: Send + Sync {
     /// Return the dirty pages of guest RAM since the last call (one bit per 4 KiB page, bit
     /// `i` of word `i / 64`) and clear them. Guest writes and VMM writes are both included.
     fn take_dirty_log(&self) -> Result<DirtyBitmap>;
+    /// The VM's SEV-ES extension (launch, send, receive, same-host move), if its backend can
+    /// run SEV-ES guests (emu); None otherwise (kvm). Its commands refuse a plain VM.
+    fn sev(&self) -> Option<&dyn SevVm> {
+        None
+    }
     /// Drive interrupt line `irq` (GSI) of the VM's interrupt controllers: `true` raises it,
     /// `false` lowers it (an edge-triggered device raises and lowers). Only backends with
     /// in-kernel interrupt controllers (kvm with its default irqchip) have lines; the others

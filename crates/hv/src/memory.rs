@@ -1,5 +1,6 @@
 //! Guest RAM (through `vm-memory`) and the dirty-page log.
 
+use esvm_arch::layout::MAX_RAM_SIZE;
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -17,8 +18,12 @@ pub enum MemoryError {
          and at most {max} bytes"
     )]
     BadSize { size: u64, max: u64 },
-    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
-    Alloc { size: u64, reason: String },
+    #[error("cannot allocate {size} bytes of guest memory: {source}")]
+    Alloc {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
     #[error("guest-physical range {addr:#x}+{len:#x} is outside guest RAM ({size:#x} bytes)")]
     OutOfRange { addr: u64, len: u64, size: u64 },
 }
@@ -34,24 +39,16 @@ pub struct GuestMemory {
 
 type WriteHook = Box<dyn Fn(u64, u64) + Send + Sync>;
 
-/// Largest RAM size accepted: RAM stays below the 4 GiB MMIO window (LAPIC at 0xfee00000).
-pub const MAX_MEM_SIZE: u64 = 0xc000_0000;
-
 impl GuestMemory {
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || size > MAX_MEM_SIZE {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || size > MAX_RAM_SIZE {
             return Err(MemoryError::BadSize {
                 size,
-                max: MAX_MEM_SIZE,
+                max: MAX_RAM_SIZE,
             });
         }
-        let mmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).map_err(|e| {
-                MemoryError::Alloc {
-                    size,
-                    reason: e.to_string(),
-                }
-            })?;
+        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|source| MemoryError::Alloc { size, source })?;
         Ok(GuestMemory {
             mmap,
             size,

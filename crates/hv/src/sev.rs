@@ -1,14 +1,37 @@
-//! SEV-ES on the emu backend: launch through the secure processor, the protected register
-//! API, the tracked registers, and the GHCB protocol between the guest and the VMM.
+//! SEV-ES in the hypervisor layer.
+//!
+//! - [`SevVm`] and [`SevVcpu`]: SEV-ES as an extension of the generic [`Vm`](crate::Vm) and
+//!   [`Vcpu`](crate::Vcpu) traits, reached through [`Vm::sev`](crate::Vm::sev) and
+//!   [`Vcpu::sev_mut`](crate::Vcpu::sev_mut) (`ext`);
+//! - [`Launcher`]: the launch as a type-state sequence (`launch`);
+//! - the types a guest travels as: [`SevSessionStart`], [`PagePacket`], [`SevVcpuTransfer`],
+//!   [`SevHostVcpuState`], [`SevHostVmState`] (`transfer`);
+//! - the same-host move of the encryption context (`moving`);
+//! - below, the hypervisor's SEV-ES state and services the emu backend runs them on: the
+//!   guest context, the tracked registers, and the GHCB protocol between the guest and the
+//!   VMM.
 //!
 //! Trust boundary: this module is host code. It holds the guest's memory-key handle only to
 //! pass it from the firmware to the CPU model (as hardware wires the PSP to the memory
 //! controller) and reads guest state only through what the "hardware" exposes to a
 //! hypervisor: exits, the GHCB MSR, shared pages, the encrypted VMSA, and write-trap values.
 
+mod ext;
+mod launch;
+pub mod moving;
+pub mod transfer;
+
+pub use ext::{LaunchToken, SevVcpu, SevVm};
+pub use launch::{Launched, Launcher, Measured, New, Started};
+pub use transfer::{
+    ghcb_gpa_of, PagePacket, SevHostVcpuState, SevHostVmState, SevSessionStart, SevVcpuTransfer,
+    PRIVATE_PACKET_LEN, SEV_TRANSFER_VERSION, SHARED_PACKET_LEN,
+};
+
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use esvm_abi::sev::{CPUID_SEV_EAX_SEV, CPUID_SEV_EAX_SEV_ES, CPUID_SEV_LEAF};
 use esvm_arch::bits::{cr0, rflags};
 use esvm_arch::cpuid::CpuidTable;
 use esvm_cpu::{PageCipher, PhysMemory};
@@ -22,15 +45,8 @@ use crate::HvError;
 
 pub use esvm_psp::TrackedRegisters;
 
-/// C-bit position of esvm's SEV-ES model (CPUID 0x8000_001F EBX[5:0]).
-pub const C_BIT: u8 = 47;
-
-/// Guest-physical identity of vCPU `n`'s VMSA page. VMSAs live outside guest RAM (as on
-/// hardware, where KVM allocates them from host memory); the address only serves as the
-/// encryption tweak and the firmware's bookkeeping key.
-pub fn vmsa_gpa(vcpu: u32) -> u64 {
-    0x7fff_0000_0000 + (vcpu as u64) * 4096
-}
+/// C-bit position of esvm's SEV-ES model (CPUID 0x8000_001F EBX[5:0]), the guest ABI's.
+pub const C_BIT: u8 = esvm_abi::sev::C_BIT_POSITION;
 
 /// The error-code decision of exception injection, as KVM makes it: an exception delivers its
 /// error code only if the vCPU is in protected mode — judged from the CR0 the hypervisor
@@ -81,8 +97,9 @@ impl GuestMemoryAccess for PrivateView {
     }
 }
 
-/// VM-wide SEV-ES state of an emu VM.
-pub struct SevVm {
+/// The VM-wide SEV-ES state of a VM: its guest context in the secure processor (shared by
+/// the VMs a same-host move passed it through) and the hypervisor's GHCB bookkeeping.
+pub struct SevGuestContext {
     pub(crate) psp: Arc<Mutex<Psp>>,
     pub(crate) handle: u32,
     pub(crate) ghcb_vm: Mutex<GhcbVmState>,
@@ -92,7 +109,17 @@ pub struct SevVm {
     pub(crate) recv_worker: Mutex<Option<esvm_psp::ReceiveWorker>>,
 }
 
-impl SevVm {
+impl SevGuestContext {
+    pub(crate) fn new(psp: Arc<Mutex<Psp>>, handle: u32) -> Self {
+        SevGuestContext {
+            psp,
+            handle,
+            ghcb_vm: Default::default(),
+            send_worker: Default::default(),
+            recv_worker: Default::default(),
+        }
+    }
+
     pub fn handle(&self) -> u32 {
         self.handle
     }
@@ -101,7 +128,7 @@ impl SevVm {
     }
 }
 
-impl Drop for SevVm {
+impl Drop for SevGuestContext {
     /// The VM is gone: free its ASID and guest context in the firmware (as KVM does when an
     /// SEV VM is destroyed), so that a long-lived platform does not run out of either.
     fn drop(&mut self) {
@@ -132,7 +159,7 @@ pub(crate) fn activate_free_asid(p: &mut Psp, handle: u32) -> std::result::Resul
 }
 
 pub(crate) fn psp_err(e: esvm_psp::PspError) -> HvError {
-    HvError::Sev(e.to_string())
+    HvError::Psp(e)
 }
 
 /// One I/O the VMM must perform for a GHCB request.
@@ -153,9 +180,12 @@ pub(crate) enum VmmAnswer {
 }
 
 /// Per-vCPU SEV-ES state kept by the hypervisor.
-pub(crate) struct SevVcpu {
+#[derive(Clone)]
+pub(crate) struct SevVcpuState {
     pub protected: bool,
     pub tracked: TrackedRegisters,
+    /// The MTRRs the hypervisor emulates (not in the VMSA; guest accesses are #VC events).
+    pub mtrr: esvm_arch::msr::MtrrState,
     pub ghcb: GhcbState,
     /// The GHCB MSR value of the VMGEXIT being handled, if its handling waits on the VMM.
     pub in_flight: Option<u64>,
@@ -165,10 +195,11 @@ pub(crate) struct SevVcpu {
     pub outbox: VecDeque<VmmIo>,
 }
 
-impl SevVcpu {
+impl SevVcpuState {
     pub fn new() -> Self {
-        SevVcpu {
+        SevVcpuState {
             protected: false,
+            mtrr: Default::default(),
             tracked: TrackedRegisters {
                 cr0: 0,
                 cr4: 0,
@@ -197,7 +228,8 @@ pub(crate) struct ReplayServices<'a> {
     pub tsc: u64,
     pub vcpu_id: u32,
     pub tracked: &'a mut TrackedRegisters,
-    pub vm: &'a SevVm,
+    pub mtrr: &'a mut esvm_arch::msr::MtrrState,
+    pub vm: &'a SevGuestContext,
     pub answers: &'a [VmmAnswer],
     pub next_answer: usize,
     pub blocked_on: Option<VmmIo>,
@@ -239,11 +271,11 @@ impl GhcbServices for ReplayServices<'_> {
                     v[2] |= 1 << 27;
                 }
             }
-            0x8000_001f => {
-                // SEV (bit 1) and SEV-ES (bit 3); C-bit position; physical-address bits lost
-                // (the CPU model's reserved-bit checks follow it).
+            CPUID_SEV_LEAF => {
+                // SEV and SEV-ES; C-bit position; physical-address bits lost (EBX[11:6]; the
+                // CPU model's reserved-bit checks follow it).
                 v = [
-                    (1 << 1) | (1 << 3),
+                    CPUID_SEV_EAX_SEV | CPUID_SEV_EAX_SEV_ES,
                     u32::from(C_BIT) | (esvm_cpu::SEV_PHYS_ADDR_REDUCTION << 6),
                     1,
                     0,
@@ -296,7 +328,13 @@ impl GhcbServices for ReplayServices<'_> {
         });
         Ok(())
     }
+    /// The MSRs outside the VMSA, emulated as KVM emulates them for an SEV-ES guest: APIC
+    /// base, TSC, the MTRRs, and the stateless AMD ones ([`esvm_arch::msr::kvm_style_read`]);
+    /// any other MSR is a #GP, which the guest's #VC handler forwards.
     fn rdmsr(&mut self, index: u32) -> std::result::Result<u64, ServiceError> {
+        if let Some(v) = esvm_arch::msr::kvm_style_read(index).or_else(|| self.mtrr.get(index)) {
+            return Ok(v);
+        }
         match index {
             esvm_arch::msr::IA32_APIC_BASE => Ok(self.tracked.apic_base),
             esvm_arch::msr::IA32_TIME_STAMP_COUNTER => Ok(self.tsc),
@@ -304,6 +342,18 @@ impl GhcbServices for ReplayServices<'_> {
         }
     }
     fn wrmsr(&mut self, index: u32, value: u64) -> std::result::Result<(), ServiceError> {
+        match esvm_arch::msr::kvm_style_write(index, value) {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(ServiceError::GeneralProtection),
+            None => {}
+        }
+        // Physical addresses of an SEV guest lose the C-bit's bits (CPUID 0x8000001F).
+        let phys_bits = 48 - esvm_cpu::SEV_PHYS_ADDR_REDUCTION;
+        match self.mtrr.set(index, value, phys_bits) {
+            Ok(true) => return Ok(()),
+            Err(()) => return Err(ServiceError::GeneralProtection),
+            Ok(false) => {}
+        }
         match index {
             esvm_arch::msr::IA32_APIC_BASE => {
                 // Keep the base address and enable bits; x2APIC is not offered.

@@ -11,9 +11,10 @@
 
 mod ghcb_common;
 
-use esvm_hv::ghcb::msr::{
-    MSR_AP_RESET_HOLD_REQ, MSR_CPUID_REQ, MSR_HV_FT_REQ, MSR_REG_GPA_REQ, MSR_SEV_INFO_REQ,
-    MSR_TERM_REQ,
+use esvm_abi::msr_protocol::{
+    AP_RESET_HOLD_REQ as MSR_AP_RESET_HOLD_REQ, CPUID_REQ as MSR_CPUID_REQ,
+    HV_FT_REQ as MSR_HV_FT_REQ, REG_GPA_REQ as MSR_REG_GPA_REQ, SEV_INFO_REQ as MSR_SEV_INFO_REQ,
+    TERM_REQ as MSR_TERM_REQ,
 };
 use esvm_hv::ghcb::page::{GhcbPage, SHARED_BUFFER_END, SHARED_BUFFER_OFFSET, VALID_BITMAP_OFFSET};
 use esvm_hv::ghcb::{

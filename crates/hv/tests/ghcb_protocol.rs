@@ -2,7 +2,7 @@
 
 mod ghcb_common;
 
-use esvm_hv::ghcb::nae::ioio;
+use esvm_abi::ghcb::ioio;
 use esvm_hv::ghcb::page::SHARED_BUFFER_OFFSET;
 use esvm_hv::ghcb::{
     exit_code as ec, handle_ghcb, handle_vmgexit, GhcbConfig, GhcbErrorCode, GhcbField as F,

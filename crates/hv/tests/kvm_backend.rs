@@ -462,6 +462,7 @@ fn sample_state(base: SpecialRegs, mxcsr_mask: u32) -> esvm_arch::VcpuSnapshot {
         sysenter_eip: 0xffff_ffff_8100_2000,
         pat: 0x0007_0106_0007_0106,
         tsc_aux: 3,
+        mtrr: Default::default(),
     };
     esvm_arch::VcpuSnapshot {
         version: esvm_arch::VcpuSnapshot::VERSION,

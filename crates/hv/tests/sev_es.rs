@@ -8,11 +8,14 @@ use std::sync::{Arc, Mutex};
 
 use common::{ca, launch_sev, platform};
 
-use esvm_guests::sevabi::checkpoint::{self, Checkpoint};
-use esvm_guests::sevabi::cr_steps;
+use esvm_abi::testing::checkpoint::{self, Checkpoint};
+use esvm_abi::testing::cr_steps;
+use esvm_cpu::MemError;
 use esvm_hv::emu::EmuVm;
+use esvm_hv::sev::{Launcher, SevVcpuTransfer, SevVm};
 use esvm_hv::{HvError, SregsView, Vcpu, Vm, VmConfig, VmExit, VmType};
-use esvm_psp::{LaunchStart, Policy, Psp};
+use esvm_psp::session::{SessionError, SESSION_LEN};
+use esvm_psp::{LaunchStart, OwnerSession, Policy, Psp, PspError};
 
 struct SevGuest {
     vm: Arc<EmuVm>,
@@ -111,6 +114,27 @@ fn smoke_guest_ends_with_a_ghcb_termination_request() {
     );
 }
 
+/// MSRs outside the VMSA that the hypervisor emulates with state of its own (the MTRRs, as
+/// KVM keeps them): what the VMM set before the launch is what the guest reads through #VC,
+/// writes are kept, invalid values are a #GP the guest's #VC handler raises.
+#[test]
+fn mtrrs_set_before_the_launch_are_the_guests_through_vc() {
+    let def_type = esvm_arch::msr::MTRR_DEF_TYPE_FIRMWARE;
+    let mut g = launch("sev-smoke", &format!("mtrr={def_type:#x}"), |v| {
+        v.set_msrs(&[(esvm_arch::msr::IA32_MTRR_DEF_TYPE, def_type)])
+            .unwrap()
+    });
+    match g.run_simple() {
+        End::Terminated(_) => {}
+        other => panic!("{other:?}\n{}", g.serial_text()),
+    }
+    assert!(
+        g.serial_text().contains("MTRRs through #VC ok"),
+        "{}",
+        g.serial_text()
+    );
+}
+
 #[test]
 fn clobbered_idt_then_ud2_is_a_shutdown() {
     let mut g = launch("sev-idt", "", |_| {});
@@ -122,7 +146,7 @@ fn clobbered_idt_then_ud2_is_a_shutdown() {
 
 #[test]
 fn fpu_state_set_before_launch_is_byte_identical_in_the_guest() {
-    let image = esvm_guests::fpu_pattern::fxsave_image();
+    let image = esvm_abi::testing::fpu_pattern::fxsave_image();
     let mut g = launch("sev-fpu", "", |v| {
         v.set_fpu(&esvm_arch::FpuState::from_fxsave(&image))
             .unwrap()
@@ -163,7 +187,7 @@ fn every_register_call_on_a_protected_vcpu_fails() {
         SregsView::Full(_) => panic!("a protected vCPU must only show its tracked registers"),
     }
     // The host's copy of the VMSA is ciphertext.
-    let enc = v.sev_encrypted_vmsa().unwrap();
+    let enc = v.sev().unwrap().encrypted_vmsa().unwrap();
     assert_ne!(&enc[0x178..0x180], &[0u8; 8], "RIP slot");
     let _ = g.vm.memory();
 }
@@ -237,27 +261,82 @@ fn launch_update_vmsa_is_refused_while_dr7_enables_breakpoints() {
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let mut psp = Psp::ephemeral(ca(), Default::default()).unwrap();
     psp.init().unwrap();
-    vm.sev_launch_start(
-        Arc::new(Mutex::new(psp)),
-        &LaunchStart {
-            policy: Policy(Policy::ES),
-            owner: None,
-            share_key_with: None,
-        },
-    )
-    .unwrap();
+    let mut launcher = Launcher::new(vm.clone())
+        .unwrap()
+        .start(
+            Arc::new(Mutex::new(psp)),
+            &LaunchStart {
+                policy: Policy(Policy::ES),
+                owner: None,
+                share_key_with: None,
+            },
+        )
+        .unwrap();
     let mut dr = vcpu.get_debug_regs().unwrap();
     dr.dr7 |= 1; // L0: breakpoint 0 enabled
     vcpu.set_debug_regs(&dr).unwrap();
-    let err = vcpu.sev_launch_update_vmsa().unwrap_err().to_string();
+    let err = launcher.update_vmsa(vcpu.as_mut()).unwrap_err().to_string();
     assert!(err.contains("DR7"), "{err}");
     assert!(!vcpu.is_protected());
     dr.dr7 &= !1;
     vcpu.set_debug_regs(&dr).unwrap();
-    vcpu.sev_launch_update_vmsa().unwrap();
+    launcher.update_vmsa(vcpu.as_mut()).unwrap();
     assert!(vcpu.is_protected());
     // A second LAUNCH_UPDATE_VMSA for the same vCPU is refused.
-    assert!(vcpu.sev_launch_update_vmsa().is_err());
+    assert!(launcher.update_vmsa(vcpu.as_mut()).is_err());
+}
+
+#[test]
+fn a_refused_launch_keeps_the_firmware_reason_as_the_error_source() {
+    let mut cfg = VmConfig::plain(16 << 20, 1);
+    cfg.vm_type = VmType::SevEs;
+    let vm = Arc::new(EmuVm::new(&cfg).unwrap());
+    let psp = platform();
+    // The platform's own PDH as the owner's DH key, with a session blob the owner never
+    // wrapped: its transport keys fail their MAC.
+    let dh_cert = psp.lock().unwrap().pdh_cert_export().unwrap().pdh;
+    let req = LaunchStart {
+        policy: Policy(Policy::ES),
+        owner: Some(OwnerSession {
+            dh_cert: dh_cert.as_bytes().to_vec(),
+            session: vec![0; SESSION_LEN],
+        }),
+        share_key_with: None,
+    };
+    let err = Launcher::new(vm).unwrap().start(psp, &req).err().unwrap();
+    // The chain crosses two layers: HvError -> PspError -> SessionError.
+    assert!(matches!(err, HvError::Psp(_)), "{err}");
+    let psp_err = std::error::Error::source(&err).expect("the PSP error");
+    assert!(psp_err.is::<PspError>(), "{psp_err}");
+    let why = psp_err
+        .source()
+        .and_then(|e| e.downcast_ref::<SessionError>());
+    assert_eq!(why, Some(&SessionError::WrapMac), "{err}");
+}
+
+#[test]
+fn launch_update_data_outside_ram_keeps_the_memory_error_as_its_source() {
+    let mut cfg = VmConfig::plain(16 << 20, 1);
+    cfg.vm_type = VmType::SevEs;
+    let vm = Arc::new(EmuVm::new(&cfg).unwrap());
+    let mut launcher = Launcher::new(vm)
+        .unwrap()
+        .start(
+            platform(),
+            &LaunchStart {
+                policy: Policy(Policy::ES),
+                owner: None,
+                share_key_with: None,
+            },
+        )
+        .unwrap();
+    let err = launcher.update_data(16 << 20, 4096).unwrap_err();
+    assert!(matches!(err, HvError::SevMemory { .. }), "{err}");
+    let why = std::error::Error::source(&err).and_then(|e| e.downcast_ref::<MemError>());
+    assert!(
+        matches!(why, Some(MemError::OutOfRange { addr, .. }) if *addr == 16 << 20),
+        "{err}"
+    );
 }
 
 #[test]
@@ -278,7 +357,7 @@ fn interrupts_below_the_tracked_task_priority_are_refused() {
 fn migrate(
     src: &mut SevGuest,
     dst_psp: Arc<Mutex<Psp>>,
-    tamper: impl FnOnce(&mut esvm_hv::emu::SevVcpuTransfer),
+    tamper: impl FnOnce(&mut SevVcpuTransfer),
 ) -> Result<SevGuest, HvError> {
     let chain = dst_psp
         .lock()
@@ -286,33 +365,33 @@ fn migrate(
         .pdh_cert_export()
         .unwrap()
         .to_bytes();
-    let start = src.vm.sev_send_start(&chain)?;
+    let start = src.vm.send_start(&chain)?;
     let mut cfg = VmConfig::plain(src.vm.memory().size(), 1);
     cfg.vm_type = VmType::SevEs;
     let vm = Arc::new(EmuVm::new(&cfg).unwrap());
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    vm.sev_receive_start(dst_psp, &start)?;
+    vm.receive_start(dst_psp, &start)?;
     let mut packet = Vec::new();
     let (mut private, mut shared) = (0, 0);
     for page in 0..src.vm.memory().size() / 4096 {
         packet.clear();
-        src.vm.sev_send_page(page, &mut packet)?;
-        match esvm_hv::emu::PagePacket::decode(&packet)? {
-            esvm_hv::emu::PagePacket::Private { .. } => private += 1,
-            esvm_hv::emu::PagePacket::Shared(_) => shared += 1,
+        src.vm.send_page(page, &mut packet)?;
+        match esvm_hv::sev::PagePacket::decode(&packet)? {
+            esvm_hv::sev::PagePacket::Private { .. } => private += 1,
+            esvm_hv::sev::PagePacket::Shared(_) => shared += 1,
         }
-        vm.sev_receive_page(page, &packet)?;
+        vm.receive_page(page, &packet)?;
     }
     assert!(
         private > 0 && shared > 0,
         "{private} private, {shared} shared"
     );
-    let mut t = src.vcpu.sev_send_state()?;
+    let mut t = src.vcpu.sev().unwrap().send_state()?;
     tamper(&mut t);
-    vcpu.sev_receive_state(&t)?;
-    vm.sev_set_host_state(&src.vm.sev_host_state()?)?;
-    vm.sev_receive_finish(&src.vm.sev_send_transcript_tag()?)?;
-    src.vm.sev_send_finish()?;
+    vcpu.sev_mut().unwrap().receive_state(&t)?;
+    vm.set_host_state(&src.vm.host_state()?)?;
+    vm.receive_finish(&src.vm.send_transcript_tag()?)?;
+    src.vm.send_finish()?;
     Ok(SevGuest {
         vm,
         vcpu,
@@ -373,7 +452,7 @@ fn migrated_vcpu_keeps_its_tracked_view_and_error_code_delivery() {
     );
     assert!(dst.vcpu.get_regs().is_err() && dst.vcpu.set_sregs(&Default::default()).is_err());
     // The source's firmware context is SENT: its packets and its guest are gone.
-    assert!(src.vm.sev_send_page(0, &mut Vec::new()).is_err());
+    assert!(src.vm.send_page(0, &mut Vec::new()).is_err());
     let end = finish_pf_guest(&mut dst);
     assert_eq!(end, End::Exit(0), "{}", dst.serial_text());
 }
@@ -383,7 +462,7 @@ fn migrated_vcpu_keeps_its_tracked_view_and_error_code_delivery() {
 /// and run on.
 #[test]
 fn tampered_vcpu_transfers_are_refused() {
-    type Tamper = fn(&mut esvm_hv::emu::SevVcpuTransfer);
+    type Tamper = fn(&mut SevVcpuTransfer);
     let cases: [(&str, Tamper); 4] = [
         ("ciphertext", |t| t.vmsa_ciphertext[0x158] ^= 1),
         ("extension", |t| {
@@ -404,7 +483,7 @@ fn tampered_vcpu_transfers_are_refused() {
             msg.contains("MAC") || msg.contains("does not match"),
             "{what}: {msg}"
         );
-        src.vm.sev_send_cancel().unwrap();
+        src.vm.send_cancel().unwrap();
         // The source runs on: inject the #PF there and the guest completes.
         let end = finish_pf_guest(&mut src);
         assert_eq!(end, End::Exit(0), "{what}: {}", src.serial_text());
@@ -420,10 +499,10 @@ fn vcpu_without_an_encrypted_vmsa_refuses_to_run() {
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let e = vcpu.run().unwrap_err().to_string();
     assert!(e.contains("no encrypted VMSA"), "{e}");
-    common::launch_start(&vm, platform()).unwrap();
+    let mut launcher = common::launch_start(&vm, platform()).unwrap();
     let e = vcpu.run().unwrap_err().to_string();
     assert!(e.contains("LAUNCH_UPDATE_VMSA"), "{e}");
-    vcpu.sev_launch_update_vmsa().unwrap();
+    launcher.update_vmsa(vcpu.as_mut()).unwrap();
     vcpu.set_instruction_budget(Some(10)).unwrap();
     assert!(vcpu.run().is_ok());
 }

@@ -10,9 +10,11 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use common::{launch_sev, launch_start, platform, sev_config};
 
-use esvm_guests::sevabi::checkpoint::{self, Checkpoint};
+use esvm_abi::testing::checkpoint::{self, Checkpoint};
 use esvm_hv::emu::EmuVm;
+use esvm_hv::sev::{Launcher, SevVm, Started};
 use esvm_hv::{HvError, SregsView, Vcpu, Vm, VmConfig, VmExit, VmType};
+use esvm_psp::session::PACKET_HEADER_LEN;
 use esvm_psp::Psp;
 
 const MEM: u64 = 64 << 20;
@@ -22,13 +24,15 @@ struct SevGuest {
     vcpus: Vec<Box<dyn Vcpu>>,
     psp: Arc<Mutex<Psp>>,
     serial: Vec<u8>,
-    /// A RAM-like MMIO device (the page at `MMIO_TEST_DEFAULT_ADDR`, for sev-mmio).
+    /// A RAM-like MMIO device (the page at `MMIO_SCRATCH_ADDR`, for sev-mmio).
     mmio: Vec<u8>,
     /// Reads the device answered.
     mmio_reads: usize,
+    /// A launch in progress (LAUNCH_START done, not measured yet).
+    launcher: Option<Launcher<Started>>,
 }
 
-const MMIO_PAGE: u64 = esvm_guests::sevabi::MMIO_TEST_DEFAULT_ADDR & !0xfff;
+const MMIO_PAGE: u64 = esvm_abi::layout::MMIO_SCRATCH_ADDR & !0xfff;
 
 /// The offset of `[addr, addr+len)` in the MMIO device's page, if it lies inside.
 fn mmio_offset(addr: u64, len: usize) -> Option<usize> {
@@ -70,6 +74,7 @@ fn launch(name: &str, args: &str) -> SevGuest {
         serial: Vec::new(),
         mmio: vec![0; 4096],
         mmio_reads: 0,
+        launcher: None,
     }
 }
 
@@ -148,7 +153,7 @@ impl SevGuest {
             .iter()
             .map(|v| vm.create_vcpu(v.id()))
             .collect::<Result<_, _>>()?;
-        vm.sev_move_enc_context_from(&mut vcpus, &self.vm, &mut self.vcpus)?;
+        vm.move_enc_context_from(&mut vcpus, &*self.vm, &mut self.vcpus)?;
         Ok(SevGuest {
             vm,
             vcpus,
@@ -156,6 +161,7 @@ impl SevGuest {
             serial: std::mem::take(&mut self.serial),
             mmio: std::mem::take(&mut self.mmio),
             mmio_reads: self.mmio_reads,
+            launcher: None,
         })
     }
 }
@@ -181,10 +187,10 @@ fn host_view(g: &SevGuest) -> HostView {
     let v = g.vcpus[0].as_ref();
     HostView {
         tracked: tracked(v),
-        ghcb_msr: v.ghcb_msr().unwrap(),
+        ghcb_msr: v.sev().unwrap().ghcb_msr().unwrap(),
         events: v.get_events().unwrap(),
         tsc: v.get_tsc().unwrap(),
-        handle: g.vm.sev_handle(),
+        handle: g.vm.handle(),
     }
 }
 
@@ -196,15 +202,17 @@ fn err_text<T>(r: Result<T, HvError>, what: &str) -> String {
 }
 
 /// The source after a successful move: dead for running, for SEV commands (its own and its
-/// vCPUs'), for the dirty log and for further moves; its vCPU keeps no guest state.
+/// vCPUs'), for the dirty log and for further moves; its vCPU keeps no guest state. (The
+/// launch commands after LAUNCH_START exist only on a launch in progress: see
+/// `a_launch_in_progress_dies_with_its_vm`.)
 fn assert_dead(g: &mut SevGuest) {
     assert!(g.vm.is_dead());
-    assert_eq!(g.vm.sev_handle(), None);
+    assert_eq!(g.vm.handle(), None);
     assert!(g.vm.sev_context().is_none());
     let v = g.vcpus[0].as_mut();
     let e = err_text(v.run().map(|_| ()), "run on a dead VM");
     assert!(e.contains("dead") && e.contains("destination VM"), "{e}");
-    let e = err_text(v.sev_encrypted_vmsa(), "VMSA of a dead vCPU");
+    let e = err_text(v.sev().unwrap().encrypted_vmsa(), "VMSA of a dead vCPU");
     assert!(e.contains("dead"), "{e}");
     assert!(!v.is_protected(), "the guest state went to the destination");
     assert_eq!(
@@ -212,16 +220,9 @@ fn assert_dead(g: &mut SevGuest) {
         0xfff0,
         "a dead vCPU is scrubbed to RESET"
     );
-    let e = err_text(
-        v.sev_launch_update_vmsa(),
-        "LAUNCH_UPDATE_VMSA on a dead VM",
-    );
-    assert!(e.contains("dead"), "{e}");
     for (what, r) in [
-        ("LAUNCH_MEASURE", g.vm.sev_launch_measure().map(|_| ())),
-        ("LAUNCH_FINISH", g.vm.sev_launch_finish()),
-        ("SEND_START", g.vm.sev_send_start(&[]).map(|_| ())),
-        ("host state", g.vm.sev_host_state().map(|_| ())),
+        ("SEND_START", g.vm.send_start(&[]).map(|_| ())),
+        ("host state", g.vm.host_state().map(|_| ())),
         (
             "LAUNCH_START",
             launch_start(&g.vm, g.psp.clone()).map(|_| ()),
@@ -231,6 +232,36 @@ fn assert_dead(g: &mut SevGuest) {
         assert!(e.contains("dead"), "{what}: {e}");
     }
     let e = err_text(g.vm.take_dirty_log(), "dirty log of a dead VM");
+    assert!(e.contains("dead"), "{e}");
+}
+
+/// A launch cut short by a move (a guest whose vCPUs are protected may move before
+/// LAUNCH_FINISH) cannot go on at the dead source: LAUNCH_UPDATE_VMSA and LAUNCH_MEASURE
+/// (moved while started), LAUNCH_SECRET and LAUNCH_FINISH (moved while measured) are refused
+/// there, saying why.
+#[test]
+fn a_launch_in_progress_dies_with_its_vm() {
+    let mut g = bare_guest(1, &[0]);
+    let mut started = g.launcher.take().unwrap();
+    let _moved = g.move_to_new_vm().unwrap();
+    let e = err_text(
+        started.update_vmsa(g.vcpus[0].as_mut()),
+        "LAUNCH_UPDATE_VMSA on a dead VM",
+    );
+    assert!(e.contains("dead"), "{e}");
+    let e = err_text(started.measure().map(|_| ()), "LAUNCH_MEASURE on a dead VM");
+    assert!(e.contains("dead"), "{e}");
+
+    let mut g = bare_guest(1, &[0]);
+    let mut measured = g.launcher.take().unwrap().measure().unwrap();
+    let _moved = g.move_to_new_vm().unwrap();
+    let header = esvm_psp::PacketHeader::from_bytes(&[0; PACKET_HEADER_LEN]).unwrap();
+    let e = err_text(
+        measured.inject_secret(0x4000, &header, &[0; 16]),
+        "LAUNCH_SECRET on a dead VM",
+    );
+    assert!(e.contains("dead"), "{e}");
+    let e = err_text(measured.finish().map(|_| ()), "LAUNCH_FINISH on a dead VM");
     assert!(e.contains("dead"), "{e}");
 }
 
@@ -281,7 +312,7 @@ fn sevdemo_moves_twice_mid_run_and_finishes_with_the_right_checksum() {
 
     // Back into the first VM (KVM: EIO), out of a dead VM, into a dead VM.
     let e = err_text(
-        a.vm.sev_move_enc_context_from(&mut a.vcpus, &c.vm, &mut c.vcpus),
+        a.vm.move_enc_context_from(&mut a.vcpus, &*c.vm, &mut c.vcpus),
         "C -> A",
     );
     assert!(e.contains("destination VM is dead"), "{e}");
@@ -290,7 +321,7 @@ fn sevdemo_moves_twice_mid_run_and_finishes_with_the_right_checksum() {
     let fresh = EmuVm::new_sharing_memory(&sev_config(MEM, 1), &c.vm).unwrap();
     let mut fresh_vcpus = vec![fresh.create_vcpu(0).unwrap()];
     let e = err_text(
-        fresh.sev_move_enc_context_from(&mut fresh_vcpus, &b.vm, &mut b.vcpus),
+        fresh.move_enc_context_from(&mut fresh_vcpus, &*b.vm, &mut b.vcpus),
         "B -> fresh",
     );
     assert!(e.contains("source VM is dead"), "{e}");
@@ -335,7 +366,7 @@ fn pending_exception_tracked_view_and_ghcb_state_move_with_the_vcpu() {
         v.get_regs(),
         Err(HvError::ProtectedState { vcpu: 0, .. })
     ));
-    v.sev_encrypted_vmsa().unwrap();
+    v.sev().unwrap().encrypted_vmsa().unwrap();
     assert_dead(&mut src);
     assert_eq!(dst.run_to_end(), End::Exit(0), "{}", dst.serial_text());
 }
@@ -378,10 +409,10 @@ fn bare_guest(vcpus: u32, protect: &[u32]) -> SevGuest {
     let vm = Arc::new(EmuVm::new(&sev_config(4 << 20, vcpus)).unwrap());
     let mut vs: Vec<Box<dyn Vcpu>> = (0..vcpus).map(|i| vm.create_vcpu(i).unwrap()).collect();
     let psp = platform();
-    launch_start(&vm, psp.clone()).unwrap();
+    let mut launcher = launch_start(&vm, psp.clone()).unwrap();
     for v in &mut vs {
         if protect.contains(&v.id()) {
-            v.sev_launch_update_vmsa().unwrap();
+            launcher.update_vmsa(v.as_mut()).unwrap();
         }
     }
     SevGuest {
@@ -391,14 +422,15 @@ fn bare_guest(vcpus: u32, protect: &[u32]) -> SevGuest {
         serial: Vec::new(),
         mmio: vec![0; 4096],
         mmio_reads: 0,
+        launcher: Some(launcher),
     }
 }
 
 /// A VM over `src`'s memory with vCPUs `ids`.
-fn sharing(src: &EmuVm, vm_type: VmType, ids: &[u32]) -> (EmuVm, Vec<Box<dyn Vcpu>>) {
+fn sharing(src: &EmuVm, vm_type: VmType, ids: &[u32]) -> (Arc<EmuVm>, Vec<Box<dyn Vcpu>>) {
     let mut cfg = VmConfig::plain(src.memory().size(), 4);
     cfg.vm_type = vm_type;
-    let vm = EmuVm::new_sharing_memory(&cfg, src).unwrap();
+    let vm = Arc::new(EmuVm::new_sharing_memory(&cfg, src).unwrap());
     let vcpus = ids.iter().map(|i| vm.create_vcpu(*i).unwrap()).collect();
     (vm, vcpus)
 }
@@ -417,7 +449,7 @@ fn parameter_errors_are_refused_and_change_nothing() {
     let mut plain_vcpus = vec![plain.create_vcpu(0).unwrap()];
     let (d, mut dv) = sharing(&plain, VmType::SevEs, &[0]);
     refused(
-        d.sev_move_enc_context_from(&mut dv, &plain, &mut plain_vcpus),
+        d.move_enc_context_from(&mut dv, &plain, &mut plain_vcpus),
         "plain source",
         "source is a plain VM",
     );
@@ -427,7 +459,7 @@ fn parameter_errors_are_refused_and_change_nothing() {
     let mut uv = vec![unlaunched.create_vcpu(0).unwrap()];
     let (d, mut dv) = sharing(&unlaunched, VmType::SevEs, &[0]);
     refused(
-        d.sev_move_enc_context_from(&mut dv, &unlaunched, &mut uv),
+        d.move_enc_context_from(&mut dv, &unlaunched, &mut uv),
         "source without context",
         "no SEV-ES guest context",
     );
@@ -436,14 +468,15 @@ fn parameter_errors_are_refused_and_change_nothing() {
     let mut half = bare_guest(2, &[0]);
     let (d, mut dv) = sharing(&half.vm, VmType::SevEs, &[0, 1]);
     refused(
-        d.sev_move_enc_context_from(&mut dv, &half.vm, &mut half.vcpus),
+        d.move_enc_context_from(&mut dv, &*half.vm, &mut half.vcpus),
         "unprotected source vCPU",
         "source vCPU 1 has no encrypted VMSA",
     );
     // Once it is protected, the same destination takes the guest (the refusal changed
     // nothing on either side).
-    half.vcpus[1].sev_launch_update_vmsa().unwrap();
-    d.sev_move_enc_context_from(&mut dv, &half.vm, &mut half.vcpus)
+    let launcher = half.launcher.as_mut().unwrap();
+    launcher.update_vmsa(half.vcpus[1].as_mut()).unwrap();
+    d.move_enc_context_from(&mut dv, &*half.vm, &mut half.vcpus)
         .unwrap();
     assert!(dv.iter().all(|v| v.is_protected()) && half.vm.is_dead());
 
@@ -454,21 +487,21 @@ fn parameter_errors_are_refused_and_change_nothing() {
     // SEV-ES source into a plain VM.
     let (d, mut dv) = sharing(&src, VmType::Plain, &[0]);
     refused(
-        d.sev_move_enc_context_from(&mut dv, &src, &mut g.vcpus),
+        d.move_enc_context_from(&mut dv, &*src, &mut g.vcpus),
         "plain destination",
         "destination is a plain VM",
     );
     // vCPU count mismatch.
     let (d, mut dv) = sharing(&src, VmType::SevEs, &[0, 1]);
     refused(
-        d.sev_move_enc_context_from(&mut dv, &src, &mut g.vcpus),
+        d.move_enc_context_from(&mut dv, &*src, &mut g.vcpus),
         "vCPU count",
         "vCPU mismatch",
     );
     // Same count, other ids.
     let (d, mut dv) = sharing(&src, VmType::SevEs, &[1]);
     refused(
-        d.sev_move_enc_context_from(&mut dv, &src, &mut g.vcpus),
+        d.move_enc_context_from(&mut dv, &*src, &mut g.vcpus),
         "vCPU ids",
         "vCPU mismatch",
     );
@@ -478,7 +511,7 @@ fn parameter_errors_are_refused_and_change_nothing() {
     refused(
         other
             .vm
-            .sev_move_enc_context_from(&mut other_vcpus, &src, &mut g.vcpus),
+            .move_enc_context_from(&mut other_vcpus, &*src, &mut g.vcpus),
         "destination with a context",
         "destination already has an SEV-ES guest context",
     );
@@ -486,25 +519,25 @@ fn parameter_errors_are_refused_and_change_nothing() {
     let elsewhere = EmuVm::new(&sev_config(MEM, 1)).unwrap();
     let mut ev = vec![elsewhere.create_vcpu(0).unwrap()];
     refused(
-        elsewhere.sev_move_enc_context_from(&mut ev, &src, &mut g.vcpus),
+        elsewhere.move_enc_context_from(&mut ev, &*src, &mut g.vcpus),
         "destination over other memory",
         "does not map the source's guest memory",
     );
     // The same VM.
     refused(
-        src.sev_move_enc_context_from(&mut [], &src, &mut g.vcpus),
+        src.move_enc_context_from(&mut [], &*src, &mut g.vcpus),
         "same VM",
         "same VM",
     );
     // vCPU lists that are not the VMs' own.
     let (d, mut dv) = sharing(&src, VmType::SevEs, &[0]);
     refused(
-        d.sev_move_enc_context_from(&mut [], &src, &mut g.vcpus),
+        d.move_enc_context_from(&mut [], &*src, &mut g.vcpus),
         "missing destination vCPU",
         "pass every one of them",
     );
     refused(
-        d.sev_move_enc_context_from(&mut dv, &src, &mut ev),
+        d.move_enc_context_from(&mut dv, &*src, &mut ev),
         "foreign source vCPU",
         "belongs to another VM",
     );
@@ -523,15 +556,16 @@ fn parameter_errors_are_refused_and_change_nothing() {
         g.run(|_, s, ev| matches!(ev, Ev::Serial) && s.ends_with(b"tick 2\n")),
         Outcome::Paused
     );
-    d.sev_move_enc_context_from(&mut dv, &src, &mut g.vcpus)
+    d.move_enc_context_from(&mut dv, &*src, &mut g.vcpus)
         .unwrap();
     let mut moved = SevGuest {
-        vm: Arc::new(d),
+        vm: d,
         vcpus: dv,
         psp: g.psp.clone(),
         serial: std::mem::take(&mut g.serial),
         mmio: vec![0; 4096],
         mmio_reads: 0,
+        launcher: None,
     };
     assert_eq!(moved.run_to_end(), End::Exit(0), "{}", moved.serial_text());
     assert_eq!(
@@ -547,10 +581,9 @@ fn parameter_errors_are_refused_and_change_nothing() {
 fn concurrent_cross_moves_do_not_deadlock() {
     const THREADS: usize = 3;
     const ITERATIONS: usize = 10_000;
-    let first = EmuVm::new(&sev_config(1 << 20, 1)).unwrap();
+    let first = Arc::new(EmuVm::new(&sev_config(1 << 20, 1)).unwrap());
     launch_start(&first, platform()).unwrap();
-    let handle = first.sev_handle();
-    let first = Arc::new(first);
+    let handle = first.handle();
     let mut vms = vec![first.clone()];
     for _ in 1..THREADS {
         vms.push(Arc::new(
@@ -569,7 +602,7 @@ fn concurrent_cross_moves_do_not_deadlock() {
                 start.wait();
                 for i in 0..ITERATIONS {
                     let src = &vms[i % THREADS];
-                    match vms[t].sev_move_enc_context_from(&mut [], src, &mut []) {
+                    match vms[t].move_enc_context_from(&mut [], &**src, &mut []) {
                         Ok(()) => {
                             moved.fetch_add(1, Ordering::Relaxed);
                         }
@@ -587,10 +620,10 @@ fn concurrent_cross_moves_do_not_deadlock() {
     }
     let holders: Vec<_> = vms
         .iter()
-        .filter(|v| !v.is_dead() && v.sev_handle().is_some())
+        .filter(|v| !v.is_dead() && v.handle().is_some())
         .collect();
     assert_eq!(holders.len(), 1, "exactly one VM holds the guest");
-    assert_eq!(holders[0].sev_handle(), handle);
+    assert_eq!(holders[0].handle(), handle);
     let dead = vms.iter().filter(|v| v.is_dead()).count();
     assert_eq!(moved.load(Ordering::Relaxed), dead);
     eprintln!(
@@ -608,10 +641,9 @@ fn concurrent_cross_moves_do_not_deadlock() {
 fn concurrent_moves_among_new_vms_stay_consistent() {
     const THREADS: usize = 3;
     const ITERATIONS: usize = 2_000;
-    let first = EmuVm::new(&sev_config(1 << 20, 1)).unwrap();
+    let first = Arc::new(EmuVm::new(&sev_config(1 << 20, 1)).unwrap());
     launch_start(&first, platform()).unwrap();
-    let handle = first.sev_handle();
-    let first = Arc::new(first);
+    let handle = first.handle();
     let pool = Arc::new(Mutex::new(vec![first.clone()]));
     // The last VM a thread moved the guest into (a hint: other threads race it).
     let hint = Arc::new(Mutex::new(first));
@@ -638,9 +670,7 @@ fn concurrent_moves_among_new_vms_stay_consistent() {
                     if let Ok(n) = EmuVm::new_sharing_memory(&sev_config(1 << 20, 1), &holder) {
                         let n = Arc::new(n);
                         pool.lock().unwrap().push(n.clone());
-                        if n.sev_move_enc_context_from(&mut [], &holder, &mut [])
-                            .is_ok()
-                        {
+                        if n.move_enc_context_from(&mut [], &*holder, &mut []).is_ok() {
                             moved.fetch_add(1, Ordering::Relaxed);
                             *hint.lock().unwrap() = n;
                         }
@@ -650,7 +680,7 @@ fn concurrent_moves_among_new_vms_stay_consistent() {
                         let p = pool.lock().unwrap();
                         (p[next() % p.len()].clone(), p[next() % p.len()].clone())
                     };
-                    if a.sev_move_enc_context_from(&mut [], &b, &mut []).is_ok() {
+                    if a.move_enc_context_from(&mut [], &*b, &mut []).is_ok() {
                         moved.fetch_add(1, Ordering::Relaxed);
                         *hint.lock().unwrap() = a;
                     }
@@ -664,10 +694,10 @@ fn concurrent_moves_among_new_vms_stay_consistent() {
     let pool = pool.lock().unwrap();
     let holders: Vec<_> = pool
         .iter()
-        .filter(|v| !v.is_dead() && v.sev_handle().is_some())
+        .filter(|v| !v.is_dead() && v.handle().is_some())
         .collect();
     assert_eq!(holders.len(), 1, "exactly one VM holds the guest");
-    assert_eq!(holders[0].sev_handle(), handle);
+    assert_eq!(holders[0].handle(), handle);
     let dead = pool.iter().filter(|v| v.is_dead()).count();
     assert_eq!(moved.load(Ordering::Relaxed), dead);
     assert!(dead > ITERATIONS / 10, "the guest moved only {dead} times");

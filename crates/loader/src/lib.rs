@@ -14,18 +14,17 @@
 //! esvm) in every page-table entry and in CR3, so all memory starts private
 //! (`docs/sev-es-guest.md`).
 //!
-//! The boot-info layout is shared with the guest runtime: [`bootinfo`] is the very same
-//! source file the guests compile.
+//! The addresses come from the memory map (`esvm_arch::layout`); the boot-info block, the
+//! GDT and the selectors from the guest ABI (`esvm_abi::boot`), which the guest runtime
+//! compiles too.
 
 pub mod elf;
 pub mod linux;
 
-#[path = "../../../guests/rt/src/bootinfo.rs"]
-pub mod bootinfo;
-
-use bootinfo::{layout, BootInfo};
 use elf::{ElfError, ElfImage};
+use esvm_abi::boot::{KERNEL_CS, KERNEL_DS};
 use esvm_arch::bits::{cr0, cr4, efer, rflags};
+use esvm_arch::layout;
 use esvm_arch::msr::APIC_BASE_DEFAULT_BSP;
 use esvm_arch::{DescriptorTable, Gpr, Regs, Segment, SegmentAttributes, SpecialRegs};
 use thiserror::Error;
@@ -78,7 +77,7 @@ pub struct LoadOptions<'a> {
     pub args: &'a str,
     /// Number of vCPUs, reported in the boot-info block.
     pub vcpus: u32,
-    /// `bootinfo::FLAG_*` bits for the boot-info block.
+    /// `esvm_abi::boot::FLAG_*` bits for the boot-info block.
     pub flags: u32,
 }
 
@@ -105,14 +104,7 @@ pub struct BootState {
     pub entry: u64,
 }
 
-/// Loader GDT: null, kernel code 0x08, kernel data 0x10, user data 0x18, user code 0x20.
-pub const GDT_ENTRIES: [u64; 5] = [
-    0,
-    0x00AF_9B00_0000_FFFF,
-    0x00CF_9300_0000_FFFF,
-    0x00CF_F300_0000_FFFF,
-    0x00AF_FB00_0000_FFFF,
-];
+pub use esvm_abi::boot::{BootInfo, GDT_ENTRIES};
 
 /// Page-table entry bits used by the identity map.
 const PTE_P: u64 = 1 << 0;
@@ -243,8 +235,8 @@ pub fn boot_regs(entry: u64) -> Regs {
 /// The initial special registers of the protocol: long mode, paging with CR3 at the
 /// loader's PML4, flat segments from the loader GDT, no IDT (limit 0), interrupts off.
 pub fn boot_sregs() -> SpecialRegs {
-    let code = Segment::from_descriptor(layout::KERNEL_CS, GDT_ENTRIES[1], None);
-    let data = Segment::from_descriptor(layout::KERNEL_DS, GDT_ENTRIES[2], None);
+    let code = Segment::from_descriptor(KERNEL_CS, GDT_ENTRIES[1], None);
+    let data = Segment::from_descriptor(KERNEL_DS, GDT_ENTRIES[2], None);
     SpecialRegs {
         cs: code,
         ds: data,

@@ -20,26 +20,18 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::{build_page_tables_at, identity_map_size, ram_below_first_hole};
 
-/// Where the pieces of a Linux boot go in guest-physical memory.
+/// Where the pieces of a Linux boot go: the Linux slots of the one memory map
+/// (`esvm_arch::layout`), shared with the esvm boot convention where both need the same thing.
 pub mod layout {
-    /// The GDT with `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18).
-    pub const GDT_ADDR: u64 = 0x500;
-    /// The zero page (`struct boot_params`), as Cloud Hypervisor and Firecracker place it.
-    pub const ZERO_PAGE_ADDR: u64 = 0x7000;
-    /// Identity-map page tables (PML4, PDPT, one PD per GiB).
-    pub const PAGE_TABLES_ADDR: u64 = 0x9000;
-    /// Most the page tables may take: up to 0x20000.
-    pub const PAGE_TABLES_MAX: u64 = 0x20000 - PAGE_TABLES_ADDR;
-    /// The kernel command line (NUL-terminated).
-    pub const CMDLINE_ADDR: u64 = 0x20000;
-    /// Longest command line esvm places (the kernel's own limit, `cmdline_size`, applies too).
-    pub const CMDLINE_MAX: usize = 0x10000 - 1;
-    /// End of conventional memory the kernel may use: the EBDA starts here.
-    pub const EBDA_START: u64 = 0x9_fc00;
-    /// The legacy BIOS area reported reserved.
+    pub use esvm_arch::layout::{
+        CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_ADDR, LEGACY_HOLE_ADDR, LOW_RAM_END, PAGE_TABLES_ADDR,
+        PAGE_TABLES_END, ZERO_PAGE_ADDR,
+    };
+    /// Longest command line esvm places (its slot, NUL included; the kernel's own limit,
+    /// `cmdline_size`, applies too).
+    pub const CMDLINE_MAX: usize = esvm_arch::layout::CMDLINE_SIZE as usize - 1;
+    /// The legacy BIOS area, reported reserved (option ROMs and the ACPI tables below it).
     pub const BIOS_START: u64 = 0xf_0000;
-    /// Where the protected-mode kernel of a bzImage is loaded (its `code32_start`).
-    pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 }
 
 /// `__BOOT_CS` / `__BOOT_DS` of the 64-bit boot protocol.
@@ -131,6 +123,41 @@ pub struct LinuxBoot {
     pub initrd: Option<(u64, u64)>,
     /// The e820 map handed to the kernel: (address, size, type).
     pub e820: Vec<(u64, u64, u32)>,
+    /// Guest-physical range of the boot page tables.
+    pub tables: (u64, u64),
+    /// Guest-physical range of the command line (NUL included).
+    pub cmdline: (u64, u64),
+}
+
+impl LinuxBoot {
+    /// Every page range the load wrote, page-aligned and merged, in address order: what an
+    /// SEV-ES launch encrypts and measures (LAUNCH_UPDATE_DATA) — the GDT, the zero page,
+    /// the command line, the page tables, the kernel and the initrd.
+    pub fn written_pages(&self) -> Vec<(u64, u64)> {
+        let page = |a: u64| a & !0xfff;
+        let page_end = |a: u64| (a + 0xfff) & !0xfff;
+        let mut ranges = vec![
+            (layout::GDT_ADDR, layout::GDT_ADDR + 0x1000),
+            (layout::ZERO_PAGE_ADDR, layout::ZERO_PAGE_ADDR + 0x1000),
+            self.cmdline,
+            self.tables,
+            self.kernel,
+        ];
+        ranges.extend(self.initrd);
+        let mut ranges: Vec<(u64, u64)> = ranges
+            .into_iter()
+            .map(|(s, e)| (page(s), page_end(e)))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged.into_iter().map(|(s, e)| (s, e - s)).collect()
+    }
 }
 
 /// What to boot.
@@ -163,10 +190,10 @@ fn bzimage_header(b: &[u8]) -> Option<setup_header> {
 pub fn e820_map(ram_end: u64) -> Vec<(u64, u64, u32)> {
     use layout::*;
     vec![
-        (0, EBDA_START, E820_RAM),
-        (EBDA_START, 0xa_0000 - EBDA_START, E820_RESERVED),
-        (BIOS_START, HIGH_MEMORY_START - BIOS_START, E820_RESERVED),
-        (HIGH_MEMORY_START, ram_end - HIGH_MEMORY_START, E820_RAM),
+        (0, LOW_RAM_END, E820_RAM),
+        (LOW_RAM_END, LEGACY_HOLE_ADDR - LOW_RAM_END, E820_RESERVED),
+        (BIOS_START, HIGH_MEMORY_ADDR - BIOS_START, E820_RESERVED),
+        (HIGH_MEMORY_ADDR, ram_end - HIGH_MEMORY_ADDR, E820_RAM),
     ]
 }
 
@@ -179,6 +206,17 @@ fn mib(b: u64) -> u64 {
 pub fn load_linux<M: GuestMemoryBackend>(
     mem: &M,
     image: &LinuxImage<'_>,
+) -> Result<LinuxBoot, LinuxLoadError> {
+    load_linux_with_c_bit(mem, image, None)
+}
+
+/// [`load_linux`] for an SEV-ES guest when `c_bit` is given: the boot page tables set the
+/// encryption bit in every entry and in CR3 (all memory private), as the kernel's SEV-ES
+/// entry expects. Check the position with [`crate::check_c_bit`] first.
+pub fn load_linux_with_c_bit<M: GuestMemoryBackend>(
+    mem: &M,
+    image: &LinuxImage<'_>,
+    c_bit: Option<u8>,
 ) -> Result<LinuxBoot, LinuxLoadError> {
     let ram_end = ram_below_first_hole(mem);
     let path = image.name.to_string();
@@ -291,7 +329,7 @@ pub fn load_linux<M: GuestMemoryBackend>(
                 mem,
                 None,
                 &mut cursor,
-                Some(GuestAddress(layout::HIGH_MEMORY_START)),
+                Some(GuestAddress(layout::HIGH_MEMORY_ADDR)),
             )?;
             let hdr = r.setup_header.unwrap_or_default();
             // The 64-bit entry of a bzImage: load address + 0x200 (boot.rst).
@@ -306,7 +344,7 @@ pub fn load_linux<M: GuestMemoryBackend>(
                 mem,
                 None,
                 &mut cursor,
-                Some(GuestAddress(layout::HIGH_MEMORY_START)),
+                Some(GuestAddress(layout::HIGH_MEMORY_ADDR)),
             )?;
             // A vmlinux carries no setup header: give the fields the kernel reads.
             let hdr = setup_header {
@@ -353,8 +391,8 @@ pub fn load_linux<M: GuestMemoryBackend>(
     let gdt: Vec<u8> = GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
     write(layout::GDT_ADDR, &gdt)?;
     let map_size = identity_map_size(ram_end);
-    let tables = build_page_tables_at(layout::PAGE_TABLES_ADDR, map_size, None);
-    debug_assert!(tables.len() as u64 <= layout::PAGE_TABLES_MAX);
+    let tables = build_page_tables_at(layout::PAGE_TABLES_ADDR, map_size, c_bit);
+    debug_assert!(tables.len() as u64 <= layout::PAGE_TABLES_END - layout::PAGE_TABLES_ADDR);
     write(layout::PAGE_TABLES_ADDR, &tables)?;
 
     let mut regs = Regs {
@@ -363,9 +401,20 @@ pub fn load_linux<M: GuestMemoryBackend>(
         ..Regs::default()
     };
     regs.set(Gpr::Rsi, layout::ZERO_PAGE_ADDR);
+    let mut sregs = boot_sregs();
+    sregs.cr3 |= crate::c_bit_mask(c_bit);
+    let tables_len = tables.len() as u64;
     Ok(LinuxBoot {
         regs,
-        sregs: boot_sregs(),
+        sregs,
+        tables: (
+            layout::PAGE_TABLES_ADDR,
+            layout::PAGE_TABLES_ADDR + tables_len,
+        ),
+        cmdline: (
+            layout::CMDLINE_ADDR,
+            layout::CMDLINE_ADDR + cmdline.len() as u64,
+        ),
         format,
         protocol,
         kernel: kernel_range,

@@ -1,7 +1,7 @@
 use super::*;
-use crate::bootinfo::FLAG_PROTECTED_STATE;
 use crate::elf::tests::build;
 use crate::elf::{PF_R, PF_W, PF_X};
+use esvm_abi::boot::FLAG_PROTECTED_STATE;
 use proptest::prelude::*;
 use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
 

@@ -578,9 +578,7 @@ impl MockTarget {
 
 impl MigrationTarget for MockTarget {
     fn accept_config(&mut self, config: &MigrationConfig) -> Result<Vec<u8>, TargetError> {
-        self.local
-            .check_compatible(config)
-            .map_err(|e| TargetError::Incompatible(e.to_string()))?;
+        self.local.check_compatible(config)?;
         if config.vm_type == GuestType::SevEs {
             let mut certs = CERT_MAGIC.to_vec();
             certs.extend_from_slice(&self.pdh.to_le_bytes());

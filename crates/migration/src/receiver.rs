@@ -93,7 +93,7 @@ pub enum ReceiveError {
     #[error("the migration was cancelled on the destination")]
     Cancelled,
     #[error("cannot set up the migration connection: {0}")]
-    Setup(io::Error),
+    Setup(#[source] io::Error),
 }
 
 impl ReceiveError {
@@ -105,10 +105,16 @@ impl ReceiveError {
             }
             ReceiveError::NoCommonVersion { .. } => ErrorCode::Incompatible,
             ReceiveError::OutOfOrder { .. } => ErrorCode::OutOfOrder,
-            ReceiveError::Target(TargetError::Incompatible(_)) => ErrorCode::Incompatible,
+            ReceiveError::Target(TargetError::Incompatible(_) | TargetError::Config(_)) => {
+                ErrorCode::Incompatible
+            }
             ReceiveError::Target(TargetError::Unsupported { .. }) => ErrorCode::Incompatible,
-            ReceiveError::Target(TargetError::Refused(_)) => ErrorCode::Refused,
-            ReceiveError::Target(TargetError::Failed(_)) => ErrorCode::Internal,
+            ReceiveError::Target(TargetError::Refused(_) | TargetError::RefusedBy { .. }) => {
+                ErrorCode::Refused
+            }
+            ReceiveError::Target(TargetError::Failed(_) | TargetError::FailedBy(_)) => {
+                ErrorCode::Internal
+            }
             ReceiveError::AbortedBySource(_) => ErrorCode::Internal,
             ReceiveError::Cancelled => ErrorCode::Cancelled,
         }
@@ -592,6 +598,42 @@ fn drain<R: Read>(r: &mut R, limit: u64, timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_errors_keep_their_cause_and_their_wire_code() {
+        use std::error::Error as _;
+        let cause = || crate::Incompatible::Vcpus {
+            source_count: 2,
+            local: 1,
+        };
+        let e = ReceiveError::Target(cause().into());
+        assert_eq!(e.code(), ErrorCode::Incompatible);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the destination VM refused the migration: incompatible: {}",
+                cause()
+            )
+        );
+        let inner = e.source().and_then(|t| t.source());
+        assert_eq!(
+            inner.and_then(|i| i.downcast_ref::<crate::Incompatible>()),
+            Some(&cause())
+        );
+        let e = ReceiveError::Target(TargetError::refused_by(
+            "vCPU 0",
+            io::Error::other("bad packet"),
+        ));
+        assert_eq!(e.code(), ErrorCode::Refused);
+        assert!(
+            e.to_string().ends_with("refused: vCPU 0: bad packet"),
+            "{e}"
+        );
+        let inner = e.source().and_then(|t| t.source());
+        assert!(inner.is_some_and(|i| i.is::<io::Error>()), "{e}");
+        let e = ReceiveError::Target(TargetError::failed_by(io::Error::other("disk")));
+        assert_eq!(e.code(), ErrorCode::Internal);
+    }
 
     #[test]
     fn state_table() {

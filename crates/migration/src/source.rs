@@ -9,11 +9,29 @@ pub enum SourceError {
     Unsupported { what: &'static str },
     #[error("{0}")]
     Failed(String),
+    /// `what` failed because of `source` (an error of the VM's own layers).
+    #[error("{what}: {source}")]
+    FailedBy {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl SourceError {
     pub fn failed(msg: impl Into<String>) -> Self {
         SourceError::Failed(msg.into())
+    }
+
+    /// `what` failed because of `source`; the message is `"{what}: {source}"`.
+    pub fn failed_by(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        SourceError::FailedBy {
+            what: what.into(),
+            source: source.into(),
+        }
     }
 }
 

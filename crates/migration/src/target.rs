@@ -1,6 +1,6 @@
 //! What the receiver needs from the VM being migrated in.
 
-use crate::MigrationConfig;
+use crate::{Incompatible, MigrationConfig};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -8,13 +8,45 @@ pub enum TargetError {
     /// The incoming configuration cannot be hosted here.
     #[error("incompatible: {0}")]
     Incompatible(String),
+    /// The incoming configuration differs from this destination's
+    /// ([`MigrationConfig::check_compatible`]).
+    #[error("incompatible: {0}")]
+    Config(#[from] Incompatible),
     /// Incoming data or state was refused (e.g. a transport packet failed authentication).
     #[error("refused: {0}")]
     Refused(String),
+    /// `what` was refused because of `source` (an error of the VM's own layers).
+    #[error("refused: {what}: {source}")]
+    RefusedBy {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("the destination does not support {what}")]
     Unsupported { what: &'static str },
     #[error("{0}")]
     Failed(String),
+    /// An error of the VM's own layers.
+    #[error("{0}")]
+    FailedBy(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl TargetError {
+    /// `what` was refused because of `source`; the message is `"refused: {what}: {source}"`.
+    pub fn refused_by(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        TargetError::RefusedBy {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A failure caused by `source`; the message is its message.
+    pub fn failed_by(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        TargetError::FailedBy(source.into())
+    }
 }
 
 /// The destination VM, as the [`Receiver`](crate::Receiver) drives it.

@@ -159,7 +159,8 @@ const C_HOST_RSP: u64 = CTL_ADDR + offset_of!(Ctl, host_rsp) as u64;
 
 /// Enters the snippet (see the module docs for the ABI).
 ///
-/// Safety: the control page must be mapped and filled in, the code mapping must hold the
+/// # Safety
+/// The control page must be mapped and filled in, the code mapping must hold the
 /// snippet followed by the tail, and the snippet must return through the tail without touching
 /// memory outside the scratch buffer.
 #[unsafe(naked)]
@@ -200,7 +201,8 @@ unsafe extern "sysv64" fn enter() -> u64 {
 
 /// Jumped to from the snippet's tail with the snippet's registers and flags live.
 ///
-/// Safety: only reachable through the tail written by [`run_native`] while `enter` is active.
+/// # Safety
+/// Only reachable through the tail written by [`run_native`] while `enter` is active.
 #[unsafe(naked)]
 unsafe extern "sysv64" fn exit() {
     core::arch::naked_asm!(
@@ -242,7 +244,8 @@ unsafe extern "sysv64" fn exit() {
 
 /// Where the fault handler resumes a faulted snippet: back to `enter`'s caller, returning 1.
 ///
-/// Safety: only reachable from the signal handler while `enter` is active.
+/// # Safety
+/// Only reachable from the signal handler while `enter` is active.
 #[unsafe(naked)]
 unsafe extern "sysv64" fn fault_resume() {
     core::arch::naked_asm!(
@@ -728,17 +731,13 @@ mod tests {
             scratch: vec![0; 10],
             ..NativeState::new()
         };
-        // SAFETY: rejected before anything runs.
-        assert!(matches!(
-            unsafe { run_native(&[0x90], &s) },
-            Err(NativeError::ScratchSize { len: 10, .. })
-        ));
+        // SAFETY: rejected (wrong scratch size) before anything runs.
+        let r = unsafe { run_native(&[0x90], &s) };
+        assert!(matches!(r, Err(NativeError::ScratchSize { len: 10, .. })));
         let big = vec![0x90; MAX_CODE_LEN + 1];
-        // SAFETY: rejected before anything runs.
-        assert!(matches!(
-            unsafe { run_native(&big, &NativeState::new()) },
-            Err(NativeError::CodeTooLarge { .. })
-        ));
+        // SAFETY: rejected (too long) before anything runs.
+        let r = unsafe { run_native(&big, &NativeState::new()) };
+        assert!(matches!(r, Err(NativeError::CodeTooLarge { .. })));
         // The largest snippet still fits and runs (a long nop slide).
         let big = vec![0x90; MAX_CODE_LEN];
         assert_eq!(run(&big, &NativeState::new()).get(Rax), 0);

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use esvm_psp::cert::{fingerprint, Algo, CaCert, CertChain, CertError, SevCert, Usage};
 use esvm_psp::crypto::Key128;
 use esvm_psp::session::{
-    measurement_mac, shared_secret, wrap_session, PACKET_HEADER_LEN, SESSION_LEN,
+    measurement_mac, shared_secret, wrap_session, SessionError, PACKET_HEADER_LEN, SESSION_LEN,
 };
 use esvm_psp::{Measurement, OwnerSession, PacketHeader, Policy, SessionBlob, TransportKeys};
 use p384::SecretKey;
@@ -49,6 +49,24 @@ pub enum OwnerError {
         path: PathBuf,
         /// What is wrong.
         what: String,
+    },
+    /// A stored certificate does not decode.
+    #[error("{path}: {source}")]
+    BadCert {
+        /// The file.
+        path: PathBuf,
+        /// Why it does not decode.
+        #[source]
+        source: CertError,
+    },
+    /// A stored session blob does not decode.
+    #[error("{path}: {source}")]
+    BadSession {
+        /// The file.
+        path: PathBuf,
+        /// Why it does not decode.
+        #[source]
+        source: SessionError,
     },
     /// The session directory already holds a session.
     #[error("{0} already holds a session; use a new directory")]
@@ -219,16 +237,18 @@ impl SessionDir {
             Ok(Key128::from_bytes(a))
         };
         let (policy, launch) = launch_request(dir)?;
-        let godh = SevCert::from_bytes_with_usage(&launch.dh_cert, Usage::PDH).map_err(|e| {
-            OwnerError::Format {
-                path: dir.join("godh.cert"),
-                what: e.to_string(),
-            }
-        })?;
-        let blob = SessionBlob::from_bytes(&launch.session).map_err(|e| OwnerError::Format {
-            path: dir.join("session.bin"),
-            what: e.to_string(),
-        })?;
+        let godh =
+            SevCert::from_bytes_with_usage(&launch.dh_cert, Usage::PDH).map_err(|source| {
+                OwnerError::BadCert {
+                    path: dir.join("godh.cert"),
+                    source,
+                }
+            })?;
+        let blob =
+            SessionBlob::from_bytes(&launch.session).map_err(|source| OwnerError::BadSession {
+                path: dir.join("session.bin"),
+                source,
+            })?;
         Ok(SessionDir {
             dir: dir.to_path_buf(),
             policy,
@@ -278,7 +298,11 @@ impl MeasuredLaunch {
 /// Computes what the loader measures for an image (implemented by the vmm).
 pub trait GuestMeasurer {
     /// The measured regions and initial VMSAs of `image` launched with `policy`.
-    fn measured_launch(&self, image: &Path, policy: Policy) -> Result<MeasuredLaunch, String>;
+    fn measured_launch(
+        &self,
+        image: &Path,
+        policy: Policy,
+    ) -> Result<MeasuredLaunch, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// Checks a LAUNCH_MEASURE result against the expected launch digest and

@@ -183,9 +183,12 @@ pub enum CertError {
     /// Extra bytes after a chain.
     #[error("{0} unexpected trailing bytes after the certificate chain")]
     TrailingBytes(usize),
-    /// RSA library failure.
+    /// RSA library failure (shared, so that the error stays `Clone`).
     #[error("RSA: {0}")]
-    Rsa(String),
+    Rsa(#[source] std::sync::Arc<rsa::Error>),
+    /// Signing kept producing signatures shorter than the modulus.
+    #[error("RSA: could not produce a full-length signature")]
+    ShortSignature,
 }
 
 impl CertError {
@@ -534,14 +537,12 @@ fn rsa_pss_sign(key: &RsaPrivateKey, bits: u32, msg: &[u8]) -> Result<(Algo, Vec
             ),
             other => return Err(CertError::KeySize(other)),
         };
-        let sig = sig.map_err(|e| CertError::Rsa(e.to_string()))?;
+        let sig = sig.map_err(|e| CertError::Rsa(e.into()))?;
         if sig.len() == bits as usize / 8 && sig[0] != 0 {
             return Ok((algo, sig));
         }
     }
-    Err(CertError::Rsa(
-        "could not produce a full-length signature".into(),
-    ))
+    Err(CertError::ShortSignature)
 }
 
 fn rsa_pss_verify(key: &RsaPublicKey, bits: u32, msg: &[u8], sig_be: &[u8]) -> Result<(), ()> {
@@ -703,7 +704,7 @@ impl CaCert {
             .copied()
             .collect();
         RsaPublicKey::new(BigUint::from_bytes_be(&m), BigUint::from_bytes_be(&e))
-            .map_err(|e| CertError::Rsa(e.to_string()))
+            .map_err(|e| CertError::Rsa(e.into()))
     }
 
     /// Verifies that `signer` (the ARK) signed this certificate.

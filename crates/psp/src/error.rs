@@ -10,6 +10,7 @@ use std::fmt;
 use crate::cert::CertError;
 use crate::memory::MemoryAccessError;
 use crate::nv::StorageError;
+use crate::session::SessionError;
 use crate::{Command, GuestState, PlatformState};
 
 /// Status codes of the SEV firmware API (subset used by this model).
@@ -167,6 +168,9 @@ pub enum PspError {
     /// A MAC does not verify.
     #[error("bad signature: {0}")]
     BadSignature(String),
+    /// A session blob does not unwrap (its MACs do not verify, or it is malformed).
+    #[error("bad signature: {0}")]
+    BadSession(#[source] SessionError),
     /// A measurement-bound check failed.
     #[error("bad measurement: {0}")]
     BadMeasurement(String),
@@ -252,9 +256,9 @@ impl PspError {
             PspError::InvalidCertificate { .. } | PspError::CertificateMismatch(_) => {
                 SevStatus::InvalidCertificate
             }
-            PspError::BadCertSignature { .. } | PspError::BadSignature(_) => {
-                SevStatus::BadSignature
-            }
+            PspError::BadCertSignature { .. }
+            | PspError::BadSignature(_)
+            | PspError::BadSession(_) => SevStatus::BadSignature,
             PspError::BadMeasurement(_) => SevStatus::BadMeasurement,
             PspError::PolicyFailure(_) => SevStatus::PolicyFailure,
             PspError::Inactive { .. } => SevStatus::Inactive,

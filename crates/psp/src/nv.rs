@@ -74,9 +74,24 @@ pub enum StorageError {
         #[source]
         source: CertError,
     },
+    /// An emulated ARK/ASK of a size AMD does not use was asked for.
+    #[error("key generation failed: emulated ARK/ASK size must be 2048 or 4096 bits, not {0}")]
+    KeySize(u32),
     /// Key generation failed.
     #[error("key generation failed: {0}")]
-    KeyGen(String),
+    KeyGen(#[source] rsa::Error),
+    /// A generated key could not be encoded for storage.
+    #[error("key generation failed: {0}")]
+    KeyEncode(#[source] rsa::pkcs1::Error),
+    /// A stored RSA key does not decode.
+    #[error("{path}: corrupt (not a PKCS#1 RSA private key: {source})")]
+    BadRsaKey {
+        /// The file.
+        path: PathBuf,
+        /// The decoding error.
+        #[source]
+        source: rsa::pkcs1::Error,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
@@ -182,14 +197,9 @@ impl EmulatedAmdCa {
     /// Rome and later use 4096 with RSA-PSS/SHA-384, Naples 2048 with SHA-256).
     pub fn generate(bits: u32) -> Result<EmulatedAmdCa, StorageError> {
         if bits != 2048 && bits != 4096 {
-            return Err(StorageError::KeyGen(format!(
-                "emulated ARK/ASK size must be 2048 or 4096 bits, not {bits}"
-            )));
+            return Err(StorageError::KeySize(bits));
         }
-        let gen = || {
-            RsaPrivateKey::new(&mut OsRng, bits as usize)
-                .map_err(|e| StorageError::KeyGen(e.to_string()))
-        };
+        let gen = || RsaPrivateKey::new(&mut OsRng, bits as usize).map_err(StorageError::KeyGen);
         let ark_key = gen()?;
         let ask_key = gen()?;
         let ark_id: [u8; 16] = random_array();
@@ -251,7 +261,7 @@ impl EmulatedAmdCa {
         let der = |k: &RsaPrivateKey| {
             k.to_pkcs1_der()
                 .map(|d| d.as_bytes().to_vec())
-                .map_err(|e| StorageError::KeyGen(e.to_string()))
+                .map_err(StorageError::KeyEncode)
         };
         write_pub(dir, "LABEL.txt", CA_LABEL.as_bytes())?;
         write_pub(dir, "ark.cert", self.ark.as_bytes())?;
@@ -273,9 +283,9 @@ impl EmulatedAmdCa {
     pub fn load(dir: &Path) -> Result<EmulatedAmdCa, StorageError> {
         let key = |name: &str| {
             let b = zeroize::Zeroizing::new(read(dir, name)?);
-            RsaPrivateKey::from_pkcs1_der(&b).map_err(|e| StorageError::Corrupt {
+            RsaPrivateKey::from_pkcs1_der(&b).map_err(|source| StorageError::BadRsaKey {
                 path: dir.join(name),
-                what: format!("not a PKCS#1 RSA private key: {e}"),
+                source,
             })
         };
         let ca = EmulatedAmdCa {

@@ -542,7 +542,7 @@ impl Psp {
         })?;
         let peer = cert.public_key().map_err(|e| PspError::cert(what, e))?;
         let z = shared_secret(&self.id.pdh_key, &peer);
-        unwrap_session(&z[..], &blob, policy).map_err(|e| PspError::BadSignature(e.to_string()))
+        unwrap_session(&z[..], &blob, policy).map_err(PspError::BadSession)
     }
 
     fn new_handle(&mut self) -> PspResult<u32> {

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use esvm_psp::cert::SEV_CERT_LEN;
-use esvm_psp::session::package_secret;
+use esvm_psp::session::{package_secret, SessionError};
 use esvm_psp::{
     FlatMemory, GuestMemoryAccess, GuestState, LaunchStart, OwnerSession, PacketHeader, Policy,
     Psp, SevStatus, TrackedExtension, TrackedRegisters,
@@ -333,6 +333,13 @@ fn every_bit_of_a_session_blob_and_dh_key_fields_is_protected() {
         let e = try_start(&mut psp, &s).unwrap_err();
         assert_eq!(e.status(), SevStatus::BadSignature, "bit {bit}: {e}");
     }
+    // The firmware error keeps the session layer's reason as its source: a flipped nonce
+    // derives other wrapping keys, so the wrapped transport keys fail their MAC.
+    let mut s = owner.session.clone();
+    s.session[0] ^= 1;
+    let e = try_start(&mut psp, &s).unwrap_err();
+    let why = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<SessionError>());
+    assert_eq!(why, Some(&SessionError::WrapMac), "{e}");
     // The interpreted fields of the owner's DH certificate: version, usage,
     // algorithm, curve and the public key coordinates (0x00..0xA4).
     for bit in 0..0xA4 * 8 {

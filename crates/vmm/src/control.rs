@@ -223,8 +223,8 @@ impl ControlTarget for VmHandle {
             // The operator resolved the doubt: the destination did not commit.
             if self.h.config.vm_type == esvm_hv::VmType::SevEs {
                 // The send session is still open (SEND_FINISH comes only after a commit).
-                if let Some(emu) = &self.h.emu {
-                    emu.sev_send_cancel().map_err(|e| {
+                if let Some(sev) = self.h.vm.sev() {
+                    sev.send_cancel().map_err(|e| {
                         ApiError::failed(format!(
                             "cannot resume: SEND_CANCEL of the open send session failed: {e}"
                         ))

@@ -15,7 +15,8 @@
 //!              migrate, cancel), the migration thread
 //!  snapshot    snapshots: write (plain / sealed SEV-ES) and restore
 //!  migrate     MachineSource / MachineTarget: the migration protocol's VMM side
-//!  sev_launch  SEV-ES launch through the secure processor; the owner's launch predictor
+//!  sev_launch  SEV-ES launch through the secure processor (on the hypervisor's type-state
+//!              Launcher); the owner's launch predictor
 //!  machine     Machine (vCPUs, devices, clock, run loop, state save/restore),
 //!              MachineHandle, in-place guest RAM behind guards
 //!  runctl      RunControl<M>: pauses, holds, jobs, stopped guards, tickets (generic over
@@ -23,6 +24,7 @@
 //!  lifecycle   the VM lifecycle state machine and its transitions
 //!  dirty       the dirty-log view: carry and ever-written page sets
 //!  ram         unsafe in-place views of guest RAM (only reached through guards)
+//!  console     the host end of the serial console: stdin into COM1, raw terminal, escape
 //!  outcome     how a run ended, and the exit status for each ending
 //!  size        human-readable sizes
 //! ```
@@ -38,6 +40,7 @@
 //! is parked under its hold; [`machine::Machine::exclusive_ram`] (writing or discarding RAM
 //! in place) needs a machine that nobody else holds.
 
+pub mod console;
 pub mod control;
 pub mod dirty;
 pub mod lifecycle;

@@ -7,15 +7,17 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use esvm_arch::VcpuSnapshot;
-use esvm_devices::{Devices, DevicesError, DevicesState};
-use esvm_hv::emu::{EmuVm, SevHostVmState, SevVcpuTransfer};
+use esvm_arch::{layout, VcpuSnapshot};
+use esvm_devices::{Devices, DevicesError, DevicesState, DEVICES_STATE_VERSION};
+use esvm_hv::sev::{Launcher, SevHostVmState, SevVcpu, SevVcpuTransfer, SevVm, Started};
 use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
+use esvm_loader::linux::{LinuxBoot, LinuxImage, LinuxLoadError};
 use esvm_loader::{BootState, LoadError, LoadOptions};
 use thiserror::Error;
 
+use crate::console::ConsoleInput;
 use crate::dirty::DirtyTracker;
 use crate::lifecycle::{Ending, LifecycleError, LoopEnd};
 use crate::outcome::{Outcome, EXIT_ESVM_ERROR};
@@ -39,14 +41,16 @@ pub enum MachineError {
     Hv(#[from] HvError),
     #[error("cannot load the guest: {0}")]
     Load(#[from] LoadError),
+    #[error("cannot boot the kernel: {0}")]
+    LoadLinux(#[from] LinuxLoadError),
     #[error("device error: {0}")]
     Devices(#[from] DevicesError),
     #[error(
-        "the guest halted with interrupts disabled and no interrupt can arrive (vCPU {vcpu} at \
-         rip {rip:#x}); it can never make progress. A guest must end by writing its exit status \
-         to port 0xf4"
+        "the guest halted waiting for an interrupt, but no device has a timer armed and no \
+         console input can come (vCPU {vcpu}{}); it can never make progress",
+        rip.map(|r| format!(" at rip {r:#x}")).unwrap_or_default()
     )]
-    HaltedForever { vcpu: u32, rip: u64 },
+    HaltedForever { vcpu: u32, rip: Option<u64> },
     #[error("invalid machine state: {0}")]
     State(String),
     #[error(transparent)]
@@ -86,11 +90,16 @@ enum Clock {
 
 /// A 4 KiB RAM-like MMIO window for guests that test MMIO paths (e.g. `sev-mmio`): reads
 /// return what was written. Outside it, MMIO reads return all-ones and writes are dropped.
-pub const MMIO_SCRATCH_BASE: u64 = 0xFEB0_0000;
-const MMIO_SCRATCH_LEN: usize = 4096;
+/// Its place in the memory map: `esvm_arch::layout::MMIO_SCRATCH_ADDR`.
+pub const MMIO_SCRATCH_BASE: u64 = layout::MMIO_SCRATCH_ADDR;
+const MMIO_SCRATCH_LEN: usize = layout::MMIO_SCRATCH_SIZE as usize;
 
-/// Version of [`MachineState`]'s serialised form.
-pub const MACHINE_STATE_VERSION: u32 = 1;
+/// Generation of [`MachineState`]'s own fields; bump it when they change.
+const MACHINE_STATE_FIELDS_VERSION: u32 = 1;
+/// Version of [`MachineState`]'s serialised form, derived: it goes up whenever its own fields
+/// or the devices' state format ([`DEVICES_STATE_VERSION`]) do. Both generations start at 1,
+/// so the first format is version 1 and every later change of either gives a new number.
+pub const MACHINE_STATE_VERSION: u32 = MACHINE_STATE_FIELDS_VERSION + DEVICES_STATE_VERSION - 1;
 
 /// Everything of a machine that is not guest memory or vCPU state: the devices, the clock
 /// and the VMM-side MMIO window. Serialised (JSON) into snapshots and migration streams.
@@ -123,8 +132,6 @@ pub struct MachineState {
 /// [`MachineHandle`].
 pub struct Machine {
     vm: Arc<dyn Vm>,
-    /// The same VM as `vm` when it runs on the emu backend (SEV-ES commands live there).
-    emu: Option<Arc<EmuVm>>,
     config: MachineConfig,
     mmio_scratch: Box<[u8; MMIO_SCRATCH_LEN]>,
     vcpus: Vec<Box<dyn Vcpu>>,
@@ -139,8 +146,10 @@ pub struct Machine {
     /// The last exit waits for the VMM's answer to complete its instruction (IN, MMIO read,
     /// CPUID, MSR): not a clean point for pausing or saving state.
     mid_exit: bool,
-    /// References to the VM when nobody but the machine holds it (its own, the emu view's,
-    /// the dirty tracker's, the backend's): more means a handle or a clone exists.
+    /// Where COM1's input comes from (esvm's stdin), if anywhere.
+    console: Option<ConsoleInput>,
+    /// References to the VM when nobody but the machine holds it (its own, the dirty
+    /// tracker's, the backend's): more means a handle or a clone exists.
     own_vm_refs: usize,
 }
 
@@ -151,8 +160,6 @@ pub struct MachineHandle {
     /// The VM: guest memory (read it; writing it in place needs a guard, see
     /// [`MachineHandle::stopped_ram`] and [`Machine::exclusive_ram`]) and the dirty log.
     pub vm: Arc<dyn Vm>,
-    /// The same VM when it runs on the emu backend (its SEV-ES commands live there).
-    pub emu: Option<Arc<EmuVm>>,
     /// The run loop's control and the VM's lifecycle.
     pub control: Arc<VmControl>,
     /// The dirty-log view used by migrations and snapshots.
@@ -161,13 +168,36 @@ pub struct MachineHandle {
     pub config: MachineConfig,
 }
 
+/// `vm`'s SEV-ES extension, or an error if its backend has none.
+fn sev_of(vm: &dyn Vm) -> Result<&dyn SevVm, MachineError> {
+    vm.sev().ok_or_else(|| {
+        MachineError::Hv(HvError::NoSevSupport {
+            backend: vm.backend(),
+        })
+    })
+}
+
+/// `vcpu`'s SEV-ES extension, or an error if its backend (`backend`) has none.
+fn vcpu_sev(vcpu: &dyn Vcpu, backend: BackendKind) -> Result<&dyn SevVcpu, MachineError> {
+    vcpu.sev()
+        .ok_or(MachineError::Hv(HvError::NoSevSupport { backend }))
+}
+
 /// Slice of virtual time a vCPU runs at most before the loop looks at devices again, when no
 /// device deadline is nearer (keeps limits and kicks responsive).
 const MAX_SLICE_NS: u64 = 10_000_000;
+/// Longest real-time wait for console input while the guest idles in HLT (then virtual
+/// time moves on to the next timer, or the wait repeats when there is none).
+const CONSOLE_IDLE_WAIT_NS: u64 = 20_000_000;
 /// Slice while an interrupt waits for the guest to open its interrupt window.
 const WINDOW_POLL_NS: u64 = 64;
 
 impl MachineHandle {
+    /// The VM's SEV-ES extension (send, receive), or an error if its backend has none.
+    pub fn sev(&self) -> Result<&dyn SevVm, MachineError> {
+        sev_of(self.vm.as_ref())
+    }
+
     /// Guest pages `first_page..first_page + count` in place, read-only, for as long as
     /// `stopped` keeps this machine's vCPUs stopped (e.g. stop-and-copy, a snapshot).
     pub fn stopped_ram<'a>(
@@ -232,14 +262,7 @@ impl Machine {
     ) -> Result<Self, MachineError> {
         let mut vm_config = VmConfig::plain(config.mem_size, config.vcpus);
         vm_config.vm_type = config.vm_type;
-        // The emu VM is kept concretely as well: its SEV-ES commands are emu-only.
-        let (vm, emu): (Arc<dyn Vm>, Option<Arc<EmuVm>>) = match config.backend {
-            BackendKind::Emu => {
-                let emu = Arc::new(EmuVm::new(&vm_config)?);
-                (emu.clone(), Some(emu))
-            }
-            BackendKind::Kvm => (esvm_hv::open(config.backend)?.create_vm(&vm_config)?, None),
-        };
+        let vm = esvm_hv::open(config.backend)?.create_vm(&vm_config)?;
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             vcpus.push(vm.create_vcpu(id)?);
@@ -262,7 +285,6 @@ impl Machine {
         let own_vm_refs = Arc::strong_count(&vm);
         Ok(Machine {
             vm,
-            emu,
             config: config.clone(),
             mmio_scratch: Box::new([0; MMIO_SCRATCH_LEN]),
             retired_base: vec![0; vcpus.len()],
@@ -273,6 +295,7 @@ impl Machine {
             control,
             tracker,
             mid_exit: false,
+            console: None,
             own_vm_refs,
         })
     }
@@ -302,9 +325,10 @@ impl Machine {
         })
     }
 
-    /// The emu VM behind this machine, if it runs on the emu backend.
-    pub fn emu_vm(&self) -> Option<&Arc<EmuVm>> {
-        self.emu.as_ref()
+    /// The VM's SEV-ES extension (launch, send, receive), or an error if its backend has
+    /// none.
+    pub fn sev(&self) -> Result<&dyn SevVm, MachineError> {
+        sev_of(self.vm.as_ref())
     }
 
     /// The legacy devices.
@@ -336,7 +360,6 @@ impl Machine {
     pub fn handle(&self) -> MachineHandle {
         MachineHandle {
             vm: self.vm.clone(),
-            emu: self.emu.clone(),
             control: self.control.clone(),
             tracker: self.tracker.clone(),
             config: self.config.clone(),
@@ -357,7 +380,7 @@ impl Machine {
                 args,
                 vcpus: self.vcpus.len() as u32,
                 flags: if sev_es {
-                    esvm_loader::bootinfo::FLAG_PROTECTED_STATE
+                    esvm_abi::boot::FLAG_PROTECTED_STATE
                 } else {
                     0
                 },
@@ -370,18 +393,53 @@ impl Machine {
         Ok(boot)
     }
 
+    /// Load a Linux kernel (bzImage or vmlinux), its initrd and command line by the Linux
+    /// 64-bit boot protocol and point the boot vCPU at its entry. For an SEV-ES machine the
+    /// boot page tables carry the C-bit; launch it afterwards with the pages the load wrote
+    /// (`LinuxBoot::written_pages`).
+    pub fn load_linux(&mut self, image: &LinuxImage<'_>) -> Result<LinuxBoot, MachineError> {
+        self.ensure_exclusive()?;
+        // SEV-ES: C-bit page tables, all memory private until the kernel shares pages.
+        let c_bit = (self.vm.vm_type() == VmType::SevEs).then_some(esvm_hv::sev::C_BIT);
+        let boot =
+            esvm_loader::linux::load_linux_with_c_bit(self.vm.memory().mmap(), image, c_bit)?;
+        // What firmware leaves for an OS: MTRRs enabled, all memory write-back (Linux 6.1
+        // turns PAT off without enabled MTRRs, and an SEV-ES kernel needs PAT).
+        for vcpu in &mut self.vcpus {
+            vcpu.set_msrs(&[(
+                esvm_arch::msr::IA32_MTRR_DEF_TYPE,
+                esvm_arch::msr::MTRR_DEF_TYPE_FIRMWARE,
+            )])?;
+        }
+        let bsp = &mut self.vcpus[0];
+        bsp.set_sregs(&boot.sregs)?;
+        bsp.set_regs(&boot.regs)?;
+        Ok(boot)
+    }
+
     /// The plaintext VMSAs LAUNCH_UPDATE_VMSA would take in now, in vCPU order.
     pub fn initial_vmsas(&self) -> Result<Vec<[u8; 4096]>, MachineError> {
+        let backend = self.config.backend;
         self.vcpus
             .iter()
-            .map(|v| Ok(*v.sev_initial_vmsa()?))
+            .map(|v| Ok(*vcpu_sev(v.as_ref(), backend)?.initial_vmsa()?))
             .collect()
     }
 
-    /// SEV-ES LAUNCH_UPDATE_VMSA for every vCPU, in vCPU order.
-    pub fn launch_update_vmsas(&mut self) -> Result<(), MachineError> {
+    /// SEV-ES LAUNCH_UPDATE_VMSA of `launcher` (this machine's launch) for every vCPU, in
+    /// vCPU order.
+    pub fn launch_update_vmsas(
+        &mut self,
+        launcher: &mut Launcher<Started>,
+    ) -> Result<(), MachineError> {
+        if !Arc::ptr_eq(launcher.vm(), &self.vm) {
+            return Err(MachineError::State(
+                "the launch is of another VM; launch this machine's vCPUs with a launcher of                  its own VM (Launcher::new(machine.vm().clone()))"
+                    .into(),
+            ));
+        }
         for vcpu in &mut self.vcpus {
-            vcpu.sev_launch_update_vmsa()?;
+            launcher.update_vmsa(vcpu.as_mut())?;
         }
         Ok(())
     }
@@ -437,6 +495,9 @@ impl Machine {
         let virtual_time = matches!(self.clock, Clock::Virtual { .. });
         loop {
             if !self.mid_exit {
+                if let Some(outcome) = self.pump_console() {
+                    return Ok(outcome);
+                }
                 control.publish_instructions(self.instructions().unwrap_or(0));
                 if control.attention() {
                     if let Some(outcome) = control.service(self) {
@@ -505,54 +566,112 @@ impl Machine {
                 if let Some(code) = devices.take_exit_request() {
                     return Ok(Some(Outcome::Exited(code)));
                 }
-            }
-            VmExit::MmioRead { addr, data } => match scratch_range(addr, data.len()) {
-                Some(r) => data.copy_from_slice(&scratch[r]),
-                None => {
-                    tracing::debug!(addr, len = data.len(), "read of unbacked memory");
-                    data.fill(0xff);
+                if devices.take_reset_request() {
+                    return Ok(Some(Outcome::Reset(
+                        "through the i8042 keyboard controller's reset line".into(),
+                    )));
                 }
-            },
-            VmExit::MmioWrite { addr, data } => match scratch_range(addr, data.len()) {
-                Some(r) => scratch[r].copy_from_slice(data),
-                None => tracing::debug!(addr, len = data.len(), "write to unbacked memory ignored"),
-            },
+            }
+            // MMIO goes to the devices first, then to the scratch window.
+            VmExit::MmioRead { addr, data } => {
+                if !devices.mmio_read(addr, data) {
+                    match scratch_range(addr, data.len()) {
+                        Some(r) => data.copy_from_slice(&scratch[r]),
+                        None => {
+                            tracing::debug!(addr, len = data.len(), "read of unbacked memory");
+                            data.fill(0xff);
+                        }
+                    }
+                }
+            }
+            VmExit::MmioWrite { addr, data } => {
+                if !devices.mmio_write(addr, data) {
+                    match scratch_range(addr, data.len()) {
+                        Some(r) => scratch[r].copy_from_slice(data),
+                        None => tracing::debug!(
+                            addr,
+                            len = data.len(),
+                            "write to unbacked memory ignored"
+                        ),
+                    }
+                }
+            }
             VmExit::Shutdown { reason } => return Ok(Some(Outcome::Shutdown(reason))),
             VmExit::Terminated { reason } => return Ok(Some(Outcome::Terminated(reason))),
             VmExit::Cpuid { result, .. } => *result = [0; 4],
             VmExit::RdMsr { fault, .. } | VmExit::WrMsr { fault, .. } => *fault = true,
             VmExit::BudgetExhausted | VmExit::Interrupted => {}
-            VmExit::Hlt => self.on_halt()?,
+            VmExit::Hlt => {
+                if let Some(outcome) = self.on_halt()? {
+                    return Ok(Some(outcome));
+                }
+            }
         }
         self.mid_exit = answer_needed || self.vcpus[0].exit_pending();
         Ok(None)
     }
 
-    /// HLT: skip virtual time to the next device deadline, or fail if none can wake the guest.
-    fn on_halt(&mut self) -> Result<(), MachineError> {
+    /// HLT. With interrupts disabled nothing can wake the guest: it powered off. Otherwise
+    /// virtual time skips to the next device deadline; while a console can still bring input,
+    /// the loop first waits for it in real time (at most until that deadline, and briefly),
+    /// so an idle interactive guest neither spins nor misses a key.
+    fn on_halt(&mut self) -> Result<Option<Outcome>, MachineError> {
         let bsp = &self.vcpus[0];
-        let rflags = bsp.get_regs()?.rflags;
-        let interrupts_on = rflags & esvm_arch::bits::rflags::IF != 0;
+        // From the interrupt-mask bit the hardware exposes: a protected (SEV-ES) vCPU's
+        // registers are not readable.
+        if !bsp.interrupts_enabled()? {
+            return Ok(Some(Outcome::PowerOff));
+        }
         let now = self.now();
-        match (&mut self.clock, self.devices.next_deadline_ns()) {
-            (Clock::Virtual { idle_ns }, Some(deadline)) if interrupts_on => {
+        let deadline = self.devices.next_deadline_ns();
+        if let Some(console) = self.console.as_mut().filter(|c| c.open()) {
+            let wait_ns = deadline.map_or(CONSOLE_IDLE_WAIT_NS, |d| {
+                d.saturating_sub(now).min(CONSOLE_IDLE_WAIT_NS)
+            });
+            if console.wait(Duration::from_nanos(wait_ns)) {
+                // Input arrived: the run loop hands it to the UART, whose interrupt wakes
+                // the guest; virtual time stays where it is.
+                return Ok(None);
+            }
+        }
+        match (&mut self.clock, deadline) {
+            (Clock::Virtual { idle_ns }, Some(deadline)) => {
                 let skip = deadline.saturating_sub(now);
                 *idle_ns += skip;
                 let tsc = bsp.get_tsc()?;
                 self.vcpus[0].set_tsc(tsc + skip)?;
-                Ok(())
+                Ok(None)
             }
-            (Clock::Host { .. }, _) if interrupts_on => {
+            (Clock::Host { .. }, _) => {
                 // KVM handles HLT in the kernel with its irqchip; a HLT exit here means no
                 // in-kernel device will wake it, but the serial line might; wait briefly.
-                std::thread::sleep(std::time::Duration::from_millis(1));
-                Ok(())
+                std::thread::sleep(Duration::from_millis(1));
+                Ok(None)
             }
-            _ => Err(MachineError::HaltedForever {
+            // Only the console could still wake it.
+            (Clock::Virtual { .. }, None) if self.console.as_ref().is_some_and(|c| c.open()) => {
+                Ok(None)
+            }
+            (Clock::Virtual { .. }, None) => Err(MachineError::HaltedForever {
                 vcpu: 0,
-                rip: bsp.get_regs()?.rip,
+                rip: bsp.get_regs().ok().map(|r| r.rip),
             }),
         }
+    }
+
+    /// Hand console input to COM1 as its FIFO has room; the user's Ctrl-A x ends the run.
+    fn pump_console(&mut self) -> Option<Outcome> {
+        let console = self.console.as_mut()?;
+        let devices = &mut self.devices;
+        console.pump(|bytes| devices.enqueue_serial_input(bytes));
+        console
+            .quit_requested()
+            .then(|| Outcome::Stopped("from the console (Ctrl-A x)".into()))
+    }
+
+    /// Feed COM1 from `console` (e.g. esvm's stdin) while the machine runs.
+    pub fn attach_console(&mut self, console: ConsoleInput) {
+        self.console = Some(console);
     }
 
     // ---------------------------------------------------------------- state
@@ -579,10 +698,10 @@ impl Machine {
             mmio_scratch: self.mmio_scratch.to_vec(),
             max_instructions: self.max_instructions,
             sev: self
-                .emu
-                .as_ref()
-                .filter(|e| e.sev_handle().is_some())
-                .and_then(|e| e.sev_host_state().ok()),
+                .vm
+                .sev()
+                .filter(|s| s.handle().is_some())
+                .and_then(|s| s.host_state().ok()),
         }
     }
 
@@ -615,12 +734,17 @@ impl Machine {
     /// SEV-ES: vCPU `id` as a VMSA transport packet (SEND_UPDATE_VMSA), at a clean point,
     /// during a send session.
     pub fn send_vcpu_sev(&self, id: u32) -> Result<SevVcpuTransfer, MachineError> {
-        Ok(self.clean_vcpu(id)?.sev_send_state()?)
+        let backend = self.config.backend;
+        Ok(vcpu_sev(self.clean_vcpu(id)?, backend)?.send_state()?)
     }
 
     /// SEV-ES: make vCPU `id` of a receiving machine the incoming one (RECEIVE_UPDATE_VMSA).
     pub fn receive_vcpu_sev(&mut self, id: u32, t: &SevVcpuTransfer) -> Result<(), MachineError> {
-        self.vcpu_mut(id)?.sev_receive_state(t)?;
+        let backend = self.config.backend;
+        self.vcpu_mut(id)?
+            .sev_mut()
+            .ok_or(HvError::NoSevSupport { backend })?
+            .receive_state(t)?;
         self.mid_exit = false;
         Ok(())
     }
@@ -667,12 +791,7 @@ impl Machine {
             }));
         }
         match (&s.sev, self.config.vm_type) {
-            (Some(sev), VmType::SevEs) => {
-                let emu = self.emu.as_ref().ok_or_else(|| {
-                    MachineError::State("SEV-ES state for a machine without the emu backend".into())
-                })?;
-                emu.sev_set_host_state(sev)?;
-            }
+            (Some(sev), VmType::SevEs) => self.sev()?.set_host_state(sev)?,
             (None, VmType::Plain) => {}
             (Some(_), VmType::Plain) => {
                 return Err(MachineError::State(

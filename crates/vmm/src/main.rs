@@ -22,8 +22,9 @@ use esvm::outcome::EXIT_ESVM_ERROR;
                   Exit status of `esvm run`: the guest's own status (the value it wrote to the \
                   debug-exit port 0xF4, & 0xff); 124 if the guest shut down (triple fault); \
                   123 if --max-instructions ran out; 122 if an SEV-ES guest terminated itself through \
-                  the GHCB (the reason is printed); 125 if esvm itself failed; 0 with a message when the VM \
-                  was live-migrated away (it runs at the destination now). `esvm receive` and \
+                  the GHCB (the reason is printed); 125 if esvm itself failed; 0 with a message when the guest \
+                  reset itself (a reboot) or powered off, when the VM was stopped from the console \
+                  (Ctrl-A x) or live-migrated away (it runs at the destination now). `esvm receive` and \
                   `esvm restore` exit the same way."
 )]
 struct Cli {
@@ -63,6 +64,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or a pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
@@ -70,10 +73,10 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl::run(args),
         Command::Receive(args) => receive::run(args),
         Command::Restore(args) => restore::run(args),
-        Command::Platform(cmd) => platform::run_platform(cmd).map(|()| 0).map_err(Into::into),
-        Command::Owner(cmd) => owner::run_owner(cmd, Some(&esvm::sev_launch::LaunchPredictor))
-            .map(|()| 0)
-            .map_err(Into::into),
+        Command::Platform(cmd) => platform::run_platform(cmd).map(|()| 0),
+        Command::Owner(cmd) => {
+            owner::run_owner(cmd, Some(&esvm::sev_launch::LaunchPredictor)).map(|()| 0)
+        }
         Command::Guests => {
             run::list_guests();
             Ok(0)
@@ -82,10 +85,16 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("esvm: error: {e}");
+            // Each cause once: many messages already end with their source's text.
+            let mut printed = e.to_string();
+            eprintln!("esvm: error: {printed}");
             let mut source = std::error::Error::source(&*e);
             while let Some(s) = source {
-                eprintln!("  caused by: {s}");
+                let text = s.to_string();
+                if !printed.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                    printed.push_str(&text);
+                }
                 source = s.source();
             }
             ExitCode::from(EXIT_ESVM_ERROR)

@@ -4,8 +4,9 @@
 //!
 //! What travels (see `docs/migration-protocol.md` for the frames):
 //! * `Config`: memory size, vCPU count, VM type, no feature bits, and as extra compatibility
-//!   data [`COMPAT_EXTRA`], the names of this VMM's state formats: a destination that
-//!   serialises differently refuses before any memory moves.
+//!   data [`compat_extra`], the names and versions of this VMM's state formats (derived from
+//!   their version constants, every device's included): a destination that serialises
+//!   differently refuses before any memory moves.
 //! * pages: the first pass carries every page ever written (the destination starts zeroed;
 //!   see [`crate::dirty`]), later passes the dirty log.
 //! * `DeviceState`: the [`MachineState`] as JSON (devices, virtual clock, instruction
@@ -16,7 +17,7 @@
 //! answers `Config` with its platform's certificate chain; the source checks it against the
 //! root the operator trusts (`esvm ctl migrate --trust CHAIN`; by default the root its own
 //! platform trusts) and runs SEND_START (the firmware enforces NOSEND, DOMAIN, ES and the
-//! minimum API version). Pages go as [`esvm_hv::emu::PagePacket`]s (private pages as
+//! minimum API version). Pages go as [`esvm_hv::sev::PagePacket`]s (private pages as
 //! SEND_UPDATE_DATA packets), each vCPU as a [`SevVcpuTransfer`] (SEND_UPDATE_VMSA with the
 //! tracked extension), and `Complete` carries the send transcript tag for RECEIVE_FINISH.
 //! The source's SEND_FINISH happens only after the destination committed; any failure
@@ -24,10 +25,10 @@
 
 use std::io::Write;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use esvm_hv::emu::{EmuVm, SevSessionStart, SevVcpuTransfer};
-use esvm_hv::{BackendKind, VmType};
+use esvm_hv::sev::{SevSessionStart, SevVcpuTransfer, SevVm};
+use esvm_hv::{BackendKind, Vm, VmType};
 use esvm_migration::{
     GuestType, MigrationConfig, MigrationSource, MigrationTarget, PageSet, SourceError,
     TargetError, PAGE_SIZE,
@@ -39,13 +40,29 @@ use thiserror::Error;
 use crate::lifecycle::LifecycleError;
 use crate::machine::{
     Machine, MachineConfig, MachineHandle, MachineState, MigrationTicket, StoppedGuard,
+    MACHINE_STATE_VERSION,
 };
 use crate::ram::RamError;
 use crate::runctl::PARK_TIMEOUT;
 
 /// The VMM-specific compatibility data of the `Config` frame: the formats of the state this
-/// VMM sends. Both sides must agree exactly.
-pub const COMPAT_EXTRA: &[u8] = b"esvm machine-state/1 vcpu-snapshot/1 sev-transfer/1 json";
+/// VMM sends, derived from their version constants — the machine state
+/// ([`MACHINE_STATE_VERSION`], which follows the devices' state format) and every device's
+/// id and state version ([`esvm_devices::state_format`]). Both sides must agree exactly, e.g.
+/// `esvm machine-state/2 devices/2 bench-marker/1 com1/1 ... vcpu-snapshot/1 sev-transfer/1
+/// json`.
+pub fn compat_extra() -> &'static [u8] {
+    static EXTRA: OnceLock<Vec<u8>> = OnceLock::new();
+    EXTRA.get_or_init(|| {
+        format!(
+            "esvm machine-state/{MACHINE_STATE_VERSION} {} vcpu-snapshot/{} sev-transfer/{} json",
+            esvm_devices::state_format(),
+            esvm_arch::VcpuSnapshot::VERSION,
+            esvm_hv::sev::SEV_TRANSFER_VERSION,
+        )
+        .into_bytes()
+    })
+}
 
 /// Why the trusted root for an SEV-ES destination could not be read.
 #[allow(missing_docs)] // Each variant is documented by its #[error] message.
@@ -127,12 +144,13 @@ pub fn migration_config(c: &MachineConfig) -> MigrationConfig {
             VmType::SevEs => GuestType::SevEs,
         },
         features: 0,
-        extra: COMPAT_EXTRA.to_vec(),
+        extra: compat_extra().to_vec(),
     }
 }
 
-fn source_err(what: &str, e: impl std::fmt::Display) -> SourceError {
-    SourceError::failed(format!("{what}: {e}"))
+/// `what` failed with `e` (kept as the error's source); the message is `"{what}: {e}"`.
+fn source_err(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SourceError {
+    SourceError::failed_by(what, e)
 }
 
 /// The source VM as the migration sender drives it (on the migration thread, while the run
@@ -176,10 +194,10 @@ impl MachineSource {
         self
     }
 
-    fn emu(&self) -> Result<&Arc<EmuVm>, SourceError> {
+    fn sev(&self) -> Result<&dyn SevVm, SourceError> {
         self.h
-            .emu
-            .as_ref()
+            .vm
+            .sev()
             .ok_or_else(|| SourceError::failed("SEV-ES guests run only on the emu backend"))
     }
 
@@ -260,14 +278,18 @@ impl MigrationSource for MachineSource {
                 e,
             )
         })?;
-        let emu = self.emu()?.clone();
+        let sev = self.sev()?;
         let root = match &self.trust {
             Some(ark) => ark.clone(),
             None => {
-                let ctx = emu
-                    .sev_context()
+                let psp = sev
+                    .platform()
                     .ok_or_else(|| SourceError::failed("the VM has no SEV-ES guest context"))?;
-                let ark = ctx.psp().trusted_ark().clone();
+                let ark = psp
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .trusted_ark()
+                    .clone();
                 ark
             }
         };
@@ -282,28 +304,28 @@ impl MigrationSource for MachineSource {
                 }
             ))
         })?;
-        let start = emu
-            .sev_send_start(target_certs)
+        let start = sev
+            .send_start(target_certs)
             .map_err(|e| source_err("SEND_START refused", e))?;
         Ok(start.to_bytes())
     }
 
     fn sev_page_packet(&mut self, page: u64, out: &mut Vec<u8>) -> Result<(), SourceError> {
-        self.emu()?
-            .sev_send_page(page, out)
+        self.sev()?
+            .send_page(page, out)
             .map_err(|e| source_err("SEND_UPDATE_DATA", e))
     }
 
     fn sev_finish_blob(&mut self) -> Result<Vec<u8>, SourceError> {
-        self.emu()?
-            .sev_send_transcript_tag()
+        self.sev()?
+            .send_transcript_tag()
             .map(|t| t.to_vec())
             .map_err(|e| source_err("reading the send transcript tag", e))
     }
 
     fn sev_send_cancel(&mut self) -> Result<(), SourceError> {
-        self.emu()?
-            .sev_send_cancel()
+        self.sev()?
+            .send_cancel()
             .map_err(|e| source_err("SEND_CANCEL", e))
     }
 
@@ -360,8 +382,8 @@ impl MigrationSource for MachineSource {
         self.stopped = None;
         if self.h.config.vm_type == VmType::SevEs {
             // The destination committed: the guest left this platform for good.
-            if let Some(emu) = &self.h.emu {
-                if let Err(e) = emu.sev_send_finish() {
+            if let Some(sev) = self.h.vm.sev() {
+                if let Err(e) = sev.send_finish() {
                     tracing::warn!("SEND_FINISH after the destination committed: {e}");
                 }
             }
@@ -397,8 +419,10 @@ pub struct MachineTarget {
     committed: bool,
 }
 
-fn refused(what: &str, e: impl std::fmt::Display) -> TargetError {
-    TargetError::Refused(format!("{what}: {e}"))
+/// `what` was refused because of `e` (kept as the error's source); the message is
+/// `"refused: {what}: {e}"`.
+fn refused(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> TargetError {
+    TargetError::refused_by(what, e)
 }
 
 impl MachineTarget {
@@ -433,11 +457,9 @@ impl MachineTarget {
         self
     }
 
-    fn emu(&mut self) -> Result<Arc<EmuVm>, TargetError> {
-        self.machine_mut()?
-            .emu_vm()
-            .cloned()
-            .ok_or_else(|| TargetError::Failed("SEV-ES guests need the emu backend".into()))
+    /// The incoming VM, for its SEV-ES extension ([`sev_of`]).
+    fn vm(&mut self) -> Result<Arc<dyn Vm>, TargetError> {
+        Ok(self.machine_mut()?.vm().clone())
     }
 
     /// The received machine, once committed.
@@ -454,6 +476,12 @@ impl MachineTarget {
             TargetError::Failed("no machine: the configuration was not accepted".into())
         })
     }
+}
+
+/// `vm`'s SEV-ES extension (RECEIVE_*), or the refusal of a destination without one.
+fn sev_of(vm: &dyn Vm) -> Result<&dyn SevVm, TargetError> {
+    vm.sev()
+        .ok_or_else(|| TargetError::Failed("SEV-ES guests need the emu backend".into()))
 }
 
 impl MigrationTarget for MachineTarget {
@@ -487,12 +515,12 @@ impl MigrationTarget for MachineTarget {
                     .to_bytes()
             }
         };
-        if config.extra != COMPAT_EXTRA {
+        if config.extra != compat_extra() {
             return Err(TargetError::Incompatible(format!(
                 "the source's state formats are {:?}, this destination reads {:?}; run the \
                  same esvm version on both hosts",
                 String::from_utf8_lossy(&config.extra),
-                String::from_utf8_lossy(COMPAT_EXTRA)
+                String::from_utf8_lossy(compat_extra())
             )));
         }
         if config.features != 0 {
@@ -535,20 +563,22 @@ impl MigrationTarget for MachineTarget {
             .platform
             .clone()
             .ok_or_else(|| TargetError::Failed("no SEV platform".into()))?;
-        let emu = self.emu()?;
-        emu.sev_receive_start(psp, &start)
+        let vm = self.vm()?;
+        let sev = sev_of(vm.as_ref())?;
+        sev.receive_start(psp, &start)
             .map_err(|e| refused("RECEIVE_START", e))?;
         if self.prealloc {
             // The guest's private pages live in the encrypted view's own backing: fault it
             // in too, before the pages arrive.
-            emu.phys().prefault_private();
+            sev.prealloc_private();
         }
         Ok(())
     }
 
     fn receive_page_packet(&mut self, page: u64, packet: &[u8]) -> Result<(), TargetError> {
-        self.emu()?
-            .sev_receive_page(page, packet)
+        let vm = self.vm()?;
+        sev_of(vm.as_ref())?
+            .receive_page(page, packet)
             .map_err(|e| refused(&format!("page {page}"), e))?;
         if let Some(r) = self.received.as_mut() {
             r.set(page);
@@ -563,8 +593,9 @@ impl MigrationTarget for MachineTarget {
                 blob.len()
             ))
         })?;
-        self.emu()?
-            .sev_receive_finish(&tag)
+        let vm = self.vm()?;
+        sev_of(vm.as_ref())?
+            .receive_finish(&tag)
             .map_err(|e| refused("RECEIVE_FINISH", e))
     }
 
@@ -578,7 +609,7 @@ impl MigrationTarget for MachineTarget {
         self.machine_mut()?
             .exclusive_ram()
             .and_then(|ram| ram.pages_mut(first_page, count))
-            .map_err(|e| TargetError::Failed(e.to_string()))
+            .map_err(TargetError::failed_by)
     }
 
     fn apply_device_state(&mut self, state: &[u8]) -> Result<(), TargetError> {
@@ -586,13 +617,10 @@ impl MigrationTarget for MachineTarget {
             serde_json::from_slice(state).map_err(|e| refused("the device state", e))?;
         let vcpus = self.machine_mut()?.config().vcpus as usize;
         if s.instructions.len() != vcpus {
-            return Err(refused(
-                "the device state",
-                format!(
-                    "it describes {} vCPUs, the VM has {vcpus}",
-                    s.instructions.len()
-                ),
-            ));
+            return Err(TargetError::Refused(format!(
+                "the device state: it describes {} vCPUs, the VM has {vcpus}",
+                s.instructions.len()
+            )));
         }
         self.state = Some(s);
         Ok(())
@@ -632,8 +660,8 @@ impl MigrationTarget for MachineTarget {
     fn abort(&mut self) {
         // The machine never ran and nobody else holds it: free what it received at once.
         if let Some(mut m) = self.machine.take() {
-            if let Some(emu) = m.emu_vm().filter(|e| e.sev_handle().is_some()) {
-                if let Err(e) = emu.sev_decommission() {
+            if let Some(sev) = m.vm().sev().filter(|s| s.handle().is_some()) {
+                if let Err(e) = sev.decommission() {
                     tracing::warn!("DECOMMISSION of the aborted incoming guest: {e}");
                 }
             }
@@ -775,7 +803,7 @@ mod tests {
             .unwrap();
         crate::sev_launch::launch_on(
             &mut m,
-            &boot,
+            &crate::sev_launch::measured_regions(&boot),
             psp,
             &crate::sev_launch::SevLaunchArgs {
                 platform: std::path::Path::new("-"),
@@ -934,7 +962,21 @@ mod tests {
         c.extra = b"other".to_vec();
         let e = t.accept_config(&c).unwrap_err();
         assert!(e.to_string().contains("same esvm version"), "{e}");
-        c.extra = COMPAT_EXTRA.to_vec();
+        // A source from before the device registry (machine state 1, fixed device fields).
+        c.extra = b"esvm machine-state/1 vcpu-snapshot/1 sev-transfer/1 json".to_vec();
+        let e = t.accept_config(&c).unwrap_err().to_string();
+        assert!(e.contains("machine-state/1 vcpu-snapshot/1"), "{e}");
+        assert!(e.contains("same esvm version"), "{e}");
+        let ours = String::from_utf8(compat_extra().to_vec()).unwrap();
+        assert!(
+            ours.starts_with("esvm machine-state/2 devices/2 "),
+            "{ours}"
+        );
+        assert!(
+            ours.contains(" com1/1 ") && ours.contains(" pic/1 "),
+            "{ours}"
+        );
+        c.extra = compat_extra().to_vec();
         assert_eq!(t.accept_config(&c).unwrap(), Vec::<u8>::new());
         assert!(t.apply_device_state(b"{not json").is_err());
         assert!(t.apply_vcpu_state(0, b"[]").is_err());

@@ -29,6 +29,14 @@ pub enum Outcome {
     /// The VM was live-migrated to the destination at this URL, which committed: the guest
     /// runs there now and never runs here again.
     Migrated(String),
+    /// The guest reset the machine (e.g. Linux's reboot through the i8042 reset line);
+    /// esvm does not reboot guests, it ends the VM as Firecracker does. `how` says how.
+    Reset(String),
+    /// The guest powered off: it halted with interrupts disabled, so nothing can wake it
+    /// (Linux's power-off without ACPI ends that way).
+    PowerOff,
+    /// The user stopped the VM from the console (Ctrl-A x).
+    Stopped(String),
 }
 
 impl Outcome {
@@ -40,7 +48,7 @@ impl Outcome {
             Outcome::Shutdown(_) => EXIT_GUEST_SHUTDOWN,
             Outcome::Terminated(_) => EXIT_GUEST_TERMINATED,
             Outcome::InstructionLimit(_) => EXIT_INSTRUCTION_LIMIT,
-            Outcome::Migrated(_) => 0,
+            Outcome::Migrated(_) | Outcome::Reset(_) | Outcome::PowerOff | Outcome::Stopped(_) => 0,
         }
     }
 
@@ -59,6 +67,11 @@ impl Outcome {
                 format!("the guest stopped after {n} instructions (--max-instructions)")
             }
             Outcome::Migrated(url) => format!("the VM migrated to {url}"),
+            Outcome::Reset(how) => format!("the guest reset itself ({how})"),
+            Outcome::PowerOff => {
+                "the guest powered off (it halted with interrupts disabled)".to_string()
+            }
+            Outcome::Stopped(how) => format!("the VM was stopped {how}"),
         }
     }
 }
@@ -76,5 +89,13 @@ mod tests {
         assert_eq!(Outcome::Migrated("tcp://h:1".into()).exit_status(), 0);
         assert!(Outcome::Shutdown("x".into()).is_failure());
         assert!(!Outcome::InstructionLimit(1).is_failure());
+        for ended in [
+            Outcome::Reset("i8042".into()),
+            Outcome::PowerOff,
+            Outcome::Stopped("by the user".into()),
+        ] {
+            assert_eq!(ended.exit_status(), 0);
+            assert!(!ended.is_failure());
+        }
     }
 }

@@ -63,6 +63,10 @@ pub fn run(machine: &mut Machine, opts: &RunOptions) -> Result<Outcome, SessionE
         None => None,
     };
     let outcome = machine.run();
+    if let (Ok(o), Some(n)) = (&outcome, machine.instructions()) {
+        // Deterministic on the emu backend: the same inputs retire the same count.
+        tracing::info!(instructions = n, "{}", o.describe());
+    }
     // A migration still running when the guest ended is cancelled; one that committed has
     // finished its bookkeeping (status `completed`) once the thread is joined.
     handle.finish_migration();

@@ -4,20 +4,27 @@
 //! image and the loader's boot structures, LAUNCH_UPDATE_VMSA for each vCPU (its initial state
 //! synced in, FPU/SSE included), LAUNCH_MEASURE (printed, optionally written to a file), an
 //! optional LAUNCH_UPDATE_SECRET, LAUNCH_FINISH. From then on the host sees only ciphertext.
+//!
+//! The sequence runs on the hypervisor's type-state [`Launcher`] (`New` → `Started` →
+//! `Measured` → finished), so its order is checked by the compiler: [`start`] gives the
+//! `Launcher<Started>`, [`measure`] the `Launcher<Measured>` (which a caller may keep, e.g.
+//! to wait for the owner's secret), [`finish`] injects the secret, if any, and ends it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use esvm_hv::Vm;
-use esvm_loader::bootinfo::layout;
+use esvm_arch::layout;
+use esvm_hv::sev::{Launched, Launcher, Measured, Started};
+use esvm_hv::HvError;
 use esvm_loader::BootState;
 use esvm_psp::{LaunchStart, Measurement, Policy, Psp};
 use thiserror::Error;
 
 use crate::machine::Machine;
 
-/// Where LAUNCH_UPDATE_SECRET places an owner's secret (one page; see docs/sev-es-guest.md).
-pub const SECRET_GPA: u64 = 0x4000;
+/// Where LAUNCH_UPDATE_SECRET places an owner's secret (one page; see docs/sev-es-guest.md
+/// and the memory map, `esvm_arch::layout::SECRET_ADDR`).
+pub const SECRET_GPA: u64 = layout::SECRET_ADDR;
 
 /// The launch policy used without `--session`: ES, nothing else.
 pub const DEFAULT_POLICY: u32 = Policy::ES;
@@ -26,14 +33,34 @@ pub const DEFAULT_POLICY: u32 = Policy::ES;
 #[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum SevLaunchError {
-    #[error("cannot open the platform in {dir}: {reason}. Create one with `esvm platform init --dir {dir}`")]
-    Platform { dir: PathBuf, reason: String },
-    #[error("cannot read the owner's session in {dir}: {reason}")]
-    Session { dir: PathBuf, reason: String },
+    #[error("cannot open the platform in {dir}: {source}. Create one with `esvm platform init --dir {dir}`")]
+    Platform {
+        dir: PathBuf,
+        #[source]
+        source: esvm_psp::StorageError,
+    },
+    #[error("cannot open the platform in {dir}: {source}. Create one with `esvm platform init --dir {dir}`")]
+    PlatformInit {
+        dir: PathBuf,
+        #[source]
+        source: esvm_psp::PspError,
+    },
+    #[error("cannot read the owner's session in {dir}: {source}")]
+    Session {
+        dir: PathBuf,
+        #[source]
+        source: esvm_owner::OwnerError,
+    },
     #[error("the policy {0:#x} lacks the ES bit: SEV-ES guests need policy bit 2 (0x4)")]
     NotEs(u32),
     #[error("cannot read the secret packet {path}: {reason}")]
     Secret { path: PathBuf, reason: String },
+    #[error("cannot read the secret packet {path}: {source}")]
+    SecretRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write the measurement to {path}: {source}")]
     MeasurementOut {
         path: PathBuf,
@@ -41,7 +68,9 @@ pub enum SevLaunchError {
         source: std::io::Error,
     },
     #[error("SEV-ES launch failed: {0}")]
-    Launch(String),
+    Launch(#[source] HvError),
+    #[error("SEV-ES launch failed: {0}")]
+    Machine(#[source] crate::machine::MachineError),
     #[error("cannot launch a machine that is already shared: {0}")]
     Shared(#[source] crate::ram::RamError),
 }
@@ -73,101 +102,131 @@ pub fn measured_regions(boot: &BootState) -> Vec<(u64, u64)> {
 
 /// Open (and INIT) the platform firmware from its NV storage.
 pub fn open_platform(dir: &Path) -> Result<Arc<Mutex<Psp>>, SevLaunchError> {
-    let mut psp = Psp::open(dir).map_err(|e| SevLaunchError::Platform {
+    let mut psp = Psp::open(dir).map_err(|source| SevLaunchError::Platform {
         dir: dir.to_path_buf(),
-        reason: e.to_string(),
+        source,
     })?;
     if psp.state() == esvm_psp::PlatformState::Uninit {
-        psp.init().map_err(|e| SevLaunchError::Platform {
+        psp.init().map_err(|source| SevLaunchError::PlatformInit {
             dir: dir.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
     }
     Ok(Arc::new(Mutex::new(psp)))
 }
 
-/// Run the launch sequence on a machine whose guest is loaded (with the C-bit page tables).
+/// Run the launch sequence on a machine whose guest is loaded (with the C-bit page tables);
+/// `regions` (guest-physical start, length) are what LAUNCH_UPDATE_DATA encrypts and
+/// measures, in order: [`measured_regions`] for esvm's own guests,
+/// `LinuxBoot::written_pages` for a Linux kernel.
 pub fn launch(
     machine: &mut Machine,
-    boot: &BootState,
+    regions: &[(u64, u64)],
     args: &SevLaunchArgs<'_>,
 ) -> Result<Measurement, SevLaunchError> {
     let psp = open_platform(args.platform)?;
-    launch_on(machine, boot, psp, args)
+    launch_on(machine, regions, psp, args)
 }
 
 /// [`launch`] on an open platform (`args.platform` is not read).
 pub fn launch_on(
     machine: &mut Machine,
-    boot: &BootState,
+    regions: &[(u64, u64)],
     psp: Arc<Mutex<Psp>>,
     args: &SevLaunchArgs<'_>,
 ) -> Result<Measurement, SevLaunchError> {
-    let req = match args.session {
+    let started = start(machine, regions, psp, args)?;
+    let measured = measure(started, args)?;
+    Ok(finish(measured, args)?.measurement)
+}
+
+/// The LAUNCH_START request `args` ask for: the owner's session (and its policy) or a
+/// policy of their own.
+fn launch_request(args: &SevLaunchArgs<'_>) -> Result<LaunchStart, SevLaunchError> {
+    let (policy, owner) = match args.session {
         Some(dir) => {
             let (policy, owner) =
-                esvm_owner::launch_request(dir).map_err(|e| SevLaunchError::Session {
+                esvm_owner::launch_request(dir).map_err(|source| SevLaunchError::Session {
                     dir: dir.to_path_buf(),
-                    reason: e.to_string(),
+                    source,
                 })?;
-            if !policy.es() {
-                return Err(SevLaunchError::NotEs(policy.0));
-            }
-            LaunchStart {
-                policy,
-                owner: Some(owner),
-                share_key_with: None,
-            }
+            (policy, Some(owner))
         }
-        None => {
-            let policy = Policy(args.policy.unwrap_or(DEFAULT_POLICY));
-            if !policy.es() {
-                return Err(SevLaunchError::NotEs(policy.0));
-            }
-            LaunchStart {
-                policy,
-                owner: None,
-                share_key_with: None,
-            }
-        }
+        None => (Policy(args.policy.unwrap_or(DEFAULT_POLICY)), None),
     };
+    if !policy.es() {
+        return Err(SevLaunchError::NotEs(policy.0));
+    }
+    Ok(LaunchStart {
+        policy,
+        owner,
+        share_key_with: None,
+    })
+}
+
+/// LAUNCH_START on `psp`, LAUNCH_UPDATE_DATA of `regions` in order, LAUNCH_UPDATE_VMSA of
+/// every vCPU: the launch of `machine` (loaded, not shared), ready to be measured.
+pub fn start(
+    machine: &mut Machine,
+    regions: &[(u64, u64)],
+    psp: Arc<Mutex<Psp>>,
+    args: &SevLaunchArgs<'_>,
+) -> Result<Launcher<Started>, SevLaunchError> {
+    let req = launch_request(args)?;
     // LAUNCH_UPDATE_DATA encrypts guest memory in place: nobody else may see it meanwhile.
     machine.ensure_exclusive().map_err(SevLaunchError::Shared)?;
-    let l = |e: esvm_hv::HvError| SevLaunchError::Launch(e.to_string());
-    let emu = machine
-        .emu_vm()
-        .cloned()
-        .ok_or_else(|| SevLaunchError::Launch("SEV-ES guests need the emu backend".into()))?;
-    emu.sev_launch_start(psp, &req).map_err(l)?;
-    for (gpa, len) in measured_regions(boot) {
-        emu.sev_launch_update_data(gpa, len).map_err(l)?;
+    let mut launcher = Launcher::new(machine.vm().clone())
+        .and_then(|l| l.start(psp, &req))
+        .map_err(SevLaunchError::Launch)?;
+    for &(gpa, len) in regions {
+        launcher
+            .update_data(gpa, len)
+            .map_err(SevLaunchError::Launch)?;
     }
     machine
-        .launch_update_vmsas()
-        .map_err(|e| SevLaunchError::Launch(e.to_string()))?;
-    let measurement = emu.sev_launch_measure().map_err(l)?;
+        .launch_update_vmsas(&mut launcher)
+        .map_err(SevLaunchError::Machine)?;
+    Ok(launcher)
+}
+
+/// LAUNCH_MEASURE; the measurement is written to `args.measurement_out`, if given.
+pub fn measure(
+    started: Launcher<Started>,
+    args: &SevLaunchArgs<'_>,
+) -> Result<Launcher<Measured>, SevLaunchError> {
+    let measured = started.measure().map_err(SevLaunchError::Launch)?;
     if let Some(path) = args.measurement_out {
-        std::fs::write(path, measurement.to_file_bytes()).map_err(|source| {
+        std::fs::write(path, measured.measurement().to_file_bytes()).map_err(|source| {
             SevLaunchError::MeasurementOut {
                 path: path.to_path_buf(),
                 source,
             }
         })?;
     }
+    Ok(measured)
+}
+
+/// LAUNCH_SECRET of the owner's packet in `args.secret` (at [`SECRET_GPA`]), if given, and
+/// LAUNCH_FINISH: the guest may run.
+pub fn finish(
+    mut measured: Launcher<Measured>,
+    args: &SevLaunchArgs<'_>,
+) -> Result<Launched, SevLaunchError> {
     if let Some(path) = args.secret {
-        let bytes = std::fs::read(path).map_err(|e| SevLaunchError::Secret {
+        let bytes = std::fs::read(path).map_err(|source| SevLaunchError::SecretRead {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
         let (header, ct) =
             esvm_owner::parse_secret_packet(&bytes).ok_or_else(|| SevLaunchError::Secret {
                 path: path.to_path_buf(),
                 reason: "not a secret packet (header + ciphertext) from `esvm owner secret`".into(),
             })?;
-        emu.sev_launch_secret(SECRET_GPA, &header, &ct).map_err(l)?;
+        measured
+            .inject_secret(SECRET_GPA, &header, &ct)
+            .map_err(SevLaunchError::Launch)?;
     }
-    emu.sev_launch_finish().map_err(l)?;
-    Ok(measurement)
+    measured.finish().map_err(SevLaunchError::Launch)
 }
 
 /// Lower-case hex.
@@ -181,13 +240,39 @@ pub fn hex(bytes: &[u8]) -> String {
 /// the measured regions and the initial VMSA, without any secure processor.
 pub struct LaunchPredictor;
 
+/// Why [`LaunchPredictor`] could not predict a launch.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
+#[derive(Debug, Error)]
+pub enum PredictError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Machine(#[from] crate::machine::MachineError),
+    #[error("{0}")]
+    Memory(#[from] esvm_hv::MemoryError),
+}
+
 impl esvm_owner::GuestMeasurer for LaunchPredictor {
     fn measured_launch(
         &self,
         image: &Path,
         _policy: Policy,
-    ) -> Result<esvm_owner::MeasuredLaunch, String> {
-        let elf = std::fs::read(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    ) -> Result<esvm_owner::MeasuredLaunch, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.predict(image)?)
+    }
+}
+
+impl LaunchPredictor {
+    /// [`esvm_owner::GuestMeasurer::measured_launch`], with its error type.
+    pub fn predict(&self, image: &Path) -> Result<esvm_owner::MeasuredLaunch, PredictError> {
+        let elf = std::fs::read(image).map_err(|source| PredictError::Read {
+            path: image.to_path_buf(),
+            source,
+        })?;
         let config = crate::machine::MachineConfig {
             backend: esvm_hv::BackendKind::Emu,
             vm_type: esvm_hv::VmType::SevEs,
@@ -195,19 +280,15 @@ impl esvm_owner::GuestMeasurer for LaunchPredictor {
             vcpus: 1,
             max_instructions: None,
         };
-        let mut m = Machine::new(&config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;
-        let boot = m.load(&elf, "").map_err(|e| e.to_string())?;
+        let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+        let boot = m.load(&elf, "")?;
         let mut regions = Vec::new();
         for (gpa, len) in measured_regions(&boot) {
             let mut data = vec![0u8; len as usize];
-            m.emu_vm()
-                .ok_or("no emu VM")?
-                .memory()
-                .read(gpa, &mut data)
-                .map_err(|e| e.to_string())?;
+            m.vm().memory().read(gpa, &mut data)?;
             regions.push((gpa, data));
         }
-        let vmsas = m.initial_vmsas().map_err(|e| e.to_string())?;
+        let vmsas = m.initial_vmsas()?;
         Ok(esvm_owner::MeasuredLaunch { regions, vmsas })
     }
 }

@@ -1,6 +1,6 @@
 //! Snapshots: `esvm ctl snapshot DIR` writes one, `esvm restore DIR` runs it.
 //!
-//! # Plain guests (format version 1)
+//! # Plain guests (format version 3)
 //!
 //! A snapshot directory holds two files:
 //!
@@ -13,7 +13,7 @@
 //!   [`VcpuSnapshot`], and the index of the stored memory: runs of at most 1024 pages, each
 //!   with the CRC32C of its bytes.
 //!
-//! # SEV-ES guests: sealed to their platform (format version 2)
+//! # SEV-ES guests: sealed to their platform (format version 4)
 //!
 //! The host can read neither an SEV-ES guest's private memory nor its vCPUs, so a snapshot
 //! of one is a live migration to its **own** platform that never finishes: SEND_START
@@ -26,18 +26,25 @@
 //! directory holds:
 //!
 //! * `memory.sev` — the page packets back to back, in ascending page order, exactly as live
-//!   migration sends them ([`esvm_hv::emu::PagePacket`]): a private page as its firmware
+//!   migration sends them ([`esvm_hv::sev::PagePacket`]): a private page as its firmware
 //!   transport packet ([`PRIVATE_PACKET_LEN`] bytes: kind, header with IV and MAC,
 //!   ciphertext), a shared page (one the guest shares with the host, e.g. its GHCB) as its
 //!   host-visible bytes ([`SHARED_PACKET_LEN`] bytes: kind, page).
-//! * `vm.state` — the same header and checksum as above with version 2; its JSON has no
+//! * `vm.state` — the same header and checksum as above with version 4; its JSON has no
 //!   vCPU snapshots and no memory runs but a `sev` section ([`SealedState`]): the
 //!   SEND_START output, each vCPU's VMSA packet with the hypervisor's own vCPU state, the
 //!   transcript tag, and the index of `memory.sev`: runs of at most 1024 consecutive pages
 //!   of one kind, each with the CRC32C of its packets (a run starts where the one before it
 //!   ends). The [`MachineState`] carries the hypervisor's VM-wide GHCB state.
 //!
-//! Plain snapshots keep version 1, byte for byte as before.
+//! # Versions
+//! The format versions are derived ([`SNAPSHOT_VERSION`], [`SEALED_SNAPSHOT_VERSION`]): a
+//! generation that goes up with the files' own layout and with the machine state they hold
+//! ([`MACHINE_STATE_VERSION`](crate::machine::MACHINE_STATE_VERSION), which follows the
+//! devices' state format); plain snapshots are odd (2 x generation - 1), sealed ones even.
+//! Generation 1 (versions 1 and 2) kept the devices in fixed fields; generation 2 keeps them
+//! by id (`esvm_devices::DevicesState`). A snapshot of an older generation is refused before
+//! anything is read beyond its header, with a message saying so.
 //!
 //! # Writing and restoring
 //!
@@ -59,14 +66,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use esvm_arch::VcpuSnapshot;
-use esvm_hv::emu::{
-    EmuVm, PagePacket, SevSessionStart, SevVcpuTransfer, PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
+use esvm_hv::sev::{
+    PagePacket, SevSessionStart, SevVcpuTransfer, SevVm, PRIVATE_PACKET_LEN, SHARED_PACKET_LEN,
 };
 use esvm_hv::{BackendKind, HvError, VmType};
 use esvm_migration::PageSet;
 use thiserror::Error;
 
-use crate::machine::{Machine, MachineConfig, MachineHandle, MachineState, StoppedGuard};
+use crate::machine::{
+    Machine, MachineConfig, MachineHandle, MachineState, StoppedGuard, MACHINE_STATE_VERSION,
+};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
 
 /// Name of the state file in a snapshot directory.
@@ -75,10 +84,16 @@ pub const STATE_FILE: &str = "vm.state";
 pub const MEMORY_FILE: &str = "memory.img";
 /// Name of the memory file of a sealed SEV-ES snapshot.
 pub const SEALED_MEMORY_FILE: &str = "memory.sev";
-/// Format version of plain snapshots.
-pub const SNAPSHOT_VERSION: u32 = 1;
-/// Format version of sealed SEV-ES snapshots.
-pub const SEALED_SNAPSHOT_VERSION: u32 = 2;
+/// Generation of the snapshot files' own layout (header, manifest, memory index); bump it
+/// when they change.
+const SNAPSHOT_LAYOUT_VERSION: u32 = 1;
+/// Generation of the snapshot format: it goes up with the files' layout and with the
+/// machine state they hold (and so with the devices' state format).
+const SNAPSHOT_GENERATION: u32 = SNAPSHOT_LAYOUT_VERSION + MACHINE_STATE_VERSION - 1;
+/// Format version of plain snapshots (odd).
+pub const SNAPSHOT_VERSION: u32 = 2 * SNAPSHOT_GENERATION - 1;
+/// Format version of sealed SEV-ES snapshots (even).
+pub const SEALED_SNAPSHOT_VERSION: u32 = 2 * SNAPSHOT_GENERATION;
 const MAGIC: &str = "ESVM-SNAPSHOT";
 /// Largest state file accepted (the JSON of devices and vCPUs is far smaller).
 const MAX_STATE_LEN: u64 = 256 << 20;
@@ -102,23 +117,50 @@ pub enum SnapshotError {
     NotASnapshot(PathBuf),
     #[error("{path} is corrupt: {why}; the snapshot cannot be restored")]
     Corrupt { path: PathBuf, why: String },
+    #[error("{path} is corrupt: {what}: {source}; the snapshot cannot be restored")]
+    CorruptBy {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
     #[error("{path} is truncated: {why}; the snapshot cannot be restored")]
     Truncated { path: PathBuf, why: String },
     #[error(
         "snapshot format version {0} is not supported (this esvm reads version \
-         {SNAPSHOT_VERSION}, plain guests, and {SEALED_SNAPSHOT_VERSION}, sealed SEV-ES guests)"
+         {SNAPSHOT_VERSION}, plain guests, and {SEALED_SNAPSHOT_VERSION}, sealed SEV-ES guests); \
+         restore it with the esvm version that wrote it"
     )]
     Version(u32),
+    #[error(
+        "snapshot format version {0} was written by an older esvm, whose machine and device \
+         state this esvm no longer reads (it reads version {SNAPSHOT_VERSION}, plain guests, \
+         and {SEALED_SNAPSHOT_VERSION}, sealed SEV-ES guests); restore it with the esvm \
+         version that wrote it"
+    )]
+    OldVersion(u32),
     #[error("{0}")]
     Unsupported(String),
     #[error("saving the VM state: {0}")]
-    Save(String),
+    SaveVcpu(#[source] crate::machine::MachineError),
+    #[error("saving the VM state: {what}: {source}")]
+    Save {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
     #[error("reading guest memory: {0}")]
     ReadMemory(#[source] crate::ram::RamError),
     #[error("restoring the VM: {0}")]
     Restore(#[from] crate::machine::MachineError),
     #[error("cannot snapshot this SEV-ES guest: {0}")]
     SealedSave(String),
+    #[error("cannot snapshot this SEV-ES guest: {what}: {source}")]
+    SealedSaveBy {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
     #[error(
         "this snapshot is of an SEV-ES guest sealed to its platform; give that platform with \
          --platform DIR"
@@ -139,10 +181,26 @@ pub enum SnapshotError {
         detail: String,
     },
     #[error(
-        "{path}: the secure processor refused the sealed guest: {why}. The snapshot was \
-         damaged or altered; the guest was discarded and never ran"
+        "{path}: the secure processor refused the sealed guest: {what}: {source}. The snapshot \
+         was damaged or altered; the guest was discarded and never ran"
     )]
-    SealedRefused { path: PathBuf, why: String },
+    SealedRefused {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// The error of another layer that a [`SnapshotError`] keeps as its source.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `what` failed while sealing the guest, because of `source`.
+fn sealed_save_by(what: String, source: impl Into<BoxError>) -> SnapshotError {
+    SnapshotError::SealedSaveBy {
+        what,
+        source: source.into(),
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -283,13 +341,13 @@ fn save_stopped(
         .run_job(|m| {
             let state = m.save_state();
             let vcpus: Result<Vec<_>, _> = (0..m.config().vcpus).map(|i| m.save_vcpu(i)).collect();
-            vcpus.map(|v| (state, v)).map_err(|e| e.to_string())
+            vcpus.map(|v| (state, v))
         })?
-        .map_err(SnapshotError::Save)?;
-    let written = h
-        .tracker
-        .ever_written()
-        .map_err(|e| SnapshotError::Save(format!("reading the dirty log: {e}")))?;
+        .map_err(SnapshotError::SaveVcpu)?;
+    let written = h.tracker.ever_written().map_err(|e| SnapshotError::Save {
+        what: "reading the dirty log",
+        source: e.into(),
+    })?;
 
     fs::create_dir_all(dir).map_err(io(dir))?;
     let mem_path = dir.join(MEMORY_FILE);
@@ -334,8 +392,10 @@ fn save_stopped(
 /// Write `vm.state` (header and JSON) under a temporary name, fsync, rename it into place.
 /// Returns the bytes written.
 fn write_state(dir: &Path, version: u32, manifest: &Manifest) -> Result<u64, SnapshotError> {
-    let json = serde_json::to_vec(manifest)
-        .map_err(|e| SnapshotError::Save(format!("encoding the state: {e}")))?;
+    let json = serde_json::to_vec(manifest).map_err(|e| SnapshotError::Save {
+        what: "encoding the state",
+        source: e.into(),
+    })?;
     let header = format!(
         "{MAGIC} {version} crc32c={:08x} len={}\n",
         crc32c::crc32c(&json),
@@ -365,27 +425,24 @@ fn save_sealed(
     dir: &Path,
 ) -> Result<u64, SnapshotError> {
     let fail = |s: String| SnapshotError::SealedSave(s);
-    let emu = h
-        .emu
-        .as_ref()
-        .ok_or_else(|| fail("SEV-ES guests run only on the emu backend".into()))?;
-    let (ctx, handle) = emu
-        .sev_context()
-        .zip(emu.sev_handle())
+    let sev =
+        h.vm.sev()
+            .ok_or_else(|| fail("SEV-ES guests run only on the emu backend".into()))?;
+    let (platform, handle) = sev
+        .platform()
+        .zip(sev.handle())
         .ok_or_else(|| fail("the VM has no SEV-ES guest context".into()))?;
     // The platform's own chain: the snapshot is sealed to this platform's PDH.
     let (chain, nosend) = {
-        let psp = ctx.psp();
+        let psp = platform.lock().unwrap_or_else(|e| e.into_inner());
         let chain = psp.pdh_cert_export().map_err(|e| {
-            fail(format!(
-                "the platform cannot export its certificate chain: {e}"
-            ))
+            sealed_save_by("the platform cannot export its certificate chain".into(), e)
         })?;
         let nosend = psp.guest_status(handle).is_ok_and(|s| s.policy.nosend());
         (chain.to_bytes(), nosend)
     };
     // The firmware enforces the guest's policy here.
-    let start = emu.sev_send_start(&chain).map_err(|e| {
+    let start = sev.send_start(&chain).map_err(|e| {
         fail(if nosend {
             format!(
                 "its policy has NOSEND: the guest may never leave its secure processor, and a \
@@ -396,14 +453,17 @@ fn save_sealed(
             format!("the secure processor refused SEND_START: {e}; the guest runs on")
         })
     })?;
-    let written = write_sealed(h, emu, start, dir);
-    let cancelled = emu.sev_send_cancel();
+    let written = write_sealed(h, sev, start, dir);
+    let cancelled = sev.send_cancel();
     match (written, cancelled) {
         (Ok(n), Ok(())) => Ok(n),
-        (Ok(_), Err(e)) => Err(fail(format!(
-            "the snapshot was written to {}, but SEND_CANCEL failed afterwards: {e}",
-            dir.display()
-        ))),
+        (Ok(_), Err(e)) => Err(sealed_save_by(
+            format!(
+                "the snapshot was written to {}, but SEND_CANCEL failed afterwards",
+                dir.display()
+            ),
+            e,
+        )),
         (Err(e), Ok(())) => Err(e),
         (Err(e), Err(c)) => {
             tracing::warn!("SEND_CANCEL after a failed snapshot: {c}");
@@ -416,15 +476,14 @@ fn save_sealed(
 /// VMSA packet, the machine state and the transcript tag to `vm.state`.
 fn write_sealed(
     h: &MachineHandle,
-    emu: &EmuVm,
+    sev: &dyn SevVm,
     session: SevSessionStart,
     dir: &Path,
 ) -> Result<u64, SnapshotError> {
-    let fail = |s: String| SnapshotError::SealedSave(s);
     let written = h
         .tracker
         .ever_written()
-        .map_err(|e| fail(format!("reading the dirty log: {e}")))?;
+        .map_err(|e| sealed_save_by("reading the dirty log".into(), e))?;
 
     fs::create_dir_all(dir).map_err(io(dir))?;
     let mem_path = dir.join(SEALED_MEMORY_FILE);
@@ -437,10 +496,11 @@ fn write_sealed(
         let mut packet = Vec::with_capacity(PRIVATE_PACKET_LEN);
         for page in written.iter() {
             packet.clear();
-            emu.sev_send_page(page, &mut packet)
-                .map_err(|e| fail(format!("SEND_UPDATE_DATA of guest page {page:#x}: {e}")))?;
+            sev.send_page(page, &mut packet).map_err(|e| {
+                sealed_save_by(format!("SEND_UPDATE_DATA of guest page {page:#x}"), e)
+            })?;
             let kind = PacketKind::of(&packet)
-                .map_err(|e| fail(format!("the packet of guest page {page:#x}: {e}")))?;
+                .map_err(|e| sealed_save_by(format!("the packet of guest page {page:#x}"), e))?;
             match runs.last_mut() {
                 Some(r)
                     if r.kind == kind && r.first + r.count == page && r.count < MAX_RUN_PAGES =>
@@ -470,13 +530,13 @@ fn write_sealed(
             let state = m.save_state();
             let vcpus: Result<Vec<_>, _> =
                 (0..m.config().vcpus).map(|i| m.send_vcpu_sev(i)).collect();
-            vcpus.map(|v| (state, v)).map_err(|e| e.to_string())
+            vcpus.map(|v| (state, v))
         })?
-        .map_err(|e| fail(format!("SEND_UPDATE_VMSA: {e}")))?;
+        .map_err(|e| sealed_save_by("SEND_UPDATE_VMSA".into(), e))?;
     // After every packet: the tag covers them all.
-    let transcript_tag = emu
-        .sev_send_transcript_tag()
-        .map_err(|e| fail(format!("reading the send transcript tag: {e}")))?;
+    let transcript_tag = sev
+        .send_transcript_tag()
+        .map_err(|e| sealed_save_by("reading the send transcript tag".into(), e))?;
     let manifest = Manifest {
         vm_type: VmType::SevEs,
         backend: h.config.backend,
@@ -547,6 +607,9 @@ fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
     let version: u32 = version
         .parse()
         .map_err(|_| corrupt(format!("bad version in header {header:?}")))?;
+    if version < SNAPSHOT_VERSION {
+        return Err(SnapshotError::OldVersion(version));
+    }
     if version != SNAPSHOT_VERSION && version != SEALED_SNAPSHOT_VERSION {
         return Err(SnapshotError::Version(version));
     }
@@ -576,8 +639,11 @@ fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
     if crc32c::crc32c(body) != crc {
         return Err(corrupt("the state fails its checksum".into()));
     }
-    let m: Manifest = serde_json::from_slice(body)
-        .map_err(|e| corrupt(format!("the state cannot be decoded: {e}")))?;
+    let m: Manifest = serde_json::from_slice(body).map_err(|e| SnapshotError::CorruptBy {
+        path: path.to_path_buf(),
+        what: "the state cannot be decoded",
+        source: e.into(),
+    })?;
     check_manifest(&m, version).map_err(corrupt)?;
     Ok(m)
 }
@@ -717,7 +783,10 @@ pub fn restore(
             .vm()
             .memory()
             .write(r.first * PAGE, data)
-            .map_err(|e| SnapshotError::Save(format!("writing guest memory: {e}")))?;
+            .map_err(|e| SnapshotError::Save {
+                what: "writing guest memory",
+                source: e.into(),
+            })?;
     }
     for (i, s) in m.vcpu_states.iter().enumerate() {
         machine.restore_vcpu(i as u32, s)?;
@@ -845,17 +914,17 @@ fn restore_sealed(
         max_instructions: None,
     };
     let mut machine = Machine::new(&config, serial_out)?;
-    let emu = machine
-        .emu_vm()
-        .cloned()
+    let vm = machine.vm().clone();
+    let sev = vm
+        .sev()
         .ok_or_else(|| SnapshotError::Unsupported("SEV-ES guests need the emu backend".into()))?;
     // The firmware unwraps the transport keys with this platform's PDH.
-    emu.sev_receive_start(psp, &sealed.session)
+    sev.receive_start(psp, &sealed.session)
         .map_err(|e| other_platform(format!(" (RECEIVE_START: {e})")))?;
-    match receive_sealed(dir, &mut machine, &emu, &f, &sealed, &m.machine) {
+    match receive_sealed(dir, &mut machine, sev, &f, &sealed, &m.machine) {
         Ok(()) => Ok(machine),
         Err(e) => {
-            if let Err(d) = emu.sev_decommission() {
+            if let Err(d) = sev.decommission() {
                 tracing::warn!("DECOMMISSION of the refused sealed guest: {d}");
             }
             Err(e)
@@ -867,16 +936,17 @@ fn restore_sealed(
 fn receive_sealed(
     dir: &Path,
     machine: &mut Machine,
-    emu: &EmuVm,
+    sev: &dyn SevVm,
     f: &File,
     sealed: &SealedState,
     state: &MachineState,
 ) -> Result<(), SnapshotError> {
     let mem_path = dir.join(SEALED_MEMORY_FILE);
     let state_path = dir.join(STATE_FILE);
-    let refused = |path: &Path, why: String| SnapshotError::SealedRefused {
+    let refused = |path: &Path, what: String, e: BoxError| SnapshotError::SealedRefused {
         path: path.to_path_buf(),
-        why,
+        what,
+        source: e,
     };
     let mut received = PageSet::new(machine.config().mem_size / PAGE);
     let mut buf = Vec::new();
@@ -886,8 +956,8 @@ fn receive_sealed(
         let data = read_sealed_run(f, &mem_path, offset, r, &mut buf)?;
         for (i, packet) in data.chunks_exact(r.kind.packet_len()).enumerate() {
             let page = r.first + i as u64;
-            emu.sev_receive_page(page, packet)
-                .map_err(|e| refused(&mem_path, format!("guest page {page:#x}: {e}")))?;
+            sev.receive_page(page, packet)
+                .map_err(|e| refused(&mem_path, format!("guest page {page:#x}"), e.into()))?;
             received.set(page);
         }
         offset += r.len() as u64;
@@ -895,10 +965,10 @@ fn receive_sealed(
     for (i, t) in sealed.vcpus.iter().enumerate() {
         machine
             .receive_vcpu_sev(i as u32, t)
-            .map_err(|e| refused(&state_path, format!("vCPU {i}: {e}")))?;
+            .map_err(|e| refused(&state_path, format!("vCPU {i}"), e.into()))?;
     }
-    emu.sev_receive_finish(&sealed.transcript_tag)
-        .map_err(|e| refused(dir, format!("RECEIVE_FINISH: {e}")))?;
+    sev.receive_finish(&sealed.transcript_tag)
+        .map_err(|e| refused(dir, "RECEIVE_FINISH".into(), e.into()))?;
     machine.restore_state(state)?;
     // A later snapshot or migration of the restored guest must carry every received page
     // (whether or not the backend logged the writes).
@@ -919,17 +989,18 @@ mod tests {
         assert!(e.to_string().contains("truncated"), "{e}");
         let e = parse_state(p, b"ESVM-SNAPSHOT 9 crc32c=0 len=0\n").unwrap_err();
         assert!(e.to_string().contains("version 9"), "{e}");
-        let e = parse_state(p, b"ESVM-SNAPSHOT 1 crc32c=00000000 len=10\n{}").unwrap_err();
+        let h = format!("ESVM-SNAPSHOT {SNAPSHOT_VERSION} crc32c=00000000 len=10\n{{}}");
+        let e = parse_state(p, h.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
         let body = b"{}";
         let h = format!(
-            "ESVM-SNAPSHOT 1 crc32c={:08x} len=2\n",
+            "ESVM-SNAPSHOT {SNAPSHOT_VERSION} crc32c={:08x} len=2\n",
             crc32c::crc32c(body) ^ 1
         );
         let e = parse_state(p, &[h.as_bytes(), body].concat()).unwrap_err();
         assert!(e.to_string().contains("checksum"), "{e}");
         let h = format!(
-            "ESVM-SNAPSHOT 1 crc32c={:08x} len=2\n",
+            "ESVM-SNAPSHOT {SNAPSHOT_VERSION} crc32c={:08x} len=2\n",
             crc32c::crc32c(body)
         );
         let e = parse_state(p, &[h.as_bytes(), body].concat()).unwrap_err();
@@ -971,8 +1042,8 @@ mod tests {
         [h.as_bytes(), &json].concat()
     }
 
-    /// Plain snapshots keep their version-1 form (no sealed section in the JSON); the
-    /// version, the VM type and the sealed section must agree.
+    /// Plain snapshots have no sealed section in the JSON; the version, the VM type and the
+    /// sealed section must agree.
     #[test]
     fn versions_and_sealed_sections_must_agree() {
         let p = Path::new("/x/vm.state");
@@ -1013,6 +1084,72 @@ mod tests {
         });
         let e = parse_state(p, &state_file(SNAPSHOT_VERSION, &bad)).unwrap_err();
         assert!(e.to_string().contains("out of order"), "{e}");
+    }
+
+    /// A plain snapshot directory as esvm wrote it before the device registry (generation
+    /// 1): a version-1 header, machine state version 1 with the devices in fixed fields.
+    fn write_generation_1_snapshot(dir: &Path) {
+        let m = plain_manifest();
+        let mut v = serde_json::to_value(&m).unwrap();
+        let devices = v["machine"]["devices"].take();
+        let state = |id: &str| devices["devices"][id]["state"].clone();
+        v["machine"]["version"] = 1.into();
+        v["machine"]["devices"] = serde_json::json!({
+            "version": 1,
+            "now_ns": devices["now_ns"],
+            "serial": state("com1"),
+            "pit": state("pit"),
+            "pic": state("pic"),
+            "debug_exit": state("debug-exit"),
+        });
+        v["memory"] = serde_json::json!([]);
+        let json = serde_json::to_vec(&v).unwrap();
+        let h = format!(
+            "ESVM-SNAPSHOT 1 crc32c={:08x} len={}\n",
+            crc32c::crc32c(&json),
+            json.len()
+        );
+        fs::write(dir.join(STATE_FILE), [h.as_bytes(), &json].concat()).unwrap();
+        File::create(dir.join(MEMORY_FILE))
+            .unwrap()
+            .set_len(m.mem_size)
+            .unwrap();
+    }
+
+    /// Snapshots written before the device state was kept by id are refused, plain and
+    /// sealed, with a message that says why and what to do.
+    #[test]
+    fn older_snapshot_formats_are_refused_with_a_clear_message() {
+        assert_eq!((SNAPSHOT_VERSION, SEALED_SNAPSHOT_VERSION), (3, 4));
+        let dir = tempfile::tempdir().unwrap();
+        write_generation_1_snapshot(dir.path());
+        let refused =
+            |dir: &Path| match restore(dir, BackendKind::Emu, None, Box::new(std::io::sink())) {
+                Ok(_) => panic!("an old snapshot was restored"),
+                Err(e) => e,
+            };
+        let e = refused(dir.path());
+        assert!(matches!(e, SnapshotError::OldVersion(1)), "{e}");
+        let msg = e.to_string();
+        for needle in [
+            "snapshot format version 1 was written by an older esvm",
+            "it reads version 3, plain guests, and 4, sealed SEV-ES guests",
+            "restore it with the esvm version that wrote it",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} not in {msg}");
+        }
+        // A sealed snapshot of that generation (version 2): the same.
+        let state = fs::read(dir.path().join(STATE_FILE)).unwrap();
+        let mut sealed = b"ESVM-SNAPSHOT 2".to_vec();
+        sealed.extend_from_slice(&state[b"ESVM-SNAPSHOT 1".len()..]);
+        fs::write(dir.path().join(STATE_FILE), sealed).unwrap();
+        assert!(matches!(refused(dir.path()), SnapshotError::OldVersion(2)));
+        // A newer one is refused as well, differently.
+        let e = parse_state(
+            Path::new("/x/vm.state"),
+            b"ESVM-SNAPSHOT 5 crc32c=0 len=0\n",
+        );
+        assert!(matches!(e, Err(SnapshotError::Version(5))));
     }
 
     /// A shared-page packet as `sev_send_page` encodes it: kind 2, the page.

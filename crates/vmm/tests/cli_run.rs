@@ -204,3 +204,20 @@ fn demo_checksum_is_the_same_on_kvm() {
         "serial output differs between emu and kvm"
     );
 }
+
+/// An error is printed once: the message, then only those causes it does not already say.
+#[test]
+fn an_error_and_its_cause_are_printed_once() {
+    let o = esvm(&["run", "--kernel", "/nonexistent/bzImage"]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = stderr(&o);
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "stderr: {err}"
+    );
+    assert!(
+        err.starts_with("esvm: error: cannot read the kernel /nonexistent/bzImage"),
+        "stderr: {err}"
+    );
+}

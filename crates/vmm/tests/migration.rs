@@ -948,12 +948,38 @@ fn snapshot_restores_exactly_and_damage_is_refused() {
     std::fs::write(d4.join("vm.state"), s).unwrap();
     let d5 = dir.path().join("empty");
     std::fs::create_dir(&d5).unwrap();
+    // The same snapshot as esvm wrote it before the device registry (format version 1:
+    // machine state 1 with the devices in fixed fields).
+    let d6 = copy("old-format");
+    let mut old = manifest.clone();
+    let devices = old["machine"]["devices"].take();
+    let by_id = |id: &str| devices["devices"][id]["state"].clone();
+    old["machine"]["version"] = 1.into();
+    old["machine"]["devices"] = serde_json::json!({
+        "version": 1,
+        "now_ns": devices["now_ns"],
+        "serial": by_id("com1"),
+        "pit": by_id("pit"),
+        "pic": by_id("pic"),
+        "debug_exit": by_id("debug-exit"),
+    });
+    let json = serde_json::to_vec(&old).unwrap();
+    let header = format!(
+        "ESVM-SNAPSHOT 1 crc32c={:08x} len={}\n",
+        crc32c::crc32c(&json),
+        json.len()
+    );
+    std::fs::write(d6.join("vm.state"), [header.as_bytes(), &json].concat()).unwrap();
     for (d, expect) in [
         (&d, "memory.img is corrupt"),
         (&d2, "memory.img is truncated"),
         (&d3, "vm.state is truncated"),
         (&d4, "vm.state is corrupt"),
         (&d5, "not an esvm snapshot"),
+        (
+            &d6,
+            "snapshot format version 1 was written by an older esvm",
+        ),
     ] {
         let o = Command::new(ESVM)
             .args(["restore", d.to_str().unwrap()])

@@ -249,6 +249,7 @@ fn the_library_module_graph_has_no_cycle() {
     let order = [
         "size",
         "outcome",
+        "console",
         "ram",
         "dirty",
         "lifecycle",

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use esvm_hv::emu::{PRIVATE_PACKET_LEN, SHARED_PACKET_LEN};
+use esvm_hv::sev::{PRIVATE_PACKET_LEN, SHARED_PACKET_LEN};
 
 const MEM: &str = "16M";
 const MEM_BYTES: u64 = 16 << 20;
@@ -137,7 +137,8 @@ fn copy_dir(from: &Path, to: &Path) {
 fn read_state(snap: &Path) -> serde_json::Value {
     let state = std::fs::read(snap.join("vm.state")).unwrap();
     let nl = state.iter().position(|&b| b == b'\n').unwrap();
-    assert!(state.starts_with(b"ESVM-SNAPSHOT 2 "), "sealed version");
+    // Sealed snapshots are format version 4 (2 before the devices were saved by id).
+    assert!(state.starts_with(b"ESVM-SNAPSHOT 4 "), "sealed version");
     serde_json::from_slice(&state[nl + 1..]).unwrap()
 }
 
@@ -145,7 +146,7 @@ fn read_state(snap: &Path) -> serde_json::Value {
 fn write_state(snap: &Path, json: &serde_json::Value) {
     let body = serde_json::to_vec(json).unwrap();
     let header = format!(
-        "ESVM-SNAPSHOT 2 crc32c={:08x} len={}\n",
+        "ESVM-SNAPSHOT 4 crc32c={:08x} len={}\n",
         crc32c::crc32c(&body),
         body.len()
     );

@@ -11,8 +11,9 @@
 use crate::x86::{lgdt, DescriptorPointer};
 use crate::Racy;
 use core::arch::asm;
+use esvm_abi::boot::GDT_ENTRIES;
 
-pub use crate::bootinfo::layout::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
+pub use esvm_abi::boot::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
 /// The TSS selector.
 pub const TSS_SEL: u16 = 0x28;
 /// IST slot used for #DF.
@@ -55,14 +56,15 @@ static TSS: Racy<Tss> = Racy::new(Tss {
 #[repr(C, align(16))]
 struct Gdt([u64; 7]);
 
+/// The loader's five descriptors (`esvm_abi::boot::GDT_ENTRIES`), then the TSS.
 static GDT: Racy<Gdt> = Racy::new(Gdt([
-    0,
-    0x00AF_9B00_0000_FFFF, // 0x08 kernel code: P, DPL0, code exec/read accessed, L, G
-    0x00CF_9300_0000_FFFF, // 0x10 kernel data: P, DPL0, data r/w accessed, D/B, G
-    0x00CF_F300_0000_FFFF, // 0x18 user data: P, DPL3
-    0x00AF_FB00_0000_FFFF, // 0x20 user code: P, DPL3, L
-    0,                     // 0x28 TSS low, filled in by init()
-    0,                     // 0x30 TSS high
+    GDT_ENTRIES[0],
+    GDT_ENTRIES[1], // 0x08 kernel code: P, DPL0, code exec/read accessed, L, G
+    GDT_ENTRIES[2], // 0x10 kernel data: P, DPL0, data r/w accessed, D/B, G
+    GDT_ENTRIES[3], // 0x18 user data: P, DPL3
+    GDT_ENTRIES[4], // 0x20 user code: P, DPL3, L
+    0,              // 0x28 TSS low, filled in by init()
+    0,              // 0x30 TSS high
 ]));
 
 fn stack_top(s: &Racy<Stack>) -> u64 {

@@ -20,10 +20,13 @@
 //! protocol has no such state: it saves and restores the GHCB MSR around each exchange
 //! and is usable at any time, before the page exists and from nested #VCs.
 
-use crate::sevabi::{ghcb_layout as L, msr_protocol, response, term, MSR_GHCB};
 use crate::x86::{cli, hlt, rdmsr, rflags, sti, wrmsr, RFLAGS_IF};
 use crate::Racy;
 use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use esvm_abi::ghcb::{self, response, save_area as L};
+use esvm_abi::msr_protocol;
+use esvm_abi::sev::MSR_GHCB;
+use esvm_abi::term;
 
 /// The GHCB page itself, in the image's bss. `sev::boot` clears the C-bit of its PTE
 /// (making it shared) and zeroes it before registering it.
@@ -206,22 +209,22 @@ impl Ghcb {
     }
 
     fn set_valid(&mut self, off: usize) {
-        let bit = L::valid_bit(off);
-        let at = L::VALID_BITMAP + bit / 8;
+        let bit = ghcb::valid_bit(off);
+        let at = ghcb::VALID_BITMAP_OFFSET + bit / 8;
         let b = self.read_u8(at);
         self.write_u8(at, b | (1 << (bit % 8)));
     }
 
     /// Whether the field at `off` is marked valid.
     pub fn is_valid(&self, off: usize) -> bool {
-        let bit = L::valid_bit(off);
-        self.read_u8(L::VALID_BITMAP + bit / 8) & (1 << (bit % 8)) != 0
+        let bit = ghcb::valid_bit(off);
+        self.read_u8(ghcb::VALID_BITMAP_OFFSET + bit / 8) & (1 << (bit % 8)) != 0
     }
 
     /// Clears the valid bitmap and SW_EXITCODE (start of a new request).
     pub fn reset(&mut self) {
-        for i in 0..L::VALID_BITMAP_SIZE {
-            self.write_u8(L::VALID_BITMAP + i, 0);
+        for i in 0..ghcb::VALID_BITMAP_SIZE {
+            self.write_u8(ghcb::VALID_BITMAP_OFFSET + i, 0);
         }
         self.write_u64(L::SW_EXITCODE, 0);
     }
@@ -254,14 +257,14 @@ impl Ghcb {
 
     /// GPA of the shared buffer (for SW_SCRATCH).
     pub fn buffer_gpa(&self) -> u64 {
-        self.gpa + L::SHARED_BUFFER as u64
+        self.gpa + ghcb::SHARED_BUFFER_OFFSET as u64
     }
 
     /// Writes `data` into the shared buffer at `offset`.
     pub fn write_buffer(&mut self, offset: usize, data: &[u8]) {
         for (i, &b) in data.iter().enumerate() {
-            if offset + i < L::SHARED_BUFFER_SIZE {
-                self.write_u8(L::SHARED_BUFFER + offset + i, b);
+            if offset + i < ghcb::SHARED_BUFFER_SIZE {
+                self.write_u8(ghcb::SHARED_BUFFER_OFFSET + offset + i, b);
             }
         }
     }
@@ -269,8 +272,8 @@ impl Ghcb {
     /// Reads the shared buffer at `offset` into `out`.
     pub fn read_buffer(&self, offset: usize, out: &mut [u8]) {
         for (i, b) in out.iter_mut().enumerate() {
-            *b = if offset + i < L::SHARED_BUFFER_SIZE {
-                self.read_u8(L::SHARED_BUFFER + offset + i)
+            *b = if offset + i < ghcb::SHARED_BUFFER_SIZE {
+                self.read_u8(ghcb::SHARED_BUFFER_OFFSET + offset + i)
             } else {
                 0
             };
@@ -297,7 +300,7 @@ impl Ghcb {
                 }
                 Err(event as u8)
             }
-            response::MALFORMED => {
+            response::MALFORMED_INPUT => {
                 let code = self.get(L::SW_EXITINFO2).unwrap_or(0);
                 self.terminate(
                     term::SET_ESVM,
@@ -315,10 +318,10 @@ impl Ghcb {
         self.set(L::SW_EXITINFO1, info1);
         self.set(L::SW_EXITINFO2, info2);
         let v = version().to_le_bytes();
-        self.write_u8(L::PROTOCOL_VERSION, v[0]);
-        self.write_u8(L::PROTOCOL_VERSION + 1, v[1]);
+        self.write_u8(ghcb::PROTOCOL_VERSION_OFFSET, v[0]);
+        self.write_u8(ghcb::PROTOCOL_VERSION_OFFSET + 1, v[1]);
         for i in 0..4 {
-            self.write_u8(L::USAGE + i, 0);
+            self.write_u8(ghcb::USAGE_OFFSET + i, 0);
         }
         // SAFETY: the GHCB MSR holds the GPA of the registered page for the request.
         unsafe { wrmsr(MSR_GHCB, self.gpa) };
@@ -329,9 +332,9 @@ impl Ghcb {
     /// SW_EXITINFO2 = `info`); falls back to the MSR protocol if the hypervisor resumes.
     pub fn terminate(&mut self, reason_set: u8, reason_code: u8, info: u64) -> ! {
         self.reset();
-        let info1 = u64::from(reason_set & 0xF) | (u64::from(reason_code) << 4);
+        let info1 = term::ghcb_exit_info1(reason_set, reason_code);
         // No response check: whatever the hypervisor answers, the guest stops here.
-        self.submit(crate::sevabi::exit_code::TERM_REQUEST, info1, info);
+        self.submit(esvm_abi::exit_code::TERM_REQUEST, info1, info);
         msr_terminate(reason_set, reason_code)
     }
 }

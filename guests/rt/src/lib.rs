@@ -1,5 +1,5 @@
 //! esvm guest runtime: everything a small bare-metal x86-64 test guest needs on top of
-//! the esvm boot protocol (see `bootinfo.rs` and `docs/boot-protocol.md`).
+//! the esvm boot protocol (see `esvm_abi::boot` and `docs/boot-protocol.md`).
 //!
 //! A guest is a `#![no_std]`, `#![no_main]` binary that names its main function with
 //! [`entry!`]:
@@ -25,7 +25,6 @@
 #![no_std]
 
 pub mod args;
-pub mod bootinfo;
 pub mod checksum;
 pub mod gdt;
 pub mod idt;
@@ -37,15 +36,13 @@ pub mod trap;
 pub mod user;
 pub mod x86;
 
-pub mod fpu_pattern;
 mod ghcb;
 pub mod sev;
-pub mod sevabi;
 mod vc;
 pub mod vcdecode;
 
 pub use args::{arg, arg_u64, arg_u64_or_exit};
-pub use bootinfo::{layout, BootInfo};
+pub use esvm_abi::boot::BootInfo;
 pub use serial::{Dec, Hex, Hex16, SDec};
 
 use core::cell::UnsafeCell;
@@ -139,13 +136,19 @@ pub fn boot_info() -> &'static BootInfo {
     unsafe { &*p }
 }
 
+/// The Rust entry point, called once by `_start` with the loader's RDI.
+///
+/// # Safety
+/// `bi` is null, misaligned, or points to a readable `BootInfo` that stays valid and
+/// unmodified for the guest's lifetime, as the esvm boot protocol promises for RDI.
 #[no_mangle]
-extern "C" fn esvm_rt_start(bi: *const BootInfo) -> ! {
+unsafe extern "C" fn esvm_rt_start(bi: *const BootInfo) -> ! {
     if bi.is_null() || !(bi as usize).is_multiple_of(8) {
         println!("FAIL: boot: RDI does not point at a boot-info block");
         exit(3);
     }
-    // SAFETY: the boot protocol puts a valid, aligned block at RDI; checked below.
+    // SAFETY: non-null and aligned (checked above), so by the function's contract a live
+    // boot-info block; its magic and version are checked below.
     let info: &'static BootInfo = unsafe { &*bi };
     if !info.is_valid() {
         println!(
@@ -173,7 +176,7 @@ extern "C" fn esvm_rt_start(bi: *const BootInfo) -> ! {
 pub fn exit(code: u32) -> ! {
     // SEV-ES with a GHCB: flush serial output and write the port through the GHCB.
     sev::exit_hook(code);
-    x86::outb(layout::DEBUG_EXIT_PORT, code as u8);
+    x86::outb(esvm_abi::boot::DEBUG_EXIT_PORT, code as u8);
     // The VMM should have stopped us; if not, stay quiet forever.
     loop {
         x86::cli();

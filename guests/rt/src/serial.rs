@@ -4,9 +4,9 @@
 //! the common path integer-only, so guests format numbers through [`Dec`], [`Hex`] and
 //! [`Hex16`], whose `Display` writes digits straight to the sink without padding logic.
 
-use crate::bootinfo::layout::SERIAL_PORT;
 use crate::x86::{inb, outb};
 use core::fmt;
+use esvm_abi::boot::SERIAL_PORT;
 
 const THR: u16 = SERIAL_PORT;
 const LSR: u16 = SERIAL_PORT + 5;

@@ -16,7 +16,7 @@
 //!    (INVLPG), zero it through the now shared mapping, write its GPA into the GHCB MSR;
 //! 5. SEV_STATUS (MSR 0xC001_0131): SEV-ES enabled.
 //!
-//! Any failure ends the VM with a termination request (`sevabi::term`, reason set 1);
+//! Any failure ends the VM with a termination request (`esvm_abi::term`, reason set 1);
 //! before the GHCB exists only the MSR protocol can carry it, so there is no message.
 //!
 //! From then on serial output goes straight to the GHCB ([`serial_write`]: each line is
@@ -28,12 +28,18 @@
 //! present; a guest without SEV-ES support (`entry!(main)`) booted protected gets an
 //! empty IDT, so its first #VC shuts the VM down (there is no way for it to print).
 
-use crate::bootinfo::{BootInfo, FLAG_PROTECTED_STATE};
 use crate::ghcb;
-use crate::sevabi::{self, checkpoint, exit_code, ioio, term};
 use crate::x86::{self, invlpg, read_cr3, write_cr3};
 use crate::Racy;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use esvm_abi::boot::{BootInfo, DEBUG_EXIT_PORT, FLAG_PROTECTED_STATE, SERIAL_PORT};
+use esvm_abi::ghcb::{ioio, save_area, SHARED_BUFFER_SIZE};
+use esvm_abi::sev::{
+    CPUID_SEV_EAX_SEV, CPUID_SEV_EAX_SEV_ES, CPUID_SEV_EBX_CBIT_MASK, CPUID_SEV_LEAF,
+    MSR_SEV_STATUS, SEV_STATUS_SEV_ES, VC_VECTOR,
+};
+use esvm_abi::testing::checkpoint;
+use esvm_abi::{exit_code, msr_protocol, term};
 
 pub use crate::ghcb::{msr_cpuid, msr_terminate, vmgexit_count};
 
@@ -166,7 +172,7 @@ pub(crate) fn boot(bi: &BootInfo, mode: SevMode) {
         }
         SevMode::Full => crate::vc::install(),
         SevMode::NoVc => crate::idt::set_gate(
-            sevabi::VC_VECTOR,
+            VC_VECTOR,
             crate::idt::GateOptions {
                 present: false,
                 ..crate::idt::GateOptions::default()
@@ -175,11 +181,11 @@ pub(crate) fn boot(bi: &BootInfo, mode: SevMode) {
     }
 
     // 1. Protocol version and C-bit from the hypervisor.
-    let r = ghcb::msr_protocol_call(sevabi::msr_protocol::SEV_INFO_REQ);
-    let Some(hv) = sevabi::msr_protocol::sev_info(r) else {
+    let r = ghcb::msr_protocol_call(msr_protocol::SEV_INFO_REQ);
+    let Some(hv) = msr_protocol::sev_info(r) else {
         msr_terminate(term::SET_ESVM, term::BAD_SEV_INFO)
     };
-    let Some(version) = sevabi::msr_protocol::negotiate(hv) else {
+    let Some(version) = msr_protocol::negotiate(hv) else {
         msr_terminate(term::SET_GENERAL, term::PROTOCOL_UNSUPPORTED)
     };
     ghcb::set_version(version);
@@ -201,18 +207,18 @@ pub(crate) fn boot(bi: &BootInfo, mode: SevMode) {
         }
     };
     let max_ext = cpuid(0x8000_0000)[0];
-    let sev_leaf = if max_ext >= sevabi::CPUID_SEV_LEAF {
-        cpuid(sevabi::CPUID_SEV_LEAF)
+    let sev_leaf = if max_ext >= CPUID_SEV_LEAF {
+        cpuid(CPUID_SEV_LEAF)
     } else {
         [0; 4]
     };
     CPUID_EAX.store(sev_leaf[0], Ordering::Relaxed);
     CPUID_EBX.store(sev_leaf[1], Ordering::Relaxed);
-    let both = sevabi::CPUID_SEV_EAX_SEV | sevabi::CPUID_SEV_EAX_SEV_ES;
+    let both = CPUID_SEV_EAX_SEV | CPUID_SEV_EAX_SEV_ES;
     if sev_leaf[0] & both != both {
         msr_terminate(term::SET_ESVM, term::NOT_SEV_ES);
     }
-    let c_bit = (sev_leaf[1] & sevabi::CPUID_SEV_EBX_CBIT_MASK) as u8;
+    let c_bit = (sev_leaf[1] & CPUID_SEV_EBX_CBIT_MASK) as u8;
     // The C-bit must be a physical-address bit above guest memory, and the loader must
     // have set it in CR3 (all memory private).
     if c_bit != hv.c_bit
@@ -242,9 +248,9 @@ pub(crate) fn boot(bi: &BootInfo, mode: SevMode) {
 
     // 4. SEV_STATUS (a RDMSR: direct or through #VC, which now works).
     if mode == SevMode::Full {
-        let status = x86::rdmsr(sevabi::MSR_SEV_STATUS);
+        let status = x86::rdmsr(MSR_SEV_STATUS);
         SEV_STATUS.store(status, Ordering::Relaxed);
-        if status & sevabi::SEV_STATUS_SEV_ES == 0 {
+        if status & SEV_STATUS_SEV_ES == 0 {
             terminate(term::SET_ESVM, term::NOT_SEV_ES, status);
         }
     }
@@ -287,7 +293,7 @@ pub(crate) fn exit_hook(code: u32) {
         return;
     }
     flush();
-    let _ = io_out(crate::bootinfo::layout::DEBUG_EXIT_PORT, 1, code & 0xFF);
+    let _ = io_out(DEBUG_EXIT_PORT, 1, code & 0xFF);
     loop {
         x86::cli();
         x86::hlt();
@@ -306,7 +312,7 @@ pub fn io_out(port: u16, size: u8, value: u32) -> Result<(), u8> {
         2 => 0xFFFF,
         _ => 0xFFFF_FFFF,
     };
-    g.set(sevabi::ghcb_layout::RAX, u64::from(value & mask));
+    g.set(save_area::RAX, u64::from(value & mask));
     g.call(
         exit_code::IOIO,
         ioio::exit_info1(port, size, false, false, false, 64),
@@ -322,7 +328,7 @@ pub fn io_in(port: u16, size: u8) -> Result<u32, u8> {
         ioio::exit_info1(port, size, true, false, false, 64),
         0,
     )?;
-    let v = g.need(sevabi::ghcb_layout::RAX, exit_code::IOIO);
+    let v = g.need(save_area::RAX, exit_code::IOIO);
     Ok(match size {
         1 => v as u32 & 0xFF,
         2 => v as u32 & 0xFFFF,
@@ -330,7 +336,7 @@ pub fn io_in(port: u16, size: u8) -> Result<u32, u8> {
     })
 }
 
-/// Writes a 32-bit value to the checkpoint port ([`sevabi::checkpoint::PORT`]).
+/// Writes a 32-bit value to the checkpoint port ([`checkpoint::PORT`]).
 pub fn checkpoint(value: u32) {
     flush();
     if io_out(checkpoint::PORT, 4, value).is_err() {
@@ -340,11 +346,11 @@ pub fn checkpoint(value: u32) {
 
 /// `REP OUTSB` of `bytes` to `port` through the shared buffer, one VMGEXIT per 2032 bytes.
 pub fn outs(port: u16, bytes: &[u8]) -> Result<(), u8> {
-    for chunk in bytes.chunks(sevabi::ghcb_layout::SHARED_BUFFER_SIZE) {
+    for chunk in bytes.chunks(SHARED_BUFFER_SIZE) {
         let mut g = ghcb::acquire();
         g.write_buffer(0, chunk);
         let scratch = g.buffer_gpa();
-        g.set(sevabi::ghcb_layout::SW_SCRATCH, scratch);
+        g.set(save_area::SW_SCRATCH, scratch);
         g.call(
             exit_code::IOIO,
             ioio::exit_info1(port, 1, false, true, true, 64),
@@ -357,13 +363,13 @@ pub fn outs(port: u16, bytes: &[u8]) -> Result<(), u8> {
 // ---------------------------------------------------------------------------------------
 // Serial output through the GHCB: line-buffered, one VMGEXIT per line.
 
-const LINE_MAX: usize = sevabi::ghcb_layout::SHARED_BUFFER_SIZE;
+const LINE_MAX: usize = SHARED_BUFFER_SIZE;
 static LINE: Racy<[u8; LINE_MAX]> = Racy::new([0; LINE_MAX]);
 static LINE_LEN: AtomicUsize = AtomicUsize::new(0);
 static LINE_BUSY: AtomicBool = AtomicBool::new(false);
 
 fn serial_out(bytes: &[u8]) {
-    if outs(crate::bootinfo::layout::SERIAL_PORT, bytes).is_err() {
+    if outs(SERIAL_PORT, bytes).is_err() {
         terminate(term::SET_ESVM, term::GHCB_BAD_RESPONSE, exit_code::IOIO);
     }
 }

@@ -101,11 +101,16 @@ esvm_catch_call:
 );
 
 extern "C" {
-    fn esvm_catch_call(buf: *mut JmpBuf, f: extern "C" fn(*mut u8), arg: *mut u8) -> u64;
+    fn esvm_catch_call(buf: *mut JmpBuf, f: unsafe extern "C" fn(*mut u8), arg: *mut u8)
+        -> u64;
 }
 
-extern "C" fn trampoline<F: FnOnce()>(arg: *mut u8) {
-    // SAFETY: `arg` is the `Option<F>` owned by `catch`, taken exactly once.
+/// Takes the closure out of `*arg` and runs it.
+///
+/// # Safety
+/// `arg` must point to a live `Option<F>` that nothing else accesses during the call.
+unsafe extern "C" fn trampoline<F: FnOnce()>(arg: *mut u8) {
+    // SAFETY: the caller guarantees `arg` is a live, exclusively ours `Option<F>`.
     let f = unsafe { (*(arg as *mut Option<F>)).take() };
     if let Some(f) = f {
         f();
@@ -121,8 +126,9 @@ pub fn catch<F: FnOnce()>(f: F) -> Result<(), Fault> {
     let mut slot = Some(f);
     let outer = ACTIVE.swap(buf.as_mut_ptr() as u64, Ordering::SeqCst);
     // SAFETY: esvm_catch_call saves the callee-saved registers and calls the trampoline
-    // with a pointer to `slot`; on a fault the dispatcher restores exactly that context,
-    // so control resumes here as if the call returned 1.
+    // with a pointer to `slot` (a live local of the matching type, untouched until the call
+    // returns: the trampoline's contract); on a fault the dispatcher restores exactly that
+    // context, so control resumes here as if the call returned 1.
     let faulted = unsafe {
         esvm_catch_call(
             buf.as_mut_ptr(),

@@ -35,10 +35,13 @@ use crate::gdt;
 use crate::ghcb::{self, Ghcb};
 use crate::idt::{self, GateOptions, InterruptFrame};
 use crate::sev::{self, terminate};
-use crate::sevabi::{exit_code as ec, ghcb_layout as L, ioio, term, VC_VECTOR};
 use crate::vcdecode::{self, Insn, Io, IoPort, Mmio, MmioOp, Reg};
 use crate::Racy;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use esvm_abi::exit_code as ec;
+use esvm_abi::ghcb::{ioio, save_area as L, SHARED_BUFFER_SIZE};
+use esvm_abi::sev::VC_VECTOR;
+use esvm_abi::term;
 
 /// TSS IST slot of the #VC gate.
 pub const IST_VC: u8 = 2;
@@ -426,7 +429,7 @@ fn ioio(g: &mut Ghcb, f: &mut InterruptFrame, io: Io) -> Result<(), u8> {
     // INS/OUTS: up to 2032 bytes per request through the shared buffer.
     let amask = if io.addr32 { 0xFFFF_FFFF } else { u64::MAX };
     let size = u64::from(io.size);
-    let per_call = (L::SHARED_BUFFER_SIZE as u64) / size;
+    let per_call = (SHARED_BUFFER_SIZE as u64) / size;
     let down = f.rflags & RFLAGS_DF != 0;
     let mut remaining = if io.rep { f.rcx & amask } else { 1 };
     let step = |addr: u64, bytes: u64| -> u64 {

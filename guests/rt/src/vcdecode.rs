@@ -212,7 +212,7 @@ pub enum Insn {
 }
 
 impl Insn {
-    /// Whether this instruction raises #VC with `exit_code` (see `sevabi::exit_code`).
+    /// Whether this instruction raises #VC with `exit_code` (see `esvm_abi::exit_code`).
     pub const fn matches_exit_code(&self, exit_code: u64) -> bool {
         let want: u64 = match self {
             Insn::Cpuid => 0x72,

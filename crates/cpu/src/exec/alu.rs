@@ -107,9 +107,13 @@ fn alu<const OP: u8, const S: usize, const F: u8>(c: &mut Cpu, d: &Insn) -> R {
 }
 
 /// Read `sz` bytes from a host pointer.
+///
+/// # Safety
+/// `p..p + sz` (`sz` 1, 2, 4 or 8) must be readable guest memory, as
+/// [`Cpu::host_rmw_ptr`] returns it for `sz` bytes.
 #[inline(always)]
-pub(crate) fn host_rd(p: *const u8, sz: usize) -> u64 {
-    // SAFETY: callers got `p` from `host_rmw_ptr`, which checked `sz` bytes of RAM.
+pub(crate) unsafe fn host_rd(p: *const u8, sz: usize) -> u64 {
+    // SAFETY: the caller guarantees `sz` readable bytes at `p`; unaligned reads are fine.
     unsafe {
         match sz {
             1 => *p as u64,
@@ -132,13 +136,17 @@ pub(crate) fn rmw(
     let lin = c.mlin(d, sz, true)?;
     if let Some((p, gpn)) = c.host_rmw_ptr(lin, sz)? {
         loop {
-            let old = host_rd(p, sz);
+            // SAFETY: `p` is `host_rmw_ptr`'s pointer to `sz` bytes of guest memory.
+            let old = unsafe { host_rd(p, sz) };
             let Some(new) = f(old) else {
                 return Ok(old);
             };
-            if cmpxchg_host(p, sz, old, new) == old {
-                c.note_rmw(gpn);
-                return Ok(old);
+            // SAFETY: as above; `gpn` is the RAM page `host_rmw_ptr` returned with `p`.
+            unsafe {
+                if cmpxchg_host(p, sz, old, new) == old {
+                    c.note_rmw(gpn);
+                    return Ok(old);
+                }
             }
         }
     }
@@ -414,11 +422,13 @@ fn cmpxchg8b(c: &mut Cpu, d: &Insn) -> R {
         let exp = (c.gpr[0] as u128) | ((c.gpr[2] as u128) << 64);
         let new = (c.gpr[3] as u128) | ((c.gpr[1] as u128) << 64);
         let old = match c.host_rmw_ptr(lin, 16)? {
-            Some((p, gpn)) => {
+            // SAFETY: `host_rmw_ptr`'s pointer to 16 bytes of guest memory, 16-byte aligned
+            // (`lin` is, checked above, and so are both backings' bases), and its RAM page.
+            Some((p, gpn)) => unsafe {
                 let o = crate::mmu::cmpxchg16_host(p, exp, new);
                 c.note_rmw(gpn);
                 o
-            }
+            },
             None => {
                 let o = c.rd_slow(lin, 16, false)?;
                 c.wr_slow(lin, 16, if o == exp { new } else { o }, false)?;
@@ -436,11 +446,12 @@ fn cmpxchg8b(c: &mut Cpu, d: &Insn) -> R {
         let exp = (c.gpr[0] & 0xffff_ffff) | (c.gpr[2] << 32);
         let new = (c.gpr[3] & 0xffff_ffff) | (c.gpr[1] << 32);
         let old = match c.host_rmw_ptr(lin, 8)? {
-            Some((p, gpn)) => {
+            // SAFETY: `host_rmw_ptr`'s pointer to 8 bytes of guest memory and its RAM page.
+            Some((p, gpn)) => unsafe {
                 let o = cmpxchg_host(p, 8, exp, new);
                 c.note_rmw(gpn);
                 o
-            }
+            },
             None => {
                 let o = c.rd_sz_lin(lin, 8)?;
                 c.wr_sz_lin(lin, 8, if o == exp { new } else { o })?;

@@ -3,6 +3,7 @@
 pub(crate) mod alu;
 pub(crate) mod ctrl;
 pub(crate) mod misc;
+pub(crate) mod mmx;
 pub(crate) mod sse;
 pub(crate) mod string;
 pub(crate) mod system;
@@ -387,6 +388,9 @@ fn select(i: &Instruction, d: &mut Insn, mode: Mode, bytes: &[u8]) -> Handler {
         return h;
     }
     if let Some(h) = system::select(m, i, d, mode) {
+        return h;
+    }
+    if let Some(h) = mmx::select(m, i, d) {
         return h;
     }
     if let Some(h) = sse::select(m, i, d) {

@@ -8,7 +8,8 @@
 //! CR4.OSXMMEXCPT is clear) without writing the destination. Results — including rounding
 //! modes, denormals, NaN propagation and RCPPS/RSQRTPS approximations — are therefore exactly
 //! those of the host. Data movement, shuffles and conversions between integer registers are
-//! done in Rust. MMX forms (MMn registers) raise #UD.
+//! done in Rust. The forms on MMX registers (and the MMX<->SSE conversions) are in
+//! `mmx.rs`, which runs its packed-integer arithmetic through the host operations here.
 
 use super::{Handler, Insn, KIMM, KMEM, KREG};
 use crate::{Cpu, Exc, Stop, R};
@@ -26,7 +27,7 @@ pub(crate) type XOp = fn(&mut [u128; 2], &mut u32);
 macro_rules! xop {
     ($($name:ident = $ins:literal;)*) => {
         $(
-            fn $name(v: &mut [u128; 2], mx: &mut u32) {
+            pub(crate) fn $name(v: &mut [u128; 2], mx: &mut u32) {
                 let mut host: u32 = 0;
                 // SAFETY: loads/stores only through the pointers to `v`, `mx` and `host`
                 // (valid locals); the host MXCSR is saved and restored around the operation
@@ -220,13 +221,13 @@ impl Cpu {
     /// MXCSR to run a host operation under: guest control bits, exceptions masked, flags
     /// clear.
     #[inline]
-    fn host_mxcsr(&self) -> u32 {
+    pub(crate) fn host_mxcsr(&self) -> u32 {
         (self.mxcsr & !0x3f) | 0x1f80
     }
 
     /// Merge the flags a host operation raised; Err if one is unmasked in the guest.
     #[inline]
-    fn merge_mxcsr(&mut self, out: u32) -> R {
+    pub(crate) fn merge_mxcsr(&mut self, out: u32) -> R {
         let raised = out & 0x3f;
         self.mxcsr |= raised;
         let unmasked = raised & !(self.mxcsr >> 7) & 0x3f;
@@ -658,7 +659,7 @@ fn h_movnti(c: &mut Cpu, d: &Insn) -> R {
 
 pub(crate) fn select(m: Mnemonic, i: &Instruction, d: &mut Insn) -> Option<Handler> {
     use Mnemonic as M;
-    // MMX forms are not supported.
+    // MMX forms are handled by `mmx.rs` (selected first); nothing here takes them.
     for op in 0..i.op_count() {
         if i.op_kind(op) == OpKind::Register && i.op_register(op).is_mm() {
             return None;

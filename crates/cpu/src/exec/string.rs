@@ -299,7 +299,8 @@ fn bulk(
     if movs {
         c.gpr[6] = c.gpr[6].wrapping_add(adv);
     }
-    c.note_write(dgpn);
+    // SAFETY: `dgpn` is the RAM page `host_page` returned for the destination.
+    unsafe { c.note_write(dgpn) };
     Ok(Some(n))
 }
 

@@ -64,23 +64,18 @@ fn cpuid_has(c: &Cpu, leaf: u32, reg: usize, bit: u32) -> bool {
 
 // ---------------------------------------------------------------------- MSRs
 
-/// The microcode patch level the vCPU reports in MSR 0x8B (a family 17h value; the model
-/// has no microcode, the number only has to be stable).
-pub const MICROCODE_PATCH_LEVEL: u64 = 0x0800_1250;
-
 /// Read an MSR the vCPU models.
 ///
-/// Besides the architectural MSRs, three AMD model-specific ones exist, presented as KVM
-/// presents them to an AMD guest (they carry no state, so snapshots need nothing for them):
-/// the patch level (read-only constant), DE_CFG (LFENCE serialising, set; writes may not set
-/// other bits) and NB_CFG (reads 0, writes ignored). Other model-specific MSRs (LS_CFG,
-/// FP_CFG, the performance counters 0xC001_0000-7, ...) raise #GP, as on KVM without a PMU;
-/// Linux reads those only through its fault-tolerant accessors.
+/// Besides the architectural MSRs and the MTRRs, a few AMD model-specific ones exist,
+/// presented as KVM presents them to an AMD guest ([`kvm_style_read`]: patch level, DE_CFG,
+/// NB_CFG, SYSCFG). Other model-specific MSRs (LS_CFG, FP_CFG, the performance counters
+/// 0xC001_0000-7, ...) raise #GP, as on KVM without a PMU; Linux reads those only through its
+/// fault-tolerant accessors.
 pub(crate) fn msr_read(c: &Cpu, idx: u32) -> Option<u64> {
+    if let Some(v) = kvm_style_read(idx) {
+        return Some(v);
+    }
     Some(match idx {
-        AMD_PATCH_LEVEL => MICROCODE_PATCH_LEVEL,
-        AMD_DE_CFG => AMD_DE_CFG_LFENCE_SERIALIZE,
-        AMD_NB_CFG => 0,
         IA32_EFER => c.efer,
         IA32_TIME_STAMP_COUNTER => c.tsc(),
         IA32_APIC_BASE => c.apic_base,
@@ -96,10 +91,13 @@ fn canonical(v: u64) -> bool {
 
 /// Write an MSR the vCPU models: Ok(false) = not modelled, Err = invalid value (#GP).
 pub(crate) fn msr_write(c: &mut Cpu, idx: u32, v: u64) -> Result<bool, ()> {
+    if let Some(ok) = kvm_style_write(idx, v) {
+        return if ok { Ok(true) } else { Err(()) };
+    }
+    if MtrrState::holds(idx) {
+        return c.msrs.mtrr.set(idx, v, crate::mmu::walk::MAXPHY);
+    }
     match idx {
-        AMD_PATCH_LEVEL => return Err(()),
-        AMD_DE_CFG if v & !AMD_DE_CFG_LFENCE_SERIALIZE != 0 => return Err(()),
-        AMD_DE_CFG | AMD_NB_CFG => {}
         IA32_EFER => {
             let allowed = efer::SCE | efer::LME | efer::LMA | efer::NXE | efer::FFXSR;
             if v & !allowed != 0 {

@@ -1,5 +1,6 @@
 //! The x87 FPU: register stack, control/status/tag words, the last-instruction pointers,
-//! the FNSTENV/FNSAVE/FXSAVE memory formats and exception delivery; also EMMS.
+//! the FNSTENV/FNSAVE/FXSAVE memory formats and exception delivery (MMX and EMMS, which
+//! share this state, are in `mmx.rs`).
 //!
 //! # Design: the arithmetic runs on the host FPU
 //!
@@ -33,16 +34,16 @@
 //! the hardware does; the reserved control-word bits as the host stores them), the
 //! instructions that only move state (FNINIT, FNCLEX, FLDCW, FNSTCW,
 //! FNSTSW, FNSTENV/FLDENV and FNSAVE/FRSTOR in their 16/32-bit real/protected layouts,
-//! FXSAVE/FXRSTOR, FNOP, FWAIT, EMMS), the memory accesses (faults are taken before
+//! FXSAVE/FXRSTOR, FNOP, FWAIT), the memory accesses (faults are taken before
 //! any state changes; a store suppressed by an unmasked exception writes nothing), and
 //! exception delivery:
-//! - CR0.EM or CR0.TS: #NM for x87 instructions (FWAIT: only with CR0.MP and TS; EMMS:
-//!   #UD on EM);
+//! - CR0.EM or CR0.TS: #NM for x87 instructions (FWAIT: only with CR0.MP and TS; MMX
+//!   instructions: #UD on EM);
 //! - an unmasked exception sets ES and B (they always equal "some flag set whose mask bit
 //!   is clear", recomputed after FLDCW/FLDENV/FRSTOR/FXRSTOR, as hardware does) and is
 //!   reported as #MF (vector 16) by the next *waiting* instruction — every x87 instruction
 //!   except FNINIT, FNCLEX, FNSTCW, FNSTSW, FNSTENV, FNSAVE, FXSAVE and FXRSTOR, plus
-//!   EMMS — before it does anything, when CR0.NE is set. With CR0.NE clear (legacy FERR#
+//!   the MMX instructions — before it does anything, when CR0.NE is set. With CR0.NE clear (legacy FERR#
 //!   reporting through an external interrupt, never used by a 64-bit OS) the pending
 //!   exception is ignored as with IGNNE# asserted.
 //!
@@ -63,8 +64,8 @@
 //! FNENI/FNDISI/FNSETPM (8087/287 control) are no-ops, as on every processor since the 387.
 //!
 //! MMX register aliasing: MMn is the significand of physical register Rn; FXSAVE stores
-//! ST(0)..ST(7), which are MM0..MM7 whenever TOP = 0 (after any MMX instruction). EMMS marks
-//! every register empty. MMX arithmetic itself is not implemented here.
+//! ST(0)..ST(7), which are MM0..MM7 whenever TOP = 0 (after any MMX instruction). The MMX
+//! instructions, EMMS and the x87-to-MMX transition are in `mmx.rs`.
 
 mod host;
 #[cfg(test)]
@@ -384,7 +385,7 @@ impl Cpu {
 
     /// A waiting instruction: a pending unmasked exception is delivered as #MF (CR0.NE).
     #[inline]
-    fn fpu_wait(&self) -> R {
+    pub(crate) fn fpu_wait(&self) -> R {
         if self.x87.fsw & FSW_ES != 0 && self.cr0 & cr0::NE != 0 {
             return Err(Stop::Exc(Exc::new(vector::MF)));
         }
@@ -611,19 +612,6 @@ fn h_fwait(c: &mut Cpu, _d: &Insn) -> R {
     c.fpu_wait()
 }
 
-/// EMMS: every register empty (an MMX instruction: #UD with CR0.EM).
-fn h_emms(c: &mut Cpu, _d: &Insn) -> R {
-    if c.cr0 & cr0::EM != 0 {
-        return crate::ud();
-    }
-    if c.cr0 & cr0::TS != 0 {
-        return Err(Stop::Exc(Exc::new(vector::NM)));
-    }
-    c.fpu_wait()?;
-    c.x87.ftw = 0;
-    Ok(())
-}
-
 /// FXSAVE/FXRSTOR: #NM on CR0.EM or CR0.TS.
 fn fx_check(c: &Cpu) -> R {
     if c.cr0 & (cr0::EM | cr0::TS) != 0 {
@@ -777,7 +765,6 @@ pub(crate) fn select(
     if !(0xd8..=0xdf).contains(&esc) {
         return match m {
             M::Wait => Some(h_fwait),
-            M::Emms => Some(h_emms),
             M::Fxsave | M::Fxsave64 => Some(h_fxsave),
             M::Fxrstor | M::Fxrstor64 => Some(h_fxrstor),
             _ => None,

@@ -120,20 +120,33 @@ impl Encryption {
         };
     }
 
-    fn private_page(&self, page: u64) -> *mut u8 {
-        // SAFETY: callers pass a page number inside RAM; the backing has RAM's size.
+    /// Host address of page `page` of the private backing.
+    ///
+    /// # Safety
+    /// `page` must be a page of guest RAM (the backing has RAM's size).
+    unsafe fn private_page(&self, page: u64) -> *mut u8 {
+        // SAFETY: the caller passes a page number inside RAM; the backing has RAM's size.
         unsafe { self.private.ptr.add((page * PAGE_SIZE) as usize) }
     }
 }
 
-fn copy_in(dst: &mut Page, src: *const u8) {
-    // SAFETY: `src` points to a whole page of guest RAM or of the private backing (callers
-    // pass page-aligned pointers inside those allocations); raw copy from shared memory.
+/// Copies the page at `src` (guest RAM or the private backing) into `dst`.
+///
+/// # Safety
+/// `src` must point to a whole page of guest RAM or of the private backing, as
+/// [`PhysMemory::ram_page`] and [`Encryption::private_page`] return it. (The bytes are
+/// shared memory, hence the raw copy.)
+unsafe fn copy_in(dst: &mut Page, src: *const u8) {
+    // SAFETY: the caller guarantees a whole page of guest memory at `src`.
     unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE as usize) }
 }
 
-fn copy_out(dst: *mut u8, src: &Page) {
-    // SAFETY: as in `copy_in`, for writes.
+/// Copies `src` over the page at `dst` (guest RAM or the private backing).
+///
+/// # Safety
+/// As for [`copy_in`], for the page at `dst`.
+unsafe fn copy_out(dst: *mut u8, src: &Page) {
+    // SAFETY: the caller guarantees a whole page of guest memory at `dst`.
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_SIZE as usize) }
 }
 
@@ -146,8 +159,12 @@ impl PhysMemory {
         self.enc().ok_or(MemError::EncryptionOff)
     }
 
-    fn ram_page(&self, page: u64) -> *mut u8 {
-        // SAFETY: callers pass a page number inside RAM.
+    /// Host address of page `page` of guest RAM.
+    ///
+    /// # Safety
+    /// `page` must be a page of guest RAM.
+    unsafe fn ram_page(&self, page: u64) -> *mut u8 {
+        // SAFETY: the caller passes a page number inside RAM.
         unsafe { self.inner.base.add((page * PAGE_SIZE) as usize) }
     }
 
@@ -254,18 +271,27 @@ impl PhysMemory {
         if private == (view == View::Private) {
             return false;
         }
+        // Outside RAM there is nothing to convert (and no backing to touch): a caller bug.
+        assert!(
+            page < self.inner.size / PAGE_SIZE,
+            "page {page:#x} is outside guest RAM"
+        );
         let gpa = page * PAGE_SIZE;
         let mut buf = [0u8; PAGE_SIZE as usize];
         match view {
             View::Private => {
-                copy_in(&mut buf, self.ram_page(page));
+                // SAFETY: `page` is a RAM page (asserted above), held whole by both backings.
+                unsafe { copy_in(&mut buf, self.ram_page(page)) };
                 e.cipher.decrypt_page(gpa, &mut buf);
-                copy_out(e.private_page(page), &buf);
+                // SAFETY: `page` is a RAM page (asserted above).
+                unsafe { copy_out(e.private_page(page), &buf) };
             }
             View::Shared => {
-                copy_in(&mut buf, e.private_page(page));
+                // SAFETY: `page` is a RAM page (asserted above), held whole by both backings.
+                unsafe { copy_in(&mut buf, e.private_page(page)) };
                 e.cipher.encrypt_page(gpa, &mut buf);
-                copy_out(self.ram_page(page), &buf);
+                // SAFETY: `page` is a RAM page (asserted above).
+                unsafe { copy_out(self.ram_page(page), &buf) };
             }
         }
         e.set_state(page, view);
@@ -332,19 +358,23 @@ impl PhysMemory {
             let mut dram = [0u8; PAGE_SIZE as usize];
             let mut plain = [0u8; PAGE_SIZE as usize];
             if e.is_private(page) {
-                copy_in(&mut plain, e.private_page(page));
+                // SAFETY: `page` is in the range checked to lie inside RAM above.
+                unsafe { copy_in(&mut plain, e.private_page(page)) };
                 dram = plain;
                 e.cipher.encrypt_page(pgpa, &mut dram);
             } else {
-                copy_in(&mut dram, self.ram_page(page));
+                // SAFETY: `page` is in the range checked to lie inside RAM above.
+                unsafe { copy_in(&mut dram, self.ram_page(page)) };
                 plain = dram;
                 e.cipher.decrypt_page(pgpa, &mut plain);
             }
             // The range's DRAM bytes are taken as plaintext.
             plain[off..off + n].copy_from_slice(&dram[off..off + n]);
-            copy_out(e.private_page(page), &plain);
+            // SAFETY: `page` is in the range checked to lie inside RAM above.
+            unsafe { copy_out(e.private_page(page), &plain) };
             e.cipher.encrypt_page(pgpa, &mut plain);
-            copy_out(self.ram_page(page), &plain);
+            // SAFETY: `page` is in the range checked to lie inside RAM above.
+            unsafe { copy_out(self.ram_page(page), &plain) };
             e.set_state(page, View::Private);
             self.converted(page);
         }
@@ -360,9 +390,11 @@ impl PhysMemory {
         let mut tmp = [0u8; PAGE_SIZE as usize];
         for (page, off, at, n) in Self::pieces(gpa, buf.len()) {
             if e.is_private(page) {
-                copy_in(&mut tmp, e.private_page(page));
+                // SAFETY: `page` is in the range checked to lie inside RAM above.
+                unsafe { copy_in(&mut tmp, e.private_page(page)) };
             } else {
-                copy_in(&mut tmp, self.ram_page(page));
+                // SAFETY: `page` is in the range checked to lie inside RAM above.
+                unsafe { copy_in(&mut tmp, self.ram_page(page)) };
                 e.cipher.decrypt_page(page * PAGE_SIZE, &mut tmp);
             }
             buf[at..at + n].copy_from_slice(&tmp[off..off + n]);
@@ -381,7 +413,8 @@ impl PhysMemory {
             if !whole_shared_page {
                 self.convert_locked(e, page, View::Private);
             }
-            // SAFETY: `off + n <= PAGE_SIZE` inside a page of the private backing.
+            // SAFETY: `page` is in the range checked to lie inside RAM above, and
+            // `off + n <= PAGE_SIZE`: inside that page of the private backing.
             unsafe {
                 std::ptr::copy_nonoverlapping(buf[at..].as_ptr(), e.private_page(page).add(off), n)
             };
@@ -408,10 +441,12 @@ impl PhysMemory {
         let mut tmp = [0u8; PAGE_SIZE as usize];
         for (page, off, at, n) in Self::pieces(gpa, buf.len()) {
             if e.is_private(page) {
-                copy_in(&mut tmp, e.private_page(page));
+                // SAFETY: `page` is in the range checked to lie inside RAM above.
+                unsafe { copy_in(&mut tmp, e.private_page(page)) };
                 e.cipher.encrypt_page(page * PAGE_SIZE, &mut tmp);
             } else {
-                copy_in(&mut tmp, self.ram_page(page));
+                // SAFETY: `page` is in the range checked to lie inside RAM above.
+                unsafe { copy_in(&mut tmp, self.ram_page(page)) };
             }
             buf[at..at + n].copy_from_slice(&tmp[off..off + n]);
         }
@@ -430,7 +465,8 @@ impl PhysMemory {
         let _g = e.lock();
         for (page, off, at, n) in Self::pieces(gpa, buf.len()) {
             self.convert_locked(e, page, View::Shared);
-            // SAFETY: `off + n <= PAGE_SIZE` inside a RAM page.
+            // SAFETY: `page` is in the range checked to lie inside RAM above, and
+            // `off + n <= PAGE_SIZE`: inside that RAM page.
             unsafe {
                 std::ptr::copy_nonoverlapping(buf[at..].as_ptr(), self.ram_page(page).add(off), n)
             };

@@ -68,9 +68,11 @@ impl Cpu {
         let g = self.sev_phys_check(gpa, size)?;
         let base = self.sev_view(g >> PAGE_SHIFT, View::Private)?;
         let b = v.to_le_bytes();
-        // SAFETY: as in `sev_phys_read`.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), base.add(g as usize), size) };
-        self.note_write(g >> PAGE_SHIFT);
+        // SAFETY: as in `sev_phys_read`; so `g`'s page is a RAM page.
+        unsafe {
+            std::ptr::copy_nonoverlapping(b.as_ptr(), base.add(g as usize), size);
+            self.note_write(g >> PAGE_SHIFT);
+        }
         Ok(())
     }
 

@@ -28,7 +28,7 @@ const PF_RSVD: u32 = 8;
 const PF_ID: u32 = 16;
 
 /// Physical address width (CPUID 0x8000_0008: 48 bits).
-const MAXPHY: u32 = 48;
+pub(crate) const MAXPHY: u32 = 48;
 /// The address bits of an 8-byte entry (bits 12..MAXPHY).
 const PHYS_MASK: u64 = ((1u64 << MAXPHY) - 1) & !0xfff;
 /// The address bits of an 8-byte entry of an SEV guest (bits 12..47; [`SevCbit`] also takes
@@ -347,7 +347,8 @@ impl Cpu {
                     .fetch_or(bits as u32, std::sync::atomic::Ordering::SeqCst);
             }
         }
-        self.note_write(gpa >> PAGE_SHIFT);
+        // SAFETY: `gpa` is inside RAM (checked above).
+        unsafe { self.note_write(gpa >> PAGE_SHIFT) };
         Ok(())
     }
 }

@@ -137,7 +137,7 @@ fn reload(h: &mut Harness, code: &[u8]) {
 
 /// The exception a run ended with on a harness stub: (vector, error code, pushed RIP),
 /// read from the private stack.
-fn caught(h: &Harness) -> Option<(u8, Option<u32>, u64)> {
+fn caught(h: &Harness) -> Option<(u8, Option<u64>, u64)> {
     let r = h.cpu.regs();
     if !(STUBS + 1..STUBS + 1 + 4 * 256).contains(&r.rip) {
         return None;
@@ -146,11 +146,7 @@ fn caught(h: &Harness) -> Option<(u8, Option<u32>, u64)> {
     let m = h.mem();
     let sp = r.gpr[4];
     Some(if vector::has_error_code(v) {
-        (
-            v,
-            Some(rd_private_u64(m, sp) as u32),
-            rd_private_u64(m, sp + 8),
-        )
+        (v, Some(rd_private_u64(m, sp)), rd_private_u64(m, sp + 8))
     } else {
         (v, None, rd_private_u64(m, sp))
     })
@@ -892,7 +888,7 @@ proptest! {
 fn non_automatic_events_raise_vc() {
     use esvm_arch::msr::*;
     let none = Vec::new;
-    let cases: Vec<(&str, Vec<u8>, Vec<u8>, u32)> = vec![
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>, u64)> = vec![
         ("cpuid", none(), vec![0x0f, 0xa2], ec::CPUID),
         ("in al, dx", none(), vec![0xec], ec::IOIO),
         ("in eax, 0x80", none(), vec![0xe5, 0x80], ec::IOIO),
@@ -1449,6 +1445,7 @@ proptest! {
             sysenter_eip: msrs[7],
             pat: msrs[8],
             tsc_aux: msrs[9] & 0xffff_ffff,
+            mtrr: Default::default(),
         };
         cpu.set_msrs(&m);
         cpu.set_debug_regs(&esvm_arch::DebugRegs {

@@ -41,15 +41,19 @@ impl Drop for Page {
 }
 
 /// Run `insn` natively with rax, rcx, rdx and the arithmetic flags given.
-fn native(page: &Page, insn: &[u8], v: [u64; 3], flags: u64) -> ([u64; 3], u64) {
+///
+/// # Safety
+/// `insn` must be one instruction (at most 15 bytes) that only reads and writes rax, rcx,
+/// rdx and the flags, and does not fault for these inputs (no #DE).
+unsafe fn native(page: &Page, insn: &[u8], v: [u64; 3], flags: u64) -> ([u64; 3], u64) {
     let mut code = vec![0x41, 0x50, 0x9d];
     code.extend_from_slice(insn);
     code.extend_from_slice(&[0x9c, 0x41, 0x58, 0xc3]);
-    // SAFETY: the page is 4 KiB and the code is far shorter.
+    // SAFETY: the page is 4 KiB and the code (one instruction plus 7 bytes) is far shorter.
     unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), page.0, code.len()) };
     let (mut a, mut c, mut d, mut f) = (v[0], v[1], v[2], flags & rflags::ARITH);
     // SAFETY: the code only touches rax, rcx, rdx, r8, the flags and balanced stack slots
-    // and returns; the test instructions cannot fault (callers exclude #DE cases).
+    // and returns; the instruction cannot fault (the caller's contract).
     unsafe {
         std::arch::asm!(
             "call {p}",
@@ -162,6 +166,9 @@ fn skip_on_this_host(name: &str) -> bool {
     }
 }
 
+/// Compares `f`'s instruction natively and emulated on 200 inputs that `skip` lets through.
+/// Test-harness contract (the tests below keep it): the instruction only touches rax, rcx,
+/// rdx and the flags, and `skip` rejects the inputs on which it faults (#DE).
 fn check(
     name: &str,
     f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
@@ -183,7 +190,9 @@ fn check(
             continue;
         }
         let fl = rng.next() & rflags::ARITH;
-        let (nv, nf) = native(&page, &insn, v, fl);
+        // SAFETY: `insn` is one instruction on rax/rcx/rdx/flags and `skip` let through only
+        // inputs it does not fault on (this harness's contract, above).
+        let (nv, nf) = unsafe { native(&page, &insn, v, fl) };
         let (ev, ef) = emulated(&insn, v, fl);
         if nv != ev || nf & cmp != ef & cmp {
             bad.push(format!(
@@ -381,7 +390,11 @@ fn muldiv_bits() {
 
 /// Run `insn` natively with xmm0/xmm1, MXCSR and rax/rcx/rdx; returns
 /// (xmm0, xmm1, mxcsr, [rax, rcx, rdx], rflags).
-fn native_sse(
+///
+/// # Safety
+/// `insn` must be one SSE instruction that only reads and writes xmm0, xmm1, MXCSR, rax,
+/// rcx, rdx and the flags, and `mx` must mask every SIMD exception (so nothing traps).
+unsafe fn native_sse(
     page: &Page,
     insn: &[u8],
     x: [u128; 2],
@@ -400,7 +413,7 @@ fn native_sse(
         0xf3, 0x0f, 0x7f, 0x07, 0xf3, 0x0f, 0x7f, 0x4f, 0x10, 0x0f, 0xae, 0x5f, 0x20, 0x9c, 0x41,
         0x58, 0xc3,
     ]);
-    // SAFETY: the code fits the page.
+    // SAFETY: the code (one instruction plus 33 bytes) fits the 4 KiB page.
     unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), page.0, code.len()) };
     #[repr(C, align(16))]
     struct Buf([u128; 2], u32, [u32; 3]);
@@ -408,8 +421,8 @@ fn native_sse(
     let (mut a, mut c, mut d, mut f) = (g[0], g[1], g[2], 0u64);
     let mut host: u32 = 0;
     // SAFETY: the code reads/writes only `b` (via rdi), xmm0/xmm1, MXCSR (saved and
-    // restored here), rax/rcx/rdx/r8, flags and balanced stack slots; all FP exceptions are
-    // masked by the callers so nothing traps.
+    // restored here), rax/rcx/rdx/r8, flags and balanced stack slots; all SIMD exceptions
+    // are masked (the caller's contract) so nothing traps.
     unsafe {
         std::arch::asm!(
             "stmxcsr [{h}]",
@@ -479,6 +492,8 @@ fn fp_interesting(r: &mut Rng) -> u128 {
     v
 }
 
+/// Compares `f`'s instruction natively and emulated. Test-harness contract (the tests below
+/// keep it): one SSE instruction on xmm0, xmm1, MXCSR, rax, rcx, rdx and the flags only.
 fn check_sse(name: &str, f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>) {
     let mut a = CodeAssembler::new(64).unwrap();
     f(&mut a).unwrap();
@@ -490,7 +505,9 @@ fn check_sse(name: &str, f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>
         let x = [fp_interesting(&mut rng), fp_interesting(&mut rng)];
         let mx = [0x1f80, 0x3f80, 0x5f80, 0x7f80, 0x9fc0][k % 5];
         let g = [rng.interesting(), rng.interesting(), rng.interesting()];
-        let (nx, nmx, ng, nf) = native_sse(&page, &insn, x, mx, g);
+        // SAFETY: `insn` only uses those registers (this harness's contract, above) and
+        // every MXCSR value here has all exception mask bits (0x1f80) set.
+        let (nx, nmx, ng, nf) = unsafe { native_sse(&page, &insn, x, mx, g) };
         let mut r = Regs::default();
         r.gpr[0] = g[0];
         r.gpr[1] = g[1];
@@ -576,7 +593,11 @@ fn sse_against_host() {
 }
 
 /// Like `native` but with RSI pointing into a 4 KiB buffer (at offset 0x800).
-fn native_mem(
+///
+/// # Safety
+/// As for [`native`], except that `insn` may also access memory at RSI-relative addresses
+/// inside `buf` (offsets -0x800..0x800 from RSI).
+unsafe fn native_mem(
     page: &Page,
     insn: &[u8],
     v: [u64; 3],
@@ -586,11 +607,11 @@ fn native_mem(
     let mut code = vec![0x41, 0x50, 0x9d];
     code.extend_from_slice(insn);
     code.extend_from_slice(&[0x9c, 0x41, 0x58, 0xc3]);
-    // SAFETY: the code fits the page.
+    // SAFETY: the code (one instruction plus 7 bytes) fits the 4 KiB page.
     unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), page.0, code.len()) };
     let (mut a, mut c, mut d, mut f) = (v[0], v[1], v[2], flags & rflags::ARITH);
     let p = buf.as_mut_ptr().wrapping_add(0x800);
-    // SAFETY: as in `native`; memory operands stay within `buf` (callers keep offsets small).
+    // SAFETY: as in `native`; memory operands stay within `buf` (the caller's contract).
     unsafe {
         std::arch::asm!(
             "call {p}",
@@ -605,6 +626,10 @@ fn native_mem(
     ([a, c, d], f)
 }
 
+/// Compares `f`'s instruction natively and emulated with RSI pointing into a buffer.
+/// Test-harness contract (the tests below keep it): one instruction on rax, rcx, rdx, the
+/// flags and memory within 0x800 bytes of RSI (with RCX-indexed or bit-offset operands
+/// only when `small_rcx` keeps RCX within +-1000); it cannot fault (no division).
 fn check_mem(name: &str, f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>, small_rcx: bool) {
     if skip_on_this_host(name) {
         return;
@@ -627,7 +652,9 @@ fn check_mem(name: &str, f: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>
             *b = rng.next() as u8;
         }
         let mut nbuf = buf;
-        let (nv, nf) = native_mem(&page, &insn, v, fl, &mut nbuf);
+        // SAFETY: `insn` only uses those registers and memory near RSI, inside `nbuf`
+        // (this harness's contract, above).
+        let (nv, nf) = unsafe { native_mem(&page, &insn, v, fl, &mut nbuf) };
         let mut r = Regs::default();
         r.gpr[0] = v[0];
         r.gpr[1] = v[1];

@@ -67,10 +67,16 @@ fn snippet(insn: &[u8]) -> Vec<u8> {
     c
 }
 
-fn native(page: &Page, buf: &mut Buf, flags: u64) -> u64 {
+/// Calls the snippet on `page` with `buf` as its state and memory buffer.
+///
+/// # Safety
+/// `page` must hold `snippet(insn)` + RET for a single defined x87 instruction `insn` whose
+/// memory operand, if any, is `[rsi]`, and `buf` must start with a valid FXSAVE image with
+/// MXCSR 0x1f80 and no pending unmasked exception.
+unsafe fn native(page: &Page, buf: &mut Buf, flags: u64) -> u64 {
     let p = buf.0.as_mut_ptr();
     let mut ax: u64 = 0;
-    // SAFETY: the page holds `snippet(..)` + RET (written by the caller): it pops the
+    // SAFETY: the page holds `snippet(..)` + RET (the caller's contract): it pops the
     // flags it pushed, loads the x87/SSE state from `buf` (a valid FXSAVE image with MXCSR
     // 0x1f80 and no pending unmasked exception), runs one x87 instruction whose memory
     // operand is inside `buf`, stores the state into `buf`, re-initialises the x87 with
@@ -373,7 +379,11 @@ fn check_escape(esc: u8, cases: u64) {
             nb.0[..512].copy_from_slice(&state);
             nb.0[MEM..MEM + MEM_LEN].copy_from_slice(&mem);
             let mut eb = Buf(nb.0);
-            let nax = native(&page, &mut nb, flags);
+            // SAFETY: the page holds `snippet(&bytes)` + RET for a defined x87 encoding
+            // (invalid and legacy-only ones skipped above) whose memory forms use `[rsi]`
+            // only; `nb` starts with `rng.state`'s FXSAVE image, which has MXCSR 0x1f80 and
+            // no pending unmasked exception.
+            let nax = unsafe { native(&page, &mut nb, flags) };
             let eax = emulated(&mut h, &mut eb, flags);
             let mut diff = Vec::new();
             let cmp = |r: std::ops::Range<usize>, what: &str, diff: &mut Vec<String>| {

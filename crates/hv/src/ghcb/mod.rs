@@ -31,15 +31,16 @@ pub mod nae;
 pub mod page;
 pub mod services;
 
+use esvm_abi::msr_protocol;
 use thiserror::Error;
 
+pub use esvm_abi::exit_code;
+pub use esvm_abi::sev::MSR_GHCB;
 pub use msr::{handle_msr_protocol, MsrProtocolOutcome};
-pub use nae::{exit_code, handle_ghcb, GhcbErrorCode, GhcbOutcome, GuestResponse, IoioInfo};
+pub use nae::{handle_ghcb, GhcbErrorCode, GhcbOutcome, GuestResponse, IoioInfo};
 pub use page::{GhcbField, GhcbPage, GHCB_PAGE_SIZE};
 pub use services::{CpuidRequest, GhcbServices, GhcbVmState, IoSize, ServiceError, VmmcallRegs};
 
-/// The GHCB MSR.
-pub const MSR_GHCB: u32 = 0xC001_0130;
 /// Default limit of a scratch area outside the GHCB page (16 pages, as KVM).
 pub const DEFAULT_SCRATCH_LIMIT: u32 = 16 * 4096;
 /// Hard upper bound on [`GhcbConfig::scratch_limit`] (1 MiB), whatever a config says.
@@ -172,7 +173,7 @@ impl GhcbState {
             Some(ApResetHold::MsrProtocol) => {
                 self.ap_reset_hold = None;
                 Ok(ApHoldRelease::SetMsr(
-                    (1 << 12) | msr::MSR_AP_RESET_HOLD_RESP,
+                    (1 << msr_protocol::DATA_SHIFT) | msr_protocol::AP_RESET_HOLD_RESP,
                 ))
             }
             Some(ApResetHold::Ghcb { gpa }) => {
@@ -214,7 +215,7 @@ pub fn handle_vmgexit<S: GhcbServices + ?Sized>(
     services: &mut S,
     state: &mut GhcbState,
 ) -> VmgexitOutcome {
-    if ghcb_msr & msr::MSR_INFO_MASK != 0 {
+    if ghcb_msr & msr_protocol::INFO_MASK != 0 {
         return VmgexitOutcome::Msr(handle_msr_protocol(ghcb_msr, services, state));
     }
     if ghcb_msr == 0 {

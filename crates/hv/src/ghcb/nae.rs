@@ -1,68 +1,16 @@
 //! The GHCB page protocol: non-automatic-exit (NAE) events described in the GHCB page.
+//!
+//! Exit codes, response codes and the IOIO encoding are the guest ABI's
+//! ([`esvm_abi::exit_code`], [`esvm_abi::ghcb`]).
 
-use super::page::{
-    GhcbField, GhcbPage, GHCB_PAGE_SIZE, GHCB_USAGE_STANDARD, SHARED_BUFFER_END,
-    SHARED_BUFFER_OFFSET,
+use esvm_abi::exit_code;
+use esvm_abi::ghcb::{
+    ioio, response, GHCB_PAGE_SIZE, GHCB_USAGE_STANDARD, SHARED_BUFFER_END, SHARED_BUFFER_OFFSET,
 };
+
+use super::page::{GhcbField, GhcbPage};
 use super::services::{CpuidRequest, GhcbServices, IoSize, ServiceError, VmmcallRegs};
 use super::{ApResetHold, GhcbState};
-
-/// SW_EXITCODE values (AMD APM vol. 2 exit codes and the GHCB spec's software-defined ones).
-pub mod exit_code {
-    pub const DR7_READ: u64 = 0x27;
-    pub const DR7_WRITE: u64 = 0x37;
-    pub const RDTSC: u64 = 0x6E;
-    pub const RDPMC: u64 = 0x6F;
-    pub const CPUID: u64 = 0x72;
-    pub const INVD: u64 = 0x76;
-    pub const IOIO: u64 = 0x7B;
-    pub const MSR: u64 = 0x7C;
-    pub const VMMCALL: u64 = 0x81;
-    pub const RDTSCP: u64 = 0x87;
-    pub const WBINVD: u64 = 0x89;
-    pub const MONITOR: u64 = 0x8A;
-    pub const MWAIT: u64 = 0x8B;
-    pub const MMIO_READ: u64 = 0x8000_0001;
-    pub const MMIO_WRITE: u64 = 0x8000_0002;
-    pub const NMI_COMPLETE: u64 = 0x8000_0003;
-    pub const AP_HLT_LOOP: u64 = 0x8000_0004;
-    pub const AP_JUMP_TABLE: u64 = 0x8000_0005;
-    pub const HV_FEATURES: u64 = 0x8000_FFFD;
-    pub const TERM_REQUEST: u64 = 0x8000_FFFE;
-    pub const UNSUPPORTED_EVENT: u64 = 0x8000_FFFF;
-}
-
-/// SW_EXITINFO1 (low 32 bits) response codes the hypervisor returns.
-pub mod response {
-    /// Request handled; SW_EXITINFO2 may carry data.
-    pub const SUCCESS: u64 = 0;
-    /// Raise an exception; SW_EXITINFO2 holds it in EVENTINJ format.
-    pub const ISSUE_EXCEPTION: u64 = 1;
-    /// Malformed input; SW_EXITINFO2 holds a [`super::GhcbErrorCode`].
-    pub const MALFORMED_INPUT: u64 = 2;
-}
-
-/// EVENTINJ bits used to describe an exception in SW_EXITINFO2.
-const EVTINJ_VALID: u64 = 1 << 31;
-const EVTINJ_TYPE_EXCEPTION: u64 = 3 << 8;
-
-/// IOIO SW_EXITINFO1 bits.
-pub mod ioio {
-    /// Direction: set for IN.
-    pub const TYPE_IN: u64 = 1 << 0;
-    /// String instruction (INS/OUTS).
-    pub const STRING: u64 = 1 << 2;
-    /// REP prefix.
-    pub const REP: u64 = 1 << 3;
-    /// Operand size, one-hot: bit 4 = 8-bit, bit 5 = 16-bit, bit 6 = 32-bit.
-    pub const SIZE_SHIFT: u32 = 4;
-    pub const SIZE_MASK: u64 = 7 << SIZE_SHIFT;
-    /// Address size, one-hot: bit 7 = 16-bit, bit 8 = 32-bit, bit 9 = 64-bit.
-    pub const ADDR_SHIFT: u32 = 7;
-    pub const ADDR_MASK: u64 = 7 << ADDR_SHIFT;
-    /// Port number.
-    pub const PORT_SHIFT: u32 = 16;
-}
 
 /// Reason codes carried in SW_EXITINFO2 when SW_EXITINFO1 = 2 (malformed input).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -264,7 +212,9 @@ pub fn handle_ghcb<S: GhcbServices + ?Sized>(
         }
         Err(Fail::Exception(vector)) => {
             view.set_sw_exit_info1(response::ISSUE_EXCEPTION);
-            view.set_sw_exit_info2(EVTINJ_VALID | EVTINJ_TYPE_EXCEPTION | u64::from(vector));
+            view.set_sw_exit_info2(
+                response::EVENT_VALID | response::EVENT_TYPE_EXCEPTION | u64::from(vector),
+            );
             GhcbOutcome::Resume(GuestResponse::Exception { vector })
         }
         Err(Fail::Malformed(code, detail)) => {
@@ -488,11 +438,14 @@ fn process<S: GhcbServices + ?Sized>(
             reply.info2 = state.config.hv_features & super::HV_FEATURES_MASK;
             Ok(Next::Resume)
         }
-        ec::TERM_REQUEST => Ok(Next::Terminate {
-            reason_set: (info1 & 0xF) as u8,
-            reason_code: ((info1 >> 4) & 0xFF) as u8,
-            info: info2,
-        }),
+        ec::TERM_REQUEST => {
+            let (reason_set, reason_code) = esvm_abi::term::decode_ghcb_exit_info1(info1);
+            Ok(Next::Terminate {
+                reason_set,
+                reason_code,
+                info: info2,
+            })
+        }
         ec::UNSUPPORTED_EVENT => Ok(Next::UnsupportedEvent { info1, info2 }),
         other => malformed(
             E::InvalidEvent,

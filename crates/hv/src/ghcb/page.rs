@@ -5,26 +5,14 @@
 //! valid bitmap at 0x3F0 has one bit per quadword of that save area (bit = offset / 8), and a
 //! field counts as supplied only while its bit is set. A shared buffer at 0x800..0xFF0 can
 //! carry bulk data (the "scratch" area), and the page ends with the protocol version (u16 at
-//! 0xFFA) and the usage code (u32 at 0xFFC; 0 = the standard layout).
+//! 0xFFA) and the usage code (u32 at 0xFFC; 0 = the standard layout). The offsets are the
+//! guest ABI's ([`esvm_abi::ghcb`]), re-exported here for the users of [`GhcbPage`].
 
-/// Size of the GHCB page.
-pub const GHCB_PAGE_SIZE: usize = 4096;
-/// Offset of the valid bitmap.
-pub const VALID_BITMAP_OFFSET: usize = 0x3F0;
-/// Size of the valid bitmap in bytes (128 bits: one per quadword of 0x000..0x400).
-pub const VALID_BITMAP_SIZE: usize = 16;
-/// Offset of the shared buffer.
-pub const SHARED_BUFFER_OFFSET: usize = 0x800;
-/// End (exclusive) of the shared buffer.
-pub const SHARED_BUFFER_END: usize = 0xFF0;
-/// Size of the shared buffer (2032 bytes).
-pub const SHARED_BUFFER_SIZE: usize = SHARED_BUFFER_END - SHARED_BUFFER_OFFSET;
-/// Offset of the u16 protocol version.
-pub const PROTOCOL_VERSION_OFFSET: usize = 0xFFA;
-/// Offset of the u32 usage code.
-pub const USAGE_OFFSET: usize = 0xFFC;
-/// The standard GHCB usage code, the only one esvm accepts.
-pub const GHCB_USAGE_STANDARD: u32 = 0;
+use esvm_abi::ghcb::{save_area, valid_bit};
+pub use esvm_abi::ghcb::{
+    GHCB_PAGE_SIZE, GHCB_USAGE_STANDARD, PROTOCOL_VERSION_OFFSET, SHARED_BUFFER_END,
+    SHARED_BUFFER_OFFSET, SHARED_BUFFER_SIZE, USAGE_OFFSET, VALID_BITMAP_OFFSET, VALID_BITMAP_SIZE,
+};
 
 /// The save-area fields the GHCB protocol exchanges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,19 +53,19 @@ impl GhcbField {
     /// Byte offset of the field in the page (the same as in the VMSA).
     pub const fn offset(self) -> usize {
         match self {
-            GhcbField::Cpl => 0x0CB,
-            GhcbField::Xss => 0x140,
-            GhcbField::Dr7 => 0x160,
-            GhcbField::Rax => 0x1F8,
-            GhcbField::Rcx => 0x308,
-            GhcbField::Rdx => 0x310,
-            GhcbField::Rbx => 0x318,
-            GhcbField::Rsi => 0x330,
-            GhcbField::SwExitCode => 0x390,
-            GhcbField::SwExitInfo1 => 0x398,
-            GhcbField::SwExitInfo2 => 0x3A0,
-            GhcbField::SwScratch => 0x3A8,
-            GhcbField::Xcr0 => 0x3E8,
+            GhcbField::Cpl => save_area::CPL,
+            GhcbField::Xss => save_area::XSS,
+            GhcbField::Dr7 => save_area::DR7,
+            GhcbField::Rax => save_area::RAX,
+            GhcbField::Rcx => save_area::RCX,
+            GhcbField::Rdx => save_area::RDX,
+            GhcbField::Rbx => save_area::RBX,
+            GhcbField::Rsi => save_area::RSI,
+            GhcbField::SwExitCode => save_area::SW_EXITCODE,
+            GhcbField::SwExitInfo1 => save_area::SW_EXITINFO1,
+            GhcbField::SwExitInfo2 => save_area::SW_EXITINFO2,
+            GhcbField::SwScratch => save_area::SW_SCRATCH,
+            GhcbField::Xcr0 => save_area::XCR0,
         }
     }
 
@@ -91,7 +79,7 @@ impl GhcbField {
 
     /// Index of the field's bit in the valid bitmap.
     pub const fn valid_bit(self) -> usize {
-        self.offset() / 8
+        valid_bit(self.offset())
     }
 }
 

@@ -3,6 +3,10 @@
 
 use super::msr::*;
 use super::*;
+use esvm_abi::msr_protocol::{
+    cpuid_request, sev_info_response, term_request, AP_RESET_HOLD_REQ as MSR_AP_RESET_HOLD_REQ,
+    HV_FT_REQ as MSR_HV_FT_REQ, REG_GPA_REQ as MSR_REG_GPA_REQ, SEV_INFO_REQ as MSR_SEV_INFO_REQ,
+};
 use std::collections::BTreeMap;
 
 /// A small services mock: CPUID from a table, a sparse shared memory, everything else refused.

@@ -12,7 +12,8 @@ use std::sync::{Mutex, OnceLock};
 use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, SIGRTMIN};
 
-use crate::{BackendKind, HvError, Kicker, Result};
+use super::KvmError;
+use crate::{Kicker, Result};
 
 /// The kick signal is `SIGRTMIN() + KICK_SIGNAL_OFFSET` (Firecracker and Cloud Hypervisor use
 /// SIGRTMIN-based signals the same way). Embedders must not use it for anything else.
@@ -26,23 +27,12 @@ extern "C" fn on_kick_signal(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     // Nothing to do: delivering the signal is what makes KVM_RUN return EINTR.
 }
 
-static HANDLER: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+static HANDLER: OnceLock<vmm_sys_util::errno::Result<()>> = OnceLock::new();
 
 /// Register the kick signal handler (once per process).
 pub fn ensure_handler() -> Result<()> {
-    HANDLER
-        .get_or_init(|| {
-            register_signal_handler(kick_signal(), on_kick_signal).map_err(|e| {
-                format!(
-                    "cannot install the vCPU kick signal handler (SIGRTMIN+{KICK_SIGNAL_OFFSET}): {e}"
-                )
-            })
-        })
-        .clone()
-        .map_err(|message| HvError::Internal {
-            backend: BackendKind::Kvm,
-            message,
-        })
+    (*HANDLER.get_or_init(|| register_signal_handler(kick_signal(), on_kick_signal)))
+        .map_err(|source| KvmError::KickHandler { source }.into())
 }
 
 thread_local! {
@@ -76,9 +66,13 @@ pub struct KickState {
 }
 
 impl KickState {
-    /// `immediate_exit` must point into the vCPU's `kvm_run` mapping, which must stay mapped
-    /// until [`KickState::detach`] is called.
-    pub fn new(immediate_exit: *mut u8) -> Self {
+    /// The kick state of the vCPU whose `kvm_run.immediate_exit` byte is at `immediate_exit`.
+    ///
+    /// # Safety
+    /// `immediate_exit` must point at the `immediate_exit` byte of the vCPU's `kvm_run`
+    /// mapping, which must stay mapped until [`KickState::detach`] is called; the byte is
+    /// only ever accessed atomically (by KVM with READ_ONCE, by kickers through this state).
+    pub unsafe fn new(immediate_exit: *mut u8) -> Self {
         KickState {
             target: Mutex::new(Target {
                 immediate_exit: Some(immediate_exit as usize),

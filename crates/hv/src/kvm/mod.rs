@@ -48,6 +48,7 @@ pub use vcpu::KvmVcpu;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use esvm_arch::layout;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION,
     KVM_CAP_EXCEPTION_PAYLOAD, KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES,
@@ -59,15 +60,58 @@ use crate::{
     BackendKind, DirtyBitmap, GuestMemory, HvError, Hypervisor, Result, Vcpu, Vm, VmConfig, VmType,
 };
 
-/// Guest-physical address of the three pages KVM needs for its real-mode TSS (Intel hosts).
-/// Just below the 4 GiB BIOS area, well above guest RAM (which ends below 3 GiB).
-pub const TSS_ADDRESS: u64 = 0xfffb_d000;
-/// Guest-physical address of KVM's identity-map page table page (Intel hosts, EPT without
-/// unrestricted guest), the page below the TSS.
-pub const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
-
 /// The slot guest RAM occupies.
 const RAM_SLOT: u32 = 0;
+
+/// Why the KVM backend could not set up or drive a vCPU, beyond an ioctl that simply failed
+/// ([`HvError::Kvm`]). Seen as [`HvError::KvmSetup`].
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// `/dev/kvm` cannot be opened; `why` explains it for the user.
+    #[error("the kvm backend is not available: {why}; or use the emu backend (--backend emu)")]
+    Open {
+        why: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The CPUID table does not fit KVM's entry list.
+    #[error("invalid vCPU state: the CPUID table has too many entries for KVM: {0:?}")]
+    CpuidTable(#[source] vmm_sys_util::fam::Error),
+    /// KVM_SET_XSAVE refused the FPU state.
+    #[error(
+        "invalid vCPU state: KVM_SET_XSAVE rejected the FPU state ({source}); MXCSR {mxcsr:#x} \
+         may have bits set that MXCSR_MASK {mxcsr_mask:#x} does not allow"
+    )]
+    Xsave {
+        mxcsr: u32,
+        mxcsr_mask: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_SET_XCRS refused an XCR0 value.
+    #[error(
+        "invalid vCPU state: KVM_SET_XCRS rejected XCR0 = {xcr0:#x} ({source}): bit 0 must be \
+         set and only state components the vCPU's CPUID leaf 0xD allows may be enabled"
+    )]
+    Xcr0 {
+        xcr0: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// An MSR list does not fit KVM's entry list.
+    #[error("internal error in the kvm backend: building the KVM MSR list: {0:?}")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
+    /// The kick signal handler cannot be installed.
+    #[error(
+        "internal error in the kvm backend: cannot install the vCPU kick signal handler \
+         (SIGRTMIN+{offset}): {source}",
+        offset = kick::KICK_SIGNAL_OFFSET
+    )]
+    KickHandler {
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+}
 
 pub(crate) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HvError {
     move |e| HvError::Kvm {
@@ -135,7 +179,7 @@ impl KvmHypervisor {
                     .to_string(),
                 _ => format!("cannot open /dev/kvm: {e}"),
             };
-            HvError::KvmUnavailable(format!("{why}; or use the emu backend (--backend emu)"))
+            HvError::from(KvmError::Open { why, source: e })
         })?;
         let api = kvm.get_api_version();
         if api != KVM_API_VERSION as i32 {
@@ -223,9 +267,9 @@ impl KvmHypervisor {
         }
         let memory = GuestMemory::new(config.mem_size)?;
         let fd = self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.set_tss_address(TSS_ADDRESS as usize)
+        fd.set_tss_address(layout::KVM_TSS_ADDR as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         if self.options.irqchip {
             fd.create_irq_chip()

@@ -19,7 +19,7 @@ use kvm_ioctls::{Cap, VcpuFd};
 
 use super::convert::{self, set_exception};
 use super::kick::{self, KickState, KvmKicker};
-use super::{kvm_err, VmInner};
+use super::{kvm_err, KvmError, VmInner};
 use crate::{BackendKind, HvError, Kicker, Result, Vcpu, VmExit};
 
 /// MXCSR_MASK to report when the vCPU's FXSAVE image cannot be read (the SDM's value for a
@@ -225,11 +225,7 @@ impl KvmVcpu {
             .fd
             .create_vcpu(id as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = CpuId::from_entries(cpuid).map_err(|e| {
-            HvError::InvalidState(format!(
-                "the CPUID table has too many entries for KVM: {e:?}"
-            ))
-        })?;
+        let cpuid = CpuId::from_entries(cpuid).map_err(KvmError::CpuidTable)?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         // With the in-kernel LAPIC, application processors start waiting for INIT/SIPI;
         // esvm starts every vCPU runnable (the VMM sets its state), as the emu backend does.
@@ -243,11 +239,15 @@ impl KvmVcpu {
         // SAFETY: `run` points at the vCPU's kvm_run mapping (valid while `fd` lives); we
         // only take the address of one field, without creating a reference.
         let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
+        // SAFETY: `immediate_exit` is that byte of the kvm_run mapping, which the VcpuFd
+        // moved into this vCPU keeps mapped until the vCPU is dropped, and `Drop for
+        // KvmVcpu` detaches the kick state first.
+        let kick = Arc::new(unsafe { KickState::new(immediate_exit) });
         Ok(KvmVcpu {
             id,
             fd: RefCell::new(fd),
             vm,
-            kick: Arc::new(KickState::new(immediate_exit)),
+            kick,
             mxcsr_mask,
             xsave,
             incomplete: Cell::new(false),
@@ -630,12 +630,13 @@ impl Vcpu for KvmVcpu {
             // SAFETY: `x` is a 4096-byte kvm_xsave obtained from KVM_GET_XSAVE on this vCPU;
             // esvm never enables dynamic XSTATE features (KVM_CAP_XSAVE2), so KVM_SET_XSAVE
             // reads exactly this struct.
-            return unsafe { fd.set_xsave(&x) }.map_err(|e| {
-                HvError::InvalidState(format!(
-                    "KVM_SET_XSAVE rejected the FPU state ({e}); MXCSR {:#x} may have bits \
-                     set that MXCSR_MASK {:#x} does not allow",
-                    fpu.mxcsr, self.mxcsr_mask
-                ))
+            return unsafe { fd.set_xsave(&x) }.map_err(|source| {
+                KvmError::Xsave {
+                    mxcsr: fpu.mxcsr,
+                    mxcsr_mask: self.mxcsr_mask,
+                    source,
+                }
+                .into()
             });
         }
         fd.set_fpu(&convert::fpu_to_kvm(fpu))
@@ -665,12 +666,10 @@ impl Vcpu for KvmVcpu {
         };
         x.xcrs[0].xcr = 0;
         x.xcrs[0].value = xcr0;
-        self.fd.get_mut().set_xcrs(&x).map_err(|e| {
-            HvError::InvalidState(format!(
-                "KVM_SET_XCRS rejected XCR0 = {xcr0:#x} ({e}): bit 0 must be set and only \
-                 state components the vCPU's CPUID leaf 0xD allows may be enabled"
-            ))
-        })
+        self.fd
+            .get_mut()
+            .set_xcrs(&x)
+            .map_err(|source| KvmError::Xcr0 { xcr0, source }.into())
     }
 
     fn get_msrs(&self, indices: &[u32]) -> Result<Vec<u64>> {
@@ -685,8 +684,7 @@ impl Vcpu for KvmVcpu {
                     ..Default::default()
                 })
                 .collect();
-            let mut msrs = Msrs::from_entries(&entries)
-                .map_err(|e| internal(format!("building the KVM MSR list: {e:?}")))?;
+            let mut msrs = Msrs::from_entries(&entries).map_err(KvmError::MsrList)?;
             let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
             if n < chunk.len() {
                 return Err(HvError::InvalidState(format!(
@@ -711,8 +709,7 @@ impl Vcpu for KvmVcpu {
                     ..Default::default()
                 })
                 .collect();
-            let msrs = Msrs::from_entries(&list)
-                .map_err(|e| internal(format!("building the KVM MSR list: {e:?}")))?;
+            let msrs = Msrs::from_entries(&list).map_err(KvmError::MsrList)?;
             let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
             if n < chunk.len() {
                 let (index, value) = chunk[n];
@@ -892,6 +889,13 @@ impl Vcpu for KvmVcpu {
         }
         self.pending_irq = Some(vector);
         Ok(())
+    }
+
+    fn interrupts_enabled(&self) -> Result<bool> {
+        self.settle()?;
+        let fd = self.fd.borrow();
+        let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        Ok(regs.rflags & rflags::IF != 0)
     }
 
     fn interrupt_window_open(&self) -> Result<bool> {

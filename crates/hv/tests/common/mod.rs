@@ -5,8 +5,9 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use esvm_guests::bootinfo::FLAG_PROTECTED_STATE;
+use esvm_abi::boot::FLAG_PROTECTED_STATE;
 use esvm_hv::emu::EmuVm;
+use esvm_hv::sev::{Launcher, Started};
 use esvm_hv::{Vcpu, Vm, VmConfig, VmType};
 use esvm_loader::LoadOptions;
 use esvm_psp::{EmulatedAmdCa, LaunchStart, Policy, Psp};
@@ -29,9 +30,12 @@ pub fn sev_config(mem_size: u64, vcpus: u32) -> VmConfig {
     cfg
 }
 
-/// LAUNCH_START (policy ES, no owner) on `psp`.
-pub fn launch_start(vm: &EmuVm, psp: Arc<Mutex<Psp>>) -> Result<u32, esvm_hv::HvError> {
-    vm.sev_launch_start(
+/// LAUNCH_START (policy ES, no owner) of `vm` on `psp`.
+pub fn launch_start(
+    vm: &Arc<EmuVm>,
+    psp: Arc<Mutex<Psp>>,
+) -> Result<Launcher<Started>, esvm_hv::HvError> {
+    Launcher::new(vm.clone())?.start(
         psp,
         &LaunchStart {
             policy: Policy(Policy::ES),
@@ -68,13 +72,12 @@ pub fn launch_sev(
     vcpu.set_sregs(&boot.sregs).unwrap();
     vcpu.set_regs(&boot.regs).unwrap();
     before_launch(vcpu.as_mut());
-    launch_start(&vm, psp).unwrap();
+    let mut launcher = launch_start(&vm, psp).unwrap();
     let start = boot.boot_info.image_start & !0xfff;
     let end = (boot.boot_info.image_end + 0xfff) & !0xfff;
-    vm.sev_launch_update_data(0, 0x10_0000).unwrap();
-    vm.sev_launch_update_data(start, end - start).unwrap();
-    vcpu.sev_launch_update_vmsa().unwrap();
-    vm.sev_launch_measure().unwrap();
-    vm.sev_launch_finish().unwrap();
+    launcher.update_data(0, 0x10_0000).unwrap();
+    launcher.update_data(start, end - start).unwrap();
+    launcher.update_vmsa(vcpu.as_mut()).unwrap();
+    launcher.measure().unwrap().finish().unwrap();
     (vm, vcpu)
 }

@@ -26,6 +26,11 @@ pub enum BenchCommand {
     /// Exit round trips: the iobench guest's writes to a null port as plain OUT exits and as
     /// SEV-ES GHCB IOIO requests (one VMGEXIT each), on the software vCPU, in one run.
     Io(IoBenchArgs),
+    /// Linux boot: Debian's kernel to a userland workload and its reboot on the software
+    /// vCPU (wall time and guest instructions per phase) beside QEMU's TCG booting the same
+    /// kernel, initrd and command line in the same run. `scripts/bench-linux.sh` fetches the
+    /// inputs and QEMU and runs it.
+    Linux(super::bench_linux::LinuxBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -99,6 +104,7 @@ pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
         BenchCommand::Psp(args) => bench_psp(&args),
         BenchCommand::Io(args) => bench_io(&args),
         BenchCommand::Migrate(args) => super::bench_migrate::run(&args),
+        BenchCommand::Linux(args) => super::bench_linux::run(&args),
     }
 }
 
@@ -270,7 +276,7 @@ fn io_round_trips(
     if let Some(platform) = sev_platform {
         esvm::sev_launch::launch(
             &mut m,
-            &boot,
+            &esvm::sev_launch::measured_regions(&boot),
             &esvm::sev_launch::SevLaunchArgs {
                 platform,
                 session: None,

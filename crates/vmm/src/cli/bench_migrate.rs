@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use esvm_hv::sev::Launcher;
 use esvm_hv::{BackendKind, VmType};
 use esvm_migration::{Receiver, ReceiverConfig, SendOutcome, Sender, SenderConfig};
 use esvm_psp::{LaunchStart, Policy, Psp};
@@ -101,8 +102,7 @@ type SourceResult = Result<(Outcome, Machine), String>;
 /// LAUNCH_* for a benchmark source with all of guest memory measured (so that a
 /// populated memory is all private and every page travels as a SEND_UPDATE_DATA packet).
 fn launch_whole_memory(m: &mut Machine, psp: Arc<Mutex<Psp>>) -> Result<(), Box<dyn Error>> {
-    let emu = m.emu_vm().cloned().ok_or("SEV-ES needs the emu backend")?;
-    emu.sev_launch_start(
+    let mut launcher = Launcher::new(m.vm().clone())?.start(
         psp,
         &LaunchStart {
             policy: Policy(Policy::ES),
@@ -110,10 +110,9 @@ fn launch_whole_memory(m: &mut Machine, psp: Arc<Mutex<Psp>>) -> Result<(), Box<
             share_key_with: None,
         },
     )?;
-    emu.sev_launch_update_data(0, m.config().mem_size)?;
-    m.launch_update_vmsas()?;
-    emu.sev_launch_measure()?;
-    emu.sev_launch_finish()?;
+    launcher.update_data(0, m.config().mem_size)?;
+    m.launch_update_vmsas(&mut launcher)?;
+    launcher.measure()?.finish()?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The `esvm` command line: one module per subcommand, on top of the `esvm` library.
 
 pub mod bench;
+pub mod bench_linux;
 pub mod bench_migrate;
 pub mod ctl;
 pub mod owner;
@@ -27,6 +28,9 @@ pub fn report(name: &str, o: &Outcome) -> u8 {
             "esvm: guest {name} migrated to {url}; it runs there now and will not run here \
              again"
         ),
+        Outcome::Reset(_) | Outcome::PowerOff | Outcome::Stopped(_) => {
+            eprintln!("esvm: guest {name}: {}", o.describe())
+        }
     }
     o.exit_status()
 }

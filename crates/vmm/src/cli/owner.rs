@@ -81,8 +81,30 @@ pub enum OwnerCommand {
     },
 }
 
-fn read(p: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
+/// What the `esvm owner` and `esvm platform` commands return: any error, its sources kept
+/// (main prints the chain).
+pub type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// An error about the file at `path`, shown as `"{path}: {source}"`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct InFile<E: std::error::Error + 'static> {
+    path: PathBuf,
+    #[source]
+    source: E,
+}
+
+impl<E: std::error::Error + 'static> InFile<E> {
+    pub fn new(path: &Path, source: E) -> Self {
+        InFile {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, InFile<std::io::Error>> {
+    std::fs::read(p).map_err(|e| InFile::new(p, e))
 }
 
 fn parse_build(s: &str) -> Result<Build, String> {
@@ -103,14 +125,16 @@ fn parse_build(s: &str) -> Result<Build, String> {
     }
 }
 
-fn load_measurement(path: &Path, build: Option<&str>) -> Result<Measurement, String> {
+fn load_measurement(path: &Path, build: Option<&str>) -> CliResult<Measurement> {
     let b = build.map(parse_build).transpose()?;
-    Measurement::from_file_bytes(&read(path)?, b).map_err(|e| format!("{}: {e}", path.display()))
+    // The measurement file's format error is a message (no underlying error).
+    Measurement::from_file_bytes(&read(path)?, b)
+        .map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
 /// Runs an `esvm owner` subcommand. `measurer` computes what the esvm loader
 /// measures for `verify --guest IMAGE`; without it `--guest` is refused.
-pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Result<(), String> {
+pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> CliResult<()> {
     match cmd {
         OwnerCommand::Session {
             chain,
@@ -120,14 +144,11 @@ pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Res
         } => {
             let policy = Policy::parse(&policy)?;
             let ark = match ark {
-                Some(p) => Some(
-                    CaCert::from_bytes(&read(&p)?).map_err(|e| format!("{}: {e}", p.display()))?,
-                ),
+                Some(p) => Some(CaCert::from_bytes(&read(&p)?).map_err(|e| InFile::new(&p, e))?),
                 None => None,
             };
-            let s =
-                create_session(&read(&chain)?, policy, ark.as_ref()).map_err(|e| e.to_string())?;
-            s.save(&out).map_err(|e| e.to_string())?;
+            let s = create_session(&read(&chain)?, policy, ark.as_ref())?;
+            s.save(&out)?;
             println!("chain verified: {}", describe_chain(&s.chain));
             if ark.is_none() {
                 println!("  note: no --ark given; the chain was checked against its own ARK only");
@@ -145,7 +166,7 @@ pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Res
             guest,
             build,
         } => {
-            let s = SessionDir::load(&session).map_err(|e| e.to_string())?;
+            let s = SessionDir::load(&session)?;
             let m = load_measurement(&measurement, build.as_deref())?;
             let digest = match (digest, guest) {
                 (Some(d), _) => parse_digest(&d)?,
@@ -153,11 +174,14 @@ pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Res
                     let measurer = measurer.ok_or(
                         "--guest needs the esvm guest loader, which this build does not provide; pass --digest",
                     )?;
-                    measurer.measured_launch(&image, s.policy)?.digest()
+                    measurer
+                        .measured_launch(&image, s.policy)
+                        .map_err(|e| e as Box<dyn std::error::Error>)?
+                        .digest()
                 }
                 (None, None) => return Err("give --digest HEX or --guest IMAGE".into()),
             };
-            verify_measurement(&s, &m, &digest).map_err(|e| e.to_string())?;
+            verify_measurement(&s, &m, &digest)?;
             println!(
                 "measurement verified: launch digest {} on firmware {} with policy {}",
                 hex(&digest),
@@ -173,11 +197,11 @@ pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Res
             out,
             build,
         } => {
-            let s = SessionDir::load(&session).map_err(|e| e.to_string())?;
+            let s = SessionDir::load(&session)?;
             let m = load_measurement(&measurement, build.as_deref())?;
             let secret = read(&input)?;
-            let pkt = package_secret(&s, &m, &secret).map_err(|e| e.to_string())?;
-            std::fs::write(&out, &pkt).map_err(|e| format!("{}: {e}", out.display()))?;
+            let pkt = package_secret(&s, &m, &secret)?;
+            std::fs::write(&out, &pkt).map_err(|e| InFile::new(&out, e))?;
             println!(
                 "secret packet ({} bytes) written to {}",
                 pkt.len(),

@@ -6,6 +6,13 @@ use std::path::{Path, PathBuf};
 use esvm_psp::cert::fingerprint;
 use esvm_psp::{EmulatedAmdCa, FirmwareVersion, Psp};
 
+use super::owner::{CliResult, InFile};
+
+/// The platform's own certificate chain fails its check.
+#[derive(Debug, thiserror::Error)]
+#[error("the stored chain does not verify: {0}")]
+struct ChainDoesNotVerify(#[source] esvm_psp::cert::CertError);
+
 /// Subcommands of `esvm platform`.
 #[derive(Debug, clap::Subcommand)]
 pub enum PlatformCommand {
@@ -68,7 +75,7 @@ fn parse_ark_bits(s: &str) -> Result<u32, String> {
 }
 
 /// Runs an `esvm platform` subcommand; the error is a message for the user.
-pub fn run_platform(cmd: PlatformCommand) -> Result<(), String> {
+pub fn run_platform(cmd: PlatformCommand) -> CliResult<()> {
     match cmd {
         PlatformCommand::Init {
             dir,
@@ -81,31 +88,28 @@ pub fn run_platform(cmd: PlatformCommand) -> Result<(), String> {
     }
 }
 
-fn init(dir: &Path, amd_ca: Option<&Path>, ark_bits: u32) -> Result<(), String> {
+fn init(dir: &Path, amd_ca: Option<&Path>, ark_bits: u32) -> CliResult<()> {
     if Psp::storage_exists(dir) {
         return Err(format!(
             "{} already holds a platform identity; refusing to overwrite it",
             dir.display()
-        ));
+        )
+        .into());
     }
     let (ca, ca_dir, new_ca) = match amd_ca {
-        Some(d) if EmulatedAmdCa::exists(d) => (
-            EmulatedAmdCa::load(d).map_err(|e| e.to_string())?,
-            d.to_path_buf(),
-            false,
-        ),
+        Some(d) if EmulatedAmdCa::exists(d) => (EmulatedAmdCa::load(d)?, d.to_path_buf(), false),
         other => {
             eprintln!("generating an emulated AMD ARK/ASK (RSA-{ark_bits}); this can take a few seconds...");
-            let ca = EmulatedAmdCa::generate(ark_bits).map_err(|e| e.to_string())?;
+            let ca = EmulatedAmdCa::generate(ark_bits)?;
             let d = other
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| dir.join("emulated-amd-ca"));
             (ca, d, true)
         }
     };
-    let psp = Psp::create(dir, &ca, FirmwareVersion::default()).map_err(|e| e.to_string())?;
+    let psp = Psp::create(dir, &ca, FirmwareVersion::default())?;
     if new_ca {
-        ca.save(&ca_dir).map_err(|e| e.to_string())?;
+        ca.save(&ca_dir)?;
     }
     let chain = psp.chain();
     println!("platform identity created in {}", dir.display());
@@ -122,8 +126,8 @@ fn init(dir: &Path, amd_ca: Option<&Path>, ark_bits: u32) -> Result<(), String> 
     Ok(())
 }
 
-fn status(dir: &Path) -> Result<(), String> {
-    let psp = Psp::open(dir).map_err(|e| e.to_string())?;
+fn status(dir: &Path) -> CliResult<()> {
+    let psp = Psp::open(dir)?;
     let st = psp.platform_status();
     let chain = psp.chain();
     let id = psp.get_id();
@@ -161,15 +165,15 @@ fn status(dir: &Path) -> Result<(), String> {
         Ok(()) => {
             println!("  chain         verifies (ARK -> ASK -> CEK -> PEK <- OCA, PEK -> PDH)")
         }
-        Err(e) => return Err(format!("the stored chain does not verify: {e}")),
+        Err(source) => return Err(ChainDoesNotVerify(source).into()),
     }
     Ok(())
 }
 
-fn export(dir: &Path, out: &Path) -> Result<(), String> {
-    let psp = Psp::open(dir).map_err(|e| e.to_string())?;
+fn export(dir: &Path, out: &Path) -> CliResult<()> {
+    let psp = Psp::open(dir)?;
     let chain = psp.chain();
-    std::fs::write(out, chain.to_bytes()).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::write(out, chain.to_bytes()).map_err(|e| InFile::new(out, e))?;
     println!(
         "wrote the certificate chain ({} bytes) to {}",
         chain.to_bytes().len(),
@@ -179,12 +183,12 @@ fn export(dir: &Path, out: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn rotate_pdh(dir: &Path) -> Result<(), String> {
-    let mut psp = Psp::open(dir).map_err(|e| e.to_string())?;
+fn rotate_pdh(dir: &Path) -> CliResult<()> {
+    let mut psp = Psp::open(dir)?;
     let old = psp.chain().pdh;
-    psp.init().map_err(|e| e.to_string())?;
-    psp.pdh_gen().map_err(|e| e.to_string())?;
-    psp.shutdown().map_err(|e| e.to_string())?;
+    psp.init()?;
+    psp.pdh_gen()?;
+    psp.shutdown()?;
     println!(
         "new PDH {} (was {}); export the chain again for guest owners",
         fingerprint(psp.chain().pdh.as_bytes()),

@@ -23,6 +23,11 @@ pub struct ReceiveArgs {
     /// Where to listen: tcp:HOST:PORT (or tcp://HOST:PORT), e.g. tcp:0.0.0.0:7000.
     #[arg(long, value_name = "URL")]
     pub listen: String,
+    /// Where the guest's serial input (COM1) comes from once it runs here: `stdin` or
+    /// `none` (the default), as for `esvm run --console`.
+    #[arg(long, value_name = "stdin|none", value_parser = crate::cli::run::parse_console,
+          default_value = "none")]
+    pub console: crate::cli::run::ConsoleSource,
     /// The secure processor's platform directory (`esvm platform init`), needed to receive
     /// SEV-ES guests: its certificate chain goes to the source, which checks it against the
     /// root it trusts, and the guest's pages and VMSAs go through this platform's
@@ -140,6 +145,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
     };
     drop(listener);
+    let _raw = crate::cli::run::attach_console(&mut machine, args.console);
     crate::cli::run_session(
         &format!("from {peer}"),
         &mut machine,

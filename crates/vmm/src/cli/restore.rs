@@ -35,6 +35,11 @@ pub struct RestoreArgs {
     /// Backend: 'emu' (default) or 'kvm'.
     #[arg(long, default_value = "emu", value_parser = parse_backend)]
     pub backend: BackendKind,
+    /// Where the guest's serial input (COM1) comes from: `stdin` or `none` (the default), as
+    /// for `esvm run --console`.
+    #[arg(long, value_name = "stdin|none", value_parser = crate::cli::run::parse_console,
+          default_value = "none")]
+    pub console: crate::cli::run::ConsoleSource,
 }
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
@@ -48,6 +53,7 @@ pub fn run(args: RestoreArgs) -> Result<u8, Box<dyn std::error::Error>> {
         args.platform.as_deref(),
         Box::new(std::io::stdout()),
     )?;
+    let _raw = crate::cli::run::attach_console(&mut machine, args.console);
     crate::cli::run_session(
         &format!("restored from {}", args.dir.display()),
         &mut machine,

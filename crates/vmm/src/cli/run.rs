@@ -9,14 +9,47 @@ use thiserror::Error;
 use esvm::machine::{Machine, MachineConfig};
 use esvm::size::parse_size;
 
+/// The command line a Linux kernel gets without --cmdline: the console on COM1, a reboot
+/// through the i8042 (which ends the VM), a panic that reboots at once instead of spinning
+/// forever, and no boot-time crypto self-tests (about 880 M instructions of them).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 cryptomgr.notests";
+
+/// Guest RAM when --mem is not given: for esvm's own guests, and for a Linux kernel (which
+/// needs its decompression area, the initrd and room to boot).
+pub const DEFAULT_MEM: u64 = 64 << 20;
+pub const DEFAULT_LINUX_MEM: u64 = 256 << 20;
+/// The least RAM an SEV-ES Linux guest is started with: its kernel bounces all device I/O
+/// through a shared (unencrypted) software-IOTLB buffer of 6% of RAM but at least 64 MiB
+/// (Linux 6.1 `sev_setup_arch`), which a smaller guest cannot spare and still boot.
+pub const MIN_SEV_LINUX_MEM: u64 = 256 << 20;
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// A built-in guest name (see `esvm guests`) or the path of an ELF64 guest image.
-    /// Default: `demo`, or `sevdemo` with --sev-es.
+    /// A built-in guest name (see `esvm guests`) or the path of an ELF64 guest image that
+    /// follows esvm's boot protocol. Default: `demo`, or `sevdemo` with --sev-es. Use
+    /// --kernel instead to boot Linux.
     pub guest: Option<String>,
-    /// Guest RAM size, e.g. 64M, 512M, 2G.
-    #[arg(long, default_value = "64M", value_parser = parse_mem)]
-    pub mem: u64,
+    /// Boot a Linux kernel (a bzImage or a vmlinux ELF) by the Linux 64-bit boot protocol
+    /// (docs/linux-boot.md), e.g. Debian's linux-image-cloud-amd64 (`scripts/linux.sh`
+    /// fetches one and boots it). Its console is COM1 on esvm's stdout, and esvm's stdin
+    /// feeds it (see --console).
+    #[arg(long, value_name = "PATH", conflicts_with = "guest")]
+    pub kernel: Option<PathBuf>,
+    /// An initrd / initramfs for --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line for --kernel.
+    #[arg(long, value_name = "STRING", requires = "kernel",
+          default_value = DEFAULT_CMDLINE, hide_default_value = false)]
+    pub cmdline: String,
+    /// Where the guest's serial input (COM1) comes from: `stdin` (on a terminal it is put in
+    /// raw mode while the guest runs; Ctrl-A x quits, Ctrl-A h helps) or `none`. Default:
+    /// stdin with --kernel, none for esvm's own guests.
+    #[arg(long, value_name = "stdin|none", value_parser = parse_console)]
+    pub console: Option<ConsoleSource>,
+    /// Guest RAM size, e.g. 64M, 512M, 2G. Default 64M, or 256M with --kernel.
+    #[arg(long, value_parser = parse_mem)]
+    pub mem: Option<u64>,
     /// Number of vCPUs. The boot vCPU runs the guest; the others are created and parked.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub vcpus: u32,
@@ -104,6 +137,9 @@ pub fn resolve_guest(guest: &str) -> Result<(String, std::borrow::Cow<'static, [
 }
 
 pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    if args.kernel.is_some() {
+        return run_linux(args);
+    }
     let default_guest = if args.sev_es { "sevdemo" } else { "demo" };
     let (name, elf) = resolve_guest(args.guest.as_deref().unwrap_or(default_guest))?;
     if args.sev_es && args.backend != BackendKind::Emu {
@@ -116,18 +152,19 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         } else {
             esvm_hv::VmType::Plain
         },
-        mem_size: args.mem,
+        mem_size: args.mem.unwrap_or(DEFAULT_MEM),
         vcpus: args.vcpus,
         max_instructions: args.max_instructions,
     };
     let mut machine = Machine::new(&config, Box::new(std::io::stdout())).map_err(RunError::from)?;
+    let _raw = attach_console(&mut machine, args.console.unwrap_or(ConsoleSource::None));
     let guest_args = args.guest_args.join(" ");
     let boot = machine.load(&elf, &guest_args).map_err(RunError::from)?;
     if args.sev_es {
         let platform = args.platform.as_deref().expect("clap requires --platform");
         let measurement = esvm::sev_launch::launch(
             &mut machine,
-            &boot,
+            &esvm::sev_launch::measured_regions(&boot),
             &esvm::sev_launch::SevLaunchArgs {
                 platform,
                 session: args.session.as_deref(),
@@ -142,7 +179,156 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
             esvm::sev_launch::hex(&measurement.mnonce)
         );
     }
-    tracing::info!(guest = %name, backend = %args.backend, mem = args.mem, "starting");
+    tracing::info!(guest = %name, backend = %args.backend, mem = config.mem_size, "starting");
+    crate::cli::run_session(
+        &name,
+        &mut machine,
+        &esvm::session::RunOptions {
+            api_socket: args.api_socket.clone(),
+            start_paused: args.start_paused,
+        },
+    )
+}
+
+/// Where COM1's input comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleSource {
+    Stdin,
+    None,
+}
+
+pub fn parse_console(s: &str) -> Result<ConsoleSource, String> {
+    match s {
+        "stdin" => Ok(ConsoleSource::Stdin),
+        "none" => Ok(ConsoleSource::None),
+        other => Err(format!("{other:?}: use 'stdin' or 'none'")),
+    }
+}
+
+/// Feed COM1 from `source`. Returns the raw-mode guard of a terminal stdin: the terminal is
+/// restored when it drops (at the end of the run, or when esvm exits on an error).
+pub fn attach_console(
+    machine: &mut Machine,
+    source: ConsoleSource,
+) -> Option<esvm::console::RawTerminal> {
+    match source {
+        ConsoleSource::None => None,
+        ConsoleSource::Stdin => {
+            let terminal = esvm::console::stdin_is_terminal();
+            machine.attach_console(esvm::console::ConsoleInput::stdin(terminal));
+            if terminal {
+                eprintln!(
+                    "esvm: the guest's console is this terminal; Ctrl-A x quits, Ctrl-A h helps"
+                );
+                esvm::console::RawTerminal::enter()
+            } else {
+                None
+            }
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LinuxRunError {
+    #[error("cannot read the kernel {path}: {source}")]
+    ReadKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the initrd {path}: {source}")]
+    ReadInitrd {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest arguments after `--` are for esvm's own guests; pass a kernel's parameters with --cmdline")]
+    GuestArgs,
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error(
+        "--mem {} MiB is too small for an SEV-ES Linux guest: its kernel reserves at least 64 MiB \
+         of shared memory as a bounce buffer for device I/O; give --mem {}M or more",
+        mem >> 20, MIN_SEV_LINUX_MEM >> 20
+    )]
+    SevMemTooSmall { mem: u64 },
+}
+
+/// `esvm run --kernel`: boot a Linux kernel.
+fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let kernel_path = args
+        .kernel
+        .clone()
+        .expect("run_linux is called with --kernel");
+    if !args.guest_args.is_empty() {
+        return Err(LinuxRunError::GuestArgs.into());
+    }
+    if args.backend != BackendKind::Emu {
+        return Err(LinuxRunError::Unsupported(
+            "--kernel runs on the emu backend only for now (drop --backend kvm)",
+        )
+        .into());
+    }
+    let kernel = std::fs::read(&kernel_path).map_err(|source| LinuxRunError::ReadKernel {
+        path: kernel_path.clone(),
+        source,
+    })?;
+    let initrd = match &args.initrd {
+        Some(p) => Some(
+            std::fs::read(p).map_err(|source| LinuxRunError::ReadInitrd {
+                path: p.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let mem_size = args.mem.unwrap_or(DEFAULT_LINUX_MEM);
+    if args.sev_es && mem_size < MIN_SEV_LINUX_MEM {
+        return Err(LinuxRunError::SevMemTooSmall { mem: mem_size }.into());
+    }
+    let config = MachineConfig {
+        backend: args.backend,
+        vm_type: if args.sev_es {
+            esvm_hv::VmType::SevEs
+        } else {
+            esvm_hv::VmType::Plain
+        },
+        mem_size,
+        vcpus: args.vcpus,
+        max_instructions: args.max_instructions,
+    };
+    let mut machine = Machine::new(&config, Box::new(std::io::stdout())).map_err(RunError::from)?;
+    let name = kernel_path.display().to_string();
+    let boot = machine
+        .load_linux(&esvm_loader::linux::LinuxImage {
+            name: &name,
+            kernel: &kernel,
+            initrd: initrd.as_deref(),
+            cmdline: &args.cmdline,
+        })
+        .map_err(RunError::from)?;
+    tracing::info!(kernel = %name, format = ?boot.format, protocol = boot.protocol,
+                   mem = config.mem_size, "booting Linux");
+    if args.sev_es {
+        let platform = args.platform.as_deref().expect("clap requires --platform");
+        let measurement = esvm::sev_launch::launch(
+            &mut machine,
+            &boot.written_pages(),
+            &esvm::sev_launch::SevLaunchArgs {
+                platform,
+                session: args.session.as_deref(),
+                measurement_out: args.measurement_out.as_deref(),
+                secret: args.secret.as_deref(),
+                policy: args.policy,
+            },
+        )?;
+        eprintln!(
+            "esvm: SEV-ES launch measurement {} (mnonce {})",
+            esvm::sev_launch::hex(&measurement.measure),
+            esvm::sev_launch::hex(&measurement.mnonce)
+        );
+    }
+    let _raw = attach_console(&mut machine, args.console.unwrap_or(ConsoleSource::Stdin));
     crate::cli::run_session(
         &name,
         &mut machine,

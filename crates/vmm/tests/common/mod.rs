@@ -68,6 +68,33 @@ impl Proc {
         }
     }
 
+    /// Like [`Proc::spawn`] (no network namespace) with stdin a pipe the caller writes.
+    pub fn spawn_with_stdin(args: &[&str]) -> (Proc, std::process::ChildStdin) {
+        let mut child = Command::new(ESVM)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start esvm");
+        let stdin = child.stdin.take().unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), out.clone()),
+            collect(child.stderr.take().unwrap(), err.clone()),
+        ];
+        (
+            Proc {
+                child,
+                out,
+                err,
+                readers,
+            },
+            stdin,
+        )
+    }
+
     pub fn stdout(&self) -> String {
         self.out.lock().unwrap().clone()
     }
@@ -136,6 +163,16 @@ impl Proc {
                 );
             }
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Proc {
+    /// Kill the process (if it still runs) and reap it.
+    pub fn kill(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

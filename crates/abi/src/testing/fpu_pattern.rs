@@ -2,10 +2,6 @@
 //! the guest (which compares it with its FXSAVE image taken at the first instruction) and
 //! the host (which loads it into the vCPU before LAUNCH_UPDATE_VMSA).
 //!
-//! Compiled in two places like `bootinfo.rs`: the guest runtime declares it as
-//! `mod fpu_pattern;`, the host crate `esvm-guests` includes it
-//! (`esvm_guests::fpu_pattern`). `core` only, no `unsafe`.
-//!
 //! The image follows the 64-bit FXSAVE layout (AMD APM vol. 2 11.4.4): FCW at 0, FSW at
 //! 2, abridged FTW at 4, MXCSR at 24, MXCSR_MASK at 28, ST0-ST7 at 32 + 16 i (80-bit
 //! value in the low 10 bytes), XMM0-XMM15 at 160 + 16 i.
@@ -15,9 +11,6 @@
 //! FXSAVE in 64-bit mode formats them differently by operand size), MXCSR_MASK (a CPU
 //! property, absent from the VMSA), the reserved bytes 10-15 of each ST slot and the rest
 //! of the image.
-
-// Host crates include this file as a module and do not use every item.
-#![allow(dead_code)]
 
 /// Size of an FXSAVE image.
 pub const FXSAVE_SIZE: usize = 512;

@@ -1,15 +1,8 @@
-//! The esvm boot protocol: the fixed low-memory layout and the boot-info block.
+//! The esvm boot protocol: the boot-info block, the loader's GDT and selectors, and the I/O
+//! ports of the esvm guests. The addresses of the boot structures are in [`crate::layout`].
 //!
-//! This file is the single definition of the contract between the loader (host side,
-//! crate `esvm-loader`) and the guest runtime (`guests/rt`, `#![no_std]`). It is compiled
-//! in both places: the guest runtime declares it as `mod bootinfo;`, host crates include
-//! it with `#[path = ".../guests/rt/src/bootinfo.rs"] mod bootinfo;`. It may therefore use
-//! nothing but `core`, and it contains no `unsafe`.
-//!
-//! See `docs/boot-protocol.md` for the prose version of the convention.
-
-// Host crates include this file as a module and do not use every item.
-#![allow(dead_code)]
+//! This is the contract between the loader (host side, crate `esvm-loader`) and the guest
+//! runtime (`guests/rt`). See `docs/boot-protocol.md` for the prose version.
 
 /// `BootInfo::magic`: the ASCII bytes "ESVMBOOT" read as a little-endian u64.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"ESVMBOOT");
@@ -22,55 +15,37 @@ pub const BOOT_INFO_SIZE: usize = 128;
 /// SEV-ES model. Port I/O then needs the GHCB protocol; the plain runtime does not do that.
 pub const FLAG_PROTECTED_STATE: u32 = 1 << 0;
 
-/// Fixed physical memory layout used by the loader. Everything below [`layout::IMAGE_MIN`]
-/// belongs to the loader; ELF segments must lie at or above it.
-pub mod layout {
-    /// Loader GDT (null, kernel code 0x08, kernel data 0x10, user data 0x18, user code 0x20).
-    pub const GDT_ADDR: u64 = 0x1000;
-    /// Boot-info block ([`super::BootInfo`]); RDI points here at entry.
-    pub const BOOT_INFO_ADDR: u64 = 0x2000;
-    /// Guest argument string (UTF-8, NUL-terminated, at most [`ARGS_MAX`] bytes before the NUL).
-    pub const ARGS_ADDR: u64 = 0x3000;
-    /// Longest accepted argument string in bytes (one 4 KiB page minus the NUL terminator).
-    pub const ARGS_MAX: usize = 4095;
-    /// First page of the identity-map page tables: the PML4 (CR3 at entry).
-    pub const PAGE_TABLES_ADDR: u64 = 0x10000;
-    /// End (exclusive) of the page-table area.
-    pub const PAGE_TABLES_END: u64 = 0x80000;
-    /// Lowest address of the boot stack.
-    pub const STACK_BOTTOM: u64 = 0x80000;
-    /// Top of the boot stack: RSP at entry.
-    pub const STACK_TOP: u64 = 0x100000;
-    /// Lowest address an ELF segment may occupy; everything below is reserved.
-    pub const IMAGE_MIN: u64 = 0x200000;
-    /// Largest amount of guest RAM the loader's page-table area can identity-map.
-    pub const MAX_MEMORY: u64 = 64 << 30;
-    /// The identity map always covers at least this much address space (the first 4 GiB,
-    /// so MMIO below 4 GiB is reachable), more if RAM extends beyond it.
-    pub const MIN_IDENTITY_MAP: u64 = 4 << 30;
+/// The loader's GDT at [`crate::layout::GDT_ADDR`]: null, kernel code 0x08, kernel data
+/// 0x10, user data 0x18, user code 0x20 (the order SYSCALL/SYSRET need with
+/// `STAR[63:48] = 0x10`). The guest runtime's own GDT starts with the same descriptors.
+pub const GDT_ENTRIES: [u64; 5] = [
+    0,
+    0x00AF_9B00_0000_FFFF, // 0x08 kernel code: P, DPL 0, code exec/read accessed, L, G
+    0x00CF_9300_0000_FFFF, // 0x10 kernel data: P, DPL 0, data r/w accessed, D/B, G
+    0x00CF_F300_0000_FFFF, // 0x18 user data: P, DPL 3
+    0x00AF_FB00_0000_FFFF, // 0x20 user code: P, DPL 3, L
+];
+/// Code selector at entry (64-bit, DPL 0).
+pub const KERNEL_CS: u16 = 0x08;
+/// Data/stack selector at entry (DPL 0).
+pub const KERNEL_DS: u16 = 0x10;
+/// User data selector (DPL 3), with RPL 3.
+pub const USER_DS: u16 = 0x18 | 3;
+/// User 64-bit code selector (DPL 3), with RPL 3.
+pub const USER_CS: u16 = 0x20 | 3;
 
-    /// Code selector at entry (64-bit, DPL 0).
-    pub const KERNEL_CS: u16 = 0x08;
-    /// Data/stack selector at entry (DPL 0).
-    pub const KERNEL_DS: u16 = 0x10;
-    /// User data selector (DPL 3), with RPL 3.
-    pub const USER_DS: u16 = 0x18 | 3;
-    /// User 64-bit code selector (DPL 3), with RPL 3.
-    pub const USER_CS: u16 = 0x20 | 3;
+/// Debug-exit port: writing v ends the VM with exit status v & 0xff.
+pub const DEBUG_EXIT_PORT: u16 = 0xF4;
+/// Benchmark marker port: `cpubench` writes a 32-bit marker before and after its loop.
+pub const BENCH_MARKER_PORT: u16 = 0xF5;
+/// Marker written to [`BENCH_MARKER_PORT`] right before the timed loop.
+pub const BENCH_MARKER_START: u32 = 0xE5B0_0001;
+/// Marker written to [`BENCH_MARKER_PORT`] right after the timed loop.
+pub const BENCH_MARKER_END: u32 = 0xE5B0_0002;
+/// COM1 base port (16550 UART, polled).
+pub const SERIAL_PORT: u16 = 0x3F8;
 
-    /// Debug-exit port: writing v ends the VM with exit status v & 0xff.
-    pub const DEBUG_EXIT_PORT: u16 = 0xF4;
-    /// Benchmark marker port: `cpubench` writes a 32-bit marker before and after its loop.
-    pub const BENCH_MARKER_PORT: u16 = 0xF5;
-    /// Marker written to [`BENCH_MARKER_PORT`] right before the timed loop.
-    pub const BENCH_MARKER_START: u32 = 0xE5B0_0001;
-    /// Marker written to [`BENCH_MARKER_PORT`] right after the timed loop.
-    pub const BENCH_MARKER_END: u32 = 0xE5B0_0002;
-    /// COM1 base port (16550 UART, polled).
-    pub const SERIAL_PORT: u16 = 0x3F8;
-}
-
-/// The boot-info block the loader writes at [`layout::BOOT_INFO_ADDR`].
+/// The boot-info block the loader writes at [`crate::layout::BOOT_INFO_ADDR`].
 ///
 /// All fields are little-endian; addresses are guest-physical (= guest-virtual, the
 /// memory is identity-mapped). The encoded block is exactly [`BOOT_INFO_SIZE`] bytes.
@@ -218,7 +193,9 @@ impl Cursor<'_> {
 // The in-memory layout the guest reads through a pointer must match `to_bytes`.
 const _: () = assert!(core::mem::size_of::<BootInfo>() == BOOT_INFO_SIZE);
 const _: () = assert!(core::mem::align_of::<BootInfo>() == 8);
-const _: () = assert!(layout::ARGS_MAX < 4096);
+// The block and the GDT each fit the page the memory map gives them.
+const _: () = assert!(BOOT_INFO_SIZE as u64 <= crate::layout::PAGE_SIZE);
+const _: () = assert!(GDT_ENTRIES.len() * 8 <= crate::layout::PAGE_SIZE as usize);
 
 #[cfg(test)]
 mod tests {
@@ -248,7 +225,7 @@ mod tests {
             mem_size: 0x1234_5678_9abc,
             vcpus: 3,
             flags: FLAG_PROTECTED_STATE,
-            args_addr: layout::ARGS_ADDR,
+            args_addr: crate::layout::ARGS_ADDR,
             args_len: 17,
             image_start: 0x20_0000,
             image_end: 0x20_5123,
@@ -289,5 +266,27 @@ mod tests {
         assert!(bi.is_valid());
         bi.version = 2;
         assert!(!bi.is_valid());
+    }
+
+    #[test]
+    fn selectors_index_the_gdt() {
+        let dpl = |d: u64| (d >> 45) & 3;
+        let code64 = |d: u64| (d >> 43) & 1 == 1 && (d >> 53) & 1 == 1;
+        assert!(code64(GDT_ENTRIES[usize::from(KERNEL_CS >> 3)]));
+        assert!(code64(GDT_ENTRIES[usize::from(USER_CS >> 3)]));
+        assert!(!code64(GDT_ENTRIES[usize::from(KERNEL_DS >> 3)]));
+        assert!(!code64(GDT_ENTRIES[usize::from(USER_DS >> 3)]));
+        assert_eq!(dpl(GDT_ENTRIES[usize::from(KERNEL_CS >> 3)]), 0);
+        assert_eq!(
+            dpl(GDT_ENTRIES[usize::from(USER_CS >> 3)]),
+            u64::from(USER_CS & 3)
+        );
+        assert_eq!(
+            dpl(GDT_ENTRIES[usize::from(USER_DS >> 3)]),
+            u64::from(USER_DS & 3)
+        );
+        // SYSRET with STAR[63:48] = KERNEL_DS: SS = +8 (user data), CS = +16 (user code).
+        assert_eq!(KERNEL_DS + 8, USER_DS & !3);
+        assert_eq!(KERNEL_DS + 16, USER_CS & !3);
     }
 }

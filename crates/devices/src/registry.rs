@@ -1,0 +1,1301 @@
+//! [`Devices`]: the device registry of an esvm guest — every device on one port-I/O bus and
+//! one MMIO bus, on one virtual clock, wired to the interrupt controller, saved by id.
+//!
+//! | ports         | id             | device                      | interrupt |
+//! |---------------|----------------|-----------------------------|-----------|
+//! | 0x20-0x21     | `pic`          | master 8259A PIC            |           |
+//! | 0x40-0x43     | `pit`          | 8254 PIT                    | IRQ 0     |
+//! | 0x60, 0x64    | `i8042`        | i8042 keyboard controller   | IRQ 1     |
+//! | 0x61          | `pit`          | PIT gate 2 / OUT2 / refresh |           |
+//! | 0x70-0x71     | `rtc`          | MC146818 RTC + CMOS RAM     | IRQ 8     |
+//! | 0x80          | `post`         | POST-code / delay port      |           |
+//! | 0xa0-0xa1     | `pic`          | slave 8259A PIC (on IR2)    |           |
+//! | 0xf4          | `debug-exit`   | debug exit (any width)      |           |
+//! | 0xf5          | `bench-marker` | benchmark marker            |           |
+//! | 0x3f8-0x3ff   | `com1`         | COM1 16550A UART            | IRQ 4     |
+//! | 0xcf8-0xcff   | `pci-conf1`    | PCI config #1, no devices   |           |
+//!
+//! Every other port is unclaimed (reads all-ones, writes dropped and counted), and so is
+//! every MMIO address no device claims (the VMM answers those itself). More devices join
+//! with [`Devices::register`] (saved with the others) or [`Devices::register_device`]
+//! (host-side port handlers the VMM saves itself).
+//!
+//! # Saved state
+//! [`DevicesState`] keeps each device's state by its id ([`Device::id`]) together with the
+//! device's own state version ([`Persist::STATE_VERSION`](crate::Persist)); the interrupt
+//! controller is saved as `pic`. Adding a device adds an entry, never a field. A restore
+//! refuses, with a message naming the device, a state that lacks one of this registry's
+//! devices, holds a device it does not have, or holds another version of a device's state;
+//! the map as a whole is versioned by [`DEVICES_STATE_VERSION`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::bench::{BenchMark, BenchMarker};
+use crate::bus::{
+    AccessMode, BusError, BusStats, IoBus, MmioBus, MmioRange, PortIoDevice, PortRange,
+};
+use crate::device::{
+    Access, Device, DeviceContext, LevelRecorder, PersistDyn, SavedDevice, StateError,
+};
+use crate::pic::{Pic, PicError, PIC_ID, PIC_MASTER_CMD, PIC_SLAVE_CMD};
+use crate::pit::{Pit, PIT_ID};
+use crate::rtc::RtcTime;
+use crate::serial::{Serial, COM1_ID};
+
+/// Version of the [`DevicesState`] container: the map of per-device states. Each device
+/// versions its own state; this changes only when the container does. The VMM's machine
+/// state, snapshot and migration format versions are derived from it.
+pub const DEVICES_STATE_VERSION: u32 = 2;
+
+/// Errors of the device registry.
+#[derive(Debug, Error)]
+pub enum DevicesError {
+    /// A bad access or a port/MMIO conflict on a bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A saved state from another container format version.
+    #[error("devices state version {found} is not supported by this build (it reads version {expected}); restore it with the esvm version that saved it")]
+    UnsupportedVersion {
+        /// Version in the state.
+        found: u32,
+        /// Version this build reads.
+        expected: u32,
+    },
+    /// The saved state has no entry for one of this registry's devices.
+    #[error("the saved device state has no state for device `{id}`: it was saved by an esvm without that device; restore it with the esvm version that saved it")]
+    MissingDevice {
+        /// The device without a state.
+        id: String,
+    },
+    /// The saved state holds a device this registry does not have.
+    #[error("the saved device state holds device `{id}`, which this esvm does not have; restore it with the esvm version that saved it")]
+    UnknownDevice {
+        /// The unknown device.
+        id: String,
+    },
+    /// A device's saved state is of another version.
+    #[error("device `{id}`: saved state version {found} is not supported (this esvm reads version {expected}); restore it with the esvm version that saved it")]
+    DeviceVersion {
+        /// The device.
+        id: String,
+        /// Version in the state.
+        found: u32,
+        /// Version this build reads.
+        expected: u32,
+    },
+    /// A device refused its saved state.
+    #[error("device `{id}`: {source}")]
+    DeviceState {
+        /// The device.
+        id: String,
+        /// Why.
+        #[source]
+        source: StateError,
+    },
+    /// Two devices with one id.
+    #[error("a device with id `{0}` is already registered; give each device a unique id")]
+    DuplicateId(String),
+    /// An invalid IRQ number for the PIC.
+    #[error("PIC: {0}")]
+    Pic(#[from] PicError),
+    /// Removing a device that is part of the saved state.
+    #[error("port {0:#06x} belongs to a registered device, which is part of the VM's saved state and cannot be removed")]
+    BuiltIn(u16),
+}
+
+/// Saved state of every registered device (serde, versioned). The serial output writer, the
+/// benchmark marks and the bus diagnostics are host-side and not part of it; devices added
+/// with [`Devices::register_device`] are the VMM's to save.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// Container format version, [`DEVICES_STATE_VERSION`].
+    pub version: u32,
+    /// Virtual time the devices were last advanced to, in ns.
+    pub now_ns: u64,
+    /// Each device's state by id (the PIC pair as `pic`).
+    pub devices: BTreeMap<String, SavedDevice>,
+}
+
+impl DevicesState {
+    /// The decoded state of device `id`, whose type is `D`.
+    pub fn get<D: crate::Persist>(&self, id: &str) -> Result<D::State, DevicesError> {
+        let saved = self
+            .devices
+            .get(id)
+            .ok_or_else(|| DevicesError::MissingDevice { id: id.to_string() })?;
+        if saved.version != D::STATE_VERSION {
+            return Err(DevicesError::DeviceVersion {
+                id: id.to_string(),
+                found: saved.version,
+                expected: D::STATE_VERSION,
+            });
+        }
+        serde_json::from_value(saved.state.clone()).map_err(|e| DevicesError::DeviceState {
+            id: id.to_string(),
+            source: StateError::Decode(e),
+        })
+    }
+
+    /// Replace (or add) the state of device `id`, whose type is `D`.
+    pub fn set<D: crate::Persist>(&mut self, id: &str, state: &D::State) {
+        let state = serde_json::to_value(state).unwrap_or_else(|e| {
+            serde_json::Value::String(format!("state not representable as JSON: {e}"))
+        });
+        self.devices.insert(
+            id.to_string(),
+            SavedDevice {
+                version: D::STATE_VERSION,
+                state,
+            },
+        );
+    }
+}
+
+/// What the registry's constructor needs from the VMM.
+pub struct DevicesConfig {
+    /// Where COM1's output goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// What the RTC shows at virtual time 0 (default 2026-01-01T00:00:00 UTC).
+    pub rtc_start: RtcTime,
+}
+
+impl DevicesConfig {
+    /// The default platform, COM1 writing to `serial_out`.
+    pub fn new(serial_out: Box<dyn Write + Send>) -> Self {
+        Self {
+            serial_out,
+            rtc_start: RtcTime::default(),
+        }
+    }
+}
+
+impl fmt::Debug for DevicesConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevicesConfig")
+            .field("rtc_start", &self.rtc_start)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a port range routes to.
+enum Slot {
+    /// The interrupt controller's own ports.
+    Pic,
+    /// A registered device, by index.
+    Device(usize),
+    /// A host-side handler from [`Devices::register_device`].
+    Extra(Box<dyn PortIoDevice>),
+}
+
+/// The devices of one VM. See the crate documentation for how the VMM drives it and how to
+/// add a device.
+pub struct Devices {
+    bus: IoBus<Slot>,
+    mmio: MmioBus<usize>,
+    devices: Vec<Box<dyn Device>>,
+    /// Indices of the devices with [`Hooks::clock`](crate::Hooks).
+    clocked: Vec<usize>,
+    /// Indices of the devices with [`Hooks::requests`](crate::Hooks).
+    requesters: Vec<usize>,
+    /// Per device: whether it has [`Hooks::requests`](crate::Hooks).
+    is_requester: Vec<bool>,
+    /// A requester was called since the last [`Devices::take_exit_request`] found nothing:
+    /// requests only arise in calls into a device, so there is nothing to poll otherwise.
+    poll_exit: bool,
+    /// The same for [`Devices::take_reset_request`].
+    poll_reset: bool,
+    /// The interrupt controller: every device's interrupt lines end here.
+    pic: Pic,
+    now_ns: u64,
+}
+
+impl fmt::Debug for Devices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Devices")
+            .field("now_ns", &self.now_ns)
+            .field("bus", &self.bus)
+            .field("mmio", &self.mmio)
+            .field("devices", &self.ids().collect::<Vec<_>>())
+            .field("pic", &self.pic)
+            .finish()
+    }
+}
+
+/// The platform's port ranges before any device registers: the interrupt controller's.
+fn controller_bus() -> Result<IoBus<Slot>, BusError> {
+    let mut bus = IoBus::new();
+    bus.insert(
+        PortRange::new(PIC_MASTER_CMD, 2)?,
+        AccessMode::Bytewise,
+        Slot::Pic,
+    )?;
+    bus.insert(
+        PortRange::new(PIC_SLAVE_CMD, 2)?,
+        AccessMode::Bytewise,
+        Slot::Pic,
+    )?;
+    Ok(bus)
+}
+
+/// The id and version of every state in a registry, e.g. `devices/2 com1/1 pic/1 ...`: two
+/// builds whose lists differ cannot restore each other's device state.
+fn format_of<'a>(entries: impl Iterator<Item = (&'a str, u32)>) -> String {
+    let mut all: Vec<(&str, u32)> = entries.collect();
+    all.sort_unstable();
+    let mut s = format!("devices/{DEVICES_STATE_VERSION}");
+    for (id, v) in all {
+        s.push_str(&format!(" {id}/{v}"));
+    }
+    s
+}
+
+/// The device state format of this build's default platform ([`Devices::state_format`]).
+pub fn state_format() -> String {
+    Devices::new(Box::new(std::io::sink())).state_format()
+}
+
+impl Devices {
+    /// All built-in devices in their reset state at virtual time 0, COM1 writing to
+    /// `serial_out`.
+    pub fn new(serial_out: Box<dyn Write + Send>) -> Self {
+        Self::with_config(DevicesConfig::new(serial_out))
+    }
+
+    /// All built-in devices (the list in the crate root) in their reset state at virtual
+    /// time 0.
+    pub fn with_config(config: DevicesConfig) -> Self {
+        let mut d = Self {
+            // The controller's ranges are constants and disjoint; the unit tests build them.
+            bus: controller_bus().expect("the PIC's port ranges are valid and disjoint"),
+            mmio: MmioBus::new(),
+            devices: Vec::new(),
+            clocked: Vec::new(),
+            requesters: Vec::new(),
+            is_requester: Vec::new(),
+            poll_exit: false,
+            poll_reset: false,
+            pic: Pic::new(),
+            now_ns: 0,
+        };
+        for device in crate::builtin_devices(config) {
+            // Constant ranges and ids; the unit tests register every built-in device.
+            d.register(device)
+                .expect("the built-in devices have valid, disjoint ranges and unique ids");
+        }
+        d
+    }
+
+    /// Devices rebuilt from `state`, COM1 writing to `serial_out`.
+    pub fn from_state(
+        state: &DevicesState,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Self, DevicesError> {
+        let mut d = Self::new(serial_out);
+        d.restore(state)?;
+        Ok(d)
+    }
+
+    /// Add `device`: its port and MMIO ranges join the buses, its state joins the saved
+    /// state under its id, and the levels it drives at the current time become its
+    /// interrupt lines' levels without latching a request. On error nothing is changed.
+    pub fn register(&mut self, mut device: Box<dyn Device>) -> Result<(), DevicesError> {
+        let id = device.id().to_string();
+        if id == PIC_ID || self.devices.iter().any(|d| d.id() == id) {
+            return Err(DevicesError::DuplicateId(id));
+        }
+        let index = self.devices.len();
+        let mut ports = Vec::new();
+        let mut mmio = Vec::new();
+        let result = (|| {
+            for r in device.port_regions() {
+                let range = PortRange::new(r.base, r.len)?;
+                self.bus.insert(range, r.mode, Slot::Device(index))?;
+                ports.push(range.base());
+            }
+            for r in device.mmio_regions() {
+                let range = MmioRange::new(r.base, r.len)?;
+                self.mmio.insert(range, index)?;
+                mmio.push(range.base());
+            }
+            Ok::<(), BusError>(())
+        })();
+        if let Err(e) = result {
+            for base in ports {
+                self.bus.remove(base);
+            }
+            for base in mmio {
+                self.mmio.remove(base);
+            }
+            return Err(e.into());
+        }
+        let mut levels = LevelRecorder::default();
+        device.advance_to(
+            self.now_ns,
+            &mut DeviceContext::new(self.now_ns, &mut levels),
+        );
+        for (irq, level) in levels.levels {
+            self.pic.preset_line(irq, level);
+        }
+        let hooks = device.hooks();
+        if hooks.clock {
+            self.clocked.push(index);
+        }
+        if hooks.requests {
+            self.requesters.push(index);
+            self.poll_exit = true;
+            self.poll_reset = true;
+        }
+        self.is_requester.push(hooks.requests);
+        self.devices.push(device);
+        Ok(())
+    }
+
+    /// The ids of the registered devices, in registration order.
+    pub fn ids(&self) -> impl Iterator<Item = &str> + '_ {
+        self.devices.iter().map(|d| d.id())
+    }
+
+    /// The registered device `id`, if it is a `D`.
+    pub fn device<D: Device>(&self, id: &str) -> Option<&D> {
+        let dev = self.devices.iter().find(|d| d.id() == id)?;
+        // `as_any` of the device itself, not of its box.
+        dev.as_ref().as_any().downcast_ref::<D>()
+    }
+
+    /// Mutable form of [`Devices::device`].
+    pub fn device_mut<D: Device>(&mut self, id: &str) -> Option<&mut D> {
+        let dev = self.devices.iter_mut().find(|d| d.id() == id)?;
+        dev.as_mut().as_any_mut().downcast_mut::<D>()
+    }
+
+    /// The id and state version of every saved device, e.g. `devices/2 com1/1 pic/1 ...`:
+    /// two registries whose formats differ cannot restore each other's state.
+    pub fn state_format(&self) -> String {
+        format_of(
+            std::iter::once((PIC_ID, self.pic.state_version()))
+                .chain(self.devices.iter().map(|d| (d.id(), d.state_version()))),
+        )
+    }
+
+    /// Snapshot of every registered device and the interrupt controller.
+    pub fn save(&self) -> DevicesState {
+        let mut devices = BTreeMap::new();
+        devices.insert(PIC_ID.to_string(), self.pic.save_state());
+        for d in &self.devices {
+            devices.insert(d.id().to_string(), d.save_state());
+        }
+        DevicesState {
+            version: DEVICES_STATE_VERSION,
+            now_ns: self.now_ns,
+            devices,
+        }
+    }
+
+    /// Put every registered device and the interrupt controller in the saved `state`,
+    /// keeping the current serial output writer, benchmark marks and extra devices. On
+    /// error nothing is changed.
+    pub fn restore(&mut self, state: &DevicesState) -> Result<(), DevicesError> {
+        if state.version != DEVICES_STATE_VERSION {
+            return Err(DevicesError::UnsupportedVersion {
+                found: state.version,
+                expected: DEVICES_STATE_VERSION,
+            });
+        }
+        // Check the whole map before touching any device.
+        let mut mine: Vec<(&str, u32)> = vec![(PIC_ID, self.pic.state_version())];
+        mine.extend(self.devices.iter().map(|d| (d.id(), d.state_version())));
+        for (id, expected) in &mine {
+            let saved = state
+                .devices
+                .get(*id)
+                .ok_or_else(|| DevicesError::MissingDevice { id: id.to_string() })?;
+            if saved.version != *expected {
+                return Err(DevicesError::DeviceVersion {
+                    id: id.to_string(),
+                    found: saved.version,
+                    expected: *expected,
+                });
+            }
+        }
+        if let Some(id) = state
+            .devices
+            .keys()
+            .find(|k| !mine.iter().any(|(id, _)| id == k))
+        {
+            return Err(DevicesError::UnknownDevice { id: id.clone() });
+        }
+        // Restore one by one (unit 0 is the PIC, unit i the i-th device); if one refuses,
+        // put back the ones already restored.
+        let backup = self.save();
+        for i in 0..=self.devices.len() {
+            if let Err(source) = self.restore_unit(i, &state.devices) {
+                for j in 0..i {
+                    // Their own state of a moment ago: it restores.
+                    let _ = self.restore_unit(j, &backup.devices);
+                }
+                return Err(DevicesError::DeviceState {
+                    id: self.unit_id(i).to_string(),
+                    source,
+                });
+            }
+        }
+        self.now_ns = state.now_ns;
+        // The restored devices may hold requests.
+        self.poll_exit = true;
+        self.poll_reset = true;
+        Ok(())
+    }
+
+    fn unit_id(&self, unit: usize) -> &str {
+        match unit.checked_sub(1) {
+            None => PIC_ID,
+            Some(i) => self.devices[i].id(),
+        }
+    }
+
+    /// Restore unit `unit` (0: the PIC, i: device i - 1) from its entry in `states`, which
+    /// the caller has checked exists.
+    fn restore_unit(
+        &mut self,
+        unit: usize,
+        states: &BTreeMap<String, SavedDevice>,
+    ) -> Result<(), StateError> {
+        let Some(saved) = states.get(self.unit_id(unit)) else {
+            return Ok(());
+        };
+        match unit.checked_sub(1) {
+            None => self.pic.restore_state(saved),
+            Some(i) => self.devices[i].restore_state(saved),
+        }
+    }
+
+    /// Current virtual time in ns.
+    pub fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+
+    /// Move virtual time forward to `now_ns` (an earlier time is ignored), delivering timer
+    /// edges to the PIC. Call it with the vCPU's virtual time before every port or MMIO
+    /// access and before checking for interrupts.
+    pub fn advance_to(&mut self, now_ns: u64) {
+        self.now_ns = self.now_ns.max(now_ns);
+        let now = self.now_ns;
+        let Self {
+            devices,
+            clocked,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
+        } = self;
+        for &i in clocked.iter() {
+            devices[i].advance_to(now, &mut DeviceContext::new(now, pic));
+            if is_requester[i] {
+                (*poll_exit, *poll_reset) = (true, true);
+            }
+        }
+    }
+
+    /// Virtual time (ns) of the next device event that can raise an interrupt, if one is
+    /// scheduled: run the vCPU no further than this before calling [`Devices::advance_to`]
+    /// again.
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        self.clocked
+            .iter()
+            .filter_map(|&i| self.devices[i].next_deadline_ns())
+            .min()
+    }
+
+    /// Guest `IN` of `data.len()` (1, 2 or 4) bytes from `port`, at the current virtual time.
+    pub fn io_read(&mut self, port: u16, data: &mut [u8]) -> Result<(), DevicesError> {
+        let now = self.now_ns;
+        let Self {
+            bus,
+            devices,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
+        } = self;
+        bus.read_with(port, data, |slot, base, offset, bytes| match slot {
+            Slot::Pic => {
+                bytes.fill(pic.read_port(base + offset).unwrap_or(0xff));
+                true
+            }
+            Slot::Device(i) => {
+                if is_requester[*i] {
+                    (*poll_exit, *poll_reset) = (true, true);
+                }
+                let mut cx = DeviceContext::new(now, pic);
+                devices[*i].io_read(base, offset, bytes, &mut cx) == Access::Handled
+            }
+            Slot::Extra(dev) => {
+                dev.read(offset, bytes);
+                true
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Guest `OUT` of `data` (1, 2 or 4 bytes, little-endian) to `port`, at the current
+    /// virtual time.
+    pub fn io_write(&mut self, port: u16, data: &[u8]) -> Result<(), DevicesError> {
+        let now = self.now_ns;
+        let Self {
+            bus,
+            devices,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
+        } = self;
+        bus.write_with(port, data, |slot, base, offset, bytes| match slot {
+            Slot::Pic => {
+                if let Some(v) = bytes.first() {
+                    let _ = pic.write_port(base + offset, *v);
+                }
+                true
+            }
+            Slot::Device(i) => {
+                if is_requester[*i] {
+                    (*poll_exit, *poll_reset) = (true, true);
+                }
+                let mut cx = DeviceContext::new(now, pic);
+                devices[*i].io_write(base, offset, bytes, &mut cx) == Access::Handled
+            }
+            Slot::Extra(dev) => {
+                dev.write(offset, bytes);
+                true
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Guest MMIO read of `data.len()` bytes at guest-physical `addr`, at the current virtual
+    /// time. Returns whether a device answered it; if not, `data` is untouched and the
+    /// access is the VMM's to answer.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
+        let now = self.now_ns;
+        let Self {
+            mmio,
+            devices,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
+        } = self;
+        let Some((range, i)) = mmio.target_mut(addr, data.len()) else {
+            return false;
+        };
+        if is_requester[*i] {
+            (*poll_exit, *poll_reset) = (true, true);
+        }
+        let mut cx = DeviceContext::new(now, pic);
+        devices[*i].mmio_read(range.base(), addr - range.base(), data, &mut cx) == Access::Handled
+    }
+
+    /// Guest MMIO write of `data` (little-endian) at guest-physical `addr`, at the current
+    /// virtual time. Returns whether a device took it; if not, it is the VMM's.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
+        let now = self.now_ns;
+        let Self {
+            mmio,
+            devices,
+            is_requester,
+            poll_exit,
+            poll_reset,
+            pic,
+            ..
+        } = self;
+        let Some((range, i)) = mmio.target_mut(addr, data.len()) else {
+            return false;
+        };
+        if is_requester[*i] {
+            (*poll_exit, *poll_reset) = (true, true);
+        }
+        let mut cx = DeviceContext::new(now, pic);
+        devices[*i].mmio_write(range.base(), addr - range.base(), data, &mut cx) == Access::Handled
+    }
+
+    /// Vector of the interrupt the PIC would deliver now, if any. Hand it to the vCPU only when
+    /// its interrupt window is open (RFLAGS.IF set, no interrupt shadow), via
+    /// [`Devices::acknowledge_interrupt`].
+    pub fn pending_interrupt(&self) -> Option<u8> {
+        self.pic.pending_vector()
+    }
+
+    /// The interrupt-acknowledge cycle: returns the vector to inject (possibly a spurious
+    /// IRQ 7 / 15 vector, which the guest must see as well) and marks it in service.
+    pub fn acknowledge_interrupt(&mut self) -> u8 {
+        self.pic.acknowledge()
+    }
+
+    /// Drive PIC input `irq` (0-15) to `level`, for devices outside the registry. Lines of
+    /// registered devices are theirs (see the port table).
+    pub fn set_irq(&mut self, irq: u8, level: bool) -> Result<(), DevicesError> {
+        Ok(self.pic.set_irq(irq, level)?)
+    }
+
+    /// An edge on PIC input `irq` (0-15), for devices outside the registry.
+    pub fn pulse_irq(&mut self, irq: u8) -> Result<(), DevicesError> {
+        Ok(self.pic.pulse_irq(irq)?)
+    }
+
+    /// Exit status the guest requested (through port 0xf4), if any (clears the request).
+    pub fn take_exit_request(&mut self) -> Option<u8> {
+        if !self.poll_exit {
+            return None;
+        }
+        let Self {
+            devices,
+            requesters,
+            ..
+        } = self;
+        let request = requesters
+            .iter()
+            .find_map(|&i| devices[i].take_exit_request());
+        // Another device may hold one too: look again next time until none is found.
+        self.poll_exit = request.is_some();
+        request
+    }
+
+    /// Whether the guest asked for a CPU reset (the i8042's reset line) since the last call
+    /// (clears the requests).
+    pub fn take_reset_request(&mut self) -> bool {
+        if !std::mem::take(&mut self.poll_reset) {
+            return false;
+        }
+        let Self {
+            devices,
+            requesters,
+            ..
+        } = self;
+        requesters
+            .iter()
+            .fold(false, |any, &i| devices[i].take_reset_request() | any)
+    }
+
+    /// Queue host input for COM1; returns how many bytes fit in its FIFO.
+    pub fn enqueue_serial_input(&mut self, bytes: &[u8]) -> usize {
+        let now = self.now_ns;
+        let Self { devices, pic, .. } = self;
+        let Some(com1) = devices.iter_mut().find(|d| d.id() == COM1_ID) else {
+            return 0;
+        };
+        let n = match com1.as_mut().as_any_mut().downcast_mut::<Serial>() {
+            Some(serial) => serial.enqueue_input(bytes),
+            None => return 0,
+        };
+        // Its interrupt request, if the input raised one.
+        com1.advance_to(now, &mut DeviceContext::new(now, pic));
+        n
+    }
+
+    /// Swap COM1's output writer, returning the previous one (or `out` itself if the
+    /// registry has no COM1).
+    pub fn replace_serial_output(&mut self, out: Box<dyn Write + Send>) -> Box<dyn Write + Send> {
+        match self.device_mut::<Serial>(COM1_ID) {
+            Some(serial) => serial.replace_writer(out),
+            None => out,
+        }
+    }
+
+    /// Benchmark marks recorded through port 0xf5.
+    pub fn bench_marks(&self) -> &[BenchMark] {
+        self.device::<BenchMarker>(crate::bench::BENCH_MARKER_ID)
+            .map_or(&[], |b| b.marks())
+    }
+
+    /// Drain the benchmark marks.
+    pub fn take_bench_marks(&mut self) -> Vec<BenchMark> {
+        self.device_mut::<BenchMarker>(crate::bench::BENCH_MARKER_ID)
+            .map_or_else(Vec::new, |b| b.take_marks())
+    }
+
+    /// Unclaimed-port diagnostics.
+    pub fn bus_stats(&self) -> BusStats {
+        self.bus.stats()
+    }
+
+    /// Add a host-side handler at `len` ports from `base`. Its state is not part of
+    /// [`DevicesState`]: the VMM saves it. Devices that are part of the VM's state join with
+    /// [`Devices::register`].
+    pub fn register_device(
+        &mut self,
+        base: u16,
+        len: u32,
+        mode: AccessMode,
+        device: Box<dyn PortIoDevice>,
+    ) -> Result<(), DevicesError> {
+        let range = PortRange::new(base, len)?;
+        self.bus.insert(range, mode, Slot::Extra(device))?;
+        Ok(())
+    }
+
+    /// Remove a handler added with [`Devices::register_device`] at `base`.
+    pub fn remove_device(
+        &mut self,
+        base: u16,
+    ) -> Result<Option<Box<dyn PortIoDevice>>, DevicesError> {
+        match self.bus.target(base) {
+            None => Ok(None),
+            Some((Slot::Extra(_), 0)) => match self.bus.remove(base) {
+                Some(Slot::Extra(dev)) => Ok(Some(dev)),
+                _ => Ok(None),
+            },
+            Some((Slot::Extra(_), _)) => Ok(None),
+            Some(_) => Err(DevicesError::BuiltIn(base)),
+        }
+    }
+
+    /// COM1.
+    pub fn serial(&self) -> Option<&Serial> {
+        self.device(COM1_ID)
+    }
+
+    /// The PIT.
+    pub fn pit(&self) -> Option<&Pit> {
+        self.device(PIT_ID)
+    }
+
+    /// The PIC pair (the interrupt controller).
+    pub fn pic(&self) -> &Pic {
+        &self.pic
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pit::ticks_to_ns;
+    use crate::serial::SharedBuffer;
+
+    fn devices() -> (Devices, SharedBuffer) {
+        let buf = SharedBuffer::new();
+        (Devices::new(Box::new(buf.clone())), buf)
+    }
+
+    fn out(d: &mut Devices, port: u16, v: u8) {
+        d.io_write(port, &[v]).unwrap();
+    }
+
+    fn inb(d: &mut Devices, port: u16) -> u8 {
+        let mut b = [0u8];
+        d.io_read(port, &mut b).unwrap();
+        b[0]
+    }
+
+    fn init_pic(d: &mut Devices) {
+        for (p, v) in [
+            (0x20, 0x11),
+            (0x21, 0x20),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0xa0, 0x11),
+            (0xa1, 0x28),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0x21, 0x00),
+            (0xa1, 0x00),
+        ] {
+            out(d, p, v);
+        }
+    }
+
+    #[test]
+    fn devices_can_move_to_a_vcpu_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Devices>();
+        assert_send::<DevicesState>();
+    }
+
+    #[test]
+    fn builtin_bus_layout() {
+        let (d, _buf) = devices();
+        let ranges: Vec<String> = d.bus.ranges().map(|(r, _)| r.to_string()).collect();
+        assert_eq!(
+            ranges,
+            [
+                "0x0020-0x0021",
+                "0x0040-0x0043",
+                "0x0060-0x0060",
+                "0x0061-0x0061",
+                "0x0064-0x0064",
+                "0x0070-0x0071",
+                "0x0080-0x0080",
+                "0x00a0-0x00a1",
+                "0x00f4-0x00f4",
+                "0x00f5-0x00f5",
+                "0x03f8-0x03ff",
+                "0x0cf8-0x0cff"
+            ]
+        );
+    }
+
+    #[test]
+    fn serial_interrupt_reaches_pic_as_irq4() {
+        let (mut d, buf) = devices();
+        init_pic(&mut d);
+        out(&mut d, 0x3f9, 0x02); // IER: THRE
+        assert_eq!(d.pending_interrupt(), Some(0x24));
+        assert_eq!(d.acknowledge_interrupt(), 0x24);
+        assert_eq!(inb(&mut d, 0x3fa) & 0x0f, 0x02, "IIR: THR empty");
+        out(&mut d, 0x3f8, b'A');
+        out(&mut d, 0x20, 0x20);
+        assert_eq!(
+            d.pending_interrupt(),
+            Some(0x24),
+            "next THRE edge after EOI"
+        );
+        assert_eq!(buf.contents(), b"A");
+        // Input from the host raises RX data available.
+        out(&mut d, 0x3f9, 0x01);
+        d.acknowledge_interrupt();
+        out(&mut d, 0x20, 0x20);
+        assert_eq!(d.enqueue_serial_input(b"k"), 1);
+        assert_eq!(d.acknowledge_interrupt(), 0x24);
+        assert_eq!(inb(&mut d, 0x3f8), b'k');
+    }
+
+    #[test]
+    fn pit_interrupts_arrive_at_deadlines() {
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        out(&mut d, 0x43, 0x34); // ch0 mode 2
+        out(&mut d, 0x40, 0xa9); // 1193 = 0x04a9
+        out(&mut d, 0x40, 0x04);
+        let deadline = d.next_deadline_ns().unwrap();
+        assert_eq!(deadline, ticks_to_ns(1 + 1193));
+        d.advance_to(deadline - 1);
+        assert_eq!(d.pending_interrupt(), None);
+        d.advance_to(deadline);
+        assert_eq!(d.pending_interrupt(), Some(0x20));
+        assert_eq!(d.acknowledge_interrupt(), 0x20);
+        // Missed periods coalesce into one latched request (edge-triggered PIC).
+        d.advance_to(deadline + 5_000_000);
+        assert_eq!(d.pending_interrupt(), None, "IR0 in service until EOI");
+        out(&mut d, 0x20, 0x20);
+        assert_eq!(d.acknowledge_interrupt(), 0x20);
+        out(&mut d, 0x20, 0x20);
+        assert_eq!(d.pending_interrupt(), None);
+        assert!(d.next_deadline_ns().unwrap() > d.now_ns());
+    }
+
+    #[test]
+    fn debug_exit_and_bench_marker_ports() {
+        let (mut d, _buf) = devices();
+        d.advance_to(1234);
+        d.io_write(0xf5, &[7, 0, 0, 0]).unwrap();
+        d.advance_to(5678);
+        d.io_write(0xf5, &[8]).unwrap();
+        let marks = d.take_bench_marks();
+        assert_eq!(
+            marks
+                .iter()
+                .map(|m| (m.value, m.virtual_ns))
+                .collect::<Vec<_>>(),
+            vec![(7, 1234), (8, 5678)]
+        );
+        assert_eq!(d.take_exit_request(), None);
+        d.io_write(0xf4, &[0x01, 0x02]).unwrap();
+        assert_eq!(d.take_exit_request(), Some(1));
+        assert_eq!(d.take_exit_request(), None);
+    }
+
+    #[test]
+    fn unclaimed_ports_and_bad_widths() {
+        let (mut d, _buf) = devices();
+        let mut b = [0u8; 2];
+        d.io_read(0x2f8, &mut b).unwrap(); // COM2 absent
+        assert_eq!(b, [0xff, 0xff]);
+        d.io_write(0x84, &[0x55]).unwrap(); // a DMA page register: absent
+        let s = d.bus_stats();
+        assert_eq!((s.unclaimed_reads, s.unclaimed_writes), (1, 1));
+        assert_eq!(s.last_unclaimed_write, Some((0x84, 0x55)));
+        assert!(matches!(
+            d.io_write(0x3f8, &[1, 2, 3]),
+            Err(DevicesError::Bus(BusError::BadAccessSize { .. }))
+        ));
+    }
+
+    #[test]
+    fn extra_devices_and_builtin_protection() {
+        struct Const(u8);
+        impl PortIoDevice for Const {
+            fn read(&mut self, _o: u16, data: &mut [u8]) {
+                data.fill(self.0);
+            }
+            fn write(&mut self, _o: u16, data: &[u8]) {
+                self.0 = data[0];
+            }
+        }
+        let (mut d, _buf) = devices();
+        assert!(matches!(
+            d.register_device(0x3fc, 8, AccessMode::Bytewise, Box::new(Const(1))),
+            Err(DevicesError::Bus(BusError::Overlap { .. }))
+        ));
+        d.register_device(0x510, 2, AccessMode::Whole, Box::new(Const(9)))
+            .unwrap();
+        d.io_write(0x510, &[0x33]).unwrap();
+        assert_eq!(inb(&mut d, 0x511), 0x33);
+        assert!(matches!(
+            d.remove_device(0x40),
+            Err(DevicesError::BuiltIn(0x40))
+        ));
+        assert!(d.remove_device(0x511).unwrap().is_none());
+        assert!(d.remove_device(0x510).unwrap().is_some());
+        assert_eq!(inb(&mut d, 0x510), 0xff);
+    }
+
+    #[test]
+    fn restore_rejects_other_versions_and_keeps_state() {
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        let before = d.save();
+        let mut st = before.clone();
+        st.version = 99;
+        assert!(matches!(
+            d.restore(&st),
+            Err(DevicesError::UnsupportedVersion { found: 99, .. })
+        ));
+        let mut st = before.clone();
+        let mut pit = st.get::<Pit>(PIT_ID).unwrap();
+        pit.channels[0].mode = 7;
+        st.set::<Pit>(PIT_ID, &pit);
+        assert!(matches!(
+            d.restore(&st),
+            Err(DevicesError::DeviceState { ref id, .. }) if id == "pit"
+        ));
+        let mut st = before.clone();
+        let mut serial = st.get::<Serial>(COM1_ID).unwrap();
+        serial.rx_fifo = vec![0; 100];
+        st.set::<Serial>(COM1_ID, &serial);
+        let e = d.restore(&st).unwrap_err();
+        assert!(
+            matches!(e, DevicesError::DeviceState { ref id, .. } if id == "com1"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("FIFO holds at most 64"), "{e}");
+        assert_eq!(d.save(), before, "failed restores change nothing");
+    }
+
+    #[test]
+    fn restore_reattaches_writer() {
+        let (mut d, buf) = devices();
+        out(&mut d, 0x3f8, b'a');
+        let st = d.save();
+        let buf2 = SharedBuffer::new();
+        let mut r = Devices::from_state(&st, Box::new(buf2.clone())).unwrap();
+        out(&mut r, 0x3f8, b'b');
+        d.restore(&st).unwrap();
+        out(&mut d, 0x3f8, b'c');
+        assert_eq!(buf.contents(), b"ac");
+        assert_eq!(buf2.contents(), b"b");
+    }
+    /// A device only the tests have: a 32-bit latch at ports 0x510-0x511 (whole accesses)
+    /// and at MMIO 0xfed0_0000 (16 bytes), driving IRQ 5 while the latch is non-zero.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Latch {
+        value: u32,
+        reads: u32,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    struct LatchState {
+        value: u32,
+        reads: u32,
+    }
+
+    #[derive(Debug, Error)]
+    #[error("a latch never holds 0xdead")]
+    struct Dead;
+
+    const LATCH_MMIO: u64 = 0xfed0_0000;
+
+    impl Latch {
+        fn irq(&self, cx: &mut DeviceContext<'_>) {
+            cx.set_irq(5, self.value != 0);
+        }
+    }
+
+    impl crate::Persist for Latch {
+        type State = LatchState;
+        type Error = Dead;
+        const STATE_VERSION: u32 = 7;
+        fn save(&self) -> LatchState {
+            LatchState {
+                value: self.value,
+                reads: self.reads,
+            }
+        }
+        fn restore(&mut self, s: &LatchState) -> Result<(), Dead> {
+            if s.value == 0xdead {
+                return Err(Dead);
+            }
+            (self.value, self.reads) = (s.value, s.reads);
+            Ok(())
+        }
+    }
+
+    impl Device for Latch {
+        fn id(&self) -> &str {
+            "test-latch"
+        }
+        fn port_regions(&self) -> Vec<crate::PortRegion> {
+            vec![crate::PortRegion::whole(0x510, 2)]
+        }
+        fn mmio_regions(&self) -> Vec<crate::MmioRegion> {
+            vec![crate::MmioRegion {
+                base: LATCH_MMIO,
+                len: 16,
+            }]
+        }
+        fn io_read(&mut self, _: u16, off: u16, d: &mut [u8], cx: &mut DeviceContext) -> Access {
+            if off != 0 {
+                return Access::NotMine;
+            }
+            self.reads += 1;
+            let v = self.value.to_le_bytes();
+            d.copy_from_slice(&v[..d.len()]);
+            self.irq(cx);
+            Access::Handled
+        }
+        fn io_write(&mut self, _: u16, off: u16, d: &[u8], cx: &mut DeviceContext) -> Access {
+            if off != 0 {
+                return Access::NotMine;
+            }
+            self.value = crate::debug::le_value(d);
+            self.irq(cx);
+            Access::Handled
+        }
+        fn mmio_read(
+            &mut self,
+            base: u64,
+            off: u64,
+            d: &mut [u8],
+            _: &mut DeviceContext,
+        ) -> Access {
+            assert_eq!(base, LATCH_MMIO);
+            if off != 4 || d.len() != 4 {
+                return Access::NotMine;
+            }
+            d.copy_from_slice(&self.value.to_le_bytes());
+            Access::Handled
+        }
+        fn mmio_write(&mut self, _: u64, off: u64, d: &[u8], cx: &mut DeviceContext) -> Access {
+            if off != 4 || d.len() != 4 {
+                return Access::NotMine;
+            }
+            self.value = crate::debug::le_value(d);
+            self.irq(cx);
+            Access::Handled
+        }
+        fn advance_to(&mut self, _now: u64, cx: &mut DeviceContext) {
+            self.irq(cx);
+        }
+    }
+
+    #[test]
+    fn a_device_registered_with_one_line_is_routed_saved_and_restored_by_id() {
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        let without = d.save();
+        d.register(Box::new(Latch::default())).unwrap();
+
+        // Routed: ports (whole accesses, "not mine" at offset 1) and MMIO.
+        d.io_write(0x510, &[0x34, 0x12]).unwrap();
+        assert_eq!(
+            d.pending_interrupt(),
+            Some(0x25),
+            "its IRQ 5 reached the PIC"
+        );
+        let mut w = [0u8; 2];
+        d.io_read(0x510, &mut w).unwrap();
+        assert_eq!(w, [0x34, 0x12]);
+        assert_eq!(inb(&mut d, 0x511), 0xff, "declined: unclaimed");
+        assert_eq!(d.bus_stats().unclaimed_reads, 1);
+        let mut m = [0u8; 4];
+        assert!(d.mmio_read(LATCH_MMIO + 4, &mut m));
+        assert_eq!(u32::from_le_bytes(m), 0x1234);
+        assert!(d.mmio_write(LATCH_MMIO + 4, &0xabcd_u32.to_le_bytes()));
+        assert!(!d.mmio_read(LATCH_MMIO, &mut m), "declined offset");
+        assert!(!d.mmio_read(LATCH_MMIO + 14, &mut m), "straddles the end");
+        assert!(!d.mmio_read(0xfeb0_0000, &mut m), "nobody's");
+        assert_eq!(
+            d.device::<Latch>("test-latch").map(|l| (l.value, l.reads)),
+            Some((0xabcd, 1))
+        );
+
+        // Saved under its id with its own version.
+        let st = d.save();
+        assert_eq!(st.devices["test-latch"].version, 7);
+        assert_eq!(st.get::<Latch>("test-latch").unwrap().value, 0xabcd);
+        let json = serde_json::to_string(&st).unwrap();
+        let st: DevicesState = serde_json::from_str(&json).unwrap();
+
+        // Restored into a registry that has it...
+        let (mut r, _b) = devices();
+        r.register(Box::new(Latch::default())).unwrap();
+        r.restore(&st).unwrap();
+        assert_eq!(
+            r.device::<Latch>("test-latch"),
+            d.device::<Latch>("test-latch")
+        );
+        assert_eq!(r.save(), st);
+        assert_eq!(r.acknowledge_interrupt(), 0x25, "the PIC state came along");
+        let r_before = r.save();
+
+        // ...and refused, naming it, by one that lacks it or from a state without it.
+        let (mut plain, _b) = devices();
+        let e = plain.restore(&st).unwrap_err();
+        assert!(
+            matches!(e, DevicesError::UnknownDevice { ref id } if id == "test-latch"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("`test-latch`"), "{e}");
+        let e = r.restore(&without).unwrap_err();
+        assert!(
+            matches!(e, DevicesError::MissingDevice { ref id } if id == "test-latch"),
+            "{e}"
+        );
+        let mut old = st.clone();
+        old.devices.get_mut("test-latch").unwrap().version = 6;
+        let e = r.restore(&old).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DevicesError::DeviceVersion {
+                    found: 6,
+                    expected: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("device `test-latch`: saved state version 6"),
+            "{e}"
+        );
+        let mut dead = st.clone();
+        dead.set::<Latch>(
+            "test-latch",
+            &LatchState {
+                value: 0xdead,
+                reads: 0,
+            },
+        );
+        let e = r.restore(&dead).unwrap_err();
+        assert!(e.to_string().contains("never holds 0xdead"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "the chain is kept");
+        assert_eq!(r.save(), r_before, "refused restores change nothing");
+    }
+
+    #[test]
+    fn registration_conflicts_change_nothing() {
+        let (mut d, _buf) = devices();
+        d.register(Box::new(Latch::default())).unwrap();
+        let before: Vec<String> = d.bus.ranges().map(|(r, _)| r.to_string()).collect();
+        assert!(matches!(
+            d.register(Box::new(Latch::default())),
+            Err(DevicesError::DuplicateId(ref id)) if id == "test-latch"
+        ));
+        /// The latch again under another id, so only its ranges conflict.
+        struct Twin(Latch);
+        impl crate::Persist for Twin {
+            type State = LatchState;
+            type Error = Dead;
+            const STATE_VERSION: u32 = 1;
+            fn save(&self) -> LatchState {
+                crate::Persist::save(&self.0)
+            }
+            fn restore(&mut self, s: &LatchState) -> Result<(), Dead> {
+                crate::Persist::restore(&mut self.0, s)
+            }
+        }
+        impl Device for Twin {
+            fn id(&self) -> &str {
+                "twin"
+            }
+            fn port_regions(&self) -> Vec<crate::PortRegion> {
+                vec![crate::PortRegion::whole(0x600, 1)]
+            }
+            fn mmio_regions(&self) -> Vec<crate::MmioRegion> {
+                self.0.mmio_regions()
+            }
+        }
+        assert!(matches!(
+            d.register(Box::new(Twin(Latch::default()))),
+            Err(DevicesError::Bus(BusError::MmioOverlap { .. }))
+        ));
+        let after: Vec<String> = d.bus.ranges().map(|(r, _)| r.to_string()).collect();
+        assert_eq!(
+            before, after,
+            "the port range of the refused device is gone"
+        );
+        assert_eq!(d.ids().filter(|i| *i == "twin").count(), 0);
+        assert!(
+            d.state_format().contains(" test-latch/7"),
+            "{}",
+            d.state_format()
+        );
+        assert!(!d.state_format().contains("twin"));
+    }
+
+    #[test]
+    fn power_on_levels_latch_nothing() {
+        /// Drives IRQ 6 high from the start, as a device whose output idles high.
+        struct High;
+        impl crate::Persist for High {
+            type State = ();
+            type Error = std::convert::Infallible;
+            const STATE_VERSION: u32 = 1;
+            fn save(&self) {}
+            fn restore(&mut self, _: &()) -> Result<(), Self::Error> {
+                Ok(())
+            }
+        }
+        impl Device for High {
+            fn id(&self) -> &str {
+                "high"
+            }
+            fn advance_to(&mut self, _now: u64, cx: &mut DeviceContext) {
+                cx.set_irq(6, true);
+            }
+        }
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        d.register(Box::new(High)).unwrap();
+        d.advance_to(1000);
+        assert_eq!(
+            d.pending_interrupt(),
+            None,
+            "no edge: the line was high from the start"
+        );
+    }
+
+    #[test]
+    fn state_format_names_every_saved_device() {
+        let (d, _buf) = devices();
+        let f = d.state_format();
+        assert!(
+            f.starts_with(&format!("devices/{DEVICES_STATE_VERSION} ")),
+            "{f}"
+        );
+        for id in d.ids().chain([PIC_ID]) {
+            assert!(f.contains(&format!(" {id}/")), "{id} missing from {f}");
+        }
+        assert_eq!(f, state_format());
+        let st = d.save();
+        assert_eq!(st.devices.len(), d.ids().count() + 1);
+    }
+}

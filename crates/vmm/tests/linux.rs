@@ -1,0 +1,466 @@
+//! Scenario tests with a real Linux guest: Debian's cloud kernel (Linux 6.1) and an initramfs
+//! of busybox, esvm's init and a static C workload (`scripts/linux-assets.sh` fetches and
+//! builds them, cached). The workload's digest is compared with the same binary run natively
+//! on this host: the independent oracle for the software vCPU under a real kernel and libc.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{Proc, ESVM};
+
+struct Assets {
+    kernel: PathBuf,
+    vmlinux: PathBuf,
+    initrd: PathBuf,
+    workload: PathBuf,
+}
+
+/// The kernel, initrd and workload, fetched/built once per test binary.
+fn assets() -> &'static Assets {
+    static ASSETS: OnceLock<Assets> = OnceLock::new();
+    ASSETS.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Command::new(root.join("scripts/linux-assets.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("cannot run scripts/linux-assets.sh");
+        assert!(
+            out.status.success(),
+            "scripts/linux-assets.sh failed ({}): the Linux test guest needs Debian's \
+             linux-image-cloud-amd64 and busybox-static from the package mirror, gcc and cpio",
+            out.status
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let get = |key: &str| -> PathBuf {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("linux-assets.sh printed no {key}: {text}"))
+                .into()
+        };
+        Assets {
+            kernel: get("ESVM_LINUX_KERNEL"),
+            vmlinux: get("ESVM_LINUX_VMLINUX"),
+            initrd: get("ESVM_LINUX_INITRD"),
+            workload: get("ESVM_LINUX_WORKLOAD"),
+        }
+    })
+}
+
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 cryptomgr.notests";
+
+fn cmdline(extra: &str) -> String {
+    format!("{BASE_CMDLINE} {extra}")
+}
+
+/// The workload's output lines (`section=hex`, `workload digest=hex`) run natively, with
+/// glibc held to the SSE2 code the guest's CPUID selects.
+fn native_workload(scale: u32) -> Vec<String> {
+    let out = Command::new(&assets().workload)
+        .arg(scale.to_string())
+        .env(
+            "GLIBC_TUNABLES",
+            "glibc.cpu.hwcaps=-AVX,-AVX2,-FMA,-FMA4,-AVX512F",
+        )
+        .output()
+        .expect("cannot run the workload natively");
+    assert!(out.status.success(), "native workload failed: {out:?}");
+    workload_lines(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn workload_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| {
+            [
+                "integer=",
+                "string=",
+                "double=",
+                "x87=",
+                "files=",
+                "process=",
+                "workload digest=",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Lines of a kernel log that must never appear.
+fn kernel_complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("unchecked MSR access")
+                || l.contains("invalid opcode")
+                || l.contains("WARNING")
+                || l.contains("BUG")
+                || l.contains("Call Trace")
+                || l.contains("Kernel panic")
+        })
+        .collect()
+}
+
+fn run_to_end(args: &[&str], timeout: Duration) -> (i32, String, String) {
+    let mut p = Proc::spawn(None, args);
+    let status = p.wait(timeout);
+    (status, p.stdout(), p.stderr())
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[test]
+fn linux_boots_runs_the_workload_like_the_host_and_reboots() {
+    let a = assets();
+    let expected = native_workload(1);
+    let cl = cmdline("esvm.run=workload");
+    let (status, out, err) = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cl,
+            "--console",
+            "none",
+        ],
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(
+        workload_lines(&out),
+        expected,
+        "the guest's workload differs from the native run\n{}",
+        tail(&out)
+    );
+    assert!(out.contains("Linux version 6.1"), "{}", tail(&out));
+    assert!(out.contains("esvm-init: workload exited with status 0"));
+    assert_eq!(
+        kernel_complaints(&out),
+        Vec::<&str>::new(),
+        "the kernel complained"
+    );
+    // The reboot (i8042 reset line) ends the VM with status 0 and a message.
+    assert_eq!(status, 0, "stderr: {err}");
+    assert!(err.contains("the guest reset itself"), "stderr: {err}");
+}
+
+#[test]
+fn a_vmlinux_elf_boots_too() {
+    let a = assets();
+    let expected = native_workload(1);
+    let cl = cmdline("esvm.run=workload esvm.then=poweroff");
+    let (status, out, err) = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            a.vmlinux.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cl,
+            "--console",
+            "none",
+        ],
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(workload_lines(&out), expected, "{}", tail(&out));
+    // Power-off without ACPI: halted with interrupts off; status 0 and a message.
+    assert_eq!(status, 0, "stderr: {err}");
+    assert!(err.contains("the guest powered off"), "stderr: {err}");
+}
+
+#[test]
+fn two_boots_with_the_same_inputs_are_identical() {
+    let a = assets();
+    let cl = cmdline("esvm.run=workload");
+    let args = [
+        "run",
+        "--kernel",
+        a.kernel.to_str().unwrap(),
+        "--initrd",
+        a.initrd.to_str().unwrap(),
+        "--cmdline",
+        &cl,
+        "--console",
+        "none",
+    ];
+    let run = || {
+        let out = Command::new(ESVM)
+            .args(args)
+            .env("ESVM_LOG", "esvm=info")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let count = err
+            .lines()
+            .find_map(|l| l.split("instructions=").nth(1))
+            .map(|n| n.trim().to_string())
+            .unwrap_or_else(|| panic!("no instruction count in stderr: {err}"));
+        (String::from_utf8_lossy(&out.stdout).into_owned(), count)
+    };
+    let (out1, n1) = run();
+    let (out2, n2) = run();
+    assert_eq!(n1, n2, "instruction counts differ");
+    // The console includes the kernel's timestamps (from the virtual TSC): byte-identical.
+    assert!(out1 == out2, "console output differs");
+}
+
+#[test]
+fn an_interactive_shell_answers_over_a_pipe() {
+    let a = assets();
+    let (mut p, mut stdin) = Proc::spawn_with_stdin(&[
+        "run",
+        "--kernel",
+        a.kernel.to_str().unwrap(),
+        "--initrd",
+        a.initrd.to_str().unwrap(),
+    ]);
+    p.wait_stdout("esvm-init: userland up (run=shell)", BOOT_TIMEOUT);
+    stdin.write_all(b"echo hello-$((6*7))\n").unwrap();
+    p.wait_stdout("hello-42", Duration::from_secs(60));
+    // The typed line is echoed too: wait for what only the command's output contains.
+    stdin.write_all(b"echo kernel=$(uname -r)\n").unwrap();
+    p.wait_stdout("kernel=6.1.", Duration::from_secs(60));
+    // The 8250 driver runs interrupt-driven on IRQ 4. (The marker is split in the command so
+    // that only the output contains it.)
+    stdin
+        .write_all(b"awk '/ttyS0/ { print \"serial\" \"-irqs=\" $2 \";\" }' /proc/interrupts\n")
+        .unwrap();
+    p.wait_stdout("serial-irqs=", Duration::from_secs(60));
+    let out = p.stdout();
+    let irqs: u64 = out
+        .rsplit("serial-irqs=")
+        .next()
+        .and_then(|s| s.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no IRQ count: {}", tail(&out)));
+    assert!(irqs > 0, "COM1 raised no interrupt: {}", tail(&out));
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    let status = p.wait(Duration::from_secs(60));
+    assert_eq!(status, 0, "{}", p.stderr());
+    assert!(p.stderr().contains("powered off"), "{}", p.stderr());
+}
+
+/// Scale of the workload the moving tests interrupt: several seconds of guest work, so a
+/// snapshot or migration taken right after userland starts lands in the middle of it.
+const MOVE_SCALE: u32 = 8;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("esvm-linux-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A Linux source with an API socket, running the workload and then a shell.
+fn linux_source(sock: &Path) -> Proc {
+    let a = assets();
+    let cl = cmdline(&format!(
+        "esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"
+    ));
+    Proc::spawn(
+        None,
+        &[
+            "run",
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cl,
+            "--console",
+            "none",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    )
+}
+
+/// The moved guest finishes the workload with the native digest, then its shell answers.
+fn check_moved_guest(
+    before: &str,
+    dest: &mut Proc,
+    stdin: &mut std::process::ChildStdin,
+    expected: &[String],
+) {
+    dest.wait_stdout("workload digest=", BOOT_TIMEOUT);
+    let all = format!("{before}{}", dest.stdout());
+    assert_eq!(
+        workload_lines(&all),
+        expected,
+        "the moved guest's workload differs from the native run\nbefore:\n{}\nafter:\n{}",
+        tail(before),
+        tail(&dest.stdout())
+    );
+    dest.wait_stdout("esvm-init: workload exited with status 0", BOOT_TIMEOUT);
+    // The shell that follows the workload still answers.
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"echo moved-$((2+3))\n").unwrap();
+    dest.wait_stdout("moved-5", Duration::from_secs(60));
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    assert_eq!(dest.wait(Duration::from_secs(60)), 0, "{}", dest.stderr());
+}
+
+#[test]
+fn a_snapshot_taken_mid_workload_restores_and_finishes_it() {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("snap");
+    let sock = dir.join("api.sock");
+    let mut src = linux_source(&sock);
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    let snap = dir.join("snapshot");
+    common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let at_snapshot = src.stdout();
+    assert!(
+        !at_snapshot.contains("workload digest="),
+        "the snapshot was not taken mid-workload; raise MOVE_SCALE"
+    );
+    // The source runs on after a snapshot: it finishes the same workload too.
+    src.wait_stdout("workload digest=", BOOT_TIMEOUT);
+    assert_eq!(workload_lines(&src.stdout()), expected);
+    src.kill();
+    let (mut dest, mut stdin) =
+        Proc::spawn_with_stdin(&["restore", snap.to_str().unwrap(), "--console", "stdin"]);
+    check_moved_guest(&at_snapshot, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_live_migration_mid_workload_keeps_the_digest_and_the_shell() {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("migrate");
+    let sock = dir.join("api.sock");
+    let (mut dest, mut stdin) = Proc::spawn_with_stdin(&[
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--console",
+        "stdin",
+    ]);
+    let err = dest.wait_stderr("listening on ", Duration::from_secs(30));
+    let port: u16 = err
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {err}"));
+    let mut src = linux_source(&sock);
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    let url = format!("tcp:127.0.0.1:{port}");
+    common::ctl_ok(&sock, &["migrate", &url]);
+    assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
+    let before = src.stdout();
+    assert!(
+        !before.contains("workload digest="),
+        "the migration was not mid-workload; raise MOVE_SCALE"
+    );
+    check_moved_guest(&before, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- Linux as an SEV-ES guest ----
+
+/// `esvm platform init --dir DIR`: a software secure processor of its own.
+fn platform(name: &str) -> PathBuf {
+    let dir = temp_dir(name);
+    let o = Command::new(ESVM)
+        .args(["platform", "init", "--dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    dir
+}
+
+/// Debian's kernel, unmodified, entered directly as an SEV-ES guest: its memory encrypted
+/// and measured by the software secure processor, its registers in an encrypted VMSA, every
+/// port and MSR access through its own #VC handler and the GHCB. It says SEV-ES is active,
+/// and its userland computes what the host computes.
+#[test]
+fn linux_boots_as_an_sev_es_guest_and_runs_the_workload_like_the_host() {
+    let a = assets();
+    let expected = native_workload(1);
+    let plat = platform("sev-boot");
+    let cl = cmdline("esvm.run=workload esvm.then=poweroff");
+    let (status, out, err) = run_to_end(
+        &[
+            "run",
+            "--sev-es",
+            "--platform",
+            plat.to_str().unwrap(),
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cl,
+            "--console",
+            "none",
+        ],
+        BOOT_TIMEOUT,
+    );
+    assert!(
+        out.contains("Memory Encryption Features active: AMD SEV SEV-ES"),
+        "{}",
+        tail(&out)
+    );
+    assert_eq!(
+        workload_lines(&out),
+        expected,
+        "the SEV-ES guest's workload differs from the native run\n{}",
+        tail(&out)
+    );
+    assert_eq!(
+        kernel_complaints(&out),
+        Vec::<&str>::new(),
+        "the kernel complained"
+    );
+    assert!(err.contains("SEV-ES launch measurement"), "stderr: {err}");
+    assert_eq!(status, 0, "stderr: {err}");
+    assert!(err.contains("powered off"), "stderr: {err}");
+    let _ = std::fs::remove_dir_all(plat);
+}
+
+/// Linux bounces an SEV guest's device I/O through at least 64 MiB of shared memory: a
+/// smaller VM is refused before anything runs, with a message that says how much to give.
+#[test]
+fn an_sev_es_linux_guest_too_small_for_its_bounce_buffer_is_refused() {
+    let a = assets();
+    let plat = platform("sev-small");
+    let (status, out, err) = run_to_end(
+        &[
+            "run",
+            "--sev-es",
+            "--platform",
+            plat.to_str().unwrap(),
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--mem",
+            "128M",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status, 125, "stderr: {err}");
+    assert!(out.is_empty(), "nothing ran: {out}");
+    assert!(
+        err.contains("too small for an SEV-ES Linux guest") && err.contains("--mem 256M"),
+        "stderr: {err}"
+    );
+    let _ = std::fs::remove_dir_all(plat);
+}
