@@ -295,12 +295,35 @@ impl MeasuredLaunch {
     }
 }
 
-/// Computes what the loader measures for an image (implemented by the vmm).
+/// What a guest is launched from: everything the host measures comes from these inputs
+/// alone, so the owner can compute the expected digest without trusting the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LaunchGuest {
+    /// An ELF64 image by esvm's own boot convention.
+    Image(PathBuf),
+    /// A Linux kernel by the Linux boot protocol, with its initrd and command line.
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+}
+
+/// A guest and the machine it is launched on (the memory size shapes what the loader
+/// writes, e.g. Linux's e820 map; each vCPU adds a VMSA to the measurement).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchInputs {
+    pub guest: LaunchGuest,
+    pub mem: u64,
+    pub vcpus: u32,
+}
+
+/// Computes what the loader measures for a launch (implemented by the vmm).
 pub trait GuestMeasurer {
-    /// The measured regions and initial VMSAs of `image` launched with `policy`.
+    /// The measured regions and initial VMSAs of `inputs` launched with `policy`.
     fn measured_launch(
         &self,
-        image: &Path,
+        inputs: &LaunchInputs,
         policy: Policy,
     ) -> Result<MeasuredLaunch, Box<dyn std::error::Error + Send + Sync>>;
 }

@@ -244,7 +244,7 @@ pub struct LaunchPredictor;
 #[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum PredictError {
-    #[error("{path}: {source}")]
+    #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
         #[source]
@@ -259,31 +259,60 @@ pub enum PredictError {
 impl esvm_owner::GuestMeasurer for LaunchPredictor {
     fn measured_launch(
         &self,
-        image: &Path,
+        inputs: &esvm_owner::LaunchInputs,
         _policy: Policy,
     ) -> Result<esvm_owner::MeasuredLaunch, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(self.predict(image)?)
+        Ok(self.predict(inputs)?)
     }
 }
 
+fn read_input(path: &Path) -> Result<Vec<u8>, PredictError> {
+    std::fs::read(path).map_err(|source| PredictError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl LaunchPredictor {
-    /// [`esvm_owner::GuestMeasurer::measured_launch`], with its error type.
-    pub fn predict(&self, image: &Path) -> Result<esvm_owner::MeasuredLaunch, PredictError> {
-        let elf = std::fs::read(image).map_err(|source| PredictError::Read {
-            path: image.to_path_buf(),
-            source,
-        })?;
+    /// [`esvm_owner::GuestMeasurer::measured_launch`], with its error type: loads the
+    /// guest into a machine of the same shape as `esvm run --sev-es` does and reads back
+    /// what the launch would measure (the same loader, so the same bytes).
+    pub fn predict(
+        &self,
+        inputs: &esvm_owner::LaunchInputs,
+    ) -> Result<esvm_owner::MeasuredLaunch, PredictError> {
         let config = crate::machine::MachineConfig {
             backend: esvm_hv::BackendKind::Emu,
             vm_type: esvm_hv::VmType::SevEs,
-            mem_size: 64 << 20,
-            vcpus: 1,
+            mem_size: inputs.mem,
+            vcpus: inputs.vcpus,
             max_instructions: None,
         };
         let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
-        let boot = m.load(&elf, "")?;
+        let pages = match &inputs.guest {
+            esvm_owner::LaunchGuest::Image(image) => {
+                let boot = m.load(&read_input(image)?, "")?;
+                measured_regions(&boot)
+            }
+            esvm_owner::LaunchGuest::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let kernel_bytes = read_input(kernel)?;
+                let initrd_bytes = initrd.as_deref().map(read_input).transpose()?;
+                let name = kernel.display().to_string();
+                let boot = m.load_linux(&esvm_loader::linux::LinuxImage {
+                    name: &name,
+                    kernel: &kernel_bytes,
+                    initrd: initrd_bytes.as_deref(),
+                    cmdline,
+                })?;
+                boot.written_pages()
+            }
+        };
         let mut regions = Vec::new();
-        for (gpa, len) in measured_regions(&boot) {
+        for (gpa, len) in pages {
             let mut data = vec![0u8; len as usize];
             m.vm().memory().read(gpa, &mut data)?;
             regions.push((gpa, data));

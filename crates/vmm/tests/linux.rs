@@ -464,3 +464,100 @@ fn an_sev_es_linux_guest_too_small_for_its_bounce_buffer_is_refused() {
     );
     let _ = std::fs::remove_dir_all(plat);
 }
+
+/// The guest owner checks what booted from the inputs alone: `esvm owner verify --kernel
+/// --initrd --cmdline` computes the launch digest the host's secure processor measured
+/// (kernel, zero page, command line, initrd, boot page tables, the VMSA), and a changed byte
+/// in any of them, or another memory size, is caught.
+#[test]
+fn the_owner_verifies_an_sev_es_linux_launch_from_kernel_initrd_and_command_line() {
+    let a = assets();
+    let plat = platform("sev-verify");
+    let work = temp_dir("sev-verify-owner");
+    let p = |n: &str| work.join(n).to_str().unwrap().to_string();
+    let esvm_ok = |args: &[&str]| {
+        let o = Command::new(ESVM).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "esvm {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    esvm_ok(&[
+        "platform",
+        "export",
+        "--dir",
+        plat.to_str().unwrap(),
+        "--out",
+        &p("chain.bin"),
+    ]);
+    esvm_ok(&[
+        "owner",
+        "session",
+        "--chain",
+        &p("chain.bin"),
+        "--policy",
+        "0x5",
+        "--out",
+        &p("owner"),
+    ]);
+    let cl = cmdline("esvm.run=workload");
+    // The launch is measured before the first instruction; a few million are enough.
+    let o = Command::new(ESVM)
+        .args(["run", "--sev-es", "--platform", plat.to_str().unwrap()])
+        .args(["--session", &p("owner"), "--measurement-out", &p("m.bin")])
+        .args(["--kernel", a.kernel.to_str().unwrap()])
+        .args(["--initrd", a.initrd.to_str().unwrap(), "--cmdline", &cl])
+        .args(["--console", "none", "--max-instructions", "1000000"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(123),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A copy of the kernel and of the initrd with one byte changed in the middle.
+    let changed = |from: &Path, name: &str| {
+        let mut bytes = std::fs::read(from).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(work.join(name), bytes).unwrap();
+        p(name)
+    };
+    let (kernel, initrd) = (a.kernel.to_str().unwrap(), a.initrd.to_str().unwrap());
+    let (bad_kernel, bad_initrd) = (changed(&a.kernel, "kernel"), changed(&a.initrd, "initrd"));
+    let other_cl = cmdline("esvm.run=workload ");
+    let cases: [(&str, &str, &str, &str, bool); 5] = [
+        ("the inputs of the launch", kernel, initrd, &cl, true),
+        ("a changed kernel byte", &bad_kernel, initrd, &cl, false),
+        ("a changed initrd byte", kernel, &bad_initrd, &cl, false),
+        ("a changed command line", kernel, initrd, &other_cl, false),
+        ("another memory size", kernel, initrd, &cl, false),
+    ];
+    for (what, k, i, c, expect_ok) in cases {
+        let mem = if what == "another memory size" {
+            "512M"
+        } else {
+            "256M"
+        };
+        let o = Command::new(ESVM)
+            .args(["owner", "verify", "--session", &p("owner")])
+            .args(["--measurement", &p("m.bin"), "--kernel", k, "--initrd", i])
+            .args(["--cmdline", c, "--mem", mem])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.success(), expect_ok, "{what}: {err}");
+        if expect_ok {
+            assert!(
+                String::from_utf8_lossy(&o.stdout).contains("measurement verified"),
+                "{what}"
+            );
+        } else {
+            assert_eq!(o.status.code(), Some(125), "{what}: {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(plat);
+    let _ = std::fs::remove_dir_all(work);
+}

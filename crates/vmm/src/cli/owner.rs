@@ -5,10 +5,14 @@ use std::path::{Path, PathBuf};
 
 use esvm_owner::{
     create_session, describe_chain, hex, package_secret, parse_digest, verify_measurement,
-    GuestMeasurer, SessionDir,
+    GuestMeasurer, LaunchGuest, LaunchInputs, SessionDir,
 };
 use esvm_psp::cert::CaCert;
 use esvm_psp::{Build, Measurement, Policy};
+
+fn parse_mem(s: &str) -> Result<u64, String> {
+    esvm::size::parse_size(s).map_err(|e| e.to_string())
+}
 
 /// Subcommands of `esvm owner`.
 #[derive(Debug, clap::Subcommand)]
@@ -48,13 +52,31 @@ pub enum OwnerCommand {
         #[arg(
             long,
             value_name = "HEX",
-            conflicts_with = "guest",
-            required_unless_present = "guest"
+            conflicts_with_all = ["guest", "kernel"],
+            required_unless_present_any = ["guest", "kernel"]
         )]
         digest: Option<String>,
-        /// Guest image: compute the expected digest as the esvm loader measures it.
-        #[arg(long, value_name = "IMAGE")]
+        /// Guest image (esvm's boot convention): compute the expected digest as the esvm
+        /// loader measures it.
+        #[arg(long, value_name = "IMAGE", conflicts_with = "kernel")]
         guest: Option<PathBuf>,
+        /// Linux kernel (bzImage or vmlinux) the host was asked to boot with `esvm run
+        /// --sev-es --kernel`: compute the expected digest from it, --initrd and --cmdline
+        /// (kernel, zero page, command line, initrd, boot page tables, VMSAs).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// The initrd given to the launch.
+        #[arg(long, value_name = "PATH", requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// The kernel command line given to the launch (the default is `esvm run`'s).
+        #[arg(long, requires = "kernel", default_value = crate::cli::run::DEFAULT_CMDLINE)]
+        cmdline: String,
+        /// Guest RAM of the launch (default: `esvm run`'s, 64M for an image, 256M for Linux).
+        #[arg(long, value_parser = parse_mem)]
+        mem: Option<u64>,
+        /// vCPUs of the launch (one VMSA each).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
         /// Platform API version and build (MAJOR.MINOR.BUILD) for a 48-byte measurement.
         #[arg(long, value_name = "VERSION")]
         build: Option<String>,
@@ -164,22 +186,43 @@ pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Cli
             measurement,
             digest,
             guest,
+            kernel,
+            initrd,
+            cmdline,
+            mem,
+            vcpus,
             build,
         } => {
             let s = SessionDir::load(&session)?;
             let m = load_measurement(&measurement, build.as_deref())?;
-            let digest = match (digest, guest) {
+            let launch_guest = match (guest, kernel) {
+                (Some(image), _) => Some(LaunchGuest::Image(image)),
+                (None, Some(kernel)) => Some(LaunchGuest::Linux {
+                    kernel,
+                    initrd,
+                    cmdline,
+                }),
+                (None, None) => None,
+            };
+            let digest = match (digest, launch_guest) {
                 (Some(d), _) => parse_digest(&d)?,
-                (None, Some(image)) => {
+                (None, Some(guest)) => {
                     let measurer = measurer.ok_or(
-                        "--guest needs the esvm guest loader, which this build does not provide; pass --digest",
+                        "--guest and --kernel need the esvm loaders, which this build does not provide; pass --digest",
                     )?;
+                    let mem = mem.unwrap_or(match guest {
+                        LaunchGuest::Image(_) => crate::cli::run::DEFAULT_MEM,
+                        LaunchGuest::Linux { .. } => crate::cli::run::DEFAULT_LINUX_MEM,
+                    });
+                    let inputs = LaunchInputs { guest, mem, vcpus };
                     measurer
-                        .measured_launch(&image, s.policy)
+                        .measured_launch(&inputs, s.policy)
                         .map_err(|e| e as Box<dyn std::error::Error>)?
                         .digest()
                 }
-                (None, None) => return Err("give --digest HEX or --guest IMAGE".into()),
+                (None, None) => {
+                    return Err("give --digest HEX, --guest IMAGE or --kernel PATH".into())
+                }
             };
             verify_measurement(&s, &m, &digest)?;
             println!(
