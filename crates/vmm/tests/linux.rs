@@ -268,25 +268,38 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// A Linux source with an API socket, running the workload and then a shell.
 fn linux_source(sock: &Path) -> Proc {
+    linux_source_on(sock, None)
+}
+
+/// [`linux_source`], as an SEV-ES guest on `sev_platform` if given.
+fn linux_source_on(sock: &Path, sev_platform: Option<&Path>) -> Proc {
     let a = assets();
     let cl = cmdline(&format!(
         "esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"
     ));
+    let sev_args: Vec<&str> = match sev_platform {
+        Some(p) => vec!["--sev-es", "--platform", p.to_str().unwrap()],
+        None => vec![],
+    };
     Proc::spawn(
         None,
         &[
-            "run",
-            "--kernel",
-            a.kernel.to_str().unwrap(),
-            "--initrd",
-            a.initrd.to_str().unwrap(),
-            "--cmdline",
-            &cl,
-            "--console",
-            "none",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
+            &[
+                "run",
+                "--kernel",
+                a.kernel.to_str().unwrap(),
+                "--initrd",
+                a.initrd.to_str().unwrap(),
+                "--cmdline",
+                &cl,
+                "--console",
+                "none",
+                "--api-socket",
+                sock.to_str().unwrap(),
+            ],
+            &sev_args[..],
+        ]
+        .concat(),
     )
 }
 
@@ -560,4 +573,103 @@ fn the_owner_verifies_an_sev_es_linux_launch_from_kernel_initrd_and_command_line
     }
     let _ = std::fs::remove_dir_all(plat);
     let _ = std::fs::remove_dir_all(work);
+}
+
+/// Two platforms under one emulated AMD root (`esvm platform init --amd-ca`), so each can
+/// verify the other's certificate chain.
+fn sev_hosts(dir: &Path) -> (PathBuf, PathBuf) {
+    let ca = dir.join("ca");
+    let init = |name: &str| {
+        let p = dir.join(name);
+        let o = Command::new(ESVM)
+            .args(["platform", "init", "--dir", p.to_str().unwrap()])
+            .args(["--amd-ca", ca.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        p
+    };
+    (init("p1"), init("p2"))
+}
+
+/// A sealed snapshot of an SEV-ES Linux guest mid-workload: restored on its platform, the
+/// guest finishes the workload with the native digest and its shell answers.
+#[test]
+fn a_sealed_snapshot_of_an_sev_es_linux_guest_restores_mid_workload() {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("sev-snap");
+    let (p1, _) = sev_hosts(&dir);
+    let sock = dir.join("api.sock");
+    let mut src = linux_source_on(&sock, Some(&p1));
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    let snap = dir.join("snapshot");
+    common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let at_snapshot = src.stdout();
+    assert!(
+        !at_snapshot.contains("workload digest="),
+        "the snapshot was not taken mid-workload; raise MOVE_SCALE"
+    );
+    src.kill();
+    let (mut dest, mut stdin) = Proc::spawn_with_stdin(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--platform",
+        p1.to_str().unwrap(),
+        "--console",
+        "stdin",
+    ]);
+    check_moved_guest(&at_snapshot, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An SEV-ES Linux guest live-migrated mid-workload to another platform under the same
+/// root: the VMSA and memory travel re-encrypted under the transport keys, the guest
+/// finishes the workload with the native digest and its shell answers at the destination.
+#[test]
+fn an_sev_es_linux_guest_migrates_mid_workload_between_platforms() {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("sev-migrate");
+    let (p1, p2) = sev_hosts(&dir);
+    let chain = dir.join("p1.chain");
+    let o = Command::new(ESVM)
+        .args(["platform", "export", "--dir", p1.to_str().unwrap()])
+        .args(["--out", chain.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sock = dir.join("api.sock");
+    let (mut dest, mut stdin) = Proc::spawn_with_stdin(&[
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--platform",
+        p2.to_str().unwrap(),
+        "--console",
+        "stdin",
+    ]);
+    let err = dest.wait_stderr("listening on ", Duration::from_secs(30));
+    let port: u16 = err
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {err}"));
+    let mut src = linux_source_on(&sock, Some(&p1));
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    let url = format!("tcp:127.0.0.1:{port}");
+    common::ctl_ok(
+        &sock,
+        &["migrate", &url, "--trust", chain.to_str().unwrap()],
+    );
+    assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
+    let before = src.stdout();
+    assert!(
+        !before.contains("workload digest="),
+        "the migration was not mid-workload; raise MOVE_SCALE"
+    );
+    check_moved_guest(&before, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
 }
