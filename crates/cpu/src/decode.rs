@@ -366,8 +366,8 @@ impl Cpu {
                 break;
             }
         }
-        if self.sev.is_some() {
-            exec::system::sev_es::patch(&mut insns);
+        if let Some(sev) = &self.sev {
+            exec::system::sev_es::patch(&mut insns, &sev.intercepts);
         }
         if self.mode == Mode::Long64 {
             exec::alu::fuse_cmp_jcc(&mut insns);

@@ -76,7 +76,8 @@ use thiserror::Error;
 
 pub use mem::{MemError, PageCipher, PhysMemory};
 pub use sev::{
-    exit_code, vmsa_layout, SevEsConfig, TrapReg, SEV_PHYS_ADDR_REDUCTION, SEV_STATUS_VALUE,
+    exit_code, vmsa_layout, SevEsConfig, TrapReg, VcIntercepts, SEV_PHYS_ADDR_REDUCTION,
+    SEV_STATUS_VALUE,
 };
 
 use decode::CodeCache;

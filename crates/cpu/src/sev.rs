@@ -19,7 +19,9 @@
 //!   RDMSR/WRMSR 0x7C for every MSR whose state is not in the VMSA (APIC base, TSC, anything
 //!   unknown); VMMCALL 0x81; RDTSC 0x6E and RDTSCP 0x87 (after the CR4.TSD check); RDPMC 0x6F
 //!   (after the CR4.PCE check); INVD 0x76 and WBINVD 0x89 (CPL 0); MONITOR 0x8A and MWAIT 0x8B
-//!   (CPL 0, #UD otherwise); MOV from DR7 0x27 and to DR7 0x37 (CPL 0). The intercept lists of
+//!   (CPL 0, #UD otherwise); MOV from DR7 0x27 and to DR7 0x37 (CPL 0). RDTSC, RDTSCP, INVD,
+//!   WBINVD and the DR7 accesses are the hypervisor's choice ([`SevEsConfig::intercepts`]);
+//!   when not intercepted they execute as on a plain vCPU. The intercept lists of
 //!   [`CpuConfig`] do not apply.
 //! - **Direct MSRs**: EFER, STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE, SYSENTER_CS/ESP/EIP,
 //!   FS_BASE, GS_BASE, PAT and TSC_AUX (their state lives in the VMSA); the GHCB MSR
@@ -50,6 +52,67 @@ pub struct SevEsConfig {
     /// Position of the C-bit in page-table entries and CR3 (CPUID 0x8000_001F EBX bits 5:0);
     /// esvm uses 47. Must be in 32..=51 and above every RAM address.
     pub c_bit: u8,
+    /// Which of the optional events raise #VC: the hypervisor's choice, as the intercept
+    /// bits of the VMCB on hardware.
+    pub intercepts: VcIntercepts,
+}
+
+impl SevEsConfig {
+    /// C-bit `c_bit`, KVM's SEV-ES intercepts.
+    pub fn new(c_bit: u8) -> Self {
+        SevEsConfig {
+            c_bit,
+            intercepts: VcIntercepts::default(),
+        }
+    }
+}
+
+/// The events a hypervisor may choose to intercept or let an SEV-ES guest execute directly
+/// (VMCB intercept bits). An intercepted one raises #VC (the guest asks the hypervisor
+/// through the GHCB); one not intercepted executes as on a plain vCPU, on state the
+/// hardware holds for the guest (the TSC with its offset, TSC_AUX and DR7 in the VMSA).
+/// Events an SEV-ES guest always takes to the hypervisor (CPUID, port I/O, MSRs outside the
+/// VMSA, VMMCALL, MONITOR/MWAIT, RDPMC) are not in the set: the model has nothing to run
+/// them on in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcIntercepts {
+    pub rdtsc: bool,
+    pub rdtscp: bool,
+    pub invd: bool,
+    pub wbinvd: bool,
+    /// MOV from DR7 (and DR5 as its alias).
+    pub dr7_read: bool,
+    /// MOV to DR7 (and DR5 as its alias).
+    pub dr7_write: bool,
+}
+
+impl VcIntercepts {
+    /// What KVM sets for an SEV-ES guest (arch/x86/kvm/svm: `init_vmcb`, `sev_es_init_vmcb`):
+    /// RDTSC and RDTSCP run in the guest on the offset TSC; INVD, WBINVD and DR7 accesses
+    /// are intercepted.
+    pub const KVM_SEV_ES: VcIntercepts = VcIntercepts {
+        rdtsc: false,
+        rdtscp: false,
+        invd: true,
+        wbinvd: true,
+        dr7_read: true,
+        dr7_write: true,
+    };
+    /// Every optional event intercepted.
+    pub const ALL: VcIntercepts = VcIntercepts {
+        rdtsc: true,
+        rdtscp: true,
+        invd: true,
+        wbinvd: true,
+        dr7_read: true,
+        dr7_write: true,
+    };
+}
+
+impl Default for VcIntercepts {
+    fn default() -> Self {
+        VcIntercepts::KVM_SEV_ES
+    }
 }
 
 /// The register a [`Exit::WriteTrap`] reports.
@@ -104,6 +167,7 @@ pub mod vmsa_layout {
 /// Per-vCPU SEV-ES state.
 pub(crate) struct SevCpu {
     pub c_bit: u8,
+    pub intercepts: VcIntercepts,
     /// `1 << c_bit`.
     pub cmask: u64,
     pub ghcb_msr: u64,
@@ -138,6 +202,7 @@ impl SevCpu {
         let gen = mem.conversion_gen();
         Some(Box::new(SevCpu {
             c_bit: c.c_bit,
+            intercepts: c.intercepts,
             cmask: 1u64 << c.c_bit.min(63),
             ghcb_msr: 0,
             gen,
@@ -153,7 +218,10 @@ impl SevCpu {
 impl Cpu {
     /// The SEV-ES configuration, if this vCPU runs in SEV-ES mode.
     pub fn sev_es(&self) -> Option<SevEsConfig> {
-        self.sev.as_ref().map(|s| SevEsConfig { c_bit: s.c_bit })
+        self.sev.as_ref().map(|s| SevEsConfig {
+            c_bit: s.c_bit,
+            intercepts: s.intercepts,
+        })
     }
 
     /// The GHCB MSR (0xC001_0130): host-visible state, as the VMCB's GHCB field on hardware.

@@ -146,8 +146,10 @@ impl EmuVm {
             cpuid_intercepts: self.config.cpuid_intercepts.clone(),
             msr_intercepts: self.config.msr_intercepts.clone(),
             vcpu_id: id,
-            sev_es: (self.config.vm_type == VmType::SevEs)
-                .then_some(SevEsConfig { c_bit: sev::C_BIT }),
+            sev_es: (self.config.vm_type == VmType::SevEs).then_some(SevEsConfig {
+                c_bit: sev::C_BIT,
+                intercepts: sev::VC_INTERCEPTS,
+            }),
             ..CpuConfig::default()
         }
     }

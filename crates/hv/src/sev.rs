@@ -48,6 +48,11 @@ pub use esvm_psp::TrackedRegisters;
 /// C-bit position of esvm's SEV-ES model (CPUID 0x8000_001F EBX[5:0]), the guest ABI's.
 pub const C_BIT: u8 = esvm_abi::sev::C_BIT_POSITION;
 
+/// The events this hypervisor intercepts from an SEV-ES guest (its VMCB intercept set):
+/// KVM's defaults, so a guest sees what it would see on KVM — RDTSC and RDTSCP run in the
+/// guest without a #VC, INVD, WBINVD and DR7 accesses come to the hypervisor.
+pub const VC_INTERCEPTS: esvm_cpu::VcIntercepts = esvm_cpu::VcIntercepts::KVM_SEV_ES;
+
 /// The error-code decision of exception injection, as KVM makes it: an exception delivers its
 /// error code only if the vCPU is in protected mode — judged from the CR0 the hypervisor
 /// *knows*. For a protected vCPU that is the tracked CR0, refreshed by CR0 write traps; a

@@ -5,7 +5,7 @@ use crate::mem::PAGE_SIZE;
 use crate::testutil::*;
 use crate::{
     exit_code as ec, vmsa_layout, Cpu, CpuConfig, Exit, PageCipher, PhysMemory, SevEsConfig,
-    TrapReg,
+    TrapReg, VcIntercepts,
 };
 use esvm_arch::bits::{cr0, cr4, efer, rflags, vector};
 use esvm_arch::vmsa::offset;
@@ -72,9 +72,17 @@ fn decrypt(gpa: u64, mut page: [u8; 4096]) -> [u8; 4096] {
     page
 }
 
+/// Every optional event intercepted, so the #VC tests see all of them.
 fn sev_config() -> CpuConfig {
+    sev_config_with(VcIntercepts::ALL)
+}
+
+fn sev_config_with(intercepts: VcIntercepts) -> CpuConfig {
     CpuConfig {
-        sev_es: Some(SevEsConfig { c_bit: 47 }),
+        sev_es: Some(SevEsConfig {
+            c_bit: 47,
+            intercepts,
+        }),
         ..CpuConfig::default()
     }
 }
@@ -99,7 +107,11 @@ fn rd_private_u64(mem: &PhysMemory, gpa: u64) -> u64 {
 /// constants), place `code` at `CODE`, enable encryption and "LAUNCH_UPDATE_DATA"
 /// everything below the shared window.
 fn sev_harness_on(mem: PhysMemory, code: &[u8]) -> Harness {
-    let mut h = Harness::with_memory(mem.clone(), sev_config());
+    sev_harness_with(mem, code, sev_config())
+}
+
+fn sev_harness_with(mem: PhysMemory, code: &[u8], config: CpuConfig) -> Harness {
+    let mut h = Harness::with_memory(mem.clone(), config);
     let pdpt = PML4 + 0x1000;
     let pd = PML4 + 0x2000;
     // User-accessible too, for the CPL 3 tests.
@@ -502,7 +514,7 @@ fn bad_c_bit_is_a_shutdown() {
     for bit in [20u8, 31, 52] {
         let mem = PhysMemory::new_owned(MEM).unwrap();
         let cfg = CpuConfig {
-            sev_es: Some(SevEsConfig { c_bit: bit }),
+            sev_es: Some(SevEsConfig::new(bit)),
             ..CpuConfig::default()
         };
         let mut cpu = Cpu::new(cfg, mem);
@@ -550,7 +562,7 @@ fn reserved_bits_follow_the_physical_address_reduction() {
     for c_bit in [47u8, 40] {
         let mem = PhysMemory::new_owned(MEM).unwrap();
         let cfg = CpuConfig {
-            sev_es: Some(SevEsConfig { c_bit }),
+            sev_es: Some(SevEsConfig::new(c_bit)),
             ..CpuConfig::default()
         };
         let mut h = Harness::with_memory(mem.clone(), cfg);
@@ -966,6 +978,66 @@ fn non_automatic_events_raise_vc() {
             "{name}"
         );
     }
+}
+
+/// The optional events are the hypervisor's choice (the VMCB intercept set): with KVM's
+/// SEV-ES defaults RDTSC and RDTSCP execute in the guest (the TSC, TSC_AUX from the VMSA)
+/// while WBINVD and DR7 still raise #VC; with nothing intercepted DR7 is accessed directly.
+#[test]
+fn the_hypervisors_intercept_set_decides_which_events_raise_vc() {
+    let mem = PhysMemory::new_owned(MEM).unwrap();
+    let mut h = sev_harness_with(mem, &[HLT], sev_config_with(VcIntercepts::KVM_SEV_ES));
+    let mut msrs = h.cpu.msrs();
+    msrs.tsc_aux = 0x1234;
+    h.cpu.set_msrs(&msrs);
+    // RDTSC; MOV R8, RAX; RDTSCP; HLT
+    reload(
+        &mut h,
+        &prog(&[
+            &[0x0f, 0x31],
+            &[0x49, 0x89, 0xc0],
+            &[0x0f, 0x01, 0xf9],
+            &[HLT],
+        ]),
+    );
+    assert_eq!(h.run(), Exit::Hlt);
+    assert_eq!(caught(&h), None, "no #VC for RDTSC/RDTSCP");
+    let r = h.cpu.regs();
+    let tsc = (r.gpr[2] << 32) | (r.gpr[0] & 0xffff_ffff);
+    assert!(tsc > r.gpr[8], "{tsc:#x} after {:#x}", r.gpr[8]);
+    assert_eq!(r.gpr[1], 0x1234, "RDTSCP's ECX is TSC_AUX");
+    for (name, insn, code) in [
+        ("wbinvd", vec![0x0f, 0x09], ec::WBINVD),
+        ("mov rax, dr7", vec![0x0f, 0x21, 0xf8], ec::DR7_READ),
+    ] {
+        reload(&mut h, &prog(&[&insn]));
+        assert_eq!(h.run(), Exit::Hlt, "{name}");
+        assert_eq!(caught(&h), Some((vector::VC, Some(code), CODE)), "{name}");
+    }
+    let none = VcIntercepts {
+        rdtsc: false,
+        rdtscp: false,
+        invd: false,
+        wbinvd: false,
+        dr7_read: false,
+        dr7_write: false,
+    };
+    let mem = PhysMemory::new_owned(MEM).unwrap();
+    let mut h = sev_harness_with(mem, &[HLT], sev_config_with(none));
+    // MOV RAX, 0x455; MOV DR7, RAX; MOV RBX, DR7; WBINVD; HLT
+    reload(
+        &mut h,
+        &prog(&[
+            &[0x48, 0xc7, 0xc0, 0x55, 0x04, 0x00, 0x00],
+            &[0x0f, 0x23, 0xf8],
+            &[0x0f, 0x21, 0xfb],
+            &[0x0f, 0x09],
+            &[HLT],
+        ]),
+    );
+    assert_eq!(h.run(), Exit::Hlt);
+    assert_eq!(caught(&h), None, "nothing intercepted: no #VC");
+    assert_eq!(h.cpu.regs().gpr[3], 0x455, "DR7 written and read directly");
 }
 
 #[test]

@@ -6,20 +6,21 @@
 
 use super::{clts, h_ud, io_allowed, lmsw, mov_cr, mov_dr, msr_read, msr_write, need_cpl0};
 use crate::exec::{Handler, Insn, KREG};
-use crate::sev::{exit_code as ec, SEV_STATUS_VALUE};
+use crate::sev::{exit_code as ec, VcIntercepts, SEV_STATUS_VALUE};
 use crate::{gp0, ud, Cpu, Exit, Stop, TrapReg, R};
 use esvm_arch::bits::cr4;
 use esvm_arch::msr::*;
 use iced_x86::{Mnemonic, Register};
 
 /// Give the instructions of a block decoded in SEV-ES mode their SEV-ES handlers.
-pub(crate) fn patch(insns: &mut [Insn]) {
+/// Events `intercepts` leaves to the guest keep their plain handlers.
+pub(crate) fn patch(insns: &mut [Insn], intercepts: &VcIntercepts) {
     for d in insns {
-        patch_one(d);
+        patch_one(d, intercepts);
     }
 }
 
-fn patch_one(d: &mut Insn) {
+fn patch_one(d: &mut Insn, x: &VcIntercepts) {
     use Mnemonic as M;
     if d.lock {
         // LOCK on any of these is #UD, which `select` already chose.
@@ -41,8 +42,10 @@ fn patch_one(d: &mut Insn) {
         M::In | M::Out | M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd => io,
         M::Rdmsr => rdmsr,
         M::Wrmsr => wrmsr,
-        M::Rdtsc | M::Rdtscp => rdtsc,
-        M::Invd | M::Wbinvd => invd_wbinvd,
+        M::Rdtsc if x.rdtsc => rdtsc,
+        M::Rdtscp if x.rdtscp => rdtsc,
+        M::Invd if x.invd => invd_wbinvd,
+        M::Wbinvd if x.wbinvd => invd_wbinvd,
         M::Clts => clts_trap,
         M::Lmsw => lmsw_trap,
         M::Mov => {
@@ -53,7 +56,7 @@ fn patch_one(d: &mut Insn) {
             let r1 = reg(d.k1, d.i.op1_register());
             if r0.is_cr() || r1.is_cr() {
                 mov_cr_trap
-            } else if r0.is_dr() || r1.is_dr() {
+            } else if (r0.is_dr() && x.dr7_write) || (r1.is_dr() && x.dr7_read) {
                 mov_dr7_vc
             } else {
                 return;
