@@ -273,10 +273,17 @@ fn linux_source(sock: &Path) -> Proc {
 
 /// [`linux_source`], as an SEV-ES guest on `sev_platform` if given.
 fn linux_source_on(sock: &Path, sev_platform: Option<&Path>) -> Proc {
+    linux_guest_with(
+        sock,
+        sev_platform,
+        &format!("esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"),
+    )
+}
+
+/// A Linux guest with an API socket, its init told `init_args`.
+fn linux_guest_with(sock: &Path, sev_platform: Option<&Path>, init_args: &str) -> Proc {
     let a = assets();
-    let cl = cmdline(&format!(
-        "esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"
-    ));
+    let cl = cmdline(init_args);
     let sev_args: Vec<&str> = match sev_platform {
         Some(p) => vec!["--sev-es", "--platform", p.to_str().unwrap()],
         None => vec![],
@@ -358,21 +365,7 @@ fn a_live_migration_mid_workload_keeps_the_digest_and_the_shell() {
     let expected = native_workload(MOVE_SCALE);
     let dir = temp_dir("migrate");
     let sock = dir.join("api.sock");
-    let (mut dest, mut stdin) = Proc::spawn_with_stdin(&[
-        "receive",
-        "--listen",
-        "tcp:127.0.0.1:0",
-        "--console",
-        "stdin",
-    ]);
-    let err = dest.wait_stderr("listening on ", Duration::from_secs(30));
-    let port: u16 = err
-        .split("listening on ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {err}"));
+    let (mut dest, mut stdin, port) = receiver(&[]);
     let mut src = linux_source(&sock);
     common::wait_socket(&mut src, &sock);
     src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
@@ -639,23 +632,7 @@ fn an_sev_es_linux_guest_migrates_mid_workload_between_platforms() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let sock = dir.join("api.sock");
-    let (mut dest, mut stdin) = Proc::spawn_with_stdin(&[
-        "receive",
-        "--listen",
-        "tcp:127.0.0.1:0",
-        "--platform",
-        p2.to_str().unwrap(),
-        "--console",
-        "stdin",
-    ]);
-    let err = dest.wait_stderr("listening on ", Duration::from_secs(30));
-    let port: u16 = err
-        .split("listening on ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {err}"));
+    let (mut dest, mut stdin, port) = receiver(&["--platform", p2.to_str().unwrap()]);
     let mut src = linux_source_on(&sock, Some(&p1));
     common::wait_socket(&mut src, &sock);
     src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
@@ -671,5 +648,182 @@ fn an_sev_es_linux_guest_migrates_mid_workload_between_platforms() {
         "the migration was not mid-workload; raise MOVE_SCALE"
     );
     check_moved_guest(&before, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- Nothing in plain ----
+
+/// What `esvm.run=marker` makes the guest's init compute (busybox sh arithmetic: 64-bit,
+/// wrapping): the marker exists only at run time, in guest memory.
+fn runtime_marker() -> String {
+    let a = 0x5eed_u64.wrapping_mul(2_654_435_761).wrapping_add(40503);
+    let b = a.wrapping_mul(a).wrapping_add(0x9e37_79b9);
+    format!("esvm-marker-{a:x}-{b:x}")
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether any file under `dir` contains `needle`.
+fn any_file_contains(dir: &Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            any_file_contains(&path, needle)
+        } else {
+            contains(&std::fs::read(&path).unwrap(), needle)
+        }
+    })
+}
+
+/// `esvm receive --listen tcp:127.0.0.1:0 --console stdin EXTRA...` and the port it took.
+fn receiver(extra: &[&str]) -> (Proc, std::process::ChildStdin, u16) {
+    let mut args = vec![
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--console",
+        "stdin",
+    ];
+    args.extend_from_slice(extra);
+    let (mut dest, stdin) = Proc::spawn_with_stdin(&args);
+    let err = dest.wait_stderr("listening on ", Duration::from_secs(30));
+    let port: u16 = err
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {err}"));
+    (dest, stdin, port)
+}
+
+/// A TCP relay to `127.0.0.1:to` that records what the first client sends.
+fn recording_relay(to: u16) -> (u16, std::thread::JoinHandle<Vec<u8>>) {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut server = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut server_rx, mut client_tx) =
+            (server.try_clone().unwrap(), client.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut server_rx, &mut client_tx);
+            let _ = client_tx.shutdown(std::net::Shutdown::Write);
+        });
+        let mut recorded = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    recorded.extend_from_slice(&buf[..n]);
+                    if server.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = server.shutdown(std::net::Shutdown::Write);
+        let _ = back.join();
+        recorded
+    });
+    (port, handle)
+}
+
+/// A secret the guest computes at run time is in plain sight of the host for a plain guest
+/// (its snapshot holds it: the positive control) and nowhere the host can see for an SEV-ES
+/// guest: not in its sealed snapshot, not in its live-migration stream — while the guest at
+/// the destination still has it.
+#[test]
+fn nothing_an_sev_es_linux_guest_computes_is_in_plain_sight_of_the_host() {
+    let marker = runtime_marker();
+    let a = assets();
+    assert!(
+        !contains(&std::fs::read(&a.initrd).unwrap(), marker.as_bytes()),
+        "the marker must not be in the initramfs"
+    );
+    let dir = temp_dir("plain-sight");
+    let (p1, p2) = sev_hosts(&dir);
+
+    // Plain: the snapshot's memory image holds the marker.
+    let sock = dir.join("plain.sock");
+    let mut plain = linux_guest_with(&sock, None, "esvm.run=marker");
+    common::wait_socket(&mut plain, &sock);
+    plain.wait_stdout("esvm-init: marker ready", BOOT_TIMEOUT);
+    let snap = dir.join("plain-snapshot");
+    common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert!(
+        any_file_contains(&snap, marker.as_bytes()),
+        "positive control: a plain guest's snapshot holds the marker"
+    );
+    // ... and so does its migration stream.
+    let (mut plain_dest, _plain_stdin, port) = receiver(&[]);
+    let (relay, recorded) = recording_relay(port);
+    common::ctl_ok(&sock, &["migrate", &format!("tcp:127.0.0.1:{relay}")]);
+    assert_eq!(
+        plain.wait(Duration::from_secs(120)),
+        0,
+        "{}",
+        plain.stderr()
+    );
+    assert!(
+        contains(&recorded.join().unwrap(), marker.as_bytes()),
+        "positive control: a plain guest's migration stream holds the marker"
+    );
+    plain_dest.kill();
+
+    // SEV-ES: neither the sealed snapshot nor the migration stream.
+    let sock = dir.join("sev.sock");
+    let mut src = linux_guest_with(&sock, Some(&p1), "esvm.run=marker");
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: marker ready", BOOT_TIMEOUT);
+    let sealed = dir.join("sealed-snapshot");
+    common::ctl_ok(&sock, &["snapshot", sealed.to_str().unwrap()]);
+    assert!(
+        !any_file_contains(&sealed, marker.as_bytes()),
+        "the sealed snapshot of an SEV-ES guest holds the marker in plain"
+    );
+    let chain = dir.join("p1.chain");
+    let o = Command::new(ESVM)
+        .args(["platform", "export", "--dir", p1.to_str().unwrap()])
+        .args(["--out", chain.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (mut dest, mut stdin, port) = receiver(&["--platform", p2.to_str().unwrap()]);
+    let (relay, recorded) = recording_relay(port);
+    let url = format!("tcp:127.0.0.1:{relay}");
+    common::ctl_ok(
+        &sock,
+        &["migrate", &url, "--trust", chain.to_str().unwrap()],
+    );
+    assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
+    let stream = recorded.join().unwrap();
+    assert!(
+        stream.len() > 1 << 20,
+        "the stream was recorded ({} bytes)",
+        stream.len()
+    );
+    assert!(
+        !contains(&stream, marker.as_bytes()),
+        "the migration stream of an SEV-ES guest holds the marker in plain"
+    );
+    use sha2::Digest;
+    // The destination has it: its checksum, computed in the guest, matches (the marker
+    // itself is never printed, which would put it on the host's console).
+    let file: String = format!("{marker}\n").repeat(64);
+    let digest: String = sha2::Sha256::digest(file.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"sha256sum /tmp/marker\n").unwrap();
+    dest.wait_stdout(&digest, Duration::from_secs(60));
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    assert_eq!(dest.wait(Duration::from_secs(60)), 0, "{}", dest.stderr());
     let _ = std::fs::remove_dir_all(&dir);
 }
