@@ -23,7 +23,11 @@
 //! and VMMCALL (RAX = 0; the hypervisor's answer is printed, not checked), 8 #VCs;
 //! `mtrr=V`: the MTRRs through #VC: MTRR_DEF_TYPE reads V (what the VMM set before the
 //! launch), MTRRCAP reads 0x508, PHYSBASE0 keeps a write, and a write of an invalid memory
-//! type raises #GP.
+//! type raises #GP; `nmi=1`: an NMI handler that executes CPUID (a #VC, whose IRET ends
+//! the CPU's own NMI blocking) before it sends NMI_COMPLETE, then the checkpoint
+//! `NMI_READY`, at which the host injects two NMIs: both must arrive, one after the other,
+//! never one inside the other's handler (the hypervisor holds the second until the
+//! NMI_COMPLETE).
 //!
 //! Output ends with
 //! `sev-smoke: all checks passed; requesting termination (msr protocol, reason set S, code C)`
@@ -35,6 +39,7 @@
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 use esvm_abi::sev as sevabi;
+use esvm_abi::exit_code as sevabi_exit;
 use esvm_abi::term;
 use esvm_rt::idt::{self, InterruptFrame};
 use esvm_rt::sev::{self, SevMode};
@@ -287,6 +292,9 @@ fn main(bi: &'static BootInfo) -> u32 {
     if arg_u64_or_exit("extra", 0) != 0 {
         extra_checks();
     }
+    if arg_u64_or_exit("nmi", 0) != 0 && !nmi_checks() {
+        return 1;
+    }
     if let Some(v) = arg("mtrr") {
         let Some(def_type) = esvm_rt::args::parse_u64(v) else {
             println!("error: mtrr={} is not a number", v);
@@ -318,6 +326,60 @@ fn main(bi: &'static BootInfo) -> u32 {
         sev::flush();
         sev::msr_terminate(set as u8, code as u8)
     }
+}
+
+static NMIS: AtomicU64 = AtomicU64::new(0);
+static NMI_DEPTH: AtomicU64 = AtomicU64::new(0);
+static NMI_MAX_DEPTH: AtomicU64 = AtomicU64::new(0);
+
+static NMI_COMPLETES_OWED: AtomicU64 = AtomicU64::new(0);
+
+fn nmi_complete() {
+    if sev::nmi_complete().is_err() {
+        sev::terminate(term::SET_ESVM, term::GHCB_BAD_RESPONSE, sevabi_exit::NMI_COMPLETE);
+    }
+}
+
+fn on_nmi(_f: &mut InterruptFrame) {
+    if sev::ghcb_busy() {
+        // Arrived between an NMI_COMPLETE's VMGEXIT and the GHCB's release (allowed: the
+        // previous NMI is complete); the code that holds the GHCB completes this one.
+        NMIS.fetch_add(1, Ordering::SeqCst);
+        NMI_COMPLETES_OWED.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
+    let depth = NMI_DEPTH.fetch_add(1, Ordering::SeqCst) + 1;
+    NMI_MAX_DEPTH.fetch_max(depth, Ordering::SeqCst);
+    // A #VC inside the handler: its IRET ends the CPU's own NMI blocking, so only the
+    // hypervisor's blocking (until NMI_COMPLETE) keeps the next NMI out of this handler.
+    let _ = x86::cpuid(0, 0);
+    NMIS.fetch_add(1, Ordering::SeqCst);
+    NMI_DEPTH.fetch_sub(1, Ordering::SeqCst);
+    nmi_complete();
+    while NMI_COMPLETES_OWED.load(Ordering::SeqCst) > 0 {
+        NMI_COMPLETES_OWED.fetch_sub(1, Ordering::SeqCst);
+        nmi_complete();
+    }
+}
+
+/// `nmi=1`: two NMIs injected at once arrive one after the other.
+fn nmi_checks() -> bool {
+    idt::set_handler(idt::vector::NMI, on_nmi);
+    sev::checkpoint(esvm_abi::testing::checkpoint::NMI_READY);
+    let mut spins = 0u64;
+    while NMIS.load(Ordering::SeqCst) < 2 && spins < 50_000_000 {
+        core::hint::spin_loop();
+        spins += 1;
+    }
+    idt::clear_handler(idt::vector::NMI);
+    check_eq!(NMIS.load(Ordering::SeqCst), 2, "NMIs received");
+    check_eq!(
+        NMI_MAX_DEPTH.load(Ordering::SeqCst),
+        1,
+        "NMI handlers nested (an NMI inside another's handler)"
+    );
+    println!("sev-smoke: 2 NMIs, the second after the first's NMI_COMPLETE ok");
+    true
 }
 
 /// `mtrr=V`: MSRs outside the VMSA that the hypervisor emulates with state of its own.

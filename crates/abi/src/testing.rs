@@ -16,6 +16,9 @@ pub mod checkpoint {
     /// `sev-pf`: the #PF handler is installed; the guest halts (HLT, IF=0) right after
     /// this write and waits for the injected #PF.
     pub const PF_READY: u32 = 0x5EF0_0001;
+    /// `sev-smoke nmi=1`: the NMI handler is installed; the host injects two NMIs at once
+    /// right after this write.
+    pub const NMI_READY: u32 = 0x5EF0_0002;
     /// Mask of the tag part of a checkpoint value.
     pub const TAG_MASK: u32 = 0xFFFF_0000;
 
@@ -31,12 +34,16 @@ pub mod checkpoint {
         CrStep(u32),
         /// `sev-pf` is ready for the #PF.
         PfReady,
+        /// `sev-smoke nmi=1` is ready for two NMIs.
+        NmiReady,
     }
 
     /// Decodes a value written to [`PORT`].
     pub const fn decode(value: u32) -> Option<Checkpoint> {
         if value == PF_READY {
             Some(Checkpoint::PfReady)
+        } else if value == NMI_READY {
+            Some(Checkpoint::NmiReady)
         } else if value & TAG_MASK == CR_STEP {
             Some(Checkpoint::CrStep(value & 0xFFFF))
         } else {

@@ -534,8 +534,16 @@ impl EmuVcpu {
                 tracing::debug!(vcpu = self.id, ?code, %detail, "malformed GHCB request answered with an error");
                 Ok(None)
             }
-            VmgexitOutcome::Ghcb(GhcbOutcome::Resume(_))
-            | VmgexitOutcome::Ghcb(GhcbOutcome::NmiComplete) => Ok(None),
+            VmgexitOutcome::Ghcb(GhcbOutcome::Resume(_)) => Ok(None),
+            VmgexitOutcome::Ghcb(GhcbOutcome::NmiComplete) => {
+                // The guest's NMI handler is done: unblock, and deliver what waited.
+                let s = self.sev.as_mut().expect("SEV-ES vCPU");
+                s.nmi_blocked = s.nmi_pending;
+                if std::mem::take(&mut s.nmi_pending) {
+                    self.cpu.queue_nmi();
+                }
+                Ok(None)
+            }
             VmgexitOutcome::Ghcb(GhcbOutcome::ApResetHold) => Ok(Some(SevStep::Hlt)),
             VmgexitOutcome::Ghcb(GhcbOutcome::Terminate {
                 reason_set,
@@ -776,6 +784,18 @@ impl Vcpu for EmuVcpu {
             )));
         }
         self.cpu.queue_interrupt(vector).map_err(cpu_err)
+    }
+    fn inject_nmi(&mut self) -> Result<()> {
+        match self.sev.as_mut().filter(|s| s.protected) {
+            // NMIs stay blocked from one NMI's delivery to the guest's NMI_COMPLETE.
+            Some(s) if s.nmi_blocked => s.nmi_pending = true,
+            Some(s) => {
+                s.nmi_blocked = true;
+                self.cpu.queue_nmi();
+            }
+            None => self.cpu.queue_nmi(),
+        }
+        Ok(())
     }
     fn interrupt_window_open(&self) -> Result<bool> {
         Ok(self.cpu.interrupt_window_open())

@@ -344,6 +344,12 @@ pub trait Vcpu: Send {
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<()>;
     /// Queue an external interrupt; it is delivered once RFLAGS.IF allows.
     fn queue_interrupt(&mut self, vector: u8) -> Result<()>;
+    /// Inject an NMI. It is delivered at the next instruction boundary unless NMIs are
+    /// blocked; then it stays pending (one at most, as the hardware latches one). For a
+    /// protected SEV-ES vCPU the hypervisor itself keeps NMIs blocked from an NMI's
+    /// delivery until the guest's NMI_COMPLETE VMGEXIT (it cannot see the guest's IRET, and
+    /// an IRET of a #VC inside the NMI handler must not let the next NMI in).
+    fn inject_nmi(&mut self) -> Result<()>;
     /// Whether an interrupt queued now would be delivered at the next instruction boundary.
     fn interrupt_window_open(&self) -> Result<bool>;
     /// RFLAGS.IF as the hardware shows it to the hypervisor — also for a protected vCPU,

@@ -191,6 +191,10 @@ pub(crate) struct SevVcpuState {
     pub tracked: TrackedRegisters,
     /// The MTRRs the hypervisor emulates (not in the VMSA; guest accesses are #VC events).
     pub mtrr: esvm_arch::msr::MtrrState,
+    /// An NMI was delivered and the guest has not sent NMI_COMPLETE yet.
+    pub nmi_blocked: bool,
+    /// An NMI injected while blocked, delivered at the NMI_COMPLETE.
+    pub nmi_pending: bool,
     pub ghcb: GhcbState,
     /// The GHCB MSR value of the VMGEXIT being handled, if its handling waits on the VMM.
     pub in_flight: Option<u64>,
@@ -205,6 +209,8 @@ impl SevVcpuState {
         SevVcpuState {
             protected: false,
             mtrr: Default::default(),
+            nmi_blocked: false,
+            nmi_pending: false,
             tracked: TrackedRegisters {
                 cr0: 0,
                 cr4: 0,

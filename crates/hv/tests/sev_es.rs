@@ -141,6 +141,55 @@ fn mtrrs_set_before_the_launch_are_the_guests_through_vc() {
     );
 }
 
+/// NMIs and NMI_COMPLETE: two NMIs injected at once both reach an SEV-ES guest, the second
+/// only after the guest's NMI_COMPLETE for the first — although the first handler's #VC
+/// ends the CPU's own NMI blocking with its IRET (without the hypervisor's blocking the
+/// second NMI would land inside the first handler, which the guest reports).
+#[test]
+fn nmis_wait_for_the_guests_nmi_complete() {
+    let mut g = launch("sev-smoke", "nmi=1", |_| {});
+    let mut ready = false;
+    let mut injected = false;
+    let end = loop {
+        // Short slices once the guest is ready, so an exit comes while it spins.
+        let budget = if ready { 100_000 } else { 50_000_000 };
+        g.vcpu.set_instruction_budget(Some(budget)).unwrap();
+        match g.vcpu.run().unwrap() {
+            VmExit::IoOut { port: 0x3f8, data } => g.serial.push(data[0]),
+            VmExit::IoOut { port: 0xf4, data } => break End::Exit(data[0]),
+            VmExit::IoOut { port, data } if port == checkpoint::PORT => {
+                let mut v = [0u8; 4];
+                v[..data.len()].copy_from_slice(data);
+                ready |= checkpoint::decode(u32::from_le_bytes(v)) == Some(Checkpoint::NmiReady);
+            }
+            VmExit::IoOut { .. } => {}
+            VmExit::IoIn { port: 0x3fd, data } => data[0] = 0x60,
+            VmExit::IoIn { data, .. } => data.fill(0xff),
+            VmExit::BudgetExhausted if ready && !injected => {
+                g.vcpu.inject_nmi().unwrap();
+                g.vcpu.inject_nmi().unwrap();
+                injected = true;
+            }
+            VmExit::BudgetExhausted | VmExit::Interrupted => {}
+            VmExit::Terminated { reason } => break End::Terminated(reason),
+            VmExit::Shutdown { reason } => break End::Shutdown(reason),
+            other => panic!("unexpected exit {other:?}"),
+        }
+    };
+    assert!(injected, "the guest never got ready: {}", g.serial_text());
+    assert!(
+        matches!(end, End::Terminated(_)),
+        "{end:?}\n{}",
+        g.serial_text()
+    );
+    assert!(
+        g.serial_text()
+            .contains("2 NMIs, the second after the first's NMI_COMPLETE ok"),
+        "{}",
+        g.serial_text()
+    );
+}
+
 #[test]
 fn clobbered_idt_then_ud2_is_a_shutdown() {
     let mut g = launch("sev-idt", "", |_| {});

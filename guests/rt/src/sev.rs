@@ -286,6 +286,17 @@ pub fn ghcb_terminate(reason_set: u8, reason_code: u8, info: u64) -> ! {
     msr_terminate(reason_set, reason_code)
 }
 
+/// NMI_COMPLETE (GHCB NAE event 0x8000_0003): this vCPU's NMI handling is finished, the
+/// hypervisor may deliver the next NMI. Error: the hypervisor's SW_EXITINFO1 error code.
+pub fn nmi_complete() -> Result<(), u8> {
+    ghcb::acquire().call(exit_code::NMI_COMPLETE, 0, 0)
+}
+
+/// Whether the GHCB page is in use: an NMI handler that finds it so must not take it.
+pub fn ghcb_busy() -> bool {
+    ghcb::busy()
+}
+
 /// Called by [`crate::exit`]: with a GHCB, flushes serial output and writes the
 /// debug-exit port through it (never returns). Returns without a GHCB.
 pub(crate) fn exit_hook(code: u32) {

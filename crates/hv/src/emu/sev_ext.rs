@@ -419,6 +419,8 @@ impl SevVcpu for EmuVcpu {
                 ap_reset_hold: s.ghcb.ap_reset_hold,
                 dr7: s.ghcb.dr7,
                 mtrr: s.mtrr,
+                nmi_blocked: s.nmi_blocked,
+                nmi_pending: s.nmi_pending,
             },
         })
     }
@@ -492,6 +494,8 @@ impl SevVcpu for EmuVcpu {
         s.ghcb.ap_reset_hold = t.host.ap_reset_hold;
         s.ghcb.dr7 = t.host.dr7;
         s.mtrr = t.host.mtrr;
+        s.nmi_blocked = t.host.nmi_blocked;
+        s.nmi_pending = t.host.nmi_pending;
         s.protected = true;
         self.awaiting = Awaiting::Nothing;
         Ok(())

@@ -870,6 +870,10 @@ impl Vcpu for KvmVcpu {
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
     }
 
+    fn inject_nmi(&mut self) -> Result<()> {
+        self.fd.borrow().nmi().map_err(kvm_err("KVM_NMI"))
+    }
+
     fn queue_interrupt(&mut self, vector: u8) -> Result<()> {
         if self.vm.irqchip {
             return Err(HvError::Unsupported {

@@ -81,11 +81,17 @@ pub struct SevHostVcpuState {
     /// The MTRRs the hypervisor emulates for the guest (they are not in the VMSA).
     #[serde(default)]
     pub mtrr: esvm_arch::msr::MtrrState,
+    /// NMI blocking the hypervisor keeps until the guest's NMI_COMPLETE, and an NMI that
+    /// waits for it.
+    #[serde(default)]
+    pub nmi_blocked: bool,
+    #[serde(default)]
+    pub nmi_pending: bool,
 }
 
 /// Version of the hypervisor's SEV-ES transfer state ([`SevHostVcpuState`] and friends), for
-/// the migration stream's compatibility check. 2: the MTRRs travel too.
-pub const SEV_TRANSFER_VERSION: u32 = 2;
+/// the migration stream's compatibility check. 2: the MTRRs travel too; 3: NMI blocking.
+pub const SEV_TRANSFER_VERSION: u32 = 3;
 
 /// One protected vCPU in transit: its VMSA packet (firmware header + ciphertext of the VMSA
 /// and the tracked extension) and the hypervisor's state.
@@ -233,6 +239,8 @@ mod tests {
                 ap_reset_hold: None,
                 dr7: 0x400,
                 mtrr: Default::default(),
+                nmi_blocked: true,
+                nmi_pending: true,
             },
         };
         assert_eq!(SevVcpuTransfer::from_bytes(&t.to_bytes()).unwrap(), t);
