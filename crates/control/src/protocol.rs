@@ -43,6 +43,8 @@ pub enum Request {
     Migrate(MigrateRequest),
     /// Cancel the running migration (the source keeps running).
     Cancel,
+    /// Report each vCPU as the hypervisor sees it ([`VcpuView`]).
+    Vcpus,
 }
 
 impl Request {
@@ -55,6 +57,7 @@ impl Request {
             Request::Snapshot { .. } => "snapshot",
             Request::Migrate(_) => "migrate",
             Request::Cancel => "cancel",
+            Request::Vcpus => "vcpus",
         }
     }
 }
@@ -206,6 +209,39 @@ pub enum Reply {
     /// Answer to [`Request::Cancel`]: cancel was requested; the migration's status turns
     /// `cancelled` once the engine has stopped.
     MigrationCancelled,
+    /// Answer to [`Request::Vcpus`].
+    Vcpus { vcpus: Vec<VcpuView> },
+}
+
+/// CR0, CR4, CR8 and EFER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlRegs {
+    pub cr0: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+}
+
+/// One vCPU as the hypervisor sees it, at a clean point between runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuView {
+    pub id: u32,
+    /// An SEV-ES vCPU whose state is encrypted.
+    pub protected: bool,
+    /// The control registers the hypervisor sees (for a protected vCPU: the values it
+    /// tracks from the write-trap exits).
+    pub control: ControlRegs,
+    pub apic_base: u64,
+    /// Why reading the general registers was refused (always, for a protected vCPU).
+    #[serde(default)]
+    pub registers_refused: Option<String>,
+    /// Protected vCPU: the control registers in its VMSA, decrypted by the firmware's
+    /// DBG_DECRYPT (a guest policy that allows debugging only).
+    #[serde(default)]
+    pub debug_vmsa: Option<ControlRegs>,
+    /// Why `debug_vmsa` is missing for a protected vCPU (e.g. the policy has NODBG).
+    #[serde(default)]
+    pub debug_vmsa_refused: Option<String>,
 }
 
 /// What a snapshot wrote.
@@ -546,7 +582,7 @@ struct ResponseEnvelope {
     response: Response,
 }
 
-const COMMANDS: &str = "status, pause, resume, snapshot, migrate, cancel";
+const COMMANDS: &str = "status, pause, resume, snapshot, migrate, cancel, vcpus";
 
 /// Encodes a request as one wire line (without the trailing newline).
 pub fn encode_request(req: &Request) -> Result<Vec<u8>, serde_json::Error> {
@@ -613,7 +649,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
         }
     };
     let allowed: &[&str] = match command {
-        "status" | "pause" | "resume" | "cancel" => &[],
+        "status" | "pause" | "resume" | "cancel" | "vcpus" => &[],
         "snapshot" => &["dir"],
         "migrate" => &[
             "url",

@@ -514,5 +514,6 @@ fn dispatch(target: &dyn ControlTarget, req: Request) -> Result<Reply, ApiError>
                 .map(|_| Reply::MigrationStarted { url })
         }
         Request::Cancel => target.cancel_migration().map(|_| Reply::MigrationCancelled),
+        Request::Vcpus => target.vcpus().map(|vcpus| Reply::Vcpus { vcpus }),
     }
 }

@@ -1,6 +1,6 @@
 //! The interface a VMM implements to be controlled through the API.
 
-use crate::protocol::{ApiError, MigrateRequest, SnapshotInfo, VmStatus};
+use crate::protocol::{ApiError, ErrorCode, MigrateRequest, SnapshotInfo, VcpuView, VmStatus};
 use std::path::Path;
 
 /// A running VM as the control API sees it.
@@ -35,4 +35,12 @@ pub trait ControlTarget: Send + Sync {
     /// Asks the running migration to stop; it ends in phase `cancelled` (or, if it was
     /// already past the point of no return, completes). `invalid_state` if none is running.
     fn cancel_migration(&self) -> Result<(), ApiError>;
+
+    /// Each vCPU as the hypervisor sees it. `unsupported` where the VMM does not offer it.
+    fn vcpus(&self) -> Result<Vec<VcpuView>, ApiError> {
+        Err(ApiError::new(
+            ErrorCode::Unsupported,
+            "this VMM does not report its vCPUs",
+        ))
+    }
 }

@@ -1257,6 +1257,19 @@ impl Psp {
         Ok(Box::new(g.memkey.decrypt_page(vmsa_gpa, encrypted)))
     }
 
+    /// DBG_DECRYPT of a vCPU's VMSA page (the host holds its ciphertext): the plaintext,
+    /// if the guest's policy allows debugging (refused with NODBG).
+    pub fn dbg_decrypt_vmsa(
+        &self,
+        handle: u32,
+        vmsa_gpa: u64,
+        encrypted: &[u8; VMSA_SIZE],
+    ) -> PspResult<Box<[u8; VMSA_SIZE]>> {
+        self.dbg_check(Command::DbgDecrypt, handle, vmsa_gpa, VMSA_SIZE)?;
+        let g = self.check_vmsa_gpa(handle, vmsa_gpa)?;
+        Ok(Box::new(g.memkey.decrypt_page(vmsa_gpa, encrypted)))
+    }
+
     /// **Trusted CPU model only.** Encrypts a VMSA the CPU model saved at
     /// VMEXIT; the host keeps the ciphertext.
     pub fn seal_vmsa(

@@ -19,8 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use esvm_control::{
-    ApiError, ControlTarget, MigrateRequest, MigrationPhase, MigrationStatus, OnTimeout,
-    SnapshotInfo, VmState, VmStatus, VmType,
+    ApiError, ControlRegs, ControlTarget, MigrateRequest, MigrationPhase, MigrationStatus,
+    OnTimeout, SnapshotInfo, VcpuView, VmState, VmStatus, VmType,
 };
 use esvm_migration::{
     CancelToken, LimitPolicy, Phase, Progress, ProtocolError, SendError, Sender, SenderConfig,
@@ -28,7 +28,7 @@ use esvm_migration::{
 };
 
 use crate::lifecycle::{LifecycleError, State, Status};
-use crate::machine::MachineHandle;
+use crate::machine::{Machine, MachineHandle};
 use crate::migrate::{parse_tcp_url, read_trusted_root, MachineSource};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
 
@@ -383,5 +383,55 @@ impl ControlTarget for VmHandle {
             c.cancel();
         }
         Ok(())
+    }
+
+    fn vcpus(&self) -> Result<Vec<VcpuView>, ApiError> {
+        self.h
+            .control
+            .run_job(|m: &mut Machine| {
+                (0..m.config().vcpus)
+                    .map(|id| m.clean_vcpu(id).map(|v| vcpu_view(id, v)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|e| api_err("report the vCPUs", e))?
+            .map_err(|e| ApiError::failed(format!("cannot report the vCPUs: {e}")))
+    }
+}
+
+/// vCPU `id` as the hypervisor sees it; for a protected vCPU also its VMSA's control
+/// registers as the firmware's DBG_DECRYPT shows them (where the policy allows).
+fn vcpu_view(id: u32, v: &dyn esvm_hv::Vcpu) -> VcpuView {
+    let regs = |cr0, cr4, cr8, efer| ControlRegs {
+        cr0,
+        cr4,
+        cr8,
+        efer,
+    };
+    let (control, apic_base) = match v.get_sregs_view() {
+        Ok(s) => (regs(s.cr0(), s.cr4(), s.cr8(), s.efer()), s.apic_base()),
+        Err(_) => (regs(0, 0, 0, 0), 0),
+    };
+    let protected = v.is_protected();
+    let (mut debug_vmsa, mut debug_vmsa_refused) = (None, None);
+    if protected {
+        match v.sev().map(|s| s.debug_vmsa()) {
+            Some(Ok(page)) => match esvm_arch::Vmsa::from_bytes(&page[..]) {
+                Ok(vmsa) => {
+                    debug_vmsa = Some(regs(vmsa.cr0(), vmsa.cr4(), vmsa.cr8(), vmsa.efer()))
+                }
+                Err(e) => debug_vmsa_refused = Some(e.to_string()),
+            },
+            Some(Err(e)) => debug_vmsa_refused = Some(e.to_string()),
+            None => debug_vmsa_refused = Some("the backend has no SEV-ES support".into()),
+        }
+    }
+    VcpuView {
+        id,
+        protected,
+        control,
+        apic_base,
+        registers_refused: v.get_regs().err().map(|e| e.to_string()),
+        debug_vmsa,
+        debug_vmsa_refused,
     }
 }

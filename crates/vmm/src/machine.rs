@@ -713,7 +713,8 @@ impl Machine {
     }
 
     /// vCPU `id` at a clean point (between exits), for saving or sending its state.
-    fn clean_vcpu(&self, id: u32) -> Result<&dyn Vcpu, MachineError> {
+    /// vCPU `id` between exits (its state is whole there), e.g. to inspect it.
+    pub fn clean_vcpu(&self, id: u32) -> Result<&dyn Vcpu, MachineError> {
         if self.mid_exit {
             return Err(MachineError::State(
                 "the vCPU is in the middle of an exit; its state can only be saved between exits"

@@ -827,3 +827,100 @@ fn nothing_an_sev_es_linux_guest_computes_is_in_plain_sight_of_the_host() {
     assert_eq!(dest.wait(Duration::from_secs(60)), 0, "{}", dest.stderr());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- Tracked registers with a real guest ----
+
+/// `esvm ctl vcpus` as JSON.
+fn vcpus_of(sock: &Path) -> serde_json::Value {
+    serde_json::from_str(&common::ctl_ok(sock, &["vcpus"])).expect("vcpus prints JSON")
+}
+
+/// The hypervisor's tracked view of an SEV-ES Linux guest (CR0, CR4, CR8, EFER, kept only
+/// from write-trap exits) equals what the firmware's DBG_DECRYPT finds in the encrypted VMSA,
+/// at random points of the boot and the workload, and register reads are refused
+/// throughout. With a NODBG policy the firmware refuses the decryption.
+#[test]
+fn the_tracked_view_of_an_sev_es_linux_guest_matches_its_decrypted_vmsa() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("tracked-view points: seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let dir = temp_dir("tracked");
+    let (p1, _) = sev_hosts(&dir);
+    let sock = dir.join("api.sock");
+    let mut g = linux_guest_with(&sock, Some(&p1), "esvm.run=workload esvm.then=shell");
+    common::wait_socket(&mut g, &sock);
+    let mut views = Vec::new();
+    for point in 0..10 {
+        std::thread::sleep(Duration::from_millis(next(400)));
+        common::ctl_ok(&sock, &["pause"]);
+        let vcpus = vcpus_of(&sock);
+        common::ctl_ok(&sock, &["resume"]);
+        let v = &vcpus[0];
+        assert_eq!(v["protected"], true, "point {point}: {v}");
+        assert!(
+            v["registers_refused"]
+                .as_str()
+                .is_some_and(|r| r.contains("protected")),
+            "point {point}: register reads must fail loudly: {v}"
+        );
+        assert_eq!(
+            v["control"], v["debug_vmsa"],
+            "point {point} (seed {seed}): tracked view and decrypted VMSA differ: {v}"
+        );
+        views.push(v["control"].clone());
+    }
+    // The points saw the boot move on (the guest enables paging and long mode early, then
+    // its CR4 grows as features are turned on).
+    assert!(
+        views
+            .iter()
+            .any(|c| c["cr0"].as_u64().unwrap() & 0x8000_0000 != 0),
+        "{views:?}"
+    );
+    g.wait_stdout("workload digest=", BOOT_TIMEOUT);
+    assert_eq!(workload_lines(&g.stdout()), native_workload(1));
+    g.kill();
+
+    // NODBG: the firmware refuses to decrypt; the tracked view is still there.
+    let o = Command::new(ESVM)
+        .args(["run", "--sev-es", "--platform", p1.to_str().unwrap()])
+        .args(["--policy", "0x5", "--api-socket"])
+        .arg(dir.join("nodbg.sock"))
+        .args([
+            "--kernel",
+            assets().kernel.to_str().unwrap(),
+            "--console",
+            "none",
+        ])
+        .args(["--start-paused"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut nodbg = o;
+    let nodbg_sock = dir.join("nodbg.sock");
+    let start = std::time::Instant::now();
+    while !nodbg_sock.exists() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v = &vcpus_of(&nodbg_sock)[0];
+    assert!(v["debug_vmsa"].is_null(), "{v}");
+    assert!(
+        v["debug_vmsa_refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("NODBG")),
+        "{v}"
+    );
+    let _ = nodbg.kill();
+    let _ = nodbg.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

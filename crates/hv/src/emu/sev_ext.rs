@@ -366,6 +366,18 @@ impl SevVcpu for EmuVcpu {
         .map_err(psp_err)
     }
 
+    fn debug_vmsa(&self) -> Result<Box<[u8; 4096]>> {
+        let encrypted = self.encrypted_vmsa()?;
+        let ctx = self.sev_context()?;
+        let psp = ctx.psp();
+        psp.dbg_decrypt_vmsa(
+            ctx.handle(),
+            esvm_arch::layout::vmsa_addr(self.id),
+            &encrypted,
+        )
+        .map_err(psp_err)
+    }
+
     fn send_state(&self) -> Result<SevVcpuTransfer> {
         let ctx = self.sev_context()?;
         let s = self

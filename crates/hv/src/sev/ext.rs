@@ -162,6 +162,9 @@ pub trait SevVcpu: Send {
     fn initial_vmsa(&self) -> Result<Box<[u8; 4096]>>;
     /// The vCPU's VMSA as the host sees it: ciphertext under the guest's memory key.
     fn encrypted_vmsa(&self) -> Result<Box<[u8; 4096]>>;
+    /// The vCPU's VMSA decrypted by the firmware's DBG_DECRYPT: only for a guest whose
+    /// policy allows debugging (NODBG clear), refused otherwise.
+    fn debug_vmsa(&self) -> Result<Box<[u8; 4096]>>;
     /// SEND_UPDATE_VMSA: this protected vCPU as a transport packet plus the hypervisor's
     /// own state, at a clean point (not in the middle of an exit or of a GHCB request).
     /// The VM must be in a send session.

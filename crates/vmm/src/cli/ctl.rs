@@ -71,6 +71,12 @@ pub enum CtlCommand {
     Migrate(MigrateArgs),
     /// Cancel the running migration; the VM keeps running here.
     Cancel,
+    /// Print each vCPU as the hypervisor sees it, as JSON: its control registers (for an
+    /// SEV-ES vCPU only the values tracked from write traps), why reading its registers is
+    /// refused, and for an SEV-ES guest whose policy allows debugging the same registers
+    /// from its VMSA decrypted by the firmware (DBG_DECRYPT). Pause the VM first to compare
+    /// them at one point.
+    Vcpus,
 }
 
 #[derive(Args, Debug)]
@@ -152,6 +158,7 @@ fn run_with(args: CtlArgs, poll: Duration) -> Result<u8, CtlError> {
         CtlCommand::Pause => ("pause", Request::Pause),
         CtlCommand::Resume => ("resume", Request::Resume),
         CtlCommand::Cancel => ("cancel", Request::Cancel),
+        CtlCommand::Vcpus => ("vcpus", Request::Vcpus),
         CtlCommand::Snapshot { dir } => {
             let dir = std::path::absolute(&dir)
                 .map_err(|source| CtlError::SnapshotDir { dir, source })?;
@@ -189,6 +196,7 @@ fn run_with(args: CtlArgs, poll: Duration) -> Result<u8, CtlError> {
                 Reply::Paused => println!("paused"),
                 Reply::Resumed => println!("resumed"),
                 Reply::MigrationCancelled => println!("migration cancel requested"),
+                Reply::Vcpus { vcpus } => println!("{}", serde_json::to_string_pretty(&vcpus)?),
                 Reply::SnapshotSaved(info) => match info.bytes_written {
                     Some(n) => println!(
                         "snapshot written to {} ({})",
