@@ -621,8 +621,28 @@ fn a_sealed_snapshot_of_an_sev_es_linux_guest_restores_mid_workload() {
 /// finishes the workload with the native digest and its shell answers at the destination.
 #[test]
 fn an_sev_es_linux_guest_migrates_mid_workload_between_platforms() {
+    migrate_sev_linux("sev-migrate", None);
+}
+
+/// The same, at a random point of the kernel's boot (before userland): the guest is moved
+/// with its boot half done and finishes it, and the workload after it, at the destination.
+#[test]
+fn an_sev_es_linux_guest_migrates_mid_boot_between_platforms() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let delay = Duration::from_millis(u64::from(seed % 1500));
+    eprintln!("mid-boot migration after {delay:?} (seed {seed})");
+    migrate_sev_linux("sev-migrate-boot", Some(delay));
+}
+
+/// Migrate an SEV-ES Linux guest from one platform to another under the same root, `delay`
+/// after its API socket appears (None: once its userland is up, mid-workload); the moved
+/// guest must finish with the native digest and answer at its shell.
+fn migrate_sev_linux(name: &str, delay: Option<Duration>) {
     let expected = native_workload(MOVE_SCALE);
-    let dir = temp_dir("sev-migrate");
+    let dir = temp_dir(name);
     let (p1, p2) = sev_hosts(&dir);
     let chain = dir.join("p1.chain");
     let o = Command::new(ESVM)
@@ -635,7 +655,10 @@ fn an_sev_es_linux_guest_migrates_mid_workload_between_platforms() {
     let (mut dest, mut stdin, port) = receiver(&["--platform", p2.to_str().unwrap()]);
     let mut src = linux_source_on(&sock, Some(&p1));
     common::wait_socket(&mut src, &sock);
-    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    match delay {
+        Some(d) => std::thread::sleep(d),
+        None => src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT),
+    }
     let url = format!("tcp:127.0.0.1:{port}");
     common::ctl_ok(
         &sock,
@@ -643,10 +666,18 @@ fn an_sev_es_linux_guest_migrates_mid_workload_between_platforms() {
     );
     assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
     let before = src.stdout();
+    let marker = if delay.is_some() {
+        "esvm-init: userland up"
+    } else {
+        "workload digest="
+    };
     assert!(
-        !before.contains("workload digest="),
-        "the migration was not mid-workload; raise MOVE_SCALE"
+        !before.contains(marker),
+        "the migration came too late ({marker:?} already printed)"
     );
+    if delay.is_some() {
+        dest.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    }
     check_moved_guest(&before, &mut dest, &mut stdin, &expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
