@@ -955,3 +955,60 @@ fn the_tracked_view_of_an_sev_es_linux_guest_matches_its_decrypted_vmsa() {
     let _ = nodbg.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The tracked view travels inside the authenticated transfer: a paused SEV-ES Linux guest
+/// migrated mid-workload arrives (kept paused) with the tracked CR0/CR4/CR8/EFER the source
+/// had at stop-and-copy, and they equal its VMSA's as the destination firmware decrypts it.
+#[test]
+fn the_tracked_view_arrives_with_an_sev_es_linux_guest_as_it_left() {
+    let dir = temp_dir("tracked-move");
+    let (p1, p2) = sev_hosts(&dir);
+    let chain = dir.join("p1.chain");
+    let o = Command::new(ESVM)
+        .args(["platform", "export", "--dir", p1.to_str().unwrap()])
+        .args(["--out", chain.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dest_sock = dir.join("dest.sock");
+    let (mut dest, _stdin, port) = receiver(&[
+        "--platform",
+        p2.to_str().unwrap(),
+        "--api-socket",
+        dest_sock.to_str().unwrap(),
+        "--start-paused",
+    ]);
+    let sock = dir.join("api.sock");
+    let mut src = linux_source_on(&sock, Some(&p1));
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    // Paused: stop-and-copy sees exactly this state.
+    common::ctl_ok(&sock, &["pause"]);
+    let at_source = vcpus_of(&sock)[0].clone();
+    assert_eq!(at_source["control"], at_source["debug_vmsa"], "{at_source}");
+    let url = format!("tcp:127.0.0.1:{port}");
+    common::ctl_ok(
+        &sock,
+        &["migrate", &url, "--trust", chain.to_str().unwrap()],
+    );
+    assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
+    common::wait_socket(&mut dest, &dest_sock);
+    let arrived = vcpus_of(&dest_sock)[0].clone();
+    assert_eq!(arrived["protected"], true, "{arrived}");
+    assert_eq!(
+        arrived["control"], at_source["control"],
+        "the tracked view changed in transit"
+    );
+    assert_eq!(
+        arrived["control"], arrived["debug_vmsa"],
+        "the destination's tracked view is not its decrypted VMSA's"
+    );
+    common::ctl_ok(&dest_sock, &["resume"]);
+    dest.wait_stdout("workload digest=", BOOT_TIMEOUT);
+    assert_eq!(
+        workload_lines(&format!("{}{}", src.stdout(), dest.stdout())),
+        native_workload(MOVE_SCALE)
+    );
+    dest.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -37,6 +37,10 @@ pub struct ReceiveArgs {
     /// Serve the control API on this Unix socket once the guest runs here.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Keep the received guest paused until `esvm ctl resume` (needs --api-socket), e.g. to
+    /// inspect it (`esvm ctl vcpus`) exactly as it arrived.
+    #[arg(long, requires = "api_socket")]
+    pub start_paused: bool,
     /// Backend for the received guest: 'emu' (default) or 'kvm'.
     #[arg(long, default_value = "emu", value_parser = parse_backend)]
     pub backend: BackendKind,
@@ -151,7 +155,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         &mut machine,
         &esvm::session::RunOptions {
             api_socket: args.api_socket.clone(),
-            start_paused: false,
+            start_paused: args.start_paused,
         },
     )
 }
