@@ -113,6 +113,17 @@ impl Tlb {
         self.ng_full = false;
     }
 
+    /// Drop the data translations to guest-physical page `gpn` (both privilege sets, global
+    /// or not): after an SEV-ES page conversion, their host addresses point at the view the
+    /// page left.
+    pub fn flush_gpn(&mut self, gpn: u64) {
+        for e in self.e.iter_mut() {
+            if e.gpn == gpn {
+                *e = EMPTY;
+            }
+        }
+    }
+
     /// Drop the translations of the page of `lin` (both privilege sets, global or not).
     pub fn flush_page(&mut self, lin: u64) {
         let vpn = lin >> PAGE_SHIFT;

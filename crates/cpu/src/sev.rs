@@ -357,16 +357,31 @@ impl Cpu {
         }
     }
 
-    /// This vCPU converted a page: drop every TLB entry now (entries for other aliases of
-    /// the page point at the old view) and end the block after this instruction.
+    /// This vCPU converted page `page`: drop the TLB entries that point at its old view now
+    /// and end the block after this instruction.
+    ///
+    /// If this conversion is the only one since the TLB last caught up with the conversion
+    /// generation, only the data entries of `page` can be stale (every other entry points at
+    /// the backing that still holds its page's content), so only they go. Instruction entries
+    /// and decoded-block lookups hold no view: code is always fetched through
+    /// [`Cpu::sev_fetch`] when a block is looked up or built, and the conversion bumped the
+    /// page's code epoch, which every cached lookup checks. Otherwise (other vCPUs or the host
+    /// converted pages meanwhile) everything is dropped, as [`Cpu::sev_poll`] does.
     #[cold]
-    fn sev_converted(&mut self) {
-        self.tlb.flush();
-        self.cache.flush_lookup();
+    fn sev_converted(&mut self, page: u64) {
         self.pending |= P_FLUSH;
-        if let Some(s) = &mut self.sev {
-            // SAFETY: as in `sev_poll`.
-            s.seen_gen = unsafe { (*s.gen).load(Ordering::Acquire) };
+        let Some(s) = &mut self.sev else {
+            return;
+        };
+        // SAFETY: as in `sev_poll`.
+        let g = unsafe { (*s.gen).load(Ordering::Acquire) };
+        let only_ours = g == s.seen_gen.wrapping_add(1);
+        s.seen_gen = g;
+        if only_ours {
+            self.tlb.flush_gpn(page);
+        } else {
+            self.tlb.flush();
+            self.cache.flush_lookup();
         }
     }
 
@@ -397,7 +412,7 @@ impl Cpu {
             ))),
             Some(converted) => {
                 if converted {
-                    self.sev_converted();
+                    self.sev_converted(page);
                 }
                 if view == View::Shared {
                     return Ok(self.ram);

@@ -513,6 +513,43 @@ fn bad_c_bit_is_a_shutdown() {
     }
 }
 
+/// A conversion by this vCPU drops the data TLB entries of that page (an entry of another
+/// alias points at the view the page left) and keeps the others; after a conversion it has
+/// not caught up with (the host's, here), it drops them all.
+#[test]
+fn own_conversion_drops_the_tlb_entries_of_its_page() {
+    let code = prog(&[
+        &load_rax(PRIV),
+        &load_rax(ALIAS + 0x1000),
+        &load_rax(SHARED),
+    ]);
+    let mut h = sev_harness(&code);
+    assert_eq!(h.run(), Exit::Hlt);
+    let cached = |c: &Cpu, lin: u64| {
+        let vpn = lin >> 12;
+        c.tlb.e[c.tlb_idx(vpn)].r == vpn
+    };
+    for lin in [PRIV, ALIAS + 0x1000, SHARED] {
+        assert!(cached(&h.cpu, lin), "{lin:#x} not in the TLB");
+    }
+    assert!(!h.mem().is_private((PRIV + 0x1000) >> 12));
+    // A C-bit access makes PRIV + 0x1000 private again.
+    h.cpu
+        .sev_view((PRIV + 0x1000) >> 12, crate::mem::View::Private)
+        .unwrap();
+    assert!(
+        !cached(&h.cpu, ALIAS + 0x1000),
+        "stale entry of the alias kept"
+    );
+    assert!(cached(&h.cpu, PRIV) && cached(&h.cpu, SHARED));
+    // The host converts a page; before this vCPU has looked, it converts another one.
+    h.mem().write_host(PRIV + 0x2000, &[1]).unwrap();
+    h.cpu
+        .sev_view((PRIV + 0x3000) >> 12, crate::mem::View::Shared)
+        .unwrap();
+    assert!(!cached(&h.cpu, PRIV) && !cached(&h.cpu, SHARED));
+}
+
 // ---------------------------------------------------------------------- page walk
 
 #[test]
