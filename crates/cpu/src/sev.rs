@@ -110,6 +110,8 @@ pub(crate) struct SevCpu {
     /// The memory's conversion generation and the last one this vCPU's TLB reflects.
     gen: *const AtomicU64,
     seen_gen: u64,
+    /// Conversions this vCPU made (see [`Cpu::sev_conversions`]).
+    conversions: u64,
     /// Private backing base, once encryption is on (null before).
     private: *mut u8,
     /// Why the configuration is unusable (reported as a shutdown at the first run).
@@ -143,6 +145,7 @@ impl SevCpu {
             gen,
             // SAFETY: `gen` points into `mem`, which the vCPU keeps alive.
             seen_gen: unsafe { (*gen).load(Ordering::Acquire) },
+            conversions: 0,
             private: std::ptr::null_mut(),
             config_error,
             watching: false,
@@ -373,6 +376,7 @@ impl Cpu {
         let Some(s) = &mut self.sev else {
             return;
         };
+        s.conversions += 1;
         // SAFETY: as in `sev_poll`.
         let g = unsafe { (*s.gen).load(Ordering::Acquire) };
         let only_ours = g == s.seen_gen.wrapping_add(1);
@@ -383,6 +387,14 @@ impl Cpu {
             self.tlb.flush();
             self.cache.flush_lookup();
         }
+    }
+
+    /// How many page conversions this vCPU has made (0 outside SEV-ES mode). A caller that
+    /// holds a host address from the TLB compares it before and after translating something
+    /// else: unchanged means the address still holds its page's content.
+    #[inline]
+    pub(crate) fn sev_conversions(&self) -> u64 {
+        self.sev.as_ref().map_or(0, |s| s.conversions)
     }
 
     /// A fatal condition of the SEV-ES model: the vCPU shuts down with `reason`.
