@@ -2,7 +2,8 @@
 # `esvm bench linux` with its inputs: Debian's kernel and esvm's initramfs
 # (scripts/linux-assets.sh) and QEMU for the TCG comparison (qemu-system-x86 from the
 # package manager, installed if missing). Extra arguments go to `esvm bench linux`, e.g.
-# --repeat 5. Prints the table BENCHMARKS.md quotes.
+# --repeat 5, or --sev-es --platform DIR (`esvm platform init --dir DIR`) to boot the kernel
+# as an SEV-ES guest too. Prints the tables BENCHMARKS.md quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh

@@ -113,6 +113,17 @@ impl Tlb {
         self.ng_full = false;
     }
 
+    /// Drop the data translations to guest-physical page `gpn` (both privilege sets, global
+    /// or not): after an SEV-ES page conversion, their host addresses point at the view the
+    /// page left.
+    pub fn flush_gpn(&mut self, gpn: u64) {
+        for e in self.e.iter_mut() {
+            if e.gpn == gpn {
+                *e = EMPTY;
+            }
+        }
+    }
+
     /// Drop the translations of the page of `lin` (both privilege sets, global or not).
     pub fn flush_page(&mut self, lin: u64) {
         let vpn = lin >> PAGE_SHIFT;
@@ -360,24 +371,30 @@ impl Cpu {
     /// Host address of the start of the RAM page holding `lin` with read (or, with `write`,
     /// write) permission at the current privilege, and its guest-physical page number: from
     /// the TLB, or by translating (faults as an access would, and fills the TLB). None if the
-    /// page is MMIO or the vCPU is an SEV guest (the callers then take the per-access path).
+    /// page is not RAM (the callers then take the per-access path, which makes the MMIO exit,
+    /// the #VC or the SEV-ES shutdown).
+    ///
+    /// In SEV-ES mode the address is in the backing the data access goes to, as the TLB holds
+    /// it: the private backing through a C-bit-set leaf (the page converted to Private, if it
+    /// was not), guest RAM through a C-bit-clear one (the page converted to Shared). It stays
+    /// where the page's content lives until the next conversion of that page
+    /// ([`Cpu::sev_conversions`] tells a caller whether this vCPU made one since).
     #[inline]
     pub(crate) fn host_page(&mut self, lin: u64, write: bool) -> R<Option<(usize, u64)>> {
-        if self.sev.is_some() {
-            return Ok(None);
-        }
         let vpn = lin >> PAGE_SHIFT;
-        let e = &self.tlb.e[self.tlb_idx(vpn)];
-        if (if write { e.w } else { e.r }) == vpn {
+        let k = self.tlb_idx(vpn);
+        let hit = |e: &TlbEntry| (if write { e.w } else { e.r }) == vpn;
+        if hit(&self.tlb.e[k]) {
+            let e = &self.tlb.e[k];
             return Ok(Some((e.host, e.gpn)));
         }
         let acc = if write { Acc::Write } else { Acc::Read };
-        let gpa = self.translate(lin, acc, self.cpl == 3)?;
-        if gpa >= self.ram_size {
-            return Ok(None);
-        }
-        let page = gpa & !(PAGE_SIZE - 1);
-        Ok(Some((self.ram as usize + page as usize, gpa >> PAGE_SHIFT)))
+        self.translate(lin, acc, self.cpl == 3)?;
+        // `translate` fills entry `k` (the set of the current privilege) exactly when the
+        // page is RAM, with the view's backing in SEV-ES mode; a successful write
+        // translation makes the entry writable (D is set).
+        let e = &self.tlb.e[k];
+        Ok(hit(e).then_some((e.host, e.gpn)))
     }
 
     // ------------------------------------------------------------------ slow paths

@@ -174,6 +174,8 @@ pub(crate) struct SevCpu {
     /// The memory's conversion generation and the last one this vCPU's TLB reflects.
     gen: *const AtomicU64,
     seen_gen: u64,
+    /// Conversions this vCPU made (see [`Cpu::sev_conversions`]).
+    conversions: u64,
     /// Private backing base, once encryption is on (null before).
     private: *mut u8,
     /// Why the configuration is unusable (reported as a shutdown at the first run).
@@ -208,6 +210,7 @@ impl SevCpu {
             gen,
             // SAFETY: `gen` points into `mem`, which the vCPU keeps alive.
             seen_gen: unsafe { (*gen).load(Ordering::Acquire) },
+            conversions: 0,
             private: std::ptr::null_mut(),
             config_error,
             watching: false,
@@ -425,17 +428,41 @@ impl Cpu {
         }
     }
 
-    /// This vCPU converted a page: drop every TLB entry now (entries for other aliases of
-    /// the page point at the old view) and end the block after this instruction.
+    /// This vCPU converted page `page`: drop the TLB entries that point at its old view now
+    /// and end the block after this instruction.
+    ///
+    /// If this conversion is the only one since the TLB last caught up with the conversion
+    /// generation, only the data entries of `page` can be stale (every other entry points at
+    /// the backing that still holds its page's content), so only they go. Instruction entries
+    /// and decoded-block lookups hold no view: code is always fetched through
+    /// [`Cpu::sev_fetch`] when a block is looked up or built, and the conversion bumped the
+    /// page's code epoch, which every cached lookup checks. Otherwise (other vCPUs or the host
+    /// converted pages meanwhile) everything is dropped, as [`Cpu::sev_poll`] does.
     #[cold]
-    fn sev_converted(&mut self) {
-        self.tlb.flush();
-        self.cache.flush_lookup();
+    fn sev_converted(&mut self, page: u64) {
         self.pending |= P_FLUSH;
-        if let Some(s) = &mut self.sev {
-            // SAFETY: as in `sev_poll`.
-            s.seen_gen = unsafe { (*s.gen).load(Ordering::Acquire) };
+        let Some(s) = &mut self.sev else {
+            return;
+        };
+        s.conversions += 1;
+        // SAFETY: as in `sev_poll`.
+        let g = unsafe { (*s.gen).load(Ordering::Acquire) };
+        let only_ours = g == s.seen_gen.wrapping_add(1);
+        s.seen_gen = g;
+        if only_ours {
+            self.tlb.flush_gpn(page);
+        } else {
+            self.tlb.flush();
+            self.cache.flush_lookup();
         }
+    }
+
+    /// How many page conversions this vCPU has made (0 outside SEV-ES mode). A caller that
+    /// holds a host address from the TLB compares it before and after translating something
+    /// else: unchanged means the address still holds its page's content.
+    #[inline]
+    pub(crate) fn sev_conversions(&self) -> u64 {
+        self.sev.as_ref().map_or(0, |s| s.conversions)
     }
 
     /// A fatal condition of the SEV-ES model: the vCPU shuts down with `reason`.
@@ -465,7 +492,7 @@ impl Cpu {
             ))),
             Some(converted) => {
                 if converted {
-                    self.sev_converted();
+                    self.sev_converted(page);
                 }
                 if view == View::Shared {
                     return Ok(self.ram);

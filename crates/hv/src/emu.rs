@@ -492,7 +492,7 @@ impl EmuVcpu {
                 self.ghcb_read = Some(req.clone());
                 return Ok(Some(SevStep::Io(req)));
             }
-            Attempt::Done(outcome, writes, shared_writes) => {
+            Attempt::Done(kind, outcome, writes, shared_writes) => {
                 for (gpa, data) in shared_writes {
                     phys.write_host(gpa, &data)
                         .map_err(|source| HvError::SevMemory {
@@ -503,6 +503,7 @@ impl EmuVcpu {
                 s.in_flight = None;
                 s.answers.clear();
                 s.outbox.extend(writes);
+                s.vmgexits.record(kind);
                 outcome
             }
         };

@@ -202,6 +202,8 @@ pub(crate) struct SevVcpuState {
     pub answers: Vec<VmmAnswer>,
     /// Writes (port/MMIO) of a completed VMGEXIT still to be shown to the VMM.
     pub outbox: VecDeque<VmmIo>,
+    /// The VMGEXITs this vCPU completed here, by request ([`SevVcpu::vmgexits`]).
+    pub vmgexits: ghcb::VmgexitCounts,
 }
 
 impl SevVcpuState {
@@ -225,6 +227,7 @@ impl SevVcpuState {
             in_flight: None,
             answers: Vec::new(),
             outbox: VecDeque::new(),
+            vmgexits: ghcb::VmgexitCounts::default(),
         }
     }
 }
@@ -454,8 +457,13 @@ fn overlay(gpa: u64, buf: &mut [u8], wgpa: u64, data: &[u8]) {
 pub(crate) enum Attempt {
     /// Blocked on a VMM read; nothing was changed.
     Blocked(VmmIo),
-    /// Completed: apply the outcome.
-    Done(ghcb::VmgexitOutcome, Vec<VmmIo>, Vec<(u64, Vec<u8>)>),
+    /// Completed: apply the outcome (of a request of this kind).
+    Done(
+        ghcb::VmgexitKind,
+        ghcb::VmgexitOutcome,
+        Vec<VmmIo>,
+        Vec<(u64, Vec<u8>)>,
+    ),
 }
 
 /// Handle the in-flight VMGEXIT once (from the start, replaying the VMM's answers).
@@ -465,12 +473,13 @@ pub(crate) fn attempt(
     services: &mut ReplayServices<'_>,
 ) -> Attempt {
     let saved = state.clone();
-    let outcome = ghcb::handle_vmgexit(ghcb_msr, services, state);
+    let (kind, outcome) = ghcb::handle_vmgexit_of_kind(ghcb_msr, services, state);
     if let Some(req) = services.blocked_on.take() {
         *state = saved;
         return Attempt::Blocked(req);
     }
     Attempt::Done(
+        kind,
         outcome,
         std::mem::take(&mut services.writes),
         std::mem::take(&mut services.shared_writes),

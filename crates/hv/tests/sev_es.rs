@@ -120,6 +120,31 @@ fn smoke_guest_ends_with_a_ghcb_termination_request() {
     );
 }
 
+/// The hypervisor counts each VMGEXIT once, by what it asked for, and the VMM reads the
+/// counts through the SevVcpu extension.
+#[test]
+fn vmgexits_are_counted_by_exit_code() {
+    use esvm_abi::{exit_code as ec, msr_protocol};
+    use esvm_hv::ghcb::VmgexitKind;
+    let mut g = launch("sev-smoke", "extra=1", |_| {});
+    let before = g.vcpu.sev().unwrap().vmgexits().unwrap();
+    assert_eq!(before.total(), 0);
+    assert!(matches!(g.run_simple(), End::Terminated(_)));
+    let n = g.vcpu.sev().unwrap().vmgexits().unwrap();
+    // The guest prints through IOIO requests (string I/O: several bytes each), starts with
+    // the MSR protocol (SEV information, CPUID) and ends with its termination request.
+    assert!(!g.serial.is_empty());
+    assert!(n.get(VmgexitKind::Ghcb(ec::IOIO)) >= 1, "{n:?}");
+    let msr = |info: u64| VmgexitKind::Msr(info as u16);
+    assert_eq!(n.get(msr(msr_protocol::SEV_INFO_REQ)), 1, "{n:?}");
+    assert!(n.get(msr(msr_protocol::CPUID_REQ)) >= 1, "{n:?}");
+    assert_eq!(n.get(msr(msr_protocol::TERM_REQ)), 1, "{n:?}");
+    for code in [ec::CPUID, ec::VMMCALL, ec::RDTSC, ec::RDTSCP, ec::WBINVD] {
+        assert!(n.get(VmgexitKind::Ghcb(code)) >= 1, "{code:#x}: {n:?}");
+    }
+    assert_eq!(n.total(), n.by_count().iter().map(|(_, c)| c).sum::<u64>());
+}
+
 /// MSRs outside the VMSA that the hypervisor emulates with state of its own (the MTRRs, as
 /// KVM keeps them): what the VMM set before the launch is what the guest reads through #VC,
 /// writes are kept, invalid values are a #GP the guest's #VC handler raises.

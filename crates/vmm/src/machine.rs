@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use esvm_arch::{layout, VcpuSnapshot};
 use esvm_devices::{Devices, DevicesError, DevicesState, DEVICES_STATE_VERSION};
+use esvm_hv::ghcb::VmgexitCounts;
 use esvm_hv::sev::{Launcher, SevHostVmState, SevVcpu, SevVcpuTransfer, SevVm, Started};
 use esvm_hv::{BackendKind, HvError, Vcpu, Vm, VmConfig, VmExit, VmType};
 use esvm_loader::linux::{LinuxBoot, LinuxImage, LinuxLoadError};
@@ -460,6 +461,19 @@ impl Machine {
             .zip(&self.retired_base)
             .map(|(v, base)| v.instructions_retired().map(|n| n + base))
             .sum()
+    }
+
+    /// SEV-ES: the VMGEXITs the hypervisor handled for the vCPUs, by what they asked for
+    /// (see [`SevVcpu::vmgexits`]); None for a plain VM.
+    pub fn vmgexits(&self) -> Option<VmgexitCounts> {
+        if self.config.vm_type != VmType::SevEs {
+            return None;
+        }
+        let mut all = VmgexitCounts::default();
+        for v in &self.vcpus {
+            all.add(&v.sev()?.vmgexits().ok()?);
+        }
+        Some(all)
     }
 
     /// Run the boot vCPU until the guest exits, shuts down, the limit runs out or the VM

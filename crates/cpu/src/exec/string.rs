@@ -12,6 +12,13 @@ use iced_x86::{Instruction, Mnemonic};
 
 const CHUNK: u32 = 4096;
 
+#[cfg(test)]
+thread_local! {
+    /// Elements REP MOVS/STOS moved through host pointers ([`bulk`]) on this thread: tests
+    /// check that the fast path ran (or did not).
+    pub(crate) static BULK_ELEMENTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Op {
     Movs,
@@ -207,8 +214,17 @@ fn run_len(lin: u64, sz: usize, back: bool) -> u64 {
 /// per-element loop would move them (a block copy when source and destination do not
 /// overlap), then RCX/RSI/RDI are advanced and the destination page is logged. Returns the
 /// number of iterations done, or None when the next element needs the per-element path (it
-/// crosses a page, either page is MMIO, the destination page holds decoded code, or the vCPU
-/// is an SEV guest).
+/// crosses a page, either page is not RAM, or the destination page holds decoded code).
+///
+/// In SEV-ES mode the host pointers are those of the views the per-element accesses take
+/// (see [`Cpu::host_page`]): the private backing for a C-bit-set leaf, RAM for a clear one,
+/// each page converted by its translation as an element's access would convert it; the
+/// dirty and code bookkeeping goes to the guest-physical page. The source pointer is only
+/// used if translating the destination converted no page: a conversion of the source's page
+/// (source and destination are aliases of one page with the C-bit set in one and clear in
+/// the other) moves its content to the other backing, and element by element the views
+/// then alternate. The per-element path takes over for that element and makes the same
+/// conversions.
 fn bulk(
     c: &mut Cpu,
     movs: bool,
@@ -234,9 +250,13 @@ fn bulk(
         };
         src = sp + (slin & 0xfff) as usize;
     }
+    let conversions = c.sev_conversions();
     let Some((dp, dgpn)) = c.host_page(dlin, true)? else {
         return Ok(None);
     };
+    if movs && c.sev_conversions() != conversions {
+        return Ok(None);
+    }
     if c.is_code_page(dgpn) {
         return Ok(None);
     }
@@ -247,8 +267,10 @@ fn bulk(
     if movs {
         let (s0, d0) = (low(src), low(dst));
         if d0 + bytes <= s0 || s0 + bytes <= d0 {
-            // SAFETY: both runs lie inside RAM pages (host_page, run_len) and do not overlap;
-            // guest RAM is only accessed through raw pointers.
+            // SAFETY: both runs lie inside pages of RAM or the private backing (host_page,
+            // run_len; no conversion since the source was translated, so the source page is
+            // still where its content lives) and do not overlap; guest memory is only
+            // accessed through raw pointers.
             unsafe { std::ptr::copy_nonoverlapping(s0 as *const u8, d0 as *mut u8, bytes) };
         } else {
             // Overlapping runs: element by element in guest order (the result can depend on
@@ -260,7 +282,7 @@ fn bulk(
                     k * sz
                 };
                 let (s, d) = (src.wrapping_add(off), dst.wrapping_add(off));
-                // SAFETY: element k of each run lies inside its RAM page (see above).
+                // SAFETY: element k of each run lies inside its page (see above).
                 unsafe {
                     match sz {
                         1 => *(d as *mut u8) = *(s as *const u8),
@@ -274,7 +296,8 @@ fn bulk(
     } else {
         let v = c.gpr[0];
         let d0 = low(dst);
-        // SAFETY: the run lies inside a RAM page (host_page, run_len).
+        // SAFETY: the run lies inside a page of RAM or the private backing (host_page,
+        // run_len).
         unsafe {
             match sz {
                 1 => std::ptr::write_bytes(d0 as *mut u8, v as u8, bytes),
@@ -301,6 +324,8 @@ fn bulk(
     }
     // SAFETY: `dgpn` is the RAM page `host_page` returned for the destination.
     unsafe { c.note_write(dgpn) };
+    #[cfg(test)]
+    BULK_ELEMENTS.with(|b| b.set(b.get() + n));
     Ok(Some(n))
 }
 

@@ -17,8 +17,9 @@
 //! without the memory key. Each conversion bumps a VM-wide *conversion generation* and flags
 //! every SEV-ES vCPU on the memory (through the attention flags its block chaining already
 //! polls, so plain vCPUs pay nothing); a vCPU flushes its TLB when it sees a new generation,
-//! at its next block boundary (the converting vCPU at once). A conversion also drops decoded
-//! code on the page and marks it dirty.
+//! at its next block boundary; the converting vCPU drops at once the TLB entries of the page
+//! it converted (all of them if other conversions happened since it last looked). A
+//! conversion also drops decoded code on the page and marks it dirty.
 //!
 //! Who may call what:
 //! - **host (untrusted) API** — [`PhysMemory::read_host`], [`PhysMemory::write_host`],

@@ -525,6 +525,393 @@ fn bad_c_bit_is_a_shutdown() {
     }
 }
 
+// ---------------------------------------------------------------------- REP MOVS/STOS
+
+/// A C-bit-clear alias (one 2 MiB page) of guest-physical 0..2 MiB: the page tables, the
+/// code and the stack through the shared view.
+const LOW_ALIAS: u64 = 0x180_0000;
+/// Pages mapped with the C-bit that are still Shared (above the launch-encrypted range):
+/// their first access converts them.
+const FRESH: u64 = 0xc0_0000;
+
+const STOSB: &[u8] = &[0xf3, 0xaa];
+const STOSW: &[u8] = &[0x66, 0xf3, 0xab];
+const STOSQ: &[u8] = &[0xf3, 0x48, 0xab];
+const MOVSB: &[u8] = &[0xf3, 0xa4];
+const MOVSW: &[u8] = &[0x66, 0xf3, 0xa5];
+const MOVSD: &[u8] = &[0xf3, 0xa5];
+const MOVSQ: &[u8] = &[0xf3, 0x48, 0xa5];
+
+/// One REP MOVS/STOS: its registers, DF and its bytes.
+#[derive(Clone, Copy)]
+struct Rep {
+    rsi: u64,
+    rdi: u64,
+    rcx: u64,
+    rax: u64,
+    back: bool,
+    op: &'static [u8],
+}
+
+fn rep(op: &'static [u8], rsi: u64, rdi: u64, rcx: u64) -> Rep {
+    Rep {
+        rsi,
+        rdi,
+        rcx,
+        rax: 0x5aa5_0123_4567_89cd,
+        back: false,
+        op,
+    }
+}
+
+fn rep_back(op: &'static [u8], rsi: u64, rdi: u64, rcx: u64) -> Rep {
+    Rep {
+        back: true,
+        ..rep(op, rsi, rdi, rcx)
+    }
+}
+
+/// `mov r64, imm64` (registers 0..7).
+fn mov_r64(reg: u8, v: u64) -> Vec<u8> {
+    let mut b = vec![0x48, 0xb8 + reg];
+    b.extend_from_slice(&v.to_le_bytes());
+    b
+}
+
+/// The REP instructions after their register set-up, then HLT. With `reference` each one
+/// has an address-size prefix: 32-bit addresses, which the page-at-a-time path declines,
+/// so every element goes through the per-access path (the same elements: every address
+/// here is below 4 GiB and nothing wraps); otherwise a DS override (the default source
+/// segment: no effect) keeps the code and the instruction the same length.
+fn rep_program(reps: &[Rep], reference: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    for r in reps {
+        v.extend(mov_r64(6, r.rsi));
+        v.extend(mov_r64(7, r.rdi));
+        v.extend(mov_r64(1, r.rcx));
+        v.extend(mov_r64(0, r.rax));
+        if r.back {
+            v.push(0xfd); // std
+        }
+        v.push(if reference { 0x67 } else { 0x3e });
+        v.extend_from_slice(r.op);
+        v.push(0xfc); // cld
+    }
+    v.push(HLT);
+    v
+}
+
+/// Guest-physical windows whose two views the REP tests compare: page tables, code,
+/// stack, the private pages, the shared window, fresh pages, the last RAM page.
+const REP_WINDOWS: [(u64, u64); 7] = [
+    (PML4, 0x3000),
+    (CODE, 0x2000),
+    (STACK_TOP - 0x1000, 0x1000),
+    (PRIV, 0x8000),
+    (SHARED, 0x4000),
+    (FRESH, 0x4000),
+    (MEM - 0x1000, 0x1000),
+];
+
+/// Everything a REP test compares between the fast and the reference run.
+struct RepOutcome {
+    exit: Exit,
+    regs: Regs,
+    caught: Option<(u8, Option<u64>, u64)>,
+    private_pages: Vec<u64>,
+    dirty: Vec<u64>,
+    /// Per window: the private view (plaintext a C-bit read sees) and the host's view.
+    views: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Elements moved through host pointers.
+    bulk: u64,
+}
+
+/// Run `code` on a fresh SEV-ES harness with patterned private and shared pages and the
+/// `LOW_ALIAS` mapping.
+fn rep_outcome_of(code: &[u8], setup: &dyn Fn(&PhysMemory)) -> RepOutcome {
+    let mut h = sev_harness(code);
+    let m = h.mem().clone();
+    let pattern =
+        |seed: u64, n: usize| -> Vec<u8> { (0..n as u64).map(|i| mix(seed ^ i) as u8).collect() };
+    m.write_private(PRIV, &pattern(1, 0x8000)).unwrap();
+    m.write_host(SHARED, &pattern(2, 0x4000)).unwrap();
+    wr_private_u64(&m, PML4 + 0x2000 + 8 * (LOW_ALIAS >> 21), 0x83);
+    setup(&m);
+    m.take_dirty();
+    crate::exec::string::BULK_ELEMENTS.with(|b| b.set(0));
+    let exit = h.run();
+    let bulk = crate::exec::string::BULK_ELEMENTS.with(|b| b.get());
+    let views = REP_WINDOWS
+        .iter()
+        .map(|&(gpa, len)| {
+            let (mut p, mut s) = (vec![0u8; len as usize], vec![0u8; len as usize]);
+            m.read_private(gpa, &mut p).unwrap();
+            m.read_host(gpa, &mut s).unwrap();
+            (p, s)
+        })
+        .collect();
+    RepOutcome {
+        exit,
+        regs: h.cpu.regs(),
+        caught: caught(&h),
+        private_pages: m.private_bitmap(),
+        dirty: m.take_dirty(),
+        views,
+        bulk,
+    }
+}
+
+/// Run `fast` (REP MOVS/STOS that may take the page-at-a-time path) and `reference` (the
+/// same program whose REP instructions go element by element) and require the same
+/// registers, exception, exit, page states, dirty pages and memory in both views. Returns
+/// the fast run.
+fn same_as_per_element(
+    name: &str,
+    fast: &[u8],
+    reference: &[u8],
+    setup: &dyn Fn(&PhysMemory),
+) -> RepOutcome {
+    let f = rep_outcome_of(fast, setup);
+    let r = rep_outcome_of(reference, setup);
+    assert_eq!(r.bulk, 0, "{name}: the reference run took the fast path");
+    assert_eq!(f.exit, r.exit, "{name}: exit");
+    assert_eq!(f.caught, r.caught, "{name}: exception");
+    assert_eq!(f.regs, r.regs, "{name}: registers");
+    assert!(
+        f.private_pages == r.private_pages,
+        "{name}: page states differ"
+    );
+    assert!(f.dirty == r.dirty, "{name}: dirty pages differ");
+    // The programs differ in their prefixes (and so in the ciphertext of those bytes'
+    // 16-byte blocks); everything else must match.
+    let program = CODE & !15..(CODE + fast.len() as u64).next_multiple_of(16);
+    for (k, ((fp, fs), (rp, rs))) in f.views.iter().zip(&r.views).enumerate() {
+        let (gpa, _) = REP_WINDOWS[k];
+        let differs = |a: &[u8], b: &[u8]| {
+            (0..a.len()).find(|&i| a[i] != b[i] && !program.contains(&(gpa + i as u64)))
+        };
+        if let Some(i) = differs(fp, rp) {
+            panic!("{name}: private view differs at {:#x}", gpa + i as u64);
+        }
+        if let Some(i) = differs(fs, rs) {
+            panic!("{name}: host view differs at {:#x}", gpa + i as u64);
+        }
+    }
+    f
+}
+
+fn same_reps(name: &str, reps: &[Rep]) -> RepOutcome {
+    same_as_per_element(
+        name,
+        &rep_program(reps, false),
+        &rep_program(reps, true),
+        &|_| {},
+    )
+}
+
+fn window(o: &RepOutcome, gpa: u64, len: usize, private: bool) -> &[u8] {
+    let (k, &(base, _)) = REP_WINDOWS
+        .iter()
+        .enumerate()
+        .find(|(_, w)| (w.0..w.0 + w.1).contains(&gpa))
+        .expect("a compared window");
+    let v = if private {
+        &o.views[k].0
+    } else {
+        &o.views[k].1
+    };
+    &v[(gpa - base) as usize..(gpa - base) as usize + len]
+}
+
+/// REP STOS/MOVS in SEV-ES mode run a page at a time through the backing of the view each
+/// element's access would use (the private backing through C-bit-set mappings, RAM through
+/// clear ones), converting pages as those accesses would: the same registers, memory (both
+/// views), page states and dirty pages as element by element, forwards and with DF=1,
+/// across page boundaries, overlapping, between private and shared memory.
+#[test]
+fn rep_string_fast_path_uses_the_views_of_the_per_element_path() {
+    // Forwards and backwards within private memory, across pages.
+    let o = same_reps("stosb", &[rep(STOSB, 0, PRIV + 0xff0, 0x2020)]);
+    assert!(o.bulk > 0x1000, "stosb: the fast path did not run");
+    assert!(window(&o, PRIV + 0xff0, 0x2020, true)
+        .iter()
+        .all(|&b| b == 0xcd));
+    assert_eq!(
+        window(&o, PRIV + 0x1000, 0x1000, false),
+        &encrypt(PRIV + 0x1000, [0xcd; 4096])[..],
+        "the host sees the ciphertext of a private page"
+    );
+    let o = same_reps("stosq back", &[rep_back(STOSQ, 0, PRIV + 0x3008, 0x500)]);
+    assert!(o.bulk > 0x400, "stosq back: the fast path did not run");
+    assert_eq!(o.regs.gpr[7], PRIV + 0x3008 - 8 * 0x500);
+
+    // Private to shared and back; the shared copy is plaintext for the host.
+    let o = same_reps(
+        "movsq to shared",
+        &[rep(MOVSQ, PRIV + 0x100, SHARED + 0xf80, 0x400)],
+    );
+    assert!(o.bulk > 0x200, "movsq to shared: the fast path did not run");
+    assert_eq!(
+        window(&o, SHARED + 0xf80, 0x2000, false),
+        window(&o, PRIV + 0x100, 0x2000, true),
+        "the shared copy is the plaintext in RAM"
+    );
+    let o = same_reps(
+        "movsb shared to private, back",
+        &[rep_back(MOVSB, SHARED + 0x2ff0, PRIV + 0x5008, 0x1800)],
+    );
+    assert!(o.bulk > 0x1000);
+    assert_eq!(
+        window(&o, PRIV + 0x5009 - 0x1800, 0x1800, true),
+        window(&o, SHARED + 0x2ff1 - 0x1800, 0x1800, false),
+    );
+
+    // Overlapping runs: the pattern fill of RDI = RSI + 1, and a backwards overlap.
+    let o = same_reps(
+        "overlap",
+        &[rep(MOVSB, PRIV + 0x1000, PRIV + 0x1001, 0x1800)],
+    );
+    assert!(o.bulk > 0x1000);
+    let first = window(&o, PRIV + 0x1000, 1, true)[0];
+    assert!(window(&o, PRIV + 0x1000, 0x1801, true)
+        .iter()
+        .all(|&b| b == first));
+    same_reps(
+        "overlap back",
+        &[rep_back(MOVSD, PRIV + 0x2ffc, PRIV + 0x2fff, 0x300)],
+    );
+
+    // First accesses through the C-bit to pages still Shared convert them (destination
+    // and source), including a conversion while the destination is translated.
+    let o = same_reps(
+        "fresh pages",
+        &[
+            rep(STOSW, 0, FRESH + 0xff0, 0x900),
+            rep(MOVSD, PRIV, FRESH + 0x2ffc, 0x401),
+            rep(MOVSQ, FRESH + 0x8, PRIV + 0x7000, 0x200),
+        ],
+    );
+    for p in [FRESH, FRESH + 0x1000, FRESH + 0x2000, FRESH + 0x3000] {
+        assert!(o.private_pages[(p >> 18) as usize] & (1 << ((p >> 12) % 64)) != 0);
+    }
+    // A C-bit-clear alias of private pages: the other page converts to Shared; the same
+    // page read and written through its two views converts back and forth per element, so
+    // an element read after an overlapping one was written through the other view sees its
+    // decryption.
+    let o = same_reps(
+        "aliases",
+        &[
+            rep(MOVSQ, ALIAS + 0x7000, PRIV + 0x4000, 0x180),
+            rep(MOVSW, PRIV + 0x6000, ALIAS + 0x6800, 0x300),
+            rep(MOVSB, PRIV + 0x5000, ALIAS + 0x5010, 0x100),
+            rep_back(MOVSB, ALIAS + 0x6100, PRIV + 0x6f00, 0x40),
+        ],
+    );
+    assert!(o.bulk > 0);
+    assert_eq!(
+        window(&o, PRIV + 0x4000, 0xc00, true),
+        window(&o, PRIV + 0x7000, 0xc00, false),
+        "a copy from the shared alias gets the ciphertext"
+    );
+
+    // The page tables through a C-bit-clear alias, as destination (a conversion while the
+    // destination is translated, of a table the source's walk reads) and as source.
+    same_reps(
+        "tables",
+        &[
+            rep(MOVSQ, PRIV + 0x100, LOW_ALIAS + PML4 + 0x2000 + 0x800, 0x40),
+            rep(MOVSB, LOW_ALIAS + PML4, PRIV + 0x100, 0x1000),
+            rep(STOSQ, 0, PRIV + 0x2000, 0x10),
+        ],
+    );
+
+    // MMIO through a C-bit-clear mapping: #VC at the first element there, after the RAM
+    // elements before it; a C-bit access outside RAM shuts down; an MMIO source.
+    let o = same_reps("stos into mmio", &[rep(STOSB, 0, MMIO_C0 - 0x10, 0x40)]);
+    assert_eq!(
+        o.caught.map(|c| (c.0, c.1)),
+        Some((vector::VC, Some(ec::NPF)))
+    );
+    assert_eq!(o.regs.gpr[1], 0x30);
+    let o = same_reps("movs from mmio", &[rep(MOVSQ, MMIO_C0, PRIV, 4)]);
+    assert_eq!(
+        o.caught.map(|c| (c.0, c.1)),
+        Some((vector::VC, Some(ec::NPF)))
+    );
+    let o = same_reps("stos outside ram", &[rep(STOSQ, 0, MMIO_C1, 4)]);
+    assert!(matches!(o.exit, Exit::Shutdown { .. }), "{:?}", o.exit);
+}
+
+/// REP MOVS over code that ran (the destination page holds decoded code): the new code
+/// runs, as element by element; and the page is dirty.
+#[test]
+fn rep_movs_over_executed_code() {
+    const FUNC: u64 = CODE + 0x1000;
+    const NEW: u64 = PRIV + 0x200;
+    let program = |reference: bool| {
+        let mut v = vec![0xe8]; // call FUNC
+        v.extend_from_slice(&((FUNC - (CODE + 5)) as u32).to_le_bytes());
+        v.extend_from_slice(&[0x89, 0xc3]); // mov ebx, eax
+        let body = rep_program(&[rep(MOVSB, NEW, FUNC, 6)], reference);
+        v.extend_from_slice(&body[..body.len() - 1]);
+        let at = CODE + v.len() as u64;
+        v.push(0xe8); // call FUNC
+        v.extend_from_slice(&((FUNC.wrapping_sub(at + 5)) as u32).to_le_bytes());
+        v.push(HLT);
+        v
+    };
+    let setup = |m: &PhysMemory| {
+        m.write_private(FUNC, &[0xb8, 1, 0, 0, 0, 0xc3]).unwrap(); // mov eax, 1; ret
+        m.write_private(NEW, &[0xb8, 2, 0, 0, 0, 0xc3]).unwrap(); // mov eax, 2; ret
+    };
+    let o = same_as_per_element("code", &program(false), &program(true), &setup);
+    assert_eq!(o.exit, Exit::Hlt);
+    assert_eq!(
+        (o.regs.gpr[3], o.regs.gpr[0]),
+        (1, 2),
+        "the old code, then the new"
+    );
+    let p = FUNC >> 12;
+    assert!(o.dirty[(p / 64) as usize] & (1 << (p % 64)) != 0);
+}
+
+/// A conversion by this vCPU drops the data TLB entries of that page (an entry of another
+/// alias points at the view the page left) and keeps the others; after a conversion it has
+/// not caught up with (the host's, here), it drops them all.
+#[test]
+fn own_conversion_drops_the_tlb_entries_of_its_page() {
+    let code = prog(&[
+        &load_rax(PRIV),
+        &load_rax(ALIAS + 0x1000),
+        &load_rax(SHARED),
+    ]);
+    let mut h = sev_harness(&code);
+    assert_eq!(h.run(), Exit::Hlt);
+    let cached = |c: &Cpu, lin: u64| {
+        let vpn = lin >> 12;
+        c.tlb.e[c.tlb_idx(vpn)].r == vpn
+    };
+    for lin in [PRIV, ALIAS + 0x1000, SHARED] {
+        assert!(cached(&h.cpu, lin), "{lin:#x} not in the TLB");
+    }
+    assert!(!h.mem().is_private((PRIV + 0x1000) >> 12));
+    // A C-bit access makes PRIV + 0x1000 private again.
+    h.cpu
+        .sev_view((PRIV + 0x1000) >> 12, crate::mem::View::Private)
+        .unwrap();
+    assert!(
+        !cached(&h.cpu, ALIAS + 0x1000),
+        "stale entry of the alias kept"
+    );
+    assert!(cached(&h.cpu, PRIV) && cached(&h.cpu, SHARED));
+    // The host converts a page; before this vCPU has looked, it converts another one.
+    h.mem().write_host(PRIV + 0x2000, &[1]).unwrap();
+    h.cpu
+        .sev_view((PRIV + 0x3000) >> 12, crate::mem::View::Shared)
+        .unwrap();
+    assert!(!cached(&h.cpu, PRIV) && !cached(&h.cpu, SHARED));
+}
+
 // ---------------------------------------------------------------------- page walk
 
 #[test]

@@ -12,6 +12,7 @@ use esvm_psp::{
 };
 
 use super::{Awaiting, EmuVcpu, EmuVm};
+use crate::ghcb::VmgexitCounts;
 use crate::sev::moving::{MoveEndpoint, MoveProbe, MoveToken, SevVcpuMove, SevVcpuUndo};
 use crate::sev::transfer::{KIND_PRIVATE, KIND_SHARED, PAGE};
 use crate::sev::{
@@ -518,6 +519,13 @@ impl SevVcpu for EmuVcpu {
             return Err(sev("not an SEV-ES vCPU"));
         }
         Ok(self.cpu.ghcb_msr())
+    }
+
+    fn vmgexits(&self) -> Result<VmgexitCounts> {
+        match &self.sev {
+            Some(s) => Ok(s.vmgexits.clone()),
+            None => Err(sev("not an SEV-ES vCPU")),
+        }
     }
 
     fn move_probe(&self, _: &MoveToken) -> Option<MoveProbe> {

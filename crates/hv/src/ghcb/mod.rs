@@ -30,6 +30,7 @@ pub mod msr;
 pub mod nae;
 pub mod page;
 pub mod services;
+pub mod stats;
 
 use esvm_abi::msr_protocol;
 use thiserror::Error;
@@ -40,6 +41,7 @@ pub use msr::{handle_msr_protocol, MsrProtocolOutcome};
 pub use nae::{handle_ghcb, GhcbErrorCode, GhcbOutcome, GuestResponse, IoioInfo};
 pub use page::{GhcbField, GhcbPage, GHCB_PAGE_SIZE};
 pub use services::{CpuidRequest, GhcbServices, GhcbVmState, IoSize, ServiceError, VmmcallRegs};
+pub use stats::{VmgexitCounts, VmgexitKind};
 
 /// Default limit of a scratch area outside the GHCB page (16 pages, as KVM).
 pub const DEFAULT_SCRATCH_LIMIT: u32 = 16 * 4096;
@@ -215,11 +217,25 @@ pub fn handle_vmgexit<S: GhcbServices + ?Sized>(
     services: &mut S,
     state: &mut GhcbState,
 ) -> VmgexitOutcome {
-    if ghcb_msr & msr_protocol::INFO_MASK != 0 {
-        return VmgexitOutcome::Msr(handle_msr_protocol(ghcb_msr, services, state));
+    handle_vmgexit_of_kind(ghcb_msr, services, state).1
+}
+
+/// [`handle_vmgexit`], also saying what the VMGEXIT asked for (for [`VmgexitCounts`]).
+pub fn handle_vmgexit_of_kind<S: GhcbServices + ?Sized>(
+    ghcb_msr: u64,
+    services: &mut S,
+    state: &mut GhcbState,
+) -> (VmgexitKind, VmgexitOutcome) {
+    let info = ghcb_msr & msr_protocol::INFO_MASK;
+    if info != 0 {
+        return (
+            VmgexitKind::Msr(info as u16),
+            VmgexitOutcome::Msr(handle_msr_protocol(ghcb_msr, services, state)),
+        );
     }
+    let failed = |e| (VmgexitKind::Unreadable, VmgexitOutcome::Failed(e));
     if ghcb_msr == 0 {
-        return VmgexitOutcome::Failed(GhcbError::NoGhcb);
+        return failed(GhcbError::NoGhcb);
     }
     let gpa = ghcb_msr;
     let inaccessible = |e: ServiceError| GhcbError::GhcbInaccessible {
@@ -227,19 +243,22 @@ pub fn handle_vmgexit<S: GhcbServices + ?Sized>(
         reason: e.to_string(),
     };
     if gpa.checked_add(GHCB_PAGE_SIZE as u64).is_none() {
-        return VmgexitOutcome::Failed(inaccessible(ServiceError::refused(
+        return failed(inaccessible(ServiceError::refused(
             "the page ends beyond the physical address space",
         )));
     }
     let mut page = [0u8; GHCB_PAGE_SIZE];
     if let Err(e) = services.read_shared(gpa, &mut page) {
-        return VmgexitOutcome::Failed(inaccessible(e));
+        return failed(inaccessible(e));
     }
+    let kind = GhcbPage::new(&mut page)
+        .sw_exit_code()
+        .map_or(VmgexitKind::Unreadable, VmgexitKind::Ghcb);
     let outcome = handle_ghcb(&mut page, gpa, services, state);
     if let Err(e) = services.write_shared(gpa, &page) {
-        return VmgexitOutcome::Failed(inaccessible(e));
+        return (kind, VmgexitOutcome::Failed(inaccessible(e)));
     }
-    VmgexitOutcome::Ghcb(outcome)
+    (kind, VmgexitOutcome::Ghcb(outcome))
 }
 
 #[cfg(test)]

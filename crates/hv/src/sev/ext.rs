@@ -24,6 +24,7 @@ use esvm_psp::{LaunchStart, Measurement, PacketHeader, Psp};
 
 use super::moving::{self, MoveEndpoint, MoveProbe, MoveToken, SevVcpuMove, SevVcpuUndo};
 use super::{SevHostVmState, SevSessionStart, SevVcpuTransfer};
+use crate::ghcb::VmgexitCounts;
 use crate::{HvError, Result, Vcpu};
 
 /// Proof that a launch command comes from a [`Launcher`](super::Launcher) in the state that
@@ -175,6 +176,12 @@ pub trait SevVcpu: Send {
     fn receive_state(&mut self, t: &SevVcpuTransfer) -> Result<()>;
     /// The GHCB MSR (host-visible state of an SEV-ES vCPU).
     fn ghcb_msr(&self) -> Result<u64>;
+    /// The VMGEXITs the hypervisor handled for this vCPU, by what they asked for (SVM exit
+    /// code of a GHCB request, or MSR-protocol request), each counted once when its
+    /// handling completed. Host-side statistics: a same-host move takes them along with the
+    /// rest of the hypervisor's vCPU state; a guest received from elsewhere (migration, a
+    /// sealed snapshot) starts at zero.
+    fn vmgexits(&self) -> Result<VmgexitCounts>;
 
     /// Move hook: what the move must know of this vCPU; `None`: it cannot take part.
     fn move_probe(&self, token: &MoveToken) -> Option<MoveProbe> {

@@ -1,12 +1,15 @@
 //! `esvm bench linux`: boot a Linux kernel to a userland workload and its reboot on the
 //! software vCPU, beside QEMU's TCG booting the same kernel, initrd and command line in the
-//! same run.
+//! same run, and with `--sev-es` the same kernel as an SEV-ES guest too.
 //!
 //! Phases are taken from the console: "Run /init as init process" (the kernel is about to
 //! start userland), "workload digest=" (the workload's last line) and the end of the run
 //! (the reboot). For esvm each phase has the wall time and the guest instructions retired;
 //! QEMU (`-accel tcg -M microvm` with no APIC, as REFERENCE.md's comparison) has wall time
-//! only — its TCG does not count instructions without slowing down (-icount).
+//! only — its TCG does not count instructions without slowing down (-icount). An SEV-ES boot
+//! is launched through the software secure processor of `--platform` (its launch is part of
+//! its times, and reported on its own) and its VMGEXITs are counted by what they asked for
+//! (SVM exit code, or MSR-protocol request).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -17,6 +20,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use esvm::machine::{Machine, MachineConfig, VmControl};
 use esvm::outcome::Outcome;
+use esvm::sev_launch::SevLaunchArgs;
+use esvm_hv::ghcb::{VmgexitCounts, VmgexitKind};
 use esvm_hv::{BackendKind, VmType};
 use esvm_loader::linux::LinuxImage;
 use thiserror::Error;
@@ -55,6 +60,13 @@ pub struct LinuxBenchArgs {
     /// Longest a single boot may take before it counts as hung.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
+    /// Also boot the kernel as an SEV-ES guest (launched through the secure processor in
+    /// --platform), beside the plain boot, and count its VMGEXITs.
+    #[arg(long, requires = "platform")]
+    pub sev_es: bool,
+    /// Platform directory (`esvm platform init --dir DIR`) of the secure processor.
+    #[arg(long, value_name = "DIR", requires = "sev_es")]
+    pub platform: Option<PathBuf>,
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -73,6 +85,8 @@ pub enum LinuxBenchError {
     MissingMarker(&'static str),
     #[error("the esvm boot ended unexpectedly: {0}")]
     Ended(String),
+    #[error("the SEV-ES boot needs at least {min} MiB of guest RAM (--mem)")]
+    SevMemTooSmall { min: u64 },
     #[error("cannot start {qemu}: {source} (install qemu-system-x86, or pass --qemu none)")]
     QemuStart {
         qemu: String,
@@ -126,11 +140,22 @@ impl Write for MarkerWriter {
     }
 }
 
+/// One esvm boot: its phases, and for an SEV-ES boot its launch time and VMGEXITs.
+#[derive(Debug, Clone, Default)]
+struct Boot {
+    phases: Phases,
+    launch: Option<Duration>,
+    vmgexits: Option<VmgexitCounts>,
+}
+
+/// Boot the kernel on the software vCPU: a plain guest, or with `platform` an SEV-ES guest
+/// launched through that secure processor.
 fn esvm_boot(
     args: &LinuxBenchArgs,
     kernel: &[u8],
     initrd: &[u8],
-) -> Result<Phases, Box<dyn std::error::Error>> {
+    platform: Option<&std::path::Path>,
+) -> Result<Boot, Box<dyn std::error::Error>> {
     let control = Arc::new(OnceLock::new());
     let phases = Arc::new(Mutex::new(Phases::default()));
     let start = Instant::now();
@@ -143,19 +168,41 @@ fn esvm_boot(
     };
     let config = MachineConfig {
         backend: BackendKind::Emu,
-        vm_type: VmType::Plain,
+        vm_type: if platform.is_some() {
+            VmType::SevEs
+        } else {
+            VmType::Plain
+        },
         mem_size: args.mem,
         vcpus: 1,
         max_instructions: None,
     };
     let mut machine = Machine::new(&config, Box::new(writer))?;
-    machine.load_linux(&LinuxImage {
+    let boot = machine.load_linux(&LinuxImage {
         name: &args.kernel.display().to_string(),
         kernel,
         initrd: Some(initrd),
         cmdline: &args.cmdline,
     })?;
-    // After loading, which needs the machine unshared.
+    let launch = match platform {
+        Some(platform) => {
+            let t = Instant::now();
+            esvm::sev_launch::launch(
+                &mut machine,
+                &boot.written_pages(),
+                &SevLaunchArgs {
+                    platform,
+                    session: None,
+                    measurement_out: None,
+                    secret: None,
+                    policy: None,
+                },
+            )?;
+            Some(t.elapsed())
+        }
+        None => None,
+    };
+    // After loading (and launching), which needs the machine unshared.
     let _ = control.set(machine.control().clone());
     let outcome = machine.run()?;
     let end = start.elapsed();
@@ -169,7 +216,11 @@ fn esvm_boot(
         }
     }
     p.at[2] = Some((end, machine.instructions()));
-    Ok(p)
+    Ok(Boot {
+        phases: p,
+        launch,
+        vmgexits: machine.vmgexits(),
+    })
 }
 
 fn qemu_boot(args: &LinuxBenchArgs) -> Result<Phases, LinuxBenchError> {
@@ -256,10 +307,10 @@ fn qemu_boot(args: &LinuxBenchArgs) -> Result<Phases, LinuxBenchError> {
     Ok(phases)
 }
 
-fn best(runs: Vec<Phases>) -> Phases {
+/// The run that reached the reboot first.
+fn best<T>(runs: Vec<T>, phases: impl Fn(&T) -> &Phases) -> Option<T> {
     runs.into_iter()
-        .min_by_key(|p| p.at[2].map(|(t, _)| t))
-        .unwrap_or_default()
+        .min_by_key(|r| phases(r).at[2].map(|(t, _)| t))
 }
 
 pub fn run(args: &LinuxBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
@@ -269,22 +320,39 @@ pub fn run(args: &LinuxBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             source,
         })
     };
+    let sev_platform = if args.sev_es {
+        if args.mem < crate::cli::run::MIN_SEV_LINUX_MEM {
+            return Err(LinuxBenchError::SevMemTooSmall {
+                min: crate::cli::run::MIN_SEV_LINUX_MEM >> 20,
+            }
+            .into());
+        }
+        Some(args.platform.as_deref().expect("clap requires --platform"))
+    } else {
+        None
+    };
     let kernel = read(&args.kernel)?;
     let initrd = read(&args.initrd)?;
     let repeat = args.repeat.max(1);
     let mut esvm_runs = Vec::new();
+    let mut sev_runs = Vec::new();
     let mut qemu_runs = Vec::new();
-    // Interleaved, so both sides see the same machine load.
+    // Interleaved, so all sides see the same machine load.
     for i in 0..repeat {
         eprintln!("bench linux: esvm boot {}/{repeat}", i + 1);
-        esvm_runs.push(esvm_boot(args, &kernel, &initrd)?);
+        esvm_runs.push(esvm_boot(args, &kernel, &initrd, None)?);
+        if let Some(platform) = sev_platform {
+            eprintln!("bench linux: esvm SEV-ES boot {}/{repeat}", i + 1);
+            sev_runs.push(esvm_boot(args, &kernel, &initrd, Some(platform))?);
+        }
         if args.qemu != "none" {
             eprintln!("bench linux: QEMU TCG boot {}/{repeat}", i + 1);
             qemu_runs.push(qemu_boot(args)?);
         }
     }
-    let e = best(esvm_runs);
-    let q = (!qemu_runs.is_empty()).then(|| best(qemu_runs));
+    let e = best(esvm_runs, |b| &b.phases).expect("at least one boot");
+    let q = best(qemu_runs, |p| p);
+    let sev = best(sev_runs, |b| &b.phases);
     println!(
         "Linux boot, best of {repeat}: kernel {}, initrd {}",
         args.kernel.display(),
@@ -292,26 +360,106 @@ pub fn run(args: &LinuxBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
     );
     println!("command line: {}", args.cmdline);
     println!();
-    println!("| phase | esvm wall (s) | esvm guest instructions | esvm MIPS | QEMU TCG wall (s) | esvm / QEMU |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    print!("{}", qemu_table(&e.phases, q.as_ref()));
+    if let Some(sev) = &sev {
+        println!();
+        if let Some(launch) = sev.launch {
+            println!(
+                "SEV-ES beside plain (the SEV-ES times include its launch, LAUNCH_START to \
+                 LAUNCH_FINISH: {:.2} s):",
+                launch.as_secs_f64()
+            );
+        }
+        println!();
+        print!("{}", sev_table(&e.phases, &sev.phases));
+        if let Some(counts) = &sev.vmgexits {
+            println!();
+            println!(
+                "VMGEXITs of the SEV-ES boot ({} in all), by SVM exit code (GHCB requests) or \
+                 MSR-protocol request:",
+                group(counts.total())
+            );
+            println!();
+            print!("{}", vmgexit_table(counts));
+        }
+    }
+    Ok(0)
+}
+
+/// The wall time (s) of phase `i`, and its guest instructions (0 if not counted).
+fn at(p: &Phases, i: usize) -> (f64, u64) {
+    let (t, n) = p.at[i].expect("every phase was checked");
+    (t.as_secs_f64(), n.unwrap_or(0))
+}
+
+/// esvm (plain) beside QEMU TCG, phase by phase.
+fn qemu_table(e: &Phases, q: Option<&Phases>) -> String {
+    let mut out = String::from(
+        "| phase | esvm wall (s) | esvm guest instructions | esvm MIPS | QEMU TCG wall (s) | esvm / QEMU |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
     for (i, name) in PHASES.iter().enumerate() {
-        let (et, en) = e.at[i].expect("every phase was checked");
-        let insns = en.unwrap_or(0);
-        let (qt, ratio) = match q.as_ref().and_then(|q| q.at[i]) {
+        let (et, insns) = at(e, i);
+        let (qt, ratio) = match q.and_then(|q| q.at[i]) {
             Some((qt, _)) => (
                 format!("{:.2}", qt.as_secs_f64()),
-                format!("{:.2}x", et.as_secs_f64() / qt.as_secs_f64()),
+                format!("{:.2}x", et / qt.as_secs_f64()),
             ),
             None => ("-".into(), "-".into()),
         };
-        println!(
-            "| {name} | {:.2} | {} | {:.0} | {qt} | {ratio} |",
-            et.as_secs_f64(),
+        out += &format!(
+            "| {name} | {et:.2} | {} | {:.0} | {qt} | {ratio} |\n",
             group(insns),
-            insns as f64 / et.as_secs_f64() / 1e6,
+            insns as f64 / et / 1e6,
         );
     }
-    Ok(0)
+    out
+}
+
+/// The SEV-ES boot beside the plain one, phase by phase.
+fn sev_table(plain: &Phases, sev: &Phases) -> String {
+    let mut out = String::from(
+        "| phase | plain wall (s) | SEV-ES wall (s) | SEV-ES / plain | plain guest instructions | SEV-ES guest instructions |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for (i, name) in PHASES.iter().enumerate() {
+        let (pt, pn) = at(plain, i);
+        let (st, sn) = at(sev, i);
+        out += &format!(
+            "| {name} | {pt:.2} | {st:.2} | **{:.2}x** | {} | {} |\n",
+            st / pt,
+            group(pn),
+            group(sn),
+        );
+    }
+    out
+}
+
+/// The request column (its name in the AMD APM / GHCB specification) and the code column
+/// of a VMGEXIT kind.
+fn kind_cells(k: VmgexitKind) -> (String, String) {
+    let name = k.name().unwrap_or("unknown");
+    match k {
+        VmgexitKind::Ghcb(code) => (name.to_string(), format!("{code:#x}")),
+        VmgexitKind::Msr(info) => (format!("MSR protocol {name}"), format!("{info:#05x}")),
+        VmgexitKind::Unreadable => ("unreadable GHCB".to_string(), "-".to_string()),
+    }
+}
+
+/// VMGEXITs by request, most frequent first, with their share.
+fn vmgexit_table(c: &VmgexitCounts) -> String {
+    let total = c.total().max(1) as f64;
+    let mut out =
+        String::from("| request | exit code | VMGEXITs | share |\n|---|---:|---:|---:|\n");
+    for (k, n) in c.by_count() {
+        let (name, code) = kind_cells(k);
+        out += &format!(
+            "| {name} | {code} | {} | {:.1}% |\n",
+            group(n),
+            100.0 * n as f64 / total
+        );
+    }
+    out
 }
 
 /// 1234567 -> "1,234,567".
@@ -336,6 +484,86 @@ mod tests {
         assert_eq!(group(0), "0");
         assert_eq!(group(999), "999");
         assert_eq!(group(1234567), "1,234,567");
+    }
+
+    fn phases(secs: [f64; 3], insns: [u64; 3]) -> Phases {
+        let mut p = Phases::default();
+        for i in 0..3 {
+            p.at[i] = Some((Duration::from_secs_f64(secs[i]), Some(insns[i])));
+        }
+        p
+    }
+
+    #[test]
+    fn plain_beside_qemu_table() {
+        let e = phases([1.5, 2.0, 2.5], [300_000_000, 400_000_000, 500_000_000]);
+        let q = Phases {
+            at: [
+                Some((Duration::from_secs(1), None)),
+                Some((Duration::from_secs(2), None)),
+                Some((Duration::from_secs(5), None)),
+            ],
+        };
+        let t = qemu_table(&e, Some(&q));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 5);
+        assert!(lines[0].starts_with("| phase | esvm wall (s) |"));
+        assert_eq!(
+            lines[2],
+            "| entry to /init | 1.50 | 300,000,000 | 200 | 1.00 | 1.50x |"
+        );
+        assert_eq!(
+            lines[4],
+            "| entry to reboot | 2.50 | 500,000,000 | 200 | 5.00 | 0.50x |"
+        );
+        let t = qemu_table(&e, None);
+        assert!(t.lines().nth(3).unwrap().ends_with("| - | - |"), "{t}");
+    }
+
+    #[test]
+    fn sev_es_beside_plain_table() {
+        let plain = phases([1.0, 2.0, 2.2], [10, 20, 22]);
+        let sev = phases([1.3, 2.8, 3.3], [11, 24, 27]);
+        let t = sev_table(&plain, &sev);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "| phase | plain wall (s) | SEV-ES wall (s) | SEV-ES / plain | plain guest instructions | SEV-ES guest instructions |"
+        );
+        assert_eq!(lines[1], "|---|---:|---:|---:|---:|---:|");
+        assert_eq!(
+            lines[2],
+            "| entry to /init | 1.00 | 1.30 | **1.30x** | 10 | 11 |"
+        );
+        assert_eq!(
+            lines[3],
+            "| entry to end of workload | 2.00 | 2.80 | **1.40x** | 20 | 24 |"
+        );
+        assert_eq!(
+            lines[4],
+            "| entry to reboot | 2.20 | 3.30 | **1.50x** | 22 | 27 |"
+        );
+    }
+
+    #[test]
+    fn vmgexit_table_names_exit_codes_and_requests() {
+        let mut c = VmgexitCounts::default();
+        for _ in 0..3000 {
+            c.record(VmgexitKind::Ghcb(0x7b));
+        }
+        c.record(VmgexitKind::Ghcb(0x8000_0001));
+        c.record(VmgexitKind::Msr(0x004));
+        c.record(VmgexitKind::Ghcb(0x1234));
+        c.record(VmgexitKind::Unreadable);
+        let t = vmgexit_table(&c);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "| request | exit code | VMGEXITs | share |");
+        assert_eq!(lines[2], "| IOIO | 0x7b | 3,000 | 99.9% |");
+        assert_eq!(lines[3], "| unknown | 0x1234 | 1 | 0.0% |");
+        assert_eq!(lines[4], "| MMIO_READ | 0x80000001 | 1 | 0.0% |");
+        assert_eq!(lines[5], "| MSR protocol CPUID_REQ | 0x004 | 1 | 0.0% |");
+        assert_eq!(lines[6], "| unreadable GHCB | - | 1 | 0.0% |");
+        assert_eq!(lines.len(), 7);
     }
 
     #[test]
