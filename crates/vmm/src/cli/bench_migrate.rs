@@ -40,9 +40,48 @@ pub struct MigrateBenchArgs {
     /// Which guests to migrate: `plain`, `sev-es` or both (comma-separated).
     #[arg(long, default_value = "plain,sev-es", value_delimiter = ',', value_parser = ["plain", "sev-es"])]
     pub guests: Vec<String>,
+    /// Migrate a booted Linux instead of the demo guest: this kernel (bzImage), booted with
+    /// --initrd to an idle shell (`scripts/linux-assets.sh` fetches both), migrated once its
+    /// userland is up.
+    #[arg(long, value_name = "PATH", requires = "initrd")]
+    pub kernel: Option<std::path::PathBuf>,
+    /// The initramfs for --kernel (esvm's, with its init).
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<std::path::PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The command line of a migrated Linux: esvm's init runs a shell, which idles.
+const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 cryptomgr.notests esvm.run=shell";
+/// What the Linux guest prints once its userland runs.
+const LINUX_UP: &[u8] = b"esvm-init: userland up";
+
+/// A guest console that remembers whether the Linux guest's userland is up.
+struct WatchedConsole(Arc<std::sync::atomic::AtomicBool>, Vec<u8>);
+
+impl std::io::Write for WatchedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.1.extend_from_slice(buf);
+        if self.1.windows(LINUX_UP.len()).any(|w| w == LINUX_UP) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.1.clear();
+        } else if self.1.len() > 4096 {
+            self.1.drain(..self.1.len() - LINUX_UP.len());
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The Linux kernel and initrd to migrate.
+#[derive(Clone)]
+struct LinuxGuest {
+    kernel: Arc<Vec<u8>>,
+    initrd: Arc<Vec<u8>>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -138,12 +177,21 @@ fn platforms() -> Result<(Platform, Platform), Box<dyn Error>> {
 
 /// Start the demo guest (SEV-ES: `sevdemo` launched on `sev`) on a source machine in its
 /// own thread.
+type Started = (
+    MachineHandle,
+    std::thread::JoinHandle<SourceResult>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
+
 fn start_source(
     mem: u64,
     dirty_mib: u64,
     fill: bool,
     sev: Option<Arc<Mutex<Psp>>>,
-) -> Result<(MachineHandle, std::thread::JoinHandle<SourceResult>), Box<dyn std::error::Error>> {
+    linux: Option<LinuxGuest>,
+) -> Result<Started, Box<dyn std::error::Error>> {
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let console = WatchedConsole(up.clone(), Vec::new());
     let (tx, rx) = mpsc::channel();
     let t = std::thread::Builder::new()
         .name("bench-vcpu".into())
@@ -160,7 +208,30 @@ fn start_source(
                     vcpus: 1,
                     max_instructions: None,
                 };
-                let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+                let mut m = Machine::new(&config, Box::new(console))?;
+                if let Some(linux) = linux {
+                    let boot = m.load_linux(&esvm_loader::linux::LinuxImage {
+                        name: "bench kernel",
+                        kernel: &linux.kernel,
+                        initrd: Some(&linux.initrd),
+                        cmdline: LINUX_CMDLINE,
+                    })?;
+                    if let Some(psp) = sev {
+                        esvm::sev_launch::launch_on(
+                            &mut m,
+                            &boot.written_pages(),
+                            psp,
+                            &esvm::sev_launch::SevLaunchArgs {
+                                platform: std::path::Path::new(""),
+                                session: None,
+                                measurement_out: None,
+                                secret: None,
+                                policy: None,
+                            },
+                        )?;
+                    }
+                    return Ok(m);
+                }
                 if fill {
                     populate(&m, mem ^ dirty_mib)?;
                 }
@@ -187,7 +258,7 @@ fn start_source(
             Ok((outcome, m))
         })?;
     let h = rx.recv()??;
-    Ok((h, t))
+    Ok((h, t, up))
 }
 
 /// One row of the table.
@@ -200,7 +271,13 @@ struct Scenario {
     stopped: bool,
 }
 
-fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn std::error::Error>> {
+fn one(
+    args: &MigrateBenchArgs,
+    mem: u64,
+    sc: Scenario,
+    linux: Option<&LinuxGuest>,
+) -> Result<Row, Box<dyn std::error::Error>> {
+    let linux = linux.cloned();
     let Scenario {
         sev,
         dirty_mib,
@@ -214,7 +291,16 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
     } else {
         (None, None)
     };
-    let (h, source) = start_source(mem, dirty_mib, fill, src_platform)?;
+    let (h, source, up) = start_source(mem, dirty_mib, fill, src_platform, linux.clone())?;
+    if linux.is_some() {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !up.load(std::sync::atomic::Ordering::SeqCst) {
+            if Instant::now() > deadline || source.is_finished() {
+                return Err("the Linux guest did not reach its userland".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let i0 = h.control.instructions();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_millis(args.warmup_ms));
@@ -285,7 +371,9 @@ fn one(args: &MigrateBenchArgs, mem: u64, sc: Scenario) -> Result<Row, Box<dyn s
     Ok(Row {
         sev_es: sev,
         mem_mib: mem >> 20,
-        workload: if dirty_mib == 0 {
+        workload: if linux.is_some() {
+            "Linux, booted, idle shell".into()
+        } else if dirty_mib == 0 {
             "idle".into()
         } else {
             format!("dirty-mib={dirty_mib}")
@@ -348,13 +436,34 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             ..sc(0, true, true, true)
         },
     ];
+    let linux = match (&args.kernel, &args.initrd) {
+        (Some(k), Some(i)) => Some(LinuxGuest {
+            kernel: Arc::new(std::fs::read(k).map_err(|e| format!("{}: {e}", k.display()))?),
+            initrd: Arc::new(std::fs::read(i).map_err(|e| format!("{}: {e}", i.display()))?),
+        }),
+        _ => None,
+    };
+    // A Linux guest: its own memory as it booted (not populated), to a preallocated
+    // destination, while it runs.
+    let linux_scenarios = [
+        sc(0, false, true, false),
+        Scenario {
+            sev: true,
+            ..sc(0, false, true, false)
+        },
+    ];
+    let scenarios: Vec<Scenario> = if linux.is_some() {
+        linux_scenarios.to_vec()
+    } else {
+        scenarios.to_vec()
+    };
     let wanted = |sc: &Scenario| args.guests.iter().any(|g| (g == "sev-es") == sc.sev);
     let mut rows = Vec::new();
     for &mem in &args.sizes {
-        for sc in scenarios.into_iter().filter(wanted) {
+        for sc in scenarios.iter().copied().filter(wanted) {
             let mut runs = Vec::new();
             for _ in 0..args.repeat.max(1) {
-                runs.push(one(args, mem, sc)?);
+                runs.push(one(args, mem, sc, linux.as_ref())?);
             }
             runs.sort_by(|a, b| a.first_pass_gib_s.total_cmp(&b.first_pass_gib_s));
             let row = runs.swap_remove(runs.len() / 2);
@@ -385,8 +494,13 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
         return Ok(0);
     }
     println!(
-        "esvm bench migrate: demo guest on the emu backend, loopback TCP, downtime limit {} \
+        "esvm bench migrate: {} on the emu backend, loopback TCP, downtime limit {} \
          ms, median of {} run(s); fresh memory faults in at {fault_in:.2} GiB/s on this machine",
+        if linux.is_some() {
+            "a booted Linux guest"
+        } else {
+            "demo guest"
+        },
         args.downtime_ms,
         args.repeat.max(1)
     );
