@@ -589,19 +589,46 @@ fn sev_hosts(dir: &Path) -> (PathBuf, PathBuf) {
 /// guest finishes the workload with the native digest and its shell answers.
 #[test]
 fn a_sealed_snapshot_of_an_sev_es_linux_guest_restores_mid_workload() {
+    sealed_snapshot_of_sev_linux("sev-snap", None);
+}
+
+/// The same with the snapshot taken at a random point of the kernel's boot.
+#[test]
+fn a_sealed_snapshot_of_an_sev_es_linux_guest_restores_mid_boot() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let delay = Duration::from_millis(u64::from(seed % 1500));
+    eprintln!("mid-boot snapshot after {delay:?} (seed {seed})");
+    sealed_snapshot_of_sev_linux("sev-snap-boot", Some(delay));
+}
+
+/// Snapshot an SEV-ES Linux guest `delay` after its API socket appears (None: once its
+/// userland is up), kill it, restore the sealed snapshot on the same platform and check
+/// that the guest finishes with the native digest and answers at its shell.
+fn sealed_snapshot_of_sev_linux(name: &str, delay: Option<Duration>) {
     let expected = native_workload(MOVE_SCALE);
-    let dir = temp_dir("sev-snap");
+    let dir = temp_dir(name);
     let (p1, _) = sev_hosts(&dir);
     let sock = dir.join("api.sock");
     let mut src = linux_source_on(&sock, Some(&p1));
     common::wait_socket(&mut src, &sock);
-    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    match delay {
+        Some(d) => std::thread::sleep(d),
+        None => src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT),
+    }
     let snap = dir.join("snapshot");
     common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
     let at_snapshot = src.stdout();
+    let too_late = if delay.is_some() {
+        "esvm-init: userland up"
+    } else {
+        "workload digest="
+    };
     assert!(
-        !at_snapshot.contains("workload digest="),
-        "the snapshot was not taken mid-workload; raise MOVE_SCALE"
+        !at_snapshot.contains(too_late),
+        "the snapshot came too late ({too_late:?} already printed)"
     );
     src.kill();
     let (mut dest, mut stdin) = Proc::spawn_with_stdin(&[
@@ -612,6 +639,9 @@ fn a_sealed_snapshot_of_an_sev_es_linux_guest_restores_mid_workload() {
         "--console",
         "stdin",
     ]);
+    if delay.is_some() {
+        dest.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    }
     check_moved_guest(&at_snapshot, &mut dest, &mut stdin, &expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
