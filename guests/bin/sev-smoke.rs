@@ -27,7 +27,9 @@
 //! the CPU's own NMI blocking) before it sends NMI_COMPLETE, then the checkpoint
 //! `NMI_READY`, at which the host injects two NMIs: both must arrive, one after the other,
 //! never one inside the other's handler (the hypervisor holds the second until the
-//! NMI_COMPLETE).
+//! NMI_COMPLETE); `jump-table=1`: AP_JUMP_TABLE SET of 0x9F000, the checkpoint
+//! `JUMP_TABLE_SET`, about 20 M instructions of spinning (a host may migrate the guest
+//! meanwhile), then a GET that must answer 0x9F000.
 //!
 //! Output ends with
 //! `sev-smoke: all checks passed; requesting termination (msr protocol, reason set S, code C)`
@@ -291,6 +293,24 @@ fn main(bi: &'static BootInfo) -> u32 {
 
     if arg_u64_or_exit("extra", 0) != 0 {
         extra_checks();
+    }
+    if arg_u64_or_exit("jump-table", 0) != 0 {
+        const TABLE: u64 = 0x9_F000;
+        check_eq!(
+            sev::ap_jump_table(Some(TABLE)).unwrap_or(1),
+            0,
+            "AP_JUMP_TABLE SET"
+        );
+        sev::checkpoint(esvm_abi::testing::checkpoint::JUMP_TABLE_SET);
+        for _ in 0..5_000_000u32 {
+            core::hint::spin_loop();
+        }
+        check_eq!(
+            sev::ap_jump_table(None).unwrap_or(1),
+            TABLE,
+            "AP_JUMP_TABLE GET after the SET"
+        );
+        println!("sev-smoke: AP jump table {} kept", Hex(TABLE));
     }
     if arg_u64_or_exit("nmi", 0) != 0 && !nmi_checks() {
         return 1;

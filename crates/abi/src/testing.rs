@@ -19,6 +19,9 @@ pub mod checkpoint {
     /// `sev-smoke nmi=1`: the NMI handler is installed; the host injects two NMIs at once
     /// right after this write.
     pub const NMI_READY: u32 = 0x5EF0_0002;
+    /// `sev-smoke jump-table=1`: the AP jump table is set; the guest spins a while (the
+    /// host may move it meanwhile), then reads it back.
+    pub const JUMP_TABLE_SET: u32 = 0x5EF0_0003;
     /// Mask of the tag part of a checkpoint value.
     pub const TAG_MASK: u32 = 0xFFFF_0000;
 
@@ -36,6 +39,8 @@ pub mod checkpoint {
         PfReady,
         /// `sev-smoke nmi=1` is ready for two NMIs.
         NmiReady,
+        /// `sev-smoke jump-table=1` has set its AP jump table.
+        JumpTableSet,
     }
 
     /// Decodes a value written to [`PORT`].
@@ -44,6 +49,8 @@ pub mod checkpoint {
             Some(Checkpoint::PfReady)
         } else if value == NMI_READY {
             Some(Checkpoint::NmiReady)
+        } else if value == JUMP_TABLE_SET {
+            Some(Checkpoint::JumpTableSet)
         } else if value & TAG_MASK == CR_STEP {
             Some(Checkpoint::CrStep(value & 0xFFFF))
         } else {

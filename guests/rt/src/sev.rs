@@ -292,6 +292,20 @@ pub fn nmi_complete() -> Result<(), u8> {
     ghcb::acquire().call(exit_code::NMI_COMPLETE, 0, 0)
 }
 
+/// AP_JUMP_TABLE (GHCB NAE event 0x8000_0005): with `Some(gpa)` sets the VM's AP jump table
+/// (SET), with `None` asks for it (GET). Returns the hypervisor's answer to a GET (0 for a
+/// SET). Error: the hypervisor's SW_EXITINFO1 error code.
+pub fn ap_jump_table(set: Option<u64>) -> Result<u64, u8> {
+    let mut g = ghcb::acquire();
+    match set {
+        Some(gpa) => g.call(exit_code::AP_JUMP_TABLE, 0, gpa).map(|()| 0),
+        None => {
+            g.call(exit_code::AP_JUMP_TABLE, 1, 0)?;
+            Ok(g.get(esvm_abi::ghcb::save_area::SW_EXITINFO2).unwrap_or(0))
+        }
+    }
+}
+
 /// Whether the GHCB page is in use: an NMI handler that finds it so must not take it.
 pub fn ghcb_busy() -> bool {
     ghcb::busy()
