@@ -1163,3 +1163,105 @@ fn cut_and_tampered_migrations_of_an_sev_es_linux_guest_leave_it_running() {
     assert_eq!(dest.wait(Duration::from_secs(60)), 0, "{}", dest.stderr());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A guest console kept in memory.
+#[derive(Clone, Default)]
+struct SharedConsole(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for SharedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Boot the marker guest in this process (plain, or SEV-ES on `platform`) until a fixed
+/// instruction count well past "marker ready", then report whether guest RAM as the host
+/// maps it holds the marker.
+fn host_view_holds_marker(platform: Option<&Path>, marker: &str) -> bool {
+    use esvm::machine::{Machine, MachineConfig};
+    let a = assets();
+    let config = MachineConfig {
+        backend: esvm_hv::BackendKind::Emu,
+        vm_type: if platform.is_some() {
+            esvm_hv::VmType::SevEs
+        } else {
+            esvm_hv::VmType::Plain
+        },
+        mem_size: 256 << 20,
+        vcpus: 1,
+        max_instructions: Some(800_000_000),
+    };
+    let console = SharedConsole::default();
+    let mut m = Machine::new(&config, Box::new(console.clone())).unwrap();
+    let kernel = std::fs::read(&a.kernel).unwrap();
+    let initrd = std::fs::read(&a.initrd).unwrap();
+    let boot = m
+        .load_linux(&esvm_loader::linux::LinuxImage {
+            name: "test kernel",
+            kernel: &kernel,
+            initrd: Some(&initrd),
+            cmdline: &cmdline("esvm.run=marker"),
+        })
+        .unwrap();
+    if let Some(dir) = platform {
+        let psp = esvm::sev_launch::open_platform(dir).unwrap();
+        esvm::sev_launch::launch_on(
+            &mut m,
+            &boot.written_pages(),
+            psp,
+            &esvm::sev_launch::SevLaunchArgs {
+                platform: dir,
+                session: None,
+                measurement_out: None,
+                secret: None,
+                policy: None,
+            },
+        )
+        .unwrap();
+    }
+    let outcome = m.run().unwrap();
+    let out = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+    assert!(
+        out.contains("esvm-init: marker ready"),
+        "{outcome:?}: {}",
+        tail(&out)
+    );
+    let mem = m.vm().memory();
+    let mut chunk = vec![0u8; 4 << 20];
+    let mut addr = 0;
+    while addr < mem.size() {
+        // Overlap by the marker's length so that no occurrence straddles two chunks unseen.
+        let n = (mem.size() - addr).min(chunk.len() as u64) as usize;
+        mem.read(addr, &mut chunk[..n]).unwrap();
+        if contains(&chunk[..n], marker.as_bytes()) {
+            return true;
+        }
+        if addr + n as u64 >= mem.size() {
+            break;
+        }
+        addr += (n - marker.len()) as u64;
+    }
+    false
+}
+
+/// Guest RAM as the host maps it: a plain guest's run-time marker is there (the positive
+/// control), an SEV-ES guest's is not — only ciphertext of its private pages is.
+#[test]
+fn an_sev_es_linux_guests_memory_shows_the_host_no_plaintext() {
+    let marker = runtime_marker();
+    let dir = temp_dir("host-view");
+    let (p1, _) = sev_hosts(&dir);
+    assert!(
+        host_view_holds_marker(None, &marker),
+        "positive control: a plain guest's RAM holds the marker"
+    );
+    assert!(
+        !host_view_holds_marker(Some(&p1), &marker),
+        "the host sees an SEV-ES guest's marker in plain"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
