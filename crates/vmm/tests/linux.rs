@@ -585,6 +585,17 @@ fn sev_hosts(dir: &Path) -> (PathBuf, PathBuf) {
     (init("p1"), init("p2"))
 }
 
+/// `esvm platform export --dir PLATFORM --out OUT`: the chain a source trusts.
+fn export_chain(platform: &Path, out: &Path) -> PathBuf {
+    let o = Command::new(ESVM)
+        .args(["platform", "export", "--dir", platform.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out.to_path_buf()
+}
+
 /// A sealed snapshot of an SEV-ES Linux guest mid-workload: restored on its platform, the
 /// guest finishes the workload with the native digest and its shell answers.
 #[test]
@@ -595,12 +606,7 @@ fn a_sealed_snapshot_of_an_sev_es_linux_guest_restores_mid_workload() {
 /// The same with the snapshot taken at a random point of the kernel's boot.
 #[test]
 fn a_sealed_snapshot_of_an_sev_es_linux_guest_restores_mid_boot() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let delay = Duration::from_millis(u64::from(seed % 1500));
-    eprintln!("mid-boot snapshot after {delay:?} (seed {seed})");
+    let delay = Duration::from_millis(common::Rng::new("mid-boot snapshot").below(1500));
     sealed_snapshot_of_sev_linux("sev-snap-boot", Some(delay));
 }
 
@@ -658,12 +664,7 @@ fn an_sev_es_linux_guest_migrates_mid_workload_between_platforms() {
 /// with its boot half done and finishes it, and the workload after it, at the destination.
 #[test]
 fn an_sev_es_linux_guest_migrates_mid_boot_between_platforms() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let delay = Duration::from_millis(u64::from(seed % 1500));
-    eprintln!("mid-boot migration after {delay:?} (seed {seed})");
+    let delay = Duration::from_millis(common::Rng::new("mid-boot migration").below(1500));
     migrate_sev_linux("sev-migrate-boot", Some(delay));
 }
 
@@ -674,13 +675,7 @@ fn migrate_sev_linux(name: &str, delay: Option<Duration>) {
     let expected = native_workload(MOVE_SCALE);
     let dir = temp_dir(name);
     let (p1, p2) = sev_hosts(&dir);
-    let chain = dir.join("p1.chain");
-    let o = Command::new(ESVM)
-        .args(["platform", "export", "--dir", p1.to_str().unwrap()])
-        .args(["--out", chain.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let chain = export_chain(&p1, &dir.join("p1.chain"));
     let sock = dir.join("api.sock");
     let (mut dest, mut stdin, port) = receiver(&["--platform", p2.to_str().unwrap()]);
     let mut src = linux_source_on(&sock, Some(&p1));
@@ -848,13 +843,7 @@ fn nothing_an_sev_es_linux_guest_computes_is_in_plain_sight_of_the_host() {
         !any_file_contains(&sealed, marker.as_bytes()),
         "the sealed snapshot of an SEV-ES guest holds the marker in plain"
     );
-    let chain = dir.join("p1.chain");
-    let o = Command::new(ESVM)
-        .args(["platform", "export", "--dir", p1.to_str().unwrap()])
-        .args(["--out", chain.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let chain = export_chain(&p1, &dir.join("p1.chain"));
     let (mut dest, mut stdin, port) = receiver(&["--platform", p2.to_str().unwrap()]);
     let (relay, recorded) = recording_relay(port);
     let url = format!("tcp:127.0.0.1:{relay}");
@@ -902,18 +891,7 @@ fn vcpus_of(sock: &Path) -> serde_json::Value {
 /// throughout. With a NODBG policy the firmware refuses the decryption.
 #[test]
 fn the_tracked_view_of_an_sev_es_linux_guest_matches_its_decrypted_vmsa() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("tracked-view points: seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut rng = common::Rng::new("tracked-view points");
     let dir = temp_dir("tracked");
     let (p1, _) = sev_hosts(&dir);
     let sock = dir.join("api.sock");
@@ -921,7 +899,7 @@ fn the_tracked_view_of_an_sev_es_linux_guest_matches_its_decrypted_vmsa() {
     common::wait_socket(&mut g, &sock);
     let mut views = Vec::new();
     for point in 0..10 {
-        std::thread::sleep(Duration::from_millis(next(400)));
+        std::thread::sleep(Duration::from_millis(rng.below(400)));
         common::ctl_ok(&sock, &["pause"]);
         let vcpus = vcpus_of(&sock);
         common::ctl_ok(&sock, &["resume"]);
@@ -935,7 +913,7 @@ fn the_tracked_view_of_an_sev_es_linux_guest_matches_its_decrypted_vmsa() {
         );
         assert_eq!(
             v["control"], v["debug_vmsa"],
-            "point {point} (seed {seed}): tracked view and decrypted VMSA differ: {v}"
+            "point {point}: tracked view and decrypted VMSA differ: {v}"
         );
         views.push(v["control"].clone());
     }
@@ -993,13 +971,7 @@ fn the_tracked_view_of_an_sev_es_linux_guest_matches_its_decrypted_vmsa() {
 fn the_tracked_view_arrives_with_an_sev_es_linux_guest_as_it_left() {
     let dir = temp_dir("tracked-move");
     let (p1, p2) = sev_hosts(&dir);
-    let chain = dir.join("p1.chain");
-    let o = Command::new(ESVM)
-        .args(["platform", "export", "--dir", p1.to_str().unwrap()])
-        .args(["--out", chain.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let chain = export_chain(&p1, &dir.join("p1.chain"));
     let dest_sock = dir.join("dest.sock");
     let (mut dest, _stdin, port) = receiver(&[
         "--platform",
@@ -1073,28 +1045,12 @@ fn cut_and_tampered_migrations_of_an_sev_es_linux_guest_leave_it_running() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("cuts and tampering: seed {seed}");
-    let mut rng = seed | 1;
-    let mut below = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut rng = common::Rng::new("cuts and tampering");
+    let mut below = |n: u64| rng.below(n);
     let expected = native_workload(MOVE_SCALE);
     let dir = temp_dir("sev-cuts");
     let (p1, p2) = sev_hosts(&dir);
-    let chain = dir.join("p1.chain");
-    let o = Command::new(ESVM)
-        .args(["platform", "export", "--dir", p1.to_str().unwrap()])
-        .args(["--out", chain.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let chain = export_chain(&p1, &dir.join("p1.chain"));
     let (mut dest, mut stdin, port) = receiver(&["--platform", p2.to_str().unwrap()]);
     let proxy = Proxy::start(port);
     let sock = dir.join("api.sock");
