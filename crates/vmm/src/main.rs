@@ -55,8 +55,25 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// Commands that only report end quietly when their reader goes away (`esvm guests | head
+/// -1`), as Unix tools do: SIGPIPE gets back its default action, which Rust's runtime sets to
+/// "ignore" (then every print fails and panics). Commands that run a guest keep ignoring it:
+/// the guest's console going away must not kill the VM.
+fn quiet_on_broken_pipe() {
+    // SAFETY: at start-up, before any thread exists; only SIGPIPE's disposition changes.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Run(_) | Command::Receive(_) | Command::Restore(_)
+    ) {
+        quiet_on_broken_pipe();
+    }
     // Diagnostics go to stderr (stdout is the guest's serial console); ESVM_LOG=debug etc.
     tracing_subscriber::fmt()
         .with_env_filter(

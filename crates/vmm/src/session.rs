@@ -56,10 +56,13 @@ pub fn run(machine: &mut Machine, opts: &RunOptions) -> Result<Outcome, SessionE
             .map_err(SessionError::StartPaused)?;
     }
     let mut server = match &opts.api_socket {
-        Some(path) => Some(ApiServer::spawn(
-            path,
-            handle.clone() as Arc<dyn ControlTarget + Send + Sync>,
-        )?),
+        Some(path) => {
+            let server =
+                ApiServer::spawn(path, handle.clone() as Arc<dyn ControlTarget + Send + Sync>)?;
+            // One line a script or a person can wait for.
+            eprintln!("esvm: API socket ready at {}", path.display());
+            Some(server)
+        }
         None => None,
     };
     let outcome = machine.run();

@@ -221,3 +221,67 @@ fn an_error_and_its_cause_are_printed_once() {
         "stderr: {err}"
     );
 }
+
+/// A reporting command whose reader goes away ends quietly (no panic, no backtrace), as
+/// Unix tools do, killed by SIGPIPE.
+#[test]
+fn a_report_piped_into_a_closed_reader_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    // `esvm guests` writes one line per guest into a pipe nobody reads any more.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_esvm"))
+        .arg("guests")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "stderr: {err}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?} stderr: {err}",
+        out.status
+    );
+}
+
+/// An SEV-ES guest that halts with interrupts off ends the VM as a power-off: the VMM decides
+/// from the interrupt-mask bit the hardware exposes, never from the protected registers.
+#[test]
+fn an_sev_es_guest_that_halts_powers_off_instead_of_crashing_the_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let plat = dir.path().join("plat");
+    let o = esvm(&["platform", "init", "--dir", plat.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = esvm(&[
+        "run",
+        "--sev-es",
+        "--platform",
+        plat.to_str().unwrap(),
+        "sev-pf",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    assert!(err.contains("powered off"), "stderr: {err}");
+    assert!(!err.contains("refused"), "stderr: {err}");
+}
+
+/// `esvm run --api-socket` says when its socket is ready.
+#[test]
+fn run_says_when_its_api_socket_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let o = esvm(&[
+        "run",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--max-instructions",
+        "1000",
+    ]);
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("esvm: API socket ready at {}", sock.display())),
+        "stderr: {err}"
+    );
+}
