@@ -53,34 +53,35 @@ pub const TERM_REQUEST: u64 = 0x8000_FFFE;
 /// GHCB: the guest met an event it cannot handle.
 pub const UNSUPPORTED_EVENT: u64 = 0x8000_FFFF;
 
+/// Every exit code this ABI defines (the SVM exit codes and the GHCB NAE events).
+pub const ALL: [u64; 22] = [
+    DR7_READ,
+    DR7_WRITE,
+    RDTSC,
+    RDPMC,
+    CPUID,
+    INVD,
+    IOIO,
+    MSR,
+    VMMCALL,
+    RDTSCP,
+    WBINVD,
+    MONITOR,
+    MWAIT,
+    NPF,
+    MMIO_READ,
+    MMIO_WRITE,
+    NMI_COMPLETE,
+    AP_HLT_LOOP,
+    AP_JUMP_TABLE,
+    HV_FEATURES,
+    TERM_REQUEST,
+    UNSUPPORTED_EVENT,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const ALL: [u64; 22] = [
-        DR7_READ,
-        DR7_WRITE,
-        RDTSC,
-        RDPMC,
-        CPUID,
-        INVD,
-        IOIO,
-        MSR,
-        VMMCALL,
-        RDTSCP,
-        WBINVD,
-        MONITOR,
-        MWAIT,
-        NPF,
-        MMIO_READ,
-        MMIO_WRITE,
-        NMI_COMPLETE,
-        AP_HLT_LOOP,
-        AP_JUMP_TABLE,
-        HV_FEATURES,
-        TERM_REQUEST,
-        UNSUPPORTED_EVENT,
-    ];
 
     #[test]
     fn exit_codes_are_distinct_and_fit_a_32_bit_error_code() {

@@ -311,46 +311,6 @@ mod tests {
     }
 
     #[test]
-    fn mtrrs_refuse_what_hardware_refuses() {
-        let mut m = MtrrState::default();
-        assert_eq!(m.get(IA32_MTRRCAP), Some(MTRRCAP_VALUE));
-        assert_eq!(m.set(IA32_MTRRCAP, 0, 48), Err(()));
-        assert_eq!(
-            m.set(IA32_MTRR_DEF_TYPE, MTRR_DEF_TYPE_FIRMWARE, 48),
-            Ok(true)
-        );
-        assert_eq!(m.get(IA32_MTRR_DEF_TYPE), Some(0x806));
-        assert_eq!(
-            m.set(IA32_MTRR_DEF_TYPE, 0x802, 48),
-            Err(()),
-            "type 2 is reserved"
-        );
-        assert_eq!(
-            m.set(IA32_MTRR_DEF_TYPE, 0x1806, 48),
-            Err(()),
-            "reserved bit 12"
-        );
-        assert_eq!(m.set(0x250, 0x0606_0606_0606_0606, 48), Ok(true));
-        assert_eq!(m.set(0x26f, 0x0606_0606_0606_0603, 48), Err(()));
-        // Variable range 3: base at 0x207-1=0x206, mask 0x207.
-        assert_eq!(m.set(0x206, 0x8000_0006, 48), Ok(true));
-        assert_eq!(m.set(0x207, 0xffff_8000_0800, 48), Ok(true));
-        assert_eq!(
-            m.set(0x207, 0x1_0000_0000_0800, 48),
-            Err(()),
-            "above MAXPHYADDR"
-        );
-        assert_eq!(m.set(0x206, 0x8000_0106, 48), Err(()), "reserved base bits");
-        assert_eq!(m.get(0x206), Some(0x8000_0006));
-        assert_eq!(m.set(0x210, 0, 48), Ok(false), "only 8 ranges");
-        assert!(MtrrState::holds(0x20f) && !MtrrState::holds(0x210));
-        assert_eq!(kvm_style_read(AMD_SYSCFG), Some(0));
-        assert_eq!(kvm_style_write(AMD_PATCH_LEVEL, 0), Some(false));
-        assert_eq!(kvm_style_write(AMD_DE_CFG, 2), Some(true));
-        assert_eq!(kvm_style_write(0x1234, 0), None);
-    }
-
-    #[test]
     fn sev_msrs_and_apic_base_keep_their_values() {
         assert_eq!(SEV_GHCB, 0xc001_0130);
         assert_eq!(SEV_STATUS, 0xc001_0131);
@@ -392,6 +352,22 @@ mod tests {
         assert_eq!(m.set(0x20f, 0, 43), Ok(true), "the last of eight pairs");
         assert_eq!(m.set(0x210, 0, 43), Ok(false), "not an MTRR");
         assert_eq!(m.get(0x210), None);
+        // Variable range 3 (base 0x206, mask 0x207) at MAXPHYADDR 48.
+        assert_eq!(m.set(0x26f, 0x0606_0606_0606_0603, 48), Err(()));
+        assert_eq!(m.set(0x206, 0x8000_0006, 48), Ok(true));
+        assert_eq!(m.set(0x207, 0xffff_8000_0800, 48), Ok(true));
+        assert_eq!(
+            m.set(0x207, 0x1_0000_0000_0800, 48),
+            Err(()),
+            "above MAXPHYADDR"
+        );
+        assert_eq!(m.set(0x206, 0x8000_0106, 48), Err(()), "reserved base bits");
+        assert_eq!(m.get(0x206), Some(0x8000_0006));
+        assert!(MtrrState::holds(0x20f) && !MtrrState::holds(0x210));
+        assert_eq!(kvm_style_read(AMD_SYSCFG), Some(0));
+        assert_eq!(kvm_style_write(AMD_PATCH_LEVEL, 0), Some(false));
+        assert_eq!(kvm_style_write(AMD_DE_CFG, 2), Some(true));
+        assert_eq!(kvm_style_write(0x1234, 0), None);
         assert!(MtrrState::writable_indices().all(MtrrState::holds));
         assert_eq!(MtrrState::writable_indices().count(), 1 + 11 + 16);
     }

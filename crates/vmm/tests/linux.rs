@@ -106,6 +106,25 @@ fn kernel_complaints(log: &str) -> Vec<&str> {
         .collect()
 }
 
+/// `esvm run --kernel KERNEL --initrd <the test initrd> --cmdline CMDLINE --console none`
+/// and `extra`, to its end.
+fn boot_to_end(kernel: &Path, cmdline: &str, extra: &[&str]) -> (i32, String, String) {
+    let a = assets();
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        a.initrd.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--console",
+        "none",
+    ];
+    args.extend_from_slice(extra);
+    run_to_end(&args, BOOT_TIMEOUT)
+}
+
 fn run_to_end(args: &[&str], timeout: Duration) -> (i32, String, String) {
     let mut p = Proc::spawn(None, args);
     let status = p.wait(timeout);
@@ -124,20 +143,7 @@ fn linux_boots_runs_the_workload_like_the_host_and_reboots() {
     let a = assets();
     let expected = native_workload(1);
     let cl = cmdline("esvm.run=workload");
-    let (status, out, err) = run_to_end(
-        &[
-            "run",
-            "--kernel",
-            a.kernel.to_str().unwrap(),
-            "--initrd",
-            a.initrd.to_str().unwrap(),
-            "--cmdline",
-            &cl,
-            "--console",
-            "none",
-        ],
-        BOOT_TIMEOUT,
-    );
+    let (status, out, err) = boot_to_end(&a.kernel, &cl, &[]);
     assert_eq!(
         workload_lines(&out),
         expected,
@@ -161,20 +167,7 @@ fn a_vmlinux_elf_boots_too() {
     let a = assets();
     let expected = native_workload(1);
     let cl = cmdline("esvm.run=workload esvm.then=poweroff");
-    let (status, out, err) = run_to_end(
-        &[
-            "run",
-            "--kernel",
-            a.vmlinux.to_str().unwrap(),
-            "--initrd",
-            a.initrd.to_str().unwrap(),
-            "--cmdline",
-            &cl,
-            "--console",
-            "none",
-        ],
-        BOOT_TIMEOUT,
-    );
+    let (status, out, err) = boot_to_end(&a.vmlinux, &cl, &[]);
     assert_eq!(workload_lines(&out), expected, "{}", tail(&out));
     // Power-off without ACPI: halted with interrupts off; status 0 and a message.
     assert_eq!(status, 0, "stderr: {err}");
@@ -404,22 +397,10 @@ fn linux_boots_as_an_sev_es_guest_and_runs_the_workload_like_the_host() {
     let expected = native_workload(1);
     let plat = platform("sev-boot");
     let cl = cmdline("esvm.run=workload esvm.then=poweroff");
-    let (status, out, err) = run_to_end(
-        &[
-            "run",
-            "--sev-es",
-            "--platform",
-            plat.to_str().unwrap(),
-            "--kernel",
-            a.kernel.to_str().unwrap(),
-            "--initrd",
-            a.initrd.to_str().unwrap(),
-            "--cmdline",
-            &cl,
-            "--console",
-            "none",
-        ],
-        BOOT_TIMEOUT,
+    let (status, out, err) = boot_to_end(
+        &a.kernel,
+        &cl,
+        &["--sev-es", "--platform", plat.to_str().unwrap()],
     );
     assert!(
         out.contains("Memory Encryption Features active: AMD SEV SEV-ES"),

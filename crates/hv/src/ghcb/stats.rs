@@ -143,30 +143,7 @@ mod tests {
         assert_eq!(VmgexitKind::Ghcb(0x1234).name(), None);
         assert_eq!(VmgexitKind::Unreadable.to_string(), "unreadable GHCB");
         // Every exit code and request the ABI defines has a name.
-        for code in [
-            ec::DR7_READ,
-            ec::DR7_WRITE,
-            ec::RDTSC,
-            ec::RDPMC,
-            ec::CPUID,
-            ec::INVD,
-            ec::IOIO,
-            ec::MSR,
-            ec::VMMCALL,
-            ec::RDTSCP,
-            ec::WBINVD,
-            ec::MONITOR,
-            ec::MWAIT,
-            ec::NPF,
-            ec::MMIO_READ,
-            ec::MMIO_WRITE,
-            ec::NMI_COMPLETE,
-            ec::AP_HLT_LOOP,
-            ec::AP_JUMP_TABLE,
-            ec::HV_FEATURES,
-            ec::TERM_REQUEST,
-            ec::UNSUPPORTED_EVENT,
-        ] {
+        for code in ec::ALL {
             assert!(exit_code_name(code).is_some(), "{code:#x}");
         }
         for info in [
