@@ -5,10 +5,11 @@
 
 mod cli;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
-use cli::{bench, ctl, owner, platform, receive, restore, run};
+use cli::output::Format;
+use cli::{bench, ctl, guests, log, owner, platform, receive, restore, run};
 use esvm::outcome::EXIT_ESVM_ERROR;
 
 #[derive(Parser)]
@@ -28,6 +29,18 @@ use esvm::outcome::EXIT_ESVM_ERROR;
                   `esvm restore` exit the same way."
 )]
 struct Cli {
+    /// Print what the command reports as one JSON document on stdout instead of text: `ctl`
+    /// (status, pause, resume, cancel, snapshot, vcpus, migrate), `guests`, `platform`,
+    /// `owner`. Errors stay text on stderr; the exit status is the same.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Diagnostics on stderr: error, warn (the default), info, debug, trace, off, or a
+    /// tracing filter such as `warn,esvm::migrate=debug`. Overrides the environment
+    /// variable ESVM_LOG, which takes the same values. Colours only when stderr is a
+    /// terminal.
+    #[arg(long, global = true, value_name = "LEVEL", env = "ESVM_LOG",
+          value_parser = log::parse_level)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,8 +49,8 @@ struct Cli {
 enum Command {
     /// Run a guest: a built-in one (see `esvm guests`) or an ELF64 file.
     Run(run::RunArgs),
-    /// List the built-in guests.
-    Guests,
+    /// List the built-in guests, or write one's ELF image to a file (--export).
+    Guests(guests::GuestsArgs),
     /// The secure processor's persistent identity: create, inspect, export, rotate the PDH.
     #[command(subcommand)]
     Platform(platform::PlatformCommand),
@@ -53,6 +66,13 @@ enum Command {
     /// Measure performance (figures for BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Print a shell completion script for esvm on stdout, e.g. `esvm completions bash >
+    /// ~/.local/share/bash-completion/completions/esvm`.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Commands that only report end quietly when their reader goes away (`esvm guests | head
@@ -68,34 +88,55 @@ fn quiet_on_broken_pipe() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Ctl(args) = &cli.command {
+        if args.api_socket.is_none() {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    ctl::NO_API_SOCKET,
+                )
+                .exit();
+        }
+    }
+    if cli.json
+        && matches!(
+            cli.command,
+            Command::Run(_)
+                | Command::Receive(_)
+                | Command::Restore(_)
+                | Command::Completions { .. }
+        )
+    {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--json is for the commands that report something (ctl, guests, platform, \
+                 owner); this one prints a guest's console or a script",
+            )
+            .exit();
+    }
+    let format = Format::from_json_flag(cli.json);
     if !matches!(
         cli.command,
         Command::Run(_) | Command::Receive(_) | Command::Restore(_)
     ) {
         quiet_on_broken_pipe();
     }
-    // Diagnostics go to stderr (stdout is the guest's serial console); ESVM_LOG=debug etc.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ESVM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file or a pipe gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Diagnostics go to stderr (stdout is the guest's serial console).
+    log::init(cli.log_level.as_deref());
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Ctl(args) => ctl::run(args),
+        Command::Ctl(args) => ctl::run(args, format),
         Command::Receive(args) => receive::run(args),
         Command::Restore(args) => restore::run(args),
-        Command::Platform(cmd) => platform::run_platform(cmd).map(|()| 0),
+        Command::Platform(cmd) => platform::run_platform(cmd, format).map(|()| 0),
         Command::Owner(cmd) => {
-            owner::run_owner(cmd, Some(&esvm::sev_launch::LaunchPredictor)).map(|()| 0)
+            owner::run_owner(cmd, Some(&esvm::sev_launch::LaunchPredictor), format).map(|()| 0)
         }
-        Command::Guests => {
-            run::list_guests();
+        Command::Guests(args) => guests::run(args, format),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "esvm", &mut std::io::stdout());
             Ok(0)
         }
     };

@@ -863,7 +863,7 @@ fn nothing_an_sev_es_linux_guest_computes_is_in_plain_sight_of_the_host() {
 
 /// `esvm ctl vcpus` as JSON.
 fn vcpus_of(sock: &Path) -> serde_json::Value {
-    serde_json::from_str(&common::ctl_ok(sock, &["vcpus"])).expect("vcpus prints JSON")
+    serde_json::from_str(&common::ctl_ok(sock, &["--json", "vcpus"])).expect("vcpus prints JSON")
 }
 
 /// The hypervisor's tracked view of an SEV-ES Linux guest (CR0, CR4, CR8, EFER, kept only
@@ -1039,7 +1039,7 @@ fn cut_and_tampered_migrations_of_an_sev_es_linux_guest_leave_it_running() {
     common::wait_socket(&mut src, &sock);
     src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
     let status = |sock: &Path| -> serde_json::Value {
-        serde_json::from_str(&common::ctl_ok(sock, &["status"])).unwrap()
+        serde_json::from_str(&common::ctl_ok(sock, &["status", "--json"])).unwrap()
     };
     let mut attempts: Vec<(String, Mode)> = (0..cuts)
         // Within the first 4 MiB: well before the stream's end (the guest's memory is

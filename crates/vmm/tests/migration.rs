@@ -82,7 +82,7 @@ fn source_on(netns: Option<&str>, sock: &Path, guest_args: &str, sev: Option<&Pa
 }
 
 fn status(sock: &Path) -> serde_json::Value {
-    serde_json::from_str(&ctl_ok(sock, &["status"])).expect("status is JSON")
+    serde_json::from_str(&ctl_ok(sock, &["status", "--json"])).expect("status is JSON")
 }
 
 fn demo_args(iterations: u64) -> String {

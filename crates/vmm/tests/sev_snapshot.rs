@@ -252,7 +252,7 @@ fn sealed_snapshots_restore_exactly_on_their_platform() {
         ],
     );
     wait_socket(&mut b, &sock_b);
-    let st = ctl_ok(&sock_b, &["status"]);
+    let st = ctl_ok(&sock_b, &["status", "--json"]);
     assert!(st.contains("sev_es"), "{st}");
     ctl_ok(&sock_b, &["resume"]);
     b.wait_stdout("tick 5\n", TIMEOUT);

@@ -1,16 +1,19 @@
 //! `esvm ctl`: control a running VM through the API socket of `esvm run --api-socket`.
 
 use clap::{Args, Subcommand};
-use esvm_control::protocol::{MAX_DOWNTIME_MS, MAX_TIMEOUT_S};
+use esvm_control::protocol::{VcpuView, VmStatus, VmType, MAX_DOWNTIME_MS, MAX_TIMEOUT_S};
 use esvm_control::{
     ApiClient, ClientError, MigrateRequest, MigrationPhase, MigrationStatus, OnTimeout, Reply,
     Request,
 };
 use indicatif::{BinaryBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+use super::output::{Format, OutputError};
 
 /// Exit status when the VM refused the request, or the migration failed or was cancelled.
 pub const EXIT_REFUSED: u8 = 1;
@@ -36,18 +39,19 @@ const GUEST_PAGE: u64 = 4096;
                         protocol version mismatch)."
 )]
 pub struct CtlArgs {
-    /// The VM's API socket: the path given to `esvm run --api-socket`.
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
+    /// The VM's API socket: the path given to `esvm run --api-socket`. May come before or
+    /// after the subcommand.
+    #[arg(long, value_name = "PATH", global = true, env = "ESVM_API_SOCKET")]
+    pub api_socket: Option<PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum CtlCommand {
-    /// Print the VM's status as JSON: state, backend, VM type, memory, vCPUs, instructions
-    /// executed, uptime and migration progress (phase, pass, bytes sent, dirty rate,
-    /// bandwidth, estimated downtime).
+    /// Print the VM's status: state, backend, VM type, memory, vCPUs, instructions
+    /// executed, uptime, exit status and migration progress (phase, pass, bytes sent, dirty
+    /// rate, bandwidth, estimated downtime). With --json, the API's status object.
     Status,
     /// Pause the guest (it keeps its state; see `resume`).
     Pause,
@@ -67,11 +71,13 @@ pub enum CtlCommand {
     ///
     /// Memory is copied while the guest runs, in passes, until the estimated downtime fits
     /// --downtime-ms; then the guest is paused and the rest is copied. Interrupting this
-    /// command does not stop the migration: use `esvm ctl cancel` for that.
+    /// command does not stop the migration: use `esvm ctl cancel` for that. With --json no
+    /// progress is shown and the migration's final status is printed as one JSON object
+    /// (also when it failed or was cancelled; the exit status says which).
     Migrate(MigrateArgs),
     /// Cancel the running migration; the VM keeps running here.
     Cancel,
-    /// Print each vCPU as the hypervisor sees it, as JSON: its control registers (for an
+    /// Print each vCPU as the hypervisor sees it (with --json, as a JSON list): its control registers (for an
     /// SEV-ES vCPU only the values tracked from write traps), why reading its registers is
     /// refused, and for an SEV-ES guest whose policy allows debugging the same registers
     /// from its VMSA decrypted by the firmware (DBG_DECRYPT). Pause the VM first to compare
@@ -137,22 +143,31 @@ pub enum CtlError {
     },
     #[error("the VM accepted the migration but reports none in its status (a VMM bug)")]
     NoMigration,
-    #[error("cannot encode the status as JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error("{NO_API_SOCKET}")]
+    NoApiSocket,
 }
+
+/// What to say when `esvm ctl` has no API socket.
+pub const NO_API_SOCKET: &str = "which VM? give its API socket with --api-socket PATH (before or \
+                                 after the subcommand) or in the environment variable \
+                                 ESVM_API_SOCKET";
 
 /// Runs `esvm ctl`. Returns the exit status (0 success, [`EXIT_REFUSED`] if the VM refused
 /// or the migration did not complete); `Err` if the VM could not be reached.
-pub fn run(args: CtlArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    run_with(args, POLL_INTERVAL).map_err(Into::into)
+/// `format` says how the reply is printed (refusals and errors go to stderr as text).
+pub fn run(args: CtlArgs, format: Format) -> Result<u8, Box<dyn std::error::Error>> {
+    run_with(args, format, POLL_INTERVAL).map_err(Into::into)
 }
 
-fn run_with(args: CtlArgs, poll: Duration) -> Result<u8, CtlError> {
-    let mut client = ApiClient::connect_with_timeout(&args.api_socket, REPLY_TIMEOUT)?;
+fn run_with(args: CtlArgs, format: Format, poll: Duration) -> Result<u8, CtlError> {
+    let socket = args.api_socket.ok_or(CtlError::NoApiSocket)?;
+    let mut client = ApiClient::connect_with_timeout(&socket, REPLY_TIMEOUT)?;
     let (name, request) = match args.command {
         CtlCommand::Status => {
             let status = client.status()?;
-            println!("{}", serde_json::to_string_pretty(&status)?);
+            format.emit(&status, status_text)?;
             return Ok(0);
         }
         CtlCommand::Pause => ("pause", Request::Pause),
@@ -186,30 +201,120 @@ fn run_with(args: CtlArgs, poll: Duration) -> Result<u8, CtlError> {
                     OnTimeout::Cancel
                 },
             };
-            return migrate(&mut client, req, detach, poll);
+            return migrate(&mut client, req, detach, format, poll);
         }
     };
     match call(&mut client, name, &request)? {
         Err(code) => Ok(code),
+        Ok(Reply::Vcpus { vcpus }) => {
+            format.emit(&vcpus, |v| vcpus_text(v))?;
+            Ok(0)
+        }
         Ok(reply) => {
-            match reply {
-                Reply::Paused => println!("paused"),
-                Reply::Resumed => println!("resumed"),
-                Reply::MigrationCancelled => println!("migration cancel requested"),
-                Reply::Vcpus { vcpus } => println!("{}", serde_json::to_string_pretty(&vcpus)?),
-                Reply::SnapshotSaved(info) => match info.bytes_written {
-                    Some(n) => println!(
-                        "snapshot written to {} ({})",
-                        info.dir.display(),
-                        BinaryBytes(n)
-                    ),
-                    None => println!("snapshot written to {}", info.dir.display()),
-                },
-                other => println!("{other:?}"),
-            }
+            format.emit(&reply, reply_text)?;
             Ok(0)
         }
     }
+}
+
+/// A reply to pause, resume, cancel, snapshot or migrate as a line of text.
+fn reply_text(reply: &Reply) -> String {
+    match reply {
+        Reply::Paused => "paused".into(),
+        Reply::Resumed => "resumed".into(),
+        Reply::MigrationCancelled => "migration cancel requested".into(),
+        Reply::MigrationStarted { url } => {
+            format!("migration to {url} started; follow it with `esvm ctl status`")
+        }
+        Reply::SnapshotSaved(info) => match info.bytes_written {
+            Some(n) => format!(
+                "snapshot written to {} ({})",
+                info.dir.display(),
+                BinaryBytes(n)
+            ),
+            None => format!("snapshot written to {}", info.dir.display()),
+        },
+        Reply::Status(s) => status_text(s),
+        Reply::Vcpus { vcpus } => vcpus_text(vcpus),
+    }
+}
+
+/// The VM's status as a few aligned lines.
+fn status_text(s: &VmStatus) -> String {
+    let vm_type = match s.vm_type {
+        VmType::Plain => "plain",
+        VmType::SevEs => "SEV-ES",
+        VmType::Unknown => "unknown",
+    };
+    let mut t = String::new();
+    let _ = writeln!(t, "state         {}", s.state);
+    let _ = writeln!(t, "VM            {vm_type}, backend {}", s.backend);
+    let _ = writeln!(
+        t,
+        "size          {} memory, {} vCPU(s)",
+        BinaryBytes(s.memory_bytes),
+        s.vcpus
+    );
+    match s.instructions {
+        Some(n) => {
+            let _ = writeln!(t, "instructions  {n}");
+        }
+        None => {
+            let _ = writeln!(t, "instructions  not counted by this backend");
+        }
+    }
+    let _ = writeln!(t, "uptime        {:.1} s", s.uptime_ms as f64 / 1000.0);
+    if let Some(code) = s.exit_status {
+        let _ = writeln!(t, "exit status   {code}");
+    }
+    match &s.migration {
+        None => {
+            let _ = writeln!(t, "migration     none");
+        }
+        Some(m) => {
+            let _ = writeln!(t, "migration     to {}: {}", m.url, progress_line(m));
+            if let Some(d) = m.downtime_ms {
+                let _ = writeln!(t, "  downtime    {d:.1} ms");
+            }
+            if let Some(e) = &m.error {
+                let _ = writeln!(t, "  why         {e}");
+            }
+        }
+    }
+    t
+}
+
+fn regs_text(r: &esvm_control::protocol::ControlRegs) -> String {
+    format!(
+        "cr0 {:#x} cr4 {:#x} cr8 {:#x} efer {:#x}",
+        r.cr0, r.cr4, r.cr8, r.efer
+    )
+}
+
+/// Each vCPU as a line of its control registers and, indented, what was refused or what
+/// the firmware decrypted.
+fn vcpus_text(vcpus: &[VcpuView]) -> String {
+    let mut t = String::new();
+    for v in vcpus {
+        let kind = if v.protected { "protected" } else { "plain" };
+        let _ = writeln!(
+            t,
+            "vCPU {} ({kind}): {} apic_base {:#x}",
+            v.id,
+            regs_text(&v.control),
+            v.apic_base
+        );
+        if let Some(why) = &v.registers_refused {
+            let _ = writeln!(t, "  registers refused: {why}");
+        }
+        if let Some(r) = &v.debug_vmsa {
+            let _ = writeln!(t, "  VMSA (DBG_DECRYPT): {}", regs_text(r));
+        }
+        if let Some(why) = &v.debug_vmsa_refused {
+            let _ = writeln!(t, "  VMSA not decrypted: {why}");
+        }
+    }
+    t
 }
 
 /// Sends a request; a refusal by the VM is reported on stderr and becomes
@@ -233,18 +338,23 @@ fn migrate(
     client: &mut ApiClient,
     req: MigrateRequest,
     detach: bool,
+    format: Format,
     poll: Duration,
 ) -> Result<u8, CtlError> {
-    let url = req.url.clone();
-    if let Err(code) = call(client, "migrate", &Request::Migrate(req))? {
-        return Ok(code);
-    }
+    let started = match call(client, "migrate", &Request::Migrate(req))? {
+        Err(code) => return Ok(code),
+        Ok(reply) => reply,
+    };
     if detach {
-        println!("migration to {url} started; follow it with `esvm ctl status`");
+        format.emit(&started, reply_text)?;
         return Ok(0);
     }
     let path = client.path().to_path_buf();
-    let mut display = ProgressDisplay::new(std::io::stderr().is_terminal());
+    let mut display = if format.is_json() {
+        ProgressDisplay::Silent
+    } else {
+        ProgressDisplay::new(std::io::stderr().is_terminal())
+    };
     let mut last_phase = MigrationPhase::Setup;
     let mut failures = 0;
     let outcome = loop {
@@ -292,18 +402,10 @@ fn migrate(
         }
     };
     display.finish();
+    // The final status: as JSON whatever the end; as text only a completed migration (the
+    // others are told on stderr below).
+    format.emit(&outcome, completed_text)?;
     if outcome.phase == MigrationPhase::Completed {
-        let downtime = outcome
-            .downtime_ms
-            .map(|d| format!(", downtime {d:.1} ms"))
-            .unwrap_or_default();
-        println!(
-            "migration to {} completed: {} pass(es), {} sent in {:.1} s{downtime}",
-            outcome.url,
-            outcome.pass,
-            BinaryBytes(outcome.bytes_sent),
-            outcome.elapsed_ms as f64 / 1000.0
-        );
         return Ok(0);
     }
     let why = outcome.error.as_deref().unwrap_or("no reason given");
@@ -318,6 +420,24 @@ fn migrate(
         _ => eprintln!("esvm ctl migrate: migration failed: {why}; the VM keeps running here"),
     }
     Ok(EXIT_REFUSED)
+}
+
+/// The line that says a migration completed; nothing for one that did not.
+fn completed_text(m: &MigrationStatus) -> String {
+    if m.phase != MigrationPhase::Completed {
+        return String::new();
+    }
+    let downtime = m
+        .downtime_ms
+        .map(|d| format!(", downtime {d:.1} ms"))
+        .unwrap_or_default();
+    format!(
+        "migration to {} completed: {} pass(es), {} sent in {:.1} s{downtime}",
+        m.url,
+        m.pass,
+        BinaryBytes(m.bytes_sent),
+        m.elapsed_ms as f64 / 1000.0
+    )
 }
 
 /// One line describing a migration's progress.
@@ -341,8 +461,9 @@ fn progress_line(m: &MigrationStatus) -> String {
 }
 
 /// Migration progress on stderr: a live spinner line on a terminal, otherwise a plain line
-/// whenever the phase or pass changes (and every few seconds).
+/// whenever the phase or pass changes (and every few seconds); none with --json.
 enum ProgressDisplay {
+    Silent,
     Bar(ProgressBar),
     Plain {
         last: Option<(MigrationPhase, u32)>,
@@ -369,6 +490,7 @@ impl ProgressDisplay {
 
     fn update(&mut self, m: &MigrationStatus) {
         match self {
+            ProgressDisplay::Silent => {}
             ProgressDisplay::Bar(bar) => bar.set_message(progress_line(m)),
             ProgressDisplay::Plain { last, printed } => {
                 let key = (m.phase, m.pass);
@@ -410,7 +532,13 @@ mod tests {
     fn command_line() {
         Cli::command().debug_assert();
         let a = parse(&["--api-socket", "/s", "migrate", "tcp://h:1"]).unwrap();
-        assert_eq!(a.api_socket, PathBuf::from("/s"));
+        assert_eq!(a.api_socket, Some(PathBuf::from("/s")));
+        // The socket may follow the subcommand too.
+        let b = parse(&["status", "--api-socket", "/t"]).unwrap();
+        assert_eq!(b.api_socket, Some(PathBuf::from("/t")));
+        assert!(matches!(b.command, CtlCommand::Status));
+        let b = parse(&["migrate", "tcp://h:1", "--api-socket", "/u", "--detach"]).unwrap();
+        assert_eq!(b.api_socket, Some(PathBuf::from("/u")));
         let CtlCommand::Migrate(m) = a.command else {
             panic!("not migrate")
         };
@@ -435,7 +563,7 @@ mod tests {
         assert!(m.force_on_timeout);
         assert!(parse(&["--api-socket", "/s", "migrate", "u", "--downtime-ms", "0"]).is_err());
         assert!(parse(&["--api-socket", "/s", "snapshot"]).is_err());
-        assert!(parse(&["status"]).is_err());
+        assert!(parse(&["--api-socket", "/s"]).is_err());
         assert!(matches!(
             parse(&["--api-socket", "/s", "snapshot", "d"])
                 .unwrap()
@@ -469,9 +597,107 @@ mod tests {
     }
 
     fn ctl(vm: &Vm, argv: &[&str]) -> Result<u8, CtlError> {
+        ctl_as(vm, argv, Format::Human)
+    }
+
+    fn ctl_as(vm: &Vm, argv: &[&str], format: Format) -> Result<u8, CtlError> {
         let mut full = vec!["--api-socket", vm.path.to_str().unwrap()];
         full.extend_from_slice(argv);
-        run_with(parse(&full).unwrap(), Duration::from_millis(1))
+        run_with(parse(&full).unwrap(), format, Duration::from_millis(1))
+    }
+
+    #[test]
+    fn without_a_socket_it_says_how_to_give_one() {
+        let args = CtlArgs {
+            api_socket: None,
+            command: CtlCommand::Status,
+        };
+        let err = run_with(args, Format::Human, Duration::from_millis(1)).unwrap_err();
+        assert!(matches!(err, CtlError::NoApiSocket));
+        assert!(err.to_string().contains("ESVM_API_SOCKET"), "{err}");
+    }
+
+    #[test]
+    fn json_runs_every_command_with_the_same_exit_statuses() {
+        let vm = vm();
+        for argv in [&["status"][..], &["pause"], &["resume"]] {
+            assert_eq!(ctl_as(&vm, argv, Format::Json).unwrap(), 0, "{argv:?}");
+        }
+        assert_eq!(
+            ctl_as(&vm, &["cancel"], Format::Json).unwrap(),
+            EXIT_REFUSED
+        );
+        assert_eq!(
+            ctl_as(&vm, &["migrate", "tcp://ok:1"], Format::Json).unwrap(),
+            0
+        );
+        let vm = self::vm();
+        assert_eq!(
+            ctl_as(&vm, &["migrate", "tcp://fail:1"], Format::Json).unwrap(),
+            EXIT_REFUSED
+        );
+    }
+
+    #[test]
+    fn the_status_text_is_a_readable_summary_not_json() {
+        let vm = vm();
+        let mut client = ApiClient::connect(&vm.path).unwrap();
+        let mut status = client.status().unwrap();
+        let text = status_text(&status);
+        assert!(serde_json::from_str::<serde_json::Value>(&text).is_err());
+        assert!(text.starts_with("state         running\n"), "{text}");
+        assert!(text.contains("SEV-ES"), "{text}");
+        assert!(text.contains("migration     none"), "{text}");
+        let mut m = MigrationStatus::new("tcp://h:1", 300);
+        m.phase = MigrationPhase::Failed;
+        m.error = Some("the destination went away".into());
+        status.migration = Some(m);
+        status.exit_status = Some(3);
+        let text = status_text(&status);
+        assert!(
+            text.contains("migration     to tcp://h:1: failed pass"),
+            "{text}"
+        );
+        assert!(text.contains("the destination went away"), "{text}");
+        assert!(text.contains("exit status   3"), "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&Format::Json.render(&status, status_text).unwrap()).unwrap();
+        assert_eq!(json["state"], "running");
+        assert_eq!(json["exit_status"], 3);
+        assert_eq!(json["migration"]["phase"], "failed");
+    }
+
+    #[test]
+    fn the_vcpus_text_shows_registers_and_refusals() {
+        let regs = esvm_control::protocol::ControlRegs {
+            cr0: 0x8000_0011,
+            cr4: 0x20,
+            cr8: 0,
+            efer: 0xd00,
+        };
+        let v = VcpuView {
+            id: 0,
+            protected: true,
+            control: regs,
+            apic_base: 0xfee0_0900,
+            registers_refused: Some("encrypted VMSA".into()),
+            debug_vmsa: None,
+            debug_vmsa_refused: Some("policy has NODBG".into()),
+        };
+        let text = vcpus_text(std::slice::from_ref(&v));
+        assert!(
+            text.starts_with("vCPU 0 (protected): cr0 0x80000011 cr4 0x20 cr8 0x0 efer 0xd00"),
+            "{text}"
+        );
+        assert!(text.contains("registers refused: encrypted VMSA"), "{text}");
+        assert!(
+            text.contains("VMSA not decrypted: policy has NODBG"),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&Format::Json.render(&vec![v], |v| vcpus_text(v)).unwrap())
+                .unwrap();
+        assert_eq!(json[0]["control"]["efer"], 0xd00);
     }
 
     #[test]
@@ -543,7 +769,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("none.sock");
         let args = parse(&["--api-socket", path.to_str().unwrap(), "status"]).unwrap();
-        let err = run(args).unwrap_err();
+        let err = run(args, Format::Json).unwrap_err();
         assert!(err.to_string().contains("no API socket"), "{err}");
     }
 

@@ -9,6 +9,9 @@ use esvm_owner::{
 };
 use esvm_psp::cert::CaCert;
 use esvm_psp::{Build, Measurement, Policy};
+use serde::Serialize;
+
+use super::output::Format;
 
 fn parse_mem(s: &str) -> Result<u64, String> {
     esvm::size::parse_size(s).map_err(|e| e.to_string())
@@ -154,9 +157,46 @@ fn load_measurement(path: &Path, build: Option<&str>) -> CliResult<Measurement> 
         .map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
-/// Runs an `esvm owner` subcommand. `measurer` computes what the esvm loader
-/// measures for `verify --guest IMAGE`; without it `--guest` is refused.
-pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> CliResult<()> {
+/// What `esvm owner session` made.
+#[derive(Debug, Serialize)]
+struct SessionMade {
+    /// The verified chain, described.
+    chain: String,
+    /// Whether the chain was checked against an ARK given with --ark (otherwise only
+    /// against its own ARK).
+    ark_given: bool,
+    policy: String,
+    policy_bits: u32,
+    out: PathBuf,
+}
+
+/// What `esvm owner verify` accepted.
+#[derive(Debug, Serialize)]
+struct Verified {
+    verified: bool,
+    digest: String,
+    firmware: String,
+    api_major: u8,
+    api_minor: u8,
+    build: u8,
+    policy: String,
+    policy_bits: u32,
+}
+
+/// What `esvm owner secret` wrote.
+#[derive(Debug, Serialize)]
+struct Packaged {
+    out: PathBuf,
+    bytes: usize,
+}
+
+/// Runs an `esvm owner` subcommand, reporting in `format`. `measurer` computes what the esvm
+/// loader measures for `verify --guest IMAGE`; without it `--guest` is refused.
+pub fn run_owner(
+    cmd: OwnerCommand,
+    measurer: Option<&dyn GuestMeasurer>,
+    format: Format,
+) -> CliResult<()> {
     match cmd {
         OwnerCommand::Session {
             chain,
@@ -171,14 +211,27 @@ pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Cli
             };
             let s = create_session(&read(&chain)?, policy, ark.as_ref())?;
             s.save(&out)?;
-            println!("chain verified: {}", describe_chain(&s.chain));
-            if ark.is_none() {
-                println!("  note: no --ark given; the chain was checked against its own ARK only");
-            }
-            println!("session for policy {policy} written to {}", out.display());
-            println!(
-                "  give the host: godh.cert session.bin policy.txt; keep tek.key tik.key secret"
-            );
+            let made = SessionMade {
+                chain: describe_chain(&s.chain),
+                ark_given: ark.is_some(),
+                policy: policy.to_string(),
+                policy_bits: policy.0,
+                out,
+            };
+            format.emit(&made, |m| {
+                let note = if m.ark_given {
+                    ""
+                } else {
+                    "\n  note: no --ark given; the chain was checked against its own ARK only"
+                };
+                format!(
+                    "chain verified: {}{note}\nsession for policy {} written to {}\n  give the \
+                     host: godh.cert session.bin policy.txt; keep tek.key tik.key secret",
+                    m.chain,
+                    m.policy,
+                    m.out.display()
+                )
+            })?;
             Ok(())
         }
         OwnerCommand::Verify {
@@ -225,12 +278,22 @@ pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Cli
                 }
             };
             verify_measurement(&s, &m, &digest)?;
-            println!(
-                "measurement verified: launch digest {} on firmware {} with policy {}",
-                hex(&digest),
-                m.build,
-                s.policy
-            );
+            let v = Verified {
+                verified: true,
+                digest: hex(&digest),
+                firmware: m.build.to_string(),
+                api_major: m.build.api_major,
+                api_minor: m.build.api_minor,
+                build: m.build.build,
+                policy: s.policy.to_string(),
+                policy_bits: s.policy.0,
+            };
+            format.emit(&v, |v| {
+                format!(
+                    "measurement verified: launch digest {} on firmware {} with policy {}",
+                    v.digest, v.firmware, v.policy
+                )
+            })?;
             Ok(())
         }
         OwnerCommand::Secret {
@@ -245,11 +308,17 @@ pub fn run_owner(cmd: OwnerCommand, measurer: Option<&dyn GuestMeasurer>) -> Cli
             let secret = read(&input)?;
             let pkt = package_secret(&s, &m, &secret)?;
             std::fs::write(&out, &pkt).map_err(|e| InFile::new(&out, e))?;
-            println!(
-                "secret packet ({} bytes) written to {}",
-                pkt.len(),
-                out.display()
-            );
+            let p = Packaged {
+                out,
+                bytes: pkt.len(),
+            };
+            format.emit(&p, |p| {
+                format!(
+                    "secret packet ({} bytes) written to {}",
+                    p.bytes,
+                    p.out.display()
+                )
+            })?;
             Ok(())
         }
     }

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use esvm_psp::cert::fingerprint;
 use esvm_psp::{EmulatedAmdCa, FirmwareVersion, Psp};
 
+use serde::Serialize;
+
+use super::output::Format;
 use super::owner::{CliResult, InFile};
 
 /// The platform's own certificate chain fails its check.
@@ -74,21 +77,33 @@ fn parse_ark_bits(s: &str) -> Result<u32, String> {
     }
 }
 
-/// Runs an `esvm platform` subcommand; the error is a message for the user.
-pub fn run_platform(cmd: PlatformCommand) -> CliResult<()> {
+/// Runs an `esvm platform` subcommand, reporting in `format`; the error is a message for the
+/// user.
+pub fn run_platform(cmd: PlatformCommand, format: Format) -> CliResult<()> {
     match cmd {
         PlatformCommand::Init {
             dir,
             amd_ca,
             ark_bits,
-        } => init(&dir, amd_ca.as_deref(), ark_bits),
-        PlatformCommand::Status { dir } => status(&dir),
-        PlatformCommand::Export { dir, out } => export(&dir, &out),
-        PlatformCommand::RotatePdh { dir } => rotate_pdh(&dir),
+        } => init(&dir, amd_ca.as_deref(), ark_bits, format),
+        PlatformCommand::Status { dir } => status(&dir, format),
+        PlatformCommand::Export { dir, out } => export(&dir, &out, format),
+        PlatformCommand::RotatePdh { dir } => rotate_pdh(&dir, format),
     }
 }
 
-fn init(dir: &Path, amd_ca: Option<&Path>, ark_bits: u32) -> CliResult<()> {
+/// What `esvm platform init` created.
+#[derive(Debug, Serialize)]
+struct Created {
+    dir: PathBuf,
+    pdh: String,
+    /// The emulated AMD CA's directory (NOT AMD's keys).
+    amd_ca: PathBuf,
+    /// Whether that CA was generated now.
+    amd_ca_new: bool,
+}
+
+fn init(dir: &Path, amd_ca: Option<&Path>, ark_bits: u32, format: Format) -> CliResult<()> {
     if Psp::storage_exists(dir) {
         return Err(format!(
             "{} already holds a platform identity; refusing to overwrite it",
@@ -112,87 +127,189 @@ fn init(dir: &Path, amd_ca: Option<&Path>, ark_bits: u32) -> CliResult<()> {
         ca.save(&ca_dir)?;
     }
     let chain = psp.chain();
-    println!("platform identity created in {}", dir.display());
-    println!("  PDH {}", fingerprint(chain.pdh.as_bytes()));
-    println!(
-        "  emulated AMD CA (NOT AMD's keys): {} {}",
-        ca_dir.display(),
-        if new_ca { "(new)" } else { "(existing)" }
-    );
-    println!(
-        "  other platforms that must trust this one: esvm platform init --dir OTHER --amd-ca {}",
-        ca_dir.display()
-    );
+    let created = Created {
+        dir: dir.to_path_buf(),
+        pdh: fingerprint(chain.pdh.as_bytes()),
+        amd_ca: ca_dir,
+        amd_ca_new: new_ca,
+    };
+    format.emit(&created, |c| {
+        format!(
+            "platform identity created in {}\n  PDH {}\n  emulated AMD CA (NOT AMD's keys): {} \
+             {}\n  other platforms that must trust this one: esvm platform init --dir OTHER \
+             --amd-ca {}",
+            c.dir.display(),
+            c.pdh,
+            c.amd_ca.display(),
+            if c.amd_ca_new { "(new)" } else { "(existing)" },
+            c.amd_ca.display()
+        )
+    })?;
     Ok(())
 }
 
-fn status(dir: &Path) -> CliResult<()> {
+/// The certificates' short fingerprints (`esvm platform status`).
+#[derive(Debug, Serialize)]
+struct Fingerprints {
+    pdh: String,
+    pek: String,
+    oca: String,
+    cek: String,
+    ask: String,
+    ark: String,
+}
+
+/// What `esvm platform status` reports.
+#[derive(Debug, Serialize)]
+struct PlatformReport {
+    dir: PathBuf,
+    /// The firmware's platform state (UNINIT, INIT, WORKING) as the stored identity opens.
+    state: String,
+    api_major: u8,
+    api_minor: u8,
+    build: u8,
+    /// An external OCA was imported (PEK_CERT_IMPORT); otherwise self-owned.
+    owned_externally: bool,
+    es_capable: bool,
+    guest_count: u32,
+    chip_id: String,
+    fingerprints: Fingerprints,
+    /// The emulated ARK's RSA size (the ARK/ASK are NOT AMD's keys).
+    emulated_ark_bits: u32,
+    /// ARK -> ASK -> CEK -> PEK <- OCA, PEK -> PDH verifies.
+    chain_verifies: bool,
+    /// Why it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chain_error: Option<String>,
+}
+
+fn status_text(r: &PlatformReport) -> String {
+    let f = &r.fingerprints;
+    let mut lines = vec![
+        format!("platform {}", r.dir.display()),
+        format!("  state         {}", r.state),
+        format!("  API version   {}.{}", r.api_major, r.api_minor),
+        format!("  build         {}", r.build),
+        format!(
+            "  owner         {}",
+            if r.owned_externally {
+                "external OCA (PEK_CERT_IMPORT)"
+            } else {
+                "self-owned"
+            }
+        ),
+        format!(
+            "  SEV-ES        {}",
+            if r.es_capable { "yes" } else { "no" }
+        ),
+        format!(
+            "  chip id       {}...",
+            &r.chip_id[..r.chip_id.len().min(32)]
+        ),
+    ];
+    for (name, fp) in [
+        ("PDH", &f.pdh),
+        ("PEK", &f.pek),
+        ("OCA", &f.oca),
+        ("CEK", &f.cek),
+        ("ASK", &f.ask),
+        ("ARK", &f.ark),
+    ] {
+        lines.push(format!("  {name}           {fp}"));
+    }
+    lines.push(format!(
+        "  ARK/ASK are EMULATED (RSA-{}), not AMD's keys",
+        r.emulated_ark_bits
+    ));
+    lines.push(match &r.chain_error {
+        None => "  chain         verifies (ARK -> ASK -> CEK -> PEK <- OCA, PEK -> PDH)".into(),
+        Some(e) => format!("  chain         DOES NOT VERIFY: {e}"),
+    });
+    lines.join("\n")
+}
+
+fn status(dir: &Path, format: Format) -> CliResult<()> {
     let psp = Psp::open(dir)?;
     let st = psp.platform_status();
     let chain = psp.chain();
-    let id = psp.get_id();
-    println!("platform {}", dir.display());
-    println!("  API version   {}.{}", st.api_major, st.api_minor);
-    println!("  build         {}", st.build);
-    println!(
-        "  owner         {}",
-        if st.owned_externally {
-            "external OCA (PEK_CERT_IMPORT)"
-        } else {
-            "self-owned"
-        }
-    );
-    println!(
-        "  SEV-ES        {}",
-        if st.es_capable { "yes" } else { "no" }
-    );
-    println!("  chip id       {}...", &esvm_owner::hex(&id)[..32]);
-    for (name, bytes) in [
-        ("PDH", chain.pdh.as_bytes().as_slice()),
-        ("PEK", chain.pek.as_bytes().as_slice()),
-        ("OCA", chain.oca.as_bytes().as_slice()),
-        ("CEK", chain.cek.as_bytes().as_slice()),
-        ("ASK", chain.ask.as_bytes()),
-        ("ARK", chain.ark.as_bytes()),
-    ] {
-        println!("  {name}           {}", fingerprint(bytes));
-    }
-    println!(
-        "  ARK/ASK are EMULATED (RSA-{}), not AMD's keys",
-        chain.ark.bits()
-    );
-    match chain.verify(None) {
-        Ok(()) => {
-            println!("  chain         verifies (ARK -> ASK -> CEK -> PEK <- OCA, PEK -> PDH)")
-        }
-        Err(source) => return Err(ChainDoesNotVerify(source).into()),
-    }
-    Ok(())
+    let verified = chain.verify(None);
+    let report = PlatformReport {
+        dir: dir.to_path_buf(),
+        state: st.state.to_string(),
+        api_major: st.api_major,
+        api_minor: st.api_minor,
+        build: st.build,
+        owned_externally: st.owned_externally,
+        es_capable: st.es_capable,
+        guest_count: st.guest_count,
+        chip_id: esvm_owner::hex(&psp.get_id()),
+        fingerprints: Fingerprints {
+            pdh: fingerprint(chain.pdh.as_bytes()),
+            pek: fingerprint(chain.pek.as_bytes()),
+            oca: fingerprint(chain.oca.as_bytes()),
+            cek: fingerprint(chain.cek.as_bytes()),
+            ask: fingerprint(chain.ask.as_bytes()),
+            ark: fingerprint(chain.ark.as_bytes()),
+        },
+        emulated_ark_bits: chain.ark.bits(),
+        chain_verifies: verified.is_ok(),
+        chain_error: verified.as_ref().err().map(ToString::to_string),
+    };
+    format.emit(&report, status_text)?;
+    verified.map_err(|source| ChainDoesNotVerify(source).into())
 }
 
-fn export(dir: &Path, out: &Path) -> CliResult<()> {
+/// What `esvm platform export` wrote.
+#[derive(Debug, Serialize)]
+struct Exported {
+    out: PathBuf,
+    bytes: usize,
+    chain: String,
+}
+
+fn export(dir: &Path, out: &Path, format: Format) -> CliResult<()> {
     let psp = Psp::open(dir)?;
     let chain = psp.chain();
-    std::fs::write(out, chain.to_bytes()).map_err(|e| InFile::new(out, e))?;
-    println!(
-        "wrote the certificate chain ({} bytes) to {}",
-        chain.to_bytes().len(),
-        out.display()
-    );
-    println!("  {}", esvm_owner::describe_chain(&chain));
+    let bytes = chain.to_bytes();
+    std::fs::write(out, &bytes).map_err(|e| InFile::new(out, e))?;
+    let e = Exported {
+        out: out.to_path_buf(),
+        bytes: bytes.len(),
+        chain: esvm_owner::describe_chain(&chain),
+    };
+    format.emit(&e, |e| {
+        format!(
+            "wrote the certificate chain ({} bytes) to {}\n  {}",
+            e.bytes,
+            e.out.display(),
+            e.chain
+        )
+    })?;
     Ok(())
 }
 
-fn rotate_pdh(dir: &Path) -> CliResult<()> {
+/// What `esvm platform rotate-pdh` changed.
+#[derive(Debug, Serialize)]
+struct Rotated {
+    pdh: String,
+    previous_pdh: String,
+}
+
+fn rotate_pdh(dir: &Path, format: Format) -> CliResult<()> {
     let mut psp = Psp::open(dir)?;
     let old = psp.chain().pdh;
     psp.init()?;
     psp.pdh_gen()?;
     psp.shutdown()?;
-    println!(
-        "new PDH {} (was {}); export the chain again for guest owners",
-        fingerprint(psp.chain().pdh.as_bytes()),
-        fingerprint(old.as_bytes())
-    );
+    let r = Rotated {
+        pdh: fingerprint(psp.chain().pdh.as_bytes()),
+        previous_pdh: fingerprint(old.as_bytes()),
+    };
+    format.emit(&r, |r| {
+        format!(
+            "new PDH {} (was {}); export the chain again for guest owners",
+            r.pdh, r.previous_pdh
+        )
+    })?;
     Ok(())
 }

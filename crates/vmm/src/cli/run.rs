@@ -1,4 +1,4 @@
-//! `esvm run` and `esvm guests`.
+//! `esvm run`.
 
 use std::path::PathBuf;
 
@@ -337,12 +337,6 @@ fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
             start_paused: args.start_paused,
         },
     )
-}
-
-pub fn list_guests() {
-    for g in esvm_guests::list() {
-        println!("{:<12} {}", g.name, g.description);
-    }
 }
 
 fn parse_policy(s: &str) -> Result<u32, String> {
