@@ -292,7 +292,9 @@ impl Acceptor {
         }
         let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         for s in conns.values() {
-            let _ = s.shutdown(Shutdown::Both);
+            // Reading only: an idle connection sees the end at once, and a request being
+            // served still gets its answer (e.g. `shutdown`'s, which is the VM's end).
+            let _ = s.shutdown(Shutdown::Read);
         }
         drop(conns);
         for h in self.handles.drain(..) {
@@ -515,5 +517,9 @@ fn dispatch(target: &dyn ControlTarget, req: Request) -> Result<Reply, ApiError>
         }
         Request::Cancel => target.cancel_migration().map(|_| Reply::MigrationCancelled),
         Request::Vcpus => target.vcpus().map(|vcpus| Reply::Vcpus { vcpus }),
+        Request::Shutdown => target.shutdown().map(|mut s| {
+            s.sanitize();
+            Reply::ShutDown(s)
+        }),
     }
 }
