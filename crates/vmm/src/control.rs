@@ -30,7 +30,12 @@ use esvm_migration::{
 use crate::lifecycle::{LifecycleError, State, Status};
 use crate::machine::{Machine, MachineHandle};
 use crate::migrate::{parse_tcp_url, read_trusted_root, MachineSource};
+use crate::outcome::{Outcome, StopSignal};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
+
+/// How long `shutdown` waits for the run loop to end (a snapshot being written or a
+/// migration being cancelled finishes first).
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long connecting to a migration destination may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -162,6 +167,25 @@ impl VmHandle {
         }
     }
 
+    /// Stop the VM because of `signal` (the process is being stopped): a migration in
+    /// flight is cancelled (unless it is committing: then its outcome decides), and the run
+    /// loop ends with [`Outcome::Signalled`] once nothing is under way. Returns false if the
+    /// VM had already ended.
+    pub fn stop_for_signal(&self, signal: StopSignal) -> bool {
+        {
+            let m = lock(&self.mig);
+            if let (Some(c), Some(s)) = (&m.cancel, &m.status) {
+                if s.phase != MigrationPhase::Committing {
+                    c.cancel();
+                }
+            }
+        }
+        self.h
+            .control
+            .request_stop(Outcome::Signalled(signal))
+            .is_ok()
+    }
+
     fn vm_type(&self) -> VmType {
         match self.h.config.vm_type {
             esvm_hv::VmType::Plain => VmType::Plain,
@@ -174,9 +198,13 @@ impl ControlTarget for VmHandle {
     fn status(&self) -> VmStatus {
         let m = lock(&self.mig);
         let life = self.h.control.lifecycle();
-        let exit_status = match life.state() {
-            State::Ended(e) => Some(i32::from(e.exit_status)),
-            _ => None,
+        let (exit_status, end_reason) = match life.state() {
+            State::Ended(e) => (Some(i32::from(e.exit_status)), Some(e.what.clone())),
+            State::Migrated { url, .. } => {
+                let o = Outcome::Migrated(url.clone());
+                (Some(i32::from(o.exit_status())), Some(o.describe()))
+            }
+            _ => (None, None),
         };
         let state = match life.status() {
             Status::Starting => VmState::Starting,
@@ -203,6 +231,7 @@ impl ControlTarget for VmHandle {
             },
             uptime_ms: self.h.control.uptime().as_millis() as u64,
             exit_status,
+            end_reason,
             migration,
         }
     }
@@ -383,6 +412,39 @@ impl ControlTarget for VmHandle {
             c.cancel();
         }
         Ok(())
+    }
+
+    fn shutdown(&self) -> Result<VmStatus, ApiError> {
+        {
+            let m = lock(&self.mig);
+            if let (Some(c), Some(s)) = (&m.cancel, &m.status) {
+                match s.phase {
+                    MigrationPhase::StopAndCopy | MigrationPhase::Committing => {
+                        return Err(ApiError::invalid_state(format!(
+                            "cannot shut down: the migration to {} is in its {} phase (the \
+                             guest's last state is on its way to the destination, which may \
+                             already run it); wait for it to end (`esvm ctl status`)",
+                            s.url,
+                            s.phase.as_str().replace('_', "-")
+                        )))
+                    }
+                    // Pre-copy (or setup): the guest still runs here; the migration is
+                    // cancelled and the VM stops once it has ended.
+                    _ => c.cancel(),
+                }
+            }
+        }
+        self.h
+            .control
+            .request_stop(Outcome::Stopped("by `esvm ctl shutdown`".into()))
+            .map_err(|e| refused("shut down", e))?;
+        if self.h.control.wait_ended(SHUTDOWN_TIMEOUT).is_none() {
+            return Err(ApiError::failed(format!(
+                "the VM is stopping but its run loop did not end within {SHUTDOWN_TIMEOUT:?} \
+                 (a snapshot or migration may still be finishing); see `esvm ctl status`"
+            )));
+        }
+        Ok(self.status())
     }
 
     fn vcpus(&self) -> Result<Vec<VcpuView>, ApiError> {

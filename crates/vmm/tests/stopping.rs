@@ -1,0 +1,205 @@
+//! Stopping a VM (signals, `esvm ctl shutdown`), exit statuses, `--help` and `--version`,
+//! with real `esvm` processes.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{ctl, text, wait_socket, Proc, ESVM};
+use esvm::outcome::{StopSignal, EXIT_STATUSES, EXIT_USAGE};
+use esvm_control::{ApiClient, VmState};
+
+/// A demo guest that runs far longer than any test.
+const LONG: &str = "iterations=2000000000";
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn signal(p: &Proc, s: StopSignal) {
+    // SAFETY: kill only sends a signal to the child we started (still unreaped).
+    let rc = unsafe { libc::kill(p.id() as libc::pid_t, s.number()) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+}
+
+fn run_with_socket(sock: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec!["run", "--api-socket", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["demo", "--", LONG]);
+    let mut p = Proc::spawn(None, &args);
+    wait_socket(&mut p, sock);
+    p
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_vm_cleanly() {
+    for (s, extra) in [
+        (StopSignal::Terminate, &[][..]),
+        (StopSignal::Interrupt, &[][..]),
+        // A paused VM stops too.
+        (StopSignal::Terminate, &["--start-paused"][..]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm.sock");
+        let mut p = run_with_socket(&sock, extra);
+        signal(&p, s);
+        let code = p.wait(EXIT_TIMEOUT);
+        let err = p.stderr();
+        assert_eq!(code, i32::from(s.exit_status()), "{s:?} {extra:?}: {err}");
+        assert_eq!(code, if s == StopSignal::Interrupt { 130 } else { 143 });
+        assert!(
+            err.contains(&format!("esvm: guest demo stopped by {}", s.name())),
+            "{err}"
+        );
+        assert!(!sock.exists(), "the API socket file was left behind");
+    }
+}
+
+#[test]
+fn ctl_shutdown_stops_the_vm_and_says_how_it_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut p = run_with_socket(&sock, &[]);
+    let before = ApiClient::connect(&sock).unwrap().status().unwrap();
+    assert_eq!((before.exit_status, before.end_reason), (None, None));
+    let o = ctl(&sock, &["shutdown"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stdout).trim(),
+        "the VM ended: the VM was stopped by `esvm ctl shutdown` (exit status 0)"
+    );
+    assert_eq!(p.wait(EXIT_TIMEOUT), 0);
+    assert!(
+        p.stderr()
+            .contains("esvm: guest demo: the VM was stopped by `esvm ctl shutdown`"),
+        "{}",
+        p.stderr()
+    );
+    assert!(!sock.exists());
+}
+
+#[test]
+fn the_shutdown_reply_is_the_final_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut p = run_with_socket(&sock, &["--start-paused"]);
+    let end = ApiClient::connect(&sock).unwrap().shutdown().unwrap();
+    assert_eq!(end.state, VmState::Exited);
+    assert_eq!(end.exit_status, Some(0));
+    assert_eq!(
+        end.end_reason.as_deref(),
+        Some("the VM was stopped by `esvm ctl shutdown`")
+    );
+    assert_eq!(p.wait(EXIT_TIMEOUT), 0);
+}
+
+/// A migration whose destination never answers the handshake: a stop waits for it (after
+/// cancelling it), and a second signal ends the process at once.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp:{}", silent.local_addr().unwrap());
+    let mut p = run_with_socket(&sock, &[]);
+    let o = ctl(&sock, &["migrate", &url, "--detach"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // The destination has the connection but says nothing.
+    let (_conn, _) = silent.accept().unwrap();
+    signal(&p, StopSignal::Interrupt);
+    p.wait_stderr("stopping the VM", EXIT_TIMEOUT);
+    std::thread::sleep(Duration::from_millis(200));
+    if p.alive() {
+        signal(&p, StopSignal::Interrupt);
+        assert_eq!(p.wait(EXIT_TIMEOUT), 130);
+        assert!(
+            p.stderr().contains("SIGINT again: exiting at once"),
+            "{}",
+            p.stderr()
+        );
+    } else {
+        // The cancel reached the migration first: the VM stopped cleanly.
+        assert_eq!(p.wait(EXIT_TIMEOUT), 130, "{}", p.stderr());
+    }
+    assert!(!sock.exists());
+}
+
+#[test]
+fn a_signal_before_a_guest_runs_ends_receive() {
+    let mut p = Proc::spawn(None, &["receive", "--listen", "tcp:127.0.0.1:0"]);
+    p.wait_stderr("listening on", EXIT_TIMEOUT);
+    signal(&p, StopSignal::Terminate);
+    assert_eq!(p.wait(EXIT_TIMEOUT), 143);
+    assert!(
+        p.stderr().contains("stopped by SIGTERM before a guest ran"),
+        "{}",
+        p.stderr()
+    );
+}
+
+#[test]
+fn usage_errors_exit_120_and_help_lists_every_status() {
+    for args in [
+        &["run", "--bogus"][..],
+        &["ctl"][..],
+        &["nonsense"][..],
+        &[][..],
+    ] {
+        let o = Command::new(ESVM).args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(i32::from(EXIT_USAGE)), "{args:?}");
+        assert_eq!(o.status.code(), Some(120));
+        assert!(!text(&o.stderr).is_empty());
+    }
+    for flag in ["--help", "-h"] {
+        let o = Command::new(ESVM).arg(flag).output().unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        let help = text(&o.stdout);
+        for row in EXIT_STATUSES {
+            let status = if row.from == row.to {
+                row.from.to_string()
+            } else {
+                format!("{}-{}", row.from, row.to)
+            };
+            let line = format!("{status}  {}", row.meaning);
+            assert!(help.contains(&line), "{flag}: no {line:?} in\n{help}");
+        }
+    }
+}
+
+#[test]
+fn version_names_the_revision_and_the_formats() {
+    let o = Command::new(ESVM).arg("--version").output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let v = text(&o.stdout);
+    assert!(
+        v.starts_with(&format!("esvm {} (git ", env!("CARGO_PKG_VERSION"))),
+        "{v}"
+    );
+    let rev = Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| text(&o.stdout).trim().to_string());
+    match rev {
+        Some(rev) => assert!(v.contains(&format!("(git {rev}")), "{v}"),
+        None => assert!(v.contains("(git unknown)"), "{v}"),
+    }
+    for line in [
+        format!(
+            "snapshot format {} (sealed SEV-ES snapshots: {})",
+            esvm::snapshot::SNAPSHOT_VERSION,
+            esvm::snapshot::SEALED_SNAPSHOT_VERSION
+        ),
+        format!("migration protocol {}", esvm_migration::PROTOCOL_VERSION),
+        format!("control API {}", esvm_control::PROTOCOL_VERSION),
+    ] {
+        assert!(v.contains(&line), "no {line:?} in {v}");
+    }
+}
