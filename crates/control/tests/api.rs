@@ -292,16 +292,18 @@ fn several_clients_at_once_and_a_connection_cap() {
         max_connections: 2,
         ..ServerConfig::default()
     };
-    let _server = ApiServer::spawn_with_config(
+    let server = ApiServer::spawn_with_config(
         &path,
         target.clone() as Arc<dyn ControlTarget + Send + Sync>,
         config,
     )
     .unwrap();
+    assert_eq!(server.connections(), 0);
     let mut a = ApiClient::connect(&path).unwrap();
     let mut b = ApiClient::connect(&path).unwrap();
     a.status().unwrap();
     b.call(&Request::Pause).unwrap();
+    assert_eq!(server.connections(), 2);
     assert_eq!(a.status().unwrap().state, VmState::Paused);
     // A third concurrent client is told the server is busy.
     let mut c = ApiClient::connect(&path).unwrap();

@@ -158,8 +158,9 @@ impl VmHandle {
         }
     }
 
-    /// After the VM migrated away: keep answering `status` until a client has seen the
-    /// final state or `timeout` passed, so that `esvm ctl migrate` sees the outcome.
+    /// After the VM ended or migrated away: keep answering `status` until a client has seen
+    /// the final state or `timeout` passed, so that `esvm ctl migrate` (or a client polling
+    /// `status`) sees the outcome.
     pub fn linger_for_final_status(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.final_status_served.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -216,7 +217,12 @@ impl ControlTarget for VmHandle {
             Status::Failed => VmState::Failed,
         };
         let migration = m.status.clone();
-        if state == VmState::Migrated && migration.as_ref().is_some_and(|s| s.phase.is_terminal()) {
+        let final_status = match state {
+            VmState::Migrated => migration.as_ref().is_some_and(|s| s.phase.is_terminal()),
+            VmState::Exited | VmState::Failed => true,
+            _ => false,
+        };
+        if final_status {
             self.final_status_served.store(true, Ordering::SeqCst);
         }
         VmStatus {

@@ -29,6 +29,9 @@ use crate::outcome::{Outcome, StopSignal};
 /// How long a source whose VM migrated away keeps its API socket open so that a client
 /// following the migration (`esvm ctl migrate`) can read the final status.
 pub const MIGRATED_LINGER: Duration = Duration::from_secs(3);
+/// How long a VM that ended keeps its API socket open while a client is connected, so that
+/// a client polling `status` sees how it ended (`exit_status`, `end_reason`).
+pub const ENDED_LINGER: Duration = Duration::from_secs(1);
 
 /// How to run a machine.
 #[derive(Debug, Default, Clone)]
@@ -158,8 +161,10 @@ pub fn run(machine: &mut Machine, opts: &RunOptions) -> Result<Outcome, SessionE
     // A migration still running when the guest ended is cancelled; one that committed has
     // finished its bookkeeping (status `completed`) once the thread is joined.
     handle.finish_migration();
-    if let (Ok(Outcome::Migrated(_)), Some(_)) = (&outcome, &server) {
-        handle.linger_for_final_status(MIGRATED_LINGER);
+    match (&outcome, &server) {
+        (Ok(Outcome::Migrated(_)), Some(_)) => handle.linger_for_final_status(MIGRATED_LINGER),
+        (_, Some(s)) if s.connections() > 0 => handle.linger_for_final_status(ENDED_LINGER),
+        _ => {}
     }
     if let Some(s) = server.as_mut() {
         s.shutdown();

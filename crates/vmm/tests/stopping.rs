@@ -203,3 +203,43 @@ fn version_names_the_revision_and_the_formats() {
         assert!(v.contains(&line), "no {line:?} in {v}");
     }
 }
+
+/// A client polling `status` while the guest ends by itself sees how it ended: the VM
+/// keeps its API socket a moment for a connected client.
+#[test]
+fn a_polling_client_sees_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut p = Proc::spawn(
+        None,
+        &[
+            "run",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--start-paused",
+            "hello",
+            "--",
+            "exit=7",
+        ],
+    );
+    wait_socket(&mut p, &sock);
+    let mut c = ApiClient::connect(&sock).unwrap();
+    c.call(&esvm_control::Request::Resume).unwrap();
+    let end = loop {
+        let s = c
+            .status()
+            .expect("the VM closed its API before a status showed its end");
+        if matches!(s.state, VmState::Exited | VmState::Failed) {
+            break s;
+        }
+        // As a person or a script polls: not always with a request under way.
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(end.state, VmState::Exited);
+    assert_eq!(end.exit_status, Some(7));
+    assert_eq!(
+        end.end_reason.as_deref(),
+        Some("the guest exited with status 7")
+    );
+    assert_eq!(p.wait(EXIT_TIMEOUT), 7);
+}
