@@ -155,14 +155,28 @@ fn usage_errors_exit_120_and_help_lists_every_status() {
         assert_eq!(o.status.code(), Some(0));
         let help = text(&o.stdout);
         for row in EXIT_STATUSES {
-            let status = if row.from == row.to {
-                row.from.to_string()
-            } else {
-                format!("{}-{}", row.from, row.to)
-            };
-            let line = format!("{status}  {}", row.meaning);
+            let line = format!("{}  {}", status_text(&row), row.meaning);
             assert!(help.contains(&line), "{flag}: no {line:?} in\n{help}");
         }
+    }
+}
+
+fn status_text(row: &esvm::outcome::ExitStatusDoc) -> String {
+    if row.from == row.to {
+        row.from.to_string()
+    } else {
+        format!("{}-{}", row.from, row.to)
+    }
+}
+
+/// README's table of exit statuses is the one `--help` prints (from the same constants).
+#[test]
+fn readme_lists_every_status() {
+    let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+    let readme = std::fs::read_to_string(readme_path).unwrap();
+    for row in EXIT_STATUSES {
+        let line = format!("| {} | {} |", status_text(&row), row.meaning);
+        assert!(readme.contains(&line), "README.md lacks the row\n{line}");
     }
 }
 
