@@ -503,3 +503,65 @@ fn vcpu_view(id: u32, v: &dyn esvm_hv::Vcpu) -> VcpuView {
         debug_vmsa_refused,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::MachineConfig;
+    use esvm_control::ErrorCode;
+
+    fn machine() -> Machine {
+        let config = MachineConfig {
+            backend: esvm_hv::BackendKind::Emu,
+            vm_type: esvm_hv::VmType::Plain,
+            mem_size: 2 << 20,
+            vcpus: 1,
+            max_instructions: None,
+        };
+        Machine::new(&config, Box::new(std::io::sink())).unwrap()
+    }
+
+    /// A migration past pre-copy cannot be shut down (its outcome decides where the VM
+    /// runs); nothing is cancelled or stopped by the refusal.
+    #[test]
+    fn shutdown_is_refused_during_stop_and_copy_and_commit() {
+        let m = machine();
+        let vm = VmHandle::new(m.handle());
+        for phase in [MigrationPhase::StopAndCopy, MigrationPhase::Committing] {
+            let token = CancelToken::new();
+            {
+                let mut mig = lock(&vm.mig);
+                let mut s = MigrationStatus::new("tcp:h:1", 300);
+                s.phase = phase;
+                mig.status = Some(s);
+                mig.cancel = Some(token.clone());
+            }
+            let e = vm.shutdown().unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidState);
+            assert!(e.message.contains(&phase.as_str().replace('_', "-")), "{e}");
+            assert!(!token.is_cancelled());
+            assert!(m.control().lifecycle().alive().is_ok());
+        }
+    }
+
+    /// Once the VM ended, a shutdown says so.
+    #[test]
+    fn shutdown_of_an_ended_vm_is_refused() {
+        let mut m = machine();
+        let vm = VmHandle::new(m.handle());
+        m.control()
+            .request_stop(Outcome::Stopped("by a test".into()))
+            .unwrap();
+        assert_eq!(m.run().unwrap(), Outcome::Stopped("by a test".into()));
+        let s = vm.status();
+        assert_eq!(s.state, VmState::Exited);
+        assert_eq!(s.exit_status, Some(0));
+        assert_eq!(
+            s.end_reason.as_deref(),
+            Some("the VM was stopped by a test")
+        );
+        let e = vm.shutdown().unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidState);
+        assert!(e.message.starts_with("cannot shut down: "), "{e}");
+    }
+}

@@ -257,3 +257,96 @@ fn a_polling_client_sees_the_end() {
     );
     assert_eq!(p.wait(EXIT_TIMEOUT), 7);
 }
+
+/// `esvm receive --listen tcp:127.0.0.1:0`; returns it and its address.
+fn receiver() -> (Proc, String) {
+    let mut p = Proc::spawn(None, &["receive", "--listen", "tcp:127.0.0.1:0"]);
+    let err = p.wait_stderr("listening on ", EXIT_TIMEOUT);
+    let addr = err
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    (p, format!("tcp:{addr}"))
+}
+
+/// Wait until the source's migration copies memory (pass 2 or later: the destination has
+/// part of the VM, nothing committed).
+fn wait_pre_copy(c: &mut ApiClient) {
+    let deadline = std::time::Instant::now() + EXIT_TIMEOUT;
+    loop {
+        let m = c.status().unwrap().migration.unwrap();
+        assert!(!m.phase.is_terminal(), "the migration ended early: {m:?}");
+        if m.phase == esvm_control::MigrationPhase::PreCopy && m.pass >= 2 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A signal during a live migration, to either end, leaves the VM running in exactly one
+/// place: the interrupted destination never runs it and the source runs on; an interrupted
+/// source cancels the migration and stops, and the destination discards what it got.
+#[test]
+fn a_signal_during_a_migration_leaves_one_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut source = Proc::spawn(
+        None,
+        &[
+            "run",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--mem",
+            "32M",
+            "demo",
+            "--",
+            LONG,
+            "dirty-mib=8",
+        ],
+    );
+    wait_socket(&mut source, &sock);
+    let mut c = ApiClient::connect(&sock).unwrap();
+    // 1 ms of downtime never fits a guest dirtying 8 MiB: pre-copy goes on until stopped.
+    let migrate = |url: &str| {
+        let o = ctl(&sock, &["migrate", url, "--detach", "--downtime-ms", "1"]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    };
+
+    // The destination is interrupted: it exits, and the source's VM runs on.
+    let (mut dest, url) = receiver();
+    migrate(&url);
+    wait_pre_copy(&mut c);
+    signal(&dest, StopSignal::Terminate);
+    assert_eq!(dest.wait(EXIT_TIMEOUT), 143, "{}", dest.stderr());
+    let deadline = std::time::Instant::now() + EXIT_TIMEOUT;
+    let s = loop {
+        let s = c.status().unwrap();
+        if s.migration.as_ref().unwrap().phase.is_terminal() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(s.state, VmState::Running, "{s:?}");
+    assert_eq!(
+        s.migration.unwrap().phase,
+        esvm_control::MigrationPhase::Failed
+    );
+    assert!(source.alive());
+
+    // The source is interrupted: the migration is cancelled, the VM stops there, and the
+    // destination discards the half-received VM and waits for another.
+    let (mut dest, url) = receiver();
+    migrate(&url);
+    wait_pre_copy(&mut c);
+    signal(&source, StopSignal::Terminate);
+    assert_eq!(source.wait(EXIT_TIMEOUT), 143, "{}", source.stderr());
+    assert!(source.stderr().contains("stopped by SIGTERM"));
+    dest.wait_stderr("waiting for another", EXIT_TIMEOUT);
+    assert!(dest.alive());
+    assert!(!dest.stderr().contains("running it"), "{}", dest.stderr());
+    assert!(!sock.exists());
+}
