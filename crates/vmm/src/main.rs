@@ -110,14 +110,15 @@ fn parse() -> Result<Cli, ExitCode> {
     })
 }
 
-/// A panic is a bug in esvm: after Rust's message (the process then exits 101), say so.
+/// A panic is a bug in esvm: after Rust's message, say so (on the main thread the process
+/// then exits [`EXIT_PANIC`]; the control API answers a request that panicked `internal`).
 fn report_panics_as_bugs() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
         eprintln!(
-            "esvm: this is a bug in esvm (exit status {EXIT_PANIC}); please report it with the \
-             message above and the command line (RUST_BACKTRACE=1 adds where it happened)"
+            "esvm: this is a bug in esvm; please report it with the message above and the \
+             command line (RUST_BACKTRACE=1 adds where it happened)"
         );
     }));
 }
