@@ -172,6 +172,17 @@ impl ApiClient {
         }
     }
 
+    /// Stops the VM and returns its final status (once it has ended).
+    pub fn shutdown(&mut self) -> Result<VmStatus, ClientError> {
+        match self.call(&Request::Shutdown)? {
+            Reply::ShutDown(s) => Ok(s),
+            other => Err(ClientError::UnexpectedReply {
+                command: "shutdown",
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
     fn exchange(&mut self, req: &Request) -> Result<Response, ClientError> {
         let mut line = encode_request(req).map_err(ClientError::Encode)?;
         line.push(b'\n');

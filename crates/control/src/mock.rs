@@ -47,6 +47,8 @@ struct State {
     migrate_requests: Vec<MigrateRequest>,
     snapshots: Vec<PathBuf>,
     panic_on_snapshot: bool,
+    /// Once the VM ended: its exit status and how it ended.
+    ended: Option<(i32, String)>,
 }
 
 /// A fake VM; see the module documentation.
@@ -74,6 +76,7 @@ impl MockTarget {
                 migrate_requests: Vec::new(),
                 snapshots: Vec::new(),
                 panic_on_snapshot: false,
+                ended: None,
             }),
         }
     }
@@ -173,7 +176,8 @@ impl ControlTarget for MockTarget {
             vcpus: 1,
             instructions: Some(st.instructions),
             uptime_ms: st.status_calls * 10,
-            exit_status: None,
+            exit_status: st.ended.as_ref().map(|e| e.0),
+            end_reason: st.ended.as_ref().map(|e| e.1.clone()),
             migration: st.migration.as_ref().map(|m| m.status.clone()),
         }
     }
@@ -285,6 +289,38 @@ impl ControlTarget for MockTarget {
             _ => Err(ApiError::invalid_state("no migration is running")),
         }
     }
+
+    /// Refused during stop-and-copy and commit; cancels a migration in pre-copy; the VM
+    /// ends with status 0.
+    fn shutdown(&self) -> Result<VmStatus, ApiError> {
+        {
+            let mut st = self.lock();
+            let st = &mut *st;
+            if !matches!(
+                st.state,
+                VmState::Running | VmState::Paused | VmState::Migrating
+            ) {
+                return Err(ApiError::invalid_state(format!(
+                    "cannot shut down: the VM is {}",
+                    st.state
+                )));
+            }
+            if let Some(m) = &mut st.migration {
+                match m.status.phase {
+                    MigrationPhase::StopAndCopy | MigrationPhase::Committing => {
+                        return Err(ApiError::invalid_state(
+                            "cannot shut down: the migration is past pre-copy",
+                        ))
+                    }
+                    p if !p.is_terminal() => m.status.phase = MigrationPhase::Cancelled,
+                    _ => {}
+                }
+            }
+            st.state = VmState::Exited;
+            st.ended = Some((0, "the VM was stopped by `esvm ctl shutdown`".into()));
+        }
+        Ok(self.status())
+    }
 }
 
 #[cfg(test)]
@@ -334,5 +370,31 @@ mod tests {
         assert_eq!(t.status().migration.unwrap().phase, Cancelled);
         assert_eq!(t.state(), VmState::Running);
         assert!(t.cancel_migration().is_err());
+    }
+
+    #[test]
+    fn shutdown_ends_the_vm() {
+        let t = MockTarget::default();
+        t.start_migration(MigrateRequest::new("tcp://hang"))
+            .unwrap();
+        let end = t.shutdown().unwrap();
+        assert_eq!(end.state, VmState::Exited);
+        assert_eq!(end.exit_status, Some(0));
+        assert!(end.end_reason.unwrap().contains("shutdown"));
+        assert_eq!(
+            t.status().migration.unwrap().phase,
+            MigrationPhase::Cancelled
+        );
+        assert_eq!(
+            t.shutdown().unwrap_err().code,
+            crate::ErrorCode::InvalidState
+        );
+
+        let t = MockTarget::default();
+        t.start_migration(MigrateRequest::new("tcp://ok")).unwrap();
+        while t.status().migration.unwrap().phase != MigrationPhase::StopAndCopy {}
+        let e = t.shutdown().unwrap_err();
+        assert_eq!(e.code, crate::ErrorCode::InvalidState);
+        assert!(e.message.contains("pre-copy"), "{e}");
     }
 }

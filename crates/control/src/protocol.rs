@@ -45,6 +45,9 @@ pub enum Request {
     Cancel,
     /// Report each vCPU as the hypervisor sees it ([`VcpuView`]).
     Vcpus,
+    /// Stop the VM (ACPI-less: the guest is not asked) and answer once it has ended, with
+    /// its final [`VmStatus`]; the VMM process then ends.
+    Shutdown,
 }
 
 impl Request {
@@ -58,6 +61,7 @@ impl Request {
             Request::Migrate(_) => "migrate",
             Request::Cancel => "cancel",
             Request::Vcpus => "vcpus",
+            Request::Shutdown => "shutdown",
         }
     }
 }
@@ -168,6 +172,8 @@ impl MigrateRequest {
 /// A response: success with a [`Reply`], or an [`ApiError`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// One response lives per request and is not stored: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Response {
     Ok(Reply),
     Error(ApiError),
@@ -211,6 +217,9 @@ pub enum Reply {
     MigrationCancelled,
     /// Answer to [`Request::Vcpus`].
     Vcpus { vcpus: Vec<VcpuView> },
+    /// Answer to [`Request::Shutdown`]: the VM has ended; its final status
+    /// (`exit_status`, `end_reason`).
+    ShutDown(VmStatus),
 }
 
 /// CR0, CR4, CR8 and EFER.
@@ -424,9 +433,13 @@ pub struct VmStatus {
     pub instructions: Option<u64>,
     /// Time since the VM was created, in milliseconds.
     pub uptime_ms: u64,
-    /// The guest's exit status once `state` is `exited`.
+    /// The VMM's exit status once the VM ended (`exited`, `failed`, `migrated`).
     #[serde(default)]
     pub exit_status: Option<i32>,
+    /// How the VM ended, once it did ("the guest exited with status 0", "the VM was
+    /// stopped by SIGTERM", "the VM migrated to tcp:H:P", ...).
+    #[serde(default)]
+    pub end_reason: Option<String>,
     /// The current or most recent migration, if any was started.
     #[serde(default)]
     pub migration: Option<MigrationStatus>,
@@ -582,7 +595,7 @@ struct ResponseEnvelope {
     response: Response,
 }
 
-const COMMANDS: &str = "status, pause, resume, snapshot, migrate, cancel, vcpus";
+const COMMANDS: &str = "status, pause, resume, snapshot, migrate, cancel, vcpus, shutdown";
 
 /// Encodes a request as one wire line (without the trailing newline).
 pub fn encode_request(req: &Request) -> Result<Vec<u8>, serde_json::Error> {
@@ -649,7 +662,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
         }
     };
     let allowed: &[&str] = match command {
-        "status" | "pause" | "resume" | "cancel" | "vcpus" => &[],
+        "status" | "pause" | "resume" | "cancel" | "vcpus" | "shutdown" => &[],
         "snapshot" => &["dir"],
         "migrate" => &[
             "url",
@@ -777,6 +790,7 @@ mod tests {
             instructions: Some(42),
             uptime_ms: 1000,
             exit_status: None,
+            end_reason: None,
             migration: Some(m),
         }
     }
@@ -800,6 +814,7 @@ mod tests {
             }),
             Request::Migrate(MigrateRequest::new("tcp://h:2")),
             Request::Cancel,
+            Request::Shutdown,
         ];
         for r in reqs {
             let line = encode_request(&r).unwrap();

@@ -90,6 +90,7 @@ pub struct ApiServer {
     stop: Arc<AtomicBool>,
     wake: Option<UnixStream>,
     accept_thread: Option<JoinHandle<()>>,
+    conns: Connections,
 }
 
 impl ApiServer {
@@ -136,13 +137,14 @@ impl ApiServer {
         listener.set_nonblocking(true).map_err(cleanup)?;
         let (wake_tx, wake_rx) = UnixStream::pair().map_err(cleanup)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let conns: Connections = Arc::new(Mutex::new(HashMap::new()));
         let accept = Acceptor {
             listener,
             wake: wake_rx,
             stop: stop.clone(),
             target,
             config: Arc::new(config),
-            conns: Arc::new(Mutex::new(HashMap::new())),
+            conns: conns.clone(),
             handles: Vec::new(),
             next_id: 0,
         };
@@ -157,12 +159,21 @@ impl ApiServer {
             stop,
             wake: Some(wake_tx),
             accept_thread: Some(accept_thread),
+            conns,
         })
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many clients are connected now.
+    pub fn connections(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Stops accepting, closes every connection (a request being served finishes first),
@@ -292,7 +303,9 @@ impl Acceptor {
         }
         let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         for s in conns.values() {
-            let _ = s.shutdown(Shutdown::Both);
+            // Reading only: an idle connection sees the end at once, and a request being
+            // served still gets its answer (e.g. `shutdown`'s, which is the VM's end).
+            let _ = s.shutdown(Shutdown::Read);
         }
         drop(conns);
         for h in self.handles.drain(..) {
@@ -515,5 +528,9 @@ fn dispatch(target: &dyn ControlTarget, req: Request) -> Result<Reply, ApiError>
         }
         Request::Cancel => target.cancel_migration().map(|_| Reply::MigrationCancelled),
         Request::Vcpus => target.vcpus().map(|vcpus| Reply::Vcpus { vcpus }),
+        Request::Shutdown => target.shutdown().map(|mut s| {
+            s.sanitize();
+            Reply::ShutDown(s)
+        }),
     }
 }

@@ -36,6 +36,16 @@ pub trait ControlTarget: Send + Sync {
     /// already past the point of no return, completes). `invalid_state` if none is running.
     fn cancel_migration(&self) -> Result<(), ApiError>;
 
+    /// Stops the VM (ACPI-less: the guest is not asked) and returns its final status once
+    /// it has ended (`exit_status`, `end_reason`). `invalid_state` if it cannot be stopped
+    /// now (it already ended, or a migration is past the point where it can be cancelled).
+    fn shutdown(&self) -> Result<VmStatus, ApiError> {
+        Err(ApiError::new(
+            ErrorCode::Unsupported,
+            "this VMM cannot be shut down through the API",
+        ))
+    }
+
     /// Each vCPU as the hypervisor sees it. `unsupported` where the VMM does not offer it.
     fn vcpus(&self) -> Result<Vec<VcpuView>, ApiError> {
         Err(ApiError::new(

@@ -292,16 +292,18 @@ fn several_clients_at_once_and_a_connection_cap() {
         max_connections: 2,
         ..ServerConfig::default()
     };
-    let _server = ApiServer::spawn_with_config(
+    let server = ApiServer::spawn_with_config(
         &path,
         target.clone() as Arc<dyn ControlTarget + Send + Sync>,
         config,
     )
     .unwrap();
+    assert_eq!(server.connections(), 0);
     let mut a = ApiClient::connect(&path).unwrap();
     let mut b = ApiClient::connect(&path).unwrap();
     a.status().unwrap();
     b.call(&Request::Pause).unwrap();
+    assert_eq!(server.connections(), 2);
     assert_eq!(a.status().unwrap().state, VmState::Paused);
     // A third concurrent client is told the server is busy.
     let mut c = ApiClient::connect(&path).unwrap();
@@ -491,4 +493,57 @@ fn client_errors() {
     assert!(matches!(err, ClientError::BadResponse(_)), "{err}");
     let err = fake(b"").err().unwrap();
     assert!(matches!(err, ClientError::Closed), "{err}");
+}
+
+/// A mock whose `shutdown` takes a while, as a real VM's does (it waits for the run loop
+/// to end, and the VMM shuts the API server down right after).
+struct SlowShutdown(MockTarget);
+
+impl ControlTarget for SlowShutdown {
+    fn status(&self) -> esvm_control::VmStatus {
+        self.0.status()
+    }
+    fn pause(&self) -> Result<(), esvm_control::ApiError> {
+        self.0.pause()
+    }
+    fn resume(&self) -> Result<(), esvm_control::ApiError> {
+        self.0.resume()
+    }
+    fn snapshot(&self, dir: &Path) -> Result<esvm_control::SnapshotInfo, esvm_control::ApiError> {
+        self.0.snapshot(dir)
+    }
+    fn start_migration(&self, req: MigrateRequest) -> Result<(), esvm_control::ApiError> {
+        self.0.start_migration(req)
+    }
+    fn cancel_migration(&self) -> Result<(), esvm_control::ApiError> {
+        self.0.cancel_migration()
+    }
+    fn shutdown(&self) -> Result<esvm_control::VmStatus, esvm_control::ApiError> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.0.shutdown()
+    }
+}
+
+#[test]
+fn shutdown_answers_with_the_end_even_while_the_server_stops() {
+    let (_dir, path, _) = setup();
+    let target = Arc::new(SlowShutdown(MockTarget::default()));
+    let mut server = ApiServer::spawn(
+        &path,
+        target.clone() as Arc<dyn ControlTarget + Send + Sync>,
+    )
+    .unwrap();
+    let mut c = ApiClient::connect(&path).unwrap();
+    let waiting = std::thread::spawn(move || c.shutdown());
+    // The request is being served when the server shuts down: its answer still goes out.
+    std::thread::sleep(Duration::from_millis(100));
+    server.shutdown();
+    let end = waiting.join().unwrap().unwrap();
+    assert_eq!(end.state, VmState::Exited);
+    assert_eq!(end.exit_status, Some(0));
+    assert_eq!(
+        end.end_reason.as_deref(),
+        Some("the VM was stopped by `esvm ctl shutdown`")
+    );
+    assert!(!path.exists());
 }

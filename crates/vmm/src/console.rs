@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 /// The escape key (Ctrl-A), as in QEMU.
@@ -200,6 +201,21 @@ pub struct RawTerminal {
     saved: libc::termios,
 }
 
+/// The attributes of the terminal while a [`RawTerminal`] lives, for [`restore_terminal`].
+static SAVED_TERMINAL: Mutex<Option<libc::termios>> = Mutex::new(None);
+
+/// Put the terminal back as a [`RawTerminal`] found it, if one lives: for a process that
+/// exits at once (a second stop signal) without dropping its guard.
+pub fn restore_terminal() {
+    let saved = SAVED_TERMINAL
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(t) = saved.as_ref() {
+        // SAFETY: restores attributes read by tcgetattr on the same descriptor.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
+    }
+}
+
 impl RawTerminal {
     /// Put stdin in raw mode if it is a terminal; None when it is not (or on failure).
     pub fn enter() -> Option<RawTerminal> {
@@ -224,12 +240,18 @@ impl RawTerminal {
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
             return None;
         }
+        *SAVED_TERMINAL
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(saved);
         Some(RawTerminal { saved })
     }
 }
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
+        *SAVED_TERMINAL
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         // SAFETY: restores the attributes read in `enter` on the same descriptor.
         unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
     }

@@ -30,7 +30,12 @@ use esvm_migration::{
 use crate::lifecycle::{LifecycleError, State, Status};
 use crate::machine::{Machine, MachineHandle};
 use crate::migrate::{parse_tcp_url, read_trusted_root, MachineSource};
+use crate::outcome::{Outcome, StopSignal};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
+
+/// How long `shutdown` waits for the run loop to end (a snapshot being written or a
+/// migration being cancelled finishes first).
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long connecting to a migration destination may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,13 +158,33 @@ impl VmHandle {
         }
     }
 
-    /// After the VM migrated away: keep answering `status` until a client has seen the
-    /// final state or `timeout` passed, so that `esvm ctl migrate` sees the outcome.
+    /// After the VM ended or migrated away: keep answering `status` until a client has seen
+    /// the final state or `timeout` passed, so that `esvm ctl migrate` (or a client polling
+    /// `status`) sees the outcome.
     pub fn linger_for_final_status(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.final_status_served.load(Ordering::SeqCst) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Stop the VM because of `signal` (the process is being stopped): a migration in
+    /// flight is cancelled (unless it is committing: then its outcome decides), and the run
+    /// loop ends with [`Outcome::Signalled`] once nothing is under way. Returns false if the
+    /// VM had already ended.
+    pub fn stop_for_signal(&self, signal: StopSignal) -> bool {
+        {
+            let m = lock(&self.mig);
+            if let (Some(c), Some(s)) = (&m.cancel, &m.status) {
+                if s.phase != MigrationPhase::Committing {
+                    c.cancel();
+                }
+            }
+        }
+        self.h
+            .control
+            .request_stop(Outcome::Signalled(signal))
+            .is_ok()
     }
 
     fn vm_type(&self) -> VmType {
@@ -174,9 +199,13 @@ impl ControlTarget for VmHandle {
     fn status(&self) -> VmStatus {
         let m = lock(&self.mig);
         let life = self.h.control.lifecycle();
-        let exit_status = match life.state() {
-            State::Ended(e) => Some(i32::from(e.exit_status)),
-            _ => None,
+        let (exit_status, end_reason) = match life.state() {
+            State::Ended(e) => (Some(i32::from(e.exit_status)), Some(e.what.clone())),
+            State::Migrated { url, .. } => {
+                let o = Outcome::Migrated(url.clone());
+                (Some(i32::from(o.exit_status())), Some(o.describe()))
+            }
+            _ => (None, None),
         };
         let state = match life.status() {
             Status::Starting => VmState::Starting,
@@ -188,7 +217,12 @@ impl ControlTarget for VmHandle {
             Status::Failed => VmState::Failed,
         };
         let migration = m.status.clone();
-        if state == VmState::Migrated && migration.as_ref().is_some_and(|s| s.phase.is_terminal()) {
+        let final_status = match state {
+            VmState::Migrated => migration.as_ref().is_some_and(|s| s.phase.is_terminal()),
+            VmState::Exited | VmState::Failed => true,
+            _ => false,
+        };
+        if final_status {
             self.final_status_served.store(true, Ordering::SeqCst);
         }
         VmStatus {
@@ -203,6 +237,7 @@ impl ControlTarget for VmHandle {
             },
             uptime_ms: self.h.control.uptime().as_millis() as u64,
             exit_status,
+            end_reason,
             migration,
         }
     }
@@ -385,6 +420,39 @@ impl ControlTarget for VmHandle {
         Ok(())
     }
 
+    fn shutdown(&self) -> Result<VmStatus, ApiError> {
+        {
+            let m = lock(&self.mig);
+            if let (Some(c), Some(s)) = (&m.cancel, &m.status) {
+                match s.phase {
+                    MigrationPhase::StopAndCopy | MigrationPhase::Committing => {
+                        return Err(ApiError::invalid_state(format!(
+                            "cannot shut down: the migration to {} is in its {} phase (the \
+                             guest's last state is on its way to the destination, which may \
+                             already run it); wait for it to end (`esvm ctl status`)",
+                            s.url,
+                            s.phase.as_str().replace('_', "-")
+                        )))
+                    }
+                    // Pre-copy (or setup): the guest still runs here; the migration is
+                    // cancelled and the VM stops once it has ended.
+                    _ => c.cancel(),
+                }
+            }
+        }
+        self.h
+            .control
+            .request_stop(Outcome::Stopped("by `esvm ctl shutdown`".into()))
+            .map_err(|e| refused("shut down", e))?;
+        if self.h.control.wait_ended(SHUTDOWN_TIMEOUT).is_none() {
+            return Err(ApiError::failed(format!(
+                "the VM is stopping but its run loop did not end within {SHUTDOWN_TIMEOUT:?} \
+                 (a snapshot or migration may still be finishing); see `esvm ctl status`"
+            )));
+        }
+        Ok(self.status())
+    }
+
     fn vcpus(&self) -> Result<Vec<VcpuView>, ApiError> {
         self.h
             .control
@@ -433,5 +501,67 @@ fn vcpu_view(id: u32, v: &dyn esvm_hv::Vcpu) -> VcpuView {
         registers_refused: v.get_regs().err().map(|e| e.to_string()),
         debug_vmsa,
         debug_vmsa_refused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::MachineConfig;
+    use esvm_control::ErrorCode;
+
+    fn machine() -> Machine {
+        let config = MachineConfig {
+            backend: esvm_hv::BackendKind::Emu,
+            vm_type: esvm_hv::VmType::Plain,
+            mem_size: 2 << 20,
+            vcpus: 1,
+            max_instructions: None,
+        };
+        Machine::new(&config, Box::new(std::io::sink())).unwrap()
+    }
+
+    /// A migration past pre-copy cannot be shut down (its outcome decides where the VM
+    /// runs); nothing is cancelled or stopped by the refusal.
+    #[test]
+    fn shutdown_is_refused_during_stop_and_copy_and_commit() {
+        let m = machine();
+        let vm = VmHandle::new(m.handle());
+        for phase in [MigrationPhase::StopAndCopy, MigrationPhase::Committing] {
+            let token = CancelToken::new();
+            {
+                let mut mig = lock(&vm.mig);
+                let mut s = MigrationStatus::new("tcp:h:1", 300);
+                s.phase = phase;
+                mig.status = Some(s);
+                mig.cancel = Some(token.clone());
+            }
+            let e = vm.shutdown().unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidState);
+            assert!(e.message.contains(&phase.as_str().replace('_', "-")), "{e}");
+            assert!(!token.is_cancelled());
+            assert!(m.control().lifecycle().alive().is_ok());
+        }
+    }
+
+    /// Once the VM ended, a shutdown says so.
+    #[test]
+    fn shutdown_of_an_ended_vm_is_refused() {
+        let mut m = machine();
+        let vm = VmHandle::new(m.handle());
+        m.control()
+            .request_stop(Outcome::Stopped("by a test".into()))
+            .unwrap();
+        assert_eq!(m.run().unwrap(), Outcome::Stopped("by a test".into()));
+        let s = vm.status();
+        assert_eq!(s.state, VmState::Exited);
+        assert_eq!(s.exit_status, Some(0));
+        assert_eq!(
+            s.end_reason.as_deref(),
+            Some("the VM was stopped by a test")
+        );
+        let e = vm.shutdown().unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidState);
+        assert!(e.message.starts_with("cannot shut down: "), "{e}");
     }
 }

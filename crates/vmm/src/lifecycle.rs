@@ -294,6 +294,16 @@ impl Lifecycle {
         )
     }
 
+    /// Whether the run loop may end now for a stop request: no snapshot or migration is
+    /// under way (a VM in doubt may stop: it then runs nowhere unless the destination
+    /// committed, and never twice).
+    pub fn stoppable(&self) -> bool {
+        matches!(
+            self.state,
+            State::NotStarted | State::Running | State::InDoubt { .. }
+        )
+    }
+
     /// `Ok` while the VM can still be operated: not migrated away, not ended.
     pub fn alive(&self) -> Result<(), LifecycleError> {
         match &self.state {
@@ -507,7 +517,11 @@ mod tests {
 
     fn ending(failed: bool) -> Ending {
         Ending {
-            exit_status: if failed { 124 } else { 0 },
+            exit_status: if failed {
+                crate::outcome::EXIT_GUEST_SHUTDOWN
+            } else {
+                0
+            },
             failed,
             what: "the guest exited with status 0".into(),
         }

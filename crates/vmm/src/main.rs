@@ -5,12 +5,12 @@
 
 mod cli;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 use cli::output::Format;
 use cli::{bench, ctl, guests, log, owner, platform, receive, restore, run};
-use esvm::outcome::EXIT_ESVM_ERROR;
+use esvm::outcome::{EXIT_ESVM_ERROR, EXIT_PANIC, EXIT_USAGE};
 
 #[derive(Parser)]
 #[command(
@@ -20,13 +20,8 @@ use esvm::outcome::EXIT_ESVM_ERROR;
     long_about = "esvm runs x86-64 guests on its own software vCPU (backend 'emu', the default: \
                   deterministic, no privileges needed) or on KVM (backend 'kvm'), models the AMD \
                   Secure Processor for SEV-ES launch and attestation, and live-migrates guests.\n\n\
-                  Exit status of `esvm run`: the guest's own status (the value it wrote to the \
-                  debug-exit port 0xF4, & 0xff); 124 if the guest shut down (triple fault); \
-                  123 if --max-instructions ran out; 122 if an SEV-ES guest terminated itself through \
-                  the GHCB (the reason is printed); 125 if esvm itself failed; 0 with a message when the guest \
-                  reset itself (a reboot) or powered off, when the VM was stopped from the console \
-                  (Ctrl-A x) or live-migrated away (it runs at the destination now). `esvm receive` and \
-                  `esvm restore` exit the same way."
+                  SIGINT and SIGTERM stop a running VM cleanly (a migration in flight is \
+                  cancelled first; the API socket is removed); a second one exits at once."
 )]
 struct Cli {
     /// Print what the command reports as one JSON document on stdout instead of text: `ctl`
@@ -86,16 +81,85 @@ fn quiet_on_broken_pipe() {
     }
 }
 
+/// What `esvm --version` prints after the name: the version, the git revision it was built
+/// from, and the versions of the formats and protocols it speaks (a peer, a snapshot or a
+/// client of another esvm must match them).
+fn long_version() -> String {
+    format!(
+        "{} (git {})\nsnapshot format {} (sealed SEV-ES snapshots: {})\n\
+         migration protocol {} (accepts {} and later)\ncontrol API {}",
+        env!("CARGO_PKG_VERSION"),
+        env!("ESVM_GIT_REVISION"),
+        esvm::snapshot::SNAPSHOT_VERSION,
+        esvm::snapshot::SEALED_SNAPSHOT_VERSION,
+        esvm_migration::PROTOCOL_VERSION,
+        esvm_migration::protocol::MIN_PROTOCOL_VERSION,
+        esvm_control::PROTOCOL_VERSION,
+    )
+}
+
+/// The command line's definition: the derived one plus the texts made at run time.
+fn command() -> clap::Command {
+    // clap takes these texts as &'static str; they are made once per process.
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    Cli::command()
+        .long_version(leak(long_version()))
+        .after_help(leak(format!(
+            "Exit status of `esvm run`, `esvm receive` and `esvm restore`:\n{}\n\
+             The other commands exit 0 on success, {EXIT_USAGE} on a usage error, \
+             {EXIT_ESVM_ERROR} when they fail and {EXIT_PANIC} on a bug; `esvm ctl` exits 1 \
+             when the VM refuses the request.",
+            esvm::outcome::exit_status_table()
+        )))
+}
+
+/// Parse the command line. Help and version requests print and exit 0; a bad command line
+/// prints clap's message and exits [`EXIT_USAGE`] (clap's own 2 would look like a guest
+/// that exited 2).
+fn parse() -> Result<Cli, ExitCode> {
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    parsed.map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            ExitCode::from(EXIT_USAGE)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+/// A usage error found after parsing: clap's message, status [`EXIT_USAGE`].
+fn usage_error(kind: clap::error::ErrorKind, message: &str) -> ExitCode {
+    let _ = command().error(kind, message).print();
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// A panic is a bug in esvm: after Rust's message, say so (on the main thread the process
+/// then exits [`EXIT_PANIC`]; the control API answers a request that panicked `internal`).
+fn report_panics_as_bugs() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        eprintln!(
+            "esvm: this is a bug in esvm; please report it with the message above and the \
+             command line (RUST_BACKTRACE=1 adds where it happened)"
+        );
+    }));
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     if let Command::Ctl(args) = &cli.command {
         if args.api_socket.is_none() {
-            Cli::command()
-                .error(
-                    clap::error::ErrorKind::MissingRequiredArgument,
-                    ctl::NO_API_SOCKET,
-                )
-                .exit();
+            return usage_error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                ctl::NO_API_SOCKET,
+            );
         }
     }
     if cli.json
@@ -107,19 +171,23 @@ fn main() -> ExitCode {
                 | Command::Completions { .. }
         )
     {
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::ArgumentConflict,
-                "--json is for the commands that report something (ctl, guests, platform, \
-                 owner); this one prints a guest's console or a script",
-            )
-            .exit();
+        return usage_error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "--json is for the commands that report something (ctl, guests, platform, \
+             owner, bench); this one prints a guest's console or a script",
+        );
     }
     let format = Format::from_json_flag(cli.json);
-    if !matches!(
+    report_panics_as_bugs();
+    if matches!(
         cli.command,
         Command::Run(_) | Command::Receive(_) | Command::Restore(_)
     ) {
+        if let Err(e) = esvm::session::install_stop_signals() {
+            eprintln!("esvm: error: {e}");
+            return ExitCode::from(EXIT_ESVM_ERROR);
+        }
+    } else {
         quiet_on_broken_pipe();
     }
     // Diagnostics go to stderr (stdout is the guest's serial console).
@@ -136,7 +204,7 @@ fn main() -> ExitCode {
         }
         Command::Guests(args) => guests::run(args, format),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "esvm", &mut std::io::stdout());
+            clap_complete::generate(shell, &mut command(), "esvm", &mut std::io::stdout());
             Ok(0)
         }
     };

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use esvm_hv::Kicker;
 use thiserror::Error;
 
-use crate::lifecycle::{Event, Lifecycle, LifecycleError, LoopEnd};
+use crate::lifecycle::{Event, Lifecycle, LifecycleError, LoopEnd, State};
 use crate::outcome::Outcome;
 
 /// Work done on the run loop's thread, on its target (the machine).
@@ -74,11 +74,16 @@ struct Inner<M> {
     /// The run loop waits at a clean point (the guest is stopped).
     parked: bool,
     jobs: VecDeque<Job<M>>,
+    /// The VM is to stop, ending the run this way ([`RunControl::request_stop`]).
+    stop: Option<Outcome>,
 }
 
 impl<M> Inner<M> {
     fn wants_attention(&self) -> bool {
-        self.life.pauses().any() || !self.jobs.is_empty() || self.life.migrated_to().is_some()
+        self.life.pauses().any()
+            || !self.jobs.is_empty()
+            || self.life.migrated_to().is_some()
+            || self.stop.is_some()
     }
 }
 
@@ -101,6 +106,7 @@ impl<M> RunControl<M> {
                 life: Lifecycle::new(),
                 parked: false,
                 jobs: VecDeque::new(),
+                stop: None,
             }),
             cond: Condvar::new(),
             attention: AtomicBool::new(false),
@@ -233,6 +239,50 @@ impl<M> RunControl<M> {
         })
     }
 
+    /// Stop the VM: the run loop ends with `how` (e.g. [`Outcome::Stopped`]) at its next
+    /// clean point, paused or not. A snapshot or migration under way finishes first (the
+    /// guest stays stopped meanwhile; cancel a migration to make it quick): if the
+    /// migration commits, the run ends as migrated instead. The first request wins.
+    /// Refused once the VM ended or migrated away.
+    pub fn request_stop(&self, how: Outcome) -> Result<(), LifecycleError> {
+        let mut g = self.lock();
+        g.life.alive()?;
+        if g.stop.is_none() {
+            g.stop = Some(how);
+        }
+        self.changed(&g);
+        Ok(())
+    }
+
+    /// Wait until the run loop has ended (or the VM migrated away); returns the lifecycle
+    /// then, or `None` after `timeout`.
+    pub fn wait_ended(&self, timeout: Duration) -> Option<Lifecycle> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        loop {
+            let over = matches!(
+                g.life.state(),
+                State::Ended(_)
+                    | State::Migrated {
+                        loop_running: false,
+                        ..
+                    }
+            );
+            if over {
+                return Some(g.life.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            g = self
+                .cond
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Run `f` on the run loop's thread (between two exits) and return its result.
     pub fn run_job<R: Send + 'static>(
         &self,
@@ -300,7 +350,13 @@ impl<M> RunControl<M> {
                 g = self.lock();
                 continue;
             }
-            if g.life.pauses().any() {
+            let stopping = g.stop.is_some();
+            if stopping && g.life.stoppable() {
+                g.parked = false;
+                return g.stop.take();
+            }
+            // A VM being stopped does not run on while a snapshot or migration ends.
+            if g.life.pauses().any() || stopping {
                 if !g.parked {
                     g.parked = true;
                     self.cond.notify_all();
@@ -464,6 +520,73 @@ mod tests {
         assert_eq!(c.lifecycle().pauses().holds, 1);
         drop(g);
         assert_eq!(c.lifecycle().pauses().holds, 0);
+    }
+
+    /// The run loop's side, on a thread: serve until something ends the run.
+    fn serve(c: &Arc<RunControl<()>>) -> std::thread::JoinHandle<Option<Outcome>> {
+        let c = c.clone();
+        std::thread::spawn(move || c.service(&mut ()))
+    }
+
+    #[test]
+    fn a_stop_ends_a_paused_loop() {
+        let c = control();
+        c.loop_started().unwrap();
+        c.pause().unwrap();
+        let l = serve(&c);
+        c.wait_stopped(PARK_TIMEOUT).unwrap();
+        c.request_stop(Outcome::Stopped("by a test".into()))
+            .unwrap();
+        // A later request does not change how it ends.
+        c.request_stop(Outcome::PowerOff).unwrap();
+        assert_eq!(
+            l.join().unwrap(),
+            Some(Outcome::Stopped("by a test".into()))
+        );
+        c.loop_ended(LoopEnd::Finished(Ending {
+            exit_status: 0,
+            failed: false,
+            what: "stopped".into(),
+        }));
+        assert!(matches!(
+            c.wait_ended(Duration::from_millis(1)).unwrap().state(),
+            State::Ended(_)
+        ));
+        assert!(matches!(
+            c.request_stop(Outcome::PowerOff),
+            Err(LifecycleError::Ended { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stop_waits_for_a_migration_to_end() {
+        use crate::outcome::StopSignal;
+        let c = control();
+        c.loop_started().unwrap();
+        let ticket = c.begin_migration().unwrap();
+        c.request_stop(Outcome::Signalled(StopSignal::Terminate))
+            .unwrap();
+        let l = serve(&c);
+        // The guest is parked (not running on) while the migration ends.
+        c.wait_stopped(PARK_TIMEOUT).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!l.is_finished(), "the stop did not wait for the migration");
+        assert!(c.wait_ended(Duration::from_millis(1)).is_none());
+        drop(ticket); // cancelled: the VM is back to running here, and stops
+        assert_eq!(
+            l.join().unwrap(),
+            Some(Outcome::Signalled(StopSignal::Terminate))
+        );
+
+        // A migration that commits ends the run as migrated: the VM runs there, not twice.
+        let c = control();
+        c.loop_started().unwrap();
+        let ticket = c.begin_migration().unwrap();
+        c.request_stop(Outcome::Stopped("x".into())).unwrap();
+        let l = serve(&c);
+        c.wait_stopped(PARK_TIMEOUT).unwrap();
+        ticket.commit("tcp:h:1");
+        assert_eq!(l.join().unwrap(), Some(Outcome::Migrated("tcp:h:1".into())));
     }
 
     #[test]

@@ -76,7 +76,12 @@ fn plain_guest_without_vc_handler_gives_a_clear_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let plat = platform(dir.path());
     let o = esvm(&["run", "--sev-es", "--platform", &plat, "hello"]);
-    assert_eq!(o.status.code(), Some(124), "{}", text(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(i32::from(esvm::outcome::EXIT_GUEST_SHUTDOWN)),
+        "{}",
+        text(&o.stderr)
+    );
     let err = text(&o.stderr);
     assert!(err.contains("shut down") && err.contains("#VC"), "{err}");
 }

@@ -22,6 +22,9 @@ pub const EXIT_REFUSED: u8 = 1;
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long to wait for an answer to status, pause, resume, migrate and cancel.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the VM to end after `shutdown` (it waits up to
+/// [`esvm::control::SHUTDOWN_TIMEOUT`] for a snapshot or migration to finish).
+const SHUTDOWN_REPLY_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long to wait for a snapshot to be written.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// While following a migration, give up after this many failed status polls in a row.
@@ -83,6 +86,13 @@ pub enum CtlCommand {
     /// from its VMSA decrypted by the firmware (DBG_DECRYPT). Pause the VM first to compare
     /// them at one point.
     Vcpus,
+    /// Stop the VM now, without asking the guest (no ACPI): like pulling the plug, but
+    /// clean for esvm (a migration in pre-copy is cancelled, a snapshot being written
+    /// finishes first). Prints how the VM ended once it has; its `esvm run` (`receive`,
+    /// `restore`) exits 0 with the message "the VM was stopped by `esvm ctl shutdown`".
+    /// Refused while a migration is in stop-and-copy or committing: its outcome decides
+    /// where the VM runs.
+    Shutdown,
 }
 
 #[derive(Args, Debug)]
@@ -174,6 +184,10 @@ fn run_with(args: CtlArgs, format: Format, poll: Duration) -> Result<u8, CtlErro
         CtlCommand::Resume => ("resume", Request::Resume),
         CtlCommand::Cancel => ("cancel", Request::Cancel),
         CtlCommand::Vcpus => ("vcpus", Request::Vcpus),
+        CtlCommand::Shutdown => {
+            client.set_timeout(SHUTDOWN_REPLY_TIMEOUT)?;
+            ("shutdown", Request::Shutdown)
+        }
         CtlCommand::Snapshot { dir } => {
             let dir = std::path::absolute(&dir)
                 .map_err(|source| CtlError::SnapshotDir { dir, source })?;
@@ -236,6 +250,12 @@ fn reply_text(reply: &Reply) -> String {
         },
         Reply::Status(s) => status_text(s),
         Reply::Vcpus { vcpus } => vcpus_text(vcpus),
+        Reply::ShutDown(s) => format!(
+            "the VM ended: {} (exit status {})",
+            s.end_reason.as_deref().unwrap_or("reason unknown"),
+            s.exit_status
+                .map_or_else(|| "unknown".to_string(), |c| c.to_string())
+        ),
     }
 }
 
@@ -264,6 +284,9 @@ fn status_text(s: &VmStatus) -> String {
         }
     }
     let _ = writeln!(t, "uptime        {:.1} s", s.uptime_ms as f64 / 1000.0);
+    if let Some(reason) = &s.end_reason {
+        let _ = writeln!(t, "ended         {reason}");
+    }
     if let Some(code) = s.exit_status {
         let _ = writeln!(t, "exit status   {code}");
     }

@@ -31,6 +31,7 @@ pub fn report(name: &str, o: &Outcome) -> u8 {
             "esvm: guest {name} migrated to {url}; it runs there now and will not run here \
              again"
         ),
+        Outcome::Signalled(s) => eprintln!("esvm: guest {name} stopped by {}", s.name()),
         Outcome::Reset(_) | Outcome::PowerOff | Outcome::Stopped(_) => {
             eprintln!("esvm: guest {name}: {}", o.describe())
         }

@@ -105,6 +105,11 @@ impl Proc {
         self.err.lock().unwrap().clone()
     }
 
+    /// The process id (e.g. to send it a signal).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
