@@ -19,8 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use esvm_control::{
-    ApiError, ControlRegs, ControlTarget, MigrateRequest, MigrationPhase, MigrationStatus,
-    OnTimeout, SnapshotInfo, VcpuView, VmState, VmStatus, VmType,
+    ApiError, ControlRegs, ControlTarget, LaunchMeasurement, MigrateRequest, MigrationPhase,
+    MigrationStatus, OnTimeout, SnapshotInfo, VcpuView, VmState, VmStatus, VmType,
 };
 use esvm_migration::{
     CancelToken, LimitPolicy, Phase, Progress, ProtocolError, SendError, Sender, SenderConfig,
@@ -31,6 +31,7 @@ use crate::lifecycle::{LifecycleError, State, Status};
 use crate::machine::{Machine, MachineHandle};
 use crate::migrate::{parse_tcp_url, read_trusted_root, MachineSource};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
+use crate::sev_launch::{hex, PendingLaunch, PendingLaunchError};
 
 /// How long connecting to a migration destination may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +57,22 @@ pub struct VmHandle {
     mig: Arc<Mutex<MigState>>,
     /// A status reporting the VM as migrated (with the migration's final phase) was served.
     final_status_served: AtomicBool,
+    /// An SEV-ES launch that waited (or waits) for its owner (`esvm run --wait-for-secret`).
+    launch: Option<Arc<PendingLaunch>>,
+}
+
+/// A refusal of the launch that waits for its owner, as the API answers it.
+fn launch_err(what: &str, e: PendingLaunchError) -> ApiError {
+    let msg = format!("cannot {what}: {e}");
+    match e {
+        PendingLaunchError::Finished | PendingLaunchError::AlreadyInjected => {
+            ApiError::invalid_state(msg)
+        }
+        PendingLaunchError::BadPacket(_)
+        | PendingLaunchError::TooLarge { .. }
+        | PendingLaunchError::Refused { .. } => ApiError::invalid_argument(msg),
+        PendingLaunchError::Finish(_) | PendingLaunchError::Abandoned(_) => ApiError::failed(msg),
+    }
 }
 
 fn api_err(what: &str, e: ControlError) -> ApiError {
@@ -133,6 +150,34 @@ impl VmHandle {
             h,
             mig: Arc::new(Mutex::new(MigState::default())),
             final_status_served: AtomicBool::new(false),
+            launch: None,
+        }
+    }
+
+    /// The control API target of a machine whose SEV-ES launch waits for its owner: it
+    /// serves `launch_measurement` and `inject_secret`, and `resume` finishes the launch.
+    pub fn with_launch(mut self, launch: Arc<PendingLaunch>) -> Self {
+        self.launch = Some(launch);
+        self
+    }
+
+    /// The launch that waits for its owner, or why there is none.
+    fn waiting_launch(&self, what: &str) -> Result<&PendingLaunch, ApiError> {
+        if self.h.config.vm_type != esvm_hv::VmType::SevEs {
+            return Err(ApiError::unsupported(format!(
+                "cannot {what}: the VM is not an SEV-ES guest (it has no launch measurement \
+                 and no launch secret; run it with `esvm run --sev-es`)"
+            )));
+        }
+        match &self.launch {
+            None => Err(ApiError::invalid_state(format!(
+                "cannot {what}: this SEV-ES VM did not wait for its owner; its launch finished \
+                 before the guest started (start it with `esvm run --sev-es ... --api-socket \
+                 PATH --wait-for-secret`; without waiting, `--measurement-out` writes the \
+                 measurement)"
+            ))),
+            Some(l) if !l.is_waiting() => Err(launch_err(what, PendingLaunchError::Finished)),
+            Some(l) => Ok(l),
         }
     }
 
@@ -204,6 +249,7 @@ impl ControlTarget for VmHandle {
             uptime_ms: self.h.control.uptime().as_millis() as u64,
             exit_status,
             migration,
+            launch_pending: self.launch.as_ref().is_some_and(|l| l.is_waiting()),
         }
     }
 
@@ -216,6 +262,13 @@ impl ControlTarget for VmHandle {
     }
 
     fn resume(&self) -> Result<(), ApiError> {
+        if let Some(launch) = self.launch.as_ref().filter(|l| l.is_waiting()) {
+            // LAUNCH_FINISH; the thread waiting for it starts the guest.
+            return launch
+                .finish()
+                .map(|_| ())
+                .map_err(|e| launch_err("resume", e));
+        }
         // Under the migration lock: the migration thread cannot end meanwhile, and two
         // resumes of a VM in doubt do not both cancel its send session.
         let mut m = lock(&self.mig);
@@ -383,6 +436,30 @@ impl ControlTarget for VmHandle {
             c.cancel();
         }
         Ok(())
+    }
+
+    fn launch_measurement(&self) -> Result<LaunchMeasurement, ApiError> {
+        let launch = self.waiting_launch("report the launch measurement")?;
+        let info = launch.info();
+        let m = &info.measurement;
+        Ok(LaunchMeasurement {
+            measurement: hex(&m.measure),
+            mnonce: hex(&m.mnonce),
+            policy: info.policy.0,
+            api_major: m.build.api_major,
+            api_minor: m.build.api_minor,
+            build: m.build.build,
+            launch_digest: hex(&info.digest),
+            pdh_fingerprint: info.pdh_fingerprint.clone(),
+            chip_id: hex(&info.chip_id),
+            secret_injected: launch.secret_injected(),
+        })
+    }
+
+    fn inject_secret(&self, packet: &[u8]) -> Result<(), ApiError> {
+        self.waiting_launch("inject the secret")?
+            .inject_secret(packet)
+            .map_err(|e| launch_err("inject the secret", e))
     }
 
     fn vcpus(&self) -> Result<Vec<VcpuView>, ApiError> {

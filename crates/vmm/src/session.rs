@@ -14,6 +14,7 @@ use crate::control::VmHandle;
 use crate::lifecycle::LifecycleError;
 use crate::machine::{Machine, MachineError};
 use crate::outcome::Outcome;
+use crate::sev_launch::{PendingLaunch, PendingLaunchError};
 
 /// How long a source whose VM migrated away keeps its API socket open so that a client
 /// following the migration (`esvm ctl migrate`) can read the final status.
@@ -40,11 +41,41 @@ pub enum SessionError {
     Api(#[from] ServerError),
     #[error(transparent)]
     Machine(#[from] MachineError),
+    #[error("--wait-for-secret needs --api-socket (the owner reads the measurement and sends the secret through it)")]
+    WaitWithoutSocket,
+    #[error("the SEV-ES launch did not finish: {0}")]
+    Launch(#[source] PendingLaunchError),
 }
 
 /// Run `machine` to its end with the control API (if asked). Returns how the run ended.
 pub fn run(machine: &mut Machine, opts: &RunOptions) -> Result<Outcome, SessionError> {
-    let handle = Arc::new(VmHandle::new(machine.handle()));
+    run_inner(machine, opts, None)
+}
+
+/// [`run`] for a machine whose SEV-ES launch is measured and waits for its owner
+/// (`esvm run --wait-for-secret`): the control API serves the launch (`launch_measurement`,
+/// `inject_secret`) and the guest starts once `resume` has run LAUNCH_FINISH.
+pub fn run_with_launch(
+    machine: &mut Machine,
+    opts: &RunOptions,
+    launch: Arc<PendingLaunch>,
+) -> Result<Outcome, SessionError> {
+    if opts.api_socket.is_none() {
+        return Err(SessionError::WaitWithoutSocket);
+    }
+    run_inner(machine, opts, Some(launch))
+}
+
+fn run_inner(
+    machine: &mut Machine,
+    opts: &RunOptions,
+    launch: Option<Arc<PendingLaunch>>,
+) -> Result<Outcome, SessionError> {
+    let mut handle = VmHandle::new(machine.handle());
+    if let Some(l) = &launch {
+        handle = handle.with_launch(l.clone());
+    }
+    let handle = Arc::new(handle);
     if opts.start_paused {
         if opts.api_socket.is_none() {
             return Err(SessionError::StartPausedWithoutSocket);
@@ -65,6 +96,18 @@ pub fn run(machine: &mut Machine, opts: &RunOptions) -> Result<Outcome, SessionE
         }
         None => None,
     };
+    if let Some(l) = &launch {
+        eprintln!(
+            "esvm: the SEV-ES launch waits for its owner: `esvm ctl launch-measurement`, \
+             `esvm ctl inject-secret PACKET`, then `esvm ctl resume` starts the guest"
+        );
+        if let Err(e) = l.wait() {
+            if let Some(s) = server.as_mut() {
+                s.shutdown();
+            }
+            return Err(SessionError::Launch(e));
+        }
+    }
     let outcome = machine.run();
     if let (Ok(o), Some(n)) = (&outcome, machine.instructions()) {
         // Deterministic on the emu backend: the same inputs retire the same count.
