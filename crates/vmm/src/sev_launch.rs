@@ -482,9 +482,10 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Predicts an esvm SEV-ES launch for the guest owner (`esvm owner verify --guest IMAGE`):
-/// loads the image exactly as `esvm run --sev-es IMAGE` does with its defaults (64 MiB,
-/// one vCPU, no guest arguments: all three are part of the measured boot data) and returns
-/// the measured regions and the initial VMSA, without any secure processor.
+/// loads the image (a built-in guest's name or a file, as `esvm run` resolves it) exactly as
+/// `esvm run --sev-es IMAGE --mem M --vcpus N -- ARGS` does (memory size, vCPUs and
+/// arguments are all part of the measured boot data) and returns the measured regions and
+/// the initial VMSAs, without any secure processor.
 pub struct LaunchPredictor;
 
 /// Why [`LaunchPredictor`] could not predict a launch.
@@ -537,8 +538,14 @@ impl LaunchPredictor {
         };
         let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
         let pages = match &inputs.guest {
-            esvm_owner::LaunchGuest::Image(image) => {
-                let boot = m.load(&read_input(image)?, "")?;
+            esvm_owner::LaunchGuest::Image { image, args } => {
+                // As `esvm run GUEST` resolves it: a built-in name first, then a file.
+                let builtin = image.to_str().and_then(esvm_guests::builtin);
+                let elf = match builtin {
+                    Some(g) => std::borrow::Cow::Borrowed(g.elf),
+                    None => std::borrow::Cow::Owned(read_input(image)?),
+                };
+                let boot = m.load(&elf, args)?;
                 measured_regions(&boot)
             }
             esvm_owner::LaunchGuest::Linux {
