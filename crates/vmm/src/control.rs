@@ -161,6 +161,19 @@ impl VmHandle {
         self
     }
 
+    /// Refuse `what` while the launch waits for its owner: the guest has not started (no run
+    /// loop to stop, nothing to save or move yet).
+    fn refuse_while_waiting(&self, what: &str) -> Result<(), ApiError> {
+        match &self.launch {
+            Some(l) if l.is_waiting() => Err(ApiError::invalid_state(format!(
+                "cannot {what}: the guest has not started, its SEV-ES launch waits for its \
+                 owner (`esvm ctl launch-measurement`, `esvm ctl inject-secret PACKET`, then \
+                 `esvm ctl resume` starts it)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The launch that waits for its owner, or why there is none.
     fn waiting_launch(&self, what: &str) -> Result<&PendingLaunch, ApiError> {
         if self.h.config.vm_type != esvm_hv::VmType::SevEs {
@@ -254,6 +267,7 @@ impl ControlTarget for VmHandle {
     }
 
     fn pause(&self) -> Result<(), ApiError> {
+        self.refuse_while_waiting("pause")?;
         self.h.control.pause().map_err(|e| refused("pause", e))?;
         self.h
             .control
@@ -298,6 +312,7 @@ impl ControlTarget for VmHandle {
     }
 
     fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, ApiError> {
+        self.refuse_while_waiting("snapshot")?;
         // The lifecycle refuses a snapshot while another one or a migration runs, and of an
         // SEV-ES VM in doubt (its send session is still open; a sealed snapshot needs one of
         // its own).
@@ -312,6 +327,7 @@ impl ControlTarget for VmHandle {
     }
 
     fn start_migration(&self, req: MigrateRequest) -> Result<(), ApiError> {
+        self.refuse_while_waiting("migrate")?;
         let addr =
             parse_tcp_url(&req.url).map_err(|e| ApiError::invalid_argument(e.to_string()))?;
         let trust = match &req.trust {
@@ -463,6 +479,7 @@ impl ControlTarget for VmHandle {
     }
 
     fn vcpus(&self) -> Result<Vec<VcpuView>, ApiError> {
+        self.refuse_while_waiting("report the vCPUs")?;
         self.h
             .control
             .run_job(|m: &mut Machine| {

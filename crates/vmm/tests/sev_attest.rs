@@ -157,6 +157,16 @@ fn owner_attests_a_waiting_launch_and_its_guest_gets_the_secret() {
     assert_eq!(status["instructions"], 0, "{status}");
     assert_eq!(vm.stdout(), "");
 
+    // What needs a started guest is refused while the launch waits (not left hanging).
+    for args in [
+        &["pause"][..],
+        &["vcpus"][..],
+        &["snapshot", &o.path("snap")][..],
+        &["migrate", "tcp:127.0.0.1:9", "--detach"][..],
+    ] {
+        refused(&ctl(&sock, args), "invalid_state", "waits for its owner");
+    }
+
     // The measurement, as JSON and as the owner's measurement file.
     let m: serde_json::Value = serde_json::from_str(&ok(
         ctl(
