@@ -575,3 +575,123 @@ impl LaunchPredictor {
         Ok(esvm_owner::MeasuredLaunch { regions, vmsas })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::MachineConfig;
+
+    /// `sevdemo` loaded with `args` on a machine of `vcpus` vCPUs, and its measured regions.
+    fn loaded(vcpus: u32, args: &str) -> (Machine, Vec<(u64, u64)>) {
+        let mut m = Machine::new(
+            &MachineConfig {
+                backend: esvm_hv::BackendKind::Emu,
+                vm_type: esvm_hv::VmType::SevEs,
+                mem_size: 16 << 20,
+                vcpus,
+                max_instructions: None,
+            },
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+        let boot = m
+            .load(esvm_guests::builtin("sevdemo").unwrap().elf, args)
+            .unwrap();
+        let regions = measured_regions(&boot);
+        (m, regions)
+    }
+
+    /// A launch of `sevdemo` measured on an ephemeral platform, left waiting.
+    fn pending() -> (Machine, PendingLaunch) {
+        let ca = esvm_psp::EmulatedAmdCa::generate(2048).unwrap();
+        let mut psp = Psp::ephemeral(&ca, Default::default()).unwrap();
+        psp.init().unwrap();
+        let psp = Arc::new(Mutex::new(psp));
+        let (mut m, regions) = loaded(1, "");
+        let args = SevLaunchArgs {
+            platform: Path::new("-"),
+            session: None,
+            measurement_out: None,
+            secret: None,
+            policy: None,
+        };
+        let digest = launch_digest(&m, &regions).unwrap();
+        let measured = measure(start(&mut m, &regions, psp, &args).unwrap(), &args).unwrap();
+        let info = LaunchInfo {
+            measurement: *measured.measurement(),
+            policy: Policy(DEFAULT_POLICY),
+            digest,
+            pdh_fingerprint: String::new(),
+            chip_id: [0; 64],
+        };
+        (m, PendingLaunch::new(measured, info))
+    }
+
+    /// The digest the host computes from what it measures is the owner's prediction from the
+    /// same inputs (vCPUs and arguments included), and differs when an input does.
+    #[test]
+    fn the_hosts_launch_digest_is_the_owners_prediction() {
+        let (m, regions) = loaded(2, "iterations=7");
+        let host = launch_digest(&m, &regions).unwrap();
+        let predict = |vcpus, args: &str| {
+            LaunchPredictor
+                .predict(&esvm_owner::LaunchInputs {
+                    guest: esvm_owner::LaunchGuest::Image {
+                        image: "sevdemo".into(),
+                        args: args.into(),
+                    },
+                    mem: 16 << 20,
+                    vcpus,
+                })
+                .unwrap()
+                .digest()
+        };
+        assert_eq!(host, predict(2, "iterations=7"));
+        assert_ne!(host, predict(1, "iterations=7"));
+        assert_ne!(host, predict(2, "iterations=8"));
+    }
+
+    /// `wait` returns once `finish` ran on another thread; afterwards the launch takes no
+    /// secret and cannot be finished again.
+    #[test]
+    fn a_pending_launch_is_finished_from_another_thread() {
+        let (_m, launch) = pending();
+        let launch = Arc::new(launch);
+        assert!(launch.is_waiting());
+        let waiter = {
+            let l = launch.clone();
+            std::thread::spawn(move || l.wait())
+        };
+        let finished = launch.finish().unwrap();
+        let waited = waiter.join().unwrap().unwrap();
+        assert_eq!(waited, finished);
+        assert_eq!(finished.measurement, launch.info().measurement);
+        assert!(!launch.is_waiting());
+        assert!(matches!(
+            launch.inject_secret(&[0u8; 80]),
+            Err(PendingLaunchError::Finished)
+        ));
+        assert!(matches!(launch.finish(), Err(PendingLaunchError::Finished)));
+    }
+
+    /// A packet that is not one, or whose MAC does not verify, leaves the launch waiting;
+    /// abandoning it wakes the waiter with the reason.
+    #[test]
+    fn refused_packets_keep_the_launch_waiting_until_abandoned() {
+        let (_m, launch) = pending();
+        assert!(matches!(
+            launch.inject_secret(&[1, 2, 3]),
+            Err(PendingLaunchError::BadPacket(_))
+        ));
+        let mut forged = vec![0u8; esvm_psp::session::PACKET_HEADER_LEN];
+        forged.extend_from_slice(b"not bound to this measurement");
+        let e = launch.inject_secret(&forged).unwrap_err();
+        assert!(matches!(e, PendingLaunchError::Refused { .. }), "{e}");
+        assert!(e.to_string().contains("this launch's measurement"), "{e}");
+        assert!(launch.is_waiting() && !launch.secret_injected());
+        launch.abandon("the VMM is stopping");
+        let e = launch.wait().unwrap_err();
+        assert!(e.to_string().contains("the VMM is stopping"), "{e}");
+        assert!(matches!(launch.finish(), Err(PendingLaunchError::Finished)));
+    }
+}
