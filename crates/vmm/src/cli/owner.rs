@@ -48,7 +48,10 @@ pub enum OwnerCommand {
         /// Measurement file from the host (51 bytes, or 48 with --build).
         #[arg(long, value_name = "FILE")]
         measurement: PathBuf,
-        /// Expected launch digest, 64 hex digits.
+        /// Expected launch digest, 64 hex digits: e.g. the one `esvm run --sev-es` printed
+        /// (`esvm: SEV-ES launch digest HEX`, also `launch_digest` in `esvm ctl
+        /// launch-measurement`), which is the host's word for it; --guest or --kernel compute
+        /// it from the launch inputs instead.
         #[arg(
             long,
             value_name = "HEX",

@@ -70,7 +70,8 @@ pub struct RunArgs {
     pub start_paused: bool,
     /// Run the guest as an SEV-ES guest (encrypted memory and register state) on the
     /// software secure processor in --platform: LAUNCH_START, LAUNCH_UPDATE_DATA over the
-    /// image, LAUNCH_UPDATE_VMSA per vCPU, LAUNCH_MEASURE (printed), optional secret,
+    /// image, LAUNCH_UPDATE_VMSA per vCPU, LAUNCH_MEASURE (the measurement and the launch
+    /// digest are printed), optional secret (--secret, or --wait-for-secret for the owner),
     /// LAUNCH_FINISH. Emu backend only.
     #[arg(long, requires = "platform")]
     pub sev_es: bool,
