@@ -2,8 +2,8 @@
 
 use crate::framing::{read_line_capped, LineRead};
 use crate::protocol::{
-    decode_response, encode_request, ApiError, DecodeResponseError, MalformedResponse, Reply,
-    Request, Response, VmStatus,
+    decode_response, encode_request, to_hex, ApiError, DecodeResponseError, LaunchMeasurement,
+    MalformedResponse, Reply, Request, Response, VmStatus,
 };
 use std::fs;
 use std::io::{self, BufReader, Write};
@@ -178,6 +178,31 @@ impl ApiClient {
             Reply::ShutDown(s) => Ok(s),
             other => Err(ClientError::UnexpectedReply {
                 command: "shutdown",
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Asks for the measurement of an SEV-ES launch that waits for its owner.
+    pub fn launch_measurement(&mut self) -> Result<LaunchMeasurement, ClientError> {
+        match self.call(&Request::LaunchMeasurement)? {
+            Reply::LaunchMeasurement(m) => Ok(m),
+            other => Err(ClientError::UnexpectedReply {
+                command: "launch_measurement",
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Sends the owner's secret packet (`esvm owner secret`) for LAUNCH_SECRET.
+    pub fn inject_secret(&mut self, packet: &[u8]) -> Result<(), ClientError> {
+        let req = Request::InjectSecret {
+            packet_hex: to_hex(packet),
+        };
+        match self.call(&req)? {
+            Reply::SecretInjected => Ok(()),
+            other => Err(ClientError::UnexpectedReply {
+                command: "inject_secret",
                 got: format!("{other:?}"),
             }),
         }

@@ -8,10 +8,15 @@
 //! * a URL containing `hang`: pre-copy passes forever, until cancelled;
 //! * any other URL: setup, two pre-copy passes, stop-and-copy, committing, `completed`
 //!   (the VM is then `migrated`).
+//!
+//! [`MockTarget::launch_pending`] is an SEV-ES VM whose launch waits for its owner: it
+//! reports a fixed measurement, refuses a secret packet that starts with `bad` (as the
+//! firmware refuses one whose MAC does not verify) and accepts one other packet, and
+//! `resume` finishes the launch and starts it.
 
 use crate::protocol::{
-    ApiError, MigrateRequest, MigrationPhase, MigrationStatus, SnapshotInfo, VmState, VmStatus,
-    VmType,
+    ApiError, LaunchMeasurement, MigrateRequest, MigrationPhase, MigrationStatus, SnapshotInfo,
+    VmState, VmStatus, VmType,
 };
 use crate::target::ControlTarget;
 use std::path::{Path, PathBuf};
@@ -49,6 +54,8 @@ struct State {
     panic_on_snapshot: bool,
     /// Once the VM ended: its exit status and how it ended.
     ended: Option<(i32, String)>,
+    /// A launch waiting for its owner: the secret packets accepted so far (at most one).
+    launch: Option<Vec<Vec<u8>>>,
 }
 
 /// A fake VM; see the module documentation.
@@ -77,8 +84,25 @@ impl MockTarget {
                 snapshots: Vec::new(),
                 panic_on_snapshot: false,
                 ended: None,
+                launch: None,
             }),
         }
+    }
+
+    /// An SEV-ES VM whose launch is measured and waits for its owner (state `starting`).
+    pub fn launch_pending() -> Self {
+        let t = Self::new(VmType::SevEs);
+        {
+            let mut st = t.lock();
+            st.state = VmState::Starting;
+            st.launch = Some(Vec::new());
+        }
+        t
+    }
+
+    /// The secret packets the waiting launch accepted.
+    pub fn injected_secrets(&self) -> Vec<Vec<u8>> {
+        self.lock().launch.clone().unwrap_or_default()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -179,6 +203,7 @@ impl ControlTarget for MockTarget {
             exit_status: st.ended.as_ref().map(|e| e.0),
             end_reason: st.ended.as_ref().map(|e| e.1.clone()),
             migration: st.migration.as_ref().map(|m| m.status.clone()),
+            launch_pending: st.launch.is_some(),
         }
     }
 
@@ -196,6 +221,10 @@ impl ControlTarget for MockTarget {
 
     fn resume(&self) -> Result<(), ApiError> {
         let mut st = self.lock();
+        if st.launch.take().is_some() {
+            st.state = VmState::Running;
+            return Ok(());
+        }
         if st.state != VmState::Paused {
             return Err(ApiError::invalid_state(format!(
                 "cannot resume: the VM is {}, not paused",
@@ -268,6 +297,48 @@ impl ControlTarget for MockTarget {
         });
         st.state = VmState::Migrating;
         st.migrate_requests.push(req);
+        Ok(())
+    }
+
+    fn launch_measurement(&self) -> Result<LaunchMeasurement, ApiError> {
+        let st = self.lock();
+        let Some(secrets) = &st.launch else {
+            return Err(ApiError::invalid_state(
+                "no launch waits for its owner (mock)",
+            ));
+        };
+        Ok(LaunchMeasurement {
+            measurement: "11".repeat(32),
+            mnonce: "22".repeat(16),
+            policy: 0x4,
+            api_major: 0,
+            api_minor: 24,
+            build: 1,
+            launch_digest: "33".repeat(32),
+            pdh_fingerprint: "mock-pdh".into(),
+            chip_id: "44".repeat(64),
+            secret_injected: !secrets.is_empty(),
+        })
+    }
+
+    fn inject_secret(&self, packet: &[u8]) -> Result<(), ApiError> {
+        let mut st = self.lock();
+        let Some(secrets) = &mut st.launch else {
+            return Err(ApiError::invalid_state(
+                "no launch waits for its owner (mock)",
+            ));
+        };
+        if !secrets.is_empty() {
+            return Err(ApiError::invalid_state(
+                "a secret was injected already (mock)",
+            ));
+        }
+        if packet.starts_with(b"bad") {
+            return Err(ApiError::invalid_argument(
+                "the secret's MAC does not verify (mock)",
+            ));
+        }
+        secrets.push(packet.to_vec());
         Ok(())
     }
 

@@ -48,7 +48,17 @@ pub enum Request {
     /// Stop the VM (ACPI-less: the guest is not asked) and answer once it has ended, with
     /// its final [`VmStatus`]; the VMM process then ends.
     Shutdown,
+    /// SEV-ES launch waiting for the owner (`esvm run --wait-for-secret`): report the launch
+    /// measurement ([`LaunchMeasurement`]).
+    LaunchMeasurement,
+    /// SEV-ES launch waiting for the owner: run LAUNCH_SECRET with the owner's packet
+    /// (`esvm owner secret`: the 52-byte header, then the ciphertext), as lower-case or
+    /// upper-case hex, at most [`MAX_SECRET_PACKET_BYTES`] bytes.
+    InjectSecret { packet_hex: String },
 }
+
+/// Largest secret packet [`Request::InjectSecret`] carries (its hex form fits a request line).
+pub const MAX_SECRET_PACKET_BYTES: usize = 16 << 10;
 
 impl Request {
     /// The command's wire name (`"status"`, `"migrate"`, ...).
@@ -62,6 +72,8 @@ impl Request {
             Request::Cancel => "cancel",
             Request::Vcpus => "vcpus",
             Request::Shutdown => "shutdown",
+            Request::LaunchMeasurement => "launch_measurement",
+            Request::InjectSecret { .. } => "inject_secret",
         }
     }
 }
@@ -220,6 +232,40 @@ pub enum Reply {
     /// Answer to [`Request::Shutdown`]: the VM has ended; its final status
     /// (`exit_status`, `end_reason`).
     ShutDown(VmStatus),
+    /// Answer to [`Request::LaunchMeasurement`].
+    LaunchMeasurement(LaunchMeasurement),
+    /// Answer to [`Request::InjectSecret`]: LAUNCH_SECRET accepted the packet.
+    SecretInjected,
+}
+
+/// An SEV-ES launch's measurement (LAUNCH_MEASURE) and what the guest owner needs beside it
+/// to verify it (`esvm owner verify`) and bind a secret to it (`esvm owner secret`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchMeasurement {
+    /// HMAC-SHA256 under the session's TIK over the firmware version, the policy, the launch
+    /// digest and the mnonce: 64 hex digits.
+    pub measurement: String,
+    /// The firmware's nonce of this launch: 32 hex digits (new on every launch).
+    pub mnonce: String,
+    /// The guest policy of the launch.
+    pub policy: u32,
+    /// The firmware's API version and build bound into the measurement.
+    pub api_major: u8,
+    pub api_minor: u8,
+    pub build: u8,
+    /// The launch digest as the host computed it from the plaintext it measured (SHA-256
+    /// over the LAUNCH_UPDATE_DATA regions and the initial VMSAs), 64 hex digits. For
+    /// information: the owner computes it from the launch inputs (`esvm owner verify
+    /// --guest/--kernel`) rather than trusting the host's.
+    pub launch_digest: String,
+    /// The platform: the fingerprint of its PDH certificate, as `esvm owner session` prints
+    /// it for the chain it verified (`esvm platform export`).
+    pub pdh_fingerprint: String,
+    /// The platform's chip id (GET_ID), hex.
+    pub chip_id: String,
+    /// Whether a secret was injected already (one is accepted per launch).
+    #[serde(default)]
+    pub secret_injected: bool,
 }
 
 /// CR0, CR4, CR8 and EFER.
@@ -443,6 +489,11 @@ pub struct VmStatus {
     /// The current or most recent migration, if any was started.
     #[serde(default)]
     pub migration: Option<MigrationStatus>,
+    /// SEV-ES: the launch is measured and waits for the owner (`esvm run
+    /// --wait-for-secret`): `launch_measurement`, `inject_secret`, then `resume` runs
+    /// LAUNCH_FINISH and starts the guest. `state` is `starting` meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub launch_pending: bool,
 }
 
 impl VmStatus {
@@ -595,7 +646,33 @@ struct ResponseEnvelope {
     response: Response,
 }
 
-const COMMANDS: &str = "status, pause, resume, snapshot, migrate, cancel, vcpus, shutdown";
+const COMMANDS: &str = "status, pause, resume, snapshot, migrate, cancel, vcpus, shutdown, \
+                        launch_measurement, inject_secret";
+
+/// Lower-case hex of `bytes` (the wire form of binary fields).
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of a hex string (either case, no separators); the error says what is wrong.
+pub fn from_hex(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) {
+        return Err(format!(
+            "{} hex digits: an odd number (each byte is two digits)",
+            s.len()
+        ));
+    }
+    s.as_bytes()
+        .chunks(2)
+        .enumerate()
+        .map(|(i, pair)| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("not a hex digit pair at position {}", 2 * i))
+        })
+        .collect()
+}
 
 /// Encodes a request as one wire line (without the trailing newline).
 pub fn encode_request(req: &Request) -> Result<Vec<u8>, serde_json::Error> {
@@ -662,7 +739,10 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
         }
     };
     let allowed: &[&str] = match command {
-        "status" | "pause" | "resume" | "cancel" | "vcpus" | "shutdown" => &[],
+        "status" | "pause" | "resume" | "cancel" | "vcpus" | "shutdown" | "launch_measurement" => {
+            &[]
+        }
+        "inject_secret" => &["packet_hex"],
         "snapshot" => &["dir"],
         "migrate" => &[
             "url",
@@ -792,7 +872,48 @@ mod tests {
             exit_status: None,
             end_reason: None,
             migration: Some(m),
+            launch_pending: false,
         }
+    }
+
+    fn sample_measurement() -> LaunchMeasurement {
+        LaunchMeasurement {
+            measurement: "ab".repeat(32),
+            mnonce: "cd".repeat(16),
+            policy: 0x4,
+            api_major: 0,
+            api_minor: 24,
+            build: 21,
+            launch_digest: "ef".repeat(32),
+            pdh_fingerprint: "sha256:12".into(),
+            chip_id: "00".repeat(64),
+            secret_injected: false,
+        }
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_what_is_not_hex() {
+        let bytes = [0u8, 1, 0x7f, 0x80, 0xfe, 0xff];
+        assert_eq!(to_hex(&bytes), "00017f80feff");
+        assert_eq!(from_hex("00017F80FEff").unwrap(), bytes);
+        assert_eq!(from_hex("").unwrap(), Vec::<u8>::new());
+        assert!(from_hex("abc").unwrap_err().contains("odd"));
+        assert!(from_hex("zz").unwrap_err().contains("position 0"));
+        assert!(from_hex("00é0").is_err());
+    }
+
+    #[test]
+    fn a_pending_launch_shows_in_the_status_only_when_set() {
+        let mut s = sample_status();
+        let line = encode_response(&Response::Ok(Reply::Status(s.clone()))).unwrap();
+        assert!(!String::from_utf8_lossy(&line).contains("launch_pending"));
+        s.launch_pending = true;
+        let line = encode_response(&Response::Ok(Reply::Status(s.clone()))).unwrap();
+        assert!(String::from_utf8_lossy(&line).contains("\"launch_pending\":true"));
+        assert_eq!(
+            decode_response(&line).unwrap(),
+            Response::Ok(Reply::Status(s))
+        );
     }
 
     #[test]
@@ -815,6 +936,11 @@ mod tests {
             Request::Migrate(MigrateRequest::new("tcp://h:2")),
             Request::Cancel,
             Request::Shutdown,
+            Request::Vcpus,
+            Request::LaunchMeasurement,
+            Request::InjectSecret {
+                packet_hex: "00ff".into(),
+            },
         ];
         for r in reqs {
             let line = encode_request(&r).unwrap();
@@ -879,6 +1005,14 @@ mod tests {
                 br#"{"version":1,"command":"snapshot","dir":7}"#,
                 ErrorCode::BadRequest,
             ),
+            (
+                br#"{"version":1,"command":"inject_secret"}"#,
+                ErrorCode::BadRequest,
+            ),
+            (
+                br#"{"version":1,"command":"launch_measurement","packet_hex":"00"}"#,
+                ErrorCode::BadRequest,
+            ),
         ];
         for (line, code) in cases {
             let err = decode_request(line).unwrap_err();
@@ -939,6 +1073,8 @@ mod tests {
                 url: "tcp://a".into(),
             }),
             Response::Ok(Reply::MigrationCancelled),
+            Response::Ok(Reply::LaunchMeasurement(sample_measurement())),
+            Response::Ok(Reply::SecretInjected),
             Response::Error(ApiError::invalid_state("already paused")),
         ];
         for r in resps {

@@ -2,7 +2,8 @@
 
 use crate::framing::{read_line_capped, LineRead};
 use crate::protocol::{
-    decode_request, encode_response, ApiError, ErrorCode, Reply, Request, Response,
+    decode_request, encode_response, from_hex, ApiError, ErrorCode, Reply, Request, Response,
+    MAX_SECRET_PACKET_BYTES,
 };
 use crate::target::ControlTarget;
 use std::collections::HashMap;
@@ -532,5 +533,22 @@ fn dispatch(target: &dyn ControlTarget, req: Request) -> Result<Reply, ApiError>
             s.sanitize();
             Reply::ShutDown(s)
         }),
+        Request::LaunchMeasurement => target.launch_measurement().map(Reply::LaunchMeasurement),
+        Request::InjectSecret { packet_hex } => {
+            let packet = from_hex(packet_hex.trim()).map_err(|e| {
+                ApiError::invalid_argument(format!(
+                    "inject_secret: packet_hex is not hex ({e}); send the packet file of \
+                     `esvm owner secret` hex-encoded"
+                ))
+            })?;
+            if packet.is_empty() || packet.len() > MAX_SECRET_PACKET_BYTES {
+                return Err(ApiError::invalid_argument(format!(
+                    "inject_secret: the packet is {} bytes; a secret packet is 1 to \
+                     {MAX_SECRET_PACKET_BYTES} bytes (`esvm owner secret` writes one)",
+                    packet.len()
+                )));
+            }
+            target.inject_secret(&packet).map(|_| Reply::SecretInjected)
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! The interface a VMM implements to be controlled through the API.
 
-use crate::protocol::{ApiError, ErrorCode, MigrateRequest, SnapshotInfo, VcpuView, VmStatus};
+use crate::protocol::{
+    ApiError, ErrorCode, LaunchMeasurement, MigrateRequest, SnapshotInfo, VcpuView, VmStatus,
+};
 use std::path::Path;
 
 /// A running VM as the control API sees it.
@@ -51,6 +53,25 @@ pub trait ControlTarget: Send + Sync {
         Err(ApiError::new(
             ErrorCode::Unsupported,
             "this VMM does not report its vCPUs",
+        ))
+    }
+
+    /// The measurement of an SEV-ES launch that waits for its owner (measured, not yet
+    /// finished). `unsupported` for a VM that is not SEV-ES or a VMM without the feature;
+    /// `invalid_state` when the VM does not wait (launched without waiting, or resumed).
+    fn launch_measurement(&self) -> Result<LaunchMeasurement, ApiError> {
+        Err(ApiError::unsupported(
+            "this VMM has no SEV launch waiting for its owner",
+        ))
+    }
+
+    /// LAUNCH_SECRET of the owner's `packet` (header then ciphertext) into a launch that
+    /// waits for its owner. `invalid_state` if none waits or a secret was injected already;
+    /// `invalid_argument` if the firmware refuses the packet (the launch keeps waiting).
+    fn inject_secret(&self, packet: &[u8]) -> Result<(), ApiError> {
+        let _ = packet;
+        Err(ApiError::unsupported(
+            "this VMM has no SEV launch waiting for its owner",
         ))
     }
 }

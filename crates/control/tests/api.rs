@@ -547,3 +547,74 @@ fn shutdown_answers_with_the_end_even_while_the_server_stops() {
     );
     assert!(!path.exists());
 }
+
+/// The owner's side of a launch that waits: the measurement, a refused packet (the launch
+/// keeps waiting), the right one, a second one refused, and `resume` starting the VM.
+#[test]
+fn a_waiting_launch_takes_one_secret_then_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let target = Arc::new(MockTarget::launch_pending());
+    let _server = serve(&path, &target);
+    let mut c = ApiClient::connect(&path).unwrap();
+    let s = c.status().unwrap();
+    assert_eq!(s.state, VmState::Starting);
+    assert!(s.launch_pending);
+    let m = c.launch_measurement().unwrap();
+    assert_eq!(m.measurement.len(), 64);
+    assert!(!m.secret_injected);
+
+    assert_eq!(
+        code_of(
+            c.inject_secret(b"bad packet")
+                .map(|_| Reply::SecretInjected)
+        ),
+        ErrorCode::InvalidArgument
+    );
+    let mut c = ApiClient::connect(&path).unwrap();
+    c.inject_secret(&[0x00, 0xff, 0x10]).unwrap();
+    assert!(c.launch_measurement().unwrap().secret_injected);
+    assert_eq!(target.injected_secrets(), vec![vec![0x00, 0xff, 0x10]]);
+    assert_eq!(
+        code_of(c.inject_secret(b"again").map(|_| Reply::SecretInjected)),
+        ErrorCode::InvalidState
+    );
+    let mut c = ApiClient::connect(&path).unwrap();
+    assert_eq!(c.call(&Request::Resume).unwrap(), Reply::Resumed);
+    let s = c.status().unwrap();
+    assert_eq!(s.state, VmState::Running);
+    assert!(!s.launch_pending);
+    assert_eq!(
+        code_of(c.launch_measurement().map(Reply::LaunchMeasurement)),
+        ErrorCode::InvalidState
+    );
+}
+
+/// A packet that is not hex, or too large, is refused before it reaches the VM.
+#[test]
+fn secret_packets_are_checked_on_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let target = Arc::new(MockTarget::launch_pending());
+    let _server = serve(&path, &target);
+    let mut raw = Raw::connect(&path);
+    raw.send(br#"{"version":1,"command":"inject_secret","packet_hex":"0g"}"#);
+    assert_eq!(raw.error_code(), "invalid_argument");
+    raw.send(br#"{"version":1,"command":"inject_secret","packet_hex":""}"#);
+    assert_eq!(raw.error_code(), "invalid_argument");
+    let big = format!(
+        r#"{{"version":1,"command":"inject_secret","packet_hex":"{}"}}"#,
+        "00".repeat(esvm_control::protocol::MAX_SECRET_PACKET_BYTES + 1)
+    );
+    raw.send(big.as_bytes());
+    assert_eq!(raw.error_code(), "invalid_argument");
+    assert!(target.injected_secrets().is_empty());
+    // A plain mock VM has no launch waiting.
+    let (_d2, p2, plain) = setup();
+    let _s2 = serve(&p2, &plain);
+    let mut c = ApiClient::connect(&p2).unwrap();
+    assert_eq!(
+        code_of(c.launch_measurement().map(Reply::LaunchMeasurement)),
+        ErrorCode::InvalidState
+    );
+}

@@ -299,8 +299,9 @@ impl MeasuredLaunch {
 /// alone, so the owner can compute the expected digest without trusting the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LaunchGuest {
-    /// An ELF64 image by esvm's own boot convention.
-    Image(PathBuf),
+    /// An ELF64 image by esvm's own boot convention (a file, or a name the measurer knows,
+    /// e.g. a built-in guest), with the guest arguments of its boot-info block (measured).
+    Image { image: PathBuf, args: String },
     /// A Linux kernel by the Linux boot protocol, with its initrd and command line.
     Linux {
         kernel: PathBuf,

@@ -19,8 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use esvm_control::{
-    ApiError, ControlRegs, ControlTarget, MigrateRequest, MigrationPhase, MigrationStatus,
-    OnTimeout, SnapshotInfo, VcpuView, VmState, VmStatus, VmType,
+    ApiError, ControlRegs, ControlTarget, LaunchMeasurement, MigrateRequest, MigrationPhase,
+    MigrationStatus, OnTimeout, SnapshotInfo, VcpuView, VmState, VmStatus, VmType,
 };
 use esvm_migration::{
     CancelToken, LimitPolicy, Phase, Progress, ProtocolError, SendError, Sender, SenderConfig,
@@ -32,6 +32,11 @@ use crate::machine::{Machine, MachineHandle};
 use crate::migrate::{parse_tcp_url, read_trusted_root, MachineSource};
 use crate::outcome::{Outcome, StopSignal};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
+use crate::sev_launch::{hex, PendingLaunch, PendingLaunchError};
+
+/// How a VM ends that `shutdown` stopped while its SEV-ES launch waited for its owner.
+pub const SHUT_DOWN_BEFORE_START: &str =
+    "the VM was stopped by `esvm ctl shutdown` before its SEV-ES launch finished";
 
 /// How long `shutdown` waits for the run loop to end (a snapshot being written or a
 /// migration being cancelled finishes first).
@@ -61,6 +66,24 @@ pub struct VmHandle {
     mig: Arc<Mutex<MigState>>,
     /// A status reporting the VM as migrated (with the migration's final phase) was served.
     final_status_served: AtomicBool,
+    /// An SEV-ES launch that waited (or waits) for its owner (`esvm run --wait-for-secret`).
+    launch: Option<Arc<PendingLaunch>>,
+    /// `shutdown` abandoned the launch before the guest started.
+    shut_down_before_start: AtomicBool,
+}
+
+/// A refusal of the launch that waits for its owner, as the API answers it.
+fn launch_err(what: &str, e: PendingLaunchError) -> ApiError {
+    let msg = format!("cannot {what}: {e}");
+    match e {
+        PendingLaunchError::Finished | PendingLaunchError::AlreadyInjected => {
+            ApiError::invalid_state(msg)
+        }
+        PendingLaunchError::BadPacket(_)
+        | PendingLaunchError::TooLarge { .. }
+        | PendingLaunchError::Refused { .. } => ApiError::invalid_argument(msg),
+        PendingLaunchError::Finish(_) | PendingLaunchError::Abandoned(_) => ApiError::failed(msg),
+    }
 }
 
 fn api_err(what: &str, e: ControlError) -> ApiError {
@@ -138,6 +161,58 @@ impl VmHandle {
             h,
             mig: Arc::new(Mutex::new(MigState::default())),
             final_status_served: AtomicBool::new(false),
+            launch: None,
+            shut_down_before_start: AtomicBool::new(false),
+        }
+    }
+
+    /// The control API target of a machine whose SEV-ES launch waits for its owner: it
+    /// serves `launch_measurement` and `inject_secret`, and `resume` finishes the launch.
+    pub fn with_launch(mut self, launch: Arc<PendingLaunch>) -> Self {
+        self.launch = Some(launch);
+        self
+    }
+
+    /// Whether an SEV-ES launch waits for its owner (no guest runs yet).
+    pub fn launch_waiting(&self) -> bool {
+        self.launch.as_ref().is_some_and(|l| l.is_waiting())
+    }
+
+    /// Whether `shutdown` ended the VM while its launch waited for its owner.
+    pub fn shut_down_before_start(&self) -> bool {
+        self.shut_down_before_start.load(Ordering::SeqCst)
+    }
+
+    /// Refuse `what` while the launch waits for its owner: the guest has not started (no run
+    /// loop to stop, nothing to save or move yet).
+    fn refuse_while_waiting(&self, what: &str) -> Result<(), ApiError> {
+        match &self.launch {
+            Some(l) if l.is_waiting() => Err(ApiError::invalid_state(format!(
+                "cannot {what}: the guest has not started, its SEV-ES launch waits for its \
+                 owner (`esvm ctl launch-measurement`, `esvm ctl inject-secret PACKET`, then \
+                 `esvm ctl resume` starts it)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The launch that waits for its owner, or why there is none.
+    fn waiting_launch(&self, what: &str) -> Result<&PendingLaunch, ApiError> {
+        if self.h.config.vm_type != esvm_hv::VmType::SevEs {
+            return Err(ApiError::unsupported(format!(
+                "cannot {what}: the VM is not an SEV-ES guest (it has no launch measurement \
+                 and no launch secret; run it with `esvm run --sev-es`)"
+            )));
+        }
+        match &self.launch {
+            None => Err(ApiError::invalid_state(format!(
+                "cannot {what}: this SEV-ES VM did not wait for its owner; its launch finished \
+                 before the guest started (start it with `esvm run --sev-es ... --api-socket \
+                 PATH --wait-for-secret`; without waiting, `--measurement-out` writes the \
+                 measurement)"
+            ))),
+            Some(l) if !l.is_waiting() => Err(launch_err(what, PendingLaunchError::Finished)),
+            Some(l) => Ok(l),
         }
     }
 
@@ -239,10 +314,12 @@ impl ControlTarget for VmHandle {
             exit_status,
             end_reason,
             migration,
+            launch_pending: self.launch.as_ref().is_some_and(|l| l.is_waiting()),
         }
     }
 
     fn pause(&self) -> Result<(), ApiError> {
+        self.refuse_while_waiting("pause")?;
         self.h.control.pause().map_err(|e| refused("pause", e))?;
         self.h
             .control
@@ -251,6 +328,13 @@ impl ControlTarget for VmHandle {
     }
 
     fn resume(&self) -> Result<(), ApiError> {
+        if let Some(launch) = self.launch.as_ref().filter(|l| l.is_waiting()) {
+            // LAUNCH_FINISH; the thread waiting for it starts the guest.
+            return launch
+                .finish()
+                .map(|_| ())
+                .map_err(|e| launch_err("resume", e));
+        }
         // Under the migration lock: the migration thread cannot end meanwhile, and two
         // resumes of a VM in doubt do not both cancel its send session.
         let mut m = lock(&self.mig);
@@ -280,6 +364,7 @@ impl ControlTarget for VmHandle {
     }
 
     fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, ApiError> {
+        self.refuse_while_waiting("snapshot")?;
         // The lifecycle refuses a snapshot while another one or a migration runs, and of an
         // SEV-ES VM in doubt (its send session is still open; a sealed snapshot needs one of
         // its own).
@@ -294,6 +379,7 @@ impl ControlTarget for VmHandle {
     }
 
     fn start_migration(&self, req: MigrateRequest) -> Result<(), ApiError> {
+        self.refuse_while_waiting("migrate")?;
         let addr =
             parse_tcp_url(&req.url).map_err(|e| ApiError::invalid_argument(e.to_string()))?;
         let trust = match &req.trust {
@@ -421,6 +507,16 @@ impl ControlTarget for VmHandle {
     }
 
     fn shutdown(&self) -> Result<VmStatus, ApiError> {
+        if let Some(l) = self.launch.as_ref().filter(|l| l.is_waiting()) {
+            // No run loop yet: the launch is given up and the process ends (status 0).
+            self.shut_down_before_start.store(true, Ordering::SeqCst);
+            l.abandon(SHUT_DOWN_BEFORE_START);
+            let mut s = self.status();
+            s.state = VmState::Exited;
+            s.exit_status = Some(0);
+            s.end_reason = Some(SHUT_DOWN_BEFORE_START.into());
+            return Ok(s);
+        }
         {
             let m = lock(&self.mig);
             if let (Some(c), Some(s)) = (&m.cancel, &m.status) {
@@ -453,7 +549,32 @@ impl ControlTarget for VmHandle {
         Ok(self.status())
     }
 
+    fn launch_measurement(&self) -> Result<LaunchMeasurement, ApiError> {
+        let launch = self.waiting_launch("report the launch measurement")?;
+        let info = launch.info();
+        let m = &info.measurement;
+        Ok(LaunchMeasurement {
+            measurement: hex(&m.measure),
+            mnonce: hex(&m.mnonce),
+            policy: info.policy.0,
+            api_major: m.build.api_major,
+            api_minor: m.build.api_minor,
+            build: m.build.build,
+            launch_digest: hex(&info.digest),
+            pdh_fingerprint: info.pdh_fingerprint.clone(),
+            chip_id: hex(&info.chip_id),
+            secret_injected: launch.secret_injected(),
+        })
+    }
+
+    fn inject_secret(&self, packet: &[u8]) -> Result<(), ApiError> {
+        self.waiting_launch("inject the secret")?
+            .inject_secret(packet)
+            .map_err(|e| launch_err("inject the secret", e))
+    }
+
     fn vcpus(&self) -> Result<Vec<VcpuView>, ApiError> {
+        self.refuse_while_waiting("report the vCPUs")?;
         self.h
             .control
             .run_job(|m: &mut Machine| {

@@ -25,6 +25,7 @@ use crate::control::VmHandle;
 use crate::lifecycle::LifecycleError;
 use crate::machine::{Machine, MachineError};
 use crate::outcome::{Outcome, StopSignal};
+use crate::sev_launch::{PendingLaunch, PendingLaunchError};
 
 /// How long a source whose VM migrated away keeps its API socket open so that a client
 /// following the migration (`esvm ctl migrate`) can read the final status.
@@ -56,6 +57,10 @@ pub enum SessionError {
     Machine(#[from] MachineError),
     #[error("cannot handle SIGINT and SIGTERM (to stop the VM cleanly): {0}")]
     Signals(#[source] std::io::Error),
+    #[error("--wait-for-secret needs --api-socket (the owner reads the measurement and sends the secret through it)")]
+    WaitWithoutSocket,
+    #[error("the SEV-ES launch did not finish: {0}")]
+    Launch(#[source] PendingLaunchError),
 }
 
 /// What a stop signal acts on: the VM this process runs (once it runs), its API socket,
@@ -102,6 +107,11 @@ fn on_stop_signal(slot: &Mutex<StopSlot>, signal: StopSignal) {
     let mut s = slot.lock().unwrap_or_else(PoisonError::into_inner);
     let name = signal.name();
     match (s.vm.clone(), s.stopping) {
+        // An SEV-ES launch still waiting for its owner has no guest running yet.
+        (Some(vm), false) if vm.launch_waiting() => {
+            eprintln!("esvm: stopped by {name} while the SEV-ES launch waited for its owner");
+            exit_now(&s, signal);
+        }
         (Some(vm), false) => {
             s.stopping = true;
             if vm.stop_for_signal(signal) {
@@ -130,7 +140,33 @@ fn exit_now(s: &StopSlot, signal: StopSignal) -> ! {
 
 /// Run `machine` to its end with the control API (if asked). Returns how the run ended.
 pub fn run(machine: &mut Machine, opts: &RunOptions) -> Result<Outcome, SessionError> {
-    let handle = Arc::new(VmHandle::new(machine.handle()));
+    run_inner(machine, opts, None)
+}
+
+/// [`run`] for a machine whose SEV-ES launch is measured and waits for its owner
+/// (`esvm run --wait-for-secret`): the control API serves the launch (`launch_measurement`,
+/// `inject_secret`) and the guest starts once `resume` has run LAUNCH_FINISH.
+pub fn run_with_launch(
+    machine: &mut Machine,
+    opts: &RunOptions,
+    launch: Arc<PendingLaunch>,
+) -> Result<Outcome, SessionError> {
+    if opts.api_socket.is_none() {
+        return Err(SessionError::WaitWithoutSocket);
+    }
+    run_inner(machine, opts, Some(launch))
+}
+
+fn run_inner(
+    machine: &mut Machine,
+    opts: &RunOptions,
+    launch: Option<Arc<PendingLaunch>>,
+) -> Result<Outcome, SessionError> {
+    let mut handle = VmHandle::new(machine.handle());
+    if let Some(l) = &launch {
+        handle = handle.with_launch(l.clone());
+    }
+    let handle = Arc::new(handle);
     with_slot(|s| s.vm = Some(handle.clone()));
     if opts.start_paused {
         if opts.api_socket.is_none() {
@@ -153,6 +189,24 @@ pub fn run(machine: &mut Machine, opts: &RunOptions) -> Result<Outcome, SessionE
         }
         None => None,
     };
+    if let Some(l) = &launch {
+        eprintln!(
+            "esvm: the SEV-ES launch waits for its owner: `esvm ctl launch-measurement`, \
+             `esvm ctl inject-secret PACKET`, then `esvm ctl resume` starts the guest"
+        );
+        if let Err(e) = l.wait() {
+            if let Some(s) = server.as_mut() {
+                s.shutdown();
+            }
+            with_slot(|s| s.socket = None);
+            if handle.shut_down_before_start() {
+                return Ok(Outcome::Stopped(
+                    "by `esvm ctl shutdown` before its SEV-ES launch finished".into(),
+                ));
+            }
+            return Err(SessionError::Launch(e));
+        }
+    }
     let outcome = machine.run();
     if let (Ok(o), Some(n)) = (&outcome, machine.instructions()) {
         // Deterministic on the emu backend: the same inputs retire the same count.

@@ -9,9 +9,14 @@
 //! `Measured` → finished), so its order is checked by the compiler: [`start`] gives the
 //! `Launcher<Started>`, [`measure`] the `Launcher<Measured>` (which a caller may keep, e.g.
 //! to wait for the owner's secret), [`finish`] injects the secret, if any, and ends it.
+//!
+//! `esvm run --wait-for-secret` stops after LAUNCH_MEASURE ([`launch_measured`]) and keeps
+//! the `Launcher<Measured>` in a [`PendingLaunch`], which the control API serves: the owner
+//! reads the measurement, injects a secret bound to it (LAUNCH_SECRET), and `resume` runs
+//! LAUNCH_FINISH, after which the guest starts.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use esvm_arch::layout;
 use esvm_hv::sev::{Launched, Launcher, Measured, Started};
@@ -73,6 +78,8 @@ pub enum SevLaunchError {
     Machine(#[source] crate::machine::MachineError),
     #[error("cannot launch a machine that is already shared: {0}")]
     Shared(#[source] crate::ram::RamError),
+    #[error("cannot compute the launch digest from the guest's initial memory: {0}")]
+    Digest(#[source] esvm_hv::MemoryError),
 }
 
 /// What `esvm run --sev-es` was asked for.
@@ -206,6 +213,246 @@ pub fn measure(
     Ok(measured)
 }
 
+/// The launch digest of `machine` as LAUNCH_UPDATE_DATA of `regions` and LAUNCH_UPDATE_VMSA
+/// of its vCPUs will measure it, computed from the plaintext the host hands to the firmware
+/// (call it before the launch encrypts it) by the owner's own computation
+/// ([`esvm_owner::MeasuredLaunch::digest`]): the digest `esvm owner verify --digest` takes.
+pub fn launch_digest(
+    machine: &Machine,
+    regions: &[(u64, u64)],
+) -> Result<[u8; 32], SevLaunchError> {
+    let mut launch = esvm_owner::MeasuredLaunch::default();
+    for &(gpa, len) in regions {
+        let mut data = vec![0u8; len as usize];
+        machine
+            .vm()
+            .memory()
+            .read(gpa, &mut data)
+            .map_err(SevLaunchError::Digest)?;
+        launch.regions.push((gpa, data));
+    }
+    launch.vmsas = machine.initial_vmsas().map_err(SevLaunchError::Machine)?;
+    Ok(launch.digest())
+}
+
+/// What the guest owner needs beside a launch's measurement: the policy, the launch digest
+/// (as the host computed it) and the platform's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchInfo {
+    /// LAUNCH_MEASURE's result.
+    pub measurement: Measurement,
+    /// The launch's guest policy.
+    pub policy: Policy,
+    /// The launch digest ([`launch_digest`]).
+    pub digest: [u8; 32],
+    /// The platform's PDH certificate fingerprint (as `esvm owner session` prints it).
+    pub pdh_fingerprint: String,
+    /// The platform's chip id (GET_ID).
+    pub chip_id: [u8; 64],
+}
+
+/// LAUNCH_START, LAUNCH_UPDATE_DATA of `regions`, LAUNCH_UPDATE_VMSA, LAUNCH_MEASURE on the
+/// platform in `args.platform`: the measured launch, not finished (see [`finish`] and
+/// [`PendingLaunch`]), with what the owner needs to check it.
+pub fn launch_measured(
+    machine: &mut Machine,
+    regions: &[(u64, u64)],
+    args: &SevLaunchArgs<'_>,
+) -> Result<(Launcher<Measured>, LaunchInfo), SevLaunchError> {
+    let psp = open_platform(args.platform)?;
+    let (pdh_fingerprint, chip_id) = {
+        let p = psp.lock().unwrap_or_else(PoisonError::into_inner);
+        (
+            esvm_psp::cert::fingerprint(p.chain().pdh.as_bytes()),
+            p.get_id(),
+        )
+    };
+    let policy = launch_request(args)?.policy;
+    let digest = launch_digest(machine, regions)?;
+    let measured = measure(start(machine, regions, psp, args)?, args)?;
+    let info = LaunchInfo {
+        measurement: *measured.measurement(),
+        policy,
+        digest,
+        pdh_fingerprint,
+        chip_id,
+    };
+    Ok((measured, info))
+}
+
+/// Why a request to a launch that waits for its owner was refused.
+#[allow(missing_docs)] // Each variant is documented by its #[error] message.
+#[derive(Debug, Error)]
+pub enum PendingLaunchError {
+    #[error(
+        "the launch is over: LAUNCH_FINISH ran when the VM was resumed, and the guest owns its \
+         memory now; a secret can be injected only while the launch waits (before `esvm ctl \
+         resume`)"
+    )]
+    Finished,
+    #[error(
+        "a secret was injected into this launch already (LAUNCH_SECRET is accepted once); \
+         resume the VM with `esvm ctl resume`"
+    )]
+    AlreadyInjected,
+    #[error(
+        "not a secret packet from `esvm owner secret` (a 52-byte header, then the ciphertext): {0}"
+    )]
+    BadPacket(String),
+    #[error(
+        "the secret is {len} bytes; the launch secret page at {SECRET_GPA:#x} holds {max} bytes"
+    )]
+    TooLarge { len: usize, max: u64 },
+    #[error(
+        "the firmware refused the secret packet: {source}. The packet must be built from this \
+         launch's measurement (its mnonce is new on every launch): `esvm ctl launch-measurement \
+         --out m.bin`, then `esvm owner verify --measurement m.bin ...` and `esvm owner secret \
+         --measurement m.bin ...`. The launch still waits for a packet"
+    )]
+    Refused {
+        #[source]
+        source: HvError,
+    },
+    #[error("LAUNCH_FINISH failed: {0}; the launch is abandoned")]
+    Finish(#[source] HvError),
+    #[error("the launch was abandoned: {0}")]
+    Abandoned(String),
+}
+
+enum PendingState {
+    Waiting {
+        launcher: Launcher<Measured>,
+        secret_injected: bool,
+    },
+    /// LAUNCH_FINISH ran (or failed: the reason).
+    Finished(Result<Launched, String>),
+}
+
+/// A measured SEV-ES launch that waits for its owner (`esvm run --wait-for-secret`): the
+/// `Launcher<Measured>` until [`PendingLaunch::finish`], shared between the control API
+/// (which injects the secret and finishes it) and the thread that starts the guest
+/// ([`PendingLaunch::wait`]).
+pub struct PendingLaunch {
+    info: LaunchInfo,
+    state: Mutex<PendingState>,
+    done: Condvar,
+}
+
+impl PendingLaunch {
+    /// A launch that waits, from [`launch_measured`].
+    pub fn new(launcher: Launcher<Measured>, info: LaunchInfo) -> Self {
+        PendingLaunch {
+            info,
+            state: Mutex::new(PendingState::Waiting {
+                launcher,
+                secret_injected: false,
+            }),
+            done: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PendingState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The measurement and what goes with it.
+    pub fn info(&self) -> &LaunchInfo {
+        &self.info
+    }
+
+    /// Whether the launch still waits (not finished).
+    pub fn is_waiting(&self) -> bool {
+        matches!(*self.lock(), PendingState::Waiting { .. })
+    }
+
+    /// Whether a secret was injected (false once finished).
+    pub fn secret_injected(&self) -> bool {
+        matches!(
+            *self.lock(),
+            PendingState::Waiting {
+                secret_injected: true,
+                ..
+            }
+        )
+    }
+
+    /// LAUNCH_SECRET of the owner's `packet` (`esvm owner secret`'s file) at [`SECRET_GPA`].
+    /// Once per launch; a packet the firmware refuses leaves the launch waiting.
+    pub fn inject_secret(&self, packet: &[u8]) -> Result<(), PendingLaunchError> {
+        let mut st = self.lock();
+        let PendingState::Waiting {
+            launcher,
+            secret_injected,
+        } = &mut *st
+        else {
+            return Err(PendingLaunchError::Finished);
+        };
+        if *secret_injected {
+            return Err(PendingLaunchError::AlreadyInjected);
+        }
+        let (header, ct) = esvm_owner::parse_secret_packet(packet).ok_or_else(|| {
+            PendingLaunchError::BadPacket(format!(
+                "{} bytes, no valid header and ciphertext",
+                packet.len()
+            ))
+        })?;
+        if ct.len() as u64 > layout::SECRET_SIZE {
+            return Err(PendingLaunchError::TooLarge {
+                len: ct.len(),
+                max: layout::SECRET_SIZE,
+            });
+        }
+        launcher
+            .inject_secret(SECRET_GPA, &header, &ct)
+            .map_err(|source| PendingLaunchError::Refused { source })?;
+        *secret_injected = true;
+        Ok(())
+    }
+
+    /// LAUNCH_FINISH: the guest may run; [`PendingLaunch::wait`] returns.
+    pub fn finish(&self) -> Result<Launched, PendingLaunchError> {
+        let mut st = self.lock();
+        let result = match std::mem::replace(
+            &mut *st,
+            PendingState::Finished(Err("LAUNCH_FINISH is running".into())),
+        ) {
+            PendingState::Waiting { launcher, .. } => launcher.finish(),
+            finished @ PendingState::Finished(_) => {
+                *st = finished;
+                return Err(PendingLaunchError::Finished);
+            }
+        };
+        *st = PendingState::Finished(result.as_ref().map(|l| *l).map_err(|e| e.to_string()));
+        self.done.notify_all();
+        result.map_err(PendingLaunchError::Finish)
+    }
+
+    /// Abandon a launch that still waits (the VMM is stopping): [`PendingLaunch::wait`]
+    /// returns `reason` as its error.
+    pub fn abandon(&self, reason: &str) {
+        let mut st = self.lock();
+        if let PendingState::Waiting { .. } = *st {
+            *st = PendingState::Finished(Err(reason.to_string()));
+            self.done.notify_all();
+        }
+    }
+
+    /// Block until the launch is finished (or abandoned).
+    pub fn wait(&self) -> Result<Launched, PendingLaunchError> {
+        let mut st = self.lock();
+        loop {
+            match &*st {
+                PendingState::Waiting { .. } => {
+                    st = self.done.wait(st).unwrap_or_else(PoisonError::into_inner)
+                }
+                PendingState::Finished(r) => {
+                    return r.clone().map_err(PendingLaunchError::Abandoned)
+                }
+            }
+        }
+    }
+}
+
 /// LAUNCH_SECRET of the owner's packet in `args.secret` (at [`SECRET_GPA`]), if given, and
 /// LAUNCH_FINISH: the guest may run.
 pub fn finish(
@@ -235,9 +482,10 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Predicts an esvm SEV-ES launch for the guest owner (`esvm owner verify --guest IMAGE`):
-/// loads the image exactly as `esvm run --sev-es IMAGE` does with its defaults (64 MiB,
-/// one vCPU, no guest arguments: all three are part of the measured boot data) and returns
-/// the measured regions and the initial VMSA, without any secure processor.
+/// loads the image (a built-in guest's name or a file, as `esvm run` resolves it) exactly as
+/// `esvm run --sev-es IMAGE --mem M --vcpus N -- ARGS` does (memory size, vCPUs and
+/// arguments are all part of the measured boot data) and returns the measured regions and
+/// the initial VMSAs, without any secure processor.
 pub struct LaunchPredictor;
 
 /// Why [`LaunchPredictor`] could not predict a launch.
@@ -290,8 +538,14 @@ impl LaunchPredictor {
         };
         let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
         let pages = match &inputs.guest {
-            esvm_owner::LaunchGuest::Image(image) => {
-                let boot = m.load(&read_input(image)?, "")?;
+            esvm_owner::LaunchGuest::Image { image, args } => {
+                // As `esvm run GUEST` resolves it: a built-in name first, then a file.
+                let builtin = image.to_str().and_then(esvm_guests::builtin);
+                let elf = match builtin {
+                    Some(g) => std::borrow::Cow::Borrowed(g.elf),
+                    None => std::borrow::Cow::Owned(read_input(image)?),
+                };
+                let boot = m.load(&elf, args)?;
                 measured_regions(&boot)
             }
             esvm_owner::LaunchGuest::Linux {
@@ -319,5 +573,125 @@ impl LaunchPredictor {
         }
         let vmsas = m.initial_vmsas()?;
         Ok(esvm_owner::MeasuredLaunch { regions, vmsas })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::MachineConfig;
+
+    /// `sevdemo` loaded with `args` on a machine of `vcpus` vCPUs, and its measured regions.
+    fn loaded(vcpus: u32, args: &str) -> (Machine, Vec<(u64, u64)>) {
+        let mut m = Machine::new(
+            &MachineConfig {
+                backend: esvm_hv::BackendKind::Emu,
+                vm_type: esvm_hv::VmType::SevEs,
+                mem_size: 16 << 20,
+                vcpus,
+                max_instructions: None,
+            },
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+        let boot = m
+            .load(esvm_guests::builtin("sevdemo").unwrap().elf, args)
+            .unwrap();
+        let regions = measured_regions(&boot);
+        (m, regions)
+    }
+
+    /// A launch of `sevdemo` measured on an ephemeral platform, left waiting.
+    fn pending() -> (Machine, PendingLaunch) {
+        let ca = esvm_psp::EmulatedAmdCa::generate(2048).unwrap();
+        let mut psp = Psp::ephemeral(&ca, Default::default()).unwrap();
+        psp.init().unwrap();
+        let psp = Arc::new(Mutex::new(psp));
+        let (mut m, regions) = loaded(1, "");
+        let args = SevLaunchArgs {
+            platform: Path::new("-"),
+            session: None,
+            measurement_out: None,
+            secret: None,
+            policy: None,
+        };
+        let digest = launch_digest(&m, &regions).unwrap();
+        let measured = measure(start(&mut m, &regions, psp, &args).unwrap(), &args).unwrap();
+        let info = LaunchInfo {
+            measurement: *measured.measurement(),
+            policy: Policy(DEFAULT_POLICY),
+            digest,
+            pdh_fingerprint: String::new(),
+            chip_id: [0; 64],
+        };
+        (m, PendingLaunch::new(measured, info))
+    }
+
+    /// The digest the host computes from what it measures is the owner's prediction from the
+    /// same inputs (vCPUs and arguments included), and differs when an input does.
+    #[test]
+    fn the_hosts_launch_digest_is_the_owners_prediction() {
+        let (m, regions) = loaded(2, "iterations=7");
+        let host = launch_digest(&m, &regions).unwrap();
+        let predict = |vcpus, args: &str| {
+            LaunchPredictor
+                .predict(&esvm_owner::LaunchInputs {
+                    guest: esvm_owner::LaunchGuest::Image {
+                        image: "sevdemo".into(),
+                        args: args.into(),
+                    },
+                    mem: 16 << 20,
+                    vcpus,
+                })
+                .unwrap()
+                .digest()
+        };
+        assert_eq!(host, predict(2, "iterations=7"));
+        assert_ne!(host, predict(1, "iterations=7"));
+        assert_ne!(host, predict(2, "iterations=8"));
+    }
+
+    /// `wait` returns once `finish` ran on another thread; afterwards the launch takes no
+    /// secret and cannot be finished again.
+    #[test]
+    fn a_pending_launch_is_finished_from_another_thread() {
+        let (_m, launch) = pending();
+        let launch = Arc::new(launch);
+        assert!(launch.is_waiting());
+        let waiter = {
+            let l = launch.clone();
+            std::thread::spawn(move || l.wait())
+        };
+        let finished = launch.finish().unwrap();
+        let waited = waiter.join().unwrap().unwrap();
+        assert_eq!(waited, finished);
+        assert_eq!(finished.measurement, launch.info().measurement);
+        assert!(!launch.is_waiting());
+        assert!(matches!(
+            launch.inject_secret(&[0u8; 80]),
+            Err(PendingLaunchError::Finished)
+        ));
+        assert!(matches!(launch.finish(), Err(PendingLaunchError::Finished)));
+    }
+
+    /// A packet that is not one, or whose MAC does not verify, leaves the launch waiting;
+    /// abandoning it wakes the waiter with the reason.
+    #[test]
+    fn refused_packets_keep_the_launch_waiting_until_abandoned() {
+        let (_m, launch) = pending();
+        assert!(matches!(
+            launch.inject_secret(&[1, 2, 3]),
+            Err(PendingLaunchError::BadPacket(_))
+        ));
+        let mut forged = vec![0u8; esvm_psp::session::PACKET_HEADER_LEN];
+        forged.extend_from_slice(b"not bound to this measurement");
+        let e = launch.inject_secret(&forged).unwrap_err();
+        assert!(matches!(e, PendingLaunchError::Refused { .. }), "{e}");
+        assert!(e.to_string().contains("this launch's measurement"), "{e}");
+        assert!(launch.is_waiting() && !launch.secret_injected());
+        launch.abandon("the VMM is stopping");
+        let e = launch.wait().unwrap_err();
+        assert!(e.to_string().contains("the VMM is stopping"), "{e}");
+        assert!(matches!(launch.finish(), Err(PendingLaunchError::Finished)));
     }
 }

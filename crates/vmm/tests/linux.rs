@@ -1202,3 +1202,107 @@ fn an_sev_es_linux_guests_memory_shows_the_host_no_plaintext() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `esvm run --kernel --sev-es --wait-for-secret`: a Linux launch waits for its owner like an
+/// esvm guest does; the owner verifies the measurement from the kernel inputs, injects a
+/// secret bound to it, and `resume` starts the kernel.
+#[test]
+fn an_sev_es_linux_launch_waits_for_its_owners_secret() {
+    let a = assets();
+    let plat = platform("sev-wait");
+    let work = temp_dir("sev-wait-owner");
+    let p = |n: &str| work.join(n).to_str().unwrap().to_string();
+    let esvm_ok = |args: &[&str]| {
+        let o = Command::new(ESVM).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "esvm {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let plat_s = plat.to_str().unwrap();
+    esvm_ok(&[
+        "platform",
+        "export",
+        "--dir",
+        plat_s,
+        "--out",
+        &p("chain.bin"),
+    ]);
+    let (chain, owner) = (p("chain.bin"), p("owner"));
+    esvm_ok(&[
+        "owner", "session", "--chain", &chain, "--policy", "0x5", "--out", &owner,
+    ]);
+    let cl = cmdline("esvm.run=workload");
+    let sock = work.join("vm.sock");
+    let (kernel, initrd) = (a.kernel.to_str().unwrap(), a.initrd.to_str().unwrap());
+    let mut vm = Proc::spawn(
+        None,
+        &[
+            "run",
+            "--sev-es",
+            "--platform",
+            plat_s,
+            "--session",
+            &p("owner"),
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--wait-for-secret",
+            "--kernel",
+            kernel,
+            "--initrd",
+            initrd,
+            "--cmdline",
+            &cl,
+            "--console",
+            "none",
+            "--max-instructions",
+            "1000000",
+        ],
+    );
+    common::wait_socket(&mut vm, &sock);
+    let ctl = |args: &[&str]| {
+        esvm_ok(
+            &["ctl", "--api-socket", sock.to_str().unwrap()]
+                .into_iter()
+                .chain(args.iter().copied())
+                .collect::<Vec<_>>(),
+        )
+    };
+    ctl(&["launch-measurement", "--out", &p("m.bin")]);
+    let verified = esvm_ok(&[
+        "owner",
+        "verify",
+        "--session",
+        &p("owner"),
+        "--measurement",
+        &p("m.bin"),
+        "--kernel",
+        kernel,
+        "--initrd",
+        initrd,
+        "--cmdline",
+        &cl,
+    ]);
+    assert!(verified.contains("measurement verified"), "{verified}");
+    std::fs::write(p("secret.txt"), b"linux secret").unwrap();
+    esvm_ok(&[
+        "owner",
+        "secret",
+        "--session",
+        &p("owner"),
+        "--measurement",
+        &p("m.bin"),
+        "--in",
+        &p("secret.txt"),
+        "--out",
+        &p("packet.bin"),
+    ]);
+    ctl(&["inject-secret", &p("packet.bin")]);
+    ctl(&["resume"]);
+    // The kernel ran: the instruction limit ends it.
+    assert_eq!(vm.wait(Duration::from_secs(120)), 123, "{}", vm.stderr());
+    let _ = std::fs::remove_dir_all(plat);
+    let _ = std::fs::remove_dir_all(work);
+}

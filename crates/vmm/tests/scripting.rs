@@ -117,7 +117,11 @@ fn an_exported_guest_runs_like_the_builtin_and_is_not_overwritten() {
     assert_eq!(o.status.code(), Some(125));
     assert!(text(&o.stderr).contains("demo"), "{}", text(&o.stderr));
     let o = esvm(&["guests", "--force"]);
-    assert_eq!(o.status.code(), Some(2), "--force needs --export");
+    assert_eq!(
+        o.status.code(),
+        Some(i32::from(esvm::outcome::EXIT_USAGE)),
+        "--force needs --export"
+    );
 }
 
 /// `esvm run` paused on an API socket; the guest runs long enough for the commands.
@@ -271,7 +275,7 @@ fn migrate_json_prints_the_completed_status_and_no_progress() {
 #[test]
 fn ctl_without_a_socket_is_a_usage_error_that_says_how_to_give_one() {
     let o = esvm(&["ctl", "status"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(i32::from(esvm::outcome::EXIT_USAGE)));
     let err = text(&o.stderr);
     assert!(
         err.contains("--api-socket") && err.contains("ESVM_API_SOCKET"),
@@ -282,7 +286,7 @@ fn ctl_without_a_socket_is_a_usage_error_that_says_how_to_give_one() {
 #[test]
 fn json_is_refused_where_nothing_is_reported() {
     let o = esvm(&["run", "--json", "hello"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(i32::from(esvm::outcome::EXIT_USAGE)));
     assert!(text(&o.stderr).contains("--json"), "{}", text(&o.stderr));
     assert!(o.stdout.is_empty());
 }
@@ -303,7 +307,7 @@ fn log_level_overrides_esvm_log_and_logs_plain_text_into_a_pipe() {
     let o = esvm(&[&run[..], &["--log-level", "esvm=info"]].concat());
     assert!(text(&o.stderr).contains("starting"), "{}", text(&o.stderr));
     let o = esvm(&[&["--log-level", "loud"][..], &run].concat());
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(i32::from(esvm::outcome::EXIT_USAGE)));
     assert!(
         text(&o.stderr).contains("not a level"),
         "{}",
@@ -335,7 +339,10 @@ fn completions_name_the_commands_and_options() {
     assert!(zsh.starts_with("#compdef esvm"), "{}", &zsh[..80]);
     let fish = ok(&esvm(&["completions", "fish"]), "completions fish");
     assert!(fish.contains("complete -c esvm"), "fish");
-    assert_eq!(esvm(&["completions", "cmd.exe"]).status.code(), Some(2));
+    assert_eq!(
+        esvm(&["completions", "cmd.exe"]).status.code(),
+        Some(i32::from(esvm::outcome::EXIT_USAGE))
+    );
 }
 
 /// The SEV-ES flow's reports as JSON: `platform status`, `owner session`, and `owner verify`

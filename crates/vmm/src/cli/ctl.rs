@@ -58,7 +58,8 @@ pub enum CtlCommand {
     Status,
     /// Pause the guest (it keeps its state; see `resume`).
     Pause,
-    /// Resume a paused guest.
+    /// Resume a paused guest; on an SEV-ES launch that waits for its owner (`esvm run
+    /// --wait-for-secret`), run LAUNCH_FINISH and start the guest.
     Resume,
     /// Write a snapshot of the VM into DIR (created if missing; a relative DIR is taken
     /// relative to this command's working directory). The guest pauses meanwhile and then
@@ -93,6 +94,26 @@ pub enum CtlCommand {
     /// Refused while a migration is in stop-and-copy or committing: its outcome decides
     /// where the VM runs.
     Shutdown,
+    /// Print the measurement of an SEV-ES launch that waits for its owner (`esvm run
+    /// --wait-for-secret`): the measurement and mnonce, the policy, the firmware's API
+    /// version and build, the launch digest the host computed, and the platform's identity
+    /// (its PDH fingerprint, as `esvm owner session` printed it for the chain it verified,
+    /// and its chip id).
+    LaunchMeasurement {
+        /// Also write the measurement file `esvm owner verify --measurement` and `esvm owner
+        /// secret --measurement` read (51 bytes: measurement, mnonce, API version, build).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Inject the owner's secret into an SEV-ES launch that waits for its owner
+    /// (LAUNCH_SECRET): PACKET is the file `esvm owner secret` wrote for this launch's
+    /// measurement. Accepted once; a packet the firmware refuses leaves the launch waiting.
+    /// Then `esvm ctl resume` starts the guest, which finds the secret at 0x4000.
+    InjectSecret {
+        /// The secret packet file (read here and sent through the socket).
+        #[arg(value_name = "PACKET")]
+        packet: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +178,25 @@ pub enum CtlError {
     Output(#[from] OutputError),
     #[error("{NO_API_SOCKET}")]
     NoApiSocket,
+    #[error("cannot read the secret packet {path:?}: {source}")]
+    ReadPacket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the secret packet {path:?} is {len} bytes; a packet of `esvm owner secret` for the \
+         launch secret page is at most {max} bytes"
+    )]
+    PacketSize { path: PathBuf, len: u64, max: usize },
+    #[error("the VM sent a malformed measurement: {0}")]
+    BadMeasurement(String),
+    #[error("cannot write the measurement file {path:?}: {source}")]
+    WriteMeasurement {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What to say when `esvm ctl` has no API socket.
@@ -187,6 +227,35 @@ fn run_with(args: CtlArgs, format: Format, poll: Duration) -> Result<u8, CtlErro
         CtlCommand::Shutdown => {
             client.set_timeout(SHUTDOWN_REPLY_TIMEOUT)?;
             ("shutdown", Request::Shutdown)
+        }
+        CtlCommand::LaunchMeasurement { out } => {
+            return launch_measurement(&mut client, format, out.as_deref());
+        }
+        CtlCommand::InjectSecret { packet } => {
+            let max = esvm_control::protocol::MAX_SECRET_PACKET_BYTES;
+            let len = std::fs::metadata(&packet)
+                .map_err(|source| CtlError::ReadPacket {
+                    path: packet.clone(),
+                    source,
+                })?
+                .len();
+            if len > max as u64 {
+                return Err(CtlError::PacketSize {
+                    path: packet,
+                    len,
+                    max,
+                });
+            }
+            let bytes = std::fs::read(&packet).map_err(|source| CtlError::ReadPacket {
+                path: packet.clone(),
+                source,
+            })?;
+            (
+                "inject-secret",
+                Request::InjectSecret {
+                    packet_hex: esvm_control::protocol::to_hex(&bytes),
+                },
+            )
         }
         CtlCommand::Snapshot { dir } => {
             let dir = std::path::absolute(&dir)
@@ -236,6 +305,9 @@ fn reply_text(reply: &Reply) -> String {
     match reply {
         Reply::Paused => "paused".into(),
         Reply::Resumed => "resumed".into(),
+        Reply::SecretInjected => {
+            "secret injected (LAUNCH_SECRET); `esvm ctl resume` starts the guest".into()
+        }
         Reply::MigrationCancelled => "migration cancel requested".into(),
         Reply::MigrationStarted { url } => {
             format!("migration to {url} started; follow it with `esvm ctl status`")
@@ -250,6 +322,7 @@ fn reply_text(reply: &Reply) -> String {
         },
         Reply::Status(s) => status_text(s),
         Reply::Vcpus { vcpus } => vcpus_text(vcpus),
+        Reply::LaunchMeasurement(m) => format!("measurement {}", m.measurement),
         Reply::ShutDown(s) => format!(
             "the VM ended: {} (exit status {})",
             s.end_reason.as_deref().unwrap_or("reason unknown"),
@@ -338,6 +411,89 @@ fn vcpus_text(vcpus: &[VcpuView]) -> String {
         }
     }
     t
+}
+
+/// `esvm ctl launch-measurement`: print the measurement (human-readable or JSON) and write
+/// the owner's measurement file if asked.
+fn launch_measurement(
+    client: &mut ApiClient,
+    format: Format,
+    out: Option<&std::path::Path>,
+) -> Result<u8, CtlError> {
+    let m = match call(client, "launch-measurement", &Request::LaunchMeasurement)? {
+        Err(code) => return Ok(code),
+        Ok(Reply::LaunchMeasurement(m)) => m,
+        Ok(other) => {
+            return Err(CtlError::BadMeasurement(format!(
+                "unexpected reply {other:?}"
+            )))
+        }
+    };
+    if let Some(path) = out {
+        let file = measurement_file(&m)?;
+        std::fs::write(path, file).map_err(|source| CtlError::WriteMeasurement {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    if format.is_json() {
+        format.emit(&m, |_| String::new())?;
+    } else {
+        println!("measurement     {}", m.measurement);
+        println!("mnonce          {}", m.mnonce);
+        println!("policy          {:#x}", m.policy);
+        println!(
+            "firmware        API {}.{}, build {}",
+            m.api_major, m.api_minor, m.build
+        );
+        println!(
+            "launch digest   {} (as the host computed it)",
+            m.launch_digest
+        );
+        println!("platform PDH    {}", m.pdh_fingerprint);
+        println!("chip id         {}", m.chip_id);
+        println!(
+            "secret          {}",
+            if m.secret_injected {
+                "injected"
+            } else {
+                "not injected"
+            }
+        );
+        if let Some(path) = out {
+            println!("measurement file written to {}", path.display());
+        }
+    }
+    Ok(0)
+}
+
+/// The measurement file of `esvm run --measurement-out` (what `esvm owner verify` reads)
+/// from the API's measurement.
+fn measurement_file(
+    m: &esvm_control::LaunchMeasurement,
+) -> Result<[u8; esvm_psp::session::MEASUREMENT_FILE_LEN], CtlError> {
+    let bytes = |what: &str, hex: &str, len: usize| {
+        esvm_control::protocol::from_hex(hex)
+            .ok()
+            .filter(|b| b.len() == len)
+            .ok_or_else(|| CtlError::BadMeasurement(format!("{what} is not {len} bytes of hex")))
+    };
+    let measure: [u8; 32] = bytes("the measurement", &m.measurement, 32)?
+        .try_into()
+        .expect("length checked");
+    let mnonce: [u8; 16] = bytes("the mnonce", &m.mnonce, 16)?
+        .try_into()
+        .expect("length checked");
+    Ok(esvm_psp::Measurement {
+        measure,
+        mnonce,
+        build: esvm_psp::Build {
+            api_major: m.api_major,
+            api_minor: m.api_minor,
+            build: m.build,
+        },
+    }
+    .to_file_bytes())
 }
 
 /// Sends a request; a refusal by the VM is reported on stderr and becomes

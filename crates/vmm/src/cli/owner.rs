@@ -51,7 +51,10 @@ pub enum OwnerCommand {
         /// Measurement file from the host (51 bytes, or 48 with --build).
         #[arg(long, value_name = "FILE")]
         measurement: PathBuf,
-        /// Expected launch digest, 64 hex digits.
+        /// Expected launch digest, 64 hex digits: e.g. the one `esvm run --sev-es` printed
+        /// (`esvm: SEV-ES launch digest HEX`, also `launch_digest` in `esvm ctl
+        /// launch-measurement`), which is the host's word for it; --guest or --kernel compute
+        /// it from the launch inputs instead.
         #[arg(
             long,
             value_name = "HEX",
@@ -59,8 +62,10 @@ pub enum OwnerCommand {
             required_unless_present_any = ["guest", "kernel"]
         )]
         digest: Option<String>,
-        /// Guest image (esvm's boot convention): compute the expected digest as the esvm
-        /// loader measures it.
+        /// The guest the host was asked to launch, as `esvm run` takes it: a built-in guest's
+        /// name (see `esvm guests`) or the path of an image (esvm's boot convention).
+        /// Compute the expected digest as the esvm loader measures it, with --mem, --vcpus
+        /// and the guest arguments after `--`.
         #[arg(long, value_name = "IMAGE", conflicts_with = "kernel")]
         guest: Option<PathBuf>,
         /// Linux kernel (bzImage or vmlinux) the host was asked to boot with `esvm run
@@ -78,11 +83,15 @@ pub enum OwnerCommand {
         #[arg(long, value_parser = parse_mem)]
         mem: Option<u64>,
         /// vCPUs of the launch (one VMSA each).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         vcpus: u32,
         /// Platform API version and build (MAJOR.MINOR.BUILD) for a 48-byte measurement.
         #[arg(long, value_name = "VERSION")]
         build: Option<String>,
+        /// The guest arguments of the launch (with --guest), as given to `esvm run` after
+        /// `--`: they are in the measured boot-info block.
+        #[arg(last = true, value_name = "GUEST-ARGS")]
+        guest_args: Vec<String>,
     },
     /// Package a secret for LAUNCH_SECRET, bound to a measurement that
     /// `esvm owner verify` accepted. The packet is the 52-byte header
@@ -245,11 +254,22 @@ pub fn run_owner(
             mem,
             vcpus,
             build,
+            guest_args,
         } => {
+            if !guest_args.is_empty() && guest.is_none() {
+                return Err(
+                    "guest arguments after `--` are measured for esvm's own guests: give them \
+                     with --guest (a kernel's parameters go in --cmdline)"
+                        .into(),
+                );
+            }
             let s = SessionDir::load(&session)?;
             let m = load_measurement(&measurement, build.as_deref())?;
             let launch_guest = match (guest, kernel) {
-                (Some(image), _) => Some(LaunchGuest::Image(image)),
+                (Some(image), _) => Some(LaunchGuest::Image {
+                    image,
+                    args: guest_args.join(" "),
+                }),
                 (None, Some(kernel)) => Some(LaunchGuest::Linux {
                     kernel,
                     initrd,
@@ -264,7 +284,7 @@ pub fn run_owner(
                         "--guest and --kernel need the esvm loaders, which this build does not provide; pass --digest",
                     )?;
                     let mem = mem.unwrap_or(match guest {
-                        LaunchGuest::Image(_) => crate::cli::run::DEFAULT_MEM,
+                        LaunchGuest::Image { .. } => crate::cli::run::DEFAULT_MEM,
                         LaunchGuest::Linux { .. } => crate::cli::run::DEFAULT_LINUX_MEM,
                     });
                     let inputs = LaunchInputs { guest, mem, vcpus };

@@ -1,12 +1,14 @@
 //! `esvm run`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
 use esvm_hv::BackendKind;
 use thiserror::Error;
 
 use esvm::machine::{Machine, MachineConfig};
+use esvm::sev_launch::PendingLaunch;
 use esvm::size::parse_size;
 
 /// The command line a Linux kernel gets without --cmdline: the console on COM1, a reboot
@@ -68,7 +70,8 @@ pub struct RunArgs {
     pub start_paused: bool,
     /// Run the guest as an SEV-ES guest (encrypted memory and register state) on the
     /// software secure processor in --platform: LAUNCH_START, LAUNCH_UPDATE_DATA over the
-    /// image, LAUNCH_UPDATE_VMSA per vCPU, LAUNCH_MEASURE (printed), optional secret,
+    /// image, LAUNCH_UPDATE_VMSA per vCPU, LAUNCH_MEASURE (the measurement and the launch
+    /// digest are printed), optional secret (--secret, or --wait-for-secret for the owner),
     /// LAUNCH_FINISH. Emu backend only.
     #[arg(long, requires = "platform")]
     pub sev_es: bool,
@@ -89,9 +92,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", requires = "sev_es")]
     pub measurement_out: Option<PathBuf>,
     /// Inject an owner's secret packet (`esvm owner secret`) before LAUNCH_FINISH; it lands
-    /// at guest-physical 0x4000.
+    /// at guest-physical 0x4000. Needs --session (the packet is wrapped with its keys) and a
+    /// packet bound to this launch's measurement, which is new on every launch: use
+    /// --wait-for-secret to let the owner build it from this launch.
     #[arg(long, value_name = "PACKET", requires = "sev_es")]
     pub secret: Option<PathBuf>,
+    /// Stop the SEV-ES launch after LAUNCH_MEASURE and wait for the guest owner on the API
+    /// socket: `esvm ctl launch-measurement` reports the measurement, `esvm ctl
+    /// inject-secret PACKET` runs LAUNCH_SECRET, `esvm ctl resume` runs LAUNCH_FINISH and
+    /// starts the guest (like QEMU's query-sev-launch-measure / sev-inject-launch-secret /
+    /// cont). Status `starting` meanwhile.
+    #[arg(long, requires_all = ["sev_es", "api_socket"],
+          conflicts_with_all = ["secret", "start_paused"])]
+    pub wait_for_secret: bool,
     /// Arguments for the guest, passed in its boot-info block (e.g. iterations=1000).
     #[arg(last = true)]
     pub guest_args: Vec<String>,
@@ -117,6 +130,12 @@ pub enum RunError {
     },
     #[error(transparent)]
     Machine(#[from] esvm::machine::MachineError),
+    #[error(
+        "--secret needs --session DIR: a secret packet is wrapped with the guest owner's \
+         session keys (`esvm owner session`), and only a launch started with that session can \
+         unwrap it; give the session the packet was made for"
+    )]
+    SecretWithoutSession,
 }
 
 /// Find the guest image: a built-in name, or a path.
@@ -137,6 +156,10 @@ pub fn resolve_guest(guest: &str) -> Result<(String, std::borrow::Cow<'static, [
 }
 
 pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    // Before anything runs: without the owner's session the packet can never verify.
+    if args.secret.is_some() && args.session.is_none() {
+        return Err(RunError::SecretWithoutSession.into());
+    }
     if args.kernel.is_some() {
         return run_linux(args);
     }
@@ -160,34 +183,69 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let _raw = attach_console(&mut machine, args.console.unwrap_or(ConsoleSource::None));
     let guest_args = args.guest_args.join(" ");
     let boot = machine.load(&elf, &guest_args).map_err(RunError::from)?;
-    if args.sev_es {
-        let platform = args.platform.as_deref().expect("clap requires --platform");
-        let measurement = esvm::sev_launch::launch(
+    let launch = if args.sev_es {
+        sev_launch(
             &mut machine,
             &esvm::sev_launch::measured_regions(&boot),
-            &esvm::sev_launch::SevLaunchArgs {
-                platform,
-                session: args.session.as_deref(),
-                measurement_out: args.measurement_out.as_deref(),
-                secret: args.secret.as_deref(),
-                policy: args.policy,
-            },
-        )?;
-        eprintln!(
-            "esvm: SEV-ES launch measurement {} (mnonce {})",
-            esvm::sev_launch::hex(&measurement.measure),
-            esvm::sev_launch::hex(&measurement.mnonce)
-        );
-    }
+            &args,
+        )?
+    } else {
+        None
+    };
     tracing::info!(guest = %name, backend = %args.backend, mem = config.mem_size, "starting");
-    crate::cli::run_session(
-        &name,
-        &mut machine,
-        &esvm::session::RunOptions {
-            api_socket: args.api_socket.clone(),
-            start_paused: args.start_paused,
-        },
-    )
+    session(&name, &mut machine, &args, launch)
+}
+
+/// The SEV-ES launch of `esvm run` over `regions`: measured (the measurement and the launch
+/// digest printed), then finished, or with --wait-for-secret left waiting for the owner.
+fn sev_launch(
+    machine: &mut Machine,
+    regions: &[(u64, u64)],
+    args: &RunArgs,
+) -> Result<Option<Arc<PendingLaunch>>, Box<dyn std::error::Error>> {
+    let launch_args = esvm::sev_launch::SevLaunchArgs {
+        platform: args.platform.as_deref().expect("clap requires --platform"),
+        session: args.session.as_deref(),
+        measurement_out: args.measurement_out.as_deref(),
+        secret: args.secret.as_deref(),
+        policy: args.policy,
+    };
+    let (measured, info) = esvm::sev_launch::launch_measured(machine, regions, &launch_args)?;
+    let hex = esvm::sev_launch::hex;
+    eprintln!(
+        "esvm: SEV-ES launch measurement {} (mnonce {})",
+        hex(&info.measurement.measure),
+        hex(&info.measurement.mnonce)
+    );
+    eprintln!(
+        "esvm: SEV-ES launch digest {} (what `esvm owner verify --digest` checks)",
+        hex(&info.digest)
+    );
+    if args.wait_for_secret {
+        return Ok(Some(Arc::new(PendingLaunch::new(measured, info))));
+    }
+    esvm::sev_launch::finish(measured, &launch_args)?;
+    Ok(None)
+}
+
+/// Run the machine as `esvm run` does (the launch, if it waits, first) and report its end.
+fn session(
+    name: &str,
+    machine: &mut Machine,
+    args: &RunArgs,
+    launch: Option<Arc<PendingLaunch>>,
+) -> Result<u8, Box<dyn std::error::Error>> {
+    let opts = esvm::session::RunOptions {
+        api_socket: args.api_socket.clone(),
+        start_paused: args.start_paused,
+    };
+    match launch {
+        None => crate::cli::run_session(name, machine, &opts),
+        Some(launch) => {
+            let outcome = esvm::session::run_with_launch(machine, &opts, launch)?;
+            Ok(crate::cli::report(name, &outcome))
+        }
+    }
 }
 
 /// Where COM1's input comes from.
@@ -309,34 +367,13 @@ fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         .map_err(RunError::from)?;
     tracing::info!(kernel = %name, format = ?boot.format, protocol = boot.protocol,
                    mem = config.mem_size, "booting Linux");
-    if args.sev_es {
-        let platform = args.platform.as_deref().expect("clap requires --platform");
-        let measurement = esvm::sev_launch::launch(
-            &mut machine,
-            &boot.written_pages(),
-            &esvm::sev_launch::SevLaunchArgs {
-                platform,
-                session: args.session.as_deref(),
-                measurement_out: args.measurement_out.as_deref(),
-                secret: args.secret.as_deref(),
-                policy: args.policy,
-            },
-        )?;
-        eprintln!(
-            "esvm: SEV-ES launch measurement {} (mnonce {})",
-            esvm::sev_launch::hex(&measurement.measure),
-            esvm::sev_launch::hex(&measurement.mnonce)
-        );
-    }
+    let launch = if args.sev_es {
+        sev_launch(&mut machine, &boot.written_pages(), &args)?
+    } else {
+        None
+    };
     let _raw = attach_console(&mut machine, args.console.unwrap_or(ConsoleSource::Stdin));
-    crate::cli::run_session(
-        &name,
-        &mut machine,
-        &esvm::session::RunOptions {
-            api_socket: args.api_socket.clone(),
-            start_paused: args.start_paused,
-        },
-    )
+    session(&name, &mut machine, &args, launch)
 }
 
 fn parse_policy(s: &str) -> Result<u32, String> {
