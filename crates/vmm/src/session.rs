@@ -15,8 +15,9 @@ use crate::lifecycle::LifecycleError;
 use crate::machine::{Machine, MachineError};
 use crate::outcome::Outcome;
 
-/// How long a source whose VM migrated away keeps its API socket open so that a client
-/// following the migration (`esvm ctl migrate`) can read the final status.
+/// How long a source whose VM migrated away (or ended during a migration) keeps its API
+/// socket open so that a client following the migration (`esvm ctl migrate`) can read the
+/// final status.
 pub const MIGRATED_LINGER: Duration = Duration::from_secs(3);
 
 /// How to run a machine.
@@ -72,8 +73,13 @@ pub fn run(machine: &mut Machine, opts: &RunOptions) -> Result<Outcome, SessionE
     }
     // A migration still running when the guest ended is cancelled; one that committed has
     // finished its bookkeeping (status `completed`) once the thread is joined.
-    handle.finish_migration();
-    if let (Ok(Outcome::Migrated(_)), Some(_)) = (&outcome, &server) {
+    let ended = match &outcome {
+        Ok(o) => o.describe(),
+        Err(e) => format!("the VMM failed: {e}"),
+    };
+    let cancelled = handle.finish_migration(&ended);
+    // A client following the migration (`esvm ctl migrate`) reads how it ended.
+    if server.is_some() && (cancelled || matches!(outcome, Ok(Outcome::Migrated(_)))) {
         handle.linger_for_final_status(MIGRATED_LINGER);
     }
     if let Some(s) = server.as_mut() {

@@ -4,7 +4,7 @@ use clap::{Args, Subcommand};
 use esvm_control::protocol::{MAX_DOWNTIME_MS, MAX_TIMEOUT_S};
 use esvm_control::{
     ApiClient, ClientError, MigrateRequest, MigrationPhase, MigrationStatus, OnTimeout, Reply,
-    Request,
+    Request, VmState,
 };
 use indicatif::{BinaryBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
@@ -59,9 +59,13 @@ pub enum CtlCommand {
     /// platform's own PDH): only that platform can restore it (`esvm restore DIR --platform
     /// DIR`), and a guest whose policy has NOSEND cannot be snapshotted.
     Snapshot {
-        /// Directory to write the snapshot to.
+        /// Directory to write the snapshot to: a new or empty one (see --force).
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+        /// Write into DIR even if it exists and is not empty (its snapshot files are
+        /// overwritten; other files stay). Without it such a DIR is refused.
+        #[arg(long)]
+        force: bool,
     },
     /// Live-migrate the VM to URL and show its progress until it completes or fails.
     ///
@@ -159,11 +163,11 @@ fn run_with(args: CtlArgs, poll: Duration) -> Result<u8, CtlError> {
         CtlCommand::Resume => ("resume", Request::Resume),
         CtlCommand::Cancel => ("cancel", Request::Cancel),
         CtlCommand::Vcpus => ("vcpus", Request::Vcpus),
-        CtlCommand::Snapshot { dir } => {
+        CtlCommand::Snapshot { dir, force } => {
             let dir = std::path::absolute(&dir)
                 .map_err(|source| CtlError::SnapshotDir { dir, source })?;
             client.set_timeout(SNAPSHOT_TIMEOUT)?;
-            ("snapshot", Request::Snapshot { dir })
+            ("snapshot", Request::Snapshot { dir, force })
         }
         CtlCommand::Migrate(m) => {
             let detach = m.detach;
@@ -281,6 +285,7 @@ fn migrate(
                 continue;
             }
         };
+        let vm_state = status.state;
         let Some(m) = status.migration else {
             display.finish();
             return Err(CtlError::NoMigration);
@@ -288,8 +293,14 @@ fn migrate(
         last_phase = m.phase;
         display.update(&m);
         if m.phase.is_terminal() {
-            break m;
+            break (m, vm_state);
         }
+    };
+    let (outcome, vm_state) = outcome;
+    // Where the guest is now, after a migration that did not complete.
+    let here = match vm_state {
+        VmState::Exited | VmState::Failed => "the VM has ended here",
+        _ => "the VM keeps running here",
     };
     display.finish();
     if outcome.phase == MigrationPhase::Completed {
@@ -309,13 +320,13 @@ fn migrate(
     let why = outcome.error.as_deref().unwrap_or("no reason given");
     match outcome.phase {
         MigrationPhase::Cancelled => {
-            eprintln!("esvm ctl migrate: migration cancelled: {why}; the VM keeps running here")
+            eprintln!("esvm ctl migrate: migration cancelled: {why}; {here}")
         }
         MigrationPhase::InDoubt => eprintln!(
             "esvm ctl migrate: migration outcome unknown: {why}; the VM stays paused here — \
              check whether the destination runs it before resuming"
         ),
-        _ => eprintln!("esvm ctl migrate: migration failed: {why}; the VM keeps running here"),
+        _ => eprintln!("esvm ctl migrate: migration failed: {why}; {here}"),
     }
     Ok(EXIT_REFUSED)
 }
