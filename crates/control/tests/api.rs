@@ -119,10 +119,7 @@ fn every_request_round_trips() {
         other => panic!("a non-empty directory was not refused: {other:?}"),
     }
     assert_eq!(target.snapshots().len(), 1, "the target was not asked");
-    assert!(matches!(
-        c.call(&again(true)),
-        Ok(Reply::SnapshotSaved(_))
-    ));
+    assert!(matches!(c.call(&again(true)), Ok(Reply::SnapshotSaved(_))));
     assert_eq!(target.snapshots().len(), 2);
     // An existing empty directory is fine.
     let empty = dir.path().join("empty");

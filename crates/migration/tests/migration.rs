@@ -166,7 +166,10 @@ fn timeout_cancels_or_forces_as_configured() {
     ));
     // The message names the flags that change the outcome.
     let e = run.send.as_ref().unwrap_err().to_string();
-    assert!(e.contains("--force-on-timeout") && e.contains("--timeout-s"), "{e}");
+    assert!(
+        e.contains("--force-on-timeout") && e.contains("--timeout-s"),
+        "{e}"
+    );
     assert!(run.target.aborted && !src.is_paused() && !src.dead);
     assert_nothing_lost(&src, run.target.memory());
 

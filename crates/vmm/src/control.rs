@@ -158,10 +158,7 @@ impl VmHandle {
         if cancelled {
             let mut m = lock(&self.mig);
             if let Some(s) = m.status.as_mut() {
-                if !matches!(
-                    s.phase,
-                    MigrationPhase::Completed | MigrationPhase::InDoubt
-                ) {
+                if !matches!(s.phase, MigrationPhase::Completed | MigrationPhase::InDoubt) {
                     s.phase = MigrationPhase::Cancelled;
                     s.error = Some(format!(
                         "the guest ended during the migration ({ended}), so the migration was \
@@ -209,10 +206,8 @@ impl ControlTarget for VmHandle {
             Status::Failed => VmState::Failed,
         };
         let migration = m.status.clone();
-        if matches!(
-            state,
-            VmState::Migrated | VmState::Exited | VmState::Failed
-        ) && migration.as_ref().is_some_and(|s| s.phase.is_terminal())
+        if matches!(state, VmState::Migrated | VmState::Exited | VmState::Failed)
+            && migration.as_ref().is_some_and(|s| s.phase.is_terminal())
         {
             self.final_status_served.store(true, Ordering::SeqCst);
         }
