@@ -85,14 +85,16 @@ pub enum CtlCommand {
 
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
-    /// Where the destination VM listens for the migration, e.g. tcp://HOST:PORT.
+    /// Where the destination listens: tcp://HOST:PORT as `esvm receive` prints it, e.g.
+    /// tcp://127.0.0.1:7000 (tcp:HOST:PORT is read the same).
     #[arg(value_name = "URL")]
     pub url: String,
     /// Largest acceptable downtime (the final stop-and-copy), in milliseconds.
     #[arg(long, value_name = "N", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..=MAX_DOWNTIME_MS))]
     pub downtime_ms: u64,
-    /// Longest pre-copy phase, in seconds; then the migration is cancelled (or forced with
+    /// Longest pre-copy phase, in seconds, the handshake included (a destination that does
+    /// not answer fails the migration then); then the migration is cancelled (or forced with
     /// --force-on-timeout).
     #[arg(long, value_name = "N", default_value_t = 120,
           value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
