@@ -566,9 +566,11 @@ impl MigrationTarget for MachineTarget {
         };
         let machine = Machine::new(&mc, (self.serial)()).map_err(|e| {
             TargetError::Incompatible(format!(
-                "cannot create a VM with {} bytes of memory and {} vCPUs on the {} backend \
-                 here: {e}",
-                config.mem_size, config.vcpus, self.backend
+                "cannot create a VM with {} of memory and {} vCPUs on the {} backend here: \
+                 {e}",
+                crate::size::format_size(config.mem_size),
+                config.vcpus,
+                self.backend
             ))
         })?;
         if self.prealloc {

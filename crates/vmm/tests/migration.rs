@@ -269,6 +269,20 @@ impl Source {
     fn attempt(&mut self, url: &str) -> Option<esvm_control::MigrationStatus> {
         self.ensure_running();
         match migrate_via(&mut self.client, url) {
+            // The guest ended first: the VM says so (and exits once that was read).
+            Ok(m)
+                if m.phase == MigrationPhase::Cancelled
+                    && m.error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("the guest ended during the migration")) =>
+            {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while self.proc.alive() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                assert!(!self.proc.alive(), "{}", self.proc.stderr());
+                None
+            }
             Ok(m) => Some(m),
             Err(e) => {
                 // Only acceptable if the guest finished meanwhile.
