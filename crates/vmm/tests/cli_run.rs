@@ -127,6 +127,10 @@ fn bad_inputs_give_clear_errors_not_panics() {
             "guest memory 1 MiB is too small: it must be at least 4 MiB",
         ),
         (
+            vec!["receive".into(), "--listen".into(), "udp://h:1".into()],
+            "use tcp://HOST:PORT",
+        ),
+        (
             vec!["run".into(), "--mem".into(), "4097K".into()],
             "not a multiple of the 4 KiB page size",
         ),

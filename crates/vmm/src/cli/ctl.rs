@@ -87,7 +87,7 @@ pub enum CtlCommand {
 pub struct MigrateArgs {
     /// Where the destination listens: tcp://HOST:PORT as `esvm receive` prints it, e.g.
     /// tcp://127.0.0.1:7000 (tcp:HOST:PORT is read the same).
-    #[arg(value_name = "URL")]
+    #[arg(value_name = "URL", value_parser = parse_url)]
     pub url: String,
     /// Largest acceptable downtime (the final stop-and-copy), in milliseconds.
     #[arg(long, value_name = "N", default_value_t = 300,
@@ -116,6 +116,11 @@ pub struct MigrateArgs {
     /// platform trusts.
     #[arg(long, value_name = "CHAIN")]
     pub trust: Option<PathBuf>,
+}
+
+/// A migration URL in its canonical form (`tcp://HOST:PORT`), refused here if malformed.
+fn parse_url(s: &str) -> Result<String, String> {
+    esvm::migrate::canonical_tcp_url(s).map_err(|e| e.to_string())
 }
 
 /// What went wrong talking to the VM (as opposed to the VM refusing a request).
@@ -447,6 +452,18 @@ mod tests {
         assert_eq!((m.downtime_ms, m.timeout_s), (50, 9));
         assert!(m.force_on_timeout);
         assert!(parse(&["--api-socket", "/s", "migrate", "u", "--downtime-ms", "0"]).is_err());
+        // Both spellings, sent in the canonical one; other schemes are refused up front.
+        for url in ["tcp:h:1", "tcp://h:1"] {
+            let CtlCommand::Migrate(m) = parse(&["--api-socket", "/s", "migrate", url])
+                .unwrap()
+                .command
+            else {
+                panic!("not migrate")
+            };
+            assert_eq!(m.url, "tcp://h:1");
+        }
+        let e = parse(&["--api-socket", "/s", "migrate", "http://h:1"]).unwrap_err();
+        assert!(e.to_string().contains("use tcp://HOST:PORT"), "{e}");
         assert!(parse(&["--api-socket", "/s", "snapshot"]).is_err());
         assert!(parse(&["status"]).is_err());
         assert!(matches!(

@@ -25,7 +25,7 @@ use esvm::migrate::{parse_tcp_url, MachineTarget};
 pub struct ReceiveArgs {
     /// Where to listen: tcp://HOST:PORT (tcp:HOST:PORT is read the same), e.g.
     /// tcp://0.0.0.0:7000; port 0 lets the system choose one (printed).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = parse_url)]
     pub listen: String,
     /// Where the guest's serial input (COM1) comes from once it runs here: `stdin` or
     /// `none` (the default), as for `esvm run --console`.
@@ -57,6 +57,11 @@ pub struct ReceiveArgs {
     /// for another.
     #[arg(long)]
     pub once: bool,
+}
+
+/// `--listen`: refused up front unless a tcp URL (the one parser of migration URLs).
+fn parse_url(s: &str) -> Result<String, String> {
+    esvm::migrate::canonical_tcp_url(s).map_err(|e| e.to_string())
 }
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
