@@ -37,8 +37,14 @@ pub enum Request {
     Pause,
     /// Continue running guest code after [`Request::Pause`].
     Resume,
-    /// Write a snapshot of the VM into `dir` (an absolute path on the VM's host).
-    Snapshot { dir: PathBuf },
+    /// Write a snapshot of the VM into `dir` (an absolute path on the VM's host). An
+    /// existing directory that is not empty is refused unless `force` (default false, and
+    /// left out of the request when false: older servers read it unchanged).
+    Snapshot {
+        dir: PathBuf,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
+    },
     /// Start a live migration in the background; follow it through [`Request::Status`].
     Migrate(MigrateRequest),
     /// Cancel the running migration (the source keeps running).
@@ -743,7 +749,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
             &[]
         }
         "inject_secret" => &["packet_hex"],
-        "snapshot" => &["dir"],
+        "snapshot" => &["dir", "force"],
         "migrate" => &[
             "url",
             "downtime_ms",
@@ -924,6 +930,11 @@ mod tests {
             Request::Resume,
             Request::Snapshot {
                 dir: "/tmp/snap".into(),
+                force: false,
+            },
+            Request::Snapshot {
+                dir: "/tmp/snap".into(),
+                force: true,
             },
             Request::Migrate(MigrateRequest {
                 url: "tcp://h:1".into(),
@@ -954,6 +965,20 @@ mod tests {
         let line = encode_request(&Request::Pause).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v, serde_json::json!({"version": 1, "command": "pause"}));
+    }
+
+    #[test]
+    fn snapshot_force_defaults_to_false() {
+        let r = decode_request(br#"{"version":1,"command":"snapshot","dir":"/s"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                dir: "/s".into(),
+                force: false
+            }
+        );
+        let line = encode_request(&r).unwrap();
+        assert!(!String::from_utf8(line).unwrap().contains("force"));
     }
 
     #[test]

@@ -502,6 +502,30 @@ pub(crate) fn handle_request(target: &dyn ControlTarget, line: &[u8]) -> Respons
     }
 }
 
+/// A snapshot into `dir` without `force`: refused if `dir` exists and is not an empty
+/// directory (its files would be overwritten or mixed with the snapshot's).
+fn refuse_non_empty(dir: &std::path::Path) -> Option<ApiError> {
+    let mut entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory || dir.is_file() => {
+            return Some(ApiError::invalid_argument(format!(
+                "snapshot: {} exists and is not a directory; give a new or empty directory",
+                dir.display()
+            )))
+        }
+        // Let the snapshot itself report what is wrong with it.
+        Err(_) => return None,
+    };
+    entries.next().is_some().then(|| {
+        ApiError::invalid_argument(format!(
+            "snapshot: {} already exists and is not empty; give a new or empty directory, \
+             or overwrite it with --force (`\"force\": true`)",
+            dir.display()
+        ))
+    })
+}
+
 fn dispatch(target: &dyn ControlTarget, req: Request) -> Result<Reply, ApiError> {
     match req {
         Request::Status => {
@@ -511,12 +535,17 @@ fn dispatch(target: &dyn ControlTarget, req: Request) -> Result<Reply, ApiError>
         }
         Request::Pause => target.pause().map(|_| Reply::Paused),
         Request::Resume => target.resume().map(|_| Reply::Resumed),
-        Request::Snapshot { dir } => {
+        Request::Snapshot { dir, force } => {
             if dir.as_os_str().is_empty() || !dir.is_absolute() {
                 return Err(ApiError::invalid_argument(format!(
                     "snapshot: the directory must be an absolute path (the VM's working \
                      directory is not yours), got {dir:?}"
                 )));
+            }
+            if !force {
+                if let Some(e) = refuse_non_empty(&dir) {
+                    return Err(e);
+                }
             }
             target.snapshot(&dir).map(Reply::SnapshotSaved)
         }

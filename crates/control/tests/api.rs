@@ -91,7 +91,13 @@ fn every_request_round_trips() {
     assert_eq!(code_of(c.call(&Request::Resume)), ErrorCode::InvalidState);
 
     let snap = dir.path().join("snap1");
-    match c.call(&Request::Snapshot { dir: snap.clone() }).unwrap() {
+    match c
+        .call(&Request::Snapshot {
+            dir: snap.clone(),
+            force: false,
+        })
+        .unwrap()
+    {
         Reply::SnapshotSaved(info) => {
             assert_eq!(info.dir, snap);
             let written = std::fs::metadata(snap.join("mock-snapshot.json")).unwrap();
@@ -99,9 +105,37 @@ fn every_request_round_trips() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(target.snapshots(), vec![snap]);
+    assert_eq!(target.snapshots(), vec![snap.clone()]);
+    // The directory holds a snapshot now: a second one there is refused, unless forced.
+    let again = |force| Request::Snapshot {
+        dir: snap.clone(),
+        force,
+    };
+    match c.call(&again(false)) {
+        Err(ClientError::Api(e)) => {
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+            assert!(e.message.contains("not empty") && e.message.contains("--force"));
+        }
+        other => panic!("a non-empty directory was not refused: {other:?}"),
+    }
+    assert_eq!(target.snapshots().len(), 1, "the target was not asked");
+    assert!(matches!(c.call(&again(true)), Ok(Reply::SnapshotSaved(_))));
+    assert_eq!(target.snapshots().len(), 2);
+    // An existing empty directory is fine.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert!(matches!(
+        c.call(&Request::Snapshot {
+            dir: empty,
+            force: false
+        }),
+        Ok(Reply::SnapshotSaved(_))
+    ));
     // Relative paths would resolve against the VM's working directory: refused.
-    let rel = Request::Snapshot { dir: "snap".into() };
+    let rel = Request::Snapshot {
+        dir: "snap".into(),
+        force: false,
+    };
     assert_eq!(code_of(c.call(&rel)), ErrorCode::InvalidArgument);
 
     assert_eq!(code_of(c.call(&Request::Cancel)), ErrorCode::InvalidState);
@@ -280,6 +314,7 @@ fn a_panicking_target_gets_an_internal_error_and_the_server_survives() {
     let mut c = ApiClient::connect(&path).unwrap();
     let req = Request::Snapshot {
         dir: dir.path().join("s"),
+        force: false,
     };
     assert_eq!(code_of(c.call(&req)), ErrorCode::Internal);
     assert_eq!(c.status().unwrap().state, VmState::Running);

@@ -72,11 +72,24 @@ pub const CAP_SEV_ES: u64 = 1 << 0;
 /// Capabilities this implementation has.
 pub const CAPABILITIES: u64 = CAP_SEV_ES;
 
+/// Four magic bytes in hex as they appear on the wire, with their text where printable:
+/// `0x454d4947 ("EMIG")`.
+pub fn magic_hex(m: &[u8; 4]) -> String {
+    let hex: String = m.iter().map(|b| format!("{b:02x}")).collect();
+    if m.iter().all(|b| b.is_ascii_graphic()) {
+        format!("0x{hex} ({:?})", String::from_utf8_lossy(m))
+    } else {
+        format!("0x{hex}")
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum ProtocolError {
     #[error(
-        "not an esvm migration stream (magic {0:02x?}); check that the peer is an esvm \
-         migration endpoint and nothing else listens on that port"
+        "not an esvm migration stream (magic {}, expected {}); check that the peer is an \
+         esvm migration endpoint and nothing else listens on that port",
+        magic_hex(.0),
+        magic_hex(&MAGIC)
     )]
     BadMagic([u8; 4]),
     #[error(
@@ -1214,6 +1227,15 @@ mod tests {
             FrameHeader::decode(&b),
             Err(ProtocolError::BadMagic(_))
         ));
+        // Printed in hex, as the bytes are on the wire.
+        let e = FrameHeader::decode(&b).unwrap_err().to_string();
+        assert!(
+            e.contains(r#"magic 0x584d4947 ("XMIG"), expected 0x454d4947 ("EMIG")"#),
+            "{e}"
+        );
+        b[..4].copy_from_slice(&[0x16, 0x03, 0x01, 0x00]);
+        let e = FrameHeader::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("magic 0x16030100,"), "{e}");
         let v = encode_header_raw(2, FrameType::Hello as u16, 0, 16, 0, 0);
         assert!(matches!(
             FrameHeader::decode(&v),

@@ -151,8 +151,8 @@ pub enum SendError {
     #[error(
         "pre-copy did not converge before {limit}: {remaining_pages} dirty pages left after \
          {passes} passes, estimated downtime {estimate} exceeds the {downtime_limit_ms} ms \
-         limit; raise the downtime limit, the timeout or the pass cap, or use the force \
-         policy"
+         limit; raise the downtime limit (--downtime-ms), the timeout (--timeout-s) or the \
+         pass cap (--max-passes), or force the final copy anyway (--force-on-timeout)"
     )]
     NotConverged {
         limit: &'static str,
@@ -163,6 +163,13 @@ pub enum SendError {
     },
     #[error("the destination did not respond for {0:?}")]
     Timeout(Duration),
+    #[error(
+        "the destination did not answer the handshake within the migration's timeout ({} s): \
+         is an esvm receive listening at that address? (a peer that accepts the connection \
+         and says nothing is not one)",
+        .0.as_secs_f64()
+    )]
+    HandshakeTimeout(Duration),
     #[error(
         "the connection failed after the commit request ({cause}); the destination may or \
          may not have committed, so the source stays paused: resume it only if the \
@@ -792,7 +799,18 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
 
     /// The next response; an `Error` frame becomes [`SendError::Refused`].
     fn wait_frame(&mut self, cancellable: bool) -> Result<Frame, SendError> {
-        let deadline = Instant::now() + self.cfg.io_timeout;
+        let mut deadline = Instant::now() + self.cfg.io_timeout;
+        // The handshake is part of the migration: its timeout bounds it too, so a peer that
+        // accepts and stays silent fails the migration at the timeout, not the I/O timeout.
+        let mut handshake_timeout = None;
+        if self.progress.phase == Phase::Handshake {
+            if let Some(t) = self.cfg.timeout {
+                if self.start + t < deadline {
+                    deadline = self.start + t;
+                    handshake_timeout = Some(t);
+                }
+            }
+        }
         loop {
             if let Some(f) = self.r.poll()? {
                 let t = f.header.frame_type;
@@ -811,7 +829,10 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
                 return Err(SendError::Cancelled);
             }
             if Instant::now() >= deadline {
-                return Err(SendError::Timeout(self.cfg.io_timeout));
+                return Err(match handshake_timeout {
+                    Some(t) => SendError::HandshakeTimeout(t),
+                    None => SendError::Timeout(self.cfg.io_timeout),
+                });
             }
         }
     }
@@ -889,7 +910,10 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         let in_doubt = self.complete_sent && !matches!(e, SendError::Refused { .. });
         let tell_destination = !in_doubt
             && !self.w.is_poisoned()
-            && !matches!(e, SendError::Refused { .. } | SendError::Timeout(_));
+            && !matches!(
+                e,
+                SendError::Refused { .. } | SendError::Timeout(_) | SendError::HandshakeTimeout(_)
+            );
         if tell_destination {
             let reason = e.to_string();
             let reason = truncate_text(&reason, MAX_TEXT_LEN as usize);

@@ -164,6 +164,12 @@ fn timeout_cancels_or_forces_as_configured() {
             ..
         })
     ));
+    // The message names the flags that change the outcome.
+    let e = run.send.as_ref().unwrap_err().to_string();
+    assert!(
+        e.contains("--force-on-timeout") && e.contains("--timeout-s"),
+        "{e}"
+    );
     assert!(run.target.aborted && !src.is_paused() && !src.dead);
     assert_nothing_lost(&src, run.target.memory());
 
@@ -179,6 +185,35 @@ fn timeout_cancels_or_forces_as_configured() {
         out.passes, 2,
         "an interrupted first pass, then stop-and-copy"
     );
+}
+
+/// A peer that accepts the connection and never answers (not an esvm destination) fails
+/// the migration at its timeout, not at the much longer I/O timeout, and the source runs on.
+#[test]
+fn silent_peer_fails_the_handshake_at_the_migration_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(conn);
+    });
+    let (_guest, mut src) = guest(16, 1, 9);
+    let mut sender = Sender::new(esvm_migration::SenderConfig {
+        timeout: Some(Duration::from_millis(300)),
+        io_timeout: Duration::from_secs(60),
+        ..sender_config()
+    });
+    let t = std::time::Instant::now();
+    let r = sender.run_tcp(&mut src, std::net::TcpStream::connect(addr).unwrap());
+    let took = t.elapsed();
+    let e = r.unwrap_err();
+    assert!(matches!(e, SendError::HandshakeTimeout(_)), "{e}");
+    assert!(e.to_string().contains("handshake"), "{e}");
+    // The timeout, then at most the 2 s the sender drains a failed connection: not 60 s.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(!src.is_paused() && !src.dead);
+    silent.join().unwrap();
 }
 
 #[test]

@@ -71,6 +71,12 @@ pub enum OwnerError {
     /// The session directory already holds a session.
     #[error("{0} already holds a session; use a new directory")]
     Exists(PathBuf),
+    /// The policy lacks ES, which an SEV-ES launch requires.
+    #[error(
+        "the policy {0} lacks ES (bit 2, 0x4): SEV-ES guests need it, and the launch would \
+         refuse it; add es, e.g. --policy es or es,nodbg (0x5)"
+    )]
+    PolicyWithoutEs(Policy),
     /// The measurement does not verify.
     #[error("the launch measurement does not verify: the guest was not launched with the expected contents, policy, platform version or session ({0})")]
     BadMeasurement(String),
@@ -129,6 +135,16 @@ pub struct NewSession {
 
 /// Verifies `chain` (if `trusted_ark` is given, its ARK must be that one)
 /// and creates the owner's DH certificate and session blob for its PDH.
+/// `policy` if it can launch an SEV-ES guest (it has ES), else [`OwnerError::PolicyWithoutEs`]:
+/// `esvm owner session` refuses such a policy up front rather than at the launch.
+pub fn require_es(policy: Policy) -> Result<Policy, OwnerError> {
+    if policy.es() {
+        Ok(policy)
+    } else {
+        Err(OwnerError::PolicyWithoutEs(policy))
+    }
+}
+
 pub fn create_session(
     chain: &[u8],
     policy: Policy,

@@ -29,7 +29,7 @@ use esvm_migration::{
 
 use crate::lifecycle::{LifecycleError, State, Status};
 use crate::machine::{Machine, MachineHandle};
-use crate::migrate::{parse_tcp_url, read_trusted_root, MachineSource};
+use crate::migrate::{parse_tcp_url, read_trusted_root, tcp_url, MachineSource};
 use crate::outcome::{Outcome, StopSignal};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
 use crate::sev_launch::{hex, PendingLaunch, PendingLaunchError};
@@ -217,20 +217,37 @@ impl VmHandle {
     }
 
     /// Wait for the migration thread (if any) to end. If the guest ended while a migration
-    /// was running, the migration is cancelled first.
-    pub fn finish_migration(&self) {
-        let thread = {
+    /// was running (`ended` says how), the migration is cancelled first and its status says
+    /// why: `cancelled`, "the guest ended during the migration (...)". Returns whether a
+    /// running migration was cancelled that way.
+    pub fn finish_migration(&self, ended: &str) -> bool {
+        let (thread, cancelled) = {
             let mut m = lock(&self.mig);
+            let mut cancelled = false;
             if let Some(c) = &m.cancel {
                 if self.h.control.lifecycle().migrated_to().is_none() {
                     c.cancel();
+                    cancelled = true;
                 }
             }
-            m.thread.take()
+            (m.thread.take(), cancelled)
         };
         if let Some(t) = thread {
             let _ = t.join();
         }
+        if cancelled {
+            let mut m = lock(&self.mig);
+            if let Some(s) = m.status.as_mut() {
+                if !matches!(s.phase, MigrationPhase::Completed | MigrationPhase::InDoubt) {
+                    s.phase = MigrationPhase::Cancelled;
+                    s.error = Some(format!(
+                        "the guest ended during the migration ({ended}), so the migration was \
+                         cancelled; the destination discarded what it received"
+                    ));
+                }
+            }
+        }
+        cancelled
     }
 
     /// After the VM ended or migrated away: keep answering `status` until a client has seen
@@ -378,10 +395,12 @@ impl ControlTarget for VmHandle {
         }
     }
 
-    fn start_migration(&self, req: MigrateRequest) -> Result<(), ApiError> {
+    fn start_migration(&self, mut req: MigrateRequest) -> Result<(), ApiError> {
         self.refuse_while_waiting("migrate")?;
         let addr =
             parse_tcp_url(&req.url).map_err(|e| ApiError::invalid_argument(e.to_string()))?;
+        // Status, messages and the VM's end say where it went in one form.
+        req.url = tcp_url(&addr);
         let trust = match &req.trust {
             Some(path) => Some(
                 read_trusted_root(path).map_err(|e| ApiError::invalid_argument(e.to_string()))?,

@@ -126,6 +126,12 @@ pub struct MachineState {
     /// SEV-ES: the hypervisor's VM-wide GHCB state (absent for plain guests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sev: Option<SevHostVmState>,
+    /// Live migration only: the user had paused the VM at the source (`esvm ctl pause`), so
+    /// the destination keeps it paused until `esvm ctl resume`. Written only when set:
+    /// snapshots and unpaused VMs serialise as before, and a stream without it (an older
+    /// source) reads as not paused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user_paused: bool,
 }
 
 /// A VM assembled from a backend, guest memory, vCPUs and the legacy devices; see the
@@ -716,6 +722,7 @@ impl Machine {
                 .sev()
                 .filter(|s| s.handle().is_some())
                 .and_then(|s| s.host_state().ok()),
+            user_paused: false,
         }
     }
 

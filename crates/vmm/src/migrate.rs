@@ -110,14 +110,15 @@ pub fn read_trusted_root(path: &std::path::Path) -> Result<CaCert, TrustError> {
 #[allow(missing_docs)] // Each variant is documented by its #[error] message.
 pub enum UrlError {
     #[error(
-        "unsupported migration URL {0:?}: use tcp://HOST:PORT (or tcp:HOST:PORT), e.g. \
-         tcp://127.0.0.1:7000 or tcp://[::1]:7000"
+        "unsupported migration URL {0:?}: use tcp://HOST:PORT (tcp:HOST:PORT is read the \
+         same), e.g. tcp://127.0.0.1:7000 or tcp://[::1]:7000; the port is 0..=65535"
     )]
     Unsupported(String),
 }
 
 /// `tcp://HOST:PORT` or `tcp:HOST:PORT` → `HOST:PORT` (what `TcpStream::connect` and
-/// `TcpListener::bind` take).
+/// `TcpListener::bind` take). The one parser of migration addresses: `esvm receive
+/// --listen`, `esvm ctl migrate` and the control API's `migrate` all go through it.
 pub fn parse_tcp_url(url: &str) -> Result<String, UrlError> {
     let rest = url
         .strip_prefix("tcp://")
@@ -132,6 +133,17 @@ pub fn parse_tcp_url(url: &str) -> Result<String, UrlError> {
         return Err(bad());
     }
     Ok(rest.to_string())
+}
+
+/// The canonical form of a migration address `HOST:PORT`: `tcp://HOST:PORT`, the form esvm
+/// prints everywhere (and that [`parse_tcp_url`] reads back).
+pub fn tcp_url(addr: impl std::fmt::Display) -> String {
+    format!("tcp://{addr}")
+}
+
+/// [`parse_tcp_url`], then [`tcp_url`]: any accepted spelling in its canonical form.
+pub fn canonical_tcp_url(url: &str) -> Result<String, UrlError> {
+    parse_tcp_url(url).map(tcp_url)
 }
 
 /// The migration configuration a machine sends.
@@ -347,11 +359,13 @@ impl MigrationSource for MachineSource {
     }
 
     fn device_state(&mut self) -> Result<Vec<u8>, SourceError> {
-        let state = self
+        let mut state = self
             .h
             .control
             .run_job(|m| m.save_state())
             .map_err(|e| source_err("saving the device state", e))?;
+        // A VM the user paused arrives paused (the stop-and-copy hold is not the user's).
+        state.user_paused = self.h.control.lifecycle().pauses().user;
         serde_json::to_vec(&state).map_err(|e| source_err("encoding the device state", e))
     }
 
@@ -417,6 +431,8 @@ pub struct MachineTarget {
     received: Option<PageSet>,
     state: Option<MachineState>,
     committed: bool,
+    /// The committed VM was paused by its user at the source.
+    arrived_paused: bool,
 }
 
 /// `what` was refused because of `e` (kept as the error's source); the message is
@@ -439,6 +455,7 @@ impl MachineTarget {
             received: None,
             state: None,
             committed: false,
+            arrived_paused: false,
         }
     }
 
@@ -460,6 +477,12 @@ impl MachineTarget {
     /// The incoming VM, for its SEV-ES extension ([`sev_of`]).
     fn vm(&mut self) -> Result<Arc<dyn Vm>, TargetError> {
         Ok(self.machine_mut()?.vm().clone())
+    }
+
+    /// Whether the committed VM was paused by its user at the source: it should stay
+    /// paused here until resumed (`esvm receive` does that).
+    pub fn arrived_paused(&self) -> bool {
+        self.committed && self.arrived_paused
     }
 
     /// The received machine, once committed.
@@ -543,9 +566,11 @@ impl MigrationTarget for MachineTarget {
         };
         let machine = Machine::new(&mc, (self.serial)()).map_err(|e| {
             TargetError::Incompatible(format!(
-                "cannot create a VM with {} bytes of memory and {} vCPUs on the {} backend \
-                 here: {e}",
-                config.mem_size, config.vcpus, self.backend
+                "cannot create a VM with {} of memory and {} vCPUs on the {} backend here: \
+                 {e}",
+                crate::size::format_size(config.mem_size),
+                config.vcpus,
+                self.backend
             ))
         })?;
         if self.prealloc {
@@ -653,6 +678,7 @@ impl MigrationTarget for MachineTarget {
         if let Some(r) = received {
             m.tracker().mark_written(&r);
         }
+        self.arrived_paused = state.user_paused;
         self.committed = true;
         Ok(())
     }
@@ -672,6 +698,7 @@ impl MigrationTarget for MachineTarget {
         self.received = None;
         self.state = None;
         self.committed = false;
+        self.arrived_paused = false;
     }
 }
 
@@ -933,6 +960,18 @@ mod tests {
         );
         assert_eq!(parse_tcp_url("tcp:localhost:1").unwrap(), "localhost:1");
         assert_eq!(parse_tcp_url("tcp://[::1]:9").unwrap(), "[::1]:9");
+        // Both spellings print as one canonical form, which parses back to the same address.
+        for url in ["tcp:127.0.0.1:7000", "tcp://127.0.0.1:7000"] {
+            assert_eq!(canonical_tcp_url(url).unwrap(), "tcp://127.0.0.1:7000");
+        }
+        assert_eq!(canonical_tcp_url("tcp:[::1]:9").unwrap(), "tcp://[::1]:9");
+        let listened: std::net::SocketAddr = "127.0.0.1:41234".parse().unwrap();
+        assert_eq!(
+            parse_tcp_url(&tcp_url(listened)).unwrap(),
+            listened.to_string()
+        );
+        let e = parse_tcp_url("http://h:1").unwrap_err().to_string();
+        assert!(e.contains("use tcp://HOST:PORT"), "{e}");
         for bad in [
             "udp://h:1",
             "tcp://h",

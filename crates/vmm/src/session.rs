@@ -27,8 +27,9 @@ use crate::machine::{Machine, MachineError};
 use crate::outcome::{Outcome, StopSignal};
 use crate::sev_launch::{PendingLaunch, PendingLaunchError};
 
-/// How long a source whose VM migrated away keeps its API socket open so that a client
-/// following the migration (`esvm ctl migrate`) can read the final status.
+/// How long a source whose VM migrated away (or ended during a migration) keeps its API
+/// socket open so that a client following the migration (`esvm ctl migrate`) can read the
+/// final status.
 pub const MIGRATED_LINGER: Duration = Duration::from_secs(3);
 /// How long a VM that ended keeps its API socket open while a client is connected, so that
 /// a client polling `status` sees how it ended (`exit_status`, `end_reason`).
@@ -214,9 +215,16 @@ fn run_inner(
     }
     // A migration still running when the guest ended is cancelled; one that committed has
     // finished its bookkeeping (status `completed`) once the thread is joined.
-    handle.finish_migration();
+    let ended = match &outcome {
+        Ok(o) => o.describe(),
+        Err(e) => format!("the VMM failed: {e}"),
+    };
+    let cancelled = handle.finish_migration(&ended);
+    // A client following the migration (`esvm ctl migrate`) or polling `status` reads how
+    // it ended.
     match (&outcome, &server) {
         (Ok(Outcome::Migrated(_)), Some(_)) => handle.linger_for_final_status(MIGRATED_LINGER),
+        (_, Some(_)) if cancelled => handle.linger_for_final_status(MIGRATED_LINGER),
         (_, Some(s)) if s.connections() > 0 => handle.linger_for_final_status(ENDED_LINGER),
         _ => {}
     }

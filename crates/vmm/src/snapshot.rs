@@ -575,6 +575,16 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
     parse_state(&path, &data)
 }
 
+/// Why `data` is not a snapshot state file, with its first bytes in hex (what a binary
+/// file or another format starts with is recognisable that way).
+fn not_a_snapshot(data: &[u8]) -> String {
+    let start: String = data.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!(
+        "it does not start with an esvm snapshot header (it starts with 0x{start}, a \
+         snapshot with {MAGIC:?})"
+    )
+}
+
 fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
     let corrupt = |why: String| SnapshotError::Corrupt {
         path: path.to_path_buf(),
@@ -589,7 +599,7 @@ fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
                 why: "its header line is incomplete".into(),
             }
         } else {
-            corrupt("it does not start with an esvm snapshot header".into())
+            corrupt(not_a_snapshot(data))
         });
     };
     let header =
@@ -600,9 +610,7 @@ fn parse_state(path: &Path, data: &[u8]) -> Result<Manifest, SnapshotError> {
         return Err(corrupt(format!("unexpected header {header:?}")));
     };
     if magic != MAGIC {
-        return Err(corrupt(
-            "it does not start with an esvm snapshot header".into(),
-        ));
+        return Err(corrupt(not_a_snapshot(data)));
     }
     let version: u32 = version
         .parse()
@@ -985,6 +993,7 @@ mod tests {
         let p = Path::new("/x/vm.state");
         let e = parse_state(p, b"hello").unwrap_err();
         assert!(e.to_string().contains("does not start"), "{e}");
+        assert!(e.to_string().contains("starts with 0x68656c6c6f,"), "{e}");
         let e = parse_state(p, b"ESVM-SNAP").unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
         let e = parse_state(p, b"ESVM-SNAPSHOT 9 crc32c=0 len=0\n").unwrap_err();

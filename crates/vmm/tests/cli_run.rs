@@ -128,7 +128,15 @@ fn bad_inputs_give_clear_errors_not_panics() {
         (vec!["run".into(), truncated.display().to_string()], "ELF"),
         (
             vec!["run".into(), "--mem".into(), "1M".into()],
-            "memory too small",
+            "guest memory 1 MiB is too small: it must be at least 4 MiB",
+        ),
+        (
+            vec!["receive".into(), "--listen".into(), "udp://h:1".into()],
+            "use tcp://HOST:PORT",
+        ),
+        (
+            vec!["run".into(), "--mem".into(), "4097K".into()],
+            "not a multiple of the 4 KiB page size",
         ),
         (
             vec!["run".into(), "--mem".into(), "lots".into()],
@@ -158,6 +166,15 @@ fn esvm_guests_elf(name: &str) -> Vec<u8> {
         .expect("built-in guest")
         .elf
         .to_vec()
+}
+
+/// A bare size is MiB: `--mem 64` gives the guest 64 MiB (it was 64 bytes).
+#[test]
+fn a_bare_memory_size_means_mib() {
+    let o = esvm(&["run", "--mem", "64", "demo", "--", "iterations=10"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("demo: memory 64 MiB,"), "{out}");
 }
 
 #[test]

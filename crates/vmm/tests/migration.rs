@@ -269,6 +269,20 @@ impl Source {
     fn attempt(&mut self, url: &str) -> Option<esvm_control::MigrationStatus> {
         self.ensure_running();
         match migrate_via(&mut self.client, url) {
+            // The guest ended first: the VM says so (and exits once that was read).
+            Ok(m)
+                if m.phase == MigrationPhase::Cancelled
+                    && m.error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("the guest ended during the migration")) =>
+            {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while self.proc.alive() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                assert!(!self.proc.alive(), "{}", self.proc.stderr());
+                None
+            }
             Ok(m) => Some(m),
             Err(e) => {
                 // Only acceptable if the guest finished meanwhile.
@@ -1114,4 +1128,137 @@ fn cancel_non_convergence_and_force() {
         vm.stdout() + &r.stdout(),
         esvm_guests::demo::expected_output(MEM_BYTES, 1, &args, iters, dirty)
     );
+}
+
+// ------------------------------------------------------------- first-hour papercuts (#14)
+
+/// `esvm receive` prints the URL to give `migrate` in the canonical `tcp://` form, the
+/// `tcp:HOST:PORT` spelling is accepted too, and a VM paused at the source arrives paused:
+/// the destination keeps it paused (its instruction count does not move) until `esvm ctl
+/// resume`, then the guest runs to exactly the demo's output.
+#[test]
+fn a_paused_vm_arrives_paused_and_both_url_forms_work() {
+    let dir = tempdir();
+    let dsock = dir.path().join("dest.sock");
+    let (mut r, port) = receive(
+        None,
+        "127.0.0.1",
+        &["--once", "--api-socket", dsock.to_str().unwrap()],
+    );
+    let listening = format!("esvm: listening on tcp://127.0.0.1:{port} ");
+    assert!(r.stderr().contains(&listening), "{}", r.stderr());
+
+    let iterations = iterations_for(1.0);
+    let sock = dir.path().join("src.sock");
+    // Started paused (the user's pause) and migrated without ever running.
+    let mut src = source(None, &sock, &demo_args(iterations));
+    assert_eq!(status(&sock)["state"], "paused");
+    let out = ctl_ok(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+    let url = format!("tcp://127.0.0.1:{port}");
+    assert!(
+        out.contains(&format!("migration to {url} completed")),
+        "{out}"
+    );
+    assert_eq!(src.wait(Duration::from_secs(30)), 0, "{}", src.stderr());
+    assert!(
+        src.stderr().contains(&format!("migrated to {url};")),
+        "{}",
+        src.stderr()
+    );
+    assert_eq!(src.stdout(), "", "the guest never ran at the source");
+
+    r.wait_stderr("stays paused here", Duration::from_secs(30));
+    wait_socket(&mut r, &dsock);
+    let before = status(&dsock);
+    assert_eq!(before["state"], "paused", "{before}");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = status(&dsock);
+    assert_eq!(after["state"], "paused", "{after}");
+    assert_eq!(before["instructions"], after["instructions"], "it ran");
+    assert_eq!(r.stdout(), "");
+    ctl_ok(&dsock, &["resume"]);
+    assert_eq!(r.wait(Duration::from_secs(120)), 0, "{}", r.stderr());
+    assert_eq!(r.stdout(), expected_output(iterations));
+}
+
+/// A guest that exits while its migration is in pre-copy (the destination stalls, so it
+/// cannot finish) ends the migration as a clean cancel that `esvm ctl migrate` reports
+/// with the reason (status 1), not as an unknown outcome (status 125); the source exits
+/// with the guest's status and the destination discards what it received.
+#[test]
+fn a_guest_that_ends_during_pre_copy_cancels_the_migration() {
+    let dir = tempdir();
+    let (mut r, port) = receive(None, "127.0.0.1", &[]);
+    let proxy = Proxy::start(port);
+    proxy.set(Mode::Stall(256 << 10));
+    let iterations = iterations_for(1.5);
+    let sock = dir.path().join("src.sock");
+    let mut src = source(None, &sock, &demo_args(iterations));
+    ctl_ok(&sock, &["resume"]);
+    let o = ctl(&sock, &["migrate", &proxy.url()]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "migration cancelled: the guest ended during the migration (the guest exited \
+             with status 0)"
+        ) && err.contains("the VM has ended here"),
+        "{err}"
+    );
+    assert!(!err.contains("unknown"), "{err}");
+    assert_eq!(src.wait(Duration::from_secs(30)), 0, "{}", src.stderr());
+    assert_eq!(src.stdout(), expected_output(iterations));
+    r.wait_stderr("waiting for another", Duration::from_secs(30));
+    r.kill();
+}
+
+/// A peer that accepts the connection and says nothing (not an esvm destination) fails
+/// `esvm ctl migrate --timeout-s 2` after about 2 s, not after the 60 s I/O timeout; the VM
+/// runs on. Then snapshots: an existing non-empty directory is refused unless --force.
+#[test]
+fn a_silent_peer_fails_at_the_timeout_and_snapshots_need_force_to_overwrite() {
+    let dir = tempdir();
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let holder = std::thread::spawn(move || {
+        let conn = silent.accept().map(|(c, _)| c);
+        std::thread::sleep(Duration::from_secs(8));
+        drop(conn);
+    });
+    let iterations = iterations_for(20.0);
+    let sock = dir.path().join("src.sock");
+    let mut src = source(None, &sock, &demo_args(iterations));
+    ctl_ok(&sock, &["resume"]);
+    let t = Instant::now();
+    let o = ctl(
+        &sock,
+        &["migrate", &format!("tcp://{addr}"), "--timeout-s", "2"],
+    );
+    let took = t.elapsed();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("did not answer the handshake"), "{err}");
+    assert!(took < Duration::from_secs(7), "took {took:?}: {err}");
+    assert_eq!(status(&sock)["state"], "running");
+
+    let snap = dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    std::fs::write(snap.join("notes.txt"), "mine").unwrap();
+    let o = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not empty") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(!snap.join("vm.state").exists());
+    let out = ctl_ok(&sock, &["snapshot", snap.to_str().unwrap(), "--force"]);
+    assert!(out.contains("snapshot written"), "{out}");
+    assert!(snap.join("vm.state").exists());
+    assert_eq!(
+        std::fs::read_to_string(snap.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    src.kill();
+    holder.join().unwrap();
 }

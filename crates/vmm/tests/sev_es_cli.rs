@@ -26,6 +26,14 @@ fn platform(dir: &Path) -> String {
         "2048",
     ]);
     assert!(o.status.success(), "platform init: {}", text(&o.stderr));
+    // Without a terminal: a line per step, saying honestly how long key generation takes,
+    // and each step's time.
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("(two RSA-2048 keys); this takes 5 to 30 s") && !err.contains("few seconds"),
+        "{err}"
+    );
+    assert_eq!(err.matches("esvm: done in ").count(), 2, "{err}");
     p.display().to_string()
 }
 
@@ -142,13 +150,29 @@ fn owner_verifies_the_launch_from_the_guest_image() {
         &d("chain.bin"),
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    // A policy without ES is refused when the session is made, not at the launch.
+    for no_es in ["0x1", "nodbg,nosend"] {
+        let o = esvm(&[
+            "owner",
+            "session",
+            "--chain",
+            &d("chain.bin"),
+            "--policy",
+            no_es,
+            "--out",
+            &d("no-es"),
+        ]);
+        assert_eq!(o.status.code(), Some(125), "{no_es}: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains("lacks ES"), "{}", text(&o.stderr));
+        assert!(!dir.path().join("no-es").exists());
+    }
     let o = esvm(&[
         "owner",
         "session",
         "--chain",
         &d("chain.bin"),
         "--policy",
-        "0x4",
+        "es",
         "--out",
         &d("owner"),
     ]);

@@ -4,7 +4,7 @@ use clap::{Args, Subcommand};
 use esvm_control::protocol::{VcpuView, VmStatus, VmType, MAX_DOWNTIME_MS, MAX_TIMEOUT_S};
 use esvm_control::{
     ApiClient, ClientError, MigrateRequest, MigrationPhase, MigrationStatus, OnTimeout, Reply,
-    Request,
+    Request, VmState,
 };
 use indicatif::{BinaryBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fmt::Write as _;
@@ -67,9 +67,13 @@ pub enum CtlCommand {
     /// platform's own PDH): only that platform can restore it (`esvm restore DIR --platform
     /// DIR`), and a guest whose policy has NOSEND cannot be snapshotted.
     Snapshot {
-        /// Directory to write the snapshot to.
+        /// Directory to write the snapshot to: a new or empty one (see --force).
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+        /// Write into DIR even if it exists and is not empty (its snapshot files are
+        /// overwritten; other files stay). Without it such a DIR is refused.
+        #[arg(long)]
+        force: bool,
     },
     /// Live-migrate the VM to URL and show its progress until it completes or fails.
     ///
@@ -118,14 +122,16 @@ pub enum CtlCommand {
 
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
-    /// Where the destination VM listens for the migration, e.g. tcp://HOST:PORT.
-    #[arg(value_name = "URL")]
+    /// Where the destination listens: tcp://HOST:PORT as `esvm receive` prints it, e.g.
+    /// tcp://127.0.0.1:7000 (tcp:HOST:PORT is read the same).
+    #[arg(value_name = "URL", value_parser = parse_url)]
     pub url: String,
     /// Largest acceptable downtime (the final stop-and-copy), in milliseconds.
     #[arg(long, value_name = "N", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..=MAX_DOWNTIME_MS))]
     pub downtime_ms: u64,
-    /// Longest pre-copy phase, in seconds; then the migration is cancelled (or forced with
+    /// Longest pre-copy phase, in seconds, the handshake included (a destination that does
+    /// not answer fails the migration then); then the migration is cancelled (or forced with
     /// --force-on-timeout).
     #[arg(long, value_name = "N", default_value_t = 120,
           value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
@@ -147,6 +153,11 @@ pub struct MigrateArgs {
     /// platform trusts.
     #[arg(long, value_name = "CHAIN")]
     pub trust: Option<PathBuf>,
+}
+
+/// A migration URL in its canonical form (`tcp://HOST:PORT`), refused here if malformed.
+fn parse_url(s: &str) -> Result<String, String> {
+    esvm::migrate::canonical_tcp_url(s).map_err(|e| e.to_string())
 }
 
 /// What went wrong talking to the VM (as opposed to the VM refusing a request).
@@ -257,11 +268,11 @@ fn run_with(args: CtlArgs, format: Format, poll: Duration) -> Result<u8, CtlErro
                 },
             )
         }
-        CtlCommand::Snapshot { dir } => {
+        CtlCommand::Snapshot { dir, force } => {
             let dir = std::path::absolute(&dir)
                 .map_err(|source| CtlError::SnapshotDir { dir, source })?;
             client.set_timeout(SNAPSHOT_TIMEOUT)?;
-            ("snapshot", Request::Snapshot { dir })
+            ("snapshot", Request::Snapshot { dir, force })
         }
         CtlCommand::Migrate(m) => {
             let detach = m.detach;
@@ -570,6 +581,7 @@ fn migrate(
                 continue;
             }
         };
+        let vm_state = status.state;
         let Some(m) = status.migration else {
             display.finish();
             return Err(CtlError::NoMigration);
@@ -577,8 +589,14 @@ fn migrate(
         last_phase = m.phase;
         display.update(&m);
         if m.phase.is_terminal() {
-            break m;
+            break (m, vm_state);
         }
+    };
+    let (outcome, vm_state) = outcome;
+    // Where the guest is now, after a migration that did not complete.
+    let here = match vm_state {
+        VmState::Exited | VmState::Failed => "the VM has ended here",
+        _ => "the VM keeps running here",
     };
     display.finish();
     // The final status: as JSON whatever the end; as text only a completed migration (the
@@ -590,13 +608,13 @@ fn migrate(
     let why = outcome.error.as_deref().unwrap_or("no reason given");
     match outcome.phase {
         MigrationPhase::Cancelled => {
-            eprintln!("esvm ctl migrate: migration cancelled: {why}; the VM keeps running here")
+            eprintln!("esvm ctl migrate: migration cancelled: {why}; {here}")
         }
         MigrationPhase::InDoubt => eprintln!(
             "esvm ctl migrate: migration outcome unknown: {why}; the VM stays paused here — \
              check whether the destination runs it before resuming"
         ),
-        _ => eprintln!("esvm ctl migrate: migration failed: {why}; the VM keeps running here"),
+        _ => eprintln!("esvm ctl migrate: migration failed: {why}; {here}"),
     }
     Ok(EXIT_REFUSED)
 }
@@ -741,6 +759,18 @@ mod tests {
         assert_eq!((m.downtime_ms, m.timeout_s), (50, 9));
         assert!(m.force_on_timeout);
         assert!(parse(&["--api-socket", "/s", "migrate", "u", "--downtime-ms", "0"]).is_err());
+        // Both spellings, sent in the canonical one; other schemes are refused up front.
+        for url in ["tcp:h:1", "tcp://h:1"] {
+            let CtlCommand::Migrate(m) = parse(&["--api-socket", "/s", "migrate", url])
+                .unwrap()
+                .command
+            else {
+                panic!("not migrate")
+            };
+            assert_eq!(m.url, "tcp://h:1");
+        }
+        let e = parse(&["--api-socket", "/s", "migrate", "http://h:1"]).unwrap_err();
+        assert!(e.to_string().contains("use tcp://HOST:PORT"), "{e}");
         assert!(parse(&["--api-socket", "/s", "snapshot"]).is_err());
         assert!(parse(&["--api-socket", "/s"]).is_err());
         assert!(matches!(

@@ -13,10 +13,6 @@ use serde::Serialize;
 
 use super::output::Format;
 
-fn parse_mem(s: &str) -> Result<u64, String> {
-    esvm::size::parse_size(s).map_err(|e| e.to_string())
-}
-
 /// Subcommands of `esvm owner`.
 #[derive(Debug, clap::Subcommand)]
 pub enum OwnerCommand {
@@ -28,7 +24,9 @@ pub enum OwnerCommand {
         /// The platform's chain (`esvm platform export`).
         #[arg(long, value_name = "CHAIN")]
         chain: PathBuf,
-        /// Guest policy: a number (0x5) or flags: nodbg,noks,es,nosend,domain,sev,api=MAJOR.MINOR.
+        /// Guest policy: flags (e.g. es,nodbg: nodbg, noks, es, nosend, domain, sev,
+        /// api=MAJOR.MINOR) or a number (0x5), as `esvm run --policy` takes it. It must
+        /// include es (SEV-ES guests need it); one without is refused.
         #[arg(long, value_name = "POLICY")]
         policy: String,
         /// New session directory.
@@ -79,8 +77,9 @@ pub enum OwnerCommand {
         /// The kernel command line given to the launch (the default is `esvm run`'s).
         #[arg(long, requires = "kernel", default_value = crate::cli::run::DEFAULT_CMDLINE)]
         cmdline: String,
-        /// Guest RAM of the launch (default: `esvm run`'s, 64M for an image, 256M for Linux).
-        #[arg(long, value_parser = parse_mem)]
+        /// Guest RAM of the launch (default: `esvm run`'s, 64M for an image, 256M for Linux);
+        /// a bare number means MiB, as for `esvm run --mem`.
+        #[arg(long, value_name = "SIZE", value_parser = esvm::size::parse_guest_mem)]
         mem: Option<u64>,
         /// vCPUs of the launch (one VMSA each).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -213,7 +212,7 @@ pub fn run_owner(
             out,
             ark,
         } => {
-            let policy = Policy::parse(&policy)?;
+            let policy = esvm_owner::require_es(Policy::parse(&policy)?)?;
             let ark = match ark {
                 Some(p) => Some(CaCert::from_bytes(&read(&p)?).map_err(|e| InFile::new(&p, e))?),
                 None => None,

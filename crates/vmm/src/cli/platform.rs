@@ -77,6 +77,42 @@ fn parse_ark_bits(s: &str) -> Result<u32, String> {
     }
 }
 
+/// How long generating the emulated ARK and ASK takes, as `platform init` says it: measured
+/// 5 to 8 s for RSA-4096 on the development VM's build, and up to about 20 s on a loaded
+/// machine (the prime search's time varies from run to run).
+const KEYGEN_TIME: &str = "5 to 30 s";
+
+/// Run `step`, saying on stderr what it does: a spinner with the elapsed time on a terminal,
+/// otherwise one line when it starts and one with its time when it ends.
+fn with_progress<T>(what: &str, step: impl FnOnce() -> T) -> T {
+    use std::io::IsTerminal;
+    let start = std::time::Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let spinner = terminal.then(|| {
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+            bar.set_style(style);
+        }
+        bar.set_message(what.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        bar
+    });
+    if spinner.is_none() {
+        eprintln!("esvm: {what}...");
+    }
+    let result = step();
+    let took = start.elapsed().as_secs_f64();
+    match spinner {
+        Some(bar) => {
+            bar.finish_and_clear();
+            eprintln!("esvm: {what}: done in {took:.1} s");
+        }
+        None => eprintln!("esvm: done in {took:.1} s"),
+    }
+    result
+}
+
 /// Runs an `esvm platform` subcommand, reporting in `format`; the error is a message for the
 /// user.
 pub fn run_platform(cmd: PlatformCommand, format: Format) -> CliResult<()> {
@@ -114,15 +150,23 @@ fn init(dir: &Path, amd_ca: Option<&Path>, ark_bits: u32, format: Format) -> Cli
     let (ca, ca_dir, new_ca) = match amd_ca {
         Some(d) if EmulatedAmdCa::exists(d) => (EmulatedAmdCa::load(d)?, d.to_path_buf(), false),
         other => {
-            eprintln!("generating an emulated AMD ARK/ASK (RSA-{ark_bits}); this can take a few seconds...");
-            let ca = EmulatedAmdCa::generate(ark_bits)?;
+            let ca = with_progress(
+                &format!(
+                    "generating an emulated AMD ARK/ASK (two RSA-{ark_bits} keys); this takes \
+                     {KEYGEN_TIME} (a random prime search)"
+                ),
+                || EmulatedAmdCa::generate(ark_bits),
+            )?;
             let d = other
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| dir.join("emulated-amd-ca"));
             (ca, d, true)
         }
     };
-    let psp = Psp::create(dir, &ca, FirmwareVersion::default())?;
+    let psp = with_progress(
+        "creating the platform identity (CEK, PEK, OCA, PDH)",
+        || Psp::create(dir, &ca, FirmwareVersion::default()),
+    )?;
     if new_ca {
         ca.save(&ca_dir)?;
     }

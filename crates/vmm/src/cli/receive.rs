@@ -12,16 +12,20 @@ use esvm::migrate::{parse_tcp_url, MachineTarget};
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Prints `esvm: listening on HOST:PORT` on stderr once it listens (with port 0 \
-                  the port the system chose). An incoming migration that fails (cut \
+    after_help = "Prints `esvm: listening on tcp://HOST:PORT` on stderr once it listens (with \
+                  port 0 the port the system chose): the URL to give `esvm ctl migrate`. A VM \
+                  that was paused at the source arrives paused and stays paused until `esvm \
+                  ctl resume` (with --api-socket; without one it runs, with a warning). An \
+                  incoming migration that fails (cut \
                   connection, corrupt frame, incompatible VM, cancel) is discarded and esvm \
                   keeps listening for another, unless --once is given. Once a migration \
                   commits, the guest runs here: its serial console continues on stdout and \
                   the exit status is the guest's, as for `esvm run`."
 )]
 pub struct ReceiveArgs {
-    /// Where to listen: tcp:HOST:PORT (or tcp://HOST:PORT), e.g. tcp:0.0.0.0:7000.
-    #[arg(long, value_name = "URL")]
+    /// Where to listen: tcp://HOST:PORT (tcp:HOST:PORT is read the same), e.g.
+    /// tcp://0.0.0.0:7000; port 0 lets the system choose one (printed).
+    #[arg(long, value_name = "URL", value_parser = parse_url)]
     pub listen: String,
     /// Where the guest's serial input (COM1) comes from once it runs here: `stdin` or
     /// `none` (the default), as for `esvm run --console`.
@@ -53,6 +57,11 @@ pub struct ReceiveArgs {
     /// for another.
     #[arg(long)]
     pub once: bool,
+}
+
+/// `--listen`: refused up front unless a tcp URL (the one parser of migration URLs).
+fn parse_url(s: &str) -> Result<String, String> {
+    esvm::migrate::canonical_tcp_url(s).map_err(|e| e.to_string())
 }
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
@@ -100,8 +109,11 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| addr.clone());
-    eprintln!("esvm: listening on {local} for an incoming VM");
-    let (mut machine, peer) = loop {
+    eprintln!(
+        "esvm: listening on {} for an incoming VM",
+        esvm::migrate::tcp_url(&local)
+    );
+    let (mut machine, peer, arrived_paused) = loop {
         let (stream, peer) = listener
             .accept()
             .map_err(|source| ReceiveCliError::Accept {
@@ -117,6 +129,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         let mut receiver = Receiver::new(ReceiverConfig::default());
         match receiver.run_tcp(&mut target, stream) {
             Ok(o) => {
+                let paused = target.arrived_paused();
                 let Some(machine) = target.into_machine() else {
                     return Err("the migration committed but left no machine (an esvm bug)".into());
                 };
@@ -131,7 +144,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
                     "esvm: received the VM from {peer}: {} pages in {} passes; running it",
                     o.pages, o.passes
                 );
-                break (machine, peer);
+                break (machine, peer, paused);
             }
             Err(source) => {
                 if args.once {
@@ -149,13 +162,30 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
     };
     drop(listener);
+    let mut start_paused = args.start_paused;
+    if arrived_paused {
+        match &args.api_socket {
+            Some(sock) => {
+                eprintln!(
+                    "esvm: the VM was paused at the source and stays paused here; resume it \
+                     with `esvm ctl --api-socket {} resume`",
+                    sock.display()
+                );
+                start_paused = true;
+            }
+            None => eprintln!(
+                "esvm: warning: the VM was paused at the source, but without --api-socket \
+                 nothing could resume it here, so it runs"
+            ),
+        }
+    }
     let _raw = crate::cli::run::attach_console(&mut machine, args.console);
     crate::cli::run_session(
         &format!("from {peer}"),
         &mut machine,
         &esvm::session::RunOptions {
             api_socket: args.api_socket.clone(),
-            start_paused: args.start_paused,
+            start_paused,
         },
     )
 }

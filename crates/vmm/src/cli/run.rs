@@ -9,7 +9,8 @@ use thiserror::Error;
 
 use esvm::machine::{Machine, MachineConfig};
 use esvm::sev_launch::PendingLaunch;
-use esvm::size::parse_size;
+use esvm::size::{format_size, parse_guest_mem};
+use esvm_psp::Policy;
 
 /// The command line a Linux kernel gets without --cmdline: the console on COM1, a reboot
 /// through the i8042 (which ends the VM), a panic that reboots at once instead of spinning
@@ -49,8 +50,9 @@ pub struct RunArgs {
     /// stdin with --kernel, none for esvm's own guests.
     #[arg(long, value_name = "stdin|none", value_parser = parse_console)]
     pub console: Option<ConsoleSource>,
-    /// Guest RAM size, e.g. 64M, 512M, 2G. Default 64M, or 256M with --kernel.
-    #[arg(long, value_parser = parse_mem)]
+    /// Guest RAM size, e.g. 64M, 512M, 2G; a bare number means MiB (`--mem 64` is 64 MiB).
+    /// A multiple of 4 KiB, from 4 MiB to 3 GiB. Default 64M, or 256M with --kernel.
+    #[arg(long, value_name = "SIZE", value_parser = parse_guest_mem)]
     pub mem: Option<u64>,
     /// Number of vCPUs. The boot vCPU runs the guest; the others are created and parked.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -82,10 +84,11 @@ pub struct RunArgs {
     /// certificate and session blob. Without it the launch has no owner (policy ES only).
     #[arg(long, value_name = "DIR", requires = "sev_es")]
     pub session: Option<PathBuf>,
-    /// Guest policy of a launch without --session, e.g. 0x5 (ES + NODBG); bits: 0 NODBG,
-    /// 1 NOKS, 2 ES (required), 3 NOSEND, 4 DOMAIN, 5 SEV, 16..31 minimum firmware API.
-    /// Default 0x4 (ES only).
-    #[arg(long, value_name = "BITS", requires = "sev_es", conflicts_with = "session",
+    /// Guest policy of a launch without --session, as `esvm owner session --policy` takes
+    /// it: flag names (e.g. es,nodbg: nodbg, noks, es, nosend, domain, sev, api=MAJOR.MINOR)
+    /// or a number (0x5); bits: 0 NODBG, 1 NOKS, 2 ES (required), 3 NOSEND, 4 DOMAIN, 5
+    /// SEV, 16..31 minimum firmware API. Default es (0x4).
+    #[arg(long, value_name = "POLICY", requires = "sev_es", conflicts_with = "session",
           value_parser = parse_policy)]
     pub policy: Option<u32>,
     /// Write the launch measurement (for `esvm owner verify`) to FILE.
@@ -108,10 +111,6 @@ pub struct RunArgs {
     /// Arguments for the guest, passed in its boot-info block (e.g. iterations=1000).
     #[arg(last = true)]
     pub guest_args: Vec<String>,
-}
-
-fn parse_mem(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
@@ -305,9 +304,9 @@ pub enum LinuxRunError {
     #[error("{0}")]
     Unsupported(&'static str),
     #[error(
-        "--mem {} MiB is too small for an SEV-ES Linux guest: its kernel reserves at least 64 MiB \
+        "--mem {} is too small for an SEV-ES Linux guest: its kernel reserves at least 64 MiB \
          of shared memory as a bounce buffer for device I/O; give --mem {}M or more",
-        mem >> 20, MIN_SEV_LINUX_MEM >> 20
+        format_size(*mem), MIN_SEV_LINUX_MEM >> 20
     )]
     SevMemTooSmall { mem: u64 },
 }
@@ -376,10 +375,49 @@ fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     session(&name, &mut machine, &args, launch)
 }
 
+/// `--policy`: the one policy parser (`esvm_psp::Policy::parse`), as `esvm owner session`.
 fn parse_policy(s: &str) -> Result<u32, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    r.map_err(|e| format!("not a 32-bit policy value ({e}); e.g. 0x4 or 4"))
+    Policy::parse(s).map(|p| p.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<RunArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("run").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn policies_by_name_or_number() {
+        let sev = ["--sev-es", "--platform", "p", "--policy"];
+        let policy = |p: &str| {
+            let argv: Vec<&str> = sev.iter().copied().chain([p]).collect();
+            parse(&argv).map(|a| a.policy)
+        };
+        assert_eq!(policy("es,nosend").unwrap(), Some(0xc));
+        assert_eq!(policy("ES,NODBG").unwrap(), Some(0x5));
+        assert_eq!(policy("0x5").unwrap(), Some(0x5));
+        assert_eq!(policy("4").unwrap(), Some(0x4));
+        assert_eq!(policy("es,api=1.2").unwrap(), Some(0x0201_0004));
+        let e = policy("es,fast").unwrap_err().to_string();
+        assert!(e.contains("unknown policy flag \"fast\""), "{e}");
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse(&["--mem", "64"]).unwrap().mem, Some(64 << 20));
+        assert_eq!(parse(&["--mem", "1G"]).unwrap().mem, Some(1 << 30));
+        let e = parse(&["--mem", "1M"]).unwrap_err().to_string();
+        assert!(e.contains("1 MiB is too small"), "{e}");
+        let e = LinuxRunError::SevMemTooSmall { mem: 128 << 20 }.to_string();
+        assert!(e.starts_with("--mem 128 MiB is too small"), "{e}");
+    }
 }
