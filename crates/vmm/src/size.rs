@@ -41,6 +41,22 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         .ok_or_else(|| SizeError::Overflow(s.to_string()))
 }
 
+/// `bytes` in the largest binary unit it reaches: `1 KiB`, `64 MiB`, `1.5 GiB`, `512 B`
+/// (at most two decimals, trailing zeros dropped).
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    for (unit, shift) in UNITS {
+        if bytes >= 1 << shift {
+            if bytes.is_multiple_of(1 << shift) {
+                return format!("{} {unit}", bytes >> shift);
+            }
+            let v = format!("{:.2}", bytes as f64 / (1u64 << shift) as f64);
+            return format!("{} {unit}", v.trim_end_matches('0').trim_end_matches('.'));
+        }
+    }
+    format!("{bytes} B")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +83,22 @@ mod tests {
             parse_size("99999999999T"),
             Err(SizeError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1023), "1023 B");
+        assert_eq!(human_size(1024), "1 KiB");
+        assert_eq!(human_size(4096), "4 KiB");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(64 << 20), "64 MiB");
+        assert_eq!(human_size((1 << 30) + (1 << 29)), "1.5 GiB");
+        assert_eq!(human_size((1 << 20) + 1), "1 MiB");
+        assert_eq!(human_size(3 << 40), "3 TiB");
+        for s in ["1K", "5M", "256M", "1G"] {
+            let b = parse_size(s).unwrap();
+            assert_eq!(parse_size(&human_size(b).replace(' ', "")), Ok(b), "{s}");
+        }
     }
 }
