@@ -25,8 +25,9 @@ use esvm::outcome::{EXIT_ESVM_ERROR, EXIT_PANIC, EXIT_USAGE};
 )]
 struct Cli {
     /// Print what the command reports as one JSON document on stdout instead of text: `ctl`
-    /// (status, pause, resume, cancel, snapshot, vcpus, migrate), `guests`, `platform`,
-    /// `owner`. Errors stay text on stderr; the exit status is the same.
+    /// (status, pause, resume, cancel, snapshot, vcpus, migrate, shutdown,
+    /// launch-measurement, inject-secret), `guests`, `platform`, `owner`, `bench`. Errors
+    /// stay text on stderr; the exit status is the same.
     #[arg(long, global = true)]
     json: bool,
     /// Diagnostics on stderr: error, warn (the default), info, debug, trace, off, or a
@@ -194,7 +195,7 @@ fn main() -> ExitCode {
     log::init(cli.log_level.as_deref());
     let result = match cli.command {
         Command::Run(args) => run::run(args),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd, format),
         Command::Ctl(args) => ctl::run(args, format),
         Command::Receive(args) => receive::run(args),
         Command::Restore(args) => restore::run(args),

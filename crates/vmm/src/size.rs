@@ -191,4 +191,12 @@ mod tests {
             "guest memory 100 GiB is too large: esvm's guest memory map holds at most 3 GiB"
         );
     }
+
+    #[test]
+    fn formatted_sizes_parse_back() {
+        for s in ["1K", "5M", "256M", "1G"] {
+            let b = parse_size(s).unwrap();
+            assert_eq!(parse_size(&format_size(b).replace(' ', "")), Ok(b), "{s}");
+        }
+    }
 }

@@ -35,8 +35,8 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug)]
 pub struct IoBenchArgs {
-    /// Port writes per measurement.
-    #[arg(long, default_value_t = 200_000)]
+    /// Port writes per measurement (at least 1).
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub writes: u64,
     /// Repetitions; the best is reported.
     #[arg(long, default_value_t = 3)]
@@ -48,7 +48,8 @@ pub struct IoBenchArgs {
 
 #[derive(Args, Debug)]
 pub struct PspBenchArgs {
-    /// Guest memory moved per round, e.g. 256M.
+    /// Guest memory moved per round, e.g. 256M; at least 16M (smaller buffers time thread
+    /// start-up and scheduler noise, not the crypto) and a whole number of packets.
     #[arg(long, default_value = "256M", value_parser = parse_bytes)]
     pub buffer: u64,
     /// Bytes per transport packet (one SEND_UPDATE_DATA call).
@@ -68,8 +69,9 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 
 #[derive(Args, Debug)]
 pub struct CpuBenchArgs {
-    /// Loop iterations per measurement (each loop retires a few instructions per iteration).
-    #[arg(long, default_value_t = 20_000_000)]
+    /// Loop iterations per measurement (each loop retires 8 or 10 instructions per
+    /// iteration); any number from 1, the instruction counts are exact.
+    #[arg(long, default_value_t = 20_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub iterations: u64,
     /// Repetitions per loop and backend; the best (fastest) is reported.
     #[arg(long, default_value_t = 3)]
@@ -77,34 +79,89 @@ pub struct CpuBenchArgs {
     /// Skip the KVM column.
     #[arg(long)]
     pub no_kvm: bool,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Marker values the cpubench guest writes to port 0xF5 around its loop.
-const MARK_START: u32 = 0xE5B0_0001;
-const MARK_END: u32 = 0xE5B0_0002;
+const MARK_START: u32 = esvm_abi::boot::BENCH_MARKER_START;
+const MARK_END: u32 = esvm_abi::boot::BENCH_MARKER_END;
 
-#[derive(Debug, Clone, serde::Serialize)]
-struct Row {
-    loop_name: &'static str,
-    insns_per_iter: u64,
-    instructions: u64,
-    native_mips: f64,
-    emu_mips: f64,
-    /// Instructions the interpreter retired between the markers (exact, from virtual time).
-    emu_instructions: u64,
-    kvm_mips: Option<f64>,
+/// Smallest `bench psp --buffer` that measures the crypto. A 4 KiB buffer is timed in
+/// microseconds, the cost of starting the worker threads; a 1 MiB one in about 2 ms, less
+/// than a scheduler time slice, so on a busy machine one preemption decides a figure and the
+/// firmware and the raw limit, timed apart, come out in either order (ratios like 124% or
+/// 200% of the raw limit). From 16 MiB (tens of ms per timing) the ratios were stable
+/// below 100% even with the 2-core test machine at a load average of 8.
+pub const MIN_PSP_BUFFER: u64 = 16 << 20;
+
+/// Why a benchmark was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(
+        "the {guest} guest did not write both benchmark markers (0x{start:08X} and 0x{end:08X})"
+    )]
+    MissingMarkers {
+        guest: &'static str,
+        start: u32,
+        end: u32,
+    },
+    #[error("--buffer {} is too small to measure: give at least {} (smaller buffers are timed in microseconds to a few milliseconds, where thread start-up and a single preemption decide the figures, not the crypto)", format_size(*.0), format_size(MIN_PSP_BUFFER))]
+    PspBufferTooSmall(u64),
+    #[error("--buffer {} is not a whole number of --packet {packet} B packets: give a multiple of the packet size", format_size(*.buffer))]
+    PspBufferNotPackets { buffer: u64, packet: u64 },
+    #[error("--packet must be at least 1 byte")]
+    PspPacketZero,
+    #[error(transparent)]
+    Output(#[from] super::output::OutputError),
 }
 
-pub fn run(cmd: BenchCommand) -> Result<u8, Box<dyn std::error::Error>> {
+use esvm::size::format_size;
+
+use super::output::Format;
+
+/// One loop of `bench cpu`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CpuRow {
+    #[serde(rename = "loop")]
+    pub loop_name: String,
+    pub insns_per_iter: u64,
+    /// The loop's own instructions: iterations x instructions per iteration.
+    pub instructions: u64,
+    /// Instructions the interpreter retired between the markers (exact, from virtual time):
+    /// the loop's plus its call, return and marker writes.
+    pub emu_instructions: u64,
+    pub native_mips: f64,
+    pub emu_mips: f64,
+    pub kvm_mips: Option<f64>,
+    /// emu MIPS as a percentage of native MIPS.
+    pub emu_native_percent: f64,
+}
+
+/// What `bench cpu` prints.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CpuReport {
+    pub iterations: u64,
+    /// Repetitions per loop and backend; each figure is the best.
+    pub repeat: u32,
+    pub loops: Vec<CpuRow>,
+    /// Why there is no KVM column, if there is none.
+    pub kvm_skipped: Option<String>,
+}
+
+/// Print `report` as one JSON document on stdout (`esvm --json bench ...`).
+pub(crate) fn print_json(report: &impl serde::Serialize) -> Result<(), BenchError> {
+    Ok(Format::Json.emit(report, |_| String::new())?)
+}
+
+/// Runs `esvm bench`; with `format` JSON each bench prints its figures as one JSON document
+/// instead of tables.
+pub fn run(cmd: BenchCommand, format: Format) -> Result<u8, Box<dyn std::error::Error>> {
+    let json = format.is_json();
     match cmd {
-        BenchCommand::Cpu(args) => bench_cpu(&args),
-        BenchCommand::Psp(args) => bench_psp(&args),
-        BenchCommand::Io(args) => bench_io(&args),
-        BenchCommand::Migrate(args) => super::bench_migrate::run(&args),
-        BenchCommand::Linux(args) => super::bench_linux::run(&args),
+        BenchCommand::Cpu(args) => bench_cpu(&args, json),
+        BenchCommand::Psp(args) => bench_psp(&args, json),
+        BenchCommand::Io(args) => bench_io(&args, json),
+        BenchCommand::Migrate(args) => super::bench_migrate::run(&args, json),
+        BenchCommand::Linux(args) => super::bench_linux::run(&args, json),
     }
 }
 
@@ -136,29 +193,39 @@ fn guest_loop(
         Outcome::Exited(0) => {}
         other => return Err(format!("cpubench guest on {backend} ended with {other:?}").into()),
     }
-    marker_interval(&m, "cpubench", MARK_START, MARK_END)
+    Ok(marker_interval(&m, "cpubench", MARK_START, MARK_END)?)
 }
 
-/// Host seconds and virtual nanoseconds between a guest's two benchmark markers (port 0xF5).
+/// Host seconds and virtual nanoseconds between a guest's two benchmark markers (port 0xF5),
+/// from the last mark of each value: a guest may repeat a marker so that the repetition
+/// carries the exact virtual time of the first write (see the cpubench guest).
 fn marker_interval(
     m: &Machine,
-    guest: &str,
+    guest: &'static str,
     start: u32,
     end: u32,
-) -> Result<(f64, u64), Box<dyn std::error::Error>> {
-    let marks = m.devices().bench_marks();
-    let s = marks.iter().find(|k| k.value == start);
-    let e = marks.iter().find(|k| k.value == end);
+) -> Result<(f64, u64), BenchError> {
+    interval(m.devices().bench_marks(), guest, start, end)
+}
+
+fn interval(
+    marks: &[esvm_devices::BenchMark],
+    guest: &'static str,
+    start: u32,
+    end: u32,
+) -> Result<(f64, u64), BenchError> {
+    let s = marks.iter().rfind(|k| k.value == start);
+    let e = marks.iter().rfind(|k| k.value == end);
     match (s, e) {
-        (Some(s), Some(e)) => Ok((
+        (Some(s), Some(e)) if e.virtual_ns >= s.virtual_ns => Ok((
             e.host.duration_since(s.host).as_secs_f64(),
             e.virtual_ns - s.virtual_ns,
         )),
-        _ => Err(format!("the {guest} guest did not write both benchmark markers").into()),
+        _ => Err(BenchError::MissingMarkers { guest, start, end }),
     }
 }
 
-fn bench_cpu(args: &CpuBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+fn bench_cpu(args: &CpuBenchArgs, json: bool) -> Result<u8, Box<dyn std::error::Error>> {
     let kvm_ok = if args.no_kvm {
         Err("disabled with --no-kvm".to_string())
     } else {
@@ -167,14 +234,15 @@ fn bench_cpu(args: &CpuBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             .map_err(|e| e.to_string())
     };
     let n = args.iterations;
-    let mut rows = Vec::new();
+    let repeat = args.repeat.max(1);
+    let mut loops = Vec::new();
     for which in BenchLoop::ALL {
         let instructions = n * which.insns_per_iter();
         let mut native = f64::MAX;
         let mut emu = f64::MAX;
         let mut emu_insns = 0;
         let mut kvm: Option<f64> = None;
-        for _ in 0..args.repeat.max(1) {
+        for _ in 0..repeat {
             let t = Instant::now();
             std::hint::black_box(which.run_native(std::hint::black_box(n)));
             native = native.min(t.elapsed().as_secs_f64());
@@ -186,26 +254,40 @@ fn bench_cpu(args: &CpuBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
                 kvm = Some(kvm.map_or(secs, |k: f64| k.min(secs)));
             }
         }
-        rows.push(Row {
-            loop_name: which.name(),
+        let native_mips = mips(instructions, native);
+        let emu_mips = mips(emu_insns, emu);
+        loops.push(CpuRow {
+            loop_name: which.name().to_string(),
             insns_per_iter: which.insns_per_iter(),
             instructions,
-            native_mips: mips(instructions, native),
-            emu_mips: mips(emu_insns, emu),
             emu_instructions: emu_insns,
+            native_mips,
+            emu_mips,
             kvm_mips: kvm.map(|k| mips(instructions, k)),
+            emu_native_percent: 100.0 * emu_mips / native_mips,
         });
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(0);
+    let report = CpuReport {
+        iterations: n,
+        repeat,
+        loops,
+        kvm_skipped: kvm_ok.err(),
+    };
+    if json {
+        print_json(&report)?;
+    } else {
+        print!("{}", cpu_text(&report));
     }
-    println!(
-        "esvm bench cpu: {n} iterations per loop, best of {}",
-        args.repeat.max(1)
+    Ok(0)
+}
+
+fn cpu_text(r: &CpuReport) -> String {
+    let mut out = format!(
+        "esvm bench cpu: {} iterations per loop, best of {}\n",
+        r.iterations, r.repeat
     );
-    println!(
-        "{:<8} {:>10} {:>14} {:>14} {:>14} {:>16} {:>10}",
+    out += &format!(
+        "{:<8} {:>10} {:>14} {:>14} {:>14} {:>16} {:>10}\n",
         "loop",
         "insns/iter",
         "instructions",
@@ -214,41 +296,176 @@ fn bench_cpu(args: &CpuBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
         "kvm ring-3 MIPS",
         "emu/native"
     );
-    for r in &rows {
-        println!(
-            "{:<8} {:>10} {:>14} {:>14.0} {:>14.1} {:>16} {:>9.1}%",
-            r.loop_name,
-            r.insns_per_iter,
-            r.emu_instructions,
-            r.native_mips,
-            r.emu_mips,
-            r.kvm_mips
+    for l in &r.loops {
+        out += &format!(
+            "{:<8} {:>10} {:>14} {:>14.0} {:>14.1} {:>16} {:>9.1}%\n",
+            l.loop_name,
+            l.insns_per_iter,
+            l.emu_instructions,
+            l.native_mips,
+            l.emu_mips,
+            l.kvm_mips
                 .map(|k| format!("{k:.0}"))
                 .unwrap_or_else(|| "-".into()),
-            100.0 * r.emu_mips / r.native_mips
+            l.emu_native_percent
         );
     }
-    if let Err(reason) = kvm_ok {
-        println!("kvm: skipped: {reason}");
+    out += "instructions: retired by the software vCPU between the loop's markers (exact: the \
+            loop, its call and return, the marker writes)\n";
+    if let Some(reason) = &r.kvm_skipped {
+        out += &format!("kvm: skipped: {reason}\n");
     }
-    Ok(0)
+    out
 }
 
-fn bench_psp(args: &PspBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+/// One `bench psp` measurement (one thread count), in GiB/s.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PspRow {
+    /// Worker threads of SEND/RECEIVE_UPDATE_DATA and of the raw re-wrap.
+    pub threads: usize,
+    pub raw_aes_ctr_gib_s: f64,
+    pub raw_hmac_sha256_gib_s: f64,
+    pub raw_sha256_gib_s: f64,
+    /// Per-core limit of a page re-wrap: 1 / (1/AES + 1/HMAC).
+    pub rewrap_limit_gib_s: f64,
+    /// AES-128-CTR then HMAC-SHA256 per packet on `threads` threads, no firmware.
+    pub raw_rewrap_gib_s: f64,
+    pub launch_update_data_gib_s: f64,
+    pub send_update_data_gib_s: f64,
+    pub receive_update_data_gib_s: f64,
+    /// LAUNCH_UPDATE_DATA as a percentage of raw SHA-256.
+    pub launch_percent_of_sha256: f64,
+    /// SEND_UPDATE_DATA as a percentage of the raw re-wrap on as many threads.
+    pub send_percent_of_raw_rewrap: f64,
+    /// RECEIVE_UPDATE_DATA as a percentage of the raw re-wrap on as many threads.
+    pub receive_percent_of_raw_rewrap: f64,
+}
+
+/// What `bench psp` prints.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PspReport {
+    pub buffer_bytes: u64,
+    pub packet_bytes: u64,
+    /// Rounds per measurement; each figure is the best.
+    pub rounds: usize,
+    pub rows: Vec<PspRow>,
+}
+
+/// Refuse `bench psp` sizes that cannot give a meaningful figure.
+fn check_psp_sizes(buffer: u64, packet: u64) -> Result<(), BenchError> {
+    if packet == 0 {
+        return Err(BenchError::PspPacketZero);
+    }
+    if buffer < MIN_PSP_BUFFER {
+        return Err(BenchError::PspBufferTooSmall(buffer));
+    }
+    if !buffer.is_multiple_of(packet) {
+        return Err(BenchError::PspBufferNotPackets { buffer, packet });
+    }
+    Ok(())
+}
+
+fn bench_psp(args: &PspBenchArgs, json: bool) -> Result<u8, Box<dyn std::error::Error>> {
+    check_psp_sizes(args.buffer, args.packet)?;
     let mut threads = vec![1];
     if args.threads > 1 {
         threads.push(args.threads);
     }
+    let rounds = args.rounds.max(1);
+    let mut rows = Vec::new();
     for t in threads {
-        let figures = esvm_psp::bench::run(esvm_psp::bench::BenchConfig {
-            buffer_bytes: args.buffer as usize,
-            packet_bytes: args.packet as usize,
+        let f = esvm_psp::bench::run(esvm_psp::bench::BenchConfig {
+            buffer_bytes: usize::try_from(args.buffer)?,
+            packet_bytes: usize::try_from(args.packet)?,
             threads: t,
-            rounds: args.rounds.max(1),
+            rounds,
         })?;
-        println!("{figures}");
+        rows.push(PspRow {
+            threads: t,
+            raw_aes_ctr_gib_s: f.raw_aes_ctr,
+            raw_hmac_sha256_gib_s: f.raw_hmac_sha256,
+            raw_sha256_gib_s: f.raw_sha256,
+            rewrap_limit_gib_s: f.rewrap_limit,
+            raw_rewrap_gib_s: f.raw_rewrap_threads,
+            launch_update_data_gib_s: f.launch_update_data,
+            send_update_data_gib_s: f.send_update_data,
+            receive_update_data_gib_s: f.receive_update_data,
+            launch_percent_of_sha256: 100.0 * f.launch_efficiency(),
+            send_percent_of_raw_rewrap: 100.0 * f.send_efficiency(),
+            receive_percent_of_raw_rewrap: 100.0 * f.receive_efficiency(),
+        });
+        if !json {
+            print!(
+                "{}",
+                psp_text(
+                    args.buffer,
+                    args.packet,
+                    rounds,
+                    rows.last().expect("pushed")
+                )
+            );
+        }
+    }
+    if json {
+        print_json(&PspReport {
+            buffer_bytes: args.buffer,
+            packet_bytes: args.packet,
+            rounds,
+            rows,
+        })?;
     }
     Ok(0)
+}
+
+fn psp_text(buffer: u64, packet: u64, rounds: usize, r: &PspRow) -> String {
+    let t = r.threads;
+    let mut out = format!(
+        "buffer {}, packets {}, {t} thread(s), best of {rounds} round(s)\n",
+        format_size(buffer),
+        format_size(packet)
+    );
+    for (name, v) in [
+        ("raw AES-128-CTR (1 core)", r.raw_aes_ctr_gib_s),
+        ("raw HMAC-SHA256 (1 core)", r.raw_hmac_sha256_gib_s),
+        ("raw SHA-256 (1 core)", r.raw_sha256_gib_s),
+        ("re-wrap limit (1 core)", r.rewrap_limit_gib_s),
+        (&format!("raw re-wrap x{t} (measured)"), r.raw_rewrap_gib_s),
+    ] {
+        out += &format!("{name:<30}{v:7.2} GiB/s\n");
+    }
+    out += &format!(
+        "{:<30}{:7.2} GiB/s  ({:.0}% of SHA-256)\n",
+        "LAUNCH_UPDATE_DATA", r.launch_update_data_gib_s, r.launch_percent_of_sha256
+    );
+    for (name, v, pct) in [
+        (
+            "SEND_UPDATE_DATA",
+            r.send_update_data_gib_s,
+            r.send_percent_of_raw_rewrap,
+        ),
+        (
+            "RECEIVE_UPDATE_DATA",
+            r.receive_update_data_gib_s,
+            r.receive_percent_of_raw_rewrap,
+        ),
+    ] {
+        out += &format!(
+            "{:<30}{v:7.2} GiB/s  ({pct:.0}% of raw re-wrap x{t})\n",
+            format!("{name:<19} x{t}")
+        );
+    }
+    if [
+        r.launch_percent_of_sha256,
+        r.send_percent_of_raw_rewrap,
+        r.receive_percent_of_raw_rewrap,
+    ]
+    .iter()
+    .any(|&p| p > 100.0)
+    {
+        out += "note: a figure above 100% of its raw limit is measurement noise (other load on \
+                the machine, or rounds too short): give more --rounds or a larger --buffer\n";
+    }
+    out
 }
 
 const IO_MARK_START: u32 = 0xE5B0_0011;
@@ -293,7 +510,24 @@ fn io_round_trips(
     Ok(marker_interval(&m, "iobench", IO_MARK_START, IO_MARK_END)?.0)
 }
 
-fn bench_io(args: &IoBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+/// One path of `bench io`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IoRow {
+    pub path: String,
+    pub round_trips_per_s: f64,
+    pub us_each: f64,
+}
+
+/// What `bench io` prints.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IoReport {
+    pub writes: u64,
+    /// Repetitions; each figure is the best.
+    pub repeat: u32,
+    pub paths: Vec<IoRow>,
+}
+
+fn bench_io(args: &IoBenchArgs, json: bool) -> Result<u8, Box<dyn std::error::Error>> {
     let tmp;
     let platform = match &args.platform {
         Some(p) => p.clone(),
@@ -305,29 +539,127 @@ fn bench_io(args: &IoBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
     };
     let n = args.writes;
+    let repeat = args.repeat.max(1);
     let mut plain = f64::MAX;
     let mut sev = f64::MAX;
-    for _ in 0..args.repeat.max(1) {
+    for _ in 0..repeat {
         plain = plain.min(io_round_trips(n, None)?);
         sev = sev.min(io_round_trips(n, Some(&platform))?);
     }
     if args.platform.is_none() {
         let _ = std::fs::remove_dir_all(&platform);
     }
-    println!(
-        "esvm bench io: {n} writes to a null port, best of {}",
-        args.repeat.max(1)
-    );
+    let report = IoReport {
+        writes: n,
+        repeat,
+        paths: [
+            ("plain OUT exit (emu)", plain),
+            ("SEV-ES GHCB IOIO VMGEXIT (emu)", sev),
+        ]
+        .into_iter()
+        .map(|(path, secs)| IoRow {
+            path: path.to_string(),
+            round_trips_per_s: n as f64 / secs,
+            us_each: secs * 1e6 / n as f64,
+        })
+        .collect(),
+    };
+    if json {
+        print_json(&report)?;
+        return Ok(0);
+    }
+    println!("esvm bench io: {n} writes to a null port, best of {repeat}");
     println!("{:<34} {:>14} {:>12}", "path", "round trips/s", "us each");
-    for (name, secs) in [
-        ("plain OUT exit (emu)", plain),
-        ("SEV-ES GHCB IOIO VMGEXIT (emu)", sev),
-    ] {
+    for r in &report.paths {
         println!(
-            "{name:<34} {:>14.0} {:>12.3}",
-            n as f64 / secs,
-            secs * 1e6 / n as f64
+            "{:<34} {:>14.0} {:>12.3}",
+            r.path, r.round_trips_per_s, r.us_each
         );
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn mark(value: u32, virtual_ns: u64, host: Instant) -> esvm_devices::BenchMark {
+        esvm_devices::BenchMark {
+            value,
+            virtual_ns,
+            host,
+        }
+    }
+
+    #[test]
+    fn marker_interval_takes_the_last_mark_of_each_value() {
+        let t = Instant::now();
+        let marks = [
+            mark(MARK_START, 10, t),
+            mark(MARK_START, 16, t),
+            mark(MARK_END, 16, t + Duration::from_millis(5)),
+            mark(MARK_END, 2_000_032, t + Duration::from_millis(7)),
+        ];
+        let (secs, insns) = interval(&marks, "cpubench", MARK_START, MARK_END).unwrap();
+        assert_eq!(insns, 2_000_016);
+        assert!((secs - 0.007).abs() < 1e-9, "{secs}");
+        assert!(matches!(
+            interval(&marks[..2], "cpubench", MARK_START, MARK_END),
+            Err(BenchError::MissingMarkers { .. })
+        ));
+    }
+
+    #[test]
+    fn psp_sizes_too_small_or_not_whole_packets_are_refused() {
+        assert!(check_psp_sizes(256 << 20, 4096).is_ok());
+        assert!(check_psp_sizes(MIN_PSP_BUFFER, 4096).is_ok());
+        let e = check_psp_sizes(1024, 4096).unwrap_err();
+        assert!(matches!(e, BenchError::PspBufferTooSmall(1024)));
+        assert!(e.to_string().contains("--buffer 1 KiB is too small"), "{e}");
+        assert!(e.to_string().contains("at least 16 MiB"), "{e}");
+        let e = check_psp_sizes(16 << 20, 3000).unwrap_err();
+        assert!(e.to_string().contains("--packet 3000 B"), "{e}");
+        assert!(matches!(
+            check_psp_sizes(16 << 20, 0),
+            Err(BenchError::PspPacketZero)
+        ));
+    }
+
+    fn psp_row(send: f64) -> PspRow {
+        PspRow {
+            threads: 2,
+            raw_aes_ctr_gib_s: 1.0,
+            raw_hmac_sha256_gib_s: 2.0,
+            raw_sha256_gib_s: 2.0,
+            rewrap_limit_gib_s: 0.67,
+            raw_rewrap_gib_s: 1.2,
+            launch_update_data_gib_s: 1.8,
+            send_update_data_gib_s: send,
+            receive_update_data_gib_s: 1.0,
+            launch_percent_of_sha256: 90.0,
+            send_percent_of_raw_rewrap: 100.0 * send / 1.2,
+            receive_percent_of_raw_rewrap: 83.3,
+        }
+    }
+
+    #[test]
+    fn psp_text_shows_format_sizes_and_flags_ratios_above_the_limit() {
+        let t = psp_text(1 << 30, 4096, 3, &psp_row(1.08));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "buffer 1 GiB, packets 4 KiB, 2 thread(s), best of 3 round(s)"
+        );
+        assert_eq!(
+            lines[7],
+            "SEND_UPDATE_DATA    x2           1.08 GiB/s  (90% of raw re-wrap x2)"
+        );
+        assert_eq!(lines.len(), 9, "{t}");
+        assert!(!t.contains("note:"));
+        let t = psp_text(16 << 20, 4096, 1, &psp_row(1.5));
+        assert!(t.starts_with("buffer 16 MiB,"), "{t}");
+        assert!(t.contains("(125% of raw re-wrap x2)"), "{t}");
+        assert!(t.contains("note: a figure above 100%"), "{t}");
+    }
 }

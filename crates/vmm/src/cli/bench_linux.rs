@@ -313,7 +313,7 @@ fn best<T>(runs: Vec<T>, phases: impl Fn(&T) -> &Phases) -> Option<T> {
         .min_by_key(|r| phases(r).at[2].map(|(t, _)| t))
 }
 
-pub fn run(args: &LinuxBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+pub fn run(args: &LinuxBenchArgs, json: bool) -> Result<u8, Box<dyn std::error::Error>> {
     let read = |path: &PathBuf| {
         std::fs::read(path).map_err(|source| LinuxBenchError::Read {
             path: path.clone(),
@@ -353,6 +353,10 @@ pub fn run(args: &LinuxBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let e = best(esvm_runs, |b| &b.phases).expect("at least one boot");
     let q = best(qemu_runs, |p| p);
     let sev = best(sev_runs, |b| &b.phases);
+    if json {
+        super::bench::print_json(&report(args, &e.phases, q.as_ref(), sev.as_ref()))?;
+        return Ok(0);
+    }
     println!(
         "Linux boot, best of {repeat}: kernel {}, initrd {}",
         args.kernel.display(),
@@ -384,6 +388,106 @@ pub fn run(args: &LinuxBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
     }
     Ok(0)
+}
+
+/// One phase of `bench linux`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LinuxPhase {
+    pub phase: String,
+    pub esvm_wall_s: f64,
+    pub esvm_instructions: u64,
+    pub esvm_mips: f64,
+    /// QEMU TCG's wall time (absent with --qemu none).
+    pub qemu_wall_s: Option<f64>,
+    /// esvm wall / QEMU wall.
+    pub esvm_over_qemu: Option<f64>,
+    /// The SEV-ES boot (with --sev-es): its wall time, including its launch.
+    pub sev_es_wall_s: Option<f64>,
+    pub sev_es_instructions: Option<u64>,
+    /// SEV-ES wall / plain wall.
+    pub sev_es_over_plain: Option<f64>,
+}
+
+/// VMGEXITs of one kind.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LinuxVmgexits {
+    /// The request's name (AMD APM / GHCB specification), or `unknown`.
+    pub request: String,
+    /// `ghcb` (SW_EXITCODE), `msr` (MSR-protocol GHCBInfo) or `unreadable`.
+    pub protocol: String,
+    pub code: Option<u64>,
+    pub count: u64,
+}
+
+/// What `bench linux` prints.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LinuxReport {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub mem_bytes: u64,
+    /// Boots per side; each side's figures are of its fastest boot.
+    pub repeat: u32,
+    pub phases: Vec<LinuxPhase>,
+    /// The SEV-ES launch, LAUNCH_START to LAUNCH_FINISH (with --sev-es).
+    pub sev_es_launch_s: Option<f64>,
+    /// The SEV-ES boot's VMGEXITs, most frequent first (with --sev-es).
+    pub sev_es_vmgexits: Option<Vec<LinuxVmgexits>>,
+}
+
+fn report(
+    args: &LinuxBenchArgs,
+    e: &Phases,
+    q: Option<&Phases>,
+    sev: Option<&Boot>,
+) -> LinuxReport {
+    let phases = PHASES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let (et, insns) = at(e, i);
+            let qt = q.and_then(|q| q.at[i]).map(|(t, _)| t.as_secs_f64());
+            let s = sev.map(|s| at(&s.phases, i));
+            LinuxPhase {
+                phase: name.to_string(),
+                esvm_wall_s: et,
+                esvm_instructions: insns,
+                esvm_mips: insns as f64 / et / 1e6,
+                qemu_wall_s: qt,
+                esvm_over_qemu: qt.map(|qt| et / qt),
+                sev_es_wall_s: s.map(|(st, _)| st),
+                sev_es_instructions: s.map(|(_, sn)| sn),
+                sev_es_over_plain: s.map(|(st, _)| st / et),
+            }
+        })
+        .collect();
+    LinuxReport {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        mem_bytes: args.mem,
+        repeat: args.repeat.max(1),
+        phases,
+        sev_es_launch_s: sev.and_then(|s| s.launch).map(|d| d.as_secs_f64()),
+        sev_es_vmgexits: sev.and_then(|s| s.vmgexits.as_ref()).map(|c| {
+            c.by_count()
+                .into_iter()
+                .map(|(k, count)| {
+                    let (protocol, code) = match k {
+                        VmgexitKind::Ghcb(code) => ("ghcb", Some(code)),
+                        VmgexitKind::Msr(info) => ("msr", Some(u64::from(info))),
+                        VmgexitKind::Unreadable => ("unreadable", None),
+                    };
+                    LinuxVmgexits {
+                        request: k.name().unwrap_or("unknown").to_string(),
+                        protocol: protocol.to_string(),
+                        code,
+                        count,
+                    }
+                })
+                .collect()
+        }),
+    }
 }
 
 /// The wall time (s) of phase `i`, and its guest instructions (0 if not counted).
@@ -564,6 +668,53 @@ mod tests {
         assert_eq!(lines[5], "| MSR protocol CPUID_REQ | 0x004 | 1 | 0.0% |");
         assert_eq!(lines[6], "| unreadable GHCB | - | 1 | 0.0% |");
         assert_eq!(lines.len(), 7);
+    }
+
+    #[test]
+    fn json_report_carries_every_phase_and_the_vmgexits() {
+        let args = LinuxBenchArgs {
+            kernel: "bzImage".into(),
+            initrd: "initrd".into(),
+            cmdline: "console=ttyS0".into(),
+            mem: 256 << 20,
+            repeat: 2,
+            qemu: "none".into(),
+            timeout_s: 1,
+            sev_es: true,
+            platform: Some("plat".into()),
+        };
+        let plain = phases([1.0, 2.0, 4.0], [100_000_000, 200_000_000, 300_000_000]);
+        let mut vmgexits = VmgexitCounts::default();
+        vmgexits.record(VmgexitKind::Ghcb(0x7b));
+        vmgexits.record(VmgexitKind::Ghcb(0x7b));
+        vmgexits.record(VmgexitKind::Msr(0x004));
+        let sev = Boot {
+            phases: phases([1.5, 3.0, 5.0], [110, 220, 330]),
+            launch: Some(Duration::from_millis(250)),
+            vmgexits: Some(vmgexits),
+        };
+        let text = serde_json::to_string(&report(&args, &plain, None, Some(&sev))).unwrap();
+        let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let p = r["phases"].as_array().unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[1]["phase"], "entry to end of workload");
+        assert_eq!(p[1]["esvm_instructions"], 200_000_000);
+        assert_eq!(p[1]["esvm_mips"], 100.0);
+        assert_eq!(p[1]["qemu_wall_s"], serde_json::Value::Null);
+        assert_eq!(p[2]["sev_es_over_plain"], 1.25);
+        assert_eq!(p[2]["sev_es_instructions"], 330);
+        assert_eq!(r["sev_es_launch_s"], 0.25);
+        let v = r["sev_es_vmgexits"].as_array().unwrap();
+        assert_eq!(v[0]["request"], "IOIO");
+        assert_eq!(
+            (v[0]["code"].as_u64(), v[0]["count"].as_u64()),
+            (Some(0x7b), Some(2))
+        );
+        assert_eq!(v[1]["protocol"], "msr");
+        let q = phases([2.0, 4.0, 8.0], [0, 0, 0]);
+        let r = report(&args, &plain, Some(&q), None);
+        assert_eq!(r.phases[0].esvm_over_qemu, Some(0.5));
+        assert!(r.sev_es_vmgexits.is_none() && r.phases[0].sev_es_wall_s.is_none());
     }
 
     #[test]

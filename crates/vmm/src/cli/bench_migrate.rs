@@ -20,7 +20,8 @@ use esvm::outcome::Outcome;
 
 #[derive(Args, Debug)]
 pub struct MigrateBenchArgs {
-    /// Guest memory sizes, comma-separated.
+    /// Guest memory sizes, comma-separated. Each must hold the guest and its dirty buffer
+    /// (--dirty-mib); sizes are checked before the first migration starts.
     #[arg(long, default_value = "256M,1G", value_delimiter = ',', value_parser = parse_bytes)]
     pub sizes: Vec<u64>,
     /// The dirtying workload's buffer: the demo guest rewrites one word in each of 16 pages
@@ -30,7 +31,8 @@ pub struct MigrateBenchArgs {
     /// Downtime limit of the pre-copy engine, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
-    /// How long the guest runs before the migration starts, in milliseconds.
+    /// How long the guest runs before the migration starts, in milliseconds; its
+    /// instructions per second over this time are the row's guest MIPS.
     #[arg(long, default_value_t = 500)]
     pub warmup_ms: u64,
     /// Migrations per scenario; the row shows the one with the median first-pass
@@ -48,10 +50,41 @@ pub struct MigrateBenchArgs {
     /// The initramfs for --kernel (esvm's, with its init).
     #[arg(long, value_name = "PATH", requires = "kernel")]
     pub initrd: Option<std::path::PathBuf>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
 }
+
+/// Bytes the guest runtime may allocate before the demo takes its dirty buffer (an SEV-ES
+/// guest splits huge pages into page tables of its own to share its GHCB).
+const RUNTIME_RESERVE: u64 = 64 << 10;
+
+/// Why `bench migrate` refused its arguments.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateBenchError {
+    #[error("--sizes {}: the {guest} guest has {} free there, too little for its {dirty_mib} MiB dirty buffer (--dirty-mib); give sizes of at least {} or a smaller --dirty-mib", format_size(*size), format_size(*free), format_size(*min))]
+    TooSmall {
+        size: u64,
+        guest: &'static str,
+        dirty_mib: u64,
+        free: u64,
+        min: u64,
+    },
+    #[error("--sizes {}: the {guest} guest does not load into that much memory; give a larger size", format_size(*size))]
+    Load {
+        size: u64,
+        guest: &'static str,
+        #[source]
+        source: esvm::machine::MachineError,
+    },
+    #[error("--sizes {}: an SEV-ES Linux guest needs at least {} (its kernel's bounce buffer for device I/O); give larger sizes or --guests plain", format_size(*size), format_size(crate::cli::run::MIN_SEV_LINUX_MEM))]
+    SevLinuxTooSmall { size: u64 },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+use esvm::size::format_size;
 
 /// The command line of a migrated Linux: esvm's init runs a shell, which idles.
 const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 cryptomgr.notests esvm.run=shell";
@@ -93,6 +126,7 @@ struct Row {
     /// An SEV-ES guest: pages and VMSAs through SEND_*/RECEIVE_* of two platforms.
     sev_es: bool,
     mem_mib: u64,
+    mem_bytes: u64,
     workload: String,
     /// Every page was written (pseudo-random bytes) before boot, so all memory travels.
     populated: bool,
@@ -109,9 +143,25 @@ struct Row {
     final_pass_pages: u64,
     estimated_downtime_ms: Option<f64>,
     downtime_ms: f64,
-    /// Guest instructions per second on the source before the migration (the guest is a
-    /// busy CPU loop in every workload).
+    /// Guest instructions per second (millions) on the source during the warm-up before
+    /// the migration, counted exactly between two stops of the vCPU (the demo guest is a
+    /// busy CPU loop in every workload; an idle Linux mostly halts).
     source_mips: f64,
+}
+
+/// What `bench migrate` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+struct MigrateReport {
+    /// `demo` or `linux`.
+    guest: &'static str,
+    backend: &'static str,
+    downtime_limit_ms: u64,
+    warmup_ms: u64,
+    /// Migrations per row (the row is the median).
+    repeat: u32,
+    /// This machine's rate for fresh anonymous memory (a cold destination's ceiling).
+    fault_in_gib_s: f64,
+    rows: Vec<Row>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -261,6 +311,93 @@ fn start_source(
     Ok((h, t, up))
 }
 
+/// The guest's speed over `warmup`: the run loop publishes its instruction count only
+/// between slices of up to 10 M instructions, so the count is read with the vCPU stopped
+/// (then it is exact) before and after, and the time is the time it ran in between.
+fn guest_mips(h: &MachineHandle, warmup: Duration) -> Result<f64, Box<dyn Error>> {
+    let stopped = h.control.stop(esvm::runctl::PARK_TIMEOUT)?;
+    let i0 = h.control.instructions();
+    drop(stopped);
+    let t0 = Instant::now();
+    std::thread::sleep(warmup);
+    let stopped = h.control.stop(esvm::runctl::PARK_TIMEOUT)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let i1 = h.control.instructions();
+    drop(stopped);
+    Ok(i1.saturating_sub(i0) as f64 / secs / 1e6)
+}
+
+/// Refuse sizes the guests cannot run at, before any migration: load each guest the
+/// scenarios run into a machine of each size (guest memory is reserved lazily, so this is
+/// cheap) and check the room left for the dirty buffer.
+fn check_sizes(
+    args: &MigrateBenchArgs,
+    linux: Option<&LinuxGuest>,
+) -> Result<(), MigrateBenchError> {
+    let wants = |g: &str| args.guests.iter().any(|x| x == g);
+    for &size in &args.sizes {
+        let config = MachineConfig {
+            backend: BackendKind::Emu,
+            vm_type: VmType::Plain,
+            mem_size: size,
+            vcpus: 1,
+            max_instructions: None,
+        };
+        if let Some(linux) = linux {
+            if wants("sev-es") && size < crate::cli::run::MIN_SEV_LINUX_MEM {
+                return Err(MigrateBenchError::SevLinuxTooSmall { size });
+            }
+            let load = || -> Result<(), esvm::machine::MachineError> {
+                let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+                m.load_linux(&esvm_loader::linux::LinuxImage {
+                    name: "bench kernel",
+                    kernel: &linux.kernel,
+                    initrd: Some(&linux.initrd),
+                    cmdline: LINUX_CMDLINE,
+                })?;
+                Ok(())
+            };
+            load().map_err(|source| MigrateBenchError::Load {
+                size,
+                guest: "Linux",
+                source,
+            })?;
+            continue;
+        }
+        for (kind, guest, reserve) in [("plain", "demo", 0), ("sev-es", "sevdemo", RUNTIME_RESERVE)]
+        {
+            if !wants(kind) {
+                continue;
+            }
+            let load = || -> Result<u64, esvm::machine::MachineError> {
+                let elf = esvm_guests::builtin(guest)
+                    .map(|g| g.elf)
+                    .unwrap_or_default();
+                let mut m = Machine::new(&config, Box::new(std::io::sink()))?;
+                let bi = m.load(elf, "")?.boot_info;
+                Ok(bi.mem_size.saturating_sub(bi.free_start))
+            };
+            let free = load().map_err(|source| MigrateBenchError::Load {
+                size,
+                guest,
+                source,
+            })?;
+            let need = (args.dirty_mib << 20) + reserve;
+            if free < need {
+                let min = (size - free + need).next_multiple_of(1 << 20);
+                return Err(MigrateBenchError::TooSmall {
+                    size,
+                    guest,
+                    dirty_mib: args.dirty_mib,
+                    free,
+                    min,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One row of the table.
 #[derive(Debug, Clone, Copy)]
 struct Scenario {
@@ -301,10 +438,7 @@ fn one(
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let i0 = h.control.instructions();
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_millis(args.warmup_ms));
-    let source_mips = (h.control.instructions() - i0) as f64 / t0.elapsed().as_secs_f64() / 1e6;
+    let source_mips = guest_mips(&h, Duration::from_millis(args.warmup_ms))?;
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -371,6 +505,7 @@ fn one(
     Ok(Row {
         sev_es: sev,
         mem_mib: mem >> 20,
+        mem_bytes: mem,
         workload: if linux.is_some() {
             "Linux, booted, idle shell".into()
         } else if dirty_mib == 0 {
@@ -408,7 +543,21 @@ fn fault_in_rate() -> Result<f64, Box<dyn std::error::Error>> {
     Ok(0.25 / t.elapsed().as_secs_f64())
 }
 
-pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+pub fn run(args: &MigrateBenchArgs, json: bool) -> Result<u8, Box<dyn std::error::Error>> {
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|source| MigrateBenchError::Read {
+            path: path.clone(),
+            source,
+        })
+    };
+    let linux = match (&args.kernel, &args.initrd) {
+        (Some(k), Some(i)) => Some(LinuxGuest {
+            kernel: Arc::new(read(k)?),
+            initrd: Arc::new(read(i)?),
+        }),
+        _ => None,
+    };
+    check_sizes(args, linux.as_ref())?;
     let fault_in = fault_in_rate()?;
     let sc = |dirty_mib, populated, prealloc, stopped| Scenario {
         sev: false,
@@ -436,13 +585,6 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             ..sc(0, true, true, true)
         },
     ];
-    let linux = match (&args.kernel, &args.initrd) {
-        (Some(k), Some(i)) => Some(LinuxGuest {
-            kernel: Arc::new(std::fs::read(k).map_err(|e| format!("{}: {e}", k.display()))?),
-            initrd: Arc::new(std::fs::read(i).map_err(|e| format!("{}: {e}", i.display()))?),
-        }),
-        _ => None,
-    };
     // A Linux guest: its own memory as it booted (not populated), to a preallocated
     // destination, while it runs.
     let linux_scenarios = [
@@ -467,30 +609,33 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
             }
             runs.sort_by(|a, b| a.first_pass_gib_s.total_cmp(&b.first_pass_gib_s));
             let row = runs.swap_remove(runs.len() / 2);
-            if !args.json {
+            if !json {
                 eprintln!(
-                    "{}{} MiB {}{} ({}, {} destination): {:.2} GiB/s, downtime {:.2} ms",
+                    "{}{} {}{} ({}, {} destination): {:.2} GiB/s, downtime {:.2} ms, guest {:.0} MIPS",
                     if sc.sev { "SEV-ES " } else { "" },
-                    row.mem_mib,
+                    format_size(row.mem_bytes),
                     row.workload,
                     if sc.stopped { ", guest stopped" } else { "" },
                     if sc.populated { "populated" } else { "fresh" },
                     if sc.prealloc { "preallocated" } else { "cold" },
                     row.first_pass_gib_s,
-                    row.downtime_ms
+                    row.downtime_ms,
+                    row.source_mips
                 );
             }
             rows.push(row);
         }
     }
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "fault_in_gib_s": fault_in,
-                "rows": rows,
-            }))?
-        );
+    if json {
+        super::bench::print_json(&MigrateReport {
+            guest: if linux.is_some() { "linux" } else { "demo" },
+            backend: "emu",
+            downtime_limit_ms: args.downtime_ms,
+            warmup_ms: args.warmup_ms,
+            repeat: args.repeat.max(1),
+            fault_in_gib_s: fault_in,
+            rows,
+        })?;
         return Ok(0);
     }
     println!(
@@ -511,9 +656,9 @@ pub fn run(args: &MigrateBenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
     println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {}{} MiB | {} | {} | {} | {:.1} MiB | {} | {:.2} | {:.2} | {} | {:.2} ({}) | {:.0} | {:.0} |",
+            "| {}{} | {} | {} | {} | {:.1} MiB | {} | {:.2} | {:.2} | {} | {:.2} ({}) | {:.0} | {:.0} |",
             if r.sev_es { "SEV-ES " } else { "" },
-            r.mem_mib,
+            format_size(r.mem_bytes),
             if r.stopped {
                 format!("{} (guest stopped)", r.workload)
             } else {
