@@ -390,8 +390,9 @@ fn migration_chain_over_loopback_keeps_the_guest_exact() {
     assert!(st["migration"].is_null(), "{st}");
 
     // Refusals and a failed attempt first: the VM is unaffected.
+    // Refused as a usage error before the VM is asked (the URL parser runs in `esvm ctl`).
     let o = ctl(&sa, &["migrate", "udp://127.0.0.1:1"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_ne!(o.status.code(), Some(0));
     assert!(
         text(&o.stderr).contains("unsupported migration URL"),
         "{}",
