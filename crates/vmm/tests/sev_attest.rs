@@ -151,7 +151,7 @@ fn owner_attests_a_waiting_launch_and_its_guest_gets_the_secret() {
 
     // Waiting: `starting`, launch pending, nothing of the guest ran.
     let status: serde_json::Value =
-        serde_json::from_str(&ok(ctl(&sock, &["status"]), "status")).unwrap();
+        serde_json::from_str(&ok(ctl(&sock, &["status", "--json"]), "status")).unwrap();
     assert_eq!(status["state"], "starting", "{status}");
     assert_eq!(status["launch_pending"], true, "{status}");
     assert_eq!(status["instructions"], 0, "{status}");
@@ -272,7 +272,7 @@ fn owner_attests_a_waiting_launch_and_its_guest_gets_the_secret() {
         "must be built from this launch's measurement",
     );
     let status: serde_json::Value =
-        serde_json::from_str(&ok(ctl(&sock, &["status"]), "status")).unwrap();
+        serde_json::from_str(&ok(ctl(&sock, &["status", "--json"]), "status")).unwrap();
     assert_eq!(status["launch_pending"], true, "{status}");
 
     ok(
@@ -513,7 +513,7 @@ fn launch_requests_are_refused_where_no_launch_waits() {
         "the launch is over",
     );
     let status: serde_json::Value =
-        serde_json::from_str(&ok(ctl(&sock, &["status"]), "status")).unwrap();
+        serde_json::from_str(&ok(ctl(&sock, &["status", "--json"]), "status")).unwrap();
     assert_eq!(status["state"], "running", "{status}");
     assert!(status.get("launch_pending").is_none(), "{status}");
     vm.kill();

@@ -271,7 +271,8 @@ fn a_polling_client_sees_the_end() {
     assert_eq!(p.wait(EXIT_TIMEOUT), 7);
 }
 
-/// `esvm receive --listen tcp:127.0.0.1:0`; returns it and its address.
+/// `esvm receive --listen tcp:127.0.0.1:0`; returns it and the URL it prints (the one to
+/// give `migrate`).
 fn receiver() -> (Proc, String) {
     let mut p = Proc::spawn(None, &["receive", "--listen", "tcp:127.0.0.1:0"]);
     let err = p.wait_stderr("listening on ", EXIT_TIMEOUT);
@@ -281,7 +282,8 @@ fn receiver() -> (Proc, String) {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap()
         .to_string();
-    (p, format!("tcp:{addr}"))
+    assert!(addr.starts_with("tcp://"), "{err}");
+    (p, addr)
 }
 
 /// Wait until the source's migration copies memory (pre-copy: the destination has part of
