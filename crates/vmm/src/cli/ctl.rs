@@ -46,6 +46,11 @@ pub struct CtlArgs {
     /// after the subcommand.
     #[arg(long, value_name = "PATH", global = true, env = "ESVM_API_SOCKET")]
     pub api_socket: Option<PathBuf>,
+    /// Wait up to SECS seconds for the API socket to accept connections: for a VM that was
+    /// just started in the background and may not listen yet. Without it, a missing socket
+    /// is an error at once.
+    #[arg(long, value_name = "SECS", global = true)]
+    pub wait: Option<u64>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -224,7 +229,7 @@ pub fn run(args: CtlArgs, format: Format) -> Result<u8, Box<dyn std::error::Erro
 
 fn run_with(args: CtlArgs, format: Format, poll: Duration) -> Result<u8, CtlError> {
     let socket = args.api_socket.ok_or(CtlError::NoApiSocket)?;
-    let mut client = ApiClient::connect_with_timeout(&socket, REPLY_TIMEOUT)?;
+    let mut client = connect(&socket, args.wait.map(Duration::from_secs))?;
     let (name, request) = match args.command {
         CtlCommand::Status => {
             let status = client.status()?;
@@ -422,6 +427,22 @@ fn vcpus_text(vcpus: &[VcpuView]) -> String {
         }
     }
     t
+}
+
+/// Connect to the VM's API socket; with `wait`, keep trying while nothing listens there yet
+/// (the socket does not exist or refuses), until `wait` has passed.
+fn connect(socket: &std::path::Path, wait: Option<Duration>) -> Result<ApiClient, ClientError> {
+    let deadline = Instant::now() + wait.unwrap_or_default();
+    loop {
+        match ApiClient::connect_with_timeout(socket, REPLY_TIMEOUT) {
+            Err(ClientError::NoServer { .. } | ClientError::ConnectionRefused { .. })
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// `esvm ctl launch-measurement`: print the measurement (human-readable or JSON) and write
@@ -819,6 +840,7 @@ mod tests {
     fn without_a_socket_it_says_how_to_give_one() {
         let args = CtlArgs {
             api_socket: None,
+            wait: None,
             command: CtlCommand::Status,
         };
         let err = run_with(args, Format::Human, Duration::from_millis(1)).unwrap_err();
@@ -971,6 +993,43 @@ mod tests {
         );
         assert!(canceller.join().unwrap());
         assert_eq!(vm.target.state(), VmState::Running);
+    }
+
+    /// `--wait` reaches a VM whose socket appears later, and gives up after its time when
+    /// none does.
+    #[test]
+    fn wait_reaches_a_socket_that_appears_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("late.sock");
+        let late = path.clone();
+        let server = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            ApiServer::spawn(
+                &late,
+                Arc::new(MockTarget::new(VmType::Plain)) as Arc<dyn ControlTarget + Send + Sync>,
+            )
+            .unwrap()
+        });
+        let p = path.to_str().unwrap();
+        let args = parse(&["--api-socket", p, "status", "--wait", "10"]).unwrap();
+        assert_eq!(
+            run_with(args, Format::Json, Duration::from_millis(1)).unwrap(),
+            0
+        );
+        drop(server.join().unwrap());
+
+        let none = dir.path().join("never.sock");
+        let args = parse(&[
+            "--wait",
+            "1",
+            "--api-socket",
+            none.to_str().unwrap(),
+            "status",
+        ]);
+        let start = Instant::now();
+        let err = run_with(args.unwrap(), Format::Json, Duration::from_millis(1)).unwrap_err();
+        assert!(start.elapsed() >= Duration::from_secs(1), "{err}");
+        assert!(err.to_string().contains("no API socket"), "{err}");
     }
 
     #[test]
