@@ -103,15 +103,21 @@ fn long_version() -> String {
 fn command() -> clap::Command {
     // clap takes these texts as &'static str; they are made once per process.
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    Cli::command()
-        .long_version(leak(long_version()))
-        .after_help(leak(format!(
-            "Exit status of `esvm run`, `esvm receive` and `esvm restore`:\n{}\n\
-             The other commands exit 0 on success, {EXIT_USAGE} on a usage error, \
-             {EXIT_ESVM_ERROR} when they fail and {EXIT_PANIC} on a bug; `esvm ctl` exits 1 \
-             when the VM refuses the request.",
-            esvm::outcome::exit_status_table()
-        )))
+    let table = leak(format!(
+        "Exit status of `esvm run`, `esvm receive` and `esvm restore`:\n{}",
+        esvm::outcome::exit_status_table()
+    ));
+    // The commands that run a guest show the table in their own --help too.
+    ["run", "receive", "restore"].into_iter().fold(
+        Cli::command()
+            .long_version(leak(long_version()))
+            .after_help(leak(format!(
+                "{table}\nThe other commands exit 0 on success, {EXIT_USAGE} on a usage error, \
+                 {EXIT_ESVM_ERROR} when they fail and {EXIT_PANIC} on a bug; `esvm ctl` exits \
+                 1 when the VM refuses the request."
+            ))),
+        |cmd, name| cmd.mut_subcommand(name, |sub| sub.after_help(table)),
+    )
 }
 
 /// Parse the command line. Help and version requests print and exit 0; a bad command line

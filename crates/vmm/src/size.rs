@@ -10,10 +10,6 @@ use thiserror::Error;
 /// What a bare number counts: MiB.
 pub const DEFAULT_UNIT_SHIFT: u32 = 20;
 
-/// The help text's sentence about sizes, for `--help` of every size option.
-pub const SIZE_HELP: &str = "A bare number means MiB; units K, M, G (or KiB, MiB, GiB) and B \
-                             (bytes) are accepted";
-
 /// Why a size could not be parsed or is not usable.
 #[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -150,13 +150,20 @@ fn usage_errors_exit_120_and_help_lists_every_status() {
         assert_eq!(o.status.code(), Some(120));
         assert!(!text(&o.stderr).is_empty());
     }
-    for flag in ["--help", "-h"] {
-        let o = Command::new(ESVM).arg(flag).output().unwrap();
+    // The top-level help and the help of each command that runs a guest.
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["run", "--help"],
+        &["receive", "--help"],
+        &["restore", "--help"],
+    ] {
+        let o = Command::new(ESVM).args(args).output().unwrap();
         assert_eq!(o.status.code(), Some(0));
         let help = text(&o.stdout);
         for row in EXIT_STATUSES {
             let line = format!("{}  {}", status_text(&row), row.meaning);
-            assert!(help.contains(&line), "{flag}: no {line:?} in\n{help}");
+            assert!(help.contains(&line), "{args:?}: no {line:?} in\n{help}");
         }
     }
 }

@@ -48,11 +48,13 @@ pub struct IoBenchArgs {
 
 #[derive(Args, Debug)]
 pub struct PspBenchArgs {
-    /// Guest memory moved per round, e.g. 256M; at least 16M (smaller buffers time thread
-    /// start-up and scheduler noise, not the crypto) and a whole number of packets.
+    /// Guest memory moved per round, e.g. 256M (a bare number means MiB); at least 16M
+    /// (smaller buffers time thread start-up and scheduler noise, not the crypto) and a
+    /// whole number of packets.
     #[arg(long, default_value = "256M", value_parser = parse_bytes)]
     pub buffer: u64,
-    /// Bytes per transport packet (one SEND_UPDATE_DATA call).
+    /// Size of a transport packet (one SEND_UPDATE_DATA call), e.g. 4K or 4096B (a bare
+    /// number means MiB, as for every size).
     #[arg(long, default_value = "4K", value_parser = parse_bytes)]
     pub packet: u64,
     /// Worker threads for SEND/RECEIVE (also reported: 1 thread).

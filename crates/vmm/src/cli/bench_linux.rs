@@ -48,7 +48,7 @@ pub struct LinuxBenchArgs {
         default_value = "console=ttyS0 reboot=k panic=-1 cryptomgr.notests esvm.run=workload"
     )]
     pub cmdline: String,
-    /// Guest RAM of both runs.
+    /// Guest RAM of both runs, e.g. 256M (a bare number means MiB).
     #[arg(long, default_value = "256M", value_parser = parse_mem)]
     pub mem: u64,
     /// Boots per side; the best (fastest to reboot) is reported.

@@ -20,7 +20,8 @@ use esvm::outcome::Outcome;
 
 #[derive(Args, Debug)]
 pub struct MigrateBenchArgs {
-    /// Guest memory sizes, comma-separated. Each must hold the guest and its dirty buffer
+    /// Guest memory sizes, comma-separated, e.g. 256M,1G (a bare number means MiB). Each
+    /// must hold the guest and its dirty buffer
     /// (--dirty-mib); sizes are checked before the first migration starts.
     #[arg(long, default_value = "256M,1G", value_delimiter = ',', value_parser = parse_bytes)]
     pub sizes: Vec<u64>,
