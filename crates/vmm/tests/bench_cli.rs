@@ -2,20 +2,13 @@
 //! figures that do not depend on the machine's speed (instruction counts, refusals) and
 //! that `--json` is one parseable document.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{esvm, text};
+
+use std::process::Command;
 
 use serde_json::Value;
-
-fn esvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_esvm"))
-        .args(args)
-        .output()
-        .expect("failed to start esvm")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Run a bench with `--json`: exit status 0 and stdout one JSON document.
 fn json(args: &[&str]) -> Value {

@@ -1,13 +1,10 @@
 //! Scenario tests: the `esvm` binary runs real guests on the software vCPU.
 
-use std::process::{Command, Output};
+mod common;
 
-fn esvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_esvm"))
-        .args(args)
-        .output()
-        .expect("failed to start esvm")
-}
+use common::esvm;
+
+use std::process::{Command, Output};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -8,17 +8,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
-use common::{ctl, text, wait_socket, Proc, ESVM};
-
-fn esvm(args: &[&str]) -> Output {
-    Command::new(ESVM)
-        .args(args)
-        .output()
-        .expect("failed to start esvm")
-}
+use common::{ctl, esvm, text, wait_socket, Proc};
 
 fn ok(o: Output, what: &str) -> String {
     assert!(

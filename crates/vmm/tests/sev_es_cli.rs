@@ -1,19 +1,12 @@
 //! `esvm run --sev-es` end to end: a platform made by `esvm platform init`, the SEV-ES demo,
 //! the launch measurement, and a plain guest that has no #VC handler.
 
+mod common;
+
+use common::{esvm, text};
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn esvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_esvm"))
-        .args(args)
-        .output()
-        .expect("failed to start esvm")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use std::process::Output;
 
 fn platform(dir: &Path) -> String {
     let p = dir.join("platform");

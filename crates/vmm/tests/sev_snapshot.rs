@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{ctl, ctl_ok, text, wait_socket, Proc, Rng, ESVM};
+use common::{ctl, ctl_ok, esvm, text, wait_socket, Proc, Rng, ESVM};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -22,13 +22,6 @@ const DIRTY_MIB: u64 = 1;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------------- helpers
-
-fn esvm(args: &[&str]) -> Output {
-    Command::new(ESVM)
-        .args(args)
-        .output()
-        .expect("cannot run esvm")
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

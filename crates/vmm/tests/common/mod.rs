@@ -207,6 +207,14 @@ pub fn wait_socket(p: &mut Proc, sock: &Path) {
     }
 }
 
+/// `esvm ARGS`, run to its end.
+pub fn esvm(args: &[&str]) -> Output {
+    Command::new(ESVM)
+        .args(args)
+        .output()
+        .expect("cannot run esvm")
+}
+
 pub fn ctl(sock: &Path, args: &[&str]) -> Output {
     Command::new(ESVM)
         .args(["ctl", "--api-socket", sock.to_str().unwrap()])
