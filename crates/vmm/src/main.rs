@@ -230,7 +230,15 @@ fn main() -> ExitCode {
                 }
                 source = s.source();
             }
-            ExitCode::from(EXIT_ESVM_ERROR)
+            // Options that contradict each other are found after parsing by some commands;
+            // they are usage errors all the same.
+            if e.downcast_ref::<run::RunError>()
+                .is_some_and(run::RunError::is_usage)
+            {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_ESVM_ERROR)
+            }
         }
     }
 }

@@ -528,7 +528,7 @@ fn a_secret_without_the_owners_session_is_refused_up_front() {
         packet.to_str().unwrap(),
     ]);
     let err = text(&o.stderr);
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(120), "a usage error: {err}");
     assert!(err.contains("--secret needs --session"), "{err}");
     assert!(err.contains("session keys"), "{err}");
     assert!(!err.contains("platform"), "{err}");

@@ -137,6 +137,13 @@ pub enum RunError {
     SecretWithoutSession,
 }
 
+impl RunError {
+    /// Whether the command line itself is wrong (exit status 120, as clap's own refusals).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, RunError::SecretWithoutSession)
+    }
+}
+
 /// Find the guest image: a built-in name, or a path.
 pub fn resolve_guest(guest: &str) -> Result<(String, std::borrow::Cow<'static, [u8]>), RunError> {
     if let Some(g) = esvm_guests::builtin(guest) {
