@@ -15,8 +15,8 @@
 //! `resume` finishes the launch and starts it.
 
 use crate::protocol::{
-    ApiError, LaunchMeasurement, MigrateRequest, MigrationPhase, MigrationStatus, SnapshotInfo,
-    VmState, VmStatus, VmType,
+    ApiError, LaunchMeasurement, MigrateRequest, MigrateSetRequest, MigrationLimits,
+    MigrationPhase, MigrationStatus, SnapshotInfo, VmState, VmStatus, VmType,
 };
 use crate::target::ControlTarget;
 use std::path::{Path, PathBuf};
@@ -290,6 +290,7 @@ impl ControlTarget for MockTarget {
         };
         let mut status = MigrationStatus::new(req.url.clone(), req.downtime_ms);
         status.total_pages = MOCK_PAGES;
+        status.max_bandwidth_bytes_per_sec = req.max_bandwidth_bytes_per_sec.filter(|&b| b > 0);
         st.migration = Some(Migration {
             status,
             script,
@@ -340,6 +341,27 @@ impl ControlTarget for MockTarget {
         }
         secrets.push(packet.to_vec());
         Ok(())
+    }
+
+    fn set_migration_limits(&self, req: &MigrateSetRequest) -> Result<MigrationLimits, ApiError> {
+        let mut st = self.lock();
+        match &mut st.migration {
+            Some(m) if !m.status.phase.is_terminal() => {
+                if let Some(b) = req.max_bandwidth_bytes_per_sec {
+                    m.status.max_bandwidth_bytes_per_sec = (b > 0).then_some(b);
+                }
+                if let Some(ms) = req.downtime_ms {
+                    m.status.downtime_limit_ms = ms;
+                }
+                Ok(MigrationLimits {
+                    max_bandwidth_bytes_per_sec: m.status.max_bandwidth_bytes_per_sec,
+                    downtime_limit_ms: m.status.downtime_limit_ms,
+                })
+            }
+            _ => Err(ApiError::invalid_state(
+                "cannot change the migration's limits: no migration is running",
+            )),
+        }
     }
 
     fn cancel_migration(&self) -> Result<(), ApiError> {

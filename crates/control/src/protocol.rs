@@ -26,6 +26,9 @@ pub const DEFAULT_TIMEOUT_S: u64 = 120;
 pub const MAX_DOWNTIME_MS: u64 = 3_600_000;
 /// Largest accepted `timeout_s` (one week).
 pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+/// Smallest accepted bandwidth cap (64 KiB/s; 0 means no cap): below it a single frame
+/// would outlast the destination's I/O timeout.
+pub const MIN_MAX_BANDWIDTH: u64 = 64 << 10;
 
 /// A request to a running VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +50,9 @@ pub enum Request {
     },
     /// Start a live migration in the background; follow it through [`Request::Status`].
     Migrate(MigrateRequest),
+    /// Change the running migration's bandwidth cap and/or downtime limit (a field left out
+    /// stays as it is); answered with the limits now in force.
+    MigrateSet(MigrateSetRequest),
     /// Cancel the running migration (the source keeps running).
     Cancel,
     /// Report each vCPU as the hypervisor sees it ([`VcpuView`]).
@@ -75,6 +81,7 @@ impl Request {
             Request::Resume => "resume",
             Request::Snapshot { .. } => "snapshot",
             Request::Migrate(_) => "migrate",
+            Request::MigrateSet(_) => "migrate_set",
             Request::Cancel => "cancel",
             Request::Vcpus => "vcpus",
             Request::Shutdown => "shutdown",
@@ -129,6 +136,68 @@ pub struct MigrateRequest {
     /// or a bare ARK certificate. Absent: the root the VM's own platform trusts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<PathBuf>,
+    /// Bandwidth cap in bytes per second over everything the migration writes; absent or
+    /// 0: no cap. At least [`MIN_MAX_BANDWIDTH`] otherwise. Changeable with
+    /// [`Request::MigrateSet`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_bytes_per_sec: Option<u64>,
+}
+
+/// Arguments of [`Request::MigrateSet`]: the limits to change (at least one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateSetRequest {
+    /// The new bandwidth cap in bytes per second; 0 lifts the cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_bytes_per_sec: Option<u64>,
+    /// The new downtime limit in milliseconds (the next pass's estimate is compared with
+    /// it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+}
+
+fn check_downtime_ms(what: &str, ms: u64) -> Result<(), ApiError> {
+    if ms == 0 || ms > MAX_DOWNTIME_MS {
+        return Err(ApiError::invalid_argument(format!(
+            "{what}: downtime_ms must be between 1 and {MAX_DOWNTIME_MS}, got {ms}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_bandwidth(what: &str, bytes_per_sec: Option<u64>) -> Result<(), ApiError> {
+    match bytes_per_sec {
+        Some(b) if b != 0 && b < MIN_MAX_BANDWIDTH => Err(ApiError::invalid_argument(format!(
+            "{what}: max_bandwidth_bytes_per_sec must be 0 (no cap) or at least \
+             {MIN_MAX_BANDWIDTH} (64 KiB/s), got {b}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl MigrateSetRequest {
+    /// Checks the arguments' ranges (the server does this before calling the target).
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.max_bandwidth_bytes_per_sec.is_none() && self.downtime_ms.is_none() {
+            return Err(ApiError::invalid_argument(
+                "migrate_set: nothing to change; give max_bandwidth_bytes_per_sec and/or \
+                 downtime_ms",
+            ));
+        }
+        if let Some(ms) = self.downtime_ms {
+            check_downtime_ms("migrate_set", ms)?;
+        }
+        check_bandwidth("migrate_set", self.max_bandwidth_bytes_per_sec)
+    }
+}
+
+/// The limits of the running migration, as [`Request::MigrateSet`] answers them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationLimits {
+    /// The bandwidth cap in bytes per second; absent: none.
+    #[serde(default)]
+    pub max_bandwidth_bytes_per_sec: Option<u64>,
+    pub downtime_limit_ms: u64,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -149,6 +218,7 @@ impl MigrateRequest {
             max_passes: None,
             on_timeout: OnTimeout::Cancel,
             trust: None,
+            max_bandwidth_bytes_per_sec: None,
         }
     }
 
@@ -166,12 +236,8 @@ impl MigrateRequest {
                  4096 bytes",
             ));
         }
-        if self.downtime_ms == 0 || self.downtime_ms > MAX_DOWNTIME_MS {
-            return Err(ApiError::invalid_argument(format!(
-                "migrate: downtime_ms must be between 1 and {MAX_DOWNTIME_MS}, got {}",
-                self.downtime_ms
-            )));
-        }
+        check_downtime_ms("migrate", self.downtime_ms)?;
+        check_bandwidth("migrate", self.max_bandwidth_bytes_per_sec)?;
         if self.timeout_s == 0 || self.timeout_s > MAX_TIMEOUT_S {
             return Err(ApiError::invalid_argument(format!(
                 "migrate: timeout_s must be between 1 and {MAX_TIMEOUT_S}, got {}",
@@ -230,6 +296,8 @@ pub enum Reply {
     SnapshotSaved(SnapshotInfo),
     /// Answer to [`Request::Migrate`]: the migration runs in the background.
     MigrationStarted { url: String },
+    /// Answer to [`Request::MigrateSet`]: the limits now in force.
+    MigrationLimitsSet(MigrationLimits),
     /// Answer to [`Request::Cancel`]: cancel was requested; the migration's status turns
     /// `cancelled` once the engine has stopped.
     MigrationCancelled,
@@ -595,8 +663,13 @@ pub struct MigrationStatus {
     /// Estimated downtime if stop-and-copy started now, if it can be estimated yet.
     #[serde(default)]
     pub estimated_downtime_ms: Option<f64>,
-    /// The downtime limit the migration aims for.
+    /// The downtime limit the migration aims for (it may change during the migration:
+    /// [`Request::MigrateSet`]).
     pub downtime_limit_ms: u64,
+    /// The bandwidth cap in bytes per second, if any (changeable like the downtime limit).
+    /// `bandwidth_bytes_per_sec` stays at or below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_bytes_per_sec: Option<u64>,
     /// Time since the migration started, in milliseconds.
     pub elapsed_ms: u64,
     /// The measured downtime, once the migration has completed.
@@ -622,6 +695,7 @@ impl MigrationStatus {
             bandwidth_bytes_per_sec: 0.0,
             estimated_downtime_ms: None,
             downtime_limit_ms,
+            max_bandwidth_bytes_per_sec: None,
             elapsed_ms: 0,
             downtime_ms: None,
             error: None,
@@ -652,8 +726,8 @@ struct ResponseEnvelope {
     response: Response,
 }
 
-const COMMANDS: &str = "status, pause, resume, snapshot, migrate, cancel, vcpus, shutdown, \
-                        launch_measurement, inject_secret";
+const COMMANDS: &str = "status, pause, resume, snapshot, migrate, migrate_set, cancel, vcpus, \
+                        shutdown, launch_measurement, inject_secret";
 
 /// Lower-case hex of `bytes` (the wire form of binary fields).
 pub fn to_hex(bytes: &[u8]) -> String {
@@ -757,7 +831,9 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
             "max_passes",
             "on_timeout",
             "trust",
+            "max_bandwidth_bytes_per_sec",
         ],
+        "migrate_set" => &["max_bandwidth_bytes_per_sec", "downtime_ms"],
         other => {
             return Err(ApiError::new(
                 ErrorCode::BadRequest,
@@ -943,6 +1019,15 @@ mod tests {
                 max_passes: Some(4),
                 on_timeout: OnTimeout::Force,
                 trust: Some("/etc/esvm/ark.cert".into()),
+                max_bandwidth_bytes_per_sec: Some(50 << 20),
+            }),
+            Request::MigrateSet(MigrateSetRequest {
+                max_bandwidth_bytes_per_sec: Some(0),
+                downtime_ms: Some(20),
+            }),
+            Request::MigrateSet(MigrateSetRequest {
+                max_bandwidth_bytes_per_sec: None,
+                downtime_ms: Some(20),
             }),
             Request::Migrate(MigrateRequest::new("tcp://h:2")),
             Request::Cancel,
@@ -1053,6 +1138,67 @@ mod tests {
     }
 
     #[test]
+    fn bandwidth_fields_are_optional_and_checked() {
+        // An older client's request (no cap) is read as uncapped, and written back without
+        // the field, so an older server reads a request without a cap unchanged.
+        let r = MigrateRequest::new("tcp://h:1");
+        let line = String::from_utf8(encode_request(&Request::Migrate(r.clone())).unwrap());
+        assert!(!line.unwrap().contains("max_bandwidth"));
+        let capped = MigrateRequest {
+            max_bandwidth_bytes_per_sec: Some(MIN_MAX_BANDWIDTH),
+            ..r.clone()
+        };
+        assert!(capped.validate().is_ok());
+        let lifted = MigrateRequest {
+            max_bandwidth_bytes_per_sec: Some(0),
+            ..r
+        };
+        assert!(lifted.validate().is_ok());
+        // The status of an older server (no cap field) reads as uncapped; an uncapped
+        // status does not carry the field.
+        let s = MigrationStatus::new("tcp://h:1", 300);
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json.get("max_bandwidth_bytes_per_sec").is_none(), "{json}");
+        let back: MigrationStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back.max_bandwidth_bytes_per_sec, None);
+
+        let set = |line: &[u8]| {
+            decode_request(line).and_then(|r| match r {
+                Request::MigrateSet(m) => m.validate().map(|_| m),
+                other => panic!("not migrate_set: {other:?}"),
+            })
+        };
+        let m = set(br#"{"version":1,"command":"migrate_set","downtime_ms":40}"#).unwrap();
+        assert_eq!(m.downtime_ms, Some(40));
+        assert_eq!(m.max_bandwidth_bytes_per_sec, None);
+        for (line, code) in [
+            (
+                &br#"{"version":1,"command":"migrate_set"}"#[..],
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                br#"{"version":1,"command":"migrate_set","downtime_ms":0}"#,
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                br#"{"version":1,"command":"migrate_set","max_bandwidth_bytes_per_sec":100}"#,
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                br#"{"version":1,"command":"migrate_set","downtime_ms":5,"url":"x"}"#,
+                ErrorCode::BadRequest,
+            ),
+            (
+                br#"{"version":1,"command":"migrate_set","downtime_ms":-1}"#,
+                ErrorCode::BadRequest,
+            ),
+        ] {
+            let e = set(line).unwrap_err();
+            assert_eq!(e.code, code, "{}: {e}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
     fn migrate_validation() {
         let ok = MigrateRequest::new("tcp://h:1");
         assert!(ok.validate().is_ok());
@@ -1073,6 +1219,10 @@ mod tests {
             },
             MigrateRequest {
                 max_passes: Some(0),
+                ..ok.clone()
+            },
+            MigrateRequest {
+                max_bandwidth_bytes_per_sec: Some(MIN_MAX_BANDWIDTH - 1),
                 ..ok.clone()
             },
         ] {
@@ -1098,6 +1248,10 @@ mod tests {
                 url: "tcp://a".into(),
             }),
             Response::Ok(Reply::MigrationCancelled),
+            Response::Ok(Reply::MigrationLimitsSet(MigrationLimits {
+                max_bandwidth_bytes_per_sec: Some(1 << 30),
+                downtime_limit_ms: 50,
+            })),
             Response::Ok(Reply::LaunchMeasurement(sample_measurement())),
             Response::Ok(Reply::SecretInjected),
             Response::Error(ApiError::invalid_state("already paused")),

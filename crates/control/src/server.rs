@@ -556,6 +556,12 @@ fn dispatch(target: &dyn ControlTarget, req: Request) -> Result<Reply, ApiError>
                 .start_migration(req)
                 .map(|_| Reply::MigrationStarted { url })
         }
+        Request::MigrateSet(req) => {
+            req.validate()?;
+            target
+                .set_migration_limits(&req)
+                .map(Reply::MigrationLimitsSet)
+        }
         Request::Cancel => target.cancel_migration().map(|_| Reply::MigrationCancelled),
         Request::Vcpus => target.vcpus().map(|vcpus| Reply::Vcpus { vcpus }),
         Request::Shutdown => target.shutdown().map(|mut s| {

@@ -1,7 +1,8 @@
 //! The interface a VMM implements to be controlled through the API.
 
 use crate::protocol::{
-    ApiError, ErrorCode, LaunchMeasurement, MigrateRequest, SnapshotInfo, VcpuView, VmStatus,
+    ApiError, ErrorCode, LaunchMeasurement, MigrateRequest, MigrateSetRequest, MigrationLimits,
+    SnapshotInfo, VcpuView, VmStatus,
 };
 use std::path::Path;
 
@@ -37,6 +38,17 @@ pub trait ControlTarget: Send + Sync {
     /// Asks the running migration to stop; it ends in phase `cancelled` (or, if it was
     /// already past the point of no return, completes). `invalid_state` if none is running.
     fn cancel_migration(&self) -> Result<(), ApiError>;
+
+    /// Changes the running migration's bandwidth cap and/or downtime limit (`req` has
+    /// passed [`MigrateSetRequest::validate`]; a field it leaves out stays) and returns the
+    /// limits now in force; [`ControlTarget::status`] reports them from then on.
+    /// `invalid_state` if no migration is running.
+    fn set_migration_limits(&self, req: &MigrateSetRequest) -> Result<MigrationLimits, ApiError> {
+        let _ = req;
+        Err(ApiError::unsupported(
+            "this VMM cannot change a running migration's limits",
+        ))
+    }
 
     /// Stops the VM (ACPI-less: the guest is not asked) and returns its final status once
     /// it has ended (`exit_status`, `end_reason`). `invalid_state` if it cannot be stopped

@@ -146,6 +146,7 @@ fn every_request_round_trips() {
         max_passes: Some(3),
         on_timeout: OnTimeout::Force,
         trust: None,
+        max_bandwidth_bytes_per_sec: Some(8 << 20),
     };
     assert_eq!(
         c.call(&Request::Migrate(req.clone())).unwrap(),
@@ -164,6 +165,7 @@ fn every_request_round_trips() {
         let m = s.migration.expect("migration status");
         assert_eq!(m.url, req.url);
         assert_eq!(m.downtime_limit_ms, 42);
+        assert_eq!(m.max_bandwidth_bytes_per_sec, Some(8 << 20));
         phases.push(m.phase);
         if m.phase.is_terminal() {
             assert_eq!(m.phase, MigrationPhase::Completed);
@@ -216,6 +218,58 @@ fn cancel_and_failure_are_reported() {
     };
     assert_eq!(m.phase, MigrationPhase::Failed);
     assert!(m.error.unwrap().contains("closed the connection"));
+}
+
+#[test]
+fn migrate_set_changes_the_running_migrations_limits() {
+    use esvm_control::{MigrateSetRequest, MigrationLimits};
+    let (_dir, path, target) = setup();
+    let _server = serve(&path, &target);
+    let mut c = ApiClient::connect(&path).unwrap();
+    let set = |bw: Option<u64>, ms: Option<u64>| {
+        Request::MigrateSet(MigrateSetRequest {
+            max_bandwidth_bytes_per_sec: bw,
+            downtime_ms: ms,
+        })
+    };
+    // No migration: nothing to change.
+    assert_eq!(
+        code_of(c.call(&set(Some(1 << 20), None))),
+        ErrorCode::InvalidState
+    );
+    c.call(&Request::Migrate(MigrateRequest::new("tcp://hang:1")))
+        .unwrap();
+    assert_eq!(
+        c.call(&set(Some(32 << 20), None)).unwrap(),
+        Reply::MigrationLimitsSet(MigrationLimits {
+            max_bandwidth_bytes_per_sec: Some(32 << 20),
+            downtime_limit_ms: 300,
+        })
+    );
+    assert_eq!(
+        c.call(&set(None, Some(25))).unwrap(),
+        Reply::MigrationLimitsSet(MigrationLimits {
+            max_bandwidth_bytes_per_sec: Some(32 << 20),
+            downtime_limit_ms: 25,
+        })
+    );
+    let m = c.status().unwrap().migration.unwrap();
+    assert_eq!(m.max_bandwidth_bytes_per_sec, Some(32 << 20));
+    assert_eq!(m.downtime_limit_ms, 25);
+    // Out of range or empty: refused before the VM sees it, the limits stay.
+    for bad in [set(None, None), set(Some(1), None), set(None, Some(0))] {
+        assert_eq!(code_of(c.call(&bad)), ErrorCode::InvalidArgument, "{bad:?}");
+    }
+    // 0 lifts the cap.
+    c.call(&set(Some(0), None)).unwrap();
+    let m = c.status().unwrap().migration.unwrap();
+    assert_eq!(m.max_bandwidth_bytes_per_sec, None);
+    assert_eq!(m.downtime_limit_ms, 25);
+    c.call(&Request::Cancel).unwrap();
+    assert_eq!(
+        code_of(c.call(&set(None, Some(10)))),
+        ErrorCode::InvalidState
+    );
 }
 
 #[test]

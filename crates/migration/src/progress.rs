@@ -48,12 +48,16 @@ pub struct Progress {
     /// Estimated downtime if stop-and-copy started now (remaining bytes / bandwidth).
     pub estimated_downtime_ms: Option<f64>,
     pub downtime_limit_ms: f64,
+    /// The bandwidth cap in bytes per second, if any (it and the downtime limit may change
+    /// during the migration).
+    #[serde(default)]
+    pub max_bandwidth_bytes_per_sec: Option<u64>,
     /// Time since the migration started.
     pub elapsed_ms: u64,
 }
 
 impl Progress {
-    pub(crate) fn new(downtime_limit_ms: f64) -> Self {
+    pub(crate) fn new(downtime_limit_ms: f64, max_bandwidth_bytes_per_sec: Option<u64>) -> Self {
         Progress {
             phase: Phase::Handshake,
             pass: 0,
@@ -67,6 +71,7 @@ impl Progress {
             dirty_pages_per_sec: 0.0,
             estimated_downtime_ms: None,
             downtime_limit_ms,
+            max_bandwidth_bytes_per_sec,
             elapsed_ms: 0,
         }
     }
@@ -176,7 +181,7 @@ mod tests {
 
     #[test]
     fn summary_and_hidden_renderer() {
-        let mut p = Progress::new(300.0);
+        let mut p = Progress::new(300.0, None);
         p.phase = Phase::PreCopy;
         p.pass = 2;
         p.pages_remaining = 256;

@@ -49,6 +49,7 @@ use crate::protocol::{
     MAX_BLOB_LEN, MAX_MEM_SIZE, MAX_PACKET_LEN, MAX_PAGES_PER_FRAME, MAX_TEXT_LEN, MAX_VCPUS,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TABLE_ENTRY_LEN,
 };
+use crate::rate::{LiveLimits, Pacer, PACE_CHECK_INTERVAL};
 use crate::source::{MigrationSource, SourceError};
 use crate::{CancelToken, GuestType, MigrationConfig, PAGE_SIZE};
 use std::collections::VecDeque;
@@ -89,6 +90,9 @@ pub struct SenderConfig {
     pub poll_interval: Duration,
     /// Least time between two progress reports within a pass (default 100 ms).
     pub progress_interval: Duration,
+    /// Bandwidth cap in bytes per second over every frame written (default none). Changeable
+    /// during the migration through [`Sender::limits`], like the downtime limit.
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for SenderConfig {
@@ -103,6 +107,7 @@ impl Default for SenderConfig {
             io_timeout: Duration::from_secs(60),
             poll_interval: Duration::from_millis(20),
             progress_interval: Duration::from_millis(100),
+            max_bandwidth: None,
         }
     }
 }
@@ -192,6 +197,9 @@ impl SendError {
 
 type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
 
+/// Under a bandwidth cap, a `Pages` frame carries at most about this much transfer time.
+pub const CAPPED_FRAME_TIME: Duration = Duration::from_millis(100);
+
 /// Most unacknowledged frames in flight, whatever their size.
 pub const MAX_FRAMES_IN_FLIGHT: usize = 256;
 
@@ -199,12 +207,14 @@ pub const MAX_FRAMES_IN_FLIGHT: usize = 256;
 pub struct Sender {
     config: SenderConfig,
     cancel: CancelToken,
+    limits: LiveLimits,
     on_progress: Option<ProgressFn>,
 }
 
 impl Sender {
     pub fn new(config: SenderConfig) -> Self {
         Sender {
+            limits: LiveLimits::new(config.max_bandwidth, config.downtime_limit),
             config,
             cancel: CancelToken::new(),
             on_progress: None,
@@ -213,6 +223,12 @@ impl Sender {
 
     pub fn config(&self) -> &SenderConfig {
         &self.config
+    }
+
+    /// The bandwidth cap and downtime limit, changeable from any thread while the migration
+    /// runs (they start as the config's `max_bandwidth` and `downtime_limit`).
+    pub fn limits(&self) -> LiveLimits {
+        self.limits.clone()
     }
 
     /// A token that cancels this sender from any thread.
@@ -283,6 +299,8 @@ impl Sender {
         let mut s = Session {
             cfg: &self.config,
             cancel: &self.cancel,
+            limits: &self.limits,
+            pacer: Pacer::new(),
             on_progress: &mut self.on_progress,
             source,
             w: FrameWriter::new(writer),
@@ -297,7 +315,10 @@ impl Sender {
             sev_started: false,
             paused: false,
             complete_sent: false,
-            progress: Progress::new(self.config.downtime_limit.as_secs_f64() * 1e3),
+            progress: Progress::new(
+                self.limits.downtime_limit().as_secs_f64() * 1e3,
+                self.limits.max_bandwidth(),
+            ),
             start: now,
             last_report: now,
             xfer_bytes: 0,
@@ -331,6 +352,8 @@ struct InFlight {
 struct Session<'a, S: MigrationSource + ?Sized, R: Read, W: Write> {
     cfg: &'a SenderConfig,
     cancel: &'a CancelToken,
+    limits: &'a LiveLimits,
+    pacer: Pacer,
     on_progress: &'a mut Option<ProgressFn>,
     source: &'a mut S,
     w: FrameWriter<W>,
@@ -411,6 +434,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         if self.vm_type() == GuestType::SevEs {
             let blob = self.source.sev_send_start(&certs)?;
             self.sev_started = true;
+            self.pace((HEADER_LEN + blob.len()) as u64)?;
             let seq = self.w.send(FrameType::SevSession, &[&blob])?;
             self.track(seq, (HEADER_LEN + blob.len()) as u64, Vec::new());
             self.drain_all(true)?;
@@ -463,7 +487,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
                 forced = true;
                 break;
             }
-            if estimate.is_some_and(|e| e <= self.cfg.downtime_limit) {
+            if estimate.is_some_and(|e| e <= self.limits.downtime_limit()) {
                 converged = true;
                 break;
             }
@@ -496,11 +520,13 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         let final_pass_pages = self.to_send.count();
         self.send_pass(pass, true)?;
         let state = self.source.device_state()?;
+        self.pace((HEADER_LEN + state.len()) as u64)?;
         let seq = self.w.send(FrameType::DeviceState, &[&state])?;
         self.track(seq, (HEADER_LEN + state.len()) as u64, Vec::new());
         self.wait_window(true)?;
         for v in 0..vcpus {
             let st = self.source.vcpu_state(v)?;
+            self.pace((HEADER_LEN + 8 + st.len()) as u64)?;
             let seq = self
                 .w
                 .send(FrameType::VcpuState, &[&encode_vcpu_prefix(v), &st])?;
@@ -567,7 +593,6 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
     /// Send every page in `to_send`, then `PassEnd`. Returns true if a timeout under the
     /// Force policy cut the pass short (the unsent pages stay in `to_send`).
     fn send_pass(&mut self, pass: u32, final_pass: bool) -> Result<bool, SendError> {
-        let per_frame = self.cfg.pages_per_frame.clamp(1, MAX_PAGES_PER_FRAME) as u64;
         let scheduled = self.to_send.count();
         self.progress.pass = pass;
         self.progress.pass_pages_total = scheduled;
@@ -590,6 +615,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
                     }
                 }
             }
+            let per_frame = self.frame_pages();
             self.runs.clear();
             let mut n = 0u64;
             while n < per_frame {
@@ -618,6 +644,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             self.report(false);
             self.wait_window(true)?;
         }
+        self.pace(HEADER_LEN as u64 + 16)?;
         let seq = self.w.send(
             FrameType::PassEnd,
             &[&PassEnd {
@@ -634,6 +661,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
     fn send_plain_batch(&mut self, pass: u32, pages: u64) -> Result<(), SendError> {
         encode_page_table(pass, &self.runs, &mut self.table);
         let data_len = pages * PAGE_SIZE;
+        self.pace((HEADER_LEN + self.table.len()) as u64 + data_len)?;
         // While paused nothing writes guest memory, so the source's own pages can go out
         // without a copy (checksum and data then agree). While running we send a copy, so
         // the checksum covers exactly the bytes on the wire.
@@ -710,6 +738,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             }
         }
         encode_packet_table(pass, &self.entries, &mut self.table);
+        self.pace((HEADER_LEN + self.table.len() + self.page_buf.len()) as u64)?;
         let seq = self
             .w
             .send(FrameType::SevPages, &[&self.table, &self.page_buf])?;
@@ -722,6 +751,46 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         let runs = self.runs.clone();
         self.track(seq, bytes, runs);
         Ok(())
+    }
+
+    /// Pages per `Pages` frame: the configured size, but under a bandwidth cap at most
+    /// about [`CAPPED_FRAME_TIME`] worth of data, so that a low cap paces smoothly (and a
+    /// changed cap applies soon) instead of in multi-second steps.
+    fn frame_pages(&self) -> u64 {
+        let mut pages = self.cfg.pages_per_frame.clamp(1, MAX_PAGES_PER_FRAME) as u64;
+        if let Some(rate) = self.limits.max_bandwidth() {
+            let fit = (rate as f64 * CAPPED_FRAME_TIME.as_secs_f64() / PAGE_SIZE as f64) as u64;
+            pages = pages.min(fit.max(1));
+        }
+        pages
+    }
+
+    /// Wait until a frame of `bytes` may be written under the bandwidth cap (at once when
+    /// there is none). The wait is re-timed when the cap changes meanwhile, and ends early
+    /// with [`SendError::Cancelled`] on cancel.
+    fn pace(&mut self, bytes: u64) -> Result<(), SendError> {
+        if self.limits.max_bandwidth().is_none() {
+            self.pacer.reset();
+            return Ok(());
+        }
+        let start = self.pacer.slot_start(Instant::now());
+        loop {
+            let Some(rate) = self.limits.max_bandwidth() else {
+                self.pacer.reset();
+                return Ok(());
+            };
+            let end = Pacer::slot_end(start, bytes, rate);
+            let now = Instant::now();
+            if now >= end {
+                self.pacer.sent(end);
+                return Ok(());
+            }
+            if self.cancel.is_cancelled() {
+                return Err(SendError::Cancelled);
+            }
+            std::thread::sleep((end - now).min(PACE_CHECK_INTERVAL));
+            self.report(false);
+        }
     }
 
     fn track(&mut self, seq: u64, bytes: u64, runs: Vec<PageRun>) {
@@ -845,10 +914,16 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
     /// the last pass's. The last pass resembles the final one (scattered dirty pages, a
     /// round trip at its end), which streams slower than the full first pass that
     /// dominates the average.
+    ///
+    /// Under a bandwidth cap, the estimate never assumes more than the cap (it may have been
+    /// lowered since the last pass): a cap makes convergence harder, as a slower link would.
     fn bandwidth(&self) -> f64 {
         if self.xfer_secs > 0.0 {
             let average = self.xfer_bytes as f64 / self.xfer_secs;
-            average.min(self.last_pass_bandwidth)
+            capped(
+                average.min(self.last_pass_bandwidth),
+                self.limits.max_bandwidth(),
+            )
         } else {
             0.0
         }
@@ -882,7 +957,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
                 Some(d) => format!("{:.1} ms", d.as_secs_f64() * 1e3),
                 None => "unknown".into(),
             },
-            downtime_limit_ms: self.cfg.downtime_limit.as_millis(),
+            downtime_limit_ms: self.limits.downtime_limit().as_millis(),
         }
     }
 
@@ -897,6 +972,8 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             return;
         }
         self.last_report = now;
+        self.progress.downtime_limit_ms = self.limits.downtime_limit().as_secs_f64() * 1e3;
+        self.progress.max_bandwidth_bytes_per_sec = self.limits.max_bandwidth();
         self.progress.elapsed_ms = self.start.elapsed().as_millis() as u64;
         self.progress.bytes_sent = self.w.bytes_written();
         if let Some(cb) = self.on_progress.as_mut() {
@@ -961,6 +1038,15 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
     }
 }
 
+/// The bandwidth the downtime estimate may assume: the measured one, but never more than
+/// the cap.
+fn capped(measured: f64, cap: Option<u64>) -> f64 {
+    match cap {
+        Some(cap) => measured.min(cap as f64),
+        None => measured,
+    }
+}
+
 /// Refuse a source configuration the protocol cannot carry, before anything is sent.
 fn check_guest_config(g: &MigrationConfig) -> Result<(), SendError> {
     let bad = |m: String| Err(SendError::Source(SourceError::Failed(m)));
@@ -980,4 +1066,16 @@ fn check_guest_config(g: &MigrationConfig) -> Result<(), SendError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_never_assumes_more_than_the_cap() {
+        assert_eq!(capped(100e6, None), 100e6);
+        assert_eq!(capped(100e6, Some(10 << 20)), (10 << 20) as f64);
+        assert_eq!(capped(1e6, Some(10 << 20)), 1e6);
+    }
 }

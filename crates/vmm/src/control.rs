@@ -19,12 +19,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use esvm_control::{
-    ApiError, ControlRegs, ControlTarget, LaunchMeasurement, MigrateRequest, MigrationPhase,
-    MigrationStatus, OnTimeout, SnapshotInfo, VcpuView, VmState, VmStatus, VmType,
+    ApiError, ControlRegs, ControlTarget, LaunchMeasurement, MigrateRequest, MigrateSetRequest,
+    MigrationLimits, MigrationPhase, MigrationStatus, OnTimeout, SnapshotInfo, VcpuView, VmState,
+    VmStatus, VmType,
 };
 use esvm_migration::{
-    CancelToken, LimitPolicy, Phase, Progress, ProtocolError, SendError, Sender, SenderConfig,
-    TerminalProgress,
+    CancelToken, LimitPolicy, LiveLimits, Phase, Progress, ProtocolError, SendError, Sender,
+    SenderConfig, TerminalProgress,
 };
 
 use crate::lifecycle::{LifecycleError, State, Status};
@@ -53,6 +54,10 @@ struct MigState {
     status: Option<MigrationStatus>,
     /// Present while the migration thread runs.
     cancel: Option<CancelToken>,
+    /// The running migration's bandwidth cap and downtime limit (`migrate_set` changes
+    /// them; the status's copies change with them, under this lock). Present while the
+    /// migration thread runs.
+    limits: Option<LiveLimits>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -416,8 +421,10 @@ impl ControlTarget for VmHandle {
             // The previous migration thread has finished (not active); reap it.
             let _ = t.join();
         }
+        let max_bandwidth = req.max_bandwidth_bytes_per_sec.filter(|&b| b > 0);
         let mut sender = Sender::new(SenderConfig {
             downtime_limit: Duration::from_millis(req.downtime_ms),
+            max_bandwidth,
             timeout: Some(Duration::from_secs(req.timeout_s)),
             max_passes: req.max_passes.unwrap_or(SenderConfig::default().max_passes),
             on_limit: match req.on_timeout {
@@ -429,8 +436,10 @@ impl ControlTarget for VmHandle {
         let cancel = sender.cancel_token();
         let mut status = MigrationStatus::new(&req.url, req.downtime_ms);
         status.total_pages = self.h.config.mem_size / esvm_migration::PAGE_SIZE;
+        status.max_bandwidth_bytes_per_sec = max_bandwidth;
         m.status = Some(status);
         m.cancel = Some(cancel.clone());
+        m.limits = Some(sender.limits());
 
         let shared = self.mig.clone();
         // Progress on this process's terminal too (drawn only if stderr is one).
@@ -484,6 +493,7 @@ impl ControlTarget for VmHandle {
                 // doubt (committed ones ended at the commit).
                 source.finish();
                 m.cancel = None;
+                m.limits = None;
             });
         match thread {
             Ok(t) => {
@@ -492,6 +502,7 @@ impl ControlTarget for VmHandle {
             }
             Err(e) => {
                 m.cancel = None;
+                m.limits = None;
                 if let Some(s) = m.status.as_mut() {
                     s.phase = MigrationPhase::Failed;
                     s.error = Some(format!("cannot start the migration thread: {e}"));
@@ -501,6 +512,31 @@ impl ControlTarget for VmHandle {
                 )))
             }
         }
+    }
+
+    fn set_migration_limits(&self, req: &MigrateSetRequest) -> Result<MigrationLimits, ApiError> {
+        let mut m = lock(&self.mig);
+        let Some(limits) = m.limits.clone() else {
+            return Err(ApiError::invalid_state(
+                "cannot change the migration's limits: no migration is in progress (give \
+                 them to `esvm ctl migrate` with --max-bandwidth and --downtime-ms)",
+            ));
+        };
+        if let Some(b) = req.max_bandwidth_bytes_per_sec {
+            limits.set_max_bandwidth(Some(b));
+        }
+        if let Some(ms) = req.downtime_ms {
+            limits.set_downtime_limit(Duration::from_millis(ms));
+        }
+        let now = MigrationLimits {
+            max_bandwidth_bytes_per_sec: limits.max_bandwidth(),
+            downtime_limit_ms: limits.downtime_limit().as_millis() as u64,
+        };
+        if let Some(s) = m.status.as_mut() {
+            s.max_bandwidth_bytes_per_sec = now.max_bandwidth_bytes_per_sec;
+            s.downtime_limit_ms = now.downtime_limit_ms;
+        }
+        Ok(now)
     }
 
     fn cancel_migration(&self) -> Result<(), ApiError> {

@@ -25,7 +25,7 @@ use esvm::outcome::{EXIT_ESVM_ERROR, EXIT_PANIC, EXIT_USAGE};
 )]
 struct Cli {
     /// Print what the command reports as one JSON document on stdout instead of text: `ctl`
-    /// (status, pause, resume, cancel, snapshot, vcpus, migrate, shutdown,
+    /// (status, pause, resume, cancel, snapshot, vcpus, migrate, migrate-set, shutdown,
     /// launch-measurement, inject-secret), `guests`, `platform`, `owner`, `bench`. Errors
     /// stay text on stderr; the exit status is the same.
     #[arg(long, global = true)]

@@ -1,10 +1,12 @@
 //! `esvm ctl`: control a running VM through the API socket of `esvm run --api-socket`.
 
 use clap::{Args, Subcommand};
-use esvm_control::protocol::{VcpuView, VmStatus, VmType, MAX_DOWNTIME_MS, MAX_TIMEOUT_S};
+use esvm_control::protocol::{
+    VcpuView, VmStatus, VmType, MAX_DOWNTIME_MS, MAX_TIMEOUT_S, MIN_MAX_BANDWIDTH,
+};
 use esvm_control::{
-    ApiClient, ClientError, MigrateRequest, MigrationPhase, MigrationStatus, OnTimeout, Reply,
-    Request, VmState,
+    ApiClient, ClientError, MigrateRequest, MigrateSetRequest, MigrationPhase, MigrationStatus,
+    OnTimeout, Reply, Request, VmState,
 };
 use indicatif::{BinaryBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fmt::Write as _;
@@ -88,6 +90,10 @@ pub enum CtlCommand {
     /// progress is shown and the migration's final status is printed as one JSON object
     /// (also when it failed or was cancelled; the exit status says which).
     Migrate(MigrateArgs),
+    /// Change the running migration's bandwidth cap and/or downtime limit; it applies them
+    /// at once (the cap from the next frame, the downtime limit from the next pass's
+    /// estimate). `esvm ctl status` shows the limits in force.
+    MigrateSet(MigrateSetArgs),
     /// Cancel the running migration; the VM keeps running here.
     Cancel,
     /// Print each vCPU as the hypervisor sees it (with --json, as a JSON list): its control registers (for an
@@ -158,6 +164,53 @@ pub struct MigrateArgs {
     /// platform trusts.
     #[arg(long, value_name = "CHAIN")]
     pub trust: Option<PathBuf>,
+    /// Cap the migration's bandwidth at RATE per second: a size, where a bare number means
+    /// MiB (`--max-bandwidth 100` is 100 MiB/s) and K, M, G say otherwise (`50M`, `1G`,
+    /// `512K`; a trailing `/s` is allowed), at least 64K; `0` or `unlimited`: no cap (the
+    /// default). The downtime estimate then assumes at most RATE, so a low cap makes
+    /// convergence harder. Change it while the migration runs with `esvm ctl migrate-set`.
+    #[arg(long, value_name = "RATE", value_parser = parse_bandwidth)]
+    pub max_bandwidth: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(
+    clap::ArgGroup::new("limits")
+        .required(true)
+        .multiple(true)
+        .args(["max_bandwidth", "downtime_ms"])
+))]
+pub struct MigrateSetArgs {
+    /// The new bandwidth cap per second, as for `esvm ctl migrate --max-bandwidth` (a bare
+    /// number means MiB/s; `50M`, `1G`; `0` or `unlimited` lifts the cap).
+    #[arg(long, value_name = "RATE", value_parser = parse_bandwidth)]
+    pub max_bandwidth: Option<u64>,
+    /// The new downtime limit in milliseconds: the next pass's downtime estimate is
+    /// compared with it.
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_DOWNTIME_MS))]
+    pub downtime_ms: Option<u64>,
+}
+
+/// A bandwidth cap in bytes per second from a size per second (`50M`, `1G`, `100` = 100
+/// MiB/s, `50M/s`); 0 (also `unlimited`) means no cap.
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("unlimited") {
+        return Ok(0);
+    }
+    let t = t
+        .strip_suffix("/s")
+        .or_else(|| t.strip_suffix("/S"))
+        .unwrap_or(t);
+    let rate = esvm::size::parse_size(t).map_err(|e| format!("{e} (per second)"))?;
+    if rate != 0 && rate < MIN_MAX_BANDWIDTH {
+        return Err(format!(
+            "{rate} bytes per second is below the smallest cap, 64K (per second); give e.g. \
+             64K, 50M or 1G, or 0 for no cap"
+        ));
+    }
+    Ok(rate)
 }
 
 /// A migration URL in its canonical form (`tcp://HOST:PORT`), refused here if malformed.
@@ -239,6 +292,13 @@ fn run_with(args: CtlArgs, format: Format, poll: Duration) -> Result<u8, CtlErro
         CtlCommand::Pause => ("pause", Request::Pause),
         CtlCommand::Resume => ("resume", Request::Resume),
         CtlCommand::Cancel => ("cancel", Request::Cancel),
+        CtlCommand::MigrateSet(a) => (
+            "migrate-set",
+            Request::MigrateSet(MigrateSetRequest {
+                max_bandwidth_bytes_per_sec: a.max_bandwidth,
+                downtime_ms: a.downtime_ms,
+            }),
+        ),
         CtlCommand::Vcpus => ("vcpus", Request::Vcpus),
         CtlCommand::Shutdown => {
             client.set_timeout(SHUTDOWN_REPLY_TIMEOUT)?;
@@ -299,6 +359,7 @@ fn run_with(args: CtlArgs, format: Format, poll: Duration) -> Result<u8, CtlErro
                 } else {
                     OnTimeout::Cancel
                 },
+                max_bandwidth_bytes_per_sec: m.max_bandwidth.filter(|&b| b > 0),
             };
             return migrate(&mut client, req, detach, format, poll);
         }
@@ -325,6 +386,11 @@ fn reply_text(reply: &Reply) -> String {
             "secret injected (LAUNCH_SECRET); `esvm ctl resume` starts the guest".into()
         }
         Reply::MigrationCancelled => "migration cancel requested".into(),
+        Reply::MigrationLimitsSet(l) => format!(
+            "migration limits now: bandwidth {}, downtime limit {} ms",
+            cap_text(l.max_bandwidth_bytes_per_sec),
+            l.downtime_limit_ms
+        ),
         Reply::MigrationStarted { url } => {
             format!("migration to {url} started; follow it with `esvm ctl status`")
         }
@@ -658,15 +724,27 @@ fn completed_text(m: &MigrationStatus) -> String {
     )
 }
 
+/// A bandwidth cap as text: `capped at 32 MiB/s` or `not capped`.
+fn cap_text(cap: Option<u64>) -> String {
+    match cap {
+        Some(b) => format!("capped at {}/s", esvm::size::format_size(b)),
+        None => "not capped".into(),
+    }
+}
+
 /// One line describing a migration's progress.
 fn progress_line(m: &MigrationStatus) -> String {
     let est = match m.estimated_downtime_ms {
         Some(ms) => format!("{ms:.1} ms"),
         None => "?".into(),
     };
+    let cap = match m.max_bandwidth_bytes_per_sec {
+        Some(b) => format!(" (cap {}/s)", esvm::size::format_size(b)),
+        None => String::new(),
+    };
     format!(
-        "{} pass {} | sent {} | {} left | {}/s | dirty {:.0} pages/s | est. downtime {est} \
-         (limit {} ms) | {:.1} s",
+        "{} pass {} | sent {} | {} left | {}/s{cap} | dirty {:.0} pages/s | est. downtime \
+         {est} (limit {} ms) | {:.1} s",
         m.phase,
         m.pass,
         BinaryBytes(m.bytes_sent),
@@ -1042,6 +1120,101 @@ mod tests {
     }
 
     #[test]
+    fn bandwidth_options() {
+        for (arg, want) in [
+            ("100", 100 << 20),
+            ("50M", 50 << 20),
+            ("1G", 1 << 30),
+            ("64K", 64 << 10),
+            ("50M/s", 50 << 20),
+            ("0", 0),
+            ("unlimited", 0),
+        ] {
+            assert_eq!(parse_bandwidth(arg), Ok(want), "{arg}");
+        }
+        for bad in ["", "fast", "1K", "-5M", "4096B"] {
+            assert!(parse_bandwidth(bad).is_err(), "{bad}");
+        }
+        let a = parse(&[
+            "--api-socket",
+            "/s",
+            "migrate",
+            "tcp://h:1",
+            "--max-bandwidth",
+            "20M",
+        ])
+        .unwrap();
+        let CtlCommand::Migrate(m) = a.command else {
+            panic!("not migrate")
+        };
+        assert_eq!(m.max_bandwidth, Some(20 << 20));
+        let a = parse(&["--api-socket", "/s", "migrate-set", "--downtime-ms", "40"]).unwrap();
+        let CtlCommand::MigrateSet(m) = a.command else {
+            panic!("not migrate-set")
+        };
+        assert_eq!((m.max_bandwidth, m.downtime_ms), (None, Some(40)));
+        // Nothing to change, or out of range: usage errors.
+        assert!(parse(&["--api-socket", "/s", "migrate-set"]).is_err());
+        assert!(parse(&["--api-socket", "/s", "migrate-set", "--downtime-ms", "0"]).is_err());
+        assert!(parse(&["--api-socket", "/s", "migrate-set", "--max-bandwidth", "1K"]).is_err());
+    }
+
+    #[test]
+    fn migrate_set_changes_the_limits_the_status_shows() {
+        let vm = vm();
+        // No migration runs: refused.
+        assert_eq!(
+            ctl(&vm, &["migrate-set", "--max-bandwidth", "10M"]).unwrap(),
+            EXIT_REFUSED
+        );
+        assert_eq!(
+            ctl(
+                &vm,
+                &[
+                    "migrate",
+                    "tcp://hang:1",
+                    "--detach",
+                    "--max-bandwidth",
+                    "8M"
+                ]
+            )
+            .unwrap(),
+            0
+        );
+        let m = vm.target.migrate_requests().pop().unwrap();
+        assert_eq!(m.max_bandwidth_bytes_per_sec, Some(8 << 20));
+        assert_eq!(
+            ctl(
+                &vm,
+                &[
+                    "migrate-set",
+                    "--max-bandwidth",
+                    "1G",
+                    "--downtime-ms",
+                    "30"
+                ]
+            )
+            .unwrap(),
+            0
+        );
+        let s = vm.target.status().migration.unwrap();
+        assert_eq!(s.max_bandwidth_bytes_per_sec, Some(1 << 30));
+        assert_eq!(s.downtime_limit_ms, 30);
+        assert_eq!(
+            ctl(&vm, &["migrate-set", "--max-bandwidth", "0"]).unwrap(),
+            0
+        );
+        assert_eq!(
+            vm.target
+                .status()
+                .migration
+                .unwrap()
+                .max_bandwidth_bytes_per_sec,
+            None
+        );
+    }
+
+    #[test]
     fn progress_line_mentions_the_figures() {
         let mut m = MigrationStatus::new("tcp://h:1", 300);
         m.phase = MigrationPhase::PreCopy;
@@ -1052,5 +1225,9 @@ mod tests {
         assert!(line.starts_with("pre_copy pass 3"), "{line}");
         assert!(line.contains("2.00 MiB"), "{line}");
         assert!(line.contains("12.5 ms"), "{line}");
+        assert!(!line.contains("cap"), "{line}");
+        m.max_bandwidth_bytes_per_sec = Some(32 << 20);
+        let line = progress_line(&m);
+        assert!(line.contains("(cap 32 MiB/s)"), "{line}");
     }
 }
