@@ -302,6 +302,17 @@ fn a_failed_migration_on_fd_n_ends_the_receiver() {
 #[test]
 fn bad_urls_and_descriptors_are_refused_with_clear_messages() {
     let dir = tempfile::tempdir().unwrap();
+    // The help says which URLs each command takes.
+    let help = text(&esvm(&["receive", "--help"]).stdout);
+    assert!(
+        help.contains("unix:PATH") && help.contains("fd:N") && help.contains("inherited"),
+        "{help}"
+    );
+    let help = text(&esvm(&["ctl", "migrate", "--help"]).stdout);
+    assert!(
+        help.contains("unix:PATH") && help.contains("fd:N is refused"),
+        "{help}"
+    );
     // Usage errors (status 120): malformed URLs, fd 0..2, fd: for migrate.
     for (args, needle) in [
         (
