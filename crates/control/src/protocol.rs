@@ -116,8 +116,8 @@ impl fmt::Display for OnTimeout {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// Where the destination listens, e.g. `tcp://10.0.0.2:7000` (the VMM decides which
-    /// schemes it supports).
+    /// Where the destination listens, e.g. `tcp://10.0.0.2:7000` or `unix:/run/mig.sock`
+    /// (the VMM decides which schemes it supports).
     pub url: String,
     /// Largest acceptable downtime (stop-and-copy) in milliseconds.
     #[serde(default = "default_downtime_ms")]

@@ -1,4 +1,5 @@
-//! Live migration of esvm guests between processes over a byte stream (TCP in practice).
+//! Live migration of esvm guests between processes over a byte stream (a TCP or Unix
+//! stream socket in practice, see [`stream`]).
 //!
 //! This crate is the transport-level part of live migration, independent of the concrete VMM:
 //!
@@ -34,6 +35,7 @@ pub mod rate;
 pub mod receiver;
 pub mod sender;
 pub mod source;
+pub mod stream;
 pub mod target;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +49,7 @@ pub use rate::{LiveLimits, Pacer};
 pub use receiver::{ReceiveError, ReceiveOutcome, Receiver, ReceiverConfig, ReceiverState};
 pub use sender::{LimitPolicy, SendError, SendOutcome, Sender, SenderConfig};
 pub use source::{MigrationSource, SourceError};
+pub use stream::MigrationStream;
 pub use target::{MigrationTarget, TargetError};
 
 /// The kind of guest being migrated (the same distinction as `esvm_hv::VmType`).

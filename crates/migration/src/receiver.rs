@@ -20,6 +20,7 @@ use crate::protocol::{
     HelloAck, PassEnd, ProtocolError, CAPABILITIES, CAP_SEV_ES, CRC_CHUNK, MAX_BLOB_LEN,
     MIN_PROTOCOL_VERSION, PAGES_PREFIX_LEN, PROTOCOL_VERSION, TABLE_ENTRY_LEN,
 };
+use crate::stream::MigrationStream;
 use crate::target::{MigrationTarget, TargetError};
 use crate::{CancelToken, GuestType, MigrationConfig, PAGE_SIZE};
 use std::io::{self, BufReader, Read, Write};
@@ -196,19 +197,26 @@ impl Receiver {
         self.cancel.clone()
     }
 
-    /// Receive a migration over a connected TCP stream.
+    /// Receive a migration over a connected TCP stream: [`Receiver::run_stream`].
     pub fn run_tcp<T: MigrationTarget + ?Sized>(
         &mut self,
         target: &mut T,
         stream: TcpStream,
     ) -> Result<ReceiveOutcome, ReceiveError> {
-        let timeout = Some(self.config.io_timeout.max(Duration::from_millis(1)));
-        let setup = (|| {
-            stream.set_nodelay(true)?;
-            stream.set_read_timeout(timeout)?;
-            stream.set_write_timeout(timeout)?;
-            stream.try_clone()
-        })();
+        self.run_stream(target, stream.into())
+    }
+
+    /// Receive a migration over a connected TCP or Unix stream (sets the socket timeouts,
+    /// and TCP_NODELAY on TCP; shuts the stream down at the end).
+    pub fn run_stream<T: MigrationTarget + ?Sized>(
+        &mut self,
+        target: &mut T,
+        stream: MigrationStream,
+    ) -> Result<ReceiveOutcome, ReceiveError> {
+        let timeout = self.config.io_timeout.max(Duration::from_millis(1));
+        let setup = stream
+            .configure(timeout, timeout)
+            .and_then(|()| stream.try_clone());
         let reader = match setup {
             Ok(r) => r,
             Err(e) => {

@@ -51,6 +51,7 @@ use crate::protocol::{
 };
 use crate::rate::{LiveLimits, Pacer, PACE_CHECK_INTERVAL};
 use crate::source::{MigrationSource, SourceError};
+use crate::stream::MigrationStream;
 use crate::{CancelToken, GuestType, MigrationConfig, PAGE_SIZE};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -242,21 +243,25 @@ impl Sender {
         self.on_progress = Some(Box::new(f));
     }
 
-    /// Migrate over a connected TCP stream (sets TCP_NODELAY and the socket timeouts; shuts
-    /// the stream down at the end).
+    /// Migrate over a connected TCP stream: [`Sender::run_stream`].
     pub fn run_tcp<S: MigrationSource + ?Sized>(
         &mut self,
         source: &mut S,
         stream: TcpStream,
     ) -> Result<SendOutcome, SendError> {
+        self.run_stream(source, stream.into())
+    }
+
+    /// Migrate over a connected TCP or Unix stream (sets the socket timeouts, and
+    /// TCP_NODELAY on TCP; shuts the stream down at the end).
+    pub fn run_stream<S: MigrationSource + ?Sized>(
+        &mut self,
+        source: &mut S,
+        stream: MigrationStream,
+    ) -> Result<SendOutcome, SendError> {
         let poll = self.config.poll_interval.max(Duration::from_millis(1));
         let io = self.config.io_timeout.max(Duration::from_millis(1));
-        let setup = (|| {
-            stream.set_nodelay(true)?;
-            stream.set_read_timeout(Some(poll))?;
-            stream.set_write_timeout(Some(io))?;
-            stream.try_clone()
-        })();
+        let setup = stream.configure(poll, io).and_then(|()| stream.try_clone());
         let reader = setup.map_err(|e| SendError::Protocol(ProtocolError::Io(e)))?;
         let result = self.run(source, reader, &stream);
         if result.is_err() {

@@ -1,4 +1,4 @@
-//! Scenario tests: whole migrations over loopback TCP between mock guests, with dirtying,
+//! Scenario tests: whole migrations over loopback TCP (one over a Unix socket) between mock guests, with dirtying,
 //! limits, cancellation, connection cuts and tampering.
 
 mod common;
@@ -70,6 +70,34 @@ fn dirtying_guest_converges_to_the_final_state() {
     // The source is paused for good, so its memory is the final state.
     assert_migrated(&run, &src);
     assert!(run.send.as_ref().unwrap().converged);
+}
+
+/// The same engine over a Unix stream socket (`unix:PATH` and `fd:N` in the VMM): a dirtying
+/// guest arrives whole.
+#[test]
+fn dirtying_guest_migrates_over_a_unix_socket() {
+    let (g, mut src) = guest(1024, 2, 3);
+    let dirtier = g.start_dirtier(16, 7);
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let target = MockTarget::new(src.matching_target_config());
+    let recv_thread = std::thread::spawn(move || {
+        let mut target = target;
+        let mut rx = esvm_migration::Receiver::new(receiver_config());
+        let r = rx.run_stream(&mut target, b.into());
+        (r, target, rx.state())
+    });
+    let send = Sender::new(sender_config()).run_stream(&mut src, a.into());
+    let (recv, target, state) = recv_thread.join().unwrap();
+    assert!(dirtier.stop() > 0, "the dirtier ran");
+    let run = Run {
+        send,
+        recv,
+        target,
+        state,
+        forwarded: 0,
+        stream: Vec::new(),
+    };
+    assert_migrated(&run, &src);
 }
 
 #[test]

@@ -11,7 +11,6 @@
 //! during stop-and-copy), `migrated` (the destination committed: dead here), `exited`, and
 //! `failed` (the guest shut down or terminated, or the VMM failed).
 
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -30,10 +29,11 @@ use esvm_migration::{
 
 use crate::lifecycle::{LifecycleError, State, Status};
 use crate::machine::{Machine, MachineHandle};
-use crate::migrate::{parse_tcp_url, read_trusted_root, tcp_url, MachineSource};
+use crate::migrate::{read_trusted_root, MachineSource};
 use crate::outcome::{Outcome, StopSignal};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
 use crate::sev_launch::{hex, PendingLaunch, PendingLaunchError};
+use crate::transport::{connect, MigrationUrl};
 
 /// How a VM ends that `shutdown` stopped while its SEV-ES launch waited for its owner.
 pub const SHUT_DOWN_BEFORE_START: &str =
@@ -44,7 +44,7 @@ pub const SHUT_DOWN_BEFORE_START: &str =
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long connecting to a migration destination may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::transport::CONNECT_TIMEOUT;
 
 /// The bookkeeping of the current or last migration (its place in the VM's lifecycle is the
 /// lifecycle's). Its lock also orders the migration thread's end against `status` and
@@ -139,24 +139,6 @@ fn failure_phase(e: &SendError) -> MigrationPhase {
         SendError::Cancelled | SendError::NotConverged { .. } => MigrationPhase::Cancelled,
         _ => MigrationPhase::Failed,
     }
-}
-
-fn connect(addr: &str, cancel: &CancelToken) -> Result<TcpStream, String> {
-    let addrs: Vec<_> = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .collect();
-    let mut last = format!("{addr} resolves to no address");
-    for a in addrs {
-        if cancel.is_cancelled() {
-            return Err("cancelled before connecting".into());
-        }
-        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = format!("{a}: {e}"),
-        }
-    }
-    Err(last)
 }
 
 impl VmHandle {
@@ -402,10 +384,14 @@ impl ControlTarget for VmHandle {
 
     fn start_migration(&self, mut req: MigrateRequest) -> Result<(), ApiError> {
         self.refuse_while_waiting("migrate")?;
-        let addr =
-            parse_tcp_url(&req.url).map_err(|e| ApiError::invalid_argument(e.to_string()))?;
+        // tcp: or an absolute unix: path (fd: is for `esvm receive` only).
+        let dest = req
+            .url
+            .parse::<MigrationUrl>()
+            .and_then(MigrationUrl::for_migrate)
+            .map_err(|e| ApiError::invalid_argument(e.to_string()))?;
         // Status, messages and the VM's end say where it went in one form.
-        req.url = tcp_url(&addr);
+        req.url = dest.to_string();
         let trust = match &req.trust {
             Some(path) => Some(
                 read_trusted_root(path).map_err(|e| ApiError::invalid_argument(e.to_string()))?,
@@ -460,8 +446,8 @@ impl ControlTarget for VmHandle {
         let thread = std::thread::Builder::new()
             .name("esvm-migrate".into())
             .spawn(move || {
-                let result = match connect(&addr, &cancel) {
-                    Ok(stream) => sender.run_tcp(&mut source, stream),
+                let result = match connect(&dest, &|| cancel.is_cancelled()) {
+                    Ok(stream) => sender.run_stream(&mut source, stream),
                     Err(e) => Err(SendError::Protocol(ProtocolError::Io(
                         std::io::Error::other(format!(
                             "cannot connect to the destination {url}: {e}"

@@ -27,6 +27,7 @@
 //!  console     the host end of the serial console: stdin into COM1, raw terminal, escape
 //!  outcome     how a run ended, and the exit status for each ending
 //!  size        human-readable sizes
+//!  transport   migration URLs (tcp:, unix:, fd:), the destination's listener, connecting
 //! ```
 //!
 //! # The lifecycle and its guards
@@ -53,3 +54,4 @@ pub mod session;
 pub mod sev_launch;
 pub mod size;
 pub mod snapshot;
+pub mod transport;

@@ -105,46 +105,7 @@ pub fn read_trusted_root(path: &std::path::Path) -> Result<CaCert, TrustError> {
     })
 }
 
-/// A migration URL this VMM cannot use.
-#[derive(Debug, Error, PartialEq, Eq)]
-#[allow(missing_docs)] // Each variant is documented by its #[error] message.
-pub enum UrlError {
-    #[error(
-        "unsupported migration URL {0:?}: use tcp://HOST:PORT (tcp:HOST:PORT is read the \
-         same), e.g. tcp://127.0.0.1:7000 or tcp://[::1]:7000; the port is 0..=65535"
-    )]
-    Unsupported(String),
-}
-
-/// `tcp://HOST:PORT` or `tcp:HOST:PORT` → `HOST:PORT` (what `TcpStream::connect` and
-/// `TcpListener::bind` take). The one parser of migration addresses: `esvm receive
-/// --listen`, `esvm ctl migrate` and the control API's `migrate` all go through it.
-pub fn parse_tcp_url(url: &str) -> Result<String, UrlError> {
-    let rest = url
-        .strip_prefix("tcp://")
-        .or_else(|| url.strip_prefix("tcp:"))
-        .ok_or_else(|| UrlError::Unsupported(url.to_string()))?;
-    let bad = || UrlError::Unsupported(url.to_string());
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || port.parse::<u16>().is_err() || rest.contains('/') {
-        return Err(bad());
-    }
-    if host.starts_with('[') != host.ends_with(']') {
-        return Err(bad());
-    }
-    Ok(rest.to_string())
-}
-
-/// The canonical form of a migration address `HOST:PORT`: `tcp://HOST:PORT`, the form esvm
-/// prints everywhere (and that [`parse_tcp_url`] reads back).
-pub fn tcp_url(addr: impl std::fmt::Display) -> String {
-    format!("tcp://{addr}")
-}
-
-/// [`parse_tcp_url`], then [`tcp_url`]: any accepted spelling in its canonical form.
-pub fn canonical_tcp_url(url: &str) -> Result<String, UrlError> {
-    parse_tcp_url(url).map(tcp_url)
-}
+pub use crate::transport::{tcp_url, MigrationUrl, UrlError};
 
 /// The migration configuration a machine sends.
 pub fn migration_config(c: &MachineConfig) -> MigrationConfig {
@@ -949,39 +910,6 @@ mod tests {
             assert!(received.is_err(), "{what}");
             assert_eq!(src_thread.join().unwrap().unwrap(), Outcome::Exited(0));
             assert_eq!(out.text(), expected, "{what}");
-        }
-    }
-
-    #[test]
-    fn urls() {
-        assert_eq!(
-            parse_tcp_url("tcp://127.0.0.1:7000").unwrap(),
-            "127.0.0.1:7000"
-        );
-        assert_eq!(parse_tcp_url("tcp:localhost:1").unwrap(), "localhost:1");
-        assert_eq!(parse_tcp_url("tcp://[::1]:9").unwrap(), "[::1]:9");
-        // Both spellings print as one canonical form, which parses back to the same address.
-        for url in ["tcp:127.0.0.1:7000", "tcp://127.0.0.1:7000"] {
-            assert_eq!(canonical_tcp_url(url).unwrap(), "tcp://127.0.0.1:7000");
-        }
-        assert_eq!(canonical_tcp_url("tcp:[::1]:9").unwrap(), "tcp://[::1]:9");
-        let listened: std::net::SocketAddr = "127.0.0.1:41234".parse().unwrap();
-        assert_eq!(
-            parse_tcp_url(&tcp_url(listened)).unwrap(),
-            listened.to_string()
-        );
-        let e = parse_tcp_url("http://h:1").unwrap_err().to_string();
-        assert!(e.contains("use tcp://HOST:PORT"), "{e}");
-        for bad in [
-            "udp://h:1",
-            "tcp://h",
-            "tcp://:1",
-            "tcp://h:99999",
-            "tcp://h:1/x",
-            "h:1",
-            "tcp://[::1:9",
-        ] {
-            assert!(parse_tcp_url(bad).is_err(), "{bad}");
         }
     }
 

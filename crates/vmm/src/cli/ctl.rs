@@ -133,8 +133,10 @@ pub enum CtlCommand {
 
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
-    /// Where the destination listens: tcp://HOST:PORT as `esvm receive` prints it, e.g.
-    /// tcp://127.0.0.1:7000 (tcp:HOST:PORT is read the same).
+    /// Where the destination listens, as `esvm receive` prints it: tcp://HOST:PORT, e.g.
+    /// tcp://127.0.0.1:7000 (tcp:HOST:PORT is read the same), or unix:PATH, a Unix socket
+    /// on this host, e.g. unix:/run/esvm/mig.sock (a relative PATH is made absolute here).
+    /// fd:N is refused: it is for `esvm receive --listen`.
     #[arg(value_name = "URL", value_parser = parse_url)]
     pub url: String,
     /// Largest acceptable downtime (the final stop-and-copy), in milliseconds.
@@ -213,9 +215,14 @@ fn parse_bandwidth(s: &str) -> Result<u64, String> {
     Ok(rate)
 }
 
-/// A migration URL in its canonical form (`tcp://HOST:PORT`), refused here if malformed.
+/// A migration URL in its canonical form (`tcp://HOST:PORT`, `unix:/ABSOLUTE/PATH`),
+/// refused here if malformed or `fd:N`.
 fn parse_url(s: &str) -> Result<String, String> {
-    esvm::migrate::canonical_tcp_url(s).map_err(|e| e.to_string())
+    s.parse::<esvm::migrate::MigrationUrl>()
+        .and_then(esvm::migrate::MigrationUrl::absolute)
+        .and_then(esvm::migrate::MigrationUrl::for_migrate)
+        .map(|u| u.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// What went wrong talking to the VM (as opposed to the VM refusing a request).
@@ -870,6 +877,16 @@ mod tests {
         }
         let e = parse(&["--api-socket", "/s", "migrate", "http://h:1"]).unwrap_err();
         assert!(e.to_string().contains("use tcp://HOST:PORT"), "{e}");
+        let CtlCommand::Migrate(m) = parse(&["--api-socket", "/s", "migrate", "unix:m.sock"])
+            .unwrap()
+            .command
+        else {
+            panic!("not migrate")
+        };
+        let abs = std::env::current_dir().unwrap().join("m.sock");
+        assert_eq!(m.url, format!("unix:{}", abs.display()));
+        let e = parse(&["--api-socket", "/s", "migrate", "fd:3"]).unwrap_err();
+        assert!(e.to_string().contains("cannot take a descriptor"), "{e}");
         assert!(parse(&["--api-socket", "/s", "snapshot"]).is_err());
         assert!(parse(&["--api-socket", "/s"]).is_err());
         assert!(matches!(

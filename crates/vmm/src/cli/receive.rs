@@ -1,6 +1,5 @@
 //! `esvm receive`: wait for one incoming live migration and run the guest it brings.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -8,12 +7,15 @@ use esvm_hv::BackendKind;
 use esvm_migration::{Receiver, ReceiverConfig};
 use thiserror::Error;
 
-use esvm::migrate::{parse_tcp_url, MachineTarget};
+use esvm::migrate::{MachineTarget, MigrationUrl};
+use esvm::transport::{inherited_stream, Listener};
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Prints `esvm: listening on tcp://HOST:PORT` on stderr once it listens (with \
-                  port 0 the port the system chose): the URL to give `esvm ctl migrate`. A VM \
+    after_help = "Prints `esvm: listening on URL` on stderr once it listens (for tcp with \
+                  port 0 the port the system chose, for unix the absolute path): the URL to \
+                  give `esvm ctl migrate`. With fd:N it prints `esvm: receiving on fd:N` and \
+                  takes the one migration arriving on that connection. A VM \
                   that was paused at the source arrives paused and stays paused until `esvm \
                   ctl resume` (with --api-socket; without one it runs, with a warning). An \
                   incoming migration that fails (cut \
@@ -24,9 +26,14 @@ use esvm::migrate::{parse_tcp_url, MachineTarget};
 )]
 pub struct ReceiveArgs {
     /// Where to listen: tcp://HOST:PORT (tcp:HOST:PORT is read the same), e.g.
-    /// tcp://0.0.0.0:7000; port 0 lets the system choose one (printed).
+    /// tcp://0.0.0.0:7000, port 0 lets the system choose one (printed); unix:PATH, a Unix
+    /// socket for moves on this host, e.g. unix:/run/esvm/mig.sock (created here, removed
+    /// when done; an existing file that is not a stale socket is refused); or fd:N, an
+    /// already connected stream socket inherited on descriptor N (3 or more) from the
+    /// process that started esvm, which receives the one migration on it (no --once needed:
+    /// a failure ends esvm).
     #[arg(long, value_name = "URL", value_parser = parse_url)]
-    pub listen: String,
+    pub listen: MigrationUrl,
     /// Where the guest's serial input (COM1) comes from once it runs here: `stdin` or
     /// `none` (the default), as for `esvm run --console`.
     #[arg(long, value_name = "stdin|none", value_parser = crate::cli::run::parse_console,
@@ -59,9 +66,12 @@ pub struct ReceiveArgs {
     pub once: bool,
 }
 
-/// `--listen`: refused up front unless a tcp URL (the one parser of migration URLs).
-fn parse_url(s: &str) -> Result<String, String> {
-    esvm::migrate::canonical_tcp_url(s).map_err(|e| e.to_string())
+/// `--listen`: refused up front unless a migration URL (the one parser of them); a
+/// relative unix: path is made absolute.
+fn parse_url(s: &str) -> Result<MigrationUrl, String> {
+    s.parse::<MigrationUrl>()
+        .and_then(MigrationUrl::absolute)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
@@ -71,13 +81,9 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
 #[derive(Debug, Error)]
 pub enum ReceiveCliError {
     #[error(transparent)]
-    Url(#[from] esvm::migrate::UrlError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    Listen(#[from] esvm::transport::ListenError),
+    #[error(transparent)]
+    Fd(#[from] esvm::transport::FdError),
     #[error("accepting a connection on {addr} failed: {source}")]
     Accept {
         addr: String,
@@ -95,31 +101,40 @@ pub enum ReceiveCliError {
 }
 
 pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    let addr = parse_tcp_url(&args.listen)?;
+    // fd:N first, before esvm opens anything else (the descriptor is checked and owned).
+    let mut inherited = match &args.listen {
+        MigrationUrl::Fd(fd) => Some(inherited_stream(*fd).map_err(ReceiveCliError::Fd)?),
+        _ => None,
+    };
     let platform = match &args.platform {
         Some(p) if !p.is_dir() => return Err(ReceiveCliError::Platform(p.clone()).into()),
         Some(p) => Some(esvm::sev_launch::open_platform(p)?),
         None => None,
     };
-    let listener = TcpListener::bind(&addr).map_err(|source| ReceiveCliError::Listen {
-        addr: addr.clone(),
-        source,
-    })?;
-    let local = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| addr.clone());
-    eprintln!(
-        "esvm: listening on {} for an incoming VM",
-        esvm::migrate::tcp_url(&local)
-    );
+    let listener = match inherited {
+        Some(_) => {
+            eprintln!("esvm: receiving on {} for an incoming VM", args.listen);
+            None
+        }
+        None => {
+            let l = Listener::bind(&args.listen).map_err(ReceiveCliError::Listen)?;
+            let local = l.local_url().unwrap_or_else(|_| args.listen.to_string());
+            eprintln!("esvm: listening on {local} for an incoming VM");
+            Some((l, local))
+        }
+    };
+    // An inherited connection carries one migration: its failure ends esvm.
+    let once = args.once || inherited.is_some();
     let (mut machine, peer, arrived_paused) = loop {
-        let (stream, peer) = listener
-            .accept()
-            .map_err(|source| ReceiveCliError::Accept {
+        let (stream, peer) = match (inherited.take(), &listener) {
+            (Some(s), _) => (s, args.listen.to_string()),
+            (None, Some((l, local))) => l.accept().map_err(|source| ReceiveCliError::Accept {
                 addr: local.clone(),
                 source,
-            })?;
+            })?,
+            // An inherited connection is used once (`once` ends the loop after it).
+            (None, None) => return Err("no connection left to receive on (an esvm bug)".into()),
+        };
         let mut target = MachineTarget::new(
             args.backend,
             Box::new(|| Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>),
@@ -127,7 +142,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         .with_prealloc(args.prealloc)
         .with_platform(platform.clone());
         let mut receiver = Receiver::new(ReceiverConfig::default());
-        match receiver.run_tcp(&mut target, stream) {
+        match receiver.run_stream(&mut target, stream) {
             Ok(o) => {
                 let paused = target.arrived_paused();
                 let Some(machine) = target.into_machine() else {
@@ -147,7 +162,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
                 break (machine, peer, paused);
             }
             Err(source) => {
-                if args.once {
+                if once {
                     return Err(ReceiveCliError::Failed {
                         peer: peer.to_string(),
                         source,
@@ -161,6 +176,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
             }
         }
     };
+    // Stop listening (a unix: socket file goes with it).
     drop(listener);
     let mut start_paused = args.start_paused;
     if arrived_paused {

@@ -97,6 +97,29 @@ impl Proc {
         )
     }
 
+    /// Start a prepared esvm command (e.g. one handed a descriptor), stdin null, stdout and
+    /// stderr collected.
+    pub fn spawn_command(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start esvm");
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), out.clone()),
+            collect(child.stderr.take().unwrap(), err.clone()),
+        ];
+        Proc {
+            child,
+            out,
+            err,
+            readers,
+        }
+    }
+
     pub fn stdout(&self) -> String {
         self.out.lock().unwrap().clone()
     }
