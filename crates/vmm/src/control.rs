@@ -298,7 +298,11 @@ impl ControlTarget for VmHandle {
         let migration = m.status.clone();
         let final_status = match state {
             VmState::Migrated => migration.as_ref().is_some_and(|s| s.phase.is_terminal()),
-            VmState::Exited | VmState::Failed => true,
+            // A migration the end interrupted is final only once it reads as ended
+            // (`cancelled`): a client following it must see that, not just the exit.
+            VmState::Exited | VmState::Failed => {
+                migration.as_ref().is_none_or(|s| s.phase.is_terminal())
+            }
             _ => false,
         };
         if final_status {
