@@ -1,0 +1,520 @@
+//! TLS for esvm's migration transport: TLS 1.3 only (rustls with the `ring` provider),
+//! mutual authentication by certificates from one CA.
+//!
+//! * [`TlsServer`] (the destination, `esvm receive --tls-*`) requires a client certificate
+//!   chaining to its CA; [`TlsClient`] (the source, `esvm ctl migrate --tls-*`) checks the
+//!   destination's certificate against its CA and the destination's name (the URL's host,
+//!   an IP address checked against the certificate's IP SANs, or `--tls-name`).
+//! * [`TlsServer::accept`] and [`TlsClient::connect`] run the handshake on a connected TCP
+//!   socket and return a [`TlsStream`], which the migration engine reads and writes from
+//!   two threads like a socket.
+//! * Every refusal is a [`HandshakeError`] that says which end refused what and what to do.
+//!
+//! One application byte ends the handshake: the destination sends [`ACCEPTED`] once it
+//! has verified the source's certificate. In TLS 1.3 the client finishes its handshake
+//! before the server has checked the client's certificate, so without this byte a refused
+//! source would learn it only at its first read, in the middle of the migration protocol.
+
+pub mod certs;
+mod config;
+mod error;
+mod stream;
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, Connection, ServerConnection};
+
+pub use certs::{CertsError, Validity};
+pub use config::{load_certs, load_key, ConfigError, TlsClient, TlsServer};
+pub use error::{map_handshake_error, utc, HandshakeError, Role};
+pub use stream::TlsStream;
+
+/// The byte the destination sends once the handshake has verified the source.
+pub const ACCEPTED: u8 = 0x01;
+
+/// The first four bytes of a plain esvm migration frame (its magic).
+const MIGRATION_MAGIC: &[u8; 4] = b"EMIG";
+
+/// How long a handshake may take by default.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsServer {
+    /// Run the destination's side of the handshake on `tcp` (read and write timeouts set to
+    /// `timeout`; the engine sets its own afterwards). A peer that sends a plain esvm
+    /// migration stream is refused with [`HandshakeError::PlainMigration`].
+    pub fn accept(&self, tcp: TcpStream, timeout: Duration) -> Result<TlsStream, HandshakeError> {
+        let conn =
+            ServerConnection::new(self.config.clone()).map_err(|source| HandshakeError::Tls {
+                peer: Role::Source,
+                source,
+            })?;
+        handshake(tcp, conn.into(), Role::Source, timeout)
+    }
+}
+
+impl TlsClient {
+    /// Run the source's side of the handshake on `tcp`, checking the destination's
+    /// certificate against `host` (the URL's host; `--tls-name` overrides it).
+    pub fn connect(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<TlsStream, HandshakeError> {
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => {
+                // `[::1]` in a URL is the address ::1.
+                let bare = host
+                    .strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .unwrap_or(host);
+                ServerName::try_from(bare.to_string()).map_err(|e| HandshakeError::Tls {
+                    peer: Role::Destination,
+                    source: rustls::Error::General(format!(
+                        "{host:?} is not a DNS name or IP address to check the destination's \
+                         certificate against ({e}); give one with --tls-name"
+                    )),
+                })?
+            }
+        };
+        let conn = ClientConnection::new(self.config.clone(), name).map_err(|source| {
+            HandshakeError::Tls {
+                peer: Role::Destination,
+                source,
+            }
+        })?;
+        handshake(tcp, conn.into(), Role::Destination, timeout)
+    }
+}
+
+fn io_err(peer: Role, e: io::Error) -> HandshakeError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            HandshakeError::Timeout { peer, secs: 0 }
+        }
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::UnexpectedEof => HandshakeError::ClosedInHandshake { peer },
+        _ => HandshakeError::Io { peer, source: e },
+    }
+}
+
+/// Refuse a peer whose first bytes are not a TLS record (handshake 0x16 or alert 0x15,
+/// version 0x03): a plain esvm migration stream gets its own error.
+fn check_first_bytes(peer: Role, b: &[u8]) -> Result<(), HandshakeError> {
+    if b.starts_with(MIGRATION_MAGIC) || MIGRATION_MAGIC.starts_with(b) {
+        return Err(HandshakeError::PlainMigration { peer });
+    }
+    if matches!(b, [0x15 | 0x16, 0x03, ..] | [0x15 | 0x16]) {
+        return Ok(());
+    }
+    let hex: String = b.iter().take(8).map(|x| format!("{x:02x}")).collect();
+    Err(HandshakeError::NotTls {
+        peer,
+        what: format!("its first bytes are 0x{hex}, not a TLS record"),
+    })
+}
+
+fn handshake(
+    tcp: TcpStream,
+    mut conn: Connection,
+    peer: Role,
+    timeout: Duration,
+) -> Result<TlsStream, HandshakeError> {
+    let secs = timeout.as_secs().max(1);
+    let set = tcp
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| tcp.set_write_timeout(Some(timeout)));
+    set.map_err(|source| HandshakeError::Io { peer, source })?;
+    let timed = |e: HandshakeError| match e {
+        HandshakeError::Timeout { peer, .. } => HandshakeError::Timeout { peer, secs },
+        e => e,
+    };
+    let is_client = matches!(conn, Connection::Client(_));
+    let mut buf = vec![0u8; 18 * 1024];
+    let mut first = true;
+    // The client waits for the destination's ACCEPTED byte after the TLS handshake.
+    let mut confirmed = !is_client;
+    // The destination sends it once the handshake has verified the source.
+    let mut accepted_sent = is_client;
+    loop {
+        while conn.wants_write() {
+            conn.write_tls(&mut &tcp)
+                .map_err(|e| timed(io_err(peer, e)))?;
+        }
+        if !conn.is_handshaking() {
+            if !accepted_sent {
+                conn.writer()
+                    .write_all(&[ACCEPTED])
+                    .map_err(|e| io_err(peer, e))?;
+                accepted_sent = true;
+                continue;
+            }
+            if confirmed {
+                break;
+            }
+            let mut b = [0u8; 1];
+            match conn.reader().read(&mut b) {
+                Ok(1) if b[0] == ACCEPTED => {
+                    confirmed = true;
+                    continue;
+                }
+                Ok(1) => {
+                    return Err(HandshakeError::NotTls {
+                        peer,
+                        what: format!(
+                            "after the TLS handshake it sent 0x{:02x}, not the esvm \
+                             acceptance byte",
+                            b[0]
+                        ),
+                    })
+                }
+                Ok(_) => return Err(HandshakeError::ClosedInHandshake { peer }),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io_err(peer, e)),
+            }
+        }
+        let n = match (&tcp).read(&mut buf) {
+            Ok(0) => return Err(HandshakeError::ClosedInHandshake { peer }),
+            Ok(n) => n,
+            Err(e) => return Err(timed(io_err(peer, e))),
+        };
+        if first {
+            first = false;
+            check_first_bytes(peer, &buf[..n])?;
+        }
+        let mut data = &buf[..n];
+        while !data.is_empty() {
+            conn.read_tls(&mut data).map_err(|e| io_err(peer, e))?;
+            if let Err(e) = conn.process_new_packets() {
+                // Send the alert rustls queued, so the peer learns why (best effort).
+                while conn.wants_write() {
+                    if conn.write_tls(&mut &tcp).is_err() {
+                        break;
+                    }
+                }
+                return Err(map_handshake_error(peer, e));
+            }
+        }
+    }
+    Ok(TlsStream::new(tcp, conn, peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Shutdown, TcpListener};
+    use std::path::{Path, PathBuf};
+
+    const T: Duration = Duration::from_secs(10);
+
+    /// A CA in `dir` with hosts `dst` (names dst, 127.0.0.1) and `src`.
+    fn lab(dir: &Path) {
+        certs::make(
+            dir,
+            &["dst,127.0.0.1".into(), "src".into()],
+            Validity::Days(2),
+            false,
+        )
+        .unwrap();
+    }
+
+    fn p(dir: &Path, f: &str) -> PathBuf {
+        dir.join(f)
+    }
+
+    fn server(dir: &Path, host: &str) -> TlsServer {
+        TlsServer::build(
+            &p(dir, &format!("{host}.pem")),
+            &p(dir, &format!("{host}-key.pem")),
+            &p(dir, "ca.pem"),
+            false,
+        )
+        .unwrap()
+    }
+
+    fn client(dir: &Path, host: Option<&str>, ca: &Path, name: Option<&str>) -> TlsClient {
+        let id = host.map(|h| (p(dir, &format!("{h}.pem")), p(dir, &format!("{h}-key.pem"))));
+        TlsClient::build(
+            id.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+            ca,
+            name,
+            false,
+        )
+        .unwrap()
+    }
+
+    /// Run a handshake between `s` and `c` (connecting to `host`); both results.
+    fn pair(
+        s: &TlsServer,
+        c: &TlsClient,
+        host: &str,
+    ) -> (
+        Result<TlsStream, HandshakeError>,
+        Result<TlsStream, HandshakeError>,
+    ) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = s.clone();
+        let t = std::thread::spawn(move || s.accept(l.accept().unwrap().0, T));
+        let c = c.connect(TcpStream::connect(addr).unwrap(), host, T);
+        (t.join().unwrap(), c)
+    }
+
+    fn errs(
+        r: (
+            Result<TlsStream, HandshakeError>,
+            Result<TlsStream, HandshakeError>,
+        ),
+    ) -> (String, String) {
+        let (s, c) = r;
+        (
+            s.err().expect("the destination must refuse").to_string(),
+            c.err().expect("the source must fail").to_string(),
+        )
+    }
+
+    #[test]
+    fn mutual_tls_carries_both_directions_and_half_closes() {
+        let d = tempfile::tempdir().unwrap();
+        lab(d.path());
+        let ca = p(d.path(), "ca.pem");
+        let (s, c) = pair(
+            &server(d.path(), "dst"),
+            &client(d.path(), Some("src"), &ca, None),
+            "127.0.0.1",
+        );
+        let (s, c) = (s.unwrap(), c.unwrap());
+        s.configure(T, T).unwrap();
+        c.configure(T, T).unwrap();
+        // The source writes a large stream on one handle while reading on a clone.
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let writer = {
+            let c = c.try_clone().unwrap();
+            let big = big.clone();
+            std::thread::spawn(move || {
+                (&c).write_all(&big).unwrap();
+                c.shutdown(Shutdown::Write).unwrap();
+            })
+        };
+        let echo = std::thread::spawn({
+            let s = s.try_clone().unwrap();
+            move || {
+                let mut got = Vec::new();
+                (&s).read_to_end(&mut got).unwrap();
+                (&s).write_all(b"ack").unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                got
+            }
+        });
+        let mut reply = Vec::new();
+        (&c).read_to_end(&mut reply).unwrap();
+        writer.join().unwrap();
+        assert_eq!(echo.join().unwrap(), big);
+        assert_eq!(reply, b"ack");
+    }
+
+    #[test]
+    fn the_source_checks_the_destination() {
+        let d = tempfile::tempdir().unwrap();
+        lab(d.path());
+        let ca = p(d.path(), "ca.pem");
+        let good = client(d.path(), Some("src"), &ca, None);
+        // Wrong name: the certificate holds dst and 127.0.0.1.
+        let (s, c) = errs(pair(&server(d.path(), "dst"), &good, "localhost"));
+        assert!(
+            c.contains("certificate is for dst, 127.0.0.1, not for localhost"),
+            "{c}"
+        );
+        assert!(c.contains("--tls-name"), "{c}");
+        assert!(s.contains("refused this end's certificate"), "{s}");
+        // --tls-name overrides the URL's host.
+        let named = client(d.path(), Some("src"), &ca, Some("dst"));
+        let (s, c) = pair(&server(d.path(), "dst"), &named, "localhost");
+        assert!(s.is_ok() && c.is_ok());
+        // Expired.
+        certs::make(
+            d.path(),
+            &["old,127.0.0.1".into()],
+            Validity::Expired,
+            false,
+        )
+        .unwrap();
+        let (s, c) = errs(pair(&server(d.path(), "old"), &good, "127.0.0.1"));
+        assert!(
+            c.contains("the destination's certificate expired at"),
+            "{c}"
+        );
+        assert!(c.contains("renew it"), "{c}");
+        assert!(
+            s.contains("the source refused this end's certificate: it expired"),
+            "{s}"
+        );
+        // Self-signed.
+        certs::make(
+            d.path(),
+            &["selfie,127.0.0.1".into()],
+            Validity::Days(1),
+            true,
+        )
+        .unwrap();
+        let (s, c) = errs(pair(&server(d.path(), "selfie"), &good, "127.0.0.1"));
+        assert!(
+            c.contains("does not chain to the CA given with --tls-ca"),
+            "{c}"
+        );
+        assert!(
+            s.contains("does not chain to the CA the source trusts"),
+            "{s}"
+        );
+        // From another CA.
+        let other = tempfile::tempdir().unwrap();
+        lab(other.path());
+        let (s, c) = errs(pair(&server(other.path(), "dst"), &good, "127.0.0.1"));
+        assert!(c.contains("self-signed or issued by another CA"), "{c}");
+        assert!(
+            s.contains("does not chain to the CA the source trusts"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn the_destination_checks_the_source() {
+        let d = tempfile::tempdir().unwrap();
+        lab(d.path());
+        let ca = p(d.path(), "ca.pem");
+        let srv = server(d.path(), "dst");
+        // No client certificate.
+        let (s, c) = errs(pair(&srv, &client(d.path(), None, &ca, None), "127.0.0.1"));
+        assert!(
+            s.contains("the source presented no client certificate"),
+            "{s}"
+        );
+        assert!(
+            c.contains("requires a certificate and this end presented none"),
+            "{c}"
+        );
+        // A client certificate from another CA (trusting the right one).
+        let other = tempfile::tempdir().unwrap();
+        lab(other.path());
+        let foreign = TlsClient::build(
+            Some((&p(other.path(), "src.pem"), &p(other.path(), "src-key.pem"))),
+            &ca,
+            None,
+            false,
+        )
+        .unwrap();
+        let (s, c) = errs(pair(&srv, &foreign, "127.0.0.1"));
+        assert!(s.contains("the source's certificate does not chain"), "{s}");
+        assert!(
+            c.contains("does not chain to the CA the destination trusts"),
+            "{c}"
+        );
+        // An expired client certificate.
+        certs::make(d.path(), &["oldsrc".into()], Validity::Expired, false).unwrap();
+        let (s, c) = errs(pair(
+            &srv,
+            &client(d.path(), Some("oldsrc"), &ca, None),
+            "127.0.0.1",
+        ));
+        assert!(s.contains("the source's certificate expired at"), "{s}");
+        assert!(
+            c.contains("the destination refused this end's certificate: it expired"),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn a_plain_peer_is_named_as_such() {
+        let d = tempfile::tempdir().unwrap();
+        lab(d.path());
+        let srv = server(d.path(), "dst");
+        // A plain migration stream to a TLS destination.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut plain = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        plain.write_all(b"EMIG\x01\x00 plain hello").unwrap();
+        let e = srv
+            .accept(l.accept().unwrap().0, T)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("plain (unencrypted, unauthenticated) migration stream"),
+            "{e}"
+        );
+        // A TLS source to a plain destination answering with a migration frame.
+        let ca = p(d.path(), "ca.pem");
+        let c = client(d.path(), Some("src"), &ca, None);
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 5];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(b"EMIG\x01\x00 error frame").unwrap();
+        });
+        let e = c
+            .connect(TcpStream::connect(addr).unwrap(), "127.0.0.1", T)
+            .unwrap_err()
+            .to_string();
+        t.join().unwrap();
+        assert!(e.contains("the destination answered without TLS"), "{e}");
+    }
+
+    #[test]
+    fn files_are_checked_up_front() {
+        let d = tempfile::tempdir().unwrap();
+        lab(d.path());
+        let (ca, cert, key) = (
+            p(d.path(), "ca.pem"),
+            p(d.path(), "dst.pem"),
+            p(d.path(), "dst-key.pem"),
+        );
+        let e = |r: Result<TlsServer, ConfigError>| r.unwrap_err().to_string();
+        let missing = p(d.path(), "nope.pem");
+        let m = e(TlsServer::load(&missing, &key, &ca));
+        assert!(
+            m.contains("cannot read the TLS certificate file") && m.contains("nope.pem"),
+            "{m}"
+        );
+        let m = e(TlsServer::load(&key, &key, &ca));
+        assert!(m.contains("holds no certificate"), "{m}");
+        let m = e(TlsServer::load(&cert, &cert, &ca));
+        assert!(m.contains("holds no private key"), "{m}");
+        let m = e(TlsServer::load(&cert, &p(d.path(), "src-key.pem"), &ca));
+        assert!(m.contains("does not belong to the certificate"), "{m}");
+        let junk = p(d.path(), "junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let m = e(TlsServer::load(&cert, &key, &junk));
+        assert!(m.contains("junk.pem is not valid PEM"), "{m}");
+        certs::make(d.path(), &["old".into()], Validity::Expired, false).unwrap();
+        let m = e(TlsServer::load(
+            &p(d.path(), "old.pem"),
+            &p(d.path(), "old-key.pem"),
+            &ca,
+        ));
+        assert!(m.contains("old.pem expired at"), "{m}");
+        let other = tempfile::tempdir().unwrap();
+        lab(other.path());
+        let m = e(TlsServer::load(&cert, &key, &p(other.path(), "ca.pem")));
+        assert!(m.contains("does not chain to the CA in"), "{m}");
+        TlsServer::load(&cert, &key, &ca).unwrap();
+        TlsClient::load(
+            Some((&p(d.path(), "src.pem"), &p(d.path(), "src-key.pem"))),
+            &ca,
+            Some("dst"),
+        )
+        .unwrap();
+        let m = TlsClient::load(None, &ca, Some("bad name!"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("--tls-name"), "{m}");
+    }
+}
