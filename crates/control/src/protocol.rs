@@ -141,6 +141,28 @@ pub struct MigrateRequest {
     /// [`Request::MigrateSet`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bandwidth_bytes_per_sec: Option<u64>,
+    /// Run the migration over TLS 1.3 with these files (absent: plain, unauthenticated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MigrateTls>,
+}
+
+/// TLS for a migration's connection ([`MigrateRequest::tls`]). The paths are files on the
+/// VMM's host (PEM); the VMM reads and checks them before it connects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateTls {
+    /// The CA the destination's certificate must chain to.
+    pub ca: PathBuf,
+    /// This VMM's client certificate (with `key`); a destination refuses a source without
+    /// one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// The name the destination's certificate must hold, instead of the URL's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Arguments of [`Request::MigrateSet`]: the limits to change (at least one).
@@ -219,6 +241,7 @@ impl MigrateRequest {
             on_timeout: OnTimeout::Cancel,
             trust: None,
             max_bandwidth_bytes_per_sec: None,
+            tls: None,
         }
     }
 
@@ -248,6 +271,13 @@ impl MigrateRequest {
             return Err(ApiError::invalid_argument(
                 "migrate: max_passes must be at least 1 (the first, full pass)",
             ));
+        }
+        if let Some(t) = &self.tls {
+            if t.cert.is_some() != t.key.is_some() {
+                return Err(ApiError::invalid_argument(
+                    "migrate: tls.cert and tls.key go together (a certificate and its key)",
+                ));
+            }
         }
         Ok(())
     }
@@ -832,6 +862,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
             "on_timeout",
             "trust",
             "max_bandwidth_bytes_per_sec",
+            "tls",
         ],
         "migrate_set" => &["max_bandwidth_bytes_per_sec", "downtime_ms"],
         other => {
@@ -1020,6 +1051,12 @@ mod tests {
                 on_timeout: OnTimeout::Force,
                 trust: Some("/etc/esvm/ark.cert".into()),
                 max_bandwidth_bytes_per_sec: Some(50 << 20),
+                tls: Some(MigrateTls {
+                    ca: "/etc/esvm/ca.pem".into(),
+                    cert: Some("/etc/esvm/src.pem".into()),
+                    key: Some("/etc/esvm/src-key.pem".into()),
+                    name: Some("dst".into()),
+                }),
             }),
             Request::MigrateSet(MigrateSetRequest {
                 max_bandwidth_bytes_per_sec: Some(0),
@@ -1223,6 +1260,15 @@ mod tests {
             },
             MigrateRequest {
                 max_bandwidth_bytes_per_sec: Some(MIN_MAX_BANDWIDTH - 1),
+                ..ok.clone()
+            },
+            MigrateRequest {
+                tls: Some(MigrateTls {
+                    ca: "/ca.pem".into(),
+                    cert: Some("/c.pem".into()),
+                    key: None,
+                    name: None,
+                }),
                 ..ok.clone()
             },
         ] {

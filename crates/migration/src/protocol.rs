@@ -93,6 +93,12 @@ pub enum ProtocolError {
     )]
     BadMagic([u8; 4]),
     #[error(
+        "the peer speaks TLS and this end does not: the destination must run `esvm receive` \
+         with --tls-cert, --tls-key and --tls-ca when the source migrates with them (or \
+         neither uses TLS, on a trusted network only)"
+    )]
+    PeerSpeaksTls,
+    #[error(
         "the peer speaks migration protocol version {got}, this esvm speaks {min}..={max}; \
          run compatible esvm versions on both hosts"
     )]
@@ -294,6 +300,10 @@ impl FrameHeader {
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, ProtocolError> {
         let magic = [b[0], b[1], b[2], b[3]];
         if magic != MAGIC {
+            // A TLS record: a handshake (0x16) or an alert (0x15), version 3.x.
+            if matches!(magic, [0x15 | 0x16, 0x03, ..]) {
+                return Err(ProtocolError::PeerSpeaksTls);
+            }
             return Err(ProtocolError::BadMagic(magic));
         }
         let version = u16::from_le_bytes([b[4], b[5]]);

@@ -5,6 +5,10 @@
 //! offer: timeouts (how a waiting sender checks for cancel, how a receiver gives up on a
 //! silent peer), a second handle for the reading direction, and shutdown (half-closing so
 //! that a last `Abort` or `Error` frame is read before the connection goes).
+//!
+//! A TLS connection ([`esvm_tls::TlsStream`], TCP underneath) offers the same: its handles
+//! share one rustls connection, and shutting down the writing side sends TLS close_notify
+//! before the TCP half-close.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -19,6 +23,15 @@ pub enum MigrationStream {
     /// A Unix-domain stream socket (`unix:PATH`, or a connected socket handed over as
     /// `fd:N`).
     Unix(UnixStream),
+    /// TLS 1.3 over TCP, handshake done and peer verified (`esvm receive --tls-*`, `esvm ctl
+    /// migrate --tls-*`).
+    Tls(esvm_tls::TlsStream),
+}
+
+impl From<esvm_tls::TlsStream> for MigrationStream {
+    fn from(s: esvm_tls::TlsStream) -> Self {
+        MigrationStream::Tls(s)
+    }
 }
 
 impl From<TcpStream> for MigrationStream {
@@ -47,6 +60,7 @@ impl MigrationStream {
                 s.set_read_timeout(Some(read))?;
                 s.set_write_timeout(Some(write))
             }
+            MigrationStream::Tls(s) => s.configure(read, write),
         }
     }
 
@@ -55,6 +69,7 @@ impl MigrationStream {
         Ok(match self {
             MigrationStream::Tcp(s) => MigrationStream::Tcp(s.try_clone()?),
             MigrationStream::Unix(s) => MigrationStream::Unix(s.try_clone()?),
+            MigrationStream::Tls(s) => MigrationStream::Tls(s.try_clone()?),
         })
     }
 
@@ -63,6 +78,7 @@ impl MigrationStream {
         match self {
             MigrationStream::Tcp(s) => s.shutdown(how),
             MigrationStream::Unix(s) => s.shutdown(how),
+            MigrationStream::Tls(s) => s.shutdown(how),
         }
     }
 }
@@ -72,6 +88,7 @@ impl Read for &MigrationStream {
         match *self {
             MigrationStream::Tcp(s) => (&*s).read(buf),
             MigrationStream::Unix(s) => (&*s).read(buf),
+            MigrationStream::Tls(s) => (&*s).read(buf),
         }
     }
 }
@@ -81,6 +98,7 @@ impl Write for &MigrationStream {
         match *self {
             MigrationStream::Tcp(s) => (&*s).write(buf),
             MigrationStream::Unix(s) => (&*s).write(buf),
+            MigrationStream::Tls(s) => (&*s).write(buf),
         }
     }
 
@@ -88,6 +106,7 @@ impl Write for &MigrationStream {
         match *self {
             MigrationStream::Tcp(s) => (&*s).write_vectored(bufs),
             MigrationStream::Unix(s) => (&*s).write_vectored(bufs),
+            MigrationStream::Tls(s) => (&*s).write_vectored(bufs),
         }
     }
 

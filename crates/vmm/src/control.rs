@@ -33,7 +33,7 @@ use crate::migrate::{read_trusted_root, MachineSource};
 use crate::outcome::{Outcome, StopSignal};
 use crate::runctl::{ControlError, PARK_TIMEOUT};
 use crate::sev_launch::{hex, PendingLaunch, PendingLaunchError};
-use crate::transport::{connect, MigrationUrl};
+use crate::transport::MigrationUrl;
 
 /// How a VM ends that `shutdown` stopped while its SEV-ES launch waited for its owner.
 pub const SHUT_DOWN_BEFORE_START: &str =
@@ -396,6 +396,18 @@ impl ControlTarget for VmHandle {
             .map_err(|e| ApiError::invalid_argument(e.to_string()))?;
         // Status, messages and the VM's end say where it went in one form.
         req.url = dest.to_string();
+        // TLS files are read and checked now, so a wrong one is this call's error.
+        let tls = match &req.tls {
+            Some(t) => {
+                crate::tls::check_url(&dest)
+                    .map_err(|e| ApiError::invalid_argument(format!("migrate: {e}")))?;
+                Some(
+                    crate::tls::load_client(t)
+                        .map_err(|e| ApiError::invalid_argument(format!("migrate: {e}")))?,
+                )
+            }
+            None => None,
+        };
         let trust = match &req.trust {
             Some(path) => Some(
                 read_trusted_root(path).map_err(|e| ApiError::invalid_argument(e.to_string()))?,
@@ -450,12 +462,11 @@ impl ControlTarget for VmHandle {
         let thread = std::thread::Builder::new()
             .name("esvm-migrate".into())
             .spawn(move || {
-                let result = match connect(&dest, &|| cancel.is_cancelled()) {
+                let connected = crate::tls::connect(&dest, tls.as_ref(), &|| cancel.is_cancelled());
+                let result = match connected {
                     Ok(stream) => sender.run_stream(&mut source, stream),
                     Err(e) => Err(SendError::Protocol(ProtocolError::Io(
-                        std::io::Error::other(format!(
-                            "cannot connect to the destination {url}: {e}"
-                        )),
+                        std::io::Error::other(e.to_string()),
                     ))),
                 };
                 bar.finish(&result);

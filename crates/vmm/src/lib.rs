@@ -54,4 +54,5 @@ pub mod session;
 pub mod sev_launch;
 pub mod size;
 pub mod snapshot;
+pub mod tls;
 pub mod transport;

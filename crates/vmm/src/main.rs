@@ -9,7 +9,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 use cli::output::Format;
-use cli::{bench, ctl, guests, log, owner, platform, receive, restore, run};
+use cli::{bench, certs, ctl, guests, log, owner, platform, receive, restore, run};
 use esvm::outcome::{EXIT_ESVM_ERROR, EXIT_PANIC, EXIT_USAGE};
 
 #[derive(Parser)]
@@ -59,6 +59,9 @@ enum Command {
     Receive(receive::ReceiveArgs),
     /// Run a VM from a snapshot directory (`esvm ctl snapshot`).
     Restore(restore::RestoreArgs),
+    /// Make a test CA and host certificates for migrations over TLS (tests and labs only:
+    /// unencrypted keys).
+    Certs(certs::CertsArgs),
     /// Measure performance (figures for BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -210,6 +213,7 @@ fn main() -> ExitCode {
             owner::run_owner(cmd, Some(&esvm::sev_launch::LaunchPredictor), format).map(|()| 0)
         }
         Command::Guests(args) => guests::run(args, format),
+        Command::Certs(args) => certs::run(args, format),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut command(), "esvm", &mut std::io::stdout());
             Ok(0)

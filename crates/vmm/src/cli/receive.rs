@@ -64,6 +64,19 @@ pub struct ReceiveArgs {
     /// for another.
     #[arg(long)]
     pub once: bool,
+    /// Accept migrations only over TLS 1.3 with this host's certificate (PEM), and only
+    /// from sources presenting a certificate that chains to --tls-ca (mutual
+    /// authentication; the source's name is not checked). tcp:// only. Needs --tls-key and
+    /// --tls-ca; the files are checked before listening. Without --tls-*, a tcp:// listener
+    /// is unauthenticated (a warning says so). Test certificates: `esvm certs`.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) a source's certificate must chain to.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// `--listen`: refused up front unless a migration URL (the one parser of them); a
@@ -96,11 +109,29 @@ pub enum ReceiveCliError {
         #[source]
         source: esvm_migration::ReceiveError,
     },
+    #[error(transparent)]
+    TlsConfig(#[from] esvm::tls::ConfigError),
+    #[error(transparent)]
+    TlsTransport(#[from] esvm::tls::TlsTransportError),
+    #[error("refused the connection from {peer}: {source}")]
+    TlsRefused {
+        peer: String,
+        #[source]
+        source: esvm::tls::TlsTransportError,
+    },
     #[error("the platform directory {0} does not exist (create it with `esvm platform init`)")]
     Platform(PathBuf),
 }
 
 pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    // TLS files are checked before anything listens.
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            esvm::tls::check_url(&args.listen).map_err(ReceiveCliError::TlsTransport)?;
+            Some(esvm::tls::TlsServer::load(cert, key, ca).map_err(ReceiveCliError::TlsConfig)?)
+        }
+        _ => None,
+    };
     // fd:N first, before esvm opens anything else (the descriptor is checked and owned).
     let mut inherited = match &args.listen {
         MigrationUrl::Fd(fd) => Some(inherited_stream(*fd).map_err(ReceiveCliError::Fd)?),
@@ -120,6 +151,15 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
             let l = Listener::bind(&args.listen).map_err(ReceiveCliError::Listen)?;
             let local = l.local_url().unwrap_or_else(|_| args.listen.to_string());
             eprintln!("esvm: listening on {local} for an incoming VM");
+            // unix: is local (file permissions decide who connects): no warning.
+            if tls.is_none() && matches!(args.listen, MigrationUrl::Tcp(_)) {
+                eprintln!(
+                    "esvm: warning: {local} is plain TCP: unauthenticated and unencrypted. \
+                     Anyone who can connect can offer this host a VM, and the guest's memory \
+                     crosses the network in clear; use --tls-cert, --tls-key and --tls-ca \
+                     (`esvm certs` makes test certificates)"
+                );
+            }
             Some((l, local))
         }
     };
@@ -134,6 +174,21 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
             })?,
             // An inherited connection is used once (`once` ends the loop after it).
             (None, None) => return Err("no connection left to receive on (an esvm bug)".into()),
+        };
+        let stream = match &tls {
+            None => stream,
+            Some(server) => match esvm::tls::accept(server, stream, esvm::tls::HANDSHAKE_TIMEOUT) {
+                Ok(s) => s,
+                Err(source) if once => {
+                    return Err(ReceiveCliError::TlsRefused { peer, source }.into());
+                }
+                Err(e) => {
+                    eprintln!(
+                        "esvm: refused the connection from {peer}: {e}; waiting for another"
+                    );
+                    continue;
+                }
+            },
         };
         let mut target = MachineTarget::new(
             args.backend,
