@@ -20,9 +20,9 @@ pub mod target;
 
 pub use client::{ApiClient, ClientError, DEFAULT_CLIENT_TIMEOUT};
 pub use protocol::{
-    ApiError, ControlRegs, ErrorCode, LaunchMeasurement, MigrateRequest, MigrateSetRequest, MigrateTls,
-    MigrationLimits, MigrationPhase, MigrationStatus, OnTimeout, Reply, Request, Response,
-    SnapshotInfo, VcpuView, VmState, VmStatus, VmType, PROTOCOL_VERSION,
+    ApiError, ControlRegs, ErrorCode, LaunchMeasurement, MigrateRequest, MigrateSetRequest,
+    MigrateTls, MigrationLimits, MigrationPhase, MigrationStatus, OnTimeout, Reply, Request,
+    Response, SnapshotInfo, VcpuView, VmState, VmStatus, VmType, PROTOCOL_VERSION,
 };
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use target::ControlTarget;

@@ -8,7 +8,8 @@ use esvm_tls::certs::{make, Validity};
 use crate::cli::output::Format;
 
 #[derive(Args, Debug)]
-#[command(after_help = "FOR TESTS AND LABS ONLY: the keys are written unencrypted (mode 0600) \
+#[command(
+    after_help = "FOR TESTS AND LABS ONLY: the keys are written unencrypted (mode 0600) \
                         and the CA has no revocation. Example: `esvm certs ./pki --host \
                         src --host dst,10.0.0.2` writes pki/ca.pem, pki/ca-key.pem, \
                         pki/src.pem, pki/src-key.pem, pki/dst.pem and pki/dst-key.pem; then \
@@ -16,7 +17,8 @@ use crate::cli::output::Format;
                         --tls-key pki/dst-key.pem --tls-ca pki/ca.pem` and `esvm ctl \
                         migrate tcp://10.0.0.2:7000 --tls-cert pki/src.pem --tls-key \
                         pki/src-key.pem --tls-ca pki/ca.pem`. Copy each host's files (and \
-                        ca.pem, never ca-key.pem) to that host.")]
+                        ca.pem, never ca-key.pem) to that host."
+)]
 pub struct CertsArgs {
     /// The directory to write into (created if missing). Its CA (ca.pem and ca-key.pem) is
     /// made on first use and reused later, so more hosts can be added.

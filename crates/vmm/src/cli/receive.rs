@@ -183,9 +183,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
                     return Err(ReceiveCliError::TlsRefused { peer, source }.into());
                 }
                 Err(e) => {
-                    eprintln!(
-                        "esvm: refused the connection from {peer}: {e}; waiting for another"
-                    );
+                    eprintln!("esvm: refused the connection from {peer}: {e}; waiting for another");
                     continue;
                 }
             },
