@@ -51,6 +51,13 @@ pub struct MigrateBenchArgs {
     /// The initramfs for --kernel (esvm's, with its init).
     #[arg(long, value_name = "PATH", requires = "kernel")]
     pub initrd: Option<std::path::PathBuf>,
+    /// Transports to measure each scenario over, comma-separated: `tcp` (plain loopback
+    /// TCP) and/or `tls` (TLS 1.3 with mutual authentication over loopback TCP, test
+    /// certificates made for the run; the handshake counts in the total time). With both,
+    /// each scenario's rows are side by side, and the AES-128-GCM rate of this machine is
+    /// printed as the reference.
+    #[arg(long, default_value = "tcp", value_delimiter = ',', value_parser = ["tcp", "tls"])]
+    pub transport: Vec<String>,
 }
 
 /// Bytes the guest runtime may allocate before the demo takes its dirty buffer (an SEV-ES
@@ -148,6 +155,8 @@ struct Row {
     /// the migration, counted exactly between two stops of the vCPU (the demo guest is a
     /// busy CPU loop in every workload; an idle Linux mostly halts).
     source_mips: f64,
+    /// `tcp` or `tls`.
+    transport: &'static str,
 }
 
 /// What `bench migrate` prints.
@@ -162,6 +171,9 @@ struct MigrateReport {
     repeat: u32,
     /// This machine's rate for fresh anonymous memory (a cold destination's ceiling).
     fault_in_gib_s: f64,
+    /// AES-128-GCM sealing rate of one core (ring), when TLS is measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aes_128_gcm_gib_s: Option<f64>,
     rows: Vec<Row>,
 }
 
@@ -409,11 +421,43 @@ struct Scenario {
     stopped: bool,
 }
 
+/// Both ends' TLS for `--transport tls`: test certificates from a scratch directory.
+struct BenchTls {
+    server: esvm::tls::TlsServer,
+    client: esvm::tls::TlsClient,
+}
+
+impl BenchTls {
+    fn new() -> Result<Self, Box<dyn Error>> {
+        let dir = std::env::temp_dir().join(format!("esvm-bench-tls-{}", std::process::id()));
+        let made = esvm_tls::certs::make(
+            &dir,
+            &["dst,127.0.0.1".into(), "src".into()],
+            esvm_tls::Validity::Days(1),
+            false,
+        );
+        let loaded = made.map_err(Box::<dyn Error>::from).and_then(|_| {
+            let f = |n: &str| dir.join(n);
+            let server =
+                esvm::tls::TlsServer::load(&f("dst.pem"), &f("dst-key.pem"), &f("ca.pem"))?;
+            let client = esvm::tls::TlsClient::load(
+                Some((&f("src.pem"), &f("src-key.pem"))),
+                &f("ca.pem"),
+                None,
+            )?;
+            Ok(BenchTls { server, client })
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        loaded
+    }
+}
+
 fn one(
     args: &MigrateBenchArgs,
     mem: u64,
     sc: Scenario,
     linux: Option<&LinuxGuest>,
+    tls: Option<&BenchTls>,
 ) -> Result<Row, Box<dyn std::error::Error>> {
     let linux = linux.cloned();
     let Scenario {
@@ -443,10 +487,16 @@ fn one(
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
+    let server = tls.map(|t| t.server.clone());
     let dest = std::thread::Builder::new()
         .name("bench-receive".into())
         .spawn(move || -> Result<Machine, String> {
             let (s, _) = listener.accept().map_err(|e| e.to_string())?;
+            let stream = match &server {
+                Some(server) => esvm::tls::accept(server, s.into(), esvm::tls::HANDSHAKE_TIMEOUT)
+                    .map_err(|e| e.to_string())?,
+                None => s.into(),
+            };
             let mut target = MachineTarget::new(
                 BackendKind::Emu,
                 Box::new(|| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>),
@@ -454,7 +504,7 @@ fn one(
             .with_prealloc(prealloc)
             .with_platform(dst_platform);
             Receiver::new(ReceiverConfig::default())
-                .run_tcp(&mut target, s)
+                .run_stream(&mut target, stream)
                 .map_err(|e| e.to_string())?;
             target
                 .into_machine()
@@ -468,11 +518,19 @@ fn one(
         None
     };
     let mut src = MachineSource::new(h.clone(), url)?;
-    let out: SendOutcome = Sender::new(SenderConfig {
+    let mut sender = Sender::new(SenderConfig {
         downtime_limit: Duration::from_millis(args.downtime_ms),
         ..SenderConfig::default()
-    })
-    .run_tcp(&mut src, TcpStream::connect(addr)?)?;
+    });
+    let out: SendOutcome = match tls {
+        // The handshake is part of the migration (its total time), as in `ctl migrate`.
+        Some(t) => {
+            let dest_url = esvm::transport::MigrationUrl::Tcp(addr.to_string());
+            let stream = esvm::tls::connect(&dest_url, Some(&t.client), &|| false)?;
+            sender.run_stream(&mut src, stream)?
+        }
+        None => sender.run_tcp(&mut src, TcpStream::connect(addr)?)?,
+    };
     let mut received = dest
         .join()
         .map_err(|_| "the destination thread panicked")??;
@@ -527,6 +585,7 @@ fn one(
         estimated_downtime_ms: out.estimated_downtime.map(|d| d.as_secs_f64() * 1e3),
         downtime_ms: out.downtime.as_secs_f64() * 1e3,
         source_mips,
+        transport: if tls.is_some() { "tls" } else { "tcp" },
     })
 }
 
@@ -601,18 +660,42 @@ pub fn run(args: &MigrateBenchArgs, json: bool) -> Result<u8, Box<dyn std::error
         scenarios.to_vec()
     };
     let wanted = |sc: &Scenario| args.guests.iter().any(|g| (g == "sev-es") == sc.sev);
+    let want_tls = args.transport.iter().any(|t| t == "tls");
+    let bench_tls = if want_tls {
+        Some(BenchTls::new()?)
+    } else {
+        None
+    };
+    let aes_gcm = if want_tls {
+        Some(esvm_tls::aes_128_gcm_rate(256 << 20) / GIB)
+    } else {
+        None
+    };
+    let mut transports: Vec<Option<&BenchTls>> = Vec::new();
+    if args.transport.iter().any(|t| t == "tcp") {
+        transports.push(None);
+    }
+    if let Some(t) = &bench_tls {
+        transports.push(Some(t));
+    }
     let mut rows = Vec::new();
     for &mem in &args.sizes {
-        for sc in scenarios.iter().copied().filter(wanted) {
+        for (sc, tls) in scenarios
+            .iter()
+            .copied()
+            .filter(wanted)
+            .flat_map(|sc| transports.iter().map(move |&t| (sc, t)))
+        {
             let mut runs = Vec::new();
             for _ in 0..args.repeat.max(1) {
-                runs.push(one(args, mem, sc, linux.as_ref())?);
+                runs.push(one(args, mem, sc, linux.as_ref(), tls)?);
             }
             runs.sort_by(|a, b| a.first_pass_gib_s.total_cmp(&b.first_pass_gib_s));
             let row = runs.swap_remove(runs.len() / 2);
             if !json {
                 eprintln!(
-                    "{}{} {}{} ({}, {} destination): {:.2} GiB/s, downtime {:.2} ms, guest {:.0} MIPS",
+                    "{}{}{} {}{} ({}, {} destination): {:.2} GiB/s, downtime {:.2} ms, guest {:.0} MIPS",
+                    if tls.is_some() { "[tls] " } else { "" },
                     if sc.sev { "SEV-ES " } else { "" },
                     format_size(row.mem_bytes),
                     row.workload,
@@ -635,6 +718,7 @@ pub fn run(args: &MigrateBenchArgs, json: bool) -> Result<u8, Box<dyn std::error
             warmup_ms: args.warmup_ms,
             repeat: args.repeat.max(1),
             fault_in_gib_s: fault_in,
+            aes_128_gcm_gib_s: aes_gcm,
             rows,
         })?;
         return Ok(0);
@@ -650,14 +734,20 @@ pub fn run(args: &MigrateBenchArgs, json: bool) -> Result<u8, Box<dyn std::error
         args.downtime_ms,
         args.repeat.max(1)
     );
+    if let Some(a) = aes_gcm {
+        println!(
+            "AES-128-GCM (ring, one core, 16 KiB records) seals at {a:.2} GiB/s on this machine"
+        );
+    }
     println!(
         "| guest | workload | source memory | destination | sent | passes | first pass GiB/s | \
-         overall GiB/s | final-pass pages | downtime ms (estimate) | total ms | guest MIPS |"
+         overall GiB/s | final-pass pages | downtime ms (estimate) | total ms | guest MIPS | \
+         transport |"
     );
-    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in &rows {
         println!(
-            "| {}{} | {} | {} | {} | {:.1} MiB | {} | {:.2} | {:.2} | {} | {:.2} ({}) | {:.0} | {:.0} |",
+            "| {}{} | {} | {} | {} | {:.1} MiB | {} | {:.2} | {:.2} | {} | {:.2} ({}) | {:.0} | {:.0} | {} |",
             if r.sev_es { "SEV-ES " } else { "" },
             format_size(r.mem_bytes),
             if r.stopped {
@@ -681,7 +771,8 @@ pub fn run(args: &MigrateBenchArgs, json: bool) -> Result<u8, Box<dyn std::error
                 .map(|e| format!("{e:.2}"))
                 .unwrap_or_else(|| "-".into()),
             r.total_ms,
-            r.source_mips
+            r.source_mips,
+            r.transport
         );
     }
     Ok(0)
