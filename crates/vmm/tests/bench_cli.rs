@@ -228,6 +228,38 @@ fn bench_migrate_json_has_the_guest_speed_of_every_row() {
     assert!(rows.iter().any(|x| x["workload"] == "dirty-mib=4"));
 }
 
+/// `--transport tcp,tls`: every scenario runs over both, side by side, and the AES-GCM
+/// reference is reported.
+#[test]
+fn bench_migrate_measures_tcp_and_tls_side_by_side() {
+    let r = json(&[
+        "bench",
+        "migrate",
+        "--sizes",
+        "16M",
+        "--dirty-mib",
+        "4",
+        "--downtime-ms",
+        "5000",
+        "--guests",
+        "plain",
+        "--warmup-ms",
+        "20",
+        "--transport",
+        "tcp,tls",
+    ]);
+    assert!(r["aes_128_gcm_gib_s"].as_f64().unwrap() > 0.0, "{r}");
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 10);
+    for pair in rows.chunks(2) {
+        assert_eq!(pair[0]["transport"], "tcp", "{}", pair[0]);
+        assert_eq!(pair[1]["transport"], "tls", "{}", pair[1]);
+        assert_eq!(pair[0]["workload"], pair[1]["workload"]);
+        assert_eq!(pair[0]["stopped"], pair[1]["stopped"]);
+        assert!(pair[1]["pages_sent"].as_u64().unwrap() > 0, "{}", pair[1]);
+    }
+}
+
 /// The Linux kernel and initrd (`scripts/linux-assets.sh` fetches and builds them once).
 fn linux_assets() -> (String, String) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
