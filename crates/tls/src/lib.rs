@@ -300,8 +300,8 @@ mod tests {
     ) -> (String, String) {
         let (s, c) = r;
         (
-            s.err().expect("the destination must refuse").to_string(),
-            c.err().expect("the source must fail").to_string(),
+            s.expect_err("the destination must refuse").to_string(),
+            c.expect_err("the source must fail").to_string(),
         )
     }
 

@@ -202,6 +202,10 @@ fn an_sev_es_guest_moves_over_tls_and_finishes_exactly() {
     );
 }
 
+/// A refused migration: what, to which URL, with which flags, what the source says, what
+/// the destination says (None: refused before connecting).
+type Case<'a> = (&'a str, String, Vec<String>, &'a str, Option<&'a str>);
+
 /// Every refused peer: the source's `ctl migrate` fails with a message naming the cause,
 /// the destination prints its side and keeps listening, the source guest keeps running;
 /// at the end a correct migration to the same destination succeeds.
@@ -219,7 +223,7 @@ fn refused_peers_are_named_on_both_sides_and_nothing_moves() {
     let ca = s(&pki.join("ca.pem")).to_string();
     let (cert, key) = host(&pki, "src");
     let localhost_url = url.replace("127.0.0.1", "localhost");
-    let cases: Vec<(&str, String, Vec<String>, &str, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "plain TCP to a TLS destination",
             url.clone(),
