@@ -27,6 +27,7 @@
 //!  console     the host end of the serial console: stdin into COM1, raw terminal, escape
 //!  outcome     how a run ended, and the exit status for each ending
 //!  size        human-readable sizes
+//!  tls         TLS 1.3 on tcp: migrations (esvm-tls's handshake, client/server config)
 //!  transport   migration URLs (tcp:, unix:, fd:), the destination's listener, connecting
 //! ```
 //!

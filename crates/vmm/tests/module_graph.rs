@@ -248,6 +248,7 @@ fn the_library_module_graph_has_no_cycle() {
     // The layers the crate documentation promises (each may use only those before it).
     let order = [
         "transport",
+        "tls",
         "size",
         "outcome",
         "console",
