@@ -1243,9 +1243,16 @@ mod tests {
             e.contains(r#"magic 0x584d4947 ("XMIG"), expected 0x454d4947 ("EMIG")"#),
             "{e}"
         );
-        b[..4].copy_from_slice(&[0x16, 0x03, 0x01, 0x00]);
+        b[..4].copy_from_slice(&[0x17, 0x02, 0x01, 0x00]);
         let e = FrameHeader::decode(&b).unwrap_err().to_string();
-        assert!(e.contains("magic 0x16030100,"), "{e}");
+        assert!(e.contains("magic 0x17020100,"), "{e}");
+        // A TLS record (a ClientHello, an alert) where a frame belongs: the peer speaks TLS.
+        for tls in [[0x16, 0x03, 0x01, 0x00], [0x15, 0x03, 0x03, 0x00]] {
+            b[..4].copy_from_slice(&tls);
+            let e = FrameHeader::decode(&b).unwrap_err();
+            assert!(matches!(e, ProtocolError::PeerSpeaksTls), "{e}");
+            assert!(e.to_string().contains("--tls-cert"), "{e}");
+        }
         let v = encode_header_raw(2, FrameType::Hello as u16, 0, 16, 0, 0);
         assert!(matches!(
             FrameHeader::decode(&v),
