@@ -316,6 +316,21 @@ mod tests {
             "127.0.0.1",
         );
         let (s, c) = (s.unwrap(), c.unwrap());
+        // A read times out like a socket's (the engine polls for cancel this way), and the
+        // stream works on afterwards.
+        c.configure(Duration::from_millis(20), T).unwrap();
+        let mut b = [0u8; 4];
+        let e = (&c).read(&mut b).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        (&s).write_all(b"ping").unwrap();
+        (&c).read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
         s.configure(T, T).unwrap();
         c.configure(T, T).unwrap();
         // The source writes a large stream on one handle while reading on a clone.
