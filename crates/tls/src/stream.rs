@@ -220,9 +220,16 @@ impl Inner {
                 conn.write_tls(&mut w.out)?;
             }
         }
+        // Nothing is written after close_notify, so the socket's write timeout can shrink:
+        // a peer that stopped reading must not hold up the end of a failed migration (a
+        // plain socket's shutdown does not wait either).
+        let _ = self.tcp.set_write_timeout(Some(CLOSE_TIMEOUT));
         (&self.tcp).write_all(&w.out)
     }
 }
+
+/// How long sending close_notify may wait for room in the socket.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Drop for Inner {
     fn drop(&mut self) {
