@@ -395,3 +395,47 @@ fn a_tls_source_and_a_plain_destination_say_so() {
     src.wait(Duration::from_secs(30));
     dst.kill();
 }
+
+/// A TLS migration cancelled mid-way (bandwidth-capped so it is still running): the Abort
+/// frame and TLS's close_notify reach the destination, which reports the source's abort
+/// (not a cut connection) and keeps listening; the source guest runs on.
+#[test]
+fn a_cancelled_tls_migration_delivers_its_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs(&pki, &["src", "dst,127.0.0.1"], &[]);
+    let (mut dst, url) = receiver(&pki, true, &[]);
+    let sock = dir.path().join("src.sock");
+    let mut src = source(&sock, None);
+    let mut args = vec![
+        "migrate".to_string(),
+        url,
+        "--detach".into(),
+        "--max-bandwidth".into(),
+        "1M".into(),
+    ];
+    args.extend(tls_flags(&pki, "src"));
+    let o = ctl(&sock, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // Wait until pages flow (the handshake is done), then cancel.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = ctl_ok(&sock, &["--json", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+        if v["migration"]["bytes_sent"].as_u64().unwrap_or(0) > 64 << 10 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ctl_ok(&sock, &["cancel"]);
+    let err = dst.wait_stderr("waiting for another", Duration::from_secs(30));
+    assert!(
+        err.contains("the source aborted the migration"),
+        "the destination did not read the Abort frame: {err}"
+    );
+    assert!(ctl_ok(&sock, &["status"]).contains("running"));
+    ctl_ok(&sock, &["shutdown"]);
+    src.wait(Duration::from_secs(30));
+    dst.kill();
+}
