@@ -71,10 +71,14 @@
 
 pub mod bus;
 pub mod device;
+pub mod intc;
+pub mod ioapic;
 pub mod irq;
+pub mod lapic;
 pub mod pic;
 pub mod registry;
 
+pub use acpi_pm::{AcpiPm, ACPI_PM1A_CNT, ACPI_PM1A_EVT, ACPI_SLP_TYP_S5};
 pub use bench::{BenchError, BenchMark, BenchMarker};
 pub use bus::{AccessMode, BusError, BusStats, IoBus, MmioBus, MmioRange, PortIoDevice, PortRange};
 pub use debug::{DebugExit, DebugExitState};
@@ -83,13 +87,17 @@ pub use device::{
     PortRegion, SavedDevice, StateError,
 };
 pub use i8042::{I8042Error, I8042State, I8042};
+pub use intc::Intc;
+pub use ioapic::{IoApic, IoApicState};
 pub use irq::IrqLine;
+pub use lapic::{LapicState, LocalApic};
 pub use pci::{PciConfig, PciConfigState};
 pub use pic::{Pic, PicError, PicState};
 pub use pit::{Pit, PitError, PitState, PIT_FREQUENCY_HZ};
 pub use post::{PostCode, PostCodeState};
 pub use registry::{
     state_format, Devices, DevicesConfig, DevicesError, DevicesState, DEVICES_STATE_VERSION,
+    IOAPIC_ADDR, LAPIC_ADDR,
 };
 pub use rtc::{Rtc, RtcError, RtcState, RtcTime};
 pub use serial::{Serial, SerialDeviceState, SerialError, SharedBuffer};
@@ -120,4 +128,5 @@ builtin_devices! { config;
     i8042 => i8042::I8042::new();
     post => post::PostCode::new();
     pci => pci::PciConfig::new();
+    acpi_pm => acpi_pm::AcpiPm::new();
 }

@@ -42,6 +42,9 @@ use crate::bus::{
 use crate::device::{
     Access, Device, DeviceContext, LevelRecorder, PersistDyn, SavedDevice, StateError,
 };
+use crate::intc::Intc;
+use crate::ioapic::IoApic;
+use crate::lapic::{LocalApic, TSC_DEADLINE_MSR};
 use crate::pic::{Pic, PicError, PIC_ID, PIC_MASTER_CMD, PIC_SLAVE_CMD};
 use crate::pit::{Pit, PIT_ID};
 use crate::rtc::RtcTime;
@@ -51,6 +54,46 @@ use crate::serial::{Serial, COM1_ID};
 /// versions its own state; this changes only when the container does. The VMM's machine
 /// state, snapshot and migration format versions are derived from it.
 pub const DEVICES_STATE_VERSION: u32 = 2;
+
+/// Guest-physical address of the local APIC page (`esvm_abi::layout::LAPIC_ADDR`).
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// Guest-physical address of the I/O APIC page (`esvm_abi::layout::IOAPIC_ADDR`).
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// Saved-state id of the I/O APIC.
+pub const IOAPIC_ID: &str = "ioapic";
+/// Saved-state id of the boot vCPU's local APIC.
+pub const LAPIC_ID: &str = "lapic0";
+/// State version of the I/O APIC and local APIC states.
+const APIC_STATE_VERSION: u32 = 1;
+/// Saved states of older esvm versions lack these (they had no such device); such a state
+/// restores with these devices in their reset state.
+const ADDED_LATER: &[&str] = &[IOAPIC_ID, LAPIC_ID, crate::acpi_pm::ACPI_PM_ID];
+
+fn apic_saved<T: Serialize>(state: &T) -> SavedDevice {
+    SavedDevice {
+        version: APIC_STATE_VERSION,
+        state: serde_json::to_value(state).unwrap_or_else(|e| {
+            serde_json::Value::String(format!("state not representable as JSON: {e}"))
+        }),
+    }
+}
+
+fn apic_state<T: serde::de::DeserializeOwned>(
+    id: &str,
+    saved: &SavedDevice,
+) -> Result<T, DevicesError> {
+    serde_json::from_value(saved.state.clone()).map_err(|e| DevicesError::DeviceState {
+        id: id.to_string(),
+        source: StateError::Decode(e),
+    })
+}
+
+/// The offset of an access of `len` bytes at `addr` in the 4 KiB page at `base`, if it
+/// lies inside.
+fn page_offset(addr: u64, base: u64, len: usize) -> Option<u64> {
+    let off = addr.checked_sub(base)?;
+    (off.checked_add(len as u64)? <= 0x1000).then_some(off)
+}
 
 /// Errors of the device registry.
 #[derive(Debug, Error)]
@@ -209,8 +252,13 @@ pub struct Devices {
     poll_exit: bool,
     /// The same for [`Devices::take_reset_request`].
     poll_reset: bool,
-    /// The interrupt controller: every device's interrupt lines end here.
-    pic: Pic,
+    /// The interrupt controllers (8259 pair, I/O APIC, local APIC): every device's
+    /// interrupt lines end here.
+    pic: Intc,
+    /// The CR8 last seen by [`Devices::sync_cr8`].
+    cr8: u32,
+    /// x2APIC mode (IA32_APIC_BASE bit 10), from [`Devices::set_apic_base`].
+    x2apic: bool,
     now_ns: u64,
 }
 
@@ -279,7 +327,9 @@ impl Devices {
             is_requester: Vec::new(),
             poll_exit: false,
             poll_reset: false,
-            pic: Pic::new(),
+            pic: Intc::new(),
+            cr8: 0,
+            x2apic: false,
             now_ns: 0,
         };
         for device in crate::builtin_devices(config) {
@@ -377,15 +427,22 @@ impl Devices {
     /// two registries whose formats differ cannot restore each other's state.
     pub fn state_format(&self) -> String {
         format_of(
-            std::iter::once((PIC_ID, self.pic.state_version()))
-                .chain(self.devices.iter().map(|d| (d.id(), d.state_version()))),
+            [
+                (PIC_ID, self.pic.pic.state_version()),
+                (IOAPIC_ID, APIC_STATE_VERSION),
+                (LAPIC_ID, APIC_STATE_VERSION),
+            ]
+            .into_iter()
+            .chain(self.devices.iter().map(|d| (d.id(), d.state_version()))),
         )
     }
 
     /// Snapshot of every registered device and the interrupt controller.
     pub fn save(&self) -> DevicesState {
         let mut devices = BTreeMap::new();
-        devices.insert(PIC_ID.to_string(), self.pic.save_state());
+        devices.insert(PIC_ID.to_string(), self.pic.pic.save_state());
+        devices.insert(IOAPIC_ID.to_string(), apic_saved(&self.pic.ioapic.state()));
+        devices.insert(LAPIC_ID.to_string(), apic_saved(&self.pic.lapic.state()));
         for d in &self.devices {
             devices.insert(d.id().to_string(), d.save_state());
         }
@@ -407,13 +464,21 @@ impl Devices {
             });
         }
         // Check the whole map before touching any device.
-        let mut mine: Vec<(&str, u32)> = vec![(PIC_ID, self.pic.state_version())];
+        let mut mine: Vec<(&str, u32)> = vec![
+            (PIC_ID, self.pic.pic.state_version()),
+            (IOAPIC_ID, APIC_STATE_VERSION),
+            (LAPIC_ID, APIC_STATE_VERSION),
+        ];
         mine.extend(self.devices.iter().map(|d| (d.id(), d.state_version())));
         for (id, expected) in &mine {
-            let saved = state
-                .devices
-                .get(*id)
-                .ok_or_else(|| DevicesError::MissingDevice { id: id.to_string() })?;
+            let Some(saved) = state.devices.get(*id) else {
+                // Devices added since an older esvm saved the state keep their reset
+                // state: that esvm's guest had none of them.
+                if ADDED_LATER.contains(id) {
+                    continue;
+                }
+                return Err(DevicesError::MissingDevice { id: id.to_string() });
+            };
             if saved.version != *expected {
                 return Err(DevicesError::DeviceVersion {
                     id: id.to_string(),
@@ -428,6 +493,33 @@ impl Devices {
             .find(|k| !mine.iter().any(|(id, _)| id == k))
         {
             return Err(DevicesError::UnknownDevice { id: id.clone() });
+        }
+        // The APICs first (they cannot fail halfway: both are decoded before either is set).
+        let ioapic = match state.devices.get(IOAPIC_ID) {
+            Some(saved) => Some(apic_state(IOAPIC_ID, saved)?),
+            None => None,
+        };
+        let lapic = match state.devices.get(LAPIC_ID) {
+            Some(saved) => Some(apic_state(LAPIC_ID, saved)?),
+            None => None,
+        };
+        let mut new_ioapic = IoApic::new();
+        if let Some(s) = &ioapic {
+            new_ioapic
+                .restore(s)
+                .map_err(|e| DevicesError::DeviceState {
+                    id: IOAPIC_ID.into(),
+                    source: StateError::Invalid(Box::new(e)),
+                })?;
+        }
+        let mut new_lapic = LocalApic::new(0);
+        if let Some(s) = &lapic {
+            new_lapic
+                .restore(s, state.now_ns)
+                .map_err(|e| DevicesError::DeviceState {
+                    id: LAPIC_ID.into(),
+                    source: StateError::Invalid(Box::new(e)),
+                })?;
         }
         // Restore one by one (unit 0 is the PIC, unit i the i-th device); if one refuses,
         // put back the ones already restored.
@@ -444,6 +536,8 @@ impl Devices {
                 });
             }
         }
+        self.pic.ioapic = new_ioapic;
+        self.pic.lapic = new_lapic;
         self.now_ns = state.now_ns;
         // The restored devices may hold requests.
         self.poll_exit = true;
@@ -469,7 +563,7 @@ impl Devices {
             return Ok(());
         };
         match unit.checked_sub(1) {
-            None => self.pic.restore_state(saved),
+            None => self.pic.pic.restore_state(saved),
             Some(i) => self.devices[i].restore_state(saved),
         }
     }
@@ -500,6 +594,7 @@ impl Devices {
                 (*poll_exit, *poll_reset) = (true, true);
             }
         }
+        pic.lapic.advance_to(now);
     }
 
     /// Virtual time (ns) of the next device event that can raise an interrupt, if one is
@@ -509,6 +604,7 @@ impl Devices {
         self.clocked
             .iter()
             .filter_map(|&i| self.devices[i].next_deadline_ns())
+            .chain(self.pic.lapic.next_deadline_ns())
             .min()
     }
 
@@ -526,7 +622,7 @@ impl Devices {
         } = self;
         bus.read_with(port, data, |slot, base, offset, bytes| match slot {
             Slot::Pic => {
-                bytes.fill(pic.read_port(base + offset).unwrap_or(0xff));
+                bytes.fill(pic.pic.read_port(base + offset).unwrap_or(0xff));
                 true
             }
             Slot::Device(i) => {
@@ -560,7 +656,7 @@ impl Devices {
         bus.write_with(port, data, |slot, base, offset, bytes| match slot {
             Slot::Pic => {
                 if let Some(v) = bytes.first() {
-                    let _ = pic.write_port(base + offset, *v);
+                    let _ = pic.pic.write_port(base + offset, *v);
                 }
                 true
             }
@@ -583,6 +679,14 @@ impl Devices {
     /// time. Returns whether a device answered it; if not, `data` is untouched and the
     /// access is the VMM's to answer.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
+        if let Some(off) = page_offset(addr, LAPIC_ADDR, data.len()) {
+            self.pic.lapic.mmio_read(off, data);
+            return true;
+        }
+        if let Some(off) = page_offset(addr, IOAPIC_ADDR, data.len()) {
+            self.pic.ioapic.mmio_read(off, data);
+            return true;
+        }
         let now = self.now_ns;
         let Self {
             mmio,
@@ -606,6 +710,18 @@ impl Devices {
     /// Guest MMIO write of `data` (little-endian) at guest-physical `addr`, at the current
     /// virtual time. Returns whether a device took it; if not, it is the VMM's.
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
+        if let Some(off) = page_offset(addr, LAPIC_ADDR, data.len()) {
+            let mut events = Vec::new();
+            self.pic.lapic.mmio_write(off, data, &mut events);
+            self.pic.lapic_events(events);
+            return true;
+        }
+        if let Some(off) = page_offset(addr, IOAPIC_ADDR, data.len()) {
+            let mut out = Vec::new();
+            self.pic.ioapic.mmio_write(off, data, &mut out);
+            self.pic.route_messages(out);
+            return true;
+        }
         let now = self.now_ns;
         let Self {
             mmio,
@@ -633,6 +749,65 @@ impl Devices {
         self.pic.pending_vector()
     }
 
+    /// Whether an interrupt request is held anywhere (the local APIC's IRR or the 8259's
+    /// output), deliverable now or not: the VMM then brings the task priority up to date.
+    pub fn has_interrupt_request(&self) -> bool {
+        self.pic.lapic.has_request() || self.pic.pic.pending_vector().is_some()
+    }
+
+    /// The guest's CR8 as the VMM knows it (tracked for a protected vCPU): a changed value
+    /// is a MOV to CR8, which sets the local APIC's TPR bits 7:4.
+    pub fn sync_cr8(&mut self, cr8: u64) {
+        let cr8 = (cr8 & 0xf) as u32;
+        if self.cr8 != cr8 {
+            self.cr8 = cr8;
+            self.pic.lapic.set_tpr(cr8 << 4);
+        }
+    }
+
+    /// IA32_APIC_BASE as the vCPU holds it: bit 11 enables the local APIC (while it is
+    /// clear the 8259 reaches the vCPU directly), bit 10 selects x2APIC mode.
+    pub fn set_apic_base(&mut self, apic_base: u64) {
+        self.pic.apic_hw_enabled = apic_base & (1 << 11) != 0;
+        self.x2apic = apic_base & (1 << 10) != 0;
+    }
+
+    /// An NMI for the vCPU (from the local APIC or the I/O APIC), if one waits.
+    pub fn take_nmi(&mut self) -> bool {
+        self.pic.take_nmi()
+    }
+
+    /// RDMSR of an x2APIC register or IA32_TSC_DEADLINE. None: not an APIC MSR, or not
+    /// readable now (the guest gets #GP).
+    pub fn apic_msr_read(&self, msr: u32) -> Option<u64> {
+        if msr == TSC_DEADLINE_MSR {
+            return Some(self.pic.lapic.tsc_deadline());
+        }
+        let reg = LocalApic::x2apic_reg(msr).filter(|_| self.x2apic)?;
+        self.pic.lapic.read_reg(reg, true)
+    }
+
+    /// WRMSR of an x2APIC register or IA32_TSC_DEADLINE (`tsc`: the guest TSC now). False:
+    /// the guest gets #GP.
+    pub fn apic_msr_write(&mut self, msr: u32, value: u64, tsc: u64) -> bool {
+        if msr == TSC_DEADLINE_MSR {
+            self.pic.lapic.write_tsc_deadline(value, tsc);
+            return true;
+        }
+        let Some(reg) = LocalApic::x2apic_reg(msr).filter(|_| self.x2apic) else {
+            return false;
+        };
+        let mut events = Vec::new();
+        let ok = self.pic.lapic.write_reg(reg, value, true, &mut events);
+        self.pic.lapic_events(events);
+        ok
+    }
+
+    /// The interrupt controllers (8259 pair, I/O APIC, local APIC).
+    pub fn intc(&self) -> &Intc {
+        &self.pic
+    }
+
     /// The interrupt-acknowledge cycle: returns the vector to inject (possibly a spurious
     /// IRQ 7 / 15 vector, which the guest must see as well) and marks it in service.
     pub fn acknowledge_interrupt(&mut self) -> u8 {
@@ -642,12 +817,18 @@ impl Devices {
     /// Drive PIC input `irq` (0-15) to `level`, for devices outside the registry. Lines of
     /// registered devices are theirs (see the port table).
     pub fn set_irq(&mut self, irq: u8, level: bool) -> Result<(), DevicesError> {
-        Ok(self.pic.set_irq(irq, level)?)
+        if irq > 15 {
+            return Err(PicError::NoSuchIrq(irq).into());
+        }
+        crate::IrqSink::set_level(&mut self.pic, irq, level);
+        Ok(())
     }
 
     /// An edge on PIC input `irq` (0-15), for devices outside the registry.
     pub fn pulse_irq(&mut self, irq: u8) -> Result<(), DevicesError> {
-        Ok(self.pic.pulse_irq(irq)?)
+        self.set_irq(irq, false)?;
+        self.set_irq(irq, true)?;
+        self.set_irq(irq, false)
     }
 
     /// Exit status the guest requested (through port 0xf4), if any (clears the request).
@@ -769,7 +950,7 @@ impl Devices {
 
     /// The PIC pair (the interrupt controller).
     pub fn pic(&self) -> &Pic {
-        &self.pic
+        &self.pic.pic
     }
 }
 
@@ -836,6 +1017,8 @@ mod tests {
                 "0x00f4-0x00f4",
                 "0x00f5-0x00f5",
                 "0x03f8-0x03ff",
+                "0x0600-0x0603",
+                "0x0604-0x0605",
                 "0x0cf8-0x0cff"
             ]
         );
@@ -1227,7 +1410,7 @@ mod tests {
                 "twin"
             }
             fn port_regions(&self) -> Vec<crate::PortRegion> {
-                vec![crate::PortRegion::whole(0x600, 1)]
+                vec![crate::PortRegion::whole(0x700, 1)]
             }
             fn mmio_regions(&self) -> Vec<crate::MmioRegion> {
                 self.0.mmio_regions()
@@ -1296,6 +1479,7 @@ mod tests {
         }
         assert_eq!(f, state_format());
         let st = d.save();
-        assert_eq!(st.devices.len(), d.ids().count() + 1);
+        // The registered devices, the PIC pair, the I/O APIC and the local APIC.
+        assert_eq!(st.devices.len(), d.ids().count() + 3);
     }
 }
