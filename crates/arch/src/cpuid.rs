@@ -44,6 +44,28 @@ impl CpuidTable {
         self.entries.push(entry);
     }
 
+    /// This table with a local APIC advertised (leaf 1 and 0x8000_0001 EDX bit 9), and
+    /// optionally x2APIC (leaf 1 ECX bit 21) and the TSC-deadline timer (leaf 1 ECX bit 24):
+    /// for machines whose VMM models them (`esvm_devices::lapic`).
+    pub fn with_local_apic(mut self, x2apic: bool, tsc_deadline: bool) -> Self {
+        for e in &mut self.entries {
+            match e.function {
+                1 => {
+                    e.edx |= 1 << 9;
+                    if x2apic {
+                        e.ecx |= 1 << 21;
+                    }
+                    if tsc_deadline {
+                        e.ecx |= 1 << 24;
+                    }
+                }
+                0x8000_0001 => e.edx |= 1 << 9,
+                _ => {}
+            }
+        }
+        self
+    }
+
     /// Vendor and family/model/stepping this table reports.
     pub fn signature(&self) -> CpuSignature {
         CpuSignature::from_leaves(self.lookup(0, 0), self.lookup(1, 0)[0])
@@ -304,6 +326,18 @@ mod tests {
         assert_eq!(&intel.vendor, b"GenuineIntel");
         assert_eq!((intel.family, intel.model), (6, 0x8f));
         assert!(!intel.same_family(&z3));
+    }
+
+    #[test]
+    fn local_apic_bits() {
+        let t = CpuidTable::esvm_default().with_local_apic(true, false);
+        assert_ne!(t.lookup(1, 0)[3] & (1 << 9), 0);
+        assert_ne!(t.lookup(0x8000_0001, 0)[3] & (1 << 9), 0);
+        assert_ne!(t.lookup(1, 0)[2] & (1 << 21), 0);
+        assert_eq!(t.lookup(1, 0)[2] & (1 << 24), 0);
+        let t = CpuidTable::esvm_default().with_local_apic(false, true);
+        assert_eq!(t.lookup(1, 0)[2] & (1 << 21), 0);
+        assert_ne!(t.lookup(1, 0)[2] & (1 << 24), 0);
     }
 
     #[test]

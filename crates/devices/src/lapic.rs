@@ -635,6 +635,22 @@ impl LocalApic {
         self.write_reg((offset & 0xff0) as u32, u64::from(v), false, events);
     }
 
+    /// Whether x2APIC register `reg` takes writes (others raise #GP).
+    pub fn x2apic_writable(reg: u32) -> bool {
+        matches!(
+            reg,
+            REG_TPR
+                | REG_EOI
+                | REG_SVR
+                | REG_ESR
+                | REG_ICR_LO
+                | 0x320..=REG_LVT_LAST
+                | REG_TIMER_ICR
+                | REG_TIMER_DCR
+                | REG_SELF_IPI
+        )
+    }
+
     /// The register of x2APIC MSR `msr`, if it is one.
     pub fn x2apic_reg(msr: u32) -> Option<u32> {
         (X2APIC_MSR_BASE..=X2APIC_MSR_END)

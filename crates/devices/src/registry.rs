@@ -787,6 +787,15 @@ impl Devices {
         self.pic.lapic.read_reg(reg, true)
     }
 
+    /// Whether a WRMSR of `msr` is taken (true) or raises #GP: IA32_TSC_DEADLINE always,
+    /// x2APIC registers in x2APIC mode if they exist and are writable.
+    pub fn apic_msr_writable(&self, msr: u32) -> bool {
+        msr == TSC_DEADLINE_MSR
+            || LocalApic::x2apic_reg(msr)
+                .filter(|_| self.x2apic)
+                .is_some_and(LocalApic::x2apic_writable)
+    }
+
     /// WRMSR of an x2APIC register or IA32_TSC_DEADLINE (`tsc`: the guest TSC now). False:
     /// the guest gets #GP.
     pub fn apic_msr_write(&mut self, msr: u32, value: u64, tsc: u64) -> bool {

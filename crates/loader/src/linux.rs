@@ -24,7 +24,7 @@ use crate::{build_page_tables_at, identity_map_size, ram_below_first_hole};
 /// (`esvm_arch::layout`), shared with the esvm boot convention where both need the same thing.
 pub mod layout {
     pub use esvm_arch::layout::{
-        CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_ADDR, LEGACY_HOLE_ADDR, LOW_RAM_END, PAGE_TABLES_ADDR,
+        ACPI_ADDR, CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_ADDR, LEGACY_HOLE_ADDR, LOW_RAM_END, PAGE_TABLES_ADDR,
         PAGE_TABLES_END, ZERO_PAGE_ADDR,
     };
     /// Longest command line esvm places (its slot, NUL included; the kernel's own limit,
@@ -32,6 +32,12 @@ pub mod layout {
     pub const CMDLINE_MAX: usize = esvm_arch::layout::CMDLINE_SIZE as usize - 1;
     /// The legacy BIOS area, reported reserved (option ROMs and the ACPI tables below it).
     pub const BIOS_START: u64 = 0xf_0000;
+    /// The reserved area from the ACPI tables to 1 MiB.
+    pub const RESERVED_START: u64 = if ACPI_ADDR < BIOS_START {
+        ACPI_ADDR
+    } else {
+        BIOS_START
+    };
 }
 
 /// `__BOOT_CS` / `__BOOT_DS` of the 64-bit boot protocol.
@@ -127,6 +133,8 @@ pub struct LinuxBoot {
     pub tables: (u64, u64),
     /// Guest-physical range of the command line (NUL included).
     pub cmdline: (u64, u64),
+    /// Guest-physical range of the ACPI tables, if any were placed.
+    pub acpi: Option<(u64, u64)>,
 }
 
 impl LinuxBoot {
@@ -144,6 +152,7 @@ impl LinuxBoot {
             self.kernel,
         ];
         ranges.extend(self.initrd);
+        ranges.extend(self.acpi);
         let mut ranges: Vec<(u64, u64)> = ranges
             .into_iter()
             .map(|(s, e)| (page(s), page_end(e)))
@@ -192,7 +201,7 @@ pub fn e820_map(ram_end: u64) -> Vec<(u64, u64, u32)> {
     vec![
         (0, LOW_RAM_END, E820_RAM),
         (LOW_RAM_END, LEGACY_HOLE_ADDR - LOW_RAM_END, E820_RESERVED),
-        (BIOS_START, HIGH_MEMORY_ADDR - BIOS_START, E820_RESERVED),
+        (RESERVED_START, HIGH_MEMORY_ADDR - RESERVED_START, E820_RESERVED),
         (HIGH_MEMORY_ADDR, ram_end - HIGH_MEMORY_ADDR, E820_RAM),
     ]
 }
@@ -217,6 +226,18 @@ pub fn load_linux_with_c_bit<M: GuestMemoryBackend>(
     mem: &M,
     image: &LinuxImage<'_>,
     c_bit: Option<u8>,
+) -> Result<LinuxBoot, LinuxLoadError> {
+    load_linux_with_acpi(mem, image, c_bit, None)
+}
+
+/// [`load_linux_with_c_bit`], and with `acpi_vcpus` = Some(n) also the ACPI tables of a
+/// machine with n vCPUs ([`crate::acpi`]) at `layout::ACPI_ADDR`, their RSDP passed in
+/// `boot_params.acpi_rsdp_addr`.
+pub fn load_linux_with_acpi<M: GuestMemoryBackend>(
+    mem: &M,
+    image: &LinuxImage<'_>,
+    c_bit: Option<u8>,
+    acpi_vcpus: Option<u32>,
 ) -> Result<LinuxBoot, LinuxLoadError> {
     let ram_end = ram_below_first_hole(mem);
     let path = image.name.to_string();
@@ -372,10 +393,19 @@ pub fn load_linux_with_c_bit<M: GuestMemoryBackend>(
         hdr.ramdisk_size = data.len() as u32;
         initrd = Some((at, at + data.len() as u64));
     }
+    let mut acpi = None;
+    if let Some(vcpus) = acpi_vcpus {
+        let tables = crate::acpi::acpi_tables(layout::ACPI_ADDR, vcpus);
+        write(layout::ACPI_ADDR, &tables)?;
+        acpi = Some((layout::ACPI_ADDR, layout::ACPI_ADDR + tables.len() as u64));
+    }
     let mut zero_page = boot_params {
         hdr,
         ..Default::default()
     };
+    if acpi.is_some() {
+        zero_page.acpi_rsdp_addr = layout::ACPI_ADDR;
+    }
     let e820 = e820_map(ram_end);
     for (slot, (addr, size, kind)) in zero_page.e820_table.iter_mut().zip(&e820) {
         *slot = boot_e820_entry {
@@ -420,6 +450,7 @@ pub fn load_linux_with_c_bit<M: GuestMemoryBackend>(
         kernel: kernel_range,
         initrd,
         e820,
+        acpi,
     })
 }
 
