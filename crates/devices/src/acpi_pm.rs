@@ -4,7 +4,8 @@
 //!
 //! PM1_CNT reads with SCI_EN set (the platform is always in ACPI mode: the FADT has no
 //! SMI command port). Writing SLP_EN (bit 13) with SLP_TYP (bits 12:10) = the DSDT's `\_S5`
-//! value ([`ACPI_SLP_TYP_S5`]) is the soft power-off: the VM ends with exit status 0. Other
+//! value ([`ACPI_SLP_TYP_S5`]) is the soft power-off ([`AcpiPm::take_power_off`]): the
+//! VMM ends the VM, with exit status 0. Other
 //! sleep types are ignored (no S1-S4). No event ever sets a PM1_STS bit (no power button, no
 //! PM timer), so the SCI is never raised.
 
@@ -85,7 +86,7 @@ impl Device for AcpiPm {
     }
 
     fn hooks(&self) -> Hooks {
-        Hooks::REQUESTS
+        Hooks::NONE
     }
 
     fn io_read(
@@ -136,8 +137,12 @@ impl Device for AcpiPm {
         Access::Handled
     }
 
-    fn take_exit_request(&mut self) -> Option<u8> {
-        std::mem::take(&mut self.power_off).then_some(0)
+}
+
+impl AcpiPm {
+    /// Whether the guest asked for the soft power-off (S5) since the last call.
+    pub fn take_power_off(&mut self) -> bool {
+        std::mem::take(&mut self.power_off)
     }
 }
 
@@ -156,13 +161,13 @@ mod tests {
         assert_eq!(u16::from_le_bytes(b), SCI_EN, "always in ACPI mode");
         // SLP_TYP 5 without SLP_EN: nothing.
         pm.io_write(ACPI_PM1A_CNT, 0, &(5u16 << 10).to_le_bytes(), &mut cx);
-        assert_eq!(pm.take_exit_request(), None);
+        assert!(!pm.take_power_off());
         // S1 with SLP_EN: ignored.
         pm.io_write(ACPI_PM1A_CNT, 0, &((1u16 << 10) | SLP_EN).to_le_bytes(), &mut cx);
-        assert_eq!(pm.take_exit_request(), None);
+        assert!(!pm.take_power_off());
         pm.io_write(ACPI_PM1A_CNT, 0, &((5u16 << 10) | SLP_EN).to_le_bytes(), &mut cx);
-        assert_eq!(pm.take_exit_request(), Some(0));
-        assert_eq!(pm.take_exit_request(), None, "taken once");
+        assert!(pm.take_power_off());
+        assert!(!pm.take_power_off(), "taken once");
         pm.io_write(ACPI_PM1A_EVT, 2, &0x0120u16.to_le_bytes(), &mut cx);
         let mut en = [0u8; 2];
         pm.io_read(ACPI_PM1A_EVT, 2, &mut en, &mut cx);

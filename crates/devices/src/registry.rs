@@ -858,6 +858,13 @@ impl Devices {
         request
     }
 
+    /// Whether the guest asked for the ACPI soft power-off (S5 through PM1a control) since
+    /// the last call (clears the request). Only a write to PM1a control can raise it.
+    pub fn take_power_off_request(&mut self) -> bool {
+        self.device_mut::<crate::AcpiPm>(crate::acpi_pm::ACPI_PM_ID)
+            .is_some_and(crate::AcpiPm::take_power_off)
+    }
+
     /// Whether the guest asked for a CPU reset (the i8042's reset line) since the last call
     /// (clears the requests).
     pub fn take_reset_request(&mut self) -> bool {

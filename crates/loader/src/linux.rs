@@ -32,12 +32,7 @@ pub mod layout {
     pub const CMDLINE_MAX: usize = esvm_arch::layout::CMDLINE_SIZE as usize - 1;
     /// The legacy BIOS area, reported reserved (option ROMs and the ACPI tables below it).
     pub const BIOS_START: u64 = 0xf_0000;
-    /// The reserved area from the ACPI tables to 1 MiB.
-    pub const RESERVED_START: u64 = if ACPI_ADDR < BIOS_START {
-        ACPI_ADDR
-    } else {
-        BIOS_START
-    };
+
 }
 
 /// `__BOOT_CS` / `__BOOT_DS` of the 64-bit boot protocol.
@@ -66,6 +61,9 @@ pub const MIN_KERNEL_WORKING_SET: u64 = 32 << 20;
 /// e820 entry types.
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
+/// ACPI tables (reclaimable). An SEV guest's Linux maps this type encrypted, as the loader
+/// wrote it; a reserved region it would map shared.
+pub const E820_ACPI: u32 = 3;
 
 /// Why a kernel could not be loaded.
 #[derive(Debug, Error)]
@@ -201,7 +199,7 @@ pub fn e820_map(ram_end: u64) -> Vec<(u64, u64, u32)> {
     vec![
         (0, LOW_RAM_END, E820_RAM),
         (LOW_RAM_END, LEGACY_HOLE_ADDR - LOW_RAM_END, E820_RESERVED),
-        (RESERVED_START, HIGH_MEMORY_ADDR - RESERVED_START, E820_RESERVED),
+        (BIOS_START, HIGH_MEMORY_ADDR - BIOS_START, E820_RESERVED),
         (HIGH_MEMORY_ADDR, ram_end - HIGH_MEMORY_ADDR, E820_RAM),
     ]
 }
@@ -406,7 +404,12 @@ pub fn load_linux_with_acpi<M: GuestMemoryBackend>(
     if acpi.is_some() {
         zero_page.acpi_rsdp_addr = layout::ACPI_ADDR;
     }
-    let e820 = e820_map(ram_end);
+    let mut e820 = e820_map(ram_end);
+    if let Some((start, end)) = acpi {
+        // The tables' pages, between the EBDA's reserved entry and the BIOS area's.
+        let at = e820.partition_point(|&(addr, _, _)| addr < start);
+        e820.insert(at, (start, (end - start + 0xfff) & !0xfff, E820_ACPI));
+    }
     for (slot, (addr, size, kind)) in zero_page.e820_table.iter_mut().zip(&e820) {
         *slot = boot_e820_entry {
             addr: *addr,
@@ -544,6 +547,34 @@ mod tests {
             initrd,
             cmdline,
         }
+    }
+
+    #[test]
+    fn acpi_tables_are_placed_reserved_as_acpi_and_passed_in_the_zero_page() {
+        let m = mem(128 << 20);
+        let k = bzimage(0x020f, 0x7f, 8 << 20, &[0x90; 8192]);
+        let boot = load_linux_with_acpi(&m, &image(&k, None, ""), None, Some(1)).unwrap();
+        let zp: boot_params = m.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ zp.acpi_rsdp_addr }, layout::ACPI_ADDR);
+        let mut sig = [0u8; 8];
+        m.read_slice(&mut sig, GuestAddress(layout::ACPI_ADDR)).unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        assert_eq!(boot.acpi, Some((layout::ACPI_ADDR, layout::ACPI_ADDR + 0x1000)));
+        assert!(boot.written_pages().contains(&(layout::ACPI_ADDR, 0x1000)));
+        // The e820 map: the tables' page as ACPI, between the EBDA and the BIOS area.
+        assert_eq!({ zp.e820_entries }, 5);
+        let e2 = zp.e820_table[2];
+        assert_eq!(
+            ({ e2.addr }, { e2.size }, { e2.r#type }),
+            (layout::ACPI_ADDR, 0x1000, E820_ACPI)
+        );
+        // Without ACPI nothing of it.
+        let m = mem(128 << 20);
+        let boot = load_linux(&m, &image(&k, None, "")).unwrap();
+        let zp: boot_params = m.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ zp.acpi_rsdp_addr }, 0);
+        assert_eq!(boot.acpi, None);
+        assert_eq!({ zp.e820_entries }, 4);
     }
 
     #[test]

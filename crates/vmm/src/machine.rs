@@ -281,7 +281,9 @@ impl Machine {
             let plain = config.vm_type == VmType::Plain;
             vm_config.cpuid = vm_config.cpuid.clone().with_local_apic(plain, plain);
             if plain {
-                vm_config.msr_intercepts.push(esvm_devices::lapic::TSC_DEADLINE_MSR);
+                vm_config
+                    .msr_intercepts
+                    .push(esvm_devices::lapic::TSC_DEADLINE_MSR);
                 vm_config.msr_intercepts.extend(
                     esvm_devices::lapic::X2APIC_MSR_BASE..=esvm_devices::lapic::X2APIC_MSR_END,
                 );
@@ -430,12 +432,8 @@ impl Machine {
         // ACPI tables describe the VMM's interrupt controllers: only where the VMM models
         // them. One vCPU is described: the others stay parked (AP start-up is not there yet).
         let acpi = self.apic.then_some(1);
-        let boot = esvm_loader::linux::load_linux_with_acpi(
-            self.vm.memory().mmap(),
-            image,
-            c_bit,
-            acpi,
-        )?;
+        let boot =
+            esvm_loader::linux::load_linux_with_acpi(self.vm.memory().mmap(), image, c_bit, acpi)?;
         // What firmware leaves for an OS: MTRRs enabled, all memory write-back (Linux 6.1
         // turns PAT off without enabled MTRRs, and an SEV-ES kernel needs PAT).
         for vcpu in &mut self.vcpus {
@@ -635,6 +633,9 @@ impl Machine {
             VmExit::IoIn { port, data } => devices.io_read(port, data)?,
             VmExit::IoOut { port, data } => {
                 devices.io_write(port, data)?;
+                if port == esvm_devices::ACPI_PM1A_CNT && devices.take_power_off_request() {
+                    return Ok(Some(Outcome::PowerOff(crate::outcome::ACPI_OFF.into())));
+                }
                 if let Some(code) = devices.take_exit_request() {
                     return Ok(Some(Outcome::Exited(code)));
                 }
@@ -710,7 +711,8 @@ impl Machine {
             let tsc = self.vcpus[0].get_tsc()?;
             let now = self.now();
             self.devices.advance_to(now);
-            self.devices.apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
+            self.devices
+                .apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
         }
         if let Some((index, value)) = x2apic_write {
             self.devices.apic_msr_write(index, value, 0);
@@ -728,7 +730,7 @@ impl Machine {
         // From the interrupt-mask bit the hardware exposes: a protected (SEV-ES) vCPU's
         // registers are not readable.
         if !bsp.interrupts_enabled()? {
-            return Ok(Some(Outcome::PowerOff));
+            return Ok(Some(Outcome::PowerOff(crate::outcome::HALTED_OFF.into())));
         }
         let now = self.now();
         let deadline = self.devices.next_deadline_ns();
