@@ -74,8 +74,8 @@ impl CpuidTable {
     /// The CPU esvm's software vCPU models: an "AuthenticAMD" family 17h x86-64 part with the
     /// integer ISA, x87, SSE/SSE2, FXSR (+FFXSR), CX8/CX16, POPCNT, LZCNT, MOVBE, BMI1
     /// (TZCNT), RDRAND/RDSEED, CLFLUSHOPT/CLWB, PREFETCHW, SYSCALL, NX, RDTSCP and 1 GiB
-    /// pages, and nothing it does not implement (no local APIC, no AVX, no XSAVE beyond XCR0
-    /// access).
+    /// pages, and nothing it does not implement (no local APIC: that is the VMM's, see
+    /// [`CpuidTable::with_local_apic`]; no AVX, no XSAVE beyond XCR0 access).
     pub fn esvm_default() -> Self {
         let (b, d, c) = {
             // Vendor string order is EBX, EDX, ECX.
@@ -248,8 +248,9 @@ fn ecx1() -> u32 {
 }
 
 /// Leaf 1 EDX: FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, SEP, MTRR, PGE, CMOV, PAT, CLFSH,
-/// MMX, FXSR, SSE, SSE2. No APIC (bit 9): the vCPU has no local APIC, so a guest keeps the 8259
-/// (Linux: "APIC: Keep in PIC mode(8259)") instead of programming one that is not there. The
+/// MMX, FXSR, SSE, SSE2. No APIC (bit 9) here: the vCPU itself has no local APIC; a VMM that
+/// models one adds the bit with [`CpuidTable::with_local_apic`] (without it a guest keeps the
+/// 8259, Linux: "APIC: Keep in PIC mode(8259)"). The
 /// MTRRs (bit 12) hold what the guest writes (no caches, no effect); Linux 6.1 sets up PAT
 /// only with MTRRs enabled, and an SEV guest needs PAT's write-protect type.
 fn edx1() -> u32 {

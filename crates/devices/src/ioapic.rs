@@ -191,7 +191,7 @@ impl IoApic {
             2 => self.s.id,
             0x10..=0x3f => {
                 let e = self.s.rte[((index - 0x10) / 2) as usize];
-                if index % 2 == 0 {
+                if index.is_multiple_of(2) {
                     e as u32
                 } else {
                     (e >> 32) as u32
@@ -207,7 +207,7 @@ impl IoApic {
             0x10..=0x3f => {
                 let pin = ((index - 0x10) / 2) as usize;
                 let old = self.s.rte[pin];
-                let new = if index % 2 == 0 {
+                let new = if index.is_multiple_of(2) {
                     (old & !0xffff_ffff) | u64::from(v)
                 } else {
                     (old & 0xffff_ffff) | (u64::from(v) << 32)

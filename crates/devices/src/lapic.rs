@@ -639,15 +639,8 @@ impl LocalApic {
     pub fn x2apic_writable(reg: u32) -> bool {
         matches!(
             reg,
-            REG_TPR
-                | REG_EOI
-                | REG_SVR
-                | REG_ESR
-                | REG_ICR_LO
-                | 0x320..=REG_LVT_LAST
-                | REG_TIMER_ICR
-                | REG_TIMER_DCR
-                | REG_SELF_IPI
+            REG_TPR | REG_EOI | REG_SVR | REG_ESR | REG_ICR_LO | 0x320
+                ..=REG_LVT_LAST | REG_TIMER_ICR | REG_TIMER_DCR | REG_SELF_IPI
         )
     }
 

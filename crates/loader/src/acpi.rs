@@ -115,7 +115,10 @@ pub fn acpi_tables(base: u64, vcpus: u32) -> Vec<u8> {
     let mut xsdt = acpi_tables::xsdt::XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(base + FADT_OFF);
     xsdt.add_entry(base + MADT_OFF);
-    put(0, &bytes(&acpi_tables::rsdp::Rsdp::new(OEM_ID, base + XSDT_OFF)));
+    put(
+        0,
+        &bytes(&acpi_tables::rsdp::Rsdp::new(OEM_ID, base + XSDT_OFF)),
+    );
     put(XSDT_OFF, &bytes(&xsdt));
     put(FACS_OFF, &bytes(&acpi_tables::facs::FACS::new()));
     put(FADT_OFF, &fadt(base));
@@ -157,7 +160,11 @@ mod tests {
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(entries, [base + FADT_OFF, base + MADT_OFF]);
-        for (off, sig) in [(FADT_OFF, b"FACP"), (MADT_OFF, b"APIC"), (DSDT_OFF, b"DSDT")] {
+        for (off, sig) in [
+            (FADT_OFF, b"FACP"),
+            (MADT_OFF, b"APIC"),
+            (DSDT_OFF, b"DSDT"),
+        ] {
             let t = table(&blob, off);
             assert_eq!(&t[..4], sig);
             assert_eq!(sum(t), 0, "{} checksum", String::from_utf8_lossy(sig));

@@ -24,15 +24,14 @@ use crate::{build_page_tables_at, identity_map_size, ram_below_first_hole};
 /// (`esvm_arch::layout`), shared with the esvm boot convention where both need the same thing.
 pub mod layout {
     pub use esvm_arch::layout::{
-        ACPI_ADDR, CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_ADDR, LEGACY_HOLE_ADDR, LOW_RAM_END, PAGE_TABLES_ADDR,
-        PAGE_TABLES_END, ZERO_PAGE_ADDR,
+        ACPI_ADDR, CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_ADDR, LEGACY_HOLE_ADDR, LOW_RAM_END,
+        PAGE_TABLES_ADDR, PAGE_TABLES_END, ZERO_PAGE_ADDR,
     };
     /// Longest command line esvm places (its slot, NUL included; the kernel's own limit,
     /// `cmdline_size`, applies too).
     pub const CMDLINE_MAX: usize = esvm_arch::layout::CMDLINE_SIZE as usize - 1;
     /// The legacy BIOS area, reported reserved (option ROMs and the ACPI tables below it).
     pub const BIOS_START: u64 = 0xf_0000;
-
 }
 
 /// `__BOOT_CS` / `__BOOT_DS` of the 64-bit boot protocol.
@@ -557,9 +556,13 @@ mod tests {
         let zp: boot_params = m.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
         assert_eq!({ zp.acpi_rsdp_addr }, layout::ACPI_ADDR);
         let mut sig = [0u8; 8];
-        m.read_slice(&mut sig, GuestAddress(layout::ACPI_ADDR)).unwrap();
+        m.read_slice(&mut sig, GuestAddress(layout::ACPI_ADDR))
+            .unwrap();
         assert_eq!(&sig, b"RSD PTR ");
-        assert_eq!(boot.acpi, Some((layout::ACPI_ADDR, layout::ACPI_ADDR + 0x1000)));
+        assert_eq!(
+            boot.acpi,
+            Some((layout::ACPI_ADDR, layout::ACPI_ADDR + 0x1000))
+        );
         assert!(boot.written_pages().contains(&(layout::ACPI_ADDR, 0x1000)));
         // The e820 map: the tables' page as ACPI, between the EBDA and the BIOS area.
         assert_eq!({ zp.e820_entries }, 5);

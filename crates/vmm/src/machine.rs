@@ -732,6 +732,12 @@ impl Machine {
         if !bsp.interrupts_enabled()? {
             return Ok(Some(Outcome::PowerOff(crate::outcome::HALTED_OFF.into())));
         }
+        // An interrupt that arrived while the window was shut (`STI; HLT`: the STI's shadow
+        // covers the HLT) wakes it at once: the loop hands it over now that the window is
+        // open. Virtual time stays where it is.
+        if self.devices.pending_interrupt().is_some() {
+            return Ok(None);
+        }
         let now = self.now();
         let deadline = self.devices.next_deadline_ns();
         if let Some(console) = self.console.as_mut().filter(|c| c.open()) {
