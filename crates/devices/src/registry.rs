@@ -504,6 +504,20 @@ impl Devices {
             None => None,
         };
         let mut new_ioapic = IoApic::new();
+        if ioapic.is_none() {
+            // A state from before the I/O APIC: its inputs are at the levels the devices
+            // drive, which the restored 8259 pair records.
+            if let Some(saved) = state.devices.get(PIC_ID) {
+                if let Ok(pic) = serde_json::from_value::<crate::PicState>(saved.state.clone()) {
+                    let levels = u16::from_le_bytes([pic.master.lines, pic.slave.lines]);
+                    for irq in 0..16u8 {
+                        if let Some(pin) = crate::intc::isa_gsi(irq) {
+                            new_ioapic.preset_line(pin, levels & (1 << irq) != 0);
+                        }
+                    }
+                }
+            }
+        }
         if let Some(s) = &ioapic {
             new_ioapic
                 .restore(s)
@@ -1184,6 +1198,88 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("FIFO holds at most 64"), "{e}");
+        assert_eq!(d.save(), before, "failed restores change nothing");
+    }
+
+    /// Program the APICs through MMIO: local APIC enabled with TPR 0x20 and LINT0 masked,
+    /// I/O APIC pin 3 (IRQ 3, unused) to vector 0x33.
+    fn init_apics(d: &mut Devices) {
+        let w32 =
+            |d: &mut Devices, addr: u64, v: u32| assert!(d.mmio_write(addr, &v.to_le_bytes()));
+        w32(d, LAPIC_ADDR + 0xf0, 0x1ff);
+        w32(d, LAPIC_ADDR + 0x80, 0x20);
+        w32(d, LAPIC_ADDR + 0x350, 1 << 16);
+        w32(d, IOAPIC_ADDR, 0x16);
+        w32(d, IOAPIC_ADDR + 0x10, 0x33);
+    }
+
+    #[test]
+    fn apics_answer_mmio_route_irqs_and_save_their_state() {
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        init_apics(&mut d);
+        let mut b = [0u8; 4];
+        assert!(d.mmio_read(LAPIC_ADDR + 0x80, &mut b));
+        assert_eq!(u32::from_le_bytes(b), 0x20);
+        assert!(d.mmio_write(IOAPIC_ADDR, &[1]));
+        assert!(d.mmio_read(IOAPIC_ADDR + 0x10, &mut b));
+        assert_eq!(u32::from_le_bytes(b), 0x0017_0020);
+        // IRQ 3 arrives through I/O APIC pin 3 at the local APIC; the 8259's copy of it no
+        // longer reaches the vCPU (LINT0 masked).
+        d.set_irq(3, true).unwrap();
+        assert_eq!(d.pending_interrupt(), Some(0x33));
+        let st = d.save();
+        assert!(st.devices.contains_key(IOAPIC_ID) && st.devices.contains_key(LAPIC_ID));
+        let r = Devices::from_state(&st, Box::new(std::io::sink())).unwrap();
+        assert_eq!(r.save(), st);
+        assert_eq!(r.pending_interrupt(), Some(0x33));
+        assert_eq!(d.acknowledge_interrupt(), 0x33);
+        assert_eq!(d.pending_interrupt(), None);
+    }
+
+    #[test]
+    fn states_of_an_esvm_without_the_apics_restore_with_them_reset() {
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        let mut old = d.save();
+        for id in ADDED_LATER {
+            assert!(old.devices.remove(*id).is_some(), "{id}");
+        }
+        init_apics(&mut d);
+        d.restore(&old).unwrap();
+        let fresh = Devices::new(Box::new(std::io::sink())).save();
+        for id in ADDED_LATER {
+            assert_eq!(d.save().devices[*id], fresh.devices[*id], "{id} is reset");
+        }
+        // Other devices stay required.
+        old.devices.remove(PIT_ID);
+        assert!(matches!(
+            d.restore(&old),
+            Err(DevicesError::MissingDevice { ref id }) if id == PIT_ID
+        ));
+    }
+
+    #[test]
+    fn a_bad_apic_state_is_refused_and_changes_nothing() {
+        let (mut d, _buf) = devices();
+        init_apics(&mut d);
+        let before = d.save();
+        let mut st = before.clone();
+        let mut lapic: crate::LapicState =
+            serde_json::from_value(st.devices[LAPIC_ID].state.clone()).unwrap();
+        lapic.tpr = 0x100;
+        st.devices.get_mut(LAPIC_ID).unwrap().state = serde_json::to_value(&lapic).unwrap();
+        let e = d.restore(&st).unwrap_err();
+        assert!(
+            matches!(e, DevicesError::DeviceState { ref id, .. } if id == LAPIC_ID),
+            "{e}"
+        );
+        let mut st = before.clone();
+        st.devices.get_mut(IOAPIC_ID).unwrap().state = serde_json::json!("nonsense");
+        assert!(matches!(
+            d.restore(&st),
+            Err(DevicesError::DeviceState { ref id, .. }) if id == IOAPIC_ID
+        ));
         assert_eq!(d.save(), before, "failed restores change nothing");
     }
 
