@@ -259,6 +259,8 @@ pub struct Devices {
     cr8: u32,
     /// x2APIC mode (IA32_APIC_BASE bit 10), from [`Devices::set_apic_base`].
     x2apic: bool,
+    /// IA32_APIC_BASE, from [`Devices::set_apic_base`].
+    apic_base: u64,
     now_ns: u64,
 }
 
@@ -330,6 +332,9 @@ impl Devices {
             pic: Intc::new(),
             cr8: 0,
             x2apic: false,
+            // The power-on value for the boot vCPU until the VMM says otherwise: the local
+            // APIC at 0xfee00000, enabled, BSP.
+            apic_base: LAPIC_ADDR | (1 << 11) | (1 << 8),
             now_ns: 0,
         };
         for device in crate::builtin_devices(config) {
@@ -782,8 +787,14 @@ impl Devices {
     /// IA32_APIC_BASE as the vCPU holds it: bit 11 enables the local APIC (while it is
     /// clear the 8259 reaches the vCPU directly), bit 10 selects x2APIC mode.
     pub fn set_apic_base(&mut self, apic_base: u64) {
+        self.apic_base = apic_base;
         self.pic.apic_hw_enabled = apic_base & (1 << 11) != 0;
         self.x2apic = apic_base & (1 << 10) != 0;
+    }
+
+    /// IA32_APIC_BASE as last given to [`Devices::set_apic_base`].
+    pub fn apic_base(&self) -> u64 {
+        self.apic_base
     }
 
     /// An NMI for the vCPU (from the local APIC or the I/O APIC), if one waits.

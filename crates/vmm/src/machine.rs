@@ -281,6 +281,11 @@ impl Machine {
             let plain = config.vm_type == VmType::Plain;
             vm_config.cpuid = vm_config.cpuid.clone().with_local_apic(plain, plain);
             if plain {
+                // IA32_APIC_BASE too: the devices follow its enable and x2APIC bits as the
+                // guest writes them, without asking the vCPU on every exit.
+                vm_config
+                    .msr_intercepts
+                    .push(esvm_arch::msr::IA32_APIC_BASE);
                 vm_config
                     .msr_intercepts
                     .push(esvm_devices::lapic::TSC_DEADLINE_MSR);
@@ -537,6 +542,9 @@ impl Machine {
 
     fn run_loop(&mut self, control: &VmControl) -> Result<Outcome, MachineError> {
         let virtual_time = matches!(self.clock, Clock::Virtual { .. });
+        if !self.mid_exit {
+            self.sync_apic()?;
+        }
         loop {
             if !self.mid_exit {
                 if let Some(outcome) = self.pump_console() {
@@ -552,7 +560,9 @@ impl Machine {
             let now = self.now();
             self.devices.advance_to(now);
             if virtual_time {
-                self.sync_apic()?;
+                if self.devices.has_interrupt_request() {
+                    self.sync_apic()?;
+                }
                 self.offer_interrupt()?;
             }
             let mut slice = MAX_SLICE_NS;
@@ -579,7 +589,9 @@ impl Machine {
     }
 
     /// Give the devices the vCPU's APIC base (enable, x2APIC mode) and CR8 (the TPR) as
-    /// the VMM knows them: tracked values for a protected vCPU.
+    /// the VMM knows them: tracked values for a protected vCPU. Needed before interrupts are
+    /// judged and when the run loop starts (a plain vCPU's APIC base writes exit to the VMM,
+    /// which passes them on at once).
     fn sync_apic(&mut self) -> Result<(), MachineError> {
         if self.apic {
             let view = self.vcpus[0].get_sregs_view()?;
@@ -620,6 +632,7 @@ impl Machine {
         let scratch = &mut self.mmio_scratch;
         let mut tsc_deadline = None;
         let mut x2apic_write = None;
+        let mut apic_base_write = None;
         let exit = self.vcpus[0].run()?;
         let answer_needed = matches!(
             exit,
@@ -674,6 +687,16 @@ impl Machine {
             VmExit::Cpuid { result, .. } => *result = [0; 4],
             // The local APIC's MSRs (intercepted for a plain software vCPU).
             VmExit::RdMsr {
+                index: esvm_arch::msr::IA32_APIC_BASE,
+                value,
+                ..
+            } => *value = devices.apic_base(),
+            VmExit::WrMsr {
+                index: esvm_arch::msr::IA32_APIC_BASE,
+                value,
+                ..
+            } => apic_base_write = Some(value),
+            VmExit::RdMsr {
                 index,
                 value,
                 fault,
@@ -713,6 +736,11 @@ impl Machine {
             self.devices.advance_to(now);
             self.devices
                 .apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
+        }
+        if let Some(value) = apic_base_write {
+            // The vCPU keeps its copy (snapshots, the control API show it).
+            self.vcpus[0].set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
+            self.devices.set_apic_base(value);
         }
         if let Some((index, value)) = x2apic_write {
             self.devices.apic_msr_write(index, value, 0);
