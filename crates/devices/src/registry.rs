@@ -1249,6 +1249,34 @@ mod tests {
     }
 
     #[test]
+    fn the_known_cr8_sets_the_task_priority_and_the_apic_base_gates_the_apic() {
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        init_apics(&mut d);
+        d.set_irq(3, true).unwrap();
+        assert_eq!(d.pending_interrupt(), Some(0x33));
+        // A MOV to CR8 (as tracked for a protected vCPU): TPR = 0x30 masks class 3.
+        d.sync_cr8(3);
+        assert_eq!(d.intc().lapic.tpr(), 0x30);
+        assert_eq!(d.pending_interrupt(), None);
+        assert!(d.has_interrupt_request(), "held, not lost");
+        d.sync_cr8(2);
+        assert_eq!(d.pending_interrupt(), Some(0x33));
+        // An unchanged CR8 leaves a TPR the guest wrote through MMIO alone.
+        assert!(d.mmio_write(LAPIC_ADDR + 0x80, &0x40u32.to_le_bytes()));
+        d.sync_cr8(2);
+        assert_eq!(d.intc().lapic.tpr(), 0x40);
+        // With the APIC disabled in IA32_APIC_BASE the 8259 reaches the vCPU directly.
+        d.set_apic_base(LAPIC_ADDR | (1 << 8));
+        assert_eq!(d.apic_base(), LAPIC_ADDR | (1 << 8));
+        assert_eq!(
+            d.pending_interrupt(),
+            Some(0x23),
+            "IRQ 3 through the 8259 (init_pic)"
+        );
+    }
+
+    #[test]
     fn states_of_an_esvm_without_the_apics_restore_with_them_reset() {
         let (mut d, _buf) = devices();
         init_pic(&mut d);
