@@ -13,7 +13,8 @@
 //! - DSDT: only `\_S5` (SLP_TYP 5), so that `poweroff` in the guest writes SLP_TYP=5|SLP_EN
 //!   to PM1a control, which ends the VM with status 0.
 //!
-//! All tables fit in one page at `layout::ACPI_ADDR` (the e820 map reserves it).
+//! The tables are one blob at `layout::ACPI_ADDR` (the e820 map marks its pages as ACPI
+//! tables): a page, more only for a MADT of very many vCPUs.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::sdt::Sdt;
@@ -37,9 +38,10 @@ const OEM_REVISION: u32 = 1;
 const XSDT_OFF: u64 = 0x40;
 const FACS_OFF: u64 = 0x100;
 const FADT_OFF: u64 = 0x200;
-const MADT_OFF: u64 = 0x400;
-const DSDT_OFF: u64 = 0x600;
-/// Size of the blob.
+const DSDT_OFF: u64 = 0x400;
+/// The MADT comes last: it grows with the vCPUs (8 bytes each).
+const MADT_OFF: u64 = 0x600;
+/// Size of the blob for up to 300 vCPUs; more make it larger (whole pages).
 pub const ACPI_BLOB_SIZE: usize = 0x1000;
 
 fn bytes(t: &dyn Aml) -> Vec<u8> {
@@ -104,10 +106,13 @@ fn fadt(base: u64) -> Vec<u8> {
     bytes(&f.finalize())
 }
 
-/// The tables for `vcpus` vCPUs, laid out for guest-physical `base` (16-byte aligned, below
-/// 4 GiB): the page to write there. The RSDP is at its start.
+/// The tables for `vcpus` vCPUs (at most 255 are described: xAPIC IDs), laid out for
+/// guest-physical `base` (16-byte aligned, below 4 GiB): the bytes to write there, whole
+/// pages. The RSDP is at its start.
 pub fn acpi_tables(base: u64, vcpus: u32) -> Vec<u8> {
-    let mut blob = vec![0u8; ACPI_BLOB_SIZE];
+    let madt = madt(vcpus);
+    let size = (MADT_OFF as usize + madt.len()).next_multiple_of(0x1000);
+    let mut blob = vec![0u8; size.max(ACPI_BLOB_SIZE)];
     let mut put = |off: u64, data: &[u8]| {
         let off = off as usize;
         blob[off..off + data.len()].copy_from_slice(data);
@@ -122,7 +127,7 @@ pub fn acpi_tables(base: u64, vcpus: u32) -> Vec<u8> {
     put(XSDT_OFF, &bytes(&xsdt));
     put(FACS_OFF, &bytes(&acpi_tables::facs::FACS::new()));
     put(FADT_OFF, &fadt(base));
-    put(MADT_OFF, &madt(vcpus));
+    put(MADT_OFF, &madt);
     put(DSDT_OFF, &dsdt());
     blob
 }
@@ -173,8 +178,18 @@ mod tests {
         assert_eq!(&blob[FACS_OFF as usize..FACS_OFF as usize + 4], b"FACS");
         // Tables do not overlap.
         assert!(XSDT_OFF as usize + xsdt.len() <= FACS_OFF as usize);
-        assert!(FADT_OFF as usize + table(&blob, FADT_OFF).len() <= MADT_OFF as usize);
-        assert!(MADT_OFF as usize + table(&blob, MADT_OFF).len() <= DSDT_OFF as usize);
+        assert!(FADT_OFF as usize + table(&blob, FADT_OFF).len() <= DSDT_OFF as usize);
+        assert!(DSDT_OFF as usize + table(&blob, DSDT_OFF).len() <= MADT_OFF as usize);
+        // Many vCPUs: the MADT grows the blob by whole pages, nothing overlaps.
+        let big = acpi_tables(base, 1000);
+        assert_eq!(big.len() % 0x1000, 0);
+        let m = table(&big, MADT_OFF);
+        assert_eq!(sum(m), 0);
+        assert_eq!(
+            m.len(),
+            44 + 255 * 8 + 12 + 2 * 10 + 6,
+            "255 local APICs at most"
+        );
     }
 
     #[test]
