@@ -13,7 +13,13 @@
 //! | 0xf4          | `debug-exit`   | debug exit (any width)      |           |
 //! | 0xf5          | `bench-marker` | benchmark marker            |           |
 //! | 0x3f8-0x3ff   | `com1`         | COM1 16550A UART            | IRQ 4     |
+//! | 0x600-0x605   | `acpi-pm`      | ACPI PM1a event and control |           |
 //! | 0xcf8-0xcff   | `pci-conf1`    | PCI config #1, no devices   |           |
+//!
+//! MMIO: the I/O APIC at [`IOAPIC_ADDR`] (`ioapic`) and the boot vCPU's local APIC at
+//! [`LAPIC_ADDR`] (`lapic0`; its x2APIC MSRs through [`Devices::apic_msr_read`] /
+//! [`Devices::apic_msr_write`]). Every interrupt line goes to the 8259 (IRQ n) and the I/O
+//! APIC (pin n; IRQ 0 on pin 2), see [`crate::intc`].
 //!
 //! Every other port is unclaimed (reads all-ones, writes dropped and counted), and so is
 //! every MMIO address no device claims (the VMM answers those itself). More devices join
@@ -23,9 +29,11 @@
 //! # Saved state
 //! [`DevicesState`] keeps each device's state by its id ([`Device::id`]) together with the
 //! device's own state version ([`Persist::STATE_VERSION`](crate::Persist)); the interrupt
-//! controller is saved as `pic`. Adding a device adds an entry, never a field. A restore
-//! refuses, with a message naming the device, a state that lacks one of this registry's
-//! devices, holds a device it does not have, or holds another version of a device's state;
+//! controllers are saved as `pic`, `ioapic` and `lapic0`. Adding a device adds an entry, never
+//! a field. A restore refuses, with a message naming the device, a state that lacks one of
+//! this registry's devices (except those added since older esvm versions saved states, which
+//! restore in their reset state: `ioapic`, `lapic0`, `acpi-pm`), holds a device it does not
+//! have, or holds another version of a device's state;
 //! the map as a whole is versioned by [`DEVICES_STATE_VERSION`].
 
 use std::collections::BTreeMap;
