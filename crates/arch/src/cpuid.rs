@@ -44,6 +44,28 @@ impl CpuidTable {
         self.entries.push(entry);
     }
 
+    /// This table with a local APIC advertised (leaf 1 and 0x8000_0001 EDX bit 9), and
+    /// optionally x2APIC (leaf 1 ECX bit 21) and the TSC-deadline timer (leaf 1 ECX bit 24):
+    /// for machines whose VMM models them (`esvm_devices::lapic`).
+    pub fn with_local_apic(mut self, x2apic: bool, tsc_deadline: bool) -> Self {
+        for e in &mut self.entries {
+            match e.function {
+                1 => {
+                    e.edx |= 1 << 9;
+                    if x2apic {
+                        e.ecx |= 1 << 21;
+                    }
+                    if tsc_deadline {
+                        e.ecx |= 1 << 24;
+                    }
+                }
+                0x8000_0001 => e.edx |= 1 << 9,
+                _ => {}
+            }
+        }
+        self
+    }
+
     /// Vendor and family/model/stepping this table reports.
     pub fn signature(&self) -> CpuSignature {
         CpuSignature::from_leaves(self.lookup(0, 0), self.lookup(1, 0)[0])
@@ -52,8 +74,8 @@ impl CpuidTable {
     /// The CPU esvm's software vCPU models: an "AuthenticAMD" family 17h x86-64 part with the
     /// integer ISA, x87, SSE/SSE2, FXSR (+FFXSR), CX8/CX16, POPCNT, LZCNT, MOVBE, BMI1
     /// (TZCNT), RDRAND/RDSEED, CLFLUSHOPT/CLWB, PREFETCHW, SYSCALL, NX, RDTSCP and 1 GiB
-    /// pages, and nothing it does not implement (no local APIC, no AVX, no XSAVE beyond XCR0
-    /// access).
+    /// pages, and nothing it does not implement (no local APIC: that is the VMM's, see
+    /// [`CpuidTable::with_local_apic`]; no AVX, no XSAVE beyond XCR0 access).
     pub fn esvm_default() -> Self {
         let (b, d, c) = {
             // Vendor string order is EBX, EDX, ECX.
@@ -226,8 +248,9 @@ fn ecx1() -> u32 {
 }
 
 /// Leaf 1 EDX: FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, SEP, MTRR, PGE, CMOV, PAT, CLFSH,
-/// MMX, FXSR, SSE, SSE2. No APIC (bit 9): the vCPU has no local APIC, so a guest keeps the 8259
-/// (Linux: "APIC: Keep in PIC mode(8259)") instead of programming one that is not there. The
+/// MMX, FXSR, SSE, SSE2. No APIC (bit 9) here: the vCPU itself has no local APIC; a VMM that
+/// models one adds the bit with [`CpuidTable::with_local_apic`] (without it a guest keeps the
+/// 8259, Linux: "APIC: Keep in PIC mode(8259)"). The
 /// MTRRs (bit 12) hold what the guest writes (no caches, no effect); Linux 6.1 sets up PAT
 /// only with MTRRs enabled, and an SEV guest needs PAT's write-protect type.
 fn edx1() -> u32 {
@@ -304,6 +327,18 @@ mod tests {
         assert_eq!(&intel.vendor, b"GenuineIntel");
         assert_eq!((intel.family, intel.model), (6, 0x8f));
         assert!(!intel.same_family(&z3));
+    }
+
+    #[test]
+    fn local_apic_bits() {
+        let t = CpuidTable::esvm_default().with_local_apic(true, false);
+        assert_ne!(t.lookup(1, 0)[3] & (1 << 9), 0);
+        assert_ne!(t.lookup(0x8000_0001, 0)[3] & (1 << 9), 0);
+        assert_ne!(t.lookup(1, 0)[2] & (1 << 21), 0);
+        assert_eq!(t.lookup(1, 0)[2] & (1 << 24), 0);
+        let t = CpuidTable::esvm_default().with_local_apic(false, true);
+        assert_eq!(t.lookup(1, 0)[2] & (1 << 21), 0);
+        assert_ne!(t.lookup(1, 0)[2] & (1 << 24), 0);
     }
 
     #[test]

@@ -10,14 +10,17 @@
 //! - [`Device`] and [`Persist`]: what a device implements (port and MMIO handlers, a
 //!   virtual-time hook, interrupt lines through a [`DeviceContext`], its saved state).
 //! - [`Devices`]: the registry — every device on one port bus ([`IoBus`]) and one MMIO bus
-//!   ([`MmioBus`]), wired to the interrupt controller ([`Pic`], the cascaded 8259A pair),
+//!   ([`MmioBus`]), wired to the interrupt controllers ([`Intc`]: the cascaded 8259A pair
+//!   [`Pic`], the [`IoApic`] and the boot vCPU's [`LocalApic`], as on a PC; the 8259 reaches
+//!   the vCPU through the local APIC's LINT0 in ExtINT mode),
 //!   with [`Devices::save`] / [`Devices::restore`] keeping each device's state by id. The
 //!   port table is in the [`registry`] module.
 //! - The built-in devices, listed at the bottom of this file: [`Serial`] (COM1 16550A on
 //!   vm-superio, IRQ 4), [`Pit`] (8254 on virtual nanoseconds, IRQ 0), [`DebugExit`]
 //!   (port 0xf4), [`BenchMarker`] (port 0xf5), [`Rtc`] (MC146818 with CMOS RAM, IRQ 8),
 //!   [`I8042`] (keyboard controller, IRQ 1, the CPU reset line), [`PostCode`] (port 0x80)
-//!   and [`PciConfig`] (PCI configuration mechanism #1 on an empty bus).
+//!   [`PciConfig`] (PCI configuration mechanism #1 on an empty bus) and [`AcpiPm`] (the
+//!   FADT's PM1a registers at 0x600/0x604: S5 is the guest's power-off).
 //!
 //! # Driving it from the VMM
 //! ```
@@ -71,10 +74,14 @@
 
 pub mod bus;
 pub mod device;
+pub mod intc;
+pub mod ioapic;
 pub mod irq;
+pub mod lapic;
 pub mod pic;
 pub mod registry;
 
+pub use acpi_pm::{AcpiPm, ACPI_PM1A_CNT, ACPI_PM1A_EVT, ACPI_SLP_TYP_S5};
 pub use bench::{BenchError, BenchMark, BenchMarker};
 pub use bus::{AccessMode, BusError, BusStats, IoBus, MmioBus, MmioRange, PortIoDevice, PortRange};
 pub use debug::{DebugExit, DebugExitState};
@@ -83,13 +90,17 @@ pub use device::{
     PortRegion, SavedDevice, StateError,
 };
 pub use i8042::{I8042Error, I8042State, I8042};
+pub use intc::Intc;
+pub use ioapic::{IoApic, IoApicState};
 pub use irq::IrqLine;
+pub use lapic::{LapicState, LocalApic};
 pub use pci::{PciConfig, PciConfigState};
 pub use pic::{Pic, PicError, PicState};
 pub use pit::{Pit, PitError, PitState, PIT_FREQUENCY_HZ};
 pub use post::{PostCode, PostCodeState};
 pub use registry::{
     state_format, Devices, DevicesConfig, DevicesError, DevicesState, DEVICES_STATE_VERSION,
+    IOAPIC_ADDR, LAPIC_ADDR,
 };
 pub use rtc::{Rtc, RtcError, RtcState, RtcTime};
 pub use serial::{Serial, SerialDeviceState, SerialError, SharedBuffer};
@@ -120,4 +131,5 @@ builtin_devices! { config;
     i8042 => i8042::I8042::new();
     post => post::PostCode::new();
     pci => pci::PciConfig::new();
+    acpi_pm => acpi_pm::AcpiPm::new();
 }

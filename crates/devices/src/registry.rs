@@ -13,7 +13,13 @@
 //! | 0xf4          | `debug-exit`   | debug exit (any width)      |           |
 //! | 0xf5          | `bench-marker` | benchmark marker            |           |
 //! | 0x3f8-0x3ff   | `com1`         | COM1 16550A UART            | IRQ 4     |
+//! | 0x600-0x605   | `acpi-pm`      | ACPI PM1a event and control |           |
 //! | 0xcf8-0xcff   | `pci-conf1`    | PCI config #1, no devices   |           |
+//!
+//! MMIO: the I/O APIC at [`IOAPIC_ADDR`] (`ioapic`) and the boot vCPU's local APIC at
+//! [`LAPIC_ADDR`] (`lapic0`; its x2APIC MSRs through [`Devices::apic_msr_read`] /
+//! [`Devices::apic_msr_write`]). Every interrupt line goes to the 8259 (IRQ n) and the I/O
+//! APIC (pin n; IRQ 0 on pin 2), see [`crate::intc`].
 //!
 //! Every other port is unclaimed (reads all-ones, writes dropped and counted), and so is
 //! every MMIO address no device claims (the VMM answers those itself). More devices join
@@ -23,9 +29,11 @@
 //! # Saved state
 //! [`DevicesState`] keeps each device's state by its id ([`Device::id`]) together with the
 //! device's own state version ([`Persist::STATE_VERSION`](crate::Persist)); the interrupt
-//! controller is saved as `pic`. Adding a device adds an entry, never a field. A restore
-//! refuses, with a message naming the device, a state that lacks one of this registry's
-//! devices, holds a device it does not have, or holds another version of a device's state;
+//! controllers are saved as `pic`, `ioapic` and `lapic0`. Adding a device adds an entry, never
+//! a field. A restore refuses, with a message naming the device, a state that lacks one of
+//! this registry's devices (except those added since older esvm versions saved states, which
+//! restore in their reset state: `ioapic`, `lapic0`, `acpi-pm`), holds a device it does not
+//! have, or holds another version of a device's state;
 //! the map as a whole is versioned by [`DEVICES_STATE_VERSION`].
 
 use std::collections::BTreeMap;
@@ -42,6 +50,9 @@ use crate::bus::{
 use crate::device::{
     Access, Device, DeviceContext, LevelRecorder, PersistDyn, SavedDevice, StateError,
 };
+use crate::intc::Intc;
+use crate::ioapic::IoApic;
+use crate::lapic::{LocalApic, TSC_DEADLINE_MSR};
 use crate::pic::{Pic, PicError, PIC_ID, PIC_MASTER_CMD, PIC_SLAVE_CMD};
 use crate::pit::{Pit, PIT_ID};
 use crate::rtc::RtcTime;
@@ -51,6 +62,46 @@ use crate::serial::{Serial, COM1_ID};
 /// versions its own state; this changes only when the container does. The VMM's machine
 /// state, snapshot and migration format versions are derived from it.
 pub const DEVICES_STATE_VERSION: u32 = 2;
+
+/// Guest-physical address of the local APIC page (`esvm_abi::layout::LAPIC_ADDR`).
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// Guest-physical address of the I/O APIC page (`esvm_abi::layout::IOAPIC_ADDR`).
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// Saved-state id of the I/O APIC.
+pub const IOAPIC_ID: &str = "ioapic";
+/// Saved-state id of the boot vCPU's local APIC.
+pub const LAPIC_ID: &str = "lapic0";
+/// State version of the I/O APIC and local APIC states.
+const APIC_STATE_VERSION: u32 = 1;
+/// Saved states of older esvm versions lack these (they had no such device); such a state
+/// restores with these devices in their reset state.
+const ADDED_LATER: &[&str] = &[IOAPIC_ID, LAPIC_ID, crate::acpi_pm::ACPI_PM_ID];
+
+fn apic_saved<T: Serialize>(state: &T) -> SavedDevice {
+    SavedDevice {
+        version: APIC_STATE_VERSION,
+        state: serde_json::to_value(state).unwrap_or_else(|e| {
+            serde_json::Value::String(format!("state not representable as JSON: {e}"))
+        }),
+    }
+}
+
+fn apic_state<T: serde::de::DeserializeOwned>(
+    id: &str,
+    saved: &SavedDevice,
+) -> Result<T, DevicesError> {
+    serde_json::from_value(saved.state.clone()).map_err(|e| DevicesError::DeviceState {
+        id: id.to_string(),
+        source: StateError::Decode(e),
+    })
+}
+
+/// The offset of an access of `len` bytes at `addr` in the 4 KiB page at `base`, if it
+/// lies inside.
+fn page_offset(addr: u64, base: u64, len: usize) -> Option<u64> {
+    let off = addr.checked_sub(base)?;
+    (off.checked_add(len as u64)? <= 0x1000).then_some(off)
+}
 
 /// Errors of the device registry.
 #[derive(Debug, Error)]
@@ -209,8 +260,15 @@ pub struct Devices {
     poll_exit: bool,
     /// The same for [`Devices::take_reset_request`].
     poll_reset: bool,
-    /// The interrupt controller: every device's interrupt lines end here.
-    pic: Pic,
+    /// The interrupt controllers (8259 pair, I/O APIC, local APIC): every device's
+    /// interrupt lines end here.
+    pic: Intc,
+    /// The CR8 last seen by [`Devices::sync_cr8`].
+    cr8: u32,
+    /// x2APIC mode (IA32_APIC_BASE bit 10), from [`Devices::set_apic_base`].
+    x2apic: bool,
+    /// IA32_APIC_BASE, from [`Devices::set_apic_base`].
+    apic_base: u64,
     now_ns: u64,
 }
 
@@ -279,7 +337,12 @@ impl Devices {
             is_requester: Vec::new(),
             poll_exit: false,
             poll_reset: false,
-            pic: Pic::new(),
+            pic: Intc::new(),
+            cr8: 0,
+            x2apic: false,
+            // The power-on value for the boot vCPU until the VMM says otherwise: the local
+            // APIC at 0xfee00000, enabled, BSP.
+            apic_base: LAPIC_ADDR | (1 << 11) | (1 << 8),
             now_ns: 0,
         };
         for device in crate::builtin_devices(config) {
@@ -377,15 +440,22 @@ impl Devices {
     /// two registries whose formats differ cannot restore each other's state.
     pub fn state_format(&self) -> String {
         format_of(
-            std::iter::once((PIC_ID, self.pic.state_version()))
-                .chain(self.devices.iter().map(|d| (d.id(), d.state_version()))),
+            [
+                (PIC_ID, self.pic.pic.state_version()),
+                (IOAPIC_ID, APIC_STATE_VERSION),
+                (LAPIC_ID, APIC_STATE_VERSION),
+            ]
+            .into_iter()
+            .chain(self.devices.iter().map(|d| (d.id(), d.state_version()))),
         )
     }
 
     /// Snapshot of every registered device and the interrupt controller.
     pub fn save(&self) -> DevicesState {
         let mut devices = BTreeMap::new();
-        devices.insert(PIC_ID.to_string(), self.pic.save_state());
+        devices.insert(PIC_ID.to_string(), self.pic.pic.save_state());
+        devices.insert(IOAPIC_ID.to_string(), apic_saved(&self.pic.ioapic.state()));
+        devices.insert(LAPIC_ID.to_string(), apic_saved(&self.pic.lapic.state()));
         for d in &self.devices {
             devices.insert(d.id().to_string(), d.save_state());
         }
@@ -407,13 +477,21 @@ impl Devices {
             });
         }
         // Check the whole map before touching any device.
-        let mut mine: Vec<(&str, u32)> = vec![(PIC_ID, self.pic.state_version())];
+        let mut mine: Vec<(&str, u32)> = vec![
+            (PIC_ID, self.pic.pic.state_version()),
+            (IOAPIC_ID, APIC_STATE_VERSION),
+            (LAPIC_ID, APIC_STATE_VERSION),
+        ];
         mine.extend(self.devices.iter().map(|d| (d.id(), d.state_version())));
         for (id, expected) in &mine {
-            let saved = state
-                .devices
-                .get(*id)
-                .ok_or_else(|| DevicesError::MissingDevice { id: id.to_string() })?;
+            let Some(saved) = state.devices.get(*id) else {
+                // Devices added since an older esvm saved the state keep their reset
+                // state: that esvm's guest had none of them.
+                if ADDED_LATER.contains(id) {
+                    continue;
+                }
+                return Err(DevicesError::MissingDevice { id: id.to_string() });
+            };
             if saved.version != *expected {
                 return Err(DevicesError::DeviceVersion {
                     id: id.to_string(),
@@ -428,6 +506,47 @@ impl Devices {
             .find(|k| !mine.iter().any(|(id, _)| id == k))
         {
             return Err(DevicesError::UnknownDevice { id: id.clone() });
+        }
+        // The APICs first (they cannot fail halfway: both are decoded before either is set).
+        let ioapic = match state.devices.get(IOAPIC_ID) {
+            Some(saved) => Some(apic_state(IOAPIC_ID, saved)?),
+            None => None,
+        };
+        let lapic = match state.devices.get(LAPIC_ID) {
+            Some(saved) => Some(apic_state(LAPIC_ID, saved)?),
+            None => None,
+        };
+        let mut new_ioapic = IoApic::new();
+        if ioapic.is_none() {
+            // A state from before the I/O APIC: its inputs are at the levels the devices
+            // drive, which the restored 8259 pair records.
+            if let Some(saved) = state.devices.get(PIC_ID) {
+                if let Ok(pic) = serde_json::from_value::<crate::PicState>(saved.state.clone()) {
+                    let levels = u16::from_le_bytes([pic.master.lines, pic.slave.lines]);
+                    for irq in 0..16u8 {
+                        if let Some(pin) = crate::intc::isa_gsi(irq) {
+                            new_ioapic.preset_line(pin, levels & (1 << irq) != 0);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(s) = &ioapic {
+            new_ioapic
+                .restore(s)
+                .map_err(|e| DevicesError::DeviceState {
+                    id: IOAPIC_ID.into(),
+                    source: StateError::Invalid(Box::new(e)),
+                })?;
+        }
+        let mut new_lapic = LocalApic::new(0);
+        if let Some(s) = &lapic {
+            new_lapic
+                .restore(s, state.now_ns)
+                .map_err(|e| DevicesError::DeviceState {
+                    id: LAPIC_ID.into(),
+                    source: StateError::Invalid(Box::new(e)),
+                })?;
         }
         // Restore one by one (unit 0 is the PIC, unit i the i-th device); if one refuses,
         // put back the ones already restored.
@@ -444,6 +563,8 @@ impl Devices {
                 });
             }
         }
+        self.pic.ioapic = new_ioapic;
+        self.pic.lapic = new_lapic;
         self.now_ns = state.now_ns;
         // The restored devices may hold requests.
         self.poll_exit = true;
@@ -469,7 +590,7 @@ impl Devices {
             return Ok(());
         };
         match unit.checked_sub(1) {
-            None => self.pic.restore_state(saved),
+            None => self.pic.pic.restore_state(saved),
             Some(i) => self.devices[i].restore_state(saved),
         }
     }
@@ -500,6 +621,7 @@ impl Devices {
                 (*poll_exit, *poll_reset) = (true, true);
             }
         }
+        pic.lapic.advance_to(now);
     }
 
     /// Virtual time (ns) of the next device event that can raise an interrupt, if one is
@@ -509,6 +631,7 @@ impl Devices {
         self.clocked
             .iter()
             .filter_map(|&i| self.devices[i].next_deadline_ns())
+            .chain(self.pic.lapic.next_deadline_ns())
             .min()
     }
 
@@ -526,7 +649,7 @@ impl Devices {
         } = self;
         bus.read_with(port, data, |slot, base, offset, bytes| match slot {
             Slot::Pic => {
-                bytes.fill(pic.read_port(base + offset).unwrap_or(0xff));
+                bytes.fill(pic.pic.read_port(base + offset).unwrap_or(0xff));
                 true
             }
             Slot::Device(i) => {
@@ -560,7 +683,7 @@ impl Devices {
         bus.write_with(port, data, |slot, base, offset, bytes| match slot {
             Slot::Pic => {
                 if let Some(v) = bytes.first() {
-                    let _ = pic.write_port(base + offset, *v);
+                    let _ = pic.pic.write_port(base + offset, *v);
                 }
                 true
             }
@@ -583,6 +706,14 @@ impl Devices {
     /// time. Returns whether a device answered it; if not, `data` is untouched and the
     /// access is the VMM's to answer.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
+        if let Some(off) = page_offset(addr, LAPIC_ADDR, data.len()) {
+            self.pic.lapic.mmio_read(off, data);
+            return true;
+        }
+        if let Some(off) = page_offset(addr, IOAPIC_ADDR, data.len()) {
+            self.pic.ioapic.mmio_read(off, data);
+            return true;
+        }
         let now = self.now_ns;
         let Self {
             mmio,
@@ -606,6 +737,18 @@ impl Devices {
     /// Guest MMIO write of `data` (little-endian) at guest-physical `addr`, at the current
     /// virtual time. Returns whether a device took it; if not, it is the VMM's.
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
+        if let Some(off) = page_offset(addr, LAPIC_ADDR, data.len()) {
+            let mut events = Vec::new();
+            self.pic.lapic.mmio_write(off, data, &mut events);
+            self.pic.lapic_events(events);
+            return true;
+        }
+        if let Some(off) = page_offset(addr, IOAPIC_ADDR, data.len()) {
+            let mut out = Vec::new();
+            self.pic.ioapic.mmio_write(off, data, &mut out);
+            self.pic.route_messages(out);
+            return true;
+        }
         let now = self.now_ns;
         let Self {
             mmio,
@@ -633,6 +776,80 @@ impl Devices {
         self.pic.pending_vector()
     }
 
+    /// Whether an interrupt request is held anywhere (the local APIC's IRR or the 8259's
+    /// output), deliverable now or not: the VMM then brings the task priority up to date.
+    pub fn has_interrupt_request(&self) -> bool {
+        self.pic.lapic.has_request() || self.pic.pic.pending_vector().is_some()
+    }
+
+    /// The guest's CR8 as the VMM knows it (tracked for a protected vCPU): a changed value
+    /// is a MOV to CR8, which sets the local APIC's TPR bits 7:4.
+    pub fn sync_cr8(&mut self, cr8: u64) {
+        let cr8 = (cr8 & 0xf) as u32;
+        if self.cr8 != cr8 {
+            self.cr8 = cr8;
+            self.pic.lapic.set_tpr(cr8 << 4);
+        }
+    }
+
+    /// IA32_APIC_BASE as the vCPU holds it: bit 11 enables the local APIC (while it is
+    /// clear the 8259 reaches the vCPU directly), bit 10 selects x2APIC mode.
+    pub fn set_apic_base(&mut self, apic_base: u64) {
+        self.apic_base = apic_base;
+        self.pic.apic_hw_enabled = apic_base & (1 << 11) != 0;
+        self.x2apic = apic_base & (1 << 10) != 0;
+    }
+
+    /// IA32_APIC_BASE as last given to [`Devices::set_apic_base`].
+    pub fn apic_base(&self) -> u64 {
+        self.apic_base
+    }
+
+    /// An NMI for the vCPU (from the local APIC or the I/O APIC), if one waits.
+    pub fn take_nmi(&mut self) -> bool {
+        self.pic.take_nmi()
+    }
+
+    /// RDMSR of an x2APIC register or IA32_TSC_DEADLINE. None: not an APIC MSR, or not
+    /// readable now (the guest gets #GP).
+    pub fn apic_msr_read(&self, msr: u32) -> Option<u64> {
+        if msr == TSC_DEADLINE_MSR {
+            return Some(self.pic.lapic.tsc_deadline());
+        }
+        let reg = LocalApic::x2apic_reg(msr).filter(|_| self.x2apic)?;
+        self.pic.lapic.read_reg(reg, true)
+    }
+
+    /// Whether a WRMSR of `msr` is taken (true) or raises #GP: IA32_TSC_DEADLINE always,
+    /// x2APIC registers in x2APIC mode if they exist and are writable.
+    pub fn apic_msr_writable(&self, msr: u32) -> bool {
+        msr == TSC_DEADLINE_MSR
+            || LocalApic::x2apic_reg(msr)
+                .filter(|_| self.x2apic)
+                .is_some_and(LocalApic::x2apic_writable)
+    }
+
+    /// WRMSR of an x2APIC register or IA32_TSC_DEADLINE (`tsc`: the guest TSC now). False:
+    /// the guest gets #GP.
+    pub fn apic_msr_write(&mut self, msr: u32, value: u64, tsc: u64) -> bool {
+        if msr == TSC_DEADLINE_MSR {
+            self.pic.lapic.write_tsc_deadline(value, tsc);
+            return true;
+        }
+        let Some(reg) = LocalApic::x2apic_reg(msr).filter(|_| self.x2apic) else {
+            return false;
+        };
+        let mut events = Vec::new();
+        let ok = self.pic.lapic.write_reg(reg, value, true, &mut events);
+        self.pic.lapic_events(events);
+        ok
+    }
+
+    /// The interrupt controllers (8259 pair, I/O APIC, local APIC).
+    pub fn intc(&self) -> &Intc {
+        &self.pic
+    }
+
     /// The interrupt-acknowledge cycle: returns the vector to inject (possibly a spurious
     /// IRQ 7 / 15 vector, which the guest must see as well) and marks it in service.
     pub fn acknowledge_interrupt(&mut self) -> u8 {
@@ -642,12 +859,18 @@ impl Devices {
     /// Drive PIC input `irq` (0-15) to `level`, for devices outside the registry. Lines of
     /// registered devices are theirs (see the port table).
     pub fn set_irq(&mut self, irq: u8, level: bool) -> Result<(), DevicesError> {
-        Ok(self.pic.set_irq(irq, level)?)
+        if irq > 15 {
+            return Err(PicError::NoSuchIrq(irq).into());
+        }
+        crate::IrqSink::set_level(&mut self.pic, irq, level);
+        Ok(())
     }
 
     /// An edge on PIC input `irq` (0-15), for devices outside the registry.
     pub fn pulse_irq(&mut self, irq: u8) -> Result<(), DevicesError> {
-        Ok(self.pic.pulse_irq(irq)?)
+        self.set_irq(irq, false)?;
+        self.set_irq(irq, true)?;
+        self.set_irq(irq, false)
     }
 
     /// Exit status the guest requested (through port 0xf4), if any (clears the request).
@@ -666,6 +889,13 @@ impl Devices {
         // Another device may hold one too: look again next time until none is found.
         self.poll_exit = request.is_some();
         request
+    }
+
+    /// Whether the guest asked for the ACPI soft power-off (S5 through PM1a control) since
+    /// the last call (clears the request). Only a write to PM1a control can raise it.
+    pub fn take_power_off_request(&mut self) -> bool {
+        self.device_mut::<crate::AcpiPm>(crate::acpi_pm::ACPI_PM_ID)
+            .is_some_and(crate::AcpiPm::take_power_off)
     }
 
     /// Whether the guest asked for a CPU reset (the i8042's reset line) since the last call
@@ -769,7 +999,7 @@ impl Devices {
 
     /// The PIC pair (the interrupt controller).
     pub fn pic(&self) -> &Pic {
-        &self.pic
+        &self.pic.pic
     }
 }
 
@@ -836,6 +1066,8 @@ mod tests {
                 "0x00f4-0x00f4",
                 "0x00f5-0x00f5",
                 "0x03f8-0x03ff",
+                "0x0600-0x0603",
+                "0x0604-0x0605",
                 "0x0cf8-0x0cff"
             ]
         );
@@ -985,6 +1217,116 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("FIFO holds at most 64"), "{e}");
+        assert_eq!(d.save(), before, "failed restores change nothing");
+    }
+
+    /// Program the APICs through MMIO: local APIC enabled with TPR 0x20 and LINT0 masked,
+    /// I/O APIC pin 3 (IRQ 3, unused) to vector 0x33.
+    fn init_apics(d: &mut Devices) {
+        let w32 =
+            |d: &mut Devices, addr: u64, v: u32| assert!(d.mmio_write(addr, &v.to_le_bytes()));
+        w32(d, LAPIC_ADDR + 0xf0, 0x1ff);
+        w32(d, LAPIC_ADDR + 0x80, 0x20);
+        w32(d, LAPIC_ADDR + 0x350, 1 << 16);
+        w32(d, IOAPIC_ADDR, 0x16);
+        w32(d, IOAPIC_ADDR + 0x10, 0x33);
+    }
+
+    #[test]
+    fn apics_answer_mmio_route_irqs_and_save_their_state() {
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        init_apics(&mut d);
+        let mut b = [0u8; 4];
+        assert!(d.mmio_read(LAPIC_ADDR + 0x80, &mut b));
+        assert_eq!(u32::from_le_bytes(b), 0x20);
+        assert!(d.mmio_write(IOAPIC_ADDR, &[1]));
+        assert!(d.mmio_read(IOAPIC_ADDR + 0x10, &mut b));
+        assert_eq!(u32::from_le_bytes(b), 0x0017_0020);
+        // IRQ 3 arrives through I/O APIC pin 3 at the local APIC; the 8259's copy of it no
+        // longer reaches the vCPU (LINT0 masked).
+        d.set_irq(3, true).unwrap();
+        assert_eq!(d.pending_interrupt(), Some(0x33));
+        let st = d.save();
+        assert!(st.devices.contains_key(IOAPIC_ID) && st.devices.contains_key(LAPIC_ID));
+        let r = Devices::from_state(&st, Box::new(std::io::sink())).unwrap();
+        assert_eq!(r.save(), st);
+        assert_eq!(r.pending_interrupt(), Some(0x33));
+        assert_eq!(d.acknowledge_interrupt(), 0x33);
+        assert_eq!(d.pending_interrupt(), None);
+    }
+
+    #[test]
+    fn the_known_cr8_sets_the_task_priority_and_the_apic_base_gates_the_apic() {
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        init_apics(&mut d);
+        d.set_irq(3, true).unwrap();
+        assert_eq!(d.pending_interrupt(), Some(0x33));
+        // A MOV to CR8 (as tracked for a protected vCPU): TPR = 0x30 masks class 3.
+        d.sync_cr8(3);
+        assert_eq!(d.intc().lapic.tpr(), 0x30);
+        assert_eq!(d.pending_interrupt(), None);
+        assert!(d.has_interrupt_request(), "held, not lost");
+        d.sync_cr8(2);
+        assert_eq!(d.pending_interrupt(), Some(0x33));
+        // An unchanged CR8 leaves a TPR the guest wrote through MMIO alone.
+        assert!(d.mmio_write(LAPIC_ADDR + 0x80, &0x40u32.to_le_bytes()));
+        d.sync_cr8(2);
+        assert_eq!(d.intc().lapic.tpr(), 0x40);
+        // With the APIC disabled in IA32_APIC_BASE the 8259 reaches the vCPU directly.
+        d.set_apic_base(LAPIC_ADDR | (1 << 8));
+        assert_eq!(d.apic_base(), LAPIC_ADDR | (1 << 8));
+        assert_eq!(
+            d.pending_interrupt(),
+            Some(0x23),
+            "IRQ 3 through the 8259 (init_pic)"
+        );
+    }
+
+    #[test]
+    fn states_of_an_esvm_without_the_apics_restore_with_them_reset() {
+        let (mut d, _buf) = devices();
+        init_pic(&mut d);
+        let mut old = d.save();
+        for id in ADDED_LATER {
+            assert!(old.devices.remove(*id).is_some(), "{id}");
+        }
+        init_apics(&mut d);
+        d.restore(&old).unwrap();
+        let fresh = Devices::new(Box::new(std::io::sink())).save();
+        for id in ADDED_LATER {
+            assert_eq!(d.save().devices[*id], fresh.devices[*id], "{id} is reset");
+        }
+        // Other devices stay required.
+        old.devices.remove(PIT_ID);
+        assert!(matches!(
+            d.restore(&old),
+            Err(DevicesError::MissingDevice { ref id }) if id == PIT_ID
+        ));
+    }
+
+    #[test]
+    fn a_bad_apic_state_is_refused_and_changes_nothing() {
+        let (mut d, _buf) = devices();
+        init_apics(&mut d);
+        let before = d.save();
+        let mut st = before.clone();
+        let mut lapic: crate::LapicState =
+            serde_json::from_value(st.devices[LAPIC_ID].state.clone()).unwrap();
+        lapic.tpr = 0x100;
+        st.devices.get_mut(LAPIC_ID).unwrap().state = serde_json::to_value(&lapic).unwrap();
+        let e = d.restore(&st).unwrap_err();
+        assert!(
+            matches!(e, DevicesError::DeviceState { ref id, .. } if id == LAPIC_ID),
+            "{e}"
+        );
+        let mut st = before.clone();
+        st.devices.get_mut(IOAPIC_ID).unwrap().state = serde_json::json!("nonsense");
+        assert!(matches!(
+            d.restore(&st),
+            Err(DevicesError::DeviceState { ref id, .. }) if id == IOAPIC_ID
+        ));
         assert_eq!(d.save(), before, "failed restores change nothing");
     }
 
@@ -1227,7 +1569,7 @@ mod tests {
                 "twin"
             }
             fn port_regions(&self) -> Vec<crate::PortRegion> {
-                vec![crate::PortRegion::whole(0x600, 1)]
+                vec![crate::PortRegion::whole(0x700, 1)]
             }
             fn mmio_regions(&self) -> Vec<crate::MmioRegion> {
                 self.0.mmio_regions()
@@ -1296,6 +1638,7 @@ mod tests {
         }
         assert_eq!(f, state_format());
         let st = d.save();
-        assert_eq!(st.devices.len(), d.ids().count() + 1);
+        // The registered devices, the PIC pair, the I/O APIC and the local APIC.
+        assert_eq!(st.devices.len(), d.ids().count() + 3);
     }
 }

@@ -18,6 +18,7 @@
 //! GDT and the selectors from the guest ABI (`esvm_abi::boot`), which the guest runtime
 //! compiles too.
 
+pub mod acpi;
 pub mod elf;
 pub mod linux;
 

@@ -24,8 +24,8 @@ use crate::{build_page_tables_at, identity_map_size, ram_below_first_hole};
 /// (`esvm_arch::layout`), shared with the esvm boot convention where both need the same thing.
 pub mod layout {
     pub use esvm_arch::layout::{
-        CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_ADDR, LEGACY_HOLE_ADDR, LOW_RAM_END, PAGE_TABLES_ADDR,
-        PAGE_TABLES_END, ZERO_PAGE_ADDR,
+        ACPI_ADDR, CMDLINE_ADDR, GDT_ADDR, HIGH_MEMORY_ADDR, LEGACY_HOLE_ADDR, LOW_RAM_END,
+        PAGE_TABLES_ADDR, PAGE_TABLES_END, ZERO_PAGE_ADDR,
     };
     /// Longest command line esvm places (its slot, NUL included; the kernel's own limit,
     /// `cmdline_size`, applies too).
@@ -60,6 +60,9 @@ pub const MIN_KERNEL_WORKING_SET: u64 = 32 << 20;
 /// e820 entry types.
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
+/// ACPI tables (reclaimable). An SEV guest's Linux maps this type encrypted, as the loader
+/// wrote it; a reserved region it would map shared.
+pub const E820_ACPI: u32 = 3;
 
 /// Why a kernel could not be loaded.
 #[derive(Debug, Error)]
@@ -127,6 +130,8 @@ pub struct LinuxBoot {
     pub tables: (u64, u64),
     /// Guest-physical range of the command line (NUL included).
     pub cmdline: (u64, u64),
+    /// Guest-physical range of the ACPI tables, if any were placed.
+    pub acpi: Option<(u64, u64)>,
 }
 
 impl LinuxBoot {
@@ -144,6 +149,7 @@ impl LinuxBoot {
             self.kernel,
         ];
         ranges.extend(self.initrd);
+        ranges.extend(self.acpi);
         let mut ranges: Vec<(u64, u64)> = ranges
             .into_iter()
             .map(|(s, e)| (page(s), page_end(e)))
@@ -217,6 +223,18 @@ pub fn load_linux_with_c_bit<M: GuestMemoryBackend>(
     mem: &M,
     image: &LinuxImage<'_>,
     c_bit: Option<u8>,
+) -> Result<LinuxBoot, LinuxLoadError> {
+    load_linux_with_acpi(mem, image, c_bit, None)
+}
+
+/// [`load_linux_with_c_bit`], and with `acpi_vcpus` = Some(n) also the ACPI tables of a
+/// machine with n vCPUs ([`crate::acpi`]) at `layout::ACPI_ADDR`, their RSDP passed in
+/// `boot_params.acpi_rsdp_addr`.
+pub fn load_linux_with_acpi<M: GuestMemoryBackend>(
+    mem: &M,
+    image: &LinuxImage<'_>,
+    c_bit: Option<u8>,
+    acpi_vcpus: Option<u32>,
 ) -> Result<LinuxBoot, LinuxLoadError> {
     let ram_end = ram_below_first_hole(mem);
     let path = image.name.to_string();
@@ -372,11 +390,25 @@ pub fn load_linux_with_c_bit<M: GuestMemoryBackend>(
         hdr.ramdisk_size = data.len() as u32;
         initrd = Some((at, at + data.len() as u64));
     }
+    let mut acpi = None;
+    if let Some(vcpus) = acpi_vcpus {
+        let tables = crate::acpi::acpi_tables(layout::ACPI_ADDR, vcpus);
+        write(layout::ACPI_ADDR, &tables)?;
+        acpi = Some((layout::ACPI_ADDR, layout::ACPI_ADDR + tables.len() as u64));
+    }
     let mut zero_page = boot_params {
         hdr,
         ..Default::default()
     };
-    let e820 = e820_map(ram_end);
+    if acpi.is_some() {
+        zero_page.acpi_rsdp_addr = layout::ACPI_ADDR;
+    }
+    let mut e820 = e820_map(ram_end);
+    if let Some((start, end)) = acpi {
+        // The tables' pages, between the EBDA's reserved entry and the BIOS area's.
+        let at = e820.partition_point(|&(addr, _, _)| addr < start);
+        e820.insert(at, (start, (end - start + 0xfff) & !0xfff, E820_ACPI));
+    }
     for (slot, (addr, size, kind)) in zero_page.e820_table.iter_mut().zip(&e820) {
         *slot = boot_e820_entry {
             addr: *addr,
@@ -420,6 +452,7 @@ pub fn load_linux_with_c_bit<M: GuestMemoryBackend>(
         kernel: kernel_range,
         initrd,
         e820,
+        acpi,
     })
 }
 
@@ -513,6 +546,38 @@ mod tests {
             initrd,
             cmdline,
         }
+    }
+
+    #[test]
+    fn acpi_tables_are_placed_reserved_as_acpi_and_passed_in_the_zero_page() {
+        let m = mem(128 << 20);
+        let k = bzimage(0x020f, 0x7f, 8 << 20, &[0x90; 8192]);
+        let boot = load_linux_with_acpi(&m, &image(&k, None, ""), None, Some(1)).unwrap();
+        let zp: boot_params = m.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ zp.acpi_rsdp_addr }, layout::ACPI_ADDR);
+        let mut sig = [0u8; 8];
+        m.read_slice(&mut sig, GuestAddress(layout::ACPI_ADDR))
+            .unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        assert_eq!(
+            boot.acpi,
+            Some((layout::ACPI_ADDR, layout::ACPI_ADDR + 0x1000))
+        );
+        assert!(boot.written_pages().contains(&(layout::ACPI_ADDR, 0x1000)));
+        // The e820 map: the tables' page as ACPI, between the EBDA and the BIOS area.
+        assert_eq!({ zp.e820_entries }, 5);
+        let e2 = zp.e820_table[2];
+        assert_eq!(
+            ({ e2.addr }, { e2.size }, { e2.r#type }),
+            (layout::ACPI_ADDR, 0x1000, E820_ACPI)
+        );
+        // Without ACPI nothing of it.
+        let m = mem(128 << 20);
+        let boot = load_linux(&m, &image(&k, None, "")).unwrap();
+        let zp: boot_params = m.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ zp.acpi_rsdp_addr }, 0);
+        assert_eq!(boot.acpi, None);
+        assert_eq!({ zp.e820_entries }, 4);
     }
 
     #[test]

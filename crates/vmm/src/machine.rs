@@ -158,6 +158,9 @@ pub struct Machine {
     /// References to the VM when nobody but the machine holds it (its own, the dirty
     /// tracker's, the backend's): more means a handle or a clone exists.
     own_vm_refs: usize,
+    /// The VMM models the local APIC and I/O APIC (the software vCPU; KVM has its own
+    /// in-kernel irqchip) and places ACPI tables for Linux.
+    apic: bool,
 }
 
 /// What other threads hold of a machine: guest memory and dirty log (through the VM), and
@@ -269,6 +272,28 @@ impl Machine {
     ) -> Result<Self, MachineError> {
         let mut vm_config = VmConfig::plain(config.mem_size, config.vcpus);
         vm_config.vm_type = config.vm_type;
+        let apic = config.backend == BackendKind::Emu;
+        if apic {
+            // The software vCPU's local APIC is the VMM's (`esvm_devices::lapic`). A plain
+            // vCPU reaches the x2APIC and TSC-deadline MSRs through MSR exits; a protected
+            // one's MSR accesses go to the hypervisor's GHCB handler, which does not forward
+            // them, so an SEV-ES guest gets the xAPIC (MMIO) only.
+            let plain = config.vm_type == VmType::Plain;
+            vm_config.cpuid = vm_config.cpuid.clone().with_local_apic(plain, plain);
+            if plain {
+                // IA32_APIC_BASE too: the devices follow its enable and x2APIC bits as the
+                // guest writes them, without asking the vCPU on every exit.
+                vm_config
+                    .msr_intercepts
+                    .push(esvm_arch::msr::IA32_APIC_BASE);
+                vm_config
+                    .msr_intercepts
+                    .push(esvm_devices::lapic::TSC_DEADLINE_MSR);
+                vm_config.msr_intercepts.extend(
+                    esvm_devices::lapic::X2APIC_MSR_BASE..=esvm_devices::lapic::X2APIC_MSR_END,
+                );
+            }
+        }
         let vm = esvm_hv::open(config.backend)?.create_vm(&vm_config)?;
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
@@ -304,6 +329,7 @@ impl Machine {
             mid_exit: false,
             console: None,
             own_vm_refs,
+            apic,
         })
     }
 
@@ -408,8 +434,11 @@ impl Machine {
         self.ensure_exclusive()?;
         // SEV-ES: C-bit page tables, all memory private until the kernel shares pages.
         let c_bit = (self.vm.vm_type() == VmType::SevEs).then_some(esvm_hv::sev::C_BIT);
+        // ACPI tables describe the VMM's interrupt controllers: only where the VMM models
+        // them. One vCPU is described: the others stay parked (AP start-up is not there yet).
+        let acpi = self.apic.then_some(1);
         let boot =
-            esvm_loader::linux::load_linux_with_c_bit(self.vm.memory().mmap(), image, c_bit)?;
+            esvm_loader::linux::load_linux_with_acpi(self.vm.memory().mmap(), image, c_bit, acpi)?;
         // What firmware leaves for an OS: MTRRs enabled, all memory write-back (Linux 6.1
         // turns PAT off without enabled MTRRs, and an SEV-ES kernel needs PAT).
         for vcpu in &mut self.vcpus {
@@ -513,6 +542,9 @@ impl Machine {
 
     fn run_loop(&mut self, control: &VmControl) -> Result<Outcome, MachineError> {
         let virtual_time = matches!(self.clock, Clock::Virtual { .. });
+        if !self.mid_exit {
+            self.sync_apic()?;
+        }
         loop {
             if !self.mid_exit {
                 if let Some(outcome) = self.pump_console() {
@@ -528,6 +560,9 @@ impl Machine {
             let now = self.now();
             self.devices.advance_to(now);
             if virtual_time {
+                if self.devices.has_interrupt_request() {
+                    self.sync_apic()?;
+                }
                 self.offer_interrupt()?;
             }
             let mut slice = MAX_SLICE_NS;
@@ -553,13 +588,38 @@ impl Machine {
         }
     }
 
-    /// Hand the PIC's pending interrupt to the boot vCPU if it has none queued.
+    /// Give the devices the vCPU's APIC base (enable, x2APIC mode) and CR8 (the TPR) as
+    /// the VMM knows them: tracked values for a protected vCPU. Needed before interrupts are
+    /// judged and when the run loop starts (a plain vCPU's APIC base writes exit to the VMM,
+    /// which passes them on at once).
+    fn sync_apic(&mut self) -> Result<(), MachineError> {
+        if self.apic {
+            let view = self.vcpus[0].get_sregs_view()?;
+            self.devices.set_apic_base(view.apic_base());
+            self.devices.sync_cr8(view.cr8());
+        }
+        Ok(())
+    }
+
+    /// Hand the interrupt controllers' pending interrupt (local APIC, or the 8259 through
+    /// LINT0) to the boot vCPU if it has none queued; NMIs from the APICs too.
     fn offer_interrupt(&mut self) -> Result<(), MachineError> {
-        if self.devices.pending_interrupt().is_none() {
+        if self.devices.take_nmi() {
+            self.vcpus[0].inject_nmi()?;
+        }
+        if !self.devices.has_interrupt_request() {
             return Ok(());
         }
+        let Some(vector) = self.devices.pending_interrupt() else {
+            return Ok(());
+        };
         let bsp = &mut self.vcpus[0];
         if bsp.get_events()?.interrupt.is_some() || !bsp.interrupt_window_open()? {
+            return Ok(());
+        }
+        // The backend refuses vectors the CR8 it knows masks (the tracked CR8 of a protected
+        // vCPU): they wait until the guest lowers it.
+        if self.apic && !esvm_hv::sev::tpr_accepts(bsp.get_sregs_view()?.cr8(), vector) {
             return Ok(());
         }
         let vector = self.devices.acknowledge_interrupt();
@@ -570,6 +630,9 @@ impl Machine {
     fn run_once(&mut self) -> Result<Option<Outcome>, MachineError> {
         let devices = &mut self.devices;
         let scratch = &mut self.mmio_scratch;
+        let mut tsc_deadline = None;
+        let mut x2apic_write = None;
+        let mut apic_base_write = None;
         let exit = self.vcpus[0].run()?;
         let answer_needed = matches!(
             exit,
@@ -583,6 +646,9 @@ impl Machine {
             VmExit::IoIn { port, data } => devices.io_read(port, data)?,
             VmExit::IoOut { port, data } => {
                 devices.io_write(port, data)?;
+                if port == esvm_devices::ACPI_PM1A_CNT && devices.take_power_off_request() {
+                    return Ok(Some(Outcome::PowerOff(crate::outcome::ACPI_OFF.into())));
+                }
                 if let Some(code) = devices.take_exit_request() {
                     return Ok(Some(Outcome::Exited(code)));
                 }
@@ -619,13 +685,65 @@ impl Machine {
             VmExit::Shutdown { reason } => return Ok(Some(Outcome::Shutdown(reason))),
             VmExit::Terminated { reason } => return Ok(Some(Outcome::Terminated(reason))),
             VmExit::Cpuid { result, .. } => *result = [0; 4],
-            VmExit::RdMsr { fault, .. } | VmExit::WrMsr { fault, .. } => *fault = true,
+            // The local APIC's MSRs (intercepted for a plain software vCPU).
+            VmExit::RdMsr {
+                index: esvm_arch::msr::IA32_APIC_BASE,
+                value,
+                ..
+            } => *value = devices.apic_base(),
+            VmExit::WrMsr {
+                index: esvm_arch::msr::IA32_APIC_BASE,
+                value,
+                ..
+            } => apic_base_write = Some(value),
+            VmExit::RdMsr {
+                index,
+                value,
+                fault,
+            } => match devices.apic_msr_read(index) {
+                Some(v) => *value = v,
+                None => *fault = true,
+            },
+            VmExit::WrMsr {
+                index: esvm_devices::lapic::TSC_DEADLINE_MSR,
+                value,
+                ..
+            } => tsc_deadline = Some(value),
+            VmExit::WrMsr {
+                index,
+                value,
+                fault,
+            } => {
+                // Whether it faults is decided now; the write itself once the exit is done
+                // with (it may need the vCPU).
+                if devices.apic_msr_writable(index) {
+                    x2apic_write = Some((index, value));
+                } else {
+                    *fault = true;
+                }
+            }
             VmExit::BudgetExhausted | VmExit::Interrupted => {}
             VmExit::Hlt => {
                 if let Some(outcome) = self.on_halt()? {
                     return Ok(Some(outcome));
                 }
             }
+        }
+        if let Some(value) = tsc_deadline {
+            // The write retired: the guest TSC and virtual time are those after it.
+            let tsc = self.vcpus[0].get_tsc()?;
+            let now = self.now();
+            self.devices.advance_to(now);
+            self.devices
+                .apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
+        }
+        if let Some(value) = apic_base_write {
+            // The vCPU keeps its copy (snapshots, the control API show it).
+            self.vcpus[0].set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
+            self.devices.set_apic_base(value);
+        }
+        if let Some((index, value)) = x2apic_write {
+            self.devices.apic_msr_write(index, value, 0);
         }
         self.mid_exit = answer_needed || self.vcpus[0].exit_pending();
         Ok(None)
@@ -640,7 +758,13 @@ impl Machine {
         // From the interrupt-mask bit the hardware exposes: a protected (SEV-ES) vCPU's
         // registers are not readable.
         if !bsp.interrupts_enabled()? {
-            return Ok(Some(Outcome::PowerOff));
+            return Ok(Some(Outcome::PowerOff(crate::outcome::HALTED_OFF.into())));
+        }
+        // An interrupt that arrived while the window was shut (`STI; HLT`: the STI's shadow
+        // covers the HLT) wakes it at once: the loop hands it over now that the window is
+        // open. Virtual time stays where it is.
+        if self.devices.pending_interrupt().is_some() {
+            return Ok(None);
         }
         let now = self.now();
         let deadline = self.devices.next_deadline_ns();

@@ -155,6 +155,11 @@ pub fn exit_status_table() -> String {
         .collect()
 }
 
+/// How [`Outcome::PowerOff`] says a guest that halted with interrupts disabled ended.
+pub const HALTED_OFF: &str = "it halted with interrupts disabled";
+/// How [`Outcome::PowerOff`] says an ACPI power-off ended.
+pub const ACPI_OFF: &str = "ACPI S5 through the PM1a control register";
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -172,9 +177,10 @@ pub enum Outcome {
     /// The guest reset the machine (e.g. Linux's reboot through the i8042 reset line);
     /// esvm does not reboot guests, it ends the VM as Firecracker does. `how` says how.
     Reset(String),
-    /// The guest powered off: it halted with interrupts disabled, so nothing can wake it
-    /// (Linux's power-off without ACPI ends that way).
-    PowerOff,
+    /// The guest powered off: through ACPI (S5 in the FADT's PM1a control register), or it
+    /// halted with interrupts disabled, so nothing can wake it (Linux's power-off without
+    /// ACPI ends that way); the text says which.
+    PowerOff(String),
     /// The user stopped the VM: from the console (Ctrl-A x) or with `esvm ctl shutdown`;
     /// the text says how ("from the console (Ctrl-A x)").
     Stopped(String),
@@ -191,7 +197,10 @@ impl Outcome {
             Outcome::Shutdown(_) => EXIT_GUEST_SHUTDOWN,
             Outcome::Terminated(_) => EXIT_GUEST_TERMINATED,
             Outcome::InstructionLimit(_) => EXIT_INSTRUCTION_LIMIT,
-            Outcome::Migrated(_) | Outcome::Reset(_) | Outcome::PowerOff | Outcome::Stopped(_) => 0,
+            Outcome::Migrated(_)
+            | Outcome::Reset(_)
+            | Outcome::PowerOff(_)
+            | Outcome::Stopped(_) => 0,
             Outcome::Signalled(s) => s.exit_status(),
         }
     }
@@ -212,9 +221,7 @@ impl Outcome {
             }
             Outcome::Migrated(url) => format!("the VM migrated to {url}"),
             Outcome::Reset(how) => format!("the guest reset itself ({how})"),
-            Outcome::PowerOff => {
-                "the guest powered off (it halted with interrupts disabled)".to_string()
-            }
+            Outcome::PowerOff(how) => format!("the guest powered off ({how})"),
             Outcome::Stopped(how) => format!("the VM was stopped {how}"),
             Outcome::Signalled(s) => format!("the VM was stopped by {}", s.name()),
         }
@@ -236,7 +243,7 @@ mod tests {
         assert!(!Outcome::InstructionLimit(1).is_failure());
         for ended in [
             Outcome::Reset("i8042".into()),
-            Outcome::PowerOff,
+            Outcome::PowerOff(HALTED_OFF.into()),
             Outcome::Stopped("by the user".into()),
         ] {
             assert_eq!(ended.exit_status(), 0);
@@ -264,7 +271,7 @@ mod tests {
             Outcome::Terminated("x".into()),
             Outcome::Migrated("tcp:h:1".into()),
             Outcome::Reset("x".into()),
-            Outcome::PowerOff,
+            Outcome::PowerOff(HALTED_OFF.into()),
             Outcome::Stopped("x".into()),
             Outcome::Signalled(StopSignal::Interrupt),
             Outcome::Signalled(StopSignal::Terminate),

@@ -538,7 +538,8 @@ mod tests {
         c.request_stop(Outcome::Stopped("by a test".into()))
             .unwrap();
         // A later request does not change how it ends.
-        c.request_stop(Outcome::PowerOff).unwrap();
+        c.request_stop(Outcome::PowerOff(crate::outcome::HALTED_OFF.into()))
+            .unwrap();
         assert_eq!(
             l.join().unwrap(),
             Some(Outcome::Stopped("by a test".into()))
@@ -553,7 +554,7 @@ mod tests {
             State::Ended(_)
         ));
         assert!(matches!(
-            c.request_stop(Outcome::PowerOff),
+            c.request_stop(Outcome::PowerOff(crate::outcome::HALTED_OFF.into())),
             Err(LifecycleError::Ended { .. })
         ));
     }

@@ -169,9 +169,12 @@ fn a_vmlinux_elf_boots_too() {
     let cl = cmdline("esvm.run=workload esvm.then=poweroff");
     let (status, out, err) = boot_to_end(&a.vmlinux, &cl, &[]);
     assert_eq!(workload_lines(&out), expected, "{}", tail(&out));
-    // Power-off without ACPI: halted with interrupts off; status 0 and a message.
+    // Power-off through ACPI (the FADT's PM1a control): status 0 and a message.
     assert_eq!(status, 0, "stderr: {err}");
-    assert!(err.contains("the guest powered off"), "stderr: {err}");
+    assert!(
+        err.contains("the guest powered off (ACPI S5"),
+        "stderr: {err}"
+    );
 }
 
 #[test]
@@ -246,6 +249,98 @@ fn an_interactive_shell_answers_over_a_pipe() {
     let status = p.wait(Duration::from_secs(60));
     assert_eq!(status, 0, "{}", p.stderr());
     assert!(p.stderr().contains("powered off"), "{}", p.stderr());
+}
+
+/// The guest runs on the local APIC and the I/O APIC described by esvm's ACPI tables: the
+/// PIT's IRQ 0 arrives on I/O APIC pin 2 (the MADT's override), COM1 and the i8042 on their
+/// pins, the tick comes from the local APIC's TSC-deadline timer, the tables pass Linux's
+/// checksum checks, and `poweroff` ends the VM through the FADT's PM1a control with status 0.
+#[test]
+fn linux_runs_on_the_ioapic_and_lapic_timer_and_powers_off_through_acpi() {
+    let a = assets();
+    let (mut p, mut stdin) = Proc::spawn_with_stdin(&[
+        "run",
+        "--kernel",
+        a.kernel.to_str().unwrap(),
+        "--initrd",
+        a.initrd.to_str().unwrap(),
+    ]);
+    p.wait_stdout("esvm-init: userland up (run=shell)", BOOT_TIMEOUT);
+    // Markers are split in the commands so that only the output contains them.
+    stdin
+        .write_all(b"echo inter''rupts-begin; cat /proc/interrupts; echo inter''rupts-end\n")
+        .unwrap();
+    p.wait_stdout("interrupts-end", Duration::from_secs(60));
+    stdin
+        .write_all(
+            b"echo clo''ck=$(cat /sys/devices/system/clockevents/clockevent0/current_device)';'\n",
+        )
+        .unwrap();
+    p.wait_stdout("clock=lapic", Duration::from_secs(60));
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    let status = p.wait(Duration::from_secs(60));
+    let out = p.stdout();
+    let err = p.stderr();
+    assert_eq!(status, 0, "{err}");
+    assert!(err.contains("powered off (ACPI S5"), "{err}");
+    assert!(out.contains("clock=lapic-deadline;"), "{}", tail(&out));
+    let interrupts = out
+        .rsplit("interrupts-begin")
+        .next()
+        .and_then(|s| s.split("interrupts-end").next())
+        .unwrap_or_default();
+    let count = |name: &str| -> u64 {
+        let line = interrupts
+            .lines()
+            .find(|l| l.trim_end().ends_with(name) || l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} line in /proc/interrupts:\n{interrupts}"));
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {line:?}"))
+    };
+    for (irq, chip) in [
+        ("timer", "IO-APIC   2-edge"),
+        ("ttyS0", "IO-APIC   4-edge"),
+        ("i8042", "IO-APIC   1-edge"),
+    ] {
+        assert!(
+            interrupts
+                .lines()
+                .any(|l| l.contains(chip) && l.contains(irq)),
+            "{irq} is not on {chip}:\n{interrupts}"
+        );
+    }
+    assert!(count("ttyS0") > 0, "{interrupts}");
+    assert!(
+        count("LOC:") > 0,
+        "no local APIC timer interrupts:\n{interrupts}"
+    );
+    // The kernel found and used the tables, without complaint.
+    for line in [
+        "ACPI: RSDP 0x00000000000E0000",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "IOAPIC[0]: apic_id 0, version 32, address 0xfec00000, GSI 0-23",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
+        "ACPI: PM: (supports S0 S5)",
+        "TSC deadline timer available",
+    ] {
+        assert!(
+            out.contains(line),
+            "no {line:?} in the kernel log:\n{}",
+            tail(&out)
+        );
+    }
+    for bad in [
+        "Incorrect checksum",
+        "ACPI Error",
+        "ACPI BIOS Error",
+        "ACPI Warning",
+        "ACPI BIOS Warning",
+    ] {
+        assert!(!out.contains(bad), "the kernel said {bad:?}:\n{out}");
+    }
+    assert_eq!(kernel_complaints(&out), Vec::<&str>::new());
 }
 
 /// Scale of the workload the moving tests interrupt: several seconds of guest work, so a
@@ -420,7 +515,14 @@ fn linux_boots_as_an_sev_es_guest_and_runs_the_workload_like_the_host() {
     );
     assert!(err.contains("SEV-ES launch measurement"), "stderr: {err}");
     assert_eq!(status, 0, "stderr: {err}");
-    assert!(err.contains("powered off"), "stderr: {err}");
+    // Through ACPI: the DSDT (in encrypted memory, reserved as ACPI tables) was readable.
+    assert!(err.contains("powered off (ACPI S5"), "stderr: {err}");
+    assert!(out.contains("ACPI: PM: (supports S0 S5)"), "{}", tail(&out));
+    assert!(
+        out.contains("..TIMER: vector=0x30 apic1=0 pin1=2"),
+        "{}",
+        tail(&out)
+    );
     let _ = std::fs::remove_dir_all(plat);
 }
 

@@ -206,7 +206,7 @@ fn esvm_boot(
     let _ = control.set(machine.control().clone());
     let outcome = machine.run()?;
     let end = start.elapsed();
-    if !matches!(outcome, Outcome::Reset(_) | Outcome::PowerOff) {
+    if !matches!(outcome, Outcome::Reset(_) | Outcome::PowerOff(_)) {
         return Err(LinuxBenchError::Ended(outcome.describe()).into());
     }
     let mut p = phases.lock().unwrap_or_else(|e| e.into_inner()).clone();
