@@ -180,6 +180,10 @@ pub enum Outcome {
     Stopped(String),
     /// A signal stopped the VM (SIGINT, SIGTERM).
     Signalled(StopSignal),
+    /// A live migration failed after its switch to post-copy: neither side holds the whole
+    /// guest any more (the destination lacks pages, the source's copy is stale), so the VM
+    /// ended here (exit status 125, as an esvm failure). The text says why.
+    MigrationLost(String),
 }
 
 impl Outcome {
@@ -193,12 +197,16 @@ impl Outcome {
             Outcome::InstructionLimit(_) => EXIT_INSTRUCTION_LIMIT,
             Outcome::Migrated(_) | Outcome::Reset(_) | Outcome::PowerOff | Outcome::Stopped(_) => 0,
             Outcome::Signalled(s) => s.exit_status(),
+            Outcome::MigrationLost(_) => EXIT_ESVM_ERROR,
         }
     }
 
     /// Whether the run ended badly (the guest did not exit by itself nor move away).
     pub fn is_failure(&self) -> bool {
-        matches!(self, Outcome::Shutdown(_) | Outcome::Terminated(_))
+        matches!(
+            self,
+            Outcome::Shutdown(_) | Outcome::Terminated(_) | Outcome::MigrationLost(_)
+        )
     }
 
     /// A short description of how the run ended.
@@ -217,6 +225,9 @@ impl Outcome {
             }
             Outcome::Stopped(how) => format!("the VM was stopped {how}"),
             Outcome::Signalled(s) => format!("the VM was stopped by {}", s.name()),
+            Outcome::MigrationLost(why) => {
+                format!("the guest was lost in a failed post-copy migration: {why}")
+            }
         }
     }
 }
@@ -268,6 +279,7 @@ mod tests {
             Outcome::Stopped("x".into()),
             Outcome::Signalled(StopSignal::Interrupt),
             Outcome::Signalled(StopSignal::Terminate),
+            Outcome::MigrationLost("x".into()),
         ] {
             assert!(listed(o.exit_status()), "{o:?}");
         }

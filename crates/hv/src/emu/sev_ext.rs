@@ -239,8 +239,18 @@ impl SevVm for EmuVm {
                     .map_err(psp_err)
             }
             PagePacket::Shared(bytes) => {
-                self.phys
-                    .write_host(gpa, bytes)
+                // Post-copy: a missing page is filled without waiting for itself (the
+                // migration layer publishes it afterwards).
+                let missing = self
+                    .phys
+                    .missing_pages()
+                    .is_some_and(|m| m.is_missing(page));
+                let written = if missing {
+                    self.phys.fill_missing_host(gpa, bytes)
+                } else {
+                    self.phys.write_host(gpa, bytes)
+                };
+                written
                     .map_err(|source| HvError::SevMemory {
                         op: SevMemoryOp::WriteSharedPage(page),
                         source,
