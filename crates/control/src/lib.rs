@@ -22,8 +22,7 @@ pub use client::{ApiClient, ClientError, DEFAULT_CLIENT_TIMEOUT};
 pub use protocol::{
     ApiError, ControlRegs, ErrorCode, LaunchMeasurement, MigrateRequest, MigrateSetRequest,
     MigrationLimits, MigrationPhase, MigrationStatus, OnTimeout, PostcopyStatus, Reply, Request,
-    Response,
-    SnapshotInfo, VcpuView, VmState, VmStatus, VmType, PROTOCOL_VERSION,
+    Response, SnapshotInfo, VcpuView, VmState, VmStatus, VmType, PROTOCOL_VERSION,
 };
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use target::ControlTarget;

@@ -868,9 +868,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
     };
     let allowed: &[&str] = match command {
         "status" | "pause" | "resume" | "cancel" | "migrate_postcopy" | "vcpus" | "shutdown"
-        | "launch_measurement" => {
-            &[]
-        }
+        | "launch_measurement" => &[],
         "inject_secret" => &["packet_hex"],
         "snapshot" => &["dir", "force"],
         "migrate" => &[

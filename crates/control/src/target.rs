@@ -43,7 +43,9 @@ pub trait ControlTarget: Send + Sync {
     /// [`Request::MigratePostcopy`](crate::Request::MigratePostcopy)). `invalid_state` if no
     /// migration is running or it is past pre-copy.
     fn switch_to_postcopy(&self) -> Result<(), ApiError> {
-        Err(ApiError::unsupported("this VMM cannot switch a migration to post-copy"))
+        Err(ApiError::unsupported(
+            "this VMM cannot switch a migration to post-copy",
+        ))
     }
 
     /// Changes the running migration's bandwidth cap and/or downtime limit (`req` has

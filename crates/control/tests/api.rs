@@ -147,6 +147,7 @@ fn every_request_round_trips() {
         on_timeout: OnTimeout::Force,
         trust: None,
         max_bandwidth_bytes_per_sec: Some(8 << 20),
+        postcopy_after: None,
     };
     assert_eq!(
         c.call(&Request::Migrate(req.clone())).unwrap(),

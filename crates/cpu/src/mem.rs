@@ -25,8 +25,8 @@ use vm_memory::bitmap::AtomicBitmap;
 mod encrypt;
 mod postcopy;
 pub use encrypt::PageCipher;
-pub use postcopy::{MissingPages, MissingStats};
 pub(crate) use encrypt::View;
+pub use postcopy::{MissingPages, MissingStats};
 
 pub const PAGE_SIZE: u64 = 4096;
 pub const PAGE_SHIFT: u32 = 12;
@@ -376,7 +376,9 @@ impl PhysMemory {
         }
         // SAFETY: inside RAM (checked); the pages are missing, so no vCPU or VMM accessor
         // touches them, and the caller guarantees no other slice of them exists.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.inner.base.add(gpa as usize), len as usize) })
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(self.inner.base.add(gpa as usize), len as usize)
+        })
     }
 
     fn check(&self, gpa: u64, len: usize) -> Result<(), MemError> {

@@ -198,7 +198,9 @@ impl Vm for EmuVm {
     }
 
     fn begin_postcopy(&self, missing: &[u64]) -> Result<Arc<esvm_cpu::mem::MissingPages>> {
-        self.phys.begin_postcopy(missing).map_err(HvError::EmuMemory)
+        self.phys
+            .begin_postcopy(missing)
+            .map_err(HvError::EmuMemory)
     }
 
     unsafe fn missing_pages_mut(&self, first: u64, count: u64) -> Result<&mut [u8]> {

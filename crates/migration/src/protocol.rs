@@ -1217,7 +1217,7 @@ impl PostcopySwitch {
             ));
         }
         let words: Vec<u64> = p[SWITCH_FIXED_LEN..].chunks_exact(8).map(le64).collect();
-        if mem_pages % 64 != 0 {
+        if !mem_pages.is_multiple_of(64) {
             if let Some(last) = words.last() {
                 if last >> (mem_pages % 64) != 0 {
                     return Err(malformed(t, "bits set past the last guest page"));

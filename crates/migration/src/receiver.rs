@@ -701,7 +701,7 @@ fn receive_pages<T: MigrationTarget + ?Sized, R: Read>(
     h: &FrameHeader,
     mem_pages: u64,
     pass: u32,
-    mut pending: Option<&mut PageSet>,
+    pending: Option<&mut PageSet>,
 ) -> Result<u64, ReceiveError> {
     let mut crc = 0u32;
     let mut prefix = [0u8; PAGES_PREFIX_LEN];
@@ -736,7 +736,7 @@ fn receive_pages<T: MigrationTarget + ?Sized, R: Read>(
     // target, which discards it. In post-copy those pages are still hidden from the guest
     // (published only below), so the guest never sees them either.
     check_payload_crc(h, crc)?;
-    if let Some(pending) = pending.as_deref_mut() {
+    if let Some(pending) = pending {
         for run in &runs {
             target.postcopy_publish(run.first, run.count as u64)?;
             pending.clear_range(run.first, run.count as u64);

@@ -170,7 +170,11 @@ impl VmHandle {
     /// source: `status` reports that incoming migration (phase `post_copy` while pages are
     /// missing, then `completed`, or `lost` if it failed), its pages remaining, the demand
     /// faults and the time the guest waited for pages.
-    pub fn with_incoming_postcopy(mut self, peer: &str, missing: Arc<esvm_hv::MissingPages>) -> Self {
+    pub fn with_incoming_postcopy(
+        mut self,
+        peer: &str,
+        missing: Arc<esvm_hv::MissingPages>,
+    ) -> Self {
         self.incoming = Some((format!("from {peer}"), missing));
         self
     }
@@ -624,10 +628,7 @@ impl ControlTarget for VmHandle {
             ));
         };
         let phase = m.status.as_ref().map(|s| s.phase);
-        if !matches!(
-            phase,
-            Some(MigrationPhase::Setup | MigrationPhase::PreCopy)
-        ) {
+        if !matches!(phase, Some(MigrationPhase::Setup | MigrationPhase::PreCopy)) {
             return Err(ApiError::invalid_state(format!(
                 "cannot switch to post-copy: the migration is in phase {} (only during setup \
                  or pre-copy)",

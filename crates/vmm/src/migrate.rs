@@ -39,8 +39,8 @@ use thiserror::Error;
 
 use crate::lifecycle::LifecycleError;
 use crate::machine::{
-    Machine, MachineConfig, MachineHandle, MachineState, MigrationTicket, StoppedGuard,
-    VmControl, MACHINE_STATE_VERSION,
+    Machine, MachineConfig, MachineHandle, MachineState, MigrationTicket, StoppedGuard, VmControl,
+    MACHINE_STATE_VERSION,
 };
 use crate::ram::RamError;
 use crate::runctl::PARK_TIMEOUT;

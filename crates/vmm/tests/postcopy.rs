@@ -114,7 +114,11 @@ fn postcopy_keeps_the_demo_exact(sev: bool) {
         extra.extend(["--platform", p2.to_str().unwrap()]);
     }
     let (mut b, url) = receive(&extra);
-    let mut a = source(&sock, &demo_args(iters, 2), plats.as_ref().map(|p| p.0.as_path()));
+    let mut a = source(
+        &sock,
+        &demo_args(iters, 2),
+        plats.as_ref().map(|p| p.0.as_path()),
+    );
     std::thread::sleep(Duration::from_millis(300));
     let mut args = vec![
         "--json",
@@ -141,7 +145,13 @@ fn postcopy_keeps_the_demo_exact(sev: bool) {
         b.stderr()
     );
     let all = a.stdout() + &b.stdout();
-    assert_eq!(all, expected(iters, 2, sev), "a:\n{}\nb:\n{}", a.stdout(), b.stdout());
+    assert_eq!(
+        all,
+        expected(iters, 2, sev),
+        "a:\n{}\nb:\n{}",
+        a.stdout(),
+        b.stdout()
+    );
     assert_eq!(
         checksum_of(&all),
         checksum_of(&expected(iters, 2, false)),
@@ -187,7 +197,13 @@ fn a_source_killed_after_the_switch_stops_the_destination() {
     b.wait_stderr("switched to post-copy", Duration::from_secs(30));
     a.kill();
     let code = b.wait(Duration::from_secs(120));
-    assert_eq!(code, 125, "stdout:\n{}\nstderr:\n{}", b.stdout(), b.stderr());
+    assert_eq!(
+        code,
+        125,
+        "stdout:\n{}\nstderr:\n{}",
+        b.stdout(),
+        b.stderr()
+    );
     let err = b.stderr();
     assert!(
         err.contains("failed after the switch to post-copy") && err.contains("lost"),
@@ -226,12 +242,15 @@ fn a_destination_killed_after_the_switch_ends_the_source_with_the_loss() {
     b.wait_stderr("switched to post-copy", Duration::from_secs(30));
     b.kill();
     let code = a.wait(Duration::from_secs(120));
-    assert_eq!(code, 125, "stdout:\n{}\nstderr:\n{}", a.stdout(), a.stderr());
-    let err = a.stderr();
-    assert!(
-        err.contains("neither side holds the whole guest"),
-        "{err}"
+    assert_eq!(
+        code,
+        125,
+        "stdout:\n{}\nstderr:\n{}",
+        a.stdout(),
+        a.stderr()
     );
+    let err = a.stderr();
+    assert!(err.contains("neither side holds the whole guest"), "{err}");
     assert!(checksum_of(&a.stdout()).is_none(), "{}", a.stdout());
 }
 
@@ -266,7 +285,11 @@ fn ctl_postcopy_switches_a_migration_that_cannot_converge() {
     assert_eq!(a.wait(Duration::from_secs(60)), 0, "{}", a.stderr());
     assert!(a.stderr().contains("migrated to"), "{}", a.stderr());
     assert_eq!(b.wait(Duration::from_secs(120)), 0, "{}", b.stderr());
-    assert!(b.stderr().contains("switched to post-copy"), "{}", b.stderr());
+    assert!(
+        b.stderr().contains("switched to post-copy"),
+        "{}",
+        b.stderr()
+    );
     assert_eq!(a.stdout() + &b.stdout(), expected(iters, 8, false));
     // Without a migration there is nothing to switch.
     let dir2 = tempdir();
@@ -274,7 +297,11 @@ fn ctl_postcopy_switches_a_migration_that_cannot_converge() {
     let mut idle = source(&s2, &demo_args(iters, 2), None);
     let o = ctl(&s2, &["postcopy"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
-    assert!(text(&o.stderr).contains("no migration is in progress"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("no migration is in progress"),
+        "{}",
+        text(&o.stderr)
+    );
     idle.kill();
 }
 

@@ -125,7 +125,10 @@ impl MissingPages {
             if before == done {
                 self.active.store(false, Ordering::Release);
             }
-            let _g = self.wake_lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _g = self
+                .wake_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             self.wake.notify_all();
         }
         done
@@ -141,7 +144,10 @@ impl MissingPages {
             }
         }
         self.failed.store(true, Ordering::SeqCst);
-        let _g = self.wake_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _g = self
+            .wake_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         self.wake.notify_all();
     }
 
@@ -187,7 +193,10 @@ impl MissingPages {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(page);
-        let mut g = self.wake_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut g = self
+            .wake_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let result = loop {
             if !self.is_missing(page) {
                 break Ok(());

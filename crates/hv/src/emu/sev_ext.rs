@@ -256,11 +256,10 @@ impl SevVm for EmuVm {
                 } else {
                     self.phys.write_host(gpa, bytes)
                 };
-                written
-                    .map_err(|source| HvError::SevMemory {
-                        op: SevMemoryOp::WriteSharedPage(page),
-                        source,
-                    })
+                written.map_err(|source| HvError::SevMemory {
+                    op: SevMemoryOp::WriteSharedPage(page),
+                    source,
+                })
             }
         }
     }

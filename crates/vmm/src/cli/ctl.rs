@@ -775,7 +775,10 @@ fn postcopy_line(pc: &esvm_control::PostcopyStatus) -> String {
     if let Some(ms) = pc.switch_ms {
         parts.push(format!("switched after {:.1} s", ms as f64 / 1000.0));
     }
-    parts.push(format!("{} pages missing at the switch", pc.pages_at_switch));
+    parts.push(format!(
+        "{} pages missing at the switch",
+        pc.pages_at_switch
+    ));
     parts.push(format!("{} page requests", pc.page_requests));
     if let Some(n) = pc.demand_faults {
         parts.push(format!("{n} demand faults"));
