@@ -175,7 +175,7 @@ impl VmHandle {
         peer: &str,
         missing: Arc<esvm_hv::MissingPages>,
     ) -> Self {
-        self.incoming = Some((format!("from {peer}"), missing));
+        self.incoming = Some((format!("incoming from {peer}"), missing));
         self
     }
 
@@ -194,7 +194,9 @@ impl VmHandle {
         } else {
             MigrationPhase::Completed
         };
+        s.pages_sent = st.initial - st.remaining;
         s.postcopy = Some(PostcopyStatus {
+            pages_at_switch: st.initial,
             demand_faults: Some(st.demand_faults),
             fault_wait_ms: Some(st.wait_ns as f64 / 1e6),
             ..PostcopyStatus::default()

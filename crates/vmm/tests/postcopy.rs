@@ -137,6 +137,25 @@ fn postcopy_keeps_the_demo_exact(sev: bool) {
     assert_eq!(st["phase"], "completed", "{st}");
     assert!(st["postcopy"]["switch_ms"].is_u64(), "{st}");
     eprintln!("post-copy figures: {}", st["postcopy"]);
+    // The destination reports the incoming post-copy migration while its guest runs on.
+    let o = ctl(&dsock, &["status", "--json"]);
+    if o.status.code() == Some(0) {
+        let d: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON status");
+        let m = &d["migration"];
+        assert!(
+            m["phase"] == "completed" || m["phase"] == "post_copy",
+            "{d}"
+        );
+        assert!(
+            m["url"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("incoming from ")),
+            "{d}"
+        );
+        assert!(m["postcopy"]["demand_faults"].is_u64(), "{d}");
+        assert!(m["postcopy"]["pages_at_switch"].as_u64() > Some(0), "{d}");
+        eprintln!("destination: {m}");
+    }
     assert_eq!(a.wait(Duration::from_secs(30)), 0, "{}", a.stderr());
     assert_eq!(b.wait(Duration::from_secs(120)), 0, "{}", b.stderr());
     assert!(

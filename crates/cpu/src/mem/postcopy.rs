@@ -38,6 +38,8 @@ pub struct MissingPages {
     /// Bit set = page missing.
     words: Box<[AtomicU64]>,
     pages: u64,
+    /// Pages missing at the start.
+    initial: u64,
     remaining: AtomicU64,
     /// Some page is still missing (cleared with Release when the last one is published).
     active: AtomicBool,
@@ -54,6 +56,8 @@ pub struct MissingPages {
 /// Demand-fault figures for status displays.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MissingStats {
+    /// Pages missing when post-copy started.
+    pub initial: u64,
     /// Pages still missing.
     pub remaining: u64,
     /// Accesses (vCPU or VMM) that had to wait for a page.
@@ -81,6 +85,7 @@ impl MissingPages {
         MissingPages {
             words,
             pages,
+            initial: count,
             remaining: AtomicU64::new(count),
             active: AtomicBool::new(count > 0),
             failed: AtomicBool::new(false),
@@ -172,6 +177,7 @@ impl MissingPages {
 
     pub fn stats(&self) -> MissingStats {
         MissingStats {
+            initial: self.initial,
             remaining: self.remaining.load(Ordering::Relaxed),
             demand_faults: self.demand_faults.load(Ordering::Relaxed),
             wait_ns: self.wait_ns.load(Ordering::Relaxed),

@@ -483,7 +483,21 @@ fn status_text(s: &VmStatus) -> String {
             let _ = writeln!(t, "migration     none");
         }
         Some(m) => {
-            let _ = writeln!(t, "migration     to {}: {}", m.url, progress_line(m));
+            if m.postcopy
+                .as_ref()
+                .is_some_and(|p| p.demand_faults.is_some())
+            {
+                // A VM that arrived by post-copy: the incoming migration's figures.
+                let _ = writeln!(
+                    t,
+                    "migration     {}: {} | {} left",
+                    m.url,
+                    m.phase,
+                    BinaryBytes(m.pages_remaining.saturating_mul(GUEST_PAGE))
+                );
+            } else {
+                let _ = writeln!(t, "migration     to {}: {}", m.url, progress_line(m));
+            }
             if let Some(d) = m.downtime_ms {
                 let _ = writeln!(t, "  downtime    {d:.1} ms");
             }
