@@ -35,9 +35,10 @@
 //! above hold. After it, **neither side alone holds the whole guest**: the destination's
 //! guest has run on (so the source's state is stale and must never run again), and the
 //! destination lacks pages only the source has. Any failure after the switch — a cut
-//! connection, a refused or corrupt page, a timeout, a cancel on either side — therefore ends
-//! both sides with an error: the destination stops its guest for good
-//! ([`MigrationTarget::abort`]; a guest never runs on with a missing or wrong page: a page is
+//! connection, a refused or corrupt page, a timeout, a cancel of the receiver (the sender
+//! ignores cancel after the switch) — therefore ends both sides with an error: the
+//! destination stops its guest for good ([`MigrationTarget::abort`]; a guest never runs on
+//! with a missing or wrong page: a page is
 //! visible only after its checksum or MAC was verified), and the source stays paused and
 //! reports [`SendError::PostcopyFailed`]. The guest is lost; post-copy trades that risk for a
 //! bounded switch time with a guest that dirties memory faster than the link.

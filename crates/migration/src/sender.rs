@@ -57,7 +57,8 @@
 //! again, and the destination lacks pages only the source has: neither side holds the whole
 //! guest. Any failure then (cut, refusal, timeout, cancel) tells the destination (`Abort`, if
 //! the connection still works), leaves the source paused, and returns
-//! [`SendError::PostcopyFailed`]: the guest is lost.
+//! [`SendError::PostcopyFailed`]: the guest is lost. A cancel after the switch has no
+//! effect (as after `Complete`): finishing is the only outcome that keeps the guest.
 
 use crate::bitmap::{BitmapError, PageSet};
 use crate::progress::{Phase, Progress};
@@ -754,12 +755,11 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         self.progress.pages_remaining = pages_at_switch;
         self.set_phase(Phase::PostCopy);
 
+        // From here on a cancel has no effect (as after `Complete`): stopping now would lose
+        // the guest, which runs at the destination; finishing is the only good outcome.
         let mut cursor = 0u64;
         let mut sent = 0u64;
         loop {
-            if self.cancel.is_cancelled() {
-                return Err(SendError::Cancelled);
-            }
             let per_frame = self.frame_pages().min(
                 self.cfg
                     .postcopy_pages_per_frame
@@ -892,9 +892,10 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         })
     }
 
-    /// Post-copy: read one response — an acknowledgement or a page request.
+    /// Post-copy: read one response — an acknowledgement or a page request. Not
+    /// cancellable (see [`Session::postcopy`]).
     fn postcopy_wait(&mut self) -> Result<(), SendError> {
-        let f = self.wait_frame(true)?;
+        let f = self.wait_frame(false)?;
         match f.header.frame_type {
             FrameType::Ack => {
                 let s = decode_seq(FrameType::Ack, &f.payload)?;

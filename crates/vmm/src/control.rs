@@ -608,6 +608,16 @@ impl ControlTarget for VmHandle {
         }
         if m.status
             .as_ref()
+            .is_some_and(|s| s.phase == MigrationPhase::PostCopy)
+        {
+            return Err(ApiError::invalid_state(
+                "cannot cancel: the migration switched to post-copy; the guest runs at the \
+                 destination, which still lacks pages only this VM has, so stopping now would \
+                 lose it — the migration runs to its end",
+            ));
+        }
+        if m.status
+            .as_ref()
             .is_some_and(|s| s.phase == MigrationPhase::Committing)
         {
             return Err(ApiError::invalid_state(
