@@ -38,9 +38,8 @@
 //! connection, a refused or corrupt page, a timeout, a cancel of the receiver (the sender
 //! ignores cancel after the switch) — therefore ends both sides with an error: the
 //! destination stops its guest for good ([`MigrationTarget::abort`]; a guest never runs on
-//! with a missing or wrong page: a page is
-//! visible only after its checksum or MAC was verified), and the source stays paused and
-//! reports [`SendError::PostcopyFailed`]. The guest is lost; post-copy trades that risk for a
+//! with a missing or wrong page: a page is visible only after its checksum or MAC was
+//! verified), and the source stays paused and reports [`SendError::PostcopyFailed`]. The guest is lost; post-copy trades that risk for a
 //! bounded switch time with a guest that dirties memory faster than the link.
 
 pub mod bitmap;
