@@ -348,3 +348,20 @@ fn a_page_that_is_not_missing_is_refused_after_the_switch() {
         "page 3 untouched"
     );
 }
+
+/// A cancel after the switch has no effect: stopping then would lose the guest, so the
+/// migration runs to its end.
+#[test]
+fn a_cancel_after_the_switch_is_ignored() {
+    let (_g, mut src) = guest(1024, 1, 29);
+    let mut sender = Sender::new(postcopy_config(0));
+    let cancel = sender.cancel_token();
+    sender.on_progress(move |p| {
+        if p.phase == Phase::PostCopy {
+            cancel.cancel();
+        }
+    });
+    let run = migrate_with(&mut src, None, &mut sender, Fault::None, false);
+    assert_migrated(&run, &src);
+    assert_published_once(&run.target);
+}
