@@ -226,6 +226,7 @@ impl MissingPages {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Exit;
     use std::sync::Arc;
 
     #[test]
@@ -252,6 +253,81 @@ mod tests {
         assert!(!m.active());
         let s = m.stats();
         assert_eq!((s.remaining, s.demand_faults), (0, 1));
+    }
+
+    /// The vCPU touching a missing page waits (recording a demand fault) until the page is
+    /// published, then reads its bytes — never the zeroes that were there before.
+    #[test]
+    fn the_vcpu_waits_for_a_missing_page_and_reads_it() {
+        let mut h = crate::testutil::Harness::new(16 << 20);
+        // mov rax, [0x800000]; hlt
+        h.load(&[0x48, 0x8b, 0x04, 0x25, 0x00, 0x00, 0x80, 0x00, 0xf4]);
+        let mem = h.mem().clone();
+        let mut missing = vec![0u64; 4096 / 64];
+        missing[0x800 / 64] = 1 << (0x800 % 64);
+        let set = mem.begin_postcopy(&missing).unwrap();
+        let filler = {
+            let (mem, set) = (mem.clone(), set.clone());
+            std::thread::spawn(move || {
+                let mut faults = Vec::new();
+                while faults.is_empty() {
+                    set.take_faults(&mut faults);
+                    std::thread::yield_now();
+                }
+                // SAFETY: the only slice of page 0x800, dropped before it is published.
+                let page = unsafe { mem.missing_pages_mut(0x800, 1) }.unwrap();
+                page[..8].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+                set.publish(0x800, 1);
+                faults
+            })
+        };
+        let x = h.run();
+        assert_eq!(x, Exit::Hlt, "run ended with {x:?}");
+        assert_eq!(h.cpu.regs().gpr[0], 0x1122_3344_5566_7788);
+        assert_eq!(filler.join().unwrap(), vec![0x800]);
+        let st = set.stats();
+        assert_eq!((st.initial, st.remaining, st.demand_faults), (1, 0, 1));
+        assert!(!set.active());
+        // Pages that are not missing cannot be handed out for filling.
+        // SAFETY: refused before any slice exists.
+        assert!(unsafe { mem.missing_pages_mut(0x800, 1) }.is_err());
+    }
+
+    /// A migration that fails while the vCPU waits stops it with a shutdown naming the
+    /// failure: the guest never runs on with the page missing.
+    #[test]
+    fn a_failed_migration_stops_the_waiting_vcpu() {
+        let mut h = crate::testutil::Harness::new(16 << 20);
+        h.load(&[0x48, 0x8b, 0x04, 0x25, 0x00, 0x00, 0x80, 0x00, 0xf4]);
+        let mut missing = vec![0u64; 4096 / 64];
+        missing[0x800 / 64] = 1 << (0x800 % 64);
+        let set = h.mem().begin_postcopy(&missing).unwrap();
+        let failer = {
+            let set = set.clone();
+            std::thread::spawn(move || {
+                let mut faults = Vec::new();
+                while faults.is_empty() {
+                    set.take_faults(&mut faults);
+                    std::thread::yield_now();
+                }
+                set.fail("the source went away");
+            })
+        };
+        let x = h.run();
+        failer.join().unwrap();
+        match x {
+            Exit::Shutdown { reason } => {
+                assert!(
+                    reason.contains("0x800000") && reason.contains("the source went away"),
+                    "{reason}"
+                )
+            }
+            other => panic!("expected a shutdown, got {other:?}"),
+        }
+        assert_eq!(h.cpu.regs().gpr[0], 0, "nothing was read");
+        // The VMM's accessors refuse too.
+        let mut b = [0u8; 8];
+        assert!(h.mem().read(0x800000, &mut b).is_err());
     }
 
     #[test]
