@@ -774,6 +774,10 @@ impl MigrationTarget for MachineTarget {
             .postcopy
             .as_ref()
             .ok_or_else(|| TargetError::Failed("publish before the switch".into()))?;
+        if let Some(why) = p.missing.failure() {
+            // The machine could not run (or stopped for good): end the migration.
+            return Err(TargetError::Failed(why));
+        }
         p.missing.publish(first_page, count);
         Ok(())
     }

@@ -252,9 +252,14 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
             incoming_postcopy: postcopy.as_ref().map(|(_, m)| (peer.clone(), m.clone())),
         },
     );
-    let Some((worker, _)) = postcopy else {
+    let Some((worker, missing)) = postcopy else {
         return status;
     };
+    if let Err(e) = &status {
+        // The guest could not run here: end the migration (the source learns it from the
+        // receiver's refusal of the next page) rather than let it complete into nothing.
+        missing.fail(format!("the destination could not run the guest: {e}"));
+    }
     // Post-copy: the migration decides. If it failed, the guest was stopped (or ended
     // meanwhile) and is lost: say why and exit 125 whatever the guest did.
     let (result, _target) = worker
