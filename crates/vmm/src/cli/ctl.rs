@@ -751,6 +751,10 @@ fn migrate(
             "esvm ctl migrate: migration outcome unknown: {why}; the VM stays paused here — \
              check whether the destination runs it before resuming"
         ),
+        MigrationPhase::Lost => eprintln!(
+            "esvm ctl migrate: migration failed after the switch to post-copy: {why}; the VM \
+             ends here and at the destination"
+        ),
         _ => eprintln!("esvm ctl migrate: migration failed: {why}; {here}"),
     }
     Ok(EXIT_REFUSED)
