@@ -179,6 +179,20 @@ impl VmHandle {
         self
     }
 
+    /// Refuse `what` (a snapshot, a migration) while the guest's pages are still arriving by
+    /// post-copy: they read guest memory wholesale, and the missing pages are not here yet.
+    fn refuse_while_pages_arrive(&self, what: &str) -> Result<(), ApiError> {
+        match &self.incoming {
+            Some((_, missing)) if missing.active() => Err(ApiError::invalid_state(format!(
+                "cannot {what}: the VM arrived by post-copy and {} of its pages are still \
+                 arriving; try again once `esvm ctl status` shows the incoming migration \
+                 completed",
+                missing.stats().remaining
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The incoming post-copy migration as a migration status.
     fn incoming_status(&self) -> Option<MigrationStatus> {
         let (peer, missing) = self.incoming.as_ref()?;
@@ -424,6 +438,7 @@ impl ControlTarget for VmHandle {
 
     fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, ApiError> {
         self.refuse_while_waiting("snapshot")?;
+        self.refuse_while_pages_arrive("snapshot")?;
         // The lifecycle refuses a snapshot while another one or a migration runs, and of an
         // SEV-ES VM in doubt (its send session is still open; a sealed snapshot needs one of
         // its own).
@@ -439,6 +454,7 @@ impl ControlTarget for VmHandle {
 
     fn start_migration(&self, mut req: MigrateRequest) -> Result<(), ApiError> {
         self.refuse_while_waiting("migrate")?;
+        self.refuse_while_pages_arrive("migrate")?;
         // tcp: or an absolute unix: path (fd: is for `esvm receive` only).
         let dest = req
             .url

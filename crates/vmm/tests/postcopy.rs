@@ -195,8 +195,9 @@ fn postcopy_keeps_the_sev_es_demo_exact() {
 fn a_source_killed_after_the_switch_stops_the_destination() {
     let dir = tempdir();
     let sock = dir.path().join("src.sock");
+    let dsock = dir.path().join("dst.sock");
     let iters = iterations_for(20.0);
-    let (mut b, url) = receive(&[]);
+    let (mut b, url) = receive(&["--api-socket", dsock.to_str().unwrap()]);
     let mut a = source(&sock, &demo_args(iters, 8), None);
     std::thread::sleep(Duration::from_millis(300));
     // Everything after the switch at 1 MiB/s: several seconds of post-copy.
@@ -214,6 +215,17 @@ fn a_source_killed_after_the_switch_stops_the_destination() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     b.wait_stderr("switched to post-copy", Duration::from_secs(30));
+    // While pages still arrive, the destination cannot be snapshotted or migrated on (the
+    // missing pages are not here).
+    wait_socket(&mut b, &dsock);
+    let snap = dir.path().join("snap");
+    let o = ctl(&dsock, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("still arriving"),
+        "{}",
+        text(&o.stderr)
+    );
     a.kill();
     let code = b.wait(Duration::from_secs(120));
     assert_eq!(
