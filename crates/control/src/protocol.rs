@@ -55,6 +55,10 @@ pub enum Request {
     MigrateSet(MigrateSetRequest),
     /// Cancel the running migration (the source keeps running).
     Cancel,
+    /// Switch the running migration to post-copy as soon as it can (it ends its current
+    /// pre-copy pass): the guest then runs at the destination while the remaining pages
+    /// follow. After the switch a failure loses the guest (neither side holds all of it).
+    MigratePostcopy,
     /// Report each vCPU as the hypervisor sees it ([`VcpuView`]).
     Vcpus,
     /// Stop the VM (ACPI-less: the guest is not asked) and answer once it has ended, with
@@ -83,6 +87,7 @@ impl Request {
             Request::Migrate(_) => "migrate",
             Request::MigrateSet(_) => "migrate_set",
             Request::Cancel => "cancel",
+            Request::MigratePostcopy => "migrate_postcopy",
             Request::Vcpus => "vcpus",
             Request::Shutdown => "shutdown",
             Request::LaunchMeasurement => "launch_measurement",
@@ -144,6 +149,11 @@ pub struct MigrateRequest {
     /// Run the migration over TLS 1.3 with these files (absent: plain, unauthenticated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MigrateTls>,
+    /// Switch to post-copy after this many pre-copy passes (0: at once, before any pass);
+    /// absent: pre-copy only (a switch can still be asked for with
+    /// [`Request::MigratePostcopy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after: Option<u32>,
 }
 
 /// TLS for a migration's connection ([`MigrateRequest::tls`]). The paths are files on the
@@ -242,6 +252,7 @@ impl MigrateRequest {
             trust: None,
             max_bandwidth_bytes_per_sec: None,
             tls: None,
+            postcopy_after: None,
         }
     }
 
@@ -331,6 +342,9 @@ pub enum Reply {
     /// Answer to [`Request::Cancel`]: cancel was requested; the migration's status turns
     /// `cancelled` once the engine has stopped.
     MigrationCancelled,
+    /// Answer to [`Request::MigratePostcopy`]: the switch was requested; the migration's
+    /// status turns `post_copy` once the guest runs at the destination.
+    PostcopyRequested,
     /// Answer to [`Request::Vcpus`].
     Vcpus { vcpus: Vec<VcpuView> },
     /// Answer to [`Request::Shutdown`]: the VM has ended; its final status
@@ -632,6 +646,12 @@ pub enum MigrationPhase {
     /// confirmed: the destination may or may not run the guest. The source stays paused
     /// (it must never run twice).
     InDoubt,
+    /// Post-copy: the guest runs at the destination while the remaining pages follow
+    /// (requested ones first). The source is paused and can never resume.
+    PostCopy,
+    /// Failed after the switch to post-copy: neither side holds the whole guest, so both
+    /// VMs end with an error; the guest is lost.
+    Lost,
     /// A phase this client does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
@@ -646,6 +666,7 @@ impl MigrationPhase {
                 | MigrationPhase::Failed
                 | MigrationPhase::Cancelled
                 | MigrationPhase::InDoubt
+                | MigrationPhase::Lost
         )
     }
 
@@ -659,6 +680,8 @@ impl MigrationPhase {
             MigrationPhase::Failed => "failed",
             MigrationPhase::Cancelled => "cancelled",
             MigrationPhase::InDoubt => "in_doubt",
+            MigrationPhase::PostCopy => "post_copy",
+            MigrationPhase::Lost => "lost",
             MigrationPhase::Unknown => "unknown",
         }
     }
@@ -705,9 +728,33 @@ pub struct MigrationStatus {
     /// The measured downtime, once the migration has completed.
     #[serde(default)]
     pub downtime_ms: Option<f64>,
-    /// Why the migration failed (phase `failed`, `cancelled` or `in_doubt`).
+    /// Why the migration failed (phase `failed`, `cancelled`, `in_doubt` or `lost`).
     #[serde(default)]
     pub error: Option<String>,
+    /// Post-copy figures, once the migration switched to post-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyStatus>,
+}
+
+/// Post-copy figures of a migration ([`MigrationStatus::postcopy`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyStatus {
+    /// Time from the start of the migration to the switch (the guest runs at the
+    /// destination from then on), milliseconds.
+    #[serde(default)]
+    pub switch_ms: Option<u64>,
+    /// Pages that were missing at the destination when its guest started.
+    #[serde(default)]
+    pub pages_at_switch: u64,
+    /// Pages the destination requested because its guest faulted on them (source side).
+    #[serde(default)]
+    pub page_requests: u64,
+    /// Guest (or VMM) accesses that waited for a missing page (destination side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand_faults: Option<u64>,
+    /// Total time spent waiting for missing pages, milliseconds (destination side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_wait_ms: Option<f64>,
 }
 
 impl MigrationStatus {
@@ -729,6 +776,7 @@ impl MigrationStatus {
             elapsed_ms: 0,
             downtime_ms: None,
             error: None,
+            postcopy: None,
         }
     }
 
@@ -756,8 +804,8 @@ struct ResponseEnvelope {
     response: Response,
 }
 
-const COMMANDS: &str = "status, pause, resume, snapshot, migrate, migrate_set, cancel, vcpus, \
-                        shutdown, launch_measurement, inject_secret";
+const COMMANDS: &str = "status, pause, resume, snapshot, migrate, migrate_set, cancel, \
+                        migrate_postcopy, vcpus, shutdown, launch_measurement, inject_secret";
 
 /// Lower-case hex of `bytes` (the wire form of binary fields).
 pub fn to_hex(bytes: &[u8]) -> String {
@@ -849,9 +897,8 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
         }
     };
     let allowed: &[&str] = match command {
-        "status" | "pause" | "resume" | "cancel" | "vcpus" | "shutdown" | "launch_measurement" => {
-            &[]
-        }
+        "status" | "pause" | "resume" | "cancel" | "migrate_postcopy" | "vcpus" | "shutdown"
+        | "launch_measurement" => &[],
         "inject_secret" => &["packet_hex"],
         "snapshot" => &["dir", "force"],
         "migrate" => &[
@@ -863,6 +910,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ApiError> {
             "trust",
             "max_bandwidth_bytes_per_sec",
             "tls",
+            "postcopy_after",
         ],
         "migrate_set" => &["max_bandwidth_bytes_per_sec", "downtime_ms"],
         other => {
@@ -1057,6 +1105,7 @@ mod tests {
                     key: Some("/etc/esvm/src-key.pem".into()),
                     name: Some("dst".into()),
                 }),
+                postcopy_after: Some(2),
             }),
             Request::MigrateSet(MigrateSetRequest {
                 max_bandwidth_bytes_per_sec: Some(0),
@@ -1068,6 +1117,7 @@ mod tests {
             }),
             Request::Migrate(MigrateRequest::new("tcp://h:2")),
             Request::Cancel,
+            Request::MigratePostcopy,
             Request::Shutdown,
             Request::Vcpus,
             Request::LaunchMeasurement,

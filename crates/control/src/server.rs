@@ -563,6 +563,9 @@ fn dispatch(target: &dyn ControlTarget, req: Request) -> Result<Reply, ApiError>
                 .map(Reply::MigrationLimitsSet)
         }
         Request::Cancel => target.cancel_migration().map(|_| Reply::MigrationCancelled),
+        Request::MigratePostcopy => target
+            .switch_to_postcopy()
+            .map(|_| Reply::PostcopyRequested),
         Request::Vcpus => target.vcpus().map(|vcpus| Reply::Vcpus { vcpus }),
         Request::Shutdown => target.shutdown().map(|mut s| {
             s.sanitize();

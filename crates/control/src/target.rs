@@ -39,6 +39,15 @@ pub trait ControlTarget: Send + Sync {
     /// already past the point of no return, completes). `invalid_state` if none is running.
     fn cancel_migration(&self) -> Result<(), ApiError>;
 
+    /// Asks the running migration to switch to post-copy as soon as it can (see
+    /// [`Request::MigratePostcopy`](crate::Request::MigratePostcopy)). `invalid_state` if no
+    /// migration is running or it is past pre-copy.
+    fn switch_to_postcopy(&self) -> Result<(), ApiError> {
+        Err(ApiError::unsupported(
+            "this VMM cannot switch a migration to post-copy",
+        ))
+    }
+
     /// Changes the running migration's bandwidth cap and/or downtime limit (`req` has
     /// passed [`MigrateSetRequest::validate`]; a field it leaves out stays) and returns the
     /// limits now in force; [`ControlTarget::status`] reports them from then on.

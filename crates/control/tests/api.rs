@@ -148,6 +148,7 @@ fn every_request_round_trips() {
         trust: None,
         max_bandwidth_bytes_per_sec: Some(8 << 20),
         tls: None,
+        postcopy_after: None,
     };
     assert_eq!(
         c.call(&Request::Migrate(req.clone())).unwrap(),

@@ -23,8 +23,10 @@ use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 
 mod encrypt;
+mod postcopy;
 pub use encrypt::PageCipher;
 pub(crate) use encrypt::View;
+pub use postcopy::{MissingPages, MissingStats};
 
 pub const PAGE_SIZE: u64 = 4096;
 pub const PAGE_SHIFT: u32 = 12;
@@ -43,6 +45,12 @@ pub enum MemError {
     EncryptionOff,
     #[error("guest memory encryption is already enabled for this memory (one key per guest)")]
     EncryptionOn,
+    #[error("post-copy was already started on this guest memory (once per VM)")]
+    PostcopyStarted,
+    #[error("guest page {page} is not missing: post-copy fills only pages that have not arrived")]
+    NotMissing { page: u64 },
+    #[error("the post-copy migration failed: {0}")]
+    Postcopy(String),
 }
 
 /// Memory this object allocated itself (tests, benchmarks).
@@ -74,6 +82,8 @@ struct Inner {
     _keepalive: Option<Arc<dyn Any + Send + Sync>>,
     /// SEV memory encryption (inert until enabled): see `encrypt`.
     sev: encrypt::SevMem,
+    /// Post-copy: pages not yet arrived (see `postcopy`).
+    missing: std::sync::OnceLock<Arc<MissingPages>>,
 }
 
 // SAFETY: the raw pointers refer to guest RAM and a dirty bitmap that, per the contract of
@@ -135,6 +145,7 @@ impl PhysMemory {
                 _owned: owned,
                 _keepalive: keepalive,
                 sev: encrypt::SevMem::new(),
+                missing: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -303,6 +314,73 @@ impl PhysMemory {
         }
     }
 
+    /// Start post-copy: the pages set in `missing` (dirty-log layout) have not arrived and
+    /// are unreadable and unwritable (see the `postcopy` module) until published through the
+    /// returned set. Once per memory.
+    pub fn begin_postcopy(&self, missing: &[u64]) -> Result<Arc<MissingPages>, MemError> {
+        let set = Arc::new(MissingPages::new(self.inner.size / PAGE_SIZE, missing));
+        self.inner
+            .missing
+            .set(set.clone())
+            .map_err(|_| MemError::PostcopyStarted)?;
+        Ok(set)
+    }
+
+    /// The post-copy set, if post-copy was started.
+    pub fn missing_pages(&self) -> Option<&Arc<MissingPages>> {
+        self.inner.missing.get()
+    }
+
+    /// Wait until page `page` is present (at once unless post-copy runs and it is missing);
+    /// `Err(reason)` if the post-copy migration failed first.
+    #[inline(always)]
+    pub fn wait_present(&self, page: u64) -> Result<(), String> {
+        match self.inner.missing.get() {
+            Some(m) if m.active() => m.wait(page),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`PhysMemory::wait_present`] for every page of `[gpa, gpa+len)`, as a `MemError`.
+    fn wait_range(&self, gpa: u64, len: usize) -> Result<(), MemError> {
+        if len == 0 || !self.inner.missing.get().is_some_and(|m| m.active()) {
+            return Ok(());
+        }
+        let first = gpa / PAGE_SIZE;
+        let last = gpa.saturating_add(len as u64 - 1) / PAGE_SIZE;
+        for p in first..=last {
+            self.wait_present(p).map_err(MemError::Postcopy)?;
+        }
+        Ok(())
+    }
+
+    /// Guest RAM of missing pages `first..first + count`, for the migration layer to fill
+    /// before it publishes them (plain guests).
+    ///
+    /// # Safety
+    /// No other slice of these pages may exist while the returned one lives (one filler per
+    /// page). Missing pages are accessed by nobody else: every vCPU and VMM access waits
+    /// until they are published, which the caller does only after it dropped the slice.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn missing_pages_mut(&self, first: u64, count: u64) -> Result<&mut [u8], MemError> {
+        let m = self
+            .inner
+            .missing
+            .get()
+            .ok_or(MemError::NotMissing { page: first })?;
+        let len = count.saturating_mul(PAGE_SIZE);
+        let gpa = first.saturating_mul(PAGE_SIZE);
+        self.check(gpa, len as usize)?;
+        if let Some(page) = (first..first + count).find(|p| !m.is_missing(*p)) {
+            return Err(MemError::NotMissing { page });
+        }
+        // SAFETY: inside RAM (checked); the pages are missing, so no vCPU or VMM accessor
+        // touches them, and the caller guarantees no other slice of them exists.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(self.inner.base.add(gpa as usize), len as usize)
+        })
+    }
+
     fn check(&self, gpa: u64, len: usize) -> Result<(), MemError> {
         if gpa
             .checked_add(len as u64)
@@ -323,6 +401,7 @@ impl PhysMemory {
             return self.read_host(gpa, buf);
         }
         self.check(gpa, buf.len())?;
+        self.wait_range(gpa, buf.len())?;
         // SAFETY: range checked against RAM; raw copy from shared memory.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -341,6 +420,7 @@ impl PhysMemory {
             return self.write_host(gpa, buf);
         }
         self.check(gpa, buf.len())?;
+        self.wait_range(gpa, buf.len())?;
         // SAFETY: range checked against RAM; raw copy into shared memory.
         unsafe {
             std::ptr::copy_nonoverlapping(

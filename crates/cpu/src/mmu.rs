@@ -556,6 +556,11 @@ impl Cpu {
         let w = self.walk(Plain, lin, acc, user)?;
         let vpn = lin >> PAGE_SHIFT;
         let gpn = w.gpa >> PAGE_SHIFT;
+        if w.gpa < self.ram_size {
+            // Post-copy: a missing page is waited for before the TLB gets its host pointer
+            // and before the caller touches it (`mem::postcopy`).
+            self.wait_present(gpn)?;
+        }
         // Fill the set of the access's privilege (user: only ever at CPL 3; supervisor: the
         // CPL 0-2 set, also for implicit supervisor accesses at CPL 3). Fetches fill the
         // instruction TLB only, data accesses the data TLB only.
@@ -571,6 +576,28 @@ impl Cpu {
             }
         }
         Ok(w.gpa | (lin & 0xfff))
+    }
+
+    /// Post-copy: wait until RAM page `gpn` arrived (at once unless it is missing). If the
+    /// migration fails first, the vCPU stops with a shutdown exit naming the failure: a
+    /// guest never runs on with a page missing.
+    #[inline(always)]
+    pub(crate) fn wait_present(&mut self, gpn: u64) -> R {
+        match self.mem.wait_present(gpn) {
+            Ok(()) => Ok(()),
+            Err(reason) => self.missing_page_stop(gpn, reason),
+        }
+    }
+
+    #[cold]
+    fn missing_page_stop(&mut self, gpn: u64, reason: String) -> R {
+        self.exit = Some(Exit::Shutdown {
+            reason: format!(
+                "guest page {:#x} never arrived from the migration source: {reason}",
+                gpn << PAGE_SHIFT
+            ),
+        });
+        Err(Stop::Exit)
     }
 
     /// Translate for instruction fetch: returns the guest-physical address of `lin`.

@@ -482,6 +482,9 @@ impl Cpu {
     /// Make RAM page `page` hold its content in `view` (converting it if needed) and return
     /// the base of that view's backing (RAM or the private backing).
     pub(crate) fn sev_view(&mut self, page: u64, view: View) -> R<*mut u8> {
+        // Post-copy: every SEV-ES RAM access resolves its page here; a page that has not
+        // arrived is waited for before it is converted or touched.
+        self.wait_present(page)?;
         match self.mem.make_view(page, view) {
             None if view == View::Shared => Ok(self.ram),
             None => Err(self.sev_fatal(format!(

@@ -197,6 +197,17 @@ impl Vm for EmuVm {
         Ok(Box::new(vcpu))
     }
 
+    fn begin_postcopy(&self, missing: &[u64]) -> Result<Arc<esvm_cpu::mem::MissingPages>> {
+        self.phys
+            .begin_postcopy(missing)
+            .map_err(HvError::EmuMemory)
+    }
+
+    unsafe fn missing_pages_mut(&self, first: u64, count: u64) -> Result<&mut [u8]> {
+        // SAFETY: the caller's contract is the one `missing_pages_mut` requires.
+        unsafe { self.phys.missing_pages_mut(first, count) }.map_err(HvError::EmuMemory)
+    }
+
     fn take_dirty_log(&self) -> Result<DirtyBitmap> {
         self.moves.check_dirty_log()?;
         Ok(self.memory.take_dirty())

@@ -22,6 +22,7 @@ use esvm_arch::{DebugRegs, FpuState, PendingEvents, Regs, SpecialRegs, VcpuSnaps
 use std::sync::Arc;
 use thiserror::Error;
 
+pub use esvm_cpu::mem::{MissingPages, MissingStats};
 pub use memory::{DirtyBitmap, GuestMemory, MemoryError};
 pub use sev::{SevVcpu, SevVm, TrackedRegisters};
 
@@ -435,6 +436,33 @@ pub trait Vm: Send + Sync {
         Err(HvError::Unsupported {
             backend: self.backend(),
             what: "interrupt lines (deliver interrupts with Vcpu::queue_interrupt)".into(),
+        })
+    }
+
+    /// Post-copy (live migration, destination): the pages set in `missing` (dirty-log
+    /// layout) have not arrived; until published through the returned set, every vCPU and
+    /// VMM access to one waits for it (`esvm_cpu::mem::postcopy`). Only the software vCPU
+    /// can fault on a page without kernel help: kvm would need userfaultfd and refuses.
+    fn begin_postcopy(&self, missing: &[u64]) -> Result<Arc<MissingPages>> {
+        let _ = missing;
+        Err(HvError::Unsupported {
+            backend: self.backend(),
+            what: "post-copy (a guest running with pages missing needs the emu backend)".into(),
+        })
+    }
+
+    /// Post-copy: guest RAM of missing pages `first..first + count` for the migration layer
+    /// to fill (plain guests), before it publishes them.
+    ///
+    /// # Safety
+    /// As `esvm_cpu::PhysMemory::missing_pages_mut`: no other slice of these pages may exist
+    /// while the returned one lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn missing_pages_mut(&self, first: u64, count: u64) -> Result<&mut [u8]> {
+        let _ = (first, count);
+        Err(HvError::Unsupported {
+            backend: self.backend(),
+            what: "post-copy".into(),
         })
     }
 }

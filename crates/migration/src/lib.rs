@@ -26,6 +26,21 @@
 //! sender handed over its `Complete` frame but before the commit acknowledgement arrived, the
 //! sender cannot know whether the destination committed; it then leaves the source *paused*
 //! (never running twice) and reports [`SendError::InDoubt`].
+//!
+//! ### Post-copy
+//! A migration may switch to post-copy ([`SenderConfig::postcopy_after`],
+//! [`LiveLimits::request_postcopy`]): the source pauses, sends the device and vCPU states and
+//! the set of pages not yet transferred, and the destination starts the guest while those
+//! pages follow (requested ones first). Before the switch (`PostcopyRun` written) the rules
+//! above hold. After it, **neither side alone holds the whole guest**: the destination's
+//! guest has run on (so the source's state is stale and must never run again), and the
+//! destination lacks pages only the source has. Any failure after the switch — a cut
+//! connection, a refused or corrupt page, a timeout, a cancel of the receiver (the sender
+//! ignores cancel after the switch) — therefore ends both sides with an error: the
+//! destination stops its guest for good ([`MigrationTarget::abort`]; a guest never runs on
+//! with a missing or wrong page: a page is visible only after its checksum or MAC was
+//! verified), and the source stays paused and reports [`SendError::PostcopyFailed`]. The guest is lost; post-copy trades that risk for a
+//! bounded switch time with a guest that dirties memory faster than the link.
 
 pub mod bitmap;
 pub mod mock;
@@ -46,8 +61,10 @@ pub use bitmap::PageSet;
 pub use progress::{Phase, Progress, TerminalProgress};
 pub use protocol::{ErrorCode, ProtocolError, PROTOCOL_VERSION};
 pub use rate::{LiveLimits, Pacer};
-pub use receiver::{ReceiveError, ReceiveOutcome, Receiver, ReceiverConfig, ReceiverState};
-pub use sender::{LimitPolicy, SendError, SendOutcome, Sender, SenderConfig};
+pub use receiver::{
+    PostcopyReceived, ReceiveError, ReceiveOutcome, Receiver, ReceiverConfig, ReceiverState,
+};
+pub use sender::{LimitPolicy, PostcopySent, SendError, SendOutcome, Sender, SenderConfig};
 pub use source::{MigrationSource, SourceError};
 pub use stream::MigrationStream;
 pub use target::{MigrationTarget, TargetError};

@@ -538,6 +538,25 @@ pub struct MockTarget {
     pub committed: bool,
     pub aborted: bool,
     pub aborts: u32,
+    /// Offer post-copy (default true; false models the KVM backend).
+    pub postcopy_supported: bool,
+    /// Post-copy: pages present (None before a switch: all present).
+    pub present: Option<PageSet>,
+    /// Post-copy: pages missing at the switch.
+    pub pending_at_switch: Option<PageSet>,
+    /// Post-copy: pages in the order they were published.
+    pub published: Vec<u64>,
+    /// Post-copy: the guest was started here.
+    pub running: bool,
+    /// Post-copy: the guest was started and then stopped by `abort` (never to run again).
+    pub stopped_after_run: bool,
+    /// Post-copy: pages the "guest" faults on, reported (once each, in order) by
+    /// `postcopy_faults` while they are missing — a script standing in for a running vCPU.
+    pub fault_script: Vec<u64>,
+    /// Post-copy: `postcopy_faults` reports at most this many script pages per call.
+    pub faults_per_call: usize,
+    /// Post-copy: script pages reported so far.
+    pub faults_reported: Vec<u64>,
 }
 
 impl MockTarget {
@@ -558,7 +577,21 @@ impl MockTarget {
             committed: false,
             aborted: false,
             aborts: 0,
+            postcopy_supported: true,
+            present: None,
+            pending_at_switch: None,
+            published: Vec::new(),
+            running: false,
+            stopped_after_run: false,
+            fault_script: Vec::new(),
+            faults_per_call: 1,
+            faults_reported: Vec::new(),
         }
+    }
+
+    /// Whether `page` may be read by the guest (post-copy: it arrived).
+    pub fn is_present(&self, page: u64) -> bool {
+        self.present.as_ref().is_none_or(|p| p.is_set(page))
     }
 
     pub fn memory(&self) -> &[u8] {
@@ -678,7 +711,56 @@ impl MigrationTarget for MockTarget {
         Ok(())
     }
 
+    fn postcopy_supported(&self) -> bool {
+        self.postcopy_supported
+    }
+
+    fn postcopy_begin(&mut self, pending: &PageSet) -> Result<(), TargetError> {
+        let mut present = PageSet::full(pending.pages());
+        for p in pending.iter() {
+            present.clear(p);
+        }
+        self.present = Some(present);
+        self.pending_at_switch = Some(pending.clone());
+        Ok(())
+    }
+
+    fn postcopy_run(&mut self) -> Result<(), TargetError> {
+        self.running = true;
+        Ok(())
+    }
+
+    fn postcopy_publish(&mut self, first_page: u64, count: u64) -> Result<(), TargetError> {
+        let present = self
+            .present
+            .as_mut()
+            .ok_or_else(|| TargetError::Failed("publish before the switch".into()))?;
+        for p in first_page..first_page + count {
+            present.set(p);
+            self.published.push(p);
+        }
+        Ok(())
+    }
+
+    fn postcopy_faults(&mut self, out: &mut Vec<u64>) {
+        let mut n = 0;
+        while n < self.faults_per_call.max(1) {
+            let Some(&p) = self.fault_script.get(self.faults_reported.len()) else {
+                break;
+            };
+            self.faults_reported.push(p);
+            if !self.is_present(p) {
+                out.push(p);
+                n += 1;
+            }
+        }
+    }
+
     fn abort(&mut self) {
+        if self.running {
+            self.running = false;
+            self.stopped_after_run = true;
+        }
         self.aborted = true;
         self.aborts += 1;
         self.device_state = None;

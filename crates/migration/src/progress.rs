@@ -13,6 +13,9 @@ pub enum Phase {
     PreCopy,
     /// The guest is paused; the last dirty pages and the state are sent.
     StopAndCopy,
+    /// Post-copy: the guest runs at the destination; the remaining pages are pushed in the
+    /// background and on demand. The source is paused and can no longer resume.
+    PostCopy,
     /// `Complete` was sent; waiting for the destination's commit.
     Committing,
     /// The destination committed; the source is dead.
@@ -54,6 +57,13 @@ pub struct Progress {
     pub max_bandwidth_bytes_per_sec: Option<u64>,
     /// Time since the migration started.
     pub elapsed_ms: u64,
+    /// Post-copy: time from the start of the migration to the switch (when the destination
+    /// confirmed that the guest runs there); `None` before a switch.
+    #[serde(default)]
+    pub postcopy_switch_ms: Option<u64>,
+    /// Post-copy: pages the destination requested because its guest faulted on them.
+    #[serde(default)]
+    pub postcopy_requests: u64,
 }
 
 impl Progress {
@@ -73,6 +83,8 @@ impl Progress {
             downtime_limit_ms,
             max_bandwidth_bytes_per_sec,
             elapsed_ms: 0,
+            postcopy_switch_ms: None,
+            postcopy_requests: 0,
         }
     }
 
@@ -137,6 +149,7 @@ impl TerminalProgress {
             Phase::Handshake => "handshake".to_string(),
             Phase::PreCopy => format!("pass {}", p.pass),
             Phase::StopAndCopy => "stop+copy".to_string(),
+            Phase::PostCopy => "post-copy".to_string(),
             Phase::Committing => "committing".to_string(),
             Phase::Completed => "done".to_string(),
             Phase::Failed => "failed".to_string(),

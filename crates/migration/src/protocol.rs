@@ -69,8 +69,20 @@ pub const CRC_CHUNK: usize = 128 << 10;
 
 /// Capability bit: the peer can carry SEV-ES guests (transport packets, session blobs).
 pub const CAP_SEV_ES: u64 = 1 << 0;
+/// Capability bit: the peer speaks post-copy (`PostcopySwitch`, `PostcopyRun`,
+/// `PageRequest`). A source switches to post-copy only if the destination's `HelloAck`
+/// carries it, so an older destination (which knows neither the bit nor the frames) is never
+/// sent a frame it would refuse; a destination clears it when its VM cannot run with pages
+/// missing (the KVM backend).
+pub const CAP_POSTCOPY: u64 = 1 << 1;
 /// Capabilities this implementation has.
-pub const CAPABILITIES: u64 = CAP_SEV_ES;
+pub const CAPABILITIES: u64 = CAP_SEV_ES | CAP_POSTCOPY;
+/// Most pages one `PageRequest` frame may name.
+pub const MAX_PAGES_PER_REQUEST: u32 = 1024;
+/// Fixed part of the `PostcopySwitch` payload: pass u32, reserved u32, pending count u64.
+pub const SWITCH_FIXED_LEN: usize = 16;
+/// Largest `PostcopySwitch` payload: the fixed part and a bitmap of [`MAX_MEM_SIZE`].
+pub const MAX_SWITCH_LEN: u32 = SWITCH_FIXED_LEN as u32 + (MAX_MEM_SIZE / PAGE_SIZE / 8) as u32;
 
 /// Four magic bytes in hex as they appear on the wire, with their text where printable:
 /// `0x454d4947 ("EMIG")`.
@@ -162,15 +174,18 @@ pub enum FrameType {
     VcpuState = 0x0008,
     Complete = 0x0009,
     Abort = 0x000A,
+    PostcopySwitch = 0x000B,
+    PostcopyRun = 0x000C,
     HelloAck = 0x8001,
     ConfigAck = 0x8002,
     Ack = 0x8003,
     Committed = 0x8004,
     Error = 0x8005,
+    PageRequest = 0x8006,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 15] = [
+    pub const ALL: [FrameType; 18] = [
         FrameType::Hello,
         FrameType::Config,
         FrameType::SevSession,
@@ -181,11 +196,14 @@ impl FrameType {
         FrameType::VcpuState,
         FrameType::Complete,
         FrameType::Abort,
+        FrameType::PostcopySwitch,
+        FrameType::PostcopyRun,
         FrameType::HelloAck,
         FrameType::ConfigAck,
         FrameType::Ack,
         FrameType::Committed,
         FrameType::Error,
+        FrameType::PageRequest,
     ];
 
     pub fn from_u16(v: u16) -> Option<FrameType> {
@@ -204,6 +222,9 @@ impl FrameType {
             FrameType::VcpuState => "VcpuState",
             FrameType::Complete => "Complete",
             FrameType::Abort => "Abort",
+            FrameType::PostcopySwitch => "PostcopySwitch",
+            FrameType::PostcopyRun => "PostcopyRun",
+            FrameType::PageRequest => "PageRequest",
             FrameType::HelloAck => "HelloAck",
             FrameType::ConfigAck => "ConfigAck",
             FrameType::Ack => "Ack",
@@ -244,6 +265,9 @@ impl FrameType {
             FrameType::ConfigAck => (0, MAX_BLOB_LEN),
             FrameType::Ack | FrameType::Committed => (8, 8),
             FrameType::Error => (8, 8 + MAX_TEXT_LEN),
+            FrameType::PostcopySwitch => (SWITCH_FIXED_LEN as u32 + 8, MAX_SWITCH_LEN),
+            FrameType::PostcopyRun => (0, 0),
+            FrameType::PageRequest => (16, 8 + 8 * MAX_PAGES_PER_REQUEST),
         }
     }
 
@@ -1156,6 +1180,115 @@ pub fn decode_packet_table(
         ));
     }
     Ok(entries)
+}
+
+/// `PostcopySwitch` (source -> destination, the source is paused): `pass u32, reserved u32,
+/// pending u64, bitmap` — the pages the destination has not received with their final
+/// content (one bit per guest page, LSB first, in little-endian u64 words covering every
+/// guest page, bits past the last page zero), and the pass number their frames will carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostcopySwitch {
+    pub pass: u32,
+    pub pending: crate::PageSet,
+}
+
+impl PostcopySwitch {
+    pub fn encode(&self) -> Vec<u8> {
+        let words = self.pending.words();
+        let mut b = Vec::with_capacity(SWITCH_FIXED_LEN + words.len() * 8);
+        b.extend_from_slice(&self.pass.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&self.pending.count().to_le_bytes());
+        for w in words {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decode and validate against guest memory of `mem_pages` pages: the bitmap covers
+    /// exactly the guest's pages and its population matches the announced count.
+    pub fn decode(p: &[u8], mem_pages: u64) -> Result<PostcopySwitch, ProtocolError> {
+        let t = FrameType::PostcopySwitch;
+        if p.len() < SWITCH_FIXED_LEN {
+            return Err(malformed(t, "shorter than its fixed part"));
+        }
+        if le32(&p[4..8]) != 0 {
+            return Err(malformed(t, "reserved bytes are not zero"));
+        }
+        let words_len = mem_pages.div_ceil(64) as usize;
+        if p.len() - SWITCH_FIXED_LEN != words_len * 8 {
+            return Err(malformed(
+                t,
+                format!(
+                    "bitmap of {} bytes for a guest of {mem_pages} pages (expected {})",
+                    p.len() - SWITCH_FIXED_LEN,
+                    words_len * 8
+                ),
+            ));
+        }
+        let words: Vec<u64> = p[SWITCH_FIXED_LEN..].chunks_exact(8).map(le64).collect();
+        if !mem_pages.is_multiple_of(64) {
+            if let Some(last) = words.last() {
+                if last >> (mem_pages % 64) != 0 {
+                    return Err(malformed(t, "bits set past the last guest page"));
+                }
+            }
+        }
+        let pending = crate::PageSet::from_words(mem_pages, &words);
+        let announced = le64(&p[8..16]);
+        if pending.count() != announced {
+            return Err(malformed(
+                t,
+                format!(
+                    "announces {announced} pending pages but its bitmap names {}",
+                    pending.count()
+                ),
+            ));
+        }
+        Ok(PostcopySwitch {
+            pass: le32(&p[0..4]),
+            pending,
+        })
+    }
+}
+
+/// `PageRequest` (destination -> source, during post-copy): `count u32, reserved u32,
+/// page u64 x count` — pages a vCPU or the VMM faulted on; the source sends them before its
+/// background order.
+pub fn encode_page_request(pages: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + 8 * pages.len());
+    b.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    for p in pages {
+        b.extend_from_slice(&p.to_le_bytes());
+    }
+    b
+}
+
+/// Decode a `PageRequest`, each page checked against guest memory of `mem_pages` pages.
+pub fn decode_page_request(p: &[u8], mem_pages: u64) -> Result<Vec<u64>, ProtocolError> {
+    let t = FrameType::PageRequest;
+    if p.len() < 8 {
+        return Err(malformed(t, "shorter than 8 bytes"));
+    }
+    let count = le32(&p[0..4]) as usize;
+    if le32(&p[4..8]) != 0 {
+        return Err(malformed(t, "reserved bytes are not zero"));
+    }
+    if count == 0 || p.len() != 8 + 8 * count {
+        return Err(malformed(
+            t,
+            format!("{count} pages announced in a {}-byte payload", p.len()),
+        ));
+    }
+    let pages: Vec<u64> = p[8..].chunks_exact(8).map(le64).collect();
+    if let Some(bad) = pages.iter().find(|pg| **pg >= mem_pages) {
+        return Err(malformed(
+            t,
+            format!("page {bad} lies outside guest memory ({mem_pages} pages)"),
+        ));
+    }
+    Ok(pages)
 }
 
 /// `VcpuState` prefix: `vcpu u32, reserved u32`; the opaque state follows.

@@ -12,7 +12,7 @@
 //!   never exceed the cap. The pacer takes the current time as an argument, so it is tested
 //!   without sleeping.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,8 @@ struct Shared {
     max_bandwidth: AtomicU64,
     /// Nanoseconds.
     downtime_limit_ns: AtomicU64,
+    /// Someone asked for the switch to post-copy (`esvm ctl postcopy`).
+    postcopy: AtomicBool,
 }
 
 impl LiveLimits {
@@ -39,6 +41,7 @@ impl LiveLimits {
         let l = LiveLimits(Arc::new(Shared {
             max_bandwidth: AtomicU64::new(0),
             downtime_limit_ns: AtomicU64::new(0),
+            postcopy: AtomicBool::new(false),
         }));
         l.set_max_bandwidth(max_bandwidth);
         l.set_downtime_limit(downtime_limit);
@@ -70,6 +73,21 @@ impl LiveLimits {
     pub fn set_downtime_limit(&self, limit: Duration) {
         let ns = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
         self.0.downtime_limit_ns.store(ns, Ordering::Relaxed);
+    }
+}
+
+impl LiveLimits {
+    /// Ask the sender to switch to post-copy as soon as it can: it ends the current pre-copy
+    /// pass early and switches (see [`crate::sender`]). It has no effect once the sender is
+    /// in stop-and-copy, and fails the migration (before any switch, so the source keeps
+    /// running) if the destination cannot do post-copy.
+    pub fn request_postcopy(&self) {
+        self.0.postcopy.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`request_postcopy`](Self::request_postcopy) was called.
+    pub fn postcopy_requested(&self) -> bool {
+        self.0.postcopy.load(Ordering::SeqCst)
     }
 }
 

@@ -7,7 +7,29 @@
 //!  ReceivingMemory --PassEnd(final)--> AwaitState
 //!  AwaitState --DeviceState|VcpuState--> AwaitState --Complete--> Committed
 //!  any state but Committed --Abort, error, cancel--> Aborted
+//!
+//!  post-copy (only if both sides offered CAP_POSTCOPY):
+//!  ReceivingMemory --PostcopySwitch--> PostcopyState
+//!  PostcopyState --DeviceState|VcpuState--> PostcopyState --PostcopyRun--> PostcopyMemory
+//!  PostcopyMemory --Pages|SevPages--> PostcopyMemory --Complete--> Committed
 //! ```
+//!
+//! ## Post-copy
+//! `PostcopySwitch` names the pages still missing; the target hides them from the guest
+//! ([`MigrationTarget::postcopy_begin`]). After the states, `PostcopyRun` starts the guest
+//! ([`MigrationTarget::postcopy_run`]). From then on every page frame may carry only pages
+//! still missing (a page sent twice, or one never announced, is refused: it could overwrite
+//! what the running guest wrote since); a page becomes visible to the guest only after its
+//! frame's checksum (plain) or its packet's MAC (SEV-ES) was verified
+//! ([`MigrationTarget::postcopy_publish`]). Between frames the receiver asks the target for
+//! the pages the guest faulted on and sends `PageRequest` frames for those not yet requested;
+//! the source sends them ahead of its background order. `Complete` is admitted only when no
+//! page is missing. The request latency is therefore one frame's transfer time at worst
+//! plus the source's small post-copy window; the receiver needs no second thread.
+//!
+//! After `PostcopyRun` the guest has run here: any failure (cut, bad frame, refused page,
+//! cancel) calls [`MigrationTarget::abort`], which must stop the guest for good, since
+//! neither side holds the whole guest any more.
 //! A frame the current state does not admit is refused on its header alone (before its
 //! payload is read or anything is allocated). On any error the target's
 //! [`abort`](MigrationTarget::abort) discards everything, the source is told why with an
@@ -17,11 +39,13 @@
 use crate::protocol::{
     self, check_payload_crc, decode_packet_table, decode_page_table, decode_table_prefix,
     encode_error, encode_seq, ErrorCode, FrameHeader, FrameReader, FrameType, FrameWriter,
-    HelloAck, PassEnd, ProtocolError, CAPABILITIES, CAP_SEV_ES, CRC_CHUNK, MAX_BLOB_LEN,
-    MIN_PROTOCOL_VERSION, PAGES_PREFIX_LEN, PROTOCOL_VERSION, TABLE_ENTRY_LEN,
+    HelloAck, PassEnd, PostcopySwitch, ProtocolError, CAPABILITIES, CAP_POSTCOPY, CAP_SEV_ES,
+    CRC_CHUNK, MAX_BLOB_LEN, MAX_PAGES_PER_REQUEST, MIN_PROTOCOL_VERSION, PAGES_PREFIX_LEN,
+    PROTOCOL_VERSION, TABLE_ENTRY_LEN,
 };
 use crate::stream::MigrationStream;
 use crate::target::{MigrationTarget, TargetError};
+use crate::PageSet;
 use crate::{CancelToken, GuestType, MigrationConfig, PAGE_SIZE};
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -36,6 +60,10 @@ pub enum ReceiverState {
     AwaitSevSession,
     ReceivingMemory,
     AwaitState,
+    /// Post-copy: the switch arrived; device and vCPU states follow, then `PostcopyRun`.
+    PostcopyState,
+    /// Post-copy: the guest runs here; the missing pages arrive, then `Complete`.
+    PostcopyMemory,
     Committed,
     Aborted,
 }
@@ -51,8 +79,10 @@ impl ReceiverState {
             (S::AwaitHello, F::Hello) => true,
             (S::AwaitConfig, F::Config) => true,
             (S::AwaitSevSession, F::SevSession) => true,
-            (S::ReceivingMemory, F::Pages | F::SevPages | F::PassEnd) => true,
+            (S::ReceivingMemory, F::Pages | F::SevPages | F::PassEnd | F::PostcopySwitch) => true,
             (S::AwaitState, F::DeviceState | F::VcpuState | F::Complete) => true,
+            (S::PostcopyState, F::DeviceState | F::VcpuState | F::PostcopyRun) => true,
+            (S::PostcopyMemory, F::Pages | F::SevPages | F::Complete) => true,
             _ => false,
         }
     }
@@ -63,8 +93,10 @@ impl ReceiverState {
             ReceiverState::AwaitHello => "Hello",
             ReceiverState::AwaitConfig => "Config",
             ReceiverState::AwaitSevSession => "SevSession",
-            ReceiverState::ReceivingMemory => "Pages, SevPages or PassEnd",
+            ReceiverState::ReceivingMemory => "Pages, SevPages, PassEnd or PostcopySwitch",
             ReceiverState::AwaitState => "DeviceState, VcpuState or Complete",
+            ReceiverState::PostcopyState => "DeviceState, VcpuState or PostcopyRun",
+            ReceiverState::PostcopyMemory => "Pages, SevPages or Complete",
             ReceiverState::Committed | ReceiverState::Aborted => "nothing (the migration ended)",
         }
     }
@@ -158,6 +190,17 @@ pub struct ReceiveOutcome {
     /// Whether the `Committed` acknowledgement reached the wire. If not, the destination is
     /// committed all the same, and the source stays paused reporting an in-doubt outcome.
     pub commit_ack_sent: bool,
+    /// Post-copy figures, if the migration switched to post-copy.
+    pub postcopy: Option<PostcopyReceived>,
+}
+
+/// What post-copy did on the destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostcopyReceived {
+    /// Pages missing at the switch.
+    pub pending_at_switch: u64,
+    /// Distinct pages requested from the source because the guest faulted on them.
+    pub requested: u64,
 }
 
 /// The destination's side of a migration.
@@ -177,6 +220,13 @@ struct Ctx {
     device_state: bool,
     vcpus_seen: Vec<bool>,
     scratch: Vec<u8>,
+    postcopy_capable: bool,
+    /// Post-copy: pages still missing (from the switch on).
+    pending: Option<PageSet>,
+    /// Post-copy: pages already requested from the source.
+    requested: Option<PageSet>,
+    postcopy: Option<PostcopyReceived>,
+    faults: Vec<u64>,
 }
 
 impl Receiver {
@@ -251,6 +301,11 @@ impl Receiver {
             device_state: false,
             vcpus_seen: Vec::new(),
             scratch: Vec::new(),
+            postcopy_capable: false,
+            pending: None,
+            requested: None,
+            postcopy: None,
+            faults: Vec::new(),
         };
         self.state = ReceiverState::AwaitHello;
         match self.session(target, &mut r, &mut w, &mut ctx) {
@@ -296,6 +351,9 @@ impl Receiver {
             if self.cancel.is_cancelled() {
                 return Err(ReceiveError::Cancelled);
             }
+            if self.state == ReceiverState::PostcopyMemory {
+                request_faults(target, w, ctx)?;
+            }
             let h = r.read_header()?;
             if !self.state.admits(h.frame_type) {
                 return Err(ReceiveError::OutOfOrder {
@@ -314,8 +372,12 @@ impl Receiver {
                             max: hello.max_version,
                         });
                     }
-                    let caps = hello.capabilities & CAPABILITIES;
+                    let mut caps = hello.capabilities & CAPABILITIES;
+                    if !target.postcopy_supported() {
+                        caps &= !CAP_POSTCOPY;
+                    }
                     ctx.sev_capable = caps & CAP_SEV_ES != 0;
+                    ctx.postcopy_capable = caps & CAP_POSTCOPY != 0;
                     w.send(
                         FrameType::HelloAck,
                         &[&HelloAck {
@@ -364,7 +426,8 @@ impl Receiver {
                         ));
                     }
                     let mem_pages = cfg.pages();
-                    let n = receive_pages(target, r, &h, mem_pages, ctx.pass)?;
+                    let n =
+                        receive_pages(target, r, &h, mem_pages, ctx.pass, ctx.pending.as_mut())?;
                     ctx.pass_pages += n;
                     ctx.pages += n;
                     ack(w, &h)?;
@@ -377,8 +440,15 @@ impl Receiver {
                         ));
                     }
                     let mem_pages = cfg.pages();
-                    let n =
-                        receive_sev_pages(target, r, &h, mem_pages, ctx.pass, &mut ctx.scratch)?;
+                    let n = receive_sev_pages(
+                        target,
+                        r,
+                        &h,
+                        mem_pages,
+                        ctx.pass,
+                        &mut ctx.scratch,
+                        ctx.pending.as_mut(),
+                    )?;
                     ctx.pass_pages += n;
                     ctx.pages += n;
                     ack(w, &h)?;
@@ -404,6 +474,44 @@ impl Receiver {
                         self.state = ReceiverState::AwaitState;
                     }
                     ack(w, &h)?;
+                }
+                FrameType::PostcopySwitch => {
+                    if !ctx.postcopy_capable {
+                        return Err(ReceiveError::Invalid(
+                            "a post-copy switch, but post-copy was not negotiated".into(),
+                        ));
+                    }
+                    let cfg = ctx.config.as_ref().ok_or_else(no_config)?;
+                    let sw = PostcopySwitch::decode(&r.read_payload(&h)?, cfg.pages())?;
+                    if sw.pass != ctx.pass {
+                        return Err(ReceiveError::Invalid(format!(
+                            "post-copy switch to pass {} while receiving pass {}",
+                            sw.pass, ctx.pass
+                        )));
+                    }
+                    if ctx.pass_pages != 0 {
+                        return Err(ReceiveError::Invalid(format!(
+                            "post-copy switch in the middle of pass {}",
+                            ctx.pass
+                        )));
+                    }
+                    target.postcopy_begin(&sw.pending)?;
+                    ctx.postcopy = Some(PostcopyReceived {
+                        pending_at_switch: sw.pending.count(),
+                        requested: 0,
+                    });
+                    ctx.requested = Some(PageSet::new(cfg.pages()));
+                    ctx.pending = Some(sw.pending);
+                    self.state = ReceiverState::PostcopyState;
+                    ack(w, &h)?;
+                }
+                FrameType::PostcopyRun => {
+                    r.read_payload(&h)?;
+                    check_states(ctx, "PostcopyRun")?;
+                    target.postcopy_run()?;
+                    self.state = ReceiverState::PostcopyMemory;
+                    ack(w, &h)?;
+                    w.flush()?;
                 }
                 FrameType::DeviceState => {
                     if ctx.device_state {
@@ -436,15 +544,18 @@ impl Receiver {
                 }
                 FrameType::Complete => {
                     let finish = r.read_payload(&h)?;
-                    if !ctx.device_state {
-                        return Err(ReceiveError::Invalid(
-                            "Complete before the device state".into(),
-                        ));
-                    }
-                    if let Some(v) = ctx.vcpus_seen.iter().position(|s| !s) {
+                    check_states(ctx, "Complete")?;
+                    if let Some(missing) = ctx.pending.as_ref().filter(|p| !p.is_empty()) {
                         return Err(ReceiveError::Invalid(format!(
-                            "Complete before the state of vCPU {v}"
+                            "Complete while {} pages are still missing (the first is page {})",
+                            missing.count(),
+                            missing.next_set(0).unwrap_or(0)
                         )));
+                    }
+                    if ctx.pending.is_some() {
+                        // The post-copy pass has no PassEnd: Complete ends it.
+                        target.pass_end(ctx.pass, true)?;
+                        ctx.pass += 1;
                     }
                     let config = ctx.config.clone().ok_or_else(no_config)?;
                     match (config.vm_type, finish.is_empty()) {
@@ -475,6 +586,7 @@ impl Receiver {
                         pages: ctx.pages,
                         bytes: r.bytes_read(),
                         commit_ack_sent: sent,
+                        postcopy: ctx.postcopy.clone(),
                     });
                 }
                 FrameType::Abort => {
@@ -487,7 +599,8 @@ impl Receiver {
                 | FrameType::ConfigAck
                 | FrameType::Ack
                 | FrameType::Committed
-                | FrameType::Error => {
+                | FrameType::Error
+                | FrameType::PageRequest => {
                     // admits() never lets a response type through; refuse defensively.
                     return Err(ReceiveError::OutOfOrder {
                         frame: h.frame_type,
@@ -498,6 +611,69 @@ impl Receiver {
             }
         }
     }
+}
+
+/// The device state and every vCPU's state arrived (before `Complete` / `PostcopyRun`).
+fn check_states(ctx: &Ctx, frame: &str) -> Result<(), ReceiveError> {
+    if !ctx.device_state {
+        return Err(ReceiveError::Invalid(format!(
+            "{frame} before the device state"
+        )));
+    }
+    if let Some(v) = ctx.vcpus_seen.iter().position(|s| !s) {
+        return Err(ReceiveError::Invalid(format!(
+            "{frame} before the state of vCPU {v}"
+        )));
+    }
+    Ok(())
+}
+
+/// Post-copy: send `PageRequest`s for the pages the guest faulted on that are still missing
+/// and not requested yet.
+fn request_faults<T: MigrationTarget + ?Sized, W: Write>(
+    target: &mut T,
+    w: &mut FrameWriter<W>,
+    ctx: &mut Ctx,
+) -> Result<(), ReceiveError> {
+    ctx.faults.clear();
+    target.postcopy_faults(&mut ctx.faults);
+    let (Some(pending), Some(requested)) = (ctx.pending.as_ref(), ctx.requested.as_mut()) else {
+        return Ok(());
+    };
+    let mut new = Vec::new();
+    for &p in &ctx.faults {
+        if p < pending.pages() && pending.is_set(p) && !requested.is_set(p) {
+            requested.set(p);
+            new.push(p);
+        }
+    }
+    if new.is_empty() {
+        return Ok(());
+    }
+    if let Some(pc) = ctx.postcopy.as_mut() {
+        pc.requested += new.len() as u64;
+    }
+    for chunk in new.chunks(MAX_PAGES_PER_REQUEST as usize) {
+        w.send(
+            FrameType::PageRequest,
+            &[&protocol::encode_page_request(chunk)],
+        )?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Post-copy: every page of a frame must still be missing, or the frame could overwrite
+/// what the running guest wrote since.
+fn check_pending(pending: &PageSet, first: u64, count: u64) -> Result<(), ReceiveError> {
+    for p in first..first + count {
+        if !pending.is_set(p) {
+            return Err(ReceiveError::Invalid(format!(
+                "page {p} arrived during post-copy although it is not missing (sent twice,                  or never announced at the switch); refused so that it cannot overwrite                  the running guest's memory"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn no_config() -> ReceiveError {
@@ -525,6 +701,7 @@ fn receive_pages<T: MigrationTarget + ?Sized, R: Read>(
     h: &FrameHeader,
     mem_pages: u64,
     pass: u32,
+    pending: Option<&mut PageSet>,
 ) -> Result<u64, ReceiveError> {
     let mut crc = 0u32;
     let mut prefix = [0u8; PAGES_PREFIX_LEN];
@@ -535,7 +712,12 @@ fn receive_pages<T: MigrationTarget + ?Sized, R: Read>(
     let mut table = vec![0u8; entries as usize * TABLE_ENTRY_LEN];
     r.read_exact_crc(&mut table, &mut crc)?;
     let (runs, total) = decode_page_table(&table, mem_pages, h.len)?;
-    for run in runs {
+    if let Some(pending) = pending.as_deref() {
+        for run in &runs {
+            check_pending(pending, run.first, run.count as u64)?;
+        }
+    }
+    for run in &runs {
         let dst = target.pages_mut(run.first, run.count as u64)?;
         let want = run.count as u64 * PAGE_SIZE;
         if dst.len() as u64 != want {
@@ -551,8 +733,15 @@ fn receive_pages<T: MigrationTarget + ?Sized, R: Read>(
         }
     }
     // A mismatch means corrupted data already landed in guest memory; the error aborts the
-    // target, which discards it.
+    // target, which discards it. In post-copy those pages are still hidden from the guest
+    // (published only below), so the guest never sees them either.
     check_payload_crc(h, crc)?;
+    if let Some(pending) = pending {
+        for run in &runs {
+            target.postcopy_publish(run.first, run.count as u64)?;
+            pending.clear_range(run.first, run.count as u64);
+        }
+    }
     Ok(total)
 }
 
@@ -564,6 +753,7 @@ fn receive_sev_pages<T: MigrationTarget + ?Sized, R: Read>(
     mem_pages: u64,
     pass: u32,
     scratch: &mut Vec<u8>,
+    mut pending: Option<&mut PageSet>,
 ) -> Result<u64, ReceiveError> {
     let mut crc = 0u32;
     let mut prefix = [0u8; PAGES_PREFIX_LEN];
@@ -573,6 +763,11 @@ fn receive_sev_pages<T: MigrationTarget + ?Sized, R: Read>(
     let mut table = vec![0u8; entries as usize * TABLE_ENTRY_LEN];
     r.read_exact_crc(&mut table, &mut crc)?;
     let list = decode_packet_table(&table, mem_pages, h.len)?;
+    if let Some(pending) = pending.as_deref() {
+        for e in &list {
+            check_pending(pending, e.page, 1)?;
+        }
+    }
     // The packets' total was checked to fill the payload exactly, and the payload length is
     // bounded by the frame type's limit.
     let data_len = h.len as usize - PAGES_PREFIX_LEN - table.len();
@@ -582,7 +777,13 @@ fn receive_sev_pages<T: MigrationTarget + ?Sized, R: Read>(
     let mut off = 0usize;
     for e in &list {
         let end = off + e.len as usize;
+        // The firmware authenticates the packet before it writes the page; only then is it
+        // published (post-copy).
         target.receive_page_packet(e.page, &scratch[off..end])?;
+        if let Some(pending) = pending.as_deref_mut() {
+            target.postcopy_publish(e.page, 1)?;
+            pending.clear(e.page);
+        }
         off = end;
     }
     Ok(list.len() as u64)
@@ -653,6 +854,8 @@ mod tests {
             S::AwaitSevSession,
             S::ReceivingMemory,
             S::AwaitState,
+            S::PostcopyState,
+            S::PostcopyMemory,
             S::Committed,
             S::Aborted,
         ]
@@ -669,9 +872,16 @@ mod tests {
                 (S::ReceivingMemory, F::Pages),
                 (S::ReceivingMemory, F::SevPages),
                 (S::ReceivingMemory, F::PassEnd),
+                (S::ReceivingMemory, F::PostcopySwitch),
                 (S::AwaitState, F::DeviceState),
                 (S::AwaitState, F::VcpuState),
                 (S::AwaitState, F::Complete),
+                (S::PostcopyState, F::DeviceState),
+                (S::PostcopyState, F::VcpuState),
+                (S::PostcopyState, F::PostcopyRun),
+                (S::PostcopyMemory, F::Pages),
+                (S::PostcopyMemory, F::SevPages),
+                (S::PostcopyMemory, F::Complete),
             ]
         );
         assert!(S::AwaitHello.admits(F::Abort));

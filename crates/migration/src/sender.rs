@@ -39,15 +39,36 @@
 //! may or may not have committed. Resuming the source could run the guest twice, so the
 //! sender leaves it paused and returns [`SendError::InDoubt`]; the VMM resolves it by asking
 //! the destination (resume the source only if the destination did not commit).
+//!
+//! ## Post-copy
+//! With [`SenderConfig::postcopy_after`] (after that many pre-copy passes) or on
+//! [`LiveLimits::request_postcopy`] (which also ends the current pass early), and only if the
+//! destination offered [`CAP_POSTCOPY`], the sender switches instead of stop-and-copy: it
+//! pauses the source, takes the last dirty log, and sends `PostcopySwitch` (the pages not yet
+//! transferred), the device and vCPU states and `PostcopyRun`. The destination starts the
+//! guest on `PostcopyRun`; the sender then sends every remaining page exactly once — pages
+//! named by the destination's `PageRequest` frames first, the rest in ascending order — in
+//! small frames with a small window ([`SenderConfig::postcopy_pages_per_frame`],
+//! [`SenderConfig::postcopy_window_frames`]) so that a request waits behind little data, and
+//! finishes with `Complete` (SEV-ES: the finish blob) and the commit handshake.
+//!
+//! Failure semantics: before `PostcopyRun` was written, as above (the source resumes). Once
+//! it was written, the guest may run at the destination, so the source must never run
+//! again, and the destination lacks pages only the source has: neither side holds the whole
+//! guest. Any failure then (cut, refusal, timeout, cancel) tells the destination (`Abort`, if
+//! the connection still works), leaves the source paused, and returns
+//! [`SendError::PostcopyFailed`]: the guest is lost. A cancel after the switch has no
+//! effect (as after `Complete`): finishing is the only outcome that keeps the guest.
 
 use crate::bitmap::{BitmapError, PageSet};
 use crate::progress::{Phase, Progress};
 use crate::protocol::{
     decode_error, decode_seq, encode_config, encode_packet_table, encode_page_table,
     encode_vcpu_prefix, truncate_text, ErrorCode, Frame, FrameType, FrameWriter, Hello, HelloAck,
-    PacketEntry, PageRun, PassEnd, PollReader, ProtocolError, CAP_SEV_ES, CRC_CHUNK, HEADER_LEN,
-    MAX_BLOB_LEN, MAX_MEM_SIZE, MAX_PACKET_LEN, MAX_PAGES_PER_FRAME, MAX_TEXT_LEN, MAX_VCPUS,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TABLE_ENTRY_LEN,
+    PacketEntry, PageRun, PassEnd, PollReader, PostcopySwitch, ProtocolError, CAP_POSTCOPY,
+    CAP_SEV_ES, CRC_CHUNK, HEADER_LEN, MAX_BLOB_LEN, MAX_MEM_SIZE, MAX_PACKET_LEN,
+    MAX_PAGES_PER_FRAME, MAX_TEXT_LEN, MAX_VCPUS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    TABLE_ENTRY_LEN,
 };
 use crate::rate::{LiveLimits, Pacer, PACE_CHECK_INTERVAL};
 use crate::source::{MigrationSource, SourceError};
@@ -94,6 +115,15 @@ pub struct SenderConfig {
     /// Bandwidth cap in bytes per second over every frame written (default none). Changeable
     /// during the migration through [`Sender::limits`], like the downtime limit.
     pub max_bandwidth: Option<u64>,
+    /// Switch to post-copy after this many pre-copy passes (0: before the first pass)
+    /// instead of waiting for convergence (default none: pre-copy only). The destination
+    /// must offer post-copy, or the migration fails at the handshake.
+    pub postcopy_after: Option<u32>,
+    /// Pages per frame during post-copy (default 32 = 128 KiB): a demand request waits
+    /// behind at most [`postcopy_window_frames`](Self::postcopy_window_frames) such frames.
+    pub postcopy_pages_per_frame: u32,
+    /// Most unacknowledged frames during post-copy (default 2).
+    pub postcopy_window_frames: usize,
 }
 
 impl Default for SenderConfig {
@@ -109,8 +139,26 @@ impl Default for SenderConfig {
             poll_interval: Duration::from_millis(20),
             progress_interval: Duration::from_millis(100),
             max_bandwidth: None,
+            postcopy_after: None,
+            postcopy_pages_per_frame: 32,
+            postcopy_window_frames: 2,
         }
     }
+}
+
+/// What post-copy did (part of [`SendOutcome`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PostcopySent {
+    /// From the start of the migration until the destination confirmed that the guest runs
+    /// there.
+    pub switch_time: Duration,
+    /// Pages that were still missing at the destination when its guest started.
+    pub pages_at_switch: u64,
+    /// Pages the destination requested because its guest faulted on them.
+    pub requests: u64,
+    /// Requested pages that were still unsent when the request arrived (and jumped the
+    /// queue).
+    pub requests_served: u64,
 }
 
 /// What a successful migration did.
@@ -134,8 +182,11 @@ pub struct SendOutcome {
     pub total_time: Duration,
     /// The downtime estimate when pre-copy stopped (`None` if nothing had been measured).
     pub estimated_downtime: Option<Duration>,
-    /// From pausing the source to receiving the destination's commit.
+    /// From pausing the source to receiving the destination's commit (post-copy: to the
+    /// destination's confirmation that the guest runs there).
     pub downtime: Duration,
+    /// Post-copy figures, if the migration switched to post-copy.
+    pub postcopy: Option<PostcopySent>,
 }
 
 #[derive(Debug, Error)]
@@ -182,6 +233,18 @@ pub enum SendError {
          destination did not commit"
     )]
     InDoubt { cause: Box<SendError> },
+    #[error(
+        "the destination cannot do post-copy (an older esvm, or a backend that needs every \
+         page before the guest runs, such as kvm); migrate without --postcopy-after / ctl \
+         postcopy"
+    )]
+    PostcopyUnsupported,
+    #[error(
+        "the migration failed after the switch to post-copy ({cause}): the guest ran on at \
+         the destination, which lacks pages only this source had, so neither side holds the \
+         whole guest; the source stays paused and must not resume: the guest is lost"
+    )]
+    PostcopyFailed { cause: Box<SendError> },
     #[error("{cause}; recovering the source also failed: {recovery}")]
     RecoveryFailed {
         cause: Box<SendError>,
@@ -193,6 +256,16 @@ impl SendError {
     /// Whether the commit outcome is unknown (the source was left paused).
     pub fn is_in_doubt(&self) -> bool {
         matches!(self, SendError::InDoubt { .. })
+    }
+
+    /// Whether the migration failed after the switch to post-copy (the source was left
+    /// paused and must never run again; the guest is lost).
+    pub fn is_postcopy_lost(&self) -> bool {
+        match self {
+            SendError::PostcopyFailed { .. } => true,
+            SendError::RecoveryFailed { cause, .. } => cause.is_postcopy_lost(),
+            _ => false,
+        }
     }
 }
 
@@ -320,6 +393,11 @@ impl Sender {
             sev_started: false,
             paused: false,
             complete_sent: false,
+            postcopy_peer: false,
+            switched: false,
+            demand: Vec::new(),
+            requests: 0,
+            requests_served: 0,
             progress: Progress::new(
                 self.limits.downtime_limit().as_secs_f64() * 1e3,
                 self.limits.max_bandwidth(),
@@ -373,6 +451,14 @@ struct Session<'a, S: MigrationSource + ?Sized, R: Read, W: Write> {
     sev_started: bool,
     paused: bool,
     complete_sent: bool,
+    /// The destination offered post-copy.
+    postcopy_peer: bool,
+    /// `PostcopyRun` was written: the source must never resume (see the module docs).
+    switched: bool,
+    /// Post-copy: pages the destination requested, not yet looked at.
+    demand: Vec<u64>,
+    requests: u64,
+    requests_served: u64,
     progress: Progress,
     start: Instant,
     last_report: Instant,
@@ -424,6 +510,10 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
                 "the destination cannot receive SEV-ES guests".into(),
             ));
         }
+        self.postcopy_peer = hello.capabilities & CAP_POSTCOPY != 0;
+        if self.cfg.postcopy_after.is_some() && !self.postcopy_peer {
+            return Err(SendError::PostcopyUnsupported);
+        }
         self.mem_pages = guest.pages();
         self.progress.mem_pages = self.mem_pages;
         self.to_send = PageSet::new(self.mem_pages);
@@ -460,8 +550,9 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         let mut converged = false;
         let mut forced = false;
         let mut first_pass_bandwidth = 0.0;
-        let mut last_estimate;
-        loop {
+        let mut last_estimate = None;
+        let mut postcopy = self.postcopy_due(0)?;
+        while !postcopy {
             pass += 1;
             let t0 = Instant::now();
             let b0 = self.w.bytes_written();
@@ -487,6 +578,10 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             self.report(true);
             if self.cancel.is_cancelled() {
                 return Err(SendError::Cancelled);
+            }
+            if self.postcopy_due(pass)? {
+                postcopy = true;
+                break;
             }
             if interrupted {
                 forced = true;
@@ -514,6 +609,13 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             }
         }
 
+        if postcopy {
+            let mut o = self.postcopy(pass)?;
+            o.first_pass_bandwidth = first_pass_bandwidth;
+            o.estimated_downtime = last_estimate;
+            return Ok(o);
+        }
+
         // Stop-and-copy.
         self.set_phase(Phase::StopAndCopy);
         let paused_at = Instant::now();
@@ -524,20 +626,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         pass += 1;
         let final_pass_pages = self.to_send.count();
         self.send_pass(pass, true)?;
-        let state = self.source.device_state()?;
-        self.pace((HEADER_LEN + state.len()) as u64)?;
-        let seq = self.w.send(FrameType::DeviceState, &[&state])?;
-        self.track(seq, (HEADER_LEN + state.len()) as u64, Vec::new());
-        self.wait_window(true)?;
-        for v in 0..vcpus {
-            let st = self.source.vcpu_state(v)?;
-            self.pace((HEADER_LEN + 8 + st.len()) as u64)?;
-            let seq = self
-                .w
-                .send(FrameType::VcpuState, &[&encode_vcpu_prefix(v), &st])?;
-            self.track(seq, (HEADER_LEN + 8 + st.len()) as u64, Vec::new());
-            self.wait_window(true)?;
-        }
+        self.send_states(vcpus)?;
         if self.cancel.is_cancelled() {
             return Err(SendError::Cancelled);
         }
@@ -592,7 +681,242 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             total_time: self.start.elapsed(),
             estimated_downtime: last_estimate,
             downtime,
+            postcopy: None,
         })
+    }
+
+    /// Send the device state and every vCPU's state (the source is paused).
+    fn send_states(&mut self, vcpus: u32) -> Result<(), SendError> {
+        let state = self.source.device_state()?;
+        self.pace((HEADER_LEN + state.len()) as u64)?;
+        let seq = self.w.send(FrameType::DeviceState, &[&state])?;
+        self.track(seq, (HEADER_LEN + state.len()) as u64, Vec::new());
+        self.wait_window(true)?;
+        for v in 0..vcpus {
+            let st = self.source.vcpu_state(v)?;
+            self.pace((HEADER_LEN + 8 + st.len()) as u64)?;
+            let seq = self
+                .w
+                .send(FrameType::VcpuState, &[&encode_vcpu_prefix(v), &st])?;
+            self.track(seq, (HEADER_LEN + 8 + st.len()) as u64, Vec::new());
+            self.wait_window(true)?;
+        }
+        Ok(())
+    }
+
+    /// Whether to switch to post-copy now, `passes` pre-copy passes being done: configured
+    /// after that many passes, or requested live. A request to a destination without
+    /// post-copy fails the migration (before any switch: the source keeps running).
+    fn postcopy_due(&self, passes: u32) -> Result<bool, SendError> {
+        let due = self.cfg.postcopy_after.is_some_and(|n| passes >= n)
+            || self.limits.postcopy_requested();
+        if due && !self.postcopy_peer {
+            return Err(SendError::PostcopyUnsupported);
+        }
+        Ok(due)
+    }
+
+    /// The switch and the post-copy phase (see the module docs); `pass` pre-copy passes are
+    /// done.
+    fn postcopy(&mut self, mut pass: u32) -> Result<SendOutcome, SendError> {
+        let vcpus = self.guest.as_ref().map(|g| g.vcpus).unwrap_or(0);
+        self.set_phase(Phase::StopAndCopy);
+        let paused_at = Instant::now();
+        self.paused = true;
+        self.source.pause()?;
+        self.take_log()?;
+        pass += 1;
+        let pending = self.to_send.clone();
+        let pages_at_switch = pending.count();
+        let sw = PostcopySwitch { pass, pending }.encode();
+        self.pace((HEADER_LEN + sw.len()) as u64)?;
+        let seq = self.w.send(FrameType::PostcopySwitch, &[&sw])?;
+        self.track(seq, (HEADER_LEN + sw.len()) as u64, Vec::new());
+        self.send_states(vcpus)?;
+        if self.cancel.is_cancelled() {
+            return Err(SendError::Cancelled);
+        }
+        self.pace(HEADER_LEN as u64)?;
+        let seq = self.w.send(FrameType::PostcopyRun, &[])?;
+        // Point of no return for the source: the destination may start the guest now.
+        self.switched = true;
+        self.track(seq, HEADER_LEN as u64, Vec::new());
+        self.w.flush()?;
+        // The destination acknowledges PostcopyRun once its guest runs.
+        while !self.in_flight.is_empty() {
+            self.postcopy_wait()?;
+        }
+        let downtime = paused_at.elapsed();
+        let switch_time = self.start.elapsed();
+        self.progress.postcopy_switch_ms = Some(switch_time.as_millis() as u64);
+        self.progress.pass = pass;
+        self.progress.pass_pages_total = pages_at_switch;
+        self.progress.pass_pages_sent = 0;
+        self.progress.pages_remaining = pages_at_switch;
+        self.set_phase(Phase::PostCopy);
+
+        // From here on a cancel has no effect (as after `Complete`): stopping now would lose
+        // the guest, which runs at the destination; finishing is the only good outcome.
+        let mut cursor = 0u64;
+        let mut sent = 0u64;
+        loop {
+            let per_frame = self.frame_pages().min(
+                self.cfg
+                    .postcopy_pages_per_frame
+                    .clamp(1, MAX_PAGES_PER_FRAME) as u64,
+            );
+            self.runs.clear();
+            let mut n = 0u64;
+            // Requested pages first, in a frame of their own (runs must ascend).
+            self.demand.sort_unstable();
+            self.demand.dedup();
+            let mut keep = Vec::new();
+            for &p in &self.demand {
+                if !self.to_send.is_set(p) {
+                    continue;
+                }
+                if n >= per_frame {
+                    keep.push(p);
+                    continue;
+                }
+                self.requests_served += 1;
+                match self.runs.last_mut() {
+                    Some(r) if r.first + r.count as u64 == p => r.count += 1,
+                    _ => self.runs.push(PageRun { first: p, count: 1 }),
+                }
+                n += 1;
+            }
+            self.demand = keep;
+            while n == 0 {
+                let Some(p) = self.to_send.next_set(cursor) else {
+                    break;
+                };
+                let len = self.to_send.run_len(p, per_frame);
+                self.runs.push(PageRun {
+                    first: p,
+                    count: len as u32,
+                });
+                n += len;
+                cursor = p + len;
+                while n < per_frame {
+                    let Some(p) = self.to_send.next_set(cursor) else {
+                        break;
+                    };
+                    let len = self.to_send.run_len(p, per_frame - n);
+                    self.runs.push(PageRun {
+                        first: p,
+                        count: len as u32,
+                    });
+                    n += len;
+                    cursor = p + len;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            match self.vm_type() {
+                GuestType::Plain => self.send_plain_batch(pass, n)?,
+                GuestType::SevEs => self.send_sev_batch(pass)?,
+            }
+            sent += n;
+            self.progress.pass_pages_sent = sent;
+            self.progress.pages_sent += n;
+            self.progress.pages_remaining = pages_at_switch.saturating_sub(sent);
+            self.report(false);
+            while self.in_flight.len() > self.cfg.postcopy_window_frames.max(1) {
+                self.postcopy_wait()?;
+            }
+        }
+        while !self.in_flight.is_empty() {
+            self.postcopy_wait()?;
+        }
+
+        self.set_phase(Phase::Committing);
+        let finish = match self.vm_type() {
+            GuestType::SevEs => self.source.sev_finish_blob()?,
+            GuestType::Plain => Vec::new(),
+        };
+        let complete_seq = self.w.send(FrameType::Complete, &[&finish])?;
+        self.complete_sent = true;
+        self.track(complete_seq, (HEADER_LEN + finish.len()) as u64, Vec::new());
+        self.w.flush()?;
+        loop {
+            let f = self.wait_frame(false)?;
+            match f.header.frame_type {
+                FrameType::Ack => {
+                    let s = decode_seq(FrameType::Ack, &f.payload)?;
+                    self.ack_up_to(s)?;
+                }
+                // Late requests for pages already sent: nothing to do.
+                FrameType::PageRequest => {
+                    self.note_requests(&f.payload)?;
+                }
+                FrameType::Committed => {
+                    let s = decode_seq(FrameType::Committed, &f.payload)?;
+                    if s != complete_seq {
+                        return Err(SendError::UnexpectedResponse(format!(
+                            "commit of frame #{s}, but Complete was frame #{complete_seq}"
+                        )));
+                    }
+                    self.ack_up_to(s)?;
+                    break;
+                }
+                other => return Err(unexpected(other, "Committed")),
+            }
+        }
+        self.source.mark_dead();
+        self.paused = false;
+        self.set_phase(Phase::Completed);
+        Ok(SendOutcome {
+            passes: pass,
+            converged: false,
+            forced: false,
+            pages_sent: self.progress.pages_sent,
+            bytes_sent: self.w.bytes_written(),
+            final_pass_pages: pages_at_switch,
+            first_pass_bandwidth: 0.0,
+            bandwidth: if self.xfer_secs > 0.0 {
+                self.xfer_bytes as f64 / self.xfer_secs
+            } else {
+                0.0
+            },
+            total_time: self.start.elapsed(),
+            estimated_downtime: None,
+            downtime,
+            postcopy: Some(PostcopySent {
+                switch_time,
+                pages_at_switch,
+                requests: self.requests,
+                requests_served: self.requests_served,
+            }),
+        })
+    }
+
+    /// Post-copy: read one response — an acknowledgement or a page request. Not
+    /// cancellable (see [`Session::postcopy`]).
+    fn postcopy_wait(&mut self) -> Result<(), SendError> {
+        let f = self.wait_frame(false)?;
+        match f.header.frame_type {
+            FrameType::Ack => {
+                let s = decode_seq(FrameType::Ack, &f.payload)?;
+                self.ack_up_to(s)
+            }
+            FrameType::PageRequest => self.note_requests(&f.payload),
+            other => Err(unexpected(other, "Ack or PageRequest")),
+        }
+    }
+
+    fn note_requests(&mut self, payload: &[u8]) -> Result<(), SendError> {
+        if !self.switched {
+            return Err(SendError::UnexpectedResponse(
+                "a PageRequest before the switch to post-copy".into(),
+            ));
+        }
+        let pages = crate::protocol::decode_page_request(payload, self.mem_pages)?;
+        self.requests += pages.len() as u64;
+        self.progress.postcopy_requests = self.requests;
+        self.demand.extend(pages);
+        Ok(())
     }
 
     /// Send every page in `to_send`, then `PassEnd`. Returns true if a timeout under the
@@ -610,6 +934,10 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         loop {
             if self.cancel.is_cancelled() {
                 return Err(SendError::Cancelled);
+            }
+            if !final_pass && self.limits.postcopy_requested() && self.postcopy_peer {
+                interrupted = true;
+                break;
             }
             if !final_pass && self.timed_out() {
                 match self.cfg.on_limit {
@@ -989,6 +1317,9 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
     /// Undo a failed migration on the source (see the module docs) and return the error to
     /// report.
     fn recover(&mut self, e: SendError) -> SendError {
+        if self.switched {
+            return self.recover_postcopy(e);
+        }
         let in_doubt = self.complete_sent && !matches!(e, SendError::Refused { .. });
         let tell_destination = !in_doubt
             && !self.w.is_poisoned()
@@ -1040,6 +1371,24 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
                 recovery: failures.join("; "),
             }
         }
+    }
+}
+
+impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
+    /// A failure after the switch to post-copy: tell the destination (so that it stops its
+    /// guest with a clear error rather than at its I/O timeout), leave the source paused.
+    fn recover_postcopy(&mut self, e: SendError) -> SendError {
+        let tell = !self.w.is_poisoned()
+            && !matches!(e, SendError::Refused { .. } | SendError::Timeout(_));
+        if tell {
+            let reason = format!("the source failed after the switch to post-copy: {e}");
+            let reason = truncate_text(&reason, MAX_TEXT_LEN as usize);
+            let _ = self
+                .w
+                .send(FrameType::Abort, &[reason.as_bytes()])
+                .and_then(|_| self.w.flush());
+        }
+        SendError::PostcopyFailed { cause: Box::new(e) }
     }
 }
 

@@ -118,6 +118,45 @@ pub trait MigrationTarget {
     fn commit(&mut self) -> Result<(), TargetError>;
 
     /// Discard everything received so far. Called at most once, on any failure before the
-    /// commit.
+    /// commit. After [`postcopy_run`](Self::postcopy_run) the guest is already running
+    /// here: `abort` must stop it for good (it must never run on with pages missing), and
+    /// the VMM reports the migration failure.
     fn abort(&mut self);
+
+    // --- Post-copy (see `crate::receiver` and docs/migration-protocol.md) -------------
+
+    /// Whether this VM can run while pages are still missing (post-copy). If false (the
+    /// default) the receiver does not offer post-copy and the source never switches.
+    fn postcopy_supported(&self) -> bool {
+        false
+    }
+
+    /// The switch: the pages in `pending` have not arrived with their final content. From
+    /// now on none of them may be read or written — by the guest or the VMM — until it is
+    /// published by [`postcopy_publish`](Self::postcopy_publish). Pages not in `pending`
+    /// are final. Called once, before the device and vCPU states.
+    fn postcopy_begin(&mut self, pending: &crate::PageSet) -> Result<(), TargetError> {
+        let _ = pending;
+        Err(TargetError::Unsupported { what: "post-copy" })
+    }
+
+    /// Start the guest (device and vCPU states are applied; pages are still missing).
+    fn postcopy_run(&mut self) -> Result<(), TargetError> {
+        Err(TargetError::Unsupported { what: "post-copy" })
+    }
+
+    /// Pages `first_page..first_page + count` were written (through `pages_mut`, after the
+    /// frame's checksum was verified) or accepted (`receive_page_packet`) during post-copy:
+    /// make them visible to the guest — bytes first, then the present mark with Release
+    /// ordering, so that a vCPU that sees the page present (Acquire) sees its bytes.
+    fn postcopy_publish(&mut self, first_page: u64, count: u64) -> Result<(), TargetError> {
+        let _ = (first_page, count);
+        Err(TargetError::Unsupported { what: "post-copy" })
+    }
+
+    /// Append pages the running guest (or the VMM) faulted on since the last call, for the
+    /// receiver to request from the source. Pages may repeat; the receiver filters.
+    fn postcopy_faults(&mut self, out: &mut Vec<u64>) {
+        let _ = out;
+    }
 }

@@ -1044,6 +1044,20 @@ impl Psp {
 
     /// RECEIVE_FINISH: checks the source's transcript tag; RUPDATE -> RUNNING.
     /// On failure the guest stays in RUPDATE and must be decommissioned.
+    ///
+    /// Post-copy: RECEIVE_UPDATE_DATA stays allowed in RUPDATE after the VMSAs arrived,
+    /// while the guest already runs, until this command. That works because running a vCPU
+    /// (VMRUN; the software vCPU here) never consults the firmware's guest state — only the
+    /// ASID's key, installed at ACTIVATE — as on hardware, where the SEV firmware is not on
+    /// the VMRUN path either. Consequence: the transcript is checked only here, after the
+    /// guest ran. Each packet is authenticated on arrival (its MAC binds it to its GPA) and
+    /// its sequence number can be used once, so a packet already delivered cannot be
+    /// replayed; but an active attacker who *withheld* an older packet of a page (and
+    /// rewrote the frames around it) can deliver it in place of that page's newer one
+    /// during post-copy. The guest then runs on an older version of its own page (never
+    /// someone else's data: it decrypts under its own key) until this command refuses the
+    /// transcript and the destination stops the guest. Pre-copy never runs the guest before
+    /// this check.
     pub fn receive_finish(&mut self, handle: u32, tag: &[u8; 32]) -> PspResult<()> {
         let g = self.guest_mut(Command::ReceiveFinish, handle)?;
         let recv = g

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use esvm_control::{
     ApiError, ControlRegs, ControlTarget, LaunchMeasurement, MigrateRequest, MigrateSetRequest,
-    MigrationLimits, MigrationPhase, MigrationStatus, OnTimeout, SnapshotInfo, VcpuView, VmState,
-    VmStatus, VmType,
+    MigrationLimits, MigrationPhase, MigrationStatus, OnTimeout, PostcopyStatus, SnapshotInfo,
+    VcpuView, VmState, VmStatus, VmType,
 };
 use esvm_migration::{
     CancelToken, LimitPolicy, LiveLimits, Phase, Progress, ProtocolError, SendError, Sender,
@@ -75,6 +75,8 @@ pub struct VmHandle {
     launch: Option<Arc<PendingLaunch>>,
     /// `shutdown` abandoned the launch before the guest started.
     shut_down_before_start: AtomicBool,
+    /// The guest arrived by post-copy from this peer; its missing pages (for `status`).
+    incoming: Option<(String, Arc<esvm_hv::MissingPages>)>,
 }
 
 /// A refusal of the launch that waits for its owner, as the API answers it.
@@ -108,6 +110,7 @@ fn phase_of(p: Phase) -> MigrationPhase {
         Phase::Handshake => MigrationPhase::Setup,
         Phase::PreCopy => MigrationPhase::PreCopy,
         Phase::StopAndCopy => MigrationPhase::StopAndCopy,
+        Phase::PostCopy => MigrationPhase::PostCopy,
         Phase::Committing => MigrationPhase::Committing,
         Phase::Completed => MigrationPhase::Completed,
         Phase::Failed => MigrationPhase::Failed,
@@ -129,11 +132,20 @@ fn apply_progress(s: &mut MigrationStatus, p: &Progress) {
     s.bandwidth_bytes_per_sec = p.bandwidth_bytes_per_sec;
     s.estimated_downtime_ms = p.estimated_downtime_ms;
     s.elapsed_ms = p.elapsed_ms;
+    if let Some(switch_ms) = p.postcopy_switch_ms {
+        let pc = s.postcopy.get_or_insert_with(PostcopyStatus::default);
+        if pc.switch_ms.is_none() {
+            pc.pages_at_switch = p.pass_pages_total;
+        }
+        pc.switch_ms = Some(switch_ms);
+        pc.page_requests = p.postcopy_requests;
+    }
 }
 
 /// The phase a failed migration ends in.
 fn failure_phase(e: &SendError) -> MigrationPhase {
     match e {
+        e if e.is_postcopy_lost() => MigrationPhase::Lost,
         e if e.is_in_doubt() => MigrationPhase::InDoubt,
         SendError::RecoveryFailed { cause, .. } if cause.is_in_doubt() => MigrationPhase::InDoubt,
         SendError::Cancelled | SendError::NotConverged { .. } => MigrationPhase::Cancelled,
@@ -150,7 +162,60 @@ impl VmHandle {
             final_status_served: AtomicBool::new(false),
             launch: None,
             shut_down_before_start: AtomicBool::new(false),
+            incoming: None,
         }
+    }
+
+    /// The VM arrives by post-copy from `peer` and `missing` are its pages still at the
+    /// source: `status` reports that incoming migration (phase `post_copy` while pages are
+    /// missing, then `completed`, or `lost` if it failed), its pages remaining, the demand
+    /// faults and the time the guest waited for pages.
+    pub fn with_incoming_postcopy(
+        mut self,
+        peer: &str,
+        missing: Arc<esvm_hv::MissingPages>,
+    ) -> Self {
+        self.incoming = Some((format!("incoming from {peer}"), missing));
+        self
+    }
+
+    /// Refuse `what` (a snapshot, a migration) while the guest's pages are still arriving by
+    /// post-copy: they read guest memory wholesale, and the missing pages are not here yet.
+    fn refuse_while_pages_arrive(&self, what: &str) -> Result<(), ApiError> {
+        match &self.incoming {
+            Some((_, missing)) if missing.active() => Err(ApiError::invalid_state(format!(
+                "cannot {what}: the VM arrived by post-copy and {} of its pages are still \
+                 arriving; try again once `esvm ctl status` shows the incoming migration \
+                 completed",
+                missing.stats().remaining
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The incoming post-copy migration as a migration status.
+    fn incoming_status(&self) -> Option<MigrationStatus> {
+        let (peer, missing) = self.incoming.as_ref()?;
+        let st = missing.stats();
+        let mut s = MigrationStatus::new(peer.clone(), 0);
+        s.total_pages = self.h.config.mem_size / esvm_migration::PAGE_SIZE;
+        s.pages_remaining = st.remaining;
+        s.phase = if let Some(why) = missing.failure() {
+            s.error = Some(why);
+            MigrationPhase::Lost
+        } else if missing.active() {
+            MigrationPhase::PostCopy
+        } else {
+            MigrationPhase::Completed
+        };
+        s.pages_sent = st.initial - st.remaining;
+        s.postcopy = Some(PostcopyStatus {
+            pages_at_switch: st.initial,
+            demand_faults: Some(st.demand_faults),
+            fault_wait_ms: Some(st.wait_ns as f64 / 1e6),
+            ..PostcopyStatus::default()
+        });
+        Some(s)
     }
 
     /// The control API target of a machine whose SEV-ES launch waits for its owner: it
@@ -295,7 +360,7 @@ impl ControlTarget for VmHandle {
             Status::Exited => VmState::Exited,
             Status::Failed => VmState::Failed,
         };
-        let migration = m.status.clone();
+        let migration = m.status.clone().or_else(|| self.incoming_status());
         let final_status = match state {
             VmState::Migrated => migration.as_ref().is_some_and(|s| s.phase.is_terminal()),
             // A migration the end interrupted is final only once it reads as ended
@@ -373,6 +438,7 @@ impl ControlTarget for VmHandle {
 
     fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, ApiError> {
         self.refuse_while_waiting("snapshot")?;
+        self.refuse_while_pages_arrive("snapshot")?;
         // The lifecycle refuses a snapshot while another one or a migration runs, and of an
         // SEV-ES VM in doubt (its send session is still open; a sealed snapshot needs one of
         // its own).
@@ -388,6 +454,7 @@ impl ControlTarget for VmHandle {
 
     fn start_migration(&self, mut req: MigrateRequest) -> Result<(), ApiError> {
         self.refuse_while_waiting("migrate")?;
+        self.refuse_while_pages_arrive("migrate")?;
         // tcp: or an absolute unix: path (fd: is for `esvm receive` only).
         let dest = req
             .url
@@ -429,6 +496,7 @@ impl ControlTarget for VmHandle {
             max_bandwidth,
             timeout: Some(Duration::from_secs(req.timeout_s)),
             max_passes: req.max_passes.unwrap_or(SenderConfig::default().max_passes),
+            postcopy_after: req.postcopy_after,
             on_limit: match req.on_timeout {
                 OnTimeout::Cancel => LimitPolicy::Cancel,
                 OnTimeout::Force => LimitPolicy::Force,
@@ -457,6 +525,7 @@ impl ControlTarget for VmHandle {
             });
         }
         let url = req.url.clone();
+        let control = self.h.control.clone();
         // The source moves to the thread (if the thread cannot start, it is dropped with the
         // closure, which ends the migration in the lifecycle).
         let thread = std::thread::Builder::new()
@@ -489,12 +558,29 @@ impl ControlTarget for VmHandle {
                         s.error = Some(e.to_string());
                     }
                 }
+                if let Ok(o) = &result {
+                    if let Some(pc) = &o.postcopy {
+                        let st = s.postcopy.get_or_insert_with(PostcopyStatus::default);
+                        st.switch_ms = Some(pc.switch_time.as_millis() as u64);
+                        st.pages_at_switch = pc.pages_at_switch;
+                        st.page_requests = pc.requests;
+                    }
+                }
+                let lost = result.as_ref().err().filter(|e| e.is_postcopy_lost());
+                let lost = lost.map(|e| e.to_string());
                 // Ends the migration in the lifecycle together with its final status: a
                 // failed one lets the guest run on; one that left the guest stopped stays in
                 // doubt (committed ones ended at the commit).
                 source.finish();
                 m.cancel = None;
                 m.limits = None;
+                if let Some(why) = lost {
+                    // The guest ran on at the destination: this copy is stale and must
+                    // never run again. The VM ends here with the loss.
+                    if let Err(e) = control.request_stop(Outcome::MigrationLost(why)) {
+                        tracing::warn!("ending the VM after a lost post-copy migration: {e}");
+                    }
+                }
             });
         match thread {
             Ok(t) => {
@@ -549,6 +635,16 @@ impl ControlTarget for VmHandle {
         }
         if m.status
             .as_ref()
+            .is_some_and(|s| s.phase == MigrationPhase::PostCopy)
+        {
+            return Err(ApiError::invalid_state(
+                "cannot cancel: the migration switched to post-copy; the guest runs at the \
+                 destination, which still lacks pages only this VM has, so stopping now would \
+                 lose it — the migration runs to its end",
+            ));
+        }
+        if m.status
+            .as_ref()
             .is_some_and(|s| s.phase == MigrationPhase::Committing)
         {
             return Err(ApiError::invalid_state(
@@ -559,6 +655,26 @@ impl ControlTarget for VmHandle {
         if let Some(c) = &m.cancel {
             c.cancel();
         }
+        Ok(())
+    }
+
+    fn switch_to_postcopy(&self) -> Result<(), ApiError> {
+        let m = lock(&self.mig);
+        let Some(limits) = m.limits.clone() else {
+            return Err(ApiError::invalid_state(
+                "cannot switch to post-copy: no migration is in progress (start one with \
+                 `esvm ctl migrate`, optionally with --postcopy-after PASSES)",
+            ));
+        };
+        let phase = m.status.as_ref().map(|s| s.phase);
+        if !matches!(phase, Some(MigrationPhase::Setup | MigrationPhase::PreCopy)) {
+            return Err(ApiError::invalid_state(format!(
+                "cannot switch to post-copy: the migration is in phase {} (only during setup \
+                 or pre-copy)",
+                phase.map_or("unknown", |p| p.as_str())
+            )));
+        }
+        limits.request_postcopy();
         Ok(())
     }
 

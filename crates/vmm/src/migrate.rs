@@ -28,7 +28,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use esvm_hv::sev::{SevSessionStart, SevVcpuTransfer, SevVm};
-use esvm_hv::{BackendKind, Vm, VmType};
+use esvm_hv::{BackendKind, MissingPages, Vm, VmType};
 use esvm_migration::{
     GuestType, MigrationConfig, MigrationSource, MigrationTarget, PageSet, SourceError,
     TargetError, PAGE_SIZE,
@@ -39,7 +39,7 @@ use thiserror::Error;
 
 use crate::lifecycle::LifecycleError;
 use crate::machine::{
-    Machine, MachineConfig, MachineHandle, MachineState, MigrationTicket, StoppedGuard,
+    Machine, MachineConfig, MachineHandle, MachineState, MigrationTicket, StoppedGuard, VmControl,
     MACHINE_STATE_VERSION,
 };
 use crate::ram::RamError;
@@ -394,6 +394,29 @@ pub struct MachineTarget {
     committed: bool,
     /// The committed VM was paused by its user at the source.
     arrived_paused: bool,
+    /// Post-copy: where the machine goes when it starts with pages missing (the thread
+    /// that runs it); `None`: post-copy is not offered.
+    handoff: Option<std::sync::mpsc::Sender<PostcopyStart>>,
+    /// Post-copy, from the switch on.
+    postcopy: Option<PostcopyLink>,
+}
+
+/// A machine that starts running with pages still missing (post-copy), for the thread
+/// that runs it; its pages keep arriving through the [`MachineTarget`].
+pub struct PostcopyStart {
+    /// The machine, to run at once.
+    pub machine: Machine,
+    /// Whether the VM was paused by its user at the source.
+    pub arrived_paused: bool,
+    /// The pages still missing and the demand faults on them (for status displays).
+    pub missing: Arc<MissingPages>,
+}
+
+/// What the target keeps of a machine that runs elsewhere during post-copy.
+struct PostcopyLink {
+    missing: Arc<MissingPages>,
+    /// Set once the machine was handed over (it runs).
+    running: Option<(Arc<dyn Vm>, Arc<VmControl>)>,
 }
 
 /// `what` was refused because of `e` (kept as the error's source); the message is
@@ -417,7 +440,28 @@ impl MachineTarget {
             state: None,
             committed: false,
             arrived_paused: false,
+            handoff: None,
+            postcopy: None,
         }
+    }
+
+    /// Offer post-copy (emu backend only): when the source switches, the machine is sent to
+    /// `to` and must be run there at once, while the receiver keeps filling its missing
+    /// pages. Drop the target (or call [`MachineTarget::end_handoff`]) when the receiver
+    /// returns, so that the other end of the channel sees it end.
+    pub fn with_postcopy(mut self, to: std::sync::mpsc::Sender<PostcopyStart>) -> Self {
+        self.handoff = Some(to);
+        self
+    }
+
+    /// Close the post-copy channel (the receiver returned).
+    pub fn end_handoff(&mut self) {
+        self.handoff = None;
+    }
+
+    /// Whether the machine was handed over for post-copy.
+    pub fn switched_to_postcopy(&self) -> bool {
+        self.postcopy.as_ref().is_some_and(|p| p.running.is_some())
     }
 
     /// Allocate (fault in) all of the destination's guest memory when the configuration
@@ -435,8 +479,12 @@ impl MachineTarget {
         self
     }
 
-    /// The incoming VM, for its SEV-ES extension ([`sev_of`]).
+    /// The incoming VM, for its SEV-ES extension ([`sev_of`]) (during post-copy: the VM
+    /// that runs elsewhere).
     fn vm(&mut self) -> Result<Arc<dyn Vm>, TargetError> {
+        if let Some((vm, _)) = self.postcopy.as_ref().and_then(|p| p.running.as_ref()) {
+            return Ok(vm.clone());
+        }
         Ok(self.machine_mut()?.vm().clone())
     }
 
@@ -586,6 +634,18 @@ impl MigrationTarget for MachineTarget {
     }
 
     fn pages_mut(&mut self, first_page: u64, count: u64) -> Result<&mut [u8], TargetError> {
+        if self.switched_to_postcopy() {
+            let vm = match self.postcopy.as_ref().and_then(|p| p.running.as_ref()) {
+                Some((vm, _)) => vm,
+                None => return Err(TargetError::Failed("no post-copy machine".into())),
+            };
+            // The guest runs elsewhere. The receiver asks only for missing pages, fills the
+            // slice, and drops it before its next call (the borrow of `self` says so), so
+            // this is the only slice of these pages; it publishes them afterwards.
+            // SAFETY: as just said, no other slice of these pages exists while it lives.
+            return unsafe { vm.missing_pages_mut(first_page, count) }
+                .map_err(TargetError::failed_by);
+        }
         if let Some(r) = self.received.as_mut() {
             r.set_range(first_page, count);
         }
@@ -628,6 +688,11 @@ impl MigrationTarget for MachineTarget {
     }
 
     fn commit(&mut self) -> Result<(), TargetError> {
+        if self.switched_to_postcopy() {
+            // Every page arrived and was published; the machine runs elsewhere.
+            self.committed = true;
+            return Ok(());
+        }
         let state = self
             .state
             .take()
@@ -644,7 +709,96 @@ impl MigrationTarget for MachineTarget {
         Ok(())
     }
 
+    fn postcopy_supported(&self) -> bool {
+        self.handoff.is_some() && self.backend == BackendKind::Emu
+    }
+
+    fn postcopy_begin(&mut self, pending: &PageSet) -> Result<(), TargetError> {
+        let vm = self.vm()?;
+        let missing = vm
+            .begin_postcopy(pending.words())
+            .map_err(|e| refused("post-copy", e))?;
+        // Every page is (or will be) written: a later migration from here must send them.
+        if let Some(r) = self.received.as_mut() {
+            r.union(pending);
+        }
+        self.postcopy = Some(PostcopyLink {
+            missing,
+            running: None,
+        });
+        Ok(())
+    }
+
+    fn postcopy_run(&mut self) -> Result<(), TargetError> {
+        let state = self
+            .state
+            .take()
+            .ok_or_else(|| TargetError::Failed("no device state arrived".into()))?;
+        let received = self.received.take();
+        let missing = self
+            .postcopy
+            .as_ref()
+            .map(|p| p.missing.clone())
+            .ok_or_else(|| TargetError::Failed("post-copy run before the switch".into()))?;
+        let m = self.machine_mut()?;
+        m.restore_state(&state)
+            .map_err(|e| refused("the device state", e))?;
+        if let Some(r) = received {
+            m.tracker().mark_written(&r);
+        }
+        let running = (m.vm().clone(), m.control().clone());
+        let handoff = self
+            .handoff
+            .clone()
+            .ok_or(TargetError::Unsupported { what: "post-copy" })?;
+        let machine = self
+            .machine
+            .take()
+            .ok_or_else(|| TargetError::Failed("no machine".into()))?;
+        if let Some(p) = self.postcopy.as_mut() {
+            p.running = Some(running);
+        }
+        handoff
+            .send(PostcopyStart {
+                machine,
+                arrived_paused: state.user_paused,
+                missing,
+            })
+            .map_err(|_| {
+                TargetError::Failed("nothing runs the post-copy machine (an esvm bug)".into())
+            })
+    }
+
+    fn postcopy_publish(&mut self, first_page: u64, count: u64) -> Result<(), TargetError> {
+        let p = self
+            .postcopy
+            .as_ref()
+            .ok_or_else(|| TargetError::Failed("publish before the switch".into()))?;
+        if let Some(why) = p.missing.failure() {
+            // The machine could not run (or stopped for good): end the migration.
+            return Err(TargetError::Failed(why));
+        }
+        p.missing.publish(first_page, count);
+        Ok(())
+    }
+
+    fn postcopy_faults(&mut self, out: &mut Vec<u64>) {
+        if let Some(p) = &self.postcopy {
+            p.missing.take_faults(out);
+        }
+    }
+
     fn abort(&mut self) {
+        if let Some(p) = self.postcopy.take() {
+            // Post-copy: the guest may run elsewhere. Every access to a missing page fails
+            // from now on, and the run loop ends: it never runs on with a page missing.
+            let why = "the incoming migration failed after the switch to post-copy; the \
+                       pages still at the source are lost";
+            p.missing.fail(why);
+            if let Some((_, control)) = p.running {
+                let _ = control.request_stop(crate::outcome::Outcome::MigrationLost(why.into()));
+            }
+        }
         // The machine never ran and nobody else holds it: free what it received at once.
         if let Some(mut m) = self.machine.take() {
             if let Some(sev) = m.vm().sev().filter(|s| s.handle().is_some()) {

@@ -186,6 +186,10 @@ pub enum Outcome {
     Stopped(String),
     /// A signal stopped the VM (SIGINT, SIGTERM).
     Signalled(StopSignal),
+    /// A live migration failed after its switch to post-copy: neither side holds the whole
+    /// guest any more (the destination lacks pages, the source's copy is stale), so the VM
+    /// ended here (exit status 125, as an esvm failure). The text says why.
+    MigrationLost(String),
 }
 
 impl Outcome {
@@ -202,12 +206,16 @@ impl Outcome {
             | Outcome::PowerOff(_)
             | Outcome::Stopped(_) => 0,
             Outcome::Signalled(s) => s.exit_status(),
+            Outcome::MigrationLost(_) => EXIT_ESVM_ERROR,
         }
     }
 
     /// Whether the run ended badly (the guest did not exit by itself nor move away).
     pub fn is_failure(&self) -> bool {
-        matches!(self, Outcome::Shutdown(_) | Outcome::Terminated(_))
+        matches!(
+            self,
+            Outcome::Shutdown(_) | Outcome::Terminated(_) | Outcome::MigrationLost(_)
+        )
     }
 
     /// A short description of how the run ended.
@@ -224,6 +232,9 @@ impl Outcome {
             Outcome::PowerOff(how) => format!("the guest powered off ({how})"),
             Outcome::Stopped(how) => format!("the VM was stopped {how}"),
             Outcome::Signalled(s) => format!("the VM was stopped by {}", s.name()),
+            Outcome::MigrationLost(why) => {
+                format!("the guest was lost in a failed post-copy migration: {why}")
+            }
         }
     }
 }
@@ -275,6 +286,7 @@ mod tests {
             Outcome::Stopped("x".into()),
             Outcome::Signalled(StopSignal::Interrupt),
             Outcome::Signalled(StopSignal::Terminate),
+            Outcome::MigrationLost("x".into()),
         ] {
             assert!(listed(o.exit_status()), "{o:?}");
         }

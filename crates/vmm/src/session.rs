@@ -42,6 +42,9 @@ pub struct RunOptions {
     pub api_socket: Option<PathBuf>,
     /// Start with the guest paused (until `esvm ctl resume`).
     pub start_paused: bool,
+    /// The guest arrives by post-copy from this peer and these pages are still missing:
+    /// `status` shows the incoming migration's progress.
+    pub incoming_postcopy: Option<(String, Arc<esvm_hv::MissingPages>)>,
 }
 
 /// Why a machine could not be run as a process.
@@ -164,6 +167,9 @@ fn run_inner(
     launch: Option<Arc<PendingLaunch>>,
 ) -> Result<Outcome, SessionError> {
     let mut handle = VmHandle::new(machine.handle());
+    if let Some((peer, missing)) = &opts.incoming_postcopy {
+        handle = handle.with_incoming_postcopy(peer, missing.clone());
+    }
     if let Some(l) = &launch {
         handle = handle.with_launch(l.clone());
     }

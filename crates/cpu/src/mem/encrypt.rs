@@ -438,6 +438,7 @@ impl PhysMemory {
             return self.read(gpa, buf);
         };
         self.check(gpa, buf.len())?;
+        self.wait_range(gpa, buf.len())?;
         let _g = e.lock();
         let mut tmp = [0u8; PAGE_SIZE as usize];
         for (page, off, at, n) in Self::pieces(gpa, buf.len()) {
@@ -459,10 +460,41 @@ impl PhysMemory {
     /// decrypts them into garbage, as on hardware. Marks pages dirty and drops decoded code.
     /// Without encryption: a plain RAM write.
     pub fn write_host(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.write_host_inner(gpa, buf, true)
+    }
+
+    /// Post-copy: [`PhysMemory::write_host`] into missing pages that the migration layer
+    /// fills (an SEV-ES page that arrives as shared plaintext); it does not wait for them.
+    /// Publish them afterwards.
+    pub fn fill_missing_host(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.write_host_inner(gpa, buf, false)
+    }
+
+    fn write_host_inner(&self, gpa: u64, buf: &[u8], wait: bool) -> Result<(), MemError> {
         let Some(e) = self.enc() else {
-            return self.write(gpa, buf);
+            self.check(gpa, buf.len())?;
+            if wait {
+                self.wait_range(gpa, buf.len())?;
+            }
+            // SAFETY: range checked against RAM; raw copy into shared memory.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    buf.as_ptr(),
+                    self.base().add(gpa as usize),
+                    buf.len(),
+                )
+            };
+            if !buf.is_empty() {
+                for p in gpa / PAGE_SIZE..=(gpa + buf.len() as u64 - 1) / PAGE_SIZE {
+                    self.note_write(p);
+                }
+            }
+            return Ok(());
         };
         self.check(gpa, buf.len())?;
+        if wait {
+            self.wait_range(gpa, buf.len())?;
+        }
         let _g = e.lock();
         for (page, off, at, n) in Self::pieces(gpa, buf.len()) {
             self.convert_locked(e, page, View::Shared);

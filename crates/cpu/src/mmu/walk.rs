@@ -84,7 +84,9 @@ impl EncPolicy for Plain {
         false
     }
     #[inline(always)]
-    fn table_base(self, cpu: &mut Cpu, _gpa: u64) -> R<*mut u8> {
+    fn table_base(self, cpu: &mut Cpu, gpa: u64) -> R<*mut u8> {
+        // Post-copy: a page-table page that has not arrived is waited for.
+        cpu.wait_present(gpa >> PAGE_SHIFT)?;
         Ok(cpu.ram)
     }
 }

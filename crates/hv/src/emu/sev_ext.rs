@@ -225,6 +225,12 @@ impl SevVm for EmuVm {
         Ok(handle)
     }
 
+    /// RECEIVE_UPDATE_DATA (or a shared page's plaintext). Also during post-copy, while the
+    /// guest runs: the vCPU never asks the firmware's guest state (RUPDATE until
+    /// RECEIVE_FINISH) before it runs, only the memory key, so pages keep arriving this way
+    /// until RECEIVE_FINISH checks the transcript (see `esvm_psp::Psp::receive_finish` for
+    /// what that means against a replayed packet). A missing page is filled without waiting
+    /// for itself; the migration layer publishes it afterwards.
     fn receive_page(&self, page: u64, packet: &[u8]) -> Result<()> {
         let ctx = self.sev_vm()?;
         let gpa = self.page_gpa(page)?;
@@ -239,12 +245,21 @@ impl SevVm for EmuVm {
                     .map_err(psp_err)
             }
             PagePacket::Shared(bytes) => {
-                self.phys
-                    .write_host(gpa, bytes)
-                    .map_err(|source| HvError::SevMemory {
-                        op: SevMemoryOp::WriteSharedPage(page),
-                        source,
-                    })
+                // Post-copy: a missing page is filled without waiting for itself (the
+                // migration layer publishes it afterwards).
+                let missing = self
+                    .phys
+                    .missing_pages()
+                    .is_some_and(|m| m.is_missing(page));
+                let written = if missing {
+                    self.phys.fill_missing_host(gpa, bytes)
+                } else {
+                    self.phys.write_host(gpa, bytes)
+                };
+                written.map_err(|source| HvError::SevMemory {
+                    op: SevMemoryOp::WriteSharedPage(page),
+                    source,
+                })
             }
         }
     }

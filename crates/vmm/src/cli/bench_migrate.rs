@@ -58,6 +58,24 @@ pub struct MigrateBenchArgs {
     /// printed as the reference.
     #[arg(long, default_value = "tcp", value_delimiter = ',', value_parser = ["tcp", "tls"])]
     pub transport: Vec<String>,
+    /// Migration modes: `precopy` (the default: the full table of scenarios) and/or
+    /// `postcopy`. With `postcopy` the table compares the modes on the dirtying workload
+    /// only (--dirty-mib): pre-copy (stop-and-copy forced at --max-passes if it cannot
+    /// converge) beside post-copy (switch after --postcopy-after passes; the guest runs at
+    /// the destination and faults its missing pages in). Use --max-bandwidth to make the
+    /// link slower than the guest dirties memory.
+    #[arg(long, default_value = "precopy", value_delimiter = ',', value_parser = ["precopy", "postcopy"])]
+    pub mode: Vec<String>,
+    /// Cap the migration's bandwidth (per second; a bare number means MiB/s, e.g. 32 or
+    /// 32M), as `esvm ctl migrate --max-bandwidth` does.
+    #[arg(long, value_name = "RATE", value_parser = parse_bytes)]
+    pub max_bandwidth: Option<u64>,
+    /// Pre-copy passes before post-copy switches (--mode postcopy).
+    #[arg(long, value_name = "PASSES", default_value_t = 1)]
+    pub postcopy_after: u32,
+    /// Most pre-copy passes; at the cap stop-and-copy is forced (whatever the downtime).
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    pub max_passes: u32,
 }
 
 /// Bytes the guest runtime may allocate before the demo takes its dirty buffer (an SEV-ES
@@ -157,7 +175,25 @@ struct Row {
     source_mips: f64,
     /// `tcp` or `tls`.
     transport: &'static str,
+    /// `pre-copy` or `post-copy`.
+    mode: &'static str,
+    /// The bandwidth cap, bytes per second.
+    max_bandwidth: Option<u64>,
+    /// Whether pre-copy hit the pass cap and forced stop-and-copy.
+    forced: bool,
+    /// Post-copy: from the start of the migration until the guest ran at the destination.
+    switch_ms: Option<f64>,
+    /// Post-copy: accesses of the destination's guest that waited for a missing page.
+    demand_faults: Option<u64>,
+    /// Post-copy: their total wait, milliseconds.
+    fault_wait_ms: Option<f64>,
+    /// Post-copy: pages missing when the destination's guest started.
+    postcopy_pages: Option<u64>,
 }
+
+/// What the destination thread hands back: the machine, and post-copy's demand-fault
+/// figures (if it switched).
+type Received = (Machine, Option<esvm_hv::MissingStats>);
 
 /// What `bench migrate` prints.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -419,6 +455,7 @@ struct Scenario {
     populated: bool,
     prealloc: bool,
     stopped: bool,
+    postcopy: bool,
 }
 
 /// Both ends' TLS for `--transport tls`: test certificates from a scratch directory.
@@ -466,6 +503,7 @@ fn one(
         populated: fill,
         prealloc,
         stopped,
+        postcopy,
     } = sc;
     let (src_platform, dst_platform) = if sev {
         let (a, b) = platforms()?;
@@ -490,25 +528,56 @@ fn one(
     let server = tls.map(|t| t.server.clone());
     let dest = std::thread::Builder::new()
         .name("bench-receive".into())
-        .spawn(move || -> Result<Machine, String> {
+        .spawn(move || -> Result<Received, String> {
             let (s, _) = listener.accept().map_err(|e| e.to_string())?;
             let stream = match &server {
                 Some(server) => esvm::tls::accept(server, s.into(), esvm::tls::HANDSHAKE_TIMEOUT)
                     .map_err(|e| e.to_string())?,
                 None => s.into(),
             };
+            let (tx, rx) = mpsc::channel();
             let mut target = MachineTarget::new(
                 BackendKind::Emu,
                 Box::new(|| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>),
             )
             .with_prealloc(prealloc)
-            .with_platform(dst_platform);
-            Receiver::new(ReceiverConfig::default())
-                .run_stream(&mut target, stream)
+            .with_platform(dst_platform)
+            .with_postcopy(tx);
+            let receiver = std::thread::Builder::new()
+                .name("bench-receiver".into())
+                .spawn(move || {
+                    let r =
+                        Receiver::new(ReceiverConfig::default()).run_stream(&mut target, stream);
+                    target.end_handoff();
+                    (r.map_err(|e| e.to_string()), target)
+                })
                 .map_err(|e| e.to_string())?;
-            target
-                .into_machine()
-                .ok_or_else(|| "no machine after the commit".to_string())
+            let Ok(start) = rx.recv() else {
+                let (r, target) = receiver.join().map_err(|_| "receiver panicked")?;
+                r?;
+                let m = target
+                    .into_machine()
+                    .ok_or_else(|| "no machine after the commit".to_string())?;
+                return Ok((m, None));
+            };
+            // Post-copy: the guest runs here while its pages arrive; once all arrived, stop
+            // it (the benchmark's guest never ends by itself).
+            let mut m = start.machine;
+            let control = m.control().clone();
+            let runner = std::thread::Builder::new()
+                .name("bench-dest-vcpu".into())
+                .spawn(move || {
+                    let o = m.run();
+                    (o, m)
+                })
+                .map_err(|e| e.to_string())?;
+            let (r, _target) = receiver.join().map_err(|_| "receiver panicked")?;
+            let stats = start.missing.stats();
+            let _ = control.request_stop(Outcome::Stopped("by the benchmark".into()));
+            let (o, m) = runner.join().map_err(|_| "destination vCPU panicked")?;
+            r?;
+            o.map_err(|e| e.to_string())?;
+            Ok((m, Some(stats)))
         })?;
     let url = format!("tcp://{addr}");
     // The guest stays stopped for the whole migration (the transport alone is measured).
@@ -520,6 +589,10 @@ fn one(
     let mut src = MachineSource::new(h.clone(), url)?;
     let mut sender = Sender::new(SenderConfig {
         downtime_limit: Duration::from_millis(args.downtime_ms),
+        max_bandwidth: args.max_bandwidth.filter(|&b| b > 0),
+        max_passes: args.max_passes.max(1),
+        on_limit: esvm_migration::LimitPolicy::Force,
+        postcopy_after: postcopy.then_some(args.postcopy_after),
         ..SenderConfig::default()
     });
     let out: SendOutcome = match tls {
@@ -531,7 +604,7 @@ fn one(
         }
         None => sender.run_tcp(&mut src, TcpStream::connect(addr)?)?,
     };
-    let mut received = dest
+    let (mut received, faults) = dest
         .join()
         .map_err(|_| "the destination thread panicked")??;
     let (outcome, mut source_machine) =
@@ -544,7 +617,8 @@ fn one(
     // (plain guests; an SEV-ES guest's memory is ciphertext under different keys on the two
     // hosts — the tests check that the guest continues exactly).
     let (a, b) = (source_machine.vm().memory(), received.vm().memory());
-    let compare_to = if sev { 0 } else { mem };
+    // After post-copy the destination's guest ran on: nothing to compare.
+    let compare_to = if sev || postcopy { 0 } else { mem };
     let mut x = vec![0u8; 4 << 20];
     let mut y = vec![0u8; 4 << 20];
     let mut addr = 0;
@@ -586,7 +660,63 @@ fn one(
         downtime_ms: out.downtime.as_secs_f64() * 1e3,
         source_mips,
         transport: if tls.is_some() { "tls" } else { "tcp" },
+        mode: if postcopy { "post-copy" } else { "pre-copy" },
+        max_bandwidth: args.max_bandwidth.filter(|&b| b > 0),
+        forced: out.forced,
+        switch_ms: out
+            .postcopy
+            .as_ref()
+            .map(|p| p.switch_time.as_secs_f64() * 1e3),
+        demand_faults: faults.map(|f| f.demand_faults),
+        fault_wait_ms: faults.map(|f| f.wait_ns as f64 / 1e6),
+        postcopy_pages: out.postcopy.as_ref().map(|p| p.pages_at_switch),
     })
+}
+
+/// The pre-copy / post-copy comparison table.
+fn print_modes(rows: &[Row], args: &MigrateBenchArgs) {
+    println!(
+        "esvm bench migrate --mode {}: demo guest on the emu backend, loopback TCP (TLS where the \
+         transport column says so), link cap {}, \
+         downtime limit {} ms, pre-copy forced after {} passes, post-copy after {} pass(es), \
+         median of {} run(s)",
+        args.mode.join(","),
+        args.max_bandwidth
+            .filter(|&b| b > 0)
+            .map_or("none".to_string(), |b| format!("{}/s", format_size(b))),
+        args.downtime_ms,
+        args.max_passes,
+        args.postcopy_after,
+        args.repeat.max(1)
+    );
+    println!(
+        "| guest | workload | mode | sent | passes | time to switch ms | downtime ms | total ms \
+         | pages after switch | demand faults | fault wait ms | transport |"
+    );
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |x| format!("{x:.0}"));
+    for r in rows {
+        println!(
+            "| {}{} | {} | {}{} | {:.1} MiB | {} | {} | {:.1} | {:.0} | {} | {} | {} | {} |",
+            if r.sev_es { "SEV-ES " } else { "" },
+            format_size(r.mem_bytes),
+            r.workload,
+            r.mode,
+            if r.forced { " (forced)" } else { "" },
+            r.bytes_sent as f64 / (1u64 << 20) as f64,
+            r.passes,
+            // Pre-copy "switches" when the guest resumes at the destination: at the end.
+            opt(r.switch_ms.or(Some(r.total_ms))),
+            r.downtime_ms,
+            r.total_ms,
+            r.postcopy_pages
+                .map_or_else(|| "-".to_string(), |p| p.to_string()),
+            r.demand_faults
+                .map_or_else(|| "-".to_string(), |p| p.to_string()),
+            opt(r.fault_wait_ms),
+            r.transport,
+        );
+    }
 }
 
 /// How fast this machine hands out fresh memory: fault in 256 MiB of new anonymous
@@ -625,6 +755,7 @@ pub fn run(args: &MigrateBenchArgs, json: bool) -> Result<u8, Box<dyn std::error
         populated,
         prealloc,
         stopped,
+        postcopy: false,
     };
     let scenarios = [
         sc(0, true, true, false),
@@ -654,7 +785,28 @@ pub fn run(args: &MigrateBenchArgs, json: bool) -> Result<u8, Box<dyn std::error
             ..sc(0, false, true, false)
         },
     ];
-    let scenarios: Vec<Scenario> = if linux.is_some() {
+    let scenarios: Vec<Scenario> = if args.mode.iter().any(|m| m == "postcopy") {
+        // The modes side by side on the dirtying workload (post-copy's case).
+        let base = if linux.is_some() {
+            sc(0, false, true, false)
+        } else {
+            sc(args.dirty_mib, true, true, false)
+        };
+        let mut v = Vec::new();
+        for sev in [false, true] {
+            for postcopy in [false, true] {
+                let mode = if postcopy { "postcopy" } else { "precopy" };
+                if args.mode.iter().any(|m| m == mode) {
+                    v.push(Scenario {
+                        sev,
+                        postcopy,
+                        ..base
+                    });
+                }
+            }
+        }
+        v
+    } else if linux.is_some() {
         linux_scenarios.to_vec()
     } else {
         scenarios.to_vec()
@@ -721,6 +873,10 @@ pub fn run(args: &MigrateBenchArgs, json: bool) -> Result<u8, Box<dyn std::error
             aes_128_gcm_gib_s: aes_gcm,
             rows,
         })?;
+        return Ok(0);
+    }
+    if args.mode.iter().any(|m| m == "postcopy") {
+        print_modes(&rows, args);
         return Ok(0);
     }
     println!(

@@ -96,6 +96,16 @@ pub enum CtlCommand {
     MigrateSet(MigrateSetArgs),
     /// Cancel the running migration; the VM keeps running here.
     Cancel,
+    /// Switch the running migration to post-copy now (it ends its current pre-copy pass):
+    /// the guest pauses here, its vCPU and device state go to the destination, which runs
+    /// it at once while the remaining pages follow — pages the guest touches are fetched
+    /// first. For a guest that dirties memory faster than the link, whose pre-copy cannot
+    /// converge. RISK: after the switch neither side holds the whole guest; if the
+    /// connection or either host fails before the last page arrived, the guest is lost
+    /// (both VMs end with an error, exit status 125). The destination must run the emu
+    /// backend (a recent esvm `receive`); otherwise the migration fails before the switch
+    /// and the guest keeps running here.
+    Postcopy,
     /// Print each vCPU as the hypervisor sees it (with --json, as a JSON list): its control registers (for an
     /// SEV-ES vCPU only the values tracked from write traps), why reading its registers is
     /// refused, and for an SEV-ES guest whose policy allows debugging the same registers
@@ -192,6 +202,15 @@ pub struct MigrateArgs {
     /// URL has an address, the certificate a host name).
     #[arg(long, value_name = "NAME", requires = "tls_ca")]
     pub tls_name: Option<String>,
+    /// Switch to post-copy after PASSES pre-copy passes (0: at once) instead of waiting
+    /// for the downtime estimate to fit: the guest then runs at the destination while the
+    /// remaining pages follow, those it touches first. Bounds the time to switch for a guest
+    /// that dirties memory faster than the link. RISK: after the switch a failure (cut
+    /// connection, either host) loses the guest — neither side holds all of it; both VMs end
+    /// with an error (exit status 125). Needs a destination on the emu backend. See also
+    /// `esvm ctl postcopy` to switch by hand.
+    #[arg(long, value_name = "PASSES")]
+    pub postcopy_after: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -323,6 +342,7 @@ fn run_with(args: CtlArgs, format: Format, poll: Duration) -> Result<u8, CtlErro
         CtlCommand::Pause => ("pause", Request::Pause),
         CtlCommand::Resume => ("resume", Request::Resume),
         CtlCommand::Cancel => ("cancel", Request::Cancel),
+        CtlCommand::Postcopy => ("postcopy", Request::MigratePostcopy),
         CtlCommand::MigrateSet(a) => (
             "migrate-set",
             Request::MigrateSet(MigrateSetRequest {
@@ -404,6 +424,7 @@ fn run_with(args: CtlArgs, format: Format, poll: Duration) -> Result<u8, CtlErro
                     OnTimeout::Cancel
                 },
                 max_bandwidth_bytes_per_sec: m.max_bandwidth.filter(|&b| b > 0),
+                postcopy_after: m.postcopy_after,
             };
             return migrate(&mut client, req, detach, format, poll);
         }
@@ -430,6 +451,11 @@ fn reply_text(reply: &Reply) -> String {
             "secret injected (LAUNCH_SECRET); `esvm ctl resume` starts the guest".into()
         }
         Reply::MigrationCancelled => "migration cancel requested".into(),
+        Reply::PostcopyRequested => {
+            "switch to post-copy requested; `esvm ctl status` shows phase post_copy once the \
+             guest runs at the destination"
+                .into()
+        }
         Reply::MigrationLimitsSet(l) => format!(
             "migration limits now: bandwidth {}, downtime limit {} ms",
             cap_text(l.max_bandwidth_bytes_per_sec),
@@ -494,9 +520,26 @@ fn status_text(s: &VmStatus) -> String {
             let _ = writeln!(t, "migration     none");
         }
         Some(m) => {
-            let _ = writeln!(t, "migration     to {}: {}", m.url, progress_line(m));
+            if m.postcopy
+                .as_ref()
+                .is_some_and(|p| p.demand_faults.is_some())
+            {
+                // A VM that arrived by post-copy: the incoming migration's figures.
+                let _ = writeln!(
+                    t,
+                    "migration     {}: {} | {} left",
+                    m.url,
+                    m.phase,
+                    BinaryBytes(m.pages_remaining.saturating_mul(GUEST_PAGE))
+                );
+            } else {
+                let _ = writeln!(t, "migration     to {}: {}", m.url, progress_line(m));
+            }
             if let Some(d) = m.downtime_ms {
                 let _ = writeln!(t, "  downtime    {d:.1} ms");
+            }
+            if let Some(pc) = &m.postcopy {
+                let _ = writeln!(t, "  post-copy   {}", postcopy_line(pc));
             }
             if let Some(e) = &m.error {
                 let _ = writeln!(t, "  why         {e}");
@@ -745,6 +788,10 @@ fn migrate(
             "esvm ctl migrate: migration outcome unknown: {why}; the VM stays paused here — \
              check whether the destination runs it before resuming"
         ),
+        MigrationPhase::Lost => eprintln!(
+            "esvm ctl migrate: migration failed after the switch to post-copy: {why}; the VM \
+             ends here and at the destination"
+        ),
         _ => eprintln!("esvm ctl migrate: migration failed: {why}; {here}"),
     }
     Ok(EXIT_REFUSED)
@@ -777,6 +824,26 @@ fn cap_text(cap: Option<u64>) -> String {
 }
 
 /// One line describing a migration's progress.
+/// Post-copy figures in one line.
+fn postcopy_line(pc: &esvm_control::PostcopyStatus) -> String {
+    let mut parts = Vec::new();
+    if let Some(ms) = pc.switch_ms {
+        parts.push(format!("switched after {:.1} s", ms as f64 / 1000.0));
+    }
+    parts.push(format!(
+        "{} pages missing at the switch",
+        pc.pages_at_switch
+    ));
+    parts.push(format!("{} page requests", pc.page_requests));
+    if let Some(n) = pc.demand_faults {
+        parts.push(format!("{n} demand faults"));
+    }
+    if let Some(ms) = pc.fault_wait_ms {
+        parts.push(format!("{ms:.1} ms waiting for pages"));
+    }
+    parts.join(" | ")
+}
+
 fn progress_line(m: &MigrationStatus) -> String {
     let est = match m.estimated_downtime_ms {
         Some(ms) => format!("{ms:.1} ms"),

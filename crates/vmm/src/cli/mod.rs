@@ -33,6 +33,7 @@ pub fn report(name: &str, o: &Outcome) -> u8 {
              again"
         ),
         Outcome::Signalled(s) => eprintln!("esvm: guest {name} stopped by {}", s.name()),
+        Outcome::MigrationLost(_) => eprintln!("esvm: guest {name}: {}", o.describe()),
         Outcome::Reset(_) | Outcome::PowerOff(_) | Outcome::Stopped(_) => {
             eprintln!("esvm: guest {name}: {}", o.describe())
         }

@@ -7,7 +7,7 @@ use esvm_hv::BackendKind;
 use esvm_migration::{Receiver, ReceiverConfig};
 use thiserror::Error;
 
-use esvm::migrate::{MachineTarget, MigrationUrl};
+use esvm::migrate::{MachineTarget, MigrationUrl, PostcopyStart};
 use esvm::transport::{inherited_stream, Listener};
 
 #[derive(Args, Debug)]
@@ -22,7 +22,14 @@ use esvm::transport::{inherited_stream, Listener};
                   connection, corrupt frame, incompatible VM, cancel) is discarded and esvm \
                   keeps listening for another, unless --once is given. Once a migration \
                   commits, the guest runs here: its serial console continues on stdout and \
-                  the exit status is the guest's, as for `esvm run`."
+                  the exit status is the guest's, as for `esvm run`.\n\n\
+                  Post-copy (the source's `esvm ctl migrate --postcopy-after` or `esvm ctl \
+                  postcopy`; emu backend only, offered automatically): the guest starts \
+                  here before all its pages arrived; a page it touches is fetched from the \
+                  source first, and the vCPU waits for it. If the migration fails after that \
+                  switch (cut connection, source gone, a page refused), the guest is stopped \
+                  — it never runs with a missing or wrong page — and esvm exits with status \
+                  125 naming the failure: neither side holds the whole guest any more."
 )]
 pub struct ReceiveArgs {
     /// Where to listen: tcp://HOST:PORT (tcp:HOST:PORT is read the same), e.g.
@@ -119,6 +126,15 @@ pub enum ReceiveCliError {
         #[source]
         source: esvm::tls::TlsTransportError,
     },
+    #[error(
+        "the incoming migration from {peer} failed after the switch to post-copy: {source}; \
+         the guest was stopped here and is lost (neither side holds all of it)"
+    )]
+    PostcopyFailed {
+        peer: String,
+        #[source]
+        source: esvm_migration::ReceiveError,
+    },
     #[error("the platform directory {0} does not exist (create it with `esvm platform init`)")]
     Platform(PathBuf),
 }
@@ -165,7 +181,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
     };
     // An inherited connection carries one migration: its failure ends esvm.
     let once = args.once || inherited.is_some();
-    let (mut machine, peer, arrived_paused) = loop {
+    let (mut machine, peer, arrived_paused, postcopy) = loop {
         let (stream, peer) = match (inherited.take(), &listener) {
             (Some(s), _) => (s, args.listen.to_string()),
             (None, Some((l, local))) => l.accept().map_err(|source| ReceiveCliError::Accept {
@@ -194,8 +210,39 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         )
         .with_prealloc(args.prealloc)
         .with_platform(platform.clone());
-        let mut receiver = Receiver::new(ReceiverConfig::default());
-        match receiver.run_stream(&mut target, stream) {
+        // Post-copy is offered on the emu backend: the machine then comes through `rx`
+        // while the receiver (on its own thread) keeps filling its pages.
+        let (tx, rx) = std::sync::mpsc::channel::<PostcopyStart>();
+        if args.backend == BackendKind::Emu {
+            target = target.with_postcopy(tx);
+        } else {
+            drop(tx);
+        }
+        let worker = std::thread::Builder::new()
+            .name("esvm-receive".into())
+            .spawn(move || {
+                let mut receiver = Receiver::new(ReceiverConfig::default());
+                let r = receiver.run_stream(&mut target, stream);
+                target.end_handoff();
+                (r, target)
+            })?;
+        if let Ok(start) = rx.recv() {
+            eprintln!(
+                "esvm: switched to post-copy with {peer}: running the VM while {} pages \
+                 are still arriving",
+                start.missing.stats().remaining
+            );
+            break (
+                start.machine,
+                peer,
+                start.arrived_paused,
+                Some((worker, start.missing)),
+            );
+        }
+        let (result, target) = worker
+            .join()
+            .map_err(|_| "the receiving thread panicked (an esvm bug)")?;
+        match result {
             Ok(o) => {
                 let paused = target.arrived_paused();
                 let Some(machine) = target.into_machine() else {
@@ -212,7 +259,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
                     "esvm: received the VM from {peer}: {} pages in {} passes; running it",
                     o.pages, o.passes
                 );
-                break (machine, peer, paused);
+                break (machine, peer, paused, None);
             }
             Err(source) => {
                 if once {
@@ -249,12 +296,37 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
     }
     let _raw = crate::cli::run::attach_console(&mut machine, args.console);
-    crate::cli::run_session(
+    let status = crate::cli::run_session(
         &format!("from {peer}"),
         &mut machine,
         &esvm::session::RunOptions {
             api_socket: args.api_socket.clone(),
             start_paused,
+            incoming_postcopy: postcopy.as_ref().map(|(_, m)| (peer.clone(), m.clone())),
         },
-    )
+    );
+    let Some((worker, missing)) = postcopy else {
+        return status;
+    };
+    if let Err(e) = &status {
+        // The guest could not run here: end the migration (the source learns it from the
+        // receiver's refusal of the next page) rather than let it complete into nothing.
+        missing.fail(format!("the destination could not run the guest: {e}"));
+    }
+    // Post-copy: the migration decides. If it failed, the guest was stopped (or ended
+    // meanwhile) and is lost: say why and exit 125 whatever the guest did.
+    let (result, _target) = worker
+        .join()
+        .map_err(|_| "the receiving thread panicked (an esvm bug)")?;
+    match result {
+        Ok(o) => {
+            tracing::info!(%peer, pages = o.pages, bytes = o.bytes, "post-copy migration received");
+            status
+        }
+        Err(source) => Err(ReceiveCliError::PostcopyFailed {
+            peer: peer.to_string(),
+            source,
+        }
+        .into()),
+    }
 }

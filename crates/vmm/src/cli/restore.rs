@@ -60,6 +60,7 @@ pub fn run(args: RestoreArgs) -> Result<u8, Box<dyn std::error::Error>> {
         &esvm::session::RunOptions {
             api_socket: args.api_socket.clone(),
             start_paused: args.start_paused,
+            incoming_postcopy: None,
         },
     )
 }

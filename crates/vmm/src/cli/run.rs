@@ -244,6 +244,7 @@ fn session(
     let opts = esvm::session::RunOptions {
         api_socket: args.api_socket.clone(),
         start_paused: args.start_paused,
+        incoming_postcopy: None,
     };
     match launch {
         None => crate::cli::run_session(name, machine, &opts),
