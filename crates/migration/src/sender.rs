@@ -787,29 +787,9 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
                 n += 1;
             }
             self.demand = keep;
-            while n == 0 {
-                let Some(p) = self.to_send.next_set(cursor) else {
-                    break;
-                };
-                let len = self.to_send.run_len(p, per_frame);
-                self.runs.push(PageRun {
-                    first: p,
-                    count: len as u32,
-                });
-                n += len;
-                cursor = p + len;
-                while n < per_frame {
-                    let Some(p) = self.to_send.next_set(cursor) else {
-                        break;
-                    };
-                    let len = self.to_send.run_len(p, per_frame - n);
-                    self.runs.push(PageRun {
-                        first: p,
-                        count: len as u32,
-                    });
-                    n += len;
-                    cursor = p + len;
-                }
+            if n == 0 {
+                // No request waiting: the next pages in background order.
+                n = self.take_runs(&mut cursor, per_frame);
             }
             if n == 0 {
                 break;
@@ -919,6 +899,26 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         Ok(())
     }
 
+    /// Append to `self.runs` the runs of `to_send` from `cursor` on, up to `per_frame` pages
+    /// in all (counting the runs already there); move `cursor` past them. Returns the page
+    /// count of `self.runs`.
+    fn take_runs(&mut self, cursor: &mut u64, per_frame: u64) -> u64 {
+        let mut n: u64 = self.runs.iter().map(|r| r.count as u64).sum();
+        while n < per_frame {
+            let Some(p) = self.to_send.next_set(*cursor) else {
+                break;
+            };
+            let len = self.to_send.run_len(p, per_frame - n);
+            self.runs.push(PageRun {
+                first: p,
+                count: len as u32,
+            });
+            n += len;
+            *cursor = p + len;
+        }
+        n
+    }
+
     /// Send every page in `to_send`, then `PassEnd`. Returns true if a timeout under the
     /// Force policy cut the pass short (the unsent pages stay in `to_send`).
     fn send_pass(&mut self, pass: u32, final_pass: bool) -> Result<bool, SendError> {
@@ -950,19 +950,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             }
             let per_frame = self.frame_pages();
             self.runs.clear();
-            let mut n = 0u64;
-            while n < per_frame {
-                let Some(p) = self.to_send.next_set(cursor) else {
-                    break;
-                };
-                let len = self.to_send.run_len(p, per_frame - n);
-                self.runs.push(PageRun {
-                    first: p,
-                    count: len as u32,
-                });
-                n += len;
-                cursor = p + len;
-            }
+            let n = self.take_runs(&mut cursor, per_frame);
             if n == 0 {
                 break;
             }
