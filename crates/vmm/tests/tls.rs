@@ -133,15 +133,7 @@ fn move_and_finish(
         out.contains(&format!("migration to {url} completed")),
         "{out}"
     );
-    assert_eq!(src.wait(Duration::from_secs(30)), 0, "{}", src.stderr());
-    assert_eq!(dst.wait(Duration::from_secs(120)), 0, "{}", dst.stderr());
-    assert_eq!(
-        src.stdout() + &dst.stdout(),
-        expected,
-        "source:\n{}\ndestination:\n{}",
-        src.stdout(),
-        dst.stdout()
-    );
+    common::assert_halves_make_the_whole(src, dst, expected);
 }
 
 /// The demo moves over TLS (certificates from `esvm certs`, the destination's name checked

@@ -289,3 +289,19 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+/// A migrated guest's two halves: the source ends (0) after the move, the destination
+/// finishes the guest (0), and the source's output followed by the destination's is the
+/// output of a run that never moved.
+#[allow(dead_code)] // not every test file migrates
+pub fn assert_halves_make_the_whole(src: &mut Proc, dst: &mut Proc, expected: &str) {
+    assert_eq!(src.wait(Duration::from_secs(30)), 0, "{}", src.stderr());
+    assert_eq!(dst.wait(Duration::from_secs(120)), 0, "{}", dst.stderr());
+    assert_eq!(
+        src.stdout() + &dst.stdout(),
+        expected,
+        "source:\n{}\ndestination:\n{}",
+        src.stdout(),
+        dst.stdout()
+    );
+}
