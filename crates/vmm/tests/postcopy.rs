@@ -188,6 +188,26 @@ fn postcopy_keeps_the_sev_es_demo_exact() {
     postcopy_keeps_the_demo_exact(true);
 }
 
+/// Start a migration that switches to post-copy before any pass, with everything after
+/// the switch at 1 MiB/s (several seconds of post-copy), and wait until the destination
+/// `b` runs the guest.
+fn switch_at_once_over_a_slow_link(sock: &Path, url: &str, b: &mut Proc) {
+    let o = ctl(
+        sock,
+        &[
+            "migrate",
+            url,
+            "--postcopy-after",
+            "0",
+            "--max-bandwidth",
+            "1M",
+            "--detach",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    b.wait_stderr("switched to post-copy", Duration::from_secs(30));
+}
+
 /// Kill the source right after the switch: the destination, whose guest runs with pages
 /// missing, stops it and exits 125 naming the failure; it never prints a checksum (a guest
 /// reading a missing page as zero would print a wrong one).
@@ -200,21 +220,7 @@ fn a_source_killed_after_the_switch_stops_the_destination() {
     let (mut b, url) = receive(&["--api-socket", dsock.to_str().unwrap()]);
     let mut a = source(&sock, &demo_args(iters, 8), None);
     std::thread::sleep(Duration::from_millis(300));
-    // Everything after the switch at 1 MiB/s: several seconds of post-copy.
-    let o = ctl(
-        &sock,
-        &[
-            "migrate",
-            &url,
-            "--postcopy-after",
-            "0",
-            "--max-bandwidth",
-            "1M",
-            "--detach",
-        ],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    b.wait_stderr("switched to post-copy", Duration::from_secs(30));
+    switch_at_once_over_a_slow_link(&sock, &url, &mut b);
     // While pages still arrive, the destination cannot be snapshotted or migrated on (the
     // missing pages are not here).
     wait_socket(&mut b, &dsock);
@@ -257,20 +263,7 @@ fn a_destination_killed_after_the_switch_ends_the_source_with_the_loss() {
     let (mut b, url) = receive(&[]);
     let mut a = source(&sock, &demo_args(iters, 8), None);
     std::thread::sleep(Duration::from_millis(300));
-    let o = ctl(
-        &sock,
-        &[
-            "migrate",
-            &url,
-            "--postcopy-after",
-            "0",
-            "--max-bandwidth",
-            "1M",
-            "--detach",
-        ],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    b.wait_stderr("switched to post-copy", Duration::from_secs(30));
+    switch_at_once_over_a_slow_link(&sock, &url, &mut b);
     b.kill();
     let code = a.wait(Duration::from_secs(120));
     assert_eq!(
