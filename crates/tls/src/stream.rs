@@ -29,10 +29,8 @@ use rustls::Connection;
 
 use crate::error::{explain_stream_error, Role};
 
-/// How much ciphertext one socket read takes in (sixteen full TLS records, what one 256 KiB
-/// write seals): fewer reads per byte on a busy stream, and `recv` opens all of them into
-/// the caller's buffer without a second trip through the locks.
-const READ_CHUNK: usize = 16 * 16 * 1024 + 256;
+/// How much ciphertext one socket read takes in (four full TLS records).
+const READ_CHUNK: usize = 4 * 16 * 1024 + 256;
 
 /// An established TLS 1.3 connection (handshake done, peer verified). Clones share the
 /// connection: one may read while another writes.
@@ -158,28 +156,12 @@ impl TlsStream {
             return Ok(0);
         }
         let mut raw = lock(&self.inner.read_buf);
-        // Plaintext already put in `buf`: records whose ciphertext is at hand are opened
-        // into the rest of `buf` in the same call (fewer calls and lockings per byte).
-        let mut got = 0;
         loop {
             let mut conn = lock(&self.inner.conn);
-            match conn.reader().read(&mut buf[got..]) {
-                // n == 0: the peer's close_notify, a clean end of stream (after what `buf`
-                // holds already: the next call returns 0 again).
-                Ok(0) => return Ok(got),
-                Ok(n) => {
-                    got += n;
-                    if got == buf.len() || raw.start == raw.end {
-                        return Ok(got);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if got > 0 && raw.start == raw.end {
-                        return Ok(got);
-                    }
-                }
-                // Reported by the next call, after the plaintext that came before it.
-                Err(_) if got > 0 => return Ok(got),
+            match conn.reader().read(buf) {
+                // n == 0: the peer's close_notify, a clean end of stream.
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
