@@ -112,9 +112,9 @@ pub enum CtlCommand {
     /// from its VMSA decrypted by the firmware (DBG_DECRYPT). Pause the VM first to compare
     /// them at one point.
     Vcpus,
-    /// Stop the VM now, without asking the guest (no ACPI): like pulling the plug, but
-    /// clean for esvm (a migration in pre-copy is cancelled, a snapshot being written
-    /// finishes first). Prints how the VM ended once it has; its `esvm run` (`receive`,
+    /// Stop the VM now, without asking the guest (no ACPI power-button event): like pulling
+    /// the plug, but clean for esvm (a migration in pre-copy is cancelled, a snapshot being
+    /// written finishes first). Prints how the VM ended once it has; its `esvm run` (`receive`,
     /// `restore`) exits 0 with the message "the VM was stopped by `esvm ctl shutdown`".
     /// Refused while a migration is in stop-and-copy or committing: its outcome decides
     /// where the VM runs.
