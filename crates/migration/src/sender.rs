@@ -632,35 +632,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         }
 
         // Commit.
-        self.set_phase(Phase::Committing);
-        let finish = match self.vm_type() {
-            GuestType::SevEs => self.source.sev_finish_blob()?,
-            GuestType::Plain => Vec::new(),
-        };
-        let complete_seq = self.w.send(FrameType::Complete, &[&finish])?;
-        self.complete_sent = true;
-        self.track(complete_seq, (HEADER_LEN + finish.len()) as u64, Vec::new());
-        self.w.flush()?;
-        loop {
-            let f = self.wait_frame(false)?;
-            match f.header.frame_type {
-                FrameType::Ack => {
-                    let s = decode_seq(FrameType::Ack, &f.payload)?;
-                    self.ack_up_to(s)?;
-                }
-                FrameType::Committed => {
-                    let s = decode_seq(FrameType::Committed, &f.payload)?;
-                    if s != complete_seq {
-                        return Err(SendError::UnexpectedResponse(format!(
-                            "commit of frame #{s}, but Complete was frame #{complete_seq}"
-                        )));
-                    }
-                    self.ack_up_to(s)?;
-                    break;
-                }
-                other => return Err(unexpected(other, "Committed")),
-            }
-        }
+        self.commit(false)?;
         let downtime = paused_at.elapsed();
         self.source.mark_dead();
         self.paused = false;
@@ -683,6 +655,46 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             downtime,
             postcopy: None,
         })
+    }
+
+    /// The commit handshake: send `Complete` (with the SEV-ES finish blob) and wait for
+    /// `Committed`. After post-copy (`postcopy`), late page requests for pages already sent
+    /// may still arrive and are ignored.
+    fn commit(&mut self, postcopy: bool) -> Result<(), SendError> {
+        self.set_phase(Phase::Committing);
+        let finish = match self.vm_type() {
+            GuestType::SevEs => self.source.sev_finish_blob()?,
+            GuestType::Plain => Vec::new(),
+        };
+        let complete_seq = self.w.send(FrameType::Complete, &[&finish])?;
+        self.complete_sent = true;
+        self.track(complete_seq, (HEADER_LEN + finish.len()) as u64, Vec::new());
+        self.w.flush()?;
+        loop {
+            let f = self.wait_frame(false)?;
+            match f.header.frame_type {
+                FrameType::Ack => {
+                    let s = decode_seq(FrameType::Ack, &f.payload)?;
+                    self.ack_up_to(s)?;
+                }
+                // Late requests for pages already sent: nothing to do.
+                FrameType::PageRequest if postcopy => {
+                    self.note_requests(&f.payload)?;
+                }
+                FrameType::Committed => {
+                    let s = decode_seq(FrameType::Committed, &f.payload)?;
+                    if s != complete_seq {
+                        return Err(SendError::UnexpectedResponse(format!(
+                            "commit of frame #{s}, but Complete was frame #{complete_seq}"
+                        )));
+                    }
+                    self.ack_up_to(s)?;
+                    break;
+                }
+                other => return Err(unexpected(other, "Committed")),
+            }
+        }
+        Ok(())
     }
 
     /// Send the device state and every vCPU's state (the source is paused).
@@ -811,39 +823,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             self.postcopy_wait()?;
         }
 
-        self.set_phase(Phase::Committing);
-        let finish = match self.vm_type() {
-            GuestType::SevEs => self.source.sev_finish_blob()?,
-            GuestType::Plain => Vec::new(),
-        };
-        let complete_seq = self.w.send(FrameType::Complete, &[&finish])?;
-        self.complete_sent = true;
-        self.track(complete_seq, (HEADER_LEN + finish.len()) as u64, Vec::new());
-        self.w.flush()?;
-        loop {
-            let f = self.wait_frame(false)?;
-            match f.header.frame_type {
-                FrameType::Ack => {
-                    let s = decode_seq(FrameType::Ack, &f.payload)?;
-                    self.ack_up_to(s)?;
-                }
-                // Late requests for pages already sent: nothing to do.
-                FrameType::PageRequest => {
-                    self.note_requests(&f.payload)?;
-                }
-                FrameType::Committed => {
-                    let s = decode_seq(FrameType::Committed, &f.payload)?;
-                    if s != complete_seq {
-                        return Err(SendError::UnexpectedResponse(format!(
-                            "commit of frame #{s}, but Complete was frame #{complete_seq}"
-                        )));
-                    }
-                    self.ack_up_to(s)?;
-                    break;
-                }
-                other => return Err(unexpected(other, "Committed")),
-            }
-        }
+        self.commit(true)?;
         self.source.mark_dead();
         self.paused = false;
         self.set_phase(Phase::Completed);
