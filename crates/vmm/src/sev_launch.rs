@@ -38,7 +38,9 @@ pub const DEFAULT_POLICY: u32 = Policy::ES;
 #[allow(missing_docs)] // Each variant is documented by its #[error] message.
 #[derive(Debug, Error)]
 pub enum SevLaunchError {
-    #[error("cannot open the platform in {dir}: {source}. Create one with `esvm platform init --dir {dir}`")]
+    // The storage error says what to do (e.g. a directory without an identity: run
+    // `esvm platform init`); repeating that advice here printed it twice.
+    #[error("cannot open the platform in {dir}: {source}")]
     Platform {
         dir: PathBuf,
         #[source]
