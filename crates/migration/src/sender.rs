@@ -806,15 +806,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             if n == 0 {
                 break;
             }
-            match self.vm_type() {
-                GuestType::Plain => self.send_plain_batch(pass, n)?,
-                GuestType::SevEs => self.send_sev_batch(pass)?,
-            }
-            sent += n;
-            self.progress.pass_pages_sent = sent;
-            self.progress.pages_sent += n;
-            self.progress.pages_remaining = pages_at_switch.saturating_sub(sent);
-            self.report(false);
+            self.send_runs(pass, n, &mut sent, pages_at_switch)?;
             while self.in_flight.len() > self.cfg.postcopy_window_frames.max(1) {
                 self.postcopy_wait()?;
             }
@@ -934,15 +926,7 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
             if n == 0 {
                 break;
             }
-            match self.vm_type() {
-                GuestType::Plain => self.send_plain_batch(pass, n)?,
-                GuestType::SevEs => self.send_sev_batch(pass)?,
-            }
-            sent += n;
-            self.progress.pass_pages_sent = sent;
-            self.progress.pages_sent += n;
-            self.progress.pages_remaining = scheduled.saturating_sub(sent);
-            self.report(false);
+            self.send_runs(pass, n, &mut sent, scheduled)?;
             self.wait_window(true)?;
         }
         self.pace(HEADER_LEN as u64 + 16)?;
@@ -957,6 +941,27 @@ impl<S: MigrationSource + ?Sized, R: Read, W: Write> Session<'_, S, R, W> {
         )?;
         self.track(seq, HEADER_LEN as u64 + 16, Vec::new());
         Ok(interrupted)
+    }
+
+    /// Send the `n` pages of `self.runs` (plaintext or SEV-ES packets) and count them:
+    /// `sent` of `scheduled` pages are then out.
+    fn send_runs(
+        &mut self,
+        pass: u32,
+        n: u64,
+        sent: &mut u64,
+        scheduled: u64,
+    ) -> Result<(), SendError> {
+        match self.vm_type() {
+            GuestType::Plain => self.send_plain_batch(pass, n)?,
+            GuestType::SevEs => self.send_sev_batch(pass)?,
+        }
+        *sent += n;
+        self.progress.pass_pages_sent = *sent;
+        self.progress.pages_sent += n;
+        self.progress.pages_remaining = scheduled.saturating_sub(*sent);
+        self.report(false);
+        Ok(())
     }
 
     fn send_plain_batch(&mut self, pass: u32, pages: u64) -> Result<(), SendError> {

@@ -61,24 +61,7 @@ fn source(netns: Option<&str>, sock: &Path, guest_args: &str) -> Proc {
 /// [`source`], or with `sev = Some(PLATFORM)` the SEV-ES demo:
 /// `esvm run --sev-es --platform PLATFORM ... sevdemo -- ARGS`.
 fn source_on(netns: Option<&str>, sock: &Path, guest_args: &str, sev: Option<&Path>) -> Proc {
-    let mut args = vec![
-        "run",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--start-paused",
-        "--mem",
-        MEM,
-    ];
-    if let Some(p) = sev {
-        args.extend(["--sev-es", "--platform", p.to_str().unwrap(), "sevdemo"]);
-    } else {
-        args.push("demo");
-    }
-    args.push("--");
-    args.extend(guest_args.split(' '));
-    let mut p = Proc::spawn(netns, &args);
-    wait_socket(&mut p, sock);
-    p
+    common::paused_demo(netns, sock, MEM, guest_args, sev)
 }
 
 fn status(sock: &Path) -> serde_json::Value {

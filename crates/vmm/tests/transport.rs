@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ctl, ctl_ok, esvm, text, wait_socket, Proc, ESVM};
+use common::{ctl, ctl_ok, esvm, text, Proc, ESVM};
 
 const MEM: &str = "32M";
 const MEM_BYTES: u64 = 32 << 20;
@@ -23,25 +23,7 @@ fn demo_args(iterations: u64) -> String {
 
 /// `esvm run --api-socket SOCK --start-paused --mem 32M demo|sevdemo -- ARGS`.
 fn source(sock: &Path, iterations: u64, sev_platform: Option<&Path>) -> Proc {
-    let args = demo_args(iterations);
-    let mut argv = vec![
-        "run",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--start-paused",
-        "--mem",
-        MEM,
-    ];
-    if let Some(p) = sev_platform {
-        argv.extend(["--sev-es", "--platform", p.to_str().unwrap(), "sevdemo"]);
-    } else {
-        argv.push("demo");
-    }
-    argv.push("--");
-    argv.extend(args.split(' '));
-    let mut p = Proc::spawn(None, &argv);
-    wait_socket(&mut p, sock);
-    p
+    common::paused_demo(None, sock, MEM, &demo_args(iterations), sev_platform)
 }
 
 /// Let the paused source run a little, then migrate it to `url` with `esvm ctl migrate`

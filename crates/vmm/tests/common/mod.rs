@@ -305,3 +305,34 @@ pub fn assert_halves_make_the_whole(src: &mut Proc, dst: &mut Proc, expected: &s
         dst.stdout()
     );
 }
+
+/// `esvm run --api-socket SOCK --start-paused --mem MEM demo -- ARGS` (in network namespace
+/// `netns` if given), or with `sev = Some(PLATFORM)` the SEV-ES demo
+/// (`--sev-es --platform PLATFORM ... sevdemo`); returns once the API socket is up.
+#[allow(dead_code)] // not every test file migrates
+pub fn paused_demo(
+    netns: Option<&str>,
+    sock: &Path,
+    mem: &str,
+    guest_args: &str,
+    sev: Option<&Path>,
+) -> Proc {
+    let mut args = vec![
+        "run",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--start-paused",
+        "--mem",
+        mem,
+    ];
+    if let Some(p) = sev {
+        args.extend(["--sev-es", "--platform", p.to_str().unwrap(), "sevdemo"]);
+    } else {
+        args.push("demo");
+    }
+    args.push("--");
+    args.extend(guest_args.split(' '));
+    let mut p = Proc::spawn(netns, &args);
+    wait_socket(&mut p, sock);
+    p
+}
