@@ -303,6 +303,8 @@ impl TlsServer {
             })?;
         // One connection carries one migration: no resumption, so no tickets to send.
         config.send_tls13_tickets = 0;
+        // esvm seals and opens the records itself once the handshake is done (record.rs).
+        config.enable_secret_extraction = true;
         Ok(TlsServer {
             config: Arc::new(config),
         })
@@ -358,7 +360,7 @@ impl TlsClient {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ConfigError::Setup(e.to_string()))?
             .with_root_certificates(roots.clone());
-        let config = match identity {
+        let mut config = match identity {
             Some((cert, key)) => {
                 let id = if check_own {
                     load_identity(cert, key, ca, &roots, &p)?
@@ -378,6 +380,8 @@ impl TlsClient {
             }
             None => builder.with_no_client_auth(),
         };
+        // esvm seals and opens the records itself once the handshake is done (record.rs).
+        config.enable_secret_extraction = true;
         Ok(TlsClient {
             config: Arc::new(config),
             name,

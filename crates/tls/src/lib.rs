@@ -18,6 +18,7 @@
 pub mod certs;
 mod config;
 mod error;
+mod record;
 mod stream;
 
 use std::io::{self, Read, Write};
@@ -162,7 +163,7 @@ fn handshake(
         e => e,
     };
     let is_client = matches!(conn, Connection::Client(_));
-    let mut buf = vec![0u8; 18 * 1024];
+    let mut buf = Vec::with_capacity(record::MAX_RECORD);
     let mut first = true;
     // The client waits for the destination's ACCEPTED byte after the TLS handshake.
     let mut confirmed = !is_client;
@@ -205,16 +206,8 @@ fn handshake(
                 Err(e) => return Err(io_err(peer, e)),
             }
         }
-        let n = match (&tcp).read(&mut buf) {
-            Ok(0) => return Err(HandshakeError::ClosedInHandshake { peer }),
-            Ok(n) => n,
-            Err(e) => return Err(timed(io_err(peer, e))),
-        };
-        if first {
-            first = false;
-            check_first_bytes(peer, &buf[..n])?;
-        }
-        let mut data = &buf[..n];
+        read_record(&tcp, &mut buf, &mut first, peer).map_err(timed)?;
+        let mut data = &buf[..];
         while !data.is_empty() {
             conn.read_tls(&mut data).map_err(|e| io_err(peer, e))?;
             if let Err(e) = conn.process_new_packets() {
@@ -228,7 +221,62 @@ fn handshake(
             }
         }
     }
-    Ok(TlsStream::new(tcp, conn, peer))
+    // The handshake read whole records only, so the socket holds everything after them;
+    // rustls may still hold plaintext that came with the last one (and the peer's end).
+    let mut early = Vec::new();
+    let mut eof = false;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match conn.reader().read(&mut chunk) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => early.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            // The peer cut the connection after its last record: the next read says so.
+            Err(_) => break,
+        }
+    }
+    let tls = |source| HandshakeError::Tls { peer, source };
+    let secrets = conn.dangerous_extract_secrets().map_err(tls)?;
+    let sealer = record::Sealer::new(secrets.tx.0, secrets.tx.1).map_err(tls)?;
+    let mut opener =
+        record::Opener::new(secrets.rx.0, secrets.rx.1, peer, stream::READ_BUFFER).map_err(tls)?;
+    opener.preload(&early, eof);
+    Ok(TlsStream::new(tcp, sealer, opener, peer))
+}
+
+/// Read exactly one TLS record (header and body) from `tcp` into `buf`, so that the
+/// handshake takes nothing from the socket beyond its own records: what follows belongs to
+/// esvm's record layer. The first bytes from the peer are checked to be TLS.
+fn read_record(
+    tcp: &TcpStream,
+    buf: &mut Vec<u8>,
+    first: &mut bool,
+    peer: Role,
+) -> Result<(), HandshakeError> {
+    let mut hdr = [0u8; 5];
+    let mut got = 0;
+    while got < hdr.len() {
+        let n = match (&*tcp).read(&mut hdr[got..]) {
+            Ok(0) => return Err(HandshakeError::ClosedInHandshake { peer }),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(peer, e)),
+        };
+        got += n;
+        if std::mem::take(first) {
+            check_first_bytes(peer, &hdr[..got])?;
+        }
+    }
+    let len = u16::from_be_bytes([hdr[3], hdr[4]]) as usize;
+    buf.clear();
+    buf.extend_from_slice(&hdr);
+    buf.resize(hdr.len() + len, 0);
+    (&*tcp)
+        .read_exact(&mut buf[hdr.len()..])
+        .map_err(|e| io_err(peer, e))
 }
 
 #[cfg(test)]
@@ -358,6 +406,196 @@ mod tests {
         writer.join().unwrap();
         assert_eq!(echo.join().unwrap(), big);
         assert_eq!(reply, b"ack");
+    }
+
+    fn sha256(b: &[u8]) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, b)
+            .as_ref()
+            .to_vec()
+    }
+
+    fn pattern(n: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A connected source (client) and destination (server) stream.
+    fn established() -> (TlsStream, TlsStream) {
+        let d = tempfile::tempdir().unwrap();
+        lab(d.path());
+        let ca = p(d.path(), "ca.pem");
+        let (s, c) = pair(
+            &server(d.path(), "dst"),
+            &client(d.path(), Some("src"), &ca, None),
+            "127.0.0.1",
+        );
+        let (s, c) = (s.unwrap(), c.unwrap());
+        s.configure(T, T).unwrap();
+        c.configure(T, T).unwrap();
+        (c, s)
+    }
+
+    #[test]
+    fn both_directions_carry_large_streams_at_once() {
+        let (c, s) = established();
+        // Each end writes on one thread while reading on another, in writes of odd sizes
+        // (some vectored), both directions at once.
+        let run = |me: TlsStream, seed: u32| {
+            let data = pattern(24_000_017 + seed as usize, seed);
+            let digest = sha256(&data);
+            let w = me.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                let mut at = 0;
+                let mut step = 1;
+                while at < data.len() {
+                    step = (step * 13 + 7) % 300_000 + 1;
+                    let end = (at + step).min(data.len());
+                    let mid = (at + end) / 2;
+                    let bufs = [
+                        io::IoSlice::new(&data[at..mid]),
+                        io::IoSlice::new(&data[mid..end]),
+                    ];
+                    at += (&w).write_vectored(&bufs).unwrap();
+                }
+                w.shutdown(Shutdown::Write).unwrap();
+            });
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                (&me).read_to_end(&mut got).unwrap();
+                sha256(&got)
+            });
+            (writer, reader, digest)
+        };
+        let (cw, cr, c_sent) = run(c, 11);
+        let (sw, sr, s_sent) = run(s, 12);
+        cw.join().unwrap();
+        sw.join().unwrap();
+        assert_eq!(
+            sr.join().unwrap(),
+            c_sent,
+            "the destination read what the source sent"
+        );
+        assert_eq!(
+            cr.join().unwrap(),
+            s_sent,
+            "the source read what the destination sent"
+        );
+    }
+
+    #[test]
+    fn dropping_the_last_handle_ends_tls_cleanly() {
+        let (c, s) = established();
+        let c2 = c.try_clone().unwrap();
+        (&c).write_all(b"bye").unwrap();
+        drop(c);
+        // Another handle keeps the connection open.
+        (&c2).write_all(b"!").unwrap();
+        drop(c2);
+        let mut got = Vec::new();
+        (&s).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"bye!");
+        // The end stays the end.
+        assert_eq!((&s).read(&mut [0u8; 4]).unwrap(), 0);
+    }
+
+    /// A relay between a source and a destination that passes the first `pass` bytes from
+    /// the source, then flips one bit (`flip`) or cuts the connection (not `flip`).
+    fn meddler(pass: usize, flip: bool) -> (TlsStream, TlsStream) {
+        let d = tempfile::tempdir().unwrap();
+        lab(d.path());
+        let ca = p(d.path(), "ca.pem");
+        let srv = server(d.path(), "dst");
+        let cli = client(d.path(), Some("src"), &ca, None);
+        let real = TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+        let real_addr = real.local_addr().unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (from_src, _) = relay.accept().unwrap();
+            let to_dst = TcpStream::connect(real_addr).unwrap();
+            let (mut a, mut b) = (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+            // The destination's answers go back unchanged.
+            std::thread::spawn(move || {
+                let _ = io::copy(&mut a, &mut b);
+                let _ = b.shutdown(Shutdown::Write);
+            });
+            let (mut r, mut w) = (from_src, to_dst);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut seen = 0;
+            loop {
+                let n = match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if seen + n > pass {
+                    let i = pass - seen;
+                    if !flip {
+                        let _ = w.write_all(&buf[..i]);
+                        let _ = w.shutdown(Shutdown::Both);
+                        let _ = r.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    buf[i] ^= 0x04;
+                }
+                seen += n;
+                if w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown(Shutdown::Write);
+        });
+        let t = std::thread::spawn(move || srv.accept(real.accept().unwrap().0, T));
+        let c = cli
+            .connect(TcpStream::connect(relay_addr).unwrap(), "127.0.0.1", T)
+            .unwrap();
+        let s = t.join().unwrap().unwrap();
+        (c, s)
+    }
+
+    #[test]
+    fn a_record_altered_in_transit_is_refused() {
+        let (c, s) = meddler(200_000, true);
+        let w = std::thread::spawn(move || {
+            let _ = (&c).write_all(&pattern(1 << 20, 7));
+            c
+        });
+        let mut got = Vec::new();
+        let e = (&s).read_to_end(&mut got).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            e.to_string()
+                .contains("a TLS record from the source failed authentication"),
+            "{e}"
+        );
+        assert!(
+            got.len() < 200_000,
+            "nothing after the altered record is handed out"
+        );
+        drop(s);
+        drop(w.join().unwrap());
+    }
+
+    #[test]
+    fn a_connection_cut_without_close_notify_is_an_error() {
+        let (c, s) = meddler(300_000, false);
+        let w = std::thread::spawn(move || {
+            let _ = (&c).write_all(&pattern(1 << 20, 8));
+            c
+        });
+        let mut got = Vec::new();
+        let e = (&s).read_to_end(&mut got).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("the connection was cut"), "{e}");
+        assert!(got.len() < 300_000);
+        drop(s);
+        drop(w.join().unwrap());
     }
 
     #[test]

@@ -1,21 +1,18 @@
 //! [`TlsStream`]: an established TLS connection over TCP that two threads can use at once,
 //! one reading and one writing, like a `TcpStream` and its `try_clone`.
 //!
-//! rustls keeps a connection's state in one object (`rustls::Connection`), while the
-//! migration engine reads acknowledgements on one handle while it writes pages on another.
-//! The design: the connection sits behind a mutex that is held only while rustls encrypts
-//! or decrypts, never while a thread waits on the socket.
+//! After the handshake rustls hands over the traffic keys and esvm runs the record layer
+//! itself ([`crate::record`]: why, and what it leaves out). The two directions are
+//! independent objects, each behind its own mutex, so a thread reading acknowledgements
+//! never waits for one sealing pages, and neither lock is shared between directions:
 //!
-//! * Writing locks `write` (the socket's sending side, so that records leave in the order
-//!   they were sealed), then the connection just long enough to seal the plaintext into
-//!   records, then writes the records to the socket with only `write` held.
-//! * Reading takes buffered plaintext if there is some; otherwise it reads the socket with
-//!   no lock held (the socket's read timeout applies, as on plain TCP), then locks the
-//!   connection to feed and open the records.
+//! * Writing locks the [`Sealer`] (so that records leave in the order they were sealed),
+//!   seals up to [`WRITE_BATCH`] bytes of plaintext in place into full-size records and
+//!   sends them with one socket write.
+//! * Reading locks the [`Opener`], which hands out plaintext it already opened, opens the
+//!   whole records it holds in place, or reads the socket (its read timeout applies, as on
+//!   plain TCP) up to [`READ_BUFFER`] bytes at a time.
 //!
-//! The reader never waits on the writer: a message rustls wants to send in answer to
-//! something it read (a TLS 1.3 KeyUpdate response; esvm's peers never request one, and
-//! the server sends no session tickets) goes out with the next write.
 //! A relay thread with a socket pair would have kept the engine's two plain handles, but
 //! costs two more copies of every byte and a thread switch per chunk; measured throughput
 //! is in BENCHMARKS.md.
@@ -25,12 +22,14 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use rustls::Connection;
+use crate::error::Role;
+use crate::record::{Opener, Sealer, MAX_RECORD};
 
-use crate::error::{explain_stream_error, Role};
+/// How much plaintext one write seals before sending it (sixteen full TLS records).
+pub(crate) const WRITE_BATCH: usize = 16 * 16 * 1024;
 
-/// How much ciphertext one socket read takes in (four full TLS records).
-const READ_CHUNK: usize = 4 * 16 * 1024 + 256;
+/// How much ciphertext one socket read may take in (about sixteen full TLS records).
+pub(crate) const READ_BUFFER: usize = 16 * MAX_RECORD;
 
 /// An established TLS 1.3 connection (handshake done, peer verified). Clones share the
 /// connection: one may read while another writes.
@@ -52,17 +51,10 @@ struct Inner {
     tcp: TcpStream,
     /// Who the other end is (for messages).
     peer: Role,
-    conn: Mutex<Connection>,
-    /// Held while records go to the socket; the buffer they are sealed into.
-    write: Mutex<WriteSide>,
-    /// Only the reading thread uses it; a mutex because handles are shared.
-    read_buf: Mutex<RawBuf>,
-}
-
-struct WriteSide {
-    out: Vec<u8>,
-    /// close_notify was sent: nothing may follow it.
-    closed: bool,
+    /// The sending direction; held while its records go to the socket.
+    write: Mutex<Sealer>,
+    /// The receiving direction; held while its reader waits on the socket.
+    read: Mutex<Opener>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -72,24 +64,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl TlsStream {
-    /// Wrap a connection whose handshake is complete. `peer` names the other end.
-    pub(crate) fn new(tcp: TcpStream, mut conn: Connection, peer: Role) -> Self {
-        // Writes seal whole buffers at once (the records go out right after).
-        conn.set_buffer_limit(None);
+    /// Wrap a connection whose handshake is complete: the two directions' record layers,
+    /// and `peer` names the other end.
+    pub(crate) fn new(tcp: TcpStream, sealer: Sealer, opener: Opener, peer: Role) -> Self {
         TlsStream {
             inner: Arc::new(Inner {
                 tcp,
                 peer,
-                conn: Mutex::new(conn),
-                write: Mutex::new(WriteSide {
-                    out: Vec::new(),
-                    closed: false,
-                }),
-                read_buf: Mutex::new(RawBuf {
-                    buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
-                    start: 0,
-                    end: 0,
-                }),
+                write: Mutex::new(sealer),
+                read: Mutex::new(opener),
             }),
         }
     }
@@ -125,24 +108,7 @@ impl TlsStream {
     /// Seal `bufs` into records and send them; returns the plaintext bytes taken.
     fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         let mut w = lock(&self.inner.write);
-        if w.closed {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the TLS connection was closed for writing (close_notify sent)",
-            ));
-        }
-        let n = {
-            let mut conn = lock(&self.inner.conn);
-            let mut n = 0;
-            for b in bufs {
-                n += conn.writer().write(b)?;
-            }
-            w.out.clear();
-            while conn.wants_write() {
-                conn.write_tls(&mut w.out)?;
-            }
-            n
-        };
+        let n = w.seal(bufs, WRITE_BATCH)?;
         let res = (&self.inner.tcp).write_all(&w.out);
         if res.is_err() {
             // Part of a record may have left: nothing after it could be opened.
@@ -152,57 +118,8 @@ impl TlsStream {
     }
 
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let mut raw = lock(&self.inner.read_buf);
-        loop {
-            let mut conn = lock(&self.inner.conn);
-            match conn.reader().read(buf) {
-                // n == 0: the peer's close_notify, a clean end of stream.
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "{} closed the connection without ending TLS (no close_notify): \
-                             the connection was cut",
-                            self.inner.peer
-                        ),
-                    ))
-                }
-                Err(e) => return Err(e),
-            }
-            if raw.start == raw.end {
-                // No plaintext and no ciphertext left: wait on the socket without holding
-                // the connection (the writer seals meanwhile).
-                drop(conn);
-                let RawBuf { buf: b, .. } = &mut *raw;
-                let n = (&self.inner.tcp).read(b)?;
-                raw.start = 0;
-                raw.end = n;
-                conn = lock(&self.inner.conn);
-            }
-            // Feed what rustls takes (it refuses more while its plaintext buffer is full,
-            // hence the offsets); at end of stream (nothing read) this records the end.
-            let RawBuf { buf: b, start, end } = &mut *raw;
-            let mut data = &b[*start..*end];
-            let took = conn.read_tls(&mut data)?;
-            *start += took;
-            if let Err(e) = conn.process_new_packets() {
-                let msg = explain_stream_error(self.inner.peer, &e);
-                return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
-            }
-        }
+        lock(&self.inner.read).read(&mut &self.inner.tcp, buf)
     }
-}
-
-/// Ciphertext read from the socket that rustls has not taken yet: `buf[start..end]`.
-struct RawBuf {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
 }
 
 impl Inner {
@@ -211,15 +128,7 @@ impl Inner {
         if w.closed {
             return Ok(());
         }
-        w.closed = true;
-        {
-            let mut conn = lock(&self.conn);
-            conn.send_close_notify();
-            w.out.clear();
-            while conn.wants_write() {
-                conn.write_tls(&mut w.out)?;
-            }
-        }
+        w.seal_close_notify()?;
         // Nothing is written after close_notify, so the socket's write timeout can shrink:
         // a peer that stopped reading must not hold up the end of a failed migration (a
         // plain socket's shutdown does not wait either).
