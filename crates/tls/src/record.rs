@@ -685,6 +685,30 @@ mod tests {
     }
 
     #[test]
+    fn a_key_is_not_used_past_its_limit() {
+        let (c, mut s) = connected();
+        let keys = c.dangerous_extract_secrets().unwrap();
+        // Three records below AES-GCM's limit: two for data, one kept for close_notify.
+        let mut sealer = Sealer::new((1 << 24) - 3, keys.tx.1).unwrap();
+        let data = pattern(2 * MAX_PLAIN + 1, 6);
+        let e = sealer.seal(&[IoSlice::new(&data)], usize::MAX).unwrap_err();
+        assert!(e.to_string().contains("cannot renew it"), "{e}");
+        assert_eq!(
+            sealer.seal(&[IoSlice::new(&data)], 2 * MAX_PLAIN).unwrap(),
+            2 * MAX_PLAIN
+        );
+        let e = sealer.seal(&[IoSlice::new(b"x")], 1).unwrap_err();
+        assert!(e.to_string().contains("as many records as is safe"), "{e}");
+        sealer.seal_close_notify().unwrap();
+        // The peer, still at sequence number 0, cannot open these: the nonces moved on.
+        let mut wire = &sealer.out[..];
+        assert_eq!(
+            try_feed(&mut s, &mut wire).unwrap_err(),
+            rustls::Error::DecryptError
+        );
+    }
+
+    #[test]
     fn a_read_timeout_loses_nothing() {
         let (c, mut s) = connected();
         let (_, mut opener) = ours(c);
