@@ -588,6 +588,51 @@ mod tests {
         assert!(!tpr_accepts(15, 0xff));
     }
 
+    /// x2APIC mode only where CPUID offers it and with the APIC enabled; out of it only
+    /// through the disabled state (SDM "x2APIC state transitions").
+    #[test]
+    fn apic_base_transitions_follow_the_architecture() {
+        let xapic = esvm_arch::msr::APIC_BASE_DEFAULT_BSP;
+        let x2apic = xapic | APIC_BASE_EXTD;
+        let disabled = xapic & !APIC_BASE_EN;
+        assert!(apic_base_transition_valid(xapic, x2apic, true));
+        assert!(
+            !apic_base_transition_valid(xapic, x2apic, false),
+            "not offered"
+        );
+        assert!(!apic_base_transition_valid(
+            disabled,
+            disabled | APIC_BASE_EXTD,
+            true
+        ));
+        assert!(
+            !apic_base_transition_valid(x2apic, xapic, true),
+            "x2APIC -> xAPIC"
+        );
+        assert!(apic_base_transition_valid(x2apic, disabled, true));
+        assert!(apic_base_transition_valid(disabled, xapic, true));
+        assert!(apic_base_transition_valid(x2apic, x2apic, true));
+        assert!(apic_base_transition_valid(xapic, disabled, false));
+    }
+
+    /// IA32_TSC_DEADLINE and the x2APIC range go to the VMM only where CPUID offers the
+    /// feature; otherwise the hypervisor answers #GP as for any MSR it does not know.
+    #[test]
+    fn apic_msrs_are_forwarded_only_when_cpuid_offers_them() {
+        let none = CpuidTable::esvm_default();
+        let both = none.clone().with_local_apic(true, true);
+        let deadline_only = none.clone().with_local_apic(false, true);
+        for i in [MSR_TSC_DEADLINE, 0x800, 0x80b, 0x8ff] {
+            assert!(!msr_forwarded_to_vmm(&none, i), "{i:#x}");
+            assert!(msr_forwarded_to_vmm(&both, i), "{i:#x}");
+        }
+        assert!(msr_forwarded_to_vmm(&deadline_only, MSR_TSC_DEADLINE));
+        assert!(!msr_forwarded_to_vmm(&deadline_only, 0x830));
+        for i in [0x6df, 0x6e1, 0x7ff, 0x900, esvm_arch::msr::IA32_APIC_BASE] {
+            assert!(!msr_forwarded_to_vmm(&both, i), "{i:#x}");
+        }
+    }
+
     #[test]
     fn overlay_merges_pending_writes() {
         let mut buf = [0u8; 8];
