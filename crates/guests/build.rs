@@ -89,6 +89,10 @@ const GUESTS: &[(&str, &str)] = &[
         "sev-mmio",
         "SEV-ES MMIO through #VC/GHCB: every decoded MOV/MOVZX form against a RAM-like device at addr=GPA",
     ),
+    (
+        "sev-apic",
+        "Local APIC through MSRs (plain, or SEV-ES via #VC/GHCB): x2APIC registers, #GP for refused accesses, TSC-deadline timer on time (delta=N slack=N timers=N)",
+    ),
 ];
 
 fn common_flags() -> Vec<String> {

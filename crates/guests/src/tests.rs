@@ -189,6 +189,7 @@ fn sev_guests_are_present_and_opt_in_to_sev_es() {
         ("sev-pf", 1),
         ("sev-novc", 2),
         ("sev-mmio", 1),
+        ("sev-apic", 1),
     ];
     for (name, mode) in sev {
         let g = builtin(name).unwrap_or_else(|| panic!("guest {name} missing"));
@@ -219,6 +220,7 @@ fn sev_guests_are_present_and_opt_in_to_sev_es() {
         ("sev-pf", "#PF delivered"),
         ("sev-novc", "expect a shutdown"),
         ("sev-mmio", "cases passed"),
+        ("sev-apic", "ticks after its deadline"),
     ] {
         assert!(
             contains(builtin(name).unwrap().elf, needle),

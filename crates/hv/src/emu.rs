@@ -453,6 +453,24 @@ impl EmuVcpu {
                     data: &mut self.data[..len.min(16)],
                 }
             }
+            // The same exits a plain vCPU's intercepted RDMSR/WRMSR give the VMM.
+            VmmIo::RdMsr { index } => {
+                self.msr_value = 0;
+                self.msr_fault = false;
+                VmExit::RdMsr {
+                    index,
+                    value: &mut self.msr_value,
+                    fault: &mut self.msr_fault,
+                }
+            }
+            VmmIo::WrMsr { index, value } => {
+                self.msr_fault = false;
+                VmExit::WrMsr {
+                    index,
+                    value,
+                    fault: &mut self.msr_fault,
+                }
+            }
         }
     }
 
@@ -468,6 +486,10 @@ impl EmuVcpu {
                     VmmAnswer::Value(u32::from_le_bytes(v))
                 }
                 VmmIo::MmioRead { len, .. } => VmmAnswer::Bytes(self.data[..len.min(16)].to_vec()),
+                VmmIo::RdMsr { .. } => {
+                    VmmAnswer::MsrRead((!self.msr_fault).then_some(self.msr_value))
+                }
+                VmmIo::WrMsr { .. } => VmmAnswer::MsrWritten(!self.msr_fault),
                 _ => VmmAnswer::Done,
             });
         }

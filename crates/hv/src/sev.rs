@@ -167,13 +167,45 @@ pub(crate) fn psp_err(e: esvm_psp::PspError) -> HvError {
     HvError::Psp(e)
 }
 
+/// IA32_TSC_DEADLINE: forwarded to the VMM's local APIC when CPUID offers the TSC-deadline
+/// timer (leaf 1 ECX bit 24).
+pub const MSR_TSC_DEADLINE: u32 = 0x6e0;
+/// The x2APIC registers as MSRs: forwarded to the VMM's local APIC when CPUID offers x2APIC
+/// (leaf 1 ECX bit 21).
+pub const MSR_X2APIC: std::ops::RangeInclusive<u32> = 0x800..=0x8ff;
+/// IA32_APIC_BASE bit 11: the local APIC is enabled.
+const APIC_BASE_EN: u64 = 1 << 11;
+/// IA32_APIC_BASE bit 10: x2APIC mode.
+const APIC_BASE_EXTD: u64 = 1 << 10;
+/// CPUID leaf 1 ECX: x2APIC.
+const CPUID_1_ECX_X2APIC: u32 = 1 << 21;
+/// CPUID leaf 1 ECX: TSC-deadline timer.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Whether RDMSR/WRMSR of `index` goes to the VMM (its local APIC) for a guest whose CPUID
+/// is `cpuid`: IA32_TSC_DEADLINE and the x2APIC range, each only if CPUID offers the feature
+/// (otherwise the MSR does not exist and the guest gets #GP, as on hardware without it).
+pub fn msr_forwarded_to_vmm(cpuid: &CpuidTable, index: u32) -> bool {
+    let ecx = cpuid.lookup(1, 0)[2];
+    (index == MSR_TSC_DEADLINE && ecx & CPUID_1_ECX_TSC_DEADLINE != 0)
+        || (MSR_X2APIC.contains(&index) && ecx & CPUID_1_ECX_X2APIC != 0)
+}
+
 /// One I/O the VMM must perform for a GHCB request.
+///
+/// Reads (`IoIn`, `MmioRead`, `RdMsr`) and MSR writes block the request until the VMM
+/// answered (the answer decides the guest's result: a value, or #GP for a refused MSR
+/// access); port and MMIO writes, and the notice of a completed IA32_APIC_BASE write (the
+/// hypervisor tracks that register; the VMM's local APIC follows it), go to the VMM after
+/// the request completed, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum VmmIo {
     IoIn { port: u16, size: usize },
     IoOut { port: u16, size: usize, value: u32 },
     MmioRead { gpa: u64, len: usize },
     MmioWrite { gpa: u64, data: Vec<u8> },
+    RdMsr { index: u32 },
+    WrMsr { index: u32, value: u64 },
 }
 
 /// The answer the VMM gave to a [`VmmIo`] read.
@@ -181,6 +213,10 @@ pub(crate) enum VmmIo {
 pub(crate) enum VmmAnswer {
     Value(u32),
     Bytes(Vec<u8>),
+    /// An RDMSR's value; None: the VMM refused it (#GP).
+    MsrRead(Option<u64>),
+    /// Whether the VMM took a WRMSR (false: #GP).
+    MsrWritten(bool),
     Done,
 }
 
@@ -349,6 +385,15 @@ impl GhcbServices for ReplayServices<'_> {
         if let Some(v) = esvm_arch::msr::kvm_style_read(index).or_else(|| self.mtrr.get(index)) {
             return Ok(v);
         }
+        if msr_forwarded_to_vmm(self.cpuid, index) {
+            return match self.take_answer(VmmIo::RdMsr { index })? {
+                VmmAnswer::MsrRead(Some(v)) => Ok(v),
+                VmmAnswer::MsrRead(None) => Err(ServiceError::GeneralProtection),
+                _ => Err(ServiceError::refused(
+                    "replay mismatch: expected an MSR value",
+                )),
+            };
+        }
         match index {
             esvm_arch::msr::IA32_APIC_BASE => Ok(self.tracked.apic_base),
             esvm_arch::msr::IA32_TIME_STAMP_COUNTER => Ok(self.tsc),
@@ -368,13 +413,25 @@ impl GhcbServices for ReplayServices<'_> {
             Err(()) => return Err(ServiceError::GeneralProtection),
             Ok(false) => {}
         }
+        if msr_forwarded_to_vmm(self.cpuid, index) {
+            return match self.take_answer(VmmIo::WrMsr { index, value })? {
+                VmmAnswer::MsrWritten(true) => Ok(()),
+                VmmAnswer::MsrWritten(false) => Err(ServiceError::GeneralProtection),
+                _ => Err(ServiceError::refused(
+                    "replay mismatch: expected an MSR write's result",
+                )),
+            };
+        }
         match index {
             esvm_arch::msr::IA32_APIC_BASE => {
-                // Keep the base address and enable bits; x2APIC is not offered.
-                if value & (1 << 10) != 0 {
+                let x2apic_offered = self.cpuid.lookup(1, 0)[2] & CPUID_1_ECX_X2APIC != 0;
+                if !apic_base_transition_valid(self.tracked.apic_base, value, x2apic_offered) {
                     return Err(ServiceError::GeneralProtection);
                 }
+                // A tracked value: it changes here, in the GHCB exchange; the VMM's local
+                // APIC learns it once the request completed.
                 self.tracked.apic_base = value;
+                self.writes.push(VmmIo::WrMsr { index, value });
                 Ok(())
             }
             _ => Err(ServiceError::GeneralProtection),
@@ -440,6 +497,19 @@ impl GhcbServices for ReplayServices<'_> {
         self.shared_writes.push((gpa, data.to_vec()));
         Ok(())
     }
+}
+
+/// Whether IA32_APIC_BASE may go from `old` to `new` (else #GP), by the architectural
+/// rules of the enable (EN) and x2APIC (EXTD) bits: x2APIC mode needs CPUID's x2APIC and
+/// the APIC enabled; x2APIC mode is left only by disabling the APIC (not straight to xAPIC).
+fn apic_base_transition_valid(old: u64, new: u64, x2apic_offered: bool) -> bool {
+    let extd = new & APIC_BASE_EXTD != 0;
+    let en = new & APIC_BASE_EN != 0;
+    if extd && (!x2apic_offered || !en) {
+        return false;
+    }
+    let was_x2apic = old & APIC_BASE_EXTD != 0;
+    !(was_x2apic && en && !extd)
 }
 
 /// Copy the part of `(wgpa, data)` that overlaps `[gpa, gpa+buf.len())` into `buf`.
@@ -516,6 +586,51 @@ mod tests {
         assert!(!tpr_accepts(2, 0x2f));
         assert!(tpr_accepts(2, 0x30));
         assert!(!tpr_accepts(15, 0xff));
+    }
+
+    /// x2APIC mode only where CPUID offers it and with the APIC enabled; out of it only
+    /// through the disabled state (SDM "x2APIC state transitions").
+    #[test]
+    fn apic_base_transitions_follow_the_architecture() {
+        let xapic = esvm_arch::msr::APIC_BASE_DEFAULT_BSP;
+        let x2apic = xapic | APIC_BASE_EXTD;
+        let disabled = xapic & !APIC_BASE_EN;
+        assert!(apic_base_transition_valid(xapic, x2apic, true));
+        assert!(
+            !apic_base_transition_valid(xapic, x2apic, false),
+            "not offered"
+        );
+        assert!(!apic_base_transition_valid(
+            disabled,
+            disabled | APIC_BASE_EXTD,
+            true
+        ));
+        assert!(
+            !apic_base_transition_valid(x2apic, xapic, true),
+            "x2APIC -> xAPIC"
+        );
+        assert!(apic_base_transition_valid(x2apic, disabled, true));
+        assert!(apic_base_transition_valid(disabled, xapic, true));
+        assert!(apic_base_transition_valid(x2apic, x2apic, true));
+        assert!(apic_base_transition_valid(xapic, disabled, false));
+    }
+
+    /// IA32_TSC_DEADLINE and the x2APIC range go to the VMM only where CPUID offers the
+    /// feature; otherwise the hypervisor answers #GP as for any MSR it does not know.
+    #[test]
+    fn apic_msrs_are_forwarded_only_when_cpuid_offers_them() {
+        let none = CpuidTable::esvm_default();
+        let both = none.clone().with_local_apic(true, true);
+        let deadline_only = none.clone().with_local_apic(false, true);
+        for i in [MSR_TSC_DEADLINE, 0x800, 0x80b, 0x8ff] {
+            assert!(!msr_forwarded_to_vmm(&none, i), "{i:#x}");
+            assert!(msr_forwarded_to_vmm(&both, i), "{i:#x}");
+        }
+        assert!(msr_forwarded_to_vmm(&deadline_only, MSR_TSC_DEADLINE));
+        assert!(!msr_forwarded_to_vmm(&deadline_only, 0x830));
+        for i in [0x6df, 0x6e1, 0x7ff, 0x900, esvm_arch::msr::IA32_APIC_BASE] {
+            assert!(!msr_forwarded_to_vmm(&both, i), "{i:#x}");
+        }
     }
 
     #[test]

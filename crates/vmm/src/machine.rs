@@ -276,10 +276,10 @@ impl Machine {
         if apic {
             // The software vCPU's local APIC is the VMM's (`esvm_devices::lapic`). A plain
             // vCPU reaches the x2APIC and TSC-deadline MSRs through MSR exits; a protected
-            // one's MSR accesses go to the hypervisor's GHCB handler, which does not forward
-            // them, so an SEV-ES guest gets the xAPIC (MMIO) only.
+            // one's RDMSR/WRMSR of them come through the hypervisor's GHCB handler, which
+            // forwards them to the VMM as the same exits (`esvm_hv::sev::msr_forwarded_to_vmm`).
             let plain = config.vm_type == VmType::Plain;
-            vm_config.cpuid = vm_config.cpuid.clone().with_local_apic(plain, plain);
+            vm_config.cpuid = vm_config.cpuid.clone().with_local_apic(true, true);
             if plain {
                 // IA32_APIC_BASE too: the devices follow its enable and x2APIC bits as the
                 // guest writes them, without asking the vCPU on every exit.
@@ -685,7 +685,8 @@ impl Machine {
             VmExit::Shutdown { reason } => return Ok(Some(Outcome::Shutdown(reason))),
             VmExit::Terminated { reason } => return Ok(Some(Outcome::Terminated(reason))),
             VmExit::Cpuid { result, .. } => *result = [0; 4],
-            // The local APIC's MSRs (intercepted for a plain software vCPU).
+            // The local APIC's MSRs (intercepted for a plain software vCPU, forwarded from
+            // the GHCB for a protected one).
             VmExit::RdMsr {
                 index: esvm_arch::msr::IA32_APIC_BASE,
                 value,
@@ -738,9 +739,15 @@ impl Machine {
                 .apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
         }
         if let Some(value) = apic_base_write {
-            // The vCPU keeps its copy (snapshots, the control API show it).
-            self.vcpus[0].set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
-            self.devices.set_apic_base(value);
+            if self.vcpus[0].is_protected() {
+                // SEV-ES: the hypervisor tracks it (it changed in the GHCB exchange, which
+                // shows the VMM the completed write); the devices follow the tracked value.
+                self.sync_apic()?;
+            } else {
+                // The vCPU keeps its copy (snapshots, the control API show it).
+                self.vcpus[0].set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
+                self.devices.set_apic_base(value);
+            }
         }
         if let Some((index, value)) = x2apic_write {
             self.devices.apic_msr_write(index, value, 0);

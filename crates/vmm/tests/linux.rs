@@ -257,14 +257,33 @@ fn an_interactive_shell_answers_over_a_pipe() {
 /// checksum checks, and `poweroff` ends the VM through the FADT's PM1a control with status 0.
 #[test]
 fn linux_runs_on_the_ioapic_and_lapic_timer_and_powers_off_through_acpi() {
+    ioapic_lapic_timer_and_acpi(None);
+}
+
+/// The same as an SEV-ES guest: its TSC-deadline and x2APIC MSR accesses go through its #VC
+/// handler and the GHCB to the VMM's local APIC, so it too finds the TSC-deadline timer
+/// (no LAPIC timer calibration against the PIT) and ticks on the `lapic-deadline`
+/// clockevent.
+#[test]
+fn an_sev_es_linux_guest_runs_on_the_ioapic_and_lapic_deadline_timer_too() {
+    let plat = platform("sev-lapic");
+    ioapic_lapic_timer_and_acpi(Some(&plat));
+    let _ = std::fs::remove_dir_all(plat);
+}
+
+fn ioapic_lapic_timer_and_acpi(sev_platform: Option<&Path>) {
     let a = assets();
-    let (mut p, mut stdin) = Proc::spawn_with_stdin(&[
+    let mut args = vec![
         "run",
         "--kernel",
         a.kernel.to_str().unwrap(),
         "--initrd",
         a.initrd.to_str().unwrap(),
-    ]);
+    ];
+    if let Some(plat) = sev_platform {
+        args.extend(["--sev-es", "--platform", plat.to_str().unwrap()]);
+    }
+    let (mut p, mut stdin) = Proc::spawn_with_stdin(&args);
     p.wait_stdout("esvm-init: userland up (run=shell)", BOOT_TIMEOUT);
     // Markers are split in the commands so that only the output contains them.
     stdin
@@ -341,6 +360,13 @@ fn linux_runs_on_the_ioapic_and_lapic_timer_and_powers_off_through_acpi() {
         assert!(!out.contains(bad), "the kernel said {bad:?}:\n{out}");
     }
     assert_eq!(kernel_complaints(&out), Vec::<&str>::new());
+    if sev_platform.is_some() {
+        assert!(
+            out.contains("Memory Encryption Features active: AMD SEV SEV-ES"),
+            "{}",
+            tail(&out)
+        );
+    }
 }
 
 /// Scale of the workload the moving tests interrupt: several seconds of guest work, so a

@@ -78,6 +78,7 @@ impl EmuVcpu {
             state,
             ghcb_read: self.ghcb_read.clone(),
             exit_data: self.data,
+            exit_msr: (self.msr_value, self.msr_fault),
         })
     }
 
@@ -116,6 +117,7 @@ impl EmuVcpu {
         let state = self.sev.replace(m.state);
         self.ghcb_read = m.ghcb_read;
         self.data = m.exit_data;
+        (self.msr_value, self.msr_fault) = m.exit_msr;
         self.awaiting = Awaiting::Nothing;
         Ok(SevVcpuUndo { before, state })
     }
@@ -127,6 +129,8 @@ impl EmuVcpu {
         self.sev = undo.state;
         self.ghcb_read = None;
         self.data = [0; 16];
+        self.msr_value = 0;
+        self.msr_fault = false;
     }
 
     /// After the commit, on the source: a fresh, unprotected SEV-ES state and a CPU in

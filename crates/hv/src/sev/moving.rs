@@ -223,6 +223,9 @@ pub struct SevVcpuMove {
     /// The read the in-flight GHCB request is blocked on, and the VMM's answer to it.
     pub(crate) ghcb_read: Option<VmmIo>,
     pub(crate) exit_data: [u8; 16],
+    /// The VMM's answer to a forwarded RDMSR/WRMSR the request is blocked on: the value
+    /// read and whether it refused the access.
+    pub(crate) exit_msr: (u64, bool),
 }
 
 /// How to put a destination vCPU back as it was before it took a moved state (a move that

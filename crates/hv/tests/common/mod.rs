@@ -55,7 +55,19 @@ pub fn launch_sev(
     psp: Arc<Mutex<Psp>>,
     before_launch: impl FnOnce(&mut dyn Vcpu),
 ) -> (Arc<EmuVm>, Box<dyn Vcpu>) {
-    let vm = Arc::new(EmuVm::new(&sev_config(mem_size, 1)).unwrap());
+    launch_sev_with(sev_config(mem_size, 1), name, args, psp, before_launch)
+}
+
+/// [`launch_sev`] into a VM of `config` (an SEV-ES one-vCPU config, e.g. with a CPUID
+/// table of its own).
+pub fn launch_sev_with(
+    config: VmConfig,
+    name: &str,
+    args: &str,
+    psp: Arc<Mutex<Psp>>,
+    before_launch: impl FnOnce(&mut dyn Vcpu),
+) -> (Arc<EmuVm>, Box<dyn Vcpu>) {
+    let vm = Arc::new(EmuVm::new(&config).unwrap());
     let guest = esvm_guests::builtin(name).unwrap_or_else(|| panic!("guest {name}"));
     let boot = esvm_loader::load_elf_with_c_bit(
         vm.memory().mmap(),
