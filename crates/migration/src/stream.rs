@@ -7,7 +7,8 @@
 //! that a last `Abort` or `Error` frame is read before the connection goes).
 //!
 //! A TLS connection ([`esvm_tls::TlsStream`], TCP underneath) offers the same: its handles
-//! share one rustls connection, and shutting down the writing side sends TLS close_notify
+//! share one TLS session (rustls's handshake, then esvm-tls's record layer with one lock per
+//! direction), and shutting down the writing side sends TLS close_notify
 //! before the TCP half-close.
 
 use std::io::{self, Read, Write};
