@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fetches and builds the Linux test guest: Debian's cloud kernel (linux-image-cloud-amd64,
 # Linux 6.1, LZ4 bzImage) and an initramfs of static busybox (busybox-static), esvm's init
-# (guests/linux/init) and the userland workload (guests/linux/workload.c, static C built
-# with gcc). Nothing is committed: the packages come from the system package manager (the
+# (guests/linux/init) and the userland workloads (guests/linux/workload.c and the
+# multithreaded guests/linux/mtload.c, static C built with gcc). Nothing is committed: the packages come from the system package manager (the
 # only network there is) and everything lands in a cache directory.
 #
 # Usage: scripts/linux-assets.sh [--print]
@@ -10,11 +10,12 @@
 #
 # Cache: $ESVM_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/esvm)/linux. Delete it to
 # fetch again. The kernel and busybox are fetched once; the initramfs is rebuilt whenever
-# init or workload.c is newer than it.
+# init, workload.c or mtload.c is newer than it.
 #
 # Prints, on stdout, lines a caller can `eval` or parse:
 #   ESVM_LINUX_KERNEL=<bzImage>  ESVM_LINUX_VMLINUX=<the ELF inside it>
 #   ESVM_LINUX_INITRD=<cpio>     ESVM_LINUX_WORKLOAD=<static ELF>
+#   ESVM_LINUX_MTLOAD=<static ELF>
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -95,10 +96,19 @@ if [ ! -x "$workload" ] || [ "$src" -nt "$workload" ]; then
     mv "$workload.tmp" "$workload"
 fi
 
+# -mcx16: its 16-byte compare-exchange is an inline LOCK CMPXCHG16B.
+mtload=$cache/mtload
+src=$repo/guests/linux/mtload.c
+if [ ! -x "$mtload" ] || [ "$src" -nt "$mtload" ]; then
+    command -v gcc >/dev/null || { log "gcc is needed to build the workload"; exit 1; }
+    gcc -static -O2 -Wall -Wextra -mcx16 -pthread -o "$mtload.tmp" "$src"
+    mv "$mtload.tmp" "$mtload"
+fi
+
 initrd=$cache/initramfs.cpio
 init=$repo/guests/linux/init
 if [ ! -s "$initrd" ] || [ "$init" -nt "$initrd" ] || [ "$workload" -nt "$initrd" ] ||
-    [ "$busybox" -nt "$initrd" ]; then
+    [ "$mtload" -nt "$initrd" ] || [ "$busybox" -nt "$initrd" ]; then
     command -v cpio >/dev/null || {
         log "installing cpio"
         sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends cpio >/dev/null
@@ -108,8 +118,9 @@ if [ ! -s "$initrd" ] || [ "$init" -nt "$initrd" ] || [ "$workload" -nt "$initrd
     mkdir -p "$stage"/{bin,dev,proc,sys,tmp}
     cp "$busybox" "$stage/bin/busybox"
     cp "$workload" "$stage/bin/workload"
+    cp "$mtload" "$stage/bin/mtload"
     cp "$init" "$stage/init"
-    chmod 0755 "$stage/init" "$stage/bin/busybox" "$stage/bin/workload"
+    chmod 0755 "$stage/init" "$stage/bin/busybox" "$stage/bin/workload" "$stage/bin/mtload"
     # Uncompressed newc: the guest spends no instructions inflating it. Fixed timestamps
     # and owners so the same inputs give the same bytes (the SEV-ES launch digest covers it).
     (cd "$stage" && find . -print0 | LC_ALL=C sort -z |
@@ -121,3 +132,4 @@ echo "ESVM_LINUX_KERNEL=$kernel"
 echo "ESVM_LINUX_VMLINUX=$vmlinux"
 echo "ESVM_LINUX_INITRD=$initrd"
 echo "ESVM_LINUX_WORKLOAD=$workload"
+echo "ESVM_LINUX_MTLOAD=$mtload"

@@ -102,9 +102,9 @@ impl CodeCache {
             .into_boxed_slice()
             .try_into()
             .unwrap_or_else(|_| unreachable!("JC_SIZE entries")),
-            gen: 1,
+            gen: 2,
             ggen: 1,
-            last: 1,
+            last: 2,
             total: 0,
         }
     }
@@ -112,26 +112,30 @@ impl CodeCache {
     /// Forget linear-address lookups (after TLB flushes and mode changes, and when
     /// instruction arrays are freed). Blocks stay.
     pub fn flush_lookup(&mut self) {
-        self.bump();
-        self.ggen = self.gen;
+        // Two fresh numbers: were `gen` and `ggen` equal, the entries cached from now on
+        // for non-global pages would pass for global ones and survive MOV to CR3.
+        self.ggen = self.next_gen();
+        self.gen = self.next_gen();
     }
 
     /// Forget the lookups of code on pages with non-global translations (MOV to CR3 with
     /// CR4.PGE set).
     pub fn flush_lookup_nonglobal(&mut self) {
-        self.bump();
+        self.gen = self.next_gen();
     }
 
-    fn bump(&mut self) {
+    /// A generation number never handed out before (nor equal to `ggen`).
+    fn next_gen(&mut self) -> u32 {
         self.last = self.last.wrapping_add(1);
         if self.last == 0 {
-            self.last = 1;
-            self.ggen = 1;
+            // Numbers are about to repeat: forget every lookup and start over.
             for e in self.jc.iter_mut() {
                 e.lin = u64::MAX;
             }
+            self.ggen = 1;
+            self.last = 2;
         }
-        self.gen = self.last;
+        self.last
     }
 
     fn clear(&mut self) {
