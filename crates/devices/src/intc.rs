@@ -148,10 +148,8 @@ impl Intc {
     fn deliver(&mut self, cpu: usize, mode: u32, vector: u8, level: bool) {
         let c = &mut self.cpus[cpu];
         match mode {
-            delivery::FIXED | delivery::LOWEST => {
-                if c.apic_hw_enabled {
-                    c.lapic.accept(vector, level)
-                }
+            delivery::FIXED | delivery::LOWEST if c.apic_hw_enabled => {
+                c.lapic.accept(vector, level)
             }
             delivery::NMI => c.nmi = true,
             delivery::INIT => {
