@@ -74,6 +74,8 @@ pub struct Intc {
     cpus: Vec<CpuIntc>,
     /// INIT and SIPI messages delivered to vCPUs (statistics).
     pub ap_startups: u64,
+    /// IPIs sent that reach a vCPU other than the sender.
+    pub ipis_sent: u64,
 }
 
 impl Default for Intc {
@@ -95,6 +97,7 @@ impl Intc {
             ioapic: IoApic::new(),
             cpus: (0..vcpus.max(1) as u32).map(CpuIntc::new).collect(),
             ap_startups: 0,
+            ipis_sent: 0,
         }
     }
 
@@ -221,6 +224,9 @@ impl Intc {
             Shorthand::AllIncludingSelf => (0..n).collect(),
             Shorthand::AllExcludingSelf => (0..n).filter(|&i| i != from).collect(),
         };
+        if targets.iter().any(|&t| t != from) {
+            self.ipis_sent += 1;
+        }
         self.deliver_to(targets, m.mode, m.vector, false);
     }
 
@@ -497,6 +503,7 @@ mod tests {
         icr(&mut c, 0, 2 << 24, 0x50);
         assert!(!c.lapic(2).has_request());
         assert_eq!(c.ap_startups, 4);
+        assert_eq!(c.ipis_sent, 4, "the de-assert is not sent");
     }
 
     #[test]
