@@ -66,6 +66,54 @@ impl CpuidTable {
         self
     }
 
+    /// This table describing `vcpus` vCPUs as one package of `vcpus` cores with one thread
+    /// each, the APIC ID being the core number, and a TSC that runs at the same rate on
+    /// every vCPU (invariant TSC): for machines whose VMM starts APs (INIT-SIPI) and keeps
+    /// the vCPUs' TSCs on one clock. Every place that tells the topology agrees: leaf 1
+    /// EBX[23:16] (logical processors; HTT set, with AMD's CmpLegacy), leaf 0xB (x2APIC
+    /// topology: an SMT level of 1 thread and a core level of `vcpus`), 0x8000_0008 ECX (NC =
+    /// `vcpus` - 1, APIC ID core bits) and 0x8000_0007 EDX bit 8 (invariant TSC). The
+    /// per-vCPU parts (the APIC IDs) come with [`CpuidTable::for_vcpu`].
+    pub fn with_topology(mut self, vcpus: u32) -> Self {
+        let n = vcpus.clamp(1, 255);
+        // Bits of the APIC ID that number the cores.
+        let core_bits = u32::BITS - (n - 1).leading_zeros();
+        for e in &mut self.entries {
+            match e.function {
+                1 => {
+                    e.ebx = (e.ebx & !0x00ff_0000) | (n << 16);
+                    e.edx |= 1 << 28;
+                }
+                0x8000_0001 => e.ecx |= 1 << 1,
+                0x8000_0008 => e.ecx = (core_bits << 12) | (n - 1),
+                _ => {}
+            }
+        }
+        self.entries
+            .retain(|e| !matches!(e.function, 0xb | 0x8000_0007));
+        // Leaf 0xB: subleaf 0 = SMT (type 1), 1 = core (type 2), 2 = invalid (type 0).
+        self.entries.push(entry(0xb, 0, true, 0, 1, 1 << 8, 0));
+        self.entries
+            .push(entry(0xb, 1, true, core_bits, n, (2 << 8) | 1, 0));
+        self.entries.push(entry(0xb, 2, true, 0, 0, 2, 0));
+        self.entries
+            .push(entry(0x8000_0007, 0, false, 0, 0, 0, 1 << 8));
+        self
+    }
+
+    /// This table as vCPU `id` (its APIC ID) reports it: leaf 1 EBX[31:24] (initial APIC
+    /// ID) and leaf 0xB EDX (x2APIC ID).
+    pub fn for_vcpu(mut self, id: u32) -> Self {
+        for e in &mut self.entries {
+            match e.function {
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((id & 0xff) << 24),
+                0xb | 0x1f => e.edx = id,
+                _ => {}
+            }
+        }
+        self
+    }
+
     /// Vendor and family/model/stepping this table reports.
     pub fn signature(&self) -> CpuSignature {
         CpuSignature::from_leaves(self.lookup(0, 0), self.lookup(1, 0)[0])
@@ -347,5 +395,33 @@ mod tests {
         t.set(entry(1, 0, false, 1, 2, 3, 4));
         assert_eq!(t.lookup(1, 0), [1, 2, 3, 4]);
         assert_eq!(t.entries.iter().filter(|e| e.function == 1).count(), 1);
+    }
+
+    #[test]
+    fn topology_of_four_vcpus_agrees_everywhere() {
+        let t = CpuidTable::esvm_default()
+            .with_local_apic(true, true)
+            .with_topology(4);
+        let v = t.clone().for_vcpu(3);
+        let l1 = v.lookup(1, 0);
+        assert_eq!(l1[1] >> 24, 3, "initial APIC ID");
+        assert_eq!((l1[1] >> 16) & 0xff, 4, "logical processors");
+        assert_ne!(l1[3] & (1 << 28), 0, "HTT");
+        assert_ne!(v.lookup(0x8000_0001, 0)[2] & (1 << 1), 0, "CmpLegacy");
+        assert_eq!(v.lookup(0xb, 0), [0, 1, 0x100, 3]);
+        assert_eq!(v.lookup(0xb, 1), [2, 4, 0x201, 3]);
+        assert_eq!(v.lookup(0xb, 2)[2] >> 8 & 0xff, 0, "no third level");
+        assert_eq!(v.lookup(0x8000_0008, 0)[2], (2 << 12) | 3);
+        assert_ne!(v.lookup(0x8000_0007, 0)[3] & (1 << 8), 0, "invariant TSC");
+        assert!(v.lookup(0, 0)[0] >= 0xb, "leaf 0xB is in range");
+        assert!(v.lookup(0x8000_0000, 0)[0] >= 0x8000_0008);
+        // Other vCPUs differ only in their APIC IDs.
+        assert_eq!(t.clone().for_vcpu(0).lookup(0xb, 1)[3], 0);
+        assert_eq!(t.for_vcpu(0).lookup(1, 0)[1] >> 24, 0);
+        // Two vCPUs: one core bit; the table stays idempotent.
+        let two = CpuidTable::esvm_default().with_topology(4).with_topology(2);
+        assert_eq!(two.lookup(0xb, 1), [1, 2, 0x201, 0]);
+        assert_eq!(two.lookup(0x8000_0008, 0)[2], (1 << 12) | 1);
+        assert_eq!(two.entries.iter().filter(|e| e.function == 0xb).count(), 3);
     }
 }

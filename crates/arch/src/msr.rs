@@ -27,6 +27,12 @@ pub const AMD_DE_CFG: u32 = 0xc001_1029;
 pub const AMD_DE_CFG_LFENCE_SERIALIZE: u64 = 1 << 1;
 /// AMD system configuration (memory encryption enables); KVM reads it as 0 to guests.
 pub const AMD_SYSCFG: u32 = 0xc001_0010;
+/// AMD hardware configuration (HWCR). Reads show TscFreqSel (bit 24: the TSC counts at the
+/// P0 frequency), which Linux checks once the CPU reports an invariant TSC; writes are
+/// accepted and ignored.
+pub const AMD_HWCR: u32 = 0xc001_0015;
+/// HWCR.TscFreqSel.
+pub const AMD_HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 
 /// The AMD model-specific MSRs the vCPU presents as KVM presents them to an AMD guest:
 /// stateless, so snapshots need nothing for them. Reads: the patch level (a fixed family 17h
@@ -38,6 +44,7 @@ pub fn kvm_style_read(index: u32) -> Option<u64> {
         AMD_PATCH_LEVEL => MICROCODE_PATCH_LEVEL,
         AMD_DE_CFG => AMD_DE_CFG_LFENCE_SERIALIZE,
         AMD_NB_CFG | AMD_SYSCFG => 0,
+        AMD_HWCR => AMD_HWCR_TSC_FREQ_SEL,
         _ => return None,
     })
 }
@@ -49,7 +56,7 @@ pub fn kvm_style_write(index: u32, value: u64) -> Option<bool> {
     Some(match index {
         AMD_PATCH_LEVEL => false,
         AMD_DE_CFG => value & !AMD_DE_CFG_LFENCE_SERIALIZE == 0,
-        AMD_NB_CFG | AMD_SYSCFG => true,
+        AMD_NB_CFG | AMD_SYSCFG | AMD_HWCR => true,
         _ => return None,
     })
 }
@@ -365,6 +372,8 @@ mod tests {
         assert_eq!(m.get(0x206), Some(0x8000_0006));
         assert!(MtrrState::holds(0x20f) && !MtrrState::holds(0x210));
         assert_eq!(kvm_style_read(AMD_SYSCFG), Some(0));
+        assert_eq!(kvm_style_read(AMD_HWCR), Some(1 << 24), "TscFreqSel");
+        assert_eq!(kvm_style_write(AMD_HWCR, 0), Some(true));
         assert_eq!(kvm_style_write(AMD_PATCH_LEVEL, 0), Some(false));
         assert_eq!(kvm_style_write(AMD_DE_CFG, 2), Some(true));
         assert_eq!(kvm_style_write(0x1234, 0), None);

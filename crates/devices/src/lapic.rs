@@ -6,8 +6,8 @@
 //! highest in-service vector; a level-triggered one is broadcast to the I/O APIC), LDR / DFR,
 //! SVR (software enable), ISR / IRR / TMR, ESR (illegal vectors, latched on ESR writes),
 //! ICR (fixed, lowest-priority, NMI, INIT and SIPI, physical and logical destinations and the
-//! shorthands; with one vCPU only the vCPU itself can be a destination, so INIT and SIPI to
-//! others do nothing yet), the six LVT entries and the timer in one-shot, periodic and
+//! shorthands: a write sends an [`IpiMessage`], which the platform (`crate::intc`) delivers
+//! to the local APICs it names, this one included), the six LVT entries and the timer in one-shot, periodic and
 //! TSC-deadline modes. The timer's input clock is the virtual 1 GHz bus clock (1 tick per
 //! virtual ns, before the divide configuration); the TSC-deadline is converted to virtual ns
 //! by the caller, who knows the guest TSC.
@@ -112,15 +112,41 @@ pub enum LapicError {
 pub enum LapicEvent {
     /// EOI of a level-triggered vector: the I/O APIC clears remote IRR of its entries.
     EoiBroadcast(u8),
-    /// An NMI reached this vCPU (ICR or an LVT entry in NMI mode).
-    Nmi,
-    /// INIT or SIPI sent to other vCPUs (none exist yet: point 3 of the SMP work).
-    ApStartup {
-        /// INIT or SIPI.
-        mode: u32,
-        /// The SIPI vector.
-        vector: u8,
-    },
+    /// An interprocessor interrupt sent through the ICR, for the platform to deliver.
+    Ipi(IpiMessage),
+}
+
+/// Destination shorthands of the ICR (bits 19:18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shorthand {
+    /// The destination field names the targets.
+    None,
+    /// The sender only.
+    SelfOnly,
+    /// Every APIC, the sender included.
+    AllIncludingSelf,
+    /// Every APIC but the sender.
+    AllExcludingSelf,
+}
+
+/// An interprocessor interrupt as the ICR describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpiMessage {
+    /// Vector (fixed, lowest priority; the start-up page for SIPI).
+    pub vector: u8,
+    /// Delivery mode (see [`delivery`]).
+    pub mode: u32,
+    /// Logical (true) or physical destination.
+    pub logical: bool,
+    /// Destination: an APIC ID or a logical mask (xAPIC: 8 bits; x2APIC: 32 bits).
+    pub dest: u32,
+    /// The sender was in x2APIC mode (the destination has the x2APIC layout).
+    pub x2apic: bool,
+    /// The destination shorthand.
+    pub shorthand: Shorthand,
+    /// INIT level de-assert (level-triggered INIT with the level bit clear): only the
+    /// 82489DX acted on it; every later APIC ignores it.
+    pub init_deassert: bool,
 }
 
 /// The saved state of a local APIC (also its live state).
@@ -359,23 +385,10 @@ impl LocalApic {
         }
     }
 
-    /// Deliver an interrupt message of `mode` to this APIC.
-    fn deliver(&mut self, mode: u32, vector: u8, level: bool, events: &mut Vec<LapicEvent>) {
-        match mode {
-            delivery::FIXED | delivery::LOWEST => self.accept(vector, level),
-            delivery::NMI => events.push(LapicEvent::Nmi),
-            // INIT / SIPI / SMI to the running boot vCPU: not modelled (a BSP INIT resets
-            // the machine on hardware; Linux never sends one to itself).
-            _ => {}
-        }
-    }
-
     fn send_ipi(&mut self, x2apic: bool, events: &mut Vec<LapicEvent>) {
         let lo = self.s.icr as u32;
         let vector = lo as u8;
         let mode = (lo >> 8) & 7;
-        let logical = lo & (1 << 11) != 0;
-        let level = lo & (1 << 15) != 0;
         let dest = if x2apic {
             (self.s.icr >> 32) as u32
         } else {
@@ -385,24 +398,21 @@ impl LocalApic {
             self.s.esr_pending |= ESR_SEND_ILLEGAL;
             return;
         }
-        let (to_self, to_others) = match (lo >> 18) & 3 {
-            // A physical destination naming this APIC reaches nobody else.
-            0 => (
-                self.matches(dest, logical, x2apic),
-                logical || !self.matches(dest, false, x2apic) || dest & 0xff == 0xff,
-            ),
-            1 => (true, false),
-            2 => (true, true),
-            _ => (false, true),
+        let shorthand = match (lo >> 18) & 3 {
+            0 => Shorthand::None,
+            1 => Shorthand::SelfOnly,
+            2 => Shorthand::AllIncludingSelf,
+            _ => Shorthand::AllExcludingSelf,
         };
-        if to_self {
-            // A fixed IPI is edge-triggered: the trigger bit only matters for INIT de-assert.
-            let _ = level;
-            self.deliver(mode, vector, false, events);
-        }
-        if to_others && matches!(mode, delivery::INIT | delivery::SIPI) {
-            events.push(LapicEvent::ApStartup { mode, vector });
-        }
+        events.push(LapicEvent::Ipi(IpiMessage {
+            vector,
+            mode,
+            logical: lo & (1 << 11) != 0,
+            dest,
+            x2apic,
+            shorthand,
+            init_deassert: mode == delivery::INIT && lo & (1 << 15) != 0 && lo & (1 << 14) == 0,
+        }));
     }
 
     fn timer_divisor(&self) -> u64 {
@@ -745,50 +755,99 @@ mod tests {
     }
 
     #[test]
-    fn ipis_reach_self_by_shorthand_and_destination() {
+    fn icr_writes_send_ipi_messages() {
         let mut a = enabled();
         let mut ev = Vec::new();
-        a.write_reg(REG_ICR_LO, (1 << 18) | 0x61, false, &mut ev);
-        assert_eq!(a.pending_vector(), Some(0x61));
-        a.acknowledge();
-        // Physical destination 0 = this APIC.
-        a.write_reg(REG_ICR_HI, 0, false, &mut ev);
-        a.write_reg(REG_ICR_LO, 0x62, false, &mut ev);
-        assert!(bit_test(&a.s.irr, 0x62));
-        // Physical destination 1: someone else.
-        a.write_reg(REG_ICR_HI, 1 << 24, false, &mut ev);
-        a.write_reg(REG_ICR_LO, 0x63, false, &mut ev);
-        assert!(!bit_test(&a.s.irr, 0x63));
-        // Logical flat: LDR bit 0.
-        a.write_reg(REG_LDR, 1 << 24, false, &mut ev);
-        a.write_reg(REG_ICR_HI, 2 << 24, false, &mut ev);
-        a.write_reg(REG_ICR_LO, (1 << 11) | 0x64, false, &mut ev);
-        assert!(!bit_test(&a.s.irr, 0x64), "logical 0x01 is not 0x02");
-        a.write_reg(REG_ICR_HI, 1 << 24, false, &mut ev);
-        a.write_reg(REG_ICR_LO, (1 << 11) | 0x64, false, &mut ev);
-        assert!(bit_test(&a.s.irr, 0x64));
-        // All-excluding-self: nothing here; INIT and SIPI to others are reported.
-        a.write_reg(REG_ICR_LO, (3 << 18) | 0x65, false, &mut ev);
-        assert!(!bit_test(&a.s.irr, 0x65));
-        assert!(ev.is_empty());
-        a.write_reg(REG_ICR_LO, (3 << 18) | (5 << 8), false, &mut ev);
+        a.write_reg(REG_ICR_HI, 3 << 24, false, &mut ev);
+        a.write_reg(REG_ICR_LO, (1 << 11) | 0x62, false, &mut ev);
+        // Self shorthand, NMI.
+        a.write_reg(REG_ICR_LO, (1 << 18) | (4 << 8), false, &mut ev);
+        // All but self: INIT assert (level, assert), INIT de-assert (level), SIPI 0x9a.
+        a.write_reg(REG_ICR_LO, (3 << 18) | (3 << 14) | (5 << 8), false, &mut ev);
+        a.write_reg(REG_ICR_LO, (3 << 18) | (2 << 14) | (5 << 8), false, &mut ev);
         a.write_reg(REG_ICR_LO, (3 << 18) | (6 << 8) | 0x9a, false, &mut ev);
+        let msg = |vector, mode, logical, dest, shorthand, init_deassert| {
+            LapicEvent::Ipi(IpiMessage {
+                vector,
+                mode,
+                logical,
+                dest,
+                x2apic: false,
+                shorthand,
+                init_deassert,
+            })
+        };
         assert_eq!(
             ev,
             [
-                LapicEvent::ApStartup {
-                    mode: delivery::INIT,
-                    vector: 0
-                },
-                LapicEvent::ApStartup {
-                    mode: delivery::SIPI,
-                    vector: 0x9a
-                }
+                msg(0x62, delivery::FIXED, true, 3, Shorthand::None, false),
+                msg(0, delivery::NMI, false, 3, Shorthand::SelfOnly, false),
+                msg(
+                    0,
+                    delivery::INIT,
+                    false,
+                    3,
+                    Shorthand::AllExcludingSelf,
+                    false
+                ),
+                msg(
+                    0,
+                    delivery::INIT,
+                    false,
+                    3,
+                    Shorthand::AllExcludingSelf,
+                    true
+                ),
+                msg(
+                    0x9a,
+                    delivery::SIPI,
+                    false,
+                    3,
+                    Shorthand::AllExcludingSelf,
+                    false
+                ),
             ]
         );
+        // x2APIC: the destination is the ICR's high 32 bits.
         ev.clear();
-        a.write_reg(REG_ICR_LO, (2 << 18) | (4 << 8), false, &mut ev);
-        assert_eq!(ev, [LapicEvent::Nmi]);
+        a.write_reg(REG_ICR_LO, (7 << 32) | (2 << 18) | 0x70, true, &mut ev);
+        assert_eq!(
+            ev,
+            [LapicEvent::Ipi(IpiMessage {
+                vector: 0x70,
+                mode: delivery::FIXED,
+                logical: false,
+                dest: 7,
+                x2apic: true,
+                shorthand: Shorthand::AllIncludingSelf,
+                init_deassert: false,
+            })]
+        );
+    }
+
+    #[test]
+    fn destinations_match_physical_logical_and_broadcast() {
+        let mut a = LocalApic::new(2);
+        let mut ev = Vec::new();
+        assert!(a.matches(2, false, false));
+        assert!(!a.matches(1, false, false));
+        assert!(a.matches(0xff, false, false), "xAPIC physical broadcast");
+        assert!(a.matches(2, false, true));
+        assert!(a.matches(0xffff_ffff, false, true), "x2APIC broadcast");
+        assert!(!a.matches(0xff, false, true));
+        // Flat logical: LDR bit 2.
+        a.write_reg(REG_LDR, 4 << 24, false, &mut ev);
+        assert!(a.matches(0x4, true, false));
+        assert!(a.matches(0x6, true, false));
+        assert!(!a.matches(0x1, true, false));
+        // Cluster model: cluster 1, member bit 0.
+        a.write_reg(REG_DFR, 0x0fff_ffff, false, &mut ev);
+        a.write_reg(REG_LDR, 0x11 << 24, false, &mut ev);
+        assert!(a.matches(0x13, true, false));
+        assert!(!a.matches(0x23, true, false));
+        // x2APIC cluster: derived LDR of ID 2 = cluster 0, bit 2.
+        assert!(a.matches(0x4, true, true));
+        assert!(!a.matches(0x1_0004, true, true));
     }
 
     #[test]
@@ -807,7 +866,10 @@ mod tests {
         assert!(a.write_reg(reg(0x83f), 0x77, true, &mut ev), "SELF IPI");
         assert_eq!(a.pending_vector(), Some(0x77));
         assert!(a.write_reg(reg(0x830), 0x78 | (1 << 18), true, &mut ev));
-        assert!(bit_test(&a.s.irr, 0x78));
+        assert!(matches!(
+            ev[..],
+            [LapicEvent::Ipi(IpiMessage { vector: 0x78, .. })]
+        ));
         assert_eq!(LocalApic::x2apic_reg(0x900), None);
     }
 

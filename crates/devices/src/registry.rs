@@ -16,9 +16,11 @@
 //! | 0x600-0x605   | `acpi-pm`      | ACPI PM1a event and control |           |
 //! | 0xcf8-0xcff   | `pci-conf1`    | PCI config #1, no devices   |           |
 //!
-//! MMIO: the I/O APIC at [`IOAPIC_ADDR`] (`ioapic`) and the boot vCPU's local APIC at
-//! [`LAPIC_ADDR`] (`lapic0`; its x2APIC MSRs through [`Devices::apic_msr_read`] /
-//! [`Devices::apic_msr_write`]). Every interrupt line goes to the 8259 (IRQ n) and the I/O
+//! MMIO: the I/O APIC at [`IOAPIC_ADDR`] (`ioapic`) and one local APIC per vCPU at
+//! [`LAPIC_ADDR`] (`lapic0`, `lapic1`, ...: each vCPU sees its own there; its x2APIC MSRs
+//! through [`Devices::apic_msr_read`] / [`Devices::apic_msr_write`]). The per-vCPU calls
+//! (the APIC page, the APIC MSRs, interrupt delivery) act on the vCPU chosen with
+//! [`Devices::select_vcpu`] (vCPU 0 until then); the `*_of` calls name one. Every interrupt line goes to the 8259 (IRQ n) and the I/O
 //! APIC (pin n; IRQ 0 on pin 2), see [`crate::intc`].
 //!
 //! Every other port is unclaimed (reads all-ones, writes dropped and counted), and so is
@@ -29,10 +31,10 @@
 //! # Saved state
 //! [`DevicesState`] keeps each device's state by its id ([`Device::id`]) together with the
 //! device's own state version ([`Persist::STATE_VERSION`](crate::Persist)); the interrupt
-//! controllers are saved as `pic`, `ioapic` and `lapic0`. Adding a device adds an entry, never
+//! controllers are saved as `pic`, `ioapic` and `lapic0`, `lapic1`, ... (one per vCPU). Adding a device adds an entry, never
 //! a field. A restore refuses, with a message naming the device, a state that lacks one of
 //! this registry's devices (except those added since older esvm versions saved states, which
-//! restore in their reset state: `ioapic`, `lapic0`, `acpi-pm`), holds a device it does not
+//! restore in their reset state: `ioapic`, the local APICs, `acpi-pm`), holds a device it does not
 //! have, or holds another version of a device's state;
 //! the map as a whole is versioned by [`DEVICES_STATE_VERSION`].
 
@@ -71,6 +73,19 @@ pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const IOAPIC_ID: &str = "ioapic";
 /// Saved-state id of the boot vCPU's local APIC.
 pub const LAPIC_ID: &str = "lapic0";
+
+/// Saved-state id of vCPU `cpu`'s local APIC.
+pub fn lapic_id(cpu: usize) -> String {
+    format!("lapic{cpu}")
+}
+
+/// Whether a state may lack device `id` (added since older esvm versions saved states).
+fn added_later(id: &str) -> bool {
+    ADDED_LATER.contains(&id)
+        || id
+            .strip_prefix("lapic")
+            .is_some_and(|n| n.parse::<usize>().is_ok())
+}
 /// State version of the I/O APIC and local APIC states.
 const APIC_STATE_VERSION: u32 = 1;
 /// Saved states of older esvm versions lack these (they had no such device); such a state
@@ -263,12 +278,12 @@ pub struct Devices {
     /// The interrupt controllers (8259 pair, I/O APIC, local APIC): every device's
     /// interrupt lines end here.
     pic: Intc,
-    /// The CR8 last seen by [`Devices::sync_cr8`].
-    cr8: u32,
-    /// x2APIC mode (IA32_APIC_BASE bit 10), from [`Devices::set_apic_base`].
-    x2apic: bool,
-    /// IA32_APIC_BASE, from [`Devices::set_apic_base`].
-    apic_base: u64,
+    /// Per vCPU: the CR8 last seen by [`Devices::sync_cr8`].
+    cr8: Vec<u32>,
+    /// Per vCPU: IA32_APIC_BASE, from [`Devices::set_apic_base`].
+    apic_base: Vec<u64>,
+    /// The vCPU the per-vCPU calls act on ([`Devices::select_vcpu`]).
+    cpu: usize,
     now_ns: u64,
 }
 
@@ -338,11 +353,11 @@ impl Devices {
             poll_exit: false,
             poll_reset: false,
             pic: Intc::new(),
-            cr8: 0,
-            x2apic: false,
+            cr8: vec![0],
             // The power-on value for the boot vCPU until the VMM says otherwise: the local
             // APIC at 0xfee00000, enabled, BSP.
-            apic_base: LAPIC_ADDR | (1 << 11) | (1 << 8),
+            apic_base: vec![LAPIC_ADDR | (1 << 11) | (1 << 8)],
+            cpu: 0,
             now_ns: 0,
         };
         for device in crate::builtin_devices(config) {
@@ -359,6 +374,14 @@ impl Devices {
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Self, DevicesError> {
         let mut d = Self::new(serial_out);
+        // One vCPU per saved local APIC.
+        let vcpus = state
+            .devices
+            .keys()
+            .filter_map(|k| k.strip_prefix("lapic")?.parse::<usize>().ok())
+            .max()
+            .map_or(1, |m| m + 1);
+        d.set_vcpus(vcpus);
         d.restore(state)?;
         Ok(d)
     }
@@ -439,13 +462,14 @@ impl Devices {
     /// The id and state version of every saved device, e.g. `devices/2 com1/1 pic/1 ...`:
     /// two registries whose formats differ cannot restore each other's state.
     pub fn state_format(&self) -> String {
+        let lapics: Vec<String> = (0..self.pic.vcpus()).map(lapic_id).collect();
         format_of(
             [
                 (PIC_ID, self.pic.pic.state_version()),
                 (IOAPIC_ID, APIC_STATE_VERSION),
-                (LAPIC_ID, APIC_STATE_VERSION),
             ]
             .into_iter()
+            .chain(lapics.iter().map(|id| (id.as_str(), APIC_STATE_VERSION)))
             .chain(self.devices.iter().map(|d| (d.id(), d.state_version()))),
         )
     }
@@ -455,7 +479,9 @@ impl Devices {
         let mut devices = BTreeMap::new();
         devices.insert(PIC_ID.to_string(), self.pic.pic.save_state());
         devices.insert(IOAPIC_ID.to_string(), apic_saved(&self.pic.ioapic.state()));
-        devices.insert(LAPIC_ID.to_string(), apic_saved(&self.pic.lapic.state()));
+        for (i, lapic) in self.pic.lapics().enumerate() {
+            devices.insert(lapic_id(i), apic_saved(&lapic.state()));
+        }
         for d in &self.devices {
             devices.insert(d.id().to_string(), d.save_state());
         }
@@ -477,17 +503,18 @@ impl Devices {
             });
         }
         // Check the whole map before touching any device.
+        let lapic_ids: Vec<String> = (0..self.pic.vcpus()).map(lapic_id).collect();
         let mut mine: Vec<(&str, u32)> = vec![
             (PIC_ID, self.pic.pic.state_version()),
             (IOAPIC_ID, APIC_STATE_VERSION),
-            (LAPIC_ID, APIC_STATE_VERSION),
         ];
+        mine.extend(lapic_ids.iter().map(|id| (id.as_str(), APIC_STATE_VERSION)));
         mine.extend(self.devices.iter().map(|d| (d.id(), d.state_version())));
         for (id, expected) in &mine {
             let Some(saved) = state.devices.get(*id) else {
                 // Devices added since an older esvm saved the state keep their reset
                 // state: that esvm's guest had none of them.
-                if ADDED_LATER.contains(id) {
+                if added_later(id) {
                     continue;
                 }
                 return Err(DevicesError::MissingDevice { id: id.to_string() });
@@ -512,10 +539,13 @@ impl Devices {
             Some(saved) => Some(apic_state(IOAPIC_ID, saved)?),
             None => None,
         };
-        let lapic = match state.devices.get(LAPIC_ID) {
-            Some(saved) => Some(apic_state(LAPIC_ID, saved)?),
-            None => None,
-        };
+        let mut lapics = Vec::new();
+        for id in &lapic_ids {
+            lapics.push(match state.devices.get(id) {
+                Some(saved) => Some(apic_state::<crate::LapicState>(id, saved)?),
+                None => None,
+            });
+        }
         let mut new_ioapic = IoApic::new();
         if ioapic.is_none() {
             // A state from before the I/O APIC: its inputs are at the levels the devices
@@ -539,14 +569,18 @@ impl Devices {
                     source: StateError::Invalid(Box::new(e)),
                 })?;
         }
-        let mut new_lapic = LocalApic::new(0);
-        if let Some(s) = &lapic {
-            new_lapic
-                .restore(s, state.now_ns)
-                .map_err(|e| DevicesError::DeviceState {
-                    id: LAPIC_ID.into(),
-                    source: StateError::Invalid(Box::new(e)),
-                })?;
+        let mut new_lapics = Vec::new();
+        for (i, saved) in lapics.iter().enumerate() {
+            let mut new_lapic = LocalApic::new(i as u32);
+            if let Some(s) = saved {
+                new_lapic
+                    .restore(s, state.now_ns)
+                    .map_err(|e| DevicesError::DeviceState {
+                        id: lapic_id(i),
+                        source: StateError::Invalid(Box::new(e)),
+                    })?;
+            }
+            new_lapics.push(new_lapic);
         }
         // Restore one by one (unit 0 is the PIC, unit i the i-th device); if one refuses,
         // put back the ones already restored.
@@ -564,7 +598,9 @@ impl Devices {
             }
         }
         self.pic.ioapic = new_ioapic;
-        self.pic.lapic = new_lapic;
+        for (slot, lapic) in self.pic.lapics_mut().zip(new_lapics) {
+            *slot = lapic;
+        }
         self.now_ns = state.now_ns;
         // The restored devices may hold requests.
         self.poll_exit = true;
@@ -621,7 +657,9 @@ impl Devices {
                 (*poll_exit, *poll_reset) = (true, true);
             }
         }
-        pic.lapic.advance_to(now);
+        for lapic in pic.lapics_mut() {
+            lapic.advance_to(now);
+        }
     }
 
     /// Virtual time (ns) of the next device event that can raise an interrupt, if one is
@@ -631,7 +669,7 @@ impl Devices {
         self.clocked
             .iter()
             .filter_map(|&i| self.devices[i].next_deadline_ns())
-            .chain(self.pic.lapic.next_deadline_ns())
+            .chain(self.pic.lapics().filter_map(LocalApic::next_deadline_ns))
             .min()
     }
 
@@ -707,7 +745,7 @@ impl Devices {
     /// access is the VMM's to answer.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
         if let Some(off) = page_offset(addr, LAPIC_ADDR, data.len()) {
-            self.pic.lapic.mmio_read(off, data);
+            self.pic.lapic(self.cpu).mmio_read(off, data);
             return true;
         }
         if let Some(off) = page_offset(addr, IOAPIC_ADDR, data.len()) {
@@ -739,8 +777,10 @@ impl Devices {
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
         if let Some(off) = page_offset(addr, LAPIC_ADDR, data.len()) {
             let mut events = Vec::new();
-            self.pic.lapic.mmio_write(off, data, &mut events);
-            self.pic.lapic_events(events);
+            self.pic
+                .lapic_mut(self.cpu)
+                .mmio_write(off, data, &mut events);
+            self.pic.lapic_events(self.cpu, events);
             return true;
         }
         if let Some(off) = page_offset(addr, IOAPIC_ADDR, data.len()) {
@@ -769,55 +809,121 @@ impl Devices {
         devices[*i].mmio_write(range.base(), addr - range.base(), data, &mut cx) == Access::Handled
     }
 
-    /// Vector of the interrupt the PIC would deliver now, if any. Hand it to the vCPU only when
-    /// its interrupt window is open (RFLAGS.IF set, no interrupt shadow), via
+    /// The number of vCPUs, each with its local APIC (1 until [`Devices::set_vcpus`]).
+    pub fn vcpus(&self) -> usize {
+        self.pic.vcpus()
+    }
+
+    /// Give the platform `vcpus` vCPUs (at least one): the new ones get their local APIC in
+    /// its reset state (APIC ID = vCPU index) and the power-on IA32_APIC_BASE of an AP.
+    pub fn set_vcpus(&mut self, vcpus: usize) {
+        let n = vcpus.max(1);
+        self.pic.set_vcpus(n);
+        self.cr8.resize(n, 0);
+        self.apic_base.resize(n, LAPIC_ADDR | (1 << 11));
+        self.cpu = self.cpu.min(n - 1);
+    }
+
+    /// Make vCPU `cpu` the one the per-vCPU calls act on: its APIC page, APIC MSRs,
+    /// interrupts. Call it before running that vCPU. An index beyond the vCPUs is ignored.
+    pub fn select_vcpu(&mut self, cpu: usize) {
+        if cpu < self.pic.vcpus() {
+            self.cpu = cpu;
+        }
+    }
+
+    /// The vCPU the per-vCPU calls act on.
+    pub fn selected_vcpu(&self) -> usize {
+        self.cpu
+    }
+
+    /// Vector of the interrupt the selected vCPU would take now, if any. Hand it to the vCPU
+    /// only when its interrupt window is open (RFLAGS.IF set, no interrupt shadow), via
     /// [`Devices::acknowledge_interrupt`].
     pub fn pending_interrupt(&self) -> Option<u8> {
-        self.pic.pending_vector()
+        self.pic.pending_vector(self.cpu)
     }
 
-    /// Whether an interrupt request is held anywhere (the local APIC's IRR or the 8259's
-    /// output), deliverable now or not: the VMM then brings the task priority up to date.
+    /// [`Devices::pending_interrupt`] of vCPU `cpu` (None for no such vCPU).
+    pub fn pending_interrupt_of(&self, cpu: usize) -> Option<u8> {
+        (cpu < self.pic.vcpus())
+            .then(|| self.pic.pending_vector(cpu))
+            .flatten()
+    }
+
+    /// Whether an interrupt request for the selected vCPU is held anywhere (its local APIC's
+    /// IRR, or for the boot vCPU the 8259's output), deliverable now or not: the VMM then
+    /// brings the task priority up to date.
     pub fn has_interrupt_request(&self) -> bool {
-        self.pic.lapic.has_request() || self.pic.pic.pending_vector().is_some()
+        self.pic.has_request(self.cpu)
     }
 
-    /// The guest's CR8 as the VMM knows it (tracked for a protected vCPU): a changed value
-    /// is a MOV to CR8, which sets the local APIC's TPR bits 7:4.
+    /// [`Devices::has_interrupt_request`] of vCPU `cpu` (false for no such vCPU).
+    pub fn has_interrupt_request_of(&self, cpu: usize) -> bool {
+        cpu < self.pic.vcpus() && self.pic.has_request(cpu)
+    }
+
+    /// The selected vCPU's CR8 as the VMM knows it (tracked for a protected vCPU): a changed
+    /// value is a MOV to CR8, which sets the local APIC's TPR bits 7:4.
     pub fn sync_cr8(&mut self, cr8: u64) {
         let cr8 = (cr8 & 0xf) as u32;
-        if self.cr8 != cr8 {
-            self.cr8 = cr8;
-            self.pic.lapic.set_tpr(cr8 << 4);
+        if self.cr8[self.cpu] != cr8 {
+            self.cr8[self.cpu] = cr8;
+            self.pic.lapic_mut(self.cpu).set_tpr(cr8 << 4);
         }
     }
 
-    /// IA32_APIC_BASE as the vCPU holds it: bit 11 enables the local APIC (while it is
-    /// clear the 8259 reaches the vCPU directly), bit 10 selects x2APIC mode.
+    /// IA32_APIC_BASE as the selected vCPU holds it: bit 11 enables the local APIC (while it
+    /// is clear the 8259 reaches the boot vCPU directly), bit 10 selects x2APIC mode.
     pub fn set_apic_base(&mut self, apic_base: u64) {
-        self.apic_base = apic_base;
-        self.pic.apic_hw_enabled = apic_base & (1 << 11) != 0;
-        self.x2apic = apic_base & (1 << 10) != 0;
+        self.apic_base[self.cpu] = apic_base;
+        let c = self.pic.cpu_mut(self.cpu);
+        c.apic_hw_enabled = apic_base & (1 << 11) != 0;
+        c.x2apic = apic_base & (1 << 10) != 0;
     }
 
-    /// IA32_APIC_BASE as last given to [`Devices::set_apic_base`].
+    /// IA32_APIC_BASE of the selected vCPU as last given to [`Devices::set_apic_base`].
     pub fn apic_base(&self) -> u64 {
-        self.apic_base
+        self.apic_base[self.cpu]
     }
 
-    /// An NMI for the vCPU (from the local APIC or the I/O APIC), if one waits.
+    fn x2apic(&self) -> bool {
+        self.pic.cpu(self.cpu).x2apic
+    }
+
+    /// An NMI for the selected vCPU (from a local APIC or the I/O APIC), if one waits.
     pub fn take_nmi(&mut self) -> bool {
-        self.pic.take_nmi()
+        self.pic.take_nmi(self.cpu)
     }
 
-    /// RDMSR of an x2APIC register or IA32_TSC_DEADLINE. None: not an APIC MSR, or not
-    /// readable now (the guest gets #GP).
-    pub fn apic_msr_read(&self, msr: u32) -> Option<u64> {
-        if msr == TSC_DEADLINE_MSR {
-            return Some(self.pic.lapic.tsc_deadline());
+    /// Whether an NMI waits for vCPU `cpu`.
+    pub fn nmi_pending_of(&self, cpu: usize) -> bool {
+        cpu < self.pic.vcpus() && self.pic.nmi_pending(cpu)
+    }
+
+    /// Whether INIT or SIPI signals wait for vCPU `cpu`.
+    pub fn has_ap_signals_of(&self, cpu: usize) -> bool {
+        cpu < self.pic.vcpus() && self.pic.has_ap_signals(cpu)
+    }
+
+    /// Take the INIT and SIPI signals sent to vCPU `cpu`, oldest first.
+    pub fn take_ap_signals_of(&mut self, cpu: usize) -> Vec<crate::intc::ApSignal> {
+        if cpu < self.pic.vcpus() {
+            self.pic.take_ap_signals(cpu)
+        } else {
+            Vec::new()
         }
-        let reg = LocalApic::x2apic_reg(msr).filter(|_| self.x2apic)?;
-        self.pic.lapic.read_reg(reg, true)
+    }
+
+    /// RDMSR of an x2APIC register or IA32_TSC_DEADLINE of the selected vCPU. None: not an
+    /// APIC MSR, or not readable now (the guest gets #GP).
+    pub fn apic_msr_read(&self, msr: u32) -> Option<u64> {
+        let lapic = self.pic.lapic(self.cpu);
+        if msr == TSC_DEADLINE_MSR {
+            return Some(lapic.tsc_deadline());
+        }
+        let reg = LocalApic::x2apic_reg(msr).filter(|_| self.x2apic())?;
+        lapic.read_reg(reg, true)
     }
 
     /// Whether a WRMSR of `msr` is taken (true) or raises #GP: IA32_TSC_DEADLINE always,
@@ -825,35 +931,40 @@ impl Devices {
     pub fn apic_msr_writable(&self, msr: u32) -> bool {
         msr == TSC_DEADLINE_MSR
             || LocalApic::x2apic_reg(msr)
-                .filter(|_| self.x2apic)
+                .filter(|_| self.x2apic())
                 .is_some_and(LocalApic::x2apic_writable)
     }
 
-    /// WRMSR of an x2APIC register or IA32_TSC_DEADLINE (`tsc`: the guest TSC now). False:
-    /// the guest gets #GP.
+    /// WRMSR of an x2APIC register or IA32_TSC_DEADLINE of the selected vCPU (`tsc`: its
+    /// guest TSC now). False: the guest gets #GP.
     pub fn apic_msr_write(&mut self, msr: u32, value: u64, tsc: u64) -> bool {
+        let cpu = self.cpu;
         if msr == TSC_DEADLINE_MSR {
-            self.pic.lapic.write_tsc_deadline(value, tsc);
+            self.pic.lapic_mut(cpu).write_tsc_deadline(value, tsc);
             return true;
         }
-        let Some(reg) = LocalApic::x2apic_reg(msr).filter(|_| self.x2apic) else {
+        let Some(reg) = LocalApic::x2apic_reg(msr).filter(|_| self.x2apic()) else {
             return false;
         };
         let mut events = Vec::new();
-        let ok = self.pic.lapic.write_reg(reg, value, true, &mut events);
-        self.pic.lapic_events(events);
+        let ok = self
+            .pic
+            .lapic_mut(cpu)
+            .write_reg(reg, value, true, &mut events);
+        self.pic.lapic_events(cpu, events);
         ok
     }
 
-    /// The interrupt controllers (8259 pair, I/O APIC, local APIC).
+    /// The interrupt controllers (8259 pair, I/O APIC, local APICs).
     pub fn intc(&self) -> &Intc {
         &self.pic
     }
 
-    /// The interrupt-acknowledge cycle: returns the vector to inject (possibly a spurious
-    /// IRQ 7 / 15 vector, which the guest must see as well) and marks it in service.
+    /// The interrupt-acknowledge cycle of the selected vCPU: returns the vector to inject
+    /// (possibly a spurious IRQ 7 / 15 vector, which the guest must see as well) and marks
+    /// it in service.
     pub fn acknowledge_interrupt(&mut self) -> u8 {
-        self.pic.acknowledge()
+        self.pic.acknowledge(self.cpu)
     }
 
     /// Drive PIC input `irq` (0-15) to `level`, for devices outside the registry. Lines of
@@ -1265,7 +1376,7 @@ mod tests {
         assert_eq!(d.pending_interrupt(), Some(0x33));
         // A MOV to CR8 (as tracked for a protected vCPU): TPR = 0x30 masks class 3.
         d.sync_cr8(3);
-        assert_eq!(d.intc().lapic.tpr(), 0x30);
+        assert_eq!(d.intc().lapic(0).tpr(), 0x30);
         assert_eq!(d.pending_interrupt(), None);
         assert!(d.has_interrupt_request(), "held, not lost");
         d.sync_cr8(2);
@@ -1273,7 +1384,7 @@ mod tests {
         // An unchanged CR8 leaves a TPR the guest wrote through MMIO alone.
         assert!(d.mmio_write(LAPIC_ADDR + 0x80, &0x40u32.to_le_bytes()));
         d.sync_cr8(2);
-        assert_eq!(d.intc().lapic.tpr(), 0x40);
+        assert_eq!(d.intc().lapic(0).tpr(), 0x40);
         // With the APIC disabled in IA32_APIC_BASE the 8259 reaches the vCPU directly.
         d.set_apic_base(LAPIC_ADDR | (1 << 8));
         assert_eq!(d.apic_base(), LAPIC_ADDR | (1 << 8));
@@ -1285,6 +1396,62 @@ mod tests {
     }
 
     #[test]
+    fn each_vcpu_sees_its_own_apic_and_all_are_saved() {
+        let (mut d, _buf) = devices();
+        d.set_vcpus(3);
+        assert_eq!(d.apic_base(), LAPIC_ADDR | (1 << 11) | (1 << 8), "BSP");
+        let w32 =
+            |d: &mut Devices, addr: u64, v: u32| assert!(d.mmio_write(addr, &v.to_le_bytes()));
+        let r32 = |d: &mut Devices, addr: u64| {
+            let mut b = [0u8; 4];
+            assert!(d.mmio_read(addr, &mut b));
+            u32::from_le_bytes(b)
+        };
+        for cpu in 0..3 {
+            d.select_vcpu(cpu);
+            w32(&mut d, LAPIC_ADDR + 0xf0, 0x1ff);
+            assert_eq!(
+                r32(&mut d, LAPIC_ADDR + 0x20),
+                (cpu as u32) << 24,
+                "APIC ID"
+            );
+        }
+        d.select_vcpu(2);
+        assert_eq!(d.apic_base(), LAPIC_ADDR | (1 << 11), "an AP: no BSP flag");
+        // vCPU 2 sends vector 0x51 to APIC 1 and arms its own timer.
+        w32(&mut d, LAPIC_ADDR + 0x310, 1 << 24);
+        w32(&mut d, LAPIC_ADDR + 0x300, 0x51);
+        w32(&mut d, LAPIC_ADDR + 0x3e0, 0xb);
+        w32(&mut d, LAPIC_ADDR + 0x320, 0x61);
+        w32(&mut d, LAPIC_ADDR + 0x380, 500);
+        assert_eq!(d.pending_interrupt(), None);
+        assert_eq!(d.pending_interrupt_of(1), Some(0x51));
+        assert!(d.has_interrupt_request_of(1) && !d.has_interrupt_request_of(0));
+        assert_eq!(d.next_deadline_ns(), Some(500));
+        d.advance_to(500);
+        assert_eq!(d.pending_interrupt(), Some(0x61), "vCPU 2's own timer");
+        let st = d.save();
+        assert!((0..3).all(|i| st.devices.contains_key(&lapic_id(i))));
+        assert!(d.state_format().contains(" lapic2/1"));
+        let r = Devices::from_state(&st, Box::new(std::io::sink())).unwrap();
+        assert_eq!(r.vcpus(), 3);
+        assert_eq!(r.save(), st);
+        assert_eq!(r.pending_interrupt_of(1), Some(0x51));
+        // A state of one vCPU restores into three: the APs' APICs reset.
+        let (mut one, _b) = devices();
+        init_apics(&mut one);
+        d.restore(&one.save()).unwrap();
+        assert_eq!(d.pending_interrupt_of(1), None);
+        d.select_vcpu(1);
+        assert_eq!(r32(&mut d, LAPIC_ADDR + 0xf0), 0xff, "lapic1 reset");
+        // A state of three does not restore into one.
+        assert!(matches!(
+            one.restore(&st),
+            Err(DevicesError::UnknownDevice { ref id }) if id == "lapic1"
+        ));
+    }
+
+    #[test]
     fn states_of_an_esvm_without_the_apics_restore_with_them_reset() {
         let (mut d, _buf) = devices();
         init_pic(&mut d);
@@ -1292,6 +1459,7 @@ mod tests {
         for id in ADDED_LATER {
             assert!(old.devices.remove(*id).is_some(), "{id}");
         }
+        assert!(added_later("lapic3") && !added_later("lapicx") && !added_later("pit"));
         init_apics(&mut d);
         d.restore(&old).unwrap();
         let fresh = Devices::new(Box::new(std::io::sink())).save();

@@ -139,10 +139,11 @@ impl EmuVm {
         self.sev.get().filter(|_| !self.moves.is_dead()).cloned()
     }
 
-    /// The interpreter configuration of this VM's vCPU `id`.
+    /// The interpreter configuration of this VM's vCPU `id`: the VM's CPUID table with
+    /// this vCPU's APIC ID in it.
     fn cpu_config(&self, id: u32) -> CpuConfig {
         CpuConfig {
-            cpuid: self.config.cpuid.clone(),
+            cpuid: self.config.cpuid.clone().for_vcpu(id),
             cpuid_intercepts: self.config.cpuid_intercepts.clone(),
             msr_intercepts: self.config.msr_intercepts.clone(),
             vcpu_id: id,
@@ -192,7 +193,7 @@ impl Vm for EmuVm {
         if sev_es {
             vcpu.sev = Some(Box::new(SevVcpuState::new()));
             vcpu.sev_ctx = Some(self.sev.clone());
-            vcpu.cpuid = self.config.cpuid.clone();
+            vcpu.cpuid = self.config.cpuid.clone().for_vcpu(id);
         }
         Ok(Box::new(vcpu))
     }

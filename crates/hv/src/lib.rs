@@ -67,6 +67,8 @@ pub struct VmConfig {
     /// Guest RAM size in bytes; RAM is one slot at guest-physical 0.
     pub mem_size: u64,
     pub vcpus: u32,
+    /// The CPUID table of every vCPU; the software backend gives each vCPU its own APIC ID
+    /// in it (`CpuidTable::for_vcpu`).
     pub cpuid: esvm_arch::cpuid::CpuidTable,
     /// CPUID leaves that exit to the VMM instead of being answered from `cpuid`.
     pub cpuid_intercepts: Vec<u32>,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use esvm_arch::{layout, VcpuSnapshot};
+use esvm_devices::intc::ApSignal;
 use esvm_devices::{Devices, DevicesError, DevicesState, DEVICES_STATE_VERSION};
 use esvm_hv::ghcb::VmgexitCounts;
 use esvm_hv::sev::{Launcher, SevHostVmState, SevVcpu, SevVcpuTransfer, SevVm, Started};
@@ -69,7 +70,8 @@ pub struct MachineConfig {
     pub vm_type: VmType,
     /// Guest RAM in bytes (a multiple of 4 KiB).
     pub mem_size: u64,
-    /// vCPUs; the boot vCPU (0) runs the guest, the others are created and parked.
+    /// vCPUs. The boot vCPU (0) runs the guest; the others (APs) wait for INIT-SIPI-SIPI
+    /// (plain guests on the emu backend) or stay parked (SEV-ES, KVM).
     pub vcpus: u32,
     /// Stop after this many retired instructions (emu backend only).
     pub max_instructions: Option<u64>,
@@ -81,9 +83,11 @@ fn scratch_range(addr: u64, len: usize) -> Option<std::ops::Range<usize>> {
     (off.checked_add(len)? <= MMIO_SCRATCH_LEN).then(|| off..off + len)
 }
 
-/// Virtual time. On the emu backend it is the retired-instruction count (1 instruction =
-/// 1 ns) plus the time skipped while halted, so runs are deterministic; on KVM it is host time.
-/// Both continue from the saved value after a restore or a migration.
+/// Virtual time. On the emu backend it is the instructions retired by all vCPUs together
+/// (1 instruction = 1 ns: the vCPUs take turns on one thread, so each slot's instructions
+/// move the one clock) plus the time skipped while every vCPU was halted, so runs are
+/// deterministic; every vCPU's TSC follows it (see [`Machine::tsc_offsets`]). On KVM it is
+/// host time. Both continue from the saved value after a restore or a migration.
 enum Clock {
     Virtual { idle_ns: u64 },
     Host { start: Instant, offset_ns: u64 },
@@ -132,7 +136,43 @@ pub struct MachineState {
     /// source) reads as not paused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub user_paused: bool,
+    /// Where each vCPU stands (running, halted, waiting for SIPI) and whose turn it is:
+    /// written for machines of more than one vCPU (and a halted single one). A state
+    /// without it (an older esvm's) restores as a fresh machine stands: vCPU 0 running,
+    /// the APs waiting for SIPI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<SchedulerState>,
 }
+
+/// Where a vCPU stands, as on hardware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VcpuRunState {
+    /// Runs (takes its turns).
+    Running,
+    /// Stopped in HLT until an interrupt (or an NMI, or INIT) wakes it.
+    Halted,
+    /// After reset or INIT: waits for a start-up IPI, runs nothing.
+    WaitForSipi,
+}
+
+/// The one-thread scheduler's state: every vCPU's run state and the turn in progress.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerState {
+    /// Per vCPU.
+    pub vcpus: Vec<VcpuRunState>,
+    /// The vCPU whose turn it is.
+    pub current: u32,
+    /// Instructions left in its turn.
+    pub slot_left: u64,
+}
+
+/// Instructions a vCPU runs per turn when several take turns on the machine's thread
+/// (round robin). A turn ends early when the vCPU halts or sends an IPI to another vCPU, so
+/// the target answers soon; all of it is decided by retired instructions, so a run replays
+/// exactly.
+pub const QUANTUM: u64 = 20_000;
 
 /// A VM assembled from a backend, guest memory, vCPUs and the legacy devices; see the
 /// module documentation. Its run loop ([`Machine::run`]) owns it; other threads hold a
@@ -161,6 +201,21 @@ pub struct Machine {
     /// The VMM models the local APIC and I/O APIC (the software vCPU; KVM has its own
     /// in-kernel irqchip) and places ACPI tables for Linux.
     apic: bool,
+    /// The APs start by INIT-SIPI-SIPI and take turns with the boot vCPU (plain guests on
+    /// the emu backend); otherwise they stay parked.
+    smp: bool,
+    /// Per vCPU: where it stands.
+    run_state: Vec<VcpuRunState>,
+    /// The vCPU whose turn it is, and the instructions left in the turn.
+    current: usize,
+    slot_left: u64,
+    /// Per vCPU (virtual time only, while the run loop runs): its TSC minus virtual time.
+    /// A vCPU's TSC is brought to `now + offset` when its turn starts, so every vCPU's TSC
+    /// follows the one clock (the guest's own TSC writes are kept as the offset). None
+    /// outside the run loop: the vCPUs' TSCs are then up to date.
+    tsc_offsets: Option<Vec<i64>>,
+    /// IPIs sent between vCPUs so far (the devices' count), to end a turn after one.
+    ipis_seen: u64,
 }
 
 /// What other threads hold of a machine: guest memory and dirty log (through the VM), and
@@ -273,6 +328,7 @@ impl Machine {
         let mut vm_config = VmConfig::plain(config.mem_size, config.vcpus);
         vm_config.vm_type = config.vm_type;
         let apic = config.backend == BackendKind::Emu;
+        let smp = apic && config.vm_type == VmType::Plain && config.vcpus > 1;
         if apic {
             // The software vCPU's local APIC is the VMM's (`esvm_devices::lapic`). A plain
             // vCPU reaches the x2APIC and TSC-deadline MSRs through MSR exits; a protected
@@ -293,11 +349,33 @@ impl Machine {
                     esvm_devices::lapic::X2APIC_MSR_BASE..=esvm_devices::lapic::X2APIC_MSR_END,
                 );
             }
+            if smp {
+                // One package of N cores, APIC ID = vCPU index; the TSCs run on one clock.
+                vm_config.cpuid = vm_config.cpuid.clone().with_topology(config.vcpus);
+            }
         }
         let vm = esvm_hv::open(config.backend)?.create_vm(&vm_config)?;
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             vcpus.push(vm.create_vcpu(id)?);
+        }
+        let mut run_state = vec![VcpuRunState::WaitForSipi; vcpus.len()];
+        run_state[0] = VcpuRunState::Running;
+        if smp {
+            // An AP's power-on state: real mode at the reset vector, its APIC enabled without
+            // the BSP flag; it waits for INIT-SIPI-SIPI.
+            for ap in vcpus.iter_mut().skip(1) {
+                let mut s = VcpuSnapshot::reset();
+                s.sregs.apic_base = layout::LAPIC_ADDR | (1 << 11);
+                ap.restore(&s)?;
+            }
+        } else if config.vcpus > 1 && config.vm_type == VmType::SevEs {
+            tracing::warn!(
+                vcpus = config.vcpus,
+                "SEV-ES guests run on the boot vCPU only for now: the APs stay parked and the \
+                 ACPI tables describe one CPU (AP start-up through the AP jump table is not \
+                 there yet)"
+            );
         }
         let clock = match config.backend {
             BackendKind::Emu => Clock::Virtual { idle_ns: 0 },
@@ -315,13 +393,17 @@ impl Machine {
         let control = Arc::new(VmControl::new(vcpus[0].kicker()));
         let tracker = Arc::new(DirtyTracker::new(vm.clone()));
         let own_vm_refs = Arc::strong_count(&vm);
+        let mut devices = Devices::new(serial_out);
+        if smp {
+            devices.set_vcpus(vcpus.len());
+        }
         Ok(Machine {
             vm,
             config: config.clone(),
             mmio_scratch: Box::new([0; MMIO_SCRATCH_LEN]),
             retired_base: vec![0; vcpus.len()],
             vcpus,
-            devices: Devices::new(serial_out),
+            devices,
             clock,
             max_instructions: config.max_instructions,
             control,
@@ -330,6 +412,12 @@ impl Machine {
             console: None,
             own_vm_refs,
             apic,
+            smp,
+            run_state,
+            current: 0,
+            slot_left: 0,
+            tsc_offsets: None,
+            ipis_seen: 0,
         })
     }
 
@@ -435,8 +523,10 @@ impl Machine {
         // SEV-ES: C-bit page tables, all memory private until the kernel shares pages.
         let c_bit = (self.vm.vm_type() == VmType::SevEs).then_some(esvm_hv::sev::C_BIT);
         // ACPI tables describe the VMM's interrupt controllers: only where the VMM models
-        // them. One vCPU is described: the others stay parked (AP start-up is not there yet).
-        let acpi = self.apic.then_some(1);
+        // them. Every vCPU where the APs start by INIT-SIPI; else the boot vCPU only (the
+        // APs of an SEV-ES guest stay parked: their start-up is not there yet).
+        let described = if self.smp { self.vcpus.len() as u32 } else { 1 };
+        let acpi = self.apic.then_some(described);
         let boot =
             esvm_loader::linux::load_linux_with_acpi(self.vm.memory().mmap(), image, c_bit, acpi)?;
         // What firmware leaves for an OS: MTRRs enabled, all memory write-back (Linux 6.1
@@ -482,9 +572,7 @@ impl Machine {
 
     fn now(&self) -> u64 {
         match &self.clock {
-            Clock::Virtual { idle_ns } => {
-                self.retired_base[0] + self.vcpus[0].instructions_retired().unwrap_or(0) + idle_ns
-            }
+            Clock::Virtual { idle_ns } => self.instructions().unwrap_or(0) + idle_ns,
             Clock::Host { start, offset_ns } => offset_ns + start.elapsed().as_nanos() as u64,
         }
     }
@@ -522,6 +610,10 @@ impl Machine {
             Err(e) => return Err(e.into()),
         }
         let result = self.run_loop(&control);
+        let result = match self.settle_tscs() {
+            Ok(()) => result,
+            Err(e) => result.and(Err(e)),
+        };
         let end = match &result {
             Ok(Outcome::Migrated(url)) => LoopEnd::Migrated(url.clone()),
             Ok(o) => LoopEnd::Finished(Ending {
@@ -543,7 +635,18 @@ impl Machine {
     fn run_loop(&mut self, control: &VmControl) -> Result<Outcome, MachineError> {
         let virtual_time = matches!(self.clock, Clock::Virtual { .. });
         if !self.mid_exit {
-            self.sync_apic()?;
+            for cpu in 0..self.vcpus.len() {
+                self.sync_apic(cpu)?;
+            }
+        }
+        if virtual_time {
+            let now = self.now();
+            let offsets = self
+                .vcpus
+                .iter()
+                .map(|v| Ok(v.get_tsc()?.wrapping_sub(now) as i64))
+                .collect::<Result<Vec<_>, HvError>>()?;
+            self.tsc_offsets = Some(offsets);
         }
         loop {
             if !self.mid_exit {
@@ -556,14 +659,19 @@ impl Machine {
                         return Ok(outcome);
                     }
                 }
+                if let Some(outcome) = self.schedule()? {
+                    return Ok(outcome);
+                }
             }
+            let cpu = self.current;
             let now = self.now();
             self.devices.advance_to(now);
+            self.devices.select_vcpu(cpu);
             if virtual_time {
                 if self.devices.has_interrupt_request() {
-                    self.sync_apic()?;
+                    self.sync_apic(cpu)?;
                 }
-                self.offer_interrupt()?;
+                self.offer_interrupt(cpu)?;
             }
             let mut slice = MAX_SLICE_NS;
             if let Some(deadline) = self.devices.next_deadline_ns() {
@@ -572,6 +680,9 @@ impl Machine {
             if virtual_time && self.devices.pending_interrupt().is_some() {
                 slice = slice.min(WINDOW_POLL_NS);
             }
+            if self.vcpus.len() > 1 {
+                slice = slice.min(self.slot_left.max(1));
+            }
             if let Some(limit) = self.max_instructions {
                 let done = self.instructions().unwrap_or(0);
                 if done >= limit {
@@ -579,33 +690,169 @@ impl Machine {
                 }
                 slice = slice.min(limit - done);
             }
+            let before = self.vcpus[cpu].instructions_retired().unwrap_or(0);
             if virtual_time {
-                self.vcpus[0].set_instruction_budget(Some(slice))?;
+                self.vcpus[cpu].set_instruction_budget(Some(slice))?;
+                // The vCPU's TSC follows the machine's clock (it stood still while the
+                // others had their turns).
+                if let Some(off) = self.tsc_offsets.as_ref().map(|o| o[cpu]) {
+                    let tsc = now.wrapping_add(off as u64);
+                    if self.vcpus[cpu].get_tsc()? != tsc {
+                        self.vcpus[cpu].set_tsc(tsc)?;
+                    }
+                }
             }
-            if let Some(outcome) = self.run_once()? {
+            let outcome = self.run_once(cpu)?;
+            let ran = self.vcpus[cpu]
+                .instructions_retired()
+                .unwrap_or(0)
+                .saturating_sub(before);
+            self.slot_left = self.slot_left.saturating_sub(ran);
+            if virtual_time {
+                let now = self.now();
+                let tsc = self.vcpus[cpu].get_tsc()?;
+                if let Some(o) = self.tsc_offsets.as_mut() {
+                    o[cpu] = tsc.wrapping_sub(now) as i64;
+                }
+            }
+            if let Some(outcome) = outcome {
                 return Ok(outcome);
+            }
+            if self.vcpus.len() > 1 {
+                self.after_turn_step(cpu)?;
             }
         }
     }
 
-    /// Give the devices the vCPU's APIC base (enable, x2APIC mode) and CR8 (the TPR) as
+    /// After a vCPU's step when several take turns: act on INIT and SIPI (the AP state
+    /// machine) and end the turn after an IPI to another vCPU, so that it answers soon.
+    fn after_turn_step(&mut self, cpu: usize) -> Result<(), MachineError> {
+        let ipis = self.devices.intc().ipis_sent;
+        if ipis != self.ipis_seen {
+            self.ipis_seen = ipis;
+            self.slot_left = 0;
+        }
+        for i in 0..self.vcpus.len() {
+            // A vCPU in the middle of an exit is reset once the exit is done.
+            if (i == cpu && self.mid_exit) || !self.devices.has_ap_signals_of(i) {
+                continue;
+            }
+            for signal in self.devices.take_ap_signals_of(i) {
+                if !self.smp {
+                    // Parked APs (SEV-ES): their start-up is not there yet.
+                    continue;
+                }
+                match signal {
+                    ApSignal::Init => {
+                        self.init_vcpu(i)?;
+                        self.run_state[i] = VcpuRunState::WaitForSipi;
+                        if i == cpu {
+                            self.slot_left = 0;
+                        }
+                    }
+                    ApSignal::Sipi(vector) if self.run_state[i] == VcpuRunState::WaitForSipi => {
+                        self.start_vcpu(i, vector)?;
+                        self.run_state[i] = VcpuRunState::Running;
+                    }
+                    // A SIPI to a vCPU that is not waiting for one is ignored, as on
+                    // hardware (Linux sends two).
+                    ApSignal::Sipi(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// INIT of vCPU `i`: the power-on state, except for what INIT keeps on hardware (the
+    /// APIC base, so the APIC ID; the MTRRs) and the TSC.
+    fn init_vcpu(&mut self, i: usize) -> Result<(), MachineError> {
+        let vcpu = &mut self.vcpus[i];
+        let old = vcpu.snapshot()?;
+        let mut s = VcpuSnapshot::reset();
+        s.sregs.apic_base = old.sregs.apic_base;
+        s.msrs.mtrr = old.msrs.mtrr;
+        s.tsc = old.tsc;
+        vcpu.restore(&s)?;
+        Ok(())
+    }
+
+    /// SIPI with `vector` to vCPU `i` waiting for it: it starts in real mode at
+    /// CS.selector = vector << 8, CS.base = vector << 12, IP = 0.
+    fn start_vcpu(&mut self, i: usize, vector: u8) -> Result<(), MachineError> {
+        let vcpu = &mut self.vcpus[i];
+        let mut sregs = vcpu.get_sregs()?;
+        sregs.cs.selector = u16::from(vector) << 8;
+        sregs.cs.base = u64::from(vector) << 12;
+        sregs.cs.limit = 0xffff;
+        vcpu.set_sregs(&sregs)?;
+        let mut regs = vcpu.get_regs()?;
+        regs.rip = 0;
+        vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
+    /// Whether halted vCPU `i` has something that wakes it: an NMI, or an interrupt it
+    /// takes (interrupts enabled).
+    fn wakes(&self, i: usize) -> Result<bool, MachineError> {
+        if self.devices.nmi_pending_of(i) {
+            return Ok(true);
+        }
+        Ok(self.devices.pending_interrupt_of(i).is_some() && self.vcpus[i].interrupts_enabled()?)
+    }
+
+    /// Choose the vCPU for the next step: the current one while its turn lasts and it runs,
+    /// else the next running one in round-robin order (a halted one runs again when
+    /// something wakes it). When none can run, virtual time skips to the next device
+    /// deadline ([`Machine::idle`]).
+    fn schedule(&mut self) -> Result<Option<Outcome>, MachineError> {
+        let n = self.vcpus.len();
+        let now = self.now();
+        self.devices.advance_to(now);
+        loop {
+            for i in 0..n {
+                if self.run_state[i] == VcpuRunState::Halted && self.wakes(i)? {
+                    self.run_state[i] = VcpuRunState::Running;
+                }
+            }
+            if self.run_state[self.current] == VcpuRunState::Running
+                && (n == 1 || self.slot_left > 0)
+            {
+                return Ok(None);
+            }
+            if let Some(next) = (1..=n)
+                .map(|k| (self.current + k) % n)
+                .find(|&i| self.run_state[i] == VcpuRunState::Running)
+            {
+                self.current = next;
+                self.slot_left = QUANTUM;
+                return Ok(None);
+            }
+            if let Some(outcome) = self.idle()? {
+                return Ok(Some(outcome));
+            }
+        }
+    }
+
+    /// Give the devices vCPU `cpu`'s APIC base (enable, x2APIC mode) and CR8 (the TPR) as
     /// the VMM knows them: tracked values for a protected vCPU. Needed before interrupts are
     /// judged and when the run loop starts (a plain vCPU's APIC base writes exit to the VMM,
     /// which passes them on at once).
-    fn sync_apic(&mut self) -> Result<(), MachineError> {
-        if self.apic {
-            let view = self.vcpus[0].get_sregs_view()?;
+    fn sync_apic(&mut self, cpu: usize) -> Result<(), MachineError> {
+        if self.apic && cpu < self.devices.vcpus() {
+            let view = self.vcpus[cpu].get_sregs_view()?;
+            self.devices.select_vcpu(cpu);
             self.devices.set_apic_base(view.apic_base());
             self.devices.sync_cr8(view.cr8());
         }
         Ok(())
     }
 
-    /// Hand the interrupt controllers' pending interrupt (local APIC, or the 8259 through
-    /// LINT0) to the boot vCPU if it has none queued; NMIs from the APICs too.
-    fn offer_interrupt(&mut self) -> Result<(), MachineError> {
+    /// Hand the interrupt controllers' pending interrupt for vCPU `cpu` (its local APIC, or
+    /// for the boot vCPU the 8259 through LINT0) to it if it has none queued; NMIs too. The
+    /// devices have `cpu` selected.
+    fn offer_interrupt(&mut self, cpu: usize) -> Result<(), MachineError> {
         if self.devices.take_nmi() {
-            self.vcpus[0].inject_nmi()?;
+            self.vcpus[cpu].inject_nmi()?;
         }
         if !self.devices.has_interrupt_request() {
             return Ok(());
@@ -613,27 +860,44 @@ impl Machine {
         let Some(vector) = self.devices.pending_interrupt() else {
             return Ok(());
         };
-        let bsp = &mut self.vcpus[0];
-        if bsp.get_events()?.interrupt.is_some() || !bsp.interrupt_window_open()? {
+        let vcpu = &mut self.vcpus[cpu];
+        if vcpu.get_events()?.interrupt.is_some() || !vcpu.interrupt_window_open()? {
             return Ok(());
         }
         // The backend refuses vectors the CR8 it knows masks (the tracked CR8 of a protected
         // vCPU): they wait until the guest lowers it.
-        if self.apic && !esvm_hv::sev::tpr_accepts(bsp.get_sregs_view()?.cr8(), vector) {
+        if self.apic && !esvm_hv::sev::tpr_accepts(vcpu.get_sregs_view()?.cr8(), vector) {
             return Ok(());
         }
         let vector = self.devices.acknowledge_interrupt();
-        bsp.queue_interrupt(vector)?;
+        vcpu.queue_interrupt(vector)?;
         Ok(())
     }
 
-    fn run_once(&mut self) -> Result<Option<Outcome>, MachineError> {
+    /// Bring every vCPU's TSC to the machine's clock (the run loop leaves them behind while
+    /// others have their turns) and forget the offsets: outside the run loop the vCPUs'
+    /// own TSCs are the truth.
+    fn settle_tscs(&mut self) -> Result<(), MachineError> {
+        let Some(offsets) = self.tsc_offsets.take() else {
+            return Ok(());
+        };
+        let now = self.now();
+        for (v, off) in self.vcpus.iter_mut().zip(offsets) {
+            let tsc = now.wrapping_add(off as u64);
+            if v.get_tsc()? != tsc {
+                v.set_tsc(tsc)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_once(&mut self, cpu: usize) -> Result<Option<Outcome>, MachineError> {
         let devices = &mut self.devices;
         let scratch = &mut self.mmio_scratch;
         let mut tsc_deadline = None;
         let mut x2apic_write = None;
         let mut apic_base_write = None;
-        let exit = self.vcpus[0].run()?;
+        let exit = self.vcpus[cpu].run()?;
         let answer_needed = matches!(
             exit,
             VmExit::IoIn { .. }
@@ -724,90 +988,106 @@ impl Machine {
                 }
             }
             VmExit::BudgetExhausted | VmExit::Interrupted => {}
-            VmExit::Hlt => {
-                if let Some(outcome) = self.on_halt()? {
-                    return Ok(Some(outcome));
-                }
-            }
+            VmExit::Hlt => self.on_halt(cpu)?,
         }
         if let Some(value) = tsc_deadline {
             // The write retired: the guest TSC and virtual time are those after it.
-            let tsc = self.vcpus[0].get_tsc()?;
+            let tsc = self.vcpus[cpu].get_tsc()?;
             let now = self.now();
             self.devices.advance_to(now);
             self.devices
                 .apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
         }
         if let Some(value) = apic_base_write {
-            if self.vcpus[0].is_protected() {
+            if self.vcpus[cpu].is_protected() {
                 // SEV-ES: the hypervisor tracks it (it changed in the GHCB exchange, which
                 // shows the VMM the completed write); the devices follow the tracked value.
-                self.sync_apic()?;
+                self.sync_apic(cpu)?;
             } else {
                 // The vCPU keeps its copy (snapshots, the control API show it).
-                self.vcpus[0].set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
+                self.vcpus[cpu].set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
                 self.devices.set_apic_base(value);
             }
         }
         if let Some((index, value)) = x2apic_write {
             self.devices.apic_msr_write(index, value, 0);
         }
-        self.mid_exit = answer_needed || self.vcpus[0].exit_pending();
+        self.mid_exit = answer_needed || self.vcpus[cpu].exit_pending();
         Ok(None)
     }
 
-    /// HLT. With interrupts disabled nothing can wake the guest: it powered off. Otherwise
-    /// virtual time skips to the next device deadline; while a console can still bring input,
-    /// the loop first waits for it in real time (at most until that deadline, and briefly),
-    /// so an idle interactive guest neither spins nor misses a key.
-    fn on_halt(&mut self) -> Result<Option<Outcome>, MachineError> {
-        let bsp = &self.vcpus[0];
-        // From the interrupt-mask bit the hardware exposes: a protected (SEV-ES) vCPU's
-        // registers are not readable.
-        if !bsp.interrupts_enabled()? {
-            return Ok(Some(Outcome::PowerOff(crate::outcome::HALTED_OFF.into())));
+    /// HLT of vCPU `cpu`. An interrupt that arrived while the window was shut (`STI; HLT`:
+    /// the STI's shadow covers the HLT) wakes it at once: the loop hands it over now that the
+    /// window is open. Otherwise the vCPU halts and its turn ends.
+    fn on_halt(&mut self, cpu: usize) -> Result<(), MachineError> {
+        if self.devices.pending_interrupt().is_some() && self.vcpus[cpu].interrupts_enabled()? {
+            return Ok(());
         }
-        // An interrupt that arrived while the window was shut (`STI; HLT`: the STI's shadow
-        // covers the HLT) wakes it at once: the loop hands it over now that the window is
-        // open. Virtual time stays where it is.
-        if self.devices.pending_interrupt().is_some() {
-            return Ok(None);
+        self.run_state[cpu] = VcpuRunState::Halted;
+        self.slot_left = 0;
+        Ok(())
+    }
+
+    /// No vCPU can run: each halted or waiting for SIPI. If none can ever wake (halted with
+    /// interrupts disabled, or waiting for a SIPI nobody can send) the guest powered off.
+    /// Otherwise virtual time skips to the next device deadline; while a console can still
+    /// bring input, the loop first waits for it in real time (at most until that deadline,
+    /// and briefly), so an idle interactive guest neither spins nor misses a key. Then the
+    /// halted vCPUs with interrupts enabled run again.
+    fn idle(&mut self) -> Result<Option<Outcome>, MachineError> {
+        let mut wakeable = false;
+        for (v, state) in self.vcpus.iter().zip(&self.run_state) {
+            // From the interrupt-mask bit the hardware exposes: a protected (SEV-ES) vCPU's
+            // registers are not readable.
+            if *state == VcpuRunState::Halted && v.interrupts_enabled()? {
+                wakeable = true;
+            }
+        }
+        if !wakeable {
+            return Ok(Some(Outcome::PowerOff(crate::outcome::HALTED_OFF.into())));
         }
         let now = self.now();
         let deadline = self.devices.next_deadline_ns();
+        let mut console_input = false;
         if let Some(console) = self.console.as_mut().filter(|c| c.open()) {
             let wait_ns = deadline.map_or(CONSOLE_IDLE_WAIT_NS, |d| {
                 d.saturating_sub(now).min(CONSOLE_IDLE_WAIT_NS)
             });
-            if console.wait(Duration::from_nanos(wait_ns)) {
-                // Input arrived: the run loop hands it to the UART, whose interrupt wakes
-                // the guest; virtual time stays where it is.
-                return Ok(None);
+            // Input arrived: the run loop hands it to the UART, whose interrupt wakes the
+            // guest; virtual time stays where it is.
+            console_input = console.wait(Duration::from_nanos(wait_ns));
+        }
+        if !console_input {
+            match (&mut self.clock, deadline) {
+                (Clock::Virtual { idle_ns }, Some(deadline)) => {
+                    // The vCPUs' TSCs follow when their turns start.
+                    *idle_ns += deadline.saturating_sub(now);
+                }
+                (Clock::Host { .. }, _) => {
+                    // KVM handles HLT in the kernel with its irqchip; a HLT exit here means no
+                    // in-kernel device will wake it, but the serial line might; wait briefly.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // Only the console could still wake it.
+                (Clock::Virtual { .. }, None)
+                    if self.console.as_ref().is_some_and(|c| c.open()) => {}
+                (Clock::Virtual { .. }, None) => {
+                    let vcpu = self.current as u32;
+                    return Err(MachineError::HaltedForever {
+                        vcpu,
+                        rip: self.vcpus[self.current].get_regs().ok().map(|r| r.rip),
+                    });
+                }
             }
         }
-        match (&mut self.clock, deadline) {
-            (Clock::Virtual { idle_ns }, Some(deadline)) => {
-                let skip = deadline.saturating_sub(now);
-                *idle_ns += skip;
-                let tsc = bsp.get_tsc()?;
-                self.vcpus[0].set_tsc(tsc + skip)?;
-                Ok(None)
+        // As after a HLT on hardware once something happened: the halted vCPUs look again
+        // (an interrupt that is not deliverable sends them back to HLT).
+        for (v, state) in self.vcpus.iter().zip(self.run_state.iter_mut()) {
+            if *state == VcpuRunState::Halted && v.interrupts_enabled()? {
+                *state = VcpuRunState::Running;
             }
-            (Clock::Host { .. }, _) => {
-                // KVM handles HLT in the kernel with its irqchip; a HLT exit here means no
-                // in-kernel device will wake it, but the serial line might; wait briefly.
-                std::thread::sleep(Duration::from_millis(1));
-                Ok(None)
-            }
-            // Only the console could still wake it.
-            (Clock::Virtual { .. }, None) if self.console.as_ref().is_some_and(|c| c.open()) => {
-                Ok(None)
-            }
-            (Clock::Virtual { .. }, None) => Err(MachineError::HaltedForever {
-                vcpu: 0,
-                rip: bsp.get_regs().ok().map(|r| r.rip),
-            }),
         }
+        Ok(None)
     }
 
     /// Hand console input to COM1 as its FIFO has room; the user's Ctrl-A x ends the run.
@@ -854,6 +1134,13 @@ impl Machine {
                 .filter(|s| s.handle().is_some())
                 .and_then(|s| s.host_state().ok()),
             user_paused: false,
+            scheduler: (self.vcpus.len() > 1 || self.run_state[0] != VcpuRunState::Running).then(
+                || SchedulerState {
+                    vcpus: self.run_state.clone(),
+                    current: self.current as u32,
+                    slot_left: self.slot_left,
+                },
+            ),
         }
     }
 
@@ -902,9 +1189,19 @@ impl Machine {
         Ok(())
     }
 
-    /// The state of vCPU `id`, at a clean point.
+    /// The state of vCPU `id`, at a clean point. Its TSC is the one it has on the machine's
+    /// clock now (in the run loop a vCPU's TSC catches up only when its turn starts).
     pub fn save_vcpu(&self, id: u32) -> Result<VcpuSnapshot, MachineError> {
-        Ok(self.clean_vcpu(id)?.snapshot()?)
+        let mut s = self.clean_vcpu(id)?.snapshot()?;
+        if let Some(off) = self.tsc_offsets.as_ref().and_then(|o| o.get(id as usize)) {
+            s.tsc = self.now().wrapping_add(*off as u64);
+        }
+        Ok(s)
+    }
+
+    /// Where each vCPU stands (running, halted, waiting for SIPI).
+    pub fn vcpu_run_states(&self) -> &[VcpuRunState] {
+        &self.run_state
     }
 
     /// Put vCPU `id` in a saved state (a fresh machine, before it runs).
@@ -957,7 +1254,43 @@ impl Machine {
                 ))
             }
         }
+        if let Some(sched) = &s.scheduler {
+            if sched.vcpus.len() != self.vcpus.len() || sched.current as usize >= self.vcpus.len() {
+                return Err(MachineError::State(format!(
+                    "the scheduler state describes {} vCPUs (current {}), this machine has {}",
+                    sched.vcpus.len(),
+                    sched.current,
+                    self.vcpus.len()
+                )));
+            }
+            if !self.smp
+                && sched.vcpus[1..]
+                    .iter()
+                    .any(|r| *r != VcpuRunState::WaitForSipi)
+            {
+                return Err(MachineError::State(
+                    "the state has running APs, but on this machine the APs stay parked (an \
+                     SEV-ES or KVM machine): restore it on a plain machine of the emu backend"
+                        .into(),
+                ));
+            }
+        }
         self.devices.restore(&s.devices)?;
+        // A state without it (an older esvm's) stands as a fresh machine does.
+        match &s.scheduler {
+            Some(sched) => {
+                self.run_state = sched.vcpus.clone();
+                self.current = sched.current as usize;
+                self.slot_left = sched.slot_left;
+            }
+            None => {
+                self.run_state = vec![VcpuRunState::WaitForSipi; self.vcpus.len()];
+                self.run_state[0] = VcpuRunState::Running;
+                self.current = 0;
+                self.slot_left = 0;
+            }
+        }
+        self.ipis_seen = self.devices.intc().ipis_sent;
         // The backend's counters restart at 0: the bases carry the VM's history so that
         // virtual time (and the instruction limit) continue where the source left off.
         self.retired_base = self
@@ -970,7 +1303,7 @@ impl Machine {
             BackendKind::Emu => {
                 // From a host-time backend (KVM) the instruction counts are 0: start virtual
                 // time at the devices' time so that timers go on from where they were.
-                let base = self.retired_base[0] + self.vcpus[0].instructions_retired().unwrap_or(0);
+                let base: u64 = s.instructions.iter().sum();
                 Clock::Virtual {
                     idle_ns: s.idle_ns.max(s.devices.now_ns.saturating_sub(base)),
                 }
@@ -1045,5 +1378,146 @@ mod tests {
         m.exclusive_ram().unwrap().discard();
         m.vm().memory().read(3 * 4096, &mut b).unwrap();
         assert_eq!(b, [0]);
+    }
+
+    /// A plain machine of `vcpus` vCPUs whose boot vCPU runs `code` at 0x1000 in 32-bit
+    /// protected mode (flat segments, no paging).
+    fn flat32_machine(vcpus: u32, code: &[u8]) -> Machine {
+        use esvm_arch::{Segment, SegmentAttributes};
+        let config = MachineConfig {
+            backend: BackendKind::Emu,
+            vm_type: VmType::Plain,
+            mem_size: 1 << 20,
+            vcpus,
+            max_instructions: Some(5_000_000),
+        };
+        let mut m = Machine::new(&config, Box::new(std::io::sink())).unwrap();
+        m.vm().memory().write(0x1000, code).unwrap();
+        let seg = |ty, selector| Segment {
+            selector,
+            base: 0,
+            limit: 0xffff_ffff,
+            attrib: SegmentAttributes::new(ty, true, 0, true, false, true, true),
+        };
+        let bsp = &mut m.vcpus[0];
+        let mut sregs = bsp.get_sregs().unwrap();
+        sregs.cs = seg(0xb, 8);
+        for d in [
+            &mut sregs.ds,
+            &mut sregs.es,
+            &mut sregs.ss,
+            &mut sregs.fs,
+            &mut sregs.gs,
+        ] {
+            *d = seg(0x3, 16);
+        }
+        sregs.cr0 |= 1;
+        bsp.set_sregs(&sregs).unwrap();
+        let mut regs = bsp.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.gpr[4] = 0x7000;
+        bsp.set_regs(&regs).unwrap();
+        m
+    }
+
+    /// `mov dword [addr], value` (32-bit code).
+    fn mov_mem32(addr: u32, value: u32) -> Vec<u8> {
+        let mut v = vec![0xc7, 0x05];
+        v.extend_from_slice(&addr.to_le_bytes());
+        v.extend_from_slice(&value.to_le_bytes());
+        v
+    }
+
+    /// The BSP starts the AP by INIT-SIPI-SIPI (vector 8: real mode at 0x8000); the AP writes
+    /// a flag and counts its starts, the BSP waits for the flag and writes its own result.
+    #[test]
+    fn the_bsp_starts_an_ap_by_init_sipi_sipi() {
+        let icr_hi = 0xfee0_0310;
+        let icr_lo = 0xfee0_0300;
+        let mut bsp = Vec::new();
+        bsp.extend(mov_mem32(icr_hi, 1 << 24));
+        bsp.extend(mov_mem32(icr_lo, 0xc500)); // INIT, level, assert
+        bsp.extend(mov_mem32(icr_lo, 0x8500)); // INIT de-assert
+        bsp.extend(mov_mem32(icr_lo, 0x0608)); // SIPI, vector 8
+        bsp.extend(mov_mem32(icr_lo, 0x0608)); // the second SIPI: ignored, the AP runs
+                                               // wait: cmp byte [0x9000], 0x5a; jne wait
+        bsp.extend([0x80, 0x3d, 0x00, 0x90, 0, 0, 0x5a, 0x75, 0xf7]);
+        // mov byte [0x9001], 0x42; mov al, 7; out 0xf4, al
+        bsp.extend([0xc6, 0x05, 0x01, 0x90, 0, 0, 0x42, 0xb0, 0x07, 0xe6, 0xf4]);
+        // AP, real mode at 0800:0000: xor ax, ax; mov ds, ax; inc word [0x9002];
+        // mov byte [0x9000], 0x5a; cli; hlt
+        let ap = [
+            0x31, 0xc0, 0x8e, 0xd8, 0xff, 0x06, 0x02, 0x90, 0xc6, 0x06, 0x00, 0x90, 0x5a, 0xfa,
+            0xf4,
+        ];
+        let run = || {
+            let mut m = flat32_machine(2, &bsp);
+            m.vm().memory().write(0x8000, &ap).unwrap();
+            assert_eq!(
+                m.vcpu_run_states(),
+                [VcpuRunState::Running, VcpuRunState::WaitForSipi]
+            );
+            let outcome = m.run().unwrap();
+            assert!(matches!(outcome, Outcome::Exited(7)), "{outcome:?}");
+            let mut res = [0u8; 4];
+            m.vm().memory().read(0x9000, &mut res).unwrap();
+            assert_eq!(res, [0x5a, 0x42, 1, 0], "flag, BSP result, one AP start");
+            assert_eq!(
+                m.vcpu_run_states(),
+                [VcpuRunState::Running, VcpuRunState::Halted]
+            );
+            // The AP ran in real mode where the SIPI put it, and retired its instructions.
+            let ap_regs = m.vcpus[1].get_regs().unwrap();
+            let ap_sregs = m.vcpus[1].get_sregs().unwrap();
+            assert_eq!((ap_sregs.cs.selector, ap_sregs.cs.base), (0x800, 0x8000));
+            assert_eq!(ap_regs.rip, ap.len() as u64);
+            assert_eq!(
+                ap_sregs.apic_base,
+                layout::LAPIC_ADDR | (1 << 11),
+                "not the BSP"
+            );
+            let state = m.save_state();
+            (state.instructions, m.vcpus[1].get_tsc().unwrap(), m.now())
+        };
+        let (counts, ap_tsc, now) = run();
+        assert_eq!(counts[1], 6, "the AP's six instructions");
+        // Virtual time is every vCPU's instructions; the AP's TSC is on it.
+        assert_eq!(now, counts.iter().sum::<u64>());
+        assert_eq!(ap_tsc, now);
+        // It replays exactly.
+        assert_eq!(run(), (counts, ap_tsc, now));
+    }
+
+    /// Without SIPI an AP never runs; a machine whose vCPUs all wait or halt with
+    /// interrupts disabled is off.
+    #[test]
+    fn aps_without_sipi_stay_waiting_and_cli_hlt_powers_off() {
+        let mut m = flat32_machine(3, &[0xfa, 0xf4]);
+        let outcome = m.run().unwrap();
+        assert!(matches!(outcome, Outcome::PowerOff(_)), "{outcome:?}");
+        let state = m.save_state();
+        assert_eq!(state.instructions, [2, 0, 0]);
+        let sched = state.scheduler.clone().unwrap();
+        assert_eq!(
+            sched.vcpus,
+            [
+                VcpuRunState::Halted,
+                VcpuRunState::WaitForSipi,
+                VcpuRunState::WaitForSipi
+            ]
+        );
+        // The state restores, and one without the scheduler (an older esvm's) too.
+        let mut m2 = flat32_machine(3, &[0xfa, 0xf4]);
+        m2.restore_state(&state).unwrap();
+        assert_eq!(m2.vcpu_run_states(), sched.vcpus);
+        let mut old = state.clone();
+        old.scheduler = None;
+        m2.restore_state(&old).unwrap();
+        assert_eq!(m2.vcpu_run_states()[0], VcpuRunState::Running);
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("scheduler"));
+        let mut bad = state;
+        bad.scheduler.as_mut().unwrap().vcpus.pop();
+        assert!(m2.restore_state(&bad).is_err());
     }
 }

@@ -303,3 +303,21 @@ fn run_says_when_its_api_socket_is_ready() {
         "stderr: {err}"
     );
 }
+
+/// With more vCPUs than they start, the built-in guests run as before: their APs wait for a
+/// SIPI that never comes, and the instruction count is the boot vCPU's.
+#[test]
+fn builtin_guests_run_unchanged_with_waiting_aps() {
+    let one = esvm(&["run", "demo", "--", "iterations=2000"]);
+    let two = esvm(&["run", "--vcpus", "2", "demo", "--", "iterations=2000"]);
+    assert!(
+        one.status.success() && two.status.success(),
+        "{}",
+        stderr(&two)
+    );
+    assert_eq!(checksum_line(&stdout(&one)), checksum_line(&stdout(&two)));
+    // The same output but for the vCPU count the demo reports.
+    assert_eq!(stdout(&one), stdout(&two).replace("2 vCPU(s)", "1 vCPU(s)"));
+    let hello = esvm(&["run", "--vcpus", "4", "hello", "--", "exit=7"]);
+    assert_eq!(hello.status.code(), Some(7), "{}", stderr(&hello));
+}

@@ -1529,7 +1529,151 @@ fn a_multithreaded_workload_prints_the_native_digest_on_one_vcpu() {
 }
 
 #[test]
-#[ignore = "issue 13: needs vCPUs running in parallel (the SMP branch); switch on when it lands"]
 fn a_multithreaded_workload_prints_the_native_digest_on_two_vcpus() {
     mtload_matches_the_host(2);
+}
+
+/// Kernel log lines that say the vCPUs' TSCs or topology disagree.
+fn smp_complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("TSC synchronization")
+                || l.contains("unstable")
+                || l.contains("Firmware Bug")
+                || l.contains("topology")
+                || l.contains("APIC id mismatch")
+                || l.contains("not responding")
+                || l.contains("failed to boot")
+        })
+        .collect()
+}
+
+/// `--vcpus n`: the kernel starts every AP by INIT-SIPI-SIPI (its real-mode trampoline),
+/// sees them all, finds their TSCs in sync and its shell runs on all of them.
+#[test]
+fn linux_starts_and_sees_2_and_4_vcpus() {
+    let a = assets();
+    for n in [2, 4] {
+        let (mut p, mut stdin) = Proc::spawn_with_stdin(&[
+            "run",
+            "--vcpus",
+            &n.to_string(),
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+        ]);
+        p.wait_stdout("esvm-init: userland up (run=shell)", BOOT_TIMEOUT);
+        // Markers are split in the commands so that only the output contains them.
+        stdin
+            .write_all(
+                b"echo cp''us=$(nproc)/$(grep -c ^processor /proc/cpuinfo)/$(cat /sys/devices/system/cpu/online)';'\n",
+            )
+            .unwrap();
+        p.wait_stdout("cpus=", Duration::from_secs(60));
+        stdin.write_all(b"poweroff -f\n").unwrap();
+        let status = p.wait(Duration::from_secs(60));
+        let out = p.stdout();
+        assert_eq!(status, 0, "{}", p.stderr());
+        let expected = format!("cpus={n}/{n}/0-{};", n - 1);
+        assert!(out.contains(&expected), "no {expected}:\n{}", tail(&out));
+        let brought_up = format!("smp: Brought up 1 node, {n} CPUs");
+        assert!(out.contains(&brought_up), "{}", tail(&out));
+        assert_eq!(smp_complaints(&out), Vec::<&str>::new(), "{n} vCPUs");
+        assert_eq!(kernel_complaints(&out), Vec::<&str>::new(), "{n} vCPUs");
+    }
+}
+
+/// Two vCPUs taking turns replay exactly: the same console (timestamps included) and the
+/// same instruction count; the workload's digest is the native one.
+#[test]
+fn two_boots_with_2_vcpus_are_identical_and_compute_like_the_host() {
+    let a = assets();
+    let expected = native_workload(1);
+    let cl = cmdline("esvm.run=workload");
+    let args = [
+        "run",
+        "--vcpus",
+        "2",
+        "--kernel",
+        a.kernel.to_str().unwrap(),
+        "--initrd",
+        a.initrd.to_str().unwrap(),
+        "--cmdline",
+        &cl,
+        "--console",
+        "none",
+    ];
+    let run = || {
+        let out = Command::new(ESVM)
+            .args(args)
+            .env("ESVM_LOG", "esvm=info")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let count = err
+            .lines()
+            .find_map(|l| l.split("instructions=").nth(1))
+            .map(|n| n.trim().to_string())
+            .unwrap_or_else(|| panic!("no instruction count in stderr: {err}"));
+        (String::from_utf8_lossy(&out.stdout).into_owned(), count)
+    };
+    let (out1, n1) = run();
+    let (out2, n2) = run();
+    assert!(
+        out1.contains("smp: Brought up 1 node, 2 CPUs"),
+        "{}",
+        tail(&out1)
+    );
+    assert_eq!(workload_lines(&out1), expected, "{}", tail(&out1));
+    assert_eq!(n1, n2, "instruction counts differ");
+    assert!(out1 == out2, "console output differs");
+}
+
+/// A snapshot of a 2-vCPU guest mid-workload restores (both vCPUs, their run states and
+/// local APICs) and finishes the workload with the native digest.
+#[test]
+fn a_snapshot_of_a_2_vcpu_guest_mid_workload_restores_and_finishes_it() {
+    let a = assets();
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("snap-smp");
+    let sock = dir.join("api.sock");
+    let cl = cmdline(&format!(
+        "esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"
+    ));
+    let mut src = Proc::spawn(
+        None,
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cl,
+            "--console",
+            "none",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    let snap = dir.join("snapshot");
+    common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let at_snapshot = src.stdout();
+    assert!(
+        !at_snapshot.contains("workload digest="),
+        "the snapshot was not taken mid-workload; raise MOVE_SCALE"
+    );
+    assert!(at_snapshot.contains("smp: Brought up 1 node, 2 CPUs"));
+    src.kill();
+    let (mut dest, mut stdin) =
+        Proc::spawn_with_stdin(&["restore", snap.to_str().unwrap(), "--console", "stdin"]);
+    check_moved_guest(&at_snapshot, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
 }

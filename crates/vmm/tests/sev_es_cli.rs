@@ -259,3 +259,28 @@ fn the_local_apic_msrs_and_tsc_deadline_timer_work_plain_and_sev_es() {
     assert_eq!(fired[0].len(), 3, "{fired:?}");
     assert_eq!(fired[0], fired[1], "plain and SEV-ES timers differ");
 }
+
+/// An SEV-ES guest with several vCPUs runs on its boot vCPU (the APs stay parked: their
+/// start-up through the AP jump table is not there yet), and esvm says so.
+#[test]
+fn an_sev_es_guest_with_two_vcpus_runs_on_its_boot_vcpu_and_esvm_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let plat = platform(dir.path());
+    let o = esvm(&[
+        "run",
+        "--sev-es",
+        "--platform",
+        &plat,
+        "--vcpus",
+        "2",
+        "--",
+        "iterations=1000",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("checksum="), "{}", text(&o.stdout));
+    assert!(
+        text(&o.stderr).contains("SEV-ES guests run on the boot vCPU only"),
+        "{}",
+        text(&o.stderr)
+    );
+}

@@ -54,7 +54,10 @@ pub struct RunArgs {
     /// A multiple of 4 KiB, from 4 MiB to 3 GiB. Default 64M, or 256M with --kernel.
     #[arg(long, value_name = "SIZE", value_parser = parse_guest_mem)]
     pub mem: Option<u64>,
-    /// Number of vCPUs. The boot vCPU runs the guest; the others are created and parked.
+    /// Number of vCPUs. The boot vCPU starts the guest; the others (APs) wait for the guest
+    /// to start them by INIT-SIPI-SIPI (plain guests on emu), then all take turns on one
+    /// thread with a fixed instruction quantum, so a run replays exactly. SEV-ES guests and
+    /// KVM: the APs stay parked.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub vcpus: u32,
     /// Backend: 'emu' (the software vCPU, deterministic, the default) or 'kvm'.
