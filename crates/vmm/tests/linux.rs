@@ -396,12 +396,17 @@ fn linux_source_on(sock: &Path, sev_platform: Option<&Path>) -> Proc {
 
 /// A Linux guest with an API socket, its init told `init_args`.
 fn linux_guest_with(sock: &Path, sev_platform: Option<&Path>, init_args: &str) -> Proc {
-    let a = assets();
-    let cl = cmdline(init_args);
     let sev_args: Vec<&str> = match sev_platform {
         Some(p) => vec!["--sev-es", "--platform", p.to_str().unwrap()],
         None => vec![],
     };
+    linux_guest_args(sock, &sev_args, init_args)
+}
+
+/// A Linux guest with an API socket and `run` options `extra`, its init told `init_args`.
+fn linux_guest_args(sock: &Path, extra: &[&str], init_args: &str) -> Proc {
+    let a = assets();
+    let cl = cmdline(init_args);
     Proc::spawn(
         None,
         &[
@@ -418,7 +423,7 @@ fn linux_guest_with(sock: &Path, sev_platform: Option<&Path>, init_args: &str) -
                 "--api-socket",
                 sock.to_str().unwrap(),
             ],
-            &sev_args[..],
+            extra,
         ]
         .concat(),
     )
@@ -1636,31 +1641,10 @@ fn two_boots_with_2_vcpus_are_identical_and_compute_like_the_host() {
 /// local APICs) and finishes the workload with the native digest.
 #[test]
 fn a_snapshot_of_a_2_vcpu_guest_mid_workload_restores_and_finishes_it() {
-    let a = assets();
     let expected = native_workload(MOVE_SCALE);
     let dir = temp_dir("snap-smp");
     let sock = dir.join("api.sock");
-    let cl = cmdline(&format!(
-        "esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"
-    ));
-    let mut src = Proc::spawn(
-        None,
-        &[
-            "run",
-            "--vcpus",
-            "2",
-            "--kernel",
-            a.kernel.to_str().unwrap(),
-            "--initrd",
-            a.initrd.to_str().unwrap(),
-            "--cmdline",
-            &cl,
-            "--console",
-            "none",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-    );
+    let mut src = linux_smp_source(&sock, 2);
     common::wait_socket(&mut src, &sock);
     src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
     let snap = dir.join("snapshot");
@@ -1675,5 +1659,42 @@ fn a_snapshot_of_a_2_vcpu_guest_mid_workload_restores_and_finishes_it() {
     let (mut dest, mut stdin) =
         Proc::spawn_with_stdin(&["restore", snap.to_str().unwrap(), "--console", "stdin"]);
     check_moved_guest(&at_snapshot, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Linux source with `vcpus` vCPUs and an API socket, running the workload, then a shell.
+fn linux_smp_source(sock: &Path, vcpus: u32) -> Proc {
+    linux_guest_args(
+        sock,
+        &["--vcpus", &vcpus.to_string()],
+        &format!("esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"),
+    )
+}
+
+/// A 2-vCPU guest moved live mid-workload: both vCPUs' registers, run states and local
+/// APICs cross with the memory, and the destination finishes what the source started.
+#[test]
+fn a_live_migration_of_a_2_vcpu_guest_mid_workload_keeps_the_digest_and_the_shell() {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("migrate-smp");
+    let sock = dir.join("api.sock");
+    let (mut dest, mut stdin, port) = receiver(&[]);
+    let mut src = linux_smp_source(&sock, 2);
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    let url = format!("tcp:127.0.0.1:{port}");
+    common::ctl_ok(&sock, &["migrate", &url]);
+    assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
+    let before = src.stdout();
+    assert!(
+        !before.contains("workload digest="),
+        "the migration was not mid-workload; raise MOVE_SCALE"
+    );
+    assert!(
+        before.contains("smp: Brought up 1 node, 2 CPUs"),
+        "{}",
+        tail(&before)
+    );
+    check_moved_guest(&before, &mut dest, &mut stdin, &expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
