@@ -177,39 +177,42 @@ fn a_vmlinux_elf_boots_too() {
     );
 }
 
-#[test]
-fn two_boots_with_the_same_inputs_are_identical() {
+/// Boot to the end of the workload with `run` options `extra`: the console output and the
+/// instruction count esvm logs at the end.
+fn boot_counting_instructions(extra: &[&str]) -> (String, String) {
     let a = assets();
     let cl = cmdline("esvm.run=workload");
-    let args = [
-        "run",
-        "--kernel",
-        a.kernel.to_str().unwrap(),
-        "--initrd",
-        a.initrd.to_str().unwrap(),
-        "--cmdline",
-        &cl,
-        "--console",
-        "none",
-    ];
-    let run = || {
-        let out = Command::new(ESVM)
-            .args(args)
-            .env("ESVM_LOG", "esvm=info")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        let count = err
-            .lines()
-            .find_map(|l| l.split("instructions=").nth(1))
-            .map(|n| n.trim().to_string())
-            .unwrap_or_else(|| panic!("no instruction count in stderr: {err}"));
-        (String::from_utf8_lossy(&out.stdout).into_owned(), count)
-    };
-    let (out1, n1) = run();
-    let (out2, n2) = run();
+    let out = Command::new(ESVM)
+        .args([
+            "run",
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cl,
+            "--console",
+            "none",
+        ])
+        .args(extra)
+        .env("ESVM_LOG", "esvm=info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let count = err
+        .lines()
+        .find_map(|l| l.split("instructions=").nth(1))
+        .map(|n| n.trim().to_string())
+        .unwrap_or_else(|| panic!("no instruction count in stderr: {err}"));
+    (String::from_utf8_lossy(&out.stdout).into_owned(), count)
+}
+
+#[test]
+fn two_boots_with_the_same_inputs_are_identical() {
+    let (out1, n1) = boot_counting_instructions(&[]);
+    let (out2, n2) = boot_counting_instructions(&[]);
     assert_eq!(n1, n2, "instruction counts differ");
     // The console includes the kernel's timestamps (from the virtual TSC): byte-identical.
     assert!(out1 == out2, "console output differs");
@@ -1593,40 +1596,9 @@ fn linux_starts_and_sees_2_and_4_vcpus() {
 /// same instruction count; the workload's digest is the native one.
 #[test]
 fn two_boots_with_2_vcpus_are_identical_and_compute_like_the_host() {
-    let a = assets();
     let expected = native_workload(1);
-    let cl = cmdline("esvm.run=workload");
-    let args = [
-        "run",
-        "--vcpus",
-        "2",
-        "--kernel",
-        a.kernel.to_str().unwrap(),
-        "--initrd",
-        a.initrd.to_str().unwrap(),
-        "--cmdline",
-        &cl,
-        "--console",
-        "none",
-    ];
-    let run = || {
-        let out = Command::new(ESVM)
-            .args(args)
-            .env("ESVM_LOG", "esvm=info")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        let count = err
-            .lines()
-            .find_map(|l| l.split("instructions=").nth(1))
-            .map(|n| n.trim().to_string())
-            .unwrap_or_else(|| panic!("no instruction count in stderr: {err}"));
-        (String::from_utf8_lossy(&out.stdout).into_owned(), count)
-    };
-    let (out1, n1) = run();
-    let (out2, n2) = run();
+    let (out1, n1) = boot_counting_instructions(&["--vcpus", "2"]);
+    let (out2, n2) = boot_counting_instructions(&["--vcpus", "2"]);
     assert!(
         out1.contains("smp: Brought up 1 node, 2 CPUs"),
         "{}",
