@@ -115,6 +115,12 @@ pub struct CpuConfig {
     /// Seed of the vCPU's RDRAND/RDSEED generator (a deterministic SplitMix64 stream per
     /// vCPU, mixed with `vcpu_id`; its state travels in [`VcpuSnapshot::rdrand`]). Default 0.
     pub rdrand_seed: u64,
+    /// The [`PAUSES_PER_YIELD`]-th PAUSE of a [`Cpu::run`] call gives up the rest of its
+    /// budget: the call returns [`Exit::BudgetExhausted`] right after it. A VMM that
+    /// interleaves several vCPUs on one thread turns this on so that a spin-wait loop hands
+    /// the thread to the vCPU it waits for instead of spinning out its turn (in spirit
+    /// AMD's PAUSE filter). Default false.
+    pub pause_ends_budget: bool,
 }
 
 impl Default for CpuConfig {
@@ -127,6 +133,7 @@ impl Default for CpuConfig {
             vcpu_id: 0,
             sev_es: None,
             rdrand_seed: 0,
+            pause_ends_budget: false,
         }
     }
 }
@@ -154,7 +161,8 @@ pub enum Exit {
     RdMsr { index: u32 },
     /// Intercepted WRMSR. Not retired: call [`Cpu::complete_wrmsr`].
     WrMsr { index: u32, value: u64 },
-    /// The instruction budget of this [`Cpu::run`] call is used up.
+    /// The instruction budget of this [`Cpu::run`] call is used up, or a PAUSE gave it up
+    /// ([`CpuConfig::pause_ends_budget`]).
     BudgetExhausted,
     /// The kick flag ([`Cpu::kicker`]) was set.
     Interrupted,
@@ -378,6 +386,8 @@ pub struct Cpu {
     pub(crate) nmi_masked: bool,
     pub(crate) shadow: bool,
     pub(crate) halted: bool,
+    /// PAUSEs retired in this [`Cpu::run`] call ([`CpuConfig::pause_ends_budget`]).
+    pub(crate) pauses: u32,
 
     // ---- machinery ----
     pub(crate) cache: CodeCache,
@@ -399,9 +409,17 @@ pub struct Cpu {
 // `Send + Sync`; everything else is owned data. A `Cpu` is used by one thread at a time.
 unsafe impl Send for Cpu {}
 
-/// `Cpu::kick` bits: stop with [`Exit::Interrupted`]; SEV-ES page conversion elsewhere.
+/// `Cpu::kick` bits: stop with [`Exit::Interrupted`]; SEV-ES page conversion elsewhere; a
+/// PAUSE gave up the budget (set by the vCPU itself, so block chaining stops after it).
 pub(crate) const KICK_STOP: u8 = 1;
 pub(crate) const KICK_SEV: u8 = 2;
+pub(crate) const KICK_PAUSE: u8 = 4;
+
+/// With [`CpuConfig::pause_ends_budget`], the PAUSEs of one [`Cpu::run`] call after which
+/// the budget ends: a loop that keeps spinning is waiting for another vCPU, while a short
+/// back-off (a lock taken after a few tries) is not worth a switch, which costs the VMM
+/// far more than a few guest instructions.
+pub const PAUSES_PER_YIELD: u32 = 16;
 
 /// Handle to make a running [`Cpu`] return [`Exit::Interrupted`] at its next block boundary.
 #[derive(Debug, Clone)]
@@ -464,6 +482,7 @@ impl Cpu {
             nmi_masked: false,
             shadow: false,
             halted: false,
+            pauses: 0,
             cache: CodeCache::new(),
             sev: sev::SevCpu::new(&config, &mem),
             mem,
@@ -923,6 +942,7 @@ impl Cpu {
             }
         }
         let limit = self.retired.saturating_add(budget);
+        self.pauses = 0;
         loop {
             if self.kick.load(Ordering::Relaxed) != 0 {
                 let k = self.kick.swap(0, Ordering::Acquire);
@@ -931,6 +951,9 @@ impl Cpu {
                 }
                 if k & KICK_STOP != 0 {
                     return Exit::Interrupted;
+                }
+                if k & KICK_PAUSE != 0 {
+                    return Exit::BudgetExhausted;
                 }
             }
             // An instruction whose exit was just completed runs first, before any event

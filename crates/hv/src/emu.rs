@@ -146,6 +146,7 @@ impl EmuVm {
             cpuid: self.config.cpuid.clone().for_vcpu(id),
             cpuid_intercepts: self.config.cpuid_intercepts.clone(),
             msr_intercepts: self.config.msr_intercepts.clone(),
+            pause_ends_budget: self.config.pause_ends_budget,
             vcpu_id: id,
             sev_es: (self.config.vm_type == VmType::SevEs).then_some(SevEsConfig {
                 c_bit: sev::C_BIT,

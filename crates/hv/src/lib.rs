@@ -74,6 +74,11 @@ pub struct VmConfig {
     pub cpuid_intercepts: Vec<u32>,
     /// MSR indices whose RDMSR/WRMSR exit to the VMM.
     pub msr_intercepts: Vec<u32>,
+    /// Software backend: a vCPU that keeps executing PAUSE (16 in one run,
+    /// `esvm_cpu::PAUSES_PER_YIELD`) ends the run with [`VmExit::BudgetExhausted`] before the
+    /// instruction budget is used up, so a VMM that interleaves vCPUs on one thread can give
+    /// the turn of a spin-waiting vCPU to another (KVM has its own pause-loop exiting).
+    pub pause_ends_budget: bool,
 }
 
 impl VmConfig {
@@ -85,6 +90,7 @@ impl VmConfig {
             cpuid: esvm_arch::cpuid::CpuidTable::esvm_default(),
             cpuid_intercepts: Vec::new(),
             msr_intercepts: Vec::new(),
+            pause_ends_budget: false,
         }
     }
 }
@@ -122,7 +128,8 @@ pub enum VmExit<'a> {
         value: u64,
         fault: &'a mut bool,
     },
-    /// The instruction budget set by [`Vcpu::set_instruction_budget`] ran out.
+    /// The instruction budget set by [`Vcpu::set_instruction_budget`] ran out, or PAUSEs
+    /// gave it up ([`VmConfig::pause_ends_budget`]).
     BudgetExhausted,
     /// An SEV-ES guest asked to be terminated (GHCB termination request), reported an event
     /// it cannot handle, or broke the GHCB protocol; `reason` says which and why.

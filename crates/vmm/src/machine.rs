@@ -209,6 +209,9 @@ pub struct Machine {
     /// The vCPU whose turn it is, and the instructions left in the turn.
     current: usize,
     slot_left: u64,
+    /// The last exit was `BudgetExhausted` (with fewer instructions than the budget: PAUSEs
+    /// gave it up, [`VmConfig::pause_ends_budget`]).
+    budget_ended: bool,
     /// Per vCPU (virtual time only, while the run loop runs): its TSC minus virtual time.
     /// A vCPU's TSC is brought to `now + offset` when its turn starts, so every vCPU's TSC
     /// follows the one clock (the guest's own TSC writes are kept as the offset). None
@@ -352,6 +355,8 @@ impl Machine {
             if smp {
                 // One package of N cores, APIC ID = vCPU index; the TSCs run on one clock.
                 vm_config.cpuid = vm_config.cpuid.clone().with_topology(config.vcpus);
+                // A spin-waiting vCPU (PAUSE) gives its turn to the others at once.
+                vm_config.pause_ends_budget = true;
             }
         }
         let vm = esvm_hv::open(config.backend)?.create_vm(&vm_config)?;
@@ -416,6 +421,7 @@ impl Machine {
             run_state,
             current: 0,
             slot_left: 0,
+            budget_ended: false,
             tsc_offsets: None,
             ipis_seen: 0,
         })
@@ -708,6 +714,11 @@ impl Machine {
                 .unwrap_or(0)
                 .saturating_sub(before);
             self.slot_left = self.slot_left.saturating_sub(ran);
+            if self.budget_ended && ran < slice {
+                // The budget ended early: PAUSEs gave it up (spin-waiting). The turn ends
+                // so that the vCPU it waits for runs.
+                self.slot_left = 0;
+            }
             if virtual_time {
                 let now = self.now();
                 let tsc = self.vcpus[cpu].get_tsc()?;
@@ -898,6 +909,7 @@ impl Machine {
         let mut x2apic_write = None;
         let mut apic_base_write = None;
         let exit = self.vcpus[cpu].run()?;
+        self.budget_ended = matches!(exit, VmExit::BudgetExhausted);
         let answer_needed = matches!(
             exit,
             VmExit::IoIn { .. }

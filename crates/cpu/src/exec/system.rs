@@ -548,8 +548,16 @@ fn hlt(c: &mut Cpu, _d: &Insn) -> R {
 }
 
 /// PAUSE: a NOP that ends its block (so spin-wait loops see kicks at every iteration) but
-/// not the run of blocks.
-fn pause(_c: &mut Cpu, _d: &Insn) -> R {
+/// not the run of blocks, unless the VMM asked PAUSE to end the budget
+/// ([`crate::CpuConfig::pause_ends_budget`]): then it raises its own attention flag.
+fn pause(c: &mut Cpu, _d: &Insn) -> R {
+    if c.config.pause_ends_budget {
+        c.pauses += 1;
+        if c.pauses >= crate::PAUSES_PER_YIELD {
+            c.kick
+                .fetch_or(crate::KICK_PAUSE, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     Ok(())
 }
 
