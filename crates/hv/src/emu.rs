@@ -456,23 +456,30 @@ impl EmuVcpu {
                 }
             }
             // The same exits a plain vCPU's intercepted RDMSR/WRMSR give the VMM.
-            VmmIo::RdMsr { index } => {
-                self.msr_value = 0;
-                self.msr_fault = false;
-                VmExit::RdMsr {
-                    index,
-                    value: &mut self.msr_value,
-                    fault: &mut self.msr_fault,
-                }
-            }
-            VmmIo::WrMsr { index, value } => {
-                self.msr_fault = false;
-                VmExit::WrMsr {
-                    index,
-                    value,
-                    fault: &mut self.msr_fault,
-                }
-            }
+            VmmIo::RdMsr { index } => self.rdmsr_exit(index),
+            VmmIo::WrMsr { index, value } => self.wrmsr_exit(index, value),
+        }
+    }
+
+    /// The RDMSR exit the VMM answers in `msr_value`/`msr_fault` (a plain vCPU's intercepted
+    /// RDMSR, or one an SEV-ES guest forwarded through the GHCB).
+    fn rdmsr_exit(&mut self, index: u32) -> VmExit<'_> {
+        self.msr_value = 0;
+        self.msr_fault = false;
+        VmExit::RdMsr {
+            index,
+            value: &mut self.msr_value,
+            fault: &mut self.msr_fault,
+        }
+    }
+
+    /// The WRMSR exit the VMM refuses through `msr_fault` (plain or forwarded, as above).
+    fn wrmsr_exit(&mut self, index: u32, value: u64) -> VmExit<'_> {
+        self.msr_fault = false;
+        VmExit::WrMsr {
+            index,
+            value,
+            fault: &mut self.msr_fault,
         }
     }
 
@@ -646,22 +653,11 @@ impl EmuVcpu {
             }
             Exit::RdMsr { index } => {
                 self.awaiting = Awaiting::RdMsr;
-                self.msr_value = 0;
-                self.msr_fault = false;
-                VmExit::RdMsr {
-                    index,
-                    value: &mut self.msr_value,
-                    fault: &mut self.msr_fault,
-                }
+                self.rdmsr_exit(index)
             }
             Exit::WrMsr { index, value } => {
                 self.awaiting = Awaiting::WrMsr;
-                self.msr_fault = false;
-                VmExit::WrMsr {
-                    index,
-                    value,
-                    fault: &mut self.msr_fault,
-                }
+                self.wrmsr_exit(index, value)
             }
             Exit::BudgetExhausted => VmExit::BudgetExhausted,
             Exit::Interrupted => VmExit::Interrupted,
