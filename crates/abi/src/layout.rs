@@ -17,7 +17,8 @@
 //! | `0x0000_2000-0x0000_2fff` | 4 KiB | esvm | boot-info block ([`BOOT_INFO_ADDR`]); RDI at entry |
 //! | `0x0000_3000-0x0000_3fff` | 4 KiB | esvm | argument string ([`ARGS_ADDR`], at most [`ARGS_MAX`] bytes) |
 //! | `0x0000_4000-0x0000_4fff` | 4 KiB | both | SEV launch secret ([`SECRET_ADDR`], LAUNCH_UPDATE_SECRET) |
-//! | `0x0000_5000-0x0000_6fff` | 8 KiB | — | free |
+//! | `0x0000_5000-0x0000_5fff` | 4 KiB | both | SEV-ES AP start stub ([`AP_STUB_ADDR`]; >1 vCPU) |
+//! | `0x0000_6000-0x0000_6fff` | 4 KiB | both | SEV-ES AP jump table ([`AP_JUMP_TABLE_ADDR`]) |
 //! | `0x0000_7000-0x0000_7fff` | 4 KiB | Linux | zero page, `struct boot_params` ([`ZERO_PAGE_ADDR`]) |
 //! | `0x0000_8000-0x0000_ffff` | 32 KiB | Linux | kernel command line ([`CMDLINE_ADDR`]) |
 //! | `0x0001_0000-0x0007_ffff` | 448 KiB | both | boot page tables, PML4 first = CR3 ([`PAGE_TABLES_ADDR`]) |
@@ -69,6 +70,21 @@ pub const ARGS_MAX: usize = PAGE_SIZE as usize - 1;
 pub const SECRET_ADDR: u64 = 0x4000;
 /// Size of the secret page.
 pub const SECRET_SIZE: u64 = PAGE_SIZE;
+
+/// SEV-ES with more than one vCPU: the AP start stub (`esvm_loader::ap_stub`), real-mode
+/// code in which the APs park in the GHCB AP reset hold until a SIPI releases them; each
+/// AP's initial VMSA starts here (CS base = this address, IP 0). Below 1 MiB so it runs in
+/// real mode, page-aligned, encrypted and measured at launch, reported reserved in a Linux
+/// guest's e820 map.
+pub const AP_STUB_ADDR: u64 = 0x5000;
+/// Size of the stub's code page.
+pub const AP_STUB_SIZE: u64 = PAGE_SIZE;
+/// SEV-ES: the AP jump table, the page the hypervisor reports for AP_JUMP_TABLE GET (as if
+/// firmware had registered it with SET); the guest writes the real-mode far pointer (IP at
+/// offset 0, CS at 2) of its AP entry here, and a released AP jumps there. Zero at launch.
+pub const AP_JUMP_TABLE_ADDR: u64 = 0x6000;
+/// Size of the jump table page.
+pub const AP_JUMP_TABLE_SIZE: u64 = PAGE_SIZE;
 
 /// Linux: the zero page (`struct boot_params`, 4 KiB), RSI at the 64-bit entry. 0x7000 as
 /// in Firecracker and Cloud Hypervisor; free in the esvm convention.
@@ -244,7 +260,7 @@ const fn region(name: &'static str, start: u64, size: u64, boot: Boot) -> Region
 
 /// Every fixed region, sorted by start address. Areas without fixed contents (free RAM,
 /// the ELF image, the MMIO hole as a whole) are described by the constants only.
-pub const MAP: [Region; 17] = [
+pub const MAP: [Region; 19] = [
     region(
         "real-mode IVT and BDA",
         REAL_MODE_IVT_ADDR,
@@ -255,6 +271,18 @@ pub const MAP: [Region; 17] = [
     region("boot info", BOOT_INFO_ADDR, PAGE_SIZE, Boot::Esvm),
     region("arguments", ARGS_ADDR, PAGE_SIZE, Boot::Esvm),
     region("SEV launch secret", SECRET_ADDR, SECRET_SIZE, Boot::Both),
+    region(
+        "SEV-ES AP start stub",
+        AP_STUB_ADDR,
+        AP_STUB_SIZE,
+        Boot::Both,
+    ),
+    region(
+        "SEV-ES AP jump table",
+        AP_JUMP_TABLE_ADDR,
+        AP_JUMP_TABLE_SIZE,
+        Boot::Both,
+    ),
     region("zero page", ZERO_PAGE_ADDR, ZERO_PAGE_SIZE, Boot::Linux),
     region("command line", CMDLINE_ADDR, CMDLINE_SIZE, Boot::Linux),
     region(

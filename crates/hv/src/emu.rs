@@ -227,7 +227,8 @@ enum SevStep {
     Io(VmmIo),
     Cpu(Exit),
     Terminated(String),
-    Hlt,
+    /// In AP reset hold: waits for a SIPI ([`SevVcpu::deliver_sipi`]).
+    ApResetHold,
     Budget,
 }
 
@@ -365,7 +366,7 @@ impl EmuVcpu {
             SevStep::Io(io) => self.vmm_io_exit(io),
             SevStep::Cpu(exit) => return self.map_exit(exit),
             SevStep::Terminated(reason) => VmExit::Terminated { reason },
-            SevStep::Hlt => VmExit::Hlt,
+            SevStep::ApResetHold => VmExit::ApResetHold,
             SevStep::Budget => VmExit::BudgetExhausted,
         })
     }
@@ -379,6 +380,15 @@ impl EmuVcpu {
             // Writes a completed VMGEXIT made to devices go to the VMM first, in order.
             if let Some(io) = self.sev.as_mut().and_then(|s| s.outbox.pop_front()) {
                 return Ok(SevStep::Io(io));
+            }
+            // A vCPU in AP reset hold does not run until a SIPI releases it (as KVM blocks
+            // it): neither interrupts nor another run wake it.
+            if self
+                .sev
+                .as_ref()
+                .is_some_and(|s| s.ghcb.ap_reset_hold.is_some())
+            {
+                return Ok(SevStep::ApResetHold);
             }
             if let Some(msr) = self.sev.as_ref().and_then(|s| s.in_flight) {
                 if let Some(step) = self.advance_vmgexit(msr)? {
@@ -558,7 +568,7 @@ impl EmuVcpu {
             }
             VmgexitOutcome::Msr(MsrProtocolOutcome::ApResetHold { msr }) => {
                 self.cpu.set_ghcb_msr(msr);
-                Ok(Some(SevStep::Hlt))
+                Ok(Some(SevStep::ApResetHold))
             }
             VmgexitOutcome::Msr(MsrProtocolOutcome::Terminate {
                 reason_set,
@@ -587,7 +597,7 @@ impl EmuVcpu {
                 }
                 Ok(None)
             }
-            VmgexitOutcome::Ghcb(GhcbOutcome::ApResetHold) => Ok(Some(SevStep::Hlt)),
+            VmgexitOutcome::Ghcb(GhcbOutcome::ApResetHold) => Ok(Some(SevStep::ApResetHold)),
             VmgexitOutcome::Ghcb(GhcbOutcome::Terminate {
                 reason_set,
                 reason_code,

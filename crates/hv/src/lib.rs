@@ -108,6 +108,11 @@ pub enum VmExit<'a> {
     MmioWrite { addr: u64, data: &'a [u8] },
     /// HLT with interrupts disabled or nothing pending: the VMM decides when to resume.
     Hlt,
+    /// SEV-ES: the vCPU parked itself in AP reset hold (GHCB MSR protocol AP_RESET_HOLD or
+    /// the AP_HLT_LOOP event). Unlike HLT no interrupt wakes it: only a SIPI does, through
+    /// [`sev::SevVcpu::deliver_sipi`]; until then every run returns this exit again without
+    /// running the guest.
+    ApResetHold,
     /// Triple fault (or a shutdown-class failure); `reason` says what happened.
     Shutdown { reason: String },
     /// An intercepted CPUID leaf: fill `result` (eax, ebx, ecx, edx).

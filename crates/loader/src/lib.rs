@@ -19,6 +19,7 @@
 //! compiles too.
 
 pub mod acpi;
+pub mod ap_stub;
 pub mod elf;
 pub mod linux;
 

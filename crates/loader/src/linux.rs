@@ -132,6 +132,9 @@ pub struct LinuxBoot {
     pub cmdline: (u64, u64),
     /// Guest-physical range of the ACPI tables, if any were placed.
     pub acpi: Option<(u64, u64)>,
+    /// Guest-physical range of the SEV-ES AP start stub and its jump table
+    /// ([`crate::ap_stub`]), if placed.
+    pub ap_stub: Option<(u64, u64)>,
 }
 
 impl LinuxBoot {
@@ -150,6 +153,7 @@ impl LinuxBoot {
         ];
         ranges.extend(self.initrd);
         ranges.extend(self.acpi);
+        ranges.extend(self.ap_stub);
         let mut ranges: Vec<(u64, u64)> = ranges
             .into_iter()
             .map(|(s, e)| (page(s), page_end(e)))
@@ -235,6 +239,20 @@ pub fn load_linux_with_acpi<M: GuestMemoryBackend>(
     image: &LinuxImage<'_>,
     c_bit: Option<u8>,
     acpi_vcpus: Option<u32>,
+) -> Result<LinuxBoot, LinuxLoadError> {
+    load_linux_with_ap_stub(mem, image, c_bit, acpi_vcpus, false)
+}
+
+/// [`load_linux_with_acpi`], and with `ap_stub` also the SEV-ES AP start stub and its (zero)
+/// jump table ([`crate::ap_stub`], for an SEV-ES guest with several vCPUs), reported
+/// reserved in the e820 map so that the kernel leaves them alone (and maps the jump table
+/// with `ioremap_encrypted`, which refuses RAM).
+pub fn load_linux_with_ap_stub<M: GuestMemoryBackend>(
+    mem: &M,
+    image: &LinuxImage<'_>,
+    c_bit: Option<u8>,
+    acpi_vcpus: Option<u32>,
+    ap_stub: bool,
 ) -> Result<LinuxBoot, LinuxLoadError> {
     let ram_end = ram_below_first_hole(mem);
     let path = image.name.to_string();
@@ -396,6 +414,14 @@ pub fn load_linux_with_acpi<M: GuestMemoryBackend>(
         write(layout::ACPI_ADDR, &tables)?;
         acpi = Some((layout::ACPI_ADDR, layout::ACPI_ADDR + tables.len() as u64));
     }
+    let mut stub = None;
+    if ap_stub {
+        let (start, len) = crate::ap_stub::range();
+        let mut bytes = crate::ap_stub::page();
+        bytes.resize(len as usize, 0);
+        write(start, &bytes)?;
+        stub = Some((start, start + len));
+    }
     let mut zero_page = boot_params {
         hdr,
         ..Default::default()
@@ -408,6 +434,19 @@ pub fn load_linux_with_acpi<M: GuestMemoryBackend>(
         // The tables' pages, between the EBDA's reserved entry and the BIOS area's.
         let at = e820.partition_point(|&(addr, _, _)| addr < start);
         e820.insert(at, (start, (end - start + 0xfff) & !0xfff, E820_ACPI));
+    }
+    if let Some((start, end)) = stub {
+        // Cut out of the first RAM entry, which holds it.
+        let (ram_start, ram_len, _) = e820[0];
+        debug_assert!(ram_start <= start && end <= ram_start + ram_len);
+        e820.splice(
+            0..1,
+            [
+                (ram_start, start - ram_start, E820_RAM),
+                (start, end - start, E820_RESERVED),
+                (end, ram_start + ram_len - end, E820_RAM),
+            ],
+        );
     }
     for (slot, (addr, size, kind)) in zero_page.e820_table.iter_mut().zip(&e820) {
         *slot = boot_e820_entry {
@@ -453,6 +492,7 @@ pub fn load_linux_with_acpi<M: GuestMemoryBackend>(
         initrd,
         e820,
         acpi,
+        ap_stub: stub,
     })
 }
 
@@ -578,6 +618,47 @@ mod tests {
         assert_eq!({ zp.acpi_rsdp_addr }, 0);
         assert_eq!(boot.acpi, None);
         assert_eq!({ zp.e820_entries }, 4);
+    }
+
+    /// SEV-ES with several vCPUs: the AP stub and its zero jump table are written, measured
+    /// (written pages) and reserved in e820, cut out of low RAM; without it low RAM is whole.
+    #[test]
+    fn the_ap_stub_is_written_measured_and_reserved_in_e820() {
+        let m = mem(128 << 20);
+        let k = bzimage(0x020f, 0x7f, 8 << 20, &[0x90; 8192]);
+        let boot =
+            load_linux_with_ap_stub(&m, &image(&k, None, ""), Some(47), Some(2), true).unwrap();
+        let (start, len) = crate::ap_stub::range();
+        assert_eq!(boot.ap_stub, Some((start, start + len)));
+        let mut code = vec![0u8; crate::ap_stub::code().len()];
+        m.read_slice(&mut code, GuestAddress(start)).unwrap();
+        assert_eq!(code, crate::ap_stub::code());
+        let table: u32 = m
+            .read_obj(GuestAddress(esvm_arch::layout::AP_JUMP_TABLE_ADDR))
+            .unwrap();
+        assert_eq!(table, 0, "the jump table starts empty");
+        assert!(boot
+            .written_pages()
+            .iter()
+            .any(|&(s, l)| s <= start && start + len <= s + l));
+        let zp: boot_params = m.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
+        let e820: Vec<(u64, u64, u32)> = zp.e820_table[..zp.e820_entries as usize]
+            .iter()
+            .map(|e| ({ e.addr }, { e.size }, { e.r#type }))
+            .collect();
+        assert_eq!(
+            e820[..3],
+            [
+                (0, start, E820_RAM),
+                (start, len, E820_RESERVED),
+                (start + len, layout::LOW_RAM_END - start - len, E820_RAM),
+            ]
+        );
+        assert_eq!(e820, boot.e820);
+        let m = mem(128 << 20);
+        let boot = load_linux_with_acpi(&m, &image(&k, None, ""), Some(47), Some(2)).unwrap();
+        assert_eq!(boot.ap_stub, None);
+        assert_eq!(boot.e820[0], (0, layout::LOW_RAM_END, E820_RAM));
     }
 
     #[test]

@@ -71,7 +71,8 @@ pub struct MachineConfig {
     /// Guest RAM in bytes (a multiple of 4 KiB).
     pub mem_size: u64,
     /// vCPUs. The boot vCPU (0) runs the guest; the others (APs) wait for INIT-SIPI-SIPI
-    /// (plain guests on the emu backend) or stay parked (SEV-ES, KVM).
+    /// (plain guests on the emu backend), park in the AP start stub until a SIPI releases
+    /// them (SEV-ES, `esvm_loader::ap_stub`) or stay parked (KVM).
     pub vcpus: u32,
     /// Stop after this many retired instructions (emu backend only).
     pub max_instructions: Option<u64>,
@@ -154,6 +155,9 @@ pub enum VcpuRunState {
     Halted,
     /// After reset or INIT: waits for a start-up IPI, runs nothing.
     WaitForSipi,
+    /// SEV-ES: parked itself in the GHCB AP reset hold (the AP start stub); no interrupt
+    /// wakes it, a SIPI releases it (`SevVcpu::deliver_sipi`) and it runs on in its own code.
+    ApResetHold,
 }
 
 /// The one-thread scheduler's state: every vCPU's run state and the turn in progress.
@@ -201,8 +205,8 @@ pub struct Machine {
     /// The VMM models the local APIC and I/O APIC (the software vCPU; KVM has its own
     /// in-kernel irqchip) and places ACPI tables for Linux.
     apic: bool,
-    /// The APs start by INIT-SIPI-SIPI and take turns with the boot vCPU (plain guests on
-    /// the emu backend); otherwise they stay parked.
+    /// The APs start (plain: INIT-SIPI-SIPI; SEV-ES: released from the AP stub by a SIPI)
+    /// and take turns with the boot vCPU (the emu backend); otherwise they stay parked.
     smp: bool,
     /// Per vCPU: where it stands.
     run_state: Vec<VcpuRunState>,
@@ -249,6 +253,19 @@ fn sev_of(vm: &dyn Vm) -> Result<&dyn SevVm, MachineError> {
 fn vcpu_sev(vcpu: &dyn Vcpu, backend: BackendKind) -> Result<&dyn SevVcpu, MachineError> {
     vcpu.sev()
         .ok_or(MachineError::Hv(HvError::NoSevSupport { backend }))
+}
+
+/// Where the vCPUs of a fresh machine stand: the boot vCPU runs; the APs wait for SIPI, or
+/// with `sev_aps` (SEV-ES, several vCPUs) run too: they park themselves in the AP stub.
+fn initial_run_states(vcpus: usize, sev_aps: bool) -> Vec<VcpuRunState> {
+    let ap = if sev_aps {
+        VcpuRunState::Running
+    } else {
+        VcpuRunState::WaitForSipi
+    };
+    let mut states = vec![ap; vcpus];
+    states[0] = VcpuRunState::Running;
+    states
 }
 
 /// Slice of virtual time a vCPU runs at most before the loop looks at devices again, when no
@@ -331,7 +348,7 @@ impl Machine {
         let mut vm_config = VmConfig::plain(config.mem_size, config.vcpus);
         vm_config.vm_type = config.vm_type;
         let apic = config.backend == BackendKind::Emu;
-        let smp = apic && config.vm_type == VmType::Plain && config.vcpus > 1;
+        let smp = apic && config.vcpus > 1;
         if apic {
             // The software vCPU's local APIC is the VMM's (`esvm_devices::lapic`). A plain
             // vCPU reaches the x2APIC and TSC-deadline MSRs through MSR exits; a protected
@@ -364,23 +381,22 @@ impl Machine {
         for id in 0..config.vcpus {
             vcpus.push(vm.create_vcpu(id)?);
         }
-        let mut run_state = vec![VcpuRunState::WaitForSipi; vcpus.len()];
-        run_state[0] = VcpuRunState::Running;
+        let run_state = initial_run_states(vcpus.len(), smp && config.vm_type == VmType::SevEs);
         if smp {
-            // An AP's power-on state: real mode at the reset vector, its APIC enabled without
-            // the BSP flag; it waits for INIT-SIPI-SIPI.
             for ap in vcpus.iter_mut().skip(1) {
-                let mut s = VcpuSnapshot::reset();
-                s.sregs.apic_base = layout::LAPIC_ADDR | (1 << 11);
+                let s = if config.vm_type == VmType::SevEs {
+                    // Real mode at the first byte of the AP start stub, where it parks in the
+                    // AP reset hold; this is its initial (measured) VMSA.
+                    esvm_loader::ap_stub::ap_initial_state()
+                } else {
+                    // An AP's power-on state: real mode at the reset vector, its APIC enabled
+                    // without the BSP flag; it waits for INIT-SIPI-SIPI.
+                    let mut s = VcpuSnapshot::reset();
+                    s.sregs.apic_base = layout::LAPIC_ADDR | (1 << 11);
+                    s
+                };
                 ap.restore(&s)?;
             }
-        } else if config.vcpus > 1 && config.vm_type == VmType::SevEs {
-            tracing::warn!(
-                vcpus = config.vcpus,
-                "SEV-ES guests run on the boot vCPU only for now: the APs stay parked and the \
-                 ACPI tables describe one CPU (AP start-up through the AP jump table is not \
-                 there yet)"
-            );
         }
         let clock = match config.backend {
             BackendKind::Emu => Clock::Virtual { idle_ns: 0 },
@@ -514,10 +530,25 @@ impl Machine {
             },
             sev_es.then_some(esvm_hv::sev::C_BIT),
         )?;
+        if self.sev_aps() {
+            // The AP start stub, inside the measured low memory (`measured_regions`).
+            let (start, len) = esvm_loader::ap_stub::range();
+            let mut page = esvm_loader::ap_stub::page();
+            page.resize(len as usize, 0);
+            self.vm
+                .memory()
+                .write(start, &page)
+                .map_err(HvError::from)?;
+        }
         let bsp = &mut self.vcpus[0];
         bsp.set_sregs(&boot.sregs)?;
         bsp.set_regs(&boot.regs)?;
         Ok(boot)
+    }
+
+    /// SEV-ES with several vCPUs: the APs start in the AP start stub.
+    fn sev_aps(&self) -> bool {
+        self.smp && self.config.vm_type == VmType::SevEs
     }
 
     /// Load a Linux kernel (bzImage or vmlinux), its initrd and command line by the Linux
@@ -529,12 +560,17 @@ impl Machine {
         // SEV-ES: C-bit page tables, all memory private until the kernel shares pages.
         let c_bit = (self.vm.vm_type() == VmType::SevEs).then_some(esvm_hv::sev::C_BIT);
         // ACPI tables describe the VMM's interrupt controllers: only where the VMM models
-        // them. Every vCPU where the APs start by INIT-SIPI; else the boot vCPU only (the
-        // APs of an SEV-ES guest stay parked: their start-up is not there yet).
+        // them. Every vCPU where the APs start (INIT-SIPI, or for SEV-ES the AP stub and
+        // jump table); else the boot vCPU only.
         let described = if self.smp { self.vcpus.len() as u32 } else { 1 };
         let acpi = self.apic.then_some(described);
-        let boot =
-            esvm_loader::linux::load_linux_with_acpi(self.vm.memory().mmap(), image, c_bit, acpi)?;
+        let boot = esvm_loader::linux::load_linux_with_ap_stub(
+            self.vm.memory().mmap(),
+            image,
+            c_bit,
+            acpi,
+            self.sev_aps(),
+        )?;
         // What firmware leaves for an OS: MTRRs enabled, all memory write-back (Linux 6.1
         // turns PAT off without enabled MTRRs, and an SEV-ES kernel needs PAT).
         for vcpu in &mut self.vcpus {
@@ -749,27 +785,47 @@ impl Machine {
                 continue;
             }
             for signal in self.devices.take_ap_signals_of(i) {
-                if !self.smp {
-                    // Parked APs (SEV-ES): their start-up is not there yet.
-                    continue;
-                }
-                match signal {
-                    ApSignal::Init => {
-                        self.init_vcpu(i)?;
-                        self.run_state[i] = VcpuRunState::WaitForSipi;
-                        if i == cpu {
-                            self.slot_left = 0;
-                        }
-                    }
-                    ApSignal::Sipi(vector) if self.run_state[i] == VcpuRunState::WaitForSipi => {
-                        self.start_vcpu(i, vector)?;
-                        self.run_state[i] = VcpuRunState::Running;
-                    }
-                    // A SIPI to a vCPU that is not waiting for one is ignored, as on
-                    // hardware (Linux sends two).
-                    ApSignal::Sipi(_) => {}
+                self.apply_ap_signal(i, signal)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// INIT or SIPI for vCPU `i` (not in the middle of an exit). A plain vCPU: INIT resets it
+    /// to wait for SIPI (ending its turn if it has it), a SIPI starts a waiting one at the
+    /// vector. A protected (SEV-ES) vCPU: INIT is ignored (the hypervisor cannot reset its
+    /// encrypted registers), a SIPI releases it from the AP reset hold if it is held. A SIPI
+    /// to a vCPU that is not waiting for one is ignored, as on hardware (Linux sends two).
+    /// Machines whose APs stay parked (KVM) ignore both.
+    fn apply_ap_signal(&mut self, i: usize, signal: ApSignal) -> Result<(), MachineError> {
+        if !self.smp {
+            return Ok(());
+        }
+        if self.vcpus[i].is_protected() {
+            if let ApSignal::Sipi(_) = signal {
+                let backend = self.config.backend;
+                let vcpu = self.vcpus[i]
+                    .sev_mut()
+                    .ok_or(MachineError::Hv(HvError::NoSevSupport { backend }))?;
+                if vcpu.deliver_sipi()? {
+                    self.run_state[i] = VcpuRunState::Running;
                 }
             }
+            return Ok(());
+        }
+        match signal {
+            ApSignal::Init => {
+                self.init_vcpu(i)?;
+                self.run_state[i] = VcpuRunState::WaitForSipi;
+                if i == self.current {
+                    self.slot_left = 0;
+                }
+            }
+            ApSignal::Sipi(vector) if self.run_state[i] == VcpuRunState::WaitForSipi => {
+                self.start_vcpu(i, vector)?;
+                self.run_state[i] = VcpuRunState::Running;
+            }
+            ApSignal::Sipi(_) => {}
         }
         Ok(())
     }
@@ -1001,6 +1057,10 @@ impl Machine {
             }
             VmExit::BudgetExhausted | VmExit::Interrupted => {}
             VmExit::Hlt => self.on_halt(cpu)?,
+            VmExit::ApResetHold => {
+                self.run_state[cpu] = VcpuRunState::ApResetHold;
+                self.slot_left = 0;
+            }
         }
         if let Some(value) = tsc_deadline {
             // The write retired: the guest TSC and virtual time are those after it.
@@ -1296,8 +1356,7 @@ impl Machine {
                 self.slot_left = sched.slot_left;
             }
             None => {
-                self.run_state = vec![VcpuRunState::WaitForSipi; self.vcpus.len()];
-                self.run_state[0] = VcpuRunState::Running;
+                self.run_state = initial_run_states(self.vcpus.len(), self.sev_aps());
                 self.current = 0;
                 self.slot_left = 0;
             }

@@ -195,7 +195,22 @@ pub fn start(
     machine
         .launch_update_vmsas(&mut launcher)
         .map_err(SevLaunchError::Machine)?;
+    if machine.config().vcpus > 1 {
+        register_ap_jump_table(machine)?;
+    }
     Ok(launcher)
+}
+
+/// Register the AP stub's jump table ([`layout::AP_JUMP_TABLE_ADDR`]) as the VM's AP jump
+/// table, so that the guest's AP_JUMP_TABLE GET finds it: the part of firmware's
+/// AP_JUMP_TABLE SET. The stub cannot SET it itself: SET is a GHCB-page request, and the
+/// stub runs in real mode, where every data access is private and no (shared) GHCB page can
+/// be used; the boot vCPU enters the kernel directly and never runs firmware code.
+fn register_ap_jump_table(machine: &Machine) -> Result<(), SevLaunchError> {
+    let sev = machine.sev().map_err(SevLaunchError::Machine)?;
+    let mut host = sev.host_state().map_err(SevLaunchError::Launch)?;
+    host.ap_jump_table = layout::AP_JUMP_TABLE_ADDR;
+    sev.set_host_state(&host).map_err(SevLaunchError::Launch)
 }
 
 /// LAUNCH_MEASURE; the measurement is written to `args.measurement_out`, if given.

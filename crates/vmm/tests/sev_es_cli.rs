@@ -260,10 +260,11 @@ fn the_local_apic_msrs_and_tsc_deadline_timer_work_plain_and_sev_es() {
     assert_eq!(fired[0], fired[1], "plain and SEV-ES timers differ");
 }
 
-/// An SEV-ES guest with several vCPUs runs on its boot vCPU (the APs stay parked: their
-/// start-up through the AP jump table is not there yet), and esvm says so.
+/// An SEV-ES guest of esvm's own with several vCPUs runs on its boot vCPU: its APs start
+/// in the AP start stub and park in the AP reset hold (the guest never sends them a SIPI),
+/// which neither keeps the guest from finishing nor draws a warning.
 #[test]
-fn an_sev_es_guest_with_two_vcpus_runs_on_its_boot_vcpu_and_esvm_says_so() {
+fn an_sev_es_guest_with_two_vcpus_runs_on_its_boot_vcpu_while_its_ap_is_held() {
     let dir = tempfile::tempdir().unwrap();
     let plat = platform(dir.path());
     let o = esvm(&[
@@ -278,9 +279,5 @@ fn an_sev_es_guest_with_two_vcpus_runs_on_its_boot_vcpu_and_esvm_says_so() {
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("checksum="), "{}", text(&o.stdout));
-    assert!(
-        text(&o.stderr).contains("SEV-ES guests run on the boot vCPU only"),
-        "{}",
-        text(&o.stderr)
-    );
+    assert!(!text(&o.stderr).contains("WARN"), "{}", text(&o.stderr));
 }

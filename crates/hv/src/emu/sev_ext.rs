@@ -543,6 +543,67 @@ impl SevVcpu for EmuVcpu {
         }
     }
 
+    fn deliver_sipi(&mut self) -> Result<bool> {
+        let ctx = self.sev_context()?;
+        if !self.is_protected() {
+            return Err(sev(format!(
+                "vCPU {} has no encrypted VMSA yet: a SIPI can only release a launched vCPU",
+                self.id
+            )));
+        }
+        let phys = self.cpu.memory().clone();
+        let tsc = self.cpu.tsc();
+        let Some(s) = self.sev.as_deref_mut() else {
+            return Err(sev(format!("vCPU {} is not an SEV-ES vCPU", self.id)));
+        };
+        if s.ghcb.ap_reset_hold.is_none() {
+            return Ok(false);
+        }
+        let crate::sev::SevVcpuState {
+            tracked,
+            mtrr,
+            ghcb,
+            ..
+        } = s;
+        // The release writes the AP_HLT_LOOP GHCB (shared memory) through the same services
+        // a VMGEXIT uses; its writes are applied once it succeeded.
+        let mut services = crate::sev::ReplayServices {
+            phys: &phys,
+            cpuid: &self.cpuid,
+            tsc,
+            vcpu_id: self.id,
+            tracked,
+            mtrr,
+            vm: &ctx,
+            answers: &[],
+            next_answer: 0,
+            blocked_on: None,
+            writes: Vec::new(),
+            shared_writes: Vec::new(),
+        };
+        let released = ghcb.release_ap_reset_hold(&mut services).map_err(|e| {
+            sev(format!(
+                "vCPU {}: cannot release the AP reset hold: {e}",
+                self.id
+            ))
+        })?;
+        for (gpa, data) in std::mem::take(&mut services.shared_writes) {
+            phys.write_host(gpa, &data)
+                .map_err(|source| HvError::SevMemory {
+                    op: SevMemoryOp::WriteGhcb,
+                    source,
+                })?;
+        }
+        match released {
+            crate::ghcb::ApHoldRelease::NotHeld => Ok(false),
+            crate::ghcb::ApHoldRelease::SetMsr(msr) => {
+                self.cpu.set_ghcb_msr(msr);
+                Ok(true)
+            }
+            crate::ghcb::ApHoldRelease::GhcbUpdated => Ok(true),
+        }
+    }
+
     fn move_probe(&self, _: &MoveToken) -> Option<MoveProbe> {
         Some(self.move_probe_impl())
     }

@@ -182,6 +182,15 @@ pub trait SevVcpu: Send {
     /// rest of the hypervisor's vCPU state; a guest received from elsewhere (migration, a
     /// sealed snapshot) starts at zero.
     fn vmgexits(&self) -> Result<VmgexitCounts>;
+    /// A start-up IPI (SIPI) arrived for this protected vCPU. The hypervisor cannot set a
+    /// protected vCPU's registers, so the SIPI's vector means nothing here: a vCPU parked in
+    /// AP reset hold (see [`VmExit::ApResetHold`](crate::VmExit::ApResetHold)) is released
+    /// (`GhcbState::release_ap_reset_hold`: the GHCB MSR answers AP_RESET_HOLD with a
+    /// non-zero result, or the AP_HLT_LOOP GHCB gets SW_EXITINFO2 = 1) and runs again at its
+    /// next run, in its own code; returns whether it was held. A SIPI to a vCPU that is not
+    /// held is ignored (false), as on hardware for a running CPU. INIT has no hypervisor
+    /// side at all for a protected vCPU (it cannot reset the encrypted registers).
+    fn deliver_sipi(&mut self) -> Result<bool>;
 
     /// Move hook: what the move must know of this vCPU; `None`: it cannot take part.
     fn move_probe(&self, token: &MoveToken) -> Option<MoveProbe> {
