@@ -1592,3 +1592,6 @@ mod tests {
         assert!(m2.restore_state(&bad).is_err());
     }
 }
+
+#[cfg(test)]
+mod sev_ap_tests;
