@@ -668,6 +668,57 @@ mod tests {
         assert_ne!(host, predict(2, "iterations=8"));
     }
 
+    /// With several vCPUs the owner's prediction measures the AP start stub (its code at
+    /// `AP_STUB_ADDR`, the jump table zero) and one VMSA per vCPU, the APs' in the stub in
+    /// real mode without the BSP flag; with one vCPU the stub's page stays zero.
+    #[test]
+    fn the_prediction_of_several_vcpus_measures_the_ap_stub_and_the_aps_vmsas() {
+        let predict = |vcpus| {
+            LaunchPredictor
+                .predict(&esvm_owner::LaunchInputs {
+                    guest: esvm_owner::LaunchGuest::Image {
+                        image: "sevdemo".into(),
+                        args: String::new(),
+                    },
+                    mem: 16 << 20,
+                    vcpus,
+                })
+                .unwrap()
+        };
+        let measured_at = |l: &esvm_owner::MeasuredLaunch, gpa: u64, len: usize| {
+            let (start, data) = l
+                .regions
+                .iter()
+                .find(|(s, d)| *s <= gpa && gpa + len as u64 <= s + d.len() as u64)
+                .expect("measured");
+            data[(gpa - start) as usize..][..len].to_vec()
+        };
+        let code = esvm_loader::ap_stub::code();
+        let one = predict(1);
+        assert_eq!(one.vmsas.len(), 1);
+        assert_eq!(
+            measured_at(&one, layout::AP_STUB_ADDR, code.len()),
+            vec![0; code.len()]
+        );
+        for n in [2, 4] {
+            let l = predict(n);
+            assert_eq!(l.vmsas.len(), n as usize);
+            assert_eq!(measured_at(&l, layout::AP_STUB_ADDR, code.len()), code);
+            assert_eq!(
+                measured_at(&l, layout::AP_JUMP_TABLE_ADDR, 4096),
+                vec![0; 4096]
+            );
+            for ap in &l.vmsas[1..] {
+                let v = esvm_arch::Vmsa::from_bytes(&ap[..]).unwrap();
+                assert_eq!(v.sregs().cs.base + v.regs().rip, layout::AP_STUB_ADDR);
+                assert_eq!(v.cr0() & 1, 0, "real mode");
+                assert_eq!(v.sregs().apic_base & (1 << 8), 0, "not the BSP");
+            }
+            assert_eq!(l.vmsas[1], l.vmsas[n as usize - 1], "the APs start alike");
+            assert_ne!(l.vmsas[0], l.vmsas[1]);
+        }
+    }
+
     /// `wait` returns once `finish` ran on another thread; afterwards the launch takes no
     /// secret and cannot be finished again.
     #[test]

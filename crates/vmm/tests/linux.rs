@@ -1670,3 +1670,140 @@ fn a_live_migration_of_a_2_vcpu_guest_mid_workload_keeps_the_digest_and_the_shel
     check_moved_guest(&before, &mut dest, &mut stdin, &expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ------------------------------------------------ SEV-ES APs (issue 13 point 3)
+
+/// `owner verify --kernel ... --vcpus N` predicts the launch of an SEV-ES Linux guest with
+/// N vCPUs exactly (the AP start stub, its jump table and every AP's VMSA are measured) for
+/// N = 1, 2, 4, and a wrong count is caught.
+#[test]
+fn the_owner_verifies_sev_es_linux_launches_of_1_2_and_4_vcpus() {
+    let a = assets();
+    let plat = platform("sev-verify-vcpus");
+    let (kernel, initrd) = (a.kernel.to_str().unwrap(), a.initrd.to_str().unwrap());
+    let cl = cmdline("esvm.run=workload");
+    let run = |args: &[&str]| {
+        let o = Command::new(ESVM).args(args).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let work = temp_dir("sev-verify-vcpus-owner");
+    let chain = work.join("chain.bin");
+    let owner = work.join("owner");
+    let (chain, owner) = (chain.to_str().unwrap(), owner.to_str().unwrap());
+    let plat_s = plat.to_str().unwrap();
+    let (code, err) = run(&["platform", "export", "--dir", plat_s, "--out", chain]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = run(&[
+        "owner", "session", "--chain", chain, "--policy", "0x5", "--out", owner,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    for n in ["1", "2", "4"] {
+        let m = work.join(format!("m{n}.bin"));
+        let m = m.to_str().unwrap();
+        let (code, err) = run(&[
+            "run",
+            "--sev-es",
+            "--platform",
+            plat_s,
+            "--session",
+            owner,
+            "--measurement-out",
+            m,
+            "--vcpus",
+            n,
+            "--kernel",
+            kernel,
+            "--initrd",
+            initrd,
+            "--cmdline",
+            &cl,
+            "--console",
+            "none",
+            "--max-instructions",
+            "1000000",
+        ]);
+        assert_eq!(code, Some(123), "{err}");
+        for claimed in ["1", "2", "4"] {
+            let (code, err) = run(&[
+                "owner",
+                "verify",
+                "--session",
+                owner,
+                "--measurement",
+                m,
+                "--kernel",
+                kernel,
+                "--initrd",
+                initrd,
+                "--cmdline",
+                &cl,
+                "--vcpus",
+                claimed,
+            ]);
+            let expected = if claimed == n { Some(0) } else { Some(125) };
+            assert_eq!(
+                code, expected,
+                "--vcpus {claimed} for a {n}-vCPU launch: {err}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(plat);
+    let _ = std::fs::remove_dir_all(work);
+}
+
+/// The SEV-ES AP start-up with Debian's kernel: `--vcpus 2` and `--vcpus 4` boot to the
+/// workload, which computes what the host computes, and the kernel brought up every CPU
+/// (each AP released from the AP stub by the kernel's INIT-SIPI-SIPI and sent through the
+/// jump table into its trampoline): nproc, /proc/cpuinfo and the online mask show them all,
+/// and none failed to boot.
+#[test]
+fn an_sev_es_linux_guest_starts_and_sees_2_and_4_vcpus() {
+    let a = assets();
+    let expected = native_workload(1);
+    let plat = platform("sev-smp");
+    for n in [2, 4] {
+        let cl = cmdline("esvm.run=workload esvm.then=shell");
+        let (mut p, mut stdin) = Proc::spawn_with_stdin(&[
+            "run",
+            "--sev-es",
+            "--platform",
+            plat.to_str().unwrap(),
+            "--vcpus",
+            &n.to_string(),
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cl,
+        ]);
+        p.wait_stdout("esvm-init: workload exited", BOOT_TIMEOUT);
+        // Markers are split in the commands so that only the output contains them.
+        stdin
+            .write_all(
+                b"echo cp''us=$(nproc)/$(grep -c ^processor /proc/cpuinfo)/$(cat /sys/devices/system/cpu/online)';'\n",
+            )
+            .unwrap();
+        p.wait_stdout("cpus=", Duration::from_secs(60));
+        stdin.write_all(b"poweroff -f\n").unwrap();
+        let status = p.wait(Duration::from_secs(60));
+        let out = p.stdout();
+        assert_eq!(status, 0, "{n} vCPUs: {}\n{}", p.stderr(), tail(&out));
+        assert!(
+            out.contains("Memory Encryption Features active: AMD SEV SEV-ES"),
+            "{}",
+            tail(&out)
+        );
+        let brought_up = format!("smp: Brought up 1 node, {n} CPUs");
+        assert!(out.contains(&brought_up), "{n} vCPUs:\n{}", tail(&out));
+        let seen = format!("cpus={n}/{n}/0-{};", n - 1);
+        assert!(out.contains(&seen), "no {seen}:\n{}", tail(&out));
+        assert_eq!(workload_lines(&out), expected, "{n} vCPUs\n{}", tail(&out));
+        assert_eq!(smp_complaints(&out), Vec::<&str>::new(), "{n} vCPUs");
+        assert_eq!(kernel_complaints(&out), Vec::<&str>::new(), "{n} vCPUs");
+    }
+    let _ = std::fs::remove_dir_all(plat);
+}

@@ -562,3 +562,60 @@ fn wait_for_secret_needs_an_api_socket_and_sev_es() {
         assert!(!text(&o.stderr).contains("launch measurement"));
     }
 }
+
+/// `owner verify --guest ... --vcpus N` predicts the launch of N vCPUs exactly (N = 1, 2,
+/// 4: with several, the AP start stub, its jump table and every AP's VMSA, which starts in
+/// the stub, are measured) and refuses it with any other count.
+#[test]
+fn owner_verify_predicts_the_launch_of_1_2_and_4_vcpus_and_no_other_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Owner::new(dir.path());
+    for n in ["1", "2", "4"] {
+        let mfile = o.path(&format!("m{n}.bin"));
+        let run = esvm(&[
+            "run",
+            "--sev-es",
+            "--platform",
+            &o.plat,
+            "--session",
+            &o.session,
+            "--measurement-out",
+            &mfile,
+            "--vcpus",
+            n,
+            "sevdemo",
+            "--",
+            "iterations=100",
+        ]);
+        assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+        for m in ["1", "2", "4"] {
+            let v = esvm(&[
+                "owner",
+                "verify",
+                "--session",
+                &o.session,
+                "--measurement",
+                &mfile,
+                "--guest",
+                "sevdemo",
+                "--vcpus",
+                m,
+                "--",
+                "iterations=100",
+            ]);
+            if m == n {
+                ok(v, &format!("owner verify --vcpus {m} of a {n}-vCPU launch"));
+            } else {
+                assert!(
+                    !v.status.success(),
+                    "--vcpus {m} verified a {n}-vCPU launch"
+                );
+                assert!(
+                    text(&v.stderr).contains("does not verify"),
+                    "{}",
+                    text(&v.stderr)
+                );
+            }
+        }
+    }
+}

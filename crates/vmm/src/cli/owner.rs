@@ -81,7 +81,9 @@ pub enum OwnerCommand {
         /// a bare number means MiB, as for `esvm run --mem`.
         #[arg(long, value_name = "SIZE", value_parser = esvm::size::parse_guest_mem)]
         mem: Option<u64>,
-        /// vCPUs of the launch (one VMSA each).
+        /// vCPUs of the launch (one VMSA each). With more than one, the launch also
+        /// measures the AP start stub and its empty jump table, and each AP's VMSA starts in
+        /// the stub (docs/sev-es-guest.md): a wrong count does not verify.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         vcpus: u32,
         /// Platform API version and build (MAJOR.MINOR.BUILD) for a 48-byte measurement.
