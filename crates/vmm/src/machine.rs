@@ -1247,7 +1247,14 @@ impl Machine {
     /// during a send session.
     pub fn send_vcpu_sev(&self, id: u32) -> Result<SevVcpuTransfer, MachineError> {
         let backend = self.config.backend;
-        Ok(vcpu_sev(self.clean_vcpu(id)?, backend)?.send_state()?)
+        let mut t = vcpu_sev(self.clean_vcpu(id)?, backend)?.send_state()?;
+        // As in `save_vcpu`: inside the run loop a vCPU's TSC is brought up to the clock only
+        // when its turn starts; one that has not had a turn for long (an AP held in the AP
+        // stub) would arrive with its TSC far behind the others'.
+        if let Some(off) = self.tsc_offsets.as_ref().and_then(|o| o.get(id as usize)) {
+            t.host.tsc = self.now().wrapping_add(*off as u64);
+        }
+        Ok(t)
     }
 
     /// SEV-ES: make vCPU `id` of a receiving machine the incoming one (RECEIVE_UPDATE_VMSA).

@@ -1807,3 +1807,87 @@ fn an_sev_es_linux_guest_starts_and_sees_2_and_4_vcpus() {
     }
     let _ = std::fs::remove_dir_all(plat);
 }
+
+/// A sealed snapshot of a 2-vCPU SEV-ES Linux guest taken early, while its AP is parked in
+/// the AP stub's reset hold (the snapshot's scheduler state says so, and the kernel has not
+/// brought it up yet): restored, the kernel releases it by INIT-SIPI, brings up both CPUs
+/// and finishes the workload with the native digest.
+#[test]
+fn a_sealed_snapshot_of_a_2_vcpu_sev_es_linux_guest_with_its_ap_held_restores() {
+    sealed_snapshot_of_2_vcpu_sev_linux("sev-snap-ap-held", true);
+}
+
+/// The same taken mid-workload, both vCPUs running Linux.
+#[test]
+fn a_sealed_snapshot_of_a_2_vcpu_sev_es_linux_guest_restores_mid_workload() {
+    sealed_snapshot_of_2_vcpu_sev_linux("sev-snap-2-vcpus", false);
+}
+
+fn sealed_snapshot_of_2_vcpu_sev_linux(name: &str, early: bool) {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir(name);
+    let (p1, _) = sev_hosts(&dir);
+    let sock = dir.join("api.sock");
+    let mut src = linux_guest_args(
+        &sock,
+        &[
+            "--sev-es",
+            "--platform",
+            p1.to_str().unwrap(),
+            "--vcpus",
+            "2",
+        ],
+        &format!("esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"),
+    );
+    common::wait_socket(&mut src, &sock);
+    if early {
+        std::thread::sleep(Duration::from_millis(50));
+    } else {
+        src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    }
+    let snap = dir.join("snapshot");
+    common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let at_snapshot = src.stdout();
+    src.kill();
+    // The scheduler state (host state, in the clear) says where the AP stood.
+    let state =
+        String::from_utf8_lossy(&std::fs::read(snap.join("vm.state")).unwrap()).into_owned();
+    if early {
+        assert!(
+            !at_snapshot.contains("Brought up"),
+            "the snapshot came too late:\n{}",
+            tail(&at_snapshot)
+        );
+        assert!(
+            state.contains("\"ap-reset-hold\""),
+            "the AP is not held: {state:.2000}"
+        );
+    } else {
+        assert!(
+            !at_snapshot.contains("workload digest="),
+            "the snapshot came too late"
+        );
+        assert!(at_snapshot.contains("smp: Brought up 1 node, 2 CPUs"));
+        assert!(!state.contains("\"ap-reset-hold\""), "{state:.2000}");
+    }
+    let (mut dest, mut stdin) = Proc::spawn_with_stdin(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--platform",
+        p1.to_str().unwrap(),
+        "--console",
+        "stdin",
+    ]);
+    if early {
+        dest.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+        let all = format!("{at_snapshot}{}", dest.stdout());
+        assert!(
+            all.contains("smp: Brought up 1 node, 2 CPUs"),
+            "{}",
+            tail(&all)
+        );
+        assert_eq!(smp_complaints(&all), Vec::<&str>::new());
+    }
+    check_moved_guest(&at_snapshot, &mut dest, &mut stdin, &expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
