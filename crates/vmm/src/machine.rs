@@ -1348,8 +1348,8 @@ impl Machine {
                     .any(|r| *r != VcpuRunState::WaitForSipi)
             {
                 return Err(MachineError::State(
-                    "the state has running APs, but on this machine the APs stay parked (an \
-                     SEV-ES or KVM machine): restore it on a plain machine of the emu backend"
+                    "the state has running APs, but on this machine the APs stay parked (a KVM \
+                     machine): restore it on a machine of the emu backend"
                         .into(),
                 ));
             }

@@ -56,8 +56,9 @@ pub struct RunArgs {
     pub mem: Option<u64>,
     /// Number of vCPUs. The boot vCPU starts the guest; the others (APs) wait for the guest
     /// to start them by INIT-SIPI-SIPI (plain guests on emu), then all take turns on one
-    /// thread with a fixed instruction quantum, so a run replays exactly. SEV-ES guests and
-    /// KVM: the APs stay parked.
+    /// thread with a fixed instruction quantum, so a run replays exactly. SEV-ES guests: the
+    /// APs start in a measured AP stub and park in the GHCB AP reset hold until the guest's
+    /// SIPI releases them into its AP jump table. KVM: the APs stay parked.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub vcpus: u32,
     /// Backend: 'emu' (the software vCPU, deterministic, the default) or 'kvm'.
