@@ -415,6 +415,11 @@ pub struct VcpuView {
     /// Why `debug_vmsa` is missing for a protected vCPU (e.g. the policy has NODBG).
     #[serde(default)]
     pub debug_vmsa_refused: Option<String>,
+    /// Where the vCPU stands: `running`, `halted`, `wait-for-sipi` (an AP not started yet,
+    /// or after INIT) or `ap-reset-hold` (an SEV-ES AP parked in the AP stub until a SIPI);
+    /// absent from VMMs that do not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_state: Option<String>,
 }
 
 /// What a snapshot wrote.

@@ -751,8 +751,15 @@ impl ControlTarget for VmHandle {
             .control
             .run_job(|m: &mut Machine| {
                 (0..m.config().vcpus)
-                    .map(|id| m.clean_vcpu(id).map(|v| vcpu_view(id, v)))
-                    .collect::<Result<Vec<_>, _>>()
+                    .map(|id| {
+                        let mut view = vcpu_view(id, m.clean_vcpu(id)?);
+                        view.run_state = m
+                            .vcpu_run_states()
+                            .get(id as usize)
+                            .map(|s| s.name().to_string());
+                        Ok(view)
+                    })
+                    .collect::<Result<Vec<_>, crate::machine::MachineError>>()
             })
             .map_err(|e| api_err("report the vCPUs", e))?
             .map_err(|e| ApiError::failed(format!("cannot report the vCPUs: {e}")))
@@ -794,6 +801,7 @@ fn vcpu_view(id: u32, v: &dyn esvm_hv::Vcpu) -> VcpuView {
         registers_refused: v.get_regs().err().map(|e| e.to_string()),
         debug_vmsa,
         debug_vmsa_refused,
+        run_state: None,
     }
 }
 
@@ -802,6 +810,18 @@ mod tests {
     use super::*;
     use crate::machine::MachineConfig;
     use esvm_control::ErrorCode;
+
+    /// The control API names run states as snapshots spell them.
+    #[test]
+    fn run_state_names_are_the_serialized_ones() {
+        use crate::machine::VcpuRunState as S;
+        for s in [S::Running, S::Halted, S::WaitForSipi, S::ApResetHold] {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::Value::String(s.name().into())
+            );
+        }
+    }
 
     fn machine() -> Machine {
         let config = MachineConfig {

@@ -160,6 +160,18 @@ pub enum VcpuRunState {
     ApResetHold,
 }
 
+impl VcpuRunState {
+    /// The state's name as snapshots and the control API spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            VcpuRunState::Running => "running",
+            VcpuRunState::Halted => "halted",
+            VcpuRunState::WaitForSipi => "wait-for-sipi",
+            VcpuRunState::ApResetHold => "ap-reset-hold",
+        }
+    }
+}
+
 /// The one-thread scheduler's state: every vCPU's run state and the turn in progress.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1891,3 +1891,210 @@ fn sealed_snapshot_of_2_vcpu_sev_linux(name: &str, early: bool) {
     check_moved_guest(&at_snapshot, &mut dest, &mut stdin, &expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- Moving a 2-vCPU SEV-ES guest with its AP held, running or halted ----
+
+/// Where the AP of a 2-vCPU SEV-ES guest stands when the guest is moved.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ApAt {
+    /// Parked in the AP stub's reset hold: the kernel has not started it yet.
+    Held,
+    /// Running a multithreaded workload beside the BSP.
+    Running,
+    /// Idle in HLT under a quiet shell.
+    Halted,
+}
+
+/// How the guest is moved.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum MoveBy {
+    /// Live migration to another platform under the same root.
+    Migration,
+    /// Sealed snapshot, restored on the same platform.
+    SealedSnapshot,
+}
+
+/// The mtload scale of the move tests: long enough that a move lands mid-run.
+const MOVE_MTLOAD_SCALE: u32 = 40;
+
+/// mtload's invariant lines from a native run of `threads` threads at `scale`.
+fn native_mtload_at(threads: u32, scale: u32) -> Vec<String> {
+    let out = Command::new(mtload_binary())
+        .args([threads.to_string(), scale.to_string()])
+        .output()
+        .expect("cannot run mtload natively");
+    assert!(out.status.success(), "native mtload failed: {out:?}");
+    mtload_lines(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// vCPU 1's run state as `esvm ctl vcpus` reports it.
+fn ap_run_state(sock: &Path) -> String {
+    vcpus_of(sock)[1]["run_state"]
+        .as_str()
+        .unwrap_or("(none)")
+        .to_string()
+}
+
+/// Ask until vCPU 1 reports `want` (a running guest's AP moves between states), for at
+/// most a minute.
+fn wait_ap_state(sock: &Path, want: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = ap_run_state(sock);
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vCPU 1 never reported {want:?} (last: {got:?})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Boot a 2-vCPU SEV-ES Linux guest, move it `by` the chosen way when its AP stands `at`,
+/// and check at the destination that the guest carries on: a held AP is still started by
+/// the kernel (both CPUs brought up, no SMP complaint), a running workload finishes with
+/// the native totals and digest, and a halted AP wakes to run a multithreaded workload
+/// after the move; then the shell answers and the guest powers off cleanly.
+fn move_2_vcpu_sev_linux(name: &str, at: ApAt, by: MoveBy) {
+    let dir = temp_dir(name);
+    let (p1, p2) = sev_hosts(&dir);
+    let sock = dir.join("api.sock");
+    let init_args = match at {
+        ApAt::Held => format!("esvm.run=workload esvm.scale={MOVE_SCALE} esvm.then=shell"),
+        ApAt::Running => {
+            format!("esvm.run=mtload esvm.threads=4 esvm.scale={MOVE_MTLOAD_SCALE} esvm.then=shell")
+        }
+        ApAt::Halted => "esvm.run=shell".to_string(),
+    };
+    let receiving = match by {
+        MoveBy::Migration => Some(receiver(&["--platform", p2.to_str().unwrap()])),
+        MoveBy::SealedSnapshot => None,
+    };
+    let mut src = linux_guest_args(
+        &sock,
+        &[
+            "--sev-es",
+            "--platform",
+            p1.to_str().unwrap(),
+            "--vcpus",
+            "2",
+        ],
+        &init_args,
+    );
+    common::wait_socket(&mut src, &sock);
+    match at {
+        ApAt::Held => wait_ap_state(&sock, "ap-reset-hold"),
+        ApAt::Running => {
+            src.wait_stdout("mtload threads=4 cpus=2", BOOT_TIMEOUT);
+            wait_ap_state(&sock, "running");
+        }
+        ApAt::Halted => {
+            src.wait_stdout("esvm-init: userland up (run=shell)", BOOT_TIMEOUT);
+            wait_ap_state(&sock, "halted");
+        }
+    }
+    let (before, mut dest, mut stdin) = match receiving {
+        Some((dest, stdin, port)) => {
+            let chain = export_chain(&p1, &dir.join("p1.chain"));
+            let url = format!("tcp:127.0.0.1:{port}");
+            common::ctl_ok(
+                &sock,
+                &["migrate", &url, "--trust", chain.to_str().unwrap()],
+            );
+            assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
+            (src.stdout(), dest, stdin)
+        }
+        None => {
+            let snap = dir.join("snapshot");
+            common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
+            let before = src.stdout();
+            src.kill();
+            let (dest, stdin) = Proc::spawn_with_stdin(&[
+                "restore",
+                snap.to_str().unwrap(),
+                "--platform",
+                p1.to_str().unwrap(),
+                "--console",
+                "stdin",
+            ]);
+            (before, dest, stdin)
+        }
+    };
+    let brought_up = "smp: Brought up 1 node, 2 CPUs";
+    match at {
+        ApAt::Held => {
+            assert!(
+                !before.contains(brought_up),
+                "the move came after the AP's start-up:\n{}",
+                tail(&before)
+            );
+            check_moved_guest(&before, &mut dest, &mut stdin, &native_workload(MOVE_SCALE));
+        }
+        ApAt::Running => {
+            assert!(
+                !before.contains("mtload digest="),
+                "the move came after the workload; raise MOVE_MTLOAD_SCALE"
+            );
+            dest.wait_stdout("esvm-init: mtload exited", BOOT_TIMEOUT);
+            let all = format!("{before}{}", dest.stdout());
+            assert_eq!(
+                mtload_lines(&all),
+                native_mtload_at(4, MOVE_MTLOAD_SCALE),
+                "{}",
+                tail(&all)
+            );
+            assert!(all.contains("esvm-init: mtload exited with status 0"));
+            shell_answers_and_powers_off(&mut dest, &mut stdin);
+        }
+        ApAt::Halted => {
+            std::thread::sleep(Duration::from_millis(500));
+            // Both CPUs work after the move: the halted AP wakes for the threads.
+            stdin.write_all(b"/bin/mtload 4 1\n").unwrap();
+            dest.wait_stdout("mtload digest=", BOOT_TIMEOUT);
+            let after = dest.stdout();
+            assert!(
+                after.contains("mtload threads=4 cpus=2"),
+                "{}",
+                tail(&after)
+            );
+            assert_eq!(mtload_lines(&after), native_mtload_at(4, 1));
+            shell_answers_and_powers_off(&mut dest, &mut stdin);
+        }
+    }
+    let all = format!("{before}{}", dest.stdout());
+    assert!(all.contains(brought_up), "{}", tail(&all));
+    assert_eq!(smp_complaints(&all), Vec::<&str>::new());
+    assert_eq!(kernel_complaints(&all), Vec::<&str>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The moved guest's shell answers, and `poweroff -f` ends it with status 0.
+fn shell_answers_and_powers_off(dest: &mut Proc, stdin: &mut std::process::ChildStdin) {
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"echo moved-$((2+3))\n").unwrap();
+    dest.wait_stdout("moved-5", Duration::from_secs(60));
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    assert_eq!(dest.wait(Duration::from_secs(60)), 0, "{}", dest.stderr());
+}
+
+#[test]
+fn a_2_vcpu_sev_es_linux_guest_migrates_with_its_ap_held_in_the_stub() {
+    move_2_vcpu_sev_linux("sev-mig-ap-held", ApAt::Held, MoveBy::Migration);
+}
+
+#[test]
+fn a_2_vcpu_sev_es_linux_guest_migrates_mid_multithreaded_workload() {
+    move_2_vcpu_sev_linux("sev-mig-ap-running", ApAt::Running, MoveBy::Migration);
+}
+
+#[test]
+fn a_2_vcpu_sev_es_linux_guest_migrates_with_its_ap_halted() {
+    move_2_vcpu_sev_linux("sev-mig-ap-halted", ApAt::Halted, MoveBy::Migration);
+}
+
+#[test]
+fn a_sealed_snapshot_of_a_2_vcpu_sev_es_linux_guest_with_its_ap_halted_restores() {
+    move_2_vcpu_sev_linux("sev-snap-ap-halted", ApAt::Halted, MoveBy::SealedSnapshot);
+}

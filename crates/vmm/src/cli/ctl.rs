@@ -562,9 +562,14 @@ fn vcpus_text(vcpus: &[VcpuView]) -> String {
     let mut t = String::new();
     for v in vcpus {
         let kind = if v.protected { "protected" } else { "plain" };
+        let state = v
+            .run_state
+            .as_deref()
+            .map(|s| format!(", {s}"))
+            .unwrap_or_default();
         let _ = writeln!(
             t,
-            "vCPU {} ({kind}): {} apic_base {:#x}",
+            "vCPU {} ({kind}{state}): {} apic_base {:#x}",
             v.id,
             regs_text(&v.control),
             v.apic_base
@@ -1113,6 +1118,7 @@ mod tests {
             registers_refused: Some("encrypted VMSA".into()),
             debug_vmsa: None,
             debug_vmsa_refused: Some("policy has NODBG".into()),
+            run_state: None,
         };
         let text = vcpus_text(std::slice::from_ref(&v));
         assert!(
@@ -1122,6 +1128,16 @@ mod tests {
         assert!(text.contains("registers refused: encrypted VMSA"), "{text}");
         assert!(
             text.contains("VMSA not decrypted: policy has NODBG"),
+            "{text}"
+        );
+        let held = VcpuView {
+            id: 1,
+            run_state: Some("ap-reset-hold".into()),
+            ..v.clone()
+        };
+        let text = vcpus_text(std::slice::from_ref(&held));
+        assert!(
+            text.starts_with("vCPU 1 (protected, ap-reset-hold): cr0"),
             "{text}"
         );
         let json: serde_json::Value =
