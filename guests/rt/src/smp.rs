@@ -22,8 +22,15 @@
 //! with interrupts off.
 //!
 //! The architectural delays (10 ms after INIT, 200 us after a SIPI) are short PAUSE loops
-//! here: esvm's APIC delivers at once. Protected-state (SEV-ES) guests are refused
-//! ([`ApError::ProtectedState`]): their APs start through the GHCB AP jump table instead.
+//! here: esvm's APIC delivers at once.
+//!
+//! **SEV-ES** (prepared, untested: esvm's SEV-ES machines advertise one CPU until their AP
+//! start-up exists): the hypervisor cannot set an AP's registers, so before the SIPIs the
+//! BSP asks for the AP jump table through the GHCB (AP_JUMP_TABLE GET; SET of a page of its
+//! own when none is registered, as firmware would) and writes the trampoline's IP and CS
+//! there; a released AP continues in real mode at that CS:IP, then as above. The AP code
+//! causes no #VC (no CPUID, port I/O or intercepted MSR), as it has no GHCB of its own; a
+//! protected guest without GHCB support gets [`ApError::ProtectedState`].
 
 use crate::x86::{rdmsr, read_cr0, read_cr3, read_cr4};
 use core::arch::global_asm;
@@ -33,6 +40,9 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 pub const TRAMPOLINE_ADDR: u64 = 0x8000;
 /// The SIPI vector that starts an AP at [`TRAMPOLINE_ADDR`].
 pub const SIPI_VECTOR: u8 = (TRAMPOLINE_ADDR >> 12) as u8;
+/// SEV-ES: the AP jump table this guest registers when none is (a page the esvm boot
+/// convention leaves free below 1 MiB).
+pub const SEV_JUMP_TABLE_ADDR: u64 = 0x7000;
 /// Stack of each AP.
 pub const AP_STACK_PAGES: u64 = 4;
 /// How many PAUSE rounds the BSP waits for an AP to check in before giving up.
@@ -66,6 +76,8 @@ pub enum ApError {
     IcrBusy,
     /// More CPUs than the xAPIC can address (255).
     TooMany,
+    /// SEV-ES: AP_JUMP_TABLE failed, or named an unusable page.
+    JumpTable,
 }
 
 impl core::fmt::Display for ApError {
@@ -82,6 +94,9 @@ impl core::fmt::Display for ApError {
             ),
             ApError::IcrBusy => f.write_str("the local APIC's ICR stayed busy (delivery pending)"),
             ApError::TooMany => f.write_str("more than 255 CPUs: the xAPIC cannot address them"),
+            ApError::JumpTable => f.write_str(
+                "SEV-ES: AP_JUMP_TABLE through the GHCB failed or named an unusable page",
+            ),
         }
     }
 }
@@ -264,7 +279,7 @@ pub fn start_aps(cpus: u32, ap_main: fn(u32)) -> Result<(), ApError> {
         return Ok(());
     }
     if crate::boot_info().flags & esvm_abi::boot::FLAG_PROTECTED_STATE != 0 {
-        return Err(ApError::ProtectedState);
+        prepare_sev_es_jump_table()?;
     }
     if cpus > 255 {
         return Err(ApError::TooMany);
@@ -321,6 +336,38 @@ pub fn start_aps(cpus: u32, ap_main: fn(u32)) -> Result<(), ApError> {
             }
             core::hint::spin_loop();
         }
+    }
+    Ok(())
+}
+
+/// SEV-ES: the hypervisor cannot point an AP at the trampoline, so the AP's start stub
+/// reads the AP jump table instead (as Linux does: u16 IP at offset 0, u16 CS at offset 2
+/// of the page AP_JUMP_TABLE GET returns) and continues in real mode at CS:IP. Without a
+/// registered table (no firmware registered one), this guest registers
+/// [`SEV_JUMP_TABLE_ADDR`] with AP_JUMP_TABLE SET first, as firmware would.
+///
+/// UNTESTED against a hypervisor: esvm's SEV-ES machines advertise one CPU (CPUID) until
+/// their AP start-up exists, so [`start_aps`] does not get here yet.
+fn prepare_sev_es_jump_table() -> Result<(), ApError> {
+    if crate::sev::info().is_none() {
+        // Protected but no GHCB (SevMode::None): no way to ask for the jump table.
+        return Err(ApError::ProtectedState);
+    }
+    let mut table = crate::sev::ap_jump_table(None).map_err(|_| ApError::JumpTable)?;
+    if table == 0 {
+        crate::sev::ap_jump_table(Some(SEV_JUMP_TABLE_ADDR)).map_err(|_| ApError::JumpTable)?;
+        table = SEV_JUMP_TABLE_ADDR;
+    }
+    if table >= 1 << 32 || table % 4 != 0 {
+        return Err(ApError::JumpTable);
+    }
+    let words = table as *mut u16;
+    // SAFETY: the jump table is a guest page the hypervisor named (or this guest
+    // registered: the page at SEV_JUMP_TABLE_ADDR, unused by the esvm convention); the
+    // identity map covers it and nothing else uses it.
+    unsafe {
+        words.write_volatile(0); // IP: the trampoline starts at offset 0
+        words.add(1).write_volatile((TRAMPOLINE_ADDR >> 4) as u16); // CS = 0x0800
     }
     Ok(())
 }
