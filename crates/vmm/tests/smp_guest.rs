@@ -281,3 +281,20 @@ fn smp_guest_on_kvm_runs_on_the_boot_vcpu() {
         other => panic!("exit status {other}\n{out}\n{err}"),
     }
 }
+
+/// In turns on one thread (`--deterministic` where esvm has it, the only mode before) the
+/// whole output replays exactly, contention counts included.
+#[test]
+fn smp_guest_replays_exactly_in_turns() {
+    let help = stdout(&esvm(&["run", "--help"]));
+    let mut args = vec!["run", "--vcpus", "4"];
+    if help.contains("--deterministic") {
+        args.push("--deterministic");
+    }
+    args.extend(["smp", "--", "iterations=5000"]);
+    let a = esvm(&args);
+    let b = esvm(&args);
+    assert_eq!(a.status.code(), Some(0), "{}", stdout(&a));
+    assert!(stdout(&a).contains("smp: cpus=4 ok\n"), "{}", stdout(&a));
+    assert_eq!(stdout(&a), stdout(&b));
+}
