@@ -19,7 +19,11 @@ use std::process::Command;
 const GUESTS: &[(&str, &str)] = &[
     (
         "demo",
-        "built-in demo: banner, deterministic integer workload (iterations=N, dirty-mib=M), tick lines, checksum=<hex>",
+        "built-in demo: banner, deterministic integer workload (iterations=N, dirty-mib=M), tick lines, checksum=<hex>; single-threaded (smp is the SMP demo)",
+    ),
+    (
+        "smp",
+        "SMP stress: starts every AP by INIT-SIPI-SIPI, all CPUs run LOCK INC/XADD, CMPXCHG and CMPXCHG16B loops and an XCHG spinlock (iterations=N; mode=plain-inc loses updates on purpose), checks exact totals, checksum=<hex>",
     ),
     (
         "hello",

@@ -190,6 +190,7 @@ fn sev_guests_are_present_and_opt_in_to_sev_es() {
         ("sev-novc", 2),
         ("sev-mmio", 1),
         ("sev-apic", 1),
+        ("smp", 1),
     ];
     for (name, mode) in sev {
         let g = builtin(name).unwrap_or_else(|| panic!("guest {name} missing"));

@@ -145,3 +145,35 @@ pub fn init() {
         );
     }
 }
+
+/// On an application processor (see [`crate::smp`]): loads the GDT the BSP built and
+/// reloads the segment registers, but not TR — the TSS descriptor is busy (the BSP's), so
+/// LTR would fault. An AP thus has no RSP0/IST stacks: it must stay in ring 0 and must not
+/// take a #DF.
+pub fn load_on_ap() {
+    let gdt = GDT.get();
+    let ptr = DescriptorPointer {
+        limit: (7 * 8 - 1) as u16,
+        base: gdt as u64,
+    };
+    // SAFETY: the GDT is a static the BSP filled in before starting any AP; the selectors
+    // loaded below point at the same descriptors the AP's trampoline used.
+    unsafe {
+        lgdt(&ptr);
+        asm!(
+            "push {cs}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            "mov ds, {ds:x}",
+            "mov es, {ds:x}",
+            "mov ss, {ds:x}",
+            "mov fs, {ds:x}",
+            "mov gs, {ds:x}",
+            cs = in(reg) u64::from(KERNEL_CS),
+            ds = in(reg) u64::from(KERNEL_DS),
+            tmp = out(reg) _,
+        );
+    }
+}

@@ -32,6 +32,7 @@ pub mod mem;
 pub mod paging;
 pub mod pic;
 pub mod serial;
+pub mod smp;
 pub mod trap;
 pub mod user;
 pub mod x86;
