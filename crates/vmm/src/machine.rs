@@ -166,6 +166,10 @@ pub struct SchedulerState {
     pub current: u32,
     /// Instructions left in its turn.
     pub slot_left: u64,
+    /// The VM runs its vCPUs in turns on one thread (`--deterministic`) rather than in
+    /// parallel: it stays so after a restore or a migration. Written only when set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deterministic: bool,
 }
 
 /// Instructions a vCPU runs per turn when several take turns on the machine's thread
@@ -219,6 +223,9 @@ pub struct Machine {
     tsc_offsets: Option<Vec<i64>>,
     /// IPIs sent between vCPUs so far (the devices' count), to end a turn after one.
     ipis_seen: u64,
+    /// Several vCPUs take turns on the machine's thread ([`Machine::set_deterministic`])
+    /// instead of running on a host thread each.
+    deterministic: bool,
 }
 
 /// What other threads hold of a machine: guest memory and dirty log (through the VM), and
@@ -424,6 +431,7 @@ impl Machine {
             budget_ended: false,
             tsc_offsets: None,
             ipis_seen: 0,
+            deterministic: false,
         })
     }
 
@@ -547,6 +555,20 @@ impl Machine {
         bsp.set_sregs(&boot.sregs)?;
         bsp.set_regs(&boot.regs)?;
         Ok(boot)
+    }
+
+    /// Run several vCPUs in turns on the machine's thread with a fixed quantum
+    /// ([`QUANTUM`]), so that a run replays exactly (same output, same instruction counts),
+    /// instead of in parallel on a host thread each (the default). One vCPU, KVM and
+    /// machines whose APs stay parked run the same either way. Set it before the run; a
+    /// restored or received state brings its own choice ([`SchedulerState::deterministic`]).
+    pub fn set_deterministic(&mut self, on: bool) {
+        self.deterministic = on;
+    }
+
+    /// Whether the vCPUs take turns on one thread ([`Machine::set_deterministic`]).
+    pub fn deterministic(&self) -> bool {
+        self.deterministic
     }
 
     /// The plaintext VMSAs LAUNCH_UPDATE_VMSA would take in now, in vCPU order.
@@ -749,27 +771,36 @@ impl Machine {
                 continue;
             }
             for signal in self.devices.take_ap_signals_of(i) {
-                if !self.smp {
-                    // Parked APs (SEV-ES): their start-up is not there yet.
-                    continue;
-                }
-                match signal {
-                    ApSignal::Init => {
-                        self.init_vcpu(i)?;
-                        self.run_state[i] = VcpuRunState::WaitForSipi;
-                        if i == cpu {
-                            self.slot_left = 0;
-                        }
-                    }
-                    ApSignal::Sipi(vector) if self.run_state[i] == VcpuRunState::WaitForSipi => {
-                        self.start_vcpu(i, vector)?;
-                        self.run_state[i] = VcpuRunState::Running;
-                    }
-                    // A SIPI to a vCPU that is not waiting for one is ignored, as on
-                    // hardware (Linux sends two).
-                    ApSignal::Sipi(_) => {}
+                self.apply_ap_signal(i, signal)?;
+                if i == cpu && self.run_state[i] != VcpuRunState::Running {
+                    self.slot_left = 0;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Act on INIT or SIPI `signal` sent to vCPU `i` (the AP state machine), at a clean
+    /// point of `i` (its exit fully handled). Plain guests: INIT puts it in its INIT state
+    /// waiting for SIPI; a SIPI starts a waiting vCPU in real mode at its vector and is
+    /// ignored otherwise. Machines whose APs stay parked ignore both.
+    fn apply_ap_signal(&mut self, i: usize, signal: ApSignal) -> Result<(), MachineError> {
+        if !self.smp {
+            // Parked APs (SEV-ES): their start-up is not there yet.
+            return Ok(());
+        }
+        match signal {
+            ApSignal::Init => {
+                self.init_vcpu(i)?;
+                self.run_state[i] = VcpuRunState::WaitForSipi;
+            }
+            ApSignal::Sipi(vector) if self.run_state[i] == VcpuRunState::WaitForSipi => {
+                self.start_vcpu(i, vector)?;
+                self.run_state[i] = VcpuRunState::Running;
+            }
+            // A SIPI to a vCPU that is not waiting for one is ignored, as on hardware
+            // (Linux sends two).
+            ApSignal::Sipi(_) => {}
         }
         Ok(())
     }
@@ -1151,6 +1182,7 @@ impl Machine {
                     vcpus: self.run_state.clone(),
                     current: self.current as u32,
                     slot_left: self.slot_left,
+                    deterministic: self.deterministic,
                 },
             ),
         }
@@ -1294,6 +1326,7 @@ impl Machine {
                 self.run_state = sched.vcpus.clone();
                 self.current = sched.current as usize;
                 self.slot_left = sched.slot_left;
+                self.deterministic = sched.deterministic;
             }
             None => {
                 self.run_state = vec![VcpuRunState::WaitForSipi; self.vcpus.len()];
@@ -1464,6 +1497,7 @@ mod tests {
         ];
         let run = || {
             let mut m = flat32_machine(2, &bsp);
+            m.set_deterministic(true);
             m.vm().memory().write(0x8000, &ap).unwrap();
             assert_eq!(
                 m.vcpu_run_states(),

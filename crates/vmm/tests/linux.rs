@@ -1592,13 +1592,13 @@ fn linux_starts_and_sees_2_and_4_vcpus() {
     }
 }
 
-/// Two vCPUs taking turns replay exactly: the same console (timestamps included) and the
-/// same instruction count; the workload's digest is the native one.
+/// Two vCPUs taking turns (`--deterministic`) replay exactly: the same console (timestamps
+/// included) and the same instruction count; the workload's digest is the native one.
 #[test]
 fn two_boots_with_2_vcpus_are_identical_and_compute_like_the_host() {
     let expected = native_workload(1);
-    let (out1, n1) = boot_counting_instructions(&["--vcpus", "2"]);
-    let (out2, n2) = boot_counting_instructions(&["--vcpus", "2"]);
+    let (out1, n1) = boot_counting_instructions(&["--vcpus", "2", "--deterministic"]);
+    let (out2, n2) = boot_counting_instructions(&["--vcpus", "2", "--deterministic"]);
     assert!(
         out1.contains("smp: Brought up 1 node, 2 CPUs"),
         "{}",
