@@ -56,6 +56,8 @@ pub struct EmuVm {
     hook_slot: Arc<Mutex<Option<PhysMemory>>>,
     /// Same-host moves of the guest (see `crate::sev::moving`).
     moves: VmMoves,
+    /// The vCPUs' shared TSC mark ([`VmConfig::shared_tsc_mark`]).
+    tsc_mark: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for EmuVm {
@@ -112,6 +114,7 @@ impl EmuVm {
             sev: Arc::new(OnceLock::new()),
             hook_slot,
             moves: VmMoves::new(),
+            tsc_mark: Arc::default(),
         })
     }
 
@@ -147,6 +150,7 @@ impl EmuVm {
             cpuid_intercepts: self.config.cpuid_intercepts.clone(),
             msr_intercepts: self.config.msr_intercepts.clone(),
             pause_ends_budget: self.config.pause_ends_budget,
+            tsc_mark: self.config.shared_tsc_mark.then(|| self.tsc_mark.clone()),
             vcpu_id: id,
             sev_es: (self.config.vm_type == VmType::SevEs).then_some(SevEsConfig {
                 c_bit: sev::C_BIT,

@@ -79,6 +79,10 @@ pub struct VmConfig {
     /// instruction budget is used up, so a VMM that interleaves vCPUs on one thread can give
     /// the turn of a spin-waiting vCPU to another (KVM has its own pause-loop exiting).
     pub pause_ends_budget: bool,
+    /// Software backend: the vCPUs' TSC reads go through one high-water mark
+    /// (`esvm_cpu::CpuConfig::tsc_mark`), so that vCPUs running on host threads of their
+    /// own never see the TSC go back from one vCPU to another.
+    pub shared_tsc_mark: bool,
 }
 
 impl VmConfig {
@@ -91,6 +95,7 @@ impl VmConfig {
             cpuid_intercepts: Vec::new(),
             msr_intercepts: Vec::new(),
             pause_ends_budget: false,
+            shared_tsc_mark: false,
         }
     }
 }

@@ -26,6 +26,8 @@ use crate::outcome::{Outcome, EXIT_ESVM_ERROR};
 use crate::ram::RamError;
 use crate::runctl::RunControl;
 
+mod parallel;
+
 /// The control of a machine's run loop: its jobs run on the [`Machine`].
 pub type VmControl = RunControl<Machine>;
 /// A hold on a machine whose run loop is parked: no vCPU runs while it lives.
@@ -364,6 +366,8 @@ impl Machine {
                 vm_config.cpuid = vm_config.cpuid.clone().with_topology(config.vcpus);
                 // A spin-waiting vCPU (PAUSE) gives its turn to the others at once.
                 vm_config.pause_ends_budget = true;
+                // vCPUs in parallel: no TSC read goes back from one vCPU to another.
+                vm_config.shared_tsc_mark = true;
             }
         }
         let vm = esvm_hv::open(config.backend)?.create_vm(&vm_config)?;
@@ -402,7 +406,9 @@ impl Machine {
                 what: "--max-instructions (KVM does not count instructions)".into(),
             }));
         }
-        let control = Arc::new(VmControl::new(vcpus[0].kicker()));
+        let control = Arc::new(VmControl::new(Arc::new(AllKicker(
+            vcpus.iter().map(|v| v.kicker()).collect(),
+        ))));
         let tracker = Arc::new(DirtyTracker::new(vm.clone()));
         let own_vm_refs = Arc::strong_count(&vm);
         let mut devices = Devices::new(serial_out);
@@ -571,6 +577,11 @@ impl Machine {
         self.deterministic
     }
 
+    /// Whether the run loop runs the vCPUs on a host thread each.
+    fn parallel(&self) -> bool {
+        self.smp && !self.deterministic && matches!(self.clock, Clock::Virtual { .. })
+    }
+
     /// The plaintext VMSAs LAUNCH_UPDATE_VMSA would take in now, in vCPU order.
     pub fn initial_vmsas(&self) -> Result<Vec<[u8; 4096]>, MachineError> {
         let backend = self.config.backend;
@@ -675,6 +686,9 @@ impl Machine {
                 .map(|v| Ok(v.get_tsc()?.wrapping_sub(now) as i64))
                 .collect::<Result<Vec<_>, HvError>>()?;
             self.tsc_offsets = Some(offsets);
+        }
+        if self.parallel() {
+            return self.run_parallel(control);
         }
         loop {
             if !self.mid_exit {
@@ -880,40 +894,14 @@ impl Machine {
     /// judged and when the run loop starts (a plain vCPU's APIC base writes exit to the VMM,
     /// which passes them on at once).
     fn sync_apic(&mut self, cpu: usize) -> Result<(), MachineError> {
-        if self.apic && cpu < self.devices.vcpus() {
-            let view = self.vcpus[cpu].get_sregs_view()?;
-            self.devices.select_vcpu(cpu);
-            self.devices.set_apic_base(view.apic_base());
-            self.devices.sync_cr8(view.cr8());
-        }
-        Ok(())
+        sync_apic_of(self.apic, self.vcpus[cpu].as_ref(), &mut self.devices, cpu)
     }
 
     /// Hand the interrupt controllers' pending interrupt for vCPU `cpu` (its local APIC, or
     /// for the boot vCPU the 8259 through LINT0) to it if it has none queued; NMIs too. The
     /// devices have `cpu` selected.
     fn offer_interrupt(&mut self, cpu: usize) -> Result<(), MachineError> {
-        if self.devices.take_nmi() {
-            self.vcpus[cpu].inject_nmi()?;
-        }
-        if !self.devices.has_interrupt_request() {
-            return Ok(());
-        }
-        let Some(vector) = self.devices.pending_interrupt() else {
-            return Ok(());
-        };
-        let vcpu = &mut self.vcpus[cpu];
-        if vcpu.get_events()?.interrupt.is_some() || !vcpu.interrupt_window_open()? {
-            return Ok(());
-        }
-        // The backend refuses vectors the CR8 it knows masks (the tracked CR8 of a protected
-        // vCPU): they wait until the guest lowers it.
-        if self.apic && !esvm_hv::sev::tpr_accepts(vcpu.get_sregs_view()?.cr8(), vector) {
-            return Ok(());
-        }
-        let vector = self.devices.acknowledge_interrupt();
-        vcpu.queue_interrupt(vector)?;
-        Ok(())
+        offer_interrupt_to(self.apic, self.vcpus[cpu].as_mut(), &mut self.devices)
     }
 
     /// Bring every vCPU's TSC to the machine's clock (the run loop leaves them behind while
@@ -933,142 +921,25 @@ impl Machine {
         Ok(())
     }
 
+    /// One step of vCPU `cpu` on the machine's thread: run it to its next exit and handle
+    /// the exit.
     fn run_once(&mut self, cpu: usize) -> Result<Option<Outcome>, MachineError> {
-        let devices = &mut self.devices;
-        let scratch = &mut self.mmio_scratch;
-        let mut tsc_deadline = None;
-        let mut x2apic_write = None;
-        let mut apic_base_write = None;
-        let exit = self.vcpus[cpu].run()?;
-        self.budget_ended = matches!(exit, VmExit::BudgetExhausted);
-        let answer_needed = matches!(
-            exit,
-            VmExit::IoIn { .. }
-                | VmExit::MmioRead { .. }
-                | VmExit::Cpuid { .. }
-                | VmExit::RdMsr { .. }
-                | VmExit::WrMsr { .. }
-        );
-        match exit {
-            VmExit::IoIn { port, data } => devices.io_read(port, data)?,
-            VmExit::IoOut { port, data } => {
-                devices.io_write(port, data)?;
-                if port == esvm_devices::ACPI_PM1A_CNT && devices.take_power_off_request() {
-                    return Ok(Some(Outcome::PowerOff(crate::outcome::ACPI_OFF.into())));
-                }
-                if let Some(code) = devices.take_exit_request() {
-                    return Ok(Some(Outcome::Exited(code)));
-                }
-                if devices.take_reset_request() {
-                    return Ok(Some(Outcome::Reset(
-                        "through the i8042 keyboard controller's reset line".into(),
-                    )));
-                }
-            }
-            // MMIO goes to the devices first, then to the scratch window.
-            VmExit::MmioRead { addr, data } => {
-                if !devices.mmio_read(addr, data) {
-                    match scratch_range(addr, data.len()) {
-                        Some(r) => data.copy_from_slice(&scratch[r]),
-                        None => {
-                            tracing::debug!(addr, len = data.len(), "read of unbacked memory");
-                            data.fill(0xff);
-                        }
-                    }
-                }
-            }
-            VmExit::MmioWrite { addr, data } => {
-                if !devices.mmio_write(addr, data) {
-                    match scratch_range(addr, data.len()) {
-                        Some(r) => scratch[r].copy_from_slice(data),
-                        None => tracing::debug!(
-                            addr,
-                            len = data.len(),
-                            "write to unbacked memory ignored"
-                        ),
-                    }
-                }
-            }
-            VmExit::Shutdown { reason } => return Ok(Some(Outcome::Shutdown(reason))),
-            VmExit::Terminated { reason } => return Ok(Some(Outcome::Terminated(reason))),
-            VmExit::Cpuid { result, .. } => *result = [0; 4],
-            // The local APIC's MSRs (intercepted for a plain software vCPU, forwarded from
-            // the GHCB for a protected one).
-            VmExit::RdMsr {
-                index: esvm_arch::msr::IA32_APIC_BASE,
-                value,
-                ..
-            } => *value = devices.apic_base(),
-            VmExit::WrMsr {
-                index: esvm_arch::msr::IA32_APIC_BASE,
-                value,
-                ..
-            } => apic_base_write = Some(value),
-            VmExit::RdMsr {
-                index,
-                value,
-                fault,
-            } => match devices.apic_msr_read(index) {
-                Some(v) => *value = v,
-                None => *fault = true,
-            },
-            VmExit::WrMsr {
-                index: esvm_devices::lapic::TSC_DEADLINE_MSR,
-                value,
-                ..
-            } => tsc_deadline = Some(value),
-            VmExit::WrMsr {
-                index,
-                value,
-                fault,
-            } => {
-                // Whether it faults is decided now; the write itself once the exit is done
-                // with (it may need the vCPU).
-                if devices.apic_msr_writable(index) {
-                    x2apic_write = Some((index, value));
-                } else {
-                    *fault = true;
-                }
-            }
-            VmExit::BudgetExhausted | VmExit::Interrupted => {}
-            VmExit::Hlt => self.on_halt(cpu)?,
+        let retired = self.vcpus[cpu].instructions_retired().unwrap_or(0);
+        // Only this vCPU runs: virtual time moves with its instructions.
+        let now_base = self.now().wrapping_sub(retired);
+        let side = TurnSide {
+            devices: &mut self.devices,
+            scratch: &mut self.mmio_scratch,
+            now_base,
+        };
+        let (h, _) = run_exit(self.vcpus[cpu].as_mut(), cpu, self.apic, || side)?;
+        self.budget_ended = h.budget_ended;
+        if h.halted {
+            self.run_state[cpu] = VcpuRunState::Halted;
+            self.slot_left = 0;
         }
-        if let Some(value) = tsc_deadline {
-            // The write retired: the guest TSC and virtual time are those after it.
-            let tsc = self.vcpus[cpu].get_tsc()?;
-            let now = self.now();
-            self.devices.advance_to(now);
-            self.devices
-                .apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
-        }
-        if let Some(value) = apic_base_write {
-            if self.vcpus[cpu].is_protected() {
-                // SEV-ES: the hypervisor tracks it (it changed in the GHCB exchange, which
-                // shows the VMM the completed write); the devices follow the tracked value.
-                self.sync_apic(cpu)?;
-            } else {
-                // The vCPU keeps its copy (snapshots, the control API show it).
-                self.vcpus[cpu].set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
-                self.devices.set_apic_base(value);
-            }
-        }
-        if let Some((index, value)) = x2apic_write {
-            self.devices.apic_msr_write(index, value, 0);
-        }
-        self.mid_exit = answer_needed || self.vcpus[cpu].exit_pending();
-        Ok(None)
-    }
-
-    /// HLT of vCPU `cpu`. An interrupt that arrived while the window was shut (`STI; HLT`:
-    /// the STI's shadow covers the HLT) wakes it at once: the loop hands it over now that the
-    /// window is open. Otherwise the vCPU halts and its turn ends.
-    fn on_halt(&mut self, cpu: usize) -> Result<(), MachineError> {
-        if self.devices.pending_interrupt().is_some() && self.vcpus[cpu].interrupts_enabled()? {
-            return Ok(());
-        }
-        self.run_state[cpu] = VcpuRunState::Halted;
-        self.slot_left = 0;
-        Ok(())
+        self.mid_exit = h.mid_exit;
+        Ok(h.outcome)
     }
 
     /// No vCPU can run: each halted or waiting for SIPI. If none can ever wake (halted with
@@ -1367,6 +1238,255 @@ impl Machine {
     }
 }
 
+/// What the VMM made of one exit ([`run_exit`]).
+struct Handled {
+    /// The exit ends the VM.
+    outcome: Option<Outcome>,
+    /// The exit waits for the VMM's answer or the hypervisor's further work: the vCPU is not
+    /// at a clean point ([`Machine::clean_vcpu`]) until it ran again.
+    mid_exit: bool,
+    /// The run ended at its instruction budget (or PAUSEs gave the budget up).
+    budget_ended: bool,
+    /// The vCPU halted (HLT with no interrupt to take at once).
+    halted: bool,
+}
+
+/// Where a vCPU's exit is handled: the devices and the MMIO window, and virtual time.
+trait ExitSide {
+    /// The devices (the exiting vCPU selected) and the MMIO scratch window.
+    fn parts(&mut self) -> (&mut Devices, &mut [u8; MMIO_SCRATCH_LEN]);
+    /// Virtual time once the exit's instruction retired on `vcpu`.
+    fn now_after(&mut self, vcpu: &dyn Vcpu) -> u64;
+}
+
+/// The exit side of the vCPUs' turns on one thread: the machine's own devices; virtual
+/// time moves with the one running vCPU's instructions.
+struct TurnSide<'a> {
+    devices: &'a mut Devices,
+    scratch: &'a mut [u8; MMIO_SCRATCH_LEN],
+    /// Virtual time minus the running vCPU's retired instructions.
+    now_base: u64,
+}
+
+impl ExitSide for TurnSide<'_> {
+    fn parts(&mut self) -> (&mut Devices, &mut [u8; MMIO_SCRATCH_LEN]) {
+        (self.devices, self.scratch)
+    }
+
+    fn now_after(&mut self, vcpu: &dyn Vcpu) -> u64 {
+        self.now_base
+            .wrapping_add(vcpu.instructions_retired().unwrap_or(0))
+    }
+}
+
+/// Run `vcpu` (number `cpu`) to its next exit, then get the exit side from `enter` (with
+/// vCPUs in parallel: take the devices' lock; the vCPU runs without it) and handle the
+/// exit there. Returns what came of it and the exit side, still held.
+fn run_exit<G: ExitSide>(
+    vcpu: &mut dyn Vcpu,
+    cpu: usize,
+    apic: bool,
+    enter: impl FnOnce() -> G,
+) -> Result<(Handled, G), MachineError> {
+    let mut tsc_deadline = None;
+    let mut x2apic_write = None;
+    let mut apic_base_write = None;
+    let mut hlt = false;
+    let exit = vcpu.run()?;
+    let mut side = enter();
+    let (devices, scratch) = side.parts();
+    let budget_ended = matches!(exit, VmExit::BudgetExhausted);
+    let answer_needed = matches!(
+        exit,
+        VmExit::IoIn { .. }
+            | VmExit::MmioRead { .. }
+            | VmExit::Cpuid { .. }
+            | VmExit::RdMsr { .. }
+            | VmExit::WrMsr { .. }
+    );
+    let ends = |outcome| Handled {
+        outcome: Some(outcome),
+        mid_exit: false,
+        budget_ended,
+        halted: false,
+    };
+    match exit {
+        VmExit::IoIn { port, data } => devices.io_read(port, data)?,
+        VmExit::IoOut { port, data } => {
+            devices.io_write(port, data)?;
+            if port == esvm_devices::ACPI_PM1A_CNT && devices.take_power_off_request() {
+                let off = Outcome::PowerOff(crate::outcome::ACPI_OFF.into());
+                return Ok((ends(off), side));
+            }
+            if let Some(code) = devices.take_exit_request() {
+                return Ok((ends(Outcome::Exited(code)), side));
+            }
+            if devices.take_reset_request() {
+                let reset =
+                    Outcome::Reset("through the i8042 keyboard controller's reset line".into());
+                return Ok((ends(reset), side));
+            }
+        }
+        // MMIO goes to the devices first, then to the scratch window.
+        VmExit::MmioRead { addr, data } => {
+            if !devices.mmio_read(addr, data) {
+                match scratch_range(addr, data.len()) {
+                    Some(r) => data.copy_from_slice(&scratch[r]),
+                    None => {
+                        tracing::debug!(addr, len = data.len(), "read of unbacked memory");
+                        data.fill(0xff);
+                    }
+                }
+            }
+        }
+        VmExit::MmioWrite { addr, data } => {
+            if !devices.mmio_write(addr, data) {
+                match scratch_range(addr, data.len()) {
+                    Some(r) => scratch[r].copy_from_slice(data),
+                    None => {
+                        tracing::debug!(addr, len = data.len(), "write to unbacked memory ignored")
+                    }
+                }
+            }
+        }
+        VmExit::Shutdown { reason } => return Ok((ends(Outcome::Shutdown(reason)), side)),
+        VmExit::Terminated { reason } => return Ok((ends(Outcome::Terminated(reason)), side)),
+        VmExit::Cpuid { result, .. } => *result = [0; 4],
+        // The local APIC's MSRs (intercepted for a plain software vCPU, forwarded from
+        // the GHCB for a protected one).
+        VmExit::RdMsr {
+            index: esvm_arch::msr::IA32_APIC_BASE,
+            value,
+            ..
+        } => *value = devices.apic_base(),
+        VmExit::WrMsr {
+            index: esvm_arch::msr::IA32_APIC_BASE,
+            value,
+            ..
+        } => apic_base_write = Some(value),
+        VmExit::RdMsr {
+            index,
+            value,
+            fault,
+        } => match devices.apic_msr_read(index) {
+            Some(v) => *value = v,
+            None => *fault = true,
+        },
+        VmExit::WrMsr {
+            index: esvm_devices::lapic::TSC_DEADLINE_MSR,
+            value,
+            ..
+        } => tsc_deadline = Some(value),
+        VmExit::WrMsr {
+            index,
+            value,
+            fault,
+        } => {
+            // Whether it faults is decided now; the write itself once the exit is done
+            // with (it may need the vCPU).
+            if devices.apic_msr_writable(index) {
+                x2apic_write = Some((index, value));
+            } else {
+                *fault = true;
+            }
+        }
+        VmExit::BudgetExhausted | VmExit::Interrupted => {}
+        VmExit::Hlt => hlt = true,
+    }
+    if let Some(value) = tsc_deadline {
+        // The write retired: the guest TSC and virtual time are those after it.
+        let tsc = vcpu.get_tsc()?;
+        let now = side.now_after(vcpu);
+        let (devices, _) = side.parts();
+        devices.advance_to(now);
+        devices.apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
+    }
+    let (devices, _) = side.parts();
+    if let Some(value) = apic_base_write {
+        if vcpu.is_protected() {
+            // SEV-ES: the hypervisor tracks it (it changed in the GHCB exchange, which
+            // shows the VMM the completed write); the devices follow the tracked value.
+            sync_apic_of(apic, vcpu, devices, cpu)?;
+        } else {
+            // The vCPU keeps its copy (snapshots, the control API show it).
+            vcpu.set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
+            devices.set_apic_base(value);
+        }
+    }
+    if let Some((index, value)) = x2apic_write {
+        devices.apic_msr_write(index, value, 0);
+    }
+    // HLT. An interrupt that arrived while the window was shut (`STI; HLT`: the STI's
+    // shadow covers the HLT) wakes it at once: the loop hands it over now that the window
+    // is open. Otherwise the vCPU halts.
+    let halted = hlt && !(devices.pending_interrupt().is_some() && vcpu.interrupts_enabled()?);
+    let handled = Handled {
+        outcome: None,
+        mid_exit: answer_needed || vcpu.exit_pending(),
+        budget_ended,
+        halted,
+    };
+    Ok((handled, side))
+}
+
+/// Give the devices vCPU `cpu`'s APIC base (enable, x2APIC mode) and CR8 (the TPR) as the
+/// VMM knows them: tracked values for a protected vCPU; see [`Machine::sync_apic`].
+fn sync_apic_of(
+    apic: bool,
+    vcpu: &dyn Vcpu,
+    devices: &mut Devices,
+    cpu: usize,
+) -> Result<(), MachineError> {
+    if apic && cpu < devices.vcpus() {
+        let view = vcpu.get_sregs_view()?;
+        devices.select_vcpu(cpu);
+        devices.set_apic_base(view.apic_base());
+        devices.sync_cr8(view.cr8());
+    }
+    Ok(())
+}
+
+/// Hand the interrupt controllers' pending interrupt for `vcpu` (selected in `devices`) to
+/// it if it has none queued; NMIs too. See [`Machine::offer_interrupt`].
+fn offer_interrupt_to(
+    apic: bool,
+    vcpu: &mut dyn Vcpu,
+    devices: &mut Devices,
+) -> Result<(), MachineError> {
+    if devices.take_nmi() {
+        vcpu.inject_nmi()?;
+    }
+    if !devices.has_interrupt_request() {
+        return Ok(());
+    }
+    let Some(vector) = devices.pending_interrupt() else {
+        return Ok(());
+    };
+    if vcpu.get_events()?.interrupt.is_some() || !vcpu.interrupt_window_open()? {
+        return Ok(());
+    }
+    // The backend refuses vectors the CR8 it knows masks (the tracked CR8 of a protected
+    // vCPU): they wait until the guest lowers it.
+    if apic && !esvm_hv::sev::tpr_accepts(vcpu.get_sregs_view()?.cr8(), vector) {
+        return Ok(());
+    }
+    let vector = devices.acknowledge_interrupt();
+    vcpu.queue_interrupt(vector)?;
+    Ok(())
+}
+
+/// Kicks every vCPU of a machine: the control's kick, so that all of them reach a clean
+/// point when the control needs the machine.
+struct AllKicker(Vec<Arc<dyn esvm_hv::Kicker>>);
+
+impl esvm_hv::Kicker for AllKicker {
+    fn kick(&self) {
+        for k in &self.0 {
+            k.kick();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1495,9 +1615,9 @@ mod tests {
             0x31, 0xc0, 0x8e, 0xd8, 0xff, 0x06, 0x02, 0x90, 0xc6, 0x06, 0x00, 0x90, 0x5a, 0xfa,
             0xf4,
         ];
-        let run = || {
+        let run = |deterministic| {
             let mut m = flat32_machine(2, &bsp);
-            m.set_deterministic(true);
+            m.set_deterministic(deterministic);
             m.vm().memory().write(0x8000, &ap).unwrap();
             assert_eq!(
                 m.vcpu_run_states(),
@@ -1525,13 +1645,89 @@ mod tests {
             let state = m.save_state();
             (state.instructions, m.vcpus[1].get_tsc().unwrap(), m.now())
         };
-        let (counts, ap_tsc, now) = run();
+        let (counts, ap_tsc, now) = run(true);
         assert_eq!(counts[1], 6, "the AP's six instructions");
         // Virtual time is every vCPU's instructions; the AP's TSC is on it.
         assert_eq!(now, counts.iter().sum::<u64>());
         assert_eq!(ap_tsc, now);
         // It replays exactly.
-        assert_eq!(run(), (counts, ap_tsc, now));
+        assert_eq!(run(true), (counts, ap_tsc, now));
+        // In parallel (each vCPU on a thread of its own) it comes to the same end; the
+        // BSP's spin count depends on the host's timing.
+        let (counts, ap_tsc, now) = run(false);
+        assert_eq!(counts[1], 6, "the AP's six instructions");
+        assert_eq!(now, counts.iter().sum::<u64>());
+        assert_eq!(ap_tsc, now);
+    }
+
+    /// vCPUs in parallel: pause (a stop guard), a job on the whole machine and resume, while
+    /// two vCPUs run; every vCPU is at a clean point while the guest is stopped, and the
+    /// run goes on to its end.
+    #[test]
+    fn parallel_vcpus_stop_together_for_the_control() {
+        // BSP: start the AP (INIT, SIPI vector 8), then count in [0x9004] until the AP's
+        // counter [0x9008] reaches 5000000; exit 7. AP: count [0x9008] up to 5000000; hlt.
+        let icr_hi = 0xfee0_0310;
+        let icr_lo = 0xfee0_0300;
+        let mut bsp = Vec::new();
+        bsp.extend(mov_mem32(icr_hi, 1 << 24));
+        bsp.extend(mov_mem32(icr_lo, 0xc500));
+        bsp.extend(mov_mem32(icr_lo, 0x8500));
+        bsp.extend(mov_mem32(icr_lo, 0x0608));
+        // loop: inc dword [0x9004]; cmp dword [0x9008], 5000000; jb loop
+        bsp.extend([0xff, 0x05, 0x04, 0x90, 0, 0]);
+        bsp.extend([0x81, 0x3d, 0x08, 0x90, 0, 0]);
+        bsp.extend(5_000_000u32.to_le_bytes());
+        bsp.extend([0x72, 0xee]);
+        bsp.extend([0xb0, 0x07, 0xe6, 0xf4]); // mov al, 7; out 0xf4, al
+                                              // AP, real mode at 0800:0000: xor ax, ax; mov ds, ax;
+                                              // loop: add dword [0x9008], 1 (66 83 06 08 90 01); cmp dword [0x9008], 5000000
+                                              // (66 81 3e 08 90 imm32); jb loop; cli; hlt
+        let mut ap = vec![0x31, 0xc0, 0x8e, 0xd8];
+        ap.extend([0x66, 0x83, 0x06, 0x08, 0x90, 0x01]);
+        ap.extend([0x66, 0x81, 0x3e, 0x08, 0x90]);
+        ap.extend(5_000_000u32.to_le_bytes());
+        ap.extend([0x72, 0xef, 0xfa, 0xf4]);
+        let mut m = flat32_machine(2, &bsp);
+        m.max_instructions = None;
+        m.vm().memory().write(0x8000, &ap).unwrap();
+        let control = m.control().clone();
+        let stopper = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(20));
+                let Ok(stopped) = control.stop(PARK_TIMEOUT) else {
+                    break; // the run ended first
+                };
+                let job = control.run_job(|m: &mut Machine| {
+                    let clean = (0..2).all(|i| m.save_vcpu(i).is_ok());
+                    (clean, m.instructions().unwrap_or(0))
+                });
+                match job {
+                    Ok(r) => seen.push(r),
+                    Err(_) => break,
+                }
+                drop(stopped);
+            }
+            seen
+        });
+        let outcome = m.run().unwrap();
+        assert!(matches!(outcome, Outcome::Exited(7)), "{outcome:?}");
+        let seen = stopper.join().unwrap();
+        assert!(
+            !seen.is_empty(),
+            "the run ended before the control stopped it"
+        );
+        assert!(seen.iter().all(|(clean, _)| *clean), "{seen:?}");
+        // Each stop saw the guest further on.
+        assert!(seen.windows(2).all(|w| w[0].1 < w[1].1), "{seen:?}");
+        let mut count = [0u8; 4];
+        m.vm().memory().read(0x9008, &mut count).unwrap();
+        assert_eq!(u32::from_le_bytes(count), 5_000_000);
+        assert_eq!(
+            m.vcpu_run_states(),
+            [VcpuRunState::Running, VcpuRunState::Halted]
+        );
     }
 
     /// Without SIPI an AP never runs; a machine whose vCPUs all wait or halt with
