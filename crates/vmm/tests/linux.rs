@@ -1670,3 +1670,56 @@ fn a_live_migration_of_a_2_vcpu_guest_mid_workload_keeps_the_digest_and_the_shel
     check_moved_guest(&before, &mut dest, &mut stdin, &expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ------------------------------------------------------------ vCPUs in parallel (issue 13.4)
+
+/// The default with several vCPUs runs each on a host thread: two such boots with 2 vCPUs
+/// both compute the native digest (their instruction counts may differ: the vCPUs meet in
+/// the host's order), with no TSC or SMP complaint; a 4-vCPU boot too.
+#[test]
+fn parallel_vcpus_compute_the_native_digest_run_after_run() {
+    let expected = native_workload(1);
+    for extra in [["--vcpus", "2"], ["--vcpus", "2"], ["--vcpus", "4"]] {
+        let (out, _count) = boot_counting_instructions(&extra);
+        let n = extra[1];
+        assert!(
+            out.contains(&format!("smp: Brought up 1 node, {n} CPUs")),
+            "{}",
+            tail(&out)
+        );
+        assert_eq!(workload_lines(&out), expected, "{}", tail(&out));
+        assert_eq!(smp_complaints(&out), Vec::<&str>::new(), "{n} vCPUs");
+        assert_eq!(kernel_complaints(&out), Vec::<&str>::new(), "{n} vCPUs");
+    }
+}
+
+/// A 2-vCPU guest in parallel paused mid-workload stops (no console output while paused,
+/// the instruction count stands still), resumes and finishes with the native digest.
+#[test]
+fn a_parallel_2_vcpu_guest_pauses_and_resumes_mid_workload() {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("pause-smp");
+    let sock = dir.join("api.sock");
+    let mut src = linux_smp_source(&sock, 2);
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    common::ctl_ok(&sock, &["pause"]);
+    let status = |sock: &Path| -> serde_json::Value {
+        serde_json::from_str(&common::ctl_ok(sock, &["status", "--json"])).unwrap()
+    };
+    let first = status(&sock);
+    let out_paused = src.stdout();
+    std::thread::sleep(Duration::from_millis(500));
+    let second = status(&sock);
+    assert_eq!(first["instructions"], second["instructions"], "{second}");
+    assert_eq!(src.stdout(), out_paused, "console output while paused");
+    assert!(
+        !out_paused.contains("workload digest="),
+        "the pause was not mid-workload; raise MOVE_SCALE"
+    );
+    common::ctl_ok(&sock, &["resume"]);
+    src.wait_stdout("workload digest=", BOOT_TIMEOUT);
+    assert_eq!(workload_lines(&src.stdout()), expected);
+    src.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
