@@ -27,9 +27,9 @@
 //! Memory contract: see [`PhysMemory`]. Every guest write (including page-walk A/D updates,
 //! exception frames, descriptor accessed bits and LOCKed read-modify-writes, which are host
 //! atomics) stores first and then marks the vm-memory dirty bitmap (relaxed check, atomic
-//! set only when clear). A migration thread that takes the bitmap while vCPUs run should
-//! issue a process-wide memory barrier (e.g. `membarrier`) after `get_and_reset` and before
-//! copying pages, so that stores still in a vCPU's store buffer are not missed. Writes the
+//! set only when clear). A migration thread that takes the bitmap while vCPUs run must
+//! issue a process-wide memory barrier ([`process_barrier`]) after `get_and_reset` and
+//! before copying pages, so that stores still in a vCPU's store buffer are not missed. Writes the
 //! VMM makes to guest code outside [`PhysMemory::write`] must be followed by
 //! [`PhysMemory::invalidate_code`].
 //!
@@ -74,7 +74,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
-pub use mem::{MemError, PageCipher, PhysMemory};
+pub use mem::{process_barrier, MemError, PageCipher, PhysMemory};
 pub use sev::{
     exit_code, vmsa_layout, SevEsConfig, TrapReg, VcIntercepts, SEV_PHYS_ADDR_REDUCTION,
     SEV_STATUS_VALUE,

@@ -56,6 +56,8 @@ fn machines(n: usize, code: &[u8], arg: u64) -> Vec<Harness> {
 /// [`machines`] whose vCPUs are configured as `config` (with their own `vcpu_id`).
 fn machines_with(n: usize, code: &[u8], arg: u64, config: CpuConfig) -> Vec<Harness> {
     let mem = PhysMemory::new_owned(MEM).unwrap();
+    // The vCPUs run on threads of their own: first decodes fence (PhysMemory::mark_code).
+    mem.set_parallel(true);
     let mut hs: Vec<Harness> = (0..n)
         .map(|i| {
             let config = CpuConfig {

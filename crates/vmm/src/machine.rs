@@ -366,8 +366,9 @@ impl Machine {
                 vm_config.cpuid = vm_config.cpuid.clone().with_topology(config.vcpus);
                 // A spin-waiting vCPU (PAUSE) gives its turn to the others at once.
                 vm_config.pause_ends_budget = true;
-                // vCPUs in parallel: no TSC read goes back from one vCPU to another.
-                vm_config.shared_tsc_mark = true;
+                // vCPUs in parallel (unless --deterministic): no TSC read goes back from
+                // one vCPU to another, first decodes see every vCPU's code stores.
+                vm_config.parallel_vcpus = true;
             }
         }
         let vm = esvm_hv::open(config.backend)?.create_vm(&vm_config)?;
