@@ -27,6 +27,7 @@ use crate::ram::RamError;
 use crate::runctl::RunControl;
 
 mod parallel;
+pub use parallel::PARALLEL_SLICE;
 
 /// The control of a machine's run loop: its jobs run on the [`Machine`].
 pub type VmControl = RunControl<Machine>;

@@ -1723,3 +1723,59 @@ fn a_parallel_2_vcpu_guest_pauses_and_resumes_mid_workload() {
     src.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `esvm bench smp` boots every mode it reports (one vCPU; two in parallel and with
+/// --deterministic), each computing the native mtload digest, and measures them.
+#[test]
+fn bench_smp_measures_parallel_and_deterministic_vcpus_against_the_native_run() {
+    let a = assets();
+    let out = Command::new(ESVM)
+        .args([
+            "bench",
+            "smp",
+            "--json",
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--mtload",
+            mtload_binary().to_str().unwrap(),
+            "--vcpus",
+            "1,2",
+            "--scale",
+            "1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let boots = r["boots"].as_array().unwrap();
+    let modes: Vec<(u64, bool)> = boots
+        .iter()
+        .map(|b| {
+            (
+                b["vcpus"].as_u64().unwrap(),
+                b["deterministic"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(modes, [(1, false), (2, false), (2, true)]);
+    let native = native_mtload(2);
+    for b in boots {
+        assert!(
+            native.contains(&b["digest"].as_str().unwrap().to_string()),
+            "{b}"
+        );
+        assert!(
+            b["workload_instructions"].as_u64().unwrap() > 1_000_000,
+            "{b}"
+        );
+        assert!(
+            b["boot_instructions"].as_u64().unwrap() > 100_000_000,
+            "{b}"
+        );
+        assert!(b["workload_ips"].as_f64().unwrap() > 0.0, "{b}");
+    }
+    assert!(r["native_threads_s"].as_f64().unwrap() > 0.0);
+}
