@@ -87,10 +87,11 @@ fn scratch_range(addr: u64, len: usize) -> Option<std::ops::Range<usize>> {
 }
 
 /// Virtual time. On the emu backend it is the instructions retired by all vCPUs together
-/// (1 instruction = 1 ns: the vCPUs take turns on one thread, so each slot's instructions
-/// move the one clock) plus the time skipped while every vCPU was halted, so runs are
-/// deterministic; every vCPU's TSC follows it (see [`Machine::tsc_offsets`]). On KVM it is
-/// host time. Both continue from the saved value after a restore or a migration.
+/// (1 instruction = 1 ns) plus the time skipped while every vCPU was halted. When the vCPUs
+/// take turns on one thread each turn's instructions move the one clock, so runs are
+/// deterministic and every vCPU's TSC follows it exactly (see [`Machine::tsc_offsets`]); in
+/// parallel the clock is the sum of the counts each vCPU thread publishes (see the
+/// `parallel` module for how the TSCs follow it). On KVM it is host time. Both continue from the saved value after a restore or a migration.
 enum Clock {
     Virtual { idle_ns: u64 },
     Host { start: Instant, offset_ns: u64 },
@@ -208,8 +209,8 @@ pub struct Machine {
     /// The VMM models the local APIC and I/O APIC (the software vCPU; KVM has its own
     /// in-kernel irqchip) and places ACPI tables for Linux.
     apic: bool,
-    /// The APs start by INIT-SIPI-SIPI and take turns with the boot vCPU (plain guests on
-    /// the emu backend); otherwise they stay parked.
+    /// The APs start by INIT-SIPI-SIPI and run beside the boot vCPU (plain guests on the
+    /// emu backend); otherwise they stay parked.
     smp: bool,
     /// Per vCPU: where it stands.
     run_state: Vec<VcpuRunState>,
@@ -640,8 +641,9 @@ impl Machine {
         Some(all)
     }
 
-    /// Run the boot vCPU until the guest exits, shuts down, the limit runs out or the VM
-    /// migrates away. Other threads steer it through [`Machine::control`].
+    /// Run the vCPUs (several: in parallel, or in turns with
+    /// [`Machine::set_deterministic`]) until the guest exits, shuts down, the limit runs out
+    /// or the VM migrates away. Other threads steer it through [`Machine::control`].
     pub fn run(&mut self) -> Result<Outcome, MachineError> {
         let control = self.control.clone();
         match control.loop_started() {
