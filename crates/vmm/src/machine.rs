@@ -1728,10 +1728,8 @@ mod tests {
         let mut count = [0u8; 4];
         m.vm().memory().read(0x9008, &mut count).unwrap();
         assert_eq!(u32::from_le_bytes(count), 5_000_000);
-        assert_eq!(
-            m.vcpu_run_states(),
-            [VcpuRunState::Running, VcpuRunState::Halted]
-        );
+        // The run ended at the BSP's exit: the AP has halted or is on its way to its HLT.
+        assert_eq!(m.vcpu_run_states()[0], VcpuRunState::Running);
     }
 
     /// Without SIPI an AP never runs; a machine whose vCPUs all wait or halt with
@@ -1765,5 +1763,26 @@ mod tests {
         let mut bad = state;
         bad.scheduler.as_mut().unwrap().vcpus.pop();
         assert!(m2.restore_state(&bad).is_err());
+    }
+
+    /// `--deterministic` travels with the VM: a saved state carries it (only when set) and a
+    /// machine restored from it takes turns on one thread too.
+    #[test]
+    fn the_deterministic_choice_travels_with_the_state() {
+        let mut m = flat32_machine(2, &[0xfa, 0xf4]);
+        m.set_deterministic(true);
+        let state = m.save_state();
+        assert!(state.scheduler.as_ref().unwrap().deterministic);
+        let mut m2 = flat32_machine(2, &[0xfa, 0xf4]);
+        assert!(!m2.deterministic());
+        m2.restore_state(&state).unwrap();
+        assert!(m2.deterministic());
+        assert!(!m2.parallel());
+        // A parallel VM's state does not write the field (older readers take it as before).
+        let parallel = flat32_machine(2, &[0xfa, 0xf4]).save_state();
+        let json = serde_json::to_string(&parallel).unwrap();
+        assert!(!json.contains("deterministic"), "{json}");
+        m2.restore_state(&parallel).unwrap();
+        assert!(m2.parallel());
     }
 }
