@@ -27,9 +27,9 @@
 //! Memory contract: see [`PhysMemory`]. Every guest write (including page-walk A/D updates,
 //! exception frames, descriptor accessed bits and LOCKed read-modify-writes, which are host
 //! atomics) stores first and then marks the vm-memory dirty bitmap (relaxed check, atomic
-//! set only when clear). A migration thread that takes the bitmap while vCPUs run should
-//! issue a process-wide memory barrier (e.g. `membarrier`) after `get_and_reset` and before
-//! copying pages, so that stores still in a vCPU's store buffer are not missed. Writes the
+//! set only when clear). A migration thread that takes the bitmap while vCPUs run must
+//! issue a process-wide memory barrier ([`process_barrier`]) after `get_and_reset` and
+//! before copying pages, so that stores still in a vCPU's store buffer are not missed. Writes the
 //! VMM makes to guest code outside [`PhysMemory::write`] must be followed by
 //! [`PhysMemory::invalidate_code`].
 //!
@@ -70,11 +70,11 @@ use esvm_arch::{
     DebugRegs, DescriptorTable, FpuState, MsrState, PendingEvents, PendingException, Regs, Segment,
     SpecialRegs, VcpuSnapshot,
 };
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
-pub use mem::{MemError, PageCipher, PhysMemory};
+pub use mem::{process_barrier, MemError, PageCipher, PhysMemory};
 pub use sev::{
     exit_code, vmsa_layout, SevEsConfig, TrapReg, VcIntercepts, SEV_PHYS_ADDR_REDUCTION,
     SEV_STATUS_VALUE,
@@ -121,6 +121,14 @@ pub struct CpuConfig {
     /// the thread to the vCPU it waits for instead of spinning out its turn (in spirit
     /// AMD's PAUSE filter). Default false.
     pub pause_ends_budget: bool,
+    /// A TSC high-water mark shared by the vCPUs of a VM that run on host threads of their
+    /// own: a guest read of the TSC (RDTSC, RDTSCP, RDMSR) returns the larger of this vCPU's
+    /// TSC and the mark, and raises the mark to what it returns. Each vCPU's TSC counts its
+    /// own instructions, so vCPUs running in parallel drift apart; with the mark no vCPU
+    /// ever reads a TSC below one another vCPU read before (what Linux's TSC warp check
+    /// tests through a lock), and each vCPU's reads stay monotonic. None (the default): a
+    /// read is this vCPU's TSC. The mark is not state: it restarts at 0 with the VM.
+    pub tsc_mark: Option<Arc<AtomicU64>>,
 }
 
 impl Default for CpuConfig {
@@ -134,6 +142,7 @@ impl Default for CpuConfig {
             sev_es: None,
             rdrand_seed: 0,
             pause_ends_budget: false,
+            tsc_mark: None,
         }
     }
 }
@@ -665,6 +674,18 @@ impl Cpu {
     /// Current guest TSC.
     pub fn tsc(&self) -> u64 {
         (self.tsc_offset as u64).wrapping_add(self.retired.wrapping_mul(self.config.tsc_per_insn))
+    }
+
+    /// The TSC as a guest read (RDTSC, RDTSCP, RDMSR) sees it: [`Cpu::tsc`], or with a
+    /// shared mark ([`CpuConfig::tsc_mark`]) the larger of it and the mark, which it raises.
+    pub fn guest_tsc_read(&self) -> u64 {
+        let own = self.tsc();
+        match &self.config.tsc_mark {
+            // AcqRel: a read on another vCPU that happens after this one (through any
+            // synchronisation of the guest's) sees the raised mark.
+            Some(mark) => mark.fetch_max(own, Ordering::AcqRel).max(own),
+            None => own,
+        }
     }
 
     pub fn set_tsc(&mut self, tsc: u64) {

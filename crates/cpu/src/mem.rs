@@ -84,6 +84,8 @@ struct Inner {
     sev: encrypt::SevMem,
     /// Post-copy: pages not yet arrived (see `postcopy`).
     missing: std::sync::OnceLock<Arc<MissingPages>>,
+    /// vCPUs on several host threads write this memory ([`PhysMemory::set_parallel`]).
+    parallel: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the raw pointers refer to guest RAM and a dirty bitmap that, per the contract of
@@ -94,6 +96,34 @@ struct Inner {
 unsafe impl Send for Inner {}
 // SAFETY: see `Send`; `AtomicBitmap`, the code bitmap and the epochs are atomics.
 unsafe impl Sync for Inner {}
+
+/// A full memory barrier on every thread of this process that runs at the moment (Linux
+/// `membarrier`, private expedited: an IPI to the CPUs running its threads; registered on
+/// first use), then one on this thread. Stores still in another vCPU thread's store buffer
+/// are visible afterwards. Needed where a thread reads what vCPUs wrote and the vCPUs'
+/// own bookkeeping (dirty bit, code bit) was checked with a plain load after their store:
+/// taking the dirty log for a migration pass (see the crate documentation) and decoding a
+/// page for the first time. Without membarrier (an old kernel) it falls back to the slower
+/// global command, then to a local fence only.
+pub fn process_barrier() {
+    // linux/membarrier.h
+    const CMD_GLOBAL: libc::c_long = 1;
+    const CMD_PRIVATE_EXPEDITED: libc::c_long = 8;
+    const CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 16;
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let expedited = *REGISTERED.get_or_init(|| {
+        // SAFETY: membarrier takes no pointers; registering has no effect on memory.
+        unsafe { libc::syscall(libc::SYS_membarrier, CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0 }
+    });
+    let cmd = if expedited {
+        CMD_PRIVATE_EXPEDITED
+    } else {
+        CMD_GLOBAL
+    };
+    // SAFETY: as above; a failure (no membarrier at all) leaves the local fence below.
+    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) };
+    std::sync::atomic::fence(Ordering::SeqCst);
+}
 
 /// Raw views of a [`PhysMemory`]'s dirty bitmap, code bitmap and code epochs.
 #[derive(Clone, Copy)]
@@ -146,6 +176,7 @@ impl PhysMemory {
                 _keepalive: keepalive,
                 sev: encrypt::SevMem::new(),
                 missing: std::sync::OnceLock::new(),
+                parallel: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -285,11 +316,33 @@ impl PhysMemory {
         self.inner.epoch[page as usize].fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Mark `page` as holding decoded code and return its current epoch.
+    /// Mark `page` as holding decoded code and return its current epoch. The caller reads
+    /// the code bytes afterwards.
+    ///
+    /// With vCPUs on several threads ([`PhysMemory::set_parallel`]) a newly set bit is
+    /// followed by a process-wide barrier. A writing vCPU stores its bytes and then checks
+    /// the bit with a plain load, which x86 lets pass its own buffered store (store-load
+    /// reordering): it could see the bit still clear while this vCPU, having set it, reads
+    /// the page before the store is visible — and the stale decode would never be
+    /// invalidated. The barrier ([`process_barrier`]) runs a full fence on every other
+    /// thread: either the writer's check comes after it and sees the bit (it bumps the
+    /// epoch), or the store came before it and the bytes read here include it. Pages stay
+    /// marked while they hold code, so this costs one barrier per page (re)decoded after a
+    /// write, not per write.
     pub(crate) fn mark_code(&self, page: u64) -> u32 {
         let bit = 1u64 << (page % 64);
-        self.inner.code[(page / 64) as usize].fetch_or(bit, Ordering::SeqCst);
+        let old = self.inner.code[(page / 64) as usize].fetch_or(bit, Ordering::SeqCst);
+        if old & bit == 0 && self.inner.parallel.load(Ordering::Relaxed) {
+            process_barrier();
+        }
         self.inner.epoch[page as usize].load(Ordering::SeqCst)
+    }
+
+    /// Say whether vCPUs on several host threads run over this memory (a VMM running a
+    /// VM's vCPUs in parallel sets it before they run): first decodes of a page then pay
+    /// for the barrier [`PhysMemory::mark_code`] explains.
+    pub fn set_parallel(&self, on: bool) {
+        self.inner.parallel.store(on, Ordering::Relaxed);
     }
 
     #[cfg(test)]

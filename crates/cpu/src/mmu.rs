@@ -642,6 +642,22 @@ impl Cpu {
     }
 }
 
+/// The bus lock of LOCKed operations that cannot be one host atomic (their operand crosses
+/// a page, so its two halves may be far apart on the host, or lies in MMIO): they run as a
+/// read and a write while holding this process-wide mutex. Every LOCKed access to such an
+/// operand (same address and size) takes it too, so they are atomic with respect to each
+/// other across all vCPUs, as a split lock is on hardware. (A LOCKed access of a different
+/// size overlapping part of such an operand does not take it; software does not mix those.)
+static SPLIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Hold the bus lock of [`SPLIT_LOCK`] for one split LOCKed operation.
+pub(crate) fn split_lock() -> std::sync::MutexGuard<'static, ()> {
+    // Nothing is protected by the unit value: a panic while held leaves nothing torn.
+    SPLIT_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Atomic compare-exchange on guest RAM of any alignment: returns the value found.
 ///
 /// # Safety

@@ -50,12 +50,19 @@ fn assemble(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<
 /// `n` vCPUs over one fresh memory holding `code` at `CODE`; vCPU `i` starts there with
 /// RDI = i, RSI = `arg`, RDX = n and its own stack.
 fn machines(n: usize, code: &[u8], arg: u64) -> Vec<Harness> {
+    machines_with(n, code, arg, CpuConfig::default())
+}
+
+/// [`machines`] whose vCPUs are configured as `config` (with their own `vcpu_id`).
+fn machines_with(n: usize, code: &[u8], arg: u64, config: CpuConfig) -> Vec<Harness> {
     let mem = PhysMemory::new_owned(MEM).unwrap();
+    // The vCPUs run on threads of their own: first decodes fence (PhysMemory::mark_code).
+    mem.set_parallel(true);
     let mut hs: Vec<Harness> = (0..n)
         .map(|i| {
             let config = CpuConfig {
                 vcpu_id: i as u32,
-                ..CpuConfig::default()
+                ..config.clone()
             };
             Harness::with_memory(mem.clone(), config)
         })
@@ -483,4 +490,96 @@ fn lock_inc_throughput_with_one_and_two_vcpus() {
             );
         }
     }
+}
+
+// ------------------------------------------------------------------ split locks and the TSC
+
+/// A dword counter that straddles a page boundary (its halves are on two pages).
+const SPLIT: u64 = 0x20_0ffe;
+
+/// RSI times LOCK ADD dword [SPLIT], 1 and LOCK XADD on it; HLT.
+fn split_lock_code() -> Vec<u8> {
+    assemble(|a| {
+        let mut top = a.create_label();
+        barrier(a)?;
+        a.mov(r11, rsi)?;
+        a.set_label(&mut top)?;
+        a.lock().add(dword_ptr(SPLIT), 1)?;
+        a.mov(eax, 1)?;
+        a.lock().xadd(dword_ptr(SPLIT), eax)?;
+        a.dec(r11)?;
+        a.jnz(top)?;
+        a.hlt()
+    })
+}
+
+/// Page-crossing LOCKed operands are one host read and write each, under the emulator's
+/// bus lock: two vCPUs hammering one such counter lose no update.
+#[test]
+fn page_crossing_lock_operations_lose_no_update_across_vcpus() {
+    const ITERS: u64 = 200_000;
+    let hs = run_parallel(machines(2, &split_lock_code(), ITERS));
+    let m = hs[0].mem();
+    let mut b = [0u8; 4];
+    m.read(SPLIT, &mut b).unwrap();
+    assert_eq!(u32::from_le_bytes(b) as u64, 2 * 2 * ITERS);
+}
+
+/// The last TSC value read, and whose turn it is (vCPU 0 or 1).
+const LAST_TSC: u64 = DATA + 0x500;
+const TURN: u64 = DATA + 0x540;
+
+/// Linux's TSC warp check, in strict turns between two vCPUs: RSI times, wait for this
+/// vCPU's turn (RDI), read the TSC, count in R13 a value below the last one read (by the
+/// other vCPU), store it, hand the turn over. HLT.
+fn tsc_warp_code() -> Vec<u8> {
+    assemble(|a| {
+        let mut top = a.create_label();
+        let mut ok = a.create_label();
+        barrier(a)?;
+        a.mov(r11, rsi)?;
+        a.xor(r13, r13)?;
+        a.set_label(&mut top)?;
+        a.pause()?;
+        a.cmp(qword_ptr(TURN), rdi)?;
+        a.jne(top)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.cmp(rax, qword_ptr(LAST_TSC))?;
+        a.jae(ok)?;
+        a.inc(r13)?;
+        a.set_label(&mut ok)?;
+        a.mov(qword_ptr(LAST_TSC), rax)?;
+        a.mov(rax, rdi)?;
+        a.xor(rax, 1)?;
+        a.mov(qword_ptr(TURN), rax)?;
+        a.dec(r11)?;
+        a.jnz(top)?;
+        a.hlt()
+    })
+}
+
+/// Two vCPUs whose TSCs disagree (one starts 10^9 ticks behind, as parallel vCPUs drift
+/// apart within their slices) take turns reading the TSC: with
+/// the shared high-water mark no read is below one made before it on the other vCPU;
+/// without it the check sees the warp.
+#[test]
+fn a_shared_tsc_mark_keeps_reads_monotonic_across_vcpus() {
+    const ITERS: u64 = 20_000;
+    let warps = |config: CpuConfig| -> u64 {
+        let mut hs = machines_with(2, &tsc_warp_code(), ITERS, config);
+        hs[0].cpu.set_tsc(1_000_000_000);
+        let hs = run_parallel(hs);
+        hs.iter().map(|h| h.cpu.regs().gpr[13]).sum()
+    };
+    let mark = CpuConfig {
+        tsc_mark: Some(std::sync::Arc::default()),
+        ..CpuConfig::default()
+    };
+    assert_eq!(warps(mark), 0, "TSC warps with the shared mark");
+    assert!(
+        warps(CpuConfig::default()) > 0,
+        "without the mark the TSCs 10^9 apart must show a warp (the test would prove nothing)"
+    );
 }

@@ -56,6 +56,8 @@ pub struct EmuVm {
     hook_slot: Arc<Mutex<Option<PhysMemory>>>,
     /// Same-host moves of the guest (see `crate::sev::moving`).
     moves: VmMoves,
+    /// The vCPUs' shared TSC mark ([`VmConfig::parallel_vcpus`]).
+    tsc_mark: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for EmuVm {
@@ -91,6 +93,7 @@ impl EmuVm {
             )
         }
         .map_err(HvError::EmuMemory)?;
+        phys.set_parallel(config.parallel_vcpus);
         // VMM-side writes through GuestMemory::write must drop decoded code. The hook reaches
         // the PhysMemory through a slot the VM empties when it is dropped: PhysMemory keeps
         // the GuestMemory alive, so holding it directly would be a reference cycle (a leak of
@@ -112,6 +115,7 @@ impl EmuVm {
             sev: Arc::new(OnceLock::new()),
             hook_slot,
             moves: VmMoves::new(),
+            tsc_mark: Arc::default(),
         })
     }
 
@@ -147,6 +151,7 @@ impl EmuVm {
             cpuid_intercepts: self.config.cpuid_intercepts.clone(),
             msr_intercepts: self.config.msr_intercepts.clone(),
             pause_ends_budget: self.config.pause_ends_budget,
+            tsc_mark: self.config.parallel_vcpus.then(|| self.tsc_mark.clone()),
             vcpu_id: id,
             sev_es: (self.config.vm_type == VmType::SevEs).then_some(SevEsConfig {
                 c_bit: sev::C_BIT,

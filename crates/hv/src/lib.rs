@@ -79,6 +79,11 @@ pub struct VmConfig {
     /// instruction budget is used up, so a VMM that interleaves vCPUs on one thread can give
     /// the turn of a spin-waiting vCPU to another (KVM has its own pause-loop exiting).
     pub pause_ends_budget: bool,
+    /// Software backend: the vCPUs may run on host threads of their own. Their TSC reads
+    /// then go through one high-water mark (`esvm_cpu::CpuConfig::tsc_mark`), so that no
+    /// vCPU sees the TSC go back from one vCPU to another, and a page decoded for the first
+    /// time is read after a process-wide barrier (`esvm_cpu::PhysMemory::set_parallel`).
+    pub parallel_vcpus: bool,
 }
 
 impl VmConfig {
@@ -91,6 +96,7 @@ impl VmConfig {
             cpuid_intercepts: Vec::new(),
             msr_intercepts: Vec::new(),
             pause_ends_budget: false,
+            parallel_vcpus: false,
         }
     }
 }

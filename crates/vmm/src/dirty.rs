@@ -54,6 +54,13 @@ impl DirtyTracker {
     /// pending in `carry` for the next [`DirtyTracker::take`]).
     fn fold(&self, s: &mut Sets) -> Result<(), HvError> {
         let log = self.vm.take_dirty_log()?;
+        // vCPUs on other threads store first and then check the page's dirty bit with a
+        // plain load, which may pass their own buffered store: one that saw the bit still
+        // set before this take cleared it may not have made its store visible yet. The
+        // barrier drains every thread's store buffer, so the pages copied after this take
+        // hold every write made before it (the software vCPU's documented requirement;
+        // harmless on KVM, whose log the kernel keeps).
+        esvm_cpu::process_barrier();
         let set = PageSet::from_words(self.pages, log.words());
         s.ever.union(&set);
         s.carry.union(&set);

@@ -26,6 +26,9 @@ use crate::outcome::{Outcome, EXIT_ESVM_ERROR};
 use crate::ram::RamError;
 use crate::runctl::RunControl;
 
+mod parallel;
+pub use parallel::PARALLEL_SLICE;
+
 /// The control of a machine's run loop: its jobs run on the [`Machine`].
 pub type VmControl = RunControl<Machine>;
 /// A hold on a machine whose run loop is parked: no vCPU runs while it lives.
@@ -85,10 +88,11 @@ fn scratch_range(addr: u64, len: usize) -> Option<std::ops::Range<usize>> {
 }
 
 /// Virtual time. On the emu backend it is the instructions retired by all vCPUs together
-/// (1 instruction = 1 ns: the vCPUs take turns on one thread, so each slot's instructions
-/// move the one clock) plus the time skipped while every vCPU was halted, so runs are
-/// deterministic; every vCPU's TSC follows it (see [`Machine::tsc_offsets`]). On KVM it is
-/// host time. Both continue from the saved value after a restore or a migration.
+/// (1 instruction = 1 ns) plus the time skipped while every vCPU was halted. When the vCPUs
+/// take turns on one thread each turn's instructions move the one clock, so runs are
+/// deterministic and every vCPU's TSC follows it exactly (see [`Machine::tsc_offsets`]); in
+/// parallel the clock is the sum of the counts each vCPU thread publishes (see the
+/// `parallel` module for how the TSCs follow it). On KVM it is host time. Both continue from the saved value after a restore or a migration.
 enum Clock {
     Virtual { idle_ns: u64 },
     Host { start: Instant, offset_ns: u64 },
@@ -182,6 +186,10 @@ pub struct SchedulerState {
     pub current: u32,
     /// Instructions left in its turn.
     pub slot_left: u64,
+    /// The VM runs its vCPUs in turns on one thread (`--deterministic`) rather than in
+    /// parallel: it stays so after a restore or a migration. Written only when set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deterministic: bool,
 }
 
 /// Instructions a vCPU runs per turn when several take turns on the machine's thread
@@ -218,7 +226,7 @@ pub struct Machine {
     /// in-kernel irqchip) and places ACPI tables for Linux.
     apic: bool,
     /// The APs start (plain: INIT-SIPI-SIPI; SEV-ES: released from the AP stub by a SIPI)
-    /// and take turns with the boot vCPU (the emu backend); otherwise they stay parked.
+    /// and run beside the boot vCPU (the emu backend); otherwise they stay parked.
     smp: bool,
     /// Per vCPU: where it stands.
     run_state: Vec<VcpuRunState>,
@@ -235,6 +243,9 @@ pub struct Machine {
     tsc_offsets: Option<Vec<i64>>,
     /// IPIs sent between vCPUs so far (the devices' count), to end a turn after one.
     ipis_seen: u64,
+    /// Several vCPUs take turns on the machine's thread ([`Machine::set_deterministic`])
+    /// instead of running on a host thread each.
+    deterministic: bool,
 }
 
 /// What other threads hold of a machine: guest memory and dirty log (through the VM), and
@@ -386,6 +397,9 @@ impl Machine {
                 vm_config.cpuid = vm_config.cpuid.clone().with_topology(config.vcpus);
                 // A spin-waiting vCPU (PAUSE) gives its turn to the others at once.
                 vm_config.pause_ends_budget = true;
+                // vCPUs in parallel (unless --deterministic): no TSC read goes back from
+                // one vCPU to another, first decodes see every vCPU's code stores.
+                vm_config.parallel_vcpus = true;
             }
         }
         let vm = esvm_hv::open(config.backend)?.create_vm(&vm_config)?;
@@ -423,7 +437,9 @@ impl Machine {
                 what: "--max-instructions (KVM does not count instructions)".into(),
             }));
         }
-        let control = Arc::new(VmControl::new(vcpus[0].kicker()));
+        let control = Arc::new(VmControl::new(Arc::new(AllKicker(
+            vcpus.iter().map(|v| v.kicker()).collect(),
+        ))));
         let tracker = Arc::new(DirtyTracker::new(vm.clone()));
         let own_vm_refs = Arc::strong_count(&vm);
         let mut devices = Devices::new(serial_out);
@@ -452,6 +468,7 @@ impl Machine {
             budget_ended: false,
             tsc_offsets: None,
             ipis_seen: 0,
+            deterministic: false,
         })
     }
 
@@ -597,6 +614,25 @@ impl Machine {
         Ok(boot)
     }
 
+    /// Run several vCPUs in turns on the machine's thread with a fixed quantum
+    /// ([`QUANTUM`]), so that a run replays exactly (same output, same instruction counts),
+    /// instead of in parallel on a host thread each (the default). One vCPU, KVM and
+    /// machines whose APs stay parked run the same either way. Set it before the run; a
+    /// restored or received state brings its own choice ([`SchedulerState::deterministic`]).
+    pub fn set_deterministic(&mut self, on: bool) {
+        self.deterministic = on;
+    }
+
+    /// Whether the vCPUs take turns on one thread ([`Machine::set_deterministic`]).
+    pub fn deterministic(&self) -> bool {
+        self.deterministic
+    }
+
+    /// Whether the run loop runs the vCPUs on a host thread each.
+    fn parallel(&self) -> bool {
+        self.smp && !self.deterministic && matches!(self.clock, Clock::Virtual { .. })
+    }
+
     /// The plaintext VMSAs LAUNCH_UPDATE_VMSA would take in now, in vCPU order.
     pub fn initial_vmsas(&self) -> Result<Vec<[u8; 4096]>, MachineError> {
         let backend = self.config.backend;
@@ -653,8 +689,9 @@ impl Machine {
         Some(all)
     }
 
-    /// Run the boot vCPU until the guest exits, shuts down, the limit runs out or the VM
-    /// migrates away. Other threads steer it through [`Machine::control`].
+    /// Run the vCPUs (several: in parallel, or in turns with
+    /// [`Machine::set_deterministic`]) until the guest exits, shuts down, the limit runs out
+    /// or the VM migrates away. Other threads steer it through [`Machine::control`].
     pub fn run(&mut self) -> Result<Outcome, MachineError> {
         let control = self.control.clone();
         match control.loop_started() {
@@ -701,6 +738,9 @@ impl Machine {
                 .map(|v| Ok(v.get_tsc()?.wrapping_sub(now) as i64))
                 .collect::<Result<Vec<_>, HvError>>()?;
             self.tsc_offsets = Some(offsets);
+        }
+        if self.parallel() {
+            return self.run_parallel(control);
         }
         loop {
             if !self.mid_exit {
@@ -798,17 +838,21 @@ impl Machine {
             }
             for signal in self.devices.take_ap_signals_of(i) {
                 self.apply_ap_signal(i, signal)?;
+                if i == cpu && self.run_state[i] != VcpuRunState::Running {
+                    self.slot_left = 0;
+                }
             }
         }
         Ok(())
     }
 
-    /// INIT or SIPI for vCPU `i` (not in the middle of an exit). A plain vCPU: INIT resets it
-    /// to wait for SIPI (ending its turn if it has it), a SIPI starts a waiting one at the
-    /// vector. A protected (SEV-ES) vCPU: INIT is ignored (the hypervisor cannot reset its
-    /// encrypted registers), a SIPI releases it from the AP reset hold if it is held. A SIPI
-    /// to a vCPU that is not waiting for one is ignored, as on hardware (Linux sends two).
-    /// Machines whose APs stay parked (KVM) ignore both.
+    /// Act on INIT or SIPI `signal` sent to vCPU `i` (the AP state machine), at a clean
+    /// point of `i` (its exit fully handled). A plain vCPU: INIT puts it in its INIT state
+    /// waiting for SIPI; a SIPI starts a waiting vCPU in real mode at its vector. A protected
+    /// (SEV-ES) vCPU: INIT is ignored (the hypervisor cannot reset its encrypted registers),
+    /// a SIPI releases it from the AP reset hold if it is held. A SIPI to a vCPU that is not
+    /// waiting for one is ignored, as on hardware (Linux sends two). Machines whose APs stay
+    /// parked (KVM) ignore both.
     fn apply_ap_signal(&mut self, i: usize, signal: ApSignal) -> Result<(), MachineError> {
         if !self.smp {
             return Ok(());
@@ -829,9 +873,6 @@ impl Machine {
             ApSignal::Init => {
                 self.init_vcpu(i)?;
                 self.run_state[i] = VcpuRunState::WaitForSipi;
-                if i == self.current {
-                    self.slot_left = 0;
-                }
             }
             ApSignal::Sipi(vector) if self.run_state[i] == VcpuRunState::WaitForSipi => {
                 self.start_vcpu(i, vector)?;
@@ -917,40 +958,14 @@ impl Machine {
     /// judged and when the run loop starts (a plain vCPU's APIC base writes exit to the VMM,
     /// which passes them on at once).
     fn sync_apic(&mut self, cpu: usize) -> Result<(), MachineError> {
-        if self.apic && cpu < self.devices.vcpus() {
-            let view = self.vcpus[cpu].get_sregs_view()?;
-            self.devices.select_vcpu(cpu);
-            self.devices.set_apic_base(view.apic_base());
-            self.devices.sync_cr8(view.cr8());
-        }
-        Ok(())
+        sync_apic_of(self.apic, self.vcpus[cpu].as_ref(), &mut self.devices, cpu)
     }
 
     /// Hand the interrupt controllers' pending interrupt for vCPU `cpu` (its local APIC, or
     /// for the boot vCPU the 8259 through LINT0) to it if it has none queued; NMIs too. The
     /// devices have `cpu` selected.
     fn offer_interrupt(&mut self, cpu: usize) -> Result<(), MachineError> {
-        if self.devices.take_nmi() {
-            self.vcpus[cpu].inject_nmi()?;
-        }
-        if !self.devices.has_interrupt_request() {
-            return Ok(());
-        }
-        let Some(vector) = self.devices.pending_interrupt() else {
-            return Ok(());
-        };
-        let vcpu = &mut self.vcpus[cpu];
-        if vcpu.get_events()?.interrupt.is_some() || !vcpu.interrupt_window_open()? {
-            return Ok(());
-        }
-        // The backend refuses vectors the CR8 it knows masks (the tracked CR8 of a protected
-        // vCPU): they wait until the guest lowers it.
-        if self.apic && !esvm_hv::sev::tpr_accepts(vcpu.get_sregs_view()?.cr8(), vector) {
-            return Ok(());
-        }
-        let vector = self.devices.acknowledge_interrupt();
-        vcpu.queue_interrupt(vector)?;
-        Ok(())
+        offer_interrupt_to(self.apic, self.vcpus[cpu].as_mut(), &mut self.devices)
     }
 
     /// Bring every vCPU's TSC to the machine's clock (the run loop leaves them behind while
@@ -970,146 +985,28 @@ impl Machine {
         Ok(())
     }
 
+    /// One step of vCPU `cpu` on the machine's thread: run it to its next exit and handle
+    /// the exit.
     fn run_once(&mut self, cpu: usize) -> Result<Option<Outcome>, MachineError> {
-        let devices = &mut self.devices;
-        let scratch = &mut self.mmio_scratch;
-        let mut tsc_deadline = None;
-        let mut x2apic_write = None;
-        let mut apic_base_write = None;
-        let exit = self.vcpus[cpu].run()?;
-        self.budget_ended = matches!(exit, VmExit::BudgetExhausted);
-        let answer_needed = matches!(
-            exit,
-            VmExit::IoIn { .. }
-                | VmExit::MmioRead { .. }
-                | VmExit::Cpuid { .. }
-                | VmExit::RdMsr { .. }
-                | VmExit::WrMsr { .. }
-        );
-        match exit {
-            VmExit::IoIn { port, data } => devices.io_read(port, data)?,
-            VmExit::IoOut { port, data } => {
-                devices.io_write(port, data)?;
-                if port == esvm_devices::ACPI_PM1A_CNT && devices.take_power_off_request() {
-                    return Ok(Some(Outcome::PowerOff(crate::outcome::ACPI_OFF.into())));
-                }
-                if let Some(code) = devices.take_exit_request() {
-                    return Ok(Some(Outcome::Exited(code)));
-                }
-                if devices.take_reset_request() {
-                    return Ok(Some(Outcome::Reset(
-                        "through the i8042 keyboard controller's reset line".into(),
-                    )));
-                }
-            }
-            // MMIO goes to the devices first, then to the scratch window.
-            VmExit::MmioRead { addr, data } => {
-                if !devices.mmio_read(addr, data) {
-                    match scratch_range(addr, data.len()) {
-                        Some(r) => data.copy_from_slice(&scratch[r]),
-                        None => {
-                            tracing::debug!(addr, len = data.len(), "read of unbacked memory");
-                            data.fill(0xff);
-                        }
-                    }
-                }
-            }
-            VmExit::MmioWrite { addr, data } => {
-                if !devices.mmio_write(addr, data) {
-                    match scratch_range(addr, data.len()) {
-                        Some(r) => scratch[r].copy_from_slice(data),
-                        None => tracing::debug!(
-                            addr,
-                            len = data.len(),
-                            "write to unbacked memory ignored"
-                        ),
-                    }
-                }
-            }
-            VmExit::Shutdown { reason } => return Ok(Some(Outcome::Shutdown(reason))),
-            VmExit::Terminated { reason } => return Ok(Some(Outcome::Terminated(reason))),
-            VmExit::Cpuid { result, .. } => *result = [0; 4],
-            // The local APIC's MSRs (intercepted for a plain software vCPU, forwarded from
-            // the GHCB for a protected one).
-            VmExit::RdMsr {
-                index: esvm_arch::msr::IA32_APIC_BASE,
-                value,
-                ..
-            } => *value = devices.apic_base(),
-            VmExit::WrMsr {
-                index: esvm_arch::msr::IA32_APIC_BASE,
-                value,
-                ..
-            } => apic_base_write = Some(value),
-            VmExit::RdMsr {
-                index,
-                value,
-                fault,
-            } => match devices.apic_msr_read(index) {
-                Some(v) => *value = v,
-                None => *fault = true,
-            },
-            VmExit::WrMsr {
-                index: esvm_devices::lapic::TSC_DEADLINE_MSR,
-                value,
-                ..
-            } => tsc_deadline = Some(value),
-            VmExit::WrMsr {
-                index,
-                value,
-                fault,
-            } => {
-                // Whether it faults is decided now; the write itself once the exit is done
-                // with (it may need the vCPU).
-                if devices.apic_msr_writable(index) {
-                    x2apic_write = Some((index, value));
-                } else {
-                    *fault = true;
-                }
-            }
-            VmExit::BudgetExhausted | VmExit::Interrupted => {}
-            VmExit::Hlt => self.on_halt(cpu)?,
-            VmExit::ApResetHold => {
-                self.run_state[cpu] = VcpuRunState::ApResetHold;
-                self.slot_left = 0;
-            }
+        let retired = self.vcpus[cpu].instructions_retired().unwrap_or(0);
+        // Only this vCPU runs: virtual time moves with its instructions.
+        let now_base = self.now().wrapping_sub(retired);
+        let side = TurnSide {
+            devices: &mut self.devices,
+            scratch: &mut self.mmio_scratch,
+            now_base,
+        };
+        let (h, _) = run_exit(self.vcpus[cpu].as_mut(), cpu, self.apic, || side)?;
+        self.budget_ended = h.budget_ended;
+        if h.held {
+            self.run_state[cpu] = VcpuRunState::ApResetHold;
+            self.slot_left = 0;
+        } else if h.halted {
+            self.run_state[cpu] = VcpuRunState::Halted;
+            self.slot_left = 0;
         }
-        if let Some(value) = tsc_deadline {
-            // The write retired: the guest TSC and virtual time are those after it.
-            let tsc = self.vcpus[cpu].get_tsc()?;
-            let now = self.now();
-            self.devices.advance_to(now);
-            self.devices
-                .apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
-        }
-        if let Some(value) = apic_base_write {
-            if self.vcpus[cpu].is_protected() {
-                // SEV-ES: the hypervisor tracks it (it changed in the GHCB exchange, which
-                // shows the VMM the completed write); the devices follow the tracked value.
-                self.sync_apic(cpu)?;
-            } else {
-                // The vCPU keeps its copy (snapshots, the control API show it).
-                self.vcpus[cpu].set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
-                self.devices.set_apic_base(value);
-            }
-        }
-        if let Some((index, value)) = x2apic_write {
-            self.devices.apic_msr_write(index, value, 0);
-        }
-        self.mid_exit = answer_needed || self.vcpus[cpu].exit_pending();
-        Ok(None)
-    }
-
-    /// HLT of vCPU `cpu`. An interrupt that arrived while the window was shut (`STI; HLT`:
-    /// the STI's shadow covers the HLT) wakes it at once: the loop hands it over now that the
-    /// window is open. Otherwise the vCPU halts and its turn ends.
-    fn on_halt(&mut self, cpu: usize) -> Result<(), MachineError> {
-        if self.devices.pending_interrupt().is_some() && self.vcpus[cpu].interrupts_enabled()? {
-            return Ok(());
-        }
-        self.run_state[cpu] = VcpuRunState::Halted;
-        self.slot_left = 0;
-        Ok(())
+        self.mid_exit = h.mid_exit;
+        Ok(h.outcome)
     }
 
     /// No vCPU can run: each halted or waiting for SIPI. If none can ever wake (halted with
@@ -1223,6 +1120,7 @@ impl Machine {
                     vcpus: self.run_state.clone(),
                     current: self.current as u32,
                     slot_left: self.slot_left,
+                    deterministic: self.deterministic,
                 },
             ),
         }
@@ -1373,6 +1271,7 @@ impl Machine {
                 self.run_state = sched.vcpus.clone();
                 self.current = sched.current as usize;
                 self.slot_left = sched.slot_left;
+                self.deterministic = sched.deterministic;
             }
             None => {
                 self.run_state = initial_run_states(self.vcpus.len(), self.sev_aps());
@@ -1409,6 +1308,261 @@ impl Machine {
         self.control
             .publish_instructions(self.instructions().unwrap_or(0));
         Ok(())
+    }
+}
+
+/// What the VMM made of one exit ([`run_exit`]).
+struct Handled {
+    /// The exit ends the VM.
+    outcome: Option<Outcome>,
+    /// The exit waits for the VMM's answer or the hypervisor's further work: the vCPU is not
+    /// at a clean point ([`Machine::clean_vcpu`]) until it ran again.
+    mid_exit: bool,
+    /// The run ended at its instruction budget (or PAUSEs gave the budget up).
+    budget_ended: bool,
+    /// The vCPU halted (HLT with no interrupt to take at once).
+    halted: bool,
+    /// SEV-ES: the vCPU parked itself in the AP reset hold; only a SIPI releases it.
+    held: bool,
+}
+
+/// Where a vCPU's exit is handled: the devices and the MMIO window, and virtual time.
+trait ExitSide {
+    /// The devices (the exiting vCPU selected) and the MMIO scratch window.
+    fn parts(&mut self) -> (&mut Devices, &mut [u8; MMIO_SCRATCH_LEN]);
+    /// Virtual time once the exit's instruction retired on `vcpu`.
+    fn now_after(&mut self, vcpu: &dyn Vcpu) -> u64;
+}
+
+/// The exit side of the vCPUs' turns on one thread: the machine's own devices; virtual
+/// time moves with the one running vCPU's instructions.
+struct TurnSide<'a> {
+    devices: &'a mut Devices,
+    scratch: &'a mut [u8; MMIO_SCRATCH_LEN],
+    /// Virtual time minus the running vCPU's retired instructions.
+    now_base: u64,
+}
+
+impl ExitSide for TurnSide<'_> {
+    fn parts(&mut self) -> (&mut Devices, &mut [u8; MMIO_SCRATCH_LEN]) {
+        (self.devices, self.scratch)
+    }
+
+    fn now_after(&mut self, vcpu: &dyn Vcpu) -> u64 {
+        self.now_base
+            .wrapping_add(vcpu.instructions_retired().unwrap_or(0))
+    }
+}
+
+/// Run `vcpu` (number `cpu`) to its next exit, then get the exit side from `enter` (with
+/// vCPUs in parallel: take the devices' lock; the vCPU runs without it) and handle the
+/// exit there. Returns what came of it and the exit side, still held.
+fn run_exit<G: ExitSide>(
+    vcpu: &mut dyn Vcpu,
+    cpu: usize,
+    apic: bool,
+    enter: impl FnOnce() -> G,
+) -> Result<(Handled, G), MachineError> {
+    let mut tsc_deadline = None;
+    let mut x2apic_write = None;
+    let mut apic_base_write = None;
+    let mut hlt = false;
+    let mut held = false;
+    let exit = vcpu.run()?;
+    let mut side = enter();
+    let (devices, scratch) = side.parts();
+    let budget_ended = matches!(exit, VmExit::BudgetExhausted);
+    let answer_needed = matches!(
+        exit,
+        VmExit::IoIn { .. }
+            | VmExit::MmioRead { .. }
+            | VmExit::Cpuid { .. }
+            | VmExit::RdMsr { .. }
+            | VmExit::WrMsr { .. }
+    );
+    let ends = |outcome| Handled {
+        outcome: Some(outcome),
+        mid_exit: false,
+        budget_ended,
+        halted: false,
+        held: false,
+    };
+    match exit {
+        VmExit::IoIn { port, data } => devices.io_read(port, data)?,
+        VmExit::IoOut { port, data } => {
+            devices.io_write(port, data)?;
+            if port == esvm_devices::ACPI_PM1A_CNT && devices.take_power_off_request() {
+                let off = Outcome::PowerOff(crate::outcome::ACPI_OFF.into());
+                return Ok((ends(off), side));
+            }
+            if let Some(code) = devices.take_exit_request() {
+                return Ok((ends(Outcome::Exited(code)), side));
+            }
+            if devices.take_reset_request() {
+                let reset =
+                    Outcome::Reset("through the i8042 keyboard controller's reset line".into());
+                return Ok((ends(reset), side));
+            }
+        }
+        // MMIO goes to the devices first, then to the scratch window.
+        VmExit::MmioRead { addr, data } => {
+            if !devices.mmio_read(addr, data) {
+                match scratch_range(addr, data.len()) {
+                    Some(r) => data.copy_from_slice(&scratch[r]),
+                    None => {
+                        tracing::debug!(addr, len = data.len(), "read of unbacked memory");
+                        data.fill(0xff);
+                    }
+                }
+            }
+        }
+        VmExit::MmioWrite { addr, data } => {
+            if !devices.mmio_write(addr, data) {
+                match scratch_range(addr, data.len()) {
+                    Some(r) => scratch[r].copy_from_slice(data),
+                    None => {
+                        tracing::debug!(addr, len = data.len(), "write to unbacked memory ignored")
+                    }
+                }
+            }
+        }
+        VmExit::Shutdown { reason } => return Ok((ends(Outcome::Shutdown(reason)), side)),
+        VmExit::Terminated { reason } => return Ok((ends(Outcome::Terminated(reason)), side)),
+        VmExit::Cpuid { result, .. } => *result = [0; 4],
+        // The local APIC's MSRs (intercepted for a plain software vCPU, forwarded from
+        // the GHCB for a protected one).
+        VmExit::RdMsr {
+            index: esvm_arch::msr::IA32_APIC_BASE,
+            value,
+            ..
+        } => *value = devices.apic_base(),
+        VmExit::WrMsr {
+            index: esvm_arch::msr::IA32_APIC_BASE,
+            value,
+            ..
+        } => apic_base_write = Some(value),
+        VmExit::RdMsr {
+            index,
+            value,
+            fault,
+        } => match devices.apic_msr_read(index) {
+            Some(v) => *value = v,
+            None => *fault = true,
+        },
+        VmExit::WrMsr {
+            index: esvm_devices::lapic::TSC_DEADLINE_MSR,
+            value,
+            ..
+        } => tsc_deadline = Some(value),
+        VmExit::WrMsr {
+            index,
+            value,
+            fault,
+        } => {
+            // Whether it faults is decided now; the write itself once the exit is done
+            // with (it may need the vCPU).
+            if devices.apic_msr_writable(index) {
+                x2apic_write = Some((index, value));
+            } else {
+                *fault = true;
+            }
+        }
+        VmExit::BudgetExhausted | VmExit::Interrupted => {}
+        VmExit::Hlt => hlt = true,
+        VmExit::ApResetHold => held = true,
+    }
+    if let Some(value) = tsc_deadline {
+        // The write retired: the guest TSC and virtual time are those after it.
+        let tsc = vcpu.get_tsc()?;
+        let now = side.now_after(vcpu);
+        let (devices, _) = side.parts();
+        devices.advance_to(now);
+        devices.apic_msr_write(esvm_devices::lapic::TSC_DEADLINE_MSR, value, tsc);
+    }
+    let (devices, _) = side.parts();
+    if let Some(value) = apic_base_write {
+        if vcpu.is_protected() {
+            // SEV-ES: the hypervisor tracks it (it changed in the GHCB exchange, which
+            // shows the VMM the completed write); the devices follow the tracked value.
+            sync_apic_of(apic, vcpu, devices, cpu)?;
+        } else {
+            // The vCPU keeps its copy (snapshots, the control API show it).
+            vcpu.set_msrs(&[(esvm_arch::msr::IA32_APIC_BASE, value)])?;
+            devices.set_apic_base(value);
+        }
+    }
+    if let Some((index, value)) = x2apic_write {
+        devices.apic_msr_write(index, value, 0);
+    }
+    // HLT. An interrupt that arrived while the window was shut (`STI; HLT`: the STI's
+    // shadow covers the HLT) wakes it at once: the loop hands it over now that the window
+    // is open. Otherwise the vCPU halts.
+    let halted = hlt && !(devices.pending_interrupt().is_some() && vcpu.interrupts_enabled()?);
+    let handled = Handled {
+        outcome: None,
+        mid_exit: answer_needed || vcpu.exit_pending(),
+        budget_ended,
+        halted,
+        held,
+    };
+    Ok((handled, side))
+}
+
+/// Give the devices vCPU `cpu`'s APIC base (enable, x2APIC mode) and CR8 (the TPR) as the
+/// VMM knows them: tracked values for a protected vCPU; see [`Machine::sync_apic`].
+fn sync_apic_of(
+    apic: bool,
+    vcpu: &dyn Vcpu,
+    devices: &mut Devices,
+    cpu: usize,
+) -> Result<(), MachineError> {
+    if apic && cpu < devices.vcpus() {
+        let view = vcpu.get_sregs_view()?;
+        devices.select_vcpu(cpu);
+        devices.set_apic_base(view.apic_base());
+        devices.sync_cr8(view.cr8());
+    }
+    Ok(())
+}
+
+/// Hand the interrupt controllers' pending interrupt for `vcpu` (selected in `devices`) to
+/// it if it has none queued; NMIs too. See [`Machine::offer_interrupt`].
+fn offer_interrupt_to(
+    apic: bool,
+    vcpu: &mut dyn Vcpu,
+    devices: &mut Devices,
+) -> Result<(), MachineError> {
+    if devices.take_nmi() {
+        vcpu.inject_nmi()?;
+    }
+    if !devices.has_interrupt_request() {
+        return Ok(());
+    }
+    let Some(vector) = devices.pending_interrupt() else {
+        return Ok(());
+    };
+    if vcpu.get_events()?.interrupt.is_some() || !vcpu.interrupt_window_open()? {
+        return Ok(());
+    }
+    // The backend refuses vectors the CR8 it knows masks (the tracked CR8 of a protected
+    // vCPU): they wait until the guest lowers it.
+    if apic && !esvm_hv::sev::tpr_accepts(vcpu.get_sregs_view()?.cr8(), vector) {
+        return Ok(());
+    }
+    let vector = devices.acknowledge_interrupt();
+    vcpu.queue_interrupt(vector)?;
+    Ok(())
+}
+
+/// Kicks every vCPU of a machine: the control's kick, so that all of them reach a clean
+/// point when the control needs the machine.
+struct AllKicker(Vec<Arc<dyn esvm_hv::Kicker>>);
+
+impl esvm_hv::Kicker for AllKicker {
+    fn kick(&self) {
+        for k in &self.0 {
+            k.kick();
+        }
     }
 }
 
@@ -1540,8 +1694,9 @@ mod tests {
             0x31, 0xc0, 0x8e, 0xd8, 0xff, 0x06, 0x02, 0x90, 0xc6, 0x06, 0x00, 0x90, 0x5a, 0xfa,
             0xf4,
         ];
-        let run = || {
+        let run = |deterministic| {
             let mut m = flat32_machine(2, &bsp);
+            m.set_deterministic(deterministic);
             m.vm().memory().write(0x8000, &ap).unwrap();
             assert_eq!(
                 m.vcpu_run_states(),
@@ -1552,15 +1707,21 @@ mod tests {
             let mut res = [0u8; 4];
             m.vm().memory().read(0x9000, &mut res).unwrap();
             assert_eq!(res, [0x5a, 0x42, 1, 0], "flag, BSP result, one AP start");
-            assert_eq!(
-                m.vcpu_run_states(),
-                [VcpuRunState::Running, VcpuRunState::Halted]
-            );
             // The AP ran in real mode where the SIPI put it, and retired its instructions.
+            // In parallel the BSP's exit may end the run between the AP's flag store and its
+            // HLT.
             let ap_regs = m.vcpus[1].get_regs().unwrap();
             let ap_sregs = m.vcpus[1].get_sregs().unwrap();
             assert_eq!((ap_sregs.cs.selector, ap_sregs.cs.base), (0x800, 0x8000));
-            assert_eq!(ap_regs.rip, ap.len() as u64);
+            if deterministic {
+                assert_eq!(
+                    m.vcpu_run_states(),
+                    [VcpuRunState::Running, VcpuRunState::Halted]
+                );
+                assert_eq!(ap_regs.rip, ap.len() as u64);
+            } else {
+                assert!(ap_regs.rip >= ap.len() as u64 - 2, "{:#x}", ap_regs.rip);
+            }
             assert_eq!(
                 ap_sregs.apic_base,
                 layout::LAPIC_ADDR | (1 << 11),
@@ -1569,13 +1730,90 @@ mod tests {
             let state = m.save_state();
             (state.instructions, m.vcpus[1].get_tsc().unwrap(), m.now())
         };
-        let (counts, ap_tsc, now) = run();
+        let (counts, ap_tsc, now) = run(true);
         assert_eq!(counts[1], 6, "the AP's six instructions");
         // Virtual time is every vCPU's instructions; the AP's TSC is on it.
         assert_eq!(now, counts.iter().sum::<u64>());
         assert_eq!(ap_tsc, now);
         // It replays exactly.
-        assert_eq!(run(), (counts, ap_tsc, now));
+        assert_eq!(run(true), (counts, ap_tsc, now));
+        // In parallel (each vCPU on a thread of its own) it comes to the same end; the
+        // BSP's spin count depends on the host's timing.
+        let (counts, ap_tsc, now) = run(false);
+        assert!(
+            (4..=6).contains(&counts[1]),
+            "the AP's instructions: {counts:?}"
+        );
+        assert_eq!(now, counts.iter().sum::<u64>());
+        assert_eq!(ap_tsc, now);
+    }
+
+    /// vCPUs in parallel: pause (a stop guard), a job on the whole machine and resume, while
+    /// two vCPUs run; every vCPU is at a clean point while the guest is stopped, and the
+    /// run goes on to its end.
+    #[test]
+    fn parallel_vcpus_stop_together_for_the_control() {
+        // BSP: start the AP (INIT, SIPI vector 8), then count in [0x9004] until the AP's
+        // counter [0x9008] reaches 5000000; exit 7. AP: count [0x9008] up to 5000000; hlt.
+        let icr_hi = 0xfee0_0310;
+        let icr_lo = 0xfee0_0300;
+        let mut bsp = Vec::new();
+        bsp.extend(mov_mem32(icr_hi, 1 << 24));
+        bsp.extend(mov_mem32(icr_lo, 0xc500));
+        bsp.extend(mov_mem32(icr_lo, 0x8500));
+        bsp.extend(mov_mem32(icr_lo, 0x0608));
+        // loop: inc dword [0x9004]; cmp dword [0x9008], 5000000; jb loop
+        bsp.extend([0xff, 0x05, 0x04, 0x90, 0, 0]);
+        bsp.extend([0x81, 0x3d, 0x08, 0x90, 0, 0]);
+        bsp.extend(5_000_000u32.to_le_bytes());
+        bsp.extend([0x72, 0xee]);
+        bsp.extend([0xb0, 0x07, 0xe6, 0xf4]); // mov al, 7; out 0xf4, al
+                                              // AP, real mode at 0800:0000: xor ax, ax; mov ds, ax;
+                                              // loop: add dword [0x9008], 1 (66 83 06 08 90 01); cmp dword [0x9008], 5000000
+                                              // (66 81 3e 08 90 imm32); jb loop; cli; hlt
+        let mut ap = vec![0x31, 0xc0, 0x8e, 0xd8];
+        ap.extend([0x66, 0x83, 0x06, 0x08, 0x90, 0x01]);
+        ap.extend([0x66, 0x81, 0x3e, 0x08, 0x90]);
+        ap.extend(5_000_000u32.to_le_bytes());
+        ap.extend([0x72, 0xef, 0xfa, 0xf4]);
+        let mut m = flat32_machine(2, &bsp);
+        m.max_instructions = None;
+        m.vm().memory().write(0x8000, &ap).unwrap();
+        let control = m.control().clone();
+        let stopper = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(20));
+                let Ok(stopped) = control.stop(PARK_TIMEOUT) else {
+                    break; // the run ended first
+                };
+                let job = control.run_job(|m: &mut Machine| {
+                    let clean = (0..2).all(|i| m.save_vcpu(i).is_ok());
+                    (clean, m.instructions().unwrap_or(0))
+                });
+                match job {
+                    Ok(r) => seen.push(r),
+                    Err(_) => break,
+                }
+                drop(stopped);
+            }
+            seen
+        });
+        let outcome = m.run().unwrap();
+        assert!(matches!(outcome, Outcome::Exited(7)), "{outcome:?}");
+        let seen = stopper.join().unwrap();
+        assert!(
+            !seen.is_empty(),
+            "the run ended before the control stopped it"
+        );
+        assert!(seen.iter().all(|(clean, _)| *clean), "{seen:?}");
+        // Each stop saw the guest further on.
+        assert!(seen.windows(2).all(|w| w[0].1 < w[1].1), "{seen:?}");
+        let mut count = [0u8; 4];
+        m.vm().memory().read(0x9008, &mut count).unwrap();
+        assert_eq!(u32::from_le_bytes(count), 5_000_000);
+        // The run ended at the BSP's exit: the AP has halted or is on its way to its HLT.
+        assert_eq!(m.vcpu_run_states()[0], VcpuRunState::Running);
     }
 
     /// Without SIPI an AP never runs; a machine whose vCPUs all wait or halt with
@@ -1609,6 +1847,27 @@ mod tests {
         let mut bad = state;
         bad.scheduler.as_mut().unwrap().vcpus.pop();
         assert!(m2.restore_state(&bad).is_err());
+    }
+
+    /// `--deterministic` travels with the VM: a saved state carries it (only when set) and a
+    /// machine restored from it takes turns on one thread too.
+    #[test]
+    fn the_deterministic_choice_travels_with_the_state() {
+        let mut m = flat32_machine(2, &[0xfa, 0xf4]);
+        m.set_deterministic(true);
+        let state = m.save_state();
+        assert!(state.scheduler.as_ref().unwrap().deterministic);
+        let mut m2 = flat32_machine(2, &[0xfa, 0xf4]);
+        assert!(!m2.deterministic());
+        m2.restore_state(&state).unwrap();
+        assert!(m2.deterministic());
+        assert!(!m2.parallel());
+        // A parallel VM's state does not write the field (older readers take it as before).
+        let parallel = flat32_machine(2, &[0xfa, 0xf4]).save_state();
+        let json = serde_json::to_string(&parallel).unwrap();
+        assert!(!json.contains("deterministic"), "{json}");
+        m2.restore_state(&parallel).unwrap();
+        assert!(m2.parallel());
     }
 }
 

@@ -1592,13 +1592,13 @@ fn linux_starts_and_sees_2_and_4_vcpus() {
     }
 }
 
-/// Two vCPUs taking turns replay exactly: the same console (timestamps included) and the
-/// same instruction count; the workload's digest is the native one.
+/// Two vCPUs taking turns (`--deterministic`) replay exactly: the same console (timestamps
+/// included) and the same instruction count; the workload's digest is the native one.
 #[test]
 fn two_boots_with_2_vcpus_are_identical_and_compute_like_the_host() {
     let expected = native_workload(1);
-    let (out1, n1) = boot_counting_instructions(&["--vcpus", "2"]);
-    let (out2, n2) = boot_counting_instructions(&["--vcpus", "2"]);
+    let (out1, n1) = boot_counting_instructions(&["--vcpus", "2", "--deterministic"]);
+    let (out2, n2) = boot_counting_instructions(&["--vcpus", "2", "--deterministic"]);
     assert!(
         out1.contains("smp: Brought up 1 node, 2 CPUs"),
         "{}",
@@ -2097,4 +2097,113 @@ fn a_2_vcpu_sev_es_linux_guest_migrates_with_its_ap_halted() {
 #[test]
 fn a_sealed_snapshot_of_a_2_vcpu_sev_es_linux_guest_with_its_ap_halted_restores() {
     move_2_vcpu_sev_linux("sev-snap-ap-halted", ApAt::Halted, MoveBy::SealedSnapshot);
+}
+
+// ------------------------------------------------------------ vCPUs in parallel (issue 13.4)
+
+/// The default with several vCPUs runs each on a host thread: two such boots with 2 vCPUs
+/// both compute the native digest (their instruction counts may differ: the vCPUs meet in
+/// the host's order), with no TSC or SMP complaint; a 4-vCPU boot too.
+#[test]
+fn parallel_vcpus_compute_the_native_digest_run_after_run() {
+    let expected = native_workload(1);
+    for extra in [["--vcpus", "2"], ["--vcpus", "2"], ["--vcpus", "4"]] {
+        let (out, _count) = boot_counting_instructions(&extra);
+        let n = extra[1];
+        assert!(
+            out.contains(&format!("smp: Brought up 1 node, {n} CPUs")),
+            "{}",
+            tail(&out)
+        );
+        assert_eq!(workload_lines(&out), expected, "{}", tail(&out));
+        assert_eq!(smp_complaints(&out), Vec::<&str>::new(), "{n} vCPUs");
+        assert_eq!(kernel_complaints(&out), Vec::<&str>::new(), "{n} vCPUs");
+    }
+}
+
+/// A 2-vCPU guest in parallel paused mid-workload stops (no console output while paused,
+/// the instruction count stands still), resumes and finishes with the native digest.
+#[test]
+fn a_parallel_2_vcpu_guest_pauses_and_resumes_mid_workload() {
+    let expected = native_workload(MOVE_SCALE);
+    let dir = temp_dir("pause-smp");
+    let sock = dir.join("api.sock");
+    let mut src = linux_smp_source(&sock, 2);
+    common::wait_socket(&mut src, &sock);
+    src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
+    common::ctl_ok(&sock, &["pause"]);
+    let status = |sock: &Path| -> serde_json::Value {
+        serde_json::from_str(&common::ctl_ok(sock, &["status", "--json"])).unwrap()
+    };
+    let first = status(&sock);
+    let out_paused = src.stdout();
+    std::thread::sleep(Duration::from_millis(500));
+    let second = status(&sock);
+    assert_eq!(first["instructions"], second["instructions"], "{second}");
+    assert_eq!(src.stdout(), out_paused, "console output while paused");
+    assert!(
+        !out_paused.contains("workload digest="),
+        "the pause was not mid-workload; raise MOVE_SCALE"
+    );
+    common::ctl_ok(&sock, &["resume"]);
+    src.wait_stdout("workload digest=", BOOT_TIMEOUT);
+    assert_eq!(workload_lines(&src.stdout()), expected);
+    src.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `esvm bench smp` boots every mode it reports (one vCPU; two in parallel and with
+/// --deterministic), each computing the native mtload digest, and measures them.
+#[test]
+fn bench_smp_measures_parallel_and_deterministic_vcpus_against_the_native_run() {
+    let a = assets();
+    let out = Command::new(ESVM)
+        .args([
+            "bench",
+            "smp",
+            "--json",
+            "--kernel",
+            a.kernel.to_str().unwrap(),
+            "--initrd",
+            a.initrd.to_str().unwrap(),
+            "--mtload",
+            mtload_binary().to_str().unwrap(),
+            "--vcpus",
+            "1,2",
+            "--scale",
+            "1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let boots = r["boots"].as_array().unwrap();
+    let modes: Vec<(u64, bool)> = boots
+        .iter()
+        .map(|b| {
+            (
+                b["vcpus"].as_u64().unwrap(),
+                b["deterministic"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(modes, [(1, false), (2, false), (2, true)]);
+    let native = native_mtload(2);
+    for b in boots {
+        assert!(
+            native.contains(&b["digest"].as_str().unwrap().to_string()),
+            "{b}"
+        );
+        assert!(
+            b["workload_instructions"].as_u64().unwrap() > 1_000_000,
+            "{b}"
+        );
+        assert!(
+            b["boot_instructions"].as_u64().unwrap() > 100_000_000,
+            "{b}"
+        );
+        assert!(b["workload_ips"].as_f64().unwrap() > 0.0, "{b}");
+    }
+    assert!(r["native_threads_s"].as_f64().unwrap() > 0.0);
 }

@@ -125,8 +125,8 @@ pub(crate) unsafe fn host_rd(p: *const u8, sz: usize) -> u64 {
 }
 
 /// Run `f(old) -> new` as an atomic read-modify-write on the memory operand (LOCK prefix,
-/// XCHG). Returns the old value. Falls back to a plain read/write for MMIO or page-crossing
-/// operands.
+/// XCHG). Returns the old value. MMIO or page-crossing operands are read and written under
+/// the process-wide split lock ([`crate::mmu::split_lock`]).
 pub(crate) fn rmw(
     c: &mut Cpu,
     d: &Insn,
@@ -150,6 +150,7 @@ pub(crate) fn rmw(
             }
         }
     }
+    let _bus = crate::mmu::split_lock();
     let old = c.rd_sz(d.seg as usize, c.ea(d), sz as u8)?;
     if let Some(new) = f(old) {
         c.wr_sz(d.seg as usize, c.ea(d), sz as u8, new)?;
@@ -430,6 +431,7 @@ fn cmpxchg8b(c: &mut Cpu, d: &Insn) -> R {
                 o
             },
             None => {
+                let _bus = crate::mmu::split_lock();
                 let o = c.rd_slow(lin, 16, false)?;
                 c.wr_slow(lin, 16, if o == exp { new } else { o }, false)?;
                 o
@@ -453,6 +455,7 @@ fn cmpxchg8b(c: &mut Cpu, d: &Insn) -> R {
                 o
             },
             None => {
+                let _bus = crate::mmu::split_lock();
                 let o = c.rd_sz_lin(lin, 8)?;
                 c.wr_sz_lin(lin, 8, if o == exp { new } else { o })?;
                 o

@@ -77,7 +77,7 @@ pub(crate) fn msr_read(c: &Cpu, idx: u32) -> Option<u64> {
     }
     Some(match idx {
         IA32_EFER => c.efer,
-        IA32_TIME_STAMP_COUNTER => c.tsc(),
+        IA32_TIME_STAMP_COUNTER => c.guest_tsc_read(),
         IA32_APIC_BASE => c.apic_base,
         IA32_FS_BASE => c.seg[crate::FS].base,
         IA32_GS_BASE => c.seg[crate::GS].base,
@@ -618,7 +618,7 @@ fn rdtsc(c: &mut Cpu, d: &Insn) -> R {
     if c.cr4 & cr4::TSD != 0 && c.cpl != 0 {
         return gp0();
     }
-    let t = c.tsc();
+    let t = c.guest_tsc_read();
     c.gpr[0] = t & 0xffff_ffff;
     c.gpr[2] = t >> 32;
     if d.i.mnemonic() == Mnemonic::Rdtscp {

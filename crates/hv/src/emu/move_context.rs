@@ -181,6 +181,8 @@ impl EmuVm {
             sev: Arc::new(OnceLock::new()),
             hook_slot: src.hook_slot.clone(),
             moves: VmMoves::sharing(&src.moves),
+            // The moved vCPUs' TSCs come with their state; reads start from them.
+            tsc_mark: Arc::default(),
         })
     }
 }

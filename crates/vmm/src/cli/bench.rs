@@ -31,6 +31,11 @@ pub enum BenchCommand {
     /// kernel, initrd and command line in the same run. `scripts/bench-linux.sh` fetches the
     /// inputs and QEMU and runs it.
     Linux(super::bench_linux::LinuxBenchArgs),
+    /// Several vCPUs: Linux booting with 1, 2 and 4 vCPUs in parallel (a host thread each)
+    /// and with --deterministic (one-thread turns), and the multithreaded mtload workload's
+    /// guest instructions per second, beside the native mtload on the host (1 and N
+    /// threads) in the same run. `scripts/linux-assets.sh` builds the inputs.
+    Smp(super::bench_smp::SmpBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -164,6 +169,7 @@ pub fn run(cmd: BenchCommand, format: Format) -> Result<u8, Box<dyn std::error::
         BenchCommand::Io(args) => bench_io(&args, json),
         BenchCommand::Migrate(args) => super::bench_migrate::run(&args, json),
         BenchCommand::Linux(args) => super::bench_linux::run(&args, json),
+        BenchCommand::Smp(args) => super::bench_smp::run(&args, json),
     }
 }
 

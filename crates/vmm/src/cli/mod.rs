@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_linux;
 pub mod bench_migrate;
+pub mod bench_smp;
 pub mod certs;
 pub mod ctl;
 pub mod guests;

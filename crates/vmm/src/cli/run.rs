@@ -55,12 +55,22 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_guest_mem)]
     pub mem: Option<u64>,
     /// Number of vCPUs. The boot vCPU starts the guest; the others (APs) wait for the guest
-    /// to start them by INIT-SIPI-SIPI (plain guests on emu), then all take turns on one
-    /// thread with a fixed instruction quantum, so a run replays exactly. SEV-ES guests: the
-    /// APs start in a measured AP stub and park in the GHCB AP reset hold until the guest's
-    /// SIPI releases them into its AP jump table. KVM: the APs stay parked.
+    /// to start them by INIT-SIPI-SIPI (plain guests on emu), then each runs on a host
+    /// thread of its own, in parallel (see --deterministic for the other way). SEV-ES
+    /// guests: the APs start in a measured AP stub and park in the GHCB AP reset hold until
+    /// the guest's SIPI releases them into its AP jump table. KVM: the APs stay parked.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub vcpus: u32,
+    /// With several vCPUs (emu backend): run them in turns on one host thread, a fixed
+    /// quantum of instructions each, instead of in parallel on a thread each. A run then
+    /// replays exactly — same output, same instruction counts, same guest TSC values —
+    /// at the cost of using one host core: about N times slower than parallel on N free
+    /// cores. Parallel runs compute the same results for correct guests, but the order in
+    /// which vCPUs meet (and so instruction counts and timings) varies from run to run.
+    /// The choice travels with the VM into snapshots and migrations. One vCPU, SEV-ES
+    /// guests whose APs stay parked, and KVM run the same either way.
+    #[arg(long)]
+    pub deterministic: bool,
     /// Backend: 'emu' (the software vCPU, deterministic, the default) or 'kvm'.
     #[arg(long, default_value = "emu", value_parser = parse_backend)]
     pub backend: BackendKind,
@@ -190,6 +200,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         max_instructions: args.max_instructions,
     };
     let mut machine = Machine::new(&config, Box::new(std::io::stdout())).map_err(RunError::from)?;
+    machine.set_deterministic(args.deterministic);
     let _raw = attach_console(&mut machine, args.console.unwrap_or(ConsoleSource::None));
     let guest_args = args.guest_args.join(" ");
     let boot = machine.load(&elf, &guest_args).map_err(RunError::from)?;
@@ -367,6 +378,7 @@ fn run_linux(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         max_instructions: args.max_instructions,
     };
     let mut machine = Machine::new(&config, Box::new(std::io::stdout())).map_err(RunError::from)?;
+    machine.set_deterministic(args.deterministic);
     let name = kernel_path.display().to_string();
     let boot = machine
         .load_linux(&esvm_loader::linux::LinuxImage {
