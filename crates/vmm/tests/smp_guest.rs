@@ -159,16 +159,10 @@ fn smp_guest_plain_inc_report_agrees_with_the_totals() {
     }
 }
 
-/// The evidence that the check can fail: with the vCPUs on parallel host threads, plain
-/// (non-LOCK'd) increments lose updates. Needs esvm's parallel mode (the default once
-/// `esvm run --deterministic` exists); skipped before.
+/// The evidence that the check can fail: with the vCPUs on parallel host threads (the
+/// default), plain (non-LOCK'd) increments lose updates.
 #[test]
 fn smp_guest_plain_inc_loses_updates_on_parallel_vcpus() {
-    let help = stdout(&esvm(&["run", "--help"]));
-    if !help.contains("--deterministic") {
-        eprintln!("skipped: `esvm run --help` has no --deterministic: the vCPUs take turns on one thread, where plain increments need not lose updates");
-        return;
-    }
     // A loaded host may run the two vCPU threads one after the other for a while: grow
     // the run until they overlap.
     let mut lost = 0;
@@ -282,19 +276,73 @@ fn smp_guest_on_kvm_runs_on_the_boot_vcpu() {
     }
 }
 
-/// In turns on one thread (`--deterministic` where esvm has it, the only mode before) the
-/// whole output replays exactly, contention counts included.
+/// The instruction count `ESVM_LOG=esvm=info` reports at the end of a run.
+fn instructions_reported(o: &std::process::Output) -> String {
+    let err = stderr(o);
+    err.split("instructions=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no instructions= in {err}"))
+        .to_string()
+}
+
+/// `args` run twice with the vCPUs in turns on one thread (`--deterministic`): the whole
+/// output (contention counts included) and the instruction count replay exactly.
+fn replays_exactly(args: &[&str], cpus: u32) {
+    let run = || {
+        std::process::Command::new(common::ESVM)
+            .args(args)
+            .env("ESVM_LOG", "esvm=info")
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a.status.code(), Some(0), "{}\n{}", stdout(&a), stderr(&a));
+    assert!(
+        stdout(&a).contains(&format!("smp: cpus={cpus} ok\n")),
+        "{}",
+        stdout(&a)
+    );
+    assert_eq!(stdout(&a), stdout(&b));
+    assert_eq!(instructions_reported(&a), instructions_reported(&b));
+}
+
 #[test]
 fn smp_guest_replays_exactly_in_turns() {
-    let help = stdout(&esvm(&["run", "--help"]));
-    let mut args = vec!["run", "--vcpus", "4"];
-    if help.contains("--deterministic") {
-        args.push("--deterministic");
-    }
-    args.extend(["smp", "--", "iterations=5000"]);
-    let a = esvm(&args);
-    let b = esvm(&args);
-    assert_eq!(a.status.code(), Some(0), "{}", stdout(&a));
-    assert!(stdout(&a).contains("smp: cpus=4 ok\n"), "{}", stdout(&a));
-    assert_eq!(stdout(&a), stdout(&b));
+    replays_exactly(
+        &[
+            "run",
+            "--vcpus",
+            "4",
+            "--deterministic",
+            "smp",
+            "--",
+            "iterations=5000",
+        ],
+        4,
+    );
+}
+
+/// The same for an SEV-ES guest whose APs leave the AP stub through the jump table.
+#[test]
+fn an_sev_es_smp_guest_replays_exactly_in_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let plat = dir.path().join("plat");
+    let o = esvm(&["platform", "init", "--dir", plat.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    replays_exactly(
+        &[
+            "run",
+            "--sev-es",
+            "--platform",
+            plat.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--deterministic",
+            "smp",
+            "--",
+            "iterations=2000",
+        ],
+        2,
+    );
 }
