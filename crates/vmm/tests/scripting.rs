@@ -185,9 +185,13 @@ fn ctl_reports_as_text_or_json_and_finds_its_socket_anywhere() {
     let v = json(&esvm_env(&["ctl", "--json", "vcpus"], &env), "vcpus");
     assert_eq!(v[0]["id"], 0);
     assert_eq!(v[0]["protected"], false);
+    let state = v[0]["run_state"]
+        .as_str()
+        .expect("vcpus reports the run state");
+    assert!(["running", "halted"].contains(&state), "{v}");
     let t = ok(&esvm_env(&["ctl", "vcpus"], &env), "vcpus");
     assert!(
-        !is_json(&t) && t.starts_with("vCPU 0 (plain): cr0 0x"),
+        !is_json(&t) && t.starts_with(&format!("vCPU 0 (plain, {state}): cr0 0x")),
         "{t}"
     );
 
