@@ -1029,15 +1029,9 @@ impl Machine {
         }
         let now = self.now();
         let deadline = self.devices.next_deadline_ns();
-        let mut console_input = false;
-        if let Some(console) = self.console.as_mut().filter(|c| c.open()) {
-            let wait_ns = deadline.map_or(CONSOLE_IDLE_WAIT_NS, |d| {
-                d.saturating_sub(now).min(CONSOLE_IDLE_WAIT_NS)
-            });
-            // Input arrived: the run loop hands it to the UART, whose interrupt wakes the
-            // guest; virtual time stays where it is.
-            console_input = console.wait(Duration::from_nanos(wait_ns));
-        }
+        // Input arrived: the run loop hands it to the UART, whose interrupt wakes the guest;
+        // virtual time stays where it is.
+        let console_input = wait_for_console_input(self.console.as_mut(), now, deadline);
         if !console_input {
             match (&mut self.clock, deadline) {
                 (Clock::Virtual { idle_ns }, Some(deadline)) => {
@@ -1309,6 +1303,23 @@ impl Machine {
             .publish_instructions(self.instructions().unwrap_or(0));
         Ok(())
     }
+}
+
+/// With every vCPU idle: wait in real time for input on an open console, at most until the
+/// next device deadline and briefly, so an idle interactive guest neither spins nor misses
+/// a key. Whether input arrived.
+fn wait_for_console_input(
+    console: Option<&mut ConsoleInput>,
+    now: u64,
+    deadline: Option<u64>,
+) -> bool {
+    let Some(console) = console.filter(|c| c.open()) else {
+        return false;
+    };
+    let wait_ns = deadline.map_or(CONSOLE_IDLE_WAIT_NS, |d| {
+        d.saturating_sub(now).min(CONSOLE_IDLE_WAIT_NS)
+    });
+    console.wait(Duration::from_nanos(wait_ns))
 }
 
 /// What the VMM made of one exit ([`run_exit`]).

@@ -107,13 +107,43 @@ struct Phases {
     at: [Option<(Duration, Option<u64>)>; 3],
 }
 
-/// Console sink that notes when the markers pass, with the instructions retired by then.
-struct MarkerWriter {
+/// When a console marker passed: wall time since the run started, the guest instructions
+/// retired by then (if the machine counts them) and the marker's whole line.
+pub(super) type Mark = (Duration, Option<u64>, String);
+
+/// Console sink that notes when each of `markers` passes, in order (shared by the Linux
+/// benchmarks).
+pub(super) struct MarkerWriter {
     line: Vec<u8>,
     next: usize,
     start: Instant,
+    markers: &'static [&'static str],
     control: Arc<OnceLock<Arc<VmControl>>>,
-    phases: Arc<Mutex<Phases>>,
+    marks: Arc<Mutex<Vec<Option<Mark>>>>,
+}
+
+impl MarkerWriter {
+    /// A sink timing from `start`, counting through the control set in `control` once the
+    /// machine exists; the marks land in `marks` (one slot per marker).
+    pub(super) fn new(
+        markers: &'static [&'static str],
+        start: Instant,
+        control: Arc<OnceLock<Arc<VmControl>>>,
+        marks: Arc<Mutex<Vec<Option<Mark>>>>,
+    ) -> Self {
+        marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(markers.len(), None);
+        MarkerWriter {
+            line: Vec::new(),
+            next: 0,
+            start,
+            markers,
+            control,
+            marks,
+        }
+    }
 }
 
 impl Write for MarkerWriter {
@@ -123,11 +153,12 @@ impl Write for MarkerWriter {
                 self.line.push(b);
                 continue;
             }
-            if let Some(marker) = MARKERS.get(self.next) {
-                if String::from_utf8_lossy(&self.line).contains(marker) {
+            if let Some(marker) = self.markers.get(self.next) {
+                let line = String::from_utf8_lossy(&self.line);
+                if line.contains(marker) {
                     let n = self.control.get().map(|c| c.instructions());
-                    self.phases.lock().unwrap_or_else(|e| e.into_inner()).at[self.next] =
-                        Some((self.start.elapsed(), n));
+                    self.marks.lock().unwrap_or_else(|e| e.into_inner())[self.next] =
+                        Some((self.start.elapsed(), n, line.trim().to_string()));
                     self.next += 1;
                 }
             }
@@ -157,15 +188,9 @@ fn esvm_boot(
     platform: Option<&std::path::Path>,
 ) -> Result<Boot, Box<dyn std::error::Error>> {
     let control = Arc::new(OnceLock::new());
-    let phases = Arc::new(Mutex::new(Phases::default()));
+    let marks = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
-    let writer = MarkerWriter {
-        line: Vec::new(),
-        next: 0,
-        start,
-        control: control.clone(),
-        phases: phases.clone(),
-    };
+    let writer = MarkerWriter::new(&MARKERS, start, control.clone(), marks.clone());
     let config = MachineConfig {
         backend: BackendKind::Emu,
         vm_type: if platform.is_some() {
@@ -209,11 +234,13 @@ fn esvm_boot(
     if !matches!(outcome, Outcome::Reset(_) | Outcome::PowerOff(_)) {
         return Err(LinuxBenchError::Ended(outcome.describe()).into());
     }
-    let mut p = phases.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let marks = marks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut p = Phases::default();
     for (i, m) in MARKERS.iter().enumerate() {
-        if p.at[i].is_none() {
+        let Some((at, n, _)) = marks[i] else {
             return Err(LinuxBenchError::MissingMarker(m).into());
-        }
+        };
+        p.at[i] = Some((at, n));
     }
     p.at[2] = Some((end, machine.instructions()));
     Ok(Boot {
@@ -719,18 +746,19 @@ mod tests {
 
     #[test]
     fn markers_are_noted_once_in_order() {
-        let phases = Arc::new(Mutex::new(Phases::default()));
-        let mut w = MarkerWriter {
-            line: Vec::new(),
-            next: 0,
-            start: Instant::now(),
-            control: Arc::new(OnceLock::new()),
-            phases: phases.clone(),
-        };
+        let marks = Arc::new(Mutex::new(Vec::new()));
+        let mut w = MarkerWriter::new(
+            &MARKERS,
+            Instant::now(),
+            Arc::new(OnceLock::new()),
+            marks.clone(),
+        );
         w.write_all(b"workload digest=1\n[ 1.0] Run /init as init process\nx")
             .unwrap();
         w.write_all(b"\nworkload digest=2\n").unwrap();
-        let p = phases.lock().unwrap();
-        assert!(p.at[0].is_some() && p.at[1].is_some() && p.at[2].is_none());
+        let m = marks.lock().unwrap();
+        assert_eq!(m.len(), MARKERS.len());
+        assert_eq!(m[0].as_ref().unwrap().2, "[ 1.0] Run /init as init process");
+        assert_eq!(m[1].as_ref().unwrap().2, "workload digest=2");
     }
 }

@@ -8,14 +8,15 @@
 //! from the run loop's published count (in parallel mode it is published per slice, so it
 //! is exact to within one slice of each vCPU, [`esvm::machine::PARALLEL_SLICE`]).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use esvm::machine::{Machine, MachineConfig, VmControl};
+use esvm::machine::{Machine, MachineConfig};
+
+use super::bench_linux::MarkerWriter;
 use esvm::outcome::Outcome;
 use esvm_hv::{BackendKind, VmType};
 use esvm_loader::linux::LinuxImage;
@@ -99,40 +100,6 @@ pub enum SmpBenchError {
 /// and the marker's line.
 type Marks = [Option<(Duration, u64, String)>; 3];
 
-/// Console sink that notes when the markers pass.
-struct MarkerWriter {
-    line: Vec<u8>,
-    next: usize,
-    start: Instant,
-    control: Arc<OnceLock<Arc<VmControl>>>,
-    marks: Arc<Mutex<Marks>>,
-}
-
-impl Write for MarkerWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for &b in buf {
-            if b != b'\n' {
-                self.line.push(b);
-                continue;
-            }
-            if let Some(marker) = MARKERS.get(self.next) {
-                let line = String::from_utf8_lossy(&self.line);
-                if line.contains(marker) {
-                    let n = self.control.get().map_or(0, |c| c.instructions());
-                    let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
-                    marks[self.next] = Some((self.start.elapsed(), n, line.trim().to_string()));
-                    self.next += 1;
-                }
-            }
-            self.line.clear();
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// One boot's figures.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SmpBoot {
@@ -211,15 +178,9 @@ fn boot(
     deterministic: bool,
 ) -> Result<(Marks, Duration), Box<dyn std::error::Error>> {
     let control = Arc::new(OnceLock::new());
-    let marks: Arc<Mutex<Marks>> = Arc::default();
+    let marks = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
-    let writer = MarkerWriter {
-        line: Vec::new(),
-        next: 0,
-        start,
-        control: control.clone(),
-        marks: marks.clone(),
-    };
+    let writer = MarkerWriter::new(&MARKERS, start, control.clone(), marks.clone());
     let config = MachineConfig {
         backend: BackendKind::Emu,
         vm_type: VmType::Plain,
@@ -264,11 +225,13 @@ fn boot(
         }
         .into());
     }
-    let m = marks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let got = marks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut m = Marks::default();
     for (i, marker) in MARKERS.iter().enumerate() {
-        if m[i].is_none() {
+        let Some((at, n, line)) = got[i].clone() else {
             return Err(SmpBenchError::MissingMarker { vcpus, marker }.into());
-        }
+        };
+        m[i] = Some((at, n.unwrap_or(0), line));
     }
     Ok((m, end))
 }

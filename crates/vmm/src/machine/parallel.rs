@@ -48,8 +48,8 @@ use esvm_devices::Devices;
 use esvm_hv::{Kicker, Vcpu};
 
 use super::{
-    offer_interrupt_to, run_exit, sync_apic_of, Clock, ExitSide, Machine, MachineError,
-    VcpuRunState, CONSOLE_IDLE_WAIT_NS, MAX_SLICE_NS, MMIO_SCRATCH_LEN, WINDOW_POLL_NS,
+    offer_interrupt_to, run_exit, sync_apic_of, wait_for_console_input, Clock, ExitSide, Machine,
+    MachineError, VcpuRunState, MAX_SLICE_NS, MMIO_SCRATCH_LEN, WINDOW_POLL_NS,
 };
 use crate::console::ConsoleInput;
 use crate::outcome::Outcome;
@@ -471,13 +471,7 @@ fn idle(side: &mut Side<'_>, vcpu: &dyn Vcpu, cpu: usize) -> Result<Option<Outco
     }
     let now = side.now();
     let deadline = side.devices.next_deadline_ns();
-    let mut console_input = false;
-    if let Some(console) = side.console.as_mut().filter(|c| c.open()) {
-        let wait_ns = deadline.map_or(CONSOLE_IDLE_WAIT_NS, |d| {
-            d.saturating_sub(now).min(CONSOLE_IDLE_WAIT_NS)
-        });
-        console_input = console.wait(Duration::from_nanos(wait_ns));
-    }
+    let console_input = wait_for_console_input(side.console.as_mut(), now, deadline);
     if !console_input {
         match deadline {
             Some(deadline) => *side.idle_ns += deadline.saturating_sub(now),
