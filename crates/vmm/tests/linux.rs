@@ -2207,3 +2207,8 @@ fn bench_smp_measures_parallel_and_deterministic_vcpus_against_the_native_run() 
     }
     assert!(r["native_threads_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn a_sealed_snapshot_of_a_2_vcpu_sev_es_linux_guest_mid_multithreaded_workload_restores() {
+    move_2_vcpu_sev_linux("sev-snap-ap-running", ApAt::Running, MoveBy::SealedSnapshot);
+}
