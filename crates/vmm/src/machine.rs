@@ -575,6 +575,41 @@ impl Machine {
         Ok(boot)
     }
 
+    /// SEV-ES: run every AP that has not run yet into the AP stub's reset hold before the
+    /// boot vCPU runs, as firmware parks the APs before it hands over to the OS. Otherwise a
+    /// guest's early INIT-SIPI-SIPI could reach an AP still on its way into the hold (its
+    /// vCPU thread not yet scheduled): the SIPI is ignored (the AP is not held) and the AP
+    /// parks for good.
+    fn park_fresh_sev_aps(&mut self) -> Result<(), MachineError> {
+        /// The stub holds within a few instructions; far more means it is not the stub.
+        const PARK_BUDGET: u64 = 10_000;
+        if !self.sev_aps() {
+            return Ok(());
+        }
+        for i in 1..self.vcpus.len() {
+            let fresh = self.run_state[i] == VcpuRunState::Running
+                && self.retired_base[i] == 0
+                && self.vcpus[i].instructions_retired() == Some(0);
+            if !fresh {
+                continue;
+            }
+            let vcpu = &mut self.vcpus[i];
+            vcpu.set_instruction_budget(Some(PARK_BUDGET))?;
+            let exit = vcpu.run()?;
+            let parked = matches!(exit, VmExit::ApResetHold);
+            let what = format!("{exit:?}");
+            vcpu.set_instruction_budget(None)?;
+            if !parked {
+                return Err(MachineError::State(format!(
+                    "SEV-ES vCPU {i} did not park in the AP start stub's reset hold (its first \
+                     run ended with {what}); the stub at its reset state is damaged"
+                )));
+            }
+            self.run_state[i] = VcpuRunState::ApResetHold;
+        }
+        Ok(())
+    }
+
     /// SEV-ES with several vCPUs: the APs start in the AP start stub.
     fn sev_aps(&self) -> bool {
         self.smp && self.config.vm_type == VmType::SevEs
@@ -725,6 +760,7 @@ impl Machine {
 
     fn run_loop(&mut self, control: &VmControl) -> Result<Outcome, MachineError> {
         let virtual_time = matches!(self.clock, Clock::Virtual { .. });
+        self.park_fresh_sev_aps()?;
         if !self.mid_exit {
             for cpu in 0..self.vcpus.len() {
                 self.sync_apic(cpu)?;

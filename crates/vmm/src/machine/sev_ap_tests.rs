@@ -188,3 +188,27 @@ fn a_held_ap_is_restored_held_and_released_by_a_later_sipi() {
     let v = vmsa(&r, 1);
     assert_eq!((v.sregs().cs.base, v.regs().rip), (ENTRY, 1));
 }
+
+/// A SIPI that reaches an AP before it ran into the hold is ignored (it is not held), so
+/// the AP would then park for good: the machine parks every fresh AP before the boot vCPU
+/// runs, as firmware does before it hands over to the OS.
+#[test]
+fn fresh_aps_park_before_the_boot_vcpu_runs_so_an_early_sipi_is_not_lost() {
+    let mut m = launched(Some((0, (ENTRY >> 4) as u16)));
+    // Without the parking: an early SIPI finds the AP not held and is ignored.
+    m.apply_ap_signal(1, ApSignal::Sipi(0x9a)).unwrap();
+    assert_eq!(m.vcpu_run_states()[1], VcpuRunState::Running);
+    // The machine's parking, then the same SIPI releases it.
+    m.park_fresh_sev_aps().unwrap();
+    assert_eq!(m.vcpu_run_states()[1], VcpuRunState::ApResetHold);
+    let parked = retired(&m, 1);
+    assert!((5..20).contains(&parked), "{parked}");
+    assert_eq!(retired(&m, 0), 0, "the boot vCPU has not run");
+    // Parking again does nothing: the AP has run.
+    m.park_fresh_sev_aps().unwrap();
+    assert_eq!(retired(&m, 1), parked);
+    m.apply_ap_signal(1, ApSignal::Sipi(0x9a)).unwrap();
+    assert_eq!(m.vcpu_run_states()[1], VcpuRunState::Running);
+    assert!(m.run_once(1).unwrap().is_none());
+    assert_eq!(m.vcpu_run_states()[1], VcpuRunState::Halted);
+}
