@@ -595,9 +595,17 @@ impl Machine {
             }
             let vcpu = &mut self.vcpus[i];
             vcpu.set_instruction_budget(Some(PARK_BUDGET))?;
-            let exit = vcpu.run()?;
-            let parked = matches!(exit, VmExit::ApResetHold);
-            let what = format!("{exit:?}");
+            let (parked, what) = loop {
+                let (interrupted, parked, what) = match vcpu.run()? {
+                    VmExit::ApResetHold => (false, true, String::new()),
+                    VmExit::Interrupted => (true, false, "Interrupted".to_string()),
+                    other => (false, false, format!("{other:?}")),
+                };
+                // A kick (the control wants the machine) ends a run early: go on.
+                if !(interrupted && vcpu.instructions_retired().unwrap_or(0) < PARK_BUDGET) {
+                    break (parked, what);
+                }
+            };
             vcpu.set_instruction_budget(None)?;
             if !parked {
                 return Err(MachineError::State(format!(
