@@ -2212,3 +2212,81 @@ fn bench_smp_measures_parallel_and_deterministic_vcpus_against_the_native_run() 
 fn a_sealed_snapshot_of_a_2_vcpu_sev_es_linux_guest_mid_multithreaded_workload_restores() {
     move_2_vcpu_sev_linux("sev-snap-ap-running", ApAt::Running, MoveBy::SealedSnapshot);
 }
+
+/// Linux takes CPU 1 offline and brings it back (`/sys/devices/system/cpu/cpu1/online`), on
+/// 2 vCPUs: plain, the dead CPU halts with interrupts off and onlining starts it again by
+/// INIT-SIPI-SIPI; SEV-ES, the kernel parks it with the GHCB's AP_HLT_LOOP (the host sees
+/// `ap-reset-hold`, not `halted`) and onlining's SIPI releases it back into the kernel.
+/// Both ways the CPU works afterwards: a multithreaded workload prints the native digest.
+#[test]
+fn linux_takes_a_cpu_offline_and_brings_it_back() {
+    cpu_offline_and_online("cpu-hotplug", false);
+}
+
+#[test]
+fn an_sev_es_linux_guest_takes_a_cpu_offline_and_brings_it_back() {
+    cpu_offline_and_online("sev-cpu-hotplug", true);
+}
+
+fn cpu_offline_and_online(name: &str, sev: bool) {
+    let a = assets();
+    let dir = temp_dir(name);
+    let sock = dir.join("api.sock");
+    let plat = dir.join("platform");
+    let cl = cmdline("esvm.run=shell");
+    let mut args = vec![
+        "run",
+        "--vcpus",
+        "2",
+        "--kernel",
+        a.kernel.to_str().unwrap(),
+        "--initrd",
+        a.initrd.to_str().unwrap(),
+        "--cmdline",
+        &cl,
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ];
+    if sev {
+        let out = Command::new(ESVM)
+            .args(["platform", "init", "--dir", plat.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        args.extend(["--sev-es", "--platform", plat.to_str().unwrap()]);
+    }
+    let (mut p, mut stdin) = Proc::spawn_with_stdin(&args);
+    p.wait_stdout("esvm-init: userland up (run=shell)", BOOT_TIMEOUT);
+    wait_ap_state(&sock, "halted");
+    std::thread::sleep(Duration::from_millis(500));
+    // Markers are split in the commands so that only the output contains them.
+    stdin
+        .write_all(b"echo 0 > /sys/devices/system/cpu/cpu1/online; echo off''line=$(cat /sys/devices/system/cpu/online)';'\n")
+        .unwrap();
+    p.wait_stdout("offline=", Duration::from_secs(60));
+    wait_ap_state(&sock, if sev { "ap-reset-hold" } else { "halted" });
+    // It stays parked: no interrupt wakes a dead CPU.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ap_run_state(&sock),
+        if sev { "ap-reset-hold" } else { "halted" }
+    );
+    stdin
+        .write_all(b"echo 1 > /sys/devices/system/cpu/cpu1/online; echo on''line=$(cat /sys/devices/system/cpu/online)';'\n")
+        .unwrap();
+    p.wait_stdout("online=", Duration::from_secs(120));
+    stdin.write_all(b"/bin/mtload 4 1\n").unwrap();
+    p.wait_stdout("mtload digest=", BOOT_TIMEOUT);
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    let status = p.wait(Duration::from_secs(60));
+    let out = p.stdout();
+    assert_eq!(status, 0, "{}\n{}", p.stderr(), tail(&out));
+    assert!(out.contains("CPU 1 is now offline"), "{}", tail(&out));
+    assert!(out.contains("offline=0;"), "{}", tail(&out));
+    assert!(out.contains("online=0-1;"), "{}", tail(&out));
+    assert!(out.contains("mtload threads=4 cpus=2"), "{}", tail(&out));
+    assert_eq!(mtload_lines(&out), native_mtload_at(4, 1), "{}", tail(&out));
+    assert_eq!(smp_complaints(&out), Vec::<&str>::new());
+    assert_eq!(kernel_complaints(&out), Vec::<&str>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}
