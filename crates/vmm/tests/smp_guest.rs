@@ -346,3 +346,31 @@ fn an_sev_es_smp_guest_replays_exactly_in_turns() {
         2,
     );
 }
+
+/// `--max-instructions` is one budget for all vCPUs: on parallel vCPUs the run stops at
+/// exactly that many instructions, as the machine's own count after the run says too (each
+/// vCPU thread used to take up to a slice beyond it).
+#[test]
+fn parallel_vcpus_stop_at_exactly_max_instructions() {
+    for (cpus, limit) in [
+        ("2", "1000000"),
+        ("4", "1234567"),
+        ("2", "777"),
+        ("4", "2500001"),
+    ] {
+        for _ in 0..2 {
+            let o = std::process::Command::new(common::ESVM)
+                .args(["run", "--vcpus", cpus, "--max-instructions", limit, "smp"])
+                .env("ESVM_LOG", "esvm=info")
+                .output()
+                .unwrap();
+            assert_eq!(o.status.code(), Some(123), "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains(&format!("stopped after {limit} instructions")),
+                "{cpus} vCPUs: {}",
+                stderr(&o)
+            );
+            assert_eq!(instructions_reported(&o), limit, "{cpus} vCPUs");
+        }
+    }
+}

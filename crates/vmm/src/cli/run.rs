@@ -74,7 +74,8 @@ pub struct RunArgs {
     /// Backend: 'emu' (the software vCPU, deterministic, the default) or 'kvm'.
     #[arg(long, default_value = "emu", value_parser = parse_backend)]
     pub backend: BackendKind,
-    /// Stop the guest after this many retired instructions (emu only); exit status 123.
+    /// Stop the guest after this many retired instructions, all vCPUs together (emu only);
+    /// exit status 123.
     #[arg(long)]
     pub max_instructions: Option<u64>,
     /// Serve the control API (`esvm ctl`: status, pause, resume, snapshot, migrate, cancel)

@@ -22,6 +22,8 @@
 //! counts plus the idle time, read under the lock. A vCPU runs slices of at most
 //! [`PARALLEL_SLICE`] instructions (less before the next device deadline), so timers fire
 //! within a slice of every vCPU of their time even though the clock moves with all of them.
+//! `--max-instructions` is one budget: a slice takes at most what the other vCPUs' running
+//! slices left of it, so the run stops at exactly the limit, as on one thread.
 //!
 //! A vCPU's TSC counts its own instructions; at the start of each slice it is brought
 //! forward to the machine's clock (`now` plus the vCPU's offset, never back). vCPUs running
@@ -81,6 +83,9 @@ struct Side<'a> {
     ap_signals: bool,
     /// The instruction counts of the [`Shared`] side (for `now`).
     published: &'a [AtomicU64],
+    /// Per vCPU with `--max-instructions`: the published count at which its running slice
+    /// ends (its share of the budget not yet retired is this minus its published count).
+    slice_end: Vec<u64>,
 }
 
 impl Side<'_> {
@@ -91,6 +96,17 @@ impl Side<'_> {
             .map(|p| p.load(Ordering::Acquire))
             .sum();
         retired + *self.idle_ns
+    }
+
+    /// Instructions the running slices of vCPUs other than `cpu` may still retire.
+    fn reserved_by_others(&self, cpu: usize) -> u64 {
+        (0..self.published.len())
+            .filter(|&j| j != cpu)
+            .map(|j| {
+                let retired = self.published[j].load(Ordering::Acquire);
+                self.slice_end[j].saturating_sub(retired)
+            })
+            .sum()
     }
 
     /// Whether halted vCPU `i` has something that wakes it.
@@ -260,6 +276,7 @@ impl Machine {
                 end: None,
                 ap_signals: false,
                 published: &published,
+                slice_end: vec![0; n],
             }),
             cond: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -390,7 +407,16 @@ fn vcpu_thread(
                 shared.finish(&mut g, Ok(Outcome::InstructionLimit(done)));
                 return Ok(());
             }
-            slice = slice.min(limit - done);
+            // The budget is shared: the other vCPUs' running slices hold their part of it,
+            // so that all of them together stop at exactly `limit`.
+            let left = (limit - done).saturating_sub(g.reserved_by_others(cpu));
+            if left == 0 {
+                // Wait until a slice ends (it notifies) and look again.
+                drop(shared.cond.wait_timeout(g, SLEEP_POLL));
+                continue;
+            }
+            slice = slice.min(left);
+            g.slice_end[cpu] = g.published[cpu].load(Ordering::Acquire) + slice;
         }
         g.devices.advance_to(now);
         g.devices.select_vcpu(cpu);
@@ -421,6 +447,11 @@ fn vcpu_thread(
         })?;
         let mut g = held.guard;
         publish(&g, cpu, base, vcpu);
+        if shared.max_instructions.is_some() {
+            // Its unused share of the budget goes back to the others.
+            g.slice_end[cpu] = 0;
+            shared.cond.notify_all();
+        }
         let now = g.now();
         g.devices.advance_to(now);
         // A guest write that moved the TSC forward stays.
