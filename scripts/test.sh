@@ -12,6 +12,8 @@ echo "== Linux test guest (Debian kernel, busybox, workload; cached)"
 ./scripts/linux-assets.sh >/dev/null
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# The bare-metal guests are built by crates/guests/build.rs, outside the workspace.
+rustfmt --check --edition 2021 $(find guests -name '*.rs' | sort)
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"

@@ -47,7 +47,11 @@ fn main(_bi: &'static BootInfo) -> u32 {
     println!(
         "iobench: {} writes to port 0x80 ({})",
         Dec(n),
-        if protected { "GHCB IOIO + VMGEXIT" } else { "OUT exits" }
+        if protected {
+            "GHCB IOIO + VMGEXIT"
+        } else {
+            "OUT exits"
+        }
     );
     0
 }

@@ -40,8 +40,8 @@
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
-use esvm_abi::sev as sevabi;
 use esvm_abi::exit_code as sevabi_exit;
+use esvm_abi::sev as sevabi;
 use esvm_abi::term;
 use esvm_rt::idt::{self, InterruptFrame};
 use esvm_rt::sev::{self, SevMode};
@@ -356,7 +356,11 @@ static NMI_COMPLETES_OWED: AtomicU64 = AtomicU64::new(0);
 
 fn nmi_complete() {
     if sev::nmi_complete().is_err() {
-        sev::terminate(term::SET_ESVM, term::GHCB_BAD_RESPONSE, sevabi_exit::NMI_COMPLETE);
+        sev::terminate(
+            term::SET_ESVM,
+            term::GHCB_BAD_RESPONSE,
+            sevabi_exit::NMI_COMPLETE,
+        );
     }
 }
 
@@ -407,11 +411,19 @@ fn mtrr_checks(def_type: u64) -> bool {
     const MTRRCAP: u32 = 0xfe;
     const DEF_TYPE: u32 = 0x2ff;
     const PHYSBASE0: u32 = 0x200;
-    check_eq!(x86::rdmsr(DEF_TYPE), def_type, "MTRR_DEF_TYPE set before the launch");
+    check_eq!(
+        x86::rdmsr(DEF_TYPE),
+        def_type,
+        "MTRR_DEF_TYPE set before the launch"
+    );
     check_eq!(x86::rdmsr(MTRRCAP), 0x508, "MTRRCAP: 8 ranges, fixed, WC");
     // SAFETY: MTRRs change no behaviour of the modelled machine (it has no caches).
     unsafe { x86::wrmsr(PHYSBASE0, 0x8000_0006) };
-    check_eq!(x86::rdmsr(PHYSBASE0), 0x8000_0006, "PHYSBASE0 after a write");
+    check_eq!(
+        x86::rdmsr(PHYSBASE0),
+        0x8000_0006,
+        "PHYSBASE0 after a write"
+    );
     // Memory type 2 is reserved: #GP, raised by the #VC handler from the hypervisor's answer.
     match esvm_rt::trap::catch(|| {
         // SAFETY: as above; the write is refused.
@@ -423,7 +435,11 @@ fn mtrr_checks(def_type: u64) -> bool {
             return false;
         }
     }
-    check_eq!(x86::rdmsr(PHYSBASE0), 0x8000_0006, "PHYSBASE0 after a refused write");
+    check_eq!(
+        x86::rdmsr(PHYSBASE0),
+        0x8000_0006,
+        "PHYSBASE0 after a refused write"
+    );
     println!("sev-smoke: MTRRs through #VC ok");
     true
 }

@@ -49,12 +49,14 @@ pub use serial::{Dec, Hex, Hex16, SDec};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-/// A static the runtime mutates through raw pointers. The guest has a single vCPU and
-/// the runtime documents for each use why no two accesses overlap.
+/// A static mutated through raw pointers. The runtime's own are touched by the boot vCPU
+/// only (its `smp` APs share nothing but atomics); a guest that shares one between vCPUs
+/// (the `smp` guest's CMPXCHG16B pair) touches it only with atomic instructions. Each use
+/// documents why no two plain accesses overlap.
 #[repr(transparent)]
 pub struct Racy<T>(UnsafeCell<T>);
 
-// SAFETY: guests run on one vCPU; every access site justifies its exclusivity.
+// SAFETY: plain accesses come from one vCPU at a time; every access site justifies it.
 unsafe impl<T> Sync for Racy<T> {}
 
 impl<T> Racy<T> {

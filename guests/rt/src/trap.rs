@@ -101,8 +101,7 @@ esvm_catch_call:
 );
 
 extern "C" {
-    fn esvm_catch_call(buf: *mut JmpBuf, f: unsafe extern "C" fn(*mut u8), arg: *mut u8)
-        -> u64;
+    fn esvm_catch_call(buf: *mut JmpBuf, f: unsafe extern "C" fn(*mut u8), arg: *mut u8) -> u64;
 }
 
 /// Takes the closure out of `*arg` and runs it.
