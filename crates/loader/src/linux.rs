@@ -32,6 +32,15 @@ pub mod layout {
     pub const CMDLINE_MAX: usize = esvm_arch::layout::CMDLINE_SIZE as usize - 1;
     /// The legacy BIOS area, reported reserved (option ROMs and the ACPI tables below it).
     pub const BIOS_START: u64 = 0xf_0000;
+    /// The first MiB, the firmware's on a PC (the real-mode IVT and BIOS data area, low
+    /// RAM, the EBDA, the VGA and option-ROM hole, the BIOS area). The kernel reads parts of
+    /// it before it writes them — the BIOS data area's EBDA pointer and base-memory size,
+    /// the iBFT scan of 0x80000-0xfffff, the DMI/SMBIOS scan, option-ROM probing — so the
+    /// load zeroes all of it (then places its own pieces there) and an SEV-ES launch
+    /// encrypts and measures it whole. Otherwise those reads return, through the kernel's
+    /// encrypted mappings, the decryption of whatever host memory held under that launch's
+    /// key: different on every launch, and so were the kernel's instruction counts.
+    pub const FIRMWARE_AREA: (u64, u64) = (0, HIGH_MEMORY_ADDR);
 }
 
 /// `__BOOT_CS` / `__BOOT_DS` of the 64-bit boot protocol.
@@ -140,11 +149,13 @@ pub struct LinuxBoot {
 impl LinuxBoot {
     /// Every page range the load wrote, page-aligned and merged, in address order: what an
     /// SEV-ES launch encrypts and measures (LAUNCH_UPDATE_DATA) — the GDT, the zero page,
-    /// the command line, the page tables, the kernel and the initrd.
+    /// the command line, the page tables, the kernel, the initrd and the firmware area
+    /// ([`layout::FIRMWARE_AREA`], zeroed, the ACPI tables inside it).
     pub fn written_pages(&self) -> Vec<(u64, u64)> {
         let page = |a: u64| a & !0xfff;
         let page_end = |a: u64| (a + 0xfff) & !0xfff;
         let mut ranges = vec![
+            layout::FIRMWARE_AREA,
             (layout::GDT_ADDR, layout::GDT_ADDR + 0x1000),
             (layout::ZERO_PAGE_ADDR, layout::ZERO_PAGE_ADDR + 0x1000),
             self.cmdline,
@@ -393,6 +404,12 @@ pub fn load_linux_with_ap_stub<M: GuestMemoryBackend>(
             (r.kernel_load.0, (r.kernel_load.0, r.kernel_end), hdr)
         }
     };
+    // The first MiB starts zeroed; what the load places there is written over it.
+    let (firmware_start, firmware_end) = layout::FIRMWARE_AREA;
+    write(
+        firmware_start,
+        &vec![0; (firmware_end - firmware_start) as usize],
+    )?;
     let mut cmdline = image.cmdline.as_bytes().to_vec();
     cmdline.push(0);
     write(layout::CMDLINE_ADDR, &cmdline)?;
@@ -603,7 +620,10 @@ mod tests {
             boot.acpi,
             Some((layout::ACPI_ADDR, layout::ACPI_ADDR + 0x1000))
         );
-        assert!(boot.written_pages().contains(&(layout::ACPI_ADDR, 0x1000)));
+        assert!(boot
+            .written_pages()
+            .iter()
+            .any(|&(s, l)| s <= layout::ACPI_ADDR && layout::ACPI_ADDR + 0x1000 <= s + l));
         // The e820 map: the tables' page as ACPI, between the EBDA and the BIOS area.
         assert_eq!({ zp.e820_entries }, 5);
         let e2 = zp.e820_table[2];
@@ -618,6 +638,47 @@ mod tests {
         assert_eq!({ zp.acpi_rsdp_addr }, 0);
         assert_eq!(boot.acpi, None);
         assert_eq!({ zp.e820_entries }, 4);
+    }
+
+    /// The first MiB is zeroed by the load, whatever memory held, but for the pieces the
+    /// load places there, and is among the written (SEV-ES: measured) pages, so the
+    /// kernel's reads of it see the same under every launch key.
+    #[test]
+    fn the_firmware_area_is_zeroed_and_measured() {
+        let m = mem(128 << 20);
+        let (start, end) = layout::FIRMWARE_AREA;
+        assert_eq!((start, end), (0, 0x10_0000));
+        m.write_slice(&vec![0xa5; (end - start) as usize], GuestAddress(start))
+            .unwrap();
+        let k = bzimage(0x020f, 0x7f, 8 << 20, &[0x90; 8192]);
+        let boot = load_linux_with_ap_stub(&m, &image(&k, None, "quiet"), Some(47), Some(2), true)
+            .unwrap();
+        let mut area = vec![0u8; (end - start) as usize];
+        m.read_slice(&mut area, GuestAddress(start)).unwrap();
+        // The pieces the load placed: everything else reads zero.
+        let placed = [
+            (layout::GDT_ADDR, layout::GDT_ADDR + 0x1000),
+            (layout::ZERO_PAGE_ADDR, layout::ZERO_PAGE_ADDR + 0x1000),
+            boot.cmdline,
+            boot.tables,
+            boot.acpi.unwrap(),
+            boot.ap_stub.unwrap(),
+        ];
+        for (i, b) in area.iter().enumerate() {
+            let gpa = start + i as u64;
+            if !placed.iter().any(|&(s, e)| (s..e).contains(&gpa)) {
+                assert_eq!(*b, 0, "byte at {gpa:#x}");
+            }
+        }
+        // The BIOS data area (the EBDA pointer at 0x40e), the iBFT scan's 0x80000 and the
+        // BIOS area read zero.
+        for gpa in [0x40e, 0x413, 0x8_0000, 0xf_0000, 0xf_fff0] {
+            assert_eq!(area[gpa], 0, "{gpa:#x}");
+        }
+        assert!(boot
+            .written_pages()
+            .iter()
+            .any(|&(s, l)| s <= start && end <= s + l));
     }
 
     /// SEV-ES with several vCPUs: the AP stub and its zero jump table are written, measured

@@ -218,6 +218,25 @@ fn two_boots_with_the_same_inputs_are_identical() {
     assert!(out1 == out2, "console output differs");
 }
 
+/// SEV-ES too, though every launch encrypts under a fresh key: one vCPU, and two taking
+/// turns. (The kernel reads parts of the first MiB before writing them — the BIOS data
+/// area, the iBFT and DMI scans; they read as that launch's decryption of host memory,
+/// and instruction counts and timestamps varied, until the load zeroed and measured it.)
+#[test]
+fn two_sev_es_boots_with_the_same_inputs_are_identical() {
+    let plat = platform("sev-replay");
+    let p = plat.to_str().unwrap();
+    for extra in [&[][..], &["--vcpus", "2", "--deterministic"][..]] {
+        let args = [&["--sev-es", "--platform", p][..], extra].concat();
+        let (out1, n1) = boot_counting_instructions(&args);
+        let (out2, n2) = boot_counting_instructions(&args);
+        assert_eq!(n1, n2, "{extra:?}: instruction counts differ");
+        assert!(out1 == out2, "{extra:?}: console output differs");
+        assert_eq!(workload_lines(&out1), native_workload(1), "{extra:?}");
+    }
+    let _ = std::fs::remove_dir_all(plat);
+}
+
 #[test]
 fn an_interactive_shell_answers_over_a_pipe() {
     let a = assets();
