@@ -179,21 +179,25 @@ fn a_vmlinux_elf_boots_too() {
 
 /// Boot to the end of the workload with `run` options `extra`: the console output and the
 /// instruction count esvm logs at the end.
+/// `esvm run` of the test kernel and initrd with command line `cl`.
+fn kernel_run_args<'a>(a: &'a Assets, cl: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--kernel",
+        a.kernel.to_str().unwrap(),
+        "--initrd",
+        a.initrd.to_str().unwrap(),
+        "--cmdline",
+        cl,
+    ]
+}
+
 fn boot_counting_instructions(extra: &[&str]) -> (String, String) {
     let a = assets();
     let cl = cmdline("esvm.run=workload");
     let out = Command::new(ESVM)
-        .args([
-            "run",
-            "--kernel",
-            a.kernel.to_str().unwrap(),
-            "--initrd",
-            a.initrd.to_str().unwrap(),
-            "--cmdline",
-            &cl,
-            "--console",
-            "none",
-        ])
+        .args(kernel_run_args(a, &cl))
+        .args(["--console", "none"])
         .args(extra)
         .env("ESVM_LOG", "esvm=info")
         .stdin(Stdio::null())
@@ -427,28 +431,11 @@ fn linux_guest_with(sock: &Path, sev_platform: Option<&Path>, init_args: &str) -
 
 /// A Linux guest with an API socket and `run` options `extra`, its init told `init_args`.
 fn linux_guest_args(sock: &Path, extra: &[&str], init_args: &str) -> Proc {
-    let a = assets();
     let cl = cmdline(init_args);
-    Proc::spawn(
-        None,
-        &[
-            &[
-                "run",
-                "--kernel",
-                a.kernel.to_str().unwrap(),
-                "--initrd",
-                a.initrd.to_str().unwrap(),
-                "--cmdline",
-                &cl,
-                "--console",
-                "none",
-                "--api-socket",
-                sock.to_str().unwrap(),
-            ],
-            extra,
-        ]
-        .concat(),
-    )
+    let mut args = kernel_run_args(assets(), &cl);
+    args.extend(["--console", "none", "--api-socket", sock.to_str().unwrap()]);
+    args.extend(extra);
+    Proc::spawn(None, &args)
 }
 
 /// The moved guest finishes the workload with the native digest, then its shell answers.
@@ -2251,27 +2238,11 @@ fn cpu_offline_and_online(name: &str, sev: bool) {
     let a = assets();
     let dir = temp_dir(name);
     let sock = dir.join("api.sock");
-    let plat = dir.join("platform");
+    let plat = sev.then(|| platform(&format!("{name}-platform")));
     let cl = cmdline("esvm.run=shell");
-    let mut args = vec![
-        "run",
-        "--vcpus",
-        "2",
-        "--kernel",
-        a.kernel.to_str().unwrap(),
-        "--initrd",
-        a.initrd.to_str().unwrap(),
-        "--cmdline",
-        &cl,
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ];
-    if sev {
-        let out = Command::new(ESVM)
-            .args(["platform", "init", "--dir", plat.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+    let mut args = kernel_run_args(a, &cl);
+    args.extend(["--vcpus", "2", "--api-socket", sock.to_str().unwrap()]);
+    if let Some(plat) = &plat {
         args.extend(["--sev-es", "--platform", plat.to_str().unwrap()]);
     }
     let (mut p, mut stdin) = Proc::spawn_with_stdin(&args);
@@ -2308,4 +2279,7 @@ fn cpu_offline_and_online(name: &str, sev: bool) {
     assert_eq!(smp_complaints(&out), Vec::<&str>::new());
     assert_eq!(kernel_complaints(&out), Vec::<&str>::new());
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some(plat) = plat {
+        let _ = std::fs::remove_dir_all(plat);
+    }
 }
