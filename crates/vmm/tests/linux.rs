@@ -1003,11 +1003,6 @@ fn nothing_an_sev_es_linux_guest_computes_is_in_plain_sight_of_the_host() {
 
 // ---- Tracked registers with a real guest ----
 
-/// `esvm ctl vcpus` as JSON.
-fn vcpus_of(sock: &Path) -> serde_json::Value {
-    serde_json::from_str(&common::ctl_ok(sock, &["--json", "vcpus"])).expect("vcpus prints JSON")
-}
-
 /// The hypervisor's tracked view of an SEV-ES Linux guest (CR0, CR4, CR8, EFER, kept only
 /// from write-trap exits) equals what the firmware's DBG_DECRYPT finds in the encrypted VMSA,
 /// at random points of the boot and the workload, and register reads are refused
@@ -1024,7 +1019,7 @@ fn the_tracked_view_of_an_sev_es_linux_guest_matches_its_decrypted_vmsa() {
     for point in 0..10 {
         std::thread::sleep(Duration::from_millis(rng.below(400)));
         common::ctl_ok(&sock, &["pause"]);
-        let vcpus = vcpus_of(&sock);
+        let vcpus = common::vcpus_of(&sock);
         common::ctl_ok(&sock, &["resume"]);
         let v = &vcpus[0];
         assert_eq!(v["protected"], true, "point {point}: {v}");
@@ -1074,7 +1069,7 @@ fn the_tracked_view_of_an_sev_es_linux_guest_matches_its_decrypted_vmsa() {
     while !nodbg_sock.exists() && start.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let v = &vcpus_of(&nodbg_sock)[0];
+    let v = &common::vcpus_of(&nodbg_sock)[0];
     assert!(v["debug_vmsa"].is_null(), "{v}");
     assert!(
         v["debug_vmsa_refused"]
@@ -1109,7 +1104,7 @@ fn the_tracked_view_arrives_with_an_sev_es_linux_guest_as_it_left() {
     src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
     // Paused: stop-and-copy sees exactly this state.
     common::ctl_ok(&sock, &["pause"]);
-    let at_source = vcpus_of(&sock)[0].clone();
+    let at_source = common::vcpus_of(&sock)[0].clone();
     assert_eq!(at_source["control"], at_source["debug_vmsa"], "{at_source}");
     let url = format!("tcp:127.0.0.1:{port}");
     common::ctl_ok(
@@ -1118,7 +1113,7 @@ fn the_tracked_view_arrives_with_an_sev_es_linux_guest_as_it_left() {
     );
     assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
     common::wait_socket(&mut dest, &dest_sock);
-    let arrived = vcpus_of(&dest_sock)[0].clone();
+    let arrived = common::vcpus_of(&dest_sock)[0].clone();
     assert_eq!(arrived["protected"], true, "{arrived}");
     assert_eq!(
         arrived["control"], at_source["control"],
@@ -1933,31 +1928,6 @@ fn native_mtload_at(threads: u32, scale: u32) -> Vec<String> {
     mtload_lines(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// vCPU 1's run state as `esvm ctl vcpus` reports it.
-fn ap_run_state(sock: &Path) -> String {
-    vcpus_of(sock)[1]["run_state"]
-        .as_str()
-        .unwrap_or("(none)")
-        .to_string()
-}
-
-/// Ask until vCPU 1 reports `want` (a running guest's AP moves between states), for at
-/// most a minute.
-fn wait_ap_state(sock: &Path, want: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = ap_run_state(sock);
-        if got == want {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "vCPU 1 never reported {want:?} (last: {got:?})"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Boot a 2-vCPU SEV-ES Linux guest, move it `by` the chosen way when its AP stands `at`,
 /// and check at the destination that the guest carries on: a held AP is still started by
 /// the kernel (both CPUs brought up, no SMP complaint), a running workload finishes with
@@ -1991,14 +1961,14 @@ fn move_2_vcpu_sev_linux(name: &str, at: ApAt, by: MoveBy) {
     );
     common::wait_socket(&mut src, &sock);
     match at {
-        ApAt::Held => wait_ap_state(&sock, "ap-reset-hold"),
+        ApAt::Held => common::wait_vcpu_state(&sock, 1, "ap-reset-hold"),
         ApAt::Running => {
             src.wait_stdout("mtload threads=4 cpus=2", BOOT_TIMEOUT);
-            wait_ap_state(&sock, "running");
+            common::wait_vcpu_state(&sock, 1, "running");
         }
         ApAt::Halted => {
             src.wait_stdout("esvm-init: userland up (run=shell)", BOOT_TIMEOUT);
-            wait_ap_state(&sock, "halted");
+            common::wait_vcpu_state(&sock, 1, "halted");
         }
     }
     let (before, mut dest, mut stdin) = match receiving {
@@ -2247,18 +2217,18 @@ fn cpu_offline_and_online(name: &str, sev: bool) {
     }
     let (mut p, mut stdin) = Proc::spawn_with_stdin(&args);
     p.wait_stdout("esvm-init: userland up (run=shell)", BOOT_TIMEOUT);
-    wait_ap_state(&sock, "halted");
+    common::wait_vcpu_state(&sock, 1, "halted");
     std::thread::sleep(Duration::from_millis(500));
     // Markers are split in the commands so that only the output contains them.
     stdin
         .write_all(b"echo 0 > /sys/devices/system/cpu/cpu1/online; echo off''line=$(cat /sys/devices/system/cpu/online)';'\n")
         .unwrap();
     p.wait_stdout("offline=", Duration::from_secs(60));
-    wait_ap_state(&sock, if sev { "ap-reset-hold" } else { "halted" });
+    common::wait_vcpu_state(&sock, 1, if sev { "ap-reset-hold" } else { "halted" });
     // It stays parked: no interrupt wakes a dead CPU.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        ap_run_state(&sock),
+        common::vcpu_run_state(&sock, 1),
         if sev { "ap-reset-hold" } else { "halted" }
     );
     stdin

@@ -374,3 +374,58 @@ fn parallel_vcpus_stop_at_exactly_max_instructions() {
         }
     }
 }
+
+/// A snapshot of a parallel run, taken while every vCPU works, restored with
+/// `--deterministic`: the rest of the run replays exactly (output and instruction count),
+/// restore after restore, and the totals are exact. `--parallel` restores it as it ran.
+#[test]
+fn a_snapshot_of_a_parallel_run_replays_exactly_with_restore_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let snap = dir.path().join("snap");
+    let iterations = 1_000_000u64;
+    let it = format!("iterations={iterations}");
+    let mut p = Proc::spawn(
+        None,
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "smp",
+            "--",
+            &it,
+        ],
+    );
+    common::wait_socket(&mut p, &sock);
+    common::wait_vcpu_state(&sock, 1, "running");
+    common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
+    let before = p.stdout();
+    p.kill();
+    assert!(
+        !before.contains(" ok\n"),
+        "the run ended before the snapshot; raise the iterations:\n{before}"
+    );
+    let restore = |mode: &str| {
+        std::process::Command::new(common::ESVM)
+            .args(["restore", snap.to_str().unwrap(), mode])
+            .env("ESVM_LOG", "esvm=info")
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (restore("--deterministic"), restore("--deterministic"));
+    assert_eq!(a.status.code(), Some(0), "{}\n{}", stdout(&a), stderr(&a));
+    assert_eq!(stdout(&a), stdout(&b));
+    assert_eq!(instructions_reported(&a), instructions_reported(&b));
+    let t = expected_totals(2, iterations);
+    let whole = format!("{before}{}", stdout(&a));
+    assert!(whole.contains(&totals_line(&t)), "{whole}");
+    assert!(
+        whole.contains(&expected_checksum(2, iterations, &t)),
+        "{whole}"
+    );
+    let c = restore("--parallel");
+    assert_eq!(c.status.code(), Some(0), "{}", stderr(&c));
+    assert!(stdout(&c).contains(&totals_line(&t)), "{}", stdout(&c));
+}

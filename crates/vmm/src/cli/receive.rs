@@ -84,6 +84,8 @@ pub struct ReceiveArgs {
     /// The CA (PEM) a source's certificate must chain to.
     #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub scheduling: crate::cli::run::SchedulingChoice,
 }
 
 /// `--listen`: refused up front unless a migration URL (the one parser of them); a
@@ -278,6 +280,7 @@ pub fn run(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
     };
     // Stop listening (a unix: socket file goes with it).
     drop(listener);
+    args.scheduling.apply(&mut machine);
     let mut start_paused = args.start_paused;
     if arrived_paused {
         match &args.api_socket {

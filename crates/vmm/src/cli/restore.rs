@@ -40,6 +40,8 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "stdin|none", value_parser = crate::cli::run::parse_console,
           default_value = "none")]
     pub console: crate::cli::run::ConsoleSource,
+    #[command(flatten)]
+    pub scheduling: crate::cli::run::SchedulingChoice,
 }
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
@@ -53,6 +55,7 @@ pub fn run(args: RestoreArgs) -> Result<u8, Box<dyn std::error::Error>> {
         args.platform.as_deref(),
         Box::new(std::io::stdout()),
     )?;
+    args.scheduling.apply(&mut machine);
     let _raw = crate::cli::run::attach_console(&mut machine, args.console);
     crate::cli::run_session(
         &format!("restored from {}", args.dir.display()),

@@ -67,8 +67,9 @@ pub struct RunArgs {
     /// at the cost of using one host core: about N times slower than parallel on N free
     /// cores. Parallel runs compute the same results for correct guests, but the order in
     /// which vCPUs meet (and so instruction counts and timings) varies from run to run.
-    /// The choice travels with the VM into snapshots and migrations. One vCPU, SEV-ES
-    /// guests whose APs stay parked, and KVM run the same either way.
+    /// The choice travels with the VM into snapshots and migrations (`esvm restore` and
+    /// `esvm receive` can change it). One vCPU, SEV-ES guests whose APs stay parked, and
+    /// KVM run the same either way.
     #[arg(long)]
     pub deterministic: bool,
     /// Backend: 'emu' (the software vCPU, deterministic, the default) or 'kvm'.
@@ -444,5 +445,31 @@ mod tests {
         assert!(e.contains("1 MiB is too small"), "{e}");
         let e = LinuxRunError::SevMemTooSmall { mem: 128 << 20 }.to_string();
         assert!(e.starts_with("--mem 128 MiB is too small"), "{e}");
+    }
+}
+
+/// `esvm restore` / `esvm receive`: how the vCPUs of the VM run from here on, if not as they
+/// ran before (the saved or migrated state carries that choice).
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct SchedulingChoice {
+    /// Run the VM's vCPUs in turns on one host thread from here on, as `esvm run
+    /// --deterministic` does, whatever they did before: e.g. replay a snapshot taken of a
+    /// parallel run exactly, as often as needed.
+    #[arg(long, conflicts_with = "parallel")]
+    pub deterministic: bool,
+    /// Run the VM's vCPUs in parallel, a host thread each, from here on, even if it ran
+    /// with --deterministic before.
+    #[arg(long)]
+    pub parallel: bool,
+}
+
+impl SchedulingChoice {
+    /// Apply the choice, if one was made, to a restored or received machine.
+    pub fn apply(self, machine: &mut Machine) {
+        if self.deterministic {
+            machine.set_deterministic(true);
+        } else if self.parallel {
+            machine.set_deterministic(false);
+        }
     }
 }

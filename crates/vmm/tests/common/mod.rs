@@ -262,6 +262,36 @@ pub fn ctl_ok(sock: &Path, args: &[&str]) -> String {
     text(&o.stdout)
 }
 
+/// `esvm ctl vcpus` as JSON.
+pub fn vcpus_of(sock: &Path) -> serde_json::Value {
+    serde_json::from_str(&ctl_ok(sock, &["--json", "vcpus"])).expect("vcpus prints JSON")
+}
+
+/// vCPU `cpu`'s run state as `esvm ctl vcpus` reports it.
+pub fn vcpu_run_state(sock: &Path, cpu: usize) -> String {
+    vcpus_of(sock)[cpu]["run_state"]
+        .as_str()
+        .unwrap_or("(none)")
+        .to_string()
+}
+
+/// Ask until vCPU `cpu` reports `want` (a running guest's vCPUs move between states), for
+/// at most a minute.
+pub fn wait_vcpu_state(sock: &Path, cpu: usize, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = vcpu_run_state(sock, cpu);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vCPU {cpu} never reported {want:?} (last: {got:?})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A small deterministic RNG (xorshift64*), seeded per test.
 pub struct Rng(u64);
 
