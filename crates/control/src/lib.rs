@@ -22,7 +22,8 @@ pub use client::{ApiClient, ClientError, DEFAULT_CLIENT_TIMEOUT};
 pub use protocol::{
     ApiError, ControlRegs, ErrorCode, LaunchMeasurement, MigrateRequest, MigrateSetRequest,
     MigrateTls, MigrationLimits, MigrationPhase, MigrationStatus, OnTimeout, PostcopyStatus, Reply,
-    Request, Response, SnapshotInfo, VcpuView, VmState, VmStatus, VmType, PROTOCOL_VERSION,
+    Request, Response, SnapshotInfo, VcpuScheduling, VcpuView, VmState, VmStatus, VmType,
+    PROTOCOL_VERSION,
 };
 pub use server::{ApiServer, ServerConfig, ServerError};
 pub use target::ControlTarget;

@@ -198,6 +198,7 @@ impl ControlTarget for MockTarget {
             vm_type: st.vm_type,
             memory_bytes: MOCK_PAGES * 4096,
             vcpus: 1,
+            vcpu_scheduling: None,
             instructions: Some(st.instructions),
             uptime_ms: st.status_calls * 10,
             exit_status: st.ended.as_ref().map(|e| e.0),

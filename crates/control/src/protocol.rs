@@ -587,6 +587,19 @@ pub enum VmType {
     Unknown,
 }
 
+/// How a VM with several vCPUs runs them (emu backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VcpuScheduling {
+    /// A host thread per vCPU, side by side.
+    Parallel,
+    /// In turns on one host thread, a fixed quantum each (`--deterministic`): runs replay
+    /// exactly.
+    Deterministic,
+    #[serde(other)]
+    Unknown,
+}
+
 /// A VM's status, as [`Request::Status`] reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmStatus {
@@ -597,6 +610,10 @@ pub struct VmStatus {
     /// Guest memory size in bytes.
     pub memory_bytes: u64,
     pub vcpus: u32,
+    /// How the vCPUs run, for a VM where that choice matters (several vCPUs on the emu
+    /// backend); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_scheduling: Option<VcpuScheduling>,
     /// Guest instructions executed so far (all vCPUs), if the backend counts them.
     #[serde(default)]
     pub instructions: Option<u64>,
@@ -1033,6 +1050,7 @@ mod tests {
             vm_type: VmType::SevEs,
             memory_bytes: 64 << 20,
             vcpus: 1,
+            vcpu_scheduling: None,
             instructions: Some(42),
             uptime_ms: 1000,
             exit_status: None,

@@ -379,6 +379,7 @@ impl ControlTarget for VmHandle {
             vm_type: self.vm_type(),
             memory_bytes: self.h.config.mem_size,
             vcpus: self.h.config.vcpus,
+            vcpu_scheduling: self.h.vcpu_scheduling,
             instructions: match self.h.config.backend {
                 esvm_hv::BackendKind::Emu => Some(self.h.control.instructions()),
                 esvm_hv::BackendKind::Kvm => None,

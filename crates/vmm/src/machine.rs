@@ -261,6 +261,8 @@ pub struct MachineHandle {
     pub tracker: Arc<DirtyTracker>,
     /// What the machine was created with.
     pub config: MachineConfig,
+    /// How its vCPUs run, where that matters ([`Machine::vcpu_scheduling`]).
+    pub vcpu_scheduling: Option<esvm_control::VcpuScheduling>,
 }
 
 /// `vm`'s SEV-ES extension, or an error if its backend has none.
@@ -535,6 +537,7 @@ impl Machine {
             control: self.control.clone(),
             tracker: self.tracker.clone(),
             config: self.config.clone(),
+            vcpu_scheduling: self.vcpu_scheduling(),
         }
     }
 
@@ -671,9 +674,21 @@ impl Machine {
         self.deterministic
     }
 
+    /// How the vCPUs run, for a machine where the choice matters (several vCPUs started by
+    /// the guest, on virtual time: the emu backend); None for one vCPU or KVM.
+    pub fn vcpu_scheduling(&self) -> Option<esvm_control::VcpuScheduling> {
+        use esvm_control::VcpuScheduling as S;
+        let matters = self.smp && matches!(self.clock, Clock::Virtual { .. });
+        matters.then_some(if self.deterministic {
+            S::Deterministic
+        } else {
+            S::Parallel
+        })
+    }
+
     /// Whether the run loop runs the vCPUs on a host thread each.
     fn parallel(&self) -> bool {
-        self.smp && !self.deterministic && matches!(self.clock, Clock::Virtual { .. })
+        self.vcpu_scheduling() == Some(esvm_control::VcpuScheduling::Parallel)
     }
 
     /// The plaintext VMSAs LAUNCH_UPDATE_VMSA would take in now, in vCPU order.

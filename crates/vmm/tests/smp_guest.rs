@@ -429,3 +429,65 @@ fn a_snapshot_of_a_parallel_run_replays_exactly_with_restore_deterministic() {
     assert_eq!(c.status.code(), Some(0), "{}", stderr(&c));
     assert!(stdout(&c).contains(&totals_line(&t)), "{}", stdout(&c));
 }
+
+/// `esvm ctl status` says how the vCPUs run, and `esvm receive --deterministic` changes it
+/// for a VM that ran in parallel: the moved guest then runs in turns and still reaches
+/// exact totals.
+#[test]
+fn a_parallel_vm_received_with_deterministic_runs_in_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src_sock, dest_sock) = (dir.path().join("src.sock"), dir.path().join("dest.sock"));
+    let listen = format!("unix:{}", dir.path().join("mig.sock").display());
+    let iterations = 1_000_000u64;
+    let it = format!("iterations={iterations}");
+    let mut dest = Proc::spawn(
+        None,
+        &[
+            "receive",
+            "--listen",
+            &listen,
+            "--once",
+            "--deterministic",
+            "--api-socket",
+            dest_sock.to_str().unwrap(),
+        ],
+    );
+    let mut src = Proc::spawn(
+        None,
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--api-socket",
+            src_sock.to_str().unwrap(),
+            "smp",
+            "--",
+            &it,
+        ],
+    );
+    common::wait_socket(&mut src, &src_sock);
+    let status = |sock: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&common::ctl_ok(sock, &["--json", "status"])).unwrap()
+    };
+    assert_eq!(status(&src_sock)["vcpu_scheduling"], "parallel");
+    assert!(common::ctl_ok(&src_sock, &["status"]).contains("2 vCPU(s), in parallel"));
+    common::wait_vcpu_state(&src_sock, 1, "running");
+    common::ctl_ok(&src_sock, &["migrate", &listen]);
+    assert_eq!(src.wait(Duration::from_secs(60)), 0, "{}", src.stderr());
+    assert!(
+        !src.stdout().contains(" ok\n"),
+        "the run ended before the move; raise the iterations"
+    );
+    common::wait_socket(&mut dest, &dest_sock);
+    let got = status(&dest_sock);
+    // The guest may have finished already (then the status says so, scheduling included).
+    assert_eq!(got["vcpu_scheduling"], "deterministic", "{got}");
+    assert_eq!(dest.wait(Duration::from_secs(120)), 0, "{}", dest.stderr());
+    let t = expected_totals(2, iterations);
+    let whole = format!("{}{}", src.stdout(), dest.stdout());
+    assert!(whole.contains(&totals_line(&t)), "{whole}");
+    assert!(
+        whole.contains(&expected_checksum(2, iterations, &t)),
+        "{whole}"
+    );
+}

@@ -2,7 +2,7 @@
 
 use clap::{Args, Subcommand};
 use esvm_control::protocol::{
-    VcpuView, VmStatus, VmType, MAX_DOWNTIME_MS, MAX_TIMEOUT_S, MIN_MAX_BANDWIDTH,
+    VcpuScheduling, VcpuView, VmStatus, VmType, MAX_DOWNTIME_MS, MAX_TIMEOUT_S, MIN_MAX_BANDWIDTH,
 };
 use esvm_control::{
     ApiClient, ClientError, MigrateRequest, MigrateSetRequest, MigrationPhase, MigrationStatus,
@@ -494,9 +494,14 @@ fn status_text(s: &VmStatus) -> String {
     let mut t = String::new();
     let _ = writeln!(t, "state         {}", s.state);
     let _ = writeln!(t, "VM            {vm_type}, backend {}", s.backend);
+    let scheduling = match s.vcpu_scheduling {
+        Some(VcpuScheduling::Parallel) => ", in parallel",
+        Some(VcpuScheduling::Deterministic) => ", in turns (deterministic)",
+        Some(VcpuScheduling::Unknown) | None => "",
+    };
     let _ = writeln!(
         t,
-        "size          {} memory, {} vCPU(s)",
+        "size          {} memory, {} vCPU(s){scheduling}",
         BinaryBytes(s.memory_bytes),
         s.vcpus
     );
