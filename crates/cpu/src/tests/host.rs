@@ -13,10 +13,12 @@ use esvm_arch::bits::rflags;
 use esvm_arch::Regs;
 use iced_x86::code_asm::*;
 
-struct Page(*mut u8);
+/// One host page, readable, writable and executable, for running instruction snippets
+/// natively (the host-differential tests).
+pub(super) struct Page(pub(super) *mut u8);
 
 impl Page {
-    fn new() -> Page {
+    pub(super) fn new() -> Page {
         // SAFETY: anonymous private mapping; checked for failure.
         let p = unsafe {
             libc::mmap(

@@ -17,36 +17,10 @@
 //! values cover zeros, denormals, pseudo-denormals, unnormals, infinities, pseudo-NaNs,
 //! QNaNs, SNaNs, the indefinite, huge and tiny exponents, integers and random values.
 
+use super::host::Page;
 use crate::testutil::{Harness, CODE, DATA, STACK_TOP};
 use crate::Exit;
 use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic};
-
-struct Page(*mut u8);
-
-impl Page {
-    fn new() -> Page {
-        // SAFETY: anonymous private mapping; checked for failure.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Page(p as *mut u8)
-    }
-}
-
-impl Drop for Page {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `new`.
-        unsafe { libc::munmap(self.0 as *mut _, 4096) };
-    }
-}
 
 /// Input image at 0, output image at `OUT`, memory operand at `MEM`.
 const OUT: usize = 512;
