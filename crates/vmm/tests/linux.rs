@@ -723,56 +723,14 @@ fn export_chain(platform: &Path, out: &Path) -> PathBuf {
 /// guest finishes the workload with the native digest and its shell answers.
 #[test]
 fn a_sealed_snapshot_of_an_sev_es_linux_guest_restores_mid_workload() {
-    sealed_snapshot_of_sev_linux("sev-snap", None);
+    move_sev_linux("sev-snap", None, MoveBy::SealedSnapshot);
 }
 
 /// The same with the snapshot taken at a random point of the kernel's boot.
 #[test]
 fn a_sealed_snapshot_of_an_sev_es_linux_guest_restores_mid_boot() {
     let delay = Duration::from_millis(common::Rng::new("mid-boot snapshot").below(1500));
-    sealed_snapshot_of_sev_linux("sev-snap-boot", Some(delay));
-}
-
-/// Snapshot an SEV-ES Linux guest `delay` after its API socket appears (None: once its
-/// userland is up), kill it, restore the sealed snapshot on the same platform and check
-/// that the guest finishes with the native digest and answers at its shell.
-fn sealed_snapshot_of_sev_linux(name: &str, delay: Option<Duration>) {
-    let expected = native_workload(MOVE_SCALE);
-    let dir = temp_dir(name);
-    let (p1, _) = sev_hosts(&dir);
-    let sock = dir.join("api.sock");
-    let mut src = linux_source_on(&sock, Some(&p1));
-    common::wait_socket(&mut src, &sock);
-    match delay {
-        Some(d) => std::thread::sleep(d),
-        None => src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT),
-    }
-    let snap = dir.join("snapshot");
-    common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
-    let at_snapshot = src.stdout();
-    let too_late = if delay.is_some() {
-        "esvm-init: userland up"
-    } else {
-        "workload digest="
-    };
-    assert!(
-        !at_snapshot.contains(too_late),
-        "the snapshot came too late ({too_late:?} already printed)"
-    );
-    src.kill();
-    let (mut dest, mut stdin) = Proc::spawn_with_stdin(&[
-        "restore",
-        snap.to_str().unwrap(),
-        "--platform",
-        p1.to_str().unwrap(),
-        "--console",
-        "stdin",
-    ]);
-    if delay.is_some() {
-        dest.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
-    }
-    check_moved_guest(&at_snapshot, &mut dest, &mut stdin, &expected);
-    let _ = std::fs::remove_dir_all(&dir);
+    move_sev_linux("sev-snap-boot", Some(delay), MoveBy::SealedSnapshot);
 }
 
 /// An SEV-ES Linux guest live-migrated mid-workload to another platform under the same
@@ -780,7 +738,7 @@ fn sealed_snapshot_of_sev_linux(name: &str, delay: Option<Duration>) {
 /// finishes the workload with the native digest and its shell answers at the destination.
 #[test]
 fn an_sev_es_linux_guest_migrates_mid_workload_between_platforms() {
-    migrate_sev_linux("sev-migrate", None);
+    move_sev_linux("sev-migrate", None, MoveBy::Migration);
 }
 
 /// The same, at a random point of the kernel's boot (before userland): the guest is moved
@@ -788,46 +746,78 @@ fn an_sev_es_linux_guest_migrates_mid_workload_between_platforms() {
 #[test]
 fn an_sev_es_linux_guest_migrates_mid_boot_between_platforms() {
     let delay = Duration::from_millis(common::Rng::new("mid-boot migration").below(1500));
-    migrate_sev_linux("sev-migrate-boot", Some(delay));
+    move_sev_linux("sev-migrate-boot", Some(delay), MoveBy::Migration);
 }
 
-/// Migrate an SEV-ES Linux guest from one platform to another under the same root, `delay`
-/// after its API socket appears (None: once its userland is up, mid-workload); the moved
-/// guest must finish with the native digest and answer at its shell.
-fn migrate_sev_linux(name: &str, delay: Option<Duration>) {
+/// Move an SEV-ES Linux guest `by` live migration (to another platform under the same
+/// root) or a sealed snapshot (restored on its platform), `delay` after its API socket
+/// appears (None: once its userland is up, mid-workload); the moved guest must finish with
+/// the native digest and answer at its shell.
+fn move_sev_linux(name: &str, delay: Option<Duration>, by: MoveBy) {
     let expected = native_workload(MOVE_SCALE);
     let dir = temp_dir(name);
-    let (p1, p2) = sev_hosts(&dir);
-    let chain = export_chain(&p1, &dir.join("p1.chain"));
+    let hosts = sev_hosts(&dir);
     let sock = dir.join("api.sock");
-    let (mut dest, mut stdin, port) = receiver(&["--platform", p2.to_str().unwrap()]);
-    let mut src = linux_source_on(&sock, Some(&p1));
+    let receiving =
+        (by == MoveBy::Migration).then(|| receiver(&["--platform", hosts.1.to_str().unwrap()]));
+    let mut src = linux_source_on(&sock, Some(&hosts.0));
     common::wait_socket(&mut src, &sock);
     match delay {
         Some(d) => std::thread::sleep(d),
         None => src.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT),
     }
-    let url = format!("tcp:127.0.0.1:{port}");
-    common::ctl_ok(
-        &sock,
-        &["migrate", &url, "--trust", chain.to_str().unwrap()],
-    );
-    assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
-    let before = src.stdout();
-    let marker = if delay.is_some() {
+    let (before, mut dest, mut stdin) = move_guest(src, &sock, &dir, &hosts.0, receiving);
+    let too_late = if delay.is_some() {
         "esvm-init: userland up"
     } else {
         "workload digest="
     };
     assert!(
-        !before.contains(marker),
-        "the migration came too late ({marker:?} already printed)"
+        !before.contains(too_late),
+        "the move came too late ({too_late:?} already printed)"
     );
     if delay.is_some() {
         dest.wait_stdout("esvm-init: userland up", BOOT_TIMEOUT);
     }
     check_moved_guest(&before, &mut dest, &mut stdin, &expected);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Move the SEV-ES guest `src` (API socket `sock`, platform `platform`): live-migrate it to
+/// the `receiving` destination if given (which trusts `platform`'s chain), else take a
+/// sealed snapshot in `dir`, kill it and restore the snapshot on `platform`. Returns what
+/// the source printed and the moved guest with its console.
+fn move_guest(
+    mut src: Proc,
+    sock: &Path,
+    dir: &Path,
+    platform: &Path,
+    receiving: Option<(Proc, std::process::ChildStdin, u16)>,
+) -> (String, Proc, std::process::ChildStdin) {
+    match receiving {
+        Some((dest, stdin, port)) => {
+            let chain = export_chain(platform, &dir.join("source.chain"));
+            let url = format!("tcp:127.0.0.1:{port}");
+            common::ctl_ok(sock, &["migrate", &url, "--trust", chain.to_str().unwrap()]);
+            assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
+            (src.stdout(), dest, stdin)
+        }
+        None => {
+            let snap = dir.join("snapshot");
+            common::ctl_ok(sock, &["snapshot", snap.to_str().unwrap()]);
+            let before = src.stdout();
+            src.kill();
+            let (dest, stdin) = Proc::spawn_with_stdin(&[
+                "restore",
+                snap.to_str().unwrap(),
+                "--platform",
+                platform.to_str().unwrap(),
+                "--console",
+                "stdin",
+            ]);
+            (before, dest, stdin)
+        }
+    }
 }
 
 // ---- Nothing in plain ----
@@ -1971,33 +1961,7 @@ fn move_2_vcpu_sev_linux(name: &str, at: ApAt, by: MoveBy) {
             common::wait_vcpu_state(&sock, 1, "halted");
         }
     }
-    let (before, mut dest, mut stdin) = match receiving {
-        Some((dest, stdin, port)) => {
-            let chain = export_chain(&p1, &dir.join("p1.chain"));
-            let url = format!("tcp:127.0.0.1:{port}");
-            common::ctl_ok(
-                &sock,
-                &["migrate", &url, "--trust", chain.to_str().unwrap()],
-            );
-            assert_eq!(src.wait(Duration::from_secs(120)), 0, "{}", src.stderr());
-            (src.stdout(), dest, stdin)
-        }
-        None => {
-            let snap = dir.join("snapshot");
-            common::ctl_ok(&sock, &["snapshot", snap.to_str().unwrap()]);
-            let before = src.stdout();
-            src.kill();
-            let (dest, stdin) = Proc::spawn_with_stdin(&[
-                "restore",
-                snap.to_str().unwrap(),
-                "--platform",
-                p1.to_str().unwrap(),
-                "--console",
-                "stdin",
-            ]);
-            (before, dest, stdin)
-        }
-    };
+    let (before, mut dest, mut stdin) = move_guest(src, &sock, &dir, &p1, receiving);
     let brought_up = "smp: Brought up 1 node, 2 CPUs";
     match at {
         ApAt::Held => {
