@@ -185,9 +185,11 @@ pub const SEV_STATUS: u32 = esvm_abi::sev::MSR_SEV_STATUS;
 
 /// Power-on value of IA32_PAT.
 pub const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
+/// IA32_APIC_BASE's BSP flag (bit 8): this processor is the bootstrap processor.
+pub const APIC_BASE_BSP: u64 = 1 << 8;
 /// Power-on value of IA32_APIC_BASE for the bootstrap processor: the local APIC at its
 /// place in the memory map, xAPIC enabled (bit 11), BSP flag (bit 8).
-pub const APIC_BASE_DEFAULT_BSP: u64 = crate::layout::LAPIC_ADDR | (1 << 11) | (1 << 8);
+pub const APIC_BASE_DEFAULT_BSP: u64 = crate::layout::LAPIC_ADDR | (1 << 11) | APIC_BASE_BSP;
 
 /// MSRs outside [`crate::SpecialRegs`] (EFER, APIC base, FS/GS base live there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

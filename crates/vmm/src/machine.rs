@@ -877,14 +877,17 @@ impl Machine {
                 return Ok(outcome);
             }
             if self.vcpus.len() > 1 {
-                self.after_turn_step(cpu)?;
+                if let Some(outcome) = self.after_turn_step(cpu)? {
+                    return Ok(outcome);
+                }
             }
         }
     }
 
     /// After a vCPU's step when several take turns: act on INIT and SIPI (the AP state
     /// machine) and end the turn after an IPI to another vCPU, so that it answers soon.
-    fn after_turn_step(&mut self, cpu: usize) -> Result<(), MachineError> {
+    /// Returns the outcome that ends the run, if an INIT reset the machine.
+    fn after_turn_step(&mut self, cpu: usize) -> Result<Option<Outcome>, MachineError> {
         let ipis = self.devices.intc().ipis_sent;
         if ipis != self.ipis_seen {
             self.ipis_seen = ipis;
@@ -896,13 +899,15 @@ impl Machine {
                 continue;
             }
             for signal in self.devices.take_ap_signals_of(i) {
-                self.apply_ap_signal(i, signal)?;
+                if let Some(outcome) = self.apply_ap_signal(i, signal)? {
+                    return Ok(Some(outcome));
+                }
                 if i == cpu && self.run_state[i] != VcpuRunState::Running {
                     self.slot_left = 0;
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Act on INIT or SIPI `signal` sent to vCPU `i` (the AP state machine), at a clean
@@ -910,11 +915,18 @@ impl Machine {
     /// waiting for SIPI; a SIPI starts a waiting vCPU in real mode at its vector. A protected
     /// (SEV-ES) vCPU: INIT is ignored (the hypervisor cannot reset its encrypted registers),
     /// a SIPI releases it from the AP reset hold if it is held. A SIPI to a vCPU that is not
-    /// waiting for one is ignored, as on hardware (Linux sends two). Machines whose APs stay
-    /// parked (KVM) ignore both.
-    fn apply_ap_signal(&mut self, i: usize, signal: ApSignal) -> Result<(), MachineError> {
+    /// waiting for one is ignored, as on hardware (Linux sends two). INIT to the boot vCPU
+    /// (the APIC base's BSP flag) resets the machine: on hardware the BSP restarts at the
+    /// reset vector, in firmware, which esvm's guests do not have, so the run ends as for
+    /// any other reset of the guest ([`Outcome::Reset`], status 0); the BSP never waits
+    /// for SIPI. Machines whose APs stay parked (KVM) ignore both.
+    fn apply_ap_signal(
+        &mut self,
+        i: usize,
+        signal: ApSignal,
+    ) -> Result<Option<Outcome>, MachineError> {
         if !self.smp {
-            return Ok(());
+            return Ok(None);
         }
         if self.vcpus[i].is_protected() {
             if let ApSignal::Sipi(_) = signal {
@@ -926,9 +938,17 @@ impl Machine {
                     self.run_state[i] = VcpuRunState::Running;
                 }
             }
-            return Ok(());
+            return Ok(None);
         }
         match signal {
+            ApSignal::Init
+                if self.vcpus[i].get_sregs()?.apic_base & esvm_arch::msr::APIC_BASE_BSP != 0 =>
+            {
+                return Ok(Some(Outcome::Reset(format!(
+                    "INIT to the boot vCPU {i}: it restarts in firmware, which esvm's \
+                     guests do not have"
+                ))));
+            }
             ApSignal::Init => {
                 self.init_vcpu(i)?;
                 self.run_state[i] = VcpuRunState::WaitForSipi;
@@ -939,7 +959,7 @@ impl Machine {
             }
             ApSignal::Sipi(_) => {}
         }
-        Ok(())
+        Ok(None)
     }
 
     /// INIT of vCPU `i`: the power-on state, except for what INIT keeps on hardware (the
@@ -1740,6 +1760,26 @@ mod tests {
         v.extend_from_slice(&addr.to_le_bytes());
         v.extend_from_slice(&value.to_le_bytes());
         v
+    }
+
+    /// INIT to the boot vCPU resets the machine (it would restart in firmware): the run ends
+    /// as a reset, in turns and in parallel, instead of the BSP waiting for a SIPI forever.
+    #[test]
+    fn init_to_the_boot_vcpu_resets_the_machine() {
+        let mut bsp = Vec::new();
+        bsp.extend(mov_mem32(0xfee0_0310, 0)); // destination: APIC ID 0, itself
+        bsp.extend(mov_mem32(0xfee0_0300, 0xc500)); // INIT, level, assert
+        bsp.extend([0xeb, 0xfe]); // jmp $
+        for deterministic in [true, false] {
+            let mut m = flat32_machine(2, &bsp);
+            m.set_deterministic(deterministic);
+            let outcome = m.run().unwrap();
+            match &outcome {
+                Outcome::Reset(how) => assert!(how.contains("INIT to the boot vCPU"), "{how}"),
+                other => panic!("deterministic={deterministic}: {other:?}"),
+            }
+            assert_eq!(outcome.exit_status(), 0);
+        }
     }
 
     /// The BSP starts the AP by INIT-SIPI-SIPI (vector 8: real mode at 0x8000); the AP writes

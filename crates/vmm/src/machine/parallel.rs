@@ -227,7 +227,9 @@ impl Machine {
                 // INIT and SIPI (the AP state machine) on the whole machine.
                 for i in 0..self.vcpus.len() {
                     for signal in self.devices.take_ap_signals_of(i) {
-                        self.apply_ap_signal(i, signal)?;
+                        if let Some(outcome) = self.apply_ap_signal(i, signal)? {
+                            return Ok(outcome);
+                        }
                     }
                 }
             }
