@@ -456,11 +456,7 @@ fn check_moved_guest(
     );
     dest.wait_stdout("esvm-init: workload exited with status 0", BOOT_TIMEOUT);
     // The shell that follows the workload still answers.
-    std::thread::sleep(Duration::from_millis(500));
-    stdin.write_all(b"echo moved-$((2+3))\n").unwrap();
-    dest.wait_stdout("moved-5", Duration::from_secs(60));
-    stdin.write_all(b"poweroff -f\n").unwrap();
-    assert_eq!(dest.wait(Duration::from_secs(60)), 0, "{}", dest.stderr());
+    shell_answers_and_powers_off(dest, stdin);
 }
 
 #[test]
