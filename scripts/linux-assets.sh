@@ -10,7 +10,7 @@
 #
 # Cache: $ESVM_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/esvm)/linux. Delete it to
 # fetch again. The kernel and busybox are fetched once; the initramfs is rebuilt whenever
-# init, workload.c or mtload.c is newer than it.
+# init, workload.c, mtload.c or this script is newer than it.
 #
 # Prints, on stdout, lines a caller can `eval` or parse:
 #   ESVM_LINUX_KERNEL=<bzImage>  ESVM_LINUX_VMLINUX=<the ELF inside it>
@@ -108,7 +108,7 @@ fi
 initrd=$cache/initramfs.cpio
 init=$repo/guests/linux/init
 if [ ! -s "$initrd" ] || [ "$init" -nt "$initrd" ] || [ "$workload" -nt "$initrd" ] ||
-    [ "$mtload" -nt "$initrd" ] || [ "$busybox" -nt "$initrd" ]; then
+    [ "$mtload" -nt "$initrd" ] || [ "$busybox" -nt "$initrd" ] || [ "$0" -nt "$initrd" ]; then
     command -v cpio >/dev/null || {
         log "installing cpio"
         sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends cpio >/dev/null
@@ -122,7 +122,10 @@ if [ ! -s "$initrd" ] || [ "$init" -nt "$initrd" ] || [ "$workload" -nt "$initrd
     cp "$init" "$stage/init"
     chmod 0755 "$stage/init" "$stage/bin/busybox" "$stage/bin/workload" "$stage/bin/mtload"
     # Uncompressed newc: the guest spends no instructions inflating it. Fixed timestamps
-    # and owners so the same inputs give the same bytes (the SEV-ES launch digest covers it).
+    # (the epoch) and owners so the same inputs give the same bytes on every build and
+    # machine: the SEV-ES launch digest covers them, and the kernel's unpacking of them is
+    # part of every boot's instruction count.
+    find "$stage" -exec touch -h -d @0 {} +
     (cd "$stage" && find . -print0 | LC_ALL=C sort -z |
         cpio --null -o -H newc --owner=0:0 --reproducible 2>/dev/null) >"$initrd.tmp"
     mv "$initrd.tmp" "$initrd"

@@ -213,6 +213,33 @@ fn boot_counting_instructions(extra: &[&str]) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), count)
 }
 
+/// The initramfs is the same bytes on every build and machine: each newc entry has owner
+/// 0:0 and mtime 0 (the files' own build times varied, and with them the SEV-ES launch
+/// digest and every boot's instruction count, whenever the cache was rebuilt).
+#[test]
+fn the_initramfs_has_fixed_owners_and_timestamps() {
+    let cpio = std::fs::read(&assets().initrd).unwrap();
+    let field = |h: &[u8], i: usize| {
+        u64::from_str_radix(std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap()
+    };
+    let pad4 = |n: usize| (n + 3) & !3;
+    let (mut at, mut entries) = (0, 0);
+    loop {
+        let h = &cpio[at..at + 110];
+        assert_eq!(&h[..6], b"070701", "newc header at {at}");
+        let (namesize, filesize) = (field(h, 11) as usize, field(h, 6) as usize);
+        let name = String::from_utf8_lossy(&cpio[at + 110..at + 110 + namesize - 1]).into_owned();
+        if name == "TRAILER!!!" {
+            break;
+        }
+        assert_eq!((field(h, 2), field(h, 3)), (0, 0), "{name}: uid/gid");
+        assert_eq!(field(h, 5), 0, "{name}: mtime");
+        entries += 1;
+        at = pad4(at + 110 + namesize) + pad4(filesize);
+    }
+    assert!(entries >= 9, "only {entries} entries");
+}
+
 #[test]
 fn two_boots_with_the_same_inputs_are_identical() {
     let (out1, n1) = boot_counting_instructions(&[]);
